@@ -1,0 +1,142 @@
+from avatarfarm.v1 import types_pb2 as _types_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STAGE_UNSPECIFIED: _ClassVar[Stage]
+    STAGE_TTS: _ClassVar[Stage]
+    STAGE_AUDIO_TO_MOTION: _ClassVar[Stage]
+    STAGE_RENDER: _ClassVar[Stage]
+    STAGE_ENCODE: _ClassVar[Stage]
+STAGE_UNSPECIFIED: Stage
+STAGE_TTS: Stage
+STAGE_AUDIO_TO_MOTION: Stage
+STAGE_RENDER: Stage
+STAGE_ENCODE: Stage
+
+class BatchLatency(_message.Message):
+    __slots__ = ("batch_size", "seconds")
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    batch_size: int
+    seconds: float
+    def __init__(self, batch_size: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class LatencyProfile(_message.Message):
+    __slots__ = ("stage", "model", "width", "height", "latencies")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    LATENCIES_FIELD_NUMBER: _ClassVar[int]
+    stage: Stage
+    model: str
+    width: int
+    height: int
+    latencies: _containers.RepeatedCompositeFieldContainer[BatchLatency]
+    def __init__(self, stage: _Optional[_Union[Stage, str]] = ..., model: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., latencies: _Optional[_Iterable[_Union[BatchLatency, _Mapping]]] = ...) -> None: ...
+
+class Device(_message.Message):
+    __slots__ = ("provider", "device_type", "name")
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    provider: str
+    device_type: str
+    name: str
+    def __init__(self, provider: _Optional[str] = ..., device_type: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class Register(_message.Message):
+    __slots__ = ("worker_id", "device", "models", "profiles", "input_endpoint", "active_session_ids")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    PROFILES_FIELD_NUMBER: _ClassVar[int]
+    INPUT_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    device: Device
+    models: _containers.RepeatedScalarFieldContainer[str]
+    profiles: _containers.RepeatedCompositeFieldContainer[LatencyProfile]
+    input_endpoint: str
+    active_session_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., models: _Optional[_Iterable[str]] = ..., profiles: _Optional[_Iterable[_Union[LatencyProfile, _Mapping]]] = ..., input_endpoint: _Optional[str] = ..., active_session_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Heartbeat(_message.Message):
+    __slots__ = ("active_sessions", "load")
+    ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    active_sessions: int
+    load: float
+    def __init__(self, active_sessions: _Optional[int] = ..., load: _Optional[float] = ...) -> None: ...
+
+class SessionUpdate(_message.Message):
+    __slots__ = ("session_id", "state", "reason", "progress")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    state: _types_pb2.SessionState
+    reason: str
+    progress: _types_pb2.SessionProgress
+    def __init__(self, session_id: _Optional[str] = ..., state: _Optional[_Union[_types_pb2.SessionState, str]] = ..., reason: _Optional[str] = ..., progress: _Optional[_Union[_types_pb2.SessionProgress, _Mapping]] = ...) -> None: ...
+
+class WorkerMessage(_message.Message):
+    __slots__ = ("register", "heartbeat", "session_update")
+    REGISTER_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_UPDATE_FIELD_NUMBER: _ClassVar[int]
+    register: Register
+    heartbeat: Heartbeat
+    session_update: SessionUpdate
+    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., session_update: _Optional[_Union[SessionUpdate, _Mapping]] = ...) -> None: ...
+
+class Registered(_message.Message):
+    __slots__ = ("heartbeat_interval_seconds",)
+    HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    heartbeat_interval_seconds: float
+    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ...) -> None: ...
+
+class Assign(_message.Message):
+    __slots__ = ("session_id", "spec")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    spec: _types_pb2.SessionSpec
+    def __init__(self, session_id: _Optional[str] = ..., spec: _Optional[_Union[_types_pb2.SessionSpec, _Mapping]] = ...) -> None: ...
+
+class Release(_message.Message):
+    __slots__ = ("session_id", "reason")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    reason: str
+    def __init__(self, session_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Script(_message.Message):
+    __slots__ = ("session_id", "segments")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    segments: _containers.RepeatedCompositeFieldContainer[_types_pb2.ScriptSegment]
+    def __init__(self, session_id: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[_types_pb2.ScriptSegment, _Mapping]]] = ...) -> None: ...
+
+class SchedulerMessage(_message.Message):
+    __slots__ = ("registered", "assign", "release", "script")
+    REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    ASSIGN_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    SCRIPT_FIELD_NUMBER: _ClassVar[int]
+    registered: Registered
+    assign: Assign
+    release: Release
+    script: Script
+    def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., assign: _Optional[_Union[Assign, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., script: _Optional[_Union[Script, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,1 @@
+"""avatarfarm workers: the data plane that renders, encodes and pushes avatar streams."""

@@ -1,0 +1,158 @@
+"""Drivers: where a room's audio and motion come from, frame by frame.
+
+* ScriptPlayer: text segments, spoken by TTS, then silence (idle).
+* LiveAudio: PCM pushed by a client to the worker, bounded so a client faster
+  than real time is pushed back instead of buffered without end.
+* LiveMotion: motion-capture coefficients pushed by a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Awaitable, Callable
+import numpy as np
+
+from avatarfarm.domain import ScriptSegment
+from workers.audio import SAMPLE_RATE
+from workers.motion import MOTION_DIM
+
+
+class ScriptPlayer:
+    """Plays queued script segments as audio; silence once the queue is empty."""
+
+    def __init__(self, synthesize: Callable[[str], Awaitable[tuple[np.ndarray, float]]]) -> None:
+        self._synthesize = synthesize
+        self._segments: collections.deque[ScriptSegment] = collections.deque()
+        self._audio = np.zeros(0, np.float32)
+        self._speech_left = 0  # samples of speech (not pause) at the head of _audio
+        self.tts_seconds = 0.0
+        self.segments_spoken = 0
+
+    def append(self, segments: list[ScriptSegment] | tuple[ScriptSegment, ...]) -> None:
+        self._segments.extend(segments)
+
+    @property
+    def queued(self) -> int:
+        return len(self._segments)
+
+    async def take(self, n: int) -> tuple[np.ndarray, bool]:
+        """Next ``n`` samples, and whether any of them is speech."""
+        while self._audio.size < n and self._segments:
+            seg = self._segments.popleft()
+            speech, dt = await self._synthesize(seg.text)
+            self.tts_seconds += dt
+            self.segments_spoken += 1
+            pause = np.zeros(int(round(seg.pause_after_seconds * SAMPLE_RATE)), np.float32)
+            if self._audio.size == 0:
+                self._speech_left = speech.size
+            self._audio = np.concatenate([self._audio, speech, pause])
+        out = self._audio[:n]
+        speaking = self._speech_left > 0
+        self._speech_left = max(0, self._speech_left - n)
+        self._audio = self._audio[n:]
+        if out.size < n:
+            out = np.concatenate([out, np.zeros(n - out.size, np.float32)])
+        return out, speaking
+
+
+class LiveAudio:
+    """A bounded jitter buffer of live PCM for one room."""
+
+    def __init__(self, max_seconds: float = 10.0) -> None:
+        self._chunks: collections.deque[np.ndarray] = collections.deque()
+        self._size = 0
+        self._max = int(max_seconds * SAMPLE_RATE)
+        self._space = asyncio.Event()
+        self._space.set()
+        self._data = asyncio.Event()
+        self.producers = 0
+        self.underrun_samples = 0
+
+    @property
+    def buffered(self) -> int:
+        return self._size
+
+    async def push(self, samples: np.ndarray) -> None:
+        """Adds samples, waiting while the buffer is full (back-pressure on the client)."""
+        while self._size >= self._max:
+            self._space.clear()
+            await self._space.wait()
+        self._chunks.append(samples.astype(np.float32))
+        self._size += samples.size
+        self._data.set()
+
+    async def wait_for(self, n: int) -> None:
+        """Waits until ``n`` samples are buffered or no producer is connected."""
+        while self._size < n and self.producers > 0:
+            self._data.clear()
+            await self._data.wait()
+
+    def producer_closed(self) -> None:
+        self.producers -= 1
+        self._data.set()
+
+    def take(self, n: int) -> np.ndarray:
+        """Next ``n`` samples, padded with silence on underrun."""
+        parts: list[np.ndarray] = []
+        need = n
+        while need > 0 and self._chunks:
+            c = self._chunks[0]
+            if c.size <= need:
+                parts.append(self._chunks.popleft())
+                need -= c.size
+            else:
+                parts.append(c[:need])
+                self._chunks[0] = c[need:]
+                need = 0
+        got = n - need
+        self._size -= got
+        if need:
+            self.underrun_samples += need
+            parts.append(np.zeros(need, np.float32))
+        if self._size < self._max:
+            self._space.set()
+        return np.concatenate(parts) if parts else np.zeros(n, np.float32)
+
+
+class LiveMotion:
+    """Motion-capture frames for one room; holds the last pose briefly on a gap."""
+
+    def __init__(self, max_frames: int = 250, hold_frames: int = 12) -> None:
+        self._frames: collections.deque[np.ndarray] = collections.deque()
+        self._max = max_frames
+        self._hold = hold_frames
+        self._last: np.ndarray | None = None
+        self._missing = 0
+        self._space = asyncio.Event()
+        self._space.set()
+        self._data = asyncio.Event()
+        self.producers = 0
+
+    async def push(self, coefficients: np.ndarray) -> None:
+        if coefficients.shape != (MOTION_DIM,):
+            raise ValueError(f"motion frame must have {MOTION_DIM} coefficients, got {coefficients.size}")
+        while len(self._frames) >= self._max:
+            self._space.clear()
+            await self._space.wait()
+        self._frames.append(np.clip(coefficients, -1.0, 1.0).astype(np.float32))
+        self._data.set()
+
+    async def wait_for_frame(self) -> None:
+        while not self._frames and self.producers > 0:
+            self._data.clear()
+            await self._data.wait()
+
+    def producer_closed(self) -> None:
+        self.producers -= 1
+        self._data.set()
+
+    def take(self) -> np.ndarray | None:
+        """The next pose, the last one during a short gap, or None (idle takes over)."""
+        if self._frames:
+            self._last = self._frames.popleft()
+            self._missing = 0
+            self._space.set()
+            return self._last
+        self._missing += 1
+        return self._last if self._missing <= self._hold else None

@@ -1,0 +1,237 @@
+"""H.264 + AAC encoding with PyAV, and the three outputs: file, HLS folder, RTMP.
+
+An encoder runs in its own thread per room (PyAV releases the GIL while it
+encodes), behind a bounded queue, so a slow encoder or a stalled RTMP ingest
+never blocks inference for other rooms. It measures its own CPU cost per frame,
+because on GPUs without NVENC (H100, H200) encoding is a capacity limit of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import av
+import numpy as np
+
+from avatarfarm.domain import OutputKind
+from workers.audio import SAMPLE_RATE
+
+log = logging.getLogger(__name__)
+
+AUDIO_OUT_RATE = 48_000
+
+
+class OutputError(ValueError):
+    """An output target that is malformed or not allowed."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutputTarget:
+    kind: OutputKind
+    location: str  # resolved file path, HLS playlist path or RTMP URL
+
+    @staticmethod
+    def resolve(kind: OutputKind, value: str, root: Path) -> OutputTarget:
+        """Resolves a tenant-supplied target; paths must stay inside ``root``."""
+        if kind is OutputKind.RTMP:
+            if not value.startswith(("rtmp://", "rtmps://")):
+                raise OutputError(f"RTMP output must be an rtmp:// or rtmps:// URL, got {value!r}")
+            return OutputTarget(kind, value)
+        rel = check_relative_path(value)
+        path = (root / rel).resolve()
+        if not path.is_relative_to(root.resolve()):
+            raise OutputError(f"output path {value!r} leaves the output folder")
+        if kind is OutputKind.FILE:
+            if path.suffix not in (".mp4", ".flv"):
+                raise OutputError(f"file output must end in .mp4 or .flv, got {value!r}")
+            return OutputTarget(kind, str(path))
+        return OutputTarget(kind, str(path / "index.m3u8"))
+
+
+def check_relative_path(value: str) -> PurePosixPath:
+    """Validates a tenant-supplied relative output path (no absolute paths, no '..')."""
+    if not value or "\x00" in value:
+        raise OutputError("output path is empty")
+    p = PurePosixPath(value)
+    if p.is_absolute() or ".." in p.parts or value.startswith("~"):
+        raise OutputError(f"output path {value!r} must be relative to the output folder, without '..'")
+    return p
+
+
+@dataclass(frozen=True, slots=True)
+class EncoderSettings:
+    codec: str = "libx264"  # "h264_nvenc" where the device has NVENC
+    preset: str = "veryfast"
+    gop_seconds: float = 2.0
+    crf: int = 23
+    audio_bitrate: int = 96_000
+    hls_segment_seconds: float = 2.0
+
+
+class StreamEncoder:
+    """Encodes RGB frames and float32 audio at SAMPLE_RATE into one output.
+
+    Not thread-safe: one thread owns it (see EncoderThread).
+    """
+
+    def __init__(self, target: OutputTarget, width: int, height: int, fps: int,
+                 settings: EncoderSettings = EncoderSettings()) -> None:
+        self.target = target
+        self.width, self.height, self.fps = width, height, fps
+        self.settings = settings
+        self._container: Any = None
+        self._video: Any = None
+        self._audio: Any = None
+        self._resampler: Any = None
+        self._frames = 0
+        self._audio_samples = 0
+
+    def open(self) -> None:
+        fmt: str | None
+        options: dict[str, str] = {}
+        if self.target.kind is OutputKind.FILE:
+            path = Path(self.target.location)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fmt = "mp4" if path.suffix == ".mp4" else "flv"
+            if fmt == "mp4":
+                # Fragmented MP4: everything written so far stays playable if the worker dies.
+                options["movflags"] = "frag_keyframe+empty_moov+default_base_moof"
+        elif self.target.kind is OutputKind.HLS:
+            path = Path(self.target.location)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fmt = "hls"
+            options.update(hls_time=str(self.settings.hls_segment_seconds), hls_list_size="0",
+                           hls_segment_filename=str(path.parent / "segment_%05d.ts"),
+                           hls_flags="independent_segments")
+        else:
+            fmt = "flv"
+            options["rw_timeout"] = "5000000"  # microseconds: a stalled ingest fails the room
+        self._container = av.open(self.target.location, mode="w", format=fmt, options=options)
+        s = self.settings
+        v = self._container.add_stream(s.codec, rate=self.fps)
+        v.width, v.height, v.pix_fmt = self.width, self.height, "yuv420p"
+        v.time_base = Fraction(1, self.fps)
+        v.codec_context.gop_size = max(1, int(round(s.gop_seconds * self.fps)))
+        if s.codec == "libx264":
+            v.codec_context.options = {"preset": s.preset, "tune": "zerolatency", "crf": str(s.crf)}
+        self._video = v
+        a = self._container.add_stream("aac", rate=AUDIO_OUT_RATE, layout="mono")
+        a.codec_context.bit_rate = s.audio_bitrate
+        self._audio = a
+        self._resampler = av.AudioResampler(format="fltp", layout="mono", rate=AUDIO_OUT_RATE)
+
+    def encode(self, rgb: np.ndarray, audio: np.ndarray) -> None:
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        frame.pts = self._frames
+        frame.time_base = Fraction(1, self.fps)
+        self._frames += 1
+        for packet in self._video.encode(frame):
+            self._container.mux(packet)
+        if audio.size:
+            af = av.AudioFrame.from_ndarray(audio.reshape(1, -1).astype(np.float32), format="flt",
+                                            layout="mono")
+            af.sample_rate = SAMPLE_RATE
+            af.pts = self._audio_samples
+            af.time_base = Fraction(1, SAMPLE_RATE)
+            self._audio_samples += audio.size
+            for out in self._resampler.resample(af):
+                for packet in self._audio.encode(out):
+                    self._container.mux(packet)
+
+    def close(self) -> None:
+        if self._container is None:
+            return
+        try:
+            for out in self._resampler.resample(None):
+                for packet in self._audio.encode(out):
+                    self._container.mux(packet)
+            for packet in self._video.encode():
+                self._container.mux(packet)
+            for packet in self._audio.encode():
+                self._container.mux(packet)
+        finally:
+            self._container.close()
+            self._container = None
+
+
+class EncoderThread:
+    """Runs a StreamEncoder on its own thread behind a bounded queue.
+
+    ``submit`` never blocks the caller's event loop for long: a full queue means
+    the encoder is behind, which the caller sees as back-pressure. The first
+    error is kept and reported; later frames are discarded.
+    """
+
+    _STOP = object()
+
+    def __init__(self, encoder: StreamEncoder, max_queue: int = 8) -> None:
+        self.encoder = encoder
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=max_queue)
+        self.error: BaseException | None = None
+        self.encode_seconds = 0.0
+        self.frames_encoded = 0
+        self._opened = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="encoder", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.encoder.open()
+        except Exception as e:  # surfaced to the room as a failure reason
+            self.error = e
+            self._drain()
+            return
+        finally:
+            self._opened.set()
+        try:
+            while True:
+                item = self._queue.get()
+                if item is self._STOP:
+                    break
+                if self.error is not None:
+                    continue
+                rgb, audio = item  # type: ignore[misc]
+                t0 = time.thread_time()
+                self.encoder.encode(rgb, audio)
+                self.encode_seconds += time.thread_time() - t0
+                self.frames_encoded += 1
+        except Exception as e:
+            self.error = e
+            self._drain()
+        finally:
+            try:
+                self.encoder.close()
+            except Exception as e:
+                if self.error is None:
+                    self.error = e
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is self._STOP:
+                return
+
+    def submit(self, rgb: np.ndarray, audio: np.ndarray, timeout: float | None = None) -> None:
+        """Queues a frame; blocks while the encoder is behind (call from a thread)."""
+        self._queue.put((rgb, audio), timeout=timeout)
+
+    def try_submit(self, rgb: np.ndarray, audio: np.ndarray) -> bool:
+        try:
+            self._queue.put_nowait((rgb, audio))
+            return True
+        except queue.Full:
+            return False
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Flushes and closes the output; waits for the thread."""
+        self._queue.put(self._STOP)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("encoder for %s did not finish within %.0fs", self.encoder.target, timeout)

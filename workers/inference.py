@@ -1,0 +1,97 @@
+"""onnxruntime behind one small wrapper: provider choice, thread sizing, and the
+provider actually obtained.
+
+On a machine without a GPU, onnxruntime-gpu still lists CUDA among the
+available providers and silently falls back to CPU, so the provider in use is
+read from the created session, never from the availability list.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+
+class ProviderChoice(enum.Enum):
+    AUTO = "auto"  # CUDA (TensorRT first where present) if a GPU serves it, else CPU
+    CPU = "cpu"
+    CUDA = "cuda"
+    TENSORRT = "tensorrt"
+
+
+_PROVIDER_CHAINS: dict[ProviderChoice, list[str]] = {
+    ProviderChoice.CPU: ["CPUExecutionProvider"],
+    ProviderChoice.CUDA: ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    ProviderChoice.TENSORRT: ["TensorrtExecutionProvider", "CUDAExecutionProvider",
+                              "CPUExecutionProvider"],
+    ProviderChoice.AUTO: ["CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+class ModelInterfaceError(ValueError):
+    """A model whose inputs or outputs do not match the interface the pipeline needs."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    name: str
+    rank: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInterface:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+class OrtModel:
+    """One onnxruntime session, checked against an interface, timed per call."""
+
+    def __init__(self, name: str, path: Path, interface: ModelInterface,
+                 provider: ProviderChoice = ProviderChoice.AUTO, intra_op_threads: int = 0) -> None:
+        self.name = name
+        self.path = path
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        available = set(ort.get_available_providers())
+        wanted = [p for p in _PROVIDER_CHAINS[provider] if p in available]
+        if provider in (ProviderChoice.CUDA, ProviderChoice.TENSORRT) and wanted == ["CPUExecutionProvider"]:
+            log.warning("%s requested but this onnxruntime build has no GPU providers; using CPU",
+                        provider.value)
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
+        except Exception as e:
+            raise ModelInterfaceError(f"cannot load model {name} from {path}: {e}") from e
+        self.provider: str = self.session.get_providers()[0]
+        self._check(interface)
+
+    def _check(self, interface: ModelInterface) -> None:
+        got_in = {i.name: len(i.shape) for i in self.session.get_inputs()}
+        got_out = {o.name: len(o.shape) for o in self.session.get_outputs()}
+        for want, got, kind in ((interface.inputs, got_in, "input"), (interface.outputs, got_out, "output")):
+            for spec in want:
+                if spec.name not in got:
+                    raise ModelInterfaceError(
+                        f"model {self.name} ({self.path}) has no {kind} named {spec.name!r}; "
+                        f"it has {sorted(got)}")
+                if got[spec.name] != spec.rank:
+                    raise ModelInterfaceError(
+                        f"model {self.name} {kind} {spec.name!r} has rank {got[spec.name]}, "
+                        f"expected {spec.rank}")
+
+    def run(self, feeds: dict[str, np.ndarray]) -> tuple[list[Any], float]:
+        """Runs the model; returns its outputs and the call's wall time in seconds."""
+        t0 = time.perf_counter()
+        out = self.session.run(None, feeds)
+        return out, time.perf_counter() - t0
