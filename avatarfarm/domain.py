@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 
 class DriveMode(enum.Enum):
@@ -151,3 +152,42 @@ def validate_script(segments: tuple[ScriptSegment, ...] | list[ScriptSegment],
         total += len(seg.text)
     if total > limits.max_script_chars:
         raise InvalidRequest(f"script has {total} characters; at most {limits.max_script_chars}")
+
+
+class Stage(enum.Enum):
+    TTS = "tts"
+    AUDIO_TO_MOTION = "audio_to_motion"
+    RENDER = "render"
+    ENCODE = "encode"
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Cumulative counters of one room as its worker last reported them."""
+
+    frames_rendered: int = 0
+    late_frames: int = 0
+    stream_seconds: float = 0.0
+    device_seconds: float = 0.0
+    stage_seconds: tuple[tuple[str, float], ...] = ()
+
+
+def validate_output_path(value: str) -> PurePosixPath:
+    """A tenant's output path must be relative to the worker's output folder, without '..'."""
+    if not value or "\x00" in value:
+        raise InvalidRequest("output path is empty")
+    p = PurePosixPath(value)
+    if p.is_absolute() or ".." in p.parts or value.startswith("~"):
+        raise InvalidRequest(f"output path {value!r} must be relative to the output folder, "
+                             "without '..'")
+    return p
+
+
+def validate_output(output: Output) -> None:
+    if output.kind is OutputKind.RTMP:
+        if not output.target.startswith(("rtmp://", "rtmps://")) or len(output.target) > 2048:
+            raise InvalidRequest(f"rtmp_url must be an rtmp:// or rtmps:// URL, got {output.target!r}")
+        return
+    path = validate_output_path(output.target)
+    if output.kind is OutputKind.FILE and path.suffix not in (".mp4", ".flv"):
+        raise InvalidRequest(f"file_path must end in .mp4 or .flv, got {output.target!r}")

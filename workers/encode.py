@@ -14,13 +14,13 @@ import threading
 import time
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import av
 import numpy as np
 
-from avatarfarm.domain import OutputKind
+from avatarfarm.domain import InvalidRequest, Output, OutputKind, validate_output
 from workers.audio import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
@@ -40,29 +40,19 @@ class OutputTarget:
     @staticmethod
     def resolve(kind: OutputKind, value: str, root: Path) -> OutputTarget:
         """Resolves a tenant-supplied target; paths must stay inside ``root``."""
+        try:
+            validate_output(Output(kind, value))
+        except InvalidRequest as e:
+            raise OutputError(str(e)) from e
         if kind is OutputKind.RTMP:
-            if not value.startswith(("rtmp://", "rtmps://")):
-                raise OutputError(f"RTMP output must be an rtmp:// or rtmps:// URL, got {value!r}")
             return OutputTarget(kind, value)
-        rel = check_relative_path(value)
-        path = (root / rel).resolve()
+        # Resolving follows symlinks: a link inside the folder cannot lead outside it.
+        path = (root / value).resolve()
         if not path.is_relative_to(root.resolve()):
             raise OutputError(f"output path {value!r} leaves the output folder")
         if kind is OutputKind.FILE:
-            if path.suffix not in (".mp4", ".flv"):
-                raise OutputError(f"file output must end in .mp4 or .flv, got {value!r}")
             return OutputTarget(kind, str(path))
         return OutputTarget(kind, str(path / "index.m3u8"))
-
-
-def check_relative_path(value: str) -> PurePosixPath:
-    """Validates a tenant-supplied relative output path (no absolute paths, no '..')."""
-    if not value or "\x00" in value:
-        raise OutputError("output path is empty")
-    p = PurePosixPath(value)
-    if p.is_absolute() or ".." in p.parts or value.startswith("~"):
-        raise OutputError(f"output path {value!r} must be relative to the output folder, without '..'")
-    return p
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,20 +54,22 @@ class Device(_message.Message):
     def __init__(self, provider: _Optional[str] = ..., device_type: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class Register(_message.Message):
-    __slots__ = ("worker_id", "device", "models", "profiles", "input_endpoint", "active_session_ids")
+    __slots__ = ("worker_id", "device", "models", "profiles", "input_endpoint", "active_session_ids", "avatars")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     PROFILES_FIELD_NUMBER: _ClassVar[int]
     INPUT_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    AVATARS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     device: Device
     models: _containers.RepeatedScalarFieldContainer[str]
     profiles: _containers.RepeatedCompositeFieldContainer[LatencyProfile]
     input_endpoint: str
     active_session_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, worker_id: _Optional[str] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., models: _Optional[_Iterable[str]] = ..., profiles: _Optional[_Iterable[_Union[LatencyProfile, _Mapping]]] = ..., input_endpoint: _Optional[str] = ..., active_session_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    avatars: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., models: _Optional[_Iterable[str]] = ..., profiles: _Optional[_Iterable[_Union[LatencyProfile, _Mapping]]] = ..., input_endpoint: _Optional[str] = ..., active_session_ids: _Optional[_Iterable[str]] = ..., avatars: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("active_sessions", "load")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import onnx
 
+from avatarfarm.avatars import AVATAR_SUFFIXES, list_avatars
 from workers.audio import HOP, MEL_WINDOW, N_MELS, SAMPLE_RATE
 from workers.inference import ModelInterface, TensorSpec
 from workers.motion import MOTION_NAMES
@@ -27,7 +28,6 @@ from workers.motion import MOTION_NAMES
 log = logging.getLogger(__name__)
 
 INTERFACE_VERSION = 1
-AVATAR_SUFFIXES = (".png", ".jpg", ".jpeg")
 DEFAULT_AVATAR = "presenter"
 
 AUDIO_TO_MOTION = ModelInterface(inputs=(TensorSpec("mel", 3),), outputs=(TensorSpec("motion", 2),))
@@ -76,12 +76,6 @@ class ModelFolder:
             if p.is_file():
                 return p
         raise ModelFolderError(f"avatar {avatar_id!r} not found in {self.root / 'avatars'}")
-
-
-def list_avatars(folder: Path) -> list[str]:
-    if not folder.is_dir():
-        return []
-    return sorted(p.stem for p in folder.iterdir() if p.suffix.lower() in AVATAR_SUFFIXES)
 
 
 def build_reference(root: Path, preset: str = "lite", *, force: bool = False) -> ModelFolder:

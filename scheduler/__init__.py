@@ -1,0 +1,1 @@
+"""avatarfarm scheduler: the control plane that admits rooms and places them on workers."""

@@ -1,0 +1,36 @@
+"""The scheduler's one configuration object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from avatarfarm.config import field
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    listen: str = field("127.0.0.1:50051", "host:port of the gRPC API (sessions and workers)")
+    metrics_port: int = field(9464, "port of the Prometheus /metrics endpoint (0: off, -1: any free port)")
+    metrics_host: str = field("127.0.0.1", "address the metrics endpoint binds to")
+    database: Path = field(Path("var/state/scheduler.db"), "SQLite file holding sessions")
+    avatar_dir: Path = field(Path("var/models/avatars"), "folder of known avatar images")
+    device_prices: dict[str, float] = field(
+        {"cpu": 0.10, "l4": 0.80, "h100": 4.00, "h200": 5.00},
+        "price per device-hour by device type, in your currency")
+    default_price_per_hour: float = field(1.00, "price per device-hour for unlisted device types")
+    utilisation_target: float = field(0.9, "fraction of a worker's measured capacity to fill")
+    overcommit: float = field(1.0, "capacity multiplier; >1 only for offline (non real-time) rendering")
+    heartbeat_interval: float = field(1.0, "seconds between worker heartbeats")
+    worker_timeout: float = field(5.0, "a worker silent this long is considered lost")
+    orphan_grace: float = field(15.0, "after a restart, seconds to wait for a room's worker to return")
+    list_page_size: int = field(100, "default page size of ListSessions")
+
+    def price(self, device_type: str) -> float:
+        return self.device_prices.get(device_type, self.default_price_per_hour)
+
+    @staticmethod
+    def under(home: Path, **kw: object) -> SchedulerConfig:
+        """Defaults rooted at another state folder (the demo and tests use this)."""
+        return SchedulerConfig(database=home / "state" / "scheduler.db",  # type: ignore[arg-type]
+                               avatar_dir=home / "models" / "avatars", **kw)

@@ -1,0 +1,70 @@
+"""The scheduler's Prometheus metrics, declared once. Labels are bounded:
+state, tier and device type, never a session, room or tenant id."""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from avatarfarm.domain import SessionState, Tier
+from scheduler.cost import CostBook, UsageDelta
+
+
+class SchedulerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.sessions = Gauge("avatarfarm_sessions", "Sessions by state and tier",
+                              ["state", "tier"], registry=r)
+        self.pending = Gauge("avatarfarm_pending_sessions", "Sessions waiting for a worker",
+                             registry=r)
+        self.placements = Counter("avatarfarm_placements", "Rooms placed on a worker",
+                                  ["tier"], registry=r)
+        self.workers = Gauge("avatarfarm_workers", "Connected workers", ["device_type"], registry=r)
+        self.capacity = Gauge("avatarfarm_worker_capacity_device_seconds_per_second",
+                              "Capacity of connected workers (device-seconds per second)",
+                              ["device_type"], registry=r)
+        self.load = Gauge("avatarfarm_worker_load_device_seconds_per_second",
+                          "Load placed on connected workers (device-seconds per second)",
+                          ["device_type"], registry=r)
+        self.stream_seconds = Counter("avatarfarm_stream_seconds",
+                                      "Seconds of stream rendered", ["tier", "device_type"],
+                                      registry=r)
+        self.device_seconds = Counter("avatarfarm_attributed_device_seconds",
+                                      "Device time attributed to rooms' frames",
+                                      ["tier", "device_type"], registry=r)
+        self.price = Gauge("avatarfarm_device_price_per_hour",
+                           "Configured price of one device-hour", ["device_type"], registry=r)
+        self.cost = Gauge("avatarfarm_cost_per_stream_hour",
+                          "Attributed device cost per hour of stream", ["tier"], registry=r)
+        self.frames = Counter("avatarfarm_frames_rendered", "Frames rendered", ["tier"], registry=r)
+        self.late = Counter("avatarfarm_late_frames", "Frames finished after their deadline",
+                            ["tier"], registry=r)
+        for tier in Tier:
+            for state in SessionState:
+                self.sessions.labels(state.value, tier.value)
+            self.cost.labels(tier.value)
+
+    def session_counts(self, counts: Tally[tuple[SessionState, Tier]]) -> None:
+        for tier in Tier:
+            for state in SessionState:
+                self.sessions.labels(state.value, tier.value).set(counts.get((state, tier), 0))
+        self.pending.set(sum(n for (s, _), n in counts.items() if s is SessionState.PENDING))
+
+    def usage(self, d: UsageDelta, frames: int, late: int, book: CostBook) -> None:
+        self.stream_seconds.labels(d.tier.value, d.device_type).inc(d.stream_seconds)
+        self.device_seconds.labels(d.tier.value, d.device_type).inc(d.device_seconds)
+        self.price.labels(d.device_type).set(book.price(d.device_type))
+        self.frames.labels(d.tier.value).inc(frames)
+        self.late.labels(d.tier.value).inc(late)
+        self.cost.labels(d.tier.value).set(book.per_stream_hour(d.tier))
+
+    def fleet(self, by_device: dict[str, tuple[int, float, float]]) -> None:
+        self.workers.clear()
+        self.capacity.clear()
+        self.load.clear()
+        for dev, (n, cap, load) in by_device.items():
+            self.workers.labels(dev).set(n)
+            self.capacity.labels(dev).set(cap)
+            self.load.labels(dev).set(load)

@@ -1,0 +1,93 @@
+"""Runs the scheduler process: gRPC API (sessions, workers, health), the
+Prometheus endpoint and the placement loop, with a clean shutdown on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import start_http_server
+
+from avatarfarm.v1 import sessions_pb2_grpc, workers_pb2_grpc
+from scheduler.config import SchedulerConfig
+from scheduler.core import Scheduler
+from scheduler.metrics import SchedulerMetrics
+from scheduler.service import SessionService, WorkerService
+from scheduler.store import SqliteStore
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+SERVICES = ("avatarfarm.v1.SessionService", "avatarfarm.v1.WorkerService")
+
+
+@dataclass
+class RunningScheduler:
+    core: Scheduler
+    server: grpc.aio.Server
+    port: int
+    metrics_port: int
+    loop_task: asyncio.Task[None]
+    health: health.aio.HealthServicer
+    _metrics_server: object = None
+
+    async def stop(self, grace: float = 2.0) -> None:
+        for name in ("", *SERVICES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace)
+        self.loop_task.cancel()
+        try:
+            await self.loop_task
+        except asyncio.CancelledError:
+            pass
+        if self._metrics_server is not None:
+            server, thread = self._metrics_server  # type: ignore[misc]
+            server.shutdown()
+            thread.join(2)
+        self.core.store.close()
+
+
+async def start(config: SchedulerConfig) -> RunningScheduler:
+    store = SqliteStore(config.database)
+    metrics = SchedulerMetrics()
+    core = Scheduler(store, config, metrics)
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+    sessions_pb2_grpc.add_SessionServiceServicer_to_server(SessionService(core), server)
+    workers_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerService(core), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(config.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {config.listen}")
+    await server.start()
+    metrics_server = None
+    metrics_port = 0
+    if config.metrics_port != 0:  # -1 picks a free port
+        metrics_server = start_http_server(max(config.metrics_port, 0), addr=config.metrics_host,
+                                           registry=metrics.registry)
+        metrics_port = metrics_server[0].server_port
+    for name in ("", *SERVICES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    task = asyncio.create_task(core.run(), name="placement")
+    host = config.listen.rsplit(":", 1)[0]
+    log.info("scheduler listening on %s:%d (metrics on %s)", host, port,
+             f"{config.metrics_host}:{metrics_port}" if metrics_port else "off")
+    return RunningScheduler(core, server, port, metrics_port, task, health_servicer, metrics_server)
+
+
+async def serve(config: SchedulerConfig) -> None:
+    running = await start(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"avatarfarm scheduler ready on port {running.port} (metrics port {running.metrics_port})",
+          flush=True)
+    await stop.wait()
+    log.info("scheduler shutting down")
+    await running.stop()

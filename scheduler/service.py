@@ -1,0 +1,200 @@
+"""gRPC adapters around the scheduler core: the tenant SessionService and the
+worker-facing WorkerService. They validate at the edge, call the core and map
+its typed errors to precise status codes; they hold no state of their own."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from avatarfarm import convert
+from avatarfarm.domain import InvalidRequest, Stage
+from avatarfarm.v1 import sessions_pb2, sessions_pb2_grpc, types_pb2, workers_pb2, workers_pb2_grpc
+from scheduler import placement
+from scheduler.core import AssignCmd, ReleaseCmd, Scheduler, ScriptCmd, WorkerCommand, WorkerConn
+from scheduler.errors import AlreadyExists, FailedPrecondition, NotFound
+from scheduler.state import Session
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_STATUS: dict[type[Exception], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+async def _guard(context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except tuple(_STATUS) as e:
+        await context.abort(_STATUS[type(e)], str(e))
+        raise  # unreachable: abort raises
+
+
+def session_to_pb(s: Session) -> types_pb2.Session:
+    return types_pb2.Session(
+        session_id=s.session_id, spec=convert.spec_to_pb(s.spec), state=convert.state_to_pb(s.state),
+        reason=s.reason, worker_id=s.worker_id, input_endpoint=s.input_endpoint,
+        created_at=convert.timestamp(s.created_at), updated_at=convert.timestamp(s.updated_at),
+        progress=convert.progress_to_pb(s.progress), provider=s.provider, device_type=s.device_type)
+
+
+class SessionService(sessions_pb2_grpc.SessionServiceServicer):
+    def __init__(self, core: Scheduler) -> None:
+        self.core = core
+
+    async def CreateSession(self, request: sessions_pb2.CreateSessionRequest,
+                            context: grpc.aio.ServicerContext) -> types_pb2.Session:
+        def create() -> Session:
+            spec = convert.spec_from_pb(request.spec)
+            if len(request.request_id) > 128:
+                raise InvalidRequest("request_id is longer than 128 characters")
+            return self.core.create(spec, request.request_id)
+
+        return session_to_pb(await _guard(context, create))
+
+    async def GetSession(self, request: sessions_pb2.GetSessionRequest,
+                         context: grpc.aio.ServicerContext) -> types_pb2.Session:
+        return session_to_pb(await _guard(context, lambda: self.core.get(request.session_id)))
+
+    async def ListSessions(self, request: sessions_pb2.ListSessionsRequest,
+                           context: grpc.aio.ServicerContext) -> sessions_pb2.ListSessionsResponse:
+        def list_() -> tuple[list[Session], int]:
+            states = frozenset(convert.STATES[s] for s in request.states if s in convert.STATES)
+            if len(states) != len(set(request.states)):
+                raise InvalidRequest("unknown session state in filter")
+            try:
+                after = int(request.page_token) if request.page_token else 0
+            except ValueError as e:
+                raise InvalidRequest("page_token is not one this server issued") from e
+            if request.page_size > 1000:
+                raise InvalidRequest("page_size must be at most 1000")
+            return self.core.list(request.tenant, states, request.page_size, after)
+
+        page, next_seq = await _guard(context, list_)
+        return sessions_pb2.ListSessionsResponse(
+            sessions=[session_to_pb(s) for s in page],
+            next_page_token=str(next_seq) if next_seq else "")
+
+    async def EndSession(self, request: sessions_pb2.EndSessionRequest,
+                         context: grpc.aio.ServicerContext) -> types_pb2.Session:
+        return session_to_pb(await _guard(
+            context, lambda: self.core.end(request.session_id, request.reason[:512])))
+
+    async def WatchSession(self, request: sessions_pb2.WatchSessionRequest,
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[sessions_pb2.SessionEvent]:
+        await _guard(context, lambda: self.core.get(request.session_id))
+        async for s in self.core.watch(request.session_id):
+            yield sessions_pb2.SessionEvent(session=session_to_pb(s),
+                                            at=convert.timestamp(s.updated_at))
+
+    async def AppendScript(self, request: sessions_pb2.AppendScriptRequest,
+                           context: grpc.aio.ServicerContext) -> sessions_pb2.AppendScriptResponse:
+        n = await _guard(context, lambda: self.core.append_script(
+            request.session_id, convert.segments_from_pb(request.segments)))
+        return sessions_pb2.AppendScriptResponse(queued_segments=n)
+
+
+def profile_from_pb(profiles: Any) -> placement.WorkerProfile:
+    costs = []
+    for p in profiles:
+        stage = convert.STAGES.get(p.stage)
+        one = [lat.seconds for lat in p.latencies if lat.batch_size == 1 and lat.seconds > 0]
+        if stage is None or not one:
+            continue
+        w, h = (p.width, p.height) if stage in (Stage.RENDER, Stage.ENCODE) else (0, 0)
+        costs.append(placement.StageCost(stage, w, h, one[0]))
+    return placement.WorkerProfile(tuple(costs))
+
+
+def command_to_pb(cmd: WorkerCommand) -> workers_pb2.SchedulerMessage:
+    match cmd:
+        case AssignCmd(sid, spec):
+            return workers_pb2.SchedulerMessage(
+                assign=workers_pb2.Assign(session_id=sid, spec=convert.spec_to_pb(spec)))
+        case ReleaseCmd(sid, reason):
+            return workers_pb2.SchedulerMessage(
+                release=workers_pb2.Release(session_id=sid, reason=reason))
+        case ScriptCmd(sid, segments):
+            return workers_pb2.SchedulerMessage(
+                script=workers_pb2.Script(session_id=sid, segments=convert.segments_to_pb(segments)))
+    raise TypeError(cmd)
+
+
+class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
+    def __init__(self, core: Scheduler) -> None:
+        self.core = core
+
+    async def Connect(self, request_iterator: AsyncIterator[workers_pb2.WorkerMessage],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[workers_pb2.SchedulerMessage]:
+        timeout = self.core.config.worker_timeout
+        try:
+            first = await asyncio.wait_for(anext(request_iterator), timeout)
+        except (TimeoutError, StopAsyncIteration):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "send Register first")
+            return
+        if first.WhichOneof("kind") != "register" or not first.register.worker_id:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "the first message must be Register with a worker_id")
+            return
+        reg = first.register
+        conn = self.core.register_worker(
+            reg.worker_id, device_type=reg.device.device_type or "unknown",
+            provider=reg.device.provider, profile=profile_from_pb(reg.profiles),
+            input_endpoint=reg.input_endpoint, avatars=frozenset(reg.avatars),
+            active=frozenset(reg.active_session_ids))
+        reader = asyncio.create_task(self._read(conn, request_iterator, timeout))
+        try:
+            yield workers_pb2.SchedulerMessage(registered=workers_pb2.Registered(
+                heartbeat_interval_seconds=self.core.config.heartbeat_interval))
+            outbox_get: asyncio.Task[WorkerCommand | None] | None = None
+            while True:
+                outbox_get = asyncio.ensure_future(conn.outbox.get())
+                done, _ = await asyncio.wait({outbox_get, reader},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if outbox_get not in done:
+                    outbox_get.cancel()
+                    break
+                cmd = outbox_get.result()
+                if cmd is None:
+                    break
+                yield command_to_pb(cmd)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            why = "stream closed"
+            if reader.done() and not reader.cancelled() and reader.exception() is not None:
+                why = f"stream error: {reader.exception()}"
+            self.core.worker_disconnected(conn, why)
+
+    async def _read(self, conn: WorkerConn, it: AsyncIterator[workers_pb2.WorkerMessage],
+                    timeout: float) -> None:
+        while True:
+            try:
+                msg = await asyncio.wait_for(anext(it), timeout)
+            except StopAsyncIteration:
+                return
+            kind = msg.WhichOneof("kind")
+            if kind == "heartbeat":
+                self.core.worker_seen(conn, msg.heartbeat.load)
+            elif kind == "session_update":
+                u = msg.session_update
+                state = convert.STATES.get(u.state)
+                if state is None:
+                    log.warning("worker %s sent an update without a state", conn.worker_id)
+                    continue
+                self.core.worker_update(conn, u.session_id, state, u.reason,
+                                        convert.progress_from_pb(u.progress)
+                                        if u.HasField("progress") else None)
+            else:
+                log.warning("worker %s sent unexpected %s", conn.worker_id, kind)

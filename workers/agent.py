@@ -1,0 +1,238 @@
+"""The worker's link to the scheduler: register, report, take assignments.
+
+One bidirectional stream, re-established with backoff when it breaks. Rooms
+keep rendering while the scheduler is away; on reconnect the worker registers
+again with the rooms it still renders, and re-sends final states the scheduler
+may not have heard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+
+from avatarfarm import convert
+from avatarfarm.domain import InvalidRequest, Tier
+from avatarfarm.v1 import types_pb2, workers_pb2, workers_pb2_grpc
+from workers.encode import EncoderSettings, OutputError, OutputTarget
+from workers.metrics import WorkerMetrics
+from workers.pipeline import Pipeline
+from workers.profile import LatencyProfile
+from workers.room import Pacing, Room, RoomState
+
+log = logging.getLogger(__name__)
+
+_ROOM_STATE_PB = {
+    RoomState.STARTING: types_pb2.SESSION_STATE_PLACED,
+    RoomState.RUNNING: types_pb2.SESSION_STATE_RUNNING,
+    RoomState.ENDED: types_pb2.SESSION_STATE_ENDED,
+    RoomState.FAILED: types_pb2.SESSION_STATE_FAILED,
+}
+
+
+def profile_to_pb(p: LatencyProfile) -> workers_pb2.LatencyProfile:
+    return workers_pb2.LatencyProfile(
+        stage=convert.stage_to_pb(p.stage), model=p.model, width=p.width, height=p.height,
+        latencies=[workers_pb2.BatchLatency(batch_size=b, seconds=s) for b, s in p.latencies])
+
+
+class WorkerAgent:
+    def __init__(self, worker_id: str, scheduler_address: str, pipeline: Pipeline,
+                 profiles: list[LatencyProfile], input_endpoint: str, device_type: str,
+                 output_dir: Path, *, pacing: Pacing = Pacing.REALTIME,
+                 latency_budget: float = 0.5, encoder: EncoderSettings = EncoderSettings(),
+                 metrics: WorkerMetrics | None = None, progress_interval: float = 1.0) -> None:
+        self.worker_id = worker_id
+        self.scheduler_address = scheduler_address
+        self.pipeline = pipeline
+        self.profiles = profiles
+        self.input_endpoint = input_endpoint
+        self.device_type = device_type
+        self.output_dir = output_dir
+        self.pacing = pacing
+        self.latency_budget = latency_budget
+        self.encoder = encoder
+        self.metrics = metrics or WorkerMetrics()
+        self.progress_interval = progress_interval
+        self.rooms: dict[str, Room] = {}
+        self._finals: dict[str, workers_pb2.SessionUpdate] = {}
+        self._outbox: asyncio.Queue[workers_pb2.WorkerMessage] | None = None
+        self._reported: dict[str, tuple[int, int, dict[str, float]]] = {}
+        self.connected = asyncio.Event()
+        self.heartbeat_interval = 1.0
+        self.metrics.info.labels(pipeline.provider, device_type).set(1)
+
+    # -- rooms
+
+    def room(self, session_id: str) -> Room | None:
+        return self.rooms.get(session_id)
+
+    def _assign(self, msg: workers_pb2.Assign) -> None:
+        sid = msg.session_id
+        if sid in self.rooms:
+            return  # a repeated assignment after a reconnect
+        try:
+            spec = convert.spec_from_pb(msg.spec)
+            target = OutputTarget.resolve(spec.output.kind, spec.output.target, self.output_dir)
+        except (InvalidRequest, OutputError) as e:
+            self._send_update(sid, types_pb2.SESSION_STATE_FAILED, f"bad assignment: {e}", None)
+            return
+        room = Room(sid, spec, target, self.pipeline, pacing=self.pacing,
+                    latency_budget_seconds=self.latency_budget, encoder=self.encoder,
+                    on_change=self._room_changed)
+        self.rooms[sid] = room
+        room.start()
+        log.info("room %s (%s, %s, %s) started -> %s", sid, spec.room_id, spec.drive_mode.value,
+                 spec.quality, target.location)
+        self._update_room_gauge()
+
+    def _room_changed(self, room: Room) -> None:
+        state = _ROOM_STATE_PB[room.state]
+        self._account(room)
+        update = self._send_update(room.session_id, state, room.reason, room)
+        if room.state in (RoomState.ENDED, RoomState.FAILED):
+            self._finals[room.session_id] = update
+            self.rooms.pop(room.session_id, None)
+            self._reported.pop(room.session_id, None)
+            if room.state is RoomState.FAILED:
+                self.metrics.failures.labels(room.spec.tier.value).inc()
+            log.info("room %s %s: %s", room.session_id, room.state.value, room.reason)
+            self._update_room_gauge()
+
+    def _progress_pb(self, room: Room) -> types_pb2.SessionProgress:
+        st = room.stats
+        return types_pb2.SessionProgress(
+            frames_rendered=st.frames_rendered, late_frames=st.late_frames,
+            stream_seconds=st.stream_seconds(room.spec.quality.fps),
+            device_seconds=st.device_seconds, stage_seconds=dict(st.stage_seconds))
+
+    def _send_update(self, sid: str, state: int, reason: str,
+                     room: Room | None) -> workers_pb2.SessionUpdate:
+        update = workers_pb2.SessionUpdate(session_id=sid, state=state, reason=reason)  # type: ignore[arg-type]
+        if room is not None:
+            update.progress.CopyFrom(self._progress_pb(room))
+        if self._outbox is not None:
+            self._outbox.put_nowait(workers_pb2.WorkerMessage(session_update=update))
+        return update
+
+    def _account(self, room: Room) -> None:
+        frames, late, stages = self._reported.get(room.session_id, (0, 0, {}))
+        st = room.stats
+        tier = room.spec.tier.value
+        self.metrics.frames.labels(tier).inc(st.frames_rendered - frames)
+        self.metrics.late.labels(tier).inc(st.late_frames - late)
+        for stage, secs in st.stage_seconds.items():
+            self.metrics.stage_seconds.labels(stage).inc(max(0.0, secs - stages.get(stage, 0.0)))
+        self._reported[room.session_id] = (st.frames_rendered, st.late_frames, dict(st.stage_seconds))
+
+    def _update_room_gauge(self) -> None:
+        counts: dict[Tier, int] = collections.Counter(r.spec.tier for r in self.rooms.values())
+        self.metrics.room_counts(counts)
+
+    def load(self) -> float:
+        """Measured device time per second over the rooms' lifetimes (a rough live figure)."""
+        total = 0.0
+        for r in self.rooms.values():
+            secs = r.stats.stream_seconds(r.spec.quality.fps)
+            if secs > 0:
+                total += r.stats.device_seconds / secs
+        return total
+
+    # -- the scheduler link
+
+    def outbox_pending(self) -> bool:
+        return self._outbox is not None and not self._outbox.empty()
+
+    def _register(self) -> workers_pb2.WorkerMessage:
+        return workers_pb2.WorkerMessage(register=workers_pb2.Register(
+            worker_id=self.worker_id,
+            device=workers_pb2.Device(provider=self.pipeline.provider, device_type=self.device_type,
+                                      name=self.pipeline.renderer_model.name),
+            models=self.pipeline.model_names,
+            profiles=[profile_to_pb(p) for p in self.profiles],
+            input_endpoint=self.input_endpoint,
+            active_session_ids=list(self.rooms),
+            avatars=self.pipeline.folder.avatar_ids()))
+
+    async def _outgoing(self, outbox: asyncio.Queue[workers_pb2.WorkerMessage]
+                        ) -> AsyncIterator[workers_pb2.WorkerMessage]:
+        yield self._register()
+        for sid, update in list(self._finals.items()):
+            yield workers_pb2.WorkerMessage(session_update=update)
+            self._finals.pop(sid, None)
+        while True:
+            msg = await outbox.get()
+            yield msg
+            if msg.WhichOneof("kind") == "session_update":
+                self._finals.pop(msg.session_update.session_id, None)
+
+    async def _tick(self, outbox: asyncio.Queue[workers_pb2.WorkerMessage]) -> None:
+        while True:
+            await asyncio.sleep(min(self.heartbeat_interval, self.progress_interval))
+            outbox.put_nowait(workers_pb2.WorkerMessage(heartbeat=workers_pb2.Heartbeat(
+                active_sessions=len(self.rooms), load=self.load())))
+            for room in list(self.rooms.values()):
+                if room.state is RoomState.RUNNING:
+                    self._account(room)
+                    self._send_update(room.session_id, types_pb2.SESSION_STATE_RUNNING, "", room)
+
+    async def _session(self, channel: grpc.aio.Channel) -> None:
+        stub = workers_pb2_grpc.WorkerServiceStub(channel)
+        outbox: asyncio.Queue[workers_pb2.WorkerMessage] = asyncio.Queue()
+        call = stub.Connect(self._outgoing(outbox))
+        ticker: asyncio.Task[None] | None = None
+        try:
+            async for msg in call:
+                kind = msg.WhichOneof("kind")
+                if kind == "registered":
+                    self.heartbeat_interval = msg.registered.heartbeat_interval_seconds or 1.0
+                    self._outbox = outbox
+                    ticker = asyncio.create_task(self._tick(outbox))
+                    self.connected.set()
+                    log.info("registered with scheduler %s as %s", self.scheduler_address,
+                             self.worker_id)
+                elif kind == "assign":
+                    self._assign(msg.assign)
+                elif kind == "release":
+                    room = self.rooms.get(msg.release.session_id)
+                    if room is not None:
+                        room.stop(msg.release.reason or "released by scheduler")
+                elif kind == "script":
+                    room = self.rooms.get(msg.script.session_id)
+                    if room is not None:
+                        room.append_script(convert.segments_from_pb(msg.script.segments))
+        finally:
+            self._outbox = None
+            self.connected.clear()
+            if ticker is not None:
+                ticker.cancel()
+            call.cancel()
+
+    async def run(self) -> None:
+        """Keeps the scheduler link up until cancelled."""
+        backoff = 0.2
+        async with grpc.aio.insecure_channel(self.scheduler_address) as channel:
+            while True:
+                try:
+                    await self._session(channel)
+                    backoff = 0.2
+                    log.warning("scheduler closed the stream; reconnecting")
+                except grpc.aio.AioRpcError as e:
+                    log.warning("scheduler link down (%s: %s); retrying in %.1fs", e.code().name,
+                                e.details(), backoff)
+                await asyncio.sleep(backoff * (1 + random.random() / 4))
+                backoff = min(backoff * 2, 5.0)
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Ends every room cleanly (outputs closed) and reports it."""
+        for room in self.rooms.values():
+            room.stop("worker shutting down")
+        tasks = [r.task for r in self.rooms.values() if r.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)

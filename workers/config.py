@@ -1,0 +1,46 @@
+"""The worker's one configuration object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from avatarfarm.config import field
+from workers.inference import ProviderChoice
+from workers.room import Pacing
+
+
+def _sizes(text: str) -> list[tuple[int, int]]:
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        w, _, h = part.partition("x")
+        out.append((int(w), int(h or w)))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    scheduler: str = field("127.0.0.1:50051", "host:port of the scheduler")
+    listen: str = field("127.0.0.1:0", "host:port for live inputs and health (port 0: any free)")
+    advertise_host: str = field("", "host clients use to reach this worker (default: listen host)")
+    worker_id: str = field("", "unique worker id (default: host name and process id)")
+    model_dir: Path = field(Path("var/models"), "model folder (manifest.json, ONNX models, avatars/)")
+    output_dir: Path = field(Path("var/out"), "folder that file and HLS outputs are written under")
+    provider: ProviderChoice = field(ProviderChoice.AUTO, "onnxruntime provider: auto, cpu, cuda, tensorrt")
+    intra_op_threads: int = field(0, "onnxruntime threads per call (0: one per core)")
+    device_type: str = field("", "device type used for pricing, e.g. h200 (default: cpu or gpu)")
+    pacing: Pacing = field(Pacing.REALTIME, "realtime (live streams) or fast (as fast as possible)")
+    latency_budget: float = field(0.5, "seconds after its presentation time a frame may finish")
+    encoder_preset: str = field("veryfast", "libx264 preset")
+    profile_render_sides: str = field("256,512", "portrait sides the renderer is measured at")
+    profile_encode_sizes: str = field("512x512,1280x720", "frame sizes the encoder is measured at")
+    profile_iterations: int = field(5, "timed calls per measured size")
+    metrics_port: int = field(-1, "Prometheus /metrics port (0: off, -1: any free port)")
+    metrics_host: str = field("127.0.0.1", "address the metrics endpoint binds to")
+    tts_voice: str = field("en", "espeak-ng voice for text-driven rooms")
+
+    def render_sides(self) -> list[int]:
+        return [w for w, _ in _sizes(self.profile_render_sides)]
+
+    def encode_sizes(self) -> list[tuple[int, int]]:
+        return _sizes(self.profile_encode_sizes)

@@ -1,0 +1,88 @@
+"""LiveInputService: live audio and motion-capture inputs, pushed straight to
+the worker that renders the room (the data plane never goes through the
+scheduler). Client streams are back-pressured by the room's bounded buffers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+import numpy as np
+
+from avatarfarm.domain import DriveMode
+from avatarfarm.v1 import live_input_pb2, live_input_pb2_grpc
+from workers.audio import SAMPLE_RATE, pcm16_to_float, resample
+from workers.motion import MOTION_DIM
+from workers.room import Room
+
+MAX_CHUNK_SECONDS = 1.0
+
+
+class LiveInputService(live_input_pb2_grpc.LiveInputServiceServicer):
+    def __init__(self, rooms: Callable[[str], Room | None]) -> None:
+        self._rooms = rooms
+
+    async def _room(self, session_id: str, context: grpc.aio.ServicerContext) -> Room:
+        room = self._rooms(session_id) if session_id else None
+        if room is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"session {session_id!r} is not rendering on this worker")
+        assert room is not None
+        return room
+
+    async def PushAudio(self, request_iterator: AsyncIterator[live_input_pb2.AudioChunk],
+                        context: grpc.aio.ServicerContext) -> live_input_pb2.PushSummary:
+        room: Room | None = None
+        accepted = 0
+        try:
+            async for chunk in request_iterator:
+                if room is None:
+                    target = await self._room(chunk.session_id, context)
+                    if target.spec.drive_mode is DriveMode.TEXT:
+                        await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                            f"session {chunk.session_id} is text-driven; "
+                                            "send script segments instead of audio")
+                    room = target
+                    room.audio_in.producers += 1
+                elif chunk.session_id and chunk.session_id != room.session_id:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        "one PushAudio stream carries one session")
+                rate = chunk.sample_rate or SAMPLE_RATE
+                if not 8000 <= rate <= 48000:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"sample_rate {rate} is outside 8000..48000")
+                if len(chunk.pcm_s16le) % 2 or len(chunk.pcm_s16le) > 2 * rate * MAX_CHUNK_SECONDS:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        "pcm_s16le must be whole 16-bit samples, at most 1 s a chunk")
+                samples = resample(pcm16_to_float(chunk.pcm_s16le), rate, SAMPLE_RATE)
+                await room.audio_in.push(samples)
+                accepted += 1
+        finally:
+            if room is not None:
+                room.audio_in.producer_closed()
+        return live_input_pb2.PushSummary(accepted=accepted)
+
+    async def PushMotion(self, request_iterator: AsyncIterator[live_input_pb2.MotionFrame],
+                         context: grpc.aio.ServicerContext) -> live_input_pb2.PushSummary:
+        room: Room | None = None
+        accepted = 0
+        try:
+            async for frame in request_iterator:
+                if room is None:
+                    target = await self._room(frame.session_id, context)
+                    if target.spec.drive_mode is not DriveMode.MOCAP:
+                        await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                            f"session {frame.session_id} is "
+                                            f"{target.spec.drive_mode.value}-driven, not mocap")
+                    room = target
+                    room.motion_in.producers += 1
+                coefs = np.asarray(frame.coefficients, np.float32)
+                if coefs.shape != (MOTION_DIM,) or not np.all(np.isfinite(coefs)):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"a motion frame has {MOTION_DIM} finite coefficients")
+                await room.motion_in.push(coefs)
+                accepted += 1
+        finally:
+            if room is not None:
+                room.motion_in.producer_closed()
+        return live_input_pb2.PushSummary(accepted=accepted)

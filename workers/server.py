@@ -1,0 +1,119 @@
+"""Runs a worker process: load and measure the models, serve live inputs and
+health, connect to the scheduler, render what it assigns."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import start_http_server
+
+from avatarfarm.v1 import live_input_pb2_grpc
+from workers.agent import WorkerAgent
+from workers.config import WorkerConfig
+from workers.encode import EncoderSettings
+from workers.live_input import LiveInputService
+from workers.metrics import WorkerMetrics
+from workers.models.folder import ModelFolder
+from workers.pipeline import Pipeline
+from workers.profile import measure
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass
+class RunningWorker:
+    agent: WorkerAgent
+    server: grpc.aio.Server
+    port: int
+    metrics_port: int
+    agent_task: asyncio.Task[None]
+    pipeline: Pipeline
+    health: health.aio.HealthServicer
+    _metrics_server: object = None
+
+    async def stop(self, grace: float = 2.0) -> None:
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.agent.shutdown()
+        # Let the final room states reach the scheduler before the link goes.
+        await _drain(self.agent)
+        self.agent_task.cancel()
+        try:
+            await self.agent_task
+        except asyncio.CancelledError:
+            pass
+        await self.server.stop(grace)
+        if self._metrics_server is not None:
+            server, thread = self._metrics_server  # type: ignore[misc]
+            server.shutdown()
+            thread.join(2)
+        self.pipeline.close()
+
+
+async def _drain(agent: WorkerAgent, timeout: float = 2.0) -> None:
+    # Polls with a deadline: the stream consumes the outbox at its own pace.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while agent.outbox_pending() and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+
+
+async def start(config: WorkerConfig) -> RunningWorker:
+    folder = ModelFolder.open(config.model_dir)
+    pipeline = Pipeline(folder, config.provider, config.intra_op_threads, config.tts_voice)
+    device_type = config.device_type or ("cpu" if pipeline.provider == "CPUExecutionProvider" else "gpu")
+    log.info("models loaded from %s; provider in use: %s", folder.root, pipeline.provider)
+    profiles = await asyncio.to_thread(measure, pipeline, config.render_sides(),
+                                       config.encode_sizes(), config.profile_iterations,
+                                       config.encoder_preset)
+    metrics = WorkerMetrics()
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+    worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    agent_ref: list[WorkerAgent] = []
+    live_input_pb2_grpc.add_LiveInputServiceServicer_to_server(
+        LiveInputService(lambda sid: agent_ref[0].room(sid)), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(config.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {config.listen}")
+    await server.start()
+    host = config.advertise_host or config.listen.rsplit(":", 1)[0]
+    agent = WorkerAgent(worker_id, config.scheduler, pipeline, profiles, f"{host}:{port}", device_type,
+                        config.output_dir, pacing=config.pacing,
+                        latency_budget=config.latency_budget,
+                        encoder=EncoderSettings(preset=config.encoder_preset), metrics=metrics)
+    agent_ref.append(agent)
+    metrics_server = None
+    metrics_port = 0
+    if config.metrics_port != 0:
+        metrics_server = start_http_server(max(config.metrics_port, 0), addr=config.metrics_host,
+                                           registry=metrics.registry)
+        metrics_port = metrics_server[0].server_port
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("avatarfarm.v1.LiveInputService", health_pb2.HealthCheckResponse.SERVING)
+    task = asyncio.create_task(agent.run(), name="agent")
+    log.info("worker %s: live inputs on %s:%d, metrics on %s", worker_id, host, port,
+             metrics_port or "off")
+    return RunningWorker(agent, server, port, metrics_port, task, pipeline, health_servicer,
+                         metrics_server)
+
+
+async def serve(config: WorkerConfig) -> None:
+    running = await start(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"avatarfarm worker {running.agent.worker_id} ready on port {running.port}", flush=True)
+    await stop.wait()
+    log.info("worker shutting down")
+    await running.stop()
