@@ -50,10 +50,14 @@ async def wait_for(stub: sessions_pb2_grpc.SessionServiceStub, session_id: str,
     """Follows WatchSession until ``done`` holds for the session (or the timeout passes)."""
     async def follow() -> types_pb2.Session:
         last = None
-        async for ev in stub.WatchSession(sessions_pb2.WatchSessionRequest(session_id=session_id)):
-            last = ev.session
-            if done(last):
-                return last
+        call = stub.WatchSession(sessions_pb2.WatchSessionRequest(session_id=session_id))
+        try:
+            async for ev in call:
+                last = ev.session
+                if done(last):
+                    return last
+        finally:
+            call.cancel()  # an abandoned stream would outlive this loop
         assert last is not None
         if not done(last):
             raise AssertionError(f"session {session_id} ended without the awaited state: {last}")

@@ -125,8 +125,9 @@ class Scheduler:
         self._commit(s)
         if spec.script:
             self.store.append_script(s.session_id, list(spec.script))
-        self.kick()
-        return s
+        # Place now, so the answer already says where the room goes or why it waits.
+        self.place_pending()
+        return self.sessions[s.session_id]
 
     def get(self, session_id: str) -> Session:
         s = self.sessions.get(session_id)

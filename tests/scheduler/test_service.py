@@ -1,0 +1,317 @@
+"""The scheduler's gRPC API on a real server and port: statuses for bad input,
+idempotency, persistence across a restart, and the worker protocol (driven by a
+protocol-level test client that registers and reports like a worker)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from avatarfarm import client
+from avatarfarm.v1 import sessions_pb2, sessions_pb2_grpc, types_pb2, workers_pb2, workers_pb2_grpc
+from scheduler.config import SchedulerConfig
+from scheduler.server import RunningScheduler, start
+
+
+def run(coro_fn: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(coro_fn(), 60))  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def scheduler(tmp_path: Path, model_dir: Path, **kw: Any) -> AsyncIterator[
+        tuple[RunningScheduler, sessions_pb2_grpc.SessionServiceStub, grpc.aio.Channel]]:
+    conf = SchedulerConfig(listen="127.0.0.1:0", metrics_port=-1, database=tmp_path / "state.db",
+                           avatar_dir=model_dir / "avatars", **kw)
+    running = await start(conf)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+    try:
+        yield running, sessions_pb2_grpc.SessionServiceStub(channel), channel
+    finally:
+        await channel.close()
+        await running.stop(grace=0.1)
+
+
+def create_req(room_id: str = "room-1", request_id: str = "", **kw: Any) -> sessions_pb2.CreateSessionRequest:
+    kw.setdefault("file_path", f"{room_id}.mp4")
+    kw.setdefault("seconds", 2.0)
+    return sessions_pb2.CreateSessionRequest(spec=client.spec("vendor", room_id, **kw),
+                                             request_id=request_id)
+
+
+async def expect_status(code: grpc.StatusCode, call: Awaitable[Any]) -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call
+    assert err.value.code() == code, err.value.details()
+    return err.value.details() or ""
+
+
+class ProtocolWorker:
+    """Speaks the worker protocol over a real stream, rendering nothing."""
+
+    def __init__(self, channel: grpc.aio.Channel, worker_id: str, render_seconds: float = 0.004) -> None:
+        self.worker_id = worker_id
+        self.outbox: asyncio.Queue[workers_pb2.WorkerMessage | None] = asyncio.Queue()
+        self.inbox: asyncio.Queue[workers_pb2.SchedulerMessage] = asyncio.Queue()
+        self.render_seconds = render_seconds
+        self._call = workers_pb2_grpc.WorkerServiceStub(channel).Connect(self._out())
+        self._reader = asyncio.create_task(self._read())
+
+    def _register(self) -> workers_pb2.WorkerMessage:
+        def prof(stage: int, w: int, h: int, s: float) -> workers_pb2.LatencyProfile:
+            return workers_pb2.LatencyProfile(stage=stage, width=w, height=h,  # type: ignore[arg-type]
+                                              latencies=[workers_pb2.BatchLatency(batch_size=1, seconds=s)])
+        return workers_pb2.WorkerMessage(register=workers_pb2.Register(
+            worker_id=self.worker_id, input_endpoint="127.0.0.1:1",
+            device=workers_pb2.Device(provider="CPUExecutionProvider", device_type="cpu"),
+            profiles=[prof(workers_pb2.STAGE_RENDER, 512, 512, self.render_seconds),
+                      prof(workers_pb2.STAGE_ENCODE, 512, 512, 0.001),
+                      prof(workers_pb2.STAGE_AUDIO_TO_MOTION, 0, 0, 0.0005),
+                      prof(workers_pb2.STAGE_TTS, 0, 0, 0.01)]))
+
+    async def _out(self) -> AsyncIterator[workers_pb2.WorkerMessage]:
+        yield self._register()
+        while (msg := await self.outbox.get()) is not None:
+            yield msg
+
+    async def _read(self) -> None:
+        async for msg in self._call:
+            await self.inbox.put(msg)
+
+    async def next(self, kind: str) -> workers_pb2.SchedulerMessage:
+        while True:
+            msg = await asyncio.wait_for(self.inbox.get(), 10)
+            if msg.WhichOneof("kind") == kind:
+                return msg
+
+    def report(self, sid: str, state: int, frames: int = 0, device: float = 0.0, reason: str = "") -> None:
+        self.outbox.put_nowait(workers_pb2.WorkerMessage(session_update=workers_pb2.SessionUpdate(
+            session_id=sid, state=state, reason=reason,  # type: ignore[arg-type]
+            progress=types_pb2.SessionProgress(frames_rendered=frames, stream_seconds=frames / 25,
+                                               device_seconds=device))))
+
+    async def close(self) -> None:
+        self.outbox.put_nowait(None)
+        self._call.cancel()
+        with contextlib.suppress(BaseException):
+            await self._reader
+
+
+def test_bad_requests_get_precise_statuses_and_change_nothing(tmp_path: Path, model_dir: Path) -> None:
+    async def body() -> None:
+        async with scheduler(tmp_path, model_dir) as (_, stub, _ch):
+            cases = [
+                (grpc.StatusCode.NOT_FOUND, create_req(avatar="nobody")),
+                (grpc.StatusCode.INVALID_ARGUMENT, create_req(width=100000, height=512)),
+                (grpc.StatusCode.INVALID_ARGUMENT, create_req(width=513, height=512)),
+                (grpc.StatusCode.INVALID_ARGUMENT, create_req(fps=0)),
+                (grpc.StatusCode.INVALID_ARGUMENT, create_req(fps=240)),
+                (grpc.StatusCode.INVALID_ARGUMENT, create_req(file_path="../../etc/passwd.mp4")),
+                (grpc.StatusCode.INVALID_ARGUMENT, create_req(file_path="/abs/x.mp4")),
+                (grpc.StatusCode.INVALID_ARGUMENT, create_req(file_path="x.exe")),
+                (grpc.StatusCode.INVALID_ARGUMENT, create_req(file_path="", rtmp_url="http://x/y")),
+                (grpc.StatusCode.INVALID_ARGUMENT, create_req(seconds=-1.0)),
+                (grpc.StatusCode.INVALID_ARGUMENT, create_req(room_id="bad room/id")),
+                (grpc.StatusCode.INVALID_ARGUMENT, create_req(drive=types_pb2.DRIVE_MODE_MOCAP,
+                                                              script=[types_pb2.ScriptSegment(text="hi")])),
+            ]
+            for code, req in cases:
+                details = await expect_status(code, stub.CreateSession(req))
+                assert details  # every refusal says why
+            assert "nobody" in await expect_status(grpc.StatusCode.NOT_FOUND,
+                                                   stub.CreateSession(create_req(avatar="nobody")))
+            listed = await stub.ListSessions(sessions_pb2.ListSessionsRequest())
+            assert list(listed.sessions) == []
+            await expect_status(grpc.StatusCode.NOT_FOUND,
+                                stub.GetSession(sessions_pb2.GetSessionRequest(session_id="missing")))
+            await expect_status(grpc.StatusCode.NOT_FOUND,
+                                stub.EndSession(sessions_pb2.EndSessionRequest(session_id="missing")))
+
+    run(body)
+
+
+def test_retries_are_idempotent_and_rooms_are_unique(tmp_path: Path, model_dir: Path) -> None:
+    async def body() -> None:
+        async with scheduler(tmp_path, model_dir) as (_, stub, _ch):
+            a = await stub.CreateSession(create_req("r1", request_id="req-1"))
+            b = await stub.CreateSession(create_req("r1", request_id="req-1"))
+            assert a.session_id == b.session_id
+            assert a.state == types_pb2.SESSION_STATE_PENDING
+            assert "no worker" in a.reason
+            # Same key, different request: refused, not silently merged.
+            await expect_status(grpc.StatusCode.ALREADY_EXISTS,
+                                stub.CreateSession(create_req("r1", request_id="req-1", fps=30)))
+            # The same room cannot stream twice.
+            await expect_status(grpc.StatusCode.ALREADY_EXISTS,
+                                stub.CreateSession(create_req("r1", request_id="req-2")))
+            ended = await stub.EndSession(sessions_pb2.EndSessionRequest(session_id=a.session_id))
+            again = await stub.EndSession(sessions_pb2.EndSessionRequest(session_id=a.session_id))
+            assert ended.state == again.state == types_pb2.SESSION_STATE_ENDED
+            assert ended.updated_at == again.updated_at
+            # Once ended, the room id is free again.
+            c = await stub.CreateSession(create_req("r1", request_id="req-3"))
+            assert c.session_id != a.session_id
+
+    run(body)
+
+
+def test_list_pages_and_filters(tmp_path: Path, model_dir: Path) -> None:
+    async def body() -> None:
+        async with scheduler(tmp_path, model_dir) as (_, stub, _ch):
+            ids = [(await stub.CreateSession(create_req(f"r{i}"))).session_id for i in range(5)]
+            await stub.EndSession(sessions_pb2.EndSessionRequest(session_id=ids[0]))
+            seen: list[str] = []
+            token = ""
+            while True:
+                page = await stub.ListSessions(sessions_pb2.ListSessionsRequest(page_size=2, page_token=token))
+                seen += [s.session_id for s in page.sessions]
+                token = page.next_page_token
+                if not token:
+                    break
+            assert seen == ids
+            pending = await stub.ListSessions(sessions_pb2.ListSessionsRequest(
+                states=[types_pb2.SESSION_STATE_PENDING]))
+            assert [s.session_id for s in pending.sessions] == ids[1:]
+            other = await stub.ListSessions(sessions_pb2.ListSessionsRequest(tenant="someone-else"))
+            assert list(other.sessions) == []
+            await expect_status(grpc.StatusCode.INVALID_ARGUMENT, stub.ListSessions(
+                sessions_pb2.ListSessionsRequest(page_token="garbage")))
+
+    run(body)
+
+
+def test_sessions_survive_a_scheduler_restart(tmp_path: Path, model_dir: Path) -> None:
+    async def body() -> None:
+        async with scheduler(tmp_path, model_dir) as (_, stub, _ch):
+            created = await stub.CreateSession(create_req("r1", request_id="req-1"))
+        async with scheduler(tmp_path, model_dir) as (_, stub, _ch):
+            got = await stub.GetSession(sessions_pb2.GetSessionRequest(session_id=created.session_id))
+            assert got.spec == created.spec
+            assert got.state == types_pb2.SESSION_STATE_PENDING
+            retried = await stub.CreateSession(create_req("r1", request_id="req-1"))
+            assert retried.session_id == created.session_id
+
+    run(body)
+
+
+def test_health_is_served(tmp_path: Path, model_dir: Path) -> None:
+    async def body() -> None:
+        async with scheduler(tmp_path, model_dir) as (_, _stub, ch):
+            h = health_pb2_grpc.HealthStub(ch)
+            for service in ("", "avatarfarm.v1.SessionService", "avatarfarm.v1.WorkerService"):
+                r = await h.Check(health_pb2.HealthCheckRequest(service=service))
+                assert r.status == health_pb2.HealthCheckResponse.SERVING
+
+    run(body)
+
+
+def test_rooms_flow_through_a_worker_and_are_billed(tmp_path: Path, model_dir: Path) -> None:
+    async def body() -> None:
+        async with scheduler(tmp_path, model_dir, device_prices={"cpu": 3.6}) as (running, stub, ch):
+            s = await stub.CreateSession(create_req("r1", tier=types_pb2.TIER_PREMIUM))
+            states: list[int] = []
+            watching = asyncio.Event()
+
+            async def watch() -> None:
+                async for ev in stub.WatchSession(sessions_pb2.WatchSessionRequest(session_id=s.session_id)):
+                    states.append(ev.session.state)
+                    watching.set()
+
+            watcher = asyncio.create_task(watch())
+            await asyncio.wait_for(watching.wait(), 10)
+            worker = ProtocolWorker(ch, "w1")
+            assign = await worker.next("assign")
+            assert assign.assign.session_id == s.session_id
+            assert assign.assign.spec.room_id == "r1"
+            placed = await stub.GetSession(sessions_pb2.GetSessionRequest(session_id=s.session_id))
+            assert placed.state == types_pb2.SESSION_STATE_PLACED
+            assert placed.worker_id == "w1" and placed.input_endpoint == "127.0.0.1:1"
+            worker.report(s.session_id, types_pb2.SESSION_STATE_RUNNING, frames=25, device=0.25)
+            worker.report(s.session_id, types_pb2.SESSION_STATE_ENDED, frames=50, device=0.5,
+                          reason="reached max duration")
+            await asyncio.wait_for(watcher, 10)
+            assert states == [types_pb2.SESSION_STATE_PENDING, types_pb2.SESSION_STATE_PLACED,
+                              types_pb2.SESSION_STATE_RUNNING, types_pb2.SESSION_STATE_ENDED]
+            final = await stub.GetSession(sessions_pb2.GetSessionRequest(session_id=s.session_id))
+            assert final.progress.frames_rendered == 50
+            text = urllib.request.urlopen(
+                f"http://127.0.0.1:{running.metrics_port}/metrics").read().decode()
+            # 0.5 device-seconds over 2 stream-seconds at 3.6/h -> 0.9 per stream-hour.
+            assert 'avatarfarm_cost_per_stream_hour{tier="premium"} 0.9' in text
+            assert 'avatarfarm_stream_seconds_total{device_type="cpu",tier="premium"} 2.0' in text
+            assert 'avatarfarm_sessions{state="ended",tier="premium"} 1.0' in text
+            assert "avatarfarm_workers{device_type=\"cpu\"} 1.0" in text
+            await worker.close()
+
+    run(body)
+
+
+def test_a_room_that_fits_nowhere_waits_then_is_placed(tmp_path: Path, model_dir: Path) -> None:
+    async def body() -> None:
+        async with scheduler(tmp_path, model_dir) as (_, stub, ch):
+            # ~0.5 of the worker per 512x512@25 room: one fits under the 0.9 target, two do not.
+            worker = ProtocolWorker(ch, "w1", render_seconds=0.018)
+            a = await stub.CreateSession(create_req("a", drive=types_pb2.DRIVE_MODE_VOICE))
+            first = await worker.next("assign")
+            assert first.assign.session_id == a.session_id
+            b = await stub.CreateSession(create_req("b", drive=types_pb2.DRIVE_MODE_VOICE))
+            waiting = await client.wait_for(stub, b.session_id, lambda s: "needs" in s.reason, 10)
+            assert waiting.state == types_pb2.SESSION_STATE_PENDING
+            assert "most free" in waiting.reason
+            worker.report(a.session_id, types_pb2.SESSION_STATE_ENDED, frames=50)
+            second = await worker.next("assign")
+            assert second.assign.session_id == b.session_id
+            await worker.close()
+
+    run(body)
+
+
+def test_scripts_reach_the_worker_and_wrong_inputs_are_refused(tmp_path: Path, model_dir: Path) -> None:
+    async def body() -> None:
+        async with scheduler(tmp_path, model_dir) as (_, stub, ch):
+            worker = ProtocolWorker(ch, "w1")
+            text = await stub.CreateSession(create_req("t", script=[types_pb2.ScriptSegment(text="hi")]))
+            assign = await worker.next("assign")
+            assert [s.text for s in assign.assign.spec.script] == ["hi"]
+            r = await stub.AppendScript(sessions_pb2.AppendScriptRequest(
+                session_id=text.session_id, segments=[types_pb2.ScriptSegment(text="more", pause_after_seconds=1)]))
+            assert r.queued_segments == 1
+            forwarded = await worker.next("script")
+            assert forwarded.script.segments[0].text == "more"
+            mocap = await stub.CreateSession(create_req("m", drive=types_pb2.DRIVE_MODE_MOCAP))
+            await expect_status(grpc.StatusCode.FAILED_PRECONDITION, stub.AppendScript(
+                sessions_pb2.AppendScriptRequest(session_id=mocap.session_id,
+                                                 segments=[types_pb2.ScriptSegment(text="hi")])))
+            await expect_status(grpc.StatusCode.INVALID_ARGUMENT, stub.AppendScript(
+                sessions_pb2.AppendScriptRequest(session_id=text.session_id,
+                                                 segments=[types_pb2.ScriptSegment(text="a\x07b")])))
+            await expect_status(grpc.StatusCode.NOT_FOUND, stub.AppendScript(
+                sessions_pb2.AppendScriptRequest(session_id="nope", segments=[types_pb2.ScriptSegment(text="x")])))
+            await worker.close()
+
+    run(body)
+
+
+def test_a_lost_worker_puts_its_rooms_back_in_the_queue(tmp_path: Path, model_dir: Path) -> None:
+    async def body() -> None:
+        async with scheduler(tmp_path, model_dir) as (_, stub, ch):
+            w1 = ProtocolWorker(ch, "w1")
+            s = await stub.CreateSession(create_req("r"))
+            await w1.next("assign")
+            await w1.close()
+            back = await client.wait_for(stub, s.session_id,
+                                         lambda x: x.state == types_pb2.SESSION_STATE_PENDING, 10)
+            assert back.worker_id == "" and back.input_endpoint == ""
+            w2 = ProtocolWorker(ch, "w2")
+            again = await w2.next("assign")
+            assert again.assign.session_id == s.session_id
+            await w2.close()
+
+    run(body)
