@@ -1,0 +1,73 @@
+"""Reading rendered streams back for assertions: container facts and how much
+the avatar's mouth moves over time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+
+from workers.models.template import TEMPLATE
+
+
+@dataclass(frozen=True)
+class StreamFacts:
+    video_codec: str
+    width: int
+    height: int
+    fps: float
+    frames: int
+    audio_codec: str
+    audio_rate: int
+    duration: float
+    audio_rms: float
+
+
+def probe(path: Path | str) -> StreamFacts:
+    with av.open(str(path)) as c:
+        v = c.streams.video[0]
+        a = c.streams.audio[0]
+        video = (v.codec_context.name, v.codec_context.width, v.codec_context.height,
+                 float(v.base_rate or v.guessed_rate or v.average_rate or 0))
+        audio = (a.codec_context.name, a.codec_context.sample_rate)
+        frames = sum(1 for _ in c.decode(video=0))
+    with av.open(str(path)) as c:
+        samples = np.concatenate([f.to_ndarray().ravel() for f in c.decode(audio=0)])
+    rms = float(np.sqrt(np.mean(samples.astype(np.float64) ** 2))) if samples.size else 0.0
+    return StreamFacts(video[0], video[1], video[2], video[3], frames, audio[0], audio[1],
+                       frames / video[3] if video[3] else 0.0, rms)
+
+
+def mouth_motion(path: Path | str) -> np.ndarray:
+    """Per frame, the mean absolute change of the mouth region from the previous frame."""
+    with av.open(str(path)) as c:
+        regions = []
+        for f in c.decode(video=0):
+            img = f.to_ndarray(format="rgb24").astype(np.float32)
+            h, w = img.shape[:2]
+            side = min(h, w)
+            y0, x0 = (h - side) // 2, (w - side) // 2
+            mx, my = TEMPLATE.mouth_center
+            r = img[y0 + int((my - 0.04) * side):y0 + int((my + 0.08) * side),
+                    x0 + int((mx - 0.08) * side):x0 + int((mx + 0.08) * side)]
+            regions.append(r)
+    stack = np.stack(regions)
+    return np.concatenate([[0.0], np.abs(np.diff(stack, axis=0)).mean(axis=(1, 2, 3))])
+
+
+def mouth_openness(path: Path | str) -> np.ndarray:
+    """Per frame, how dark the mouth cavity is (higher = more open)."""
+    with av.open(str(path)) as c:
+        out = []
+        for f in c.decode(video=0):
+            img = f.to_ndarray(format="rgb24").astype(np.float32)
+            h, w = img.shape[:2]
+            side = min(h, w)
+            y0, x0 = (h - side) // 2, (w - side) // 2
+            mx, my = TEMPLATE.mouth_center
+            r = img[y0 + int((my + 0.01) * side):y0 + int((my + 0.04) * side),
+                    x0 + int((mx - 0.03) * side):x0 + int((mx + 0.03) * side)]
+            out.append(255.0 - r.mean())
+    return np.array(out)

@@ -1,0 +1,191 @@
+"""End to end in one process: a real scheduler and a real worker on free ports,
+driven by a tenant client; outputs read back with PyAV."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from avatarfarm import client
+from avatarfarm.v1 import live_input_pb2, live_input_pb2_grpc, sessions_pb2, sessions_pb2_grpc, types_pb2
+from scheduler.config import SchedulerConfig
+from scheduler.server import start as start_scheduler
+from tests.media import mouth_motion, mouth_openness, probe
+from workers.audio import SAMPLE_RATE
+from workers.config import WorkerConfig
+from workers.inference import ProviderChoice
+from workers.room import Pacing
+from workers.server import RunningWorker
+from workers.server import start as start_worker
+from workers.tts import EspeakTTS
+
+SPEECH = "Hello and welcome! Today every pair of running shoes is half price."
+
+
+@contextlib.asynccontextmanager
+async def farm(tmp_path: Path, model_dir: Path, **worker_kw: Any) -> AsyncIterator[
+        tuple[sessions_pb2_grpc.SessionServiceStub, RunningWorker]]:
+    sched = await start_scheduler(SchedulerConfig(
+        listen="127.0.0.1:0", metrics_port=0, database=tmp_path / "state.db",
+        avatar_dir=model_dir / "avatars", overcommit=20.0))
+    conf = WorkerConfig(scheduler=f"127.0.0.1:{sched.port}", listen="127.0.0.1:0", worker_id="w1",
+                        model_dir=model_dir, output_dir=tmp_path / "out", provider=ProviderChoice.CPU,
+                        pacing=Pacing.FAST, profile_render_sides="256", profile_encode_sizes="256x256",
+                        profile_iterations=1, metrics_port=0, **worker_kw)
+    worker = await start_worker(conf)
+    await asyncio.wait_for(worker.agent.connected.wait(), 30)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{sched.port}")
+    try:
+        yield sessions_pb2_grpc.SessionServiceStub(channel), worker
+    finally:
+        await channel.close()
+        await worker.stop(grace=0.1)
+        await sched.stop(grace=0.1)
+
+
+def run(coro: Any) -> None:
+    asyncio.run(asyncio.wait_for(coro, 240))
+
+
+def ended(s: types_pb2.Session) -> bool:
+    return s.state in client.TERMINAL
+
+
+def test_a_text_room_renders_speech_and_idle_to_a_playable_file(tmp_path: Path, model_dir: Path) -> None:
+    async def body() -> None:
+        async with farm(tmp_path, model_dir) as (stub, worker):
+            s = await stub.CreateSession(sessions_pb2.CreateSessionRequest(spec=client.spec(
+                "vendor", "room-1", width=320, height=256, fps=25, file_path="rooms/room-1.mp4",
+                seconds=6.0, script=[types_pb2.ScriptSegment(text=SPEECH)])))
+            assert s.state == types_pb2.SESSION_STATE_PLACED and s.worker_id == "w1"
+            done = await client.wait_for(stub, s.session_id, ended, 120)
+            assert done.state == types_pb2.SESSION_STATE_ENDED, done.reason
+            assert done.provider == "CPUExecutionProvider"
+            assert done.progress.frames_rendered == 150
+            assert done.progress.stream_seconds == pytest.approx(6.0)
+            assert done.progress.device_seconds > 0
+            assert set(done.progress.stage_seconds) == {"tts", "audio_to_motion", "render", "encode"}
+            out = tmp_path / "out" / "rooms" / "room-1.mp4"
+            f = probe(out)
+            assert (f.video_codec, f.width, f.height, f.frames) == ("h264", 320, 256, 150)
+            assert f.fps == pytest.approx(25.0)
+            assert f.audio_codec == "aac" and f.audio_rms > 0.01
+            assert f.duration == pytest.approx(6.0, abs=0.1)
+            # The speech lasts ~3.5 s; the last 1.5 s are idle. Lips move with the voice.
+            speech_s = EspeakTTS().synthesize(SPEECH).size / SAMPLE_RATE
+            assert 2.0 < speech_s < 4.4
+            motion = mouth_motion(out)
+            during = motion[5:int(speech_s * 25) - 5].mean()
+            after = motion[int(speech_s * 25) + 10:].mean()
+            assert during > 3 * after, (during, after)
+            openness = mouth_openness(out)
+            assert openness[5:int(speech_s * 25) - 5].mean() > openness[int(speech_s * 25) + 10:].mean() + 5
+
+    run(body())
+
+
+def test_live_voice_and_mocap_inputs_drive_their_rooms(tmp_path: Path, model_dir: Path) -> None:
+    async def body() -> None:
+        async with farm(tmp_path, model_dir) as (stub, worker):
+            voice = await stub.CreateSession(sessions_pb2.CreateSessionRequest(spec=client.spec(
+                "vendor", "voice", drive=types_pb2.DRIVE_MODE_VOICE, width=256, height=256,
+                file_path="voice.mp4", seconds=4.0)))
+            mocap = await stub.CreateSession(sessions_pb2.CreateSessionRequest(spec=client.spec(
+                "vendor", "mocap", drive=types_pb2.DRIVE_MODE_MOCAP, width=256, height=256,
+                file_path="mocap.mp4", seconds=4.0)))
+            # Live inputs go to the worker named in the session, not through the scheduler.
+            assert voice.input_endpoint == f"127.0.0.1:{worker.port}"
+            speech = EspeakTTS().synthesize(SPEECH)[: int(2.0 * SAMPLE_RATE)]
+            jaw = np.zeros((100, 8), np.float32)
+            jaw[:50, 0] = np.tile([0.0, 0.0, 1.0, 1.0, 1.0], 10)  # open-close during 2 s, then closed
+            pushed = await asyncio.gather(
+                client.push_audio(voice.input_endpoint, voice.session_id, speech, SAMPLE_RATE),
+                client.push_motion(mocap.input_endpoint, mocap.session_id, jaw, 25))
+            assert pushed[0].accepted == 20 and pushed[1].accepted == 100
+            for s in (voice, mocap):
+                done = await client.wait_for(stub, s.session_id, ended, 120)
+                assert done.state == types_pb2.SESSION_STATE_ENDED, done.reason
+            v = mouth_motion(tmp_path / "out" / "voice.mp4")
+            assert v[5:45].mean() > 3 * v[60:].mean()
+            assert probe(tmp_path / "out" / "voice.mp4").audio_rms > 0.01
+            m = mouth_openness(tmp_path / "out" / "mocap.mp4")
+            opened = m[:50][jaw[:50, 0] > 0.5].mean()
+            closed = m[:50][jaw[:50, 0] < 0.5].mean()
+            assert opened > closed + 10
+            # Mocap rooms skip audio-to-motion, so they cost less.
+            voice_done = await stub.GetSession(sessions_pb2.GetSessionRequest(session_id=voice.session_id))
+            mocap_done = await stub.GetSession(sessions_pb2.GetSessionRequest(session_id=mocap.session_id))
+            assert mocap_done.progress.stage_seconds["audio_to_motion"] == 0.0
+            assert voice_done.progress.stage_seconds["audio_to_motion"] > 0.0
+
+    run(body())
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_an_unreachable_rtmp_room_fails_clearly_and_others_keep_streaming(tmp_path: Path, model_dir: Path) -> None:
+    async def body() -> None:
+        async with farm(tmp_path, model_dir) as (stub, _worker):
+            bad = await stub.CreateSession(sessions_pb2.CreateSessionRequest(spec=client.spec(
+                "vendor", "bad", width=256, height=256, seconds=3.0,
+                rtmp_url=f"rtmp://127.0.0.1:{_closed_port()}/live/bad")))
+            good = await stub.CreateSession(sessions_pb2.CreateSessionRequest(spec=client.spec(
+                "vendor", "good", width=256, height=256, seconds=3.0, file_path="good.mp4")))
+            failed = await client.wait_for(stub, bad.session_id, ended, 60)
+            assert failed.state == types_pb2.SESSION_STATE_FAILED
+            assert "rtmp://127.0.0.1" in failed.reason and "failed" in failed.reason
+            ok = await client.wait_for(stub, good.session_id, ended, 60)
+            assert ok.state == types_pb2.SESSION_STATE_ENDED
+            assert probe(tmp_path / "out" / "good.mp4").frames == 75
+
+    run(body())
+
+
+def test_worker_live_input_refuses_wrong_inputs(tmp_path: Path, model_dir: Path) -> None:
+    async def body() -> None:
+        async with farm(tmp_path, model_dir) as (stub, worker):
+            text = await stub.CreateSession(sessions_pb2.CreateSessionRequest(spec=client.spec(
+                "vendor", "text", width=256, height=256, seconds=0.0, file_path="t.mp4")))
+            async with grpc.aio.insecure_channel(text.input_endpoint) as ch:
+                live = live_input_pb2_grpc.LiveInputServiceStub(ch)
+
+                async def one(msg: Any) -> Any:
+                    yield msg
+
+                cases = [
+                    (grpc.StatusCode.FAILED_PRECONDITION, live.PushAudio(one(live_input_pb2.AudioChunk(
+                        session_id=text.session_id, sample_rate=16000, pcm_s16le=b"\0\0")))),
+                    (grpc.StatusCode.FAILED_PRECONDITION, live.PushMotion(one(live_input_pb2.MotionFrame(
+                        session_id=text.session_id, coefficients=[0.0] * 8)))),
+                    (grpc.StatusCode.NOT_FOUND, live.PushAudio(one(live_input_pb2.AudioChunk(
+                        session_id="nope", sample_rate=16000, pcm_s16le=b"\0\0")))),
+                ]
+                for code, call in cases:
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await call
+                    assert err.value.code() == code
+                health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+                assert health.status == health_pb2.HealthCheckResponse.SERVING
+            # A room without a duration streams until it is ended, then closes its output.
+            await stub.EndSession(sessions_pb2.EndSessionRequest(session_id=text.session_id))
+            for _ in range(200):
+                if worker.agent.room(text.session_id) is None:
+                    break
+                await asyncio.sleep(0.05)
+            assert worker.agent.room(text.session_id) is None
+            assert probe(tmp_path / "out" / "t.mp4").video_codec == "h264"
+
+    run(body())
