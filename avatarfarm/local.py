@@ -97,6 +97,7 @@ class LocalFarm:
     pacing: str = "fast"
     worker_threads: int = 1
     overcommit: float = 1.0
+    scheduler_port: int = 0  # 0: any free port (fix it to restart the scheduler in place)
     scheduler_args: list[str] = field(default_factory=list)
     worker_args: list[str] = field(default_factory=list)
     scheduler: ManagedProcess | None = None
@@ -117,7 +118,7 @@ class LocalFarm:
 
     def start_scheduler(self, timeout: float = 60.0) -> ManagedProcess:
         self.scheduler = ManagedProcess("scheduler", [
-            "scheduler", "--listen", "127.0.0.1:0", "--metrics-port", "-1",
+            "scheduler", "--listen", f"127.0.0.1:{self.scheduler_port}", "--metrics-port", "-1",
             "--database", str(self.home / "state" / "scheduler.db"),
             "--avatar-dir", str(self.model_dir / "avatars"),
             "--overcommit", str(self.overcommit), *self.scheduler_args,

@@ -89,6 +89,7 @@ class Scheduler:
         self._watchers: dict[str, set[asyncio.Queue[Session]]] = collections.defaultdict(set)
         self._wake = asyncio.Event()
         self._started_at = clock()
+        self._stopping = False
         self._seq = 0
         for s in store.load_sessions():
             self.sessions[s.session_id] = s
@@ -255,7 +256,15 @@ class Scheduler:
         if s.state.terminal:
             self.kick()
 
+    def shutting_down(self) -> None:
+        """From now on a closing worker stream is this scheduler leaving, not the worker
+        failing: its rooms keep their placement for when the scheduler is back."""
+        self._stopping = True
+
     def worker_disconnected(self, conn: WorkerConn, why: str) -> None:
+        if self._stopping:
+            self.workers.pop(conn.worker_id, None)
+            return
         if self.workers.get(conn.worker_id) is conn:
             self._drop_worker(conn, why)
 

@@ -36,6 +36,7 @@ class RunningScheduler:
     _metrics_server: object = None
 
     async def stop(self, grace: float = 2.0) -> None:
+        self.core.shutting_down()
         for name in ("", *SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
