@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import json
 import os
 import tomllib
@@ -37,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
     parser.add_argument("--config", type=Path, default=None,
                         help="TOML file with any of the options below (flags override it)")
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         shown = json.dumps(default) if isinstance(default, dict) else default
         parser.add_argument(_flag(f.name), dest=f.name, default=None, metavar="VALUE",
                             help=f"{f.metadata.get('help', '')} (default: {shown})")
@@ -70,11 +71,11 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
             value = json.loads(value)
         _, vt = typing.get_args(tp)
         return {str(k): _coerce(vt, v, name) for k, v in dict(value).items()}
-    if isinstance(tp, type) and issubclass(tp, __import__("enum").Enum):
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
         try:
             return tp(value)
         except ValueError as e:
-            choices = ", ".join(m.value for m in tp)
+            choices = ", ".join(str(m.value) for m in list(tp))
             raise ValueError(f"{name}: {value!r} is not one of {choices}") from e
     return value
 

@@ -114,11 +114,11 @@ def spec_to_pb(spec: SessionSpec) -> types_pb2.SessionSpec:
         script=segments_to_pb(spec.script))
 
 
-def state_to_pb(state: SessionState) -> int:
+def state_to_pb(state: SessionState) -> types_pb2.SessionState:
     return _STATE_PB[state]
 
 
-def stage_to_pb(stage: Stage) -> int:
+def stage_to_pb(stage: Stage) -> workers_pb2.Stage:
     return _STAGE_PB[stage]
 
 

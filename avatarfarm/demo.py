@@ -53,9 +53,9 @@ PLANS = [
     RoomPlan("vertical-live", types_pb2.DRIVE_MODE_TEXT, types_pb2.TIER_STANDARD, 432, 768),
 ]
 
-_MODE = {types_pb2.DRIVE_MODE_TEXT: "text", types_pb2.DRIVE_MODE_VOICE: "voice",
+_MODE: dict[int, str] = {types_pb2.DRIVE_MODE_TEXT: "text", types_pb2.DRIVE_MODE_VOICE: "voice",
          types_pb2.DRIVE_MODE_MOCAP: "mocap"}
-_TIER = {types_pb2.TIER_PREMIUM: "premium", types_pb2.TIER_STANDARD: "standard",
+_TIER: dict[int, str] = {types_pb2.TIER_PREMIUM: "premium", types_pb2.TIER_STANDARD: "standard",
          types_pb2.TIER_BEST_EFFORT: "best_effort"}
 
 

@@ -38,7 +38,7 @@ class ManagedProcess:
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "w")  # noqa: SIM115 - owned by the process lifetime
+        log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "avatarfarm.cli", *self.args], stdout=subprocess.PIPE,
             stderr=log, text=True, env=self.env, start_new_session=True)

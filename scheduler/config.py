@@ -28,9 +28,3 @@ class SchedulerConfig:
 
     def price(self, device_type: str) -> float:
         return self.device_prices.get(device_type, self.default_price_per_hour)
-
-    @staticmethod
-    def under(home: Path, **kw: object) -> SchedulerConfig:
-        """Defaults rooted at another state folder (the demo and tests use this)."""
-        return SchedulerConfig(database=home / "state" / "scheduler.db",  # type: ignore[arg-type]
-                               avatar_dir=home / "models" / "avatars", **kw)

@@ -136,7 +136,7 @@ class Scheduler:
             raise NotFound(f"session {session_id!r} not found")
         return s
 
-    def list(self, tenant: str = "", states: frozenset[SessionState] = frozenset(),
+    def list_sessions(self, tenant: str = "", states: frozenset[SessionState] = frozenset(),
              page_size: int = 0, after_seq: int = 0) -> tuple[list[Session], int]:
         size = page_size or self.config.list_page_size
         rows = [s for s in sorted(self.sessions.values(), key=lambda s: s.seq)

@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
+import typing
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -46,7 +49,7 @@ class RunningScheduler:
         except asyncio.CancelledError:
             pass
         if self._metrics_server is not None:
-            server, thread = self._metrics_server  # type: ignore[misc]
+            server, thread = typing.cast(tuple[Any, threading.Thread], self._metrics_server)
             server.shutdown()
             thread.join(2)
         self.core.store.close()

@@ -78,7 +78,7 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
                 raise InvalidRequest("page_token is not one this server issued") from e
             if request.page_size > 1000:
                 raise InvalidRequest("page_size must be at most 1000")
-            return self.core.list(request.tenant, states, request.page_size, after)
+            return self.core.list_sessions(request.tenant, states, request.page_size, after)
 
         page, next_seq = await _guard(context, list_)
         return sessions_pb2.ListSessionsResponse(

@@ -62,7 +62,7 @@ def ended(s: types_pb2.Session) -> bool:
 
 def test_a_text_room_renders_speech_and_idle_to_a_playable_file(tmp_path: Path, model_dir: Path) -> None:
     async def body() -> None:
-        async with farm(tmp_path, model_dir) as (stub, worker):
+        async with farm(tmp_path, model_dir) as (stub, _worker):
             s = await stub.CreateSession(sessions_pb2.CreateSessionRequest(spec=client.spec(
                 "vendor", "room-1", width=320, height=256, fps=25, file_path="rooms/room-1.mp4",
                 seconds=6.0, script=[types_pb2.ScriptSegment(text=SPEECH)])))

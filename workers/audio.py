@@ -77,7 +77,7 @@ def resample(x: np.ndarray, src_rate: int, dst_rate: int = SAMPLE_RATE) -> np.nd
     """Linear-interpolation resampling; enough for speech features and monitoring."""
     if src_rate == dst_rate or x.size == 0:
         return x.astype(np.float32)
-    n_out = int(round(x.size * dst_rate / src_rate))
+    n_out = round(x.size * dst_rate / src_rate)
     t_out = np.arange(n_out) * (src_rate / dst_rate)
     return np.interp(t_out, np.arange(x.size), x).astype(np.float32)
 

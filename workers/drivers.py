@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Awaitable, Callable
+
 import numpy as np
 
 from avatarfarm.domain import ScriptSegment
@@ -43,7 +44,7 @@ class ScriptPlayer:
             speech, dt = await self._synthesize(seg.text)
             self.tts_seconds += dt
             self.segments_spoken += 1
-            pause = np.zeros(int(round(seg.pause_after_seconds * SAMPLE_RATE)), np.float32)
+            pause = np.zeros(round(seg.pause_after_seconds * SAMPLE_RATE), np.float32)
             if self._audio.size == 0:
                 self._speech_left = speech.size
             self._audio = np.concatenate([self._audio, speech, pause])

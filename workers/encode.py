@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+import typing
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -108,7 +109,7 @@ class StreamEncoder:
         v = self._container.add_stream(s.codec, rate=self.fps)
         v.width, v.height, v.pix_fmt = self.width, self.height, "yuv420p"
         v.time_base = Fraction(1, self.fps)
-        v.codec_context.gop_size = max(1, int(round(s.gop_seconds * self.fps)))
+        v.codec_context.gop_size = max(1, round(s.gop_seconds * self.fps))
         if s.codec == "libx264":
             v.codec_context.options = {"preset": s.preset, "tune": "zerolatency", "crf": str(s.crf)}
         self._video = v
@@ -174,7 +175,7 @@ class EncoderThread:
     def _run(self) -> None:
         try:
             self.encoder.open()
-        except Exception as e:  # surfaced to the room as a failure reason
+        except Exception as e:  # noqa: BLE001 - any failure becomes the room's failure reason
             self.error = e
             self._drain()
             return
@@ -187,18 +188,18 @@ class EncoderThread:
                     break
                 if self.error is not None:
                     continue
-                rgb, audio = item  # type: ignore[misc]
+                rgb, audio = typing.cast(tuple[np.ndarray, np.ndarray], item)
                 t0 = time.thread_time()
                 self.encoder.encode(rgb, audio)
                 self.encode_seconds += time.thread_time() - t0
                 self.frames_encoded += 1
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - reported through self.error
             self.error = e
             self._drain()
         finally:
             try:
                 self.encoder.close()
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - reported through self.error
                 if self.error is None:
                     self.error = e
 

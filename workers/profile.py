@@ -6,6 +6,7 @@ carries more rooms without anyone configuring a slot count.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -62,7 +63,7 @@ def measure(pipeline: Pipeline, render_sides: list[int], encode_sizes: list[tupl
     for side in render_sides:
         avatar = pipeline.avatar_tensor_sync(avatar_id, side)
         motion = rng.uniform(-0.3, 0.6, MOTION_DIM).astype(np.float32)
-        seconds = _timed(lambda: pipeline.render_sync(avatar, motion), iterations)
+        seconds = _timed(functools.partial(pipeline.render_sync, avatar, motion), iterations)
         out.append(LatencyProfile(Stage.RENDER, pipeline.renderer_model.name, side, side,
                                   ((1, seconds),)))
         sample_frame = pipeline.render_sync(avatar, motion).value

@@ -8,7 +8,10 @@ import logging
 import os
 import signal
 import socket
+import threading
+import typing
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -52,7 +55,7 @@ class RunningWorker:
             pass
         await self.server.stop(grace)
         if self._metrics_server is not None:
-            server, thread = self._metrics_server  # type: ignore[misc]
+            server, thread = typing.cast(tuple[Any, threading.Thread], self._metrics_server)
             server.shutdown()
             thread.join(2)
         self.pipeline.close()
@@ -62,7 +65,7 @@ async def _drain(agent: WorkerAgent, timeout: float = 2.0) -> None:
     # Polls with a deadline: the stream consumes the outbox at its own pace.
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while agent.outbox_pending() and loop.time() < deadline:
+    while agent.outbox_pending() and loop.time() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.02)
 
 

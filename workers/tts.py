@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from typing import ClassVar
 
 import numpy as np
 
@@ -31,11 +32,12 @@ class TTSError(RuntimeError):
 class EspeakTTS:
     """Synthesises text to float32 mono audio at the pipeline's SAMPLE_RATE."""
 
-    _lock = threading.Lock()
-    _lib: ctypes.CDLL | None = None
-    _native_rate = 0
-    _chunks: list[np.ndarray] = []
-    _callback_ref: object = None
+    # espeak-ng is a per-process singleton, so its handle and buffers are class state.
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+    _lib: ClassVar[ctypes.CDLL | None] = None
+    _native_rate: ClassVar[int] = 0
+    _chunks: ClassVar[list[np.ndarray]] = []
+    _callback_ref: ClassVar[object] = None
 
     def __init__(self, voice: str = "en", words_per_minute: int = 165) -> None:
         self.voice = voice

@@ -2,12 +2,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from avatarfarm.domain import Progress, ScriptSegment, SessionState
 from scheduler.state import InvalidTransition, Session
 from scheduler.store import SqliteStore
 from tests.builders import make_spec
-
-import pytest
 
 
 def make_session(sid: str = "s1", seq: int = 1, request_id: str = "") -> Session:
