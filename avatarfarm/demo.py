@@ -145,7 +145,7 @@ def _summary(opts: DemoOptions, farm: LocalFarm, sessions: list[types_pb2.Sessio
              wall: float) -> int:
     print("\nsummary")
     print(f"  {'room':<15} {'mode':<5} {'tier':<11} {'quality':<12} {'worker':<9} {'state':<6} "
-          f"{'frames':>6} {'late':>5} {'video s':>7}  output")
+          f"{'frames':>6} {'late':>5} {'video s':>7} {'device s/s':>10}  output")
     failed = 0
     for s in sessions:
         q = s.spec.quality
@@ -154,7 +154,8 @@ def _summary(opts: DemoOptions, farm: LocalFarm, sessions: list[types_pb2.Sessio
         print(f"  {s.spec.room_id:<15} {_MODE[s.spec.drive_mode]:<5} {_TIER[s.spec.tier]:<11} "
               f"{q.width}x{q.height}@{q.fps:<4} {s.worker_id:<9} {_state(s):<6} "
               f"{s.progress.frames_rendered:>6} {s.progress.late_frames:>5} "
-              f"{s.progress.stream_seconds:>7.1f}  {out}")
+              f"{s.progress.stream_seconds:>7.1f} "
+              f"{s.progress.device_seconds / max(s.progress.stream_seconds, 1e-9):>10.2f}  {out}")
         if s.state == types_pb2.SESSION_STATE_FAILED:
             print(f"    failed: {s.reason}")
     providers = sorted({s.provider for s in sessions if s.provider})
