@@ -6,15 +6,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import threading
-import typing
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import start_http_server
 
+from avatarfarm.exposition import MetricsEndpoint
 from avatarfarm.v1 import sessions_pb2_grpc, workers_pb2_grpc
 from scheduler.config import SchedulerConfig
 from scheduler.core import Scheduler
@@ -36,7 +33,7 @@ class RunningScheduler:
     metrics_port: int
     loop_task: asyncio.Task[None]
     health: health.aio.HealthServicer
-    _metrics_server: object = None
+    metrics_endpoint: MetricsEndpoint
 
     async def stop(self, grace: float = 2.0) -> None:
         self.core.shutting_down()
@@ -48,10 +45,7 @@ class RunningScheduler:
             await self.loop_task
         except asyncio.CancelledError:
             pass
-        if self._metrics_server is not None:
-            server, thread = typing.cast(tuple[Any, threading.Thread], self._metrics_server)
-            server.shutdown()
-            thread.join(2)
+        self.metrics_endpoint.stop()
         self.core.store.close()
 
 
@@ -69,19 +63,15 @@ async def start(config: SchedulerConfig) -> RunningScheduler:
     if port == 0:
         raise OSError(f"cannot listen on {config.listen}")
     await server.start()
-    metrics_server = None
-    metrics_port = 0
-    if config.metrics_port != 0:  # -1 picks a free port
-        metrics_server = start_http_server(max(config.metrics_port, 0), addr=config.metrics_host,
-                                           registry=metrics.registry)
-        metrics_port = metrics_server[0].server_port
+    endpoint = MetricsEndpoint.start(config.metrics_port, config.metrics_host, metrics.registry)
+    metrics_port = endpoint.port
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     task = asyncio.create_task(core.run(), name="placement")
     host = config.listen.rsplit(":", 1)[0]
     log.info("scheduler listening on %s:%d (metrics on %s)", host, port,
              f"{config.metrics_host}:{metrics_port}" if metrics_port else "off")
-    return RunningScheduler(core, server, port, metrics_port, task, health_servicer, metrics_server)
+    return RunningScheduler(core, server, port, metrics_port, task, health_servicer, endpoint)
 
 
 async def serve(config: SchedulerConfig) -> None:

@@ -40,34 +40,28 @@ def probe(path: Path | str) -> StreamFacts:
                        frames / video[3] if video[3] else 0.0, rms)
 
 
-def mouth_motion(path: Path | str) -> np.ndarray:
-    """Per frame, the mean absolute change of the mouth region from the previous frame."""
+def _mouth_regions(path: Path | str, top: float, bottom: float, half_width: float) -> np.ndarray:
+    """[frames, h, w, 3] crops around the template's mouth, in fractions of the portrait side
+    (the portrait is the centred square of the frame)."""
+    mx, my = TEMPLATE.mouth_center
+    crops = []
     with av.open(str(path)) as c:
-        regions = []
         for f in c.decode(video=0):
             img = f.to_ndarray(format="rgb24").astype(np.float32)
             h, w = img.shape[:2]
             side = min(h, w)
             y0, x0 = (h - side) // 2, (w - side) // 2
-            mx, my = TEMPLATE.mouth_center
-            r = img[y0 + int((my - 0.04) * side):y0 + int((my + 0.08) * side),
-                    x0 + int((mx - 0.08) * side):x0 + int((mx + 0.08) * side)]
-            regions.append(r)
-    stack = np.stack(regions)
+            crops.append(img[y0 + int((my + top) * side):y0 + int((my + bottom) * side),
+                             x0 + int((mx - half_width) * side):x0 + int((mx + half_width) * side)])
+    return np.stack(crops)
+
+
+def mouth_motion(path: Path | str) -> np.ndarray:
+    """Per frame, the mean absolute change of the mouth region from the previous frame."""
+    stack = _mouth_regions(path, -0.04, 0.08, 0.08)
     return np.concatenate([[0.0], np.abs(np.diff(stack, axis=0)).mean(axis=(1, 2, 3))])
 
 
 def mouth_openness(path: Path | str) -> np.ndarray:
     """Per frame, how dark the mouth cavity is (higher = more open)."""
-    with av.open(str(path)) as c:
-        out = []
-        for f in c.decode(video=0):
-            img = f.to_ndarray(format="rgb24").astype(np.float32)
-            h, w = img.shape[:2]
-            side = min(h, w)
-            y0, x0 = (h - side) // 2, (w - side) // 2
-            mx, my = TEMPLATE.mouth_center
-            r = img[y0 + int((my + 0.01) * side):y0 + int((my + 0.04) * side),
-                    x0 + int((mx - 0.03) * side):x0 + int((mx + 0.03) * side)]
-            out.append(255.0 - r.mean())
-    return np.array(out)
+    return 255.0 - _mouth_regions(path, 0.01, 0.04, 0.03).mean(axis=(1, 2, 3))

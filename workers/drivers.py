@@ -68,7 +68,12 @@ class LiveAudio:
         self._space.set()
         self._data = asyncio.Event()
         self.producers = 0
+        self.attached = asyncio.Event()  # set once a first producer has connected
         self.underrun_samples = 0
+
+    def attach(self) -> None:
+        self.producers += 1
+        self.attached.set()
 
     @property
     def buffered(self) -> int:
@@ -129,6 +134,11 @@ class LiveMotion:
         self._space.set()
         self._data = asyncio.Event()
         self.producers = 0
+        self.attached = asyncio.Event()  # set once a first producer has connected
+
+    def attach(self) -> None:
+        self.producers += 1
+        self.attached.set()
 
     async def push(self, coefficients: np.ndarray) -> None:
         if coefficients.shape != (MOTION_DIM,):

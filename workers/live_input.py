@@ -43,7 +43,7 @@ class LiveInputService(live_input_pb2_grpc.LiveInputServiceServicer):
                                             f"session {chunk.session_id} is text-driven; "
                                             "send script segments instead of audio")
                     room = target
-                    room.audio_in.producers += 1
+                    room.audio_in.attach()
                 elif chunk.session_id and chunk.session_id != room.session_id:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                         "one PushAudio stream carries one session")
@@ -75,7 +75,7 @@ class LiveInputService(live_input_pb2_grpc.LiveInputServiceServicer):
                                             f"session {frame.session_id} is "
                                             f"{target.spec.drive_mode.value}-driven, not mocap")
                     room = target
-                    room.motion_in.producers += 1
+                    room.motion_in.attach()
                 coefs = np.asarray(frame.coefficients, np.float32)
                 if coefs.shape != (MOTION_DIM,) or not np.all(np.isfinite(coefs)):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT,

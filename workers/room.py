@@ -62,7 +62,8 @@ class Room:
                  *, pacing: Pacing = Pacing.REALTIME, latency_budget_seconds: float = 0.5,
                  encoder: EncoderSettings = EncoderSettings(),
                  on_change: Callable[[Room], None] = lambda room: None,
-                 clock: Callable[[], float] = time.monotonic, seed: int | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, seed: int | None = None,
+                 live_input_wait: float = 10.0) -> None:
         self.session_id = session_id
         self.spec = spec
         self.target = target
@@ -72,6 +73,7 @@ class Room:
         self.encoder_settings = encoder
         self.on_change = on_change
         self.clock = clock
+        self.live_input_wait = live_input_wait
         self.state = RoomState.STARTING
         self.reason = ""
         self.stats = RoomStats()
@@ -137,6 +139,15 @@ class Room:
         enc = self._encoder
         assert enc is not None
         total = self.total_frames
+        if self.pacing is Pacing.FAST and mode is not DriveMode.TEXT:
+            # Offline rendering follows its input: wait for the live client to connect
+            # rather than race ahead through idle frames.
+            source = self.audio_in.attached if mode is DriveMode.VOICE else self.motion_in.attached
+            try:
+                await asyncio.wait_for(source.wait(), self.live_input_wait)
+            except TimeoutError:
+                log.warning("room %s: no live input after %.0fs; rendering idle", self.session_id,
+                            self.live_input_wait)
         t0 = self.clock()
         n = 0
         while self._stop_reason is None and (total is None or n < total):

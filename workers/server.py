@@ -8,15 +8,12 @@ import logging
 import os
 import signal
 import socket
-import threading
-import typing
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import start_http_server
 
+from avatarfarm.exposition import MetricsEndpoint
 from avatarfarm.v1 import live_input_pb2_grpc
 from workers.agent import WorkerAgent
 from workers.config import WorkerConfig
@@ -41,7 +38,7 @@ class RunningWorker:
     agent_task: asyncio.Task[None]
     pipeline: Pipeline
     health: health.aio.HealthServicer
-    _metrics_server: object = None
+    metrics_endpoint: MetricsEndpoint
 
     async def stop(self, grace: float = 2.0) -> None:
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -54,10 +51,7 @@ class RunningWorker:
         except asyncio.CancelledError:
             pass
         await self.server.stop(grace)
-        if self._metrics_server is not None:
-            server, thread = typing.cast(tuple[Any, threading.Thread], self._metrics_server)
-            server.shutdown()
-            thread.join(2)
+        self.metrics_endpoint.stop()
         self.pipeline.close()
 
 
@@ -95,19 +89,15 @@ async def start(config: WorkerConfig) -> RunningWorker:
                         latency_budget=config.latency_budget,
                         encoder=EncoderSettings(preset=config.encoder_preset), metrics=metrics)
     agent_ref.append(agent)
-    metrics_server = None
-    metrics_port = 0
-    if config.metrics_port != 0:
-        metrics_server = start_http_server(max(config.metrics_port, 0), addr=config.metrics_host,
-                                           registry=metrics.registry)
-        metrics_port = metrics_server[0].server_port
+    endpoint = MetricsEndpoint.start(config.metrics_port, config.metrics_host, metrics.registry)
+    metrics_port = endpoint.port
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("avatarfarm.v1.LiveInputService", health_pb2.HealthCheckResponse.SERVING)
     task = asyncio.create_task(agent.run(), name="agent")
     log.info("worker %s: live inputs on %s:%d, metrics on %s", worker_id, host, port,
              metrics_port or "off")
     return RunningWorker(agent, server, port, metrics_port, task, pipeline, health_servicer,
-                         metrics_server)
+                         endpoint)
 
 
 async def serve(config: WorkerConfig) -> None:
