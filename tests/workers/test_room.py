@@ -1,0 +1,65 @@
+"""A room on its own: pacing, stopping, and failures reported as room state."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from avatarfarm.domain import OutputKind, Quality
+from tests.builders import make_spec
+from tests.media import probe
+from workers.encode import OutputTarget
+from workers.pipeline import Pipeline
+from workers.room import Pacing, Room, RoomState
+
+
+def make_room(pipeline: Pipeline, tmp_path: Path, *, seconds: float, pacing: Pacing,
+              avatar: str = "presenter") -> Room:
+    spec = make_spec("r", quality=Quality(256, 256, 25), seconds=seconds)
+    if avatar != "presenter":
+        from dataclasses import replace
+
+        spec = replace(spec, avatar_id=avatar)
+    target = OutputTarget.resolve(OutputKind.FILE, "r.mp4", tmp_path)
+    return Room("s1", spec, target, pipeline, pacing=pacing)
+
+
+def test_realtime_pacing_streams_at_the_frame_rate(pipeline: Pipeline, tmp_path: Path) -> None:
+    room = make_room(pipeline, tmp_path, seconds=1.0, pacing=Pacing.REALTIME)
+    states: list[RoomState] = []
+    room.on_change = lambda r: states.append(r.state)
+
+    async def body() -> float:
+        t0 = time.monotonic()
+        await room.start()
+        return time.monotonic() - t0
+
+    wall = asyncio.run(body())
+    # 25 frames at 25 fps cannot be delivered faster than their presentation times.
+    assert wall >= 0.9
+    assert room.stats.frames_rendered == 25
+    assert states == [RoomState.RUNNING, RoomState.ENDED]
+
+
+def test_a_room_without_a_duration_streams_until_stopped(pipeline: Pipeline, tmp_path: Path) -> None:
+    room = make_room(pipeline, tmp_path, seconds=0.0, pacing=Pacing.FAST)
+
+    async def body() -> None:
+        running = asyncio.Event()
+        room.on_change = lambda r: running.set() if r.state is RoomState.RUNNING else None
+        task = room.start()
+        await asyncio.wait_for(running.wait(), 30)
+        room.stop("show is over")
+        await asyncio.wait_for(task, 30)
+
+    asyncio.run(body())
+    assert room.state is RoomState.ENDED and room.reason == "show is over"
+    assert probe(tmp_path / "r.mp4").frames == room.stats.frames_rendered
+
+
+def test_a_missing_avatar_fails_the_room_with_a_reason(pipeline: Pipeline, tmp_path: Path) -> None:
+    room = make_room(pipeline, tmp_path, seconds=1.0, pacing=Pacing.FAST, avatar="ghost")
+    asyncio.run(room.run())
+    assert room.state is RoomState.FAILED
+    assert "ghost" in room.reason
