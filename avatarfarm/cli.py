@@ -21,7 +21,11 @@ def _scheduler(args: argparse.Namespace) -> int:
     from scheduler.server import serve
 
     conf = cfg.load(SchedulerConfig, args=args, env_prefix="AVATARFARM_SCHEDULER_")
-    asyncio.run(serve(conf))
+    try:
+        asyncio.run(serve(conf))
+    except OSError as e:
+        print(f"avatarfarm scheduler: {e} (check --listen and --metrics-port)", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -35,6 +39,9 @@ def _worker(args: argparse.Namespace) -> int:
         asyncio.run(serve(conf))
     except ModelFolderError as e:
         print(f"avatarfarm worker: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"avatarfarm worker: {e} (check --listen and --metrics-port)", file=sys.stderr)
         return 2
     return 0
 

@@ -52,6 +52,9 @@ class RunningScheduler:
 async def start(config: SchedulerConfig) -> RunningScheduler:
     store = SqliteStore(config.database)
     metrics = SchedulerMetrics()
+    # The metrics port first: a busy port fails before anything is serving.
+    endpoint = MetricsEndpoint.start(config.metrics_port, config.metrics_host, metrics.registry)
+    metrics_port = endpoint.port
     core = Scheduler(store, config, metrics)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
@@ -59,12 +62,13 @@ async def start(config: SchedulerConfig) -> RunningScheduler:
     workers_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerService(core), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(config.listen)
-    if port == 0:
-        raise OSError(f"cannot listen on {config.listen}")
+    try:
+        port = server.add_insecure_port(config.listen)
+    except RuntimeError as e:  # grpc reports a failed bind as RuntimeError
+        endpoint.stop()
+        store.close()
+        raise OSError(f"cannot listen on {config.listen}: the address is in use or invalid") from e
     await server.start()
-    endpoint = MetricsEndpoint.start(config.metrics_port, config.metrics_host, metrics.registry)
-    metrics_port = endpoint.port
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     task = asyncio.create_task(core.run(), name="placement")

@@ -72,6 +72,9 @@ async def start(config: WorkerConfig) -> RunningWorker:
                                        config.encode_sizes(), config.profile_iterations,
                                        config.encoder_preset)
     metrics = WorkerMetrics()
+    # The metrics port first: a busy port fails before anything is serving.
+    endpoint = MetricsEndpoint.start(config.metrics_port, config.metrics_host, metrics.registry)
+    metrics_port = endpoint.port
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
     worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     agent_ref: list[WorkerAgent] = []
@@ -79,9 +82,12 @@ async def start(config: WorkerConfig) -> RunningWorker:
         LiveInputService(lambda sid: agent_ref[0].room(sid)), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(config.listen)
-    if port == 0:
-        raise OSError(f"cannot listen on {config.listen}")
+    try:
+        port = server.add_insecure_port(config.listen)
+    except RuntimeError as e:  # grpc reports a failed bind as RuntimeError
+        endpoint.stop()
+        pipeline.close()
+        raise OSError(f"cannot listen on {config.listen}: the address is in use or invalid") from e
     await server.start()
     host = config.advertise_host or config.listen.rsplit(":", 1)[0]
     agent = WorkerAgent(worker_id, config.scheduler, pipeline, profiles, f"{host}:{port}", device_type,
@@ -89,8 +95,6 @@ async def start(config: WorkerConfig) -> RunningWorker:
                         latency_budget=config.latency_budget,
                         encoder=EncoderSettings(preset=config.encoder_preset), metrics=metrics)
     agent_ref.append(agent)
-    endpoint = MetricsEndpoint.start(config.metrics_port, config.metrics_host, metrics.registry)
-    metrics_port = endpoint.port
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("avatarfarm.v1.LiveInputService", health_pb2.HealthCheckResponse.SERVING)
     task = asyncio.create_task(agent.run(), name="agent")
