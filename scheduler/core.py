@@ -194,20 +194,28 @@ class Scheduler:
                         avatars: frozenset[str], active: frozenset[str]) -> WorkerConn:
         old = self.workers.get(worker_id)
         if old is not None:
-            self._drop_worker(old, "replaced by a new connection from the same worker")
+            # A reconnect that overtook the old stream's end: retire the old stream only;
+            # the rooms are the same worker's.
+            old.outbox.put_nowait(None)
         now = self.clock()
         conn = WorkerConn(worker_id, device_type, provider, profile, input_endpoint, avatars, now,
                           last_seen=now)
         self.workers[worker_id] = conn
-        # Rooms this worker still renders (e.g. after a scheduler restart) stay with it.
         for s in list(self.sessions.values()):
-            if s.worker_id != worker_id or s.state.terminal:
+            if s.state.terminal:
                 continue
-            if s.session_id in active:
-                if s.state is SessionState.PENDING:
-                    continue
-                self._commit(s.moved(s.state, now, input_endpoint=input_endpoint))
-            elif s.state in (SessionState.PLACED, SessionState.RUNNING):
+            mine = s.worker_id == worker_id
+            orphaned = s.state is SessionState.PENDING and not s.worker_id
+            if s.session_id in active and (mine or orphaned):
+                # Still rendering here (after a scheduler restart or a dropped stream):
+                # keep it on this worker rather than start it again elsewhere.
+                load = profile.room_load(s.spec.quality, s.spec.drive_mode)
+                state = SessionState.PLACED if s.state is SessionState.PENDING else s.state
+                self._commit(s.moved(state, now, worker_id=worker_id, input_endpoint=input_endpoint,
+                                     provider=provider, device_type=device_type,
+                                     load=s.load if load is None else load,
+                                     reason=f"re-adopted by {worker_id}" if orphaned else s.reason))
+            elif mine and s.state in (SessionState.PLACED, SessionState.RUNNING):
                 self._commit(s.moved(SessionState.PENDING, now, worker_id="", input_endpoint="",
                                      reason=f"worker {worker_id} restarted without the room"))
         for sid in active:

@@ -56,8 +56,10 @@ async def expect_status(code: grpc.StatusCode, call: Awaitable[Any]) -> str:
 class ProtocolWorker:
     """Speaks the worker protocol over a real stream, rendering nothing."""
 
-    def __init__(self, channel: grpc.aio.Channel, worker_id: str, render_seconds: float = 0.004) -> None:
+    def __init__(self, channel: grpc.aio.Channel, worker_id: str, render_seconds: float = 0.004,
+                 active: tuple[str, ...] = ()) -> None:
         self.worker_id = worker_id
+        self.active = active
         self.outbox: asyncio.Queue[workers_pb2.WorkerMessage | None] = asyncio.Queue()
         self.inbox: asyncio.Queue[workers_pb2.SchedulerMessage] = asyncio.Queue()
         self.render_seconds = render_seconds
@@ -69,7 +71,7 @@ class ProtocolWorker:
             return workers_pb2.LatencyProfile(stage=stage, width=w, height=h,  # type: ignore[arg-type]
                                               latencies=[workers_pb2.BatchLatency(batch_size=1, seconds=s)])
         return workers_pb2.WorkerMessage(register=workers_pb2.Register(
-            worker_id=self.worker_id, input_endpoint="127.0.0.1:1",
+            worker_id=self.worker_id, input_endpoint="127.0.0.1:1", active_session_ids=self.active,
             device=workers_pb2.Device(provider="CPUExecutionProvider", device_type="cpu"),
             profiles=[prof(workers_pb2.STAGE_RENDER, 512, 512, self.render_seconds),
                       prof(workers_pb2.STAGE_ENCODE, 512, 512, 0.001),
@@ -313,5 +315,25 @@ def test_a_lost_worker_puts_its_rooms_back_in_the_queue(tmp_path: Path, model_di
             again = await w2.next("assign")
             assert again.assign.session_id == s.session_id
             await w2.close()
+
+    run(body)
+
+
+def test_a_worker_that_reconnects_keeps_the_rooms_it_still_renders(tmp_path: Path, model_dir: Path) -> None:
+    async def body() -> None:
+        async with scheduler(tmp_path, model_dir) as (_, stub, ch):
+            w1 = ProtocolWorker(ch, "w1")
+            s = await stub.CreateSession(create_req("r"))
+            await w1.next("assign")
+            await w1.close()  # the stream drops; the worker keeps rendering
+            await client.wait_for(stub, s.session_id, lambda x: x.state == types_pb2.SESSION_STATE_PENDING, 10)
+            back = ProtocolWorker(ch, "w1", active=(s.session_id, "stale-session"))
+            released = await back.next("release")  # a room it should not hold is released
+            assert released.release.session_id == "stale-session"
+            adopted = await client.wait_for(stub, s.session_id,
+                                            lambda x: x.state == types_pb2.SESSION_STATE_PLACED, 10)
+            assert adopted.worker_id == "w1" and "re-adopted" in adopted.reason
+            assert back.inbox.empty()  # no second assignment: the room was not restarted
+            await back.close()
 
     run(body)
