@@ -116,9 +116,13 @@ class Scheduler:
         if spec.avatar_id not in self.known_avatars():
             raise NotFound(f"avatar {spec.avatar_id!r} is not registered")
         for s in self.sessions.values():
-            if (not s.state.terminal and s.spec.tenant == spec.tenant
-                    and s.spec.room_id == spec.room_id):
+            if s.state.terminal:
+                continue
+            if s.spec.tenant == spec.tenant and s.spec.room_id == spec.room_id:
                 raise AlreadyExists(f"room {spec.room_id!r} already streams as session {s.session_id}")
+            if s.spec.output == spec.output:
+                # Two streams muxed into one file or playlist would corrupt both.
+                raise AlreadyExists(f"output {spec.output.target!r} is in use by another live session")
         now = self.clock()
         self._seq += 1
         s = Session(uuid.uuid4().hex, spec, SessionState.PENDING, self._seq, now, now, request_id,

@@ -150,9 +150,11 @@ def test_retries_are_idempotent_and_rooms_are_unique(tmp_path: Path, model_dir: 
             # Same key, different request: refused, not silently merged.
             await expect_status(grpc.StatusCode.ALREADY_EXISTS,
                                 stub.CreateSession(create_req("r1", request_id="req-1", fps=30)))
-            # The same room cannot stream twice.
+            # The same room cannot stream twice, nor two rooms into one output.
             await expect_status(grpc.StatusCode.ALREADY_EXISTS,
                                 stub.CreateSession(create_req("r1", request_id="req-2")))
+            assert "in use" in await expect_status(grpc.StatusCode.ALREADY_EXISTS, stub.CreateSession(
+                create_req("r2", file_path="r1.mp4")))
             ended = await stub.EndSession(sessions_pb2.EndSessionRequest(session_id=a.session_id))
             again = await stub.EndSession(sessions_pb2.EndSessionRequest(session_id=a.session_id))
             assert ended.state == again.state == types_pb2.SESSION_STATE_ENDED
