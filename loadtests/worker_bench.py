@@ -83,7 +83,7 @@ def main() -> None:
         size = RENDERER_PRESETS[args.preset]
         print(f"worker baseline: {quality}, renderer {args.preset} "
               f"({size.gmac_per_frame(quality.render_side):.2f} GMAC/frame), "
-              f"provider {pipeline.provider}, {args.seconds:.0f}s per room, price {args.price}/device-hour")
+              f"provider {pipeline.provider}, {args.seconds:g}s per room, price {args.price}/device-hour")
         print(f"{'rooms':>5} {'frames/s':>9} {'x realtime':>10} {'rt rooms':>8} "
               f"{'tts ms':>7} {'a2m ms':>7} {'render ms':>9} {'encode ms':>9} "
               f"{'$/stream-h attributed':>22} {'$/stream-h device':>18}")
