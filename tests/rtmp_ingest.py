@@ -14,9 +14,14 @@ MODULE_PATHS = (Path("/usr/lib/nginx/modules/ngx_rtmp_module.so"),
                 Path("/usr/lib64/nginx/modules/ngx_rtmp_module.so"))
 
 
+def nginx_binary() -> str | None:
+    # Debian puts nginx in /usr/sbin, which is not on every user's PATH.
+    return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+
+
 def available() -> str | None:
     """None if an RTMP ingest can be started here, else why not."""
-    if shutil.which("nginx") is None:
+    if nginx_binary() is None:
         return "nginx is not installed (apt-get install nginx libnginx-mod-rtmp)"
     if not any(p.exists() for p in MODULE_PATHS):
         return "the nginx rtmp module is not installed (apt-get install libnginx-mod-rtmp)"
@@ -57,7 +62,7 @@ rtmp {{
     }}
 }}
 """)
-        self._proc = subprocess.Popen(["nginx", "-p", str(self.root), "-c", str(conf),
+        self._proc = subprocess.Popen([nginx_binary() or "nginx", "-p", str(self.root), "-c", str(conf),
                                        "-e", str(self.root / "logs" / "error.log")],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
