@@ -47,7 +47,7 @@ def test_hls_output_writes_a_playlist_and_segments(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kind,value", [
-    (OutputKind.FILE, "../escape.mp4"), (OutputKind.FILE, "/tmp/abs.mp4"),
+    (OutputKind.FILE, "../escape.mp4"), (OutputKind.FILE, "/srv/abs.mp4"),
     (OutputKind.FILE, "room.mkv"), (OutputKind.HLS, "a/../../b"), (OutputKind.RTMP, "http://x/y"),
 ])
 def test_targets_outside_the_output_folder_are_refused(tmp_path: Path, kind: OutputKind, value: str) -> None:
