@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ async def farm(tmp_path: Path, model_dir: Path, **worker_kw: Any) -> AsyncIterat
     conf = WorkerConfig(scheduler=f"127.0.0.1:{sched.port}", listen="127.0.0.1:0", worker_id="w1",
                         model_dir=model_dir, output_dir=tmp_path / "out", provider=ProviderChoice.CPU,
                         pacing=Pacing.FAST, profile_render_sides="256", profile_encode_sizes="256x256",
-                        profile_iterations=1, metrics_port=0, **worker_kw)
+                        profile_iterations=1, **{"metrics_port": 0, **worker_kw})
     worker = await start_worker(conf)
     await asyncio.wait_for(worker.agent.connected.wait(), 30)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{sched.port}")
@@ -159,6 +160,12 @@ def test_worker_live_input_refuses_wrong_inputs(tmp_path: Path, model_dir: Path)
         async with farm(tmp_path, model_dir) as (stub, worker):
             text = await stub.CreateSession(sessions_pb2.CreateSessionRequest(spec=client.spec(
                 "vendor", "text", width=256, height=256, seconds=0.0, file_path="t.mp4")))
+            voice = await stub.CreateSession(sessions_pb2.CreateSessionRequest(spec=client.spec(
+                "vendor", "voice", drive=types_pb2.DRIVE_MODE_VOICE, width=256, height=256,
+                seconds=1.0, file_path="v.mp4")))
+            mocap = await stub.CreateSession(sessions_pb2.CreateSessionRequest(spec=client.spec(
+                "vendor", "mocap", drive=types_pb2.DRIVE_MODE_MOCAP, width=256, height=256,
+                seconds=1.0, file_path="m.mp4")))
             async with grpc.aio.insecure_channel(text.input_endpoint) as ch:
                 live = live_input_pb2_grpc.LiveInputServiceStub(ch)
 
@@ -166,6 +173,14 @@ def test_worker_live_input_refuses_wrong_inputs(tmp_path: Path, model_dir: Path)
                     yield msg
 
                 cases = [
+                    (grpc.StatusCode.INVALID_ARGUMENT, live.PushAudio(one(live_input_pb2.AudioChunk(
+                        session_id=voice.session_id, sample_rate=16000, pcm_s16le=b"\0" * 64001)))),
+                    (grpc.StatusCode.INVALID_ARGUMENT, live.PushAudio(one(live_input_pb2.AudioChunk(
+                        session_id=voice.session_id, sample_rate=1000, pcm_s16le=b"\0\0")))),
+                    (grpc.StatusCode.INVALID_ARGUMENT, live.PushMotion(one(live_input_pb2.MotionFrame(
+                        session_id=mocap.session_id, coefficients=[0.0] * 3)))),
+                    (grpc.StatusCode.INVALID_ARGUMENT, live.PushMotion(one(live_input_pb2.MotionFrame(
+                        session_id=mocap.session_id, coefficients=[float("nan")] * 8)))),
                     (grpc.StatusCode.FAILED_PRECONDITION, live.PushAudio(one(live_input_pb2.AudioChunk(
                         session_id=text.session_id, sample_rate=16000, pcm_s16le=b"\0\0")))),
                     (grpc.StatusCode.FAILED_PRECONDITION, live.PushMotion(one(live_input_pb2.MotionFrame(
@@ -187,5 +202,22 @@ def test_worker_live_input_refuses_wrong_inputs(tmp_path: Path, model_dir: Path)
                 await asyncio.sleep(0.05)
             assert worker.agent.room(text.session_id) is None
             assert probe(tmp_path / "out" / "t.mp4").video_codec == "h264"
+
+    run(body())
+
+
+def test_the_worker_exports_its_metrics(tmp_path: Path, model_dir: Path) -> None:
+    async def body() -> None:
+        async with farm(tmp_path, model_dir, metrics_port=-1) as (stub, worker):
+            s = await stub.CreateSession(sessions_pb2.CreateSessionRequest(spec=client.spec(
+                "vendor", "m", tier=types_pb2.TIER_PREMIUM, width=256, height=256, seconds=1.0,
+                file_path="m.mp4")))
+            done = await client.wait_for(stub, s.session_id, ended, 60)
+            assert done.state == types_pb2.SESSION_STATE_ENDED
+            text = await asyncio.to_thread(lambda: urllib.request.urlopen(
+                f"http://127.0.0.1:{worker.metrics_port}/metrics").read().decode())
+            assert 'avatarfarm_worker_frames_rendered_total{tier="premium"} 25.0' in text
+            assert 'avatarfarm_worker_info{device_type="cpu",provider="CPUExecutionProvider"} 1.0' in text
+            assert 'avatarfarm_worker_stage_seconds_total{stage="render"}' in text
 
     run(body())

@@ -86,6 +86,7 @@ class Room:
         self.idle = IdleAnimator(q.fps, rng)
         self.mel = MelStream()
         self._stop_reason: str | None = None
+        self._stopped = asyncio.Event()
         self._encoder: EncoderThread | None = None
         self.task: asyncio.Task[None] | None = None
 
@@ -99,6 +100,7 @@ class Room:
         """Asks the room to finish its current frame, close its output and end."""
         if self._stop_reason is None:
             self._stop_reason = reason
+            self._stopped.set()
 
     def append_script(self, segments: list[ScriptSegment]) -> None:
         self.script.append(segments)
@@ -143,9 +145,12 @@ class Room:
             # Offline rendering follows its input: wait for the live client to connect
             # rather than race ahead through idle frames.
             source = self.audio_in.attached if mode is DriveMode.VOICE else self.motion_in.attached
-            try:
-                await asyncio.wait_for(source.wait(), self.live_input_wait)
-            except TimeoutError:
+            waits = [asyncio.ensure_future(source.wait()), asyncio.ensure_future(self._stopped.wait())]
+            await asyncio.wait(waits, timeout=self.live_input_wait,
+                               return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+            if not source.is_set() and not self._stopped.is_set():
                 log.warning("room %s: no live input after %.0fs; rendering idle", self.session_id,
                             self.live_input_wait)
         t0 = self.clock()

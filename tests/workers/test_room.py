@@ -63,3 +63,21 @@ def test_a_missing_avatar_fails_the_room_with_a_reason(pipeline: Pipeline, tmp_p
     asyncio.run(room.run())
     assert room.state is RoomState.FAILED
     assert "ghost" in room.reason
+
+
+def test_a_live_room_waiting_for_its_input_can_be_stopped(pipeline: Pipeline, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from avatarfarm.domain import DriveMode
+
+    room = make_room(pipeline, tmp_path, seconds=5.0, pacing=Pacing.FAST)
+    room.spec = replace(room.spec, drive_mode=DriveMode.VOICE)
+    room.live_input_wait = 600.0
+
+    async def body() -> None:
+        task = room.start()
+        room.stop("cancelled before the show")  # before or while it waits for its client
+        await asyncio.wait_for(task, 10)
+
+    asyncio.run(body())
+    assert room.state is RoomState.ENDED and room.stats.frames_rendered == 0
