@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from avatarfarm.exposition import MetricsEndpoint
+from avatarfarm.serving import MetricsEndpoint, bind
 from avatarfarm.v1 import sessions_pb2_grpc, workers_pb2_grpc
 from scheduler.config import SchedulerConfig
 from scheduler.core import Scheduler
@@ -63,11 +63,11 @@ async def start(config: SchedulerConfig) -> RunningScheduler:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
-        port = server.add_insecure_port(config.listen)
-    except RuntimeError as e:  # grpc reports a failed bind as RuntimeError
+        port = bind(server, config.listen)
+    except OSError:
         endpoint.stop()
         store.close()
-        raise OSError(f"cannot listen on {config.listen}: the address is in use or invalid") from e
+        raise
     await server.start()
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -16,18 +16,26 @@ from workers.motion import MOTION_DIM
 from workers.room import Room
 
 MAX_CHUNK_SECONDS = 1.0
+# Voice rooms are driven by audio; mocap rooms may carry the performer's audio too.
+_AUDIO_MODES = frozenset({DriveMode.VOICE, DriveMode.MOCAP})
+_MOTION_MODES = frozenset({DriveMode.MOCAP})
 
 
 class LiveInputService(live_input_pb2_grpc.LiveInputServiceServicer):
     def __init__(self, rooms: Callable[[str], Room | None]) -> None:
         self._rooms = rooms
 
-    async def _room(self, session_id: str, context: grpc.aio.ServicerContext) -> Room:
+    async def _room(self, session_id: str, context: grpc.aio.ServicerContext,
+                    accepts: frozenset[DriveMode], why_not: str) -> Room:
+        """The room this stream feeds, if it renders here and takes this input."""
         room = self._rooms(session_id) if session_id else None
         if room is None:
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"session {session_id!r} is not rendering on this worker")
         assert room is not None
+        if room.spec.drive_mode not in accepts:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"session {session_id} is {room.spec.drive_mode.value}-driven; {why_not}")
         return room
 
     async def PushAudio(self, request_iterator: AsyncIterator[live_input_pb2.AudioChunk],
@@ -37,12 +45,8 @@ class LiveInputService(live_input_pb2_grpc.LiveInputServiceServicer):
         try:
             async for chunk in request_iterator:
                 if room is None:
-                    target = await self._room(chunk.session_id, context)
-                    if target.spec.drive_mode is DriveMode.TEXT:
-                        await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                            f"session {chunk.session_id} is text-driven; "
+                    room = await self._room(chunk.session_id, context, _AUDIO_MODES,
                                             "send script segments instead of audio")
-                    room = target
                     room.audio_in.attach()
                 elif chunk.session_id and chunk.session_id != room.session_id:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -69,12 +73,8 @@ class LiveInputService(live_input_pb2_grpc.LiveInputServiceServicer):
         try:
             async for frame in request_iterator:
                 if room is None:
-                    target = await self._room(frame.session_id, context)
-                    if target.spec.drive_mode is not DriveMode.MOCAP:
-                        await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                            f"session {frame.session_id} is "
-                                            f"{target.spec.drive_mode.value}-driven, not mocap")
-                    room = target
+                    room = await self._room(frame.session_id, context, _MOTION_MODES,
+                                            "motion frames are only for mocap rooms")
                     room.motion_in.attach()
                 coefs = np.asarray(frame.coefficients, np.float32)
                 if coefs.shape != (MOTION_DIM,) or not np.all(np.isfinite(coefs)):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from avatarfarm.exposition import MetricsEndpoint
+from avatarfarm.serving import MetricsEndpoint, bind
 from avatarfarm.v1 import live_input_pb2_grpc
 from workers.agent import WorkerAgent
 from workers.config import WorkerConfig
@@ -83,11 +83,11 @@ async def start(config: WorkerConfig) -> RunningWorker:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
-        port = server.add_insecure_port(config.listen)
-    except RuntimeError as e:  # grpc reports a failed bind as RuntimeError
+        port = bind(server, config.listen)
+    except OSError:
         endpoint.stop()
         pipeline.close()
-        raise OSError(f"cannot listen on {config.listen}: the address is in use or invalid") from e
+        raise
     await server.start()
     host = config.advertise_host or config.listen.rsplit(":", 1)[0]
     agent = WorkerAgent(worker_id, config.scheduler, pipeline, profiles, f"{host}:{port}", device_type,

@@ -1,4 +1,5 @@
-"""The Prometheus /metrics endpoint both processes serve."""
+"""What both server processes share: binding the gRPC port and the Prometheus
+/metrics endpoint."""
 
 from __future__ import annotations
 
@@ -6,7 +7,17 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 from prometheus_client import CollectorRegistry, start_http_server
+
+
+def bind(server: grpc.aio.Server, address: str) -> int:
+    """Binds ``address`` (port 0: any free port) and returns the port; a failed bind,
+    which grpc reports as RuntimeError, becomes the OSError it is."""
+    try:
+        return int(server.add_insecure_port(address))
+    except RuntimeError as e:
+        raise OSError(f"cannot listen on {address}: the address is in use or invalid") from e
 
 
 @dataclass
