@@ -1,0 +1,174 @@
+"""Cross-room dynamic batching: which queued frames run together, and when.
+
+Pure policy with injected time. Every queued item (a video frame's render, an
+audio window's motion, a room's lip-sync check) has a deadline. Given the
+queue, the time and each model's measured latency curve, `decide` returns the
+next batch to run, the items that can no longer make their deadline (they are
+dropped and the room shows a replacement frame), or how long to wait for more
+items:
+
+* earliest deadline first; the batch is one model at one input shape and grows
+  while the curve says it still finishes before the earliest deadline in it;
+* when a forecast of the whole queue (run as EDF batches back to back) shows a
+  miss, the device is overloaded and the order becomes tier first (premium),
+  then deadline, so the frames that miss are the lower tiers';
+* a batch that is not full may wait for more items, but never past the slack:
+  the forecast must still make every deadline after the wait, with room for the
+  batch to grow to its maximum, and never longer than `max_wait`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyCurve:
+    """Measured seconds per call at several batch sizes (ascending), for one model at
+    one input shape. Between measured sizes it interpolates linearly; past the
+    largest it extends by the last step's per-item cost."""
+
+    points: tuple[tuple[int, float], ...]
+
+    def __post_init__(self) -> None:
+        if not self.points:
+            raise ValueError("a latency curve needs at least one measured batch size")
+        sizes = [b for b, _ in self.points]
+        if sizes != sorted(set(sizes)) or sizes[0] < 1:
+            raise ValueError(f"batch sizes must be ascending and >= 1, got {sizes}")
+
+    @property
+    def max_batch(self) -> int:
+        return self.points[-1][0]
+
+    def seconds(self, batch: int) -> float:
+        pts = self.points
+        sizes = [b for b, _ in pts]
+        i = bisect.bisect_left(sizes, batch)
+        if i < len(pts) and pts[i][0] == batch:
+            return pts[i][1]
+        if i == 0:  # below the smallest measured size: scale down per item
+            return pts[0][1] * batch / pts[0][0]
+        if i == len(pts):
+            if len(pts) == 1:
+                return pts[0][1] * batch / pts[0][0]
+            (b0, s0), (b1, s1) = pts[-2], pts[-1]
+            return s1 + (batch - b1) * max(s1 - s0, 0.0) / (b1 - b0)
+        (b0, s0), (b1, s1) = pts[i - 1], pts[i]
+        return s0 + (s1 - s0) * (batch - b0) / (b1 - b0)
+
+    def throughput(self, latency_bound: float = math.inf) -> tuple[int, float]:
+        """(batch size, items per second) of the best measured size whose call fits
+        within the bound; (1, rate at batch 1) when none does."""
+        best = (1, 1.0 / self.seconds(1))
+        for b, s in self.points:
+            if s <= latency_bound and b / s > best[1]:
+                best = (b, b / s)
+        return best
+
+    def scaled(self, factor: float) -> LatencyCurve:
+        return LatencyCurve(tuple((b, s * factor) for b, s in self.points))
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """One item waiting for the device."""
+
+    item_id: int  # unique, increasing with arrival
+    key: Hashable  # model and input shape: only items with equal keys batch together
+    deadline: float  # the result must be ready by then (math.inf: no deadline)
+    priority: int  # 0 first (premium), as Tier.priority
+    enqueued: float
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPolicy:
+    max_batch: int = 8
+    # How long a batch that is not full may wait for company (seconds), within its slack.
+    max_wait: float = 0.02
+    # Safety factor on the curve: a batch is planned as if it took this much longer.
+    margin: float = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    run: tuple[Queued, ...] = ()  # one key, in the order the batch is built
+    drop: tuple[Queued, ...] = ()  # can no longer make their deadlines
+    wake_at: float | None = None  # nothing to run now: decide again then (None: on arrival)
+    overloaded: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Forecast:
+    misses: int
+    slack: float  # how long the whole plan could start later and still make every deadline
+
+
+def forecast(items: Sequence[Queued], now: float, curves: Mapping[Hashable, LatencyCurve],
+             policy: BatchPolicy) -> Forecast:
+    """Runs the queue as EDF batches back to back, on paper."""
+    pending = sorted(items, key=lambda q: (q.deadline, q.item_id))
+    t, misses, slack = now, 0, math.inf
+    while pending:
+        key = pending[0].key
+        curve = curves[key]
+        batch = _grow([q for q in pending if q.key == key], t, curve, policy)
+        if not batch:  # even one item is late: it counts as a miss and goes alone
+            batch = [pending[0]]
+        t += _planned(curve, len(batch), policy)
+        earliest = min(q.deadline for q in batch)
+        misses += sum(1 for q in batch if q.deadline < t)
+        slack = min(slack, earliest - t)
+        ids = {q.item_id for q in batch}
+        pending = [q for q in pending if q.item_id not in ids]
+    return Forecast(misses, slack)
+
+
+def decide(queue: Sequence[Queued], now: float, curves: Mapping[Hashable, LatencyCurve],
+           policy: BatchPolicy = BatchPolicy()) -> Decision:
+    drop = tuple(q for q in queue if now + _planned(curves[q.key], 1, policy) > q.deadline)
+    dropped = {q.item_id for q in drop}
+    live = [q for q in queue if q.item_id not in dropped]
+    if not live:
+        return Decision(drop=drop)
+    plan = forecast(live, now, curves, policy)
+    overloaded = plan.misses > 0
+    if overloaded:
+        order = sorted(live, key=lambda q: (q.priority, q.deadline, q.item_id))
+    else:
+        order = sorted(live, key=lambda q: (q.deadline, q.item_id))
+    key = order[0].key
+    curve = curves[key]
+    same = [q for q in order if q.key == key]
+    batch = _grow(same, now, curve, policy) or [order[0]]
+    cap = policy.max_batch
+    if not overloaded and len(batch) < cap and len(batch) == len(same):
+        # Room to grow and nothing else of this shape waiting: wait for company, within slack.
+        growth = _planned(curve, cap, policy) - _planned(curve, len(batch), policy)
+        oldest = min(q.enqueued for q in batch)
+        until = min(oldest + policy.max_wait, now + plan.slack - growth)
+        if until > now:
+            return Decision(drop=drop, wake_at=until)
+    return Decision(run=tuple(batch), drop=drop, overloaded=overloaded)
+
+
+def _planned(curve: LatencyCurve, batch: int, policy: BatchPolicy) -> float:
+    return curve.seconds(batch) * (1.0 + policy.margin)
+
+
+def _grow(candidates: Sequence[Queued], start: float, curve: LatencyCurve,
+          policy: BatchPolicy) -> list[Queued]:
+    """The longest prefix-by-order selection that finishes before its earliest deadline."""
+    batch: list[Queued] = []
+    earliest = math.inf
+    for q in candidates:
+        if len(batch) >= policy.max_batch:
+            break
+        e = min(earliest, q.deadline)
+        if start + _planned(curve, len(batch) + 1, policy) <= e:
+            batch.append(q)
+            earliest = e
+    return batch
