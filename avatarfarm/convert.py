@@ -46,6 +46,7 @@ STAGES = {
     workers_pb2.STAGE_AUDIO_TO_MOTION: Stage.AUDIO_TO_MOTION,
     workers_pb2.STAGE_RENDER: Stage.RENDER,
     workers_pb2.STAGE_ENCODE: Stage.ENCODE,
+    workers_pb2.STAGE_ALIGNMENT: Stage.ALIGNMENT,
 }
 _DRIVE_PB = {v: k for k, v in DRIVE_MODES.items()}
 _TIER_PB = {v: k for k, v in TIERS.items()}

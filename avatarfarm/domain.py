@@ -159,6 +159,7 @@ class Stage(enum.Enum):
     AUDIO_TO_MOTION = "audio_to_motion"
     RENDER = "render"
     ENCODE = "encode"
+    ALIGNMENT = "alignment"  # the lip-sync check
 
 
 @dataclass(frozen=True, slots=True)

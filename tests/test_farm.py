@@ -74,7 +74,8 @@ def test_a_text_room_renders_speech_and_idle_to_a_playable_file(tmp_path: Path, 
             assert done.progress.frames_rendered == 150
             assert done.progress.stream_seconds == pytest.approx(6.0)
             assert done.progress.device_seconds > 0
-            assert set(done.progress.stage_seconds) == {"tts", "audio_to_motion", "render", "encode"}
+            assert set(done.progress.stage_seconds) == {"tts", "audio_to_motion", "render", "encode",
+                                                    "alignment"}
             out = tmp_path / "out" / "rooms" / "room-1.mp4"
             f = probe(out)
             assert (f.video_codec, f.width, f.height, f.frames) == ("h264", 320, 256, 150)

@@ -18,11 +18,13 @@ from pathlib import Path
 import grpc
 
 from avatarfarm import convert
-from avatarfarm.domain import InvalidRequest, Tier
+from avatarfarm.domain import InvalidRequest, Stage, Tier
 from avatarfarm.v1 import types_pb2, workers_pb2, workers_pb2_grpc
+from workers.alignment import SyncEstimate
 from workers.encode import EncoderSettings, OutputError, OutputTarget
+from workers.engine import BatchKey, KeyStats
 from workers.metrics import WorkerMetrics
-from workers.pipeline import Pipeline
+from workers.pipeline import AUDIO_TO_MOTION_KEY, LIPSYNC_KEY, Pipeline
 from workers.profile import LatencyProfile
 from workers.room import Pacing, Room, RoomState
 
@@ -46,8 +48,10 @@ class WorkerAgent:
     def __init__(self, worker_id: str, scheduler_address: str, pipeline: Pipeline,
                  profiles: list[LatencyProfile], input_endpoint: str, device_type: str,
                  output_dir: Path, *, pacing: Pacing = Pacing.REALTIME,
-                 latency_budget: float = 0.5, encoder: EncoderSettings = EncoderSettings(),
-                 metrics: WorkerMetrics | None = None, progress_interval: float = 1.0) -> None:
+                 latency_budget: float = 0.5, output_margin: float = 0.1,
+                 sync_interval: float = 10.0, encoder: EncoderSettings = EncoderSettings(),
+                 metrics: WorkerMetrics | None = None, progress_interval: float = 1.0,
+                 cpu_cores: int = 0) -> None:
         self.worker_id = worker_id
         self.scheduler_address = scheduler_address
         self.pipeline = pipeline
@@ -57,6 +61,9 @@ class WorkerAgent:
         self.output_dir = output_dir
         self.pacing = pacing
         self.latency_budget = latency_budget
+        self.output_margin = output_margin
+        self.sync_interval = sync_interval
+        self.cpu_cores = cpu_cores
         self.encoder = encoder
         self.metrics = metrics or WorkerMetrics()
         self.progress_interval = progress_interval
@@ -64,6 +71,7 @@ class WorkerAgent:
         self._finals: dict[str, workers_pb2.SessionUpdate] = {}
         self._outbox: asyncio.Queue[workers_pb2.WorkerMessage] | None = None
         self._reported: dict[str, tuple[int, int, dict[str, float]]] = {}
+        self._engine_reported: dict[BatchKey, KeyStats] = {}
         self.connected = asyncio.Event()
         self.heartbeat_interval = 1.0
         self.metrics.info.labels(pipeline.provider, device_type).set(1)
@@ -84,8 +92,10 @@ class WorkerAgent:
             self._send_update(sid, types_pb2.SESSION_STATE_FAILED, f"bad assignment: {e}", None)
             return
         room = Room(sid, spec, target, self.pipeline, pacing=self.pacing,
-                    latency_budget_seconds=self.latency_budget, encoder=self.encoder,
-                    on_change=self._room_changed)
+                    latency_budget_seconds=self.latency_budget,
+                    output_margin_seconds=self.output_margin, encoder=self.encoder,
+                    on_change=self._room_changed, on_sync=self._room_synced,
+                    sync_interval_seconds=self.sync_interval)
         self.rooms[sid] = room
         room.start()
         log.info("room %s (%s, %s, %s) started -> %s", sid, spec.room_id, spec.drive_mode.value,
@@ -105,12 +115,22 @@ class WorkerAgent:
             log.info("room %s %s: %s", room.session_id, room.state.value, room.reason)
             self._update_room_gauge()
 
+    def _room_synced(self, room: Room, est: SyncEstimate | None) -> None:
+        if est is None:
+            return
+        tier = room.spec.tier.value
+        self.metrics.av_offset.labels(tier).observe(est.offset_frames / room.spec.quality.fps)
+        if est.offset_frames:
+            self.metrics.sync_corrections.labels(tier).inc()
+
     def _progress_pb(self, room: Room) -> types_pb2.SessionProgress:
         st = room.stats
         return types_pb2.SessionProgress(
             frames_rendered=st.frames_rendered, late_frames=st.late_frames,
             stream_seconds=st.stream_seconds(room.spec.quality.fps),
-            device_seconds=st.device_seconds, stage_seconds=dict(st.stage_seconds))
+            device_seconds=st.device_seconds, stage_seconds=dict(st.stage_seconds),
+            av_offset_seconds=st.av_offset_seconds, av_correction_seconds=st.av_correction_seconds,
+            sync_checks=st.sync_checks)
 
     def _send_update(self, sid: str, state: int, reason: str,
                      room: Room | None) -> workers_pb2.SessionUpdate:
@@ -130,6 +150,35 @@ class WorkerAgent:
         for stage, secs in st.stage_seconds.items():
             self.metrics.stage_seconds.labels(stage).inc(max(0.0, secs - stages.get(stage, 0.0)))
         self._reported[room.session_id] = (st.frames_rendered, st.late_frames, dict(st.stage_seconds))
+
+    def _account_engine(self) -> None:
+        engine = self.pipeline.engine
+        for key, st in engine.stats().items():
+            before = self._engine_reported.get(key, KeyStats())
+            model = str(key)
+            for size, calls in st.batch_sizes.items():
+                if calls > before.batch_sizes[size]:
+                    self.metrics.batches.labels(model, str(size)).inc(calls - before.batch_sizes[size])
+            self.metrics.batch_items.labels(model).inc(st.items - before.items)
+            self.metrics.dropped.labels(model).inc(st.dropped - before.dropped)
+            self.metrics.capacity.labels(model).set(
+                engine.curve(key).throughput(self.latency_budget)[1])
+            self._engine_reported[key] = st
+
+    def corrected_profiles(self, keys: list[BatchKey]) -> list[LatencyProfile]:
+        """The profiles of `keys` with the curves the batcher now plans with."""
+        out = []
+        for key in keys:
+            points = self.pipeline.engine.curve(key).points
+            if key == AUDIO_TO_MOTION_KEY:
+                out.append(LatencyProfile(Stage.AUDIO_TO_MOTION, key.model, 0, 0, points))
+            elif key == LIPSYNC_KEY:
+                out.append(LatencyProfile(Stage.ALIGNMENT, key.model, 0, 0, points))
+            else:
+                out.append(LatencyProfile(Stage.RENDER, key.model, key.side, key.side, points))
+        fresh = {(p.stage, p.width) for p in out}
+        self.profiles = [p for p in self.profiles if (p.stage, p.width) not in fresh] + out
+        return out
 
     def _update_room_gauge(self) -> None:
         counts: dict[Tier, int] = collections.Counter(r.spec.tier for r in self.rooms.values())
@@ -153,7 +202,9 @@ class WorkerAgent:
         return workers_pb2.WorkerMessage(register=workers_pb2.Register(
             worker_id=self.worker_id,
             device=workers_pb2.Device(provider=self.pipeline.provider, device_type=self.device_type,
-                                      name=self.pipeline.renderer_model.name),
+                                      name=self.pipeline.renderer_model.name,
+                                      cpu_cores=self.cpu_cores,
+                                      latency_budget_seconds=self.latency_budget),
             models=self.pipeline.model_names,
             profiles=[profile_to_pb(p) for p in self.profiles],
             input_endpoint=self.input_endpoint,
@@ -181,6 +232,14 @@ class WorkerAgent:
                 if room.state is RoomState.RUNNING:
                     self._account(room)
                     self._send_update(room.session_id, types_pb2.SESSION_STATE_RUNNING, "", room)
+            self._account_engine()
+            drifted = self.pipeline.engine.drifted()
+            if drifted:
+                fresh = self.corrected_profiles(drifted)
+                log.info("latency drifted for %s; re-reporting profiles",
+                         ", ".join(map(str, drifted)))
+                outbox.put_nowait(workers_pb2.WorkerMessage(profile_update=workers_pb2.ProfileUpdate(
+                    profiles=[profile_to_pb(p) for p in fresh])))
 
     async def _session(self, channel: grpc.aio.Channel) -> None:
         stub = workers_pb2_grpc.WorkerServiceStub(channel)

@@ -23,6 +23,7 @@ import bisect
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +108,7 @@ class Forecast:
     slack: float  # how long the whole plan could start later and still make every deadline
 
 
-def forecast(items: Sequence[Queued], now: float, curves: Mapping[Hashable, LatencyCurve],
+def forecast(items: Sequence[Queued], now: float, curves: Mapping[Any, LatencyCurve],
              policy: BatchPolicy) -> Forecast:
     """Runs the queue as EDF batches back to back, on paper."""
     pending = sorted(items, key=lambda q: (q.deadline, q.item_id))
@@ -127,7 +128,7 @@ def forecast(items: Sequence[Queued], now: float, curves: Mapping[Hashable, Late
     return Forecast(misses, slack)
 
 
-def decide(queue: Sequence[Queued], now: float, curves: Mapping[Hashable, LatencyCurve],
+def decide(queue: Sequence[Queued], now: float, curves: Mapping[Any, LatencyCurve],
            policy: BatchPolicy = BatchPolicy()) -> Decision:
     drop = tuple(q for q in queue if now + _planned(curves[q.key], 1, policy) > q.deadline)
     dropped = {q.item_id for q in drop}

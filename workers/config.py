@@ -27,10 +27,21 @@ class WorkerConfig:
     model_dir: Path = field(Path("var/models"), "model folder (manifest.json, ONNX models, avatars/)")
     output_dir: Path = field(Path("var/out"), "folder that file and HLS outputs are written under")
     provider: ProviderChoice = field(ProviderChoice.AUTO, "onnxruntime provider: auto, cpu, cuda, tensorrt")
-    intra_op_threads: int = field(0, "onnxruntime threads per call (0: one per core)")
+    intra_op_threads: int = field(0, "onnxruntime threads per call (0: all cores but a quarter, "
+                                     "at least one, the rest left to encoders)")
+    max_batch: int = field(8, "largest cross-room batch per model call; latency is measured "
+                              "at powers of two up to it")
+    batch_wait: float = field(0.02, "seconds a batch that is not full may wait for more rooms' "
+                                    "frames (never past the frames' slack)")
     device_type: str = field("", "device type used for pricing, e.g. h200 (default: cpu or gpu)")
     pacing: Pacing = field(Pacing.REALTIME, "realtime (live streams) or fast (as fast as possible)")
-    latency_budget: float = field(0.5, "seconds after its presentation time a frame may finish")
+    latency_budget: float = field(0.5, "seconds between a frame's capture time and its "
+                                       "presentation (the stream's buffer)")
+    output_margin: float = field(0.1, "seconds of the latency budget kept for encoding and output; "
+                                      "a frame not rendered by then is replaced")
+    sync_interval: float = field(10.0, "seconds between lip-sync checks of a room")
+    encoder_codec: str = field("auto", "video encoder: auto (h264_nvenc where the GPU has NVENC, "
+                                       "else libx264), libx264, h264_nvenc")
     encoder_preset: str = field("veryfast", "libx264 preset")
     profile_render_sides: str = field("256,512", "portrait sides the renderer is measured at")
     profile_encode_sizes: str = field("512x512,1280x720", "frame sizes the encoder is measured at")

@@ -56,14 +56,52 @@ class OutputTarget:
         return OutputTarget(kind, str(path / "index.m3u8"))
 
 
+_NVENC_OPENS: bool | None = None
+
+
+def nvenc_available() -> bool:
+    """Whether h264_nvenc really opens here. FFmpeg lists it on every build; it opens
+    only on a GPU with NVENC (L4, L40S; not H100 or H200). Probed once per process."""
+    global _NVENC_OPENS
+    if _NVENC_OPENS is None:
+        try:
+            ctx = av.CodecContext.create("h264_nvenc", "w")
+            ctx.width, ctx.height, ctx.pix_fmt = 256, 256, "yuv420p"
+            ctx.time_base = Fraction(1, 25)
+            ctx.open()
+            _NVENC_OPENS = True
+        except Exception:  # noqa: BLE001 - any failure means no usable NVENC
+            _NVENC_OPENS = False
+        log.info("h264_nvenc %s", "available" if _NVENC_OPENS else "not available: libx264 encodes")
+    return _NVENC_OPENS
+
+
+def encoder_options(codec: str, preset: str, crf: int | None = None) -> dict[str, str]:
+    if codec == "libx264":
+        # One thread per stream: many rooms' encoders share the host, and frame or
+        # slice threads per stream would only oversubscribe it.
+        opts = {"preset": preset, "tune": "zerolatency", "threads": "1"}
+        if crf is not None:
+            opts["crf"] = str(crf)
+        return opts
+    if codec == "h264_nvenc":
+        return {"preset": "p4", "tune": "ll", "zerolatency": "1"}
+    return {}
+
+
 @dataclass(frozen=True, slots=True)
 class EncoderSettings:
-    codec: str = "libx264"  # "h264_nvenc" where the device has NVENC
+    codec: str = "auto"  # auto: h264_nvenc where the device has NVENC, else libx264
     preset: str = "veryfast"
     gop_seconds: float = 2.0
     crf: int = 23
     audio_bitrate: int = 96_000
     hls_segment_seconds: float = 2.0
+
+    def video_codec(self) -> str:
+        if self.codec == "auto":
+            return "h264_nvenc" if nvenc_available() else "libx264"
+        return self.codec
 
 
 class StreamEncoder:
@@ -106,12 +144,12 @@ class StreamEncoder:
             options["rw_timeout"] = "5000000"  # microseconds: a stalled ingest fails the room
         self._container = av.open(self.target.location, mode="w", format=fmt, options=options)
         s = self.settings
-        v = self._container.add_stream(s.codec, rate=self.fps)
+        codec = s.video_codec()
+        v = self._container.add_stream(codec, rate=self.fps)
         v.width, v.height, v.pix_fmt = self.width, self.height, "yuv420p"
         v.time_base = Fraction(1, self.fps)
         v.codec_context.gop_size = max(1, round(s.gop_seconds * self.fps))
-        if s.codec == "libx264":
-            v.codec_context.options = {"preset": s.preset, "tune": "zerolatency", "crf": str(s.crf)}
+        v.codec_context.options = encoder_options(codec, s.preset, s.crf)
         self._video = v
         a = self._container.add_stream("aac", rate=AUDIO_OUT_RATE, layout="mono")
         a.codec_context.bit_rate = s.audio_bitrate
@@ -155,15 +193,19 @@ class StreamEncoder:
 class EncoderThread:
     """Runs a StreamEncoder on its own thread behind a bounded queue.
 
-    ``submit`` never blocks the caller's event loop for long: a full queue means
+    ``prepare`` turns what the room submits into the RGB frame (the room hands
+    over the renderer's float output; converting it is CPU work that belongs
+    here, off the event loop, and is counted as the encoder's). ``submit`` never blocks the caller's event loop for long: a full queue means
     the encoder is behind, which the caller sees as back-pressure. The first
     error is kept and reported; later frames are discarded.
     """
 
     _STOP = object()
 
-    def __init__(self, encoder: StreamEncoder, max_queue: int = 8) -> None:
+    def __init__(self, encoder: StreamEncoder, max_queue: int = 8,
+                 prepare: typing.Callable[[np.ndarray], np.ndarray] = lambda rgb: rgb) -> None:
         self.encoder = encoder
+        self.prepare = prepare
         self._queue: queue.Queue[object] = queue.Queue(maxsize=max_queue)
         self.error: BaseException | None = None
         self.encode_seconds = 0.0
@@ -190,7 +232,7 @@ class EncoderThread:
                     continue
                 rgb, audio = typing.cast(tuple[np.ndarray, np.ndarray], item)
                 t0 = time.thread_time()
-                self.encoder.encode(rgb, audio)
+                self.encoder.encode(self.prepare(rgb), audio)
                 self.encode_seconds += time.thread_time() - t0
                 self.frames_encoded += 1
         except Exception as e:  # noqa: BLE001 - reported through self.error

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,14 @@ _PROVIDER_CHAINS: dict[ProviderChoice, list[str]] = {
 }
 
 
+def auto_intra_op_threads(cores: int | None = None) -> int:
+    """Threads per inference call when not configured: all cores but a quarter (at least
+    one), which stay free for encoders, audio and the event loop. On a 2-core machine
+    inference gets one core: two would starve every room's encoder."""
+    n = cores if cores is not None else (os.cpu_count() or 1)
+    return max(1, n - max(1, n // 4))
+
+
 class ModelInterfaceError(ValueError):
     """A model whose inputs or outputs do not match the interface the pipeline needs."""
 
@@ -61,8 +70,10 @@ class OrtModel:
         self.name = name
         self.path = path
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = intra_op_threads
+        opts.intra_op_num_threads = intra_op_threads or auto_intra_op_threads()
         opts.inter_op_num_threads = 1
+        # Idle inference threads must sleep, not spin: encoders share these cores.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         available = set(ort.get_available_providers())
         wanted = [p for p in _PROVIDER_CHAINS[provider] if p in available]
@@ -75,6 +86,22 @@ class OrtModel:
             raise ModelInterfaceError(f"cannot load model {name} from {path}: {e}") from e
         self.provider: str = self.session.get_providers()[0]
         self._check(interface)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        # On a GPU, outputs are bound to device memory and copied back once per call
+        # (IO binding), rather than onnxruntime allocating host buffers per run.
+        self._io_binding = self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+    def input_shape(self, name: str) -> list[int | str | None]:
+        for i in self.session.get_inputs():
+            if i.name == name:
+                return list(i.shape)
+        raise KeyError(name)
+
+    def output_shape(self, name: str) -> list[int | str | None]:
+        for o in self.session.get_outputs():
+            if o.name == name:
+                return list(o.shape)
+        raise KeyError(name)
 
     def _check(self, interface: ModelInterface) -> None:
         got_in = {i.name: len(i.shape) for i in self.session.get_inputs()}
@@ -93,5 +120,14 @@ class OrtModel:
     def run(self, feeds: dict[str, np.ndarray]) -> tuple[list[Any], float]:
         """Runs the model; returns its outputs and the call's wall time in seconds."""
         t0 = time.perf_counter()
-        out = self.session.run(None, feeds)
+        if self._io_binding:
+            binding = self.session.io_binding()
+            for name, value in feeds.items():
+                binding.bind_cpu_input(name, value)
+            for name in self.output_names:
+                binding.bind_output(name, "cuda")
+            self.session.run_with_iobinding(binding)
+            out: list[Any] = binding.copy_outputs_to_cpu()
+        else:
+            out = self.session.run(None, feeds)
         return out, time.perf_counter() - t0

@@ -1,9 +1,10 @@
 """The worker's Prometheus metrics, declared once; labels bounded to tier,
-stage, provider and device type (never a room id)."""
+stage, model (with its input side), batch size, provider and device type
+(never a room id)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from avatarfarm.domain import Tier
 
@@ -19,7 +20,28 @@ class WorkerMetrics:
         self.frames = Counter("avatarfarm_worker_frames_rendered", "Frames rendered", ["tier"],
                               registry=r)
         self.late = Counter("avatarfarm_worker_late_frames",
-                            "Frames finished after their presentation deadline", ["tier"], registry=r)
+                            "Frames that missed their deadline and were replaced by the last good "
+                            "frame", ["tier"], registry=r)
+        self.batches = Counter("avatarfarm_worker_batches",
+                               "Inference calls by model and batch size (the batch-size histogram)",
+                               ["model", "batch_size"], registry=r)
+        self.batch_items = Counter("avatarfarm_worker_batch_items",
+                                   "Items run on the device (frames, audio windows, sync checks)",
+                                   ["model"], registry=r)
+        self.dropped = Counter("avatarfarm_worker_items_dropped",
+                               "Items the batcher dropped because they could not make their "
+                               "deadline", ["model"], registry=r)
+        self.capacity = Gauge("avatarfarm_worker_capacity_items_per_second",
+                              "Items per second at the best batch size within the latency budget, "
+                              "from the latency profile corrected by live timings", ["model"],
+                              registry=r)
+        self.av_offset = Histogram("avatarfarm_worker_av_offset_seconds",
+                                   "Audio-video offset measured by lip-sync checks (> 0: video "
+                                   "behind audio), before correction", ["tier"],
+                                   buckets=(-0.32, -0.2, -0.12, -0.08, -0.04, -0.001, 0.001, 0.04,
+                                            0.08, 0.12, 0.2, 0.32), registry=r)
+        self.sync_corrections = Counter("avatarfarm_worker_av_corrections",
+                                        "Lip-sync drift corrections applied", ["tier"], registry=r)
         self.stage_seconds = Counter("avatarfarm_worker_stage_seconds",
                                      "Device time spent per pipeline stage", ["stage"], registry=r)
         self.failures = Counter("avatarfarm_worker_room_failures", "Rooms that failed", ["tier"],

@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from avatarfarm.serving import MetricsEndpoint, bind
 from avatarfarm.v1 import live_input_pb2_grpc
 from workers.agent import WorkerAgent
+from workers.batching import BatchPolicy
 from workers.config import WorkerConfig
 from workers.encode import EncoderSettings
 from workers.live_input import LiveInputService
@@ -65,12 +66,14 @@ async def _drain(agent: WorkerAgent, timeout: float = 2.0) -> None:
 
 async def start(config: WorkerConfig) -> RunningWorker:
     folder = ModelFolder.open(config.model_dir)
-    pipeline = Pipeline(folder, config.provider, config.intra_op_threads, config.tts_voice)
+    pipeline = Pipeline(folder, config.provider, config.intra_op_threads, config.tts_voice,
+                        BatchPolicy(max_batch=config.max_batch, max_wait=config.batch_wait))
     device_type = config.device_type or ("cpu" if pipeline.provider == "CPUExecutionProvider" else "gpu")
     log.info("models loaded from %s; provider in use: %s", folder.root, pipeline.provider)
+    encoder = EncoderSettings(codec=config.encoder_codec, preset=config.encoder_preset)
     profiles = await asyncio.to_thread(measure, pipeline, config.render_sides(),
-                                       config.encode_sizes(), config.profile_iterations,
-                                       config.encoder_preset)
+                                       config.encode_sizes(), config.profile_iterations, encoder,
+                                       config.max_batch)
     metrics = WorkerMetrics()
     # The metrics port first: a busy port fails before anything is serving.
     endpoint = MetricsEndpoint.start(config.metrics_port, config.metrics_host, metrics.registry)
@@ -92,8 +95,9 @@ async def start(config: WorkerConfig) -> RunningWorker:
     host = config.advertise_host or config.listen.rsplit(":", 1)[0]
     agent = WorkerAgent(worker_id, config.scheduler, pipeline, profiles, f"{host}:{port}", device_type,
                         config.output_dir, pacing=config.pacing,
-                        latency_budget=config.latency_budget,
-                        encoder=EncoderSettings(preset=config.encoder_preset), metrics=metrics)
+                        latency_budget=config.latency_budget, output_margin=config.output_margin,
+                        sync_interval=config.sync_interval, encoder=encoder, metrics=metrics,
+                        cpu_cores=os.cpu_count() or 1)
     agent_ref.append(agent)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("avatarfarm.v1.LiveInputService", health_pb2.HealthCheckResponse.SERVING)

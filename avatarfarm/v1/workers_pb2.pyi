@@ -15,11 +15,13 @@ class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STAGE_AUDIO_TO_MOTION: _ClassVar[Stage]
     STAGE_RENDER: _ClassVar[Stage]
     STAGE_ENCODE: _ClassVar[Stage]
+    STAGE_ALIGNMENT: _ClassVar[Stage]
 STAGE_UNSPECIFIED: Stage
 STAGE_TTS: Stage
 STAGE_AUDIO_TO_MOTION: Stage
 STAGE_RENDER: Stage
 STAGE_ENCODE: Stage
+STAGE_ALIGNMENT: Stage
 
 class BatchLatency(_message.Message):
     __slots__ = ("batch_size", "seconds")
@@ -44,14 +46,24 @@ class LatencyProfile(_message.Message):
     def __init__(self, stage: _Optional[_Union[Stage, str]] = ..., model: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., latencies: _Optional[_Iterable[_Union[BatchLatency, _Mapping]]] = ...) -> None: ...
 
 class Device(_message.Message):
-    __slots__ = ("provider", "device_type", "name")
+    __slots__ = ("provider", "device_type", "name", "cpu_cores", "latency_budget_seconds")
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     DEVICE_TYPE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    CPU_CORES_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_BUDGET_SECONDS_FIELD_NUMBER: _ClassVar[int]
     provider: str
     device_type: str
     name: str
-    def __init__(self, provider: _Optional[str] = ..., device_type: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+    cpu_cores: int
+    latency_budget_seconds: float
+    def __init__(self, provider: _Optional[str] = ..., device_type: _Optional[str] = ..., name: _Optional[str] = ..., cpu_cores: _Optional[int] = ..., latency_budget_seconds: _Optional[float] = ...) -> None: ...
+
+class ProfileUpdate(_message.Message):
+    __slots__ = ("profiles",)
+    PROFILES_FIELD_NUMBER: _ClassVar[int]
+    profiles: _containers.RepeatedCompositeFieldContainer[LatencyProfile]
+    def __init__(self, profiles: _Optional[_Iterable[_Union[LatencyProfile, _Mapping]]] = ...) -> None: ...
 
 class Register(_message.Message):
     __slots__ = ("worker_id", "device", "models", "profiles", "input_endpoint", "active_session_ids", "avatars")
@@ -92,14 +104,16 @@ class SessionUpdate(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., state: _Optional[_Union[_types_pb2.SessionState, str]] = ..., reason: _Optional[str] = ..., progress: _Optional[_Union[_types_pb2.SessionProgress, _Mapping]] = ...) -> None: ...
 
 class WorkerMessage(_message.Message):
-    __slots__ = ("register", "heartbeat", "session_update")
+    __slots__ = ("register", "heartbeat", "session_update", "profile_update")
     REGISTER_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     SESSION_UPDATE_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_UPDATE_FIELD_NUMBER: _ClassVar[int]
     register: Register
     heartbeat: Heartbeat
     session_update: SessionUpdate
-    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., session_update: _Optional[_Union[SessionUpdate, _Mapping]] = ...) -> None: ...
+    profile_update: ProfileUpdate
+    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., session_update: _Optional[_Union[SessionUpdate, _Mapping]] = ..., profile_update: _Optional[_Union[ProfileUpdate, _Mapping]] = ...) -> None: ...
 
 class Registered(_message.Message):
     __slots__ = ("heartbeat_interval_seconds",)

@@ -5,6 +5,8 @@ Layout::
     manifest.json          names the model files and the interface version
     audio_to_motion.onnx   mel [B, 80, 16] -> motion [B, 8]
     renderer.onnx          avatar [B, 3, S, S], motion [B, 8] -> frame [B, 3, S, S]
+    lipsync.onnx           audio [B, T, 80], mouth [B, T, 3, H, W] -> scores [B, 2L+1]
+                           (optional: without it rooms run no lip-sync check)
     avatars/<id>.png       portraits aligned to the face template (PNG or JPEG)
 
 ``build_reference`` writes the project's own models and default avatar; a user
@@ -33,6 +35,8 @@ DEFAULT_AVATAR = "presenter"
 AUDIO_TO_MOTION = ModelInterface(inputs=(TensorSpec("mel", 3),), outputs=(TensorSpec("motion", 2),))
 RENDERER = ModelInterface(inputs=(TensorSpec("avatar", 4), TensorSpec("motion", 2)),
                           outputs=(TensorSpec("frame", 4),))
+LIPSYNC = ModelInterface(inputs=(TensorSpec("audio", 3), TensorSpec("mouth", 5)),
+                         outputs=(TensorSpec("scores", 2),))
 
 
 class ModelFolderError(FileNotFoundError):
@@ -45,6 +49,7 @@ class ModelFolder:
     audio_to_motion: Path
     renderer: Path
     renderer_name: str
+    lipsync: Path | None = None
 
     @staticmethod
     def open(root: Path) -> ModelFolder:
@@ -60,9 +65,14 @@ class ModelFolder:
         if tuple(manifest.get("motion", ())) != MOTION_NAMES:
             raise ModelFolderError(f"{manifest_path}: motion layout {manifest.get('motion')} "
                                    f"does not match {list(MOTION_NAMES)}")
+        lipsync = manifest.get("lipsync")
         folder = ModelFolder(root, root / manifest["audio_to_motion"], root / manifest["renderer"],
-                             manifest.get("renderer_name", "renderer"))
-        for p in (folder.audio_to_motion, folder.renderer):
+                             manifest.get("renderer_name", "renderer"),
+                             root / lipsync if lipsync else None)
+        if folder.lipsync is None:
+            log.warning("%s names no lipsync model: rooms will run without lip-sync checks",
+                        manifest_path)
+        for p in (folder.audio_to_motion, folder.renderer, folder.lipsync or folder.renderer):
             if not p.is_file():
                 raise ModelFolderError(f"model file {p} named in {manifest_path} is missing")
         return folder
@@ -81,7 +91,12 @@ class ModelFolder:
 def build_reference(root: Path, preset: str = "lite", *, force: bool = False) -> ModelFolder:
     """Writes the reference models and default avatar to ``root`` (deterministic)."""
     from workers.models.avatar import draw_default_avatar, write_png
-    from workers.models.reference import RENDERER_PRESETS, build_audio_to_motion, build_renderer
+    from workers.models.reference import (
+        RENDERER_PRESETS,
+        build_audio_to_motion,
+        build_lipsync,
+        build_renderer,
+    )
 
     if preset not in RENDERER_PRESETS:
         raise ValueError(f"unknown renderer preset {preset!r}; choose from {sorted(RENDERER_PRESETS)}")
@@ -89,11 +104,12 @@ def build_reference(root: Path, preset: str = "lite", *, force: bool = False) ->
     manifest_path = root / "manifest.json"
     if manifest_path.exists() and not force:
         current = json.loads(manifest_path.read_text())
-        if current.get("renderer_name") == f"reference-{preset}":
+        if current.get("renderer_name") == f"reference-{preset}" and current.get("lipsync"):
             return ModelFolder.open(root)
     size = RENDERER_PRESETS[preset]
     onnx.save(build_audio_to_motion(), str(root / "audio_to_motion.onnx"))
     onnx.save(build_renderer(size), str(root / "renderer.onnx"))
+    onnx.save(build_lipsync(), str(root / "lipsync.onnx"))
     avatar = root / "avatars" / f"{DEFAULT_AVATAR}.png"
     if not avatar.exists():
         write_png(avatar, draw_default_avatar())
@@ -101,6 +117,7 @@ def build_reference(root: Path, preset: str = "lite", *, force: bool = False) ->
         "interface_version": INTERFACE_VERSION,
         "audio_to_motion": "audio_to_motion.onnx",
         "renderer": "renderer.onnx",
+        "lipsync": "lipsync.onnx",
         "renderer_name": f"reference-{preset}",
         "renderer_gmac_per_frame_256": round(size.gmac_per_frame(256), 3),
         "motion": list(MOTION_NAMES),

@@ -260,6 +260,74 @@ def build_renderer(size: RendererSize = RENDERER_PRESETS["lite"], seed: int = 11
     return _finish(graph, f"avatarfarm reference renderer c{size.channels} d{size.depth}")
 
 
+SYNC_WINDOW = 48  # video frames per lip-sync check (~2 s at 25 fps)
+SYNC_MAX_LAG = 8  # frames either way (+-320 ms at 25 fps)
+MOUTH_CROP = (16, 24)  # height, width of the mouth crop the check reads
+
+
+def build_lipsync(window: int = SYNC_WINDOW, max_lag: int = SYNC_MAX_LAG,
+                  crop: tuple[int, int] = MOUTH_CROP) -> onnx.ModelProto:
+    """Lip-sync check (the role SyncNet plays): per-frame audio features ``audio``
+    [B, T, 80] (mean log-mel of each video frame's audio) and the mouth region of
+    each rendered frame ``mouth`` [B, T, 3, H, W] -> ``scores`` [B, 2L+1], the
+    normalised correlation of speech energy with mouth opening when the video is
+    shifted by -L..L frames. A peak at lag d > 0 means the mouth moves d frames
+    after the sound that drives it: the video lags the audio."""
+    t, lags = window, 2 * max_lag + 1
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    band = np.zeros((N_MELS, 1), np.float32)
+    band[5:60, 0] = 1.0 / 55  # the speech band, as the audio-to-motion energy head reads it
+    inits.append(numpy_helper.from_array(band, "sync.band"))
+    nodes.append(helper.make_node("MatMul", ["audio", "sync.band"], ["energy3"]))
+    nodes.append(_const("sync.bt", np.array([-1, t], np.int64)))
+    nodes.append(helper.make_node("Reshape", ["energy3", "sync.bt"], ["energy"]))
+    # Mouth opening: the crop darkens as the jaw opens (cavity shading and lips parting).
+    nodes.append(helper.make_node("ReduceMean", ["mouth"], ["rgb5"], axes=[3, 4], keepdims=0))
+    luma = np.array([[-0.299], [-0.587], [-0.114]], np.float32)
+    inits.append(numpy_helper.from_array(luma, "sync.luma"))
+    nodes.append(helper.make_node("MatMul", ["rgb5", "sync.luma"], ["dark3"]))
+    nodes.append(helper.make_node("Reshape", ["dark3", "sync.bt"], ["dark"]))
+
+    def standardise(x: str, eps: float) -> str:
+        nodes.append(helper.make_node("ReduceMean", [x], [f"{x}.mean"], axes=[1], keepdims=1))
+        nodes.append(helper.make_node("Sub", [x, f"{x}.mean"], [f"{x}.c"]))
+        nodes.append(helper.make_node("Mul", [f"{x}.c", f"{x}.c"], [f"{x}.sq"]))
+        nodes.append(helper.make_node("ReduceMean", [f"{x}.sq"], [f"{x}.var"], axes=[1], keepdims=1))
+        nodes.append(_const(f"{x}.eps", np.array(eps, np.float32)))
+        nodes.append(helper.make_node("Add", [f"{x}.var", f"{x}.eps"], [f"{x}.vare"]))
+        nodes.append(helper.make_node("Sqrt", [f"{x}.vare"], [f"{x}.std"]))
+        nodes.append(helper.make_node("Div", [f"{x}.c", f"{x}.std"], [f"{x}.z"]))
+        return f"{x}.z"
+
+    # The floors keep silence (flat energy) and a still face from scoring noise.
+    a = standardise("energy", 0.02)
+    m = standardise("dark", 1e-5)
+    nodes.append(_const("sync.pads", np.array([0, max_lag, 0, max_lag], np.int64)))
+    nodes.append(helper.make_node("Pad", [m, "sync.pads"], ["dark.pad"]))
+    idx = (np.arange(t)[None, :] + np.arange(lags)[:, None]).astype(np.int64)  # lag l-L at row l
+    inits.append(numpy_helper.from_array(idx, "sync.idx"))
+    nodes.append(helper.make_node("Gather", ["dark.pad", "sync.idx"], ["shifted"], axis=1))
+    nodes.append(_const("sync.axis1", np.array([1], np.int64)))
+    nodes.append(helper.make_node("Unsqueeze", [a, "sync.axis1"], ["a3"]))
+    nodes.append(helper.make_node("Mul", ["shifted", "a3"], ["prod"]))
+    # Sum over time, normalised by the overlap at each lag.
+    nodes.append(_const("sync.axis2", np.array([2], np.int64)))
+    nodes.append(helper.make_node("ReduceSum", ["prod", "sync.axis2"], ["prod.sum"], keepdims=0))
+    overlap = (t - np.abs(np.arange(lags) - max_lag)).astype(np.float32)
+    inits.append(numpy_helper.from_array(overlap, "sync.overlap"))
+    nodes.append(helper.make_node("Div", ["prod.sum", "sync.overlap"], ["scores"]))
+    h, w = crop
+    graph = helper.make_graph(
+        nodes, "lipsync",
+        [helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["B", t, N_MELS]),
+         helper.make_tensor_value_info("mouth", TensorProto.FLOAT, ["B", t, 3, h, w])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["B", lags])],
+        inits,
+    )
+    return _finish(graph, "avatarfarm reference lip-sync check")
+
+
 def _finish(graph: onnx.GraphProto, doc: str) -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="avatarfarm", doc_string=doc)
