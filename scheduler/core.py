@@ -73,6 +73,7 @@ class WorkerConn:
     outbox: asyncio.Queue[WorkerCommand | None] = field(default_factory=asyncio.Queue)
     last_seen: float = 0.0
     reported_load: float = 0.0
+    latency_budget: float = 0.0
 
 
 class Scheduler:
@@ -195,7 +196,8 @@ class Scheduler:
 
     def register_worker(self, worker_id: str, *, device_type: str, provider: str,
                         profile: placement.WorkerProfile, input_endpoint: str,
-                        avatars: frozenset[str], active: frozenset[str]) -> WorkerConn:
+                        avatars: frozenset[str], active: frozenset[str],
+                        latency_budget: float = 0.0) -> WorkerConn:
         old = self.workers.get(worker_id)
         if old is not None:
             # A reconnect that overtook the old stream's end: retire the old stream only;
@@ -203,7 +205,7 @@ class Scheduler:
             old.outbox.put_nowait(None)
         now = self.clock()
         conn = WorkerConn(worker_id, device_type, provider, profile, input_endpoint, avatars, now,
-                          last_seen=now)
+                          last_seen=now, latency_budget=latency_budget)
         self.workers[worker_id] = conn
         for s in list(self.sessions.values()):
             if s.state.terminal:
@@ -231,6 +233,16 @@ class Scheduler:
         self._update_gauges()
         self.kick()
         return conn
+
+    def worker_profile_changed(self, conn: WorkerConn, update: placement.WorkerProfile) -> None:
+        """A worker re-measured (or corrected from live timings) some of its costs: they
+        replace the old ones for new placements; rooms already placed keep their load."""
+        self.worker_seen(conn)
+        conn.profile = conn.profile.merged(update)
+        log.info("worker %s updated its profile: %s", conn.worker_id,
+                 ", ".join(f"{c.stage.value}@{c.width}x{c.height}={c.seconds * 1000:.2f}ms"
+                           for c in update.costs))
+        self.kick()
 
     def worker_seen(self, conn: WorkerConn, load: float | None = None) -> None:
         conn.last_seen = self.clock()

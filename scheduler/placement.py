@@ -1,8 +1,11 @@
 """Placement: which worker renders which room. Pure policy, no I/O.
 
 Capacity is not a slot count: each worker reports measured latency profiles
-(seconds per frame for each stage at the sizes it measured), and a room's load
-on that worker is the device time its frames need per second of stream:
+(seconds per call for each stage at the sizes and batch sizes it measured;
+workers batch frames across rooms), reduced here to seconds per item at the
+worker's best batch size whose call fits half its latency budget (a frame may
+wait out one call before its own). A room's load on that worker is the device
+time its frames need per second of stream:
 
     load = fps * (render(side) + encode(w, h) + audio_to_motion [unless mocap])
            + tts_seconds_per_audio_second [text rooms]
@@ -21,9 +24,19 @@ from dataclasses import dataclass
 from avatarfarm.domain import DriveMode, Quality, Stage, Tier
 
 
+def item_seconds(points: Sequence[tuple[int, float]], latency_budget: float = 0.0) -> float:
+    """Seconds per item at the best-throughput batch size whose call fits within half the
+    latency budget (any size when the budget is 0 or unknown); batch 1 when none fits."""
+    bound = latency_budget / 2 if latency_budget > 0 else float("inf")
+    fitting = [(b, s) for b, s in points if s <= bound and b > 0]
+    if not fitting:
+        fitting = [min(points)]
+    return min(s / b for b, s in fitting)
+
+
 @dataclass(frozen=True, slots=True)
 class StageCost:
-    """Measured seconds per call of one stage at one size (batch size 1).
+    """Measured seconds per item of one stage at one size (see item_seconds).
 
     For RENDER the size is the square portrait side (width == height); for
     ENCODE the frame size; for AUDIO_TO_MOTION and TTS it is 0x0. TTS seconds
@@ -51,6 +64,12 @@ class WorkerProfile:
         pixels = width * height
         nearest = min(measured, key=lambda c: abs(c.width * c.height - pixels))
         return nearest.seconds * pixels / max(nearest.width * nearest.height, 1)
+
+    def merged(self, update: WorkerProfile) -> WorkerProfile:
+        """This profile with the costs in `update` replacing those of the same stage and size."""
+        fresh = {(c.stage, c.width, c.height) for c in update.costs}
+        kept = tuple(c for c in self.costs if (c.stage, c.width, c.height) not in fresh)
+        return WorkerProfile(kept + update.costs)
 
     def room_load(self, quality: Quality, mode: DriveMode) -> float | None:
         """Device-seconds per second of stream; None if a needed stage is unmeasured."""

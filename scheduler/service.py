@@ -104,15 +104,17 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
         return sessions_pb2.AppendScriptResponse(queued_segments=n)
 
 
-def profile_from_pb(profiles: Any) -> placement.WorkerProfile:
+def profile_from_pb(profiles: Any, latency_budget: float = 0.0) -> placement.WorkerProfile:
+    """Per-item costs from a worker's batched latency profiles (see placement.item_seconds)."""
     costs = []
     for p in profiles:
         stage = convert.STAGES.get(p.stage)
-        one = [lat.seconds for lat in p.latencies if lat.batch_size == 1 and lat.seconds > 0]
-        if stage is None or not one:
+        points = [(lat.batch_size, lat.seconds) for lat in p.latencies
+                  if lat.batch_size > 0 and lat.seconds > 0]
+        if stage is None or not points:
             continue
         w, h = (p.width, p.height) if stage in (Stage.RENDER, Stage.ENCODE) else (0, 0)
-        costs.append(placement.StageCost(stage, w, h, one[0]))
+        costs.append(placement.StageCost(stage, w, h, placement.item_seconds(points, latency_budget)))
     return placement.WorkerProfile(tuple(costs))
 
 
@@ -149,8 +151,10 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
         reg = first.register
         conn = self.core.register_worker(
             reg.worker_id, device_type=reg.device.device_type or "unknown",
-            provider=reg.device.provider, profile=profile_from_pb(reg.profiles),
+            provider=reg.device.provider,
+            profile=profile_from_pb(reg.profiles, reg.device.latency_budget_seconds),
             input_endpoint=reg.input_endpoint, avatars=frozenset(reg.avatars),
+            latency_budget=reg.device.latency_budget_seconds,
             active=frozenset(reg.active_session_ids))
         reader = asyncio.create_task(self._read(conn, request_iterator, timeout))
         try:
@@ -187,6 +191,9 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
             kind = msg.WhichOneof("kind")
             if kind == "heartbeat":
                 self.core.worker_seen(conn, msg.heartbeat.load)
+            elif kind == "profile_update":
+                self.core.worker_profile_changed(
+                    conn, profile_from_pb(msg.profile_update.profiles, conn.latency_budget))
             elif kind == "session_update":
                 u = msg.session_update
                 state = convert.STATES.get(u.state)

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from avatarfarm.domain import DriveMode, Quality, Stage, Tier
-from scheduler.placement import WorkerProfile, place
+from scheduler.placement import StageCost, WorkerProfile, item_seconds, place
 from tests.builders import make_profile, make_room, make_worker
 
 
@@ -108,3 +108,20 @@ def test_a_waiting_premium_room_never_loses_to_a_lower_tier_of_the_same_cost(roo
     waiting_tiers = [tiers[s].priority for s in result.waiting]
     if placed_tiers and waiting_tiers:
         assert max(placed_tiers) <= min(waiting_tiers)
+
+
+def test_item_cost_is_taken_at_the_best_batch_within_half_the_latency_budget() -> None:
+    points = [(1, 0.040), (8, 0.080), (16, 0.120)]
+    assert item_seconds(points) == pytest.approx(0.0075)
+    assert item_seconds(points, latency_budget=0.2) == pytest.approx(0.010)
+    assert item_seconds(points, latency_budget=0.05) == pytest.approx(0.040)
+    assert item_seconds(points, latency_budget=0.01) == pytest.approx(0.040)  # nothing fits: batch 1
+
+
+def test_a_profile_update_replaces_only_the_costs_it_names() -> None:
+    p = make_profile(render_512=0.040)
+    q = p.merged(WorkerProfile((StageCost(Stage.RENDER, 512, 512, 0.010),
+                                StageCost(Stage.RENDER, 256, 256, 0.003))))
+    assert q.stage_seconds(Stage.RENDER, 512, 512) == pytest.approx(0.010)
+    assert q.stage_seconds(Stage.RENDER, 256, 256) == pytest.approx(0.003)
+    assert q.stage_seconds(Stage.ENCODE, 512, 512) == p.stage_seconds(Stage.ENCODE, 512, 512)

@@ -72,7 +72,8 @@ class ProtocolWorker:
                                               latencies=[workers_pb2.BatchLatency(batch_size=1, seconds=s)])
         return workers_pb2.WorkerMessage(register=workers_pb2.Register(
             worker_id=self.worker_id, input_endpoint="127.0.0.1:1", active_session_ids=self.active,
-            device=workers_pb2.Device(provider="CPUExecutionProvider", device_type="cpu"),
+            device=workers_pb2.Device(provider="CPUExecutionProvider", device_type="cpu",
+                                      latency_budget_seconds=0.2),
             profiles=[prof(workers_pb2.STAGE_RENDER, 512, 512, self.render_seconds),
                       prof(workers_pb2.STAGE_ENCODE, 512, 512, 0.001),
                       prof(workers_pb2.STAGE_AUDIO_TO_MOTION, 0, 0, 0.0005),
@@ -272,6 +273,35 @@ def test_a_room_that_fits_nowhere_waits_then_is_placed(tmp_path: Path, model_dir
             worker.report(a.session_id, types_pb2.SESSION_STATE_ENDED, frames=50)
             second = await worker.next("assign")
             assert second.assign.session_id == b.session_id
+            await worker.close()
+
+    run(body)
+
+
+def test_placement_uses_batched_profiles_and_their_updates(tmp_path: Path, model_dir: Path) -> None:
+    async def body() -> None:
+        async with scheduler(tmp_path, model_dir) as (_, stub, ch):
+            # At batch 1 a 512x512@25 room needs 25 x 40 ms = the whole worker: it waits.
+            worker = ProtocolWorker(ch, "w1", render_seconds=0.040)
+            a = await stub.CreateSession(create_req("a", drive=types_pb2.DRIVE_MODE_VOICE))
+            await client.wait_for(stub, a.session_id, lambda s: "needs" in s.reason, 10)
+            # Live timings show batches of 8 take 80 ms (10 ms per frame); a 16-frame call
+            # (120 ms, 7.5 ms per frame) exceeds half the 0.2 s latency budget: it must not count.
+            worker.outbox.put_nowait(workers_pb2.WorkerMessage(
+                profile_update=workers_pb2.ProfileUpdate(profiles=[workers_pb2.LatencyProfile(
+                    stage=workers_pb2.STAGE_RENDER, width=512, height=512, latencies=[
+                        workers_pb2.BatchLatency(batch_size=1, seconds=0.040),
+                        workers_pb2.BatchLatency(batch_size=8, seconds=0.080),
+                        workers_pb2.BatchLatency(batch_size=16, seconds=0.120)])])))
+            assigned = await worker.next("assign")
+            assert assigned.assign.session_id == a.session_id
+            # 25 x (10 + 1 + 0.5) ms = 0.29 of the worker per room: three fit under 0.9.
+            for room in ("b", "c"):
+                s = await stub.CreateSession(create_req(room, drive=types_pb2.DRIVE_MODE_VOICE))
+                assert (await worker.next("assign")).assign.session_id == s.session_id
+            d = await stub.CreateSession(create_req("d", drive=types_pb2.DRIVE_MODE_VOICE))
+            waiting = await client.wait_for(stub, d.session_id, lambda s: "needs" in s.reason, 10)
+            assert "needs 0.29" in waiting.reason
             await worker.close()
 
     run(body)
