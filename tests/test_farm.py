@@ -40,8 +40,9 @@ async def farm(tmp_path: Path, model_dir: Path, **worker_kw: Any) -> AsyncIterat
         avatar_dir=model_dir / "avatars", overcommit=20.0))
     conf = WorkerConfig(scheduler=f"127.0.0.1:{sched.port}", listen="127.0.0.1:0", worker_id="w1",
                         model_dir=model_dir, output_dir=tmp_path / "out", provider=ProviderChoice.CPU,
-                        pacing=Pacing.FAST, profile_render_sides="256", profile_encode_sizes="256x256",
-                        profile_iterations=1, **{"metrics_port": 0, **worker_kw})
+                        profile_encode_sizes="256x256", profile_iterations=1,
+                        **{"metrics_port": 0, "pacing": Pacing.FAST, "profile_render_sides": "256",
+                           **worker_kw})
     worker = await start_worker(conf)
     await asyncio.wait_for(worker.agent.connected.wait(), 30)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{sched.port}")
@@ -220,5 +221,38 @@ def test_the_worker_exports_its_metrics(tmp_path: Path, model_dir: Path) -> None
             assert 'avatarfarm_worker_frames_rendered_total{tier="premium"} 25.0' in text
             assert 'avatarfarm_worker_info{device_type="cpu",provider="CPUExecutionProvider"} 1.0' in text
             assert 'avatarfarm_worker_stage_seconds_total{stage="render"}' in text
+
+    run(body())
+
+
+def test_rooms_at_different_resolutions_batch_on_the_worker(tmp_path: Path, model_dir: Path) -> None:
+    """Real-time rooms at two portrait sides: each side's frames run as cross-room
+    batches (size > 1) and every frame of every room is delivered."""
+    import re
+
+    async def body() -> None:
+        async with farm(tmp_path, model_dir, metrics_port=-1, pacing=Pacing.REALTIME,
+                        profile_render_sides="192,256") as (stub, worker):
+            sizes = {"a": (256, 256), "b": (256, 256), "c": (320, 192), "d": (320, 192)}
+            made = await asyncio.gather(*(stub.CreateSession(sessions_pb2.CreateSessionRequest(
+                spec=client.spec("vendor", room, width=w, height=h, seconds=2.0,
+                                 file_path=f"{room}.mp4",
+                                 script=[types_pb2.ScriptSegment(text=SPEECH)])))
+                for room, (w, h) in sizes.items()))
+            done = await asyncio.gather(*(client.wait_for(stub, s.session_id, ended, 60)
+                                          for s in made))
+            assert [d.state for d in done] == [types_pb2.SESSION_STATE_ENDED] * 4
+            assert [d.progress.frames_rendered for d in done] == [50] * 4
+            text = await asyncio.to_thread(lambda: urllib.request.urlopen(
+                f"http://127.0.0.1:{worker.metrics_port}/metrics").read().decode())
+            calls = re.findall(r'avatarfarm_worker_batches_total\{batch_size="(\d+)",'
+                               r'model="reference-lite@(\d+)"\} (\d+)', text)
+            largest = {side: max(int(b) for b, s, _ in calls if s == side) for _, side, _ in calls}
+            assert largest.get("256", 0) > 1 and largest.get("192", 0) > 1, calls
+            items = sum(int(b) * int(n) for b, s, n in calls if s in ("192", "256"))
+            late = sum(d.progress.late_frames for d in done)
+            assert items + late >= 200
+        for room in sizes:
+            assert probe(tmp_path / "out" / f"{room}.mp4").frames == 50
 
     run(body())

@@ -72,6 +72,7 @@ class WorkerAgent:
         self._outbox: asyncio.Queue[workers_pb2.WorkerMessage] | None = None
         self._reported: dict[str, tuple[int, int, dict[str, float]]] = {}
         self._engine_reported: dict[BatchKey, KeyStats] = {}
+        self._corrections: dict[str, int] = {}
         self.connected = asyncio.Event()
         self.heartbeat_interval = 1.0
         self.metrics.info.labels(pipeline.provider, device_type).set(1)
@@ -110,8 +111,10 @@ class WorkerAgent:
             self._finals[room.session_id] = update
             self.rooms.pop(room.session_id, None)
             self._reported.pop(room.session_id, None)
+            self._corrections.pop(room.session_id, None)
             if room.state is RoomState.FAILED:
                 self.metrics.failures.labels(room.spec.tier.value).inc()
+            self._account_engine()
             log.info("room %s %s: %s", room.session_id, room.state.value, room.reason)
             self._update_room_gauge()
 
@@ -120,8 +123,9 @@ class WorkerAgent:
             return
         tier = room.spec.tier.value
         self.metrics.av_offset.labels(tier).observe(est.offset_frames / room.spec.quality.fps)
-        if est.offset_frames:
+        if room.stats.sync_corrections > self._corrections.get(room.session_id, 0):
             self.metrics.sync_corrections.labels(tier).inc()
+            self._corrections[room.session_id] = room.stats.sync_corrections
 
     def _progress_pb(self, room: Room) -> types_pb2.SessionProgress:
         st = room.stats

@@ -41,6 +41,27 @@ def estimate(scores: np.ndarray, *, min_peak: float = 0.3,
     return SyncEstimate(i - lags // 2, peak, confidence)
 
 
+class DriftPolicy:
+    """When a measured offset is worth correcting. An offset of two frames or more
+    (80 ms at 25 fps, past what viewers notice when video lags) is corrected at
+    once; a one-frame offset only when two checks in a row agree, so a check's
+    one-frame jitter does not make the correction flap."""
+
+    def __init__(self) -> None:
+        self._previous = 0
+
+    def correction(self, est: SyncEstimate | None) -> int:
+        """Frames to correct by (0: none) after a check."""
+        if est is None:
+            return 0
+        o = est.offset_frames
+        if abs(o) >= 2 or (o != 0 and o == self._previous):
+            self._previous = 0
+            return o
+        self._previous = o
+        return 0
+
+
 def audio_feature(samples: np.ndarray) -> np.ndarray:
     """One frame's audio as the lip-sync model reads it: its mean log-mel column."""
     mel = log_mel(samples)

@@ -31,7 +31,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from avatarfarm.domain import DriveMode, ScriptSegment, SessionSpec
-from workers.alignment import AvDelay, MouthCrop, SyncEstimate, SyncMonitor, estimate
+from workers.alignment import (
+    AvDelay,
+    DriftPolicy,
+    MouthCrop,
+    SyncEstimate,
+    SyncMonitor,
+    estimate,
+)
 from workers.audio import SAMPLE_RATE, MelStream
 from workers.drivers import LiveAudio, LiveMotion, ScriptPlayer
 from workers.encode import EncoderSettings, EncoderThread, OutputTarget, StreamEncoder
@@ -127,6 +134,7 @@ class Room:
         self.idle = IdleAnimator(q.fps, rng)
         self.mel = MelStream()
         self.av_delay = AvDelay()
+        self.drift = DriftPolicy()
         shape = pipeline.sync_shape
         self.sync: SyncMonitor | None = None
         if shape is not None and spec.drive_mode.uses_audio_to_motion:
@@ -332,15 +340,16 @@ class Room:
         est = estimate(r.value)
         if est is not None:
             st.av_offset_seconds = est.offset_frames / fps
-            if est.offset_frames != 0:
-                self.av_delay.correct(est.offset_frames)
+            correct = self.drift.correction(est)
+            if correct:
+                self.av_delay.correct(correct)
                 st.sync_corrections += 1
                 st.av_correction_seconds = self.av_delay.net_frames / fps
                 assert self.sync is not None
                 self.sync.restart()  # frames before the correction no longer describe the stream
                 log.info("room %s: video %s audio by %d frame(s); correction now %+d",
-                         self.session_id, "behind" if est.offset_frames > 0 else "ahead of",
-                         abs(est.offset_frames), self.av_delay.net_frames)
+                         self.session_id, "behind" if correct > 0 else "ahead of",
+                         abs(correct), self.av_delay.net_frames)
         try:
             self.on_sync(self, est)
         except Exception:  # a reporting problem must not kill the stream

@@ -6,6 +6,8 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
+
 from avatarfarm.domain import OutputKind, Quality
 from tests.builders import make_spec
 from tests.media import probe
@@ -81,3 +83,52 @@ def test_a_live_room_waiting_for_its_input_can_be_stopped(pipeline: Pipeline, tm
 
     asyncio.run(body())
     assert room.state is RoomState.ENDED and room.stats.frames_rendered == 0
+
+
+def test_frames_that_cannot_make_their_deadline_are_replaced_and_counted(
+        pipeline: Pipeline, tmp_path: Path) -> None:
+    # A 4 ms latency budget leaves no time to render any frame: the batcher drops every
+    # one, and the room still streams every frame at its time, with its audio.
+    room = make_room(pipeline, tmp_path, seconds=1.0, pacing=Pacing.REALTIME)
+    room.latency_budget, room.output_margin = 0.004, 0.002
+    def rendered() -> int:
+        return pipeline.engine.stats()[pipeline.render_key(256)].items
+
+    before = rendered()
+    asyncio.run(room.run())
+    assert room.state is RoomState.ENDED
+    assert room.stats.frames_rendered == 25
+    assert room.stats.late_frames == 25
+    assert rendered() == before  # no frame was rendered too late to be shown
+    facts = probe(tmp_path / "r.mp4")
+    assert facts.frames == 25
+    assert facts.duration == pytest.approx(1.0)
+
+
+def test_an_injected_av_offset_is_measured_and_corrected(pipeline: Pipeline, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from avatarfarm.domain import ScriptSegment
+    from workers.alignment import SyncEstimate
+
+    speech = ("Welcome to the live room. Today we have three new offers for you, and every one "
+              "of them ships tomorrow morning. Stay with us and ask your questions.")
+    room = make_room(pipeline, tmp_path, seconds=10.0, pacing=Pacing.FAST)
+    room.spec = replace(room.spec, script=(ScriptSegment(speech),))
+    room.script = type(room.script)(room._synthesize)
+    room.script.append(room.spec.script)
+    # The video is made to lag its audio by 3 frames (120 ms), as a drifting stream would.
+    room.video_lag_frames = 3
+    room.sync.every_frames = room.sync.window  # type: ignore[union-attr]
+    checks: list[SyncEstimate] = []
+    room.on_sync = lambda r, est: checks.append(est) if est is not None else None
+    asyncio.run(room.run())
+    assert room.state is RoomState.ENDED
+    assert len(checks) >= 3
+    # Measured: the injected lag on top of the pipeline's own (at most a frame).
+    assert 3 <= checks[0].offset_frames <= 4
+    # Corrected: the audio is held back by as much, and later checks find the stream in sync.
+    assert room.stats.sync_corrections >= 1
+    assert room.av_delay.audio_frames >= 3
+    assert all(abs(c.offset_frames) <= 1 for c in checks[1:])
+    assert probe(tmp_path / "r.mp4").frames == 250
