@@ -1,21 +1,30 @@
-"""Worker baseline benchmark: N rooms on one worker, rendered as fast as possible.
+"""Worker benchmark: how many real-time rooms one device carries, per-room vs batched.
 
-For each room count it prints frames/s, device time per frame by stage (TTS,
-audio-to-motion, render, encode), the rooms this device could carry in real
-time at that load, and cost per stream-hour at the given device price. No
-cross-room batching yet: this is the per-room baseline the batcher is
-measured against.
+On one worker (the real pipeline, rooms, batcher and encoders; no scheduler),
+it measures the renderer's best batched throughput alone (the physical limit),
+then ramps real-time rooms up, twice in the same run: once with per-room
+inference (batch 1, one call per frame) and once with the cross-room batcher.
+For each load it prints frames/s rendered, the late (replaced) frame rate, the
+render batch-size histogram and device/CPU time per frame by stage; then the
+largest load each mode sustains with <= 0.1% late frames, the batcher's
+throughput there against the limit, and its late rate at 80% of capacity.
 
-    python loadtests/worker_bench.py --rooms 1,2,4 --size 512x512 --seconds 6
-    python loadtests/worker_bench.py --provider cuda --preset standard   # on a GPU machine
+    python loadtests/worker_bench.py                       # CPU, lite renderer, 256x256@25
+    python loadtests/worker_bench.py --size 512x512 --rooms 1,2,3
+    python loadtests/worker_bench.py --provider cuda --preset standard --size 512x512 \\
+        --rooms 4,8,16,24,32,48 --max-batch 32             # a GPU with onnxruntime-gpu
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import logging
+import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from avatarfarm.domain import (
@@ -27,79 +36,165 @@ from avatarfarm.domain import (
     SessionSpec,
     Tier,
 )
+from workers.batching import BatchPolicy
 from workers.encode import EncoderSettings, OutputTarget
-from workers.inference import ProviderChoice
+from workers.inference import ProviderChoice, auto_intra_op_threads
 from workers.models.folder import build_reference
 from workers.models.reference import RENDERER_PRESETS
 from workers.pipeline import Pipeline
+from workers.profile import batch_sizes, measure, measure_curve
 from workers.room import Pacing, Room, RoomState
 
 SCRIPT = (ScriptSegment("Welcome back everyone, the flash sale starts in one minute, so get ready.", 0.5),
           ScriptSegment("These headphones have forty hours of battery and fold into your pocket.", 0.5))
+LATE_GOAL = 0.001
 
 
-async def run_rooms(pipeline: Pipeline, n: int, quality: Quality, seconds: float, out: Path,
-                    preset: str) -> dict[str, float]:
+@dataclass
+class Load:
+    rooms: int
+    wall: float
+    frames: int
+    late: int
+    batches: collections.Counter[int] = field(default_factory=collections.Counter)
+    stage: dict[str, float] = field(default_factory=dict)  # seconds per frame
+
+    @property
+    def rendered_fps(self) -> float:
+        return (self.frames - self.late) / self.wall
+
+    @property
+    def late_rate(self) -> float:
+        return self.late / max(self.frames, 1)
+
+
+async def run_load(pipeline: Pipeline, n: int, quality: Quality, seconds: float, out: Path,
+                   encoder: EncoderSettings, label: str) -> Load:
+    key = pipeline.render_key(quality.render_side)
+    before = pipeline.engine.stats().get(key)
     rooms = []
     for i in range(n):
         spec = SessionSpec("bench", f"room-{i}", "presenter", DriveMode.TEXT, quality, Tier.STANDARD,
-                           Output(OutputKind.FILE, f"n{n}/room-{i}.mp4"), seconds, SCRIPT)
+                           Output(OutputKind.FILE, f"{label}/n{n}/room-{i}.mp4"), seconds, SCRIPT)
         target = OutputTarget.resolve(OutputKind.FILE, spec.output.target, out)
-        rooms.append(Room(f"s{i}", spec, target, pipeline, pacing=Pacing.FAST,
-                          encoder=EncoderSettings(preset=preset), seed=i))
+        rooms.append(Room(f"s{i}", spec, target, pipeline, pacing=Pacing.REALTIME,
+                          encoder=encoder, seed=i, sync_interval_seconds=1e9))
     t0 = time.perf_counter()
-    await asyncio.gather(*(r.start() for r in rooms))
-    wall = time.perf_counter() - t0
+    # Rooms start spread over one frame period, as independent rooms would.
+    async def start(i: int, room: Room) -> None:
+        await asyncio.sleep(i / max(n, 1) / quality.fps)
+        await room.start()
+    await asyncio.gather(*(start(i, r) for i, r in enumerate(rooms)))
+    wall = time.perf_counter() - t0 - (n - 1) / max(n, 1) / quality.fps
     failed = [r for r in rooms if r.state is not RoomState.ENDED]
     if failed:
         raise SystemExit(f"room failed: {failed[0].reason}")
+    after = pipeline.engine.stats()[key]
+    batches = after.batch_sizes - (before.batch_sizes if before else collections.Counter())
     frames = sum(r.stats.frames_rendered for r in rooms)
-    result = {"wall": wall, "frames": frames}
-    for stage in ("tts", "audio_to_motion", "render", "encode"):
-        result[stage] = sum(r.stats.stage_seconds[stage] for r in rooms)
-    result["device"] = sum(r.stats.device_seconds for r in rooms)
-    result["stream"] = sum(r.stats.stream_seconds(quality.fps) for r in rooms)
-    return result
+    late = sum(r.stats.late_frames for r in rooms)
+    stage = {s: sum(r.stats.stage_seconds[s] for r in rooms) / max(frames, 1)
+             for s in ("audio_to_motion", "render", "encode", "tts")}
+    return Load(n, wall, frames, late, batches, stage)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rooms", default="1,2,4", help="room counts to run, comma-separated")
-    p.add_argument("--size", default="512x512", help="frame size WxH")
-    p.add_argument("--fps", type=int, default=25)
-    p.add_argument("--seconds", type=float, default=6.0, help="seconds of video per room")
-    p.add_argument("--preset", default="lite", choices=sorted(RENDERER_PRESETS))
-    p.add_argument("--provider", default="auto", choices=[c.value for c in ProviderChoice])
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
-    p.add_argument("--encoder-preset", default="veryfast")
-    p.add_argument("--price", type=float, default=0.10, help="price per device-hour")
-    args = p.parse_args()
+def histogram(c: collections.Counter[int]) -> str:
+    return " ".join(f"{b}:{c[b]}" for b in sorted(c)) or "-"
 
+
+def print_load(mode: str, load: Load) -> None:
+    st = load.stage
+    print(f"{mode:9s} {load.rooms:5d} {load.rendered_fps:8.1f} {100 * load.late_rate:7.2f}% "
+          f"{st['render'] * 1000:8.2f} {st['audio_to_motion'] * 1000:6.2f} "
+          f"{st['encode'] * 1000:7.2f}  {histogram(load.batches)}", flush=True)
+
+
+def sustained(loads: list[Load]) -> Load | None:
+    ok = [ld for ld in loads if ld.late_rate <= LATE_GOAL]
+    return max(ok, key=lambda ld: ld.rooms) if ok else None
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rooms", default="1,2,3,4,5,6", help="room counts to ramp through")
+    ap.add_argument("--seconds", type=float, default=6.0, help="stream seconds per room per load")
+    ap.add_argument("--size", default="256x256", help="frame size WxH (portrait side = min)")
+    ap.add_argument("--fps", type=int, default=25)
+    ap.add_argument("--preset", default="lite", choices=sorted(RENDERER_PRESETS),
+                    help="reference renderer size (standard ~22 GMAC per 256x256 frame)")
+    ap.add_argument("--provider", default="auto", choices=[p.value for p in ProviderChoice])
+    ap.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: auto)")
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--batch-wait", type=float, default=0.02)
+    ap.add_argument("--encoder-preset", default="veryfast")
+    ap.add_argument("--modes", default="per-room,batched", help="which modes to run")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
     w, _, h = args.size.partition("x")
     quality = Quality(int(w), int(h or w), args.fps)
+    counts = [int(x) for x in args.rooms.split(",")]
+    encoder = EncoderSettings(preset=args.encoder_preset)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = build_reference(Path(tmp) / "models", args.preset)
-        pipeline = Pipeline(folder, ProviderChoice(args.provider), args.threads)
-        size = RENDERER_PRESETS[args.preset]
-        print(f"worker baseline: {quality}, renderer {args.preset} "
-              f"({size.gmac_per_frame(quality.render_side):.2f} GMAC/frame), "
-              f"provider {pipeline.provider}, {args.seconds:g}s per room, price {args.price}/device-hour")
-        print(f"{'rooms':>5} {'frames/s':>9} {'x realtime':>10} {'rt rooms':>8} "
-              f"{'tts ms':>7} {'a2m ms':>7} {'render ms':>9} {'encode ms':>9} "
-              f"{'$/stream-h attributed':>22} {'$/stream-h device':>18}")
-        for n in [int(x) for x in args.rooms.split(",")]:
-            r = asyncio.run(run_rooms(pipeline, n, quality, args.seconds, Path(tmp) / "out",
-                                      args.encoder_preset))
-            fps = r["frames"] / r["wall"]
-            per = {k: 1000 * r[k] / r["frames"] for k in ("tts", "audio_to_motion", "render", "encode")}
-            # Whole-device cost: the device renders `fps` frames a second; a stream needs quality.fps.
-            realtime_rooms = fps / quality.fps
-            print(f"{n:>5} {fps:>9.1f} {r['stream'] / r['wall']:>10.2f} {realtime_rooms:>8.2f} "
-                  f"{per['tts']:>7.2f} {per['audio_to_motion']:>7.2f} {per['render']:>9.2f} "
-                  f"{per['encode']:>9.2f} {r['device'] * args.price / r['stream']:>22.4f} "
-                  f"{args.price / max(realtime_rooms, 1e-9):>18.4f}")
-        pipeline.close()
+        root = Path(tmp)
+        folder = build_reference(root / "models", args.preset)
+        provider = ProviderChoice(args.provider)
+        threads = args.threads or auto_intra_op_threads()
+        pipelines = {
+            "per-room": Pipeline(folder, provider, threads, policy=BatchPolicy(max_batch=1, max_wait=0.0)),
+            "batched": Pipeline(folder, provider, threads,
+                                policy=BatchPolicy(max_batch=args.max_batch, max_wait=args.batch_wait)),
+        }
+        side = quality.render_side
+        for name, p in pipelines.items():
+            measure(p, [side], [], iterations=5, max_batch=1 if name == "per-room" else args.max_batch)
+        p = pipelines["batched"]
+        avatar = p.avatar_tensor_sync("presenter", side)
+        alone = measure_curve(lambda b: p.render_batch_sync(avatar, b), batch_sizes(args.max_batch), 10)
+        best_b, best_fps = alone.throughput(latency_bound=0.2)
+        capacity_rooms = best_fps / quality.fps
+        gmac = RENDERER_PRESETS[args.preset].gmac_per_frame(side)
+        print(f"device: {p.provider} ({os.cpu_count()} cores, {threads} inference threads); "
+              f"renderer {args.preset} {gmac:.2f} GMAC/frame at {side}x{side}; rooms {quality}")
+        print("renderer alone: " + ", ".join(f"b{b} {s * 1000:.1f} ms ({b / s:.0f}/s)"
+                                             for b, s in alone.points))
+        print(f"best batched throughput alone: {best_fps:.1f} frames/s at batch {best_b} "
+              f"= {capacity_rooms:.2f} rooms at {quality.fps} fps (capacity)")
+        print(f"\n{'mode':9s} {'rooms':>5s} {'frames/s':>8s} {'late':>8s} {'render':>8s} {'a2m':>6s} "
+              f"{'encode':>7s}  render batch sizes (size:calls)")
+        print(f"{'':9s} {'':5s} {'':8s} {'':8s} {'ms/frame device':>15s} {'cpu ms':>8s}")
+        results: dict[str, list[Load]] = {}
+        for mode in args.modes.split(","):
+            results[mode] = []
+            for n in counts:
+                load = await run_load(pipelines[mode], n, quality, args.seconds, root / "out",
+                                      encoder, mode)
+                results[mode].append(load)
+                print_load(mode, load)
+        for pl in pipelines.values():
+            pl.close()
+    print()
+    best: dict[str, Load | None] = {m: sustained(ls) for m, ls in results.items()}
+    for mode, ld in best.items():
+        if ld is None:
+            print(f"{mode}: no load sustained with <= {LATE_GOAL:.1%} late frames")
+        else:
+            print(f"{mode}: sustains {ld.rooms} rooms ({ld.rendered_fps:.1f} frames/s, "
+                  f"{ld.late_rate:.2%} late) = {ld.rendered_fps / best_fps:.0%} of the best "
+                  f"batched throughput alone")
+    base, batched = best.get("per-room"), best.get("batched")
+    if base is not None and batched is not None:
+        print(f"batched / per-room rooms at <= {LATE_GOAL:.1%} late: "
+              f"{batched.rooms / base.rooms:.2f}x")
+    if "batched" in results:
+        target = 0.8 * capacity_rooms
+        near = min(results["batched"], key=lambda ld: abs(ld.rooms - target))
+        print(f"batched at ~80% of capacity ({near.rooms} rooms ~ {near.rooms / capacity_rooms:.0%}): "
+              f"{near.rendered_fps:.1f} frames/s = {near.rendered_fps / (near.rooms * quality.fps):.1%} "
+              f"of offered, {near.late_rate:.2%} late")
+        peak = max(results["batched"], key=lambda ld: ld.rendered_fps)
+        print(f"batched peak: {peak.rendered_fps:.1f} frames/s at {peak.rooms} rooms "
+              f"= {peak.rendered_fps / best_fps:.0%} of the best batched throughput alone")
 
 
 if __name__ == "__main__":
-    main()
+    asyncio.run(main())

@@ -226,8 +226,10 @@ def test_the_worker_exports_its_metrics(tmp_path: Path, model_dir: Path) -> None
 
 
 def test_rooms_at_different_resolutions_batch_on_the_worker(tmp_path: Path, model_dir: Path) -> None:
-    """Real-time rooms at two portrait sides: each side's frames run as cross-room
-    batches (size > 1) and every frame of every room is delivered."""
+    """Real-time rooms at two portrait sides on one worker: their items run as cross-room
+    batches (size > 1 where the measured profile says batching pays: on a 2-core CPU the
+    small audio-to-motion model, whose calls are mostly overhead; on a GPU the renderer
+    too), each side's renders are their own queue, and every frame is delivered."""
     import re
 
     async def body() -> None:
@@ -245,13 +247,15 @@ def test_rooms_at_different_resolutions_batch_on_the_worker(tmp_path: Path, mode
             assert [d.progress.frames_rendered for d in done] == [50] * 4
             text = await asyncio.to_thread(lambda: urllib.request.urlopen(
                 f"http://127.0.0.1:{worker.metrics_port}/metrics").read().decode())
-            calls = re.findall(r'avatarfarm_worker_batches_total\{batch_size="(\d+)",'
-                               r'model="reference-lite@(\d+)"\} (\d+)', text)
-            largest = {side: max(int(b) for b, s, _ in calls if s == side) for _, side, _ in calls}
-            assert largest.get("256", 0) > 1 and largest.get("192", 0) > 1, calls
-            items = sum(int(b) * int(n) for b, s, n in calls if s in ("192", "256"))
+            calls = [(model, int(b), float(n)) for b, model, n in re.findall(
+                r'avatarfarm_worker_batches_total\{batch_size="(\d+)",model="([^"]+)"\} ([\d.]+)',
+                text)]
+            # Audio-to-motion windows of all four rooms share calls: batches larger than one.
+            assert max(b for m, b, _ in calls if m == "audio_to_motion") > 1, calls
+            # Each portrait side is its own batch queue, and every frame was rendered once.
+            rendered = {m: sum(b * n for mm, b, n in calls if mm == m) for m, _, _ in calls}
             late = sum(d.progress.late_frames for d in done)
-            assert items + late >= 200
+            assert rendered["reference-lite@256"] + rendered["reference-lite@192"] + late == 200
         for room in sizes:
             assert probe(tmp_path / "out" / f"{room}.mp4").frames == 50
 

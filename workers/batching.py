@@ -8,7 +8,8 @@ dropped and the room shows a replacement frame), or how long to wait for more
 items:
 
 * earliest deadline first; the batch is one model at one input shape and grows
-  while the curve says it still finishes before the earliest deadline in it;
+  while the curve says it still finishes before the earliest deadline in it,
+  up to the size where throughput stops improving (`LatencyCurve.useful_batch`);
 * when a forecast of the whole queue (run as EDF batches back to back) shows a
   miss, the device is overloaded and the order becomes tier first (premium),
   then deadline, so the frames that miss are the lower tiers';
@@ -70,6 +71,14 @@ class LatencyCurve:
                 best = (b, b / s)
         return best
 
+    def useful_batch(self, limit: int) -> int:
+        """The largest batch size up to `limit` whose throughput is within 5% of the best:
+        growing past it costs latency for nothing. On a GPU that is usually `limit`; on a
+        CPU, where one call already fills the cores, it can be 1."""
+        rates = [(b, b / self.seconds(b)) for b in range(1, max(limit, 1) + 1)]
+        top = max(r for _, r in rates)
+        return max(b for b, r in rates if r >= 0.95 * top)
+
     def scaled(self, factor: float) -> LatencyCurve:
         return LatencyCurve(tuple((b, s * factor) for b, s in self.points))
 
@@ -112,11 +121,12 @@ def forecast(items: Sequence[Queued], now: float, curves: Mapping[Any, LatencyCu
              policy: BatchPolicy) -> Forecast:
     """Runs the queue as EDF batches back to back, on paper."""
     pending = sorted(items, key=lambda q: (q.deadline, q.item_id))
+    caps = {q.key: curves[q.key].useful_batch(policy.max_batch) for q in items}
     t, misses, slack = now, 0, math.inf
     while pending:
         key = pending[0].key
         curve = curves[key]
-        batch = _grow([q for q in pending if q.key == key], t, curve, policy)
+        batch = _grow([q for q in pending if q.key == key], t, curve, policy, caps[key])
         if not batch:  # even one item is late: it counts as a miss and goes alone
             batch = [pending[0]]
         t += _planned(curve, len(batch), policy)
@@ -144,8 +154,8 @@ def decide(queue: Sequence[Queued], now: float, curves: Mapping[Any, LatencyCurv
     key = order[0].key
     curve = curves[key]
     same = [q for q in order if q.key == key]
-    batch = _grow(same, now, curve, policy) or [order[0]]
-    cap = policy.max_batch
+    cap = curve.useful_batch(policy.max_batch)
+    batch = _grow(same, now, curve, policy, cap) or [order[0]]
     if not overloaded and len(batch) < cap and len(batch) == len(same):
         # Room to grow and nothing else of this shape waiting: wait for company, within slack.
         growth = _planned(curve, cap, policy) - _planned(curve, len(batch), policy)
@@ -161,12 +171,13 @@ def _planned(curve: LatencyCurve, batch: int, policy: BatchPolicy) -> float:
 
 
 def _grow(candidates: Sequence[Queued], start: float, curve: LatencyCurve,
-          policy: BatchPolicy) -> list[Queued]:
-    """The longest prefix-by-order selection that finishes before its earliest deadline."""
+          policy: BatchPolicy, cap: int) -> list[Queued]:
+    """The longest selection, in order, of at most `cap` items that finishes before its
+    earliest deadline."""
     batch: list[Queued] = []
     earliest = math.inf
     for q in candidates:
-        if len(batch) >= policy.max_batch:
+        if len(batch) >= cap:
             break
         e = min(earliest, q.deadline)
         if start + _planned(curve, len(batch) + 1, policy) <= e:

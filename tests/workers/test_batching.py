@@ -162,3 +162,12 @@ def test_every_frame_is_run_in_time_or_dropped_and_none_is_forgotten(
         assert t <= by_id[i].deadline + 1e-12
     for i, t in out.dropped.items():  # dropped only when even a batch of one would be late
         assert t + CURVES[by_id[i].key].seconds(1) > by_id[i].deadline
+
+
+def test_batches_do_not_grow_past_the_size_where_throughput_stops_improving() -> None:
+    # A CPU-like curve: one call fills the cores, batching only adds latency.
+    cpu = LatencyCurve(((1, 0.010), (2, 0.029), (8, 0.100)))
+    assert cpu.useful_batch(8) == 1
+    assert CURVE.useful_batch(8) == 8
+    d = decide([item(i, 1.0) for i in range(5)], 0.0, {"render@256": cpu}, EXACT)
+    assert [q.item_id for q in d.run] == [0]  # at once: a batch of one is already full
