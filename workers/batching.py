@@ -21,6 +21,7 @@ items:
 from __future__ import annotations
 
 import bisect
+import heapq
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -119,28 +120,36 @@ class Forecast:
 
 def forecast(items: Sequence[Queued], now: float, curves: Mapping[Any, LatencyCurve],
              policy: BatchPolicy) -> Forecast:
-    """Runs the queue as EDF batches back to back, on paper."""
-    pending = sorted(items, key=lambda q: (q.deadline, q.item_id))
-    caps = {q.key: curves[q.key].useful_batch(policy.max_batch) for q in items}
+    """Runs the queue as EDF batches back to back, on paper. O(n log n): within one key,
+    EDF batches are prefixes of its deadline order, so each key is a sorted queue and
+    each step takes the key whose head is due first."""
+    per_key: dict[Any, list[Queued]] = {}
+    for q in sorted(items, key=lambda q: (q.deadline, q.item_id), reverse=True):
+        per_key.setdefault(q.key, []).append(q)  # each list: latest first, pop() = earliest
+    caps = {k: curves[k].useful_batch(policy.max_batch) for k in per_key}
+    heads = [(qs[-1].deadline, qs[-1].item_id, k) for k, qs in per_key.items()]
+    heapq.heapify(heads)
     t, misses, slack = now, 0, math.inf
-    while pending:
-        key = pending[0].key
-        curve = curves[key]
-        batch = _grow([q for q in pending if q.key == key], t, curve, policy, caps[key])
-        if not batch:  # even one item is late: it counts as a miss and goes alone
-            batch = [pending[0]]
-        t += _planned(curve, len(batch), policy)
-        earliest = min(q.deadline for q in batch)
-        misses += sum(1 for q in batch if q.deadline < t)
+    while heads:
+        earliest, _, key = heapq.heappop(heads)
+        qs, curve = per_key[key], curves[key]
+        k = 1
+        while k < min(caps[key], len(qs)) and t + _planned(curve, k + 1, policy) <= earliest:
+            k += 1
+        t += _planned(curve, k, policy)
         slack = min(slack, earliest - t)
-        ids = {q.item_id for q in batch}
-        pending = [q for q in pending if q.item_id not in ids]
+        for _ in range(k):
+            if qs.pop().deadline < t:
+                misses += 1
+        if qs:
+            heapq.heappush(heads, (qs[-1].deadline, qs[-1].item_id, key))
     return Forecast(misses, slack)
 
 
 def decide(queue: Sequence[Queued], now: float, curves: Mapping[Any, LatencyCurve],
            policy: BatchPolicy = BatchPolicy()) -> Decision:
-    drop = tuple(q for q in queue if now + _planned(curves[q.key], 1, policy) > q.deadline)
+    alone = {k: _planned(curves[k], 1, policy) for k in {q.key for q in queue}}
+    drop = tuple(q for q in queue if now + alone[q.key] > q.deadline)
     dropped = {q.item_id for q in drop}
     live = [q for q in queue if q.item_id not in dropped]
     if not live:
