@@ -73,12 +73,12 @@ class LatencyCurve:
         return best
 
     def useful_batch(self, limit: int) -> int:
-        """The largest batch size up to `limit` whose throughput is within 5% of the best:
+        """The batch size up to `limit` with the best throughput (the largest of near-ties):
         growing past it costs latency for nothing. On a GPU that is usually `limit`; on a
         CPU, where one call already fills the cores, it can be 1."""
         rates = [(b, b / self.seconds(b)) for b in range(1, max(limit, 1) + 1)]
         top = max(r for _, r in rates)
-        return max(b for b, r in rates if r >= 0.95 * top)
+        return max(b for b, r in rates if r >= 0.99 * top)
 
     def scaled(self, factor: float) -> LatencyCurve:
         return LatencyCurve(tuple((b, s * factor) for b, s in self.points))

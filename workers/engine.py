@@ -9,9 +9,10 @@ with `DeadlineMissed`, and the room shows a replacement frame instead.
 
 Each key's latency curve starts from the worker's start-up measurement (or an
 estimate scaled by pixels for a shape never measured) and is corrected from
-live timings: an exponentially weighted ratio of observed to predicted call
-time scales the curve the policy plans with, and `drifted()` tells the agent
-when the correction has moved far enough to re-report the profile.
+live timings: an exponentially weighted ratio of observed to measured call
+time scales the whole curve, each batch size actually run keeps its own
+smoothed timing, and `drifted()` tells the agent when the correction has moved
+far enough to re-report the profile.
 """
 
 from __future__ import annotations
@@ -81,13 +82,19 @@ class _Request:
 class _Served:
     model: OrtModel
     base: LatencyCurve
-    ratio: float = 1.0  # observed / predicted call time, smoothed
+    ratio: float = 1.0  # observed / measured call time over all sizes, smoothed
     reported_ratio: float = 1.0
+    live: dict[int, float] = field(default_factory=dict)  # seconds per batch size run, smoothed
     stats: KeyStats = field(default_factory=KeyStats)
 
     @property
     def curve(self) -> LatencyCurve:
-        return self.base.scaled(self.ratio)
+        """The measured curve scaled by the overall drift, with every batch size actually
+        run replaced by its own live timing: the shape of the curve (where batching stops
+        paying) is learnt from live calls too, not only its level."""
+        points = {b: s * self.ratio for b, s in self.base.points}
+        points.update(self.live)
+        return LatencyCurve(tuple(sorted(points.items())))
 
 
 class InferenceEngine:
@@ -221,9 +228,10 @@ class InferenceEngine:
             return
         n = len(live)
         with self._cond:
-            predicted = served.curve.seconds(n)
-            if predicted > 0:
-                served.ratio += self.smoothing * (seconds / served.base.seconds(n) - served.ratio)
+            a = self.smoothing
+            served.ratio += a * (seconds / served.base.seconds(n) - served.ratio)
+            served.live[n] = seconds if n not in served.live else \
+                served.live[n] + a * (seconds - served.live[n])
             st = served.stats
             st.batch_sizes[n] += 1
             st.items += n
