@@ -77,20 +77,17 @@ class Pipeline:
         """Quick curves for the fixed-shape models so rooms can run before (or without) a
         full start-up profile; `workers.profile.measure` replaces them."""
         from workers.audio import MEL_WINDOW, N_MELS
-        from workers.profile import measure_curve
-
-        def batch(model: OrtModel, feeds: dict[str, np.ndarray], b: int) -> None:
-            model.run({k: np.repeat(v[None], b, axis=0) for k, v in feeds.items()})
+        from workers.profile import measure_curve, run_batch_of
 
         mel = np.full((N_MELS, MEL_WINDOW), -2.0, np.float32)
         self.serve(AUDIO_TO_MOTION_KEY, measure_curve(
-            functools.partial(batch, self.audio_to_motion_model, {"mel": mel}), (1, 4), 1))
+            functools.partial(run_batch_of, self.audio_to_motion_model, {"mel": mel}), (1, 4), 1))
         if self.lipsync_model is not None and self.sync_shape is not None:
             sh = self.sync_shape
             feeds = {"audio": np.zeros((sh.window, N_MELS), np.float32),
                      "mouth": np.zeros((sh.window, 3, *sh.crop), np.float32)}
             self.serve(LIPSYNC_KEY, measure_curve(
-                functools.partial(batch, self.lipsync_model, feeds), (1, 4), 1))
+                functools.partial(run_batch_of, self.lipsync_model, feeds), (1, 4), 1))
 
     @property
     def provider(self) -> str:

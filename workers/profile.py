@@ -69,6 +69,11 @@ def measure_curve(call: Callable[[int], object], sizes: tuple[int, ...],
     return LatencyCurve(tuple(points))
 
 
+def run_batch_of(model: OrtModel, feeds: dict[str, np.ndarray], batch: int) -> None:
+    """One call of `model` on `batch` copies of one item's feeds (for timing)."""
+    model.run({k: np.repeat(v[None], batch, axis=0) for k, v in feeds.items()})
+
+
 def _timed(call: Callable[[], object], iterations: int) -> float:
     call()  # warm-up: first calls allocate and tune
     samples = []
@@ -89,11 +94,8 @@ def measure(pipeline: Pipeline, render_sides: list[int], encode_sizes: list[tupl
     rng = np.random.default_rng(0)
     out: list[LatencyProfile] = []
 
-    def model_batch(model: OrtModel, feeds: dict[str, np.ndarray], b: int) -> None:
-        model.run({k: np.repeat(v[None], b, axis=0) for k, v in feeds.items()})
-
     mel = rng.uniform(-4, 0, (N_MELS, MEL_WINDOW)).astype(np.float32)
-    a2m = measure_curve(functools.partial(model_batch, pipeline.audio_to_motion_model, {"mel": mel}),
+    a2m = measure_curve(functools.partial(run_batch_of, pipeline.audio_to_motion_model, {"mel": mel}),
                         sizes, iterations)
     pipeline.serve(AUDIO_TO_MOTION_KEY, a2m)
     out.append(LatencyProfile(Stage.AUDIO_TO_MOTION, pipeline.audio_to_motion_model.name, 0, 0,
@@ -102,7 +104,7 @@ def measure(pipeline: Pipeline, render_sides: list[int], encode_sizes: list[tupl
         sh = pipeline.sync_shape
         feeds = {"audio": rng.uniform(-4, 0, (sh.window, N_MELS)).astype(np.float32),
                  "mouth": rng.uniform(0, 1, (sh.window, 3, *sh.crop)).astype(np.float32)}
-        sync = measure_curve(functools.partial(model_batch, pipeline.lipsync_model, feeds), sizes,
+        sync = measure_curve(functools.partial(run_batch_of, pipeline.lipsync_model, feeds), sizes,
                              iterations)
         pipeline.serve(LIPSYNC_KEY, sync)
         out.append(LatencyProfile(Stage.ALIGNMENT, pipeline.lipsync_model.name, 0, 0, sync.points))
