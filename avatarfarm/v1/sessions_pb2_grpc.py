@@ -65,6 +65,16 @@ class SessionServiceStub:
                 request_serializer=avatarfarm_dot_v1_dot_sessions__pb2.AppendScriptRequest.SerializeToString,
                 response_deserializer=avatarfarm_dot_v1_dot_sessions__pb2.AppendScriptResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/avatarfarm.v1.SessionService/GetUsage',
+                request_serializer=avatarfarm_dot_v1_dot_sessions__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=avatarfarm_dot_v1_dot_sessions__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
+        self.GetTenant = channel.unary_unary(
+                '/avatarfarm.v1.SessionService/GetTenant',
+                request_serializer=avatarfarm_dot_v1_dot_sessions__pb2.GetTenantRequest.SerializeToString,
+                response_deserializer=avatarfarm_dot_v1_dot_sessions__pb2.TenantStatus.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -110,6 +120,20 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """Metered usage and its cost from the usage ledger, grouped as asked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTenant(self, request, context):
+        """A tenant's budgets, reservation and what it uses of them now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +166,16 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.AppendScript,
                     request_deserializer=avatarfarm_dot_v1_dot_sessions__pb2.AppendScriptRequest.FromString,
                     response_serializer=avatarfarm_dot_v1_dot_sessions__pb2.AppendScriptResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=avatarfarm_dot_v1_dot_sessions__pb2.GetUsageRequest.FromString,
+                    response_serializer=avatarfarm_dot_v1_dot_sessions__pb2.GetUsageResponse.SerializeToString,
+            ),
+            'GetTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTenant,
+                    request_deserializer=avatarfarm_dot_v1_dot_sessions__pb2.GetTenantRequest.FromString,
+                    response_serializer=avatarfarm_dot_v1_dot_sessions__pb2.TenantStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -306,6 +340,60 @@ class SessionService:
             '/avatarfarm.v1.SessionService/AppendScript',
             avatarfarm_dot_v1_dot_sessions__pb2.AppendScriptRequest.SerializeToString,
             avatarfarm_dot_v1_dot_sessions__pb2.AppendScriptResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/avatarfarm.v1.SessionService/GetUsage',
+            avatarfarm_dot_v1_dot_sessions__pb2.GetUsageRequest.SerializeToString,
+            avatarfarm_dot_v1_dot_sessions__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/avatarfarm.v1.SessionService/GetTenant',
+            avatarfarm_dot_v1_dot_sessions__pb2.GetTenantRequest.SerializeToString,
+            avatarfarm_dot_v1_dot_sessions__pb2.TenantStatus.FromString,
             options,
             channel_credentials,
             insecure,

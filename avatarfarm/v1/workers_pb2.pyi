@@ -46,18 +46,30 @@ class LatencyProfile(_message.Message):
     def __init__(self, stage: _Optional[_Union[Stage, str]] = ..., model: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., latencies: _Optional[_Iterable[_Union[BatchLatency, _Mapping]]] = ...) -> None: ...
 
 class Device(_message.Message):
-    __slots__ = ("provider", "device_type", "name", "cpu_cores", "latency_budget_seconds")
+    __slots__ = ("provider", "device_type", "name", "cpu_cores", "latency_budget_seconds", "memory_bytes")
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     DEVICE_TYPE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     CPU_CORES_FIELD_NUMBER: _ClassVar[int]
     LATENCY_BUDGET_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     provider: str
     device_type: str
     name: str
     cpu_cores: int
     latency_budget_seconds: float
-    def __init__(self, provider: _Optional[str] = ..., device_type: _Optional[str] = ..., name: _Optional[str] = ..., cpu_cores: _Optional[int] = ..., latency_budget_seconds: _Optional[float] = ...) -> None: ...
+    memory_bytes: int
+    def __init__(self, provider: _Optional[str] = ..., device_type: _Optional[str] = ..., name: _Optional[str] = ..., cpu_cores: _Optional[int] = ..., latency_budget_seconds: _Optional[float] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
+
+class MemoryProfile(_message.Message):
+    __slots__ = ("models_bytes", "avatar_bytes_per_pixel", "room_bytes_per_pixel")
+    MODELS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    AVATAR_BYTES_PER_PIXEL_FIELD_NUMBER: _ClassVar[int]
+    ROOM_BYTES_PER_PIXEL_FIELD_NUMBER: _ClassVar[int]
+    models_bytes: int
+    avatar_bytes_per_pixel: float
+    room_bytes_per_pixel: float
+    def __init__(self, models_bytes: _Optional[int] = ..., avatar_bytes_per_pixel: _Optional[float] = ..., room_bytes_per_pixel: _Optional[float] = ...) -> None: ...
 
 class ProfileUpdate(_message.Message):
     __slots__ = ("profiles",)
@@ -66,7 +78,7 @@ class ProfileUpdate(_message.Message):
     def __init__(self, profiles: _Optional[_Iterable[_Union[LatencyProfile, _Mapping]]] = ...) -> None: ...
 
 class Register(_message.Message):
-    __slots__ = ("worker_id", "device", "models", "profiles", "input_endpoint", "active_session_ids", "avatars")
+    __slots__ = ("worker_id", "device", "models", "profiles", "input_endpoint", "active_session_ids", "avatars", "memory", "warm_avatars", "usage_epoch")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +86,9 @@ class Register(_message.Message):
     INPUT_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
     AVATARS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    WARM_AVATARS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_EPOCH_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     device: Device
     models: _containers.RepeatedScalarFieldContainer[str]
@@ -81,7 +96,10 @@ class Register(_message.Message):
     input_endpoint: str
     active_session_ids: _containers.RepeatedScalarFieldContainer[str]
     avatars: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, worker_id: _Optional[str] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., models: _Optional[_Iterable[str]] = ..., profiles: _Optional[_Iterable[_Union[LatencyProfile, _Mapping]]] = ..., input_endpoint: _Optional[str] = ..., active_session_ids: _Optional[_Iterable[str]] = ..., avatars: _Optional[_Iterable[str]] = ...) -> None: ...
+    memory: MemoryProfile
+    warm_avatars: _containers.RepeatedScalarFieldContainer[str]
+    usage_epoch: int
+    def __init__(self, worker_id: _Optional[str] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., models: _Optional[_Iterable[str]] = ..., profiles: _Optional[_Iterable[_Union[LatencyProfile, _Mapping]]] = ..., input_endpoint: _Optional[str] = ..., active_session_ids: _Optional[_Iterable[str]] = ..., avatars: _Optional[_Iterable[str]] = ..., memory: _Optional[_Union[MemoryProfile, _Mapping]] = ..., warm_avatars: _Optional[_Iterable[str]] = ..., usage_epoch: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("active_sessions", "load")
@@ -103,23 +121,35 @@ class SessionUpdate(_message.Message):
     progress: _types_pb2.SessionProgress
     def __init__(self, session_id: _Optional[str] = ..., state: _Optional[_Union[_types_pb2.SessionState, str]] = ..., reason: _Optional[str] = ..., progress: _Optional[_Union[_types_pb2.SessionProgress, _Mapping]] = ...) -> None: ...
 
+class UsageReport(_message.Message):
+    __slots__ = ("seq", "updates")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    updates: _containers.RepeatedCompositeFieldContainer[SessionUpdate]
+    def __init__(self, seq: _Optional[int] = ..., updates: _Optional[_Iterable[_Union[SessionUpdate, _Mapping]]] = ...) -> None: ...
+
 class WorkerMessage(_message.Message):
-    __slots__ = ("register", "heartbeat", "session_update", "profile_update")
+    __slots__ = ("register", "heartbeat", "session_update", "profile_update", "usage_report")
     REGISTER_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     SESSION_UPDATE_FIELD_NUMBER: _ClassVar[int]
     PROFILE_UPDATE_FIELD_NUMBER: _ClassVar[int]
+    USAGE_REPORT_FIELD_NUMBER: _ClassVar[int]
     register: Register
     heartbeat: Heartbeat
     session_update: SessionUpdate
     profile_update: ProfileUpdate
-    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., session_update: _Optional[_Union[SessionUpdate, _Mapping]] = ..., profile_update: _Optional[_Union[ProfileUpdate, _Mapping]] = ...) -> None: ...
+    usage_report: UsageReport
+    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., session_update: _Optional[_Union[SessionUpdate, _Mapping]] = ..., profile_update: _Optional[_Union[ProfileUpdate, _Mapping]] = ..., usage_report: _Optional[_Union[UsageReport, _Mapping]] = ...) -> None: ...
 
 class Registered(_message.Message):
-    __slots__ = ("heartbeat_interval_seconds",)
+    __slots__ = ("heartbeat_interval_seconds", "last_usage_seq")
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LAST_USAGE_SEQ_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_seconds: float
-    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ...) -> None: ...
+    last_usage_seq: int
+    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ..., last_usage_seq: _Optional[int] = ...) -> None: ...
 
 class Assign(_message.Message):
     __slots__ = ("session_id", "spec")
@@ -145,14 +175,28 @@ class Script(_message.Message):
     segments: _containers.RepeatedCompositeFieldContainer[_types_pb2.ScriptSegment]
     def __init__(self, session_id: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[_types_pb2.ScriptSegment, _Mapping]]] = ...) -> None: ...
 
+class Reconfigure(_message.Message):
+    __slots__ = ("session_id", "quality", "step", "reason")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    quality: _types_pb2.Quality
+    step: int
+    reason: str
+    def __init__(self, session_id: _Optional[str] = ..., quality: _Optional[_Union[_types_pb2.Quality, _Mapping]] = ..., step: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class SchedulerMessage(_message.Message):
-    __slots__ = ("registered", "assign", "release", "script")
+    __slots__ = ("registered", "assign", "release", "script", "reconfigure")
     REGISTERED_FIELD_NUMBER: _ClassVar[int]
     ASSIGN_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     SCRIPT_FIELD_NUMBER: _ClassVar[int]
+    RECONFIGURE_FIELD_NUMBER: _ClassVar[int]
     registered: Registered
     assign: Assign
     release: Release
     script: Script
-    def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., assign: _Optional[_Union[Assign, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., script: _Optional[_Union[Script, _Mapping]] = ...) -> None: ...
+    reconfigure: Reconfigure
+    def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., assign: _Optional[_Union[Assign, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., script: _Optional[_Union[Script, _Mapping]] = ..., reconfigure: _Optional[_Union[Reconfigure, _Mapping]] = ...) -> None: ...
