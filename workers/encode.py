@@ -4,6 +4,11 @@ An encoder runs in its own thread per room (PyAV releases the GIL while it
 encodes), behind a bounded queue, so a slow encoder or a stalled RTMP ingest
 never blocks inference for other rooms. It measures its own CPU cost per frame,
 because on GPUs without NVENC (H100, H200) encoding is a capacity limit of its own.
+
+A room may change its frame rate mid-stream (a live degradation step): each
+frame carries its own rate, video timestamps count stream time on a fine clock
+(90 kHz) rather than frames, and keyframes follow stream time, so the stream's
+duration, its audio and its segment lengths stay right across a change.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ from workers.audio import SAMPLE_RATE
 log = logging.getLogger(__name__)
 
 AUDIO_OUT_RATE = 48_000
+# The video clock: fine enough that every frame rate up to 60 fps lands within
+# 11 microseconds of its exact time, and the MPEG-TS clock, so HLS needs no rescale.
+VIDEO_TIME_BASE = Fraction(1, 90_000)
+ENCODER_QUEUE = 8  # frames an EncoderThread holds before the room sees back-pressure
 
 
 class OutputError(ValueError):
@@ -119,7 +128,11 @@ class StreamEncoder:
         self._video: Any = None
         self._audio: Any = None
         self._resampler: Any = None
-        self._frames = 0
+        self._time = Fraction(0)  # stream time of the next video frame, exact
+        self._next_key = Fraction(0)
+        # Frame durations by pts, for the packets the codec hands back (it drops them, and
+        # a muxer would otherwise guess the last frame's duration from the spec's rate).
+        self._durations: dict[int, int] = {}
         self._audio_samples = 0
 
     def open(self) -> None:
@@ -147,7 +160,10 @@ class StreamEncoder:
         codec = s.video_codec()
         v = self._container.add_stream(codec, rate=self.fps)
         v.width, v.height, v.pix_fmt = self.width, self.height, "yuv420p"
-        v.time_base = Fraction(1, self.fps)
+        v.time_base = VIDEO_TIME_BASE
+        v.codec_context.time_base = VIDEO_TIME_BASE
+        # The GOP in frames is the ceiling at the spec's rate; at a lower rate keyframes
+        # are forced every gop_seconds of stream time (see encode).
         v.codec_context.gop_size = max(1, round(s.gop_seconds * self.fps))
         v.codec_context.options = encoder_options(codec, s.preset, s.crf)
         self._video = v
@@ -156,13 +172,21 @@ class StreamEncoder:
         self._audio = a
         self._resampler = av.AudioResampler(format="fltp", layout="mono", rate=AUDIO_OUT_RATE)
 
-    def encode(self, rgb: np.ndarray, audio: np.ndarray) -> None:
+    def encode(self, rgb: np.ndarray, audio: np.ndarray, fps: int | None = None) -> None:
+        """Appends one frame lasting 1/fps (default: the stream's rate) and its audio."""
+        duration = Fraction(1, fps or self.fps)
         frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-        frame.pts = self._frames
-        frame.time_base = Fraction(1, self.fps)
-        self._frames += 1
-        for packet in self._video.encode(frame):
-            self._container.mux(packet)
+        frame.pts = round(self._time / VIDEO_TIME_BASE)
+        frame.time_base = VIDEO_TIME_BASE
+        frame.duration = round((self._time + duration) / VIDEO_TIME_BASE) - frame.pts
+        self._durations[frame.pts] = frame.duration
+        gop = Fraction(self.settings.gop_seconds).limit_denominator(1000)
+        if gop > 0 and self._time >= self._next_key:
+            frame.pict_type = av.video.frame.PictureType.I
+            while self._next_key <= self._time:
+                self._next_key += gop
+        self._time += duration
+        self._mux_video(self._video.encode(frame))
         if audio.size:
             af = av.AudioFrame.from_ndarray(audio.reshape(1, -1).astype(np.float32), format="flt",
                                             layout="mono")
@@ -174,6 +198,11 @@ class StreamEncoder:
                 for packet in self._audio.encode(out):
                     self._container.mux(packet)
 
+    def _mux_video(self, packets: list[Any]) -> None:
+        for packet in packets:
+            packet.duration = self._durations.pop(packet.pts, packet.duration)
+            self._container.mux(packet)
+
     def close(self) -> None:
         if self._container is None:
             return
@@ -181,8 +210,7 @@ class StreamEncoder:
             for out in self._resampler.resample(None):
                 for packet in self._audio.encode(out):
                     self._container.mux(packet)
-            for packet in self._video.encode():
-                self._container.mux(packet)
+            self._mux_video(self._video.encode())
             for packet in self._audio.encode():
                 self._container.mux(packet)
         finally:
@@ -202,7 +230,7 @@ class EncoderThread:
 
     _STOP = object()
 
-    def __init__(self, encoder: StreamEncoder, max_queue: int = 8,
+    def __init__(self, encoder: StreamEncoder, max_queue: int = ENCODER_QUEUE,
                  prepare: typing.Callable[[np.ndarray], np.ndarray] = lambda rgb: rgb) -> None:
         self.encoder = encoder
         self.prepare = prepare
@@ -230,9 +258,9 @@ class EncoderThread:
                     break
                 if self.error is not None:
                     continue
-                rgb, audio = typing.cast(tuple[np.ndarray, np.ndarray], item)
+                rgb, audio, fps = typing.cast(tuple[np.ndarray, np.ndarray, int | None], item)
                 t0 = time.thread_time()
-                self.encoder.encode(self.prepare(rgb), audio)
+                self.encoder.encode(self.prepare(rgb), audio, fps)
                 self.encode_seconds += time.thread_time() - t0
                 self.frames_encoded += 1
         except Exception as e:  # noqa: BLE001 - reported through self.error
@@ -251,13 +279,15 @@ class EncoderThread:
             if item is self._STOP:
                 return
 
-    def submit(self, rgb: np.ndarray, audio: np.ndarray, timeout: float | None = None) -> None:
-        """Queues a frame; blocks while the encoder is behind (call from a thread)."""
-        self._queue.put((rgb, audio), timeout=timeout)
+    def submit(self, rgb: np.ndarray, audio: np.ndarray, timeout: float | None = None,
+               fps: int | None = None) -> None:
+        """Queues a frame lasting 1/fps (default: the stream's rate); blocks while the
+        encoder is behind (call from a thread)."""
+        self._queue.put((rgb, audio, fps), timeout=timeout)
 
-    def try_submit(self, rgb: np.ndarray, audio: np.ndarray) -> bool:
+    def try_submit(self, rgb: np.ndarray, audio: np.ndarray, fps: int | None = None) -> bool:
         try:
-            self._queue.put_nowait((rgb, audio))
+            self._queue.put_nowait((rgb, audio, fps))
             return True
         except queue.Full:
             return False
