@@ -4,6 +4,12 @@ One bidirectional stream, re-established with backoff when it breaks. Rooms
 keep rendering while the scheduler is away; on reconnect the worker registers
 again with the rooms it still renders, and re-sends final states the scheduler
 may not have heard.
+
+Progress goes as one numbered `UsageReport` per interval for all running rooms;
+state changes (running, ended, failed) go as single `SessionUpdate`s. The last
+reports are held, and on reconnect those after the scheduler's `last_usage_seq`
+are sent again first. The numbering counts within a usage epoch, one per
+process, so a restarted worker is told apart from a resumed one.
 """
 
 from __future__ import annotations
@@ -12,21 +18,22 @@ import asyncio
 import collections
 import logging
 import random
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 
 from avatarfarm import convert
-from avatarfarm.domain import InvalidRequest, Stage, Tier
+from avatarfarm.domain import InvalidRequest, Quality, Stage, Tier
 from avatarfarm.v1 import types_pb2, workers_pb2, workers_pb2_grpc
 from workers.alignment import SyncEstimate
 from workers.encode import EncoderSettings, OutputError, OutputTarget
 from workers.engine import BatchKey, KeyStats
 from workers.metrics import WorkerMetrics
-from workers.pipeline import AUDIO_TO_MOTION_KEY, LIPSYNC_KEY, Pipeline
+from workers.pipeline import AUDIO_TO_MOTION_KEY, AVATAR_BYTES_PER_PIXEL, LIPSYNC_KEY, Pipeline
 from workers.profile import LatencyProfile
-from workers.room import Pacing, Room, RoomState
+from workers.room import InvalidQuality, Pacing, Room, RoomState, frame_buffer_bytes_per_pixel
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +58,8 @@ class WorkerAgent:
                  latency_budget: float = 0.5, output_margin: float = 0.1,
                  sync_interval: float = 10.0, encoder: EncoderSettings = EncoderSettings(),
                  metrics: WorkerMetrics | None = None, progress_interval: float = 1.0,
-                 cpu_cores: int = 0) -> None:
+                 cpu_cores: int = 0, memory_bytes: int = 0, usage_epoch: int | None = None,
+                 usage_history: int = 16) -> None:
         self.worker_id = worker_id
         self.scheduler_address = scheduler_address
         self.pipeline = pipeline
@@ -64,6 +72,7 @@ class WorkerAgent:
         self.output_margin = output_margin
         self.sync_interval = sync_interval
         self.cpu_cores = cpu_cores
+        self.memory_bytes = memory_bytes
         self.encoder = encoder
         self.metrics = metrics or WorkerMetrics()
         self.progress_interval = progress_interval
@@ -73,6 +82,11 @@ class WorkerAgent:
         self._reported: dict[str, tuple[int, int, dict[str, float]]] = {}
         self._engine_reported: dict[BatchKey, KeyStats] = {}
         self._corrections: dict[str, int] = {}
+        # Usage reports: numbered within this process's epoch; the last few held for resending.
+        self.usage_epoch = usage_epoch if usage_epoch is not None else time.time_ns()
+        self._usage_seq = 0
+        self._usage_held: collections.deque[workers_pb2.UsageReport] = collections.deque(
+            maxlen=usage_history)
         self.connected = asyncio.Event()
         self.heartbeat_interval = 1.0
         self.metrics.info.labels(pipeline.provider, device_type).set(1)
@@ -103,6 +117,20 @@ class WorkerAgent:
                  spec.quality, target.location)
         self._update_room_gauge()
 
+    def _reconfigure(self, msg: workers_pb2.Reconfigure) -> None:
+        room = self.rooms.get(msg.session_id)
+        if room is None:
+            log.warning("reconfigure for unknown room %s ignored", msg.session_id)
+            return
+        q = msg.quality
+        try:
+            room.reconfigure(Quality(q.width, q.height, q.fps), msg.step, msg.reason)
+        except InvalidQuality as e:
+            log.warning("room %s: reconfigure to step %d refused: %s", msg.session_id, msg.step, e)
+            return
+        self.metrics.reconfigurations.labels(room.spec.tier.value).inc()
+        self._update_room_gauge()
+
     def _room_changed(self, room: Room) -> None:
         state = _ROOM_STATE_PB[room.state]
         self._account(room)
@@ -122,7 +150,7 @@ class WorkerAgent:
         if est is None:
             return
         tier = room.spec.tier.value
-        self.metrics.av_offset.labels(tier).observe(est.offset_frames / room.spec.quality.fps)
+        self.metrics.av_offset.labels(tier).observe(est.offset_frames / room.rendering.fps)
         if room.stats.sync_corrections > self._corrections.get(room.session_id, 0):
             self.metrics.sync_corrections.labels(tier).inc()
             self._corrections[room.session_id] = room.stats.sync_corrections
@@ -131,16 +159,21 @@ class WorkerAgent:
         st = room.stats
         return types_pb2.SessionProgress(
             frames_rendered=st.frames_rendered, late_frames=st.late_frames,
-            stream_seconds=st.stream_seconds(room.spec.quality.fps),
+            stream_seconds=st.stream_seconds,
             device_seconds=st.device_seconds, stage_seconds=dict(st.stage_seconds),
             av_offset_seconds=st.av_offset_seconds, av_correction_seconds=st.av_correction_seconds,
             sync_checks=st.sync_checks)
 
-    def _send_update(self, sid: str, state: int, reason: str,
-                     room: Room | None) -> workers_pb2.SessionUpdate:
+    def _update_pb(self, sid: str, state: int, reason: str,
+                   room: Room | None) -> workers_pb2.SessionUpdate:
         update = workers_pb2.SessionUpdate(session_id=sid, state=state, reason=reason)  # type: ignore[arg-type]
         if room is not None:
             update.progress.CopyFrom(self._progress_pb(room))
+        return update
+
+    def _send_update(self, sid: str, state: int, reason: str,
+                     room: Room | None) -> workers_pb2.SessionUpdate:
+        update = self._update_pb(sid, state, reason, room)
         if self._outbox is not None:
             self._outbox.put_nowait(workers_pb2.WorkerMessage(session_update=update))
         return update
@@ -186,13 +219,15 @@ class WorkerAgent:
 
     def _update_room_gauge(self) -> None:
         counts: dict[Tier, int] = collections.Counter(r.spec.tier for r in self.rooms.values())
-        self.metrics.room_counts(counts)
+        degraded: dict[Tier, int] = collections.Counter(
+            r.spec.tier for r in self.rooms.values() if r.rendering != r.spec.quality)
+        self.metrics.room_counts(counts, degraded)
 
     def load(self) -> float:
         """Measured device time per second over the rooms' lifetimes (a rough live figure)."""
         total = 0.0
         for r in self.rooms.values():
-            secs = r.stats.stream_seconds(r.spec.quality.fps)
+            secs = r.stats.stream_seconds
             if secs > 0:
                 total += r.stats.device_seconds / secs
         return total
@@ -208,12 +243,38 @@ class WorkerAgent:
             device=workers_pb2.Device(provider=self.pipeline.provider, device_type=self.device_type,
                                       name=self.pipeline.renderer_model.name,
                                       cpu_cores=self.cpu_cores,
-                                      latency_budget_seconds=self.latency_budget),
+                                      latency_budget_seconds=self.latency_budget,
+                                      memory_bytes=self.memory_bytes),
             models=self.pipeline.model_names,
             profiles=[profile_to_pb(p) for p in self.profiles],
             input_endpoint=self.input_endpoint,
             active_session_ids=list(self.rooms),
-            avatars=self.pipeline.folder.avatar_ids()))
+            avatars=self.pipeline.folder.avatar_ids(),
+            memory=workers_pb2.MemoryProfile(
+                models_bytes=self.pipeline.models_bytes,
+                avatar_bytes_per_pixel=AVATAR_BYTES_PER_PIXEL,
+                room_bytes_per_pixel=frame_buffer_bytes_per_pixel(self.latency_budget)),
+            warm_avatars=self.pipeline.warm_avatars(),
+            usage_epoch=self.usage_epoch))
+
+    def _usage_report(self) -> workers_pb2.UsageReport | None:
+        """The next numbered report of every running room's progress (None: no room runs)."""
+        updates = []
+        for room in list(self.rooms.values()):
+            if room.state is RoomState.RUNNING:
+                self._account(room)
+                updates.append(self._update_pb(room.session_id, types_pb2.SESSION_STATE_RUNNING,
+                                               "", room))
+        if not updates:
+            return None
+        self._usage_seq += 1
+        report = workers_pb2.UsageReport(seq=self._usage_seq, updates=updates)
+        self._usage_held.append(report)
+        return report
+
+    def _unapplied_reports(self, last_applied: int) -> list[workers_pb2.UsageReport]:
+        """Held reports the scheduler has not applied, oldest first."""
+        return [r for r in self._usage_held if r.seq > last_applied]
 
     async def _outgoing(self, outbox: asyncio.Queue[workers_pb2.WorkerMessage]
                         ) -> AsyncIterator[workers_pb2.WorkerMessage]:
@@ -232,10 +293,9 @@ class WorkerAgent:
             await asyncio.sleep(min(self.heartbeat_interval, self.progress_interval))
             outbox.put_nowait(workers_pb2.WorkerMessage(heartbeat=workers_pb2.Heartbeat(
                 active_sessions=len(self.rooms), load=self.load())))
-            for room in list(self.rooms.values()):
-                if room.state is RoomState.RUNNING:
-                    self._account(room)
-                    self._send_update(room.session_id, types_pb2.SESSION_STATE_RUNNING, "", room)
+            report = self._usage_report()
+            if report is not None:
+                outbox.put_nowait(workers_pb2.WorkerMessage(usage_report=report))
             self._account_engine()
             drifted = self.pipeline.engine.drifted()
             if drifted:
@@ -255,6 +315,9 @@ class WorkerAgent:
                 kind = msg.WhichOneof("kind")
                 if kind == "registered":
                     self.heartbeat_interval = msg.registered.heartbeat_interval_seconds or 1.0
+                    # Before anything new: reports sent on a lost link, or never sent.
+                    for report in self._unapplied_reports(msg.registered.last_usage_seq):
+                        outbox.put_nowait(workers_pb2.WorkerMessage(usage_report=report))
                     self._outbox = outbox
                     ticker = asyncio.create_task(self._tick(outbox))
                     self.connected.set()
@@ -270,6 +333,8 @@ class WorkerAgent:
                     room = self.rooms.get(msg.script.session_id)
                     if room is not None:
                         room.append_script(convert.segments_from_pb(msg.script.segments))
+                elif kind == "reconfigure":
+                    self._reconfigure(msg.reconfigure)
         finally:
             self._outbox = None
             self.connected.clear()

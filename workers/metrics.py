@@ -46,7 +46,14 @@ class WorkerMetrics:
                                      "Device time spent per pipeline stage", ["stage"], registry=r)
         self.failures = Counter("avatarfarm_worker_room_failures", "Rooms that failed", ["tier"],
                                 registry=r)
+        self.degraded = Gauge("avatarfarm_worker_degraded_rooms",
+                              "Rooms rendering below their spec's quality (a degradation step)",
+                              ["tier"], registry=r)
+        self.reconfigurations = Counter("avatarfarm_worker_reconfigurations",
+                                        "Live quality changes applied to running rooms", ["tier"],
+                                        registry=r)
 
-    def room_counts(self, counts: dict[Tier, int]) -> None:
+    def room_counts(self, counts: dict[Tier, int], degraded: dict[Tier, int] | None = None) -> None:
         for tier in Tier:
             self.rooms.labels(tier.value).set(counts.get(tier, 0))
+            self.degraded.labels(tier.value).set((degraded or {}).get(tier, 0))

@@ -15,6 +15,7 @@ import concurrent.futures
 import functools
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ import numpy as np
 from workers.batching import BatchPolicy, LatencyCurve
 from workers.engine import BatchKey, InferenceEngine, ItemResult
 from workers.inference import OrtModel, ProviderChoice
-from workers.models.avatar import read_image
+from workers.models.avatar import read_image, scale_image
 from workers.models.folder import AUDIO_TO_MOTION, LIPSYNC, RENDERER, ModelFolder
 from workers.tts import EspeakTTS
 
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 AUDIO_TO_MOTION_KEY = BatchKey("audio_to_motion")
 LIPSYNC_KEY = BatchKey("lipsync")
+# What the pipeline caches per avatar and render side: the [3, S, S] float32 portrait.
+AVATAR_BYTES_PER_PIXEL = 3 * np.dtype(np.float32).itemsize
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +73,11 @@ class Pipeline:
         self.tts = EspeakTTS(tts_voice)
         self.engine = InferenceEngine(policy)
         self._tts = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tts")
+        # Filled on the TTS thread, read by the agent on the event loop.
         self._avatars: dict[tuple[str, int], np.ndarray] = {}
+        self._avatars_lock = threading.Lock()
+        self.models_bytes = sum(p.stat().st_size for p in (
+            folder.audio_to_motion, folder.renderer, *([folder.lipsync] if folder.lipsync else [])))
         self._calibrate()
 
     def _calibrate(self) -> None:
@@ -97,6 +104,11 @@ class Pipeline:
     def model_names(self) -> list[str]:
         names = [self.audio_to_motion_model.name, self.renderer_model.name]
         return names + ([self.lipsync_model.name] if self.lipsync_model else [])
+
+    def warm_avatars(self) -> list[str]:
+        """Avatars whose portrait tensors are cached (at any side)."""
+        with self._avatars_lock:
+            return sorted({avatar_id for avatar_id, _ in self._avatars})
 
     def render_key(self, side: int) -> BatchKey:
         return BatchKey(self.renderer_model.name, side)
@@ -164,11 +176,14 @@ class Pipeline:
     def avatar_tensor_sync(self, avatar_id: str, side: int) -> np.ndarray:
         """The avatar portrait as the renderer takes it: [3, side, side] in [0, 1]."""
         key = (avatar_id, side)
-        if key not in self._avatars:
+        with self._avatars_lock:
+            cached = self._avatars.get(key)
+        if cached is None:
             rgb = read_image(self.folder.avatar_path(avatar_id), side)
-            self._avatars[key] = np.ascontiguousarray(
-                (rgb.astype(np.float32) / 255.0).transpose(2, 0, 1))
-        return self._avatars[key]
+            cached = np.ascontiguousarray((rgb.astype(np.float32) / 255.0).transpose(2, 0, 1))
+            with self._avatars_lock:
+                cached = self._avatars.setdefault(key, cached)
+        return cached
 
     # -- async API for rooms: batched on the device under each item's deadline
 
@@ -206,10 +221,14 @@ def _timed(r: ItemResult) -> Timed:
     return Timed(r.outputs[0], r.seconds, r.batch_size)
 
 
-def to_canvas(frame: np.ndarray, width: int, height: int) -> np.ndarray:
+def to_canvas(frame: np.ndarray, width: int, height: int, side: int | None = None) -> np.ndarray:
     """[3, S, S] float in [0, 1] -> [height, width, 3] uint8, the portrait centred and the
-    backdrop's edge extended to fill a non-square frame."""
+    backdrop's edge extended to fill a non-square frame. A portrait drawn smaller than
+    ``side`` (a room rendering at a degraded quality) is scaled up to it first, so the
+    frame looks the same size whatever side it was rendered at."""
     rgb = (frame.transpose(1, 2, 0) * 255.0 + 0.5).astype(np.uint8)
+    if side is not None and rgb.shape[0] != side:
+        rgb = scale_image(rgb, side, side)
     side = rgb.shape[0]
     if side == width and side == height:
         return rgb

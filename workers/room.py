@@ -15,6 +15,14 @@ A room runs two asyncio tasks joined by a bounded queue of frames in flight:
   its timing and the audio its sync; each replacement is counted late. The
   frame and its audio pass the lip-sync monitor and the A/V delay that
   corrects drift, then go to the encoder thread.
+
+A room can be reconfigured live (`Room.reconfigure`, a degradation step down or
+back up): from the next frame the producer releases, the renderer draws the
+portrait at the new quality's side (scaled up to the spec's side on the encoder
+thread, so the output's frame size never changes) and frames come at the new
+rate. Each frame carries the rate it was made at; stream time, audio per frame
+and the encoder's timestamps all count its 1/fps, so the stream's duration stays
+exact across a change.
 """
 
 from __future__ import annotations
@@ -27,10 +35,11 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 
-from avatarfarm.domain import DriveMode, ScriptSegment, SessionSpec
+from avatarfarm.domain import DriveMode, Quality, ScriptSegment, SessionSpec
 from workers.alignment import (
     AvDelay,
     DriftPolicy,
@@ -41,7 +50,13 @@ from workers.alignment import (
 )
 from workers.audio import SAMPLE_RATE, MelStream
 from workers.drivers import LiveAudio, LiveMotion, ScriptPlayer
-from workers.encode import EncoderSettings, EncoderThread, OutputTarget, StreamEncoder
+from workers.encode import (
+    ENCODER_QUEUE,
+    EncoderSettings,
+    EncoderThread,
+    OutputTarget,
+    StreamEncoder,
+)
 from workers.engine import DeadlineMissed
 from workers.motion import IdleAnimator, compose
 from workers.pipeline import Pipeline, to_canvas
@@ -75,22 +90,48 @@ class RoomStats:
     av_correction_seconds: float = 0.0  # audio held back minus video held back
     sync_checks: int = 0
     sync_corrections: int = 0
+    # Stream time emitted, exact: the sum of each frame's 1/fps (the rate may change live).
+    stream_time: Fraction = Fraction(0)
 
     @property
     def mean_batch(self) -> float:
         return self.batch_size_sum / self.batched_items if self.batched_items else 0.0
 
-    def stream_seconds(self, fps: int) -> float:
-        return self.frames_rendered / fps
+    @property
+    def stream_seconds(self) -> float:
+        return float(self.stream_time)
 
     @property
     def device_seconds(self) -> float:
         return sum(self.stage_seconds.values())
 
 
+MIN_RENDER_SIDE = 16
+
+
+class InvalidQuality(ValueError):
+    """A reconfiguration the room cannot apply; the room keeps its quality."""
+
+
+def frame_buffer_bytes_per_pixel(latency_budget_seconds: float, fps: int = 25) -> float:
+    """Host memory a room holds per pixel of its output frame, from its real buffers.
+
+    Float portraits ([3, S, S] float32, 12 bytes per portrait pixel, at most one per
+    output pixel): the frames in flight (the producer's queue, `_frames`), the
+    encoder's queue (`ENCODER_QUEUE`), and about two more held by the emitter (last
+    good frame, A/V delay). Then the encoder's own frames: the RGB canvas (3 bytes), its
+    YUV 4:2:0 copy (1.5) and about four YUV frames of references and look-ahead in
+    the codec. The in-flight depth follows the frame rate: 25 fps is the reference.
+    """
+    portrait = 3 * np.dtype(np.float32).itemsize
+    in_flight = math.ceil(latency_budget_seconds * fps) + 2
+    return portrait * (in_flight + ENCODER_QUEUE + 2) + 3 + 1.5 * (1 + 4)
+
+
 @dataclass(slots=True)
 class _InFlight:
     n: int
+    fps: int  # the rate this frame was made at: it lasts 1/fps
     audio: np.ndarray
     speaking: bool
     deadline: float
@@ -125,6 +166,13 @@ class Room:
         self.reason = ""
         self.stats = RoomStats()
         q = spec.quality
+        # The quality in force: the producer reads it once per frame, so a reconfiguration
+        # (one assignment of an immutable value) takes effect at the next frame.
+        self.rendering: Quality = q
+        self.degradation_step = 0
+        self.sync_interval = sync_interval_seconds
+        self._portraits: dict[int, np.ndarray] = {}
+        self._fps_changes = 0  # lip-sync windows taken before a rate change are discarded
         self.priority = spec.tier.priority
         self.script = ScriptPlayer(self._synthesize)
         self.script.append(spec.script)
@@ -161,10 +209,27 @@ class Room:
     def append_script(self, segments: list[ScriptSegment]) -> None:
         self.script.append(segments)
 
-    @property
-    def total_frames(self) -> int | None:
-        d = self.spec.max_duration_seconds
-        return math.ceil(d * self.spec.quality.fps - 1e-9) if d > 0 else None
+    def reconfigure(self, quality: Quality, step: int = 0, reason: str = "") -> None:
+        """Renders at ``quality`` from the next frame on, without restarting the stream:
+        the portrait at its side, scaled up to the spec's, and frames at its rate; step 0
+        with the spec's own quality restores full quality.
+
+        Raises InvalidQuality (and changes nothing) for a quality larger than the spec's
+        or a rate outside 1..spec fps. Safe from any thread: it only replaces the value
+        the producer reads at each frame boundary.
+        """
+        spec = self.spec.quality
+        if not 1 <= quality.fps <= spec.fps:
+            raise InvalidQuality(f"fps {quality.fps} outside 1..{spec.fps}")
+        if quality.width > spec.width or quality.height > spec.height:
+            raise InvalidQuality(f"{quality} is larger than the room's {spec}")
+        if quality.render_side < MIN_RENDER_SIDE:
+            raise InvalidQuality(f"{quality} is too small to render (side < {MIN_RENDER_SIDE})")
+        before = self.rendering
+        self.rendering, self.degradation_step = quality, step
+        if quality != before:
+            log.info("room %s: rendering at %s (step %d, was %s)%s", self.session_id, quality,
+                     step, before, f": {reason}" if reason else "")
 
     # -- the frame loop
 
@@ -173,13 +238,18 @@ class Room:
         self.stats.stage_seconds["tts"] += r.seconds
         return r.value, r.seconds
 
+    async def _portrait(self, side: int) -> np.ndarray:
+        if side not in self._portraits:
+            self._portraits[side] = await self.pipeline.avatar_tensor(self.spec.avatar_id, side)
+        return self._portraits[side]
+
     async def run(self) -> None:
         q = self.spec.quality
         try:
-            avatar = await self.pipeline.avatar_tensor(self.spec.avatar_id, q.render_side)
+            avatar = await self._portrait(q.render_side)
             self._encoder = EncoderThread(
                 StreamEncoder(self.target, q.width, q.height, q.fps, self.encoder_settings),
-                prepare=lambda frame: to_canvas(frame, q.width, q.height))
+                prepare=lambda frame: to_canvas(frame, q.width, q.height, q.render_side))
             await self._frames(avatar)
         except asyncio.CancelledError:
             self._set(RoomState.FAILED, "worker shutting down")
@@ -202,7 +272,7 @@ class Room:
             depth = 6
             await self._wait_for_live_input()
         inflight: asyncio.Queue[_InFlight | None] = asyncio.Queue(maxsize=depth)
-        producer = asyncio.create_task(self._produce(avatar, inflight),
+        producer = asyncio.create_task(self._produce(inflight),
                                        name=f"room-{self.session_id}-frames")
         try:
             await self._emit(avatar, inflight)
@@ -232,26 +302,34 @@ class Room:
             log.warning("room %s: no live input after %.0fs; rendering idle", self.session_id,
                         self.live_input_wait)
 
-    async def _produce(self, avatar: np.ndarray, inflight: asyncio.Queue[_InFlight | None]) -> None:
-        q = self.spec.quality
+    async def _produce(self, inflight: asyncio.Queue[_InFlight | None]) -> None:
         mode = self.spec.drive_mode
-        total = self.total_frames
-        render_key = self.pipeline.render_key(avatar.shape[-1])
-        # The audio-to-motion result must leave time for the render after it.
-        render_reserve = self.pipeline.engine.curve(render_key).seconds(1)
+        limit = self.spec.max_duration_seconds
         lagged: collections.deque[np.ndarray] = collections.deque(maxlen=self.video_lag_frames + 1)
         t0 = self.clock()
+        t = Fraction(0)  # stream time of frame n (exact, whatever rates it was made at)
         n = 0
-        while self._stop_reason is None and (total is None or n < total):
+        q: Quality | None = None
+        avatar = render_reserve = None
+        while self._stop_reason is None and (limit <= 0 or t < limit - 1e-9):
+            if q != self.rendering:
+                q = self.rendering
+                avatar = await self._portrait(q.render_side)
+                # The audio-to-motion result must leave time for the render after it.
+                render_reserve = self.pipeline.engine.curve(
+                    self.pipeline.render_key(q.render_side)).seconds(1)
+                self.idle.fps = q.fps
+            assert avatar is not None and render_reserve is not None
             if self.pacing is Pacing.REALTIME:
-                release = t0 + n / q.fps
+                release = t0 + float(t)
                 deadline = release + self.latency_budget - self.output_margin
                 wait = release - self.clock()
                 if wait > 0:
                     await asyncio.sleep(wait)
             else:
                 deadline = math.inf
-            k = round((n + 1) * SAMPLE_RATE / q.fps) - round(n * SAMPLE_RATE / q.fps)
+            end = t + Fraction(1, q.fps)
+            k = round(end * SAMPLE_RATE) - round(t * SAMPLE_RATE)
             audio, speaking = await self._audio(mode, k)
             idle = self.idle.step()
             mel: np.ndarray | None = None
@@ -265,8 +343,8 @@ class Room:
                 driven = self.motion_in.take()
             task = asyncio.create_task(self._render(avatar, idle, mel, driven, deadline,
                                                     deadline - render_reserve))
-            await inflight.put(_InFlight(n, audio, speaking, deadline, task))
-            n += 1
+            await inflight.put(_InFlight(n, q.fps, audio, speaking, deadline, task))
+            n, t = n + 1, end
         await inflight.put(None)
 
     async def _render(self, avatar: np.ndarray, idle: np.ndarray, mel: np.ndarray | None,
@@ -288,10 +366,14 @@ class Room:
         enc = self._encoder
         assert enc is not None
         last_good = avatar  # before the first frame, the still portrait stands in
+        fps = self.spec.quality.fps
         while True:
             f = await inflight.get()
             if f is None:
                 return
+            if f.fps != fps:
+                fps = f.fps
+                self._rate_changed(fps)
             if enc.error is not None:
                 f.task.cancel()
                 raise OutputFailed(self.target, enc.error)
@@ -305,10 +387,12 @@ class Room:
             if self.sync is not None:
                 self.sync.push(audio, frame)
                 if self.sync.due() and self._sync_task is None:
-                    self._sync_task = asyncio.create_task(self._check_sync(*self.sync.take()))
-            if not enc.try_submit(frame, audio):
-                await asyncio.to_thread(enc.submit, frame, audio, 30.0)
+                    self._sync_task = asyncio.create_task(
+                        self._check_sync(*self.sync.take(), fps, self._fps_changes))
+            if not enc.try_submit(frame, audio, f.fps):
+                await asyncio.to_thread(enc.submit, frame, audio, 30.0, f.fps)
             self.stats.frames_rendered += 1
+            self.stats.stream_time += Fraction(1, f.fps)
             self.stats.speech_frames += int(f.speaking)
             self.stats.stage_seconds["encode"] = enc.encode_seconds
             if f.n == 0:
@@ -326,8 +410,17 @@ class Room:
         except (DeadlineMissed, asyncio.CancelledError):
             return None
 
-    async def _check_sync(self, audio: np.ndarray, mouth: np.ndarray) -> None:
-        fps = self.spec.quality.fps
+    def _rate_changed(self, fps: int) -> None:
+        """The emitted frames' rate changed: a lip-sync window mixing rates would describe
+        neither, so checking starts over at the new rate (in-flight checks are discarded)."""
+        self._fps_changes += 1
+        self.stats.av_correction_seconds = self.av_delay.net_frames / fps  # held in frames
+        if self.sync is not None:
+            self.sync.restart()
+            self.sync.every_frames = max(self.sync.window, round(self.sync_interval * fps))
+
+    async def _check_sync(self, audio: np.ndarray, mouth: np.ndarray, fps: int,
+                          rate_epoch: int) -> None:
         try:
             r = await self.pipeline.sync_scores(audio, mouth, self.clock() + 2.0, self.priority)
         except DeadlineMissed:
@@ -336,6 +429,8 @@ class Room:
             self._sync_task = None
         st = self.stats
         st.stage_seconds["alignment"] += r.seconds
+        if rate_epoch != self._fps_changes:
+            return  # the window was taken at another rate
         st.sync_checks += 1
         est = estimate(r.value)
         if est is not None:

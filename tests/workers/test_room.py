@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from avatarfarm.domain import OutputKind, Quality
@@ -13,7 +16,7 @@ from tests.builders import make_spec
 from tests.media import probe
 from workers.encode import OutputTarget
 from workers.pipeline import Pipeline
-from workers.room import Pacing, Room, RoomState
+from workers.room import InvalidQuality, Pacing, Room, RoomState
 
 
 def make_room(pipeline: Pipeline, tmp_path: Path, *, seconds: float, pacing: Pacing,
@@ -132,3 +135,155 @@ def test_an_injected_av_offset_is_measured_and_corrected(pipeline: Pipeline, tmp
     assert room.av_delay.audio_frames >= 3
     assert all(abs(c.offset_frames) <= 1 for c in checks[1:])
     assert probe(tmp_path / "r.mp4").frames == 250
+
+
+# -- live reconfiguration (degradation steps)
+
+SPEECH = ("Welcome to the live room. Today we have three new offers for you, and every one "
+          "of them ships tomorrow morning.")
+
+
+def make_live_room(pipeline: Pipeline, tmp_path: Path, *, seconds: float, pacing: Pacing) -> Room:
+    from avatarfarm.domain import ScriptSegment
+
+    spec = make_spec("r", quality=Quality(256, 256, 25), seconds=seconds,
+                     script=(ScriptSegment(SPEECH),))
+    target = OutputTarget.resolve(OutputKind.FILE, "r.mp4", tmp_path)
+    return Room("s1", spec, target, pipeline, pacing=pacing)
+
+
+async def frames_reach(room: Room, n: int, timeout: float = 30.0) -> None:
+    # Polls with a deadline: the test steps the room at a frame count, as the scheduler
+    # would at some point of a live stream.
+    deadline = time.monotonic() + timeout
+    while room.stats.frames_rendered < n and room.task is not None and not room.task.done():
+        assert time.monotonic() < deadline, f"room stuck at {room.stats.frames_rendered} frames"
+        await asyncio.sleep(0.002)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    sizes: set[tuple[int, int]]
+    pts: list[Fraction]  # presentation times, seconds, from the first frame's
+    duration: float  # the video stream's, as the container states it, from the first frame
+    audio: np.ndarray  # samples at audio_rate
+    audio_rate: int
+
+
+def decode(path: Path) -> Decoded:
+    import av
+
+    with av.open(str(path)) as c:
+        v = c.streams.video[0]
+        frames = list(c.decode(video=0))
+        sizes = {(f.width, f.height) for f in frames}
+        assert all(f.pts is not None and f.time_base is not None for f in frames)
+        pts = [Fraction(f.pts or 0) * (f.time_base or 0) for f in frames]
+        # MP4 starts the video after the AAC encoder's priming (1024 samples) and lets the
+        # first frame cover it; measured from where the first frame's own time would start.
+        lead = pts[1] - pts[0] - Fraction(1, 25) if len(pts) > 1 else Fraction(0)
+        pts = [pts[0]] + [p - lead for p in pts[1:]]
+        assert v.duration is not None and v.time_base is not None
+        duration = float(v.duration * v.time_base - lead)
+    with av.open(str(path)) as c:
+        rate = c.streams.audio[0].codec_context.sample_rate
+        audio = np.concatenate([f.to_ndarray().ravel() for f in c.decode(audio=0)])
+    return Decoded(sizes, pts, duration, audio, rate)
+
+
+def runs(gaps: list[Fraction]) -> list[tuple[Fraction, int]]:
+    """Consecutive equal frame intervals as (interval, count)."""
+    out: list[tuple[Fraction, int]] = []
+    for g in gaps:
+        if out and out[-1][0] == g:
+            out[-1] = (g, out[-1][1] + 1)
+        else:
+            out.append((g, 1))
+    return out
+
+
+def test_a_room_steps_down_and_back_up_live_in_one_stream(pipeline: Pipeline, tmp_path: Path) -> None:
+    room = make_live_room(pipeline, tmp_path, seconds=3.0, pacing=Pacing.FAST)
+    states: list[RoomState] = []
+    room.on_change = lambda r: states.append(r.state)
+    low = Quality(192, 192, 12)
+
+    def rendered() -> dict[int, int]:
+        stats = pipeline.engine.stats()
+        return {side: stats[k].items if (k := pipeline.render_key(side)) in stats else 0
+                for side in (256, 192)}
+
+    async def body() -> None:
+        task = room.start()
+        await frames_reach(room, 15)
+        room.reconfigure(low, step=2, reason="overload")
+        await frames_reach(room, 35)
+        room.reconfigure(room.spec.quality, step=0)
+        await asyncio.wait_for(task, 60)
+
+    before = rendered()
+    asyncio.run(body())
+    after = rendered()
+    assert states == [RoomState.RUNNING, RoomState.ENDED]
+    assert room.rendering == room.spec.quality and room.degradation_step == 0
+
+    out = decode(tmp_path / "r.mp4")
+    # The output never changed size: players and ingests see one stream.
+    assert out.sizes == {(256, 256)}
+    assert len(out.pts) == room.stats.frames_rendered
+    # Timestamps: 1/25 s apart, then 1/12 s while degraded, then 1/25 s again.
+    assert out.pts[0] == 0
+    gaps = [b - a for a, b in zip(out.pts, out.pts[1:], strict=False)]
+    pattern = runs(gaps)
+    assert [g for g, _ in pattern] == [Fraction(1, 25), Fraction(1, 12), Fraction(1, 25)]
+    n25 = pattern[0][1] + 1 + pattern[2][1]  # the last frame at each rate starts the next run
+    n12 = pattern[1][1]
+    assert n25 + n12 == room.stats.frames_rendered
+    # Stream time is counted per frame at its own rate, and the file agrees.
+    stream = Fraction(n25, 25) + Fraction(n12, 12)
+    assert room.stats.stream_time == stream
+    assert 3.0 <= stream < 3.0 + Fraction(1, 12)
+    assert out.pts[-1] + Fraction(1, 25) == stream
+    assert out.duration == pytest.approx(float(stream), abs=1e-3)
+    # The renderer really drew the degraded frames at the lower side.
+    assert after[192] - before[192] == n12
+    assert after[256] - before[256] == n25
+    # Audio runs unbroken under both rates: as long as the video, with speech while degraded.
+    assert len(out.audio) / out.audio_rate == pytest.approx(float(stream), abs=0.05)
+    t_low = float(out.pts[pattern[0][1]])
+    degraded = out.audio[int(t_low * out.audio_rate):int((t_low + n12 / 12) * out.audio_rate)]
+    assert float(np.sqrt(np.mean(degraded.astype(np.float64) ** 2))) > 0.01
+
+
+def test_a_degraded_live_room_is_paced_at_its_new_rate(pipeline: Pipeline, tmp_path: Path) -> None:
+    room = make_live_room(pipeline, tmp_path, seconds=1.5, pacing=Pacing.REALTIME)
+
+    async def body() -> float:
+        t0 = time.monotonic()
+        task = room.start()
+        await frames_reach(room, 5)
+        room.reconfigure(Quality(192, 192, 12), step=1)
+        await asyncio.wait_for(task, 30)
+        return time.monotonic() - t0
+
+    wall = asyncio.run(body())
+    assert room.state is RoomState.ENDED
+    # Fewer frames than 1.5 s at 25 fps, yet the stream still lasts its 1.5 s, in real time.
+    assert room.stats.frames_rendered < 30
+    assert 1.5 <= room.stats.stream_seconds < 1.5 + 1 / 12
+    assert wall >= room.stats.stream_seconds - 1 / 12
+    out = decode(tmp_path / "r.mp4")
+    assert out.sizes == {(256, 256)}
+    assert out.duration == pytest.approx(room.stats.stream_seconds, abs=1e-3)
+
+
+@pytest.mark.parametrize("quality", [Quality(512, 512, 25), Quality(256, 320, 25),
+                                     Quality(256, 256, 30), Quality(192, 192, 0),
+                                     Quality(8, 8, 12)])
+def test_a_quality_the_room_cannot_render_is_refused(pipeline: Pipeline, tmp_path: Path,
+                                                     quality: Quality) -> None:
+    room = make_room(pipeline, tmp_path, seconds=1.0, pacing=Pacing.FAST)
+    room.reconfigure(Quality(192, 192, 12), step=1)
+    with pytest.raises(InvalidQuality):
+        room.reconfigure(quality, step=3)
+    assert room.rendering == Quality(192, 192, 12) and room.degradation_step == 1

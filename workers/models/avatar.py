@@ -71,6 +71,12 @@ def write_png(path: Path, rgb: np.ndarray) -> None:
             out.mux(packet)
 
 
+def scale_image(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Scales an RGB uint8 image (bilinear, in swscale: cheap enough per frame)."""
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+    return frame.reformat(width=width, height=height, interpolation="BILINEAR").to_ndarray()
+
+
 def read_image(path: Path, side: int) -> np.ndarray:
     """Decodes an image (PNG, JPEG, ...) and scales it to a side x side RGB uint8 array."""
     with av.open(str(path)) as container:
