@@ -34,6 +34,9 @@ class WorkerConfig:
     batch_wait: float = field(0.02, "seconds a batch that is not full may wait for more rooms' "
                                     "frames (never past the frames' slack)")
     device_type: str = field("", "device type used for pricing, e.g. h200 (default: cpu or gpu)")
+    device_memory: int = field(0, "bytes of device memory reported to the scheduler (0: the "
+                                  "host's memory on CPU; unknown on a GPU, which onnxruntime "
+                                  "does not report)")
     pacing: Pacing = field(Pacing.REALTIME, "realtime (live streams) or fast (as fast as possible)")
     latency_budget: float = field(0.5, "seconds between a frame's capture time and its "
                                        "presentation (the stream's buffer)")

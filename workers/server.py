@@ -64,6 +64,16 @@ async def _drain(agent: WorkerAgent, timeout: float = 2.0) -> None:
         await asyncio.sleep(0.02)
 
 
+def device_memory_bytes(provider: str, configured: int = 0) -> int:
+    """Memory of the device that holds models, avatar caches and rooms: the configured
+    figure, else the host's on a CPU worker; onnxruntime gives no GPU figure (0: unknown)."""
+    if configured > 0:
+        return configured
+    if provider == "CPUExecutionProvider":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return 0
+
+
 async def start(config: WorkerConfig) -> RunningWorker:
     folder = ModelFolder.open(config.model_dir)
     pipeline = Pipeline(folder, config.provider, config.intra_op_threads, config.tts_voice,
@@ -97,7 +107,8 @@ async def start(config: WorkerConfig) -> RunningWorker:
                         config.output_dir, pacing=config.pacing,
                         latency_budget=config.latency_budget, output_margin=config.output_margin,
                         sync_interval=config.sync_interval, encoder=encoder, metrics=metrics,
-                        cpu_cores=os.cpu_count() or 1)
+                        cpu_cores=os.cpu_count() or 1,
+                        memory_bytes=device_memory_bytes(pipeline.provider, config.device_memory))
     agent_ref.append(agent)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("avatarfarm.v1.LiveInputService", health_pb2.HealthCheckResponse.SERVING)
