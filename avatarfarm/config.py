@@ -39,9 +39,19 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
                         help="TOML file with any of the options below (flags override it)")
     for f in dataclasses.fields(cls):
         default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-        shown = json.dumps(default) if isinstance(default, dict) else default
+        shown = json.dumps(_plain(default)) if isinstance(default, (dict, list)) else default
         parser.add_argument(_flag(f.name), dest=f.name, default=None, metavar="VALUE",
                             help=f"{f.metadata.get('help', '')} (default: {shown})")
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {k: _plain(v) for k, v in dataclasses.asdict(value).items()}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
 
 
 def _coerce(tp: Any, value: Any, name: str) -> Any:
@@ -71,6 +81,22 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
             value = json.loads(value)
         _, vt = typing.get_args(tp)
         return {str(k): _coerce(vt, v, name) for k, v in dict(value).items()}
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, str):
+            value = json.loads(value)
+        known = {f.name for f in dataclasses.fields(tp)}
+        unknown = set(dict(value)) - known
+        if unknown:
+            raise ValueError(f"{name}: unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
+        hints = typing.get_type_hints(tp)
+        return tp(**{k: _coerce(hints[k], v, f"{name}.{k}") for k, v in dict(value).items()})
+    if origin is list:
+        if isinstance(value, str):
+            value = json.loads(value) if value.startswith("[") else value.split(",")
+        (et,) = typing.get_args(tp)
+        return [_coerce(et, v, name) for v in value]
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         try:
             return tp(value)

@@ -119,6 +119,10 @@ def state_to_pb(state: SessionState) -> types_pb2.SessionState:
     return _STATE_PB[state]
 
 
+def tier_to_pb(tier: Tier) -> types_pb2.Tier:
+    return _TIER_PB[tier]
+
+
 def stage_to_pb(stage: Stage) -> workers_pb2.Stage:
     return _STAGE_PB[stage]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import time
 import urllib.request
@@ -180,13 +181,19 @@ def _summary(opts: DemoOptions, farm: LocalFarm, sessions: list[types_pb2.Sessio
     if farm.scheduler is not None and farm.scheduler.metrics_port:
         try:
             cost_metric = _metric(farm.scheduler.metrics_port, "avatarfarm_cost_per_stream_hour{")
-            shown = ", ".join(f"{k.split('tier=')[1].strip('}').strip(chr(34))}={v:.4f}"
-                              for k, v in cost_metric.items() if v > 0)
+            shown = ", ".join(
+                f"{_label(k, 'tier')} on {_label(k, 'device_type')}={v:.4f}"
+                for k, v in cost_metric.items() if v > 0)
             print(f"  scheduler metric avatarfarm_cost_per_stream_hour: {shown}")
         except OSError as e:
             print(f"  (could not read scheduler metrics: {e})")
     print(f"  videos in {farm.output_dir}, logs in {farm.home / 'logs'}")
     return 1 if failed else 0
+
+
+def _label(sample: str, name: str) -> str:
+    m = re.search(name + r'="([^"]*)"', sample)
+    return m.group(1) if m else "?"
 
 
 def run_demo(opts: DemoOptions) -> int:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from avatarfarm.config import field
+from scheduler.tenants import TenantConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +26,22 @@ class SchedulerConfig:
     worker_timeout: float = field(5.0, "a worker silent this long is considered lost")
     orphan_grace: float = field(15.0, "after a restart, seconds to wait for a room's worker to return")
     list_page_size: int = field(100, "default page size of ListSessions")
+    tenants: dict[str, TenantConfig] = field(
+        {}, "per-tenant budgets and reservations, as [tenants.NAME] tables: concurrency_units, "
+            "spend_budget, spend_period_seconds, on_budget_exhausted (degrade|stop), "
+            "grace_seconds, reserved_units, weight")
+    allow_unknown_tenants: bool = field(
+        True, "admit rooms of tenants not listed in tenants (with no budget and no reservation)")
+    degradation_ladder: list[str] = field(
+        ["1.0@25", "0.75@25", "0.5@25"],
+        "steps a standard room may go down when capacity is short, as scale@fps of its own "
+        "quality (720p30 -> 720p25 -> 540p25 -> 360p25 with the default)")
+    step_up_margin: float = field(0.15, "a degraded room steps back up only when its worker "
+                                        "stays this far below the utilisation target")
+    step_dwell: float = field(30.0, "seconds a room stays at a degradation step before stepping up")
+    premium_spread: int = field(4, "at most this many premium rooms of one tenant per worker "
+                                   "while other workers can take them")
+    tenant_metrics: bool = field(False, "label cost metrics by tenant (configured tenants only)")
 
     def price(self, device_type: str) -> float:
         return self.device_prices.get(device_type, self.default_price_per_hour)

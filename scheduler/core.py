@@ -1,9 +1,17 @@
-"""The scheduler's core: one asyncio loop owning sessions and workers.
+"""The scheduler's core: one asyncio loop owning sessions, workers and tenants.
 
-Tenant calls and worker reports change state here; every change is written to
-the store before it is acknowledged and published to watchers. A placement
-pass runs whenever something could let a pending room move (a new room, a
-worker joining, a room ending) and applies the pure placement policy.
+Tenant calls and worker reports change state here; the policies it applies are
+pure and live in their own modules (placement, ladder, tenants, admission,
+ledger). Every state change is written to the store in the current event-loop
+turn's transaction and committed once per turn before the calls that made it
+are answered (group commit: concurrent calls share one sync). Progress, which
+arrives every second for every room, is kept in memory and written with the
+usage ledger once per tick; a lost tick is recovered from the workers' next
+cumulative report.
+
+A placement pass runs on every event that could let a waiting room move and on
+each tick; rooms wait in a fair queue across tenants. Rooms guaranteed by a
+reservation reclaim capacity from borrowers when none is free.
 """
 
 from __future__ import annotations
@@ -21,21 +29,36 @@ from avatarfarm.avatars import list_avatars
 from avatarfarm.domain import (
     DriveMode,
     InvalidRequest,
+    Output,
     Progress,
+    Quality,
     ScriptSegment,
     SessionSpec,
     SessionState,
+    Tier,
     validate_script,
 )
-from scheduler import placement
+from scheduler import placement, tenants
+from scheduler.admission import FairQueue
 from scheduler.config import SchedulerConfig
 from scheduler.cost import CostBook, usage_delta
-from scheduler.errors import AlreadyExists, FailedPrecondition, NotFound
+from scheduler.errors import (
+    AlreadyExists,
+    BudgetExceeded,
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+)
+from scheduler.ladder import Ladder
+from scheduler.ledger import Dimension, Ledger, UsageRow
 from scheduler.metrics import SchedulerMetrics
-from scheduler.state import InvalidTransition, Session
+from scheduler.placement import ActionKind, Fleet, MemoryProfile, RoomReq, WorkerState
+from scheduler.state import EventKind, InvalidTransition, Session, SessionEvent
 from scheduler.store import Store
 
 log = logging.getLogger(__name__)
+
+_LIVE = (SessionState.PLACED, SessionState.RUNNING)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +79,15 @@ class ScriptCmd:
     segments: tuple[ScriptSegment, ...]
 
 
-WorkerCommand = AssignCmd | ReleaseCmd | ScriptCmd
+@dataclass(frozen=True, slots=True)
+class ReconfigureCmd:
+    session_id: str
+    quality: Quality
+    step: int
+    reason: str
+
+
+WorkerCommand = AssignCmd | ReleaseCmd | ScriptCmd | ReconfigureCmd
 
 
 @dataclass(slots=True)
@@ -74,6 +105,28 @@ class WorkerConn:
     last_seen: float = 0.0
     reported_load: float = 0.0
     latency_budget: float = 0.0
+    usage_epoch: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerResources:
+    """What a worker offers besides its latency profile (from its Register)."""
+
+    cpu_cores: int = 0
+    memory_bytes: float = 0.0
+    memory: MemoryProfile = MemoryProfile()
+    warm_avatars: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class TenantStatus:
+    tenant: str
+    config: tenants.TenantConfig
+    units_in_use: float
+    spent: float
+    reserved_in_use: float
+    pending: int
+    running: int
 
 
 class Scheduler:
@@ -82,28 +135,101 @@ class Scheduler:
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.config = config
-        self.metrics = metrics or SchedulerMetrics()
+        self.metrics = metrics or SchedulerMetrics(
+            tenants=tuple(config.tenants) if config.tenant_metrics else ())
         self.clock = clock
         self.costs = CostBook(config.price)
+        self.ladder = Ladder.parse(config.degradation_ladder, config.step_up_margin,
+                                   config.step_dwell)
+        self.fleet = Fleet(config.utilisation_target, premium_spread=config.premium_spread)
+        self.ledger = Ledger(config.price)
+        self.queue = FairQueue()
         self.sessions: dict[str, Session] = {}
         self.workers: dict[str, WorkerConn] = {}
-        self._watchers: dict[str, set[asyncio.Queue[Session]]] = collections.defaultdict(set)
+        self._watchers: dict[str, set[asyncio.Queue[SessionEvent]]] = collections.defaultdict(set)
         self._wake = asyncio.Event()
         self._started_at = clock()
         self._stopping = False
         self._seq = 0
+        # Indexes, kept with every commit, so a call costs the same at 10 or 10,000 rooms.
+        self._rooms: dict[tuple[str, str], str] = {}  # (tenant, room_id) -> live session
+        self._outputs: dict[Output, str] = {}
+        self._units: dict[str, float] = collections.defaultdict(float)
+        self._reserved: dict[str, float] = collections.defaultdict(float)
+        self._counts: collections.Counter[tuple[SessionState, Tier]] = collections.Counter()
+        self._degraded: set[str] = set()
+        self._preemptible = 0.0  # compute held by placed non-premium rooms
+        self._orphans: set[str] = set()
+        self._progress_dirty: dict[str, Session] = {}
+        self._spend: dict[str, tuple[float, float]] = {}  # tenant -> (period start, money)
+        self._exhausted: dict[str, float] = {}  # tenant -> when its spend budget ran out
+        self._avatars: tuple[float, frozenset[str]] = (-1.0, frozenset())
+        self._flush_handle: asyncio.Handle | None = None
+        self._flushed: asyncio.Future[None] | None = None
+        self._unit_profile: placement.WorkerProfile | None = None
+        ivs, cursors = store.load_usage()
+        self.ledger.load(ivs, cursors)
         for s in store.load_sessions():
-            self.sessions[s.session_id] = s
             self._seq = max(self._seq, s.seq)
-        self._update_gauges()
+            self._index(None, s)
+            self.sessions[s.session_id] = s
+            if s.state is SessionState.PENDING:
+                self._enqueue(s)
+            elif not s.state.terminal:
+                self._orphans.add(s.session_id)
+        self.metrics.session_counts(self._counts)
+
+    # -- durability ---------------------------------------------------------------
+
+    async def durable(self) -> None:
+        """Returns once everything changed so far is committed to the store."""
+        if self._flushed is not None:
+            await asyncio.shield(self._flushed)
+
+    def _schedule_flush(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.store.commit()
+            return
+        if self._flush_handle is None:
+            self._flushed = loop.create_future()
+            self._flush_handle = loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        fut, self._flushed, self._flush_handle = self._flushed, None, None
+        try:
+            self.store.commit()
+        except Exception as e:  # the callers' answers must not claim durability
+            if fut is not None and not fut.done():
+                fut.set_exception(e)
+            raise
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
     # -- tenant API ------------------------------------------------------------
 
-    def known_avatars(self) -> set[str]:
-        names = set(list_avatars(self.config.avatar_dir))
+    def known_avatars(self) -> frozenset[str]:
+        at, names = self._avatars
+        now = self.clock()
+        if now - at > 1.0 or at < 0:
+            names = frozenset(list_avatars(self.config.avatar_dir))
+            self._avatars = (now, names)
         for w in self.workers.values():
             names |= w.avatars
         return names
+
+    def tenant(self, name: str) -> tenants.TenantConfig:
+        t = self.config.tenants.get(name)
+        if t is not None:
+            return t
+        if not self.config.allow_unknown_tenants:
+            raise tenants_error(name)
+        return tenants.UNLIMITED
+
+    def units_of(self, quality: Quality, mode: DriveMode) -> float:
+        units = self._unit_profile.units(quality, mode) if self._unit_profile else None
+        return units if units is not None else placement.nominal_units(quality, mode)
 
     def create(self, spec: SessionSpec, request_id: str = "") -> Session:
         if request_id:
@@ -114,25 +240,37 @@ class Scheduler:
                     raise AlreadyExists(f"request_id {request_id!r} was already used for session "
                                         f"{existing} with a different spec")
                 return s
+        t = self.tenant(spec.tenant)
         if spec.avatar_id not in self.known_avatars():
             raise NotFound(f"avatar {spec.avatar_id!r} is not registered")
-        for s in self.sessions.values():
-            if s.state.terminal:
-                continue
-            if s.spec.tenant == spec.tenant and s.spec.room_id == spec.room_id:
-                raise AlreadyExists(f"room {spec.room_id!r} already streams as session {s.session_id}")
-            if s.spec.output == spec.output:
-                # Two streams muxed into one file or playlist would corrupt both.
-                raise AlreadyExists(f"output {spec.output.target!r} is in use by another live session")
+        other = self._rooms.get((spec.tenant, spec.room_id))
+        if other is not None:
+            raise AlreadyExists(f"room {spec.room_id!r} already streams as session {other}")
+        if spec.output in self._outputs:
+            # Two streams muxed into one file or playlist would corrupt both.
+            raise AlreadyExists(f"output {spec.output.target!r} is in use by another live session")
         now = self.clock()
+        units = self.units_of(spec.quality, spec.drive_mode)
+        over = tenants.check_admission(spec.tenant, t, units=units,
+                                       units_in_use=self._units[spec.tenant],
+                                       spent=self.spent(spec.tenant, now))
+        if over is not None:
+            self.metrics.budget_refusals.labels(over.kind.value).inc()
+            raise BudgetExceeded(over.message)
+        guaranteed = tenants.guaranteed(t, spec.tier, units, self._reserved[spec.tenant])
         self._seq += 1
         s = Session(uuid.uuid4().hex, spec, SessionState.PENDING, self._seq, now, now, request_id,
-                    reason="waiting for placement")
+                    reason="waiting for placement", units=units, guaranteed=guaranteed)
         self._commit(s)
         if spec.script:
             self.store.append_script(s.session_id, list(spec.script))
-        # Place now, so the answer already says where the room goes or why it waits.
-        self.place_pending()
+        self._enqueue(s)
+        # Place now, so the answer already says where the room goes or why it waits; with
+        # others waiting, the queue decides the order.
+        if len(self.queue) == 1 or guaranteed:
+            self._try_place(self.sessions[s.session_id], {})
+        else:
+            self.kick()
         return self.sessions[s.session_id]
 
     def get(self, session_id: str) -> Session:
@@ -141,8 +279,11 @@ class Scheduler:
             raise NotFound(f"session {session_id!r} not found")
         return s
 
+    def queue_position(self, session_id: str) -> int:
+        return self.queue.position(session_id)
+
     def list_sessions(self, tenant: str = "", states: frozenset[SessionState] = frozenset(),
-             page_size: int = 0, after_seq: int = 0) -> tuple[list[Session], int]:
+                      page_size: int = 0, after_seq: int = 0) -> tuple[list[Session], int]:
         size = page_size or self.config.list_page_size
         rows = [s for s in sorted(self.sessions.values(), key=lambda s: s.seq)
                 if s.seq > after_seq and (not tenant or s.spec.tenant == tenant)
@@ -173,31 +314,66 @@ class Scheduler:
             raise InvalidRequest("no segments given")
         validate_script(segments)
         self.store.append_script(session_id, segments)
-        if s.worker_id in self.workers and s.state in (SessionState.PLACED, SessionState.RUNNING):
+        self._schedule_flush()
+        if s.worker_id in self.workers and s.state in _LIVE:
             self.workers[s.worker_id].outbox.put_nowait(ScriptCmd(session_id, tuple(segments)))
         return len(segments)
 
-    async def watch(self, session_id: str) -> AsyncIterator[Session]:
+    async def watch(self, session_id: str) -> AsyncIterator[SessionEvent]:
         """The session now, then each change, until it ends."""
         s = self.get(session_id)
-        q: asyncio.Queue[Session] = asyncio.Queue()
+        q: asyncio.Queue[SessionEvent] = asyncio.Queue()
         self._watchers[session_id].add(q)
         try:
-            yield s
+            yield SessionEvent(s)
             while not s.state.terminal:
-                s = await q.get()
-                yield s
+                ev = await q.get()
+                s = ev.session
+                yield ev
         finally:
             self._watchers[session_id].discard(q)
             if not self._watchers[session_id]:
                 del self._watchers[session_id]
+
+    def usage(self, *, tenant: str = "", group_by: tuple[Dimension, ...] = (),
+              start: float | None = None, end: float | None = None) -> list[UsageRow]:
+        if start is not None and end is not None and end <= start:
+            raise InvalidRequest("end must be after start")
+        return self.ledger.report(self.clock(), tenant=tenant, group_by=group_by, start=start,
+                                  end=end)
+
+    def tenant_status(self, name: str) -> TenantStatus:
+        if name not in self.config.tenants and not any(
+                k[0] == name for k in self._rooms) and not self._units.get(name):
+            raise NotFound(f"tenant {name!r} is not configured and has no rooms")
+        t = self.config.tenants.get(name, tenants.UNLIMITED)
+        pending = running = 0
+        for s in self.sessions.values():
+            if s.spec.tenant == name:
+                pending += s.state is SessionState.PENDING
+                running += s.state in _LIVE
+        return TenantStatus(name, t, self._units[name], self.spent(name, self.clock()),
+                            self._reserved[name], pending, running)
+
+    def spent(self, tenant: str, now: float) -> float:
+        t = self.config.tenants.get(tenant)
+        if t is None or t.spend_budget <= 0:
+            return 0.0
+        start = tenants.period_start(now, t.spend_period_seconds)
+        at, money = self._spend.get(tenant, (-1.0, 0.0))
+        if at != start:  # a new period, or first use since a restart: from the ledger
+            money = self.ledger.spent(tenant, start, now)
+            self._spend[tenant] = (start, money)
+        return money
 
     # -- worker API -------------------------------------------------------------
 
     def register_worker(self, worker_id: str, *, device_type: str, provider: str,
                         profile: placement.WorkerProfile, input_endpoint: str,
                         avatars: frozenset[str], active: frozenset[str],
-                        latency_budget: float = 0.0) -> WorkerConn:
+                        latency_budget: float = 0.0,
+                        resources: WorkerResources = WorkerResources(),
+                        usage_epoch: int = 0) -> WorkerConn:
         old = self.workers.get(worker_id)
         if old is not None:
             # A reconnect that overtook the old stream's end: retire the old stream only;
@@ -205,40 +381,71 @@ class Scheduler:
             old.outbox.put_nowait(None)
         now = self.clock()
         conn = WorkerConn(worker_id, device_type, provider, profile, input_endpoint, avatars, now,
-                          last_seen=now, latency_budget=latency_budget)
+                          last_seen=now, latency_budget=latency_budget, usage_epoch=usage_epoch)
         self.workers[worker_id] = conn
-        for s in list(self.sessions.values()):
-            if s.state.terminal:
+        gpu = "CPU" not in provider and device_type != "cpu"
+        self.fleet.add_worker(WorkerState(
+            worker_id, profile, self.config.overcommit,
+            cpu_capacity=float(resources.cpu_cores) if gpu else 0.0,
+            memory_capacity=resources.memory_bytes, memory=resources.memory,
+            device_type=device_type, warm=resources.warm_avatars))
+        self._refresh_unit_profile()
+        for sid in active:
+            s = self.sessions.get(sid)
+            if s is None or s.state.terminal:
                 continue
             mine = s.worker_id == worker_id
             orphaned = s.state is SessionState.PENDING and not s.worker_id
-            if s.session_id in active and (mine or orphaned):
+            if mine or orphaned:
                 # Still rendering here (after a scheduler restart or a dropped stream):
                 # keep it on this worker rather than start it again elsewhere.
-                load = profile.room_load(s.spec.quality, s.spec.drive_mode)
+                self._orphans.discard(sid)
+                self.queue.remove(sid)
+                d = self.fleet.assign(self._req(s), worker_id)
                 state = SessionState.PLACED if s.state is SessionState.PENDING else s.state
-                self._commit(s.moved(state, now, worker_id=worker_id, input_endpoint=input_endpoint,
-                                     provider=provider, device_type=device_type,
-                                     load=s.load if load is None else load,
-                                     reason=f"re-adopted by {worker_id}" if orphaned else s.reason))
-            elif mine and s.state in (SessionState.PLACED, SessionState.RUNNING):
-                self._commit(s.moved(SessionState.PENDING, now, worker_id="", input_endpoint="",
-                                     reason=f"worker {worker_id} restarted without the room"))
+                s = s.moved(state, now, worker_id=worker_id, input_endpoint=input_endpoint,
+                            provider=provider, device_type=device_type, load=d.compute,
+                            reason=f"re-adopted by {worker_id}" if orphaned else s.reason)
+                self._commit(s)
+                self._open_interval(s, now)
+        for s in [x for x in self.sessions.values()
+                  if x.worker_id == worker_id and x.state in _LIVE and x.session_id not in active]:
+            self._to_pending(s, now, f"worker {worker_id} restarted without the room")
         for sid in active:
             s2 = self.sessions.get(sid)
             if s2 is None or s2.state.terminal or s2.worker_id != worker_id:
                 conn.outbox.put_nowait(ReleaseCmd(sid, "not assigned to this worker"))
         log.info("worker %s registered (%s, %s) at %s", worker_id, device_type, provider,
                  input_endpoint)
-        self._update_gauges()
         self.kick()
         return conn
+
+    def _refresh_unit_profile(self) -> None:
+        # Units are measured on the most common device type (ties: by name), so they
+        # stay put while workers of that type come and go.
+        by_type = collections.Counter(w.device_type for w in self.workers.values())
+        if not by_type:
+            return
+        dev = min(by_type, key=lambda d: (-by_type[d], d))
+        for w in self.workers.values():
+            if w.device_type == dev and w.profile.units(placement.UNIT_QUALITY,
+                                                        placement.UNIT_MODE) is not None:
+                self._unit_profile = w.profile
+                return
 
     def worker_profile_changed(self, conn: WorkerConn, update: placement.WorkerProfile) -> None:
         """A worker re-measured (or corrected from live timings) some of its costs: they
         replace the old ones for new placements; rooms already placed keep their load."""
         self.worker_seen(conn)
         conn.profile = conn.profile.merged(update)
+        ws = self.fleet.workers.get(conn.worker_id)
+        if ws is not None:
+            fresh = WorkerState(ws.worker_id, conn.profile, ws.compute_capacity, ws.cpu_capacity,
+                                ws.memory_capacity, ws.memory, ws.device_type, ws.warm,
+                                ws.accepting)
+            for room in ws.rooms.values():
+                fresh.add(room)
+            self.fleet.add_worker(fresh)
         log.info("worker %s updated its profile: %s", conn.worker_id,
                  ", ".join(f"{c.stage.value}@{c.width}x{c.height}={c.seconds * 1000:.2f}ms"
                            for c in update.costs))
@@ -248,6 +455,23 @@ class Scheduler:
         conn.last_seen = self.clock()
         if load is not None:
             conn.reported_load = load
+
+    def worker_usage(self, conn: WorkerConn, seq: int,
+                     updates: list[tuple[str, Progress]]) -> bool:
+        """A sequence-numbered batch of cumulative progress; False if it was a retry."""
+        self.worker_seen(conn)
+        verdict = self.ledger.accept_report(conn.worker_id, conn.usage_epoch, seq)
+        if not verdict.apply:
+            self.metrics.usage_reports.labels("duplicate").inc()
+            return False
+        self.metrics.usage_reports.labels("applied").inc()
+        if verdict.lost:
+            self.metrics.usage_reports.labels("lost").inc(verdict.lost)
+            log.warning("worker %s: %d usage report(s) lost before seq %d (the next cumulative "
+                        "report carries their usage)", conn.worker_id, verdict.lost, seq)
+        for sid, progress in updates:
+            self.worker_update(conn, sid, SessionState.RUNNING, "", progress)
+        return True
 
     def worker_update(self, conn: WorkerConn, session_id: str, state: SessionState, reason: str,
                       progress: Progress | None) -> None:
@@ -263,12 +487,15 @@ class Scheduler:
             self._account(s, progress)
             if progress.stream_seconds >= s.progress.stream_seconds:
                 changes["progress"] = progress
-        if s.state.terminal:
-            if changes:
-                self._commit(s.moved(s.state, now, **changes))
-            return
         target = state if state in (SessionState.RUNNING, SessionState.ENDED,
                                     SessionState.FAILED) else s.state
+        if s.state.terminal or (target is s.state and not reason):
+            if changes:  # progress only: kept in memory, written with the next tick
+                s = dataclasses.replace(s, updated_at=now, **changes)  # type: ignore[arg-type]
+                self.sessions[session_id] = s
+                self._progress_dirty[session_id] = s
+                self._notify(SessionEvent(s))
+            return
         try:
             s = s.moved(target, now, reason=reason if target is not s.state or reason else s.reason,
                         **changes)
@@ -284,6 +511,7 @@ class Scheduler:
         """From now on a closing worker stream is this scheduler leaving, not the worker
         failing: its rooms keep their placement for when the scheduler is back."""
         self._stopping = True
+        self.flush_progress()
 
     def worker_disconnected(self, conn: WorkerConn, why: str) -> None:
         if self._stopping:
@@ -296,12 +524,12 @@ class Scheduler:
         del self.workers[conn.worker_id]
         conn.outbox.put_nowait(None)
         now = self.clock()
-        for s in list(self.sessions.values()):
-            if s.worker_id == conn.worker_id and not s.state.terminal:
-                self._commit(s.moved(SessionState.PENDING, now, worker_id="", input_endpoint="",
-                                     reason=f"worker {conn.worker_id} lost ({why}); re-placing"))
+        self.fleet.remove_worker(conn.worker_id)
+        for s in [x for x in self.sessions.values()
+                  if x.worker_id == conn.worker_id and not x.state.terminal]:
+            self._to_pending(s, now, f"worker {conn.worker_id} lost ({why}); re-placing")
         log.warning("worker %s dropped: %s", conn.worker_id, why)
-        self._update_gauges()
+        self._refresh_unit_profile()
         self.kick()
 
     # -- placement ---------------------------------------------------------------
@@ -309,45 +537,213 @@ class Scheduler:
     def kick(self) -> None:
         self._wake.set()
 
-    def place_pending(self) -> placement.PlacementResult:
-        now = self.clock()
-        orphan_deadline = self._started_at + self.config.orphan_grace
-        for s in list(self.sessions.values()):
-            # Rooms held by a worker that has not come back since a restart.
-            if (not s.state.terminal and s.state is not SessionState.PENDING
-                    and s.worker_id not in self.workers and now >= orphan_deadline):
-                self._commit(s.moved(SessionState.PENDING, now, worker_id="", input_endpoint="",
-                                     reason=f"worker {s.worker_id} did not come back; re-placing"))
-        pending = [placement.PendingRoom(s.session_id, s.spec.quality, s.spec.drive_mode,
-                                         s.spec.tier, s.seq)
-                   for s in self.sessions.values() if s.state is SessionState.PENDING]
-        if not pending:
-            return placement.PlacementResult((), {})
-        result = placement.place(pending, self._worker_views(), self.config.utilisation_target)
-        for p in result.placements:
-            conn = self.workers[p.worker_id]
-            s = self.sessions[p.session_id]
-            script = tuple(self.store.script(s.session_id))
-            s = s.moved(SessionState.PLACED, now, worker_id=conn.worker_id,
-                        input_endpoint=conn.input_endpoint, provider=conn.provider,
-                        device_type=conn.device_type, load=p.load,
-                        reason=f"placed on {conn.worker_id}")
-            self._commit(s)
-            conn.outbox.put_nowait(AssignCmd(s.session_id, dataclasses.replace(s.spec, script=script)))
-            self.metrics.placements.labels(s.spec.tier.value).inc()
-        for sid, why in result.waiting.items():
-            s = self.sessions[sid]
-            if s.reason != why:
-                self._commit(s.moved(s.state, now, reason=why))
-        return result
+    def _req(self, s: Session) -> RoomReq:
+        return RoomReq(s.session_id, s.spec.tenant, s.spec.avatar_id, s.quality,
+                       s.spec.drive_mode, s.spec.tier, s.seq,
+                       (s.spec.quality.width, s.spec.quality.height), s.step)
 
-    def _worker_views(self) -> list[placement.WorkerView]:
-        loads: dict[str, float] = collections.defaultdict(float)
-        for s in self.sessions.values():
-            if s.state in (SessionState.PLACED, SessionState.RUNNING):
-                loads[s.worker_id] += s.load
-        return [placement.WorkerView(w.worker_id, w.profile, self.config.overcommit,
-                                     loads[w.worker_id]) for w in self.workers.values()]
+    def _rungs(self, room: RoomReq) -> list[tuple[int, Quality]]:
+        s = self.sessions[room.session_id]
+        if s.spec.tier is Tier.STANDARD:
+            return self.ladder.qualities(s.spec.quality)
+        return [(0, s.spec.quality)]
+
+    def _lowest(self, room: RoomReq) -> RoomReq | None:
+        s = self.sessions[room.session_id]
+        step, q = self.ladder.lowest(s.spec.quality)
+        if step <= room.step:
+            return None
+        return dataclasses.replace(room, quality=q, step=step)
+
+    def _enqueue(self, s: Session) -> None:
+        t = self.config.tenants.get(s.spec.tenant, tenants.UNLIMITED)
+        self.queue.push(s.session_id, s.spec.tenant, s.spec.tier, s.units, t.weight, s.guaranteed)
+
+    def place_pending(self, limit: int = 512) -> int:
+        """One pass over the queue in fair order; returns the number of rooms placed."""
+        placed = 0
+        failed: dict[tuple[object, ...], str] = {}
+        for sid in self.queue.ordered(limit):
+            s = self.sessions.get(sid)
+            if s is None or s.state is not SessionState.PENDING:
+                self.queue.remove(sid)
+                continue
+            placed += self._try_place(s, failed)
+        return placed
+
+    def _try_place(self, s: Session, failed: dict[tuple[object, ...], str]) -> int:
+        """Place one pending room if anything fits (reclaiming capacity for guaranteed
+        rooms); otherwise record why it waits. `failed` memoises shapes that did not fit
+        in this pass, so a long queue costs one look per shape."""
+        shape = (s.spec.quality, s.step, s.spec.drive_mode, s.spec.tier, s.guaranteed,
+                 s.spec.avatar_id if s.guaranteed else "")
+        if shape in failed:
+            self._wait(s, failed[shape])
+            return 0
+        room = self._req(s)
+        choice = self.fleet.choose(room, self._rungs)
+        if choice is not None and not self._protected_ok(s, choice.demand.compute):
+            choice = None
+        if choice is None and s.guaranteed:
+            plan = self.fleet.reclaim(room, self._lowest)
+            if plan is not None:
+                self._apply_reclaim(plan, s)
+                choice = self.fleet.choose(room)
+        if choice is None:
+            why = self.fleet.why_not(room)
+            if s.spec.tier is Tier.PREMIUM and not s.guaranteed and self.fleet.workers:
+                why += "; premium rooms beyond the tenant's reservation may not take capacity " \
+                       "other tenants have reserved"
+            failed[shape] = why
+            self._wait(s, why)
+            return 0
+        self._assign(s, choice)
+        return 1
+
+    def _protected_ok(self, s: Session, compute: float) -> bool:
+        """Rooms that cannot be preempted later must leave others' reservations reclaimable."""
+        if s.spec.tier is not Tier.PREMIUM or s.guaranteed or not self.config.tenants:
+            return True
+        unit = self._unit_load()
+        unused = sum(max(0.0, t.reserved_units - self._reserved[name])
+                     for name, t in self.config.tenants.items()) * unit
+        if unused <= 0:
+            return True
+        return tenants.may_take_protected(units_needed=compute, free=self.fleet.free_total,
+                                          preemptible=self._preemptible,
+                                          unused_reservations=unused)
+
+    def _unit_load(self) -> float:
+        p = self._unit_profile
+        load = p.room_load(placement.UNIT_QUALITY, placement.UNIT_MODE) if p else None
+        return load or 1.0
+
+    def _wait(self, s: Session, why: str) -> None:
+        if s.reason != why:
+            self._commit(s.moved(s.state, self.clock(), reason=why), EventKind.QUEUED, why)
+
+    def _assign(self, s: Session, choice: placement.Choice) -> None:
+        now = self.clock()
+        conn = self.workers[choice.worker_id]
+        self.queue.served(s.session_id)
+        step_changed = choice.step != s.step
+        rendering = None if choice.step == 0 else choice.quality
+        units = self.units_of(choice.quality, s.spec.drive_mode)
+        s = s.moved(SessionState.PLACED, now, worker_id=conn.worker_id,
+                    input_endpoint=conn.input_endpoint, provider=conn.provider,
+                    device_type=conn.device_type, load=choice.demand.compute,
+                    step=choice.step, rendering=rendering, units=units,
+                    step_changed_at=now if step_changed else s.step_changed_at,
+                    reason=f"placed on {conn.worker_id}" + (
+                        f" at {choice.quality} (degradation step {choice.step})"
+                        if choice.step else ""))
+        self.fleet.assign(self._req(s), conn.worker_id)
+        self._commit(s, EventKind.DEGRADED if step_changed and choice.step else EventKind.STATE,
+                     f"placed at {choice.quality}, step {choice.step}" if choice.step else "")
+        if step_changed and choice.step:
+            self.metrics.degradations.labels(s.spec.tier.value, "down").inc()
+        self._open_interval(s, now)
+        script = tuple(self.store.script(s.session_id)) if s.spec.drive_mode is DriveMode.TEXT \
+            else ()
+        conn.outbox.put_nowait(AssignCmd(s.session_id, dataclasses.replace(s.spec, script=script)))
+        if rendering is not None:
+            conn.outbox.put_nowait(ReconfigureCmd(s.session_id, rendering, choice.step,
+                                                  "placed degraded: capacity is short"))
+        self.metrics.placements.labels(s.spec.tier.value).inc()
+
+    def _apply_reclaim(self, plan: placement.Reclaim, beneficiary: Session) -> None:
+        now = self.clock()
+        for a in plan.actions:
+            victim = self.sessions[a.session_id]
+            if a.kind is ActionKind.PREEMPT:
+                why = (f"preempted on {victim.worker_id} to reclaim capacity reserved by tenant "
+                       f"{beneficiary.spec.tenant!r}; re-queued")
+                conn = self.workers.get(victim.worker_id)
+                if conn is not None:
+                    conn.outbox.put_nowait(ReleaseCmd(victim.session_id, why))
+                self.metrics.preemptions.labels(victim.spec.tier.value).inc()
+                self._to_pending(victim, now, why, EventKind.PREEMPTED)
+            else:
+                self._restep(victim, a.step, now,
+                             f"capacity reclaimed for a reserved room of tenant "
+                             f"{beneficiary.spec.tenant!r}")
+
+    def _restep(self, s: Session, step: int, now: float, why: str) -> Session:
+        """Move a placed room to another ladder step on its worker, live."""
+        quality = self.ladder.at(s.spec.quality, step)
+        down = step > s.step
+        s = dataclasses.replace(s, step=step, rendering=None if step == 0 else quality,
+                                units=self.units_of(quality, s.spec.drive_mode),
+                                step_changed_at=now, updated_at=now)
+        if s.worker_id in self.fleet.workers:
+            d = self.fleet.assign(self._req(s), s.worker_id)
+            s = dataclasses.replace(s, load=d.compute)
+        message = f"{'stepped down' if down else 'stepped back up'} to {quality} " \
+                  f"(step {step}): {why}"
+        self._commit(s, EventKind.DEGRADED if down else EventKind.RESTORED, message)
+        self.metrics.degradations.labels(s.spec.tier.value, "down" if down else "up").inc()
+        conn = self.workers.get(s.worker_id)
+        if conn is not None:
+            conn.outbox.put_nowait(ReconfigureCmd(s.session_id, quality, step, message))
+        self._open_interval(s, now)
+        return s
+
+    def step_up(self) -> int:
+        """Degraded rooms go back up one step where their worker has room to spare (with
+        hysteresis), unless rooms are waiting for capacity."""
+        if len(self.queue):
+            return 0
+        now = self.clock()
+        raised = 0
+        for sid in sorted(self._degraded):
+            s = self.sessions[sid]
+            if s.state not in _LIVE or s.spec.tenant in self._exhausted:
+                continue
+            up = self.ladder.next_up(s.spec.quality, s.step)
+            w = self.fleet.workers.get(s.worker_id)
+            if up is None or w is None:
+                continue
+            trial = w.copy()
+            trial.remove(sid)
+            d = trial.demand(dataclasses.replace(self._req(s), quality=up[1], step=up[0]))
+            if d is None:
+                continue
+            after = (trial.compute_load + d.compute) / trial.compute_capacity
+            if trial.cpu_capacity > 0:
+                after = max(after, (trial.cpu_load + d.cpu) / trial.cpu_capacity)
+            if self.ladder.may_step_up(after, self.fleet.target, now - s.step_changed_at):
+                self._restep(s, up[0], now, "capacity returned")
+                raised += 1
+        return raised
+
+    def enforce_budgets(self) -> None:
+        """Tenants whose spend ran out this period: degrade, warn, or stop, per policy."""
+        now = self.clock()
+        for name, t in self.config.tenants.items():
+            if t.spend_budget <= 0:
+                continue
+            spent = self.spent(name, now)
+            action = tenants.budget_action(t, spent, self._exhausted.get(name), now)
+            if action is tenants.BudgetAction.NONE:
+                self._exhausted.pop(name, None)
+                continue
+            first = name not in self._exhausted
+            self._exhausted.setdefault(name, now)
+            rooms = [s for s in self.sessions.values()
+                     if s.spec.tenant == name and not s.state.terminal]
+            msg = (f"tenant {name!r} spent {spent:.2f} of its {t.spend_budget:.2f} spend budget "
+                   f"this period")
+            for s in rooms:
+                if action is tenants.BudgetAction.STOP:
+                    self.end(s.session_id, f"{msg}; stopped after the "
+                                           f"{t.grace_seconds:.0f} s grace period")
+                elif action is tenants.BudgetAction.WARN and first:
+                    self._commit(s.moved(s.state, now), EventKind.BUDGET,
+                                 f"{msg}; the room stops in {t.grace_seconds:.0f} s")
+                elif action is tenants.BudgetAction.DEGRADE and s.state in _LIVE:
+                    step, _ = self.ladder.lowest(s.spec.quality)
+                    if step > s.step:
+                        self._restep(s, step, now, f"{msg}; degraded by the tenant's policy")
 
     def check_heartbeats(self) -> None:
         deadline = self.clock() - self.config.worker_timeout
@@ -355,8 +751,29 @@ class Scheduler:
             if conn.last_seen < deadline:
                 self._drop_worker(conn, f"no heartbeat for {self.config.worker_timeout:.0f}s")
 
+    def check_orphans(self) -> None:
+        """After a restart, rooms whose worker has not come back within the grace period."""
+        if not self._orphans or self.clock() < self._started_at + self.config.orphan_grace:
+            return
+        now = self.clock()
+        for sid in list(self._orphans):
+            s = self.sessions[sid]
+            self._orphans.discard(sid)
+            if not s.state.terminal and s.worker_id not in self.workers:
+                self._to_pending(s, now, f"worker {s.worker_id} did not come back; re-placing")
+
+    def tick(self) -> None:
+        self.check_heartbeats()
+        self.check_orphans()
+        self.enforce_budgets()
+        self.place_pending()
+        self.step_up()
+        self.flush_progress()
+        self.metrics.fleet(self.fleet.totals())
+
     async def run(self) -> None:
         """The placement loop: on every kick, and at least once per heartbeat interval."""
+        next_tick = self.clock()
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), self.config.heartbeat_interval)
@@ -364,36 +781,104 @@ class Scheduler:
                 pass
             self._wake.clear()
             try:
-                self.check_heartbeats()
-                self.place_pending()
+                if self.clock() >= next_tick:
+                    next_tick = self.clock() + self.config.heartbeat_interval
+                    self.tick()
+                elif len(self.queue):
+                    self.place_pending()
             except Exception:  # the loop must survive a bad pass; the next one retries
                 log.exception("placement pass failed")
 
     # -- internals ----------------------------------------------------------------
 
+    def _to_pending(self, s: Session, now: float, why: str,
+                    kind: EventKind = EventKind.STATE) -> None:
+        self.fleet.release(s.session_id)
+        self.ledger.close(s.session_id, now)
+        s = s.moved(SessionState.PENDING, now, worker_id="", input_endpoint="", reason=why)
+        self._commit(s, kind, why)
+        self._enqueue(s)
+
+    def _open_interval(self, s: Session, now: float) -> None:
+        self.ledger.open(s.session_id, tenant=s.spec.tenant, avatar_id=s.spec.avatar_id,
+                         tier=s.spec.tier, quality=str(s.quality), worker_id=s.worker_id,
+                         device_type=s.device_type or "unknown", units=s.units, now=now)
+
     def _account(self, s: Session, progress: Progress) -> None:
         d = usage_delta(s.spec.tier, s.device_type or "unknown", s.progress, progress)
+        if d.stream_seconds <= 0 and d.device_seconds <= 0:
+            return
         frames = max(0, progress.frames_rendered - s.progress.frames_rendered)
         late = max(0, progress.late_frames - s.progress.late_frames)
         self.costs.add(d)
-        self.metrics.usage(d, frames, late, self.costs)
+        self.ledger.add(s.session_id, d.stream_seconds, d.device_seconds)
+        money = d.device_seconds * self.config.price(d.device_type) / 3600.0
+        tenant = s.spec.tenant
+        if tenant in self._spend:
+            at, total = self._spend[tenant]
+            self._spend[tenant] = (at, total + money)
+        self.metrics.usage(d, frames, late, self.costs, tenant, money)
 
-    def _commit(self, s: Session) -> None:
-        self.store.put_session(s)
+    def flush_progress(self) -> None:
+        """Progress and the usage ledger since the last tick, in one transaction."""
+        if self._progress_dirty:
+            self.store.put_sessions(list(self._progress_dirty.values()))
+            self._progress_dirty.clear()
+        ivs, cursors = self.ledger.take_dirty()
+        if ivs or cursors:
+            self.store.put_usage(ivs, cursors)
+        self._schedule_flush()
+
+    def _index(self, prev: Session | None, s: Session) -> None:
+        """Keep the indexes and tenant usage in step with one session's change."""
+        if prev is not None:
+            if prev.state in _LIVE and prev.spec.tier is not Tier.PREMIUM:
+                self._preemptible -= prev.load
+            self._counts[(prev.state, prev.spec.tier)] -= 1
+            if not prev.state.terminal:
+                self._units[prev.spec.tenant] -= prev.units
+                if prev.guaranteed:
+                    self._reserved[prev.spec.tenant] -= prev.units
+        if s.state in _LIVE and s.spec.tier is not Tier.PREMIUM:
+            self._preemptible += s.load
+        self._counts[(s.state, s.spec.tier)] += 1
+        key = (s.spec.tenant, s.spec.room_id)
+        if s.state.terminal:
+            if self._rooms.get(key) == s.session_id:
+                del self._rooms[key]
+            if self._outputs.get(s.spec.output) == s.session_id:
+                del self._outputs[s.spec.output]
+            self._degraded.discard(s.session_id)
+        else:
+            self._rooms[key] = s.session_id
+            self._outputs[s.spec.output] = s.session_id
+            self._units[s.spec.tenant] += s.units
+            if s.guaranteed:
+                self._reserved[s.spec.tenant] += s.units
+            if s.step:
+                self._degraded.add(s.session_id)
+            else:
+                self._degraded.discard(s.session_id)
+
+    def _commit(self, s: Session, kind: EventKind = EventKind.STATE, message: str = "") -> None:
         prev = self.sessions.get(s.session_id)
+        self.store.put_session(s)
+        self._progress_dirty.pop(s.session_id, None)
+        self._schedule_flush()
         self.sessions[s.session_id] = s
+        self._index(prev, s)
+        if s.state.terminal and (prev is None or not prev.state.terminal):
+            self.queue.remove(s.session_id)
+            self.fleet.release(s.session_id)
+            self.ledger.close(s.session_id, s.updated_at)
         if prev is None or prev.state is not s.state:
-            self._update_gauges()
-        for q in self._watchers.get(s.session_id, ()):
-            q.put_nowait(s)
+            self.metrics.session_counts(self._counts)
+        self._notify(SessionEvent(s, kind, message))
 
-    def _update_gauges(self) -> None:
-        counts = collections.Counter((s.state, s.spec.tier) for s in self.sessions.values())
-        self.metrics.session_counts(counts)
-        fleet: dict[str, tuple[int, float, float]] = {}
-        views = {v.worker_id: v for v in self._worker_views()}
-        for w in self.workers.values():
-            n, cap, load = fleet.get(w.device_type, (0, 0.0, 0.0))
-            v = views[w.worker_id]
-            fleet[w.device_type] = (n + 1, cap + v.capacity, load + v.load)
-        self.metrics.fleet(fleet)
+    def _notify(self, ev: SessionEvent) -> None:
+        for q in self._watchers.get(ev.session.session_id, ()):
+            q.put_nowait(ev)
+
+
+def tenants_error(name: str) -> Exception:
+    return PermissionDenied(f"tenant {name!r} is not configured on this scheduler")

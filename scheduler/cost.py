@@ -47,13 +47,15 @@ class CostBook:
         self.stream_seconds[key] = self.stream_seconds.get(key, 0.0) + d.stream_seconds
         self.device_seconds[key] = self.device_seconds.get(key, 0.0) + d.device_seconds
 
-    def money(self, tier: Tier | None = None) -> float:
+    def money(self, tier: Tier | None = None, device_type: str | None = None) -> float:
         return sum(s * self.price(dev) / 3600.0 for (t, dev), s in self.device_seconds.items()
-                   if tier is None or t is tier)
+                   if (tier is None or t is tier) and (device_type is None or dev == device_type))
 
-    def stream_hours(self, tier: Tier | None = None) -> float:
-        return sum(s for (t, _), s in self.stream_seconds.items() if tier is None or t is tier) / 3600
+    def stream_hours(self, tier: Tier | None = None, device_type: str | None = None) -> float:
+        return sum(s for (t, dev), s in self.stream_seconds.items()
+                   if (tier is None or t is tier)
+                   and (device_type is None or dev == device_type)) / 3600
 
-    def per_stream_hour(self, tier: Tier | None = None) -> float:
-        hours = self.stream_hours(tier)
-        return self.money(tier) / hours if hours > 0 else 0.0
+    def per_stream_hour(self, tier: Tier | None = None, device_type: str | None = None) -> float:
+        hours = self.stream_hours(tier, device_type)
+        return self.money(tier, device_type) / hours if hours > 0 else 0.0

@@ -15,4 +15,13 @@ class FailedPrecondition(RuntimeError):
     pass
 
 
-__all__ = ["AlreadyExists", "FailedPrecondition", "InvalidRequest", "NotFound"]
+class BudgetExceeded(RuntimeError):
+    """A tenant's budget would be exceeded (maps to RESOURCE_EXHAUSTED)."""
+
+
+class PermissionDenied(RuntimeError):
+    pass
+
+
+__all__ = ["AlreadyExists", "BudgetExceeded", "FailedPrecondition", "InvalidRequest", "NotFound",
+           "PermissionDenied"]

@@ -1,9 +1,11 @@
 """The scheduler's Prometheus metrics, declared once. Labels are bounded:
-state, tier and device type, never a session, room or tenant id."""
+state, tier and device type, never a session or room id; tenants only when the
+operator turns tenant metrics on, and then only the configured tenants."""
 
 from __future__ import annotations
 
 from collections import Counter as Tally
+from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -12,8 +14,10 @@ from scheduler.cost import CostBook, UsageDelta
 
 
 class SchedulerMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None,
+                 tenants: tuple[str, ...] = ()) -> None:
         self.registry = registry or CollectorRegistry()
+        self.tenants = frozenset(tenants)
         r = self.registry
         self.sessions = Gauge("avatarfarm_sessions", "Sessions by state and tier",
                               ["state", "tier"], registry=r)
@@ -37,14 +41,40 @@ class SchedulerMetrics:
         self.price = Gauge("avatarfarm_device_price_per_hour",
                            "Configured price of one device-hour", ["device_type"], registry=r)
         self.cost = Gauge("avatarfarm_cost_per_stream_hour",
-                          "Attributed device cost per hour of stream", ["tier"], registry=r)
+                          "Attributed device cost per hour of stream", ["tier", "device_type"],
+                          registry=r)
+        self.tenant_cost = Gauge("avatarfarm_tenant_cost_per_stream_hour",
+                                 "Attributed device cost per hour of stream, by configured tenant",
+                                 ["tenant"], registry=r)
+        self.tenant_money = Counter("avatarfarm_tenant_cost",
+                                    "Attributed device cost, by configured tenant", ["tenant"],
+                                    registry=r)
+        self.degradations = Counter("avatarfarm_degradation_steps",
+                                    "Rooms stepped down or back up the degradation ladder",
+                                    ["tier", "direction"], registry=r)
+        self.preemptions = Counter("avatarfarm_preemptions",
+                                   "Rooms preempted to reclaim reserved capacity", ["tier"],
+                                   registry=r)
+        self.budget_refusals = Counter("avatarfarm_budget_refusals",
+                                       "Rooms refused because a tenant budget would be exceeded",
+                                       ["budget"], registry=r)
+        self.usage_reports = Counter("avatarfarm_usage_reports",
+                                     "Worker usage reports: applied, duplicate (a retry, ignored), "
+                                     "lost (sequence gaps)", ["outcome"], registry=r)
+        self._tenant_hours: dict[str, tuple[float, float]] = {}
         self.frames = Counter("avatarfarm_frames_rendered", "Frames rendered", ["tier"], registry=r)
         self.late = Counter("avatarfarm_late_frames", "Frames finished after their deadline",
                             ["tier"], registry=r)
         for tier in Tier:
             for state in SessionState:
                 self.sessions.labels(state.value, tier.value)
-            self.cost.labels(tier.value)
+            for direction in ("down", "up"):
+                self.degradations.labels(tier.value, direction)
+            self.preemptions.labels(tier.value)
+        for outcome in ("applied", "duplicate", "lost"):
+            self.usage_reports.labels(outcome)
+        for budget in ("concurrency", "spend"):
+            self.budget_refusals.labels(budget)
 
     def session_counts(self, counts: Tally[tuple[SessionState, Tier]]) -> None:
         for tier in Tier:
@@ -52,15 +82,23 @@ class SchedulerMetrics:
                 self.sessions.labels(state.value, tier.value).set(counts.get((state, tier), 0))
         self.pending.set(sum(n for (s, _), n in counts.items() if s is SessionState.PENDING))
 
-    def usage(self, d: UsageDelta, frames: int, late: int, book: CostBook) -> None:
+    def usage(self, d: UsageDelta, frames: int, late: int, book: CostBook, tenant: str = "",
+              money: float = 0.0) -> None:
         self.stream_seconds.labels(d.tier.value, d.device_type).inc(d.stream_seconds)
         self.device_seconds.labels(d.tier.value, d.device_type).inc(d.device_seconds)
         self.price.labels(d.device_type).set(book.price(d.device_type))
         self.frames.labels(d.tier.value).inc(frames)
         self.late.labels(d.tier.value).inc(late)
-        self.cost.labels(d.tier.value).set(book.per_stream_hour(d.tier))
+        self.cost.labels(d.tier.value, d.device_type).set(
+            book.per_stream_hour(d.tier, d.device_type))
+        if tenant in self.tenants:
+            cost, hours = self._tenant_hours.get(tenant, (0.0, 0.0))
+            cost, hours = cost + money, hours + d.stream_seconds / 3600.0
+            self._tenant_hours[tenant] = (cost, hours)
+            self.tenant_money.labels(tenant).inc(money)
+            self.tenant_cost.labels(tenant).set(cost / hours if hours > 0 else 0.0)
 
-    def fleet(self, by_device: dict[str, tuple[int, float, float]]) -> None:
+    def fleet(self, by_device: Mapping[str, tuple[int, float, float]]) -> None:
         self.workers.clear()
         self.capacity.clear()
         self.load.clear()

@@ -13,12 +13,28 @@ from typing import Any, TypeVar
 import grpc
 
 from avatarfarm import convert
-from avatarfarm.domain import InvalidRequest, Stage
+from avatarfarm.domain import InvalidRequest, Quality, Stage
 from avatarfarm.v1 import sessions_pb2, sessions_pb2_grpc, types_pb2, workers_pb2, workers_pb2_grpc
 from scheduler import placement
-from scheduler.core import AssignCmd, ReleaseCmd, Scheduler, ScriptCmd, WorkerCommand, WorkerConn
-from scheduler.errors import AlreadyExists, FailedPrecondition, NotFound
-from scheduler.state import Session
+from scheduler.core import (
+    AssignCmd,
+    ReconfigureCmd,
+    ReleaseCmd,
+    Scheduler,
+    ScriptCmd,
+    WorkerCommand,
+    WorkerConn,
+    WorkerResources,
+)
+from scheduler.errors import (
+    AlreadyExists,
+    BudgetExceeded,
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+)
+from scheduler.ledger import Dimension
+from scheduler.state import EventKind, Session
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +45,22 @@ _STATUS: dict[type[Exception], grpc.StatusCode] = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    BudgetExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+}
+_EVENT_KINDS = {
+    EventKind.STATE: sessions_pb2.SESSION_EVENT_KIND_STATE,
+    EventKind.DEGRADED: sessions_pb2.SESSION_EVENT_KIND_DEGRADED,
+    EventKind.RESTORED: sessions_pb2.SESSION_EVENT_KIND_RESTORED,
+    EventKind.PREEMPTED: sessions_pb2.SESSION_EVENT_KIND_PREEMPTED,
+    EventKind.BUDGET: sessions_pb2.SESSION_EVENT_KIND_BUDGET,
+    EventKind.QUEUED: sessions_pb2.SESSION_EVENT_KIND_QUEUED,
+}
+_DIMENSIONS = {
+    sessions_pb2.USAGE_DIMENSION_TENANT: Dimension.TENANT,
+    sessions_pb2.USAGE_DIMENSION_TIER: Dimension.TIER,
+    sessions_pb2.USAGE_DIMENSION_AVATAR: Dimension.AVATAR,
+    sessions_pb2.USAGE_DIMENSION_DEVICE_TYPE: Dimension.DEVICE_TYPE,
 }
 
 
@@ -40,12 +72,18 @@ async def _guard(context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
         raise  # unreachable: abort raises
 
 
-def session_to_pb(s: Session) -> types_pb2.Session:
+def quality_to_pb(q: Quality) -> types_pb2.Quality:
+    return types_pb2.Quality(width=q.width, height=q.height, fps=q.fps)
+
+
+def session_to_pb(s: Session, queue_position: int = 0) -> types_pb2.Session:
     return types_pb2.Session(
         session_id=s.session_id, spec=convert.spec_to_pb(s.spec), state=convert.state_to_pb(s.state),
         reason=s.reason, worker_id=s.worker_id, input_endpoint=s.input_endpoint,
         created_at=convert.timestamp(s.created_at), updated_at=convert.timestamp(s.updated_at),
-        progress=convert.progress_to_pb(s.progress), provider=s.provider, device_type=s.device_type)
+        progress=convert.progress_to_pb(s.progress), provider=s.provider, device_type=s.device_type,
+        rendering=quality_to_pb(s.quality), degradation_step=s.step, compute_units=s.units,
+        queue_position=queue_position)
 
 
 class SessionService(sessions_pb2_grpc.SessionServiceServicer):
@@ -60,11 +98,14 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
                 raise InvalidRequest("request_id is longer than 128 characters")
             return self.core.create(spec, request.request_id)
 
-        return session_to_pb(await _guard(context, create))
+        s = await _guard(context, create)
+        await self.core.durable()
+        return session_to_pb(s, self.core.queue_position(s.session_id))
 
     async def GetSession(self, request: sessions_pb2.GetSessionRequest,
                          context: grpc.aio.ServicerContext) -> types_pb2.Session:
-        return session_to_pb(await _guard(context, lambda: self.core.get(request.session_id)))
+        s = await _guard(context, lambda: self.core.get(request.session_id))
+        return session_to_pb(s, self.core.queue_position(s.session_id))
 
     async def ListSessions(self, request: sessions_pb2.ListSessionsRequest,
                            context: grpc.aio.ServicerContext) -> sessions_pb2.ListSessionsResponse:
@@ -87,21 +128,63 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
 
     async def EndSession(self, request: sessions_pb2.EndSessionRequest,
                          context: grpc.aio.ServicerContext) -> types_pb2.Session:
-        return session_to_pb(await _guard(
-            context, lambda: self.core.end(request.session_id, request.reason[:512])))
+        s = await _guard(context, lambda: self.core.end(request.session_id, request.reason[:512]))
+        await self.core.durable()
+        return session_to_pb(s)
 
     async def WatchSession(self, request: sessions_pb2.WatchSessionRequest,
                            context: grpc.aio.ServicerContext) -> AsyncIterator[sessions_pb2.SessionEvent]:
         await _guard(context, lambda: self.core.get(request.session_id))
-        async for s in self.core.watch(request.session_id):
-            yield sessions_pb2.SessionEvent(session=session_to_pb(s),
-                                            at=convert.timestamp(s.updated_at))
+        async for ev in self.core.watch(request.session_id):
+            s = ev.session
+            yield sessions_pb2.SessionEvent(
+                session=session_to_pb(s, self.core.queue_position(s.session_id)),
+                at=convert.timestamp(s.updated_at), kind=_EVENT_KINDS[ev.kind],
+                message=ev.message)
 
     async def AppendScript(self, request: sessions_pb2.AppendScriptRequest,
                            context: grpc.aio.ServicerContext) -> sessions_pb2.AppendScriptResponse:
         n = await _guard(context, lambda: self.core.append_script(
             request.session_id, convert.segments_from_pb(request.segments)))
+        await self.core.durable()
         return sessions_pb2.AppendScriptResponse(queued_segments=n)
+
+    async def GetUsage(self, request: sessions_pb2.GetUsageRequest,
+                       context: grpc.aio.ServicerContext) -> sessions_pb2.GetUsageResponse:
+        def usage() -> list[Any]:
+            dims = []
+            for d in request.group_by:
+                if d not in _DIMENSIONS:
+                    raise InvalidRequest(f"unknown usage dimension {d}")
+                if _DIMENSIONS[d] not in dims:
+                    dims.append(_DIMENSIONS[d])
+            start = request.start.ToNanoseconds() / 1e9 if request.HasField("start") else None
+            end = request.end.ToNanoseconds() / 1e9 if request.HasField("end") else None
+            return self.core.usage(tenant=request.tenant, group_by=tuple(dims), start=start,
+                                   end=end)
+
+        rows = await _guard(context, usage)
+        return sessions_pb2.GetUsageResponse(
+            rows=[sessions_pb2.UsageRow(
+                tenant=r.tenant,
+                tier=convert.tier_to_pb(r.tier) if r.tier else types_pb2.TIER_UNSPECIFIED,
+                avatar_id=r.avatar_id, device_type=r.device_type, sessions=len(r.sessions),
+                stream_seconds=r.stream_seconds, device_seconds=r.device_seconds,
+                compute_unit_seconds=r.compute_unit_seconds, cost=r.cost,
+                cost_per_stream_hour=r.cost_per_stream_hour) for r in rows],
+            as_of=convert.timestamp(self.core.clock()))
+
+    async def GetTenant(self, request: sessions_pb2.GetTenantRequest,
+                        context: grpc.aio.ServicerContext) -> sessions_pb2.TenantStatus:
+        st = await _guard(context, lambda: self.core.tenant_status(request.tenant))
+        t = st.config
+        return sessions_pb2.TenantStatus(
+            tenant=st.tenant, concurrency_budget_units=t.concurrency_units,
+            units_in_use=st.units_in_use, spend_budget=t.spend_budget,
+            spend_period_seconds=t.spend_period_seconds, spent_this_period=st.spent,
+            reserved_units=t.reserved_units, reserved_units_in_use=st.reserved_in_use,
+            rooms_pending=st.pending, rooms_running=st.running,
+            budget_policy=t.on_budget_exhausted.value)
 
 
 def profile_from_pb(profiles: Any, latency_budget: float = 0.0) -> placement.WorkerProfile:
@@ -114,7 +197,7 @@ def profile_from_pb(profiles: Any, latency_budget: float = 0.0) -> placement.Wor
         if stage is None or not points:
             continue
         w, h = (p.width, p.height) if stage in (Stage.RENDER, Stage.ENCODE) else (0, 0)
-        costs.append(placement.StageCost(stage, w, h, placement.item_seconds(points, latency_budget)))
+        costs.append(placement.StageCost.measured(stage, w, h, points, latency_budget))
     return placement.WorkerProfile(tuple(costs))
 
 
@@ -129,6 +212,9 @@ def command_to_pb(cmd: WorkerCommand) -> workers_pb2.SchedulerMessage:
         case ScriptCmd(sid, segments):
             return workers_pb2.SchedulerMessage(
                 script=workers_pb2.Script(session_id=sid, segments=convert.segments_to_pb(segments)))
+        case ReconfigureCmd(sid, quality, step, reason):
+            return workers_pb2.SchedulerMessage(reconfigure=workers_pb2.Reconfigure(
+                session_id=sid, quality=quality_to_pb(quality), step=step, reason=reason))
     raise TypeError(cmd)
 
 
@@ -149,17 +235,26 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
                                 "the first message must be Register with a worker_id")
             return
         reg = first.register
+        mem = reg.memory
         conn = self.core.register_worker(
             reg.worker_id, device_type=reg.device.device_type or "unknown",
             provider=reg.device.provider,
             profile=profile_from_pb(reg.profiles, reg.device.latency_budget_seconds),
             input_endpoint=reg.input_endpoint, avatars=frozenset(reg.avatars),
             latency_budget=reg.device.latency_budget_seconds,
-            active=frozenset(reg.active_session_ids))
+            active=frozenset(reg.active_session_ids),
+            resources=WorkerResources(
+                cpu_cores=reg.device.cpu_cores, memory_bytes=float(reg.device.memory_bytes),
+                memory=placement.MemoryProfile(float(mem.models_bytes), mem.avatar_bytes_per_pixel,
+                                               mem.room_bytes_per_pixel),
+                warm_avatars=frozenset(reg.warm_avatars)),
+            usage_epoch=reg.usage_epoch)
+        await self.core.durable()
         reader = asyncio.create_task(self._read(conn, request_iterator, timeout))
         try:
             yield workers_pb2.SchedulerMessage(registered=workers_pb2.Registered(
-                heartbeat_interval_seconds=self.core.config.heartbeat_interval))
+                heartbeat_interval_seconds=self.core.config.heartbeat_interval,
+                last_usage_seq=self.core.ledger.last_seq(conn.worker_id, conn.usage_epoch)))
             outbox_get: asyncio.Task[WorkerCommand | None] | None = None
             while True:
                 outbox_get = asyncio.ensure_future(conn.outbox.get())
@@ -194,6 +289,10 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
             elif kind == "profile_update":
                 self.core.worker_profile_changed(
                     conn, profile_from_pb(msg.profile_update.profiles, conn.latency_budget))
+            elif kind == "usage_report":
+                r = msg.usage_report
+                self.core.worker_usage(conn, r.seq, [
+                    (u.session_id, convert.progress_from_pb(u.progress)) for u in r.updates])
             elif kind == "session_update":
                 u = msg.session_update
                 state = convert.STATES.get(u.state)

@@ -1,11 +1,13 @@
-"""The scheduler's state as data: sessions and the transitions between them."""
+"""The scheduler's state as data: sessions, the transitions between them, and
+the events watchers see."""
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass
 
-from avatarfarm.domain import TRANSITIONS, Progress, SessionSpec, SessionState
+from avatarfarm.domain import TRANSITIONS, Progress, Quality, SessionSpec, SessionState
 
 
 class InvalidTransition(RuntimeError):
@@ -27,10 +29,36 @@ class Session:
     progress: Progress = Progress()
     provider: str = ""
     device_type: str = ""
-    load: float = 0.0  # device-seconds per second it costs its worker
+    load: float = 0.0  # device-seconds per second it added to its worker
+    units: float = 0.0  # compute units at the quality it renders at
+    step: int = 0  # degradation step (0: the spec's quality)
+    rendering: Quality | None = None  # None: spec.quality
+    guaranteed: bool = False  # premium within its tenant's reservation
+    step_changed_at: float = 0.0
+
+    @property
+    def quality(self) -> Quality:
+        """The quality the room renders at now."""
+        return self.rendering or self.spec.quality
 
     def moved(self, state: SessionState, now: float, **changes: object) -> Session:
         """This session in ``state``; raises InvalidTransition if the table forbids it."""
         if state is not self.state and state not in TRANSITIONS[self.state]:
             raise InvalidTransition(f"session {self.session_id}: {self.state.value} -> {state.value}")
         return dataclasses.replace(self, state=state, updated_at=now, **changes)  # type: ignore[arg-type]
+
+
+class EventKind(enum.Enum):
+    STATE = "state"
+    DEGRADED = "degraded"
+    RESTORED = "restored"
+    PREEMPTED = "preempted"
+    BUDGET = "budget"
+    QUEUED = "queued"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEvent:
+    session: Session
+    kind: EventKind = EventKind.STATE
+    message: str = ""

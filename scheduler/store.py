@@ -12,17 +12,25 @@ from pathlib import Path
 from typing import Protocol
 
 from avatarfarm import convert
-from avatarfarm.domain import ScriptSegment, SessionState
+from avatarfarm.domain import Quality, ScriptSegment, SessionState, Tier
 from avatarfarm.v1 import types_pb2
+from scheduler.ledger import Interval
 from scheduler.state import Session
 
 
 class Store(Protocol):
+    """Writes go into an open transaction; ``commit`` makes them durable (the core
+    commits once per event-loop turn, so concurrent calls share one sync)."""
+
     def load_sessions(self) -> list[Session]: ...
     def put_session(self, s: Session) -> None: ...
+    def put_sessions(self, sessions: list[Session]) -> None: ...
     def find_request(self, tenant: str, request_id: str) -> str | None: ...
     def append_script(self, session_id: str, segments: list[ScriptSegment]) -> None: ...
     def script(self, session_id: str) -> list[ScriptSegment]: ...
+    def load_usage(self) -> tuple[list[Interval], dict[str, tuple[int, int]]]: ...
+    def put_usage(self, intervals: list[Interval], cursors: dict[str, tuple[int, int]]) -> None: ...
+    def commit(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -42,10 +50,36 @@ CREATE TABLE IF NOT EXISTS sessions (
     progress BLOB NOT NULL,
     provider TEXT NOT NULL,
     device_type TEXT NOT NULL,
-    load REAL NOT NULL
+    load REAL NOT NULL,
+    units REAL NOT NULL DEFAULT 0,
+    step INTEGER NOT NULL DEFAULT 0,
+    rendering TEXT NOT NULL DEFAULT '',
+    guaranteed INTEGER NOT NULL DEFAULT 0,
+    step_changed_at REAL NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS sessions_request
     ON sessions (tenant, request_id) WHERE request_id != '';
+CREATE TABLE IF NOT EXISTS usage_intervals (
+    session_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    tenant TEXT NOT NULL,
+    avatar_id TEXT NOT NULL,
+    tier TEXT NOT NULL,
+    quality TEXT NOT NULL,
+    worker_id TEXT NOT NULL,
+    device_type TEXT NOT NULL,
+    units REAL NOT NULL,
+    start REAL NOT NULL,
+    "end" REAL NOT NULL,
+    stream_seconds REAL NOT NULL,
+    device_seconds REAL NOT NULL,
+    PRIMARY KEY (session_id, idx)
+);
+CREATE TABLE IF NOT EXISTS usage_cursors (
+    worker_id TEXT PRIMARY KEY,
+    epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS script_segments (
     session_id TEXT NOT NULL,
     idx INTEGER NOT NULL,
@@ -56,6 +90,12 @@ CREATE TABLE IF NOT EXISTS script_segments (
 """
 
 
+_ADDED_COLUMNS = (("units", "REAL NOT NULL DEFAULT 0"), ("step", "INTEGER NOT NULL DEFAULT 0"),
+                  ("rendering", "TEXT NOT NULL DEFAULT ''"),
+                  ("guaranteed", "INTEGER NOT NULL DEFAULT 0"),
+                  ("step_changed_at", "REAL NOT NULL DEFAULT 0"))
+
+
 class SqliteStore:
     def __init__(self, path: Path) -> None:
         if str(path) != ":memory:":
@@ -64,34 +104,78 @@ class SqliteStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(sessions)")}
+        for column, decl in _ADDED_COLUMNS:
+            if column not in have:  # a database from before the column existed
+                self._db.execute(f"ALTER TABLE sessions ADD COLUMN {column} {decl}")
+        self._in_txn = False
+
+    def _begin(self) -> None:
+        if not self._in_txn:
+            self._db.execute("BEGIN")
+            self._in_txn = True
+
+    def commit(self) -> None:
+        if self._in_txn:
+            self._db.execute("COMMIT")
+            self._in_txn = False
 
     def load_sessions(self) -> list[Session]:
         rows = self._db.execute(
             "SELECT session_id, seq, request_id, spec, state, reason, worker_id, input_endpoint,"
-            " created_at, updated_at, progress, provider, device_type, load"
-            " FROM sessions ORDER BY seq").fetchall()
+            " created_at, updated_at, progress, provider, device_type, load, units, step,"
+            " rendering, guaranteed, step_changed_at FROM sessions ORDER BY seq").fetchall()
         out = []
         for (sid, seq, rid, spec, state, reason, worker, endpoint, created, updated, progress,
-             provider, device_type, load) in rows:
+             provider, device_type, load, units, step, rendering, guaranteed, changed) in rows:
             spec_pb = types_pb2.SessionSpec.FromString(spec)
             prog = convert.progress_from_pb(types_pb2.SessionProgress.FromString(progress))
             out.append(Session(sid, convert.spec_from_pb(spec_pb), SessionState(state), seq, created,
                                updated, rid, reason, worker, endpoint, prog, provider, device_type,
-                               load))
+                               load, units, step, _quality(rendering), bool(guaranteed), changed))
         return out
 
     def put_session(self, s: Session) -> None:
-        self._db.execute(
-            "INSERT INTO sessions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+        self.put_sessions([s])
+
+    def put_sessions(self, sessions: list[Session]) -> None:
+        self._begin()
+        self._db.executemany(
+            "INSERT INTO sessions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
             " ON CONFLICT(session_id) DO UPDATE SET state=excluded.state, reason=excluded.reason,"
             " worker_id=excluded.worker_id, input_endpoint=excluded.input_endpoint,"
             " updated_at=excluded.updated_at, progress=excluded.progress,"
-            " provider=excluded.provider, device_type=excluded.device_type, load=excluded.load",
-            (s.session_id, s.seq, s.spec.tenant, s.request_id,
-             convert.spec_to_pb(s.spec).SerializeToString(), s.state.value, s.reason, s.worker_id,
-             s.input_endpoint, s.created_at, s.updated_at,
-             convert.progress_to_pb(s.progress).SerializeToString(), s.provider, s.device_type,
-             s.load))
+            " provider=excluded.provider, device_type=excluded.device_type, load=excluded.load,"
+            " units=excluded.units, step=excluded.step, rendering=excluded.rendering,"
+            " guaranteed=excluded.guaranteed, step_changed_at=excluded.step_changed_at",
+            [(s.session_id, s.seq, s.spec.tenant, s.request_id,
+              convert.spec_to_pb(s.spec).SerializeToString(), s.state.value, s.reason, s.worker_id,
+              s.input_endpoint, s.created_at, s.updated_at,
+              convert.progress_to_pb(s.progress).SerializeToString(), s.provider, s.device_type,
+              s.load, s.units, s.step, str(s.rendering) if s.rendering else "", int(s.guaranteed),
+              s.step_changed_at) for s in sessions])
+
+    def load_usage(self) -> tuple[list[Interval], dict[str, tuple[int, int]]]:
+        rows = self._db.execute(
+            'SELECT session_id, idx, tenant, avatar_id, tier, quality, worker_id, device_type,'
+            ' units, start, "end", stream_seconds, device_seconds FROM usage_intervals').fetchall()
+        ivs = [Interval(sid, idx, tenant, avatar, Tier(tier), quality, worker, dev, units, start,
+                        end, stream, device)
+               for (sid, idx, tenant, avatar, tier, quality, worker, dev, units, start, end, stream,
+                    device) in rows]
+        cursors = {w: (e, q) for w, e, q in
+                   self._db.execute("SELECT worker_id, epoch, seq FROM usage_cursors")}
+        return ivs, cursors
+
+    def put_usage(self, intervals: list[Interval], cursors: dict[str, tuple[int, int]]) -> None:
+        self._begin()
+        self._db.executemany(
+            "INSERT OR REPLACE INTO usage_intervals VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            [(i.session_id, i.idx, i.tenant, i.avatar_id, i.tier.value, i.quality, i.worker_id,
+              i.device_type, i.units, i.start, i.end, i.stream_seconds, i.device_seconds)
+             for i in intervals])
+        self._db.executemany("INSERT OR REPLACE INTO usage_cursors VALUES (?,?,?)",
+                             [(w, e, q) for w, (e, q) in cursors.items()])
 
     def find_request(self, tenant: str, request_id: str) -> str | None:
         row = self._db.execute("SELECT session_id FROM sessions WHERE tenant=? AND request_id=?",
@@ -99,14 +183,13 @@ class SqliteStore:
         return row[0] if row else None
 
     def append_script(self, session_id: str, segments: list[ScriptSegment]) -> None:
-        with self._db:
-            self._db.execute("BEGIN")
-            (start,) = self._db.execute(
-                "SELECT COALESCE(MAX(idx) + 1, 0) FROM script_segments WHERE session_id=?",
-                (session_id,)).fetchone()
-            self._db.executemany(
-                "INSERT INTO script_segments VALUES (?,?,?,?)",
-                [(session_id, start + i, s.text, s.pause_after_seconds) for i, s in enumerate(segments)])
+        self._begin()
+        (start,) = self._db.execute(
+            "SELECT COALESCE(MAX(idx) + 1, 0) FROM script_segments WHERE session_id=?",
+            (session_id,)).fetchone()
+        self._db.executemany(
+            "INSERT INTO script_segments VALUES (?,?,?,?)",
+            [(session_id, start + i, s.text, s.pause_after_seconds) for i, s in enumerate(segments)])
 
     def script(self, session_id: str) -> list[ScriptSegment]:
         rows = self._db.execute(
@@ -115,6 +198,15 @@ class SqliteStore:
         return [ScriptSegment(t, p) for t, p in rows]
 
     def close(self) -> None:
+        self.commit()
         self._db.close()
+
+
+def _quality(text: str) -> Quality | None:
+    if not text:
+        return None
+    size, fps = text.split("@")
+    w, h = size.split("x")
+    return Quality(int(w), int(h), int(fps))
 
 

@@ -12,7 +12,7 @@ from avatarfarm.domain import (
     Stage,
     Tier,
 )
-from scheduler.placement import PendingRoom, StageCost, WorkerProfile, WorkerView
+from scheduler.placement import MemoryProfile, RoomReq, StageCost, WorkerProfile, WorkerState
 
 
 def make_spec(room_id: str = "room-1", *, tenant: str = "vendor", drive: DriveMode = DriveMode.TEXT,
@@ -24,21 +24,33 @@ def make_spec(room_id: str = "room-1", *, tenant: str = "vendor", drive: DriveMo
 
 
 def make_profile(render_512: float = 0.010, encode_512: float = 0.002, a2m: float = 0.0005,
-                 tts: float = 0.005) -> WorkerProfile:
-    """A worker profile measured at 512x512 (render and encode), per call seconds."""
+                 tts: float = 0.005, batch_gain: float = 0.0) -> WorkerProfile:
+    """A worker profile measured at 512x512 (render and encode), per call seconds.
+
+    batch_gain > 0 gives the render and audio-to-motion stages GPU-like curves: a
+    batch of n costs 1 + (n - 1) * (1 - batch_gain) calls of one (up to 16)."""
+    def stage(st: Stage, w: int, h: int, one: float) -> StageCost:
+        if batch_gain <= 0:
+            return StageCost(st, w, h, one)
+        pts = [(n, one * (1 + (n - 1) * (1 - batch_gain))) for n in (1, 2, 4, 8, 16)]
+        return StageCost.measured(st, w, h, pts)
     return WorkerProfile((
-        StageCost(Stage.RENDER, 512, 512, render_512),
+        stage(Stage.RENDER, 512, 512, render_512),
         StageCost(Stage.ENCODE, 512, 512, encode_512),
-        StageCost(Stage.AUDIO_TO_MOTION, 0, 0, a2m),
+        stage(Stage.AUDIO_TO_MOTION, 0, 0, a2m),
         StageCost(Stage.TTS, 0, 0, tts),
     ))
 
 
-def make_worker(worker_id: str = "w1", *, capacity: float = 1.0, load: float = 0.0,
-                profile: WorkerProfile | None = None) -> WorkerView:
-    return WorkerView(worker_id, profile or make_profile(), capacity, load)
+def make_worker(worker_id: str = "w1", *, capacity: float = 1.0,
+                profile: WorkerProfile | None = None, cpu_cores: float = 0.0,
+                memory_bytes: float = 0.0, memory: MemoryProfile = MemoryProfile(),
+                warm: frozenset[str] = frozenset(), device_type: str = "cpu") -> WorkerState:
+    return WorkerState(worker_id, profile or make_profile(), capacity, cpu_cores, memory_bytes,
+                       memory, device_type, warm)
 
 
 def make_room(session_id: str = "s1", *, seq: int = 1, tier: Tier = Tier.STANDARD,
-              drive: DriveMode = DriveMode.TEXT, quality: Quality = Quality(512, 512, 25)) -> PendingRoom:
-    return PendingRoom(session_id, quality, drive, tier, seq)
+              drive: DriveMode = DriveMode.TEXT, quality: Quality = Quality(512, 512, 25),
+              tenant: str = "vendor", avatar: str = "presenter") -> RoomReq:
+    return RoomReq(session_id, tenant, avatar, quality, drive, tier, seq)

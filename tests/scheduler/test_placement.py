@@ -1,113 +1,64 @@
+"""Placement policy with plain values: measured loads, batch-aware packing over
+three resources, affinity and spread, reclaiming capacity for reserved rooms."""
+
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from avatarfarm.domain import DriveMode, Quality, Stage, Tier
-from scheduler.placement import StageCost, WorkerProfile, item_seconds, place
+from scheduler.ladder import Ladder
+from scheduler.placement import (
+    ActionKind,
+    Fleet,
+    MemoryProfile,
+    RoomReq,
+    StageCost,
+    Strategy,
+    WorkerProfile,
+    item_seconds,
+    per_item_table,
+)
 from tests.builders import make_profile, make_room, make_worker
+
+Q512 = Quality(512, 512, 25)
+LADDER = Ladder.parse(["1.0@25", "0.75@25", "0.5@25"])
+
+
+def fleet_of(*workers, target: float = 0.9, **kw) -> Fleet:  # type: ignore[no-untyped-def]
+    f = Fleet(target, **kw)
+    for w in workers:
+        f.add_worker(w)
+    return f
 
 
 def test_room_load_follows_the_measured_profile() -> None:
     p = make_profile(render_512=0.010, encode_512=0.002, a2m=0.0005, tts=0.005)
-    q = Quality(512, 512, 25)
-    assert p.room_load(q, DriveMode.TEXT) == pytest.approx(25 * 0.0125 + 0.005)
-    assert p.room_load(q, DriveMode.VOICE) == pytest.approx(25 * 0.0125)
+    assert p.room_load(Q512, DriveMode.TEXT) == pytest.approx(25 * 0.0125 + 0.005)
+    assert p.room_load(Q512, DriveMode.VOICE) == pytest.approx(25 * 0.0125)
     # Mocap skips audio-to-motion and TTS: it is the cheapest room.
-    assert p.room_load(q, DriveMode.MOCAP) == pytest.approx(25 * 0.012)
+    assert p.room_load(Q512, DriveMode.MOCAP) == pytest.approx(25 * 0.012)
+    assert p.units(Q512, DriveMode.TEXT) == pytest.approx(1.0)
+    assert p.units(Quality(512, 512, 50), DriveMode.VOICE) == pytest.approx(
+        50 * 0.0125 / (25 * 0.0125 + 0.005))
 
 
 def test_unmeasured_sizes_scale_by_pixels_from_the_nearest_measurement() -> None:
     p = make_profile(render_512=0.010, encode_512=0.002)
     assert p.stage_seconds(Stage.RENDER, 1024, 1024) == pytest.approx(0.040)
     assert p.stage_seconds(Stage.ENCODE, 1280, 720) == pytest.approx(0.002 * 1280 * 720 / 512**2)
-    # A 720p frame renders its 720x720 portrait.
     assert Quality(1280, 720, 30).render_side == 720
 
 
 def test_a_stage_never_measured_means_the_worker_cannot_serve() -> None:
     p = WorkerProfile(tuple(c for c in make_profile().costs if c.stage is not Stage.TTS))
-    assert p.room_load(Quality(512, 512, 25), DriveMode.TEXT) is None
-    r = place([make_room()], [make_worker(profile=p)])
-    assert r.placements == ()
-    assert "measured" in r.waiting["s1"]
-
-
-def test_rooms_spread_over_the_least_utilised_worker() -> None:
-    rooms = [make_room(f"s{i}", seq=i) for i in range(4)]
-    r = place(rooms, [make_worker("a"), make_worker("b")])
-    assert sorted(p.worker_id for p in r.placements) == ["a", "a", "b", "b"]
-
-
-def test_premium_is_placed_first_when_capacity_is_short() -> None:
-    load = make_profile().room_load(Quality(512, 512, 25), DriveMode.TEXT)
-    assert load is not None
-    worker = make_worker(capacity=load * 1.5)  # room for one at the 0.9 target... barely
-    rooms = [make_room("standard", seq=1, tier=Tier.STANDARD),
-             make_room("best", seq=2, tier=Tier.BEST_EFFORT),
-             make_room("premium", seq=3, tier=Tier.PREMIUM)]
-    r = place(rooms, [worker])
-    assert [p.session_id for p in r.placements] == ["premium"]
-    assert set(r.waiting) == {"standard", "best"}
-    assert "needs" in r.waiting["standard"] and "most free" in r.waiting["standard"]
-
-
-def test_pending_rooms_are_placed_when_capacity_appears() -> None:
-    rooms = [make_room("s1")]
-    full = make_worker("busy", load=0.9)
-    first = place(rooms, [full])
-    assert first.placements == () and "s1" in first.waiting
-    second = place(rooms, [full, make_worker("new")])
-    assert [(p.session_id, p.worker_id) for p in second.placements] == [("s1", "new")]
-
-
-def test_no_workers_gives_a_reason() -> None:
-    r = place([make_room()], [])
-    assert r.waiting["s1"] == "no worker is connected and accepting rooms"
-
-
-qualities = st.builds(Quality, st.sampled_from([256, 360, 512, 720, 1080]),
-                      st.sampled_from([256, 512, 720, 1280, 1920]), st.sampled_from([15, 25, 30, 60]))
-rooms_st = st.lists(st.tuples(qualities, st.sampled_from(list(DriveMode)), st.sampled_from(list(Tier))),
-                    max_size=40)
-workers_st = st.lists(st.tuples(st.floats(0.5, 4.0), st.floats(0.0, 1.0),
-                                st.floats(0.002, 0.05)), min_size=0, max_size=6)
-
-
-@settings(max_examples=200, deadline=None)
-@given(rooms_st, workers_st, st.floats(0.5, 1.0))
-def test_no_worker_is_ever_filled_past_its_target(rooms, workers, target) -> None:  # type: ignore[no-untyped-def]
-    pending = [make_room(f"s{i}", seq=i, quality=q, drive=d, tier=t)
-               for i, (q, d, t) in enumerate(rooms)]
-    views = [make_worker(f"w{i}", capacity=cap, load=cap * target * used,
-                         profile=make_profile(render_512=r))
-             for i, (cap, used, r) in enumerate(workers)]
-    result = place(pending, views, target)
-    load = {w.worker_id: w.load for w in views}
-    for p in result.placements:
-        load[p.worker_id] += p.load
-    for w in views:
-        assert load[w.worker_id] <= w.capacity * target + 1e-9
-    # Every room is either placed once or waiting with a reason.
-    placed = [p.session_id for p in result.placements]
-    assert len(placed) == len(set(placed))
-    assert set(placed) | set(result.waiting) == {r.session_id for r in pending}
-    assert not set(placed) & set(result.waiting)
-
-
-@settings(max_examples=100, deadline=None)
-@given(rooms_st)
-def test_a_waiting_premium_room_never_loses_to_a_lower_tier_of_the_same_cost(rooms) -> None:  # type: ignore[no-untyped-def]
-    q = Quality(512, 512, 25)
-    pending = [make_room(f"s{i}", seq=i, quality=q, drive=DriveMode.VOICE, tier=t)
-               for i, (_, _, t) in enumerate(rooms)]
-    result = place(pending, [make_worker(capacity=1.2)])
-    tiers = {r.session_id: r.tier for r in pending}
-    placed_tiers = [tiers[p.session_id].priority for p in result.placements]
-    waiting_tiers = [tiers[s].priority for s in result.waiting]
-    if placed_tiers and waiting_tiers:
-        assert max(placed_tiers) <= min(waiting_tiers)
+    f = fleet_of(make_worker(profile=p))
+    assert f.choose(make_room()) is None
+    assert "measured" in f.why_not(make_room())
+    assert fleet_of().why_not(make_room()) == "no worker is connected and accepting rooms"
 
 
 def test_item_cost_is_taken_at_the_best_batch_within_half_the_latency_budget() -> None:
@@ -116,6 +67,11 @@ def test_item_cost_is_taken_at_the_best_batch_within_half_the_latency_budget() -
     assert item_seconds(points, latency_budget=0.2) == pytest.approx(0.010)
     assert item_seconds(points, latency_budget=0.05) == pytest.approx(0.040)
     assert item_seconds(points, latency_budget=0.01) == pytest.approx(0.040)  # nothing fits: batch 1
+    table = per_item_table(points, latency_budget=0.2)
+    assert len(table) == 8  # capped at the best batch whose call fits 0.1 s
+    assert table[0] == pytest.approx(0.040)
+    assert table[1] == pytest.approx((0.040 + 0.040 / 7) / 2)  # interpolated call, 2 items
+    assert all(a >= b for a, b in zip(table, table[1:], strict=False))
 
 
 def test_a_profile_update_replaces_only_the_costs_it_names() -> None:
@@ -125,3 +81,210 @@ def test_a_profile_update_replaces_only_the_costs_it_names() -> None:
     assert q.stage_seconds(Stage.RENDER, 512, 512) == pytest.approx(0.010)
     assert q.stage_seconds(Stage.RENDER, 256, 256) == pytest.approx(0.003)
     assert q.stage_seconds(Stage.ENCODE, 512, 512) == p.stage_seconds(Stage.ENCODE, 512, 512)
+
+
+def test_rooms_sharing_a_shape_are_cheaper_together() -> None:
+    w = make_worker(profile=make_profile(batch_gain=0.8), capacity=10.0)
+    first = w.demand(make_room("a"))
+    assert first is not None
+    w.add(make_room("a"))
+    second = w.demand(make_room("b"))
+    assert second is not None
+    # The second 512 room joins the first one's batches: it costs much less compute.
+    assert second.compute < 0.7 * first.compute
+    other_shape = w.demand(make_room("c", quality=Quality(256, 256, 25)))
+    assert other_shape is not None
+    # Removing a room gives back exactly what the pair cost over the single room.
+    before = w.compute_load
+    w.add(make_room("b"))
+    w.remove("b")
+    assert w.compute_load == pytest.approx(before)
+
+
+def test_packing_puts_a_room_with_its_batch_group_and_opens_idle_workers_last() -> None:
+    prof = make_profile(batch_gain=0.8)
+    f = fleet_of(make_worker("a", profile=prof, capacity=4.0),
+                 make_worker("b", profile=prof, capacity=4.0),
+                 make_worker("c", profile=prof, capacity=4.0))
+    f.assign(make_room("big", quality=Quality(256, 256, 25)), "a")
+    f.assign(make_room("same", quality=Q512), "b")
+    choice = f.choose(make_room("new", quality=Q512))
+    assert choice is not None and choice.worker_id == "b"
+    # Round-robin and least-loaded, the baselines, open the idle worker instead.
+    for strategy in (Strategy.LEAST_LOADED, Strategy.ROUND_ROBIN):
+        g = fleet_of(*(make_worker(x, profile=prof, capacity=4.0) for x in "abc"),
+                     strategy=strategy)
+        g.assign(make_room("big", quality=Quality(256, 256, 25)), "a")
+        g.assign(make_room("same", quality=Q512), "b")
+        c = g.choose(make_room("new", quality=Q512))
+        assert c is not None and c.worker_id != "b" or strategy is Strategy.ROUND_ROBIN
+
+
+def test_cpu_encode_and_memory_are_resources_of_their_own() -> None:
+    # A GPU worker with plenty of compute but two host cores for encoding.
+    prof = make_profile(render_512=0.001, encode_512=0.030)
+    w = make_worker("gpu", profile=prof, capacity=1.0, cpu_cores=2)
+    f = fleet_of(w)
+    placed = 0
+    while (c := f.choose(make_room(f"r{placed}", drive=DriveMode.MOCAP))) is not None:
+        f.assign(make_room(f"r{placed}", drive=DriveMode.MOCAP), c.worker_id)
+        placed += 1
+    assert placed == int(2 * 0.9 / (25 * 0.030))  # 2 rooms: the encoders are the limit
+    assert w.compute_load < 0.2
+    assert "CPU encode" in f.why_not(make_room("x", drive=DriveMode.MOCAP))
+    # Device memory: models plus one avatar cache plus each room's buffers.
+    mem = MemoryProfile(models_bytes=1e9, avatar_bytes_per_pixel=1000.0, room_bytes_per_pixel=500.0)
+    m = make_worker("m", profile=make_profile(render_512=0.0001, encode_512=0.0001),
+                    capacity=100.0, memory_bytes=1e9 + 512 * 512 * 1000 + 3 * 512 * 512 * 500,
+                    memory=mem)
+    g = fleet_of(m)
+    n = 0
+    while (c := g.choose(make_room(f"r{n}", drive=DriveMode.MOCAP))) is not None:
+        g.assign(make_room(f"r{n}", drive=DriveMode.MOCAP), "m")
+        n += 1
+    assert n == 2  # a third room's buffers would pass 95% of the device's memory
+    assert "memory" in g.why_not(make_room("x", drive=DriveMode.MOCAP))
+
+
+def test_a_warm_avatar_draws_its_room() -> None:
+    f = fleet_of(make_worker("a"), make_worker("b", warm=frozenset({"star"})))
+    f.assign(make_room("x", avatar="other"), "a")
+    f.assign(make_room("y", avatar="other2"), "b")
+    c = f.choose(make_room("z", avatar="star"))
+    assert c is not None and c.worker_id == "b"
+
+
+def test_a_tenants_premium_rooms_are_spread() -> None:
+    f = fleet_of(*(make_worker(x, capacity=4.0) for x in "ab"), premium_spread=2)
+    where = []
+    for i in range(4):
+        room = make_room(f"p{i}", seq=i, tier=Tier.PREMIUM, tenant="brand")
+        c = f.choose(room)
+        assert c is not None
+        f.assign(room, c.worker_id)
+        where.append(c.worker_id)
+    assert sorted(where) == ["a", "a", "b", "b"]
+
+
+def test_standard_rooms_step_down_the_ladder_rather_than_wait() -> None:
+    load = make_profile().room_load(Q512, DriveMode.TEXT)
+    assert load is not None
+    f = fleet_of(make_worker(capacity=load * 1.6))
+    f.assign(make_room("first"), "w1")
+    room = make_room("second")
+    assert f.choose(room) is None
+    c = f.choose(room, lambda r: LADDER.qualities(Q512))
+    assert c is not None and c.step > 0 and c.quality.render_side < 512
+
+
+def test_reclaim_preempts_best_effort_first_then_degrades_then_preempts_standard() -> None:
+    load = make_profile().room_load(Q512, DriveMode.TEXT)
+    assert load is not None
+    f = fleet_of(make_worker(capacity=load * 3.4))  # three rooms fit at the 0.9 target
+
+    def lowest(r: RoomReq) -> RoomReq | None:
+        step, q = LADDER.lowest(Q512)
+        return dataclasses.replace(r, quality=q, step=step) if step > r.step else None
+
+    f.assign(make_room("std-old", seq=1), "w1")
+    f.assign(make_room("std-new", seq=2), "w1")
+    f.assign(make_room("be", seq=3, tier=Tier.BEST_EFFORT), "w1")
+    plan = f.reclaim(make_room("vip", seq=9, tier=Tier.PREMIUM, tenant="brand"), lowest)
+    assert plan is not None
+    assert [(a.kind, a.session_id) for a in plan.actions] == [(ActionKind.PREEMPT, "be")]
+    f.release("be")
+    f.assign(make_room("vip", seq=9, tier=Tier.PREMIUM, tenant="brand"), "w1")
+    # Now the standard rooms must give: degrading both to the last rung frees enough,
+    # the newest first, and nothing is preempted.
+    plan = f.reclaim(make_room("vip2", seq=10, tier=Tier.PREMIUM, tenant="brand"), lowest)
+    assert plan is not None
+    assert all(a.kind is ActionKind.DEGRADE for a in plan.actions)
+    assert plan.actions[0].session_id == "std-new"
+    # Premium rooms alone: nothing can be reclaimed.
+    g = fleet_of(make_worker(capacity=load * 1.2))
+    g.assign(make_room("p", tier=Tier.PREMIUM), "w1")
+    assert g.reclaim(make_room("vip", tier=Tier.PREMIUM, tenant="brand"), lowest) is None
+
+
+# -- properties ------------------------------------------------------------------------
+
+qualities = st.sampled_from([Quality(512, 512, 25), Quality(1280, 720, 30), Quality(720, 1280, 25),
+                             Quality(256, 256, 25), Quality(960, 540, 25)])
+rooms_st = st.lists(st.tuples(qualities, st.sampled_from(list(DriveMode)),
+                              st.sampled_from(list(Tier)), st.sampled_from(["t1", "t2", "t3"]),
+                              st.sampled_from(["a1", "a2", "a3", "a4"])), max_size=40)
+workers_st = st.lists(st.tuples(st.floats(0.5, 4.0), st.floats(0.002, 0.05),
+                                st.sampled_from([0.0, 0.5, 0.8]), st.sampled_from([0, 2, 8]),
+                                st.sampled_from([0.0, 4e8])), min_size=1, max_size=6)
+
+
+def _fleet(workers: list[tuple[float, float, float, int, float]], target: float) -> Fleet:
+    f = Fleet(target)
+    mem = MemoryProfile(1e8, 100.0, 60.0)
+    for i, (cap, render, gain, cores, memory) in enumerate(workers):
+        f.add_worker(make_worker(f"w{i}", capacity=cap, cpu_cores=cores, memory_bytes=memory,
+                                 memory=mem, profile=make_profile(render_512=render,
+                                                                  batch_gain=gain)))
+    return f
+
+
+@settings(max_examples=150, deadline=None)
+@given(rooms_st, workers_st, st.floats(0.5, 1.0))
+def test_no_worker_is_ever_filled_past_any_capacity(rooms, workers, target) -> None:  # type: ignore[no-untyped-def]
+    f = _fleet(workers, target)
+    for i, (q, d, t, tenant, avatar) in enumerate(rooms):
+        room = make_room(f"s{i}", seq=i, quality=q, drive=d, tier=t, tenant=tenant, avatar=avatar)
+        c = f.choose(room, lambda r: LADDER.qualities(r.quality) if r.tier is Tier.STANDARD
+                     else [(0, r.quality)])
+        if c is not None:
+            f.assign(dataclasses.replace(room, quality=c.quality, step=c.step), c.worker_id)
+            assert c.step == 0 or t is Tier.STANDARD  # only standard rooms are degraded
+    for w in f.workers.values():
+        assert w.compute_load <= w.compute_capacity * target + 1e-9
+        if w.cpu_capacity:
+            assert w.cpu_load <= w.cpu_capacity * target + 1e-9
+        if w.memory_capacity:
+            assert w.memory_used <= w.memory_capacity * 0.95 + 1e-6
+        # Incremental loads equal a recount from scratch.
+        assert w.copy().compute_load == pytest.approx(w.compute_load)
+    assert sum(len(w.rooms) for w in f.workers.values()) == len(f.where)
+
+
+@settings(max_examples=100, deadline=None)
+@given(rooms_st, workers_st)
+def test_reclaim_never_touches_premium_and_takes_no_action_it_does_not_need(rooms, workers) -> None:  # type: ignore[no-untyped-def]
+    f = _fleet(workers, 0.9)
+    for i, (q, d, t, tenant, avatar) in enumerate(rooms):
+        room = make_room(f"s{i}", seq=i, quality=q, drive=d, tier=t, tenant=tenant, avatar=avatar)
+        c = f.choose(room)
+        if c is not None:
+            f.assign(room, c.worker_id)
+
+    def lowest(r: RoomReq) -> RoomReq | None:
+        step, q = LADDER.lowest(r.quality)
+        return dataclasses.replace(r, quality=q, step=step) if step > r.step else None
+
+    vip = make_room("vip", seq=999, tier=Tier.PREMIUM, tenant="brand", quality=Q512)
+    plan = f.reclaim(vip, lowest)
+    if plan is None:
+        return
+    w = f.workers[plan.worker_id]
+    touched = {a.session_id for a in plan.actions}
+    assert all(w.rooms[sid].tier is not Tier.PREMIUM for sid in touched)
+
+    def fits(actions: list) -> bool:  # type: ignore[type-arg]
+        trial = w.copy()
+        for a in actions:
+            if a.kind is ActionKind.PREEMPT:
+                trial.remove(a.session_id)
+            else:
+                low = lowest(trial.rooms[a.session_id])
+                assert low is not None
+                trial.remove(a.session_id)
+                trial.add(low)
+        d = trial.demand(vip)
+        return d is not None and trial.fits(d, 0.9)
+
+    assert fits(list(plan.actions))
+    for a in plan.actions:  # minimal: no single action can be left out
+        assert not fits([x for x in plan.actions if x is not a])
