@@ -72,6 +72,7 @@ class ProtocolWorker:
                                               latencies=[workers_pb2.BatchLatency(batch_size=1, seconds=s)])
         return workers_pb2.WorkerMessage(register=workers_pb2.Register(
             worker_id=self.worker_id, input_endpoint="127.0.0.1:1", active_session_ids=self.active,
+            usage_epoch=1,
             device=workers_pb2.Device(provider="CPUExecutionProvider", device_type="cpu",
                                       latency_budget_seconds=0.2),
             profiles=[prof(workers_pb2.STAGE_RENDER, 512, 512, self.render_seconds),
@@ -93,6 +94,15 @@ class ProtocolWorker:
             msg = await asyncio.wait_for(self.inbox.get(), 10)
             if msg.WhichOneof("kind") == kind:
                 return msg
+
+    def usage(self, seq: int, rooms: list[tuple[str, int, float]]) -> None:
+        """One numbered usage report: (session, frames so far, device seconds so far) per room."""
+        self.outbox.put_nowait(workers_pb2.WorkerMessage(usage_report=workers_pb2.UsageReport(
+            seq=seq, updates=[workers_pb2.SessionUpdate(
+                session_id=sid, state=types_pb2.SESSION_STATE_RUNNING,
+                progress=types_pb2.SessionProgress(frames_rendered=frames, stream_seconds=frames / 25,
+                                                   device_seconds=device))
+                for sid, frames, device in rooms])))
 
     def report(self, sid: str, state: int, frames: int = 0, device: float = 0.0, reason: str = "") -> None:
         self.outbox.put_nowait(workers_pb2.WorkerMessage(session_update=workers_pb2.SessionUpdate(
