@@ -182,7 +182,7 @@ def _summary(opts: DemoOptions, farm: LocalFarm, sessions: list[types_pb2.Sessio
         try:
             cost_metric = _metric(farm.scheduler.metrics_port, "avatarfarm_cost_per_stream_hour{")
             shown = ", ".join(
-                f"{_label(k, 'tier')} on {_label(k, 'device_type')}={v:.4f}"
+                f"{_label(k, 'tier')}/{_label(k, 'device_type')}={v:.4f}"
                 for k, v in cost_metric.items() if v > 0)
             print(f"  scheduler metric avatarfarm_cost_per_stream_hour: {shown}")
         except OSError as e:

@@ -18,10 +18,11 @@ Three resources are checked on every worker:
 
 `Fleet` keeps these per worker, with indexes (workers by render group, by warm
 avatar, idle workers) so one placement looks at a bounded number of candidates
-whatever the fleet size. The default strategy packs: candidates that batch
-with the room and have it warm come first, then the tightest fit, and an idle
-worker is opened only when no busy one fits (idle workers can be scaled away;
-a spread-out fleet costs every device). A tenant's premium rooms are spread:
+whatever the fleet size. The default strategy packs: workers that already
+render the room's shape come first (the batch grows), the fullest of them
+first; then an idle worker, the cheapest to open; workers of other shapes
+last (mixed shapes keep every batch small). Idle workers can be released, so
+a spread-out fleet costs every device. A tenant's premium rooms are spread:
 at most `premium_spread` of them on one worker while others can take them.
 Round-robin and least-loaded are kept as baselines for the load test.
 
@@ -240,6 +241,7 @@ class WorkerState:
     device_type: str = "unknown"
     warm: frozenset[str] = frozenset()
     accepting: bool = True
+    price: float = 0.0  # per device-hour: which idle worker is cheapest to open
     rooms: dict[str, RoomReq] = field(default_factory=dict)
     groups: dict[GroupKey, tuple[int, float]] = field(default_factory=dict)  # n rooms, frames/s
     group_load: dict[GroupKey, float] = field(default_factory=dict)
@@ -382,7 +384,7 @@ class WorkerState:
     def copy(self) -> WorkerState:
         c = WorkerState(self.worker_id, self.profile, self.compute_capacity, self.cpu_capacity,
                         self.memory_capacity, self.memory, self.device_type, self.warm,
-                        self.accepting)
+                        self.accepting, self.price)
         for room in self.rooms.values():
             c.add(room)
         return c
@@ -445,8 +447,12 @@ class Fleet:
         self._warm: dict[str, dict[str, None]] = {}
         self._busy: dict[str, None] = {}
         self._idle: dict[str, None] = {}
+        self._idle_by_type: dict[str, dict[str, None]] = {}
         self._free: dict[str, float] = {}
+        self._load: dict[str, float] = {}
+        self._occupied: set[str] = set()
         self.free_total = 0.0  # compute left below the target on accepting workers
+        self.load_total = 0.0  # compute placed on all workers
         self._rr = 0
 
     # -- membership ---------------------------------------------------------------
@@ -470,7 +476,10 @@ class Fleet:
             s.pop(worker_id, None)
         self._busy.pop(worker_id, None)
         self._idle.pop(worker_id, None)
+        self._idle_by_type.get(w.device_type, {}).pop(worker_id, None)
         self.free_total -= self._free.pop(worker_id, 0.0)
+        self.load_total -= self._load.pop(worker_id, 0.0)
+        self._occupied.discard(worker_id)
         for sid in w.rooms:
             self.where.pop(sid, None)
         return list(w.rooms.values())
@@ -485,6 +494,8 @@ class Fleet:
         free = max(0.0, w.compute_capacity * self.target - w.compute_load) if w.accepting else 0.0
         self.free_total += free - self._free.get(wid, 0.0)
         self._free[wid] = free
+        self.load_total += w.compute_load - self._load.get(wid, 0.0)
+        self._load[wid] = w.compute_load
         roomy = w.accepting and w.utilisation() < self.target * 0.97
         for side in {k[1] for k in w.groups if k[0] is Stage.RENDER} | set(self._group):
             in_group = (Stage.RENDER, side) in w.groups
@@ -492,18 +503,24 @@ class Fleet:
                 self._group.setdefault(side, {})[wid] = None
             else:
                 self._group.get(side, {}).pop(wid, None)
+        idle_here = self._idle_by_type.setdefault(w.device_type, {})
         if w.rooms:
+            self._occupied.add(wid)
             self._idle.pop(wid, None)
+            idle_here.pop(wid, None)
             if roomy:
                 self._busy[wid] = None
             else:
                 self._busy.pop(wid, None)
         else:
+            self._occupied.discard(wid)
             self._busy.pop(wid, None)
             if w.accepting:
                 self._idle[wid] = None
+                idle_here[wid] = None
             else:
                 self._idle.pop(wid, None)
+                idle_here.pop(wid, None)
 
     # -- rooms --------------------------------------------------------------------
 
@@ -541,15 +558,24 @@ class Fleet:
                 return Choice(found[0], found[1], step, quality)
         return None
 
+    @property
+    def busy_workers(self) -> int:
+        """Workers carrying at least one room (idle ones could be released)."""
+        return len(self._occupied)
+
     def _candidates(self, room: RoomReq) -> Iterator[WorkerState]:
-        if self.strategy is not Strategy.PACK:
-            yield from (w for w in self.workers.values() if w.accepting)
+        if self.strategy is Strategy.LEAST_LOADED:
+            yield from sorted((w for w in self.workers.values() if w.accepting),
+                              key=lambda w: w.utilisation())
             return
         seen: set[str] = set()
         limit = self.candidates * 4
+        # Idle workers of every device type, so the cheapest to open is among them.
+        idle = itertools.chain.from_iterable(
+            itertools.islice(ids, self.candidates) for ids in self._idle_by_type.values())
         sources: Iterable[Iterable[str]] = (
             self._warm.get(room.avatar_id, {}), self._group.get(room.quality.render_side, {}),
-            self._busy, self._idle)
+            self._busy, idle)
         for source in sources:
             looked = 0
             for wid in source:
@@ -582,7 +608,7 @@ class Fleet:
             if d is None or not w.fits(d, self.target):
                 continue
             if self.strategy is Strategy.LEAST_LOADED:
-                score: tuple[float, ...] = (w.utilisation(),)
+                return w.worker_id, d  # candidates come least utilised first
             else:
                 crowded = premium and w.premium[room.tenant] >= self.premium_spread
                 marginal = d.compute / w.compute_capacity
@@ -591,15 +617,27 @@ class Fleet:
                                                                    room.quality.render_side)] > 0
                 idle = not w.rooms
                 spread = w.premium[room.tenant] if premium else 0
-                # Crowded premium last; then idle workers last (opening one costs a
-                # device); then the cheapest marginal compute (batching), warmth,
-                # the fewest of this tenant's premium rooms, and the tightest fit.
-                score = (float(crowded), float(idle), round(marginal, 4), float(not warm),
-                         float(spread), -after)
+                # Opening an idle worker costs its whole price: the one whose price per
+                # share of it this room takes is lowest.
+                opening = w.price * max(marginal, d.cpu / w.cpu_capacity if w.cpu_capacity
+                                        else 0.0) if idle else 0.0
+                # A worker already rendering the room's shape first (its batches grow),
+                # then an idle one (cheapest to open first), and a worker of other shapes
+                # last: mixing shapes keeps every batch small, which costs more than one
+                # more worker in the simulator (loadtests/packing_sim.py). Among equals,
+                # the fullest (consolidation: emptier workers can be released), then the
+                # cheapest marginal compute, warmth, and the fewest of this tenant's
+                # premium rooms. Crowded premium goes last of all.
+                grouped = (Stage.RENDER, room.quality.render_side) in w.groups
+                rank = 0.0 if grouped else (1.0 if idle else 2.0)
+                score: tuple[float, ...] = (float(crowded), rank, round(opening, 6),
+                                            -round(after, 3), round(marginal, 4),
+                                            float(not warm), float(spread))
             if best is None or score < best[0]:
                 best = (score, w.worker_id, d)
             fitting += 1
-            if self.strategy is Strategy.PACK and fitting >= self.candidates and best[0][0] == 0:
+            if (self.strategy is Strategy.PACK and fitting >= self.candidates
+                    and best[0][0] == 0 and best[0][1] == 0):
                 break
         return None if best is None else (best[1], best[2])
 

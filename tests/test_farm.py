@@ -252,10 +252,13 @@ def test_rooms_at_different_resolutions_batch_on_the_worker(tmp_path: Path, mode
                 text)]
             # Audio-to-motion windows of all four rooms share calls: batches larger than one.
             assert max(b for m, b, _ in calls if m == "audio_to_motion") > 1, calls
-            # Each portrait side is its own batch queue, and every frame was rendered once.
+            # Each portrait side is its own batch queue; no frame was rendered twice, and every
+            # frame was rendered or replaced (a render that finished past its deadline is
+            # both, so the sum may exceed 200 on a busy machine).
             rendered = {m: sum(b * n for mm, b, n in calls if mm == m) for m, _, _ in calls}
             late = sum(d.progress.late_frames for d in done)
-            assert rendered["reference-lite@256"] + rendered["reference-lite@192"] + late == 200
+            both = rendered["reference-lite@256"] + rendered["reference-lite@192"]
+            assert both <= 200 and both + late >= 200, (rendered, late)
         for room in sizes:
             assert probe(tmp_path / "out" / f"{room}.mp4").frames == 50
 
