@@ -41,7 +41,7 @@ from avatarfarm.domain import (
 from scheduler import placement, tenants
 from scheduler.admission import FairQueue
 from scheduler.config import SchedulerConfig
-from scheduler.cost import CostBook, usage_delta
+from scheduler.cost import CostBook, UsageDelta, usage_delta
 from scheduler.errors import (
     AlreadyExists,
     BudgetExceeded,
@@ -164,7 +164,9 @@ class Scheduler:
         self._spend: dict[str, tuple[float, float]] = {}  # tenant -> (period start, money)
         self._exhausted: dict[str, float] = {}  # tenant -> when its spend budget ran out
         self._avatars: tuple[float, frozenset[str]] = (-1.0, frozenset())
+        self._worker_avatars: collections.Counter[str] = collections.Counter()
         self._flush_handle: asyncio.Handle | None = None
+        self._batch: dict[tuple[Tier, str, str], list[float]] | None = None
         self._flushed: asyncio.Future[None] | None = None
         self._unit_profile: placement.WorkerProfile | None = None
         ivs, cursors = store.load_usage()
@@ -215,9 +217,7 @@ class Scheduler:
         if now - at > 1.0 or at < 0:
             names = frozenset(list_avatars(self.config.avatar_dir))
             self._avatars = (now, names)
-        for w in self.workers.values():
-            names |= w.avatars
-        return names
+        return names | self._worker_avatars.keys()
 
     def tenant(self, name: str) -> tenants.TenantConfig:
         t = self.config.tenants.get(name)
@@ -379,6 +379,8 @@ class Scheduler:
             # A reconnect that overtook the old stream's end: retire the old stream only;
             # the rooms are the same worker's.
             old.outbox.put_nowait(None)
+            self._worker_avatars.subtract(old.avatars)
+        self._worker_avatars.update(avatars)
         now = self.clock()
         conn = WorkerConn(worker_id, device_type, provider, profile, input_endpoint, avatars, now,
                           last_seen=now, latency_budget=latency_budget, usage_epoch=usage_epoch)
@@ -469,8 +471,15 @@ class Scheduler:
             self.metrics.usage_reports.labels("lost").inc(verdict.lost)
             log.warning("worker %s: %d usage report(s) lost before seq %d (the next cumulative "
                         "report carries their usage)", conn.worker_id, verdict.lost, seq)
-        for sid, progress in updates:
-            self.worker_update(conn, sid, SessionState.RUNNING, "", progress)
+        self._batch = {}
+        try:
+            for sid, progress in updates:
+                self.worker_update(conn, sid, SessionState.RUNNING, "", progress)
+        finally:
+            batch, self._batch = self._batch, None
+            for (tier, dev, tenant), (stream, device, frames, late, money) in batch.items():
+                self.metrics.usage(UsageDelta(tier, dev, stream, device), int(frames),
+                                   int(late), self.costs, tenant, money)
         return True
 
     def worker_update(self, conn: WorkerConn, session_id: str, state: SessionState, reason: str,
@@ -515,13 +524,16 @@ class Scheduler:
 
     def worker_disconnected(self, conn: WorkerConn, why: str) -> None:
         if self._stopping:
-            self.workers.pop(conn.worker_id, None)
+            if self.workers.pop(conn.worker_id, None) is not None:
+                self._worker_avatars.subtract(conn.avatars)
             return
         if self.workers.get(conn.worker_id) is conn:
             self._drop_worker(conn, why)
 
     def _drop_worker(self, conn: WorkerConn, why: str) -> None:
         del self.workers[conn.worker_id]
+        self._worker_avatars.subtract(conn.avatars)
+        self._worker_avatars += collections.Counter()  # drop avatars no worker has
         conn.outbox.put_nowait(None)
         now = self.clock()
         self.fleet.remove_worker(conn.worker_id)
@@ -817,7 +829,17 @@ class Scheduler:
         if tenant in self._spend:
             at, total = self._spend[tenant]
             self._spend[tenant] = (at, total + money)
-        self.metrics.usage(d, frames, late, self.costs, tenant, money)
+        if self._batch is None:
+            self.metrics.usage(d, frames, late, self.costs, tenant, money)
+            return
+        # Within one usage report, metrics are updated once per label set, not per room.
+        key = (d.tier, d.device_type, tenant if tenant in self.metrics.tenants else "")
+        acc = self._batch.setdefault(key, [0.0, 0.0, 0.0, 0.0, 0.0])
+        acc[0] += d.stream_seconds
+        acc[1] += d.device_seconds
+        acc[2] += frames
+        acc[3] += late
+        acc[4] += money
 
     def flush_progress(self) -> None:
         """Progress and the usage ledger since the last tick, in one transaction."""
