@@ -108,7 +108,7 @@ def test_reservations_hold_and_premium_is_never_taken_from(tmp_path_factory, roo
 def test_the_generated_traffic_does_reach_reclaiming(tmp_path: Path) -> None:
     """The property above is only worth its name if capacity runs short in it: a fixed
     sequence of the same shape fills the fleet and a reserved room then reclaims."""
-    core, clock = make_core(tmp_path)
+    core, _clock = make_core(tmp_path)
     kinds: collections.Counter[EventKind] = collections.Counter()
     original_notify = core._notify
 
