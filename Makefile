@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast proto proto-check bench lint clean
+.PHONY: demo test test-fast proto proto-check bench loadtest lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ proto-check: proto
 
 bench: $(STAMP)
 	$(PY) loadtests/worker_bench.py
+
+# The scheduler at scale: 1,000 simulated workers, 10,000 rooms (several minutes).
+loadtest: $(STAMP)
+	$(PY) loadtests/scheduler_load.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -45,11 +45,20 @@ def test_bad_values_and_unknown_options_are_reported(tmp_path: Path) -> None:
     f.write_text("colour = 'blue'\n")
     with pytest.raises(ValueError, match="unknown option"):
         parse(SchedulerConfig, ["--config", str(f)])
+    f.write_text("[tenants.x]\nreserved = 3\n")
+    with pytest.raises(ValueError, match="tenants: unknown option"):
+        parse(SchedulerConfig, ["--config", str(f)])
+    f.write_text("[tenants.x]\non_budget_exhausted = 'panic'\n")
+    with pytest.raises(ValueError, match="panic"):
+        parse(SchedulerConfig, ["--config", str(f)])
 
 
 def test_shipped_configs_load() -> None:
     s = parse(SchedulerConfig, ["--config", str(ROOT / "deploy/local/scheduler.toml")])
     assert s.price("h200") == 5.0 and s.price("tpu") == s.default_price_per_hour
+    brand = s.tenants["example-brand"]
+    assert brand.reserved_units == 8.0 and brand.on_budget_exhausted.value == "degrade"
+    assert s.degradation_ladder == ["1.0@25", "0.75@25", "0.5@25"]
     w = parse(WorkerConfig, ["--config", str(ROOT / "deploy/local/worker.toml")])
     assert w.provider is ProviderChoice.AUTO and w.encode_sizes() == [(512, 512), (1280, 720)]
 
