@@ -1063,7 +1063,8 @@ async def phase_trace(tc: Tenants, fleet: Fleet, sched: SchedulerProcess, trace:
     for sim_t, kind, room in events:
         if not held and sim_t >= t_peak:
             held = True
-            offset += await hold_at_peak(tc, fleet, sched, t_peak, n_peak, ref, args, rep)
+            offset += await hold_at_peak(tc, fleet, sched, t_peak, n_peak, ref, args, rep,
+                                         set(pending_create.values()))
         wall_at = t0 + sim_t * scale + offset
         delay = wall_at - time.perf_counter()
         if delay > 0:
@@ -1092,6 +1093,12 @@ async def phase_trace(tc: Tenants, fleet: Fleet, sched: SchedulerProcess, trace:
                   f"creates answered {len(created):6d}  lag {max_lag:.2f}s", flush=True)
     if tasks:
         await asyncio.wait(set(tasks), timeout=tc.timeout + 10)
+    unanswered = sum(1 for r in trace if r.room_id not in created)
+    if unanswered:
+        rep.note(f"{unanswered}/{len(trace)} trace rooms never got a CreateSession answer (queued "
+                 f"behind {args.concurrency} calls in flight when the day ended): the scheduler "
+                 "fell behind the trace")
+    print(f"  {len(created)}/{len(trace)} creates answered, {unanswered} never sent or answered")
     print(f"  day done in {time.perf_counter() - t0:.1f}s; max lag behind the trace {max_lag:.2f}s; "
           f"create errors: {codes(created.values())}; end errors: {codes(end_calls)}", flush=True)
     rep.values.update(trace_max_lag=max_lag, within=within,
@@ -1100,9 +1107,18 @@ async def phase_trace(tc: Tenants, fleet: Fleet, sched: SchedulerProcess, trace:
 
 
 async def hold_at_peak(tc: Tenants, fleet: Fleet, sched: SchedulerProcess, t_peak: float, n_peak: int,
-                       ref: WorkerSpec, args: argparse.Namespace, rep: Report) -> float:
+                       ref: WorkerSpec, args: argparse.Namespace, rep: Report,
+                       creates: set[asyncio.Task[Call]]) -> float:
     t_hold = time.perf_counter()
-    await asyncio.sleep(min(3.0, args.hold_seconds / 4))  # let in-flight creates land first
+    # Let queued creates land first, so the window measures reporting, not placement.
+    waiting = {t for t in creates if not t.done()}
+    if waiting:
+        await asyncio.wait(waiting, timeout=max(3.0, args.call_timeout))
+    backlog = sum(not t.done() for t in creates)
+    if backlog:
+        rep.note(f"the CPU window at the peak began with {backlog} CreateSession calls still queued "
+                 "(the scheduler could not keep up with the trace): it measures placement too")
+    await asyncio.sleep(1.0)
     st = await fleet.stats()
     print(f"  -- peak {t_peak / HOUR:05.2f}h: holding; {st['rooms']} rooms on {st['registered']} "
           f"workers reporting every second; measuring CPU for {args.hold_seconds:.0f}s", flush=True)
@@ -1165,6 +1181,7 @@ async def final_metrics(tc: Tenants, fleet: Fleet, sched: SchedulerProcess, trac
     premium = [r for r in trace if r.tier == "premium"]
     eligible = [r for r in premium if within.get(r.room_id)] or premium
     kept = 0
+    never = sum(1 for r in eligible if r.room_id not in created)
     for r in eligible:
         c = created.get(r.room_id)
         if c is None or c.state not in (types_pb2.SESSION_STATE_PLACED, types_pb2.SESSION_STATE_RUNNING):
@@ -1175,7 +1192,7 @@ async def final_metrics(tc: Tenants, fleet: Fleet, sched: SchedulerProcess, trac
     print(f"  premium guarantees kept: {kept}/{len(eligible)} premium rooms "
           f"{'within their tenant reservation' if eligible is not premium else '(no reservations known)'}"
           f"{'' if rep.values.get('tenants') else ' (reservations not configured in this scheduler)'} "
-          "placed at once, never moved, preempted or degraded")
+          f"placed at once, never moved, preempted or degraded ({never} of them never created)")
     print(f"  worker side: assigns {dict(st['assigns'])}, releases {st['releases']} "
           f"({st['foreign_releases']} not requested by the tenant), reconfigures {st['reconfigures']}, "
           f"stream errors {st['stream_errors']} {dict(st['errors']) or ''}")
