@@ -55,11 +55,19 @@ class FairQueue:
         self._live.pop(session_id, None)  # the heap entry is skipped when it surfaces
 
     def ordered(self, limit: int | None = None) -> list[str]:
-        """Waiting rooms in service order (the first `limit`)."""
+        """Waiting rooms in service order (the first `limit`: O(limit log n))."""
         self._compact()
-        live = [e for e in self._heap if self._live.get(e.session_id) is e]
-        live.sort()
-        return [e.session_id for e in live[:limit]]
+        if limit is None:
+            live = sorted(e for e in self._heap if self._live.get(e.session_id) is e)
+            return [e.session_id for e in live]
+        taken: list[_Entry] = []
+        while self._heap and len(taken) < limit:
+            e = heapq.heappop(self._heap)
+            if self._live.get(e.session_id) is e:
+                taken.append(e)
+        for e in taken:
+            heapq.heappush(self._heap, e)
+        return [e.session_id for e in taken]
 
     def served(self, session_id: str) -> None:
         """`session_id` left the queue by being placed: virtual time moves to its tag."""

@@ -169,6 +169,9 @@ class Scheduler:
         self._batch: dict[tuple[Tier, str, str], list[float]] | None = None
         self._flushed: asyncio.Future[None] | None = None
         self._unit_profile: placement.WorkerProfile | None = None
+        self._units_cache: dict[tuple[Quality, str], float] = {}
+        self._why_cache: dict[tuple[object, ...], tuple[float, str]] = {}
+        self._unit_device = ""
         ivs, cursors = store.load_usage()
         self.ledger.load(ivs, cursors)
         for s in store.load_sessions():
@@ -228,8 +231,13 @@ class Scheduler:
         return tenants.UNLIMITED
 
     def units_of(self, quality: Quality, mode: DriveMode) -> float:
-        units = self._unit_profile.units(quality, mode) if self._unit_profile else None
-        return units if units is not None else placement.nominal_units(quality, mode)
+        key = (quality, mode.value)
+        units = self._units_cache.get(key)
+        if units is None:
+            measured = self._unit_profile.units(quality, mode) if self._unit_profile else None
+            units = measured if measured is not None else placement.nominal_units(quality, mode)
+            self._units_cache[key] = units
+        return units
 
     def create(self, spec: SessionSpec, request_id: str = "") -> Session:
         if request_id:
@@ -392,6 +400,7 @@ class Scheduler:
             memory_capacity=resources.memory_bytes, memory=resources.memory,
             device_type=device_type, warm=resources.warm_avatars))
         self._refresh_unit_profile()
+        self._why_cache.clear()
         for sid in active:
             s = self.sessions.get(sid)
             if s is None or s.state.terminal:
@@ -429,10 +438,13 @@ class Scheduler:
         if not by_type:
             return
         dev = min(by_type, key=lambda d: (-by_type[d], d))
+        if self._unit_profile is not None and self._unit_device == dev:
+            return
         for w in self.workers.values():
             if w.device_type == dev and w.profile.units(placement.UNIT_QUALITY,
                                                         placement.UNIT_MODE) is not None:
-                self._unit_profile = w.profile
+                self._unit_profile, self._unit_device = w.profile, dev
+                self._units_cache.clear()
                 return
 
     def worker_profile_changed(self, conn: WorkerConn, update: placement.WorkerProfile) -> None:
@@ -440,6 +452,7 @@ class Scheduler:
         replace the old ones for new placements; rooms already placed keep their load."""
         self.worker_seen(conn)
         conn.profile = conn.profile.merged(update)
+        self._why_cache.clear()
         ws = self.fleet.workers.get(conn.worker_id)
         if ws is not None:
             fresh = WorkerState(ws.worker_id, conn.profile, ws.compute_capacity, ws.cpu_capacity,
@@ -540,6 +553,7 @@ class Scheduler:
         for s in [x for x in self.sessions.values()
                   if x.worker_id == conn.worker_id and not x.state.terminal]:
             self._to_pending(s, now, f"worker {conn.worker_id} lost ({why}); re-placing")
+        self._why_cache.clear()
         log.warning("worker %s dropped: %s", conn.worker_id, why)
         self._refresh_unit_profile()
         self.kick()
@@ -602,7 +616,7 @@ class Scheduler:
                 self._apply_reclaim(plan, s)
                 choice = self.fleet.choose(room)
         if choice is None:
-            why = self.fleet.why_not(room)
+            why = self._why_not(shape, room)
             if s.spec.tier is Tier.PREMIUM and not s.guaranteed and self.fleet.workers:
                 why += "; premium rooms beyond the tenant's reservation may not take capacity " \
                        "other tenants have reserved"
@@ -611,6 +625,15 @@ class Scheduler:
             return 0
         self._assign(s, choice)
         return 1
+
+    def _why_not(self, shape: tuple[object, ...], room: RoomReq) -> str:
+        # Saying why costs a look at many workers: once per shape per heartbeat interval.
+        now = self.clock()
+        at, why = self._why_cache.get(shape, (-1.0, ""))
+        if at < 0 or now - at >= self.config.heartbeat_interval:
+            why = self.fleet.why_not(room)
+            self._why_cache[shape] = (now, why)
+        return why
 
     def _protected_ok(self, s: Session, compute: float) -> bool:
         """Rooms that cannot be preempted later must leave others' reservations reclaimable."""
@@ -894,7 +917,8 @@ class Scheduler:
             self.fleet.release(s.session_id)
             self.ledger.close(s.session_id, s.updated_at)
         if prev is None or prev.state is not s.state:
-            self.metrics.session_counts(self._counts)
+            self.metrics.session_moved(None if prev is None else (prev.state, prev.spec.tier),
+                                       (s.state, s.spec.tier), self._counts)
         self._notify(SessionEvent(s, kind, message))
 
     def _notify(self, ev: SessionEvent) -> None:

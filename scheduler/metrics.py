@@ -82,6 +82,15 @@ class SchedulerMetrics:
                 self.sessions.labels(state.value, tier.value).set(counts.get((state, tier), 0))
         self.pending.set(sum(n for (s, _), n in counts.items() if s is SessionState.PENDING))
 
+    def session_moved(self, before: tuple[SessionState, Tier] | None,
+                      after: tuple[SessionState, Tier],
+                      counts: Tally[tuple[SessionState, Tier]]) -> None:
+        """One session changed state: only the two label sets it touched change."""
+        for state, tier in (before, after) if before is not None else (after,):
+            self.sessions.labels(state.value, tier.value).set(counts.get((state, tier), 0))
+        if SessionState.PENDING in (after[0], before[0] if before else None):
+            self.pending.set(sum(counts.get((SessionState.PENDING, t), 0) for t in Tier))
+
     def usage(self, d: UsageDelta, frames: int, late: int, book: CostBook, tenant: str = "",
               money: float = 0.0) -> None:
         self.stream_seconds.labels(d.tier.value, d.device_type).inc(d.stream_seconds)

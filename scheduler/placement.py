@@ -224,8 +224,18 @@ class Demand:
         return Demand(self.compute + other.compute, self.cpu + other.cpu, self.memory + other.memory)
 
 
-GroupKey = tuple[Stage, int]
-_A2M: GroupKey = (Stage.AUDIO_TO_MOTION, 0)
+# A batch group on a worker: the render queue of one portrait side (the side, > 0)
+# or the audio-to-motion queue (0). Plain ints: these are hot dictionary keys.
+GroupKey = int
+_A2M: GroupKey = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _RoomCosts:
+    """What a room shape costs on one profile, looked up once per shape."""
+
+    groups: tuple[tuple[GroupKey, StageCost, float], ...]  # key, cost, pixel scale
+    host: float  # encode (+ TTS) seconds per second of stream
 
 
 @dataclass(slots=True)
@@ -251,6 +261,8 @@ class WorkerState:
     avatar_rooms: Counter[tuple[str, int]] = field(default_factory=Counter)
     premium: Counter[str] = field(default_factory=Counter)
     _compute: float = 0.0
+    _shapes: dict[tuple[int, int, int, int, int, str], _RoomCosts | None] = field(
+        default_factory=dict)
 
     def __post_init__(self) -> None:
         self.memory_used = self.memory.models_bytes
@@ -271,42 +283,43 @@ class WorkerState:
             parts.append(self.memory_used / self.memory_capacity)
         return max(parts)
 
-    def _group_cost(self, key: GroupKey, n: int, rate: float, scale: float) -> float:
-        found = self.profile.cost(key[0], key[1], key[1]) if key[0] is Stage.RENDER else \
-            self.profile.cost(key[0])
-        if found is None or n <= 0:
-            return 0.0
-        cost, px = found
-        return rate * cost.per_item(n) * px * scale
-
-    def _parts(self, room: RoomReq) -> tuple[list[GroupKey], float, float, float] | None:
-        """Batched groups the room joins, and its unbatched compute, cpu and memory."""
-        p = self.profile
-        side = room.quality.render_side
-        if p.cost(Stage.RENDER, side, side) is None:
-            return None
-        keys: list[GroupKey] = [(Stage.RENDER, side)]
-        if room.drive_mode.uses_audio_to_motion:
-            if p.cost(Stage.AUDIO_TO_MOTION) is None:
-                return None
-            keys.append(_A2M)
+    def _costs(self, room: RoomReq) -> _RoomCosts | None:
+        q = room.quality
         w, h = room.frame_size
+        key = (q.width, q.height, q.fps, w, h, room.drive_mode.value)
+        if key in self._shapes:
+            return self._shapes[key]
+        p = self.profile
+        side = q.render_side
+        found: _RoomCosts | None = None
+        render = p.cost(Stage.RENDER, side, side)
+        a2m = p.cost(Stage.AUDIO_TO_MOTION) if room.drive_mode.uses_audio_to_motion else None
         enc = p.stage_seconds(Stage.ENCODE, w, h)
-        if enc is None:
+        tts = p.stage_seconds(Stage.TTS) if room.drive_mode.uses_tts else 0.0
+        needs_a2m = room.drive_mode.uses_audio_to_motion
+        if render is not None and enc is not None and tts is not None and (a2m or not needs_a2m):
+            groups = [(side, render[0], render[1])]
+            if a2m is not None:
+                groups.append((_A2M, a2m[0], a2m[1]))
+            found = _RoomCosts(tuple(groups), q.fps * enc + tts)
+        self._shapes[key] = found
+        return found
+
+    def _group_load(self, cost: StageCost, scale: float, n: int, rate: float) -> float:
+        return rate * cost.per_item(n) * scale if n > 0 else 0.0
+
+    def _parts(self, room: RoomReq) -> tuple[_RoomCosts, float, float, float] | None:
+        """The room's costs, and its unbatched compute, cpu and memory."""
+        costs = self._costs(room)
+        if costs is None:
             return None
-        host = room.quality.fps * enc
-        compute = 0.0
-        if room.drive_mode.uses_tts:
-            tts = p.stage_seconds(Stage.TTS)
-            if tts is None:
-                return None
-            host += tts
-        if self.encode_on_device:
-            compute, host = compute + host, 0.0
+        compute, host = (costs.host, 0.0) if self.encode_on_device else (0.0, costs.host)
+        w, h = room.frame_size
+        side = room.quality.render_side
         memory = self.memory.room_bytes_per_pixel * w * h
         if self.avatar_rooms[(room.avatar_id, side)] == 0:
             memory += self.memory.avatar_bytes_per_pixel * side * side
-        return keys, compute, host, memory
+        return costs, compute, host, memory
 
     def demand(self, room: RoomReq) -> Demand | None:
         """What adding `room` would add to this worker (its batch groups grow, so the
@@ -314,11 +327,12 @@ class WorkerState:
         parts = self._parts(room)
         if parts is None:
             return None
-        keys, compute, cpu, memory = parts
-        for key in keys:
+        costs, compute, cpu, memory = parts
+        fps = room.quality.fps
+        for key, cost, scale in costs.groups:
             n, rate = self.groups.get(key, (0, 0.0))
-            after = self._group_cost(key, n + 1, rate + room.quality.fps, 1.0)
-            compute += after - self.group_load.get(key, 0.0)
+            compute += self._group_load(cost, scale, n + 1, rate + fps) - \
+                self.group_load.get(key, 0.0)
         return Demand(compute, cpu, memory)
 
     def fits(self, d: Demand, target: float) -> bool:
@@ -335,10 +349,10 @@ class WorkerState:
             raise ValueError(f"worker {self.worker_id} cannot serve {room.quality}")
         d = self.demand(room)
         assert d is not None
-        keys, compute, cpu, memory = parts
-        for key in keys:
+        costs, compute, cpu, memory = parts
+        for key, cost, scale in costs.groups:
             n, rate = self.groups.get(key, (0, 0.0))
-            self._set_group(key, n + 1, rate + room.quality.fps)
+            self._set_group(key, cost, scale, n + 1, rate + room.quality.fps)
         self.other_compute += compute
         self.cpu_load += cpu
         self.memory_used += memory
@@ -359,10 +373,10 @@ class WorkerState:
             del self.avatar_rooms[(room.avatar_id, side)]
         parts = self._parts(room)
         assert parts is not None
-        keys, compute, cpu, memory = parts
-        for key in keys:
+        costs, compute, cpu, memory = parts
+        for key, cost, scale in costs.groups:
             n, rate = self.groups[key]
-            self._set_group(key, n - 1, rate - room.quality.fps)
+            self._set_group(key, cost, scale, n - 1, rate - room.quality.fps)
         self.other_compute = max(0.0, self.other_compute - compute)
         self.cpu_load = max(0.0, self.cpu_load - cpu)
         self.memory_used = max(self.memory.models_bytes, self.memory_used - memory)
@@ -373,13 +387,14 @@ class WorkerState:
                 del self.premium[room.tenant]
         return room
 
-    def _set_group(self, key: GroupKey, n: int, rate: float) -> None:
+    def _set_group(self, key: GroupKey, cost: StageCost, scale: float, n: int,
+                   rate: float) -> None:
         if n <= 0:
             self.groups.pop(key, None)
             self.group_load.pop(key, None)
             return
         self.groups[key] = (n, rate)
-        self.group_load[key] = self._group_cost(key, n, rate, 1.0)
+        self.group_load[key] = self._group_load(cost, scale, n, rate)
 
     def copy(self) -> WorkerState:
         c = WorkerState(self.worker_id, self.profile, self.compute_capacity, self.cpu_capacity,
@@ -497,8 +512,8 @@ class Fleet:
         self.load_total += w.compute_load - self._load.get(wid, 0.0)
         self._load[wid] = w.compute_load
         roomy = w.accepting and w.utilisation() < self.target * 0.97
-        for side in {k[1] for k in w.groups if k[0] is Stage.RENDER} | set(self._group):
-            in_group = (Stage.RENDER, side) in w.groups
+        for side in {k for k in w.groups if k != _A2M} | set(self._group):
+            in_group = side in w.groups
             if in_group and roomy:
                 self._group.setdefault(side, {})[wid] = None
             else:
@@ -563,32 +578,18 @@ class Fleet:
         """Workers carrying at least one room (idle ones could be released)."""
         return len(self._occupied)
 
-    def _candidates(self, room: RoomReq) -> Iterator[WorkerState]:
-        if self.strategy is Strategy.LEAST_LOADED:
-            yield from sorted((w for w in self.workers.values() if w.accepting),
-                              key=lambda w: w.utilisation())
-            return
-        seen: set[str] = set()
-        limit = self.candidates * 4
-        # Idle workers of every device type, so the cheapest to open is among them.
-        idle = itertools.chain.from_iterable(
+    def _tiers(self, room: RoomReq) -> Iterator[Iterable[str]]:
+        """Candidate workers in order of preference, tier by tier: workers rendering the
+        room's shape (those with its avatar warm first), idle workers of every device type,
+        then busy workers of other shapes."""
+        side = room.quality.render_side
+        group = self._group.get(side, {})
+        warm = self._warm.get(room.avatar_id, {})
+        yield itertools.chain((wid for wid in itertools.islice(warm, self.candidates * 4)
+                               if wid in group), group)
+        yield itertools.chain.from_iterable(
             itertools.islice(ids, self.candidates) for ids in self._idle_by_type.values())
-        sources: Iterable[Iterable[str]] = (
-            self._warm.get(room.avatar_id, {}), self._group.get(room.quality.render_side, {}),
-            self._busy, idle)
-        for source in sources:
-            looked = 0
-            for wid in source:
-                if wid in seen:
-                    continue
-                seen.add(wid)
-                w = self.workers.get(wid)
-                if w is None or not w.accepting:
-                    continue
-                yield w
-                looked += 1
-                if looked >= limit:
-                    break
+        yield (wid for wid in self._busy if wid not in group)
 
     def _choose_at(self, room: RoomReq) -> tuple[str, Demand] | None:
         if self.strategy is Strategy.ROUND_ROBIN:
@@ -600,46 +601,57 @@ class Fleet:
                     self._rr = (self._rr + i + 1) % len(order)
                     return w.worker_id, d
             return None
-        best: tuple[tuple[float, ...], str, Demand] | None = None
-        fitting = 0
+        if self.strategy is Strategy.LEAST_LOADED:
+            for w in sorted((w for w in self.workers.values() if w.accepting),
+                            key=lambda w: w.utilisation()):
+                d = w.demand(room)
+                if d is not None and w.fits(d, self.target):
+                    return w.worker_id, d
+            return None
+        # PACK: the first tier with a worker that fits wins (a worker already rendering
+        # the shape: its batches grow; else the idle worker cheapest to open; else a
+        # worker of other shapes, where the room's batches start from one). Within a
+        # tier: the fullest (emptier workers can be released), then the cheapest
+        # marginal compute, warmth, the fewest of this tenant's premium rooms. A premium
+        # room avoids workers that already carry `premium_spread` of its tenant's
+        # premium rooms while any other worker can take it.
         premium = room.tier is Tier.PREMIUM
-        for w in self._candidates(room):
-            d = w.demand(room)
-            if d is None or not w.fits(d, self.target):
-                continue
-            if self.strategy is Strategy.LEAST_LOADED:
-                return w.worker_id, d  # candidates come least utilised first
-            else:
-                crowded = premium and w.premium[room.tenant] >= self.premium_spread
-                marginal = d.compute / w.compute_capacity
-                after = (w.compute_load + d.compute) / w.compute_capacity
-                warm = room.avatar_id in w.warm or w.avatar_rooms[(room.avatar_id,
-                                                                   room.quality.render_side)] > 0
-                idle = not w.rooms
-                spread = w.premium[room.tenant] if premium else 0
+        crowded_best: tuple[str, Demand] | None = None
+        for tier in self._tiers(room):
+            best: tuple[tuple[float, ...], str, Demand] | None = None
+            seen: set[str] = set()
+            looked = fitting = 0
+            for wid in tier:
+                if wid in seen:
+                    continue
+                seen.add(wid)
+                looked += 1
+                if looked > self.candidates * 4 or fitting >= self.candidates:
+                    break
+                cand = self.workers.get(wid)
+                if cand is None or not cand.accepting:
+                    continue
+                d = cand.demand(room)
+                if d is None or not cand.fits(d, self.target):
+                    continue
+                fitting += 1
+                if premium and cand.premium[room.tenant] >= self.premium_spread:
+                    crowded_best = crowded_best or (wid, d)
+                    continue
+                marginal = d.compute / cand.compute_capacity
+                after = (cand.compute_load + d.compute) / cand.compute_capacity
+                warm = room.avatar_id in cand.warm or cand.avatar_rooms[(room.avatar_id, room.quality.render_side)] > 0
                 # Opening an idle worker costs its whole price: the one whose price per
                 # share of it this room takes is lowest.
-                opening = w.price * max(marginal, d.cpu / w.cpu_capacity if w.cpu_capacity
-                                        else 0.0) if idle else 0.0
-                # A worker already rendering the room's shape first (its batches grow),
-                # then an idle one (cheapest to open first), and a worker of other shapes
-                # last: mixing shapes keeps every batch small, which costs more than one
-                # more worker in the simulator (loadtests/packing_sim.py). Among equals,
-                # the fullest (consolidation: emptier workers can be released), then the
-                # cheapest marginal compute, warmth, and the fewest of this tenant's
-                # premium rooms. Crowded premium goes last of all.
-                grouped = (Stage.RENDER, room.quality.render_side) in w.groups
-                rank = 0.0 if grouped else (1.0 if idle else 2.0)
-                score: tuple[float, ...] = (float(crowded), rank, round(opening, 6),
-                                            -round(after, 3), round(marginal, 4),
-                                            float(not warm), float(spread))
-            if best is None or score < best[0]:
-                best = (score, w.worker_id, d)
-            fitting += 1
-            if (self.strategy is Strategy.PACK and fitting >= self.candidates
-                    and best[0][0] == 0 and best[0][1] == 0):
-                break
-        return None if best is None else (best[1], best[2])
+                opening = cand.price * max(marginal, d.cpu / cand.cpu_capacity if cand.cpu_capacity
+                                        else 0.0) if not cand.rooms else 0.0
+                score = (round(opening, 6), -round(after, 3), round(marginal, 4),
+                         float(not warm), float(cand.premium[room.tenant]) if premium else 0.0)
+                if best is None or score < best[0]:
+                    best = (score, wid, d)
+            if best is not None:
+                return best[1], best[2]
+        return crowded_best
 
     # -- reclaiming -----------------------------------------------------------------
 

@@ -109,6 +109,7 @@ class SqliteStore:
             if column not in have:  # a database from before the column existed
                 self._db.execute(f"ALTER TABLE sessions ADD COLUMN {column} {decl}")
         self._in_txn = False
+        self._known: set[str] = set()
 
     def _begin(self) -> None:
         if not self._in_txn:
@@ -130,6 +131,7 @@ class SqliteStore:
              provider, device_type, load, units, step, rendering, guaranteed, changed) in rows:
             spec_pb = types_pb2.SessionSpec.FromString(spec)
             prog = convert.progress_from_pb(types_pb2.SessionProgress.FromString(progress))
+            self._known.add(sid)
             out.append(Session(sid, convert.spec_from_pb(spec_pb), SessionState(state), seq, created,
                                updated, rid, reason, worker, endpoint, prog, provider, device_type,
                                load, units, step, _quality(rendering), bool(guaranteed), changed))
@@ -140,6 +142,22 @@ class SqliteStore:
 
     def put_sessions(self, sessions: list[Session]) -> None:
         self._begin()
+        known = [s for s in sessions if s.session_id in self._known]
+        if known:
+            # The spec never changes after creation: an update skips re-encoding it.
+            self._db.executemany(
+                "UPDATE sessions SET state=?, reason=?, worker_id=?, input_endpoint=?,"
+                " updated_at=?, progress=?, provider=?, device_type=?, load=?, units=?, step=?,"
+                " rendering=?, guaranteed=?, step_changed_at=? WHERE session_id=?",
+                [(s.state.value, s.reason, s.worker_id, s.input_endpoint, s.updated_at,
+                  convert.progress_to_pb(s.progress).SerializeToString(), s.provider,
+                  s.device_type, s.load, s.units, s.step,
+                  str(s.rendering) if s.rendering else "", int(s.guaranteed), s.step_changed_at,
+                  s.session_id) for s in known])
+        sessions = [s for s in sessions if s.session_id not in self._known]
+        if not sessions:
+            return
+        self._known.update(s.session_id for s in sessions)
         self._db.executemany(
             "INSERT INTO sessions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
             " ON CONFLICT(session_id) DO UPDATE SET state=excluded.state, reason=excluded.reason,"
