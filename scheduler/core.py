@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import time
@@ -153,6 +154,7 @@ class Scheduler:
         self._seq = 0
         # Indexes, kept with every commit, so a call costs the same at 10 or 10,000 rooms.
         self._rooms: dict[tuple[str, str], str] = {}  # (tenant, room_id) -> live session
+        self._requests: dict[tuple[str, str], str] = {}  # (tenant, request_id) -> session
         self._outputs: dict[Output, str] = {}
         self._units: dict[str, float] = collections.defaultdict(float)
         self._reserved: dict[str, float] = collections.defaultdict(float)
@@ -168,6 +170,8 @@ class Scheduler:
         self._flush_handle: asyncio.Handle | None = None
         self._batch: dict[tuple[Tier, str, str], list[float]] | None = None
         self._flushed: asyncio.Future[None] | None = None
+        self._committing: asyncio.Future[None] | None = None
+        self._scripts: dict[str, list[ScriptSegment]] = {}  # live text rooms' scripts
         self._unit_profile: placement.WorkerProfile | None = None
         self._units_cache: dict[tuple[Quality, str], float] = {}
         self._why_cache: dict[tuple[object, ...], tuple[float, str]] = {}
@@ -182,14 +186,19 @@ class Scheduler:
                 self._enqueue(s)
             elif not s.state.terminal:
                 self._orphans.add(s.session_id)
+            if not s.state.terminal and s.spec.drive_mode is DriveMode.TEXT:
+                self._scripts[s.session_id] = store.script(s.session_id)
         self.metrics.session_counts(self._counts)
 
     # -- durability ---------------------------------------------------------------
 
     async def durable(self) -> None:
         """Returns once everything changed so far is committed to the store."""
-        if self._flushed is not None:
-            await asyncio.shield(self._flushed)
+        fut = self._flushed or self._committing
+        if fut is not None and not fut.done():
+            await asyncio.shield(fut)
+        elif fut is not None and fut.exception() is not None:
+            raise fut.exception()  # type: ignore[misc]
 
     def _schedule_flush(self) -> None:
         try:
@@ -202,15 +211,26 @@ class Scheduler:
             self._flush_handle = loop.call_soon(self._flush)
 
     def _flush(self) -> None:
+        """Hands this turn's writes to the store's writer thread; the turn's callers are
+        answered when that transaction is on disk (transactions commit in order)."""
         fut, self._flushed, self._flush_handle = self._flushed, None, None
-        try:
-            self.store.commit()
-        except Exception as e:  # the callers' answers must not claim durability
-            if fut is not None and not fut.done():
-                fut.set_exception(e)
-            raise
-        if fut is not None and not fut.done():
-            fut.set_result(None)
+        if fut is None:
+            return
+        self._committing = fut
+        loop = fut.get_loop()
+
+        def settle(done: concurrent.futures.Future[None]) -> None:
+            err = done.exception()
+            if fut.done():
+                return
+            if err is not None:
+                log.error("store commit failed: %s", err)
+                fut.set_exception(err)
+            else:
+                fut.set_result(None)
+
+        self.store.commit_async().add_done_callback(
+            lambda done: loop.call_soon_threadsafe(settle, done))
 
     # -- tenant API ------------------------------------------------------------
 
@@ -241,7 +261,7 @@ class Scheduler:
 
     def create(self, spec: SessionSpec, request_id: str = "") -> Session:
         if request_id:
-            existing = self.store.find_request(spec.tenant, request_id)
+            existing = self._requests.get((spec.tenant, request_id))
             if existing is not None:
                 s = self.sessions[existing]
                 if s.spec != spec:
@@ -272,6 +292,8 @@ class Scheduler:
         self._commit(s)
         if spec.script:
             self.store.append_script(s.session_id, list(spec.script))
+        if spec.drive_mode is DriveMode.TEXT:
+            self._scripts[s.session_id] = list(spec.script)
         self._enqueue(s)
         # Place now, so the answer already says where the room goes or why it waits; with
         # others waiting, the queue decides the order.
@@ -322,6 +344,7 @@ class Scheduler:
             raise InvalidRequest("no segments given")
         validate_script(segments)
         self.store.append_script(session_id, segments)
+        self._scripts.setdefault(session_id, []).extend(segments)
         self._schedule_flush()
         if s.worker_id in self.workers and s.state in _LIVE:
             self.workers[s.worker_id].outbox.put_nowait(ScriptCmd(session_id, tuple(segments)))
@@ -678,8 +701,7 @@ class Scheduler:
         if step_changed and choice.step:
             self.metrics.degradations.labels(s.spec.tier.value, "down").inc()
         self._open_interval(s, now)
-        script = tuple(self.store.script(s.session_id)) if s.spec.drive_mode is DriveMode.TEXT \
-            else ()
+        script = tuple(self._scripts.get(s.session_id, ()))
         conn.outbox.put_nowait(AssignCmd(s.session_id, dataclasses.replace(s.spec, script=script)))
         if rendering is not None:
             conn.outbox.put_nowait(ReconfigureCmd(s.session_id, rendering, choice.step,
@@ -887,6 +909,8 @@ class Scheduler:
         if s.state in _LIVE and s.spec.tier is not Tier.PREMIUM:
             self._preemptible += s.load
         self._counts[(s.state, s.spec.tier)] += 1
+        if prev is None and s.request_id:
+            self._requests[(s.spec.tenant, s.request_id)] = s.session_id
         key = (s.spec.tenant, s.spec.room_id)
         if s.state.terminal:
             if self._rooms.get(key) == s.session_id:
@@ -913,6 +937,7 @@ class Scheduler:
         self.sessions[s.session_id] = s
         self._index(prev, s)
         if s.state.terminal and (prev is None or not prev.state.terminal):
+            self._scripts.pop(s.session_id, None)
             self.queue.remove(s.session_id)
             self.fleet.release(s.session_id)
             self.ledger.close(s.session_id, s.updated_at)

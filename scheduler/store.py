@@ -7,7 +7,10 @@ can replace SQLite by implementing the same Protocol.
 
 from __future__ import annotations
 
+import concurrent.futures
 import sqlite3
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -19,8 +22,10 @@ from scheduler.state import Session
 
 
 class Store(Protocol):
-    """Writes go into an open transaction; ``commit`` makes them durable (the core
-    commits once per event-loop turn, so concurrent calls share one sync)."""
+    """Writes are queued in order; ``commit`` makes them durable in one transaction, and
+    ``commit_async`` does so on the store's writer thread (the core commits once per
+    event-loop turn, so concurrent calls share one sync, and the loop never waits on the
+    disk)."""
 
     def load_sessions(self) -> list[Session]: ...
     def put_session(self, s: Session) -> None: ...
@@ -31,6 +36,7 @@ class Store(Protocol):
     def load_usage(self) -> tuple[list[Interval], dict[str, tuple[int, int]]]: ...
     def put_usage(self, intervals: list[Interval], cursors: dict[str, tuple[int, int]]) -> None: ...
     def commit(self) -> None: ...
+    def commit_async(self) -> concurrent.futures.Future[None]: ...
     def close(self) -> None: ...
 
 
@@ -96,11 +102,14 @@ _ADDED_COLUMNS = (("units", "REAL NOT NULL DEFAULT 0"), ("step", "INTEGER NOT NU
                   ("step_changed_at", "REAL NOT NULL DEFAULT 0"))
 
 
+Op = Callable[[sqlite3.Connection], None]
+
+
 class SqliteStore:
     def __init__(self, path: Path) -> None:
         if str(path) != ":memory:":
             path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), isolation_level=None)
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
@@ -108,24 +117,47 @@ class SqliteStore:
         for column, decl in _ADDED_COLUMNS:
             if column not in have:  # a database from before the column existed
                 self._db.execute(f"ALTER TABLE sessions ADD COLUMN {column} {decl}")
-        self._in_txn = False
+        self._ops: list[Op] = []
         self._known: set[str] = set()
+        # One lock for the connection: the writer thread's transactions and the few
+        # reads (start-up, scripts) never interleave.
+        self._lock = threading.Lock()
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store")
 
-    def _begin(self) -> None:
-        if not self._in_txn:
+    def _queue(self, op: Op) -> None:
+        self._ops.append(op)
+
+    def _run(self, ops: list[Op]) -> None:
+        if not ops:
+            return
+        with self._lock:
             self._db.execute("BEGIN")
-            self._in_txn = True
+            try:
+                for op in ops:
+                    op(self._db)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def commit(self) -> None:
-        if self._in_txn:
-            self._db.execute("COMMIT")
-            self._in_txn = False
+        """Everything queued so far, durable when this returns."""
+        ops, self._ops = self._ops, []
+        self._writer.submit(self._run, ops).result()
+
+    def commit_async(self) -> concurrent.futures.Future[None]:
+        """Everything queued so far, in one transaction on the writer thread (in order)."""
+        ops, self._ops = self._ops, []
+        return self._writer.submit(self._run, ops)
 
     def load_sessions(self) -> list[Session]:
-        rows = self._db.execute(
-            "SELECT session_id, seq, request_id, spec, state, reason, worker_id, input_endpoint,"
-            " created_at, updated_at, progress, provider, device_type, load, units, step,"
-            " rendering, guaranteed, step_changed_at FROM sessions ORDER BY seq").fetchall()
+        self.commit()
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT session_id, seq, request_id, spec, state, reason, worker_id,"
+                " input_endpoint, created_at, updated_at, progress, provider, device_type, load,"
+                " units, step, rendering, guaranteed, step_changed_at FROM sessions"
+                " ORDER BY seq").fetchall()
         out = []
         for (sid, seq, rid, spec, state, reason, worker, endpoint, created, updated, progress,
              provider, device_type, load, units, step, rendering, guaranteed, changed) in rows:
@@ -141,82 +173,94 @@ class SqliteStore:
         self.put_sessions([s])
 
     def put_sessions(self, sessions: list[Session]) -> None:
-        self._begin()
-        known = [s for s in sessions if s.session_id in self._known]
-        if known:
-            # The spec never changes after creation: an update skips re-encoding it.
-            self._db.executemany(
-                "UPDATE sessions SET state=?, reason=?, worker_id=?, input_endpoint=?,"
-                " updated_at=?, progress=?, provider=?, device_type=?, load=?, units=?, step=?,"
-                " rendering=?, guaranteed=?, step_changed_at=? WHERE session_id=?",
-                [(s.state.value, s.reason, s.worker_id, s.input_endpoint, s.updated_at,
-                  convert.progress_to_pb(s.progress).SerializeToString(), s.provider,
-                  s.device_type, s.load, s.units, s.step,
-                  str(s.rendering) if s.rendering else "", int(s.guaranteed), s.step_changed_at,
-                  s.session_id) for s in known])
-        sessions = [s for s in sessions if s.session_id not in self._known]
-        if not sessions:
-            return
-        self._known.update(s.session_id for s in sessions)
-        self._db.executemany(
-            "INSERT INTO sessions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-            " ON CONFLICT(session_id) DO UPDATE SET state=excluded.state, reason=excluded.reason,"
-            " worker_id=excluded.worker_id, input_endpoint=excluded.input_endpoint,"
-            " updated_at=excluded.updated_at, progress=excluded.progress,"
-            " provider=excluded.provider, device_type=excluded.device_type, load=excluded.load,"
-            " units=excluded.units, step=excluded.step, rendering=excluded.rendering,"
-            " guaranteed=excluded.guaranteed, step_changed_at=excluded.step_changed_at",
-            [(s.session_id, s.seq, s.spec.tenant, s.request_id,
-              convert.spec_to_pb(s.spec).SerializeToString(), s.state.value, s.reason, s.worker_id,
-              s.input_endpoint, s.created_at, s.updated_at,
-              convert.progress_to_pb(s.progress).SerializeToString(), s.provider, s.device_type,
-              s.load, s.units, s.step, str(s.rendering) if s.rendering else "", int(s.guaranteed),
-              s.step_changed_at) for s in sessions])
+        # The spec never changes after creation: an update skips re-encoding it.
+        updates = [s for s in sessions if s.session_id in self._known]
+        inserts = [s for s in sessions if s.session_id not in self._known]
+        self._known.update(s.session_id for s in inserts)
+
+        def op(db: sqlite3.Connection) -> None:
+            if updates:
+                db.executemany(
+                    "UPDATE sessions SET state=?, reason=?, worker_id=?, input_endpoint=?,"
+                    " updated_at=?, progress=?, provider=?, device_type=?, load=?, units=?,"
+                    " step=?, rendering=?, guaranteed=?, step_changed_at=? WHERE session_id=?",
+                    [(s.state.value, s.reason, s.worker_id, s.input_endpoint, s.updated_at,
+                      convert.progress_to_pb(s.progress).SerializeToString(), s.provider,
+                      s.device_type, s.load, s.units, s.step,
+                      str(s.rendering) if s.rendering else "", int(s.guaranteed),
+                      s.step_changed_at, s.session_id) for s in updates])
+            if inserts:
+                db.executemany(
+                    "INSERT OR REPLACE INTO sessions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    [(s.session_id, s.seq, s.spec.tenant, s.request_id,
+                      convert.spec_to_pb(s.spec).SerializeToString(), s.state.value, s.reason,
+                      s.worker_id, s.input_endpoint, s.created_at, s.updated_at,
+                      convert.progress_to_pb(s.progress).SerializeToString(), s.provider,
+                      s.device_type, s.load, s.units, s.step,
+                      str(s.rendering) if s.rendering else "", int(s.guaranteed),
+                      s.step_changed_at) for s in inserts])
+
+        self._queue(op)
 
     def load_usage(self) -> tuple[list[Interval], dict[str, tuple[int, int]]]:
-        rows = self._db.execute(
-            'SELECT session_id, idx, tenant, avatar_id, tier, quality, worker_id, device_type,'
-            ' units, start, "end", stream_seconds, device_seconds FROM usage_intervals').fetchall()
+        self.commit()
+        with self._lock:
+            rows = self._db.execute(
+                'SELECT session_id, idx, tenant, avatar_id, tier, quality, worker_id,'
+                ' device_type, units, start, "end", stream_seconds, device_seconds'
+                ' FROM usage_intervals').fetchall()
+            cursors = {w: (e, q) for w, e, q in
+                       self._db.execute("SELECT worker_id, epoch, seq FROM usage_cursors")}
         ivs = [Interval(sid, idx, tenant, avatar, Tier(tier), quality, worker, dev, units, start,
                         end, stream, device)
                for (sid, idx, tenant, avatar, tier, quality, worker, dev, units, start, end, stream,
                     device) in rows]
-        cursors = {w: (e, q) for w, e, q in
-                   self._db.execute("SELECT worker_id, epoch, seq FROM usage_cursors")}
         return ivs, cursors
 
     def put_usage(self, intervals: list[Interval], cursors: dict[str, tuple[int, int]]) -> None:
-        self._begin()
-        self._db.executemany(
-            "INSERT OR REPLACE INTO usage_intervals VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            [(i.session_id, i.idx, i.tenant, i.avatar_id, i.tier.value, i.quality, i.worker_id,
-              i.device_type, i.units, i.start, i.end, i.stream_seconds, i.device_seconds)
-             for i in intervals])
-        self._db.executemany("INSERT OR REPLACE INTO usage_cursors VALUES (?,?,?)",
-                             [(w, e, q) for w, (e, q) in cursors.items()])
+        rows = [(i.session_id, i.idx, i.tenant, i.avatar_id, i.tier.value, i.quality, i.worker_id,
+                 i.device_type, i.units, i.start, i.end, i.stream_seconds, i.device_seconds)
+                for i in intervals]  # a snapshot: the intervals change after this call
+
+        def op(db: sqlite3.Connection) -> None:
+            db.executemany("INSERT OR REPLACE INTO usage_intervals VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                           rows)
+            db.executemany("INSERT OR REPLACE INTO usage_cursors VALUES (?,?,?)",
+                           [(w, e, q) for w, (e, q) in cursors.items()])
+
+        self._queue(op)
 
     def find_request(self, tenant: str, request_id: str) -> str | None:
-        row = self._db.execute("SELECT session_id FROM sessions WHERE tenant=? AND request_id=?",
-                               (tenant, request_id)).fetchone()
+        self.commit()
+        with self._lock:
+            row = self._db.execute("SELECT session_id FROM sessions WHERE tenant=?"
+                                   " AND request_id=? AND request_id != ''",
+                                   (tenant, request_id)).fetchone()
         return row[0] if row else None
 
     def append_script(self, session_id: str, segments: list[ScriptSegment]) -> None:
-        self._begin()
-        (start,) = self._db.execute(
-            "SELECT COALESCE(MAX(idx) + 1, 0) FROM script_segments WHERE session_id=?",
-            (session_id,)).fetchone()
-        self._db.executemany(
-            "INSERT INTO script_segments VALUES (?,?,?,?)",
-            [(session_id, start + i, s.text, s.pause_after_seconds) for i, s in enumerate(segments)])
+        rows = [(s.text, s.pause_after_seconds) for s in segments]
+
+        def op(db: sqlite3.Connection) -> None:
+            (start,) = db.execute(
+                "SELECT COALESCE(MAX(idx) + 1, 0) FROM script_segments WHERE session_id=?",
+                (session_id,)).fetchone()
+            db.executemany("INSERT INTO script_segments VALUES (?,?,?,?)",
+                           [(session_id, start + i, t, p) for i, (t, p) in enumerate(rows)])
+
+        self._queue(op)
 
     def script(self, session_id: str) -> list[ScriptSegment]:
-        rows = self._db.execute(
-            "SELECT text, pause_after FROM script_segments WHERE session_id=? ORDER BY idx",
-            (session_id,)).fetchall()
+        self.commit()
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT text, pause_after FROM script_segments WHERE session_id=? ORDER BY idx",
+                (session_id,)).fetchall()
         return [ScriptSegment(t, p) for t, p in rows]
 
     def close(self) -> None:
         self.commit()
+        self._writer.shutdown()
         self._db.close()
 
 
