@@ -645,9 +645,12 @@ class SimWorker:
         while True:
             now = time.monotonic()
             load = sum(r.load for r in self.rooms.values())
-            self.outbox.put_nowait(workers_pb2.WorkerMessage(heartbeat=workers_pb2.Heartbeat(
-                active_sessions=len(self.rooms), load=load)))
-            self.stats.heartbeats += 1
+            if not self.rooms or self.mode[0] != "usage_report":
+                # As real workers do: a usage report is proof of life, a heartbeat only
+                # when there is nothing to report.
+                self.outbox.put_nowait(workers_pb2.WorkerMessage(heartbeat=workers_pb2.Heartbeat(
+                    active_sessions=len(self.rooms), load=load)))
+                self.stats.heartbeats += 1
             updates = [workers_pb2.SessionUpdate(session_id=sid, state=types_pb2.SESSION_STATE_RUNNING,
                                                  progress=self._progress(r, now))
                        for sid, r in self.rooms.items()]

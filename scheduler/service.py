@@ -250,22 +250,15 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
                 warm_avatars=frozenset(reg.warm_avatars)),
             usage_epoch=reg.usage_epoch)
         await self.core.durable()
-        reader = asyncio.create_task(self._read(conn, request_iterator, timeout))
+        reader = asyncio.create_task(self._read(conn, request_iterator))
         try:
             yield workers_pb2.SchedulerMessage(registered=workers_pb2.Registered(
                 heartbeat_interval_seconds=self.core.config.heartbeat_interval,
                 last_usage_seq=self.core.ledger.last_seq(conn.worker_id, conn.usage_epoch)))
-            outbox_get: asyncio.Task[WorkerCommand | None] | None = None
-            while True:
-                outbox_get = asyncio.ensure_future(conn.outbox.get())
-                done, _ = await asyncio.wait({outbox_get, reader},
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if outbox_get not in done:
-                    outbox_get.cancel()
-                    break
-                cmd = outbox_get.result()
-                if cmd is None:
-                    break
+            # The reader ends the outbox when the worker's side closes; the core ends it
+            # when it drops the worker (heartbeats stopped) or a newer stream replaces it.
+            reader.add_done_callback(lambda _: conn.outbox.put_nowait(None))
+            while (cmd := await conn.outbox.get()) is not None:
                 yield command_to_pb(cmd)
         finally:
             reader.cancel()
@@ -276,13 +269,10 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
                 why = f"stream error: {reader.exception()}"
             self.core.worker_disconnected(conn, why)
 
-    async def _read(self, conn: WorkerConn, it: AsyncIterator[workers_pb2.WorkerMessage],
-                    timeout: float) -> None:
-        while True:
-            try:
-                msg = await asyncio.wait_for(anext(it), timeout)
-            except StopAsyncIteration:
-                return
+    async def _read(self, conn: WorkerConn, it: AsyncIterator[workers_pb2.WorkerMessage]) -> None:
+        # No per-message timeout: a silent worker is dropped by the core's heartbeat check,
+        # which closes this stream.
+        async for msg in it:
             kind = msg.WhichOneof("kind")
             if kind == "heartbeat":
                 self.core.worker_seen(conn, msg.heartbeat.load)

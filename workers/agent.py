@@ -291,11 +291,14 @@ class WorkerAgent:
     async def _tick(self, outbox: asyncio.Queue[workers_pb2.WorkerMessage]) -> None:
         while True:
             await asyncio.sleep(min(self.heartbeat_interval, self.progress_interval))
-            outbox.put_nowait(workers_pb2.WorkerMessage(heartbeat=workers_pb2.Heartbeat(
-                active_sessions=len(self.rooms), load=self.load())))
+            # A usage report is proof of life too: a heartbeat only when there is none, so
+            # a fleet's scheduler handles one message per worker per interval.
             report = self._usage_report()
             if report is not None:
                 outbox.put_nowait(workers_pb2.WorkerMessage(usage_report=report))
+            else:
+                outbox.put_nowait(workers_pb2.WorkerMessage(heartbeat=workers_pb2.Heartbeat(
+                    active_sessions=len(self.rooms), load=self.load())))
             self._account_engine()
             drifted = self.pipeline.engine.drifted()
             if drifted:
