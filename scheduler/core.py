@@ -42,7 +42,7 @@ from avatarfarm.domain import (
 from scheduler import placement, tenants
 from scheduler.admission import FairQueue
 from scheduler.config import SchedulerConfig
-from scheduler.cost import CostBook, UsageDelta, usage_delta
+from scheduler.cost import CostBook, UsageDelta
 from scheduler.errors import (
     AlreadyExists,
     BudgetExceeded,
@@ -508,14 +508,20 @@ class Scheduler:
             log.warning("worker %s: %d usage report(s) lost before seq %d (the next cumulative "
                         "report carries their usage)", conn.worker_id, verdict.lost, seq)
         self._batch = {}
+        now = self.clock()
         try:
             for sid, progress in updates:
-                self.worker_update(conn, sid, SessionState.RUNNING, "", progress)
+                s = self.sessions.get(sid)
+                if s is not None and s.state is SessionState.RUNNING and \
+                        s.worker_id == conn.worker_id:
+                    self._progress(s, progress, now)  # the common case, kept lean
+                else:
+                    self.worker_update(conn, sid, SessionState.RUNNING, "", progress)
         finally:
             batch, self._batch = self._batch, None
             for (tier, dev, tenant), (stream, device, frames, late, money) in batch.items():
                 self.metrics.usage(UsageDelta(tier, dev, stream, device), int(frames),
-                                   int(late), self.costs, tenant, money)
+                                   int(late), self.costs, tenant, money, publish=False)
         return True
 
     def worker_update(self, conn: WorkerConn, session_id: str, state: SessionState, reason: str,
@@ -826,6 +832,7 @@ class Scheduler:
         self.place_pending()
         self.step_up()
         self.flush_progress()
+        self.metrics.publish_costs(self.costs)
         self.metrics.fleet(self.fleet.totals())
 
     async def run(self) -> None:
@@ -861,12 +868,25 @@ class Scheduler:
                          tier=s.spec.tier, quality=str(s.quality), worker_id=s.worker_id,
                          device_type=s.device_type or "unknown", units=s.units, now=now)
 
+    def _progress(self, s: Session, progress: Progress, now: float) -> None:
+        """A running room's cumulative progress: usage accounted, kept in memory."""
+        self._account(s, progress)
+        if progress.stream_seconds >= s.progress.stream_seconds:
+            s = s.with_progress(progress, now)
+            self.sessions[s.session_id] = s
+            self._progress_dirty[s.session_id] = s
+            if s.session_id in self._watchers:
+                self._notify(SessionEvent(s))
+
     def _account(self, s: Session, progress: Progress) -> None:
-        d = usage_delta(s.spec.tier, s.device_type or "unknown", s.progress, progress)
-        if d.stream_seconds <= 0 and d.device_seconds <= 0:
-            return
-        frames = max(0, progress.frames_rendered - s.progress.frames_rendered)
-        late = max(0, progress.late_frames - s.progress.late_frames)
+        before = s.progress
+        stream = progress.stream_seconds - before.stream_seconds
+        device = progress.device_seconds - before.device_seconds
+        if stream <= 0 and device <= 0:
+            return  # a stale or repeated report adds nothing
+        d = UsageDelta(s.spec.tier, s.device_type or "unknown", max(0.0, stream), max(0.0, device))
+        frames = max(0, progress.frames_rendered - before.frames_rendered)
+        late = max(0, progress.late_frames - before.late_frames)
         self.costs.add(d)
         self.ledger.add(s.session_id, d.stream_seconds, d.device_seconds)
         money = d.device_seconds * self.config.price(d.device_type) / 3600.0

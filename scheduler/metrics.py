@@ -62,6 +62,8 @@ class SchedulerMetrics:
                                      "Worker usage reports: applied, duplicate (a retry, ignored), "
                                      "lost (sequence gaps)", ["outcome"], registry=r)
         self._tenant_hours: dict[str, tuple[float, float]] = {}
+        self._stale: set[tuple[Tier, str]] = set()
+        self._stale_tenants: set[str] = set()
         self.frames = Counter("avatarfarm_frames_rendered", "Frames rendered", ["tier"], registry=r)
         self.late = Counter("avatarfarm_late_frames", "Frames finished after their deadline",
                             ["tier"], registry=r)
@@ -92,20 +94,31 @@ class SchedulerMetrics:
             self.pending.set(sum(counts.get((SessionState.PENDING, t), 0) for t in Tier))
 
     def usage(self, d: UsageDelta, frames: int, late: int, book: CostBook, tenant: str = "",
-              money: float = 0.0) -> None:
+              money: float = 0.0, publish: bool = True) -> None:
+        """Counts usage; the cost gauges follow at once, or with the next `publish_costs`
+        (a fleet's reports arrive by the thousand per second: the gauges need not)."""
         self.stream_seconds.labels(d.tier.value, d.device_type).inc(d.stream_seconds)
         self.device_seconds.labels(d.tier.value, d.device_type).inc(d.device_seconds)
-        self.price.labels(d.device_type).set(book.price(d.device_type))
         self.frames.labels(d.tier.value).inc(frames)
         self.late.labels(d.tier.value).inc(late)
-        self.cost.labels(d.tier.value, d.device_type).set(
-            book.per_stream_hour(d.tier, d.device_type))
+        self._stale.add((d.tier, d.device_type))
         if tenant in self.tenants:
             cost, hours = self._tenant_hours.get(tenant, (0.0, 0.0))
-            cost, hours = cost + money, hours + d.stream_seconds / 3600.0
-            self._tenant_hours[tenant] = (cost, hours)
+            self._tenant_hours[tenant] = (cost + money, hours + d.stream_seconds / 3600.0)
             self.tenant_money.labels(tenant).inc(money)
+            self._stale_tenants.add(tenant)
+        if publish:
+            self.publish_costs(book)
+
+    def publish_costs(self, book: CostBook) -> None:
+        for tier, dev in self._stale:
+            self.price.labels(dev).set(book.price(dev))
+            self.cost.labels(tier.value, dev).set(book.per_stream_hour(tier, dev))
+        for tenant in self._stale_tenants:
+            cost, hours = self._tenant_hours[tenant]
             self.tenant_cost.labels(tenant).set(cost / hours if hours > 0 else 0.0)
+        self._stale.clear()
+        self._stale_tenants.clear()
 
     def fleet(self, by_device: Mapping[str, tuple[int, float, float]]) -> None:
         self.workers.clear()

@@ -41,6 +41,13 @@ class Session:
         """The quality the room renders at now."""
         return self.rendering or self.spec.quality
 
+    def with_progress(self, progress: Progress, now: float) -> Session:
+        """This session with newer progress (the hot path: every room, every second)."""
+        return Session(self.session_id, self.spec, self.state, self.seq, self.created_at, now,
+                       self.request_id, self.reason, self.worker_id, self.input_endpoint,
+                       progress, self.provider, self.device_type, self.load, self.units,
+                       self.step, self.rendering, self.guaranteed, self.step_changed_at)
+
     def moved(self, state: SessionState, now: float, **changes: object) -> Session:
         """This session in ``state``; raises InvalidTransition if the table forbids it."""
         if state is not self.state and state not in TRANSITIONS[self.state]:
