@@ -26,6 +26,9 @@ class SchedulerConfig:
     worker_timeout: float = field(5.0, "a worker silent this long is considered lost")
     orphan_grace: float = field(15.0, "after a restart, seconds to wait for a room's worker to return")
     list_page_size: int = field(100, "default page size of ListSessions")
+    usage_flush_interval: float = field(
+        5.0, "seconds between writes of rooms' progress and the usage ledger (workers resend "
+             "unacknowledged usage reports after a restart, and progress is cumulative)")
     tenants: dict[str, TenantConfig] = field(
         {}, "per-tenant budgets and reservations, as [tenants.NAME] tables: concurrency_units, "
             "spend_budget, spend_period_seconds, on_budget_exhausted (degrade|stop), "

@@ -175,6 +175,7 @@ class Scheduler:
         self._unit_profile: placement.WorkerProfile | None = None
         self._units_cache: dict[tuple[Quality, str], float] = {}
         self._why_cache: dict[tuple[object, ...], tuple[float, str]] = {}
+        self._next_usage_flush = 0.0
         self._unit_device = ""
         ivs, cursors = store.load_usage()
         self.ledger.load(ivs, cursors)
@@ -831,7 +832,9 @@ class Scheduler:
         self.enforce_budgets()
         self.place_pending()
         self.step_up()
-        self.flush_progress()
+        if self.clock() >= self._next_usage_flush:
+            self._next_usage_flush = self.clock() + self.config.usage_flush_interval
+            self.flush_progress()
         self.metrics.publish_costs(self.costs)
         self.metrics.fleet(self.fleet.totals())
 
