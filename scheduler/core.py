@@ -171,6 +171,7 @@ class Scheduler:
         self._batch: dict[tuple[Tier, str, str], list[float]] | None = None
         self._flushed: asyncio.Future[None] | None = None
         self._committing: asyncio.Future[None] | None = None
+        self._riders: list[asyncio.Future[None]] = []  # turns waiting for the next commit
         self._scripts: dict[str, list[ScriptSegment]] = {}  # live text rooms' scripts
         self._unit_profile: placement.WorkerProfile | None = None
         self._units_cache: dict[tuple[Quality, str], float] = {}
@@ -195,7 +196,7 @@ class Scheduler:
 
     async def durable(self) -> None:
         """Returns once everything changed so far is committed to the store."""
-        fut = self._flushed or self._committing
+        fut = self._flushed or (self._riders[-1] if self._riders else self._committing)
         if fut is not None and not fut.done():
             await asyncio.shield(fut)
         elif fut is not None and fut.exception() is not None:
@@ -213,22 +214,33 @@ class Scheduler:
 
     def _flush(self) -> None:
         """Hands this turn's writes to the store's writer thread; the turn's callers are
-        answered when that transaction is on disk (transactions commit in order)."""
+        answered when that transaction is on disk. While one commit is on its way to disk
+        the turns after it wait and go together in the next one (group commit)."""
         fut, self._flushed, self._flush_handle = self._flushed, None, None
         if fut is None:
             return
-        self._committing = fut
-        loop = fut.get_loop()
+        self._riders.append(fut)
+        if self._committing is None or self._committing.done():
+            self._commit_riders()
+
+    def _commit_riders(self) -> None:
+        riders, self._riders = self._riders, []
+        if not riders:
+            return
+        loop = riders[-1].get_loop()
+        self._committing = riders[-1]
 
         def settle(done: concurrent.futures.Future[None]) -> None:
             err = done.exception()
-            if fut.done():
-                return
             if err is not None:
                 log.error("store commit failed: %s", err)
-                fut.set_exception(err)
-            else:
-                fut.set_result(None)
+            for f in riders:
+                if not f.done():
+                    if err is not None:
+                        f.set_exception(err)
+                    else:
+                        f.set_result(None)
+            self._commit_riders()
 
         self.store.commit_async().add_done_callback(
             lambda done: loop.call_soon_threadsafe(settle, done))
@@ -793,8 +805,8 @@ class Scheduler:
                 continue
             first = name not in self._exhausted
             self._exhausted.setdefault(name, now)
-            rooms = [s for s in self.sessions.values()
-                     if s.spec.tenant == name and not s.state.terminal]
+            rooms = [self.sessions[sid] for (tenant, _), sid in self._rooms.items()
+                     if tenant == name]
             msg = (f"tenant {name!r} spent {spent:.2f} of its {t.spend_budget:.2f} spend budget "
                    f"this period")
             for s in rooms:
