@@ -420,6 +420,8 @@ def ms(x: float) -> str:
 # -- the scheduler process -------------------------------------------------------------------------
 
 def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, dict):
@@ -1296,6 +1298,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="leave the [tenants] tables out of the scheduler config")
     ap.add_argument("--no-budgets", action="store_true",
                     help="no concurrency cap / spend budget on the two SaaS vendors that get one")
+    ap.add_argument("--no-sync", action="store_true",
+                    help="scheduler with sync_to_disk = false (no fsync per commit)")
     ap.add_argument("--phases", default="burst,rate,trace", help="which phases to run (default all)")
     ap.add_argument("--seed", type=int, default=7, help="trace and fleet seed (default 7)")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (config, db, scheduler log)")
@@ -1342,7 +1346,8 @@ async def run(args: argparse.Namespace, home: Path, rep: Report, cleanup: list[A
     use_tenants = not args.no_tenants
     sched: SchedulerProcess | None = None
     for attempt in (1, 2):
-        write_config(config, home, avatar_dir, tenants if use_tenants else None, {})
+        write_config(config, home, avatar_dir, tenants if use_tenants else None,
+                     {"sync_to_disk": not args.no_sync})
         sched = SchedulerProcess(config, home / f"scheduler-{attempt}.log", args.scheduler_log_level,
                                  args.scheduler_root.resolve())
         cleanup.append(sched.stop)

@@ -15,6 +15,9 @@ class SchedulerConfig:
     metrics_port: int = field(9464, "port of the Prometheus /metrics endpoint (0: off, -1: any free port)")
     metrics_host: str = field("127.0.0.1", "address the metrics endpoint binds to")
     database: Path = field(Path("var/state/scheduler.db"), "SQLite file holding sessions")
+    sync_to_disk: bool = field(
+        True, "fsync every commit before answering (false: a scheduler crash still loses "
+              "nothing, a host crash may lose the last commits; lower latency)")
     avatar_dir: Path = field(Path("var/models/avatars"), "folder of known avatar images")
     device_prices: dict[str, float] = field(
         {"cpu": 0.10, "l4": 0.80, "h100": 4.00, "h200": 5.00},

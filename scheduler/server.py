@@ -51,7 +51,7 @@ class RunningScheduler:
 
 
 async def start(config: SchedulerConfig) -> RunningScheduler:
-    store = SqliteStore(config.database)
+    store = SqliteStore(config.database, config.sync_to_disk)
     metrics = SchedulerMetrics()
     # The metrics port first: a busy port fails before anything is serving.
     endpoint = MetricsEndpoint.start(config.metrics_port, config.metrics_host, metrics.registry)

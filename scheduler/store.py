@@ -106,12 +106,14 @@ Op = Callable[[sqlite3.Connection], None]
 
 
 class SqliteStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, sync_to_disk: bool = True) -> None:
+        """sync_to_disk=False keeps WAL commits out of fsync: a scheduler crash loses
+        nothing, a host crash may lose the last commits (workers re-register their rooms)."""
         if str(path) != ":memory:":
             path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(f"PRAGMA synchronous={'FULL' if sync_to_disk else 'NORMAL'}")
         self._db.executescript(_SCHEMA)
         have = {row[1] for row in self._db.execute("PRAGMA table_info(sessions)")}
         for column, decl in _ADDED_COLUMNS:
