@@ -177,6 +177,7 @@ class Scheduler:
         self._units_cache: dict[tuple[Quality, str], float] = {}
         self._why_cache: dict[tuple[object, ...], tuple[float, str]] = {}
         self._next_usage_flush = 0.0
+        self._capacity_changed = True
         self._unit_device = ""
         ivs, cursors = store.load_usage()
         self.ledger.load(ivs, cursors)
@@ -308,12 +309,10 @@ class Scheduler:
         if spec.drive_mode is DriveMode.TEXT:
             self._scripts[s.session_id] = list(spec.script)
         self._enqueue(s)
-        # Place now, so the answer already says where the room goes or why it waits; with
-        # others waiting, the queue decides the order.
-        if len(self.queue) == 1 or guaranteed:
-            self._try_place(self.sessions[s.session_id], {})
-        else:
-            self.kick()
+        # Place now, so the answer already says where the room goes or why it waits. Rooms
+        # already waiting did not fit as they are; when capacity frees up, the queue's
+        # order decides who gets it (`place_pending`).
+        self._try_place(self.sessions[s.session_id], {})
         return self.sessions[s.session_id]
 
     def get(self, session_id: str) -> Session:
@@ -603,6 +602,8 @@ class Scheduler:
     # -- placement ---------------------------------------------------------------
 
     def kick(self) -> None:
+        """Something may have freed capacity: the loop runs a pass over the queue."""
+        self._capacity_changed = True
         self._wake.set()
 
     def _req(self, s: Session) -> RoomReq:
@@ -629,6 +630,7 @@ class Scheduler:
 
     def place_pending(self, limit: int = 512) -> int:
         """One pass over the queue in fair order; returns the number of rooms placed."""
+        self._capacity_changed = False
         placed = 0
         failed: dict[tuple[object, ...], str] = {}
         for sid in self.queue.ordered(limit):
@@ -863,7 +865,7 @@ class Scheduler:
                 if self.clock() >= next_tick:
                     next_tick = self.clock() + self.config.heartbeat_interval
                     self.tick()
-                elif len(self.queue):
+                elif self._capacity_changed and len(self.queue):
                     self.place_pending()
             except Exception:  # the loop must survive a bad pass; the next one retries
                 log.exception("placement pass failed")
