@@ -178,6 +178,8 @@ class Scheduler:
         self._why_cache: dict[tuple[object, ...], tuple[float, str]] = {}
         self._next_usage_flush = 0.0
         self._capacity_changed = True
+        self._epoch = 0  # bumped whenever capacity may have been freed
+        self._nofit: dict[tuple[object, ...], tuple[int, str]] = {}
         self._unit_device = ""
         ivs, cursors = store.load_usage()
         self.ledger.load(ivs, cursors)
@@ -604,6 +606,7 @@ class Scheduler:
     def kick(self) -> None:
         """Something may have freed capacity: the loop runs a pass over the queue."""
         self._capacity_changed = True
+        self._epoch += 1
         self._wake.set()
 
     def _req(self, s: Session) -> RoomReq:
@@ -650,6 +653,11 @@ class Scheduler:
         if shape in failed:
             self._wait(s, failed[shape])
             return 0
+        known = self._nofit.get(shape)
+        if known is not None and known[0] == self._epoch:
+            # This shape found no room since capacity last changed: it waits, at no cost.
+            self._wait(s, known[1])
+            return 0
         room = self._req(s)
         choice = self.fleet.choose(room, self._rungs)
         if choice is not None and not self._protected_ok(s, choice.demand.compute):
@@ -665,6 +673,7 @@ class Scheduler:
                 why += "; premium rooms beyond the tenant's reservation may not take capacity " \
                        "other tenants have reserved"
             failed[shape] = why
+            self._nofit[shape] = (self._epoch, why)
             self._wait(s, why)
             return 0
         self._assign(s, choice)
@@ -841,6 +850,7 @@ class Scheduler:
                 self._to_pending(s, now, f"worker {s.worker_id} did not come back; re-placing")
 
     def tick(self) -> None:
+        self._epoch += 1  # once a second everything is looked at afresh
         self.check_heartbeats()
         self.check_orphans()
         self.enforce_budgets()
