@@ -664,7 +664,7 @@ class Fleet:
         best: tuple[tuple[int, int, float], Reclaim] | None = None
         looked = 0
         ranked = sorted(self.workers.values(),
-                        key=lambda w: -sum(1 for r in w.rooms.values() if r.tier is not Tier.PREMIUM))
+                        key=lambda w: sum(w.premium.values()) - len(w.rooms))  # most borrowers first
         for w in ranked:
             if not w.accepting or w.demand(room) is None:
                 continue
@@ -695,31 +695,49 @@ class Fleet:
         order += [Action(ActionKind.PREEMPT, r.session_id) for r in newest_first
                   if r.tier is Tier.STANDARD]
 
-        def fits(actions: Sequence[Action]) -> bool:
-            trial = w.copy()
-            for a in actions:
-                if a.kind is ActionKind.DEGRADE and a.session_id in trial.rooms:
-                    trial.remove(a.session_id)
-                    trial.add(lowered[a.session_id])
-                elif a.kind is ActionKind.PREEMPT:
-                    trial.remove(a.session_id)
+        # One trial copy of the worker, moved action by action (each room is at its own
+        # quality, its lowered one, or gone, as the set of actions taken says).
+        trial = w.copy()
+        original = dict(w.rooms)
+        status: dict[str, str] = {}
+        acts: set[tuple[ActionKind, str]] = set()
+
+        def sync(sid: str) -> None:
+            want = ("gone" if (ActionKind.PREEMPT, sid) in acts else
+                    "low" if (ActionKind.DEGRADE, sid) in acts else "orig")
+            have = status.get(sid, "orig")
+            if want == have:
+                return
+            if have != "gone":
+                trial.remove(sid)
+            if want != "gone":
+                trial.add(original[sid] if want == "orig" else lowered[sid])
+            status[sid] = want
+
+        def fits() -> bool:
             d = trial.demand(room)
             return d is not None and trial.fits(d, self.target)
 
-        if fits([]):
+        if fits():
             return []
         taken: list[Action] = []
         for a in order:
             taken.append(a)
-            if fits(taken):
+            acts.add((a.kind, a.session_id))
+            sync(a.session_id)
+            if fits():
                 break
         else:
             return None
         # Only as much as needed: drop any action the rest do without.
         for a in reversed(list(taken)):
-            rest = [x for x in taken if x is not a]
-            if fits(rest):
-                taken = rest
+            acts.discard((a.kind, a.session_id))
+            sync(a.session_id)
+            if fits():
+                taken.remove(a)
+            else:
+                acts.add((a.kind, a.session_id))
+                sync(a.session_id)
         return taken
 
     # -- views ----------------------------------------------------------------------
