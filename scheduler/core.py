@@ -790,14 +790,19 @@ class Scheduler:
             w = self.fleet.workers.get(s.worker_id)
             if up is None or w is None:
                 continue
-            trial = w.copy()
-            trial.remove(sid)
-            d = trial.demand(dataclasses.replace(self._req(s), quality=up[1], step=up[0]))
+            # Asked of the worker itself without the room, then the room put back (remove
+            # and add are exact inverses): no copy of the worker per degraded room.
+            here = w.remove(sid)
+            try:
+                d = w.demand(dataclasses.replace(self._req(s), quality=up[1], step=up[0]))
+                after = 1e9 if d is None else (w.compute_load + d.compute) / w.compute_capacity
+                if d is not None and w.cpu_capacity > 0:
+                    after = max(after, (w.cpu_load + d.cpu) / w.cpu_capacity)
+            finally:
+                if here is not None:
+                    w.add(here)
             if d is None:
                 continue
-            after = (trial.compute_load + d.compute) / trial.compute_capacity
-            if trial.cpu_capacity > 0:
-                after = max(after, (trial.cpu_load + d.cpu) / trial.cpu_capacity)
             if self.ladder.may_step_up(after, self.fleet.target, now - s.step_changed_at):
                 self._restep(s, up[0], now, "capacity returned")
                 raised += 1
