@@ -42,7 +42,6 @@ from avatarfarm.domain import (
 from scheduler import placement, tenants
 from scheduler.admission import FairQueue
 from scheduler.config import SchedulerConfig
-from scheduler.cost import CostBook, UsageDelta
 from scheduler.errors import (
     AlreadyExists,
     BudgetExceeded,
@@ -51,7 +50,8 @@ from scheduler.errors import (
     PermissionDenied,
 )
 from scheduler.ladder import Ladder
-from scheduler.ledger import Dimension, Ledger, UsageRow
+from scheduler.ledger import Dimension, UsageRow
+from scheduler.metering import Metering
 from scheduler.metrics import SchedulerMetrics
 from scheduler.placement import ActionKind, Fleet, MemoryProfile, RoomReq, WorkerState
 from scheduler.state import EventKind, InvalidTransition, Session, SessionEvent
@@ -139,11 +139,11 @@ class Scheduler:
         self.metrics = metrics or SchedulerMetrics(
             tenants=tuple(config.tenants) if config.tenant_metrics else ())
         self.clock = clock
-        self.costs = CostBook(config.price)
         self.ladder = Ladder.parse(config.degradation_ladder, config.step_up_margin,
                                    config.step_dwell)
         self.fleet = Fleet(config.utilisation_target, premium_spread=config.premium_spread)
-        self.ledger = Ledger(config.price)
+        self.metering = Metering(config.price, self.metrics, config.tenants)
+        self.ledger = self.metering.ledger
         self.queue = FairQueue()
         self.sessions: dict[str, Session] = {}
         self.workers: dict[str, WorkerConn] = {}
@@ -163,12 +163,10 @@ class Scheduler:
         self._preemptible = 0.0  # compute held by placed non-premium rooms
         self._orphans: set[str] = set()
         self._progress_dirty: dict[str, Session] = {}
-        self._spend: dict[str, tuple[float, float]] = {}  # tenant -> (period start, money)
         self._exhausted: dict[str, float] = {}  # tenant -> when its spend budget ran out
         self._avatars: tuple[float, frozenset[str]] = (-1.0, frozenset())
         self._worker_avatars: collections.Counter[str] = collections.Counter()
         self._flush_handle: asyncio.Handle | None = None
-        self._batch: dict[tuple[Tier, str, str], list[float]] | None = None
         self._flushed: asyncio.Future[None] | None = None
         self._committing: asyncio.Future[None] | None = None
         self._riders: list[asyncio.Future[None]] = []  # turns waiting for the next commit
@@ -401,15 +399,7 @@ class Scheduler:
                             self._reserved[name], pending, running)
 
     def spent(self, tenant: str, now: float) -> float:
-        t = self.config.tenants.get(tenant)
-        if t is None or t.spend_budget <= 0:
-            return 0.0
-        start = tenants.period_start(now, t.spend_period_seconds)
-        at, money = self._spend.get(tenant, (-1.0, 0.0))
-        if at != start:  # a new period, or first use since a restart: from the ledger
-            money = self.ledger.spent(tenant, start, now)
-            self._spend[tenant] = (start, money)
-        return money
+        return self.metering.spent(tenant, now)
 
     # -- worker API -------------------------------------------------------------
 
@@ -512,18 +502,10 @@ class Scheduler:
                      updates: list[tuple[str, Progress]]) -> bool:
         """A sequence-numbered batch of cumulative progress; False if it was a retry."""
         self.worker_seen(conn)
-        verdict = self.ledger.accept_report(conn.worker_id, conn.usage_epoch, seq)
-        if not verdict.apply:
-            self.metrics.usage_reports.labels("duplicate").inc()
+        if not self.metering.accept_report(conn.worker_id, conn.usage_epoch, seq).apply:
             return False
-        self.metrics.usage_reports.labels("applied").inc()
-        if verdict.lost:
-            self.metrics.usage_reports.labels("lost").inc(verdict.lost)
-            log.warning("worker %s: %d usage report(s) lost before seq %d (the next cumulative "
-                        "report carries their usage)", conn.worker_id, verdict.lost, seq)
-        self._batch = {}
         now = self.clock()
-        try:
+        with self.metering.report():
             for sid, progress in updates:
                 s = self.sessions.get(sid)
                 if s is not None and s.state is SessionState.RUNNING and \
@@ -531,11 +513,6 @@ class Scheduler:
                     self._progress(s, progress, now)  # the common case, kept lean
                 else:
                     self.worker_update(conn, sid, SessionState.RUNNING, "", progress)
-        finally:
-            batch, self._batch = self._batch, None
-            for (tier, dev, tenant), (stream, device, frames, late, money) in batch.items():
-                self.metrics.usage(UsageDelta(tier, dev, stream, device), int(frames),
-                                   int(late), self.costs, tenant, money, publish=False)
         return True
 
     def worker_update(self, conn: WorkerConn, session_id: str, state: SessionState, reason: str,
@@ -549,7 +526,7 @@ class Scheduler:
         now = self.clock()
         changes: dict[str, object] = {}
         if progress is not None:
-            self._account(s, progress)
+            self.metering.account(s, progress)
             if progress.stream_seconds >= s.progress.stream_seconds:
                 changes["progress"] = progress
         target = state if state in (SessionState.RUNNING, SessionState.ENDED,
@@ -864,7 +841,7 @@ class Scheduler:
         if self.clock() >= self._next_usage_flush:
             self._next_usage_flush = self.clock() + self.config.usage_flush_interval
             self.flush_progress()
-        self.metrics.publish_costs(self.costs)
+        self.metering.publish()
         self.metrics.fleet(self.fleet.totals())
 
     async def run(self) -> None:
@@ -902,41 +879,13 @@ class Scheduler:
 
     def _progress(self, s: Session, progress: Progress, now: float) -> None:
         """A running room's cumulative progress: usage accounted, kept in memory."""
-        self._account(s, progress)
+        self.metering.account(s, progress)
         if progress.stream_seconds >= s.progress.stream_seconds:
             s = s.with_progress(progress, now)
             self.sessions[s.session_id] = s
             self._progress_dirty[s.session_id] = s
             if s.session_id in self._watchers:
                 self._notify(SessionEvent(s))
-
-    def _account(self, s: Session, progress: Progress) -> None:
-        before = s.progress
-        stream = progress.stream_seconds - before.stream_seconds
-        device = progress.device_seconds - before.device_seconds
-        if stream <= 0 and device <= 0:
-            return  # a stale or repeated report adds nothing
-        d = UsageDelta(s.spec.tier, s.device_type or "unknown", max(0.0, stream), max(0.0, device))
-        frames = max(0, progress.frames_rendered - before.frames_rendered)
-        late = max(0, progress.late_frames - before.late_frames)
-        self.costs.add(d)
-        self.ledger.add(s.session_id, d.stream_seconds, d.device_seconds)
-        money = d.device_seconds * self.config.price(d.device_type) / 3600.0
-        tenant = s.spec.tenant
-        if tenant in self._spend:
-            at, total = self._spend[tenant]
-            self._spend[tenant] = (at, total + money)
-        if self._batch is None:
-            self.metrics.usage(d, frames, late, self.costs, tenant, money)
-            return
-        # Within one usage report, metrics are updated once per label set, not per room.
-        key = (d.tier, d.device_type, tenant if tenant in self.metrics.tenants else "")
-        acc = self._batch.setdefault(key, [0.0, 0.0, 0.0, 0.0, 0.0])
-        acc[0] += d.stream_seconds
-        acc[1] += d.device_seconds
-        acc[2] += frames
-        acc[3] += late
-        acc[4] += money
 
     def flush_progress(self) -> None:
         """Progress and the usage ledger since the last tick, in one transaction."""
