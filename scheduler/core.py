@@ -24,7 +24,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from avatarfarm.avatars import list_avatars
 from avatarfarm.domain import (
@@ -53,70 +53,21 @@ from scheduler.ladder import Ladder
 from scheduler.ledger import Dimension, UsageRow
 from scheduler.metering import Metering
 from scheduler.metrics import SchedulerMetrics
-from scheduler.placement import ActionKind, Fleet, MemoryProfile, RoomReq, WorkerState
+from scheduler.placement import ActionKind, Fleet, RoomReq, WorkerState
 from scheduler.state import EventKind, InvalidTransition, Session, SessionEvent
 from scheduler.store import Store
+from scheduler.worker_conn import (
+    AssignCmd,
+    ReconfigureCmd,
+    ReleaseCmd,
+    ScriptCmd,
+    WorkerConn,
+    WorkerResources,
+)
 
 log = logging.getLogger(__name__)
 
 _LIVE = (SessionState.PLACED, SessionState.RUNNING)
-
-
-@dataclass(frozen=True, slots=True)
-class AssignCmd:
-    session_id: str
-    spec: SessionSpec
-
-
-@dataclass(frozen=True, slots=True)
-class ReleaseCmd:
-    session_id: str
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class ScriptCmd:
-    session_id: str
-    segments: tuple[ScriptSegment, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ReconfigureCmd:
-    session_id: str
-    quality: Quality
-    step: int
-    reason: str
-
-
-WorkerCommand = AssignCmd | ReleaseCmd | ScriptCmd | ReconfigureCmd
-
-
-@dataclass(slots=True)
-class WorkerConn:
-    """A connected worker as the scheduler sees it; ``outbox`` feeds its stream."""
-
-    worker_id: str
-    device_type: str
-    provider: str
-    profile: placement.WorkerProfile
-    input_endpoint: str
-    avatars: frozenset[str]
-    connected_at: float
-    outbox: asyncio.Queue[WorkerCommand | None] = field(default_factory=asyncio.Queue)
-    last_seen: float = 0.0
-    reported_load: float = 0.0
-    latency_budget: float = 0.0
-    usage_epoch: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerResources:
-    """What a worker offers besides its latency profile (from its Register)."""
-
-    cpu_cores: int = 0
-    memory_bytes: float = 0.0
-    memory: MemoryProfile = MemoryProfile()
-    warm_avatars: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,16 +16,7 @@ from avatarfarm import convert
 from avatarfarm.domain import InvalidRequest, Quality, Stage
 from avatarfarm.v1 import sessions_pb2, sessions_pb2_grpc, types_pb2, workers_pb2, workers_pb2_grpc
 from scheduler import placement
-from scheduler.core import (
-    AssignCmd,
-    ReconfigureCmd,
-    ReleaseCmd,
-    Scheduler,
-    ScriptCmd,
-    WorkerCommand,
-    WorkerConn,
-    WorkerResources,
-)
+from scheduler.core import Scheduler
 from scheduler.errors import (
     AlreadyExists,
     BudgetExceeded,
@@ -35,6 +26,15 @@ from scheduler.errors import (
 )
 from scheduler.ledger import Dimension
 from scheduler.state import EventKind, Session
+from scheduler.worker_conn import (
+    AssignCmd,
+    ReconfigureCmd,
+    ReleaseCmd,
+    ScriptCmd,
+    WorkerCommand,
+    WorkerConn,
+    WorkerResources,
+)
 
 log = logging.getLogger(__name__)
 

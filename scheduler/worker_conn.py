@@ -1,0 +1,68 @@
+"""A connected worker as the scheduler sees it, and the commands the core sends down
+its stream (the gRPC layer turns them into SchedulerMessages)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from avatarfarm.domain import Quality, ScriptSegment, SessionSpec
+from scheduler import placement
+from scheduler.placement import MemoryProfile
+
+
+@dataclass(frozen=True, slots=True)
+class AssignCmd:
+    session_id: str
+    spec: SessionSpec
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseCmd:
+    session_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptCmd:
+    session_id: str
+    segments: tuple[ScriptSegment, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ReconfigureCmd:
+    session_id: str
+    quality: Quality
+    step: int
+    reason: str
+
+
+WorkerCommand = AssignCmd | ReleaseCmd | ScriptCmd | ReconfigureCmd
+
+
+@dataclass(slots=True)
+class WorkerConn:
+    """A connected worker as the scheduler sees it; ``outbox`` feeds its stream."""
+
+    worker_id: str
+    device_type: str
+    provider: str
+    profile: placement.WorkerProfile
+    input_endpoint: str
+    avatars: frozenset[str]
+    connected_at: float
+    outbox: asyncio.Queue[WorkerCommand | None] = field(default_factory=asyncio.Queue)
+    last_seen: float = 0.0
+    reported_load: float = 0.0
+    latency_budget: float = 0.0
+    usage_epoch: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerResources:
+    """What a worker offers besides its latency profile (from its Register)."""
+
+    cpu_cores: int = 0
+    memory_bytes: float = 0.0
+    memory: MemoryProfile = MemoryProfile()
+    warm_avatars: frozenset[str] = frozenset()
