@@ -68,6 +68,8 @@ import grpc  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from avatarfarm import client  # noqa: E402
+from avatarfarm.domain import DriveMode  # noqa: E402
+from avatarfarm.domain import Quality as DomainQuality  # noqa: E402
 from avatarfarm.v1 import (  # noqa: E402
     sessions_pb2,
     sessions_pb2_grpc,
@@ -75,6 +77,8 @@ from avatarfarm.v1 import (  # noqa: E402
     workers_pb2,
     workers_pb2_grpc,
 )
+from loadtests.packing_sim import worker_state  # noqa: E402
+from scheduler.placement import WorkerProfile  # noqa: E402
 
 DAY = 86400.0
 HOUR = 3600.0
@@ -148,34 +152,25 @@ class Tenant:
     avatars: tuple[str, ...] = ()
 
 
-# -- load model: the placement docstring's formula, from a WorkerSpec -----------------------
+# -- load model: the scheduler's own (scheduler.placement), from a WorkerSpec -------------
 
-def item_seconds(points: Sequence[tuple[int, float]], latency_budget: float) -> float:
-    """Seconds per item at the best batch whose call fits half the budget (as the scheduler)."""
-    bound = latency_budget / 2 if latency_budget > 0 else math.inf
-    fitting = [(b, s) for b, s in points if s <= bound] or [min(points)]
-    return min(s / b for b, s in fitting)
+_PROFILES: dict[str, WorkerProfile] = {}
 
 
-def stage_seconds(w: WorkerSpec, stage: str, width: int = 0, height: int = 0) -> float:
-    measured = [(k, item_seconds(v, w.latency_budget_seconds)) for k, v in w.profiles.items()
-                if k[0] == stage]
-    if stage in ("tts", "audio_to_motion"):
-        return min(s for _, s in measured)
-    px = width * height
-    (_, mw, mh), s = min(measured, key=lambda m: abs(m[0][1] * m[0][2] - px))
-    return s * px / (mw * mh)
+def profile_of(w: WorkerSpec) -> WorkerProfile:
+    """The scheduler's view of a simulated worker's profile (one per worker, cached)."""
+    p = _PROFILES.get(w.worker_id)
+    if p is None:
+        p = _PROFILES[w.worker_id] = worker_state(w).profile
+    return p
 
 
 def room_load(w: WorkerSpec, quality: Quality, drive: str) -> float:
-    """Device-seconds per second of stream:
-    fps * (render(side) + encode(w, h) + audio_to_motion [unless mocap]) + tts [text]."""
-    width, height, fps = quality
-    side = min(width, height)
-    per_frame = stage_seconds(w, "render", side, side) + stage_seconds(w, "encode", width, height)
-    if drive != "mocap":
-        per_frame += stage_seconds(w, "audio_to_motion")
-    return fps * per_frame + (stage_seconds(w, "tts") if drive == "text" else 0.0)
+    """Device-seconds per second of stream at the best batch, every stage on one device."""
+    load = profile_of(w).room_load(DomainQuality(*quality), DriveMode(drive))
+    if load is None:
+        raise ValueError(f"{w.worker_id} has not measured what {quality} {drive} rooms need")
+    return load
 
 
 def compute_units(w: WorkerSpec, quality: Quality, drive: str) -> float:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 from avatarfarm.domain import Progress, Tier
 from scheduler import tenants
-from scheduler.cost import CostBook, UsageDelta
+from scheduler.cost import CostBook, UsageDelta, usage_delta
 from scheduler.ledger import Ledger, ReportVerdict
 from scheduler.metrics import SchedulerMetrics
 from scheduler.state import Session
@@ -64,11 +64,9 @@ class Metering:
         """What a room's cumulative progress adds since its last report (never negative:
         a stale or repeated report adds nothing)."""
         before = s.progress
-        stream = progress.stream_seconds - before.stream_seconds
-        device = progress.device_seconds - before.device_seconds
-        if stream <= 0 and device <= 0:
+        d = usage_delta(s.spec.tier, s.device_type or "unknown", before, progress)
+        if d.stream_seconds <= 0 and d.device_seconds <= 0:
             return
-        d = UsageDelta(s.spec.tier, s.device_type or "unknown", max(0.0, stream), max(0.0, device))
         frames = max(0, progress.frames_rendered - before.frames_rendered)
         late = max(0, progress.late_frames - before.late_frames)
         self.costs.add(d)
