@@ -17,8 +17,9 @@ from avatarfarm.v1 import sessions_pb2_grpc, workers_pb2_grpc
 from scheduler.config import SchedulerConfig
 from scheduler.core import Scheduler
 from scheduler.metrics import SchedulerMetrics
-from scheduler.service import SessionService, WorkerService
+from scheduler.service import SessionService
 from scheduler.store import SqliteStore
+from scheduler.worker_service import WorkerService
 
 log = logging.getLogger(__name__)
 

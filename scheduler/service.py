@@ -1,11 +1,9 @@
-"""gRPC adapters around the scheduler core: the tenant SessionService and the
-worker-facing WorkerService. They validate at the edge, call the core and map
-its typed errors to precise status codes; they hold no state of their own."""
+"""gRPC adapter for tenants: the SessionService. It validates at the edge, calls
+the core and maps its typed errors to precise status codes; it holds no state of
+its own. The worker-facing stream lives in worker_service."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -13,9 +11,8 @@ from typing import Any, TypeVar
 import grpc
 
 from avatarfarm import convert
-from avatarfarm.domain import InvalidRequest, Quality, Stage
-from avatarfarm.v1 import sessions_pb2, sessions_pb2_grpc, types_pb2, workers_pb2, workers_pb2_grpc
-from scheduler import placement
+from avatarfarm.domain import InvalidRequest, Quality
+from avatarfarm.v1 import sessions_pb2, sessions_pb2_grpc, types_pb2
 from scheduler.core import Scheduler
 from scheduler.errors import (
     AlreadyExists,
@@ -26,15 +23,6 @@ from scheduler.errors import (
 )
 from scheduler.ledger import Dimension
 from scheduler.state import EventKind, Session
-from scheduler.worker_conn import (
-    AssignCmd,
-    ReconfigureCmd,
-    ReleaseCmd,
-    ScriptCmd,
-    WorkerCommand,
-    WorkerConn,
-    WorkerResources,
-)
 
 log = logging.getLogger(__name__)
 
@@ -185,112 +173,3 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
             reserved_units=t.reserved_units, reserved_units_in_use=st.reserved_in_use,
             rooms_pending=st.pending, rooms_running=st.running,
             budget_policy=t.on_budget_exhausted.value)
-
-
-def profile_from_pb(profiles: Any, latency_budget: float = 0.0) -> placement.WorkerProfile:
-    """Per-item costs from a worker's batched latency profiles (see placement.item_seconds)."""
-    costs = []
-    for p in profiles:
-        stage = convert.STAGES.get(p.stage)
-        points = [(lat.batch_size, lat.seconds) for lat in p.latencies
-                  if lat.batch_size > 0 and lat.seconds > 0]
-        if stage is None or not points:
-            continue
-        w, h = (p.width, p.height) if stage in (Stage.RENDER, Stage.ENCODE) else (0, 0)
-        costs.append(placement.StageCost.measured(stage, w, h, points, latency_budget))
-    return placement.WorkerProfile(tuple(costs))
-
-
-def command_to_pb(cmd: WorkerCommand) -> workers_pb2.SchedulerMessage:
-    match cmd:
-        case AssignCmd(sid, spec):
-            return workers_pb2.SchedulerMessage(
-                assign=workers_pb2.Assign(session_id=sid, spec=convert.spec_to_pb(spec)))
-        case ReleaseCmd(sid, reason):
-            return workers_pb2.SchedulerMessage(
-                release=workers_pb2.Release(session_id=sid, reason=reason))
-        case ScriptCmd(sid, segments):
-            return workers_pb2.SchedulerMessage(
-                script=workers_pb2.Script(session_id=sid, segments=convert.segments_to_pb(segments)))
-        case ReconfigureCmd(sid, quality, step, reason):
-            return workers_pb2.SchedulerMessage(reconfigure=workers_pb2.Reconfigure(
-                session_id=sid, quality=quality_to_pb(quality), step=step, reason=reason))
-    raise TypeError(cmd)
-
-
-class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
-    def __init__(self, core: Scheduler) -> None:
-        self.core = core
-
-    async def Connect(self, request_iterator: AsyncIterator[workers_pb2.WorkerMessage],
-                      context: grpc.aio.ServicerContext) -> AsyncIterator[workers_pb2.SchedulerMessage]:
-        timeout = self.core.config.worker_timeout
-        try:
-            first = await asyncio.wait_for(anext(request_iterator), timeout)
-        except (TimeoutError, StopAsyncIteration):
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "send Register first")
-            return
-        if first.WhichOneof("kind") != "register" or not first.register.worker_id:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                "the first message must be Register with a worker_id")
-            return
-        reg = first.register
-        mem = reg.memory
-        conn = self.core.register_worker(
-            reg.worker_id, device_type=reg.device.device_type or "unknown",
-            provider=reg.device.provider,
-            profile=profile_from_pb(reg.profiles, reg.device.latency_budget_seconds),
-            input_endpoint=reg.input_endpoint, avatars=frozenset(reg.avatars),
-            latency_budget=reg.device.latency_budget_seconds,
-            active=frozenset(reg.active_session_ids),
-            resources=WorkerResources(
-                cpu_cores=reg.device.cpu_cores, memory_bytes=float(reg.device.memory_bytes),
-                memory=placement.MemoryProfile(float(mem.models_bytes), mem.avatar_bytes_per_pixel,
-                                               mem.room_bytes_per_pixel),
-                warm_avatars=frozenset(reg.warm_avatars)),
-            usage_epoch=reg.usage_epoch)
-        await self.core.durable()
-        reader = asyncio.create_task(self._read(conn, request_iterator))
-        try:
-            yield workers_pb2.SchedulerMessage(registered=workers_pb2.Registered(
-                heartbeat_interval_seconds=self.core.config.heartbeat_interval,
-                last_usage_seq=self.core.ledger.last_seq(conn.worker_id, conn.usage_epoch)))
-            # The reader ends the outbox when the worker's side closes; the core ends it
-            # when it drops the worker (heartbeats stopped) or a newer stream replaces it.
-            reader.add_done_callback(lambda _: conn.outbox.put_nowait(None))
-            while (cmd := await conn.outbox.get()) is not None:
-                yield command_to_pb(cmd)
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
-            why = "stream closed"
-            if reader.done() and not reader.cancelled() and reader.exception() is not None:
-                why = f"stream error: {reader.exception()}"
-            self.core.worker_disconnected(conn, why)
-
-    async def _read(self, conn: WorkerConn, it: AsyncIterator[workers_pb2.WorkerMessage]) -> None:
-        # No per-message timeout: a silent worker is dropped by the core's heartbeat check,
-        # which closes this stream.
-        async for msg in it:
-            kind = msg.WhichOneof("kind")
-            if kind == "heartbeat":
-                self.core.worker_seen(conn, msg.heartbeat.load)
-            elif kind == "profile_update":
-                self.core.worker_profile_changed(
-                    conn, profile_from_pb(msg.profile_update.profiles, conn.latency_budget))
-            elif kind == "usage_report":
-                r = msg.usage_report
-                self.core.worker_usage(conn, r.seq, [
-                    (u.session_id, convert.progress_from_pb(u.progress)) for u in r.updates])
-            elif kind == "session_update":
-                u = msg.session_update
-                state = convert.STATES.get(u.state)
-                if state is None:
-                    log.warning("worker %s sent an update without a state", conn.worker_id)
-                    continue
-                self.core.worker_update(conn, u.session_id, state, u.reason,
-                                        convert.progress_from_pb(u.progress)
-                                        if u.HasField("progress") else None)
-            else:
-                log.warning("worker %s sent unexpected %s", conn.worker_id, kind)
