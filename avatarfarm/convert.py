@@ -6,7 +6,6 @@ from __future__ import annotations
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from avatarfarm.domain import (
-    LIMITS,
     DriveMode,
     InvalidRequest,
     Output,
@@ -18,11 +17,10 @@ from avatarfarm.domain import (
     SessionState,
     Stage,
     Tier,
-    validate_output,
-    validate_quality,
-    validate_script,
+    validate_id,
+    validate_spec,
 )
-from avatarfarm.v1 import types_pb2, workers_pb2
+from avatarfarm.v1 import sessions_pb2, types_pb2, workers_pb2
 
 DRIVE_MODES = {
     types_pb2.DRIVE_MODE_TEXT: DriveMode.TEXT,
@@ -54,43 +52,46 @@ _STATE_PB = {v: k for k, v in STATES.items()}
 _STAGE_PB = {v: k for k, v in STAGES.items()}
 
 
-def _check_id(name: str, value: str, *, required: bool = True) -> None:
-    if required and not value:
-        raise InvalidRequest(f"{name} is required")
-    if len(value) > LIMITS.max_id_length:
-        raise InvalidRequest(f"{name} is longer than {LIMITS.max_id_length} characters")
-    if any(not (ch.isalnum() or ch in "-_.:") for ch in value):
-        raise InvalidRequest(f"{name} {value!r} may contain only letters, digits and - _ . :")
+def _spec(pb: types_pb2.SessionSpec) -> SessionSpec:
+    """The domain spec of a message, refusing only what has no domain value at all
+    (an unknown enum, a missing quality or output)."""
+    drive = DRIVE_MODES.get(pb.drive_mode)
+    if drive is None:
+        raise InvalidRequest(f"drive_mode must be TEXT, VOICE or MOCAP, got {pb.drive_mode}")
+    # An unset tier means the default tier; a value this server does not know is a mistake.
+    tier = TIERS.get(pb.tier) if pb.tier else Tier.STANDARD
+    if tier is None:
+        raise InvalidRequest(f"unknown tier {pb.tier}")
+    if not pb.HasField("quality"):
+        raise InvalidRequest("quality (width, height, fps) is required")
+    which = pb.output.WhichOneof("target") if pb.HasField("output") else None
+    if which is None:
+        raise InvalidRequest("output is required: file_path, hls_dir or rtmp_url")
+    kind = {"file_path": OutputKind.FILE, "hls_dir": OutputKind.HLS, "rtmp_url": OutputKind.RTMP}[which]
+    return SessionSpec(pb.tenant, pb.room_id, pb.avatar_id, drive,
+                       Quality(pb.quality.width, pb.quality.height, pb.quality.fps), tier,
+                       Output(kind, getattr(pb.output, which)), pb.max_duration_seconds,
+                       tuple(segments_from_pb(pb.script)))
 
 
 def spec_from_pb(pb: types_pb2.SessionSpec) -> SessionSpec:
     """Validates and converts a tenant's SessionSpec (raises InvalidRequest)."""
-    _check_id("tenant", pb.tenant)
-    _check_id("room_id", pb.room_id)
-    _check_id("avatar_id", pb.avatar_id)
-    if pb.drive_mode not in DRIVE_MODES:
-        raise InvalidRequest("drive_mode must be TEXT, VOICE or MOCAP")
-    tier = TIERS.get(pb.tier, Tier.STANDARD) if pb.tier else Tier.STANDARD
-    if pb.tier and pb.tier not in TIERS:
-        raise InvalidRequest(f"unknown tier {pb.tier}")
-    if not pb.HasField("quality"):
-        raise InvalidRequest("quality (width, height, fps) is required")
-    quality = Quality(pb.quality.width, pb.quality.height, pb.quality.fps)
-    validate_quality(quality)
-    which = pb.output.WhichOneof("target")
-    if which is None:
-        raise InvalidRequest("output is required: file_path, hls_dir or rtmp_url")
-    kind = {"file_path": OutputKind.FILE, "hls_dir": OutputKind.HLS, "rtmp_url": OutputKind.RTMP}[which]
-    output = Output(kind, getattr(pb.output, which))
-    validate_output(output)
-    if not 0.0 <= pb.max_duration_seconds <= LIMITS.max_duration_seconds:
-        raise InvalidRequest(f"max_duration_seconds must be within 0..{LIMITS.max_duration_seconds:.0f}")
-    script = tuple(segments_from_pb(pb.script))
-    if script and DRIVE_MODES[pb.drive_mode] is not DriveMode.TEXT:
-        raise InvalidRequest("script segments are only for text-driven rooms")
-    validate_script(script)
-    return SessionSpec(pb.tenant, pb.room_id, pb.avatar_id, DRIVE_MODES[pb.drive_mode], quality, tier,
-                       output, pb.max_duration_seconds, script)
+    spec = _spec(pb)
+    validate_spec(spec)
+    return spec
+
+
+def spec_from_stored(pb: types_pb2.SessionSpec) -> SessionSpec:
+    """Converts a spec this scheduler admitted earlier, without validating it again: limits
+    may have been tightened since, and a stored session must still load."""
+    return _spec(pb)
+
+
+def create_from_pb(request: sessions_pb2.CreateSessionRequest) -> tuple[SessionSpec, str]:
+    """A CreateSession request's validated spec and idempotency key."""
+    spec = spec_from_pb(request.spec)
+    validate_id("request_id", request.request_id, required=False)
+    return spec, request.request_id
 
 
 def segments_from_pb(segments: object) -> list[ScriptSegment]:
@@ -130,12 +131,13 @@ def stage_to_pb(stage: Stage) -> workers_pb2.Stage:
 def progress_to_pb(p: Progress) -> types_pb2.SessionProgress:
     return types_pb2.SessionProgress(frames_rendered=p.frames_rendered, late_frames=p.late_frames,
                                      stream_seconds=p.stream_seconds, device_seconds=p.device_seconds,
-                                     stage_seconds=dict(p.stage_seconds))
+                                     stage_seconds=dict(p.stage_seconds),
+                                     script_segments_done=p.script_segments_done)
 
 
 def progress_from_pb(pb: types_pb2.SessionProgress) -> Progress:
     return Progress(pb.frames_rendered, pb.late_frames, pb.stream_seconds, pb.device_seconds,
-                    tuple(sorted(pb.stage_seconds.items())))
+                    tuple(sorted(pb.stage_seconds.items())), pb.script_segments_done)
 
 
 def timestamp(seconds: float) -> Timestamp:

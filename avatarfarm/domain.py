@@ -1,9 +1,19 @@
 """Values both planes share: drive modes, tiers, quality, session states and the
-limits a request is validated against. Plain Python, no gRPC."""
+limits a request is validated against. Plain Python, no gRPC.
+
+Every tenant-supplied value is checked here before anything acts on it; the
+checks are pure (no file system, no DNS), so the scheduler and the worker apply
+the same ones. Where a host may be pushed to is policy, not syntax: see
+``avatarfarm.egress``."""
 
 from __future__ import annotations
 
 import enum
+import ipaddress
+import math
+import re
+import socket
+import unicodedata
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -91,6 +101,16 @@ class Limits:
     max_script_chars: int = 20_000
     max_segments: int = 1_000
     max_id_length: int = 128
+    # 4K UHD in either orientation: a 3840x3840 frame is within the side limits but
+    # is twice the pixels any ingest takes.
+    max_pixels: int = 3840 * 2160
+    max_pause_seconds: float = 60.0
+    # File systems refuse names over 255 bytes; refusing here gives a reason instead of
+    # a room that fails when its encoder opens.
+    max_path_length: int = 1024
+    max_path_segment: int = 255
+    max_path_depth: int = 16
+    max_url_length: int = 2048
 
 
 LIMITS = Limits()
@@ -100,16 +120,45 @@ class InvalidRequest(ValueError):
     """A request that can never succeed as sent (maps to INVALID_ARGUMENT)."""
 
 
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
+
+
+def validate_id(name: str, value: str, *, required: bool = True, limits: Limits = LIMITS) -> None:
+    """Tenant, room, avatar and request ids: short ASCII names. ASCII only, because ids
+    name files (avatars), metric labels and log lines, and look-alike letters from other
+    scripts would let two tenants' ids read the same."""
+    if not value:
+        if required:
+            raise InvalidRequest(f"{name} is required")
+        return
+    if len(value) > limits.max_id_length:
+        raise InvalidRequest(f"{name} is longer than {limits.max_id_length} characters")
+    if not _ID_CHARS.issuperset(value):
+        raise InvalidRequest(f"{name} {value!r} may contain only ASCII letters, digits and - _ . :")
+    if not value.strip("."):
+        raise InvalidRequest(f"{name} {value!r} must not be only dots")
+
+
 def validate_quality(q: Quality, limits: Limits = LIMITS) -> None:
     if not (limits.min_side <= q.width <= limits.max_width and
             limits.min_side <= q.height <= limits.max_height):
         raise InvalidRequest(
-            f"resolution {q.width}x{q.height} is out of range: width and height must be between "
-            f"{limits.min_side} and {limits.max_width}")
+            f"resolution {q.width}x{q.height} is out of range: width must be within "
+            f"{limits.min_side}..{limits.max_width} and height within "
+            f"{limits.min_side}..{limits.max_height}")
+    if q.width * q.height > limits.max_pixels:
+        raise InvalidRequest(f"resolution {q.width}x{q.height} has more than {limits.max_pixels} "
+                             "pixels (3840x2160)")
     if q.width % 2 or q.height % 2:
         raise InvalidRequest(f"resolution {q.width}x{q.height} must have even width and height (H.264 4:2:0)")
     if not limits.min_fps <= q.fps <= limits.max_fps:
         raise InvalidRequest(f"fps {q.fps} is out of range {limits.min_fps}..{limits.max_fps}")
+
+
+def validate_duration(name: str, seconds: float, maximum: float) -> None:
+    """A duration in 0..maximum; NaN and infinities fail the range test too."""
+    if not (math.isfinite(seconds) and 0.0 <= seconds <= maximum):
+        raise InvalidRequest(f"{name} must be within 0..{maximum:g} seconds, got {seconds!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,21 +186,29 @@ class SessionSpec:
     script: tuple[ScriptSegment, ...] = ()
 
 
+def _has_control(text: str) -> bool:
+    # Control characters (C0, DEL, C1) and lone surrogates: TTS would read them as
+    # garbage or stop at a NUL, and logs would carry them. Newlines and tabs are text.
+    return any(unicodedata.category(ch) in ("Cc", "Cs") and ch not in "\n\t" for ch in text)
+
+
 def validate_script(segments: tuple[ScriptSegment, ...] | list[ScriptSegment],
                     limits: Limits = LIMITS) -> None:
     if len(segments) > limits.max_segments:
         raise InvalidRequest(f"{len(segments)} script segments; at most {limits.max_segments} per call")
     total = 0
     for i, seg in enumerate(segments):
+        if not (math.isfinite(seg.pause_after_seconds) and
+                0.0 <= seg.pause_after_seconds <= limits.max_pause_seconds):
+            raise InvalidRequest(f"script segment {i}: pause_after_seconds must be within "
+                                 f"0..{limits.max_pause_seconds:g}")
         if not seg.text.strip() and seg.pause_after_seconds <= 0:
             raise InvalidRequest(f"script segment {i} is empty")
-        if not 0.0 <= seg.pause_after_seconds <= 60.0:
-            raise InvalidRequest(f"script segment {i}: pause_after_seconds must be within 0..60")
-        if any(ord(ch) < 32 and ch not in "\n\t" for ch in seg.text):
+        if _has_control(seg.text):
             raise InvalidRequest(f"script segment {i} contains control characters")
         total += len(seg.text)
-    if total > limits.max_script_chars:
-        raise InvalidRequest(f"script has {total} characters; at most {limits.max_script_chars}")
+        if total > limits.max_script_chars:
+            raise InvalidRequest(f"script has more than {limits.max_script_chars} characters")
 
 
 class Stage(enum.Enum):
@@ -171,24 +228,120 @@ class Progress:
     stream_seconds: float = 0.0
     device_seconds: float = 0.0
     stage_seconds: tuple[tuple[str, float], ...] = ()
+    script_segments_done: int = 0  # text rooms: segments spoken to the end
 
 
-def validate_output_path(value: str) -> PurePosixPath:
-    """A tenant's output path must be relative to the worker's output folder, without '..'."""
-    if not value or "\x00" in value:
+_PATH_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def validate_output_path(value: str, limits: Limits = LIMITS) -> PurePosixPath:
+    """A tenant's output path: relative to the worker's output folder and unable to leave
+    it by its text alone. Segments are ASCII letters, digits, '-', '_' and '.', so there is
+    no '..', no absolute path, no '~', no backslash (a separator elsewhere), no NUL, no
+    control character and no '%' (FFmpeg's HLS muxer expands '%' patterns in the segment
+    file names it derives from the folder). Symbolic links are the worker's concern
+    (``workers.encode.OutputTarget.resolve``)."""
+    if not value:
         raise InvalidRequest("output path is empty")
-    p = PurePosixPath(value)
-    if p.is_absolute() or ".." in p.parts or value.startswith("~"):
-        raise InvalidRequest(f"output path {value!r} must be relative to the output folder, "
-                             "without '..'")
-    return p
+    if len(value) > limits.max_path_length:
+        raise InvalidRequest(f"output path is longer than {limits.max_path_length} characters")
+    parts = value.removesuffix("/").split("/")
+    if len(parts) > limits.max_path_depth:
+        raise InvalidRequest(f"output path {value!r} is more than {limits.max_path_depth} folders deep")
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise InvalidRequest(f"output path {value!r} must be relative to the output folder, "
+                                 "without empty, '.' or '..' segments")
+        if len(part) > limits.max_path_segment:
+            raise InvalidRequest(f"output path segment {part[:32]!r}... is longer than "
+                                 f"{limits.max_path_segment} characters")
+        if not _PATH_SEGMENT.fullmatch(part):
+            raise InvalidRequest(f"output path {value!r} may contain only ASCII letters, digits, "
+                                 "'-', '_', '.' and '/' between segments")
+    return PurePosixPath(*parts)
+
+
+RTMP_DEFAULT_PORTS = {"rtmp": 1935, "rtmps": 443}
+# One strict grammar for RTMP URLs, so the host this code checks is the host FFmpeg
+# connects to: no user info ('@' before the host is where URL parsers disagree), no
+# whitespace (librtmp reads options after a space), no fragment, ASCII only.
+_RTMP_URL = re.compile(
+    r"(?P<scheme>rtmps?)://"
+    r"(?P<host>[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?\.?|\[[0-9A-Fa-f:.]+(?:%25[A-Za-z0-9_.-]+)?\])"
+    r"(?::(?P<port>[0-9]{1,5}))?"
+    r"(?P<path>/[A-Za-z0-9._~!$&'()*+,;=:@/%?-]*)")
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True, slots=True)
+class RtmpUrl:
+    """An RTMP URL taken apart: the host in lower case without a trailing dot or
+    brackets, and its address when the host is an IP address in any form the system
+    resolver reads as one (``2852039166`` and ``0xa9.0xfe.0xa9.0xfe`` are 169.254.169.254)."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str
+    address: IPAddress | None
+
+
+def _ip_literal(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host.replace("%25", "%"))
+    except ValueError:
+        pass
+    if re.fullmatch(r"[0-9a-fA-FxX.]+", host):
+        try:
+            # inet_aton is the parser getaddrinfo uses for numeric hosts: decimal, octal,
+            # hex and short forms. It is pure (no lookup).
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    return None
+
+
+def parse_rtmp_url(url: str, limits: Limits = LIMITS) -> RtmpUrl:
+    if len(url) > limits.max_url_length:
+        raise InvalidRequest(f"rtmp_url is longer than {limits.max_url_length} characters")
+    m = _RTMP_URL.fullmatch(url)
+    if m is None:
+        raise InvalidRequest(
+            f"rtmp_url must be rtmp://host[:port]/app/stream_key or rtmps://... (ASCII, no user "
+            f"info, spaces or fragment), got {url[:200]!r}")
+    scheme = m["scheme"]
+    host = m["host"].lower()
+    host = host[1:-1] if host.startswith("[") else host.rstrip(".")
+    port = int(m["port"]) if m["port"] else RTMP_DEFAULT_PORTS[scheme]
+    if not 1 <= port <= 65535:
+        raise InvalidRequest(f"rtmp_url port {port} is outside 1..65535")
+    path = m["path"]
+    if not path.strip("/"):
+        raise InvalidRequest(f"rtmp_url {url[:200]!r} names no application (rtmp://host/app/key)")
+    address = _ip_literal(host)
+    if m["host"].startswith("[") and not isinstance(address, ipaddress.IPv6Address):
+        raise InvalidRequest(f"rtmp_url host {m['host']!r} is not an IPv6 address")
+    return RtmpUrl(scheme, host, port, path, address)
 
 
 def validate_output(output: Output) -> None:
     if output.kind is OutputKind.RTMP:
-        if not output.target.startswith(("rtmp://", "rtmps://")) or len(output.target) > 2048:
-            raise InvalidRequest(f"rtmp_url must be an rtmp:// or rtmps:// URL, got {output.target!r}")
+        parse_rtmp_url(output.target)
         return
     path = validate_output_path(output.target)
     if output.kind is OutputKind.FILE and path.suffix not in (".mp4", ".flv"):
         raise InvalidRequest(f"file_path must end in .mp4 or .flv, got {output.target!r}")
+
+
+def validate_spec(spec: SessionSpec, limits: Limits = LIMITS) -> None:
+    """Everything about a tenant's spec that can be checked without the scheduler's state."""
+    validate_id("tenant", spec.tenant, limits=limits)
+    validate_id("room_id", spec.room_id, limits=limits)
+    validate_id("avatar_id", spec.avatar_id, limits=limits)
+    validate_quality(spec.quality, limits)
+    validate_output(spec.output)
+    validate_duration("max_duration_seconds", spec.max_duration_seconds, limits.max_duration_seconds)
+    if spec.script and spec.drive_mode is not DriveMode.TEXT:
+        raise InvalidRequest(f"script segments are only for text-driven rooms; this room is "
+                             f"{spec.drive_mode.value}-driven (push its live input to the worker)")
+    validate_script(spec.script, limits)

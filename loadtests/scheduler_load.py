@@ -508,6 +508,7 @@ class RoomRun:
     load: float
     fps: int
     tier: str
+    epoch: int = 1
 
 
 @dataclass
@@ -616,12 +617,13 @@ class SimWorker:
         drive = {v: k for k, v in DRIVE_PB.items()}.get(a.spec.drive_mode, "text")
         tier = TIER_NAME.get(a.spec.tier, "standard")
         load = room_load(self.spec, (q.width, q.height, q.fps), drive)
-        self.rooms[a.session_id] = RoomRun(time.monotonic(), load, q.fps, tier)
+        self.rooms[a.session_id] = RoomRun(time.monotonic(), load, q.fps, tier, a.epoch)
         self.stats.assigns[tier] += 1
         rec = self.stats.records.setdefault(a.session_id, [0, 0, 0])
         rec[0] += 1
         self.outbox.put_nowait(workers_pb2.WorkerMessage(session_update=workers_pb2.SessionUpdate(
-            session_id=a.session_id, state=types_pb2.SESSION_STATE_RUNNING, reason="streaming")))
+            session_id=a.session_id, state=types_pb2.SESSION_STATE_RUNNING, reason="streaming",
+            epoch=a.epoch)))
 
     def _release(self, r: workers_pb2.Release) -> None:
         self.stats.releases += 1
@@ -633,7 +635,7 @@ class SimWorker:
         if run is not None:
             self.outbox.put_nowait(workers_pb2.WorkerMessage(session_update=workers_pb2.SessionUpdate(
                 session_id=r.session_id, state=types_pb2.SESSION_STATE_ENDED, reason=r.reason,
-                progress=self._progress(run, time.monotonic()))))
+                progress=self._progress(run, time.monotonic()), epoch=run.epoch)))
 
     async def _tick(self) -> None:
         # Workers start their clocks at random offsets, as independent machines would.
@@ -649,7 +651,7 @@ class SimWorker:
                     active_sessions=len(self.rooms), load=load)))
                 self.stats.heartbeats += 1
             updates = [workers_pb2.SessionUpdate(session_id=sid, state=types_pb2.SESSION_STATE_RUNNING,
-                                                 progress=self._progress(r, now))
+                                                 progress=self._progress(r, now), epoch=r.epoch)
                        for sid, r in self.rooms.items()]
             if self.mode[0] == "usage_report":
                 self.seq += 1

@@ -54,13 +54,14 @@ from scheduler.ledger import Dimension, UsageRow
 from scheduler.metering import Metering
 from scheduler.metrics import SchedulerMetrics
 from scheduler.placement import ActionKind, Fleet, RoomReq, WorkerState
-from scheduler.state import EventKind, InvalidTransition, Session, SessionEvent
+from scheduler.state import EventKind, InvalidTransition, Session, SessionEvent, plus
 from scheduler.store import Store
 from scheduler.worker_conn import (
     AssignCmd,
     ReconfigureCmd,
     ReleaseCmd,
     ScriptCmd,
+    UsageAckCmd,
     WorkerConn,
     WorkerResources,
 )
@@ -130,10 +131,15 @@ class Scheduler:
         self._epoch = 0  # bumped whenever capacity may have been freed
         self._nofit: dict[tuple[object, ...], tuple[int, str]] = {}
         self._unit_device = ""
+        # Assignment epochs come from one counter, so they increase per room and across
+        # rooms: an output reused by a later session is claimed by a higher epoch than
+        # any earlier writer's fence.
+        self._last_assignment = 0
         ivs, cursors = store.load_usage()
         self.ledger.load(ivs, cursors)
         for s in store.load_sessions():
             self._seq = max(self._seq, s.seq)
+            self._last_assignment = max(self._last_assignment, s.epoch)
             self._index(None, s)
             self.sessions[s.session_id] = s
             if s.state is SessionState.PENDING:
@@ -356,7 +362,7 @@ class Scheduler:
 
     def register_worker(self, worker_id: str, *, device_type: str, provider: str,
                         profile: placement.WorkerProfile, input_endpoint: str,
-                        avatars: frozenset[str], active: frozenset[str],
+                        avatars: frozenset[str], active: dict[str, int],
                         latency_budget: float = 0.0,
                         resources: WorkerResources = WorkerResources(),
                         usage_epoch: int = 0) -> WorkerConn:
@@ -379,15 +385,18 @@ class Scheduler:
             device_type=device_type, warm=resources.warm_avatars))
         self._refresh_unit_profile()
         self._why_cache.clear()
-        for sid in active:
+        confirmed: list[tuple[str, int]] = []
+        for sid, epoch in active.items():
             s = self.sessions.get(sid)
-            if s is None or s.state.terminal:
-                continue
+            if s is None or s.state.terminal or s.epoch != epoch:
+                continue  # moved (a newer assignment renders it) or over: released below
             mine = s.worker_id == worker_id
             orphaned = s.state is SessionState.PENDING and not s.worker_id
             if mine or orphaned:
-                # Still rendering here (after a scheduler restart or a dropped stream):
-                # keep it on this worker rather than start it again elsewhere.
+                # Still rendering here under its current assignment (after a scheduler
+                # restart or a dropped stream): no other worker was given this epoch, so
+                # keep it here rather than start it again elsewhere.
+                confirmed.append((sid, epoch))
                 self._orphans.discard(sid)
                 self.queue.remove(sid)
                 d = self.fleet.assign(self._req(s), worker_id)
@@ -396,14 +405,18 @@ class Scheduler:
                             provider=provider, device_type=device_type, load=d.compute,
                             reason=f"re-adopted by {worker_id}" if orphaned else s.reason)
                 self._commit(s)
-                self._open_interval(s, now)
+                if orphaned:
+                    self._open_interval(s, now)
+        kept = {sid for sid, _ in confirmed}
         for s in [x for x in self.sessions.values()
-                  if x.worker_id == worker_id and x.state in _LIVE and x.session_id not in active]:
+                  if x.worker_id == worker_id and x.state in _LIVE and x.session_id not in kept]:
             self._to_pending(s, now, f"worker {worker_id} restarted without the room")
         for sid in active:
-            s2 = self.sessions.get(sid)
-            if s2 is None or s2.state.terminal or s2.worker_id != worker_id:
-                conn.outbox.put_nowait(ReleaseCmd(sid, "not assigned to this worker"))
+            if sid not in kept:
+                self.metrics.usage_reports.labels("stale").inc()
+                conn.outbox.put_nowait(ReleaseCmd(sid, "the room was moved to another worker "
+                                                       "while this one was away"))
+        conn.confirmed = tuple(confirmed)
         log.info("worker %s registered (%s, %s) at %s", worker_id, device_type, provider,
                  input_endpoint)
         self.kick()
@@ -450,36 +463,43 @@ class Scheduler:
             conn.reported_load = load
 
     def worker_usage(self, conn: WorkerConn, seq: int,
-                     updates: list[tuple[str, Progress]]) -> bool:
-        """A sequence-numbered batch of cumulative progress; False if it was a retry."""
+                     updates: list[tuple[str, int, Progress]]) -> bool:
+        """A sequence-numbered batch of (room, assignment epoch, progress cumulative over
+        that assignment); False if it was a retry."""
         self.worker_seen(conn)
         if not self.metering.accept_report(conn.worker_id, conn.usage_epoch, seq).apply:
             return False
         now = self.clock()
         with self.metering.report():
-            for sid, progress in updates:
+            for sid, epoch, progress in updates:
                 s = self.sessions.get(sid)
                 if s is not None and s.state is SessionState.RUNNING and \
-                        s.worker_id == conn.worker_id:
+                        s.worker_id == conn.worker_id and s.epoch == epoch:
                     self._progress(s, progress, now)  # the common case, kept lean
                 else:
-                    self.worker_update(conn, sid, SessionState.RUNNING, "", progress)
+                    self.worker_update(conn, sid, epoch, SessionState.RUNNING, "", progress)
         return True
 
-    def worker_update(self, conn: WorkerConn, session_id: str, state: SessionState, reason: str,
-                      progress: Progress | None) -> None:
+    def worker_update(self, conn: WorkerConn, session_id: str, epoch: int, state: SessionState,
+                      reason: str, progress: Progress | None) -> None:
+        """A room's state (and progress, cumulative over assignment `epoch`) from its worker.
+        Refused unless the worker holds the room's current assignment: a worker the room
+        was moved away from is told to release it, and nothing it reports counts."""
         self.worker_seen(conn)
         s = self.sessions.get(session_id)
-        if s is None or s.worker_id != conn.worker_id:
-            log.warning("worker %s reported on session %s it does not hold", conn.worker_id, session_id)
+        if s is None or s.worker_id != conn.worker_id or s.epoch != epoch:
+            self.metrics.usage_reports.labels("stale").inc()
+            log.warning("worker %s reported on session %s (assignment %d) it does not hold",
+                        conn.worker_id, session_id, epoch)
             conn.outbox.put_nowait(ReleaseCmd(session_id, "not assigned to this worker"))
             return
         now = self.clock()
         changes: dict[str, object] = {}
         if progress is not None:
             self.metering.account(s, progress)
-            if progress.stream_seconds >= s.progress.stream_seconds:
-                changes["progress"] = progress
+            total = plus(s.base, progress)
+            if total.stream_seconds >= s.progress.stream_seconds:
+                changes["progress"] = total
         target = state if state in (SessionState.RUNNING, SessionState.ENDED,
                                     SessionState.FAILED) else s.state
         if s.state.terminal or (target is s.state and not reason):
@@ -645,7 +665,11 @@ class Scheduler:
         step_changed = choice.step != s.step
         rendering = None if choice.step == 0 else choice.quality
         units = self.units_of(choice.quality, s.spec.drive_mode)
+        # A new assignment: the room continues from what earlier ones delivered.
+        continuation, base = s.assignments, s.progress
+        self._last_assignment += 1
         s = s.moved(SessionState.PLACED, now, worker_id=conn.worker_id,
+                    epoch=self._last_assignment, assignments=s.assignments + 1, base=base,
                     input_endpoint=conn.input_endpoint, provider=conn.provider,
                     device_type=conn.device_type, load=choice.demand.compute,
                     step=choice.step, rendering=rendering, units=units,
@@ -659,8 +683,13 @@ class Scheduler:
         if step_changed and choice.step:
             self.metrics.degradations.labels(s.spec.tier.value, "down").inc()
         self._open_interval(s, now)
-        script = tuple(self._scripts.get(s.session_id, ()))
-        conn.outbox.put_nowait(AssignCmd(s.session_id, dataclasses.replace(s.spec, script=script)))
+        script = tuple(self._scripts.get(s.session_id, ()))[base.script_segments_done:]
+        limit = s.spec.max_duration_seconds
+        spec = dataclasses.replace(
+            s.spec, script=script,
+            max_duration_seconds=max(1e-3, limit - base.stream_seconds) if limit > 0 else 0.0)
+        conn.outbox.put_nowait(AssignCmd(s.session_id, spec, s.epoch, continuation,
+                                         base.stream_seconds))
         if rendering is not None:
             conn.outbox.put_nowait(ReconfigureCmd(s.session_id, rendering, choice.step,
                                                   "placed degraded: capacity is short"))
@@ -826,13 +855,16 @@ class Scheduler:
     def _open_interval(self, s: Session, now: float) -> None:
         self.ledger.open(s.session_id, tenant=s.spec.tenant, avatar_id=s.spec.avatar_id,
                          tier=s.spec.tier, quality=str(s.quality), worker_id=s.worker_id,
-                         device_type=s.device_type or "unknown", units=s.units, now=now)
+                         device_type=s.device_type or "unknown", units=s.units, now=now,
+                         epoch=s.epoch)
 
     def _progress(self, s: Session, progress: Progress, now: float) -> None:
-        """A running room's cumulative progress: usage accounted, kept in memory."""
+        """A running room's progress in its current assignment: usage accounted, the
+        room's total kept in memory."""
         self.metering.account(s, progress)
-        if progress.stream_seconds >= s.progress.stream_seconds:
-            s = s.with_progress(progress, now)
+        total = plus(s.base, progress)
+        if total.stream_seconds >= s.progress.stream_seconds:
+            s = s.with_progress(total, now)
             self.sessions[s.session_id] = s
             self._progress_dirty[s.session_id] = s
             if s.session_id in self._watchers:
@@ -847,6 +879,19 @@ class Scheduler:
         if ivs or cursors:
             self.store.put_usage(ivs, cursors)
         self._schedule_flush()
+        if cursors:
+            # Workers may forget their reports once the ledger holding them is on disk.
+            if self._flushed is None:
+                self._ack(cursors)
+            else:
+                self._flushed.add_done_callback(
+                    lambda f: None if f.cancelled() or f.exception() else self._ack(cursors))
+
+    def _ack(self, cursors: dict[str, tuple[int, int]]) -> None:
+        for worker_id, (epoch, seq) in cursors.items():
+            conn = self.workers.get(worker_id)
+            if conn is not None and conn.usage_epoch == epoch:
+                conn.outbox.put_nowait(UsageAckCmd(seq))
 
     def _index(self, prev: Session | None, s: Session) -> None:
         """Keep the indexes and tenant usage in step with one session's change."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from avatarfarm.domain import Progress, Tier
+from avatarfarm.domain import Tier
 
 
 def cost_per_stream_hour(device_seconds: float, stream_seconds: float, price_per_hour: float) -> float:
@@ -26,12 +26,6 @@ class UsageDelta:
     device_type: str
     stream_seconds: float
     device_seconds: float
-
-
-def usage_delta(tier: Tier, device_type: str, before: Progress, after: Progress) -> UsageDelta:
-    """What a cumulative progress report adds; never negative (a stale report adds nothing)."""
-    return UsageDelta(tier, device_type, max(0.0, after.stream_seconds - before.stream_seconds),
-                      max(0.0, after.device_seconds - before.device_seconds))
 
 
 @dataclass(slots=True)

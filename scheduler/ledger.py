@@ -9,6 +9,15 @@ sequence-numbered batches per worker run (epoch): a batch whose sequence number
 was already applied is ignored (a retry), a jump counts the batches lost in
 between (progress being cumulative, what they carried arrives with the next).
 
+Within a batch each room's progress is cumulative over its current assignment
+(the room's assignment epoch; a worker counts from zero when it takes a room).
+The interval keeps the mark: how much of that assignment's cumulative progress
+is already in the ledger. Usage is the progress beyond the mark, so a report
+applied twice, replayed after a crash of either side, or from an assignment
+that is no longer the room's current one adds nothing. The marks, intervals and
+report cursors are written in one transaction: the ledger is exactly-once on
+its own, whatever else the store holds.
+
 Reports group intervals by tenant, tier, avatar and device type; a window that
 cuts an interval takes the share of it that falls in the window.
 """
@@ -37,6 +46,9 @@ class Interval:
     end: float = 0.0  # 0: still open
     stream_seconds: float = 0.0
     device_seconds: float = 0.0
+    epoch: int = 0  # the room's assignment this interval belongs to
+    mark_stream: float = 0.0  # the assignment's cumulative progress already counted
+    mark_device: float = 0.0
 
     def share(self, start: float | None, end: float | None, now: float) -> float:
         """Fraction of this interval inside [start, end)."""
@@ -97,12 +109,18 @@ class Ledger:
         return ivs[-1] if ivs and not ivs[-1].end else None
 
     def open(self, session_id: str, *, tenant: str, avatar_id: str, tier: Tier, quality: str,
-             worker_id: str, device_type: str, units: float, now: float) -> Interval:
-        """Close the room's open interval (if any) and open one with these attributes."""
+             worker_id: str, device_type: str, units: float, now: float,
+             epoch: int = 0) -> Interval:
+        """Close the room's open interval (if any) and open one with these attributes.
+        Within one assignment (a quality change) the mark carries over."""
         self.close(session_id, now)
         ivs = self.intervals.setdefault(session_id, [])
+        last = ivs[-1] if ivs else None
+        same = last is not None and last.epoch == epoch
         iv = Interval(session_id, len(ivs), tenant, avatar_id, tier, quality, worker_id,
-                      device_type, units, now)
+                      device_type, units, now, epoch=epoch,
+                      mark_stream=last.mark_stream if same and last else 0.0,
+                      mark_device=last.mark_device if same and last else 0.0)
         ivs.append(iv)
         self.dirty[(session_id, iv.idx)] = iv
         return iv
@@ -113,16 +131,25 @@ class Ledger:
             iv.end = max(now, iv.start + 1e-6)
             self.dirty[(session_id, iv.idx)] = iv
 
-    def add(self, session_id: str, stream_seconds: float, device_seconds: float) -> Interval | None:
-        """Adds usage to the room's open interval (or its last, for a final report)."""
+    def add(self, session_id: str, epoch: int, stream_seconds: float,
+            device_seconds: float) -> tuple[float, float]:
+        """Counts an assignment's cumulative progress into the room's open interval (or
+        its last, for a final report); returns the usage it added: what lies beyond the
+        mark, nothing for a repeat or for an assignment that is not the last one."""
         ivs = self.intervals.get(session_id)
-        if not ivs or (stream_seconds <= 0 and device_seconds <= 0):
-            return None
+        if not ivs or ivs[-1].epoch != epoch:
+            return 0.0, 0.0
         iv = ivs[-1]
-        iv.stream_seconds += stream_seconds
-        iv.device_seconds += device_seconds
+        ds = max(0.0, stream_seconds - iv.mark_stream)
+        dd = max(0.0, device_seconds - iv.mark_device)
+        if ds <= 0 and dd <= 0:
+            return 0.0, 0.0
+        iv.mark_stream = max(iv.mark_stream, stream_seconds)
+        iv.mark_device = max(iv.mark_device, device_seconds)
+        iv.stream_seconds += ds
+        iv.device_seconds += dd
         self.dirty[(session_id, iv.idx)] = iv
-        return iv
+        return ds, dd
 
     def accept_report(self, worker_id: str, epoch: int, seq: int) -> ReportVerdict:
         last_epoch, last_seq = self.cursors.get(worker_id, (epoch, 0))

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 from avatarfarm.domain import Progress, Tier
 from scheduler import tenants
-from scheduler.cost import CostBook, UsageDelta, usage_delta
+from scheduler.cost import CostBook, UsageDelta
 from scheduler.ledger import Ledger, ReportVerdict
 from scheduler.metrics import SchedulerMetrics
 from scheduler.state import Session
@@ -61,16 +61,18 @@ class Metering:
                                    int(late), self.costs, tenant, money, publish=False)
 
     def account(self, s: Session, progress: Progress) -> None:
-        """What a room's cumulative progress adds since its last report (never negative:
-        a stale or repeated report adds nothing)."""
-        before = s.progress
-        d = usage_delta(s.spec.tier, s.device_type or "unknown", before, progress)
-        if d.stream_seconds <= 0 and d.device_seconds <= 0:
+        """Counts a room's progress, cumulative over its current assignment (s.epoch):
+        what lies beyond the ledger's mark for that assignment, never negative, nothing
+        for a repeated or stale report."""
+        ds, dd = self.ledger.add(s.session_id, s.epoch, progress.stream_seconds,
+                                 progress.device_seconds)
+        if ds <= 0 and dd <= 0:
             return
-        frames = max(0, progress.frames_rendered - before.frames_rendered)
-        late = max(0, progress.late_frames - before.late_frames)
+        d = UsageDelta(s.spec.tier, s.device_type or "unknown", ds, dd)
+        before = s.progress
+        frames = max(0, s.base.frames_rendered + progress.frames_rendered - before.frames_rendered)
+        late = max(0, s.base.late_frames + progress.late_frames - before.late_frames)
         self.costs.add(d)
-        self.ledger.add(s.session_id, d.stream_seconds, d.device_seconds)
         money = d.device_seconds * self.price(d.device_type) / 3600.0
         tenant = s.spec.tenant
         if tenant in self._spend:

@@ -35,6 +35,13 @@ class Session:
     rendering: Quality | None = None  # None: spec.quality
     guaranteed: bool = False  # premium within its tenant's reservation
     step_changed_at: float = 0.0
+    # The current assignment: increases with every placement. Worker reports name it,
+    # and outputs are fenced by it, so a worker the room was moved away from can
+    # neither bill for it nor write into its output.
+    epoch: int = 0
+    # What earlier assignments delivered; workers count from zero on each assignment.
+    base: Progress = Progress()
+    assignments: int = 0  # placements so far (a resumed room's output continues)
 
     @property
     def quality(self) -> Quality:
@@ -46,13 +53,26 @@ class Session:
         return Session(self.session_id, self.spec, self.state, self.seq, self.created_at, now,
                        self.request_id, self.reason, self.worker_id, self.input_endpoint,
                        progress, self.provider, self.device_type, self.load, self.units,
-                       self.step, self.rendering, self.guaranteed, self.step_changed_at)
+                       self.step, self.rendering, self.guaranteed, self.step_changed_at,
+                       self.epoch, self.base, self.assignments)
 
     def moved(self, state: SessionState, now: float, **changes: object) -> Session:
         """This session in ``state``; raises InvalidTransition if the table forbids it."""
         if state is not self.state and state not in TRANSITIONS[self.state]:
             raise InvalidTransition(f"session {self.session_id}: {self.state.value} -> {state.value}")
         return dataclasses.replace(self, state=state, updated_at=now, **changes)  # type: ignore[arg-type]
+
+
+def plus(a: Progress, b: Progress) -> Progress:
+    """Progress of two stretches of one room's stream, one after the other. Latest-value
+    fields (none today besides the counters) would take b's."""
+    stages = dict(a.stage_seconds)
+    for k, v in b.stage_seconds:
+        stages[k] = stages.get(k, 0.0) + v
+    return Progress(a.frames_rendered + b.frames_rendered, a.late_frames + b.late_frames,
+                    a.stream_seconds + b.stream_seconds, a.device_seconds + b.device_seconds,
+                    tuple(sorted(stages.items())),
+                    a.script_segments_done + b.script_segments_done)
 
 
 class EventKind(enum.Enum):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from avatarfarm import convert
-from avatarfarm.domain import Quality, ScriptSegment, SessionState, Tier
+from avatarfarm.domain import Progress, Quality, ScriptSegment, SessionState, Tier
 from avatarfarm.v1 import types_pb2
 from scheduler.ledger import Interval
 from scheduler.state import Session
@@ -61,7 +61,10 @@ CREATE TABLE IF NOT EXISTS sessions (
     step INTEGER NOT NULL DEFAULT 0,
     rendering TEXT NOT NULL DEFAULT '',
     guaranteed INTEGER NOT NULL DEFAULT 0,
-    step_changed_at REAL NOT NULL DEFAULT 0
+    step_changed_at REAL NOT NULL DEFAULT 0,
+    epoch INTEGER NOT NULL DEFAULT 0,
+    base BLOB NOT NULL DEFAULT x'',
+    assignments INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS sessions_request
     ON sessions (tenant, request_id) WHERE request_id != '';
@@ -79,6 +82,9 @@ CREATE TABLE IF NOT EXISTS usage_intervals (
     "end" REAL NOT NULL,
     stream_seconds REAL NOT NULL,
     device_seconds REAL NOT NULL,
+    epoch INTEGER NOT NULL DEFAULT 0,
+    mark_stream REAL NOT NULL DEFAULT 0,
+    mark_device REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (session_id, idx)
 );
 CREATE TABLE IF NOT EXISTS usage_cursors (
@@ -99,8 +105,12 @@ CREATE TABLE IF NOT EXISTS script_segments (
 _ADDED_COLUMNS = (("units", "REAL NOT NULL DEFAULT 0"), ("step", "INTEGER NOT NULL DEFAULT 0"),
                   ("rendering", "TEXT NOT NULL DEFAULT ''"),
                   ("guaranteed", "INTEGER NOT NULL DEFAULT 0"),
-                  ("step_changed_at", "REAL NOT NULL DEFAULT 0"))
+                  ("step_changed_at", "REAL NOT NULL DEFAULT 0"),
+                  ("epoch", "INTEGER NOT NULL DEFAULT 0"), ("base", "BLOB NOT NULL DEFAULT x''"),
+                  ("assignments", "INTEGER NOT NULL DEFAULT 0"))
 
+_ADDED_USAGE = (("epoch", "INTEGER NOT NULL DEFAULT 0"), ("mark_stream", "REAL NOT NULL DEFAULT 0"),
+                ("mark_device", "REAL NOT NULL DEFAULT 0"))
 
 Op = Callable[[sqlite3.Connection], None]
 
@@ -115,10 +125,11 @@ class SqliteStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'FULL' if sync_to_disk else 'NORMAL'}")
         self._db.executescript(_SCHEMA)
-        have = {row[1] for row in self._db.execute("PRAGMA table_info(sessions)")}
-        for column, decl in _ADDED_COLUMNS:
-            if column not in have:  # a database from before the column existed
-                self._db.execute(f"ALTER TABLE sessions ADD COLUMN {column} {decl}")
+        for table, added in (("sessions", _ADDED_COLUMNS), ("usage_intervals", _ADDED_USAGE)):
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for column, decl in added:
+                if column not in have:  # a database from before the column existed
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
         self._ops: list[Op] = []
         self._known: set[str] = set()
         # One lock for the connection: the writer thread's transactions and the few
@@ -158,17 +169,20 @@ class SqliteStore:
             rows = self._db.execute(
                 "SELECT session_id, seq, request_id, spec, state, reason, worker_id,"
                 " input_endpoint, created_at, updated_at, progress, provider, device_type, load,"
-                " units, step, rendering, guaranteed, step_changed_at FROM sessions"
+                " units, step, rendering, guaranteed, step_changed_at, epoch, base,"
+                " assignments FROM sessions"
                 " ORDER BY seq").fetchall()
         out = []
         for (sid, seq, rid, spec, state, reason, worker, endpoint, created, updated, progress,
-             provider, device_type, load, units, step, rendering, guaranteed, changed) in rows:
+             provider, device_type, load, units, step, rendering, guaranteed, changed, epoch,
+             base, assignments) in rows:
             spec_pb = types_pb2.SessionSpec.FromString(spec)
             prog = convert.progress_from_pb(types_pb2.SessionProgress.FromString(progress))
             self._known.add(sid)
             out.append(Session(sid, convert.spec_from_pb(spec_pb), SessionState(state), seq, created,
                                updated, rid, reason, worker, endpoint, prog, provider, device_type,
-                               load, units, step, _quality(rendering), bool(guaranteed), changed))
+                               load, units, step, _quality(rendering), bool(guaranteed), changed,
+                               epoch, _progress(base), assignments))
         return out
 
     def put_session(self, s: Session) -> None:
@@ -185,22 +199,27 @@ class SqliteStore:
                 db.executemany(
                     "UPDATE sessions SET state=?, reason=?, worker_id=?, input_endpoint=?,"
                     " updated_at=?, progress=?, provider=?, device_type=?, load=?, units=?,"
-                    " step=?, rendering=?, guaranteed=?, step_changed_at=? WHERE session_id=?",
+                    " step=?, rendering=?, guaranteed=?, step_changed_at=?, epoch=?, base=?,"
+                    " assignments=?"
+                    " WHERE session_id=?",
                     [(s.state.value, s.reason, s.worker_id, s.input_endpoint, s.updated_at,
                       convert.progress_to_pb(s.progress).SerializeToString(), s.provider,
                       s.device_type, s.load, s.units, s.step,
                       str(s.rendering) if s.rendering else "", int(s.guaranteed),
-                      s.step_changed_at, s.session_id) for s in updates])
+                      s.step_changed_at, s.epoch, _progress_blob(s.base), s.assignments,
+                      s.session_id)
+                     for s in updates])
             if inserts:
                 db.executemany(
-                    "INSERT OR REPLACE INTO sessions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "INSERT OR REPLACE INTO sessions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     [(s.session_id, s.seq, s.spec.tenant, s.request_id,
                       convert.spec_to_pb(s.spec).SerializeToString(), s.state.value, s.reason,
                       s.worker_id, s.input_endpoint, s.created_at, s.updated_at,
                       convert.progress_to_pb(s.progress).SerializeToString(), s.provider,
                       s.device_type, s.load, s.units, s.step,
                       str(s.rendering) if s.rendering else "", int(s.guaranteed),
-                      s.step_changed_at) for s in inserts])
+                      s.step_changed_at, s.epoch, _progress_blob(s.base), s.assignments)
+                     for s in inserts])
 
         self._queue(op)
 
@@ -209,23 +228,24 @@ class SqliteStore:
         with self._lock:
             rows = self._db.execute(
                 'SELECT session_id, idx, tenant, avatar_id, tier, quality, worker_id,'
-                ' device_type, units, start, "end", stream_seconds, device_seconds'
-                ' FROM usage_intervals').fetchall()
+                ' device_type, units, start, "end", stream_seconds, device_seconds, epoch,'
+                ' mark_stream, mark_device FROM usage_intervals').fetchall()
             cursors = {w: (e, q) for w, e, q in
                        self._db.execute("SELECT worker_id, epoch, seq FROM usage_cursors")}
         ivs = [Interval(sid, idx, tenant, avatar, Tier(tier), quality, worker, dev, units, start,
-                        end, stream, device)
+                        end, stream, device, epoch, mark_s, mark_d)
                for (sid, idx, tenant, avatar, tier, quality, worker, dev, units, start, end, stream,
-                    device) in rows]
+                    device, epoch, mark_s, mark_d) in rows]
         return ivs, cursors
 
     def put_usage(self, intervals: list[Interval], cursors: dict[str, tuple[int, int]]) -> None:
         rows = [(i.session_id, i.idx, i.tenant, i.avatar_id, i.tier.value, i.quality, i.worker_id,
-                 i.device_type, i.units, i.start, i.end, i.stream_seconds, i.device_seconds)
+                 i.device_type, i.units, i.start, i.end, i.stream_seconds, i.device_seconds,
+                 i.epoch, i.mark_stream, i.mark_device)
                 for i in intervals]  # a snapshot: the intervals change after this call
 
         def op(db: sqlite3.Connection) -> None:
-            db.executemany("INSERT OR REPLACE INTO usage_intervals VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            db.executemany("INSERT OR REPLACE INTO usage_intervals VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                            rows)
             db.executemany("INSERT OR REPLACE INTO usage_cursors VALUES (?,?,?)",
                            [(w, e, q) for w, (e, q) in cursors.items()])
@@ -274,3 +294,13 @@ def _quality(text: str) -> Quality | None:
     return Quality(int(w), int(h), int(fps))
 
 
+
+
+def _progress(blob: bytes) -> Progress:
+    return convert.progress_from_pb(types_pb2.SessionProgress.FromString(blob or b""))
+
+
+def _progress_blob(p: Progress) -> bytes:
+    if p == Progress():
+        return b""
+    return convert.progress_to_pb(p).SerializeToString()

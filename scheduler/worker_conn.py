@@ -14,7 +14,10 @@ from scheduler.placement import MemoryProfile
 @dataclass(frozen=True, slots=True)
 class AssignCmd:
     session_id: str
-    spec: SessionSpec
+    spec: SessionSpec  # script: the segments still to speak; duration: what is left
+    epoch: int = 1
+    continuation: int = 0  # earlier assignments of the room (its output continues)
+    resumed_at: float = 0.0  # stream seconds the output already holds
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +40,12 @@ class ReconfigureCmd:
     reason: str
 
 
-WorkerCommand = AssignCmd | ReleaseCmd | ScriptCmd | ReconfigureCmd
+@dataclass(frozen=True, slots=True)
+class UsageAckCmd:
+    seq: int  # every usage report up to seq is durable in the ledger
+
+
+WorkerCommand = AssignCmd | ReleaseCmd | ScriptCmd | ReconfigureCmd | UsageAckCmd
 
 
 @dataclass(slots=True)
@@ -56,6 +64,9 @@ class WorkerConn:
     reported_load: float = 0.0
     latency_budget: float = 0.0
     usage_epoch: int = 0
+    # Its reported active rooms the scheduler kept (session id, epoch): the worker
+    # stops the others without writing more output.
+    confirmed: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from scheduler.worker_conn import (
     ReconfigureCmd,
     ReleaseCmd,
     ScriptCmd,
+    UsageAckCmd,
     WorkerCommand,
     WorkerConn,
     WorkerResources,
@@ -47,9 +48,10 @@ def profile_from_pb(profiles: Any, latency_budget: float = 0.0) -> placement.Wor
 
 def command_to_pb(cmd: WorkerCommand) -> workers_pb2.SchedulerMessage:
     match cmd:
-        case AssignCmd(sid, spec):
-            return workers_pb2.SchedulerMessage(
-                assign=workers_pb2.Assign(session_id=sid, spec=convert.spec_to_pb(spec)))
+        case AssignCmd(sid, spec, epoch, continuation, resumed_at):
+            return workers_pb2.SchedulerMessage(assign=workers_pb2.Assign(
+                session_id=sid, spec=convert.spec_to_pb(spec), epoch=epoch,
+                continuation=continuation, resumed_at_seconds=resumed_at))
         case ReleaseCmd(sid, reason):
             return workers_pb2.SchedulerMessage(
                 release=workers_pb2.Release(session_id=sid, reason=reason))
@@ -59,6 +61,8 @@ def command_to_pb(cmd: WorkerCommand) -> workers_pb2.SchedulerMessage:
         case ReconfigureCmd(sid, quality, step, reason):
             return workers_pb2.SchedulerMessage(reconfigure=workers_pb2.Reconfigure(
                 session_id=sid, quality=quality_to_pb(quality), step=step, reason=reason))
+        case UsageAckCmd(seq):
+            return workers_pb2.SchedulerMessage(usage_ack=workers_pb2.UsageAck(seq=seq))
     raise TypeError(cmd)
 
 
@@ -86,7 +90,7 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
             profile=profile_from_pb(reg.profiles, reg.device.latency_budget_seconds),
             input_endpoint=reg.input_endpoint, avatars=frozenset(reg.avatars),
             latency_budget=reg.device.latency_budget_seconds,
-            active=frozenset(reg.active_session_ids),
+            active={r.session_id: r.epoch for r in reg.active_rooms},
             resources=WorkerResources(
                 cpu_cores=reg.device.cpu_cores, memory_bytes=float(reg.device.memory_bytes),
                 memory=placement.MemoryProfile(float(mem.models_bytes), mem.avatar_bytes_per_pixel,
@@ -98,7 +102,10 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
         try:
             yield workers_pb2.SchedulerMessage(registered=workers_pb2.Registered(
                 heartbeat_interval_seconds=self.core.config.heartbeat_interval,
-                last_usage_seq=self.core.ledger.last_seq(conn.worker_id, conn.usage_epoch)))
+                last_usage_seq=self.core.ledger.last_seq(conn.worker_id, conn.usage_epoch),
+                worker_timeout_seconds=self.core.config.worker_timeout,
+                confirmed_rooms=[workers_pb2.ActiveRoom(session_id=sid, epoch=epoch)
+                                 for sid, epoch in conn.confirmed]))
             # The reader ends the outbox when the worker's side closes; the core ends it
             # when it drops the worker (heartbeats stopped) or a newer stream replaces it.
             reader.add_done_callback(lambda _: conn.outbox.put_nowait(None))
@@ -126,14 +133,15 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
             elif kind == "usage_report":
                 r = msg.usage_report
                 self.core.worker_usage(conn, r.seq, [
-                    (u.session_id, convert.progress_from_pb(u.progress)) for u in r.updates])
+                    (u.session_id, u.epoch, convert.progress_from_pb(u.progress))
+                    for u in r.updates])
             elif kind == "session_update":
                 u = msg.session_update
                 state = convert.STATES.get(u.state)
                 if state is None:
                     log.warning("worker %s sent an update without a state", conn.worker_id)
                     continue
-                self.core.worker_update(conn, u.session_id, state, u.reason,
+                self.core.worker_update(conn, u.session_id, u.epoch, state, u.reason,
                                         convert.progress_from_pb(u.progress)
                                         if u.HasField("progress") else None)
             else:

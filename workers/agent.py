@@ -2,14 +2,21 @@
 
 One bidirectional stream, re-established with backoff when it breaks. Rooms
 keep rendering while the scheduler is away; on reconnect the worker registers
-again with the rooms it still renders, and re-sends final states the scheduler
-may not have heard.
+again with the rooms it still renders and the assignment epoch of each, and
+the scheduler answers with those it keeps here: the others were moved while
+this worker was away and stop without writing more output.
 
-Progress goes as one numbered `UsageReport` per interval for all running rooms;
-state changes (running, ended, failed) go as single `SessionUpdate`s. The last
-reports are held, and on reconnect those after the scheduler's `last_usage_seq`
-are sent again first. The numbering counts within a usage epoch, one per
-process, so a restarted worker is told apart from a resumed one.
+Progress goes as one numbered `UsageReport` per interval for all running rooms,
+each room's progress cumulative over its assignment; a room's final state goes
+in a numbered report of its own. Reports are held until the scheduler
+acknowledges them as durable (`UsageAck`), and on reconnect those after its
+`last_usage_seq` are sent again first. The numbering counts within a usage
+epoch, one per process, so a restarted worker is told apart from a resumed one.
+Other state changes (placed, running) go as single `SessionUpdate`s.
+
+A worker that stalled past the scheduler's worker timeout (its rooms notice,
+see `Room`) holds their output and registers again at once, so the scheduler
+says which rooms are still its own before another frame is written.
 """
 
 from __future__ import annotations
@@ -59,9 +66,14 @@ class WorkerAgent:
                  sync_interval: float = 10.0, encoder: EncoderSettings = EncoderSettings(),
                  metrics: WorkerMetrics | None = None, progress_interval: float = 1.0,
                  cpu_cores: int = 0, memory_bytes: int = 0, usage_epoch: int | None = None,
-                 usage_history: int = 16) -> None:
+                 usage_history: int = 600,
+                 scheduler_credentials: grpc.ChannelCredentials | None = None,
+                 scheduler_token_file: Path | None = None) -> None:
         self.worker_id = worker_id
         self.scheduler_address = scheduler_address
+        # TLS to the scheduler (None: plain) and this worker's token, re-read when it changes.
+        self.scheduler_credentials = scheduler_credentials
+        self.scheduler_token_file = scheduler_token_file
         self.pipeline = pipeline
         self.profiles = profiles
         self.input_endpoint = input_endpoint
@@ -77,7 +89,6 @@ class WorkerAgent:
         self.metrics = metrics or WorkerMetrics()
         self.progress_interval = progress_interval
         self.rooms: dict[str, Room] = {}
-        self._finals: dict[str, workers_pb2.SessionUpdate] = {}
         self._outbox: asyncio.Queue[workers_pb2.WorkerMessage] | None = None
         self._reported: dict[str, tuple[int, int, dict[str, float]]] = {}
         self._engine_reported: dict[BatchKey, KeyStats] = {}
@@ -89,6 +100,9 @@ class WorkerAgent:
             maxlen=usage_history)
         self.connected = asyncio.Event()
         self.heartbeat_interval = 1.0
+        self.worker_timeout = 5.0  # the scheduler's; it says so when the worker registers
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._resync = False  # the link is being restarted on purpose (after a stall)
         self.metrics.info.labels(pipeline.provider, device_type).set(1)
 
     # -- rooms
@@ -98,23 +112,33 @@ class WorkerAgent:
 
     def _assign(self, msg: workers_pb2.Assign) -> None:
         sid = msg.session_id
-        if sid in self.rooms:
-            return  # a repeated assignment after a reconnect
+        old = self.rooms.get(sid)
+        if old is not None:
+            if old.epoch == msg.epoch:
+                return  # a repeated assignment after a reconnect
+            # Moved away and back: the old run is not the current assignment.
+            old.abandon(f"superseded by assignment {msg.epoch}")
+            self.rooms.pop(sid, None)
         try:
             spec = convert.spec_from_pb(msg.spec)
             target = OutputTarget.resolve(spec.output.kind, spec.output.target, self.output_dir)
         except (InvalidRequest, OutputError) as e:
-            self._send_update(sid, types_pb2.SESSION_STATE_FAILED, f"bad assignment: {e}", None)
+            self._report([self._update_pb(sid, types_pb2.SESSION_STATE_FAILED,
+                                          f"bad assignment: {e}", None, msg.epoch)])
             return
         room = Room(sid, spec, target, self.pipeline, pacing=self.pacing,
                     latency_budget_seconds=self.latency_budget,
                     output_margin_seconds=self.output_margin, encoder=self.encoder,
                     on_change=self._room_changed, on_sync=self._room_synced,
-                    sync_interval_seconds=self.sync_interval)
+                    sync_interval_seconds=self.sync_interval, epoch=msg.epoch,
+                    continuation=msg.continuation, stall_seconds=self.worker_timeout,
+                    on_stall=self._room_stalled)
         self.rooms[sid] = room
         room.start()
-        log.info("room %s (%s, %s, %s) started -> %s", sid, spec.room_id, spec.drive_mode.value,
-                 spec.quality, target.location)
+        log.info("room %s (%s, %s, %s) started -> %s%s", sid, spec.room_id,
+                 spec.drive_mode.value, spec.quality, target.location,
+                 f" (assignment {msg.epoch}, resumed at {msg.resumed_at_seconds:.1f}s)"
+                 if msg.continuation else "")
         self._update_room_gauge()
 
     def _reconfigure(self, msg: workers_pb2.Reconfigure) -> None:
@@ -134,13 +158,19 @@ class WorkerAgent:
     def _room_changed(self, room: Room) -> None:
         state = _ROOM_STATE_PB[room.state]
         self._account(room)
-        update = self._send_update(room.session_id, state, room.reason, room)
-        if room.state in (RoomState.ENDED, RoomState.FAILED):
-            self._finals[room.session_id] = update
-            self.rooms.pop(room.session_id, None)
+        final = room.state in (RoomState.ENDED, RoomState.FAILED)
+        if room.superseded:
+            pass  # moved elsewhere: nothing it says counts any more
+        elif final:
+            self._report([self._update_pb(room.session_id, state, room.reason, room)])
+        else:
+            self._send_update(room.session_id, state, room.reason, room)
+        if final:
+            if self.rooms.get(room.session_id) is room:
+                self.rooms.pop(room.session_id, None)
             self._reported.pop(room.session_id, None)
             self._corrections.pop(room.session_id, None)
-            if room.state is RoomState.FAILED:
+            if room.state is RoomState.FAILED and not room.superseded:
                 self.metrics.failures.labels(room.spec.tier.value).inc()
             self._account_engine()
             log.info("room %s %s: %s", room.session_id, room.state.value, room.reason)
@@ -162,11 +192,12 @@ class WorkerAgent:
             stream_seconds=st.stream_seconds,
             device_seconds=st.device_seconds, stage_seconds=dict(st.stage_seconds),
             av_offset_seconds=st.av_offset_seconds, av_correction_seconds=st.av_correction_seconds,
-            sync_checks=st.sync_checks)
+            sync_checks=st.sync_checks, script_segments_done=room.script.segments_done)
 
-    def _update_pb(self, sid: str, state: int, reason: str,
-                   room: Room | None) -> workers_pb2.SessionUpdate:
-        update = workers_pb2.SessionUpdate(session_id=sid, state=state, reason=reason)  # type: ignore[arg-type]
+    def _update_pb(self, sid: str, state: int, reason: str, room: Room | None,
+                   epoch: int = 0) -> workers_pb2.SessionUpdate:
+        update = workers_pb2.SessionUpdate(session_id=sid, state=state, reason=reason,  # type: ignore[arg-type]
+                                           epoch=room.epoch if room is not None else epoch)
         if room is not None:
             update.progress.CopyFrom(self._progress_pb(room))
         return update
@@ -248,7 +279,8 @@ class WorkerAgent:
             models=self.pipeline.model_names,
             profiles=[profile_to_pb(p) for p in self.profiles],
             input_endpoint=self.input_endpoint,
-            active_session_ids=list(self.rooms),
+            active_rooms=[workers_pb2.ActiveRoom(session_id=sid, epoch=r.epoch)
+                          for sid, r in self.rooms.items() if not r.superseded],
             avatars=self.pipeline.folder.avatar_ids(),
             memory=workers_pb2.MemoryProfile(
                 models_bytes=self.pipeline.models_bytes,
@@ -261,16 +293,55 @@ class WorkerAgent:
         """The next numbered report of every running room's progress (None: no room runs)."""
         updates = []
         for room in list(self.rooms.values()):
-            if room.state is RoomState.RUNNING:
+            if room.state is RoomState.RUNNING and not room.superseded:
                 self._account(room)
                 updates.append(self._update_pb(room.session_id, types_pb2.SESSION_STATE_RUNNING,
                                                "", room))
         if not updates:
             return None
+        return self._numbered(updates)
+
+    def _numbered(self, updates: list[workers_pb2.SessionUpdate]) -> workers_pb2.UsageReport:
+        """The next report in this epoch's numbering, held until acknowledged."""
         self._usage_seq += 1
         report = workers_pb2.UsageReport(seq=self._usage_seq, updates=updates)
         self._usage_held.append(report)
         return report
+
+    def _report(self, updates: list[workers_pb2.SessionUpdate]) -> None:
+        """A numbered report now (a room's final state): sent if connected, resent on
+        reconnect until the scheduler has it durably."""
+        report = self._numbered(updates)
+        if self._outbox is not None:
+            self._outbox.put_nowait(workers_pb2.WorkerMessage(usage_report=report))
+
+    def _acknowledged(self, seq: int) -> None:
+        while self._usage_held and self._usage_held[0].seq <= seq:
+            self._usage_held.popleft()
+
+    def _room_stalled(self, room: Room, behind: float) -> None:
+        """The worker stalled long enough for the scheduler to have moved its rooms: hold
+        every room's output and register again, so the scheduler says which are ours."""
+        for r in self.rooms.values():
+            r.hold()
+        if self._call is not None and not self._resync:
+            log.warning("stalled %.1fs (past the scheduler's %.1fs worker timeout): rooms "
+                        "held until the scheduler confirms them", behind, self.worker_timeout)
+            self._resync = True
+            self._call.cancel()
+
+    def _confirm(self, confirmed: dict[str, int]) -> None:
+        """After registering: rooms the scheduler kept go on; the others were moved while
+        this worker was away and stop without writing another frame."""
+        for sid, room in list(self.rooms.items()):
+            if confirmed.get(sid) == room.epoch:
+                if room.held:
+                    log.info("room %s confirmed (assignment %d): output resumes", sid, room.epoch)
+                room.release_hold()
+            else:
+                log.warning("room %s (assignment %d) was moved while this worker was away; "
+                            "stopping it", sid, room.epoch)
+                room.abandon("moved to another worker while this one was away")
 
     def _unapplied_reports(self, last_applied: int) -> list[workers_pb2.UsageReport]:
         """Held reports the scheduler has not applied, oldest first."""
@@ -279,14 +350,8 @@ class WorkerAgent:
     async def _outgoing(self, outbox: asyncio.Queue[workers_pb2.WorkerMessage]
                         ) -> AsyncIterator[workers_pb2.WorkerMessage]:
         yield self._register()
-        for sid, update in list(self._finals.items()):
-            yield workers_pb2.WorkerMessage(session_update=update)
-            self._finals.pop(sid, None)
         while True:
-            msg = await outbox.get()
-            yield msg
-            if msg.WhichOneof("kind") == "session_update":
-                self._finals.pop(msg.session_update.session_id, None)
+            yield await outbox.get()
 
     async def _tick(self, outbox: asyncio.Queue[workers_pb2.WorkerMessage]) -> None:
         while True:
@@ -312,14 +377,20 @@ class WorkerAgent:
         stub = workers_pb2_grpc.WorkerServiceStub(channel)
         outbox: asyncio.Queue[workers_pb2.WorkerMessage] = asyncio.Queue()
         call = stub.Connect(self._outgoing(outbox))
+        self._call = call
         ticker: asyncio.Task[None] | None = None
         try:
             async for msg in call:
                 kind = msg.WhichOneof("kind")
                 if kind == "registered":
-                    self.heartbeat_interval = msg.registered.heartbeat_interval_seconds or 1.0
+                    reg = msg.registered
+                    self.heartbeat_interval = reg.heartbeat_interval_seconds or 1.0
+                    self.worker_timeout = reg.worker_timeout_seconds or self.worker_timeout
+                    for r in self.rooms.values():
+                        r.stall_seconds = self.worker_timeout
+                    self._confirm({r.session_id: r.epoch for r in reg.confirmed_rooms})
                     # Before anything new: reports sent on a lost link, or never sent.
-                    for report in self._unapplied_reports(msg.registered.last_usage_seq):
+                    for report in self._unapplied_reports(reg.last_usage_seq):
                         outbox.put_nowait(workers_pb2.WorkerMessage(usage_report=report))
                     self._outbox = outbox
                     ticker = asyncio.create_task(self._tick(outbox))
@@ -338,7 +409,10 @@ class WorkerAgent:
                         room.append_script(convert.segments_from_pb(msg.script.segments))
                 elif kind == "reconfigure":
                     self._reconfigure(msg.reconfigure)
+                elif kind == "usage_ack":
+                    self._acknowledged(msg.usage_ack.seq)
         finally:
+            self._call = None
             self._outbox = None
             self.connected.clear()
             if ticker is not None:
@@ -347,16 +421,33 @@ class WorkerAgent:
 
     async def run(self) -> None:
         """Keeps the scheduler link up until cancelled."""
+        from avatarfarm import client
+
         backoff = 0.2
-        async with grpc.aio.insecure_channel(self.scheduler_address) as channel:
+        token = client.TokenFile(self.scheduler_token_file) if self.scheduler_token_file else None
+        async with client.channel(self.scheduler_address, credentials=self.scheduler_credentials,
+                                  metadata=token) as channel:
             while True:
                 try:
                     await self._session(channel)
                     backoff = 0.2
                     log.warning("scheduler closed the stream; reconnecting")
                 except grpc.aio.AioRpcError as e:
-                    log.warning("scheduler link down (%s: %s); retrying in %.1fs", e.code().name,
-                                e.details(), backoff)
+                    # A refused credential is the operator's to fix; keep trying meanwhile,
+                    # so a renewed token or certificate takes effect without a restart.
+                    refused = e.code() in (grpc.StatusCode.UNAUTHENTICATED,
+                                           grpc.StatusCode.PERMISSION_DENIED)
+                    log.log(logging.ERROR if refused else logging.WARNING,
+                            "scheduler %s (%s: %s); retrying in %.1fs",
+                            "refused this worker" if refused else "link down", e.code().name,
+                            e.details(), backoff)
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if not self._resync or (task is not None and task.cancelling()):
+                        raise  # the agent itself is being cancelled
+                    self._resync = False
+                    backoff = 0.2
+                    continue  # re-register at once
                 await asyncio.sleep(backoff * (1 + random.random() / 4))
                 backoff = min(backoff * 2, 5.0)
 

@@ -23,6 +23,15 @@ thread, so the output's frame size never changes) and frames come at the new
 rate. Each frame carries the rate it was made at; stream time, audio per frame
 and the encoder's timestamps all count its 1/fps, so the stream's duration stays
 exact across a change.
+
+Failover. A room runs under an assignment epoch from the scheduler; its
+output is fenced by it (see workers.encode), and when the room resumes on
+another worker its output continues (continuation > 0). A room that finds
+itself behind real time by more than `stall_seconds` (the scheduler's worker
+timeout: the process was frozen or starved long enough for the scheduler to
+move its rooms) skips ahead, and holds its output, writing nothing, until the
+worker has re-registered and the scheduler has confirmed the room is still its
+own (`release_hold`) or has moved it (`abandon`).
 """
 
 from __future__ import annotations
@@ -56,6 +65,7 @@ from workers.encode import (
     EncoderThread,
     OutputTarget,
     StreamEncoder,
+    Superseded,
 )
 from workers.engine import DeadlineMissed
 from workers.motion import IdleAnimator, compose
@@ -146,7 +156,9 @@ class Room:
                  on_sync: Callable[[Room, SyncEstimate | None], None] = lambda room, est: None,
                  clock: Callable[[], float] = time.monotonic, seed: int | None = None,
                  live_input_wait: float = 10.0, sync_interval_seconds: float = 10.0,
-                 video_lag_frames: int = 0) -> None:
+                 video_lag_frames: int = 0, epoch: int = 0, continuation: int = 0,
+                 stall_seconds: float = math.inf,
+                 on_stall: Callable[[Room, float], None] = lambda room, behind: None) -> None:
         self.session_id = session_id
         self.spec = spec
         self.target = target
@@ -164,6 +176,12 @@ class Room:
         self.video_lag_frames = video_lag_frames
         self.state = RoomState.STARTING
         self.reason = ""
+        self.epoch = epoch
+        self.continuation = continuation
+        self.stall_seconds = stall_seconds
+        self.on_stall = on_stall
+        self.held = False  # output suspended until the scheduler confirms the room
+        self.superseded = False  # moved to another worker: ends without writing more
         self.stats = RoomStats()
         q = spec.quality
         # The quality in force: the producer reads it once per frame, so a reconfiguration
@@ -205,6 +223,30 @@ class Room:
         if self._stop_reason is None:
             self._stop_reason = reason
             self._stopped.set()
+
+    def hold(self) -> None:
+        """Write nothing more to the output until `release_hold` (frames made meanwhile
+        are dropped, not counted and not billed)."""
+        self.held = True
+
+    def release_hold(self) -> None:
+        self.held = False
+
+    def abandon(self, reason: str) -> None:
+        """The room was moved to another worker: stop without writing another frame."""
+        self.superseded = True
+        self.held = True
+        self.stop(reason)
+
+    def _stalled(self, behind: float) -> None:
+        if not self.held:
+            log.warning("room %s: %.1fs behind real time (the worker stalled); holding its "
+                        "output until the scheduler confirms it", self.session_id, behind)
+            self.held = True
+            try:
+                self.on_stall(self, behind)
+            except Exception:  # a reporting problem must not kill the stream
+                log.exception("room %s: stall callback failed", self.session_id)
 
     def append_script(self, segments: list[ScriptSegment]) -> None:
         self.script.append(segments)
@@ -248,7 +290,8 @@ class Room:
         try:
             avatar = await self._portrait(q.render_side)
             self._encoder = EncoderThread(
-                StreamEncoder(self.target, q.width, q.height, q.fps, self.encoder_settings),
+                StreamEncoder(self.target, q.width, q.height, q.fps, self.encoder_settings,
+                              epoch=self.epoch, continuation=self.continuation),
                 prepare=lambda frame: to_canvas(frame, q.width, q.height, q.render_side))
             await self._frames(avatar)
         except asyncio.CancelledError:
@@ -322,6 +365,12 @@ class Room:
             assert avatar is not None and render_reserve is not None
             if self.pacing is Pacing.REALTIME:
                 release = t0 + float(t)
+                behind = self.clock() - release
+                if behind > self.stall_seconds:
+                    # A live stream does not replay the time it missed: skip ahead.
+                    t0 += behind
+                    release = t0 + float(t)
+                    self._stalled(behind)
                 deadline = release + self.latency_budget - self.output_margin
                 wait = release - self.clock()
                 if wait > 0:
@@ -376,7 +425,16 @@ class Room:
                 self._rate_changed(fps)
             if enc.error is not None:
                 f.task.cancel()
-                raise OutputFailed(self.target, enc.error)
+                if isinstance(enc.error, Superseded):
+                    self.superseded = True  # another worker took the room's output over
+                    self._stop_reason = self._stop_reason or str(enc.error)
+                    return
+                raise OutputFailed(enc.encoder.location, enc.error)
+            if f.deadline != math.inf and self.clock() - f.deadline > self.stall_seconds:
+                self._stalled(self.clock() - f.deadline)
+            if self.held:
+                f.task.cancel()
+                continue
             frame = await self._settle(f)
             if frame is None:
                 self.stats.late_frames += 1
@@ -462,10 +520,13 @@ class Room:
         enc = self._encoder
         if enc is None:
             return
-        await asyncio.to_thread(enc.close)
+        # A room that moved ends its part of the output open: the next worker continues it.
+        await asyncio.to_thread(enc.close, end_output=not self.superseded)
         self.stats.stage_seconds["encode"] = enc.encode_seconds
-        if enc.error is not None and self.state is not RoomState.FAILED:
-            self._set(RoomState.FAILED, str(OutputFailed(self.target, enc.error)))
+        if isinstance(enc.error, Superseded):
+            self.superseded = True
+        elif enc.error is not None and self.state is not RoomState.FAILED:
+            self._set(RoomState.FAILED, str(OutputFailed(enc.encoder.location, enc.error)))
 
     def _set(self, state: RoomState, reason: str) -> None:
         if self.state in (RoomState.ENDED, RoomState.FAILED):
@@ -478,6 +539,5 @@ class Room:
 
 
 class OutputFailed(RuntimeError):
-    def __init__(self, target: OutputTarget, cause: BaseException) -> None:
-        super().__init__(f"output {target.kind.value} {target.location} failed: "
-                         f"{type(cause).__name__}: {cause}")
+    def __init__(self, location: str, cause: BaseException) -> None:
+        super().__init__(f"output {location} failed: {type(cause).__name__}: {cause}")

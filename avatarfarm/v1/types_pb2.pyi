@@ -98,7 +98,7 @@ class SessionSpec(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., room_id: _Optional[str] = ..., avatar_id: _Optional[str] = ..., drive_mode: _Optional[_Union[DriveMode, str]] = ..., quality: _Optional[_Union[Quality, _Mapping]] = ..., tier: _Optional[_Union[Tier, str]] = ..., output: _Optional[_Union[Output, _Mapping]] = ..., max_duration_seconds: _Optional[float] = ..., script: _Optional[_Iterable[_Union[ScriptSegment, _Mapping]]] = ...) -> None: ...
 
 class SessionProgress(_message.Message):
-    __slots__ = ("frames_rendered", "late_frames", "stream_seconds", "device_seconds", "stage_seconds", "av_offset_seconds", "av_correction_seconds", "sync_checks")
+    __slots__ = ("frames_rendered", "late_frames", "stream_seconds", "device_seconds", "stage_seconds", "av_offset_seconds", "av_correction_seconds", "sync_checks", "script_segments_done")
     class StageSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,7 @@ class SessionProgress(_message.Message):
     AV_OFFSET_SECONDS_FIELD_NUMBER: _ClassVar[int]
     AV_CORRECTION_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SYNC_CHECKS_FIELD_NUMBER: _ClassVar[int]
+    SCRIPT_SEGMENTS_DONE_FIELD_NUMBER: _ClassVar[int]
     frames_rendered: int
     late_frames: int
     stream_seconds: float
@@ -122,7 +123,8 @@ class SessionProgress(_message.Message):
     av_offset_seconds: float
     av_correction_seconds: float
     sync_checks: int
-    def __init__(self, frames_rendered: _Optional[int] = ..., late_frames: _Optional[int] = ..., stream_seconds: _Optional[float] = ..., device_seconds: _Optional[float] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., av_offset_seconds: _Optional[float] = ..., av_correction_seconds: _Optional[float] = ..., sync_checks: _Optional[int] = ...) -> None: ...
+    script_segments_done: int
+    def __init__(self, frames_rendered: _Optional[int] = ..., late_frames: _Optional[int] = ..., stream_seconds: _Optional[float] = ..., device_seconds: _Optional[float] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., av_offset_seconds: _Optional[float] = ..., av_correction_seconds: _Optional[float] = ..., sync_checks: _Optional[int] = ..., script_segments_done: _Optional[int] = ...) -> None: ...
 
 class Session(_message.Message):
     __slots__ = ("session_id", "spec", "state", "reason", "worker_id", "input_endpoint", "created_at", "updated_at", "progress", "provider", "device_type", "rendering", "degradation_step", "compute_units", "queue_position")

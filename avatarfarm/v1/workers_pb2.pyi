@@ -78,28 +78,36 @@ class ProfileUpdate(_message.Message):
     def __init__(self, profiles: _Optional[_Iterable[_Union[LatencyProfile, _Mapping]]] = ...) -> None: ...
 
 class Register(_message.Message):
-    __slots__ = ("worker_id", "device", "models", "profiles", "input_endpoint", "active_session_ids", "avatars", "memory", "warm_avatars", "usage_epoch")
+    __slots__ = ("worker_id", "device", "models", "profiles", "input_endpoint", "avatars", "memory", "warm_avatars", "usage_epoch", "active_rooms")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     PROFILES_FIELD_NUMBER: _ClassVar[int]
     INPUT_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
-    ACTIVE_SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
     AVATARS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     WARM_AVATARS_FIELD_NUMBER: _ClassVar[int]
     USAGE_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_ROOMS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     device: Device
     models: _containers.RepeatedScalarFieldContainer[str]
     profiles: _containers.RepeatedCompositeFieldContainer[LatencyProfile]
     input_endpoint: str
-    active_session_ids: _containers.RepeatedScalarFieldContainer[str]
     avatars: _containers.RepeatedScalarFieldContainer[str]
     memory: MemoryProfile
     warm_avatars: _containers.RepeatedScalarFieldContainer[str]
     usage_epoch: int
-    def __init__(self, worker_id: _Optional[str] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., models: _Optional[_Iterable[str]] = ..., profiles: _Optional[_Iterable[_Union[LatencyProfile, _Mapping]]] = ..., input_endpoint: _Optional[str] = ..., active_session_ids: _Optional[_Iterable[str]] = ..., avatars: _Optional[_Iterable[str]] = ..., memory: _Optional[_Union[MemoryProfile, _Mapping]] = ..., warm_avatars: _Optional[_Iterable[str]] = ..., usage_epoch: _Optional[int] = ...) -> None: ...
+    active_rooms: _containers.RepeatedCompositeFieldContainer[ActiveRoom]
+    def __init__(self, worker_id: _Optional[str] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., models: _Optional[_Iterable[str]] = ..., profiles: _Optional[_Iterable[_Union[LatencyProfile, _Mapping]]] = ..., input_endpoint: _Optional[str] = ..., avatars: _Optional[_Iterable[str]] = ..., memory: _Optional[_Union[MemoryProfile, _Mapping]] = ..., warm_avatars: _Optional[_Iterable[str]] = ..., usage_epoch: _Optional[int] = ..., active_rooms: _Optional[_Iterable[_Union[ActiveRoom, _Mapping]]] = ...) -> None: ...
+
+class ActiveRoom(_message.Message):
+    __slots__ = ("session_id", "epoch")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    epoch: int
+    def __init__(self, session_id: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("active_sessions", "load")
@@ -110,16 +118,18 @@ class Heartbeat(_message.Message):
     def __init__(self, active_sessions: _Optional[int] = ..., load: _Optional[float] = ...) -> None: ...
 
 class SessionUpdate(_message.Message):
-    __slots__ = ("session_id", "state", "reason", "progress")
+    __slots__ = ("session_id", "state", "reason", "progress", "epoch")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     state: _types_pb2.SessionState
     reason: str
     progress: _types_pb2.SessionProgress
-    def __init__(self, session_id: _Optional[str] = ..., state: _Optional[_Union[_types_pb2.SessionState, str]] = ..., reason: _Optional[str] = ..., progress: _Optional[_Union[_types_pb2.SessionProgress, _Mapping]] = ...) -> None: ...
+    epoch: int
+    def __init__(self, session_id: _Optional[str] = ..., state: _Optional[_Union[_types_pb2.SessionState, str]] = ..., reason: _Optional[str] = ..., progress: _Optional[_Union[_types_pb2.SessionProgress, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class UsageReport(_message.Message):
     __slots__ = ("seq", "updates")
@@ -144,20 +154,36 @@ class WorkerMessage(_message.Message):
     def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., session_update: _Optional[_Union[SessionUpdate, _Mapping]] = ..., profile_update: _Optional[_Union[ProfileUpdate, _Mapping]] = ..., usage_report: _Optional[_Union[UsageReport, _Mapping]] = ...) -> None: ...
 
 class Registered(_message.Message):
-    __slots__ = ("heartbeat_interval_seconds", "last_usage_seq")
+    __slots__ = ("heartbeat_interval_seconds", "last_usage_seq", "worker_timeout_seconds", "confirmed_rooms")
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LAST_USAGE_SEQ_FIELD_NUMBER: _ClassVar[int]
+    WORKER_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CONFIRMED_ROOMS_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_seconds: float
     last_usage_seq: int
-    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ..., last_usage_seq: _Optional[int] = ...) -> None: ...
+    worker_timeout_seconds: float
+    confirmed_rooms: _containers.RepeatedCompositeFieldContainer[ActiveRoom]
+    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ..., last_usage_seq: _Optional[int] = ..., worker_timeout_seconds: _Optional[float] = ..., confirmed_rooms: _Optional[_Iterable[_Union[ActiveRoom, _Mapping]]] = ...) -> None: ...
+
+class UsageAck(_message.Message):
+    __slots__ = ("seq",)
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    def __init__(self, seq: _Optional[int] = ...) -> None: ...
 
 class Assign(_message.Message):
-    __slots__ = ("session_id", "spec")
+    __slots__ = ("session_id", "spec", "epoch", "continuation", "resumed_at_seconds")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CONTINUATION_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_AT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     spec: _types_pb2.SessionSpec
-    def __init__(self, session_id: _Optional[str] = ..., spec: _Optional[_Union[_types_pb2.SessionSpec, _Mapping]] = ...) -> None: ...
+    epoch: int
+    continuation: int
+    resumed_at_seconds: float
+    def __init__(self, session_id: _Optional[str] = ..., spec: _Optional[_Union[_types_pb2.SessionSpec, _Mapping]] = ..., epoch: _Optional[int] = ..., continuation: _Optional[int] = ..., resumed_at_seconds: _Optional[float] = ...) -> None: ...
 
 class Release(_message.Message):
     __slots__ = ("session_id", "reason")
@@ -188,15 +214,17 @@ class Reconfigure(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., quality: _Optional[_Union[_types_pb2.Quality, _Mapping]] = ..., step: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class SchedulerMessage(_message.Message):
-    __slots__ = ("registered", "assign", "release", "script", "reconfigure")
+    __slots__ = ("registered", "assign", "release", "script", "reconfigure", "usage_ack")
     REGISTERED_FIELD_NUMBER: _ClassVar[int]
     ASSIGN_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     SCRIPT_FIELD_NUMBER: _ClassVar[int]
     RECONFIGURE_FIELD_NUMBER: _ClassVar[int]
+    USAGE_ACK_FIELD_NUMBER: _ClassVar[int]
     registered: Registered
     assign: Assign
     release: Release
     script: Script
     reconfigure: Reconfigure
-    def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., assign: _Optional[_Union[Assign, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., script: _Optional[_Union[Script, _Mapping]] = ..., reconfigure: _Optional[_Union[Reconfigure, _Mapping]] = ...) -> None: ...
+    usage_ack: UsageAck
+    def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., assign: _Optional[_Union[Assign, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., script: _Optional[_Union[Script, _Mapping]] = ..., reconfigure: _Optional[_Union[Reconfigure, _Mapping]] = ..., usage_ack: _Optional[_Union[UsageAck, _Mapping]] = ...) -> None: ...

@@ -49,7 +49,7 @@ def make_core(tmp: Path) -> tuple[Scheduler, Clock]:
     for i in range(3):
         core.register_worker(f"w{i}", device_type="h200", provider="CUDAExecutionProvider",
                              profile=prof, input_endpoint=f"w{i}:1",
-                             avatars=frozenset({"presenter"}), active=frozenset(),
+                             avatars=frozenset({"presenter"}), active={},
                              resources=WorkerResources(cpu_cores=2))
     return core, clock
 

@@ -117,15 +117,15 @@ def test_the_ledger_keeps_intervals_and_reports_by_tenant_tier_and_avatar() -> N
     led = _ledger()
     led.open("s1", tenant="acme", avatar_id="anna", tier=Tier.PREMIUM, quality="1280x720@30",
              worker_id="w1", device_type="h200", units=2.0, now=0)
-    led.add("s1", 1800, 360)
+    led.add("s1", 0, 1800, 360)  # progress is cumulative over the assignment
     # Degraded at t=1800: the next interval carries the lower quality.
     led.open("s1", tenant="acme", avatar_id="anna", tier=Tier.PREMIUM, quality="960x540@25",
              worker_id="w1", device_type="h200", units=1.0, now=1800)
-    led.add("s1", 1800, 180)
+    led.add("s1", 0, 3600, 540)
     led.close("s1", 3600)
     led.open("s2", tenant="shop", avatar_id="bob", tier=Tier.STANDARD, quality="512x512@25",
              worker_id="w2", device_type="l4", units=1.0, now=0)
-    led.add("s2", 3600, 3600)
+    led.add("s2", 0, 3600, 3600)
     led.close("s2", 3600)
     rows = {r.tenant: r for r in led.report(3600, group_by=(Dimension.TENANT,))}
     assert rows["acme"].stream_seconds == pytest.approx(3600)

@@ -57,9 +57,10 @@ class ProtocolWorker:
     """Speaks the worker protocol over a real stream, rendering nothing."""
 
     def __init__(self, channel: grpc.aio.Channel, worker_id: str, render_seconds: float = 0.004,
-                 active: tuple[str, ...] = ()) -> None:
+                 active: tuple[tuple[str, int], ...] = ()) -> None:
         self.worker_id = worker_id
         self.active = active
+        self.epochs: dict[str, int] = dict(active)  # session -> assignment it renders under
         self.outbox: asyncio.Queue[workers_pb2.WorkerMessage | None] = asyncio.Queue()
         self.inbox: asyncio.Queue[workers_pb2.SchedulerMessage] = asyncio.Queue()
         self.render_seconds = render_seconds
@@ -71,7 +72,8 @@ class ProtocolWorker:
             return workers_pb2.LatencyProfile(stage=stage, width=w, height=h,  # type: ignore[arg-type]
                                               latencies=[workers_pb2.BatchLatency(batch_size=1, seconds=s)])
         return workers_pb2.WorkerMessage(register=workers_pb2.Register(
-            worker_id=self.worker_id, input_endpoint="127.0.0.1:1", active_session_ids=self.active,
+            worker_id=self.worker_id, input_endpoint="127.0.0.1:1",
+            active_rooms=[workers_pb2.ActiveRoom(session_id=sid, epoch=e) for sid, e in self.active],
             usage_epoch=1,
             device=workers_pb2.Device(provider="CPUExecutionProvider", device_type="cpu",
                                       latency_budget_seconds=0.2),
@@ -87,6 +89,8 @@ class ProtocolWorker:
 
     async def _read(self) -> None:
         async for msg in self._call:
+            if msg.WhichOneof("kind") == "assign":
+                self.epochs[msg.assign.session_id] = msg.assign.epoch
             await self.inbox.put(msg)
 
     async def next(self, kind: str) -> workers_pb2.SchedulerMessage:
@@ -99,14 +103,14 @@ class ProtocolWorker:
         """One numbered usage report: (session, frames so far, device seconds so far) per room."""
         self.outbox.put_nowait(workers_pb2.WorkerMessage(usage_report=workers_pb2.UsageReport(
             seq=seq, updates=[workers_pb2.SessionUpdate(
-                session_id=sid, state=types_pb2.SESSION_STATE_RUNNING,
+                session_id=sid, state=types_pb2.SESSION_STATE_RUNNING, epoch=self.epochs.get(sid, 1),
                 progress=types_pb2.SessionProgress(frames_rendered=frames, stream_seconds=frames / 25,
                                                    device_seconds=device))
                 for sid, frames, device in rooms])))
 
     def report(self, sid: str, state: int, frames: int = 0, device: float = 0.0, reason: str = "") -> None:
         self.outbox.put_nowait(workers_pb2.WorkerMessage(session_update=workers_pb2.SessionUpdate(
-            session_id=sid, state=state, reason=reason,  # type: ignore[arg-type]
+            session_id=sid, state=state, reason=reason, epoch=self.epochs.get(sid, 1),  # type: ignore[arg-type]
             progress=types_pb2.SessionProgress(frames_rendered=frames, stream_seconds=frames / 25,
                                                device_seconds=device))))
 
@@ -376,7 +380,7 @@ def test_a_worker_that_reconnects_keeps_the_rooms_it_still_renders(tmp_path: Pat
             await w1.next("assign")
             await w1.close()  # the stream drops; the worker keeps rendering
             await client.wait_for(stub, s.session_id, lambda x: x.state == types_pb2.SESSION_STATE_PENDING, 10)
-            back = ProtocolWorker(ch, "w1", active=(s.session_id, "stale-session"))
+            back = ProtocolWorker(ch, "w1", active=((s.session_id, 1), ("stale-session", 1)))
             released = await back.next("release")  # a room it should not hold is released
             assert released.release.session_id == "stale-session"
             adopted = await client.wait_for(stub, s.session_id,

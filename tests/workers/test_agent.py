@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 
 from avatarfarm import convert
-from avatarfarm.domain import Quality
+from avatarfarm.domain import Output, OutputKind, Quality
 from avatarfarm.v1 import types_pb2, workers_pb2, workers_pb2_grpc
 from tests.builders import make_spec
 from workers.agent import WorkerAgent
@@ -32,6 +32,8 @@ class RecordingScheduler(workers_pb2_grpc.WorkerServiceServicer):
         self.streams: list[list[workers_pb2.WorkerMessage]] = []
         self.commands: asyncio.Queue[workers_pb2.SchedulerMessage | None] = asyncio.Queue()
         self.last_usage_seq = 0
+        self.confirm: dict[str, int] = {}  # rooms the next Registered keeps on the worker
+        self.worker_timeout = 5.0
 
     async def Connect(self, request_iterator: AsyncIterator[workers_pb2.WorkerMessage],
                       context: grpc.aio.ServicerContext[object, object]
@@ -46,7 +48,10 @@ class RecordingScheduler(workers_pb2_grpc.WorkerServiceServicer):
         reader = asyncio.create_task(read())
         try:
             yield workers_pb2.SchedulerMessage(registered=workers_pb2.Registered(
-                heartbeat_interval_seconds=0.05, last_usage_seq=self.last_usage_seq))
+                heartbeat_interval_seconds=0.05, last_usage_seq=self.last_usage_seq,
+                worker_timeout_seconds=self.worker_timeout,
+                confirmed_rooms=[workers_pb2.ActiveRoom(session_id=sid, epoch=e)
+                                 for sid, e in self.confirm.items()]))
             while (cmd := await self.commands.get()) is not None:
                 yield cmd
         finally:
@@ -93,14 +98,15 @@ def test_agent_registers_reports_usage_and_reconfigures_live(pipeline: Pipeline,
 
             spec = make_spec("r", quality=Quality(256, 256, 25), seconds=0.0)
             fake.commands.put_nowait(workers_pb2.SchedulerMessage(
-                assign=workers_pb2.Assign(session_id="s1", spec=convert.spec_to_pb(spec))))
+                assign=workers_pb2.Assign(session_id="s1", spec=convert.spec_to_pb(spec),
+                                          epoch=7)))
             await until(lambda: len(fake.of(0, "usage_report")) >= 4)
             first = fake.of(0, "session_update")
             assert [u.session_update.state for u in first] == [types_pb2.SESSION_STATE_RUNNING]
             reports = [m.usage_report for m in fake.of(0, "usage_report")]
             assert [r.seq for r in reports] == list(range(1, len(reports) + 1))
             assert all([u.session_id for u in r.updates] == ["s1"] for r in reports)
-            assert all(u.state == types_pb2.SESSION_STATE_RUNNING
+            assert all(u.state == types_pb2.SESSION_STATE_RUNNING and u.epoch == 7
                        for r in reports for u in r.updates)
             frames = [r.updates[0].progress.frames_rendered for r in reports]
             assert frames == sorted(frames) and frames[-1] > 0
@@ -127,24 +133,88 @@ def test_agent_registers_reports_usage_and_reconfigures_live(pipeline: Pipeline,
             # The link breaks; the scheduler had applied up to seq 2: the worker resends the
             # reports after it, in order, before new ones, in the same epoch.
             fake.last_usage_seq = 2
+            fake.confirm = {"s1": 7}
             sent_before = {r.seq: r for r in reports}
             fake.commands.put_nowait(None)
             await until(lambda: len(fake.of(1, "usage_report")) >= 3)
             reg2 = fake.of(1, "register")[0].register
             assert reg2.usage_epoch == reg.usage_epoch
-            assert list(reg2.active_session_ids) == ["s1"]
+            assert [(r.session_id, r.epoch) for r in reg2.active_rooms] == [("s1", 7)]
             assert "presenter" in reg2.warm_avatars
             again = [m.usage_report for m in fake.of(1, "usage_report")]
             seqs = [r.seq for r in again]
             assert seqs[0] == 3 and seqs == list(range(3, 3 + len(seqs)))
             assert all(r == sent_before[r.seq] for r in again if r.seq in sent_before)
             assert room.rendering == Quality(192, 192, 12)  # the room kept streaming, degraded
+            assert not room.held and agent.rooms["s1"] is room  # confirmed: it goes on
+
+            # Acknowledged reports are forgotten; the others are still held for resending.
+            last = again[-1].seq
+            fake.commands.put_nowait(workers_pb2.SchedulerMessage(
+                usage_ack=workers_pb2.UsageAck(seq=last)))
+            await until(lambda: not agent._unapplied_reports(0)
+                        or agent._unapplied_reports(0)[0].seq > last)
 
             fake.commands.put_nowait(workers_pb2.SchedulerMessage(
                 release=workers_pb2.Release(session_id="s1", reason="done")))
-            await until(lambda: any(m.session_update.state == types_pb2.SESSION_STATE_ENDED
-                                    for m in fake.of(1, "session_update")))
+            # The final state goes in a numbered report (held until acknowledged).
+            await until(lambda: any(u.state == types_pb2.SESSION_STATE_ENDED and u.epoch == 7
+                                    for m in fake.of(1, "usage_report")
+                                    for u in m.usage_report.updates))
             assert room.stats.stream_seconds > 0
+            assert any(u.state == types_pb2.SESSION_STATE_ENDED
+                       for r in agent._unapplied_reports(0) for u in r.updates)
+        finally:
+            await agent.shutdown()
+            link.cancel()
+            await asyncio.gather(link, return_exceptions=True)
+            fake.commands.put_nowait(None)
+            await server.stop(0.1)
+
+    asyncio.run(asyncio.wait_for(body(), 60))
+
+
+def test_a_stalled_worker_holds_its_rooms_until_the_scheduler_says_which_are_its_own(
+        pipeline: Pipeline, tmp_path: Path) -> None:
+    async def body() -> None:
+        fake = RecordingScheduler()
+        fake.worker_timeout = 0.5
+        server = grpc.aio.server()
+        workers_pb2_grpc.add_WorkerServiceServicer_to_server(fake, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        agent = WorkerAgent("w1", f"127.0.0.1:{port}", pipeline, [], "127.0.0.1:1", "cpu",
+                            tmp_path, pacing=Pacing.REALTIME, progress_interval=0.05)
+        link = asyncio.create_task(agent.run())
+        try:
+            await until(lambda: agent.connected.is_set())
+            for sid, room_id, epoch in (("kept", "a", 3), ("moved", "b", 4)):
+                spec = make_spec(room_id, quality=Quality(128, 128, 25), seconds=0.0,
+                                 output=Output(OutputKind.HLS, room_id))
+                fake.commands.put_nowait(workers_pb2.SchedulerMessage(assign=workers_pb2.Assign(
+                    session_id=sid, spec=convert.spec_to_pb(spec), epoch=epoch)))
+            await until(lambda: len(fake.of(0, "usage_report")) >= 3
+                        and len(fake.of(0, "usage_report")[-1].usage_report.updates) == 2)
+            await until(lambda: (tmp_path / "b" / "index.m3u8").exists())
+            kept, moved = agent.rooms["kept"], agent.rooms["moved"]
+            # While frozen, the scheduler gave "moved" to another worker: it confirms only
+            # "kept" when the worker registers again.
+            fake.confirm = {"kept": 3}
+            time.sleep(0.8)  # fault injection: the worker's event loop freezes past its timeout
+            await until(lambda: len(fake.of(1, "register")) == 1)
+            reg = fake.of(1, "register")[0].register
+            assert {(r.session_id, r.epoch) for r in reg.active_rooms} == {("kept", 3), ("moved", 4)}
+            await until(lambda: "moved" not in agent.rooms)
+            sent = agent._usage_seq  # reports made before the worker knew may name it
+            assert moved.superseded and not kept.held and agent.rooms["kept"] is kept
+            frames = kept.stats.frames_rendered
+            await until(lambda: kept.stats.frames_rendered > frames + 5)  # kept goes on
+            # The moved room reports nothing more, and leaves its playlist open (no ENDLIST)
+            # for the worker that continues it.
+            await until(lambda: fake.of(1, "usage_report")[-1].usage_report.seq > sent + 2)
+            assert not any(u.session_id == "moved" for m in fake.of(1, "usage_report")
+                           if m.usage_report.seq > sent for u in m.usage_report.updates)
+            assert "#EXT-X-ENDLIST" not in (tmp_path / "b" / "index.m3u8").read_text()
         finally:
             await agent.shutdown()
             link.cancel()
