@@ -463,21 +463,22 @@ class Scheduler:
             conn.reported_load = load
 
     def worker_usage(self, conn: WorkerConn, seq: int,
-                     updates: list[tuple[str, int, Progress]]) -> bool:
-        """A sequence-numbered batch of (room, assignment epoch, progress cumulative over
-        that assignment); False if it was a retry."""
+                     updates: list[tuple[str, int, SessionState, str, Progress]]) -> bool:
+        """A sequence-numbered batch of (room, assignment epoch, state, reason, progress
+        cumulative over that assignment); False if it was a retry. Progress of running
+        rooms every interval, and rooms' final states."""
         self.worker_seen(conn)
         if not self.metering.accept_report(conn.worker_id, conn.usage_epoch, seq).apply:
             return False
         now = self.clock()
         with self.metering.report():
-            for sid, epoch, progress in updates:
+            for sid, epoch, state, reason, progress in updates:
                 s = self.sessions.get(sid)
-                if s is not None and s.state is SessionState.RUNNING and \
+                if s is not None and state is s.state is SessionState.RUNNING and \
                         s.worker_id == conn.worker_id and s.epoch == epoch:
                     self._progress(s, progress, now)  # the common case, kept lean
                 else:
-                    self.worker_update(conn, sid, epoch, SessionState.RUNNING, "", progress)
+                    self.worker_update(conn, sid, epoch, state, reason, progress)
         return True
 
     def worker_update(self, conn: WorkerConn, session_id: str, epoch: int, state: SessionState,

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 
 from avatarfarm import convert
-from avatarfarm.domain import Stage
+from avatarfarm.domain import SessionState, Stage
 from avatarfarm.v1 import workers_pb2, workers_pb2_grpc
 from scheduler import placement
 from scheduler.core import Scheduler
@@ -133,8 +133,8 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
             elif kind == "usage_report":
                 r = msg.usage_report
                 self.core.worker_usage(conn, r.seq, [
-                    (u.session_id, u.epoch, convert.progress_from_pb(u.progress))
-                    for u in r.updates])
+                    (u.session_id, u.epoch, convert.STATES.get(u.state, SessionState.RUNNING),
+                     u.reason, convert.progress_from_pb(u.progress)) for u in r.updates])
             elif kind == "session_update":
                 u = msg.session_update
                 state = convert.STATES.get(u.state)
