@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import secrets
 import sys
+import time
 from pathlib import Path
 
 from avatarfarm import config as cfg
@@ -67,6 +70,44 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(opts)
 
 
+def _token(args: argparse.Namespace) -> int:
+    from scheduler import auth
+
+    if args.hash_api_key:
+        key = sys.stdin.readline().strip()
+        if not key:
+            print("avatarfarm token: give the API key on standard input", file=sys.stderr)
+            return 2
+        print(auth.hash_api_key(key))
+        return 0
+    if args.secret_file is None:
+        print("avatarfarm token: --secret-file is required", file=sys.stderr)
+        return 2
+    if args.new_secret:
+        # Created, never overwritten: replacing a key invalidates every token it signed.
+        try:
+            with open(args.secret_file, "x", encoding="ascii", opener=_private) as fh:
+                fh.write(secrets.token_hex(32) + "\n")
+        except FileExistsError:
+            print(f"avatarfarm token: {args.secret_file} exists; not replaced", file=sys.stderr)
+            return 2
+        print(f"signing key written to {args.secret_file}", file=sys.stderr)
+        return 0
+    key = auth.read_signing_key(args.secret_file)
+    if args.tenant is not None:
+        kind, name = auth.SubjectKind.TENANT, args.tenant
+    elif args.worker is not None:
+        kind, name = auth.SubjectKind.WORKER, args.worker
+    else:
+        kind, name = auth.SubjectKind.ADMIN, args.admin
+    print(auth.mint_token(key, kind, name, ttl_seconds=args.ttl, now=time.time()))
+    return 0
+
+
+def _private(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from scheduler.config import SchedulerConfig
     from workers.config import WorkerConfig
@@ -115,6 +156,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="renderer cost: lite (CPU) or standard (~22 GMAC per 256x256 frame)")
     b.add_argument("--force", action="store_true", help="rebuild even if the folder is current")
     b.set_defaults(func=_build_models)
+
+    t = sub.add_parser(
+        "token", help="mint an access token, hash an API key, or make a signing key",
+        description="Prints a signed token for a tenant, a worker or an operator (HMAC-SHA256 "
+                    "with the scheduler's token_secret_file), the SHA-256 of an API key read "
+                    "from standard input (for api_keys_sha256 in the scheduler's config), or "
+                    "writes a new signing key file.")
+    who = t.add_mutually_exclusive_group(required=True)
+    who.add_argument("--tenant", metavar="NAME", help="a token for tenant NAME")
+    who.add_argument("--worker", metavar="ID", help="a token for worker ID")
+    who.add_argument("--admin", metavar="NAME", nargs="?", const="operator",
+                     help="an operator token (acts on every tenant; NAME for the logs)")
+    who.add_argument("--hash-api-key", action="store_true",
+                     help="print the SHA-256 of the API key on standard input")
+    who.add_argument("--new-secret", action="store_true",
+                     help="write a new random signing key to --secret-file (never overwrites)")
+    t.add_argument("--ttl", type=float, default=3600.0,
+                   help="seconds the token is valid (default 3600)")
+    t.add_argument("--secret-file", type=Path, default=None,
+                   help="file with the signing key (the scheduler's token_secret_file)")
+    t.set_defaults(func=_token)
     return p
 
 

@@ -1,19 +1,159 @@
 """Client helpers for the tenant API and the workers' live inputs (used by the
-demo, the tests and the load tests; a tenant's own code does the same)."""
+demo, the tests and the load tests; a tenant's own code does the same), and the
+channel every client of ours opens: plain or TLS, with a token or API key sent on
+each call when the server asks for one."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 
+from avatarfarm import tls
 from avatarfarm.v1 import live_input_pb2, live_input_pb2_grpc, sessions_pb2, sessions_pb2_grpc, types_pb2
 
+log = logging.getLogger(__name__)
+
 TERMINAL = (types_pb2.SESSION_STATE_ENDED, types_pb2.SESSION_STATE_FAILED)
+
+MetadataSource = Callable[[], Sequence[tuple[str, str]]]
+
+
+class _AddMetadata:
+    """Adds the credential to every call. Interceptors rather than call credentials:
+    grpc sends call credentials only over TLS, and a loopback farm runs without it."""
+
+    def __init__(self, source: MetadataSource) -> None:
+        self._source = source
+
+    def details(self, details: Any) -> Any:
+        metadata = grpc.aio.Metadata(*(tuple(details.metadata or ())))
+        for key, value in self._source():
+            metadata.add(key, value)
+        return details._replace(metadata=metadata)
+
+
+# A channel files each interceptor under the first kind it is an instance of, so
+# every kind of call needs an interceptor of its own.
+class _UnaryUnary(_AddMetadata, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self.details(details), request)
+
+
+class _UnaryStream(_AddMetadata, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self.details(details), request)
+
+
+class _StreamUnary(_AddMetadata, grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
+    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self.details(details), requests)
+
+
+class _StreamStream(_AddMetadata, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
+    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self.details(details), requests)
+
+
+def channel(address: str, *, credentials: grpc.ChannelCredentials | None = None,
+            metadata: MetadataSource | None = None,
+            options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
+    """A channel to `address`: TLS with `credentials` (plain without), sending what
+    `metadata` returns (asked again for each call) with every call."""
+    interceptors = None if metadata is None else [
+        kind(metadata) for kind in (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)]
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors)
+    return grpc.aio.secure_channel(address, credentials, options=list(options),
+                                   interceptors=interceptors)
+
+
+def read_token(path: Path) -> str:
+    try:
+        token = path.read_text(encoding="ascii").strip()
+    except OSError as e:
+        raise ValueError(f"cannot read the token file {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"the token file {path} is not ASCII text") from e
+    if not token:
+        raise ValueError(f"the token file {path} is empty")
+    return token
+
+
+class TokenFile:
+    """The token in a file as a bearer credential, read again when the file changes (a
+    renewed token is used by the next call). An unreadable file sends no credential, so
+    the server's refusal says what is missing; it is logged here once per change."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: object = None
+        self._metadata: tuple[tuple[str, str], ...] = ()
+
+    def __call__(self) -> Sequence[tuple[str, str]]:
+        try:
+            st = self.path.stat()
+            stamp: object = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError as e:
+            stamp = e.strerror
+        if stamp != self._stamp:
+            self._stamp = stamp
+            try:
+                self._metadata = (("authorization", f"Bearer {read_token(self.path)}"),)
+            except ValueError as e:
+                log.warning("%s; calls go without a token", e)
+                self._metadata = ()
+        return self._metadata
+
+
+@dataclass(frozen=True, slots=True)
+class ClientAuth:
+    """How a client reaches a server of ours and proves who it is: TLS checked against
+    `ca_file` (the system's roots when only `tls` is set), a client certificate for
+    mTLS, and a token (from a file, re-read when it changes) or an API key."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    tls: bool = False
+    token: str = ""
+    token_file: Path | None = None
+    api_key: str = ""
+
+    @property
+    def secure(self) -> bool:
+        return self.tls or self.ca_file is not None or self.cert_file is not None
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        return tls.channel_credentials(self.ca_file, self.cert_file, self.key_file) if self.secure else None
+
+    def metadata(self) -> MetadataSource | None:
+        given = [bool(self.token), self.token_file is not None, bool(self.api_key)]
+        if sum(given) > 1:
+            raise ValueError("give one of a token, a token file or an API key")
+        if self.token_file is not None:
+            return TokenFile(self.token_file)
+        fixed: tuple[tuple[str, str], ...] = ()
+        if self.token:
+            fixed = (("authorization", f"Bearer {self.token}"),)
+        elif self.api_key:
+            fixed = (("x-api-key", self.api_key),)
+        return (lambda: fixed) if fixed else None
+
+    def channel(self, address: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
+        return channel(address, credentials=self.credentials(), metadata=self.metadata(),
+                       options=options)
+
+
+def open_channel(address: str, auth: ClientAuth | None = None) -> grpc.aio.Channel:
+    return (auth or ClientAuth()).channel(address)
 
 
 def load_script(path: Path) -> list[types_pb2.ScriptSegment]:
@@ -67,7 +207,8 @@ async def wait_for(stub: sessions_pb2_grpc.SessionServiceStub, session_id: str,
 
 
 async def push_audio(endpoint: str, session_id: str, samples: np.ndarray, sample_rate: int,
-                     chunk_seconds: float = 0.1, realtime: bool = False) -> live_input_pb2.PushSummary:
+                     chunk_seconds: float = 0.1, realtime: bool = False,
+                     auth: ClientAuth | None = None) -> live_input_pb2.PushSummary:
     """Streams float32 mono audio as 16-bit PCM chunks to the room's worker."""
     pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2")
     step = max(1, int(sample_rate * chunk_seconds))
@@ -80,12 +221,12 @@ async def push_audio(endpoint: str, session_id: str, samples: np.ndarray, sample
             yield live_input_pb2.AudioChunk(session_id=session_id, sample_rate=sample_rate,
                                             pcm_s16le=pcm[start:start + step].tobytes())
 
-    async with grpc.aio.insecure_channel(endpoint) as ch:
+    async with open_channel(endpoint, auth) as ch:
         return await live_input_pb2_grpc.LiveInputServiceStub(ch).PushAudio(chunks())
 
 
 async def push_motion(endpoint: str, session_id: str, frames: np.ndarray, fps: int,
-                      realtime: bool = False) -> live_input_pb2.PushSummary:
+                      realtime: bool = False, auth: ClientAuth | None = None) -> live_input_pb2.PushSummary:
     """Streams motion frames ([n, 8] coefficients) to the room's worker."""
     async def gen() -> AsyncIterator[live_input_pb2.MotionFrame]:
         t0 = time.monotonic()
@@ -94,7 +235,7 @@ async def push_motion(endpoint: str, session_id: str, frames: np.ndarray, fps: i
                 await asyncio.sleep(max(0.0, t0 + i / fps - time.monotonic()))
             yield live_input_pb2.MotionFrame(session_id=session_id, coefficients=[float(x) for x in f])
 
-    async with grpc.aio.insecure_channel(endpoint) as ch:
+    async with open_channel(endpoint, auth) as ch:
         return await live_input_pb2_grpc.LiveInputServiceStub(ch).PushMotion(gen())
 
 

@@ -48,6 +48,37 @@ class SchedulerConfig:
     premium_spread: int = field(4, "at most this many premium rooms of one tenant per worker "
                                    "while other workers can take them")
     tenant_metrics: bool = field(False, "label cost metrics by tenant (configured tenants only)")
+    rtmp_allowed_hosts: list[str] = field(
+        [], "RTMP ingests outputs may push to: host names, *.domain patterns, IP addresses, CIDR "
+            "ranges (empty: any host not forbidden)")
+    rtmp_forbidden_hosts: list[str] = field(
+        [], "RTMP hosts outputs may never push to, besides the built-in link-local, cloud metadata, "
+            "unspecified and multicast addresses: host names, *.domain patterns, IP addresses, CIDR "
+            "ranges, 'private' (RFC 1918, CGNAT, fc00::/7) or 'loopback'")
+    rtmp_allowed_ports: list[int] = field([], "ports RTMP outputs may push to (empty: any)")
+    # Security: see the README's "Security" section.
+    tls_cert_file: Path | None = field(None, "PEM certificate of the gRPC port (with tls_key_file: TLS)")
+    tls_key_file: Path | None = field(None, "PEM private key of tls_cert_file")
+    tls_client_ca_file: Path | None = field(
+        None, "PEM CA bundle of client certificates: set, every client must present a certificate "
+              "it signed (mTLS), and a URI SAN avatarfarm://tenant|worker|admin/NAME identifies it")
+    token_secret_file: Path | None = field(
+        None, "file holding the key (at least 32 bytes) that signs and verifies bearer tokens "
+              "(`avatarfarm token` mints them); set, tokens are accepted")
+    admin_api_keys_sha256: list[str] = field(
+        [], "SHA-256 (hex) of operator API keys, which may act on every tenant "
+            "(tenants' keys: api_keys_sha256 in [tenants.NAME])")
+    allow_insecure: bool = field(
+        False, "listen on a non-loopback address with no authentication configured (anyone who "
+               "reaches the port acts as the operator)")
+    rate_limit_per_second: float = field(
+        20.0, "session API calls per second each tenant may make on average (0: no limit; "
+              "[tenants.NAME] rate_limit_per_second overrides it)")
+    rate_limit_burst: float = field(
+        40.0, "session API calls a tenant may make at once after a quiet spell "
+              "([tenants.NAME] rate_limit_burst overrides it)")
+    max_message_bytes: int = field(4 * 1024 * 1024, "largest gRPC message received or sent; a "
+                                                    "larger one is refused (RESOURCE_EXHAUSTED)")
 
     def price(self, device_type: str) -> float:
         return self.device_prices.get(device_type, self.default_price_per_hour)

@@ -1,29 +1,38 @@
 """Runs the scheduler process: gRPC API (sessions, workers, health), the
-Prometheus endpoint and the placement loop, with a clean shutdown on SIGTERM."""
+Prometheus endpoint and the placement loop, with a clean shutdown on SIGTERM.
+
+The session and worker APIs sit behind the gate (authentication, authorisation,
+rate limits) and strict request decoding; health stays open, for probes."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import ipaddress
 import logging
 import signal
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from avatarfarm.serving import MetricsEndpoint, bind
-from avatarfarm.v1 import sessions_pb2_grpc, workers_pb2_grpc
+from avatarfarm import tls
+from avatarfarm.serving import MetricsEndpoint, add_service, bind, server_options
+from avatarfarm.v1 import sessions_pb2, workers_pb2
+from scheduler import auth
 from scheduler.config import SchedulerConfig
 from scheduler.core import Scheduler
+from scheduler.gate import Gate
 from scheduler.metrics import SchedulerMetrics
+from scheduler.ratelimit import Rate, RateLimiter
 from scheduler.service import SessionService
 from scheduler.store import SqliteStore
 from scheduler.worker_service import WorkerService
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 SERVICES = ("avatarfarm.v1.SessionService", "avatarfarm.v1.WorkerService")
 
 
@@ -51,21 +60,80 @@ class RunningScheduler:
         self.core.store.close()
 
 
+def authenticator(config: SchedulerConfig) -> auth.Authenticator:
+    key = auth.read_signing_key(config.token_secret_file) if config.token_secret_file else None
+    return auth.Authenticator.build(
+        signing_key=key, admin_keys=config.admin_api_keys_sha256,
+        tenant_keys={name: t.api_keys_sha256 for name, t in config.tenants.items()},
+        certificates=config.tls_client_ca_file is not None)
+
+
+def rate_of(config: SchedulerConfig) -> Callable[[str], Rate]:
+    try:
+        default = Rate(config.rate_limit_per_second, config.rate_limit_burst)
+    except ValueError as e:
+        raise ValueError(f"rate_limit_per_second, rate_limit_burst: {e}") from e
+    rates = {}
+    for name, t in config.tenants.items():
+        if t.rate_limit_per_second is not None or t.rate_limit_burst is not None:
+            per_second = default.per_second if t.rate_limit_per_second is None else t.rate_limit_per_second
+            burst = default.burst if t.rate_limit_burst is None else t.rate_limit_burst
+            try:
+                rates[name] = Rate(per_second, burst)
+            except ValueError as e:
+                raise ValueError(f"tenants.{name}: {e}") from e
+    return lambda tenant: rates.get(tenant, default)
+
+
+def is_loopback(listen: str) -> bool:
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name, or empty (every interface)
+
+
+def check_exposure(config: SchedulerConfig, authenticated: bool) -> None:
+    """A port others can reach serves only callers that prove who they are, unless the
+    operator says otherwise."""
+    if authenticated or config.allow_insecure or is_loopback(config.listen):
+        return
+    raise ValueError(
+        f"refusing to listen on {config.listen} without authentication: anyone reaching it "
+        "could act as the operator. Configure token_secret_file, API keys "
+        "([tenants.NAME] api_keys_sha256, admin_api_keys_sha256) or tls_client_ca_file "
+        "(mTLS), listen on 127.0.0.1, or set allow_insecure = true")
+
+
 async def start(config: SchedulerConfig) -> RunningScheduler:
+    # Credentials, TLS files and the exposure check first: a mistake there fails
+    # before anything is opened.
+    authn = authenticator(config)
+    check_exposure(config, authn.enabled)
+    credentials = tls.server_credentials(config.tls_cert_file, config.tls_key_file,
+                                         config.tls_client_ca_file)
+    limiter = RateLimiter(rate_of(config), time.monotonic)
+    if authn.enabled and credentials is None and not is_loopback(config.listen):
+        log.warning("credentials cross the network in clear text: configure tls_cert_file and "
+                    "tls_key_file unless a proxy in front terminates TLS")
     store = SqliteStore(config.database, config.sync_to_disk)
     metrics = SchedulerMetrics()
     # The metrics port first: a busy port fails before anything is serving.
     endpoint = MetricsEndpoint.start(config.metrics_port, config.metrics_host, metrics.registry)
     metrics_port = endpoint.port
     core = Scheduler(store, config, metrics)
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
-    sessions_pb2_grpc.add_SessionServiceServicer_to_server(SessionService(core), server)
-    workers_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerService(core), server)
+    server = grpc.aio.server(options=server_options(config.max_message_bytes))
+    gate = Gate(authn, limiter)
+    add_service(server, sessions_pb2.DESCRIPTOR.services_by_name["SessionService"],
+                SessionService(core), gate=gate)
+    add_service(server, workers_pb2.DESCRIPTOR.services_by_name["WorkerService"],
+                WorkerService(core), gate=gate, check=gate.check)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
-        port = bind(server, config.listen)
+        port = bind(server, config.listen, credentials)
     except OSError:
         endpoint.stop()
         store.close()
@@ -75,7 +143,9 @@ async def start(config: SchedulerConfig) -> RunningScheduler:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     task = asyncio.create_task(core.run(), name="placement")
     host = config.listen.rsplit(":", 1)[0]
-    log.info("scheduler listening on %s:%d (metrics on %s)", host, port,
+    log.info("scheduler listening on %s:%d (%s, %s; metrics on %s)", host, port,
+             "plain" if credentials is None else ("mTLS" if config.tls_client_ca_file else "TLS"),
+             "authenticated" if authn.enabled else "unauthenticated",
              f"{config.metrics_host}:{metrics_port}" if metrics_port else "off")
     return RunningScheduler(core, server, port, metrics_port, task, health_servicer, endpoint)
 

@@ -1,6 +1,10 @@
 """gRPC adapter for tenants: the SessionService. It validates at the edge, calls
 the core and maps its typed errors to precise status codes; it holds no state of
-its own. The worker-facing stream lives in worker_service."""
+its own. The worker-facing stream lives in worker_service.
+
+Every call comes through the gate (scheduler.gate), which says who is calling; a
+tenant sees and changes only its own rooms, and another tenant's room gets the
+same answer as a room that does not exist."""
 
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ import grpc
 from avatarfarm import convert
 from avatarfarm.domain import InvalidRequest, Quality
 from avatarfarm.v1 import sessions_pb2, sessions_pb2_grpc, types_pb2
+from scheduler import auth
+from scheduler.auth import Principal, Unauthenticated
 from scheduler.core import Scheduler
 from scheduler.errors import (
     AlreadyExists,
@@ -21,6 +27,7 @@ from scheduler.errors import (
     NotFound,
     PermissionDenied,
 )
+from scheduler.gate import caller
 from scheduler.ledger import Dimension
 from scheduler.state import EventKind, Session
 
@@ -35,6 +42,7 @@ _STATUS: dict[type[Exception], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     BudgetExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 _EVENT_KINDS = {
     EventKind.STATE: sessions_pb2.SESSION_EVENT_KIND_STATE,
@@ -78,12 +86,24 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
     def __init__(self, core: Scheduler) -> None:
         self.core = core
 
+    def _visible(self, p: Principal, session_id: str) -> Session:
+        s = self.core.get(session_id)
+        if not auth.may_see(p, s.spec.tenant):
+            # Word for word the core's answer for an unknown id: whether another
+            # tenant's session exists is not this caller's to learn.
+            raise NotFound(f"session {session_id!r} not found")
+        return s
+
     async def CreateSession(self, request: sessions_pb2.CreateSessionRequest,
                             context: grpc.aio.ServicerContext) -> types_pb2.Session:
         def create() -> Session:
+            p = caller()
             spec = convert.spec_from_pb(request.spec)
             if len(request.request_id) > 128:
                 raise InvalidRequest("request_id is longer than 128 characters")
+            # Before the core: a retried request_id would otherwise find the other
+            # tenant's session.
+            auth.check_create(p, spec.tenant)
             return self.core.create(spec, request.request_id)
 
         s = await _guard(context, create)
@@ -92,7 +112,7 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
 
     async def GetSession(self, request: sessions_pb2.GetSessionRequest,
                          context: grpc.aio.ServicerContext) -> types_pb2.Session:
-        s = await _guard(context, lambda: self.core.get(request.session_id))
+        s = await _guard(context, lambda: self._visible(caller(), request.session_id))
         return session_to_pb(s, self.core.queue_position(s.session_id))
 
     async def ListSessions(self, request: sessions_pb2.ListSessionsRequest,
@@ -107,7 +127,8 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
                 raise InvalidRequest("page_token is not one this server issued") from e
             if request.page_size > 1000:
                 raise InvalidRequest("page_size must be at most 1000")
-            return self.core.list_sessions(request.tenant, states, request.page_size, after)
+            tenant = auth.tenant_scope(caller(), request.tenant)
+            return self.core.list_sessions(tenant, states, request.page_size, after)
 
         page, next_seq = await _guard(context, list_)
         return sessions_pb2.ListSessionsResponse(
@@ -116,13 +137,17 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
 
     async def EndSession(self, request: sessions_pb2.EndSessionRequest,
                          context: grpc.aio.ServicerContext) -> types_pb2.Session:
-        s = await _guard(context, lambda: self.core.end(request.session_id, request.reason[:512]))
+        def end() -> Session:
+            self._visible(caller(), request.session_id)
+            return self.core.end(request.session_id, request.reason[:512])
+
+        s = await _guard(context, end)
         await self.core.durable()
         return session_to_pb(s)
 
     async def WatchSession(self, request: sessions_pb2.WatchSessionRequest,
                            context: grpc.aio.ServicerContext) -> AsyncIterator[sessions_pb2.SessionEvent]:
-        await _guard(context, lambda: self.core.get(request.session_id))
+        await _guard(context, lambda: self._visible(caller(), request.session_id))
         async for ev in self.core.watch(request.session_id):
             s = ev.session
             yield sessions_pb2.SessionEvent(
@@ -132,8 +157,12 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
 
     async def AppendScript(self, request: sessions_pb2.AppendScriptRequest,
                            context: grpc.aio.ServicerContext) -> sessions_pb2.AppendScriptResponse:
-        n = await _guard(context, lambda: self.core.append_script(
-            request.session_id, convert.segments_from_pb(request.segments)))
+        def append() -> int:
+            self._visible(caller(), request.session_id)
+            return self.core.append_script(request.session_id,
+                                           convert.segments_from_pb(request.segments))
+
+        n = await _guard(context, append)
         await self.core.durable()
         return sessions_pb2.AppendScriptResponse(queued_segments=n)
 
@@ -148,8 +177,8 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
                     dims.append(_DIMENSIONS[d])
             start = request.start.ToNanoseconds() / 1e9 if request.HasField("start") else None
             end = request.end.ToNanoseconds() / 1e9 if request.HasField("end") else None
-            return self.core.usage(tenant=request.tenant, group_by=tuple(dims), start=start,
-                                   end=end)
+            return self.core.usage(tenant=auth.tenant_scope(caller(), request.tenant),
+                                   group_by=tuple(dims), start=start, end=end)
 
         rows = await _guard(context, usage)
         return sessions_pb2.GetUsageResponse(
@@ -164,7 +193,8 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
 
     async def GetTenant(self, request: sessions_pb2.GetTenantRequest,
                         context: grpc.aio.ServicerContext) -> sessions_pb2.TenantStatus:
-        st = await _guard(context, lambda: self.core.tenant_status(request.tenant))
+        st = await _guard(context, lambda: self.core.tenant_status(
+            auth.tenant_scope(caller(), request.tenant)))
         t = st.config
         return sessions_pb2.TenantStatus(
             tenant=st.tenant, concurrency_budget_units=t.concurrency_units,

@@ -21,7 +21,7 @@ period); never a silent cut.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from avatarfarm.domain import Tier
 
@@ -42,6 +42,11 @@ class TenantConfig:
     grace_seconds: float = 300.0
     reserved_units: float = 0.0  # premium capacity held for this tenant
     weight: float = 1.0  # share in the admission queue
+    # Access: SHA-256 (hex) of the tenant's API keys; its session-call rate limit
+    # (None: the scheduler's rate_limit_per_second / rate_limit_burst; 0: no limit).
+    api_keys_sha256: list[str] = field(default_factory=list)
+    rate_limit_per_second: float | None = None
+    rate_limit_burst: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("concurrency_units", "spend_budget", "reserved_units", "grace_seconds"):

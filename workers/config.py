@@ -52,6 +52,33 @@ class WorkerConfig:
     metrics_port: int = field(-1, "Prometheus /metrics port (0: off, -1: any free port)")
     metrics_host: str = field("127.0.0.1", "address the metrics endpoint binds to")
     tts_voice: str = field("en", "espeak-ng voice for text-driven rooms")
+    # Security: see the README's "Security" section.
+    scheduler_tls: bool = field(False, "connect to the scheduler with TLS (implied by "
+                                       "scheduler_ca_file and scheduler_cert_file)")
+    scheduler_ca_file: Path | None = field(
+        None, "PEM CA that signed the scheduler's certificate (default: the system's roots)")
+    scheduler_cert_file: Path | None = field(
+        None, "PEM client certificate for a scheduler that requires mTLS (URI SAN "
+              "avatarfarm://worker/ID)")
+    scheduler_key_file: Path | None = field(None, "PEM private key of scheduler_cert_file")
+    token_file: Path | None = field(
+        None, "file holding this worker's token (`avatarfarm token --worker ID`), re-read when "
+              "it changes")
+    tls_cert_file: Path | None = field(
+        None, "PEM certificate of the live-input port (with tls_key_file: TLS)")
+    tls_key_file: Path | None = field(None, "PEM private key of tls_cert_file")
+    tls_client_ca_file: Path | None = field(
+        None, "PEM CA of client certificates the live-input port requires (mTLS)")
+    max_message_bytes: int = field(4 * 1024 * 1024, "largest gRPC message the live-input port "
+                                                    "receives; a larger one is refused")
+    rtmp_allowed_hosts: list[str] = field(
+        [], "RTMP ingests outputs may push to: host names, *.domain patterns, IP addresses, CIDR "
+            "ranges (empty: any host not forbidden)")
+    rtmp_forbidden_hosts: list[str] = field(
+        [], "RTMP hosts outputs may never push to, besides the built-in link-local, cloud metadata, "
+            "unspecified and multicast addresses: host names, *.domain patterns, IP addresses, CIDR "
+            "ranges, 'private' (RFC 1918, CGNAT, fc00::/7) or 'loopback'")
+    rtmp_allowed_ports: list[int] = field([], "ports RTMP outputs may push to (empty: any)")
 
     def render_sides(self) -> list[int]:
         return [w for w, _ in _sizes(self.profile_render_sides)]

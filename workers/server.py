@@ -1,5 +1,9 @@
 """Runs a worker process: load and measure the models, serve live inputs and
-health, connect to the scheduler, render what it assigns."""
+health, connect to the scheduler, render what it assigns.
+
+Live inputs are served with strict request decoding, over TLS (mTLS with a client
+CA) when configured; the link to the scheduler uses the configured CA, client
+certificate and token."""
 
 from __future__ import annotations
 
@@ -13,8 +17,9 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from avatarfarm.serving import MetricsEndpoint, bind
-from avatarfarm.v1 import live_input_pb2_grpc
+from avatarfarm import client, tls
+from avatarfarm.serving import MetricsEndpoint, add_service, bind, server_options
+from avatarfarm.v1 import live_input_pb2
 from workers.agent import WorkerAgent
 from workers.batching import BatchPolicy
 from workers.config import WorkerConfig
@@ -26,8 +31,6 @@ from workers.pipeline import Pipeline
 from workers.profile import measure
 
 log = logging.getLogger(__name__)
-
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 @dataclass
@@ -74,7 +77,22 @@ def device_memory_bytes(provider: str, configured: int = 0) -> int:
     return 0
 
 
+def scheduler_auth(config: WorkerConfig) -> client.ClientAuth:
+    """How this worker reaches the scheduler and proves it is `worker_id`."""
+    auth = client.ClientAuth(ca_file=config.scheduler_ca_file, cert_file=config.scheduler_cert_file,
+                             key_file=config.scheduler_key_file, tls=config.scheduler_tls,
+                             token_file=config.token_file)
+    if config.token_file is not None:
+        client.read_token(config.token_file)  # a missing token fails now, not at each retry
+    return auth
+
+
 async def start(config: WorkerConfig) -> RunningWorker:
+    # TLS files and the token first: a mistake there fails before the models load.
+    link = scheduler_auth(config)
+    link_credentials = link.credentials()
+    credentials = tls.server_credentials(config.tls_cert_file, config.tls_key_file,
+                                         config.tls_client_ca_file)
     folder = ModelFolder.open(config.model_dir)
     pipeline = Pipeline(folder, config.provider, config.intra_op_threads, config.tts_voice,
                         BatchPolicy(max_batch=config.max_batch, max_wait=config.batch_wait))
@@ -88,15 +106,15 @@ async def start(config: WorkerConfig) -> RunningWorker:
     # The metrics port first: a busy port fails before anything is serving.
     endpoint = MetricsEndpoint.start(config.metrics_port, config.metrics_host, metrics.registry)
     metrics_port = endpoint.port
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+    server = grpc.aio.server(options=server_options(config.max_message_bytes))
     worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     agent_ref: list[WorkerAgent] = []
-    live_input_pb2_grpc.add_LiveInputServiceServicer_to_server(
-        LiveInputService(lambda sid: agent_ref[0].room(sid)), server)
+    add_service(server, live_input_pb2.DESCRIPTOR.services_by_name["LiveInputService"],
+                LiveInputService(lambda sid: agent_ref[0].room(sid)))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
-        port = bind(server, config.listen)
+        port = bind(server, config.listen, credentials)
     except OSError:
         endpoint.stop()
         pipeline.close()
@@ -108,7 +126,9 @@ async def start(config: WorkerConfig) -> RunningWorker:
                         latency_budget=config.latency_budget, output_margin=config.output_margin,
                         sync_interval=config.sync_interval, encoder=encoder, metrics=metrics,
                         cpu_cores=os.cpu_count() or 1,
-                        memory_bytes=device_memory_bytes(pipeline.provider, config.device_memory))
+                        memory_bytes=device_memory_bytes(pipeline.provider, config.device_memory),
+                        scheduler_credentials=link_credentials,
+                        scheduler_token_file=config.token_file)
     agent_ref.append(agent)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("avatarfarm.v1.LiveInputService", health_pb2.HealthCheckResponse.SERVING)

@@ -200,7 +200,7 @@ def test_a_stalled_worker_holds_its_rooms_until_the_scheduler_says_which_are_its
             # While frozen, the scheduler gave "moved" to another worker: it confirms only
             # "kept" when the worker registers again.
             fake.confirm = {"kept": 3}
-            time.sleep(0.8)  # fault injection: the worker's event loop freezes past its timeout
+            time.sleep(0.8)  # noqa: ASYNC251 - fault injection: the event loop freezes past the timeout
             await until(lambda: len(fake.of(1, "register")) == 1)
             reg = fake.of(1, "register")[0].register
             assert {(r.session_id, r.epoch) for r in reg.active_rooms} == {("kept", 3), ("moved", 4)}
