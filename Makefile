@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast proto proto-check bench loadtest lint clean
+.PHONY: demo test test-fast proto proto-check bench loadtest chaos lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ bench: $(STAMP)
 # The scheduler at scale: 1,000 simulated workers, 10,000 rooms (several minutes).
 loadtest: $(STAMP)
 	$(PY) loadtests/scheduler_load.py
+
+# Failover under load: workers killed at intervals, the scheduler once (about 2 minutes).
+chaos: $(STAMP)
+	$(PY) loadtests/chaos.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,10 +1,15 @@
-"""The packing simulator behind the load test's cost figures: on a small day of the
-load test's own trace, the bound is below every strategy and packing beats the
-baselines (the claim the load test prints at scale)."""
+"""The load tests themselves: the packing simulator behind the load test's cost
+figures (on a small day of the trace, the bound is below every strategy and packing
+beats the baselines), and a short run of the chaos load test."""
 
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from loadtests import scheduler_load as load
 from loadtests.packing_sim import compare
@@ -23,3 +28,17 @@ def test_packing_beats_the_baselines_and_stays_above_the_bound() -> None:
     assert pack < least and pack < rr
     assert result.by("pack").unplaced <= result.by("least_loaded").unplaced
     assert "lower bound" in str(result)
+
+
+@pytest.mark.slow
+def test_the_chaos_load_test_loses_no_room_and_no_usage(model_dir: Path, tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "loadtests/chaos.py", "--workers", "2", "--rooms", "3", "--seconds", "24",
+         "--kill-every", "8", "--model-dir", str(model_dir), "--home", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = {line.split("  ")[0]: line for line in out.stdout.splitlines() if "  " in line}
+    assert "failovers not resumed: 0" in lines["rooms resumed"]
+    assert int(lines["rooms resumed"].split()[2]) >= 3  # every kill moved rooms
+    assert lines["usage lost / doubled"].endswith("PASS")
+    assert lines["rooms dropped"].endswith("PASS")
