@@ -390,3 +390,45 @@ def test_a_worker_that_reconnects_keeps_the_rooms_it_still_renders(tmp_path: Pat
             await back.close()
 
     run(body)
+
+
+def test_a_worker_the_room_moved_from_is_released_and_bills_nothing(tmp_path: Path,
+                                                                     model_dir: Path) -> None:
+    async def body() -> None:
+        async with scheduler(tmp_path, model_dir) as (_, stub, ch):
+            async def usage() -> float:
+                r = await stub.GetUsage(sessions_pb2.GetUsageRequest())
+                return sum(row.stream_seconds for row in r.rows)
+
+            w1 = ProtocolWorker(ch, "w1")
+            s = await stub.CreateSession(create_req("r", seconds=0.0))
+            first = (await w1.next("assign")).assign
+            w1.report(s.session_id, types_pb2.SESSION_STATE_RUNNING)
+            w1.usage(1, [(s.session_id, 50, 0.5)])  # 2 s
+            await client.wait_for(stub, s.session_id, lambda x: x.progress.frames_rendered == 50, 10)
+            await w1.close()  # lost: the room moves to w2 under a new assignment
+            w2 = ProtocolWorker(ch, "w2")
+            second = (await w2.next("assign")).assign
+            assert second.epoch > first.epoch and second.continuation == 1
+            assert second.resumed_at_seconds == 2.0
+            w2.report(s.session_id, types_pb2.SESSION_STATE_RUNNING)
+            w2.usage(1, [(s.session_id, 25, 0.25)])  # 1 s, counted from zero on w2
+            await client.wait_for(stub, s.session_id, lambda x: x.progress.frames_rendered == 75, 10)
+            # w1 comes back still rendering it under the old assignment: released, and
+            # what it reports for it counts for nothing.
+            back = ProtocolWorker(ch, "w1", active=((s.session_id, first.epoch),))
+            assert (await back.next("release")).release.session_id == s.session_id
+            back.epochs[s.session_id] = first.epoch
+            back.usage(5, [(s.session_id, 500, 5.0)])
+            assert (await back.next("release")).release.session_id == s.session_id
+            w2.usage(2, [(s.session_id, 50, 0.5)])
+            w2.usage(2, [(s.session_id, 50, 0.5)])  # a retry
+            w2.usage(1, [(s.session_id, 25, 0.25)])  # a replay of an old one
+            now = await client.wait_for(stub, s.session_id,
+                                        lambda x: x.progress.frames_rendered == 100, 10)
+            assert now.worker_id == "w2" and now.progress.stream_seconds == 4.0
+            assert await usage() == 4.0  # 2 s on w1, 2 s on w2: nothing lost, nothing twice
+            for w in (w2, back):
+                await w.close()
+
+    run(body)
