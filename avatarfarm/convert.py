@@ -3,6 +3,8 @@ module where both meet; validation of tenant input happens here, at the edge."""
 
 from __future__ import annotations
 
+import math
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from avatarfarm.domain import (
@@ -94,6 +96,39 @@ def create_from_pb(request: sessions_pb2.CreateSessionRequest) -> tuple[SessionS
     return spec, request.request_id
 
 
+def session_id_from_pb(value: str) -> str:
+    """A session id as a tenant sent it: refused before it is looked up, so an answer
+    never echoes kilobytes of it back (status details travel in headers, which gRPC
+    caps at 16 KB: a longer echo reaches the client as a transport error)."""
+    validate_id("session_id", value)
+    return value
+
+
+def tenant_from_pb(value: str, *, required: bool = False) -> str:
+    """A tenant name given as a filter (ListSessions, GetUsage; empty: all) or asked
+    about (GetTenant, required)."""
+    validate_id("tenant", value, required=required)
+    return value
+
+
+def reason_from_pb(value: str, limit: int = 512) -> str:
+    """A tenant's free-text reason (EndSession): kept, shown and logged, so control
+    characters go and the length is capped."""
+    return "".join(ch for ch in value[:limit] if ch.isprintable())
+
+
+# Timestamp's documented range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+_TIMESTAMP_SECONDS = (-62_135_596_800, 253_402_300_799)
+
+
+def time_from_pb(name: str, ts: Timestamp) -> float:
+    """Seconds since the epoch of a tenant's Timestamp (GetUsage's window); one outside
+    Timestamp's range or with nanos outside 0..999,999,999 is refused, not raised on."""
+    if not (_TIMESTAMP_SECONDS[0] <= ts.seconds <= _TIMESTAMP_SECONDS[1] and 0 <= ts.nanos <= 999_999_999):
+        raise InvalidRequest(f"{name} is not a valid timestamp (years 1..9999, nanos 0..999999999)")
+    return ts.seconds + ts.nanos / 1e9
+
+
 def segments_from_pb(segments: object) -> list[ScriptSegment]:
     return [ScriptSegment(s.text, s.pause_after_seconds) for s in segments]  # type: ignore[attr-defined]
 
@@ -138,6 +173,27 @@ def progress_to_pb(p: Progress) -> types_pb2.SessionProgress:
 def progress_from_pb(pb: types_pb2.SessionProgress) -> Progress:
     return Progress(pb.frames_rendered, pb.late_frames, pb.stream_seconds, pb.device_seconds,
                     tuple(sorted(pb.stage_seconds.items())), pb.script_segments_done)
+
+
+# Counters past 2**53 lose precision as floats (the ledger's arithmetic); no room renders that much.
+_MAX_COUNT = 2**53
+
+
+def checked_progress_from_pb(pb: types_pb2.SessionProgress) -> Progress:
+    """A worker's progress report, refused (InvalidRequest) when a figure could not be
+    true: NaN, infinite or negative seconds, counters past 2**53. Usage and cost are
+    sums of these figures, so one NaN would make a tenant's bill NaN for good."""
+    seconds = [("stream_seconds", pb.stream_seconds), ("device_seconds", pb.device_seconds),
+               *((f"stage_seconds[{k[:32]!r}]", v) for k, v in pb.stage_seconds.items())]
+    for name, value in seconds:
+        if not (math.isfinite(value) and value >= 0.0):
+            raise InvalidRequest(f"progress {name} must be finite and not negative, got {value!r}")
+    for name, count in (("frames_rendered", pb.frames_rendered), ("late_frames", pb.late_frames)):
+        if count > _MAX_COUNT:
+            raise InvalidRequest(f"progress {name} {count} is past any real count")
+    if len(pb.stage_seconds) > 16:
+        raise InvalidRequest("progress names more than 16 stages")
+    return progress_from_pb(pb)
 
 
 def timestamp(seconds: float) -> Timestamp:

@@ -39,6 +39,7 @@ from avatarfarm.domain import (
     Tier,
     validate_script,
 )
+from avatarfarm.egress import EgressPolicy, ForbiddenTarget
 from scheduler import placement, tenants
 from scheduler.admission import FairQueue
 from scheduler.config import SchedulerConfig
@@ -91,6 +92,8 @@ class Scheduler:
         self.metrics = metrics or SchedulerMetrics(
             tenants=tuple(config.tenants) if config.tenant_metrics else ())
         self.clock = clock
+        self.egress = EgressPolicy.from_config(config.rtmp_allowed_hosts, config.rtmp_forbidden_hosts,
+                                               config.rtmp_allowed_ports)
         self.ladder = Ladder.parse(config.degradation_ladder, config.step_up_margin,
                                    config.step_dwell)
         self.fleet = Fleet(config.utilisation_target, premium_spread=config.premium_spread)
@@ -231,6 +234,10 @@ class Scheduler:
         return units
 
     def create(self, spec: SessionSpec, request_id: str = "") -> Session:
+        try:
+            self.egress.check(spec.output)
+        except ForbiddenTarget as e:
+            raise PermissionDenied(str(e)) from e
         if request_id:
             existing = self._requests.get((spec.tenant, request_id))
             if existing is not None:

@@ -87,6 +87,7 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
         self.core = core
 
     def _visible(self, p: Principal, session_id: str) -> Session:
+        convert.session_id_from_pb(session_id)
         s = self.core.get(session_id)
         if not auth.may_see(p, s.spec.tenant):
             # Word for word the core's answer for an unknown id: whether another
@@ -98,13 +99,11 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
                             context: grpc.aio.ServicerContext) -> types_pb2.Session:
         def create() -> Session:
             p = caller()
-            spec = convert.spec_from_pb(request.spec)
-            if len(request.request_id) > 128:
-                raise InvalidRequest("request_id is longer than 128 characters")
+            spec, request_id = convert.create_from_pb(request)
             # Before the core: a retried request_id would otherwise find the other
             # tenant's session.
             auth.check_create(p, spec.tenant)
-            return self.core.create(spec, request.request_id)
+            return self.core.create(spec, request_id)
 
         s = await _guard(context, create)
         await self.core.durable()
@@ -127,7 +126,7 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
                 raise InvalidRequest("page_token is not one this server issued") from e
             if request.page_size > 1000:
                 raise InvalidRequest("page_size must be at most 1000")
-            tenant = auth.tenant_scope(caller(), request.tenant)
+            tenant = auth.tenant_scope(caller(), convert.tenant_from_pb(request.tenant))
             return self.core.list_sessions(tenant, states, request.page_size, after)
 
         page, next_seq = await _guard(context, list_)
@@ -139,7 +138,7 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
                          context: grpc.aio.ServicerContext) -> types_pb2.Session:
         def end() -> Session:
             self._visible(caller(), request.session_id)
-            return self.core.end(request.session_id, request.reason[:512])
+            return self.core.end(request.session_id, convert.reason_from_pb(request.reason))
 
         s = await _guard(context, end)
         await self.core.durable()
@@ -175,9 +174,9 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
                     raise InvalidRequest(f"unknown usage dimension {d}")
                 if _DIMENSIONS[d] not in dims:
                     dims.append(_DIMENSIONS[d])
-            start = request.start.ToNanoseconds() / 1e9 if request.HasField("start") else None
-            end = request.end.ToNanoseconds() / 1e9 if request.HasField("end") else None
-            return self.core.usage(tenant=auth.tenant_scope(caller(), request.tenant),
+            start = convert.time_from_pb("start", request.start) if request.HasField("start") else None
+            end = convert.time_from_pb("end", request.end) if request.HasField("end") else None
+            return self.core.usage(tenant=auth.tenant_scope(caller(), convert.tenant_from_pb(request.tenant)),
                                    group_by=tuple(dims), start=start, end=end)
 
         rows = await _guard(context, usage)
@@ -194,7 +193,7 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
     async def GetTenant(self, request: sessions_pb2.GetTenantRequest,
                         context: grpc.aio.ServicerContext) -> sessions_pb2.TenantStatus:
         st = await _guard(context, lambda: self.core.tenant_status(
-            auth.tenant_scope(caller(), request.tenant)))
+            auth.tenant_scope(caller(), convert.tenant_from_pb(request.tenant))))
         t = st.config
         return sessions_pb2.TenantStatus(
             tenant=st.tenant, concurrency_budget_units=t.concurrency_units,

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 
 from avatarfarm import convert
-from avatarfarm.domain import SessionState, Stage
+from avatarfarm.domain import InvalidRequest, SessionState, Stage
 from avatarfarm.v1 import workers_pb2, workers_pb2_grpc
 from scheduler import placement
 from scheduler.core import Scheduler
@@ -132,17 +132,30 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
                     conn, profile_from_pb(msg.profile_update.profiles, conn.latency_budget))
             elif kind == "usage_report":
                 r = msg.usage_report
-                self.core.worker_usage(conn, r.seq, [
-                    (u.session_id, u.epoch, convert.STATES.get(u.state, SessionState.RUNNING),
-                     u.reason, convert.progress_from_pb(u.progress)) for u in r.updates])
+                updates = []
+                for u in r.updates:
+                    try:
+                        progress = convert.checked_progress_from_pb(u.progress)
+                    except InvalidRequest as e:
+                        log.warning("worker %s: usage of %s ignored: %s", conn.worker_id,
+                                    u.session_id[:64], e)
+                        continue
+                    updates.append((u.session_id, u.epoch,
+                                    convert.STATES.get(u.state, SessionState.RUNNING), u.reason, progress))
+                self.core.worker_usage(conn, r.seq, updates)
             elif kind == "session_update":
                 u = msg.session_update
                 state = convert.STATES.get(u.state)
                 if state is None:
                     log.warning("worker %s sent an update without a state", conn.worker_id)
                     continue
-                self.core.worker_update(conn, u.session_id, u.epoch, state, u.reason,
-                                        convert.progress_from_pb(u.progress)
-                                        if u.HasField("progress") else None)
+                reported = None
+                if u.HasField("progress"):
+                    try:
+                        reported = convert.checked_progress_from_pb(u.progress)
+                    except InvalidRequest as e:
+                        log.warning("worker %s: progress of %s ignored: %s", conn.worker_id,
+                                    u.session_id[:64], e)
+                self.core.worker_update(conn, u.session_id, u.epoch, state, u.reason, reported)
             else:
                 log.warning("worker %s sent unexpected %s", conn.worker_id, kind)

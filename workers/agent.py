@@ -33,6 +33,7 @@ import grpc
 
 from avatarfarm import convert
 from avatarfarm.domain import InvalidRequest, Quality, Stage, Tier
+from avatarfarm.egress import EgressPolicy
 from avatarfarm.v1 import types_pb2, workers_pb2, workers_pb2_grpc
 from workers.alignment import SyncEstimate
 from workers.encode import EncoderSettings, OutputError, OutputTarget
@@ -68,8 +69,10 @@ class WorkerAgent:
                  cpu_cores: int = 0, memory_bytes: int = 0, usage_epoch: int | None = None,
                  usage_history: int = 600,
                  scheduler_credentials: grpc.ChannelCredentials | None = None,
-                 scheduler_token_file: Path | None = None) -> None:
+                 scheduler_token_file: Path | None = None,
+                 egress: EgressPolicy | None = None) -> None:
         self.worker_id = worker_id
+        self.egress = egress or EgressPolicy()
         self.scheduler_address = scheduler_address
         # TLS to the scheduler (None: plain) and this worker's token, re-read when it changes.
         self.scheduler_credentials = scheduler_credentials
@@ -121,7 +124,8 @@ class WorkerAgent:
             self.rooms.pop(sid, None)
         try:
             spec = convert.spec_from_pb(msg.spec)
-            target = OutputTarget.resolve(spec.output.kind, spec.output.target, self.output_dir)
+            target = OutputTarget.resolve(spec.output.kind, spec.output.target, self.output_dir,
+                                          self.egress)
         except (InvalidRequest, OutputError) as e:
             self._report([self._update_pb(sid, types_pb2.SESSION_STATE_FAILED,
                                           f"bad assignment: {e}", None, msg.epoch)])
@@ -132,7 +136,7 @@ class WorkerAgent:
                     on_change=self._room_changed, on_sync=self._room_synced,
                     sync_interval_seconds=self.sync_interval, epoch=msg.epoch,
                     continuation=msg.continuation, stall_seconds=self.worker_timeout,
-                    on_stall=self._room_stalled)
+                    on_stall=self._room_stalled, egress=self.egress)
         self.rooms[sid] = room
         room.start()
         log.info("room %s (%s, %s, %s) started -> %s%s", sid, spec.room_id,

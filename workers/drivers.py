@@ -92,7 +92,7 @@ class LiveAudio:
     def __init__(self, max_seconds: float = LIVE_AUDIO_BUFFER_SECONDS) -> None:
         self._chunks: collections.deque[np.ndarray] = collections.deque()
         self._size = 0
-        self._max = int(max_seconds * SAMPLE_RATE)
+        self._max = round(max_seconds * SAMPLE_RATE)
         self._space = asyncio.Event()
         self._space.set()
         self._data = asyncio.Event()
@@ -101,6 +101,7 @@ class LiveAudio:
         self.underrun_samples = 0
         self.taken_samples = 0  # live samples the room has consumed (not the padding)
         self.closed = False
+        self._waiting = 0  # producers waiting for space
 
     @property
     def capacity(self) -> int:
@@ -122,16 +123,30 @@ class LiveAudio:
         # than the capacity waits for an empty buffer rather than forever.
         while not self.closed and self._size > 0 and self._size + samples.size > self._max:
             self._space.clear()
-            await self._space.wait()
+            self._waiting += 1
+            # A consumer waiting for more than is buffered must not wait for this chunk,
+            # which waits for it (see ``full``).
+            self._data.set()
+            try:
+                await self._space.wait()
+            finally:
+                self._waiting -= 1
         if self.closed:
             raise InputClosed("the room has ended")
         self._chunks.append(samples.astype(np.float32))
         self._size += samples.size
         self._data.set()
 
+    @property
+    def full(self) -> bool:
+        """A producer waits for space no one has freed since: the buffer holds all it will
+        hold until the consumer takes some."""
+        return self._waiting > 0 and not self._space.is_set()
+
     async def wait_for(self, n: int) -> None:
-        """Waits until ``n`` samples are buffered or no producer is connected."""
-        while self._size < n and self.producers > 0 and not self.closed:
+        """Waits until ``n`` samples are buffered, the buffer is full, or no producer is
+        connected (then ``take`` pads what is missing)."""
+        while self._size < n and self.producers > 0 and not self.closed and not self.full:
             self._data.clear()
             await self._data.wait()
 

@@ -48,7 +48,8 @@ from fractions import Fraction
 
 import numpy as np
 
-from avatarfarm.domain import DriveMode, Quality, ScriptSegment, SessionSpec
+from avatarfarm.domain import DriveMode, OutputKind, Quality, ScriptSegment, SessionSpec
+from avatarfarm.egress import EgressPolicy, check_resolved
 from workers.alignment import (
     AvDelay,
     DriftPolicy,
@@ -158,8 +159,10 @@ class Room:
                  live_input_wait: float = 10.0, sync_interval_seconds: float = 10.0,
                  video_lag_frames: int = 0, epoch: int = 0, continuation: int = 0,
                  stall_seconds: float = math.inf,
-                 on_stall: Callable[[Room, float], None] = lambda room, behind: None) -> None:
+                 on_stall: Callable[[Room, float], None] = lambda room, behind: None,
+                 egress: EgressPolicy | None = None) -> None:
         self.session_id = session_id
+        self.egress = egress or EgressPolicy()
         self.spec = spec
         self.target = target
         self.pipeline = pipeline
@@ -289,6 +292,10 @@ class Room:
         q = self.spec.quality
         try:
             avatar = await self._portrait(q.render_side)
+            if self.target.kind is OutputKind.RTMP:
+                # The addresses the ingest's name has now: a name that leads to a forbidden
+                # address fails the room before anything connects (the lookup runs on a thread).
+                await check_resolved(self.egress, self.target.location)
             self._encoder = EncoderThread(
                 StreamEncoder(self.target, q.width, q.height, q.fps, self.encoder_settings,
                               epoch=self.epoch, continuation=self.continuation),

@@ -18,12 +18,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from avatarfarm import client, tls
+from avatarfarm.egress import EgressPolicy
 from avatarfarm.serving import MetricsEndpoint, add_service, bind, server_options
 from avatarfarm.v1 import live_input_pb2
 from workers.agent import WorkerAgent
 from workers.batching import BatchPolicy
 from workers.config import WorkerConfig
 from workers.encode import EncoderSettings
+from workers.live_input import SERVER_OPTIONS as LIVE_INPUT_OPTIONS
 from workers.live_input import LiveInputService
 from workers.metrics import WorkerMetrics
 from workers.models.folder import ModelFolder
@@ -106,7 +108,7 @@ async def start(config: WorkerConfig) -> RunningWorker:
     # The metrics port first: a busy port fails before anything is serving.
     endpoint = MetricsEndpoint.start(config.metrics_port, config.metrics_host, metrics.registry)
     metrics_port = endpoint.port
-    server = grpc.aio.server(options=server_options(config.max_message_bytes))
+    server = grpc.aio.server(options=[*server_options(config.max_message_bytes), *LIVE_INPUT_OPTIONS])
     worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     agent_ref: list[WorkerAgent] = []
     add_service(server, live_input_pb2.DESCRIPTOR.services_by_name["LiveInputService"],
@@ -128,7 +130,10 @@ async def start(config: WorkerConfig) -> RunningWorker:
                         cpu_cores=os.cpu_count() or 1,
                         memory_bytes=device_memory_bytes(pipeline.provider, config.device_memory),
                         scheduler_credentials=link_credentials,
-                        scheduler_token_file=config.token_file)
+                        scheduler_token_file=config.token_file,
+                        egress=EgressPolicy.from_config(config.rtmp_allowed_hosts,
+                                                        config.rtmp_forbidden_hosts,
+                                                        config.rtmp_allowed_ports))
     agent_ref.append(agent)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("avatarfarm.v1.LiveInputService", health_pb2.HealthCheckResponse.SERVING)
