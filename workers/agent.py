@@ -31,7 +31,7 @@ from pathlib import Path
 
 import grpc
 
-from avatarfarm import convert
+from avatarfarm import client, convert
 from avatarfarm.domain import InvalidRequest, Quality, Stage, Tier
 from avatarfarm.egress import EgressPolicy
 from avatarfarm.v1 import types_pb2, workers_pb2, workers_pb2_grpc
@@ -425,8 +425,6 @@ class WorkerAgent:
 
     async def run(self) -> None:
         """Keeps the scheduler link up until cancelled."""
-        from avatarfarm import client
-
         backoff = 0.2
         token = client.TokenFile(self.scheduler_token_file) if self.scheduler_token_file else None
         async with client.channel(self.scheduler_address, credentials=self.scheduler_credentials,
