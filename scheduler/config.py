@@ -35,7 +35,8 @@ class SchedulerConfig:
     tenants: dict[str, TenantConfig] = field(
         {}, "per-tenant budgets and reservations, as [tenants.NAME] tables: concurrency_units, "
             "spend_budget, spend_period_seconds, on_budget_exhausted (degrade|stop), "
-            "grace_seconds, reserved_units, weight")
+            "grace_seconds, reserved_units, weight, api_keys_sha256, rate_limit_per_second, "
+            "rate_limit_burst")
     allow_unknown_tenants: bool = field(
         True, "admit rooms of tenants not listed in tenants (with no budget and no reservation)")
     degradation_ladder: list[str] = field(
