@@ -73,7 +73,8 @@ def _spec(pb: types_pb2.SessionSpec) -> SessionSpec:
     return SessionSpec(pb.tenant, pb.room_id, pb.avatar_id, drive,
                        Quality(pb.quality.width, pb.quality.height, pb.quality.fps), tier,
                        Output(kind, getattr(pb.output, which)), pb.max_duration_seconds,
-                       tuple(segments_from_pb(pb.script)))
+                       tuple(segments_from_pb(pb.script)), pb.platform, pb.product_category,
+                       pb.language)
 
 
 def spec_from_pb(pb: types_pb2.SessionSpec) -> SessionSpec:
@@ -148,7 +149,8 @@ def spec_to_pb(spec: SessionSpec) -> types_pb2.SessionSpec:
         quality=types_pb2.Quality(width=spec.quality.width, height=spec.quality.height,
                                   fps=spec.quality.fps),
         tier=_TIER_PB[spec.tier], output=out, max_duration_seconds=spec.max_duration_seconds,
-        script=segments_to_pb(spec.script))
+        script=segments_to_pb(spec.script), platform=spec.platform,
+        product_category=spec.product_category, language=spec.language)
 
 
 def state_to_pb(state: SessionState) -> types_pb2.SessionState:

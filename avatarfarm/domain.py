@@ -184,6 +184,11 @@ class SessionSpec:
     output: Output
     max_duration_seconds: float = 0.0
     script: tuple[ScriptSegment, ...] = ()
+    # Where it is shown, what it sells, in what language (the avatar's licence and the
+    # platform's policy are checked against them); empty: not stated.
+    platform: str = ""
+    product_category: str = ""
+    language: str = ""
 
 
 def _has_control(text: str) -> bool:
@@ -333,6 +338,10 @@ def validate_output(output: Output) -> None:
         raise InvalidRequest(f"file_path must end in .mp4 or .flv, got {output.target!r}")
 
 
+# BCP 47 as far as licences need it: language, optional script, region and variants.
+_LANGUAGE = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z]{4})?(-([A-Za-z]{2}|[0-9]{3}))?(-[A-Za-z0-9]{5,8})*")
+
+
 def validate_spec(spec: SessionSpec, limits: Limits = LIMITS) -> None:
     """Everything about a tenant's spec that can be checked without the scheduler's state."""
     validate_id("tenant", spec.tenant, limits=limits)
@@ -345,3 +354,8 @@ def validate_spec(spec: SessionSpec, limits: Limits = LIMITS) -> None:
         raise InvalidRequest(f"script segments are only for text-driven rooms; this room is "
                              f"{spec.drive_mode.value}-driven (push its live input to the worker)")
     validate_script(spec.script, limits)
+    validate_id("platform", spec.platform, required=False, limits=limits)
+    validate_id("product_category", spec.product_category, required=False, limits=limits)
+    if spec.language and not _LANGUAGE.fullmatch(spec.language):
+        raise InvalidRequest(f"language must be a BCP 47 tag such as 'en' or 'zh-CN', got "
+                             f"{spec.language[:32]!r}")

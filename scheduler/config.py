@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from avatarfarm.config import field
+from scheduler.platforms import PlatformPolicy
 from scheduler.tenants import TenantConfig
 
 
@@ -37,6 +38,11 @@ class SchedulerConfig:
             "spend_budget, spend_period_seconds, on_budget_exhausted (degrade|stop), "
             "grace_seconds, reserved_units, weight, api_keys_sha256, rate_limit_per_second, "
             "rate_limit_burst")
+    platforms: dict[str, PlatformPolicy] = field(
+        {}, "output platforms' policies, as [platforms.NAME] tables: label (burn a visible "
+            "AI-generated label), label_text, label_position (top-left|top-right|bottom-left|"
+            "bottom-right), label_size (fraction of the frame height), require_live_driver "
+            "(refuse text-driven rooms); unlisted platforms are labelled with the defaults")
     allow_unknown_tenants: bool = field(
         True, "admit rooms of tenants not listed in tenants (with no budget and no reservation)")
     degradation_ladder: list[str] = field(

@@ -40,7 +40,7 @@ from avatarfarm.domain import (
     validate_script,
 )
 from avatarfarm.egress import EgressPolicy, ForbiddenTarget
-from scheduler import placement, tenants
+from scheduler import placement, platforms, tenants
 from scheduler.admission import FairQueue
 from scheduler.config import SchedulerConfig
 from scheduler.errors import (
@@ -216,6 +216,9 @@ class Scheduler:
             self._avatars = (now, names)
         return names | self._worker_avatars.keys()
 
+    def platform(self, name: str) -> platforms.PlatformPolicy:
+        return self.config.platforms.get(name, platforms.DEFAULT_POLICY)
+
     def tenant(self, name: str) -> tenants.TenantConfig:
         t = self.config.tenants.get(name)
         if t is not None:
@@ -236,7 +239,8 @@ class Scheduler:
     def create(self, spec: SessionSpec, request_id: str = "") -> Session:
         try:
             self.egress.check(spec.output)
-        except ForbiddenTarget as e:
+            platforms.check_room(spec.platform, self.platform(spec.platform), spec.drive_mode)
+        except (ForbiddenTarget, platforms.PolicyRefused) as e:
             raise PermissionDenied(str(e)) from e
         if request_id:
             existing = self._requests.get((spec.tenant, request_id))
@@ -697,7 +701,8 @@ class Scheduler:
             s.spec, script=script,
             max_duration_seconds=max(1e-3, limit - base.stream_seconds) if limit > 0 else 0.0)
         conn.outbox.put_nowait(AssignCmd(s.session_id, spec, s.epoch, continuation,
-                                         base.stream_seconds))
+                                         base.stream_seconds,
+                                         self.platform(s.spec.platform).label_for()))
         if rendering is not None:
             conn.outbox.put_nowait(ReconfigureCmd(s.session_id, rendering, choice.step,
                                                   "placed degraded: capacity is short"))
@@ -862,6 +867,7 @@ class Scheduler:
 
     def _open_interval(self, s: Session, now: float) -> None:
         self.ledger.open(s.session_id, tenant=s.spec.tenant, avatar_id=s.spec.avatar_id,
+                         platform=s.spec.platform,
                          tier=s.spec.tier, quality=str(s.quality), worker_id=s.worker_id,
                          device_type=s.device_type or "unknown", units=s.units, now=now,
                          epoch=s.epoch)

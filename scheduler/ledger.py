@@ -49,6 +49,7 @@ class Interval:
     epoch: int = 0  # the room's assignment this interval belongs to
     mark_stream: float = 0.0  # the assignment's cumulative progress already counted
     mark_device: float = 0.0
+    platform: str = ""  # where the stream was shown (the room's spec)
 
     def share(self, start: float | None, end: float | None, now: float) -> float:
         """Fraction of this interval inside [start, end)."""
@@ -66,6 +67,7 @@ class Dimension(enum.Enum):
     TIER = "tier"
     AVATAR = "avatar"
     DEVICE_TYPE = "device_type"
+    PLATFORM = "platform"
 
 
 @dataclass(slots=True)
@@ -74,6 +76,7 @@ class UsageRow:
     tier: Tier | None = None
     avatar_id: str = ""
     device_type: str = ""
+    platform: str = ""
     sessions: set[str] = field(default_factory=set)
     stream_seconds: float = 0.0
     device_seconds: float = 0.0
@@ -110,7 +113,7 @@ class Ledger:
 
     def open(self, session_id: str, *, tenant: str, avatar_id: str, tier: Tier, quality: str,
              worker_id: str, device_type: str, units: float, now: float,
-             epoch: int = 0) -> Interval:
+             epoch: int = 0, platform: str = "") -> Interval:
         """Close the room's open interval (if any) and open one with these attributes.
         Within one assignment (a quality change) the mark carries over."""
         self.close(session_id, now)
@@ -120,7 +123,8 @@ class Ledger:
         iv = Interval(session_id, len(ivs), tenant, avatar_id, tier, quality, worker_id,
                       device_type, units, now, epoch=epoch,
                       mark_stream=last.mark_stream if same and last else 0.0,
-                      mark_device=last.mark_device if same and last else 0.0)
+                      mark_device=last.mark_device if same and last else 0.0,
+                      platform=platform)
         ivs.append(iv)
         self.dirty[(session_id, iv.idx)] = iv
         return iv
@@ -199,7 +203,8 @@ class Ledger:
                         tenant=iv.tenant if Dimension.TENANT in group_by else "",
                         tier=iv.tier if Dimension.TIER in group_by else None,
                         avatar_id=iv.avatar_id if Dimension.AVATAR in group_by else "",
-                        device_type=iv.device_type if Dimension.DEVICE_TYPE in group_by else "")
+                        device_type=iv.device_type if Dimension.DEVICE_TYPE in group_by else "",
+                        platform=iv.platform if Dimension.PLATFORM in group_by else "")
                 row.sessions.add(iv.session_id)
                 row.stream_seconds += iv.stream_seconds * share
                 row.device_seconds += iv.device_seconds * share
@@ -220,3 +225,5 @@ def _dim(iv: Interval, d: Dimension) -> object:
             return iv.avatar_id
         case Dimension.DEVICE_TYPE:
             return iv.device_type
+        case Dimension.PLATFORM:
+            return iv.platform

@@ -82,6 +82,7 @@ class EventKind(enum.Enum):
     PREEMPTED = "preempted"
     BUDGET = "budget"
     QUEUED = "queued"
+    LICENCE = "licence"  # the avatar's licence expired or was revoked
 
 
 @dataclass(frozen=True, slots=True)

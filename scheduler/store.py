@@ -85,6 +85,7 @@ CREATE TABLE IF NOT EXISTS usage_intervals (
     epoch INTEGER NOT NULL DEFAULT 0,
     mark_stream REAL NOT NULL DEFAULT 0,
     mark_device REAL NOT NULL DEFAULT 0,
+    platform TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (session_id, idx)
 );
 CREATE TABLE IF NOT EXISTS usage_cursors (
@@ -110,7 +111,7 @@ _ADDED_COLUMNS = (("units", "REAL NOT NULL DEFAULT 0"), ("step", "INTEGER NOT NU
                   ("assignments", "INTEGER NOT NULL DEFAULT 0"))
 
 _ADDED_USAGE = (("epoch", "INTEGER NOT NULL DEFAULT 0"), ("mark_stream", "REAL NOT NULL DEFAULT 0"),
-                ("mark_device", "REAL NOT NULL DEFAULT 0"))
+                ("mark_device", "REAL NOT NULL DEFAULT 0"), ("platform", "TEXT NOT NULL DEFAULT ''"))
 
 Op = Callable[[sqlite3.Connection], None]
 
@@ -229,23 +230,23 @@ class SqliteStore:
             rows = self._db.execute(
                 'SELECT session_id, idx, tenant, avatar_id, tier, quality, worker_id,'
                 ' device_type, units, start, "end", stream_seconds, device_seconds, epoch,'
-                ' mark_stream, mark_device FROM usage_intervals').fetchall()
+                ' mark_stream, mark_device, platform FROM usage_intervals').fetchall()
             cursors = {w: (e, q) for w, e, q in
                        self._db.execute("SELECT worker_id, epoch, seq FROM usage_cursors")}
         ivs = [Interval(sid, idx, tenant, avatar, Tier(tier), quality, worker, dev, units, start,
-                        end, stream, device, epoch, mark_s, mark_d)
+                        end, stream, device, epoch, mark_s, mark_d, platform)
                for (sid, idx, tenant, avatar, tier, quality, worker, dev, units, start, end, stream,
-                    device, epoch, mark_s, mark_d) in rows]
+                    device, epoch, mark_s, mark_d, platform) in rows]
         return ivs, cursors
 
     def put_usage(self, intervals: list[Interval], cursors: dict[str, tuple[int, int]]) -> None:
         rows = [(i.session_id, i.idx, i.tenant, i.avatar_id, i.tier.value, i.quality, i.worker_id,
                  i.device_type, i.units, i.start, i.end, i.stream_seconds, i.device_seconds,
-                 i.epoch, i.mark_stream, i.mark_device)
+                 i.epoch, i.mark_stream, i.mark_device, i.platform)
                 for i in intervals]  # a snapshot: the intervals change after this call
 
         def op(db: sqlite3.Connection) -> None:
-            db.executemany("INSERT OR REPLACE INTO usage_intervals VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            db.executemany("INSERT OR REPLACE INTO usage_intervals VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                            rows)
             db.executemany("INSERT OR REPLACE INTO usage_cursors VALUES (?,?,?)",
                            [(w, e, q) for w, (e, q) in cursors.items()])

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from avatarfarm.domain import Quality, ScriptSegment, SessionSpec
 from scheduler import placement
 from scheduler.placement import MemoryProfile
+from scheduler.platforms import Label
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +19,7 @@ class AssignCmd:
     epoch: int = 1
     continuation: int = 0  # earlier assignments of the room (its output continues)
     resumed_at: float = 0.0  # stream seconds the output already holds
+    label: Label | None = None  # burned into the frames, per the platform's policy
 
 
 @dataclass(frozen=True, slots=True)

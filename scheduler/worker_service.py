@@ -14,7 +14,7 @@ import grpc
 
 from avatarfarm import convert
 from avatarfarm.domain import InvalidRequest, SessionState, Stage
-from avatarfarm.v1 import workers_pb2, workers_pb2_grpc
+from avatarfarm.v1 import types_pb2, workers_pb2, workers_pb2_grpc
 from scheduler import placement
 from scheduler.core import Scheduler
 from scheduler.service import quality_to_pb
@@ -48,10 +48,12 @@ def profile_from_pb(profiles: Any, latency_budget: float = 0.0) -> placement.Wor
 
 def command_to_pb(cmd: WorkerCommand) -> workers_pb2.SchedulerMessage:
     match cmd:
-        case AssignCmd(sid, spec, epoch, continuation, resumed_at):
+        case AssignCmd(sid, spec, epoch, continuation, resumed_at, label):
             return workers_pb2.SchedulerMessage(assign=workers_pb2.Assign(
                 session_id=sid, spec=convert.spec_to_pb(spec), epoch=epoch,
-                continuation=continuation, resumed_at_seconds=resumed_at))
+                continuation=continuation, resumed_at_seconds=resumed_at,
+                label=types_pb2.Label(text=label.text, position=label.position.value,
+                                      size=label.size) if label is not None else None))
         case ReleaseCmd(sid, reason):
             return workers_pb2.SchedulerMessage(
                 release=workers_pb2.Release(session_id=sid, reason=reason))

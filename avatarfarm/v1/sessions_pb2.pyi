@@ -20,6 +20,7 @@ class SessionEventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SESSION_EVENT_KIND_PREEMPTED: _ClassVar[SessionEventKind]
     SESSION_EVENT_KIND_BUDGET: _ClassVar[SessionEventKind]
     SESSION_EVENT_KIND_QUEUED: _ClassVar[SessionEventKind]
+    SESSION_EVENT_KIND_LICENCE: _ClassVar[SessionEventKind]
 
 class UsageDimension(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -28,6 +29,7 @@ class UsageDimension(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     USAGE_DIMENSION_TIER: _ClassVar[UsageDimension]
     USAGE_DIMENSION_AVATAR: _ClassVar[UsageDimension]
     USAGE_DIMENSION_DEVICE_TYPE: _ClassVar[UsageDimension]
+    USAGE_DIMENSION_PLATFORM: _ClassVar[UsageDimension]
 SESSION_EVENT_KIND_UNSPECIFIED: SessionEventKind
 SESSION_EVENT_KIND_STATE: SessionEventKind
 SESSION_EVENT_KIND_DEGRADED: SessionEventKind
@@ -35,11 +37,13 @@ SESSION_EVENT_KIND_RESTORED: SessionEventKind
 SESSION_EVENT_KIND_PREEMPTED: SessionEventKind
 SESSION_EVENT_KIND_BUDGET: SessionEventKind
 SESSION_EVENT_KIND_QUEUED: SessionEventKind
+SESSION_EVENT_KIND_LICENCE: SessionEventKind
 USAGE_DIMENSION_UNSPECIFIED: UsageDimension
 USAGE_DIMENSION_TENANT: UsageDimension
 USAGE_DIMENSION_TIER: UsageDimension
 USAGE_DIMENSION_AVATAR: UsageDimension
 USAGE_DIMENSION_DEVICE_TYPE: UsageDimension
+USAGE_DIMENSION_PLATFORM: UsageDimension
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("spec", "request_id")
@@ -128,7 +132,7 @@ class GetUsageRequest(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., group_by: _Optional[_Iterable[_Union[UsageDimension, str]]] = ..., start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class UsageRow(_message.Message):
-    __slots__ = ("tenant", "tier", "avatar_id", "device_type", "sessions", "stream_seconds", "device_seconds", "compute_unit_seconds", "cost", "cost_per_stream_hour")
+    __slots__ = ("tenant", "tier", "avatar_id", "device_type", "sessions", "stream_seconds", "device_seconds", "compute_unit_seconds", "cost", "cost_per_stream_hour", "platform")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     AVATAR_ID_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +143,7 @@ class UsageRow(_message.Message):
     COMPUTE_UNIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     COST_FIELD_NUMBER: _ClassVar[int]
     COST_PER_STREAM_HOUR_FIELD_NUMBER: _ClassVar[int]
+    PLATFORM_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     tier: _types_pb2.Tier
     avatar_id: str
@@ -149,7 +154,8 @@ class UsageRow(_message.Message):
     compute_unit_seconds: float
     cost: float
     cost_per_stream_hour: float
-    def __init__(self, tenant: _Optional[str] = ..., tier: _Optional[_Union[_types_pb2.Tier, str]] = ..., avatar_id: _Optional[str] = ..., device_type: _Optional[str] = ..., sessions: _Optional[int] = ..., stream_seconds: _Optional[float] = ..., device_seconds: _Optional[float] = ..., compute_unit_seconds: _Optional[float] = ..., cost: _Optional[float] = ..., cost_per_stream_hour: _Optional[float] = ...) -> None: ...
+    platform: str
+    def __init__(self, tenant: _Optional[str] = ..., tier: _Optional[_Union[_types_pb2.Tier, str]] = ..., avatar_id: _Optional[str] = ..., device_type: _Optional[str] = ..., sessions: _Optional[int] = ..., stream_seconds: _Optional[float] = ..., device_seconds: _Optional[float] = ..., compute_unit_seconds: _Optional[float] = ..., cost: _Optional[float] = ..., cost_per_stream_hour: _Optional[float] = ..., platform: _Optional[str] = ...) -> None: ...
 
 class GetUsageResponse(_message.Message):
     __slots__ = ("rows", "as_of")

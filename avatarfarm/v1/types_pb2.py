@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61vatarfarm/v1/types.proto\x12\ravatarfarm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"5\n\x07Quality\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\x0b\n\x03\x66ps\x18\x03 \x01(\r\"N\n\x06Output\x12\x13\n\tfile_path\x18\x01 \x01(\tH\x00\x12\x11\n\x07hls_dir\x18\x02 \x01(\tH\x00\x12\x12\n\x08rtmp_url\x18\x03 \x01(\tH\x00\x42\x08\n\x06target\":\n\rScriptSegment\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1b\n\x13pause_after_seconds\x18\x02 \x01(\x01\"\xae\x02\n\x0bSessionSpec\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07room_id\x18\x02 \x01(\t\x12\x11\n\tavatar_id\x18\x03 \x01(\t\x12,\n\ndrive_mode\x18\x04 \x01(\x0e\x32\x18.avatarfarm.v1.DriveMode\x12\'\n\x07quality\x18\x05 \x01(\x0b\x32\x16.avatarfarm.v1.Quality\x12!\n\x04tier\x18\x06 \x01(\x0e\x32\x13.avatarfarm.v1.Tier\x12%\n\x06output\x18\x07 \x01(\x0b\x32\x15.avatarfarm.v1.Output\x12\x1c\n\x14max_duration_seconds\x18\x08 \x01(\x01\x12,\n\x06script\x18\t \x03(\x0b\x32\x1c.avatarfarm.v1.ScriptSegment\"\xda\x02\n\x0fSessionProgress\x12\x17\n\x0f\x66rames_rendered\x18\x01 \x01(\x04\x12\x13\n\x0blate_frames\x18\x02 \x01(\x04\x12\x16\n\x0estream_seconds\x18\x03 \x01(\x01\x12\x16\n\x0e\x64\x65vice_seconds\x18\x04 \x01(\x01\x12G\n\rstage_seconds\x18\x05 \x03(\x0b\x32\x30.avatarfarm.v1.SessionProgress.StageSecondsEntry\x12\x19\n\x11\x61v_offset_seconds\x18\x06 \x01(\x01\x12\x1d\n\x15\x61v_correction_seconds\x18\x07 \x01(\x01\x12\x13\n\x0bsync_checks\x18\x08 \x01(\r\x12\x1c\n\x14script_segments_done\x18\t \x01(\r\x1a\x33\n\x11StageSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xdb\x03\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12(\n\x04spec\x18\x02 \x01(\x0b\x32\x1a.avatarfarm.v1.SessionSpec\x12*\n\x05state\x18\x03 \x01(\x0e\x32\x1b.avatarfarm.v1.SessionState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x11\n\tworker_id\x18\x05 \x01(\t\x12\x16\n\x0einput_endpoint\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x08progress\x18\t \x01(\x0b\x32\x1e.avatarfarm.v1.SessionProgress\x12\x10\n\x08provider\x18\n \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x0b \x01(\t\x12)\n\trendering\x18\x0c \x01(\x0b\x32\x16.avatarfarm.v1.Quality\x12\x18\n\x10\x64\x65gradation_step\x18\r \x01(\r\x12\x15\n\rcompute_units\x18\x0e \x01(\x01\x12\x16\n\x0equeue_position\x18\x0f \x01(\r*h\n\tDriveMode\x12\x1a\n\x16\x44RIVE_MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44RIVE_MODE_TEXT\x10\x01\x12\x14\n\x10\x44RIVE_MODE_VOICE\x10\x02\x12\x14\n\x10\x44RIVE_MODE_MOCAP\x10\x03*W\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x10\n\x0cTIER_PREMIUM\x10\x01\x12\x11\n\rTIER_STANDARD\x10\x02\x12\x14\n\x10TIER_BEST_EFFORT\x10\x03*\xb0\x01\n\x0cSessionState\x12\x1d\n\x19SESSION_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15SESSION_STATE_PENDING\x10\x01\x12\x18\n\x14SESSION_STATE_PLACED\x10\x02\x12\x19\n\x15SESSION_STATE_RUNNING\x10\x03\x12\x17\n\x13SESSION_STATE_ENDED\x10\x04\x12\x18\n\x14SESSION_STATE_FAILED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61vatarfarm/v1/types.proto\x12\ravatarfarm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"5\n\x07Quality\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\x0b\n\x03\x66ps\x18\x03 \x01(\r\"N\n\x06Output\x12\x13\n\tfile_path\x18\x01 \x01(\tH\x00\x12\x11\n\x07hls_dir\x18\x02 \x01(\tH\x00\x12\x12\n\x08rtmp_url\x18\x03 \x01(\tH\x00\x42\x08\n\x06target\":\n\rScriptSegment\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1b\n\x13pause_after_seconds\x18\x02 \x01(\x01\"\xec\x02\n\x0bSessionSpec\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07room_id\x18\x02 \x01(\t\x12\x11\n\tavatar_id\x18\x03 \x01(\t\x12,\n\ndrive_mode\x18\x04 \x01(\x0e\x32\x18.avatarfarm.v1.DriveMode\x12\'\n\x07quality\x18\x05 \x01(\x0b\x32\x16.avatarfarm.v1.Quality\x12!\n\x04tier\x18\x06 \x01(\x0e\x32\x13.avatarfarm.v1.Tier\x12%\n\x06output\x18\x07 \x01(\x0b\x32\x15.avatarfarm.v1.Output\x12\x1c\n\x14max_duration_seconds\x18\x08 \x01(\x01\x12,\n\x06script\x18\t \x03(\x0b\x32\x1c.avatarfarm.v1.ScriptSegment\x12\x10\n\x08platform\x18\n \x01(\t\x12\x18\n\x10product_category\x18\x0b \x01(\t\x12\x10\n\x08language\x18\x0c \x01(\t\"5\n\x05Label\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x01\"\xda\x02\n\x0fSessionProgress\x12\x17\n\x0f\x66rames_rendered\x18\x01 \x01(\x04\x12\x13\n\x0blate_frames\x18\x02 \x01(\x04\x12\x16\n\x0estream_seconds\x18\x03 \x01(\x01\x12\x16\n\x0e\x64\x65vice_seconds\x18\x04 \x01(\x01\x12G\n\rstage_seconds\x18\x05 \x03(\x0b\x32\x30.avatarfarm.v1.SessionProgress.StageSecondsEntry\x12\x19\n\x11\x61v_offset_seconds\x18\x06 \x01(\x01\x12\x1d\n\x15\x61v_correction_seconds\x18\x07 \x01(\x01\x12\x13\n\x0bsync_checks\x18\x08 \x01(\r\x12\x1c\n\x14script_segments_done\x18\t \x01(\r\x1a\x33\n\x11StageSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xdb\x03\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12(\n\x04spec\x18\x02 \x01(\x0b\x32\x1a.avatarfarm.v1.SessionSpec\x12*\n\x05state\x18\x03 \x01(\x0e\x32\x1b.avatarfarm.v1.SessionState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x11\n\tworker_id\x18\x05 \x01(\t\x12\x16\n\x0einput_endpoint\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x08progress\x18\t \x01(\x0b\x32\x1e.avatarfarm.v1.SessionProgress\x12\x10\n\x08provider\x18\n \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x0b \x01(\t\x12)\n\trendering\x18\x0c \x01(\x0b\x32\x16.avatarfarm.v1.Quality\x12\x18\n\x10\x64\x65gradation_step\x18\r \x01(\r\x12\x15\n\rcompute_units\x18\x0e \x01(\x01\x12\x16\n\x0equeue_position\x18\x0f \x01(\r*h\n\tDriveMode\x12\x1a\n\x16\x44RIVE_MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44RIVE_MODE_TEXT\x10\x01\x12\x14\n\x10\x44RIVE_MODE_VOICE\x10\x02\x12\x14\n\x10\x44RIVE_MODE_MOCAP\x10\x03*W\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x10\n\x0cTIER_PREMIUM\x10\x01\x12\x11\n\rTIER_STANDARD\x10\x02\x12\x14\n\x10TIER_BEST_EFFORT\x10\x03*\xb0\x01\n\x0cSessionState\x12\x1d\n\x19SESSION_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15SESSION_STATE_PENDING\x10\x01\x12\x18\n\x14SESSION_STATE_PLACED\x10\x02\x12\x19\n\x15SESSION_STATE_RUNNING\x10\x03\x12\x17\n\x13SESSION_STATE_ENDED\x10\x04\x12\x18\n\x14SESSION_STATE_FAILED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,12 +34,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SESSIONPROGRESS_STAGESECONDSENTRY']._loaded_options = None
   _globals['_SESSIONPROGRESS_STAGESECONDSENTRY']._serialized_options = b'8\001'
-  _globals['_DRIVEMODE']._serialized_start=1404
-  _globals['_DRIVEMODE']._serialized_end=1508
-  _globals['_TIER']._serialized_start=1510
-  _globals['_TIER']._serialized_end=1597
-  _globals['_SESSIONSTATE']._serialized_start=1600
-  _globals['_SESSIONSTATE']._serialized_end=1776
+  _globals['_DRIVEMODE']._serialized_start=1521
+  _globals['_DRIVEMODE']._serialized_end=1625
+  _globals['_TIER']._serialized_start=1627
+  _globals['_TIER']._serialized_end=1714
+  _globals['_SESSIONSTATE']._serialized_start=1717
+  _globals['_SESSIONSTATE']._serialized_end=1893
   _globals['_QUALITY']._serialized_start=77
   _globals['_QUALITY']._serialized_end=130
   _globals['_OUTPUT']._serialized_start=132
@@ -47,11 +47,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCRIPTSEGMENT']._serialized_start=212
   _globals['_SCRIPTSEGMENT']._serialized_end=270
   _globals['_SESSIONSPEC']._serialized_start=273
-  _globals['_SESSIONSPEC']._serialized_end=575
-  _globals['_SESSIONPROGRESS']._serialized_start=578
-  _globals['_SESSIONPROGRESS']._serialized_end=924
-  _globals['_SESSIONPROGRESS_STAGESECONDSENTRY']._serialized_start=873
-  _globals['_SESSIONPROGRESS_STAGESECONDSENTRY']._serialized_end=924
-  _globals['_SESSION']._serialized_start=927
-  _globals['_SESSION']._serialized_end=1402
+  _globals['_SESSIONSPEC']._serialized_end=637
+  _globals['_LABEL']._serialized_start=639
+  _globals['_LABEL']._serialized_end=692
+  _globals['_SESSIONPROGRESS']._serialized_start=695
+  _globals['_SESSIONPROGRESS']._serialized_end=1041
+  _globals['_SESSIONPROGRESS_STAGESECONDSENTRY']._serialized_start=990
+  _globals['_SESSIONPROGRESS_STAGESECONDSENTRY']._serialized_end=1041
+  _globals['_SESSION']._serialized_start=1044
+  _globals['_SESSION']._serialized_end=1519
 # @@protoc_insertion_point(module_scope)

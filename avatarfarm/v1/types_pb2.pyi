@@ -76,7 +76,7 @@ class ScriptSegment(_message.Message):
     def __init__(self, text: _Optional[str] = ..., pause_after_seconds: _Optional[float] = ...) -> None: ...
 
 class SessionSpec(_message.Message):
-    __slots__ = ("tenant", "room_id", "avatar_id", "drive_mode", "quality", "tier", "output", "max_duration_seconds", "script")
+    __slots__ = ("tenant", "room_id", "avatar_id", "drive_mode", "quality", "tier", "output", "max_duration_seconds", "script", "platform", "product_category", "language")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     ROOM_ID_FIELD_NUMBER: _ClassVar[int]
     AVATAR_ID_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,9 @@ class SessionSpec(_message.Message):
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     MAX_DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SCRIPT_FIELD_NUMBER: _ClassVar[int]
+    PLATFORM_FIELD_NUMBER: _ClassVar[int]
+    PRODUCT_CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     room_id: str
     avatar_id: str
@@ -95,7 +98,20 @@ class SessionSpec(_message.Message):
     output: Output
     max_duration_seconds: float
     script: _containers.RepeatedCompositeFieldContainer[ScriptSegment]
-    def __init__(self, tenant: _Optional[str] = ..., room_id: _Optional[str] = ..., avatar_id: _Optional[str] = ..., drive_mode: _Optional[_Union[DriveMode, str]] = ..., quality: _Optional[_Union[Quality, _Mapping]] = ..., tier: _Optional[_Union[Tier, str]] = ..., output: _Optional[_Union[Output, _Mapping]] = ..., max_duration_seconds: _Optional[float] = ..., script: _Optional[_Iterable[_Union[ScriptSegment, _Mapping]]] = ...) -> None: ...
+    platform: str
+    product_category: str
+    language: str
+    def __init__(self, tenant: _Optional[str] = ..., room_id: _Optional[str] = ..., avatar_id: _Optional[str] = ..., drive_mode: _Optional[_Union[DriveMode, str]] = ..., quality: _Optional[_Union[Quality, _Mapping]] = ..., tier: _Optional[_Union[Tier, str]] = ..., output: _Optional[_Union[Output, _Mapping]] = ..., max_duration_seconds: _Optional[float] = ..., script: _Optional[_Iterable[_Union[ScriptSegment, _Mapping]]] = ..., platform: _Optional[str] = ..., product_category: _Optional[str] = ..., language: _Optional[str] = ...) -> None: ...
+
+class Label(_message.Message):
+    __slots__ = ("text", "position", "size")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    position: str
+    size: float
+    def __init__(self, text: _Optional[str] = ..., position: _Optional[str] = ..., size: _Optional[float] = ...) -> None: ...
 
 class SessionProgress(_message.Message):
     __slots__ = ("frames_rendered", "late_frames", "stream_seconds", "device_seconds", "stage_seconds", "av_offset_seconds", "av_correction_seconds", "sync_checks", "script_segments_done")

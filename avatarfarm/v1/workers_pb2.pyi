@@ -172,26 +172,30 @@ class UsageAck(_message.Message):
     def __init__(self, seq: _Optional[int] = ...) -> None: ...
 
 class Assign(_message.Message):
-    __slots__ = ("session_id", "spec", "epoch", "continuation", "resumed_at_seconds")
+    __slots__ = ("session_id", "spec", "epoch", "continuation", "resumed_at_seconds", "label")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     CONTINUATION_FIELD_NUMBER: _ClassVar[int]
     RESUMED_AT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     spec: _types_pb2.SessionSpec
     epoch: int
     continuation: int
     resumed_at_seconds: float
-    def __init__(self, session_id: _Optional[str] = ..., spec: _Optional[_Union[_types_pb2.SessionSpec, _Mapping]] = ..., epoch: _Optional[int] = ..., continuation: _Optional[int] = ..., resumed_at_seconds: _Optional[float] = ...) -> None: ...
+    label: _types_pb2.Label
+    def __init__(self, session_id: _Optional[str] = ..., spec: _Optional[_Union[_types_pb2.SessionSpec, _Mapping]] = ..., epoch: _Optional[int] = ..., continuation: _Optional[int] = ..., resumed_at_seconds: _Optional[float] = ..., label: _Optional[_Union[_types_pb2.Label, _Mapping]] = ...) -> None: ...
 
 class Release(_message.Message):
-    __slots__ = ("session_id", "reason")
+    __slots__ = ("session_id", "reason", "at_script_boundary")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    AT_SCRIPT_BOUNDARY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     reason: str
-    def __init__(self, session_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    at_script_boundary: bool
+    def __init__(self, session_id: _Optional[str] = ..., reason: _Optional[str] = ..., at_script_boundary: _Optional[bool] = ...) -> None: ...
 
 class Script(_message.Message):
     __slots__ = ("session_id", "segments")

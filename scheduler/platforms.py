@@ -1,0 +1,63 @@
+"""Output platforms' policies: what a platform requires of AI-generated streams.
+
+Platforms require AI-generated content to be labelled, and some require a live
+human driver (a voice or motion-capture performer) for virtual hosts. The policy
+of a room's platform decides the label burned into its frames and whether a
+text-driven room may stream there at all. Pure values; the core applies them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from avatarfarm.domain import DriveMode
+
+
+class LabelPosition(enum.Enum):
+    TOP_LEFT = "top-left"
+    TOP_RIGHT = "top-right"
+    BOTTOM_LEFT = "bottom-left"
+    BOTTOM_RIGHT = "bottom-right"
+
+
+@dataclass(frozen=True, slots=True)
+class Label:
+    text: str = "AI-generated"
+    position: LabelPosition = LabelPosition.TOP_RIGHT
+    size: float = 0.05  # text height as a fraction of the frame height
+
+
+@dataclass(frozen=True, slots=True)
+class PlatformPolicy:
+    label: bool = True
+    label_text: str = "AI-generated"
+    label_position: LabelPosition = LabelPosition.TOP_RIGHT
+    label_size: float = 0.05
+    # Virtual hosts must be driven live by a person: text-driven rooms are refused.
+    require_live_driver: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.02 <= self.label_size <= 0.25:
+            raise ValueError("label_size must be within 0.02..0.25 of the frame height")
+        if not self.label_text.isascii() or not 0 < len(self.label_text) <= 40 or \
+                not self.label_text.isprintable():
+            raise ValueError("label_text must be 1..40 printable ASCII characters")
+
+    def label_for(self) -> Label | None:
+        return Label(self.label_text, self.label_position, self.label_size) if self.label else None
+
+
+# Platforms not listed: labelled with the defaults (labelling is the safe default).
+DEFAULT_POLICY = PlatformPolicy()
+
+
+class PolicyRefused(Exception):
+    """A room the platform's policy does not allow (maps to PERMISSION_DENIED)."""
+
+
+def check_room(platform: str, policy: PlatformPolicy, drive: DriveMode) -> None:
+    if policy.require_live_driver and drive is DriveMode.TEXT:
+        raise PolicyRefused(
+            f"platform {platform!r} requires a live human driver for virtual hosts: use a "
+            "voice- or motion-capture-driven room, not a text-driven one")
