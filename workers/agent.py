@@ -38,6 +38,7 @@ from avatarfarm.v1 import types_pb2, workers_pb2, workers_pb2_grpc
 from workers.alignment import SyncEstimate
 from workers.encode import EncoderSettings, OutputError, OutputTarget
 from workers.engine import BatchKey, KeyStats
+from workers.label import LabelSpec
 from workers.metrics import WorkerMetrics
 from workers.pipeline import AUDIO_TO_MOTION_KEY, AVATAR_BYTES_PER_PIXEL, LIPSYNC_KEY, Pipeline
 from workers.profile import LatencyProfile
@@ -124,6 +125,12 @@ class WorkerAgent:
             self.rooms.pop(sid, None)
         try:
             spec = convert.spec_from_pb(msg.spec)
+            label = None
+            if msg.HasField("label"):
+                try:
+                    label = LabelSpec(msg.label.text, msg.label.position, msg.label.size)
+                except ValueError as e:
+                    raise InvalidRequest(str(e)) from e
             target = OutputTarget.resolve(spec.output.kind, spec.output.target, self.output_dir,
                                           self.egress)
         except (InvalidRequest, OutputError) as e:
@@ -135,7 +142,7 @@ class WorkerAgent:
                     output_margin_seconds=self.output_margin, encoder=self.encoder,
                     on_change=self._room_changed, on_sync=self._room_synced,
                     sync_interval_seconds=self.sync_interval, epoch=msg.epoch,
-                    continuation=msg.continuation, stall_seconds=self.worker_timeout,
+                    continuation=msg.continuation, stall_seconds=self.worker_timeout, label=label,
                     on_stall=self._room_stalled, egress=self.egress)
         self.rooms[sid] = room
         room.start()
@@ -405,7 +412,9 @@ class WorkerAgent:
                     self._assign(msg.assign)
                 elif kind == "release":
                     room = self.rooms.get(msg.release.session_id)
-                    if room is not None:
+                    if room is not None and msg.release.at_script_boundary:
+                        room.stop_at_script_boundary(msg.release.reason or "released")
+                    elif room is not None:
                         room.stop(msg.release.reason or "released by scheduler")
                 elif kind == "script":
                     room = self.rooms.get(msg.script.session_id)

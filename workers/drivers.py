@@ -49,6 +49,7 @@ class ScriptPlayer:
         # done once all of it has played, which is where a resumed room picks up.
         self._left: collections.deque[int] = collections.deque()
         self.segments_done = 0
+        self._start_more = True
 
     def append(self, segments: list[ScriptSegment] | tuple[ScriptSegment, ...]) -> None:
         self._segments.extend(segments)
@@ -57,9 +58,18 @@ class ScriptPlayer:
     def queued(self) -> int:
         return len(self._segments)
 
+    def finish_current(self) -> None:
+        """Starts no further segment: the one being spoken plays to its end, then silence."""
+        self._start_more = False
+
+    @property
+    def at_boundary(self) -> bool:
+        """Every segment started has been played to its end (its pause included)."""
+        return not self._left
+
     async def take(self, n: int) -> tuple[np.ndarray, bool]:
         """Next ``n`` samples, and whether any of them is speech."""
-        while self._audio.size < n and self._segments:
+        while self._audio.size < n and self._segments and self._start_more:
             seg = self._segments.popleft()
             speech, dt = await self._synthesize(seg.text)
             self.tts_seconds += dt

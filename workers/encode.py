@@ -431,7 +431,11 @@ class StreamEncoder:
 
     def __init__(self, target: OutputTarget, width: int, height: int, fps: int,
                  settings: EncoderSettings = EncoderSettings(), *,
-                 epoch: int = 0, continuation: int = 0) -> None:
+                 epoch: int = 0, continuation: int = 0,
+                 metadata: dict[str, str] | None = None) -> None:
+        # Container metadata (e.g. the AI-generated marking): MP4 and FLV carry a comment;
+        # MPEG-TS (HLS segments) carries it as the service's name.
+        self.metadata = dict(metadata or {})
         if epoch < 0 or continuation < 0:
             raise ValueError(f"epoch {epoch} and continuation {continuation} must be >= 0")
         self.target = target
@@ -492,6 +496,12 @@ class StreamEncoder:
             if self._hls is not None:
                 self._hls.discard()
             raise
+        if self.metadata:
+            tags = dict(self.metadata)
+            if fmt == "hls" and "comment" in tags:
+                tags.setdefault("service_name", tags["comment"][:64])
+                tags.setdefault("service_provider", "avatarfarm")
+            self._container.metadata.update(tags)
         s = self.settings
         codec = s.video_codec()
         v = self._container.add_stream(codec, rate=self.fps)

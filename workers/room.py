@@ -69,6 +69,7 @@ from workers.encode import (
     Superseded,
 )
 from workers.engine import DeadlineMissed
+from workers.label import LabelSpec, LabelStamp
 from workers.motion import IdleAnimator, compose
 from workers.pipeline import Pipeline, to_canvas
 
@@ -160,7 +161,7 @@ class Room:
                  video_lag_frames: int = 0, epoch: int = 0, continuation: int = 0,
                  stall_seconds: float = math.inf,
                  on_stall: Callable[[Room, float], None] = lambda room, behind: None,
-                 egress: EgressPolicy | None = None) -> None:
+                 egress: EgressPolicy | None = None, label: LabelSpec | None = None) -> None:
         self.session_id = session_id
         self.egress = egress or EgressPolicy()
         self.spec = spec
@@ -183,6 +184,8 @@ class Room:
         self.continuation = continuation
         self.stall_seconds = stall_seconds
         self.on_stall = on_stall
+        self.label = label
+        self._stop_at_boundary: str | None = None
         self.held = False  # output suspended until the scheduler confirms the room
         self.superseded = False  # moved to another worker: ends without writing more
         self.stats = RoomStats()
@@ -226,6 +229,15 @@ class Room:
         if self._stop_reason is None:
             self._stop_reason = reason
             self._stopped.set()
+
+    def stop_at_script_boundary(self, reason: str) -> None:
+        """Ends the room once the script segment being spoken has finished (at once for
+        rooms without a script): a licence that ended does not cut a sentence."""
+        if self.spec.drive_mode is not DriveMode.TEXT or self.script.at_boundary:
+            self.stop(reason)
+        else:
+            self.script.finish_current()
+            self._stop_at_boundary = reason
 
     def hold(self) -> None:
         """Write nothing more to the output until `release_hold` (frames made meanwhile
@@ -296,10 +308,22 @@ class Room:
                 # The addresses the ingest's name has now: a name that leads to a forbidden
                 # address fails the room before anything connects (the lookup runs on a thread).
                 await check_resolved(self.egress, self.target.location)
+            stamp = LabelStamp(self.label, q.width, q.height) if self.label else None
+
+            def prepare(frame: np.ndarray) -> np.ndarray:
+                rgb = to_canvas(frame, q.width, q.height, q.render_side)
+                if stamp is not None:
+                    # to_canvas may hand back a view of a cached portrait: stamp a copy.
+                    rgb = stamp.apply(np.array(rgb, copy=True))
+                return rgb
+
+            metadata = ({"comment": f"AI-generated content (label: {self.label.text})"}
+                        if self.label else {})
             self._encoder = EncoderThread(
                 StreamEncoder(self.target, q.width, q.height, q.fps, self.encoder_settings,
-                              epoch=self.epoch, continuation=self.continuation),
-                prepare=lambda frame: to_canvas(frame, q.width, q.height, q.render_side))
+                              epoch=self.epoch, continuation=self.continuation,
+                              metadata=metadata),
+                prepare=prepare)
             await self._frames(avatar)
         except asyncio.CancelledError:
             self._set(RoomState.FAILED, "worker shutting down")
@@ -386,6 +410,9 @@ class Room:
                 deadline = math.inf
             end = t + Fraction(1, q.fps)
             k = round(end * SAMPLE_RATE) - round(t * SAMPLE_RATE)
+            if self._stop_at_boundary is not None and self.script.at_boundary:
+                self.stop(self._stop_at_boundary)
+                break
             audio, speaking = await self._audio(mode, k)
             idle = self.idle.step()
             mel: np.ndarray | None = None
