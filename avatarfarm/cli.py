@@ -10,6 +10,7 @@ import secrets
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from avatarfarm import config as cfg
 
@@ -108,6 +109,67 @@ def _private(path: str, flags: int) -> int:
     return os.open(path, flags, 0o600)
 
 
+def _client_auth(args: argparse.Namespace) -> Any:
+    from avatarfarm.client import ClientAuth
+
+    return ClientAuth(ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file,
+                      tls=args.tls, token_file=args.token_file)
+
+
+def _rpc_failed(command: str, e: Any) -> int:
+    print(f"avatarfarm {command}: {e.code().name}: {e.details()}", file=sys.stderr)
+    return 1
+
+
+def _register_avatar(args: argparse.Namespace) -> int:
+    import grpc
+
+    from avatarfarm import avatar_client
+    from avatarfarm.v1 import avatars_pb2
+
+    licence = avatar_client.licence_from_toml(args.licence)
+    try:
+        image = args.image.read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read the image {args.image}: {e.strerror}") from e
+    voice = avatars_pb2.VoiceSettings(voice=args.voice, rate=args.voice_rate, pitch=args.voice_pitch)
+    try:
+        a = asyncio.run(avatar_client.register_avatar(
+            args.scheduler, avatar_id=args.avatar_id, image=image, licence=licence,
+            tenant=args.tenant, voice=voice, auth=_client_auth(args)))
+    except grpc.aio.AioRpcError as e:
+        return _rpc_failed("register-avatar", e)
+    print(f"avatar {a.avatar_id} registered for tenant {a.tenant}: {a.width}x{a.height}, "
+          f"image sha256 {a.image_sha256}")
+    return 0
+
+
+def _avatar_usage(args: argparse.Namespace) -> int:
+    import grpc
+
+    from avatarfarm import avatar_client
+
+    start = avatar_client.timestamp_of(args.start, "--start") if args.start else None
+    end = avatar_client.timestamp_of(args.end, "--end") if args.end else None
+    try:
+        usage = asyncio.run(avatar_client.avatar_usage(
+            args.scheduler, avatar_id=args.avatar, start=start, end=end, auth=_client_auth(args)))
+    except grpc.aio.AioRpcError as e:
+        return _rpc_failed("avatar-usage", e)
+    avatar_client.write_usage_csv(usage.rows, sys.stdout)
+    return 0
+
+
+def _add_client_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scheduler", required=True, metavar="HOST:PORT", help="the scheduler's gRPC address")
+    p.add_argument("--token-file", type=Path, default=None,
+                   help="file holding a bearer token (`avatarfarm token` mints one)")
+    p.add_argument("--tls", action="store_true", help="connect with TLS (system roots)")
+    p.add_argument("--ca-file", type=Path, default=None, help="PEM CA bundle to verify the scheduler")
+    p.add_argument("--cert-file", type=Path, default=None, help="PEM client certificate (mTLS)")
+    p.add_argument("--key-file", type=Path, default=None, help="PEM private key of --cert-file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from scheduler.config import SchedulerConfig
     from workers.config import WorkerConfig
@@ -177,6 +239,33 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--secret-file", type=Path, default=None,
                    help="file with the signing key (the scheduler's token_secret_file)")
     t.set_defaults(func=_token)
+
+    r = sub.add_parser(
+        "register-avatar", help="register an avatar's image with the licence it may be used under",
+        description="Uploads a PNG or JPEG portrait and its licence (a TOML file with the fields "
+                    "of the API's Licence: allowed_platforms, allowed_categories, "
+                    "forbidden_categories, allowed_languages, valid_from, valid_until, "
+                    "person_ref, consent_record_id). Registering an id again replaces the "
+                    "owner's image and licence.")
+    _add_client_arguments(r)
+    r.add_argument("--avatar-id", required=True, help="the avatar's id (rooms name it as avatar_id)")
+    r.add_argument("--image", type=Path, required=True, help="PNG or JPEG portrait, face-aligned")
+    r.add_argument("--licence", type=Path, required=True, help="TOML file with the licence")
+    r.add_argument("--tenant", default="", help="owner (required for operators; tenants: their own)")
+    r.add_argument("--voice", default="", help="TTS voice name (default: the worker's)")
+    r.add_argument("--voice-rate", type=float, default=0.0, help="words per minute (0: default)")
+    r.add_argument("--voice-pitch", type=float, default=0.0, help="0..99 (0: default)")
+    r.set_defaults(func=_register_avatar)
+
+    u = sub.add_parser(
+        "avatar-usage", help="print stream-hours and cost per avatar, platform and tenant as CSV",
+        description="Prints CSV (avatar_id, platform, tenant, sessions, stream_hours, cost) of "
+                    "the avatars the caller may see: a tenant's own, every avatar for an operator.")
+    _add_client_arguments(u)
+    u.add_argument("--avatar", default="", metavar="ID", help="one avatar only")
+    u.add_argument("--start", default=None, metavar="ISO", help="window start, e.g. 2025-06-01T00:00:00Z")
+    u.add_argument("--end", default=None, metavar="ISO", help="window end (default: now)")
+    u.set_defaults(func=_avatar_usage)
     return p
 
 

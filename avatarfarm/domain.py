@@ -359,3 +359,9 @@ def validate_spec(spec: SessionSpec, limits: Limits = LIMITS) -> None:
     if spec.language and not _LANGUAGE.fullmatch(spec.language):
         raise InvalidRequest(f"language must be a BCP 47 tag such as 'en' or 'zh-CN', got "
                              f"{spec.language[:32]!r}")
+
+
+def validate_language(name: str, value: str) -> None:
+    """A BCP 47 tag (language, optional script, region and variants), e.g. 'en', 'zh-CN'."""
+    if not _LANGUAGE.fullmatch(value):
+        raise InvalidRequest(f"{name} must be a BCP 47 tag such as 'en' or 'zh-CN', got {value[:32]!r}")

@@ -53,6 +53,7 @@ class SubjectKind(enum.Enum):
 class Service(enum.Enum):
     SESSIONS = "sessions"
     WORKERS = "workers"
+    AVATARS = "avatars"
 
 
 class Unauthenticated(Exception):
@@ -293,8 +294,9 @@ def principal_from_certificate(uris: Iterable[str]) -> Principal:
 
 
 def check_service(p: Principal, service: Service) -> None:
-    """Tenants and operators use the session API; workers and operators the worker stream."""
-    allowed = SubjectKind.TENANT if service is Service.SESSIONS else SubjectKind.WORKER
+    """Tenants and operators use the session and avatar APIs; workers and operators the
+    worker stream."""
+    allowed = SubjectKind.WORKER if service is Service.WORKERS else SubjectKind.TENANT
     if p.kind is not allowed and not p.admin:
         raise PermissionDenied(f"a {p.kind.value} credential cannot call the {service.value} "
                                f"API; it takes a {allowed.value} credential")

@@ -19,7 +19,18 @@ class SchedulerConfig:
     sync_to_disk: bool = field(
         True, "fsync every commit before answering (false: a scheduler crash still loses "
               "nothing, a host crash may lose the last commits; lower latency)")
-    avatar_dir: Path = field(Path("var/models/avatars"), "folder of known avatar images")
+    avatar_dir: Path = field(Path("var/models/avatars"), "folder of known avatar images (the "
+                                                         "workers' avatar folder: registered "
+                                                         "avatars' images are written here)")
+    require_licence: bool = field(
+        False, "refuse rooms whose avatar has no licence registered (local avatar files, the "
+               "built-in presenter included, then need RegisterAvatar too)")
+    licence_end_grace: float = field(
+        60.0, "seconds a worker has to end a room at its next script boundary once the avatar's "
+              "licence is revoked or expires; then the scheduler ends the room")
+    avatar_image_max_bytes: int = field(
+        3 * 1024 * 1024, "largest reference image RegisterAvatar accepts (RESOURCE_EXHAUSTED "
+                         "beyond; keep it below max_message_bytes, which bounds the whole request)")
     device_prices: dict[str, float] = field(
         {"cpu": 0.10, "l4": 0.80, "h100": 4.00, "h200": 5.00},
         "price per device-hour by device type, in your currency")

@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 from avatarfarm.avatars import list_avatars
 from avatarfarm.domain import (
@@ -42,6 +43,7 @@ from avatarfarm.domain import (
 from avatarfarm.egress import EgressPolicy, ForbiddenTarget
 from scheduler import placement, platforms, tenants
 from scheduler.admission import FairQueue
+from scheduler.avatars import AuditAction, AvatarRegistry, RegisteredAvatar
 from scheduler.config import SchedulerConfig
 from scheduler.errors import (
     AlreadyExists,
@@ -52,6 +54,7 @@ from scheduler.errors import (
 )
 from scheduler.ladder import Ladder
 from scheduler.ledger import Dimension, UsageRow
+from scheduler.licences import Refusal
 from scheduler.metering import Metering
 from scheduler.metrics import SchedulerMetrics
 from scheduler.placement import ActionKind, Fleet, RoomReq, WorkerState
@@ -140,6 +143,10 @@ class Scheduler:
         self._last_assignment = 0
         ivs, cursors = store.load_usage()
         self.ledger.load(ivs, cursors)
+        self.avatars = AvatarRegistry(store)
+        # Rooms whose avatar's licence ended, winding down on their worker: session ->
+        # (when the scheduler ends it itself, why). They are never placed again.
+        self._licence_ending: dict[str, tuple[float, str]] = {}
         for s in store.load_sessions():
             self._seq = max(self._seq, s.seq)
             self._last_assignment = max(self._last_assignment, s.epoch)
@@ -267,6 +274,9 @@ class Scheduler:
         if over is not None:
             self.metrics.budget_refusals.labels(over.kind.value).inc()
             raise BudgetExceeded(over.message)
+        refusal, _ = self.avatars.admit(spec, now, require_licence=self.config.require_licence)
+        if refusal is not None:
+            self._refuse_likeness(spec, refusal, now)
         guaranteed = tenants.guaranteed(t, spec.tier, units, self._reserved[spec.tenant])
         self._seq += 1
         s = Session(uuid.uuid4().hex, spec, SessionState.PENDING, self._seq, now, now, request_id,
@@ -369,6 +379,47 @@ class Scheduler:
     def spent(self, tenant: str, now: float) -> float:
         return self.metering.spent(tenant, now)
 
+    # -- avatars ------------------------------------------------------------------
+
+    def claim_avatar(self, avatar_id: str, tenant: str, *, operator: bool) -> None:
+        """Refuses an avatar id `tenant` may not register (asked again on registration:
+        the image is processed in between)."""
+        self.tenant(tenant)
+        self.avatars.claim(avatar_id, tenant, local=self.known_avatars(), operator=operator)
+
+    def register_avatar(self, avatar: RegisteredAvatar, *, operator: bool) -> RegisteredAvatar:
+        self.claim_avatar(avatar.avatar_id, avatar.tenant, operator=operator)
+        a = self.avatars.register(avatar, self.clock())
+        self._schedule_flush()
+        self.enforce_licences()  # a new licence may no longer allow rooms running under the old
+        return a
+
+    def revoke_licence(self, avatar_id: str, reason: str) -> RegisteredAvatar:
+        a = self.avatars.revoke(avatar_id, reason, self.clock())
+        self._schedule_flush()
+        self.enforce_licences()
+        return a
+
+    def avatar_images_changed(self) -> None:
+        """An image was written to avatar_dir: the next look at the folder is fresh."""
+        self._avatars = (-1.0, frozenset())
+
+    def _refuse_likeness(self, spec: SessionSpec, refusal: Refusal, now: float) -> NoReturn:
+        self.metrics.licence_refusals.labels(refusal.clause).inc()
+        message = refusal.explain(spec.avatar_id)
+        self.avatars.audit(AuditAction.REFUSED, spec.avatar_id, spec.tenant, now,
+                           room_id=spec.room_id, platform=spec.platform, clause=refusal.clause,
+                           detail=message)
+        self._schedule_flush()
+        raise PermissionDenied(message)
+
+    def _audit_room(self, action: AuditAction, s: Session, now: float, detail: str = "") -> None:
+        refusal, clause = self.avatars.admit(s.spec, now, require_licence=False)
+        self.avatars.audit(action, s.spec.avatar_id, s.spec.tenant, now, session_id=s.session_id,
+                           room_id=s.spec.room_id, platform=s.spec.platform,
+                           worker_id=s.worker_id,
+                           clause=refusal.clause if refusal is not None else clause, detail=detail)
+
     # -- worker API -------------------------------------------------------------
 
     def register_worker(self, worker_id: str, *, device_type: str, provider: str,
@@ -418,6 +469,9 @@ class Scheduler:
                 self._commit(s)
                 if orphaned:
                     self._open_interval(s, now)
+                if sid in self._licence_ending:  # its licence ended while the worker was away
+                    conn.outbox.put_nowait(ReleaseCmd(sid, self._licence_ending[sid][1],
+                                                      at_script_boundary=True))
         kept = {sid for sid, _ in confirmed}
         for s in [x for x in self.sessions.values()
                   if x.worker_id == worker_id and x.state in _LIVE and x.session_id not in kept]:
@@ -694,6 +748,7 @@ class Scheduler:
                      f"placed at {choice.quality}, step {choice.step}" if choice.step else "")
         if step_changed and choice.step:
             self.metrics.degradations.labels(s.spec.tier.value, "down").inc()
+        self._audit_room(AuditAction.ROOM_STARTED, s, now, f"assignment {s.assignments}")
         self._open_interval(s, now)
         script = tuple(self._scripts.get(s.session_id, ()))[base.script_segments_done:]
         limit = s.spec.max_duration_seconds
@@ -807,6 +862,44 @@ class Scheduler:
                     if step > s.step:
                         self._restep(s, step, now, f"{msg}; degraded by the tenant's policy")
 
+    def enforce_licences(self) -> None:
+        """Rooms whose avatar's licence was revoked, ran out, or was replaced by one that no
+        longer allows them end at their next script boundary: the worker finishes the
+        segment being spoken and reports the room ended. A room with no worker ends at
+        once, and one its worker has not ended within licence_end_grace is ended here."""
+        now = self.clock()
+        due = self.avatars.due(now)
+        if due:
+            for sid in [sid for sid in self._rooms.values()
+                        if self.sessions[sid].spec.avatar_id in due and sid not in self._licence_ending]:
+                s = self.sessions[sid]
+                refusal, _ = self.avatars.admit(s.spec, now, require_licence=False)
+                if refusal is not None:
+                    self._end_for_licence(s, refusal, now)
+        for sid, (deadline, why) in list(self._licence_ending.items()):
+            if now >= deadline:
+                self.end(sid, f"{why}; the worker did not end it within "
+                              f"{self.config.licence_end_grace:g} s")
+
+    def _end_for_licence(self, s: Session, refusal: Refusal, now: float) -> None:
+        why = refusal.explain(s.spec.avatar_id)
+        self.metrics.licence_endings.labels(refusal.clause).inc()
+        self.avatars.audit(AuditAction.LICENCE_ENDED, s.spec.avatar_id, s.spec.tenant, now,
+                           session_id=s.session_id, room_id=s.spec.room_id,
+                           platform=s.spec.platform, worker_id=s.worker_id,
+                           clause=refusal.clause, detail=why)
+        if s.state is SessionState.PENDING or not s.worker_id:
+            why += "; the room is ended"
+            self._commit(s.moved(s.state, now, reason=why), EventKind.LICENCE, why)
+            self.end(s.session_id, why)
+            return
+        why += "; the room ends at its next script boundary"
+        self._licence_ending[s.session_id] = (now + self.config.licence_end_grace, why)
+        conn = self.workers.get(s.worker_id)
+        if conn is not None:
+            conn.outbox.put_nowait(ReleaseCmd(s.session_id, why, at_script_boundary=True))
+        self._commit(s.moved(s.state, now, reason=why), EventKind.LICENCE, why)
+
     def check_heartbeats(self) -> None:
         deadline = self.clock() - self.config.worker_timeout
         for conn in list(self.workers.values()):
@@ -829,6 +922,7 @@ class Scheduler:
         self.check_heartbeats()
         self.check_orphans()
         self.enforce_budgets()
+        self.enforce_licences()
         self.place_pending()
         self.step_up()
         if self.clock() >= self._next_usage_flush:
@@ -859,6 +953,9 @@ class Scheduler:
 
     def _to_pending(self, s: Session, now: float, why: str,
                     kind: EventKind = EventKind.STATE) -> None:
+        if s.session_id in self._licence_ending:
+            self.end(s.session_id, f"{why}; not re-placed: {self._licence_ending[s.session_id][1]}")
+            return
         self.fleet.release(s.session_id)
         self.ledger.close(s.session_id, now)
         s = s.moved(SessionState.PENDING, now, worker_id="", input_endpoint="", reason=why)
@@ -952,6 +1049,9 @@ class Scheduler:
             self.queue.remove(s.session_id)
             self.fleet.release(s.session_id)
             self.ledger.close(s.session_id, s.updated_at)
+            self._licence_ending.pop(s.session_id, None)
+            if s.assignments:
+                self._audit_room(AuditAction.ROOM_ENDED, s, s.updated_at, s.reason)
         if prev is None or prev.state is not s.state:
             self.metrics.session_moved(None if prev is None else (prev.state, prev.spec.tier),
                                        (s.state, s.spec.tier), self._counts)

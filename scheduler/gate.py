@@ -1,8 +1,8 @@
-"""The scheduler's front door: each call of the session and worker APIs passes here
+"""The scheduler's front door: each call of the session, avatar and worker APIs passes here
 before its servicer (see avatarfarm.serving.add_service). It reads what the call
 carried (``authorization: Bearer``, ``x-api-key``, the verified client certificate),
 asks scheduler.auth who that is and whether they may use this API, applies the
-tenant's rate limit to session calls, and refuses with UNAUTHENTICATED,
+tenant's rate limit to session and avatar calls, and refuses with UNAUTHENTICATED,
 PERMISSION_DENIED or RESOURCE_EXHAUSTED; what it admits, the servicer reads with
 `caller()`. On the worker stream it also checks that every Register names the
 worker its credential is for.
@@ -28,7 +28,8 @@ from scheduler.ratelimit import RateLimiter
 log = logging.getLogger(__name__)
 
 SERVICES = {"avatarfarm.v1.SessionService": Service.SESSIONS,
-            "avatarfarm.v1.WorkerService": Service.WORKERS}
+            "avatarfarm.v1.WorkerService": Service.WORKERS,
+            "avatarfarm.v1.AvatarService": Service.AVATARS}
 WORKER_CONNECT = "/avatarfarm.v1.WorkerService/Connect"
 
 # Set by the gate in the call's own task, read by the servicer in the same task.
@@ -100,7 +101,7 @@ class Gate:
             log.info("refused %s from %s: %s", method, context.peer(), e)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
             raise
-        if service is Service.SESSIONS and p.kind is auth.SubjectKind.TENANT:
+        if service in (Service.SESSIONS, Service.AVATARS) and p.kind is auth.SubjectKind.TENANT:
             throttled = self.limiter.admit(p.name)
             if throttled is not None:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, throttled.message)

@@ -1,6 +1,7 @@
 """The scheduler's Prometheus metrics, declared once. Labels are bounded:
-state, tier and device type, never a session or room id; tenants only when the
-operator turns tenant metrics on, and then only the configured tenants."""
+state, tier, device type and licence clause, never a session, room or avatar
+id; tenants only when the operator turns tenant metrics on, and then only the
+configured tenants."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from avatarfarm.domain import SessionState, Tier
+from scheduler.avatars import REFUSAL_CLAUSES
 from scheduler.cost import CostBook, UsageDelta
 
 
@@ -58,6 +60,12 @@ class SchedulerMetrics:
         self.budget_refusals = Counter("avatarfarm_budget_refusals",
                                        "Rooms refused because a tenant budget would be exceeded",
                                        ["budget"], registry=r)
+        self.licence_refusals = Counter(
+            "avatarfarm_licence_refusals", "Rooms refused by their avatar's licence, by the clause "
+            "that refused them", ["clause"], registry=r)
+        self.licence_endings = Counter(
+            "avatarfarm_licence_ended_rooms", "Running rooms ended because their avatar's licence "
+            "was revoked, expired or no longer allows them, by clause", ["clause"], registry=r)
         self.usage_reports = Counter("avatarfarm_usage_reports",
                                      "Worker usage reports: applied, duplicate (a retry, ignored), "
                                      "lost (sequence gaps)", ["outcome"], registry=r)
@@ -77,6 +85,9 @@ class SchedulerMetrics:
             self.usage_reports.labels(outcome)
         for budget in ("concurrency", "spend"):
             self.budget_refusals.labels(budget)
+        for clause in REFUSAL_CLAUSES:
+            self.licence_refusals.labels(clause)
+            self.licence_endings.labels(clause)
 
     def session_counts(self, counts: Tally[tuple[SessionState, Tier]]) -> None:
         for tier in Tier:

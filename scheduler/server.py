@@ -1,7 +1,7 @@
-"""Runs the scheduler process: gRPC API (sessions, workers, health), the
+"""Runs the scheduler process: gRPC API (sessions, avatars, workers, health), the
 Prometheus endpoint and the placement loop, with a clean shutdown on SIGTERM.
 
-The session and worker APIs sit behind the gate (authentication, authorisation,
+The session, avatar and worker APIs sit behind the gate (authentication, authorisation,
 rate limits) and strict request decoding; health stays open, for probes."""
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from avatarfarm import tls
 from avatarfarm.serving import MetricsEndpoint, add_service, bind, server_options
-from avatarfarm.v1 import sessions_pb2, workers_pb2
+from avatarfarm.v1 import avatars_pb2, sessions_pb2, workers_pb2
 from scheduler import auth
+from scheduler.avatar_service import AvatarService
 from scheduler.config import SchedulerConfig
 from scheduler.core import Scheduler
 from scheduler.gate import Gate
@@ -33,7 +34,8 @@ from scheduler.worker_service import WorkerService
 
 log = logging.getLogger(__name__)
 
-SERVICES = ("avatarfarm.v1.SessionService", "avatarfarm.v1.WorkerService")
+SERVICES = ("avatarfarm.v1.SessionService", "avatarfarm.v1.WorkerService",
+            "avatarfarm.v1.AvatarService")
 
 
 @dataclass
@@ -130,6 +132,8 @@ async def start(config: SchedulerConfig) -> RunningScheduler:
                 SessionService(core), gate=gate)
     add_service(server, workers_pb2.DESCRIPTOR.services_by_name["WorkerService"],
                 WorkerService(core), gate=gate, check=gate.check)
+    add_service(server, avatars_pb2.DESCRIPTOR.services_by_name["AvatarService"],
+                AvatarService(core), gate=gate)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:

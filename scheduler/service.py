@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_STATUS: dict[type[Exception], grpc.StatusCode] = {
+ERROR_STATUS: dict[type[Exception], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
@@ -65,8 +65,8 @@ _DIMENSIONS = {
 async def _guard(context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
     try:
         return fn()
-    except tuple(_STATUS) as e:
-        await context.abort(_STATUS[type(e)], str(e))
+    except tuple(ERROR_STATUS) as e:
+        await context.abort(ERROR_STATUS[type(e)], str(e))
         raise  # unreachable: abort raises
 
 

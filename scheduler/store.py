@@ -8,6 +8,7 @@ can replace SQLite by implementing the same Protocol.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -17,7 +18,9 @@ from typing import Protocol
 from avatarfarm import convert
 from avatarfarm.domain import Progress, Quality, ScriptSegment, SessionState, Tier
 from avatarfarm.v1 import types_pb2
+from scheduler.avatars import AuditAction, AuditEntry, RegisteredAvatar, VoiceSettings
 from scheduler.ledger import Interval
+from scheduler.licences import Licence
 from scheduler.state import Session
 
 
@@ -35,6 +38,13 @@ class Store(Protocol):
     def script(self, session_id: str) -> list[ScriptSegment]: ...
     def load_usage(self) -> tuple[list[Interval], dict[str, tuple[int, int]]]: ...
     def put_usage(self, intervals: list[Interval], cursors: dict[str, tuple[int, int]]) -> None: ...
+    def load_avatars(self) -> list[RegisteredAvatar]: ...
+    def put_avatar(self, avatar: RegisteredAvatar) -> None: ...
+    def append_audit(self, entry: AuditEntry) -> None: ...
+    def last_audit_seq(self) -> int: ...
+    def audit_entries(self, avatar_id: str, after_seq: int, limit: int) -> list[AuditEntry]:
+        """Committed entries only, and safe to call from any thread (a read that may
+        wait on the disk belongs off the event loop)."""
     def commit(self) -> None: ...
     def commit_async(self) -> concurrent.futures.Future[None]: ...
     def close(self) -> None: ...
@@ -93,6 +103,38 @@ CREATE TABLE IF NOT EXISTS usage_cursors (
     epoch INTEGER NOT NULL,
     seq INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS avatars (
+    avatar_id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    licence TEXT NOT NULL,
+    voice TEXT NOT NULL,
+    image_sha256 TEXT NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    registered_at REAL NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0,
+    revoked_reason TEXT NOT NULL DEFAULT '',
+    revoked_at REAL
+);
+CREATE TABLE IF NOT EXISTS audit_log (
+    seq INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    avatar_id TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    action TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    room_id TEXT NOT NULL,
+    platform TEXT NOT NULL,
+    worker_id TEXT NOT NULL,
+    clause TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_log_avatar ON audit_log (avatar_id, seq);
+-- The audit log only grows: what was written stays as written.
+CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TABLE IF NOT EXISTS script_segments (
     session_id TEXT NOT NULL,
     idx INTEGER NOT NULL,
@@ -281,6 +323,57 @@ class SqliteStore:
                 (session_id,)).fetchall()
         return [ScriptSegment(t, p) for t, p in rows]
 
+    def load_avatars(self) -> list[RegisteredAvatar]:
+        self.commit()
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT avatar_id, tenant, licence, voice, image_sha256, width, height,"
+                " registered_at, revoked, revoked_reason, revoked_at FROM avatars"
+                " ORDER BY avatar_id").fetchall()
+        return [RegisteredAvatar(aid, tenant, _licence(lic), registered, VoiceSettings(**json.loads(voice)),
+                                 sha, width, height, bool(revoked), why, revoked_at)
+                for (aid, tenant, lic, voice, sha, width, height, registered, revoked, why,
+                     revoked_at) in rows]
+
+    def put_avatar(self, avatar: RegisteredAvatar) -> None:
+        a = avatar
+        row = (a.avatar_id, a.tenant, _licence_json(a.licence),
+               json.dumps({"voice": a.voice.voice, "rate": a.voice.rate, "pitch": a.voice.pitch}),
+               a.image_sha256, a.width, a.height, a.registered_at, int(a.revoked),
+               a.revoked_reason, a.revoked_at)
+
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR REPLACE INTO avatars VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
+
+        self._queue(op)
+
+    def append_audit(self, entry: AuditEntry) -> None:
+        e = entry
+        row = (e.seq, e.at, e.avatar_id, e.tenant, e.action.value, e.session_id, e.room_id,
+               e.platform, e.worker_id, e.clause, e.detail)
+
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO audit_log VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
+
+        self._queue(op)
+
+    def last_audit_seq(self) -> int:
+        self.commit()
+        with self._lock:
+            (seq,) = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM audit_log").fetchone()
+        return int(seq)
+
+    def audit_entries(self, avatar_id: str, after_seq: int, limit: int) -> list[AuditEntry]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, at, avatar_id, tenant, action, session_id, room_id, platform,"
+                " worker_id, clause, detail FROM audit_log WHERE avatar_id=? AND seq>?"
+                " ORDER BY seq LIMIT ?", (avatar_id, after_seq, limit)).fetchall()
+        return [AuditEntry(seq, at, aid, tenant, AuditAction(action), sid, room, platform, worker,
+                           clause, detail)
+                for (seq, at, aid, tenant, action, sid, room, platform, worker, clause, detail)
+                in rows]
+
     def close(self) -> None:
         self.commit()
         self._writer.shutdown()
@@ -295,6 +388,23 @@ def _quality(text: str) -> Quality | None:
     return Quality(int(w), int(h), int(fps))
 
 
+def _licence_json(lic: Licence) -> str:
+    return json.dumps({
+        "person_ref": lic.person_ref, "consent_record_id": lic.consent_record_id,
+        "allowed_platforms": list(lic.allowed_platforms),
+        "allowed_categories": list(lic.allowed_categories),
+        "forbidden_categories": list(lic.forbidden_categories),
+        "allowed_languages": list(lic.allowed_languages),
+        "valid_from": lic.valid_from, "valid_until": lic.valid_until,
+        "live_voice_conversion": lic.live_voice_conversion}, sort_keys=True)
+
+
+def _licence(text: str) -> Licence:
+    d = json.loads(text)
+    return Licence(d["person_ref"], d["consent_record_id"], tuple(d["allowed_platforms"]),
+                   tuple(d["allowed_categories"]), tuple(d["forbidden_categories"]),
+                   tuple(d["allowed_languages"]), d["valid_from"], d["valid_until"],
+                   d["live_voice_conversion"])
 
 
 def _progress(blob: bytes) -> Progress:

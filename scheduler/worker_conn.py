@@ -26,6 +26,8 @@ class AssignCmd:
 class ReleaseCmd:
     session_id: str
     reason: str
+    # Finish the script segment being spoken, then end (the avatar's licence ended).
+    at_script_boundary: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
+
+import av
+
 from avatarfarm.domain import (
     DriveMode,
     Output,
@@ -12,7 +17,9 @@ from avatarfarm.domain import (
     Stage,
     Tier,
 )
+from scheduler.licences import Licence
 from scheduler.placement import MemoryProfile, RoomReq, StageCost, WorkerProfile, WorkerState
+from workers.models.avatar import draw_default_avatar
 
 
 def make_spec(room_id: str = "room-1", *, tenant: str = "vendor", drive: DriveMode = DriveMode.TEXT,
@@ -54,3 +61,37 @@ def make_room(session_id: str = "s1", *, seq: int = 1, tier: Tier = Tier.STANDAR
               drive: DriveMode = DriveMode.TEXT, quality: Quality = Quality(512, 512, 25),
               tenant: str = "vendor", avatar: str = "presenter") -> RoomReq:
     return RoomReq(session_id, tenant, avatar, quality, drive, tier, seq)
+
+
+def make_licence(**kw: object) -> Licence:
+    """A licence restricting only what the test names (lists as tuples)."""
+    return Licence(**{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()})  # type: ignore[arg-type]
+
+
+def _encode(codec: str, pix_fmt: str, side: int) -> bytes:
+    frame = av.VideoFrame.from_ndarray(draw_default_avatar(side), format="rgb24")
+    ctx = av.CodecContext.create(codec, "w")
+    ctx.width = ctx.height = side
+    ctx.pix_fmt = pix_fmt
+    return b"".join(bytes(p) for p in [*ctx.encode(frame.reformat(format=pix_fmt)), *ctx.encode(None)])
+
+
+def png_image(side: int = 96) -> bytes:
+    """A small portrait as a PNG file's bytes."""
+    return _encode("png", "rgb24", side)
+
+
+def jpeg_image(side: int = 96) -> bytes:
+    return _encode("mjpeg", "yuvj420p", side)
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png_bomb(width: int = 50_000, height: int = 50_000) -> bytes:
+    """A valid, tiny PNG declaring a huge canvas: one compressed run of zeros, which a
+    decoder that trusted the header would inflate into width x height x 3 bytes."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
+            + png_chunk(b"IDAT", zlib.compress(bytes(1 << 20), 9)) + png_chunk(b"IEND", b""))

@@ -74,7 +74,7 @@ class Pipeline:
         self.engine = InferenceEngine(policy)
         self._tts = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tts")
         # Filled on the TTS thread, read by the agent on the event loop.
-        self._avatars: dict[tuple[str, int], np.ndarray] = {}
+        self._avatars: dict[tuple[str, int], tuple[tuple[int, int, int], np.ndarray]] = {}
         self._avatars_lock = threading.Lock()
         self.models_bytes = sum(p.stat().st_size for p in (
             folder.audio_to_motion, folder.renderer, *([folder.lipsync] if folder.lipsync else [])))
@@ -176,14 +176,19 @@ class Pipeline:
     def avatar_tensor_sync(self, avatar_id: str, side: int) -> np.ndarray:
         """The avatar portrait as the renderer takes it: [3, side, side] in [0, 1]."""
         key = (avatar_id, side)
+        path = self.folder.avatar_path(avatar_id)
+        st = path.stat()
+        # An avatar re-registered under the same id replaces its file: a new version.
+        version = (st.st_mtime_ns, st.st_size, st.st_ino)
         with self._avatars_lock:
             cached = self._avatars.get(key)
-        if cached is None:
-            rgb = read_image(self.folder.avatar_path(avatar_id), side)
-            cached = np.ascontiguousarray((rgb.astype(np.float32) / 255.0).transpose(2, 0, 1))
+        if cached is None or cached[0] != version:
+            rgb = read_image(path, side)
+            tensor = np.ascontiguousarray((rgb.astype(np.float32) / 255.0).transpose(2, 0, 1))
+            cached = (version, tensor)
             with self._avatars_lock:
-                cached = self._avatars.setdefault(key, cached)
-        return cached
+                self._avatars[key] = cached
+        return cached[1]
 
     # -- async API for rooms: batched on the device under each item's deadline
 

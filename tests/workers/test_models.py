@@ -123,3 +123,18 @@ def test_model_folder_errors_say_what_to_do(tmp_path: Path) -> None:
     (root / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelFolderError, match="motion layout"):
         ModelFolder.open(root)
+
+
+def test_an_avatar_replaced_under_its_id_is_read_again(pipeline: Pipeline) -> None:
+    from workers.models.avatar import draw_default_avatar, write_png
+
+    path = pipeline.folder.root / "avatars" / "replaced-avatar.png"
+    try:
+        write_png(path, draw_default_avatar(256))
+        first = pipeline.avatar_tensor_sync("replaced-avatar", 128).copy()
+        assert np.array_equal(pipeline.avatar_tensor_sync("replaced-avatar", 128), first)
+        write_png(path, 255 - draw_default_avatar(256))  # re-registered: a new image
+        second = pipeline.avatar_tensor_sync("replaced-avatar", 128)
+        assert not np.allclose(second, first)
+    finally:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,279 @@
+"""gRPC adapter for the AvatarService: registering likenesses with their licences,
+revoking them, the audit log and usage per avatar. It validates at the edge and
+holds no state beyond a lock that puts registrations in order.
+
+Authorisation follows the session API: a tenant registers, sees and revokes only
+its own avatars, and another tenant's avatar gets word for word the answer an
+unknown id gets; an operator acts on every tenant's avatars (and registers for a
+named tenant). Audit entries of an avatar that concern another tenant's rooms
+(refused attempts) are shown to its owner without that tenant's name or ids.
+
+A registration is written in this order: the image is checked and normalised off
+the event loop into a temporary file, the registry row and its audit entry are
+committed, and only then is the image renamed into the avatar folder, so an image
+on disk always has its licence on record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import re
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from avatarfarm import convert, images
+from avatarfarm.domain import InvalidRequest, validate_id
+from avatarfarm.v1 import avatars_pb2, avatars_pb2_grpc
+from scheduler import auth, licences, service
+from scheduler.auth import Principal
+from scheduler.avatars import AuditEntry, RegisteredAvatar, VoiceSettings
+from scheduler.core import Scheduler
+from scheduler.errors import NotFound, PermissionDenied
+from scheduler.gate import caller
+from scheduler.ledger import Dimension, UsageRow
+from scheduler.licences import Licence
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class StorageUnavailable(RuntimeError):
+    """The avatar folder could not be written (maps to UNAVAILABLE: retry later)."""
+
+
+# The session API's statuses, and the image refusals': a bad image is the caller's
+# mistake; one over the size limit is what gRPC answers for an oversized message.
+_STATUS: dict[type[Exception], grpc.StatusCode] = {**service.ERROR_STATUS,
+           images.ImageRefused: grpc.StatusCode.INVALID_ARGUMENT,
+           images.ImageTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+           StorageUnavailable: grpc.StatusCode.UNAVAILABLE}
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+_VOICE = re.compile(r"[A-Za-z0-9_.+-]{0,64}")
+USAGE_BY = (Dimension.AVATAR, Dimension.PLATFORM, Dimension.TENANT)
+
+
+async def _guard(context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except tuple(_STATUS) as e:
+        await context.abort(_STATUS[type(e)], str(e))
+        raise  # unreachable: abort raises
+
+
+async def _guard_async(context: grpc.aio.ServicerContext, aw: Awaitable[T]) -> T:
+    try:
+        return await aw
+    except tuple(_STATUS) as e:
+        await context.abort(_STATUS[type(e)], str(e))
+        raise
+
+
+def _time_or_none(name: str, has: bool, ts: Timestamp) -> float | None:
+    return convert.time_from_pb(name, ts) if has else None
+
+
+def _unique(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(values))
+
+
+def licence_from_pb(pb: avatars_pb2.Licence) -> Licence:
+    lic = Licence(pb.person_ref, pb.consent_record_id, _unique(pb.allowed_platforms),
+                  _unique(pb.allowed_categories), _unique(pb.forbidden_categories),
+                  _unique(pb.allowed_languages),
+                  _time_or_none("licence valid_from", pb.HasField("valid_from"), pb.valid_from),
+                  _time_or_none("licence valid_until", pb.HasField("valid_until"), pb.valid_until),
+                  pb.live_voice_conversion)
+    licences.validate(lic)
+    return lic
+
+
+def licence_to_pb(lic: Licence) -> avatars_pb2.Licence:
+    return avatars_pb2.Licence(
+        person_ref=lic.person_ref, consent_record_id=lic.consent_record_id,
+        allowed_platforms=lic.allowed_platforms, allowed_categories=lic.allowed_categories,
+        forbidden_categories=lic.forbidden_categories, allowed_languages=lic.allowed_languages,
+        valid_from=None if lic.valid_from is None else convert.timestamp(lic.valid_from),
+        valid_until=None if lic.valid_until is None else convert.timestamp(lic.valid_until),
+        live_voice_conversion=lic.live_voice_conversion)
+
+
+def voice_from_pb(pb: avatars_pb2.VoiceSettings) -> VoiceSettings:
+    if not _VOICE.fullmatch(pb.voice):
+        raise InvalidRequest("voice must be a voice name of up to 64 letters, digits or - _ . +")
+    if not (math.isfinite(pb.rate) and 0 <= pb.rate <= 1000):
+        raise InvalidRequest("voice rate must be within 0..1000 words per minute (0: default)")
+    if not (math.isfinite(pb.pitch) and 0 <= pb.pitch <= 99):
+        raise InvalidRequest("voice pitch must be within 0..99 (0: default)")
+    return VoiceSettings(pb.voice, pb.rate, pb.pitch)
+
+
+def avatar_to_pb(a: RegisteredAvatar) -> avatars_pb2.Avatar:
+    return avatars_pb2.Avatar(
+        avatar_id=a.avatar_id, tenant=a.tenant, licence=licence_to_pb(a.licence),
+        voice=avatars_pb2.VoiceSettings(voice=a.voice.voice, rate=a.voice.rate, pitch=a.voice.pitch),
+        image_sha256=a.image_sha256, width=a.width, height=a.height,
+        registered_at=convert.timestamp(a.registered_at), revoked=a.revoked,
+        revoked_reason=a.revoked_reason,
+        revoked_at=None if a.revoked_at is None else convert.timestamp(a.revoked_at))
+
+
+def entry_to_pb(e: AuditEntry, p: Principal) -> avatars_pb2.AuditEntry:
+    # Another tenant's attempt on this avatar: what and when, not who.
+    foreign = not auth.may_see(p, e.tenant)
+    return avatars_pb2.AuditEntry(
+        seq=e.seq, at=convert.timestamp(e.at), avatar_id=e.avatar_id,
+        tenant="" if foreign else e.tenant, action=e.action.value,
+        session_id="" if foreign else e.session_id, room_id="" if foreign else e.room_id,
+        platform=e.platform, worker_id=e.worker_id, clause=e.clause,
+        detail="a room of another tenant" if foreign else e.detail)
+
+
+def usage_to_pb(r: UsageRow) -> avatars_pb2.AvatarUsageRow:
+    return avatars_pb2.AvatarUsageRow(
+        avatar_id=r.avatar_id, platform=r.platform, tenant=r.tenant, sessions=len(r.sessions),
+        stream_seconds=r.stream_seconds, stream_hours=r.stream_seconds / 3600.0, cost=r.cost)
+
+
+class AvatarService(avatars_pb2_grpc.AvatarServiceServicer):
+    def __init__(self, core: Scheduler) -> None:
+        self.core = core
+        self._registering = asyncio.Lock()  # one registration at a time: image and row agree
+
+    def _visible(self, p: Principal, avatar_id: str) -> RegisteredAvatar:
+        validate_id("avatar_id", avatar_id)
+        a = self.core.avatars.get(avatar_id)
+        if a is None or not auth.may_see(p, a.tenant):
+            # The same words for another tenant's avatar as for one that does not exist.
+            raise NotFound(f"avatar {avatar_id!r} is not registered")
+        return a
+
+    def _auditable(self, p: Principal, avatar_id: str) -> None:
+        """A registered avatar the caller may see, or, for an operator, any avatar id
+        (local avatars' rooms are audited too)."""
+        if p.admin:
+            validate_id("avatar_id", avatar_id)
+        else:
+            self._visible(p, avatar_id)
+
+    async def RegisterAvatar(self, request: avatars_pb2.RegisterAvatarRequest,
+                             context: grpc.aio.ServicerContext) -> avatars_pb2.Avatar:
+        def prepare() -> tuple[Principal, str, Licence, VoiceSettings]:
+            p = caller()
+            validate_id("avatar_id", request.avatar_id)
+            if p.admin and not request.tenant:
+                raise InvalidRequest("tenant is required when an operator registers an avatar")
+            tenant = convert.tenant_from_pb(request.tenant) or p.name
+            if not auth.may_see(p, tenant):
+                raise PermissionDenied(f"{p} cannot register avatars for tenant {tenant!r}")
+            if not request.HasField("licence"):
+                raise InvalidRequest("licence is required (an empty Licence allows any use)")
+            lic = licence_from_pb(request.licence)
+            voice = voice_from_pb(request.voice)
+            if not request.reference_image:
+                raise InvalidRequest("reference_image is required (a PNG or JPEG portrait)")
+            # Before the image is decoded: an id that cannot be had costs nothing more.
+            self.core.claim_avatar(request.avatar_id, tenant, operator=p.admin)
+            return p, tenant, lic, voice
+
+        p, tenant, lic, voice = await _guard(context, prepare)
+        limits = images.Limits(max_bytes=self.core.config.avatar_image_max_bytes)
+        image = await _guard_async(context, asyncio.to_thread(
+            images.normalise, request.reference_image, limits))
+        draft = RegisteredAvatar(request.avatar_id, tenant, lic, 0.0, voice, image.sha256,
+                                 image.width, image.height)
+        # Once begun, a registration completes even if its caller goes away: the row and
+        # the image on disk must agree.
+        a = await _guard_async(context, asyncio.shield(asyncio.ensure_future(
+            self._register(draft, image.png, operator=p.admin))))
+        log.info("avatar %s registered for tenant %s by %s (%dx%d, sha256 %s)", a.avatar_id,
+                 a.tenant, p, a.width, a.height, a.image_sha256[:16])
+        return avatar_to_pb(a)
+
+    async def _register(self, draft: RegisteredAvatar, png: bytes, *, operator: bool) -> RegisteredAvatar:
+        folder = self.core.config.avatar_dir
+        async with self._registering:
+            try:
+                staged = await asyncio.to_thread(images.stage, folder, draft.avatar_id, png)
+            except OSError as e:
+                log.error("cannot write avatar %s into %s: %s", draft.avatar_id, folder, e)
+                raise StorageUnavailable("the avatar folder cannot be written; try again later") from e
+            try:
+                a = self.core.register_avatar(
+                    dataclasses.replace(draft, registered_at=self.core.clock()), operator=operator)
+                await self.core.durable()
+                await asyncio.to_thread(images.install, staged, folder, draft.avatar_id)
+            finally:
+                images.discard(staged)  # gone already once installed
+            self.core.avatar_images_changed()
+        return a
+
+    async def GetAvatar(self, request: avatars_pb2.GetAvatarRequest,
+                        context: grpc.aio.ServicerContext) -> avatars_pb2.Avatar:
+        a = await _guard(context, lambda: self._visible(caller(), request.avatar_id))
+        return avatar_to_pb(a)
+
+    async def ListAvatars(self, request: avatars_pb2.ListAvatarsRequest,
+                          context: grpc.aio.ServicerContext) -> avatars_pb2.ListAvatarsResponse:
+        found = await _guard(context, lambda: self.core.avatars.of(
+            auth.tenant_scope(caller(), convert.tenant_from_pb(request.tenant))))
+        return avatars_pb2.ListAvatarsResponse(avatars=[avatar_to_pb(a) for a in found])
+
+    async def RevokeLicence(self, request: avatars_pb2.RevokeLicenceRequest,
+                            context: grpc.aio.ServicerContext) -> avatars_pb2.Avatar:
+        def revoke() -> RegisteredAvatar:
+            p = caller()
+            self._visible(p, request.avatar_id)
+            reason = convert.reason_from_pb(request.reason) or \
+                f"revoked by {'an operator' if p.admin else 'its owner'}"
+            return self.core.revoke_licence(request.avatar_id, reason)
+
+        a = await _guard(context, revoke)
+        await self.core.durable()
+        return avatar_to_pb(a)
+
+    async def ListAuditEntries(self, request: avatars_pb2.ListAuditEntriesRequest,
+                               context: grpc.aio.ServicerContext) -> avatars_pb2.ListAuditEntriesResponse:
+        def check() -> tuple[Principal, int]:
+            p = caller()
+            self._auditable(p, request.avatar_id)
+            if request.page_size > MAX_PAGE:
+                raise InvalidRequest(f"page_size must be at most {MAX_PAGE}")
+            return p, request.page_size or DEFAULT_PAGE
+
+        p, size = await _guard(context, check)
+        await self.core.durable()  # the log as of this call, committed
+        found = await asyncio.to_thread(self.core.avatars.entries, request.avatar_id,
+                                        request.after_seq, size + 1)
+        page = found[:size]
+        return avatars_pb2.ListAuditEntriesResponse(
+            entries=[entry_to_pb(e, p) for e in page],
+            next_after_seq=page[-1].seq if len(found) > size else 0)
+
+    async def GetAvatarUsage(self, request: avatars_pb2.GetAvatarUsageRequest,
+                             context: grpc.aio.ServicerContext) -> avatars_pb2.GetAvatarUsageResponse:
+        def usage() -> list[UsageRow]:
+            p = caller()
+            if request.avatar_id:
+                self._auditable(p, request.avatar_id)
+            start = convert.time_from_pb("start", request.start) if request.HasField("start") else None
+            end = convert.time_from_pb("end", request.end) if request.HasField("end") else None
+            rows = self.core.usage(tenant="" if p.admin else p.name, group_by=USAGE_BY,
+                                   start=start, end=end)
+            if not p.admin:
+                mine = {a.avatar_id for a in self.core.avatars.of(p.name)}
+                rows = [r for r in rows if r.avatar_id in mine]
+            if request.avatar_id:
+                rows = [r for r in rows if r.avatar_id == request.avatar_id]
+            return rows
+
+        rows = await _guard(context, usage)
+        return avatars_pb2.GetAvatarUsageResponse(rows=[usage_to_pb(r) for r in rows],
+                                                  as_of=convert.timestamp(self.core.clock()))
