@@ -4,6 +4,7 @@ module where both meet; validation of tenant input happens here, at the edge."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -128,6 +129,12 @@ def time_from_pb(name: str, ts: Timestamp) -> float:
     if not (_TIMESTAMP_SECONDS[0] <= ts.seconds <= _TIMESTAMP_SECONDS[1] and 0 <= ts.nanos <= 999_999_999):
         raise InvalidRequest(f"{name} is not a valid timestamp (years 1..9999, nanos 0..999999999)")
     return ts.seconds + ts.nanos / 1e9
+
+
+def optional_time_from_pb(msg: Any, name: str, label: str = "") -> float | None:
+    """``msg.<name>`` as time_from_pb reads it (errors call it ``label``, default its
+    name), None when the field is unset."""
+    return time_from_pb(label or name, getattr(msg, name)) if msg.HasField(name) else None
 
 
 def segments_from_pb(segments: object) -> list[ScriptSegment]:

@@ -32,6 +32,17 @@ from avatarfarm.domain import IPAddress, Output, OutputKind, RtmpUrl, parse_rtmp
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+# The options' help, shared by the scheduler's and the worker's configuration (both
+# apply the policy: at admission, and again on the addresses a name resolves to).
+ALLOWED_HOSTS_HELP = ("RTMP ingests outputs may push to: host names, *.domain patterns, IP "
+                      "addresses, CIDR ranges (empty: any host not forbidden)")
+FORBIDDEN_HOSTS_HELP = ("RTMP hosts outputs may never push to, besides the built-in link-local, "
+                        "cloud metadata, unspecified and multicast addresses: host names, "
+                        "*.domain patterns, IP addresses, CIDR ranges, 'private' (RFC 1918, "
+                        "CGNAT, fc00::/7) or 'loopback'")
+ALLOWED_PORTS_HELP = "ports RTMP outputs may push to (empty: any)"
+
+
 class ForbiddenTarget(Exception):
     """An output target the egress policy does not allow (maps to PERMISSION_DENIED)."""
 

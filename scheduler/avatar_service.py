@@ -25,7 +25,6 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from avatarfarm import convert, images
 from avatarfarm.domain import InvalidRequest, validate_id
@@ -61,23 +60,11 @@ USAGE_BY = (Dimension.AVATAR, Dimension.PLATFORM, Dimension.TENANT)
 
 
 async def _guard(context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
-    try:
-        return fn()
-    except tuple(_STATUS) as e:
-        await context.abort(_STATUS[type(e)], str(e))
-        raise  # unreachable: abort raises
+    return await service.guard(context, fn, _STATUS)
 
 
 async def _guard_async(context: grpc.aio.ServicerContext, aw: Awaitable[T]) -> T:
-    try:
-        return await aw
-    except tuple(_STATUS) as e:
-        await context.abort(_STATUS[type(e)], str(e))
-        raise
-
-
-def _time_or_none(name: str, has: bool, ts: Timestamp) -> float | None:
-    return convert.time_from_pb(name, ts) if has else None
+    return await service.guard_async(context, aw, _STATUS)
 
 
 def _unique(values: Iterable[str]) -> tuple[str, ...]:
@@ -88,8 +75,8 @@ def licence_from_pb(pb: avatars_pb2.Licence) -> Licence:
     lic = Licence(pb.person_ref, pb.consent_record_id, _unique(pb.allowed_platforms),
                   _unique(pb.allowed_categories), _unique(pb.forbidden_categories),
                   _unique(pb.allowed_languages),
-                  _time_or_none("licence valid_from", pb.HasField("valid_from"), pb.valid_from),
-                  _time_or_none("licence valid_until", pb.HasField("valid_until"), pb.valid_until),
+                  convert.optional_time_from_pb(pb, "valid_from", "licence valid_from"),
+                  convert.optional_time_from_pb(pb, "valid_until", "licence valid_until"),
                   pb.live_voice_conversion)
     licences.validate(lic)
     return lic
@@ -263,8 +250,8 @@ class AvatarService(avatars_pb2_grpc.AvatarServiceServicer):
             p = caller()
             if request.avatar_id:
                 self._auditable(p, request.avatar_id)
-            start = convert.time_from_pb("start", request.start) if request.HasField("start") else None
-            end = convert.time_from_pb("end", request.end) if request.HasField("end") else None
+            start = convert.optional_time_from_pb(request, "start")
+            end = convert.optional_time_from_pb(request, "end")
             rows = self.core.usage(tenant="" if p.admin else p.name, group_by=USAGE_BY,
                                    start=start, end=end)
             if not p.admin:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from avatarfarm import egress
 from avatarfarm.config import field
 from scheduler.platforms import PlatformPolicy
 from scheduler.tenants import TenantConfig
@@ -66,14 +67,9 @@ class SchedulerConfig:
     premium_spread: int = field(4, "at most this many premium rooms of one tenant per worker "
                                    "while other workers can take them")
     tenant_metrics: bool = field(False, "label cost metrics by tenant (configured tenants only)")
-    rtmp_allowed_hosts: list[str] = field(
-        [], "RTMP ingests outputs may push to: host names, *.domain patterns, IP addresses, CIDR "
-            "ranges (empty: any host not forbidden)")
-    rtmp_forbidden_hosts: list[str] = field(
-        [], "RTMP hosts outputs may never push to, besides the built-in link-local, cloud metadata, "
-            "unspecified and multicast addresses: host names, *.domain patterns, IP addresses, CIDR "
-            "ranges, 'private' (RFC 1918, CGNAT, fc00::/7) or 'loopback'")
-    rtmp_allowed_ports: list[int] = field([], "ports RTMP outputs may push to (empty: any)")
+    rtmp_allowed_hosts: list[str] = field([], egress.ALLOWED_HOSTS_HELP)
+    rtmp_forbidden_hosts: list[str] = field([], egress.FORBIDDEN_HOSTS_HELP)
+    rtmp_allowed_ports: list[int] = field([], egress.ALLOWED_PORTS_HELP)
     # Security: see the README's "Security" section.
     tls_cert_file: Path | None = field(None, "PEM certificate of the gRPC port (with tls_key_file: TLS)")
     tls_key_file: Path | None = field(None, "PEM private key of tls_cert_file")

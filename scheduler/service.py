@@ -9,7 +9,7 @@ same answer as a room that does not exist."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
@@ -62,11 +62,23 @@ _DIMENSIONS = {
 }
 
 
-async def _guard(context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
+async def guard(context: grpc.aio.ServicerContext, fn: Callable[[], T],
+                statuses: Mapping[type[Exception], grpc.StatusCode] = ERROR_STATUS) -> T:
+    """Runs ``fn``, answering its typed errors with their precise status."""
     try:
         return fn()
-    except tuple(ERROR_STATUS) as e:
-        await context.abort(ERROR_STATUS[type(e)], str(e))
+    except tuple(statuses) as e:
+        await context.abort(statuses[type(e)], str(e))
+        raise  # unreachable: abort raises
+
+
+async def guard_async(context: grpc.aio.ServicerContext, aw: Awaitable[T],
+                      statuses: Mapping[type[Exception], grpc.StatusCode] = ERROR_STATUS) -> T:
+    """`guard` for work that is awaited."""
+    try:
+        return await aw
+    except tuple(statuses) as e:
+        await context.abort(statuses[type(e)], str(e))
         raise  # unreachable: abort raises
 
 
@@ -107,13 +119,13 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
             auth.check_create(p, spec.tenant)
             return self.core.create(spec, request_id)
 
-        s = await _guard(context, create)
+        s = await guard(context, create)
         await self.core.durable()
         return session_to_pb(s, self.core.queue_position(s.session_id))
 
     async def GetSession(self, request: sessions_pb2.GetSessionRequest,
                          context: grpc.aio.ServicerContext) -> types_pb2.Session:
-        s = await _guard(context, lambda: self._visible(caller(), request.session_id))
+        s = await guard(context, lambda: self._visible(caller(), request.session_id))
         return session_to_pb(s, self.core.queue_position(s.session_id))
 
     async def ListSessions(self, request: sessions_pb2.ListSessionsRequest,
@@ -131,7 +143,7 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
             tenant = auth.tenant_scope(caller(), convert.tenant_from_pb(request.tenant))
             return self.core.list_sessions(tenant, states, request.page_size, after)
 
-        page, next_seq = await _guard(context, list_)
+        page, next_seq = await guard(context, list_)
         return sessions_pb2.ListSessionsResponse(
             sessions=[session_to_pb(s) for s in page],
             next_page_token=str(next_seq) if next_seq else "")
@@ -142,13 +154,13 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
             self._visible(caller(), request.session_id)
             return self.core.end(request.session_id, convert.reason_from_pb(request.reason))
 
-        s = await _guard(context, end)
+        s = await guard(context, end)
         await self.core.durable()
         return session_to_pb(s)
 
     async def WatchSession(self, request: sessions_pb2.WatchSessionRequest,
                            context: grpc.aio.ServicerContext) -> AsyncIterator[sessions_pb2.SessionEvent]:
-        await _guard(context, lambda: self._visible(caller(), request.session_id))
+        await guard(context, lambda: self._visible(caller(), request.session_id))
         async for ev in self.core.watch(request.session_id):
             s = ev.session
             yield sessions_pb2.SessionEvent(
@@ -163,7 +175,7 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
             return self.core.append_script(request.session_id,
                                            convert.segments_from_pb(request.segments))
 
-        n = await _guard(context, append)
+        n = await guard(context, append)
         await self.core.durable()
         return sessions_pb2.AppendScriptResponse(queued_segments=n)
 
@@ -176,12 +188,12 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
                     raise InvalidRequest(f"unknown usage dimension {d}")
                 if _DIMENSIONS[d] not in dims:
                     dims.append(_DIMENSIONS[d])
-            start = convert.time_from_pb("start", request.start) if request.HasField("start") else None
-            end = convert.time_from_pb("end", request.end) if request.HasField("end") else None
+            start = convert.optional_time_from_pb(request, "start")
+            end = convert.optional_time_from_pb(request, "end")
             return self.core.usage(tenant=auth.tenant_scope(caller(), convert.tenant_from_pb(request.tenant)),
                                    group_by=tuple(dims), start=start, end=end)
 
-        rows = await _guard(context, usage)
+        rows = await guard(context, usage)
         return sessions_pb2.GetUsageResponse(
             rows=[sessions_pb2.UsageRow(
                 tenant=r.tenant,
@@ -194,7 +206,7 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
 
     async def GetTenant(self, request: sessions_pb2.GetTenantRequest,
                         context: grpc.aio.ServicerContext) -> sessions_pb2.TenantStatus:
-        st = await _guard(context, lambda: self.core.tenant_status(
+        st = await guard(context, lambda: self.core.tenant_status(
             auth.tenant_scope(caller(), convert.tenant_from_pb(request.tenant))))
         t = st.config
         return sessions_pb2.TenantStatus(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from avatarfarm import egress
 from avatarfarm.config import field
 from workers.inference import ProviderChoice
 from workers.room import Pacing
@@ -71,14 +72,9 @@ class WorkerConfig:
         None, "PEM CA of client certificates the live-input port requires (mTLS)")
     max_message_bytes: int = field(4 * 1024 * 1024, "largest gRPC message the live-input port "
                                                     "receives; a larger one is refused")
-    rtmp_allowed_hosts: list[str] = field(
-        [], "RTMP ingests outputs may push to: host names, *.domain patterns, IP addresses, CIDR "
-            "ranges (empty: any host not forbidden)")
-    rtmp_forbidden_hosts: list[str] = field(
-        [], "RTMP hosts outputs may never push to, besides the built-in link-local, cloud metadata, "
-            "unspecified and multicast addresses: host names, *.domain patterns, IP addresses, CIDR "
-            "ranges, 'private' (RFC 1918, CGNAT, fc00::/7) or 'loopback'")
-    rtmp_allowed_ports: list[int] = field([], "ports RTMP outputs may push to (empty: any)")
+    rtmp_allowed_hosts: list[str] = field([], egress.ALLOWED_HOSTS_HELP)
+    rtmp_forbidden_hosts: list[str] = field([], egress.FORBIDDEN_HOSTS_HELP)
+    rtmp_allowed_ports: list[int] = field([], egress.ALLOWED_PORTS_HELP)
 
     def render_sides(self) -> list[int]:
         return [w for w, _ in _sizes(self.profile_render_sides)]

@@ -312,10 +312,8 @@ class Room:
 
             def prepare(frame: np.ndarray) -> np.ndarray:
                 rgb = to_canvas(frame, q.width, q.height, q.render_side)
-                if stamp is not None:
-                    # to_canvas may hand back a view of a cached portrait: stamp a copy.
-                    rgb = stamp.apply(np.array(rgb, copy=True))
-                return rgb
+                # to_canvas makes a new array each frame: the label is stamped into it.
+                return stamp.apply(rgb) if stamp is not None else rgb
 
             metadata = ({"comment": f"AI-generated content (label: {self.label.text})"}
                         if self.label else {})
