@@ -36,6 +36,10 @@ class FairQueue:
     def __len__(self) -> int:
         return len(self._live)
 
+    def waiting(self) -> list[str]:
+        """The waiting rooms, in no particular order (O(n), no sort)."""
+        return list(self._live)
+
     def __contains__(self, session_id: str) -> bool:
         return session_id in self._live
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from avatarfarm import egress
 from avatarfarm.config import field
+from scheduler.autoscaler import AutoscalerConfig
 from scheduler.platforms import PlatformPolicy
 from scheduler.tenants import TenantConfig
 
@@ -91,6 +92,14 @@ class SchedulerConfig:
     rate_limit_burst: float = field(
         40.0, "session API calls a tenant may make at once after a quiet spell "
               "([tenants.NAME] rate_limit_burst overrides it)")
+    autoscaler: AutoscalerConfig = field(
+        AutoscalerConfig(),
+        "worker pools the autoscaler keeps sized to demand, as an [autoscaler] table: "
+        "provisioner (none: recommend only | local | ray | kubernetes), interval_seconds, "
+        "headroom, scale_down_window_seconds, scale_down_step, drain_deadline_seconds, "
+        "boot_timeout_seconds, ray_address, ray_namespace, and [autoscaler.pools.NAME] tables: "
+        "device_type, min_workers, max_workers, units_per_worker, worker_args (local), "
+        "ray_num_gpus, ray_num_cpus (ray), namespace, workload, workload_name (kubernetes)")
     max_message_bytes: int = field(4 * 1024 * 1024, "largest gRPC message received or sent; a "
                                                     "larger one is refused (RESOURCE_EXHAUSTED)")
 

@@ -32,6 +32,7 @@ from avatarfarm.domain import (
     DriveMode,
     InvalidRequest,
     Output,
+    OutputKind,
     Progress,
     Quality,
     ScriptSegment,
@@ -84,6 +85,13 @@ class TenantStatus:
     reserved_in_use: float
     pending: int
     running: int
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    count: int
+    units: float
+    guaranteed: int  # rooms guaranteed by a reservation: a breach while they wait
 
 
 class Scheduler:
@@ -147,6 +155,10 @@ class Scheduler:
         # Rooms whose avatar's licence ended, winding down on their worker: session ->
         # (when the scheduler ends it itself, why). They are never placed again.
         self._licence_ending: dict[str, tuple[float, str]] = {}
+        # Seamless handovers off draining workers: session -> (old worker, old epoch).
+        # The old assignment renders on until the new one is running, then is released.
+        self._handovers: dict[str, tuple[str, int]] = {}
+        self._pending_since: dict[str, float] = {}
         for s in store.load_sessions():
             self._seq = max(self._seq, s.seq)
             self._last_assignment = max(self._last_assignment, s.epoch)
@@ -553,6 +565,8 @@ class Scheduler:
         was moved away from is told to release it, and nothing it reports counts."""
         self.worker_seen(conn)
         s = self.sessions.get(session_id)
+        if self._handovers.get(session_id) == (conn.worker_id, epoch):
+            return  # the old side of a handover: rendering on until the new one runs
         if s is None or s.worker_id != conn.worker_id or s.epoch != epoch:
             self.metrics.usage_reports.labels("stale").inc()
             log.warning("worker %s reported on session %s (assignment %d) it does not hold",
@@ -568,6 +582,9 @@ class Scheduler:
                 changes["progress"] = total
         target = state if state in (SessionState.RUNNING, SessionState.ENDED,
                                     SessionState.FAILED) else s.state
+        if session_id in self._handovers and state in (SessionState.RUNNING, SessionState.ENDED,
+                                                       SessionState.FAILED):
+            self._finish_handover(session_id, f"handed over to {conn.worker_id}")
         if s.state.terminal or (target is s.state and not reason):
             if changes:  # progress only: kept in memory, written with the next tick
                 s = dataclasses.replace(s, updated_at=now, **changes)  # type: ignore[arg-type]
@@ -601,6 +618,10 @@ class Scheduler:
             self._drop_worker(conn, why)
 
     def _drop_worker(self, conn: WorkerConn, why: str) -> None:
+        if conn.draining_until is None:
+            self.metrics.workers_lost.labels(conn.device_type).inc()
+        for sid in [sid for sid, (old, _) in self._handovers.items() if old == conn.worker_id]:
+            del self._handovers[sid]
         del self.workers[conn.worker_id]
         self._worker_avatars.subtract(conn.avatars)
         self._worker_avatars += collections.Counter()  # drop avatars no worker has
@@ -614,6 +635,99 @@ class Scheduler:
         log.warning("worker %s dropped: %s", conn.worker_id, why)
         self._refresh_unit_profile()
         self.kick()
+
+    # -- drains -------------------------------------------------------------------
+
+    def drain_worker(self, worker_id: str, deadline: float, why: str) -> bool:
+        """Marks a worker for removal: it takes no new rooms and its rooms are handed over
+        to other workers as capacity allows (see `advance_drains`). False if unknown."""
+        conn = self.workers.get(worker_id)
+        if conn is None:
+            return False
+        if conn.draining_until is None:
+            conn.draining_until, conn.drain_reason = deadline, why
+            self.fleet.set_accepting(worker_id, False)
+            self._why_cache.clear()
+            log.info("draining worker %s (%s): %d room(s) to hand over within %.0f s", worker_id,
+                     why, len(self._rooms_on(worker_id)), max(0.0, deadline - self.clock()))
+        else:
+            conn.draining_until = min(conn.draining_until, deadline)
+        self.advance_drains()
+        return True
+
+    def drained(self, worker_id: str) -> bool:
+        """No room is left on the worker: none placed there, none rendering there on the
+        old side of a handover. An unknown (gone) worker is drained."""
+        if worker_id not in self.workers:
+            return True
+        return not self._rooms_on(worker_id) and \
+            all(old != worker_id for old, _ in self._handovers.values())
+
+    def _rooms_on(self, worker_id: str) -> list[str]:
+        w = self.fleet.workers.get(worker_id)
+        return list(w.rooms) if w is not None else []
+
+    def advance_drains(self) -> None:
+        """Hands rooms over from draining workers where capacity allows; counts a drain
+        completed or past its deadline once."""
+        now = self.clock()
+        for conn in [c for c in self.workers.values() if c.draining_until is not None]:
+            for sid in self._rooms_on(conn.worker_id):
+                s = self.sessions.get(sid)
+                if s is not None and s.state in _LIVE and sid not in self._licence_ending:
+                    self._hand_over(s, conn, now)
+            if conn.drain_outcome:
+                continue
+            if self.drained(conn.worker_id):
+                conn.drain_outcome = "completed"
+                log.info("worker %s drained", conn.worker_id)
+            elif now >= (conn.draining_until or now):
+                conn.drain_outcome = "deadline"
+                log.warning("worker %s still has %d room(s) at its drain deadline", conn.worker_id,
+                            len(self._rooms_on(conn.worker_id)))
+            if conn.drain_outcome:
+                self.metrics.drains.labels(conn.drain_outcome).inc()
+
+    def _hand_over(self, s: Session, old: WorkerConn, now: float) -> None:
+        """Moves a room off a draining worker. A running room whose output is fenced (file,
+        HLS) gets its new assignment while the old one renders on: the new worker takes
+        the output over when it writes its first frame, and the old one is released once
+        the new one reports running, so the stream has no gap. RTMP allows one publisher
+        per stream key, so there the old one stops first and the room is placed again."""
+        choice = self.fleet.choose(self._req(s), self._rungs)
+        if choice is None or not self._protected_ok(s, choice.demand.compute):
+            return  # waits for capacity (the autoscaler is adding it) or the deadline
+        why = f"worker {old.worker_id} is draining ({old.drain_reason})"
+        if s.state is SessionState.RUNNING and s.spec.output.kind is not OutputKind.RTMP:
+            self._handovers[s.session_id] = (old.worker_id, s.epoch)
+            self.fleet.release(s.session_id)
+            self.ledger.close(s.session_id, now)
+            self._assign(dataclasses.replace(s, reason=why), choice, SessionState.RUNNING)
+            self.metrics.handovers.labels("seamless").inc()
+            return
+        old.outbox.put_nowait(ReleaseCmd(s.session_id, f"{why}; the room moves to another worker"))
+        self._to_pending(s, now, f"{why}; moving to another worker")
+        self.metrics.handovers.labels("restart").inc()
+        self._try_place(self.sessions[s.session_id], {})
+
+    def _finish_handover(self, session_id: str, why: str) -> None:
+        old, epoch = self._handovers.pop(session_id)
+        conn = self.workers.get(old)
+        if conn is not None:
+            conn.outbox.put_nowait(ReleaseCmd(session_id, why))
+        log.info("session %s: assignment %d on %s released (%s)", session_id, epoch, old, why)
+
+    def waiting(self) -> Waiting:
+        """The rooms waiting for a worker: how many, their compute units, and how many are
+        guaranteed by a reservation (a breach of the guarantee while they wait)."""
+        units, guaranteed, n = 0.0, 0, 0
+        for sid in self.queue.waiting():
+            s = self.sessions.get(sid)
+            if s is not None and s.state is SessionState.PENDING:
+                n += 1
+                units += s.units
+                guaranteed += s.guaranteed
+        return Waiting(n, units, guaranteed)
 
     # -- placement ---------------------------------------------------------------
 
@@ -642,6 +756,7 @@ class Scheduler:
         return dataclasses.replace(room, quality=q, step=step)
 
     def _enqueue(self, s: Session) -> None:
+        self._pending_since.setdefault(s.session_id, self.clock())
         t = self.config.tenants.get(s.spec.tenant, tenants.UNLIMITED)
         self.queue.push(s.session_id, s.spec.tenant, s.spec.tier, s.units, t.weight, s.guaranteed)
 
@@ -724,17 +839,21 @@ class Scheduler:
         if s.reason != why:
             self._commit(s.moved(s.state, self.clock(), reason=why), EventKind.QUEUED, why)
 
-    def _assign(self, s: Session, choice: placement.Choice) -> None:
+    def _assign(self, s: Session, choice: placement.Choice,
+                state: SessionState = SessionState.PLACED) -> None:
         now = self.clock()
         conn = self.workers[choice.worker_id]
         self.queue.served(s.session_id)
+        since = self._pending_since.pop(s.session_id, None)
+        if since is not None:
+            self.metrics.pending_wait.labels(s.spec.tier.value).observe(max(0.0, now - since))
         step_changed = choice.step != s.step
         rendering = None if choice.step == 0 else choice.quality
         units = self.units_of(choice.quality, s.spec.drive_mode)
         # A new assignment: the room continues from what earlier ones delivered.
         continuation, base = s.assignments, s.progress
         self._last_assignment += 1
-        s = s.moved(SessionState.PLACED, now, worker_id=conn.worker_id,
+        s = s.moved(state, now, worker_id=conn.worker_id,
                     epoch=self._last_assignment, assignments=s.assignments + 1, base=base,
                     input_endpoint=conn.input_endpoint, provider=conn.provider,
                     device_type=conn.device_type, load=choice.demand.compute,
@@ -924,12 +1043,16 @@ class Scheduler:
         self.enforce_budgets()
         self.enforce_licences()
         self.place_pending()
+        self.advance_drains()
         self.step_up()
         if self.clock() >= self._next_usage_flush:
             self._next_usage_flush = self.clock() + self.config.usage_flush_interval
             self.flush_progress()
         self.metering.publish()
         self.metrics.fleet(self.fleet.totals())
+        waiting = self.waiting()
+        self.metrics.pending_load.set(waiting.units * self._unit_load())
+        self.metrics.guaranteed_pending.set(waiting.guaranteed)
 
     async def run(self) -> None:
         """The placement loop: on every kick, and at least once per heartbeat interval."""
@@ -956,6 +1079,8 @@ class Scheduler:
         if s.session_id in self._licence_ending:
             self.end(s.session_id, f"{why}; not re-placed: {self._licence_ending[s.session_id][1]}")
             return
+        if s.session_id in self._handovers:
+            self._finish_handover(s.session_id, why)
         self.fleet.release(s.session_id)
         self.ledger.close(s.session_id, now)
         s = s.moved(SessionState.PENDING, now, worker_id="", input_endpoint="", reason=why)
@@ -1026,6 +1151,9 @@ class Scheduler:
             if self._outputs.get(s.spec.output) == s.session_id:
                 del self._outputs[s.spec.output]
             self._degraded.discard(s.session_id)
+            self._pending_since.pop(s.session_id, None)
+            if s.session_id in self._handovers:
+                self._finish_handover(s.session_id, f"the room is over ({s.reason})")
         else:
             self._rooms[key] = s.session_id
             self._outputs[s.spec.output] = s.session_id

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import Counter as Tally
 from collections.abc import Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from avatarfarm.domain import SessionState, Tier
 from scheduler.avatars import REFUSAL_CLAUSES
@@ -69,6 +69,36 @@ class SchedulerMetrics:
         self.usage_reports = Counter("avatarfarm_usage_reports",
                                      "Worker usage reports: applied, duplicate (a retry, ignored), "
                                      "lost (sequence gaps)", ["outcome"], registry=r)
+        # Demand waiting, in the same unit as capacity and load: capacity vs demand.
+        self.pending_load = Gauge("avatarfarm_pending_load_device_seconds_per_second",
+                                  "Estimated load of the rooms waiting for a worker "
+                                  "(device-seconds per second)", registry=r)
+        self.guaranteed_pending = Gauge(
+            "avatarfarm_guaranteed_pending_sessions", "Premium rooms within their tenant's "
+            "reservation that are waiting for a worker (a breach of the guarantee while > 0)",
+            registry=r)
+        self.pending_wait = Histogram(
+            "avatarfarm_pending_wait_seconds", "Time rooms waited for a worker, from admission "
+            "or from losing their worker to placement", ["tier"], registry=r,
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800))
+        self.workers_lost = Counter("avatarfarm_workers_lost", "Workers dropped without being "
+                                    "drained (crash, hang, lost link)", ["device_type"], registry=r)
+        self.drains = Counter("avatarfarm_worker_drains", "Workers drained for removal: completed "
+                              "(every room handed over) or deadline (stopped with rooms left)",
+                              ["outcome"], registry=r)
+        self.handovers = Counter(
+            "avatarfarm_handovers", "Rooms moved off a draining worker: seamless (the new "
+            "assignment started before the old one stopped) or restart (stopped, then started: "
+            "RTMP allows one publisher)", ["kind"], registry=r)
+        self.desired_workers = Gauge("avatarfarm_autoscaler_desired_workers",
+                                     "Workers the autoscaler wants in each pool", ["pool"],
+                                     registry=r)
+        self.pool_workers = Gauge("avatarfarm_autoscaler_workers",
+                                  "Workers of each pool by state (booting: started, not yet "
+                                  "registered; ready; draining)", ["pool", "state"], registry=r)
+        self.scale_events = Counter("avatarfarm_autoscaler_scale_events",
+                                    "Scale decisions carried out, by pool and direction",
+                                    ["pool", "direction"], registry=r)
         self._tenant_hours: dict[str, tuple[float, float]] = {}
         self._stale: set[tuple[Tier, str]] = set()
         self._stale_tenants: set[str] = set()
@@ -83,6 +113,12 @@ class SchedulerMetrics:
             self.preemptions.labels(tier.value)
         for outcome in ("applied", "duplicate", "lost"):
             self.usage_reports.labels(outcome)
+        for outcome in ("completed", "deadline"):
+            self.drains.labels(outcome)
+        for kind in ("seamless", "restart"):
+            self.handovers.labels(kind)
+        for tier in Tier:
+            self.pending_wait.labels(tier.value)
         for budget in ("concurrency", "spend"):
             self.budget_refusals.labels(budget)
         for clause in REFUSAL_CLAUSES:
@@ -130,6 +166,15 @@ class SchedulerMetrics:
             self.tenant_cost.labels(tenant).set(cost / hours if hours > 0 else 0.0)
         self._stale.clear()
         self._stale_tenants.clear()
+
+    def pools(self, rows: Mapping[str, tuple[int, int, int, int]]) -> None:
+        """Per pool: (desired, booting, ready, draining)."""
+        for pool, (desired, booting, ready, draining) in rows.items():
+            self.desired_workers.labels(pool).set(desired)
+            for state, n in (("booting", booting), ("ready", ready), ("draining", draining)):
+                self.pool_workers.labels(pool, state).set(n)
+            for direction in ("up", "down"):
+                self.scale_events.labels(pool, direction)
 
     def fleet(self, by_device: Mapping[str, tuple[int, float, float]]) -> None:
         self.workers.clear()

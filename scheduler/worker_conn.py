@@ -71,6 +71,10 @@ class WorkerConn:
     # Its reported active rooms the scheduler kept (session id, epoch): the worker
     # stops the others without writing more output.
     confirmed: tuple[tuple[str, int], ...] = ()
+    # Marked for removal: no new rooms; its rooms are handed over until this time.
+    draining_until: float | None = None
+    drain_reason: str = ""
+    drain_outcome: str = ""  # "completed" or "deadline", once decided
 
 
 @dataclass(frozen=True, slots=True)

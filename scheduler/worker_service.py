@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -129,6 +130,12 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
             kind = msg.WhichOneof("kind")
             if kind == "heartbeat":
                 self.core.worker_seen(conn, msg.heartbeat.load)
+            elif kind == "drain":
+                # The worker is going away (SIGTERM): hand its rooms over before its deadline.
+                d = msg.drain.deadline_seconds
+                d = min(max(d, 0.0), 3600.0) if math.isfinite(d) else 0.0
+                self.core.drain_worker(conn.worker_id, self.core.clock() + d,
+                                       msg.drain.reason[:200] or "the worker is stopping")
             elif kind == "profile_update":
                 self.core.worker_profile_changed(
                     conn, profile_from_pb(msg.profile_update.profiles, conn.latency_budget))

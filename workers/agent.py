@@ -107,6 +107,8 @@ class WorkerAgent:
         self.worker_timeout = 5.0  # the scheduler's; it says so when the worker registers
         self._call: grpc.aio.StreamStreamCall | None = None
         self._resync = False  # the link is being restarted on purpose (after a stall)
+        self._draining: tuple[float, str] | None = None  # (loop time of the deadline, why)
+        self._room_ended = asyncio.Event()
         self.metrics.info.labels(pipeline.provider, device_type).set(1)
 
     # -- rooms
@@ -177,6 +179,7 @@ class WorkerAgent:
         else:
             self._send_update(room.session_id, state, room.reason, room)
         if final:
+            self._room_ended.set()
             if self.rooms.get(room.session_id) is room:
                 self.rooms.pop(room.session_id, None)
             self._reported.pop(room.session_id, None)
@@ -404,6 +407,8 @@ class WorkerAgent:
                     for report in self._unapplied_reports(reg.last_usage_seq):
                         outbox.put_nowait(workers_pb2.WorkerMessage(usage_report=report))
                     self._outbox = outbox
+                    if self._draining is not None:  # a new link: the scheduler must hear it again
+                        outbox.put_nowait(self._drain_message())
                     ticker = asyncio.create_task(self._tick(outbox))
                     self.connected.set()
                     log.info("registered with scheduler %s as %s", self.scheduler_address,
@@ -461,6 +466,36 @@ class WorkerAgent:
                     continue  # re-register at once
                 await asyncio.sleep(backoff * (1 + random.random() / 4))
                 backoff = min(backoff * 2, 5.0)
+
+    def _drain_message(self) -> workers_pb2.WorkerMessage:
+        assert self._draining is not None
+        deadline, why = self._draining
+        left = max(0.0, deadline - asyncio.get_running_loop().time())
+        return workers_pb2.WorkerMessage(drain=workers_pb2.Drain(deadline_seconds=left, reason=why))
+
+    async def drain(self, timeout: float, reason: str = "the worker is stopping") -> bool:
+        """Asks the scheduler to hand this worker's rooms over to other workers and waits
+        until none is left here (True) or `timeout` passes (False). New rooms stop coming
+        at once; the rooms themselves run on until their new worker has taken over."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        self._draining = (deadline, reason)
+        if self._outbox is not None:
+            self._outbox.put_nowait(self._drain_message())
+        if self.rooms:
+            log.info("draining: %d room(s) to hand over within %.0f s", len(self.rooms), timeout)
+        while self.rooms:
+            left = deadline - loop.time()
+            if left <= 0:
+                log.warning("drain deadline passed with %d room(s) still here", len(self.rooms))
+                return False
+            self._room_ended.clear()
+            try:
+                await asyncio.wait_for(self._room_ended.wait(), left)
+            except TimeoutError:
+                pass
+        log.info("drained: no room left on this worker")
+        return True
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Ends every room cleanly (outputs closed) and reports it."""

@@ -38,6 +38,10 @@ class WorkerConfig:
     device_memory: int = field(0, "bytes of device memory reported to the scheduler (0: the "
                                   "host's memory on CPU; unknown on a GPU, which onnxruntime "
                                   "does not report)")
+    drain_timeout: float = field(
+        30.0, "on SIGTERM, seconds to wait while the scheduler hands this worker's rooms over "
+              "to other workers before ending the rest (0: end them at once; a second signal "
+              "ends them at once)")
     pacing: Pacing = field(Pacing.REALTIME, "realtime (live streams) or fast (as fast as possible)")
     latency_budget: float = field(0.5, "seconds between a frame's capture time and its "
                                        "presentation (the stream's buffer)")

@@ -152,5 +152,14 @@ async def serve(config: WorkerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     print(f"avatarfarm worker {running.agent.worker_id} ready on port {running.port}", flush=True)
     await stop.wait()
+    if config.drain_timeout > 0 and running.agent.rooms:
+        # Leaving (a pod deleted, a node drained): rooms move to other workers first.
+        await running.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        stop.clear()
+        drain = asyncio.create_task(running.agent.drain(config.drain_timeout))
+        again = asyncio.create_task(stop.wait())
+        await asyncio.wait({drain, again}, return_when=asyncio.FIRST_COMPLETED)
+        drain.cancel()
+        again.cancel()
     log.info("worker shutting down")
     await running.stop()

@@ -139,19 +139,29 @@ class UsageReport(_message.Message):
     updates: _containers.RepeatedCompositeFieldContainer[SessionUpdate]
     def __init__(self, seq: _Optional[int] = ..., updates: _Optional[_Iterable[_Union[SessionUpdate, _Mapping]]] = ...) -> None: ...
 
+class Drain(_message.Message):
+    __slots__ = ("deadline_seconds", "reason")
+    DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    deadline_seconds: float
+    reason: str
+    def __init__(self, deadline_seconds: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class WorkerMessage(_message.Message):
-    __slots__ = ("register", "heartbeat", "session_update", "profile_update", "usage_report")
+    __slots__ = ("register", "heartbeat", "session_update", "profile_update", "usage_report", "drain")
     REGISTER_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     SESSION_UPDATE_FIELD_NUMBER: _ClassVar[int]
     PROFILE_UPDATE_FIELD_NUMBER: _ClassVar[int]
     USAGE_REPORT_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_FIELD_NUMBER: _ClassVar[int]
     register: Register
     heartbeat: Heartbeat
     session_update: SessionUpdate
     profile_update: ProfileUpdate
     usage_report: UsageReport
-    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., session_update: _Optional[_Union[SessionUpdate, _Mapping]] = ..., profile_update: _Optional[_Union[ProfileUpdate, _Mapping]] = ..., usage_report: _Optional[_Union[UsageReport, _Mapping]] = ...) -> None: ...
+    drain: Drain
+    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., session_update: _Optional[_Union[SessionUpdate, _Mapping]] = ..., profile_update: _Optional[_Union[ProfileUpdate, _Mapping]] = ..., usage_report: _Optional[_Union[UsageReport, _Mapping]] = ..., drain: _Optional[_Union[Drain, _Mapping]] = ...) -> None: ...
 
 class Registered(_message.Message):
     __slots__ = ("heartbeat_interval_seconds", "last_usage_seq", "worker_timeout_seconds", "confirmed_rooms")

@@ -1,0 +1,186 @@
+"""The autoscaler's policy: how many workers each pool should have. Pure: plain
+signals in, a decision out; time comes in as an argument.
+
+For each pool (one device type) the demand is what its workers carry plus the
+waiting rooms it is to take, in compute units (1 unit = one 512x512@25
+text-driven room), with a headroom on top so a ramp finds capacity already
+booting. The target is that demand over what one worker carries, never below
+what premium reservations need nor outside the pool's [min, max].
+
+- Up fast: a higher target is acted on at once (booting workers count as
+  capacity, so a ramp is not answered twice).
+- Down slowly: the target used is the highest one recommended over the last
+  ``scale_down_window_seconds`` (the Kubernetes HPA's stabilisation), counted with
+  ``scale_down_tolerance`` more headroom, and at most ``scale_down_step`` workers
+  leave per decision; never while rooms wait. Going back up after a step down
+  then takes demand above the window's peak by that tolerance, so a load that
+  only wobbles never makes a pool go down and straight back up.
+
+Waiting rooms are shared out over the pools in configuration order (the first
+pool that can still grow takes them), so an operator lists the pool to grow
+first, e.g. the cheapest per unit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from scheduler.provisioners import PoolConfig, ProvisionerKind
+
+
+@dataclass(frozen=True, slots=True)
+class AutoscalerConfig:
+    """The ``[autoscaler]`` table of the scheduler's configuration."""
+
+    provisioner: ProvisionerKind = ProvisionerKind.NONE
+    interval_seconds: float = 5.0
+    headroom: float = 0.2  # spare capacity kept above demand, as a fraction of it
+    scale_down_window_seconds: float = 300.0
+    scale_down_step: int = 1  # workers that may leave per decision
+    scale_down_tolerance: float = 0.1  # extra headroom a smaller pool must still have
+    drain_deadline_seconds: float = 120.0  # a draining worker is stopped by then, rooms or not
+    boot_timeout_seconds: float = 600.0  # a started worker not registered by then is replaced
+    ray_address: str = "auto"
+    ray_namespace: str = "avatarfarm"
+    pools: dict[str, PoolConfig] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.interval_seconds <= 0 or self.drain_deadline_seconds <= 0 or \
+                self.boot_timeout_seconds <= 0:
+            raise ValueError("interval_seconds, drain_deadline_seconds and boot_timeout_seconds "
+                             "must be positive")
+        if self.headroom < 0 or self.scale_down_window_seconds < 0 or self.scale_down_step < 1 \
+                or self.scale_down_tolerance < 0:
+            raise ValueError("need headroom >= 0, scale_down_window_seconds >= 0, "
+                             "scale_down_step >= 1 and scale_down_tolerance >= 0")
+        devices = [p.device_type for p in self.pools.values()]
+        if len(set(devices)) != len(devices):
+            raise ValueError("each pool needs its own device_type (workers are matched to pools "
+                             "by it)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.pools)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSignals:
+    """What the scheduler sees of one pool at a decision."""
+
+    ready: int  # registered workers, not draining
+    booting: int  # started, not yet registered
+    load_units: float  # placed on its workers
+    units_per_worker: float  # measured (0: unknown)
+    reserved_units: float = 0.0  # premium reservations this pool is to hold
+
+
+@dataclass(frozen=True, slots=True)
+class Signals:
+    pending_units: float  # rooms waiting for a worker, any pool
+    pools: Mapping[str, PoolSignals]
+
+
+@dataclass(frozen=True, slots=True)
+class PoolDecision:
+    pool: str
+    current: int  # ready + booting
+    desired: int
+    reason: str
+
+    @property
+    def delta(self) -> int:
+        return self.desired - self.current
+
+
+@dataclass(slots=True)
+class _History:
+    recommendations: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def add(self, now: float, n: int, window: float) -> int:
+        """Records a recommendation; returns the highest one within the window."""
+        self.recommendations.append((now, n))
+        while self.recommendations and self.recommendations[0][0] < now - window:
+            self.recommendations.popleft()
+        return max(r for _, r in self.recommendations)
+
+
+class Autoscaler:
+    """Holds the recent recommendations per pool (the only state the policy needs)."""
+
+    def __init__(self, config: AutoscalerConfig) -> None:
+        self.config = config
+        self._history: dict[str, _History] = {name: _History() for name in config.pools}
+
+    def units_per_worker(self, name: str, measured: float) -> float:
+        configured = self.config.pools[name].units_per_worker
+        return configured if configured > 0 else measured
+
+    def decide(self, signals: Signals, now: float) -> list[PoolDecision]:
+        cfg = self.config
+        share = _share_pending(cfg.pools, signals, self.units_per_worker)
+        decisions = []
+        for name, pool in cfg.pools.items():
+            sig = signals.pools.get(name, PoolSignals(0, 0, 0.0, 0.0))
+            current = sig.ready + sig.booting
+            per_worker = self.units_per_worker(name, sig.units_per_worker)
+            pending = share.get(name, 0.0)
+            if per_worker <= 0:
+                # Nothing measured and nothing configured: one worker to learn from
+                # when rooms wait, else hold.
+                raw = keep = max(current, 1 if pending > 0 else 0)
+                why = "no measured capacity yet"
+            else:
+                demand = sig.load_units + pending
+                raw = math.ceil(demand * (1.0 + cfg.headroom) / per_worker - 1e-9)
+                keep = math.ceil(demand * (1.0 + cfg.headroom) * (1.0 + cfg.scale_down_tolerance)
+                                 / per_worker - 1e-9)
+                reserved = math.ceil(sig.reserved_units / per_worker - 1e-9)
+                why = (f"demand {demand:.1f} units (+{cfg.headroom:.0%} headroom) at "
+                       f"{per_worker:.1f} units per worker")
+                if reserved > raw:
+                    raw, why = reserved, f"premium reservations need {sig.reserved_units:.1f} units"
+                keep = max(keep, reserved)
+            raw = min(max(raw, pool.min_workers), pool.max_workers)
+            keep = min(max(keep, pool.min_workers), pool.max_workers)
+            stable = self._history[name].add(now, keep, cfg.scale_down_window_seconds)
+            if raw >= current:
+                desired = raw
+            elif signals.pending_units > 0:
+                desired, why = current, "rooms are waiting"
+            else:
+                # Down only to what the window's peak needs (with the tolerance), a step
+                # at a time.
+                desired = min(current, max(stable, current - cfg.scale_down_step, raw))
+                if desired > raw:
+                    why += f"; held by the {cfg.scale_down_window_seconds:g} s stabilisation window"
+            decisions.append(PoolDecision(name, current, desired, why))
+        return decisions
+
+
+def _share_pending(pools: Mapping[str, PoolConfig], signals: Signals,
+                   units_per_worker: object) -> dict[str, float]:
+    """Waiting units go to the pools in configuration order, each taking what it can
+    still grow by (its free capacity plus new workers up to its max); the rest goes
+    to the first pool, which then shows the shortfall."""
+    left = signals.pending_units
+    share: dict[str, float] = {}
+    names: Sequence[str] = list(pools)
+    for name in names:
+        if left <= 0:
+            break
+        sig = signals.pools.get(name, PoolSignals(0, 0, 0.0, 0.0))
+        per = units_per_worker(name, sig.units_per_worker)  # type: ignore[operator]
+        if per <= 0:
+            share[name] = left
+            return share
+        room = max(0.0, pools[name].max_workers * per - sig.load_units)
+        take = min(left, room)
+        if take > 0:
+            share[name] = take
+            left -= take
+    if left > 0 and names:
+        share[names[0]] = share.get(names[0], 0.0) + left
+    return share
