@@ -1,0 +1,288 @@
+"""The autoscaler at work: reads the scheduler's state, asks the policy
+(`scheduler.autoscaler`) how many workers each pool needs, and carries that out
+through a provisioner — starting workers at once, removing them only after the
+scheduler has drained them.
+
+`step` runs on the scheduler's event loop (it reads and changes the core's state)
+and returns the provisioner calls to make; `run` makes them on a thread, since a
+process spawn or an API call may block. A simulator calls `step` and applies the
+calls itself, at simulated time.
+
+Which workers leave: booting ones first (nothing to hand over), then the ready
+workers with the fewest rooms, in the order the provisioner can remove them (a
+StatefulSet only its highest ordinals). A worker being drained counts as gone for
+the policy but stays in the engine's replica count until it is removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from scheduler import placement
+from scheduler.autoscaler import Autoscaler, AutoscalerConfig, PoolDecision, PoolSignals, Signals
+from scheduler.core import Scheduler
+from scheduler.provisioners import Instance, Provisioner, ProvisionerKind
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleCall:
+    """One provisioner call: the pool's new replica count, and who leaves."""
+
+    pool: str
+    replicas: int
+    remove: tuple[str, ...] = ()
+    direction: str = "up"  # up | down | replace (a worker that never came up)
+
+    def apply(self, provisioner: Provisioner) -> None:
+        provisioner.scale(self.pool, self.replicas, self.remove)
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleEvent:
+    at: float
+    pool: str
+    direction: str
+    workers: int  # how many started or left
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PoolRow:
+    """One pool as SREs see it (status page, metrics)."""
+
+    name: str
+    device_type: str
+    desired: int
+    ready: int
+    booting: int
+    draining: int
+    reason: str
+
+
+@dataclass(slots=True)
+class _Pool:
+    instances: list[Instance] = field(default_factory=list)
+    requested: int = 0  # replicas last asked of the engine (its listing may lag)
+    requested_at: float = -1e18
+    first_seen: dict[str, float] = field(default_factory=dict)  # worker -> when it appeared
+    draining: dict[str, float] = field(default_factory=dict)  # worker -> drain deadline
+
+
+class AutoscalingController:
+    def __init__(self, core: Scheduler, config: AutoscalerConfig,
+                 provisioner: Provisioner | None,
+                 clock: Callable[[], float] = time.time, history: int = 200) -> None:
+        self.core = core
+        self.config = config
+        self.provisioner = provisioner
+        self.clock = clock
+        self.policy = Autoscaler(config)
+        self._pools = {name: _Pool() for name in config.pools}
+        self._pool_of_device = {p.device_type: name for name, p in config.pools.items()}
+        self.decisions: list[PoolDecision] = []
+        self.events: deque[ScaleEvent] = deque(maxlen=history)
+
+    # -- what the engine has -----------------------------------------------------
+
+    def set_instances(self, pool: str, instances: list[Instance]) -> None:
+        """The engine's listing of a pool (from `refresh`, or a simulator)."""
+        p = self._pools[pool]
+        p.instances = list(instances)
+        now = self.clock()
+        ids = {i.worker_id for i in instances}
+        for wid in ids - p.first_seen.keys():
+            p.first_seen[wid] = now
+        for wid in list(p.first_seen):
+            if wid not in ids:
+                del p.first_seen[wid]
+                p.draining.pop(wid, None)
+
+    async def refresh(self) -> None:
+        if self.provisioner is None:
+            return
+        for name in self._pools:
+            try:
+                found = await asyncio.to_thread(self.provisioner.instances, name)
+            except Exception as e:  # noqa: BLE001 -- an unreachable engine must not stop scheduling
+                log.warning("autoscaler: cannot list pool %s: %s", name, e)
+                continue
+            self.set_instances(name, found)
+
+    # -- decisions -------------------------------------------------------------------
+
+    def signals(self) -> Signals:
+        core = self.core
+        ready = dict.fromkeys(self._pools, 0)
+        load = dict.fromkeys(self._pools, 0.0)
+        capacity: dict[str, list[float]] = {name: [] for name in self._pools}
+        for conn in core.workers.values():
+            pool = self._pool_of_device.get(conn.device_type)
+            if pool is None or conn.draining_until is not None:
+                continue
+            ready[pool] += 1
+            ws = core.fleet.workers.get(conn.worker_id)
+            if ws is None:
+                continue
+            load[pool] += sum(core.sessions[sid].units for sid in ws.rooms if sid in core.sessions)
+            unit = conn.profile.room_load(placement.UNIT_QUALITY, placement.UNIT_MODE)
+            if unit:
+                capacity[pool].append(ws.compute_capacity * core.fleet.target / unit)
+        # Reservations are not tied to a device type: the first (preferred) pool holds them.
+        reserved = sum(t.reserved_units for t in core.config.tenants.values())
+        pools = {}
+        for i, name in enumerate(self._pools):
+            per = sum(capacity[name]) / len(capacity[name]) if capacity[name] else 0.0
+            pools[name] = PoolSignals(ready=ready[name], booting=self._booting(name),
+                                      load_units=load[name], units_per_worker=per,
+                                      reserved_units=reserved if i == 0 else 0.0)
+        return Signals(core.waiting().units, pools)
+
+    def _booting(self, pool: str) -> int:
+        """Started and not registered yet, counting replicas asked for that the engine
+        does not list yet."""
+        p = self._pools[pool]
+        registered = self.core.workers
+        live = [i.worker_id for i in p.instances]
+        unregistered = sum(1 for w in live if w not in registered and w not in p.draining)
+        return unregistered + self._lag(p)
+
+    def _lag(self, p: _Pool) -> int:
+        return max(0, p.requested - len(p.instances)) if self._recent(p) else 0
+
+    def _recent(self, p: _Pool) -> bool:
+        return self.clock() - p.requested_at < self.config.boot_timeout_seconds
+
+    def step(self) -> list[ScaleCall]:
+        """One decision: drains started, finished drains and stuck boots turned into
+        removals, and new workers requested. Runs on the scheduler's loop."""
+        now = self.clock()
+        signals = self.signals()
+        self.decisions = self.policy.decide(signals, now)
+        calls: list[ScaleCall] = []
+        registered = set(self.core.workers)
+        for d in self.decisions:
+            p = self._pools[d.pool]
+            live = [i.worker_id for i in p.instances]
+            total = len(live) + self._lag(p)
+            # Workers started but never registered: replaced (the policy asks again).
+            stuck = [w for w in live if w not in registered and w not in p.draining
+                     and now - p.first_seen.get(w, now) > self.config.boot_timeout_seconds]
+            # Drained workers (or past their deadline) leave the engine.
+            done = [w for w, deadline in p.draining.items()
+                    if self.core.drained(w) or now >= deadline]
+            leaving = stuck + done
+            if d.delta > 0 and self.provisioner is not None:
+                total += d.delta
+                calls.append(ScaleCall(d.pool, total - len(leaving), tuple(leaving), "up"))
+                self._record(now, d.pool, "up", d.delta, d.reason)
+            elif d.delta < 0:
+                booting = [w for w in live if w not in registered and w not in p.draining
+                           and w not in stuck]
+                n = -d.delta
+                quick = booting[:n]  # nothing to hand over
+                leaving += quick
+                n -= len(quick)
+                if n > 0:
+                    self._start_drains(d.pool, n, now)
+                if quick or n > 0:
+                    self._record(now, d.pool, "down", len(quick) + n, d.reason)
+                if leaving and self.provisioner is not None:
+                    calls.append(ScaleCall(d.pool, total - len(leaving), tuple(leaving), "down"))
+            elif leaving and self.provisioner is not None:
+                calls.append(ScaleCall(d.pool, total - len(leaving), tuple(leaving),
+                                       "replace" if stuck else "down"))
+            for w in leaving:
+                p.draining.pop(w, None)
+            if calls and calls[-1].pool == d.pool:
+                p.requested, p.requested_at = calls[-1].replicas, now
+        self.publish()
+        return calls
+
+    def _start_drains(self, pool: str, n: int, now: float) -> None:
+        p = self._pools[pool]
+        mine = {i.worker_id for i in p.instances}
+        core = self.core
+        candidates = [c for c in core.workers.values()
+                      if c.worker_id in mine and c.draining_until is None
+                      and self._pool_of_device.get(c.device_type) == pool]
+
+        def rooms(wid: str) -> int:
+            ws = core.fleet.workers.get(wid)
+            return len(ws.rooms) if ws is not None else 0
+        preferred = [c.worker_id for c in sorted(candidates, key=lambda c: (rooms(c.worker_id),
+                                                                            c.worker_id))]
+        order = self.provisioner.removable(pool, preferred) if self.provisioner else preferred
+        deadline = now + self.config.drain_deadline_seconds
+        for wid in order[:n]:
+            if core.drain_worker(wid, deadline, f"scale-down of pool {pool}"):
+                p.draining[wid] = deadline
+
+    def _record(self, now: float, pool: str, direction: str, n: int, reason: str) -> None:
+        self.events.append(ScaleEvent(now, pool, direction, n, reason))
+        self.core.metrics.scale_events.labels(pool, direction).inc(n)
+        log.info("autoscaler: pool %s %s by %d (%s)", pool, direction, n, reason)
+
+    def rows(self) -> list[PoolRow]:
+        by = {d.pool: d for d in self.decisions}
+        out = []
+        registered = self.core.workers
+        for name in self._pools:
+            d = by.get(name)
+            ready = draining = 0
+            for c in registered.values():
+                if self._pool_of_device.get(c.device_type) == name:
+                    if c.draining_until is None:
+                        ready += 1
+                    else:
+                        draining += 1
+            out.append(PoolRow(name, self.config.pools[name].device_type,
+                               d.desired if d else ready, ready, self._booting(name), draining,
+                               d.reason if d else ""))
+        return out
+
+    def publish(self) -> None:
+        self.core.metrics.pools({r.name: (r.desired, r.booting, r.ready, r.draining)
+                                 for r in self.rows()})
+
+    # -- the loop --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Decides every interval_seconds; provisioner calls run on a thread."""
+        while True:
+            try:
+                await self.refresh()
+                for call in self.step():
+                    if self.provisioner is None:
+                        continue
+                    try:
+                        await asyncio.to_thread(call.apply, self.provisioner)
+                    except Exception as e:  # noqa: BLE001 -- logged; the next step retries
+                        log.warning("autoscaler: %s of pool %s to %d failed: %s", call.direction,
+                                    call.pool, call.replicas, e)
+            except Exception:  # a bad step must not end autoscaling; the next one retries
+                log.exception("autoscaler step failed")
+            await asyncio.sleep(self.config.interval_seconds)
+
+
+def make_provisioner(config: AutoscalerConfig, scheduler_address: str,
+                     log_dir: str = "var/logs") -> Provisioner | None:
+    """The configured engine's provisioner (imported only when chosen: Ray and the
+    Kubernetes client are optional)."""
+    kind = config.provisioner
+    if kind is ProvisionerKind.NONE or not config.pools:
+        return None
+    if kind is ProvisionerKind.LOCAL:
+        from scheduler.provisioners.local import LocalProvisioner
+        return LocalProvisioner(config, scheduler_address, log_dir)
+    if kind is ProvisionerKind.RAY:
+        from scheduler.provisioners.ray_cluster import RayProvisioner
+        return RayProvisioner(config, scheduler_address)
+    from scheduler.provisioners.kubernetes_api import KubernetesProvisioner
+    return KubernetesProvisioner(config)
