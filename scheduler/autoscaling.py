@@ -23,7 +23,6 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from scheduler import placement
 from scheduler.autoscaler import Autoscaler, AutoscalerConfig, PoolDecision, PoolSignals, Signals
 from scheduler.core import Scheduler
 from scheduler.provisioners import Instance, Provisioner, ProvisionerKind
@@ -131,9 +130,9 @@ class AutoscalingController:
             if ws is None:
                 continue
             load[pool] += sum(core.sessions[sid].units for sid in ws.rooms if sid in core.sessions)
-            unit = conn.profile.room_load(placement.UNIT_QUALITY, placement.UNIT_MODE)
-            if unit:
-                capacity[pool].append(ws.compute_capacity * core.fleet.target / unit)
+            per = ws.unit_capacity(core.fleet.target)
+            if per > 0:
+                capacity[pool].append(per)
         # Reservations are not tied to a device type: the first (preferred) pool holds them.
         reserved = sum(t.reserved_units for t in core.config.tenants.values())
         pools = {}

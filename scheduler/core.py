@@ -155,8 +155,9 @@ class Scheduler:
         # Rooms whose avatar's licence ended, winding down on their worker: session ->
         # (when the scheduler ends it itself, why). They are never placed again.
         self._licence_ending: dict[str, tuple[float, str]] = {}
-        # Seamless handovers off draining workers: session -> (old worker, old epoch).
-        # The old assignment renders on until the new one is running, then is released.
+        # Handovers off draining workers: session -> (old worker, old epoch). The old
+        # assignment stops at a clean point and reports its final progress; the next one
+        # starts exactly there.
         self._handovers: dict[str, tuple[str, int]] = {}
         self._pending_since: dict[str, float] = {}
         for s in store.load_sessions():
@@ -565,8 +566,10 @@ class Scheduler:
         was moved away from is told to release it, and nothing it reports counts."""
         self.worker_seen(conn)
         s = self.sessions.get(session_id)
-        if self._handovers.get(session_id) == (conn.worker_id, epoch):
-            return  # the old side of a handover: rendering on until the new one runs
+        if self._handovers.get(session_id) == (conn.worker_id, epoch) and s is not None and \
+                state in (SessionState.ENDED, SessionState.FAILED):
+            self._continue_elsewhere(s, conn, progress)
+            return
         if s is None or s.worker_id != conn.worker_id or s.epoch != epoch:
             self.metrics.usage_reports.labels("stale").inc()
             log.warning("worker %s reported on session %s (assignment %d) it does not hold",
@@ -582,9 +585,6 @@ class Scheduler:
                 changes["progress"] = total
         target = state if state in (SessionState.RUNNING, SessionState.ENDED,
                                     SessionState.FAILED) else s.state
-        if session_id in self._handovers and state in (SessionState.RUNNING, SessionState.ENDED,
-                                                       SessionState.FAILED):
-            self._finish_handover(session_id, f"handed over to {conn.worker_id}")
         if s.state.terminal or (target is s.state and not reason):
             if changes:  # progress only: kept in memory, written with the next tick
                 s = dataclasses.replace(s, updated_at=now, **changes)  # type: ignore[arg-type]
@@ -620,8 +620,6 @@ class Scheduler:
     def _drop_worker(self, conn: WorkerConn, why: str) -> None:
         if conn.draining_until is None:
             self.metrics.workers_lost.labels(conn.device_type).inc()
-        for sid in [sid for sid, (old, _) in self._handovers.items() if old == conn.worker_id]:
-            del self._handovers[sid]
         del self.workers[conn.worker_id]
         self._worker_avatars.subtract(conn.avatars)
         self._worker_avatars += collections.Counter()  # drop avatars no worker has
@@ -656,12 +654,9 @@ class Scheduler:
         return True
 
     def drained(self, worker_id: str) -> bool:
-        """No room is left on the worker: none placed there, none rendering there on the
-        old side of a handover. An unknown (gone) worker is drained."""
-        if worker_id not in self.workers:
-            return True
-        return not self._rooms_on(worker_id) and \
-            all(old != worker_id for old, _ in self._handovers.values())
+        """No room is left on the worker (a room being handed over counts until its old
+        assignment has stopped). An unknown (gone) worker is drained."""
+        return worker_id not in self.workers or not self._rooms_on(worker_id)
 
     def _rooms_on(self, worker_id: str) -> list[str]:
         w = self.fleet.workers.get(worker_id)
@@ -674,7 +669,8 @@ class Scheduler:
         for conn in [c for c in self.workers.values() if c.draining_until is not None]:
             for sid in self._rooms_on(conn.worker_id):
                 s = self.sessions.get(sid)
-                if s is not None and s.state in _LIVE and sid not in self._licence_ending:
+                if s is not None and s.state in _LIVE and sid not in self._licence_ending \
+                        and sid not in self._handovers:
                     self._hand_over(s, conn, now)
             if conn.drain_outcome:
                 continue
@@ -689,33 +685,44 @@ class Scheduler:
                 self.metrics.drains.labels(conn.drain_outcome).inc()
 
     def _hand_over(self, s: Session, old: WorkerConn, now: float) -> None:
-        """Moves a room off a draining worker. A running room whose output is fenced (file,
-        HLS) gets its new assignment while the old one renders on: the new worker takes
-        the output over when it writes its first frame, and the old one is released once
-        the new one reports running, so the stream has no gap. RTMP allows one publisher
-        per stream key, so there the old one stops first and the room is placed again."""
-        choice = self.fleet.choose(self._req(s), self._rungs)
-        if choice is None or not self._protected_ok(s, choice.demand.compute):
+        """Moves a room off a draining worker, once another worker can take it. A running
+        room stays on the air: its worker stops at a clean point (an HLS room finishes
+        and publishes the segment it is writing), leaves the output open and reports its
+        final progress; the next assignment continues the output from exactly there
+        (`_continue_elsewhere`). A room not running yet is simply placed again."""
+        if self.fleet.choose(self._req(s), self._rungs) is None:
             return  # waits for capacity (the autoscaler is adding it) or the deadline
         why = f"worker {old.worker_id} is draining ({old.drain_reason})"
-        if s.state is SessionState.RUNNING and s.spec.output.kind is not OutputKind.RTMP:
+        if s.state is SessionState.RUNNING:
             self._handovers[s.session_id] = (old.worker_id, s.epoch)
-            self.fleet.release(s.session_id)
-            self.ledger.close(s.session_id, now)
-            self._assign(dataclasses.replace(s, reason=why), choice, SessionState.RUNNING)
-            self.metrics.handovers.labels("seamless").inc()
+            old.outbox.put_nowait(ReleaseCmd(s.session_id, f"{why}; handing over",
+                                             handover=True))
             return
-        old.outbox.put_nowait(ReleaseCmd(s.session_id, f"{why}; the room moves to another worker"))
+        old.outbox.put_nowait(ReleaseCmd(s.session_id, f"{why}; moving to another worker"))
         self._to_pending(s, now, f"{why}; moving to another worker")
-        self.metrics.handovers.labels("restart").inc()
         self._try_place(self.sessions[s.session_id], {})
 
-    def _finish_handover(self, session_id: str, why: str) -> None:
-        old, epoch = self._handovers.pop(session_id)
-        conn = self.workers.get(old)
-        if conn is not None:
-            conn.outbox.put_nowait(ReleaseCmd(session_id, why))
-        log.info("session %s: assignment %d on %s released (%s)", session_id, epoch, old, why)
+    def _continue_elsewhere(self, s: Session, old: WorkerConn, progress: Progress | None) -> None:
+        """The old side of a handover stopped: its final progress is counted and the room
+        goes on on another worker from exactly there, without leaving the air."""
+        del self._handovers[s.session_id]
+        now = self.clock()
+        if progress is not None:
+            self.metering.account(s, progress)
+            total = plus(s.base, progress)
+            if total.stream_seconds >= s.progress.stream_seconds:
+                s = s.with_progress(total, now)
+                self.sessions[s.session_id] = s
+        self.fleet.release(s.session_id)
+        self.ledger.close(s.session_id, now)
+        choice = self.fleet.choose(self._req(s), self._rungs)
+        if choice is None or not self._protected_ok(s, choice.demand.compute):
+            self._to_pending(s, now, f"handed over by {old.worker_id}; waiting for capacity")
+            return
+        kind = "restart" if s.spec.output.kind is OutputKind.RTMP else "seamless"
+        self.metrics.handovers.labels(kind).inc()
+        self._assign(dataclasses.replace(s, reason=f"handed over by {old.worker_id}"), choice,
+                     SessionState.RUNNING)
 
     def waiting(self) -> Waiting:
         """The rooms waiting for a worker: how many, their compute units, and how many are
@@ -1079,8 +1086,7 @@ class Scheduler:
         if s.session_id in self._licence_ending:
             self.end(s.session_id, f"{why}; not re-placed: {self._licence_ending[s.session_id][1]}")
             return
-        if s.session_id in self._handovers:
-            self._finish_handover(s.session_id, why)
+        self._handovers.pop(s.session_id, None)
         self.fleet.release(s.session_id)
         self.ledger.close(s.session_id, now)
         s = s.moved(SessionState.PENDING, now, worker_id="", input_endpoint="", reason=why)
@@ -1152,8 +1158,7 @@ class Scheduler:
                 del self._outputs[s.spec.output]
             self._degraded.discard(s.session_id)
             self._pending_since.pop(s.session_id, None)
-            if s.session_id in self._handovers:
-                self._finish_handover(s.session_id, f"the room is over ({s.reason})")
+            self._handovers.pop(s.session_id, None)
         else:
             self._rooms[key] = s.session_id
             self._outputs[s.spec.output] = s.session_id

@@ -155,12 +155,14 @@ class WorkerProfile:
         kept = tuple(c for c in self.costs if (c.stage, c.width, c.height) not in fresh)
         return WorkerProfile(kept + update.costs)
 
-    def room_load(self, quality: Quality, mode: DriveMode) -> float | None:
-        """Device-seconds per second of stream at full batching, every stage on one device;
+    def room_load(self, quality: Quality, mode: DriveMode, encode: bool = True) -> float | None:
+        """Device-seconds per second of stream at full batching, every stage on one device
+        (``encode=False``: without the encoder, for a device whose host CPU encodes);
         None if a needed stage is unmeasured."""
         side = quality.render_side
-        parts = [self.stage_seconds(Stage.RENDER, side, side),
-                 self.stage_seconds(Stage.ENCODE, quality.width, quality.height)]
+        parts = [self.stage_seconds(Stage.RENDER, side, side)]
+        if encode:
+            parts.append(self.stage_seconds(Stage.ENCODE, quality.width, quality.height))
         if mode.uses_audio_to_motion:
             parts.append(self.stage_seconds(Stage.AUDIO_TO_MOTION))
         if any(p is None for p in parts):
@@ -274,6 +276,21 @@ class WorkerState:
     @property
     def encode_on_device(self) -> bool:
         return self.cpu_capacity <= 0
+
+    def unit_capacity(self, target: float) -> float:
+        """Compute units (512x512@25 text rooms) this worker carries at the utilisation
+        target at full batching: device time, and the host's cores where they encode
+        (0: unmeasured)."""
+        q = UNIT_QUALITY
+        device = self.profile.room_load(q, UNIT_MODE, encode=self.encode_on_device)
+        if not device:
+            return 0.0
+        n = self.compute_capacity * target / device
+        if not self.encode_on_device:
+            enc = self.profile.stage_seconds(Stage.ENCODE, q.width, q.height)
+            if enc:
+                n = min(n, self.cpu_capacity * target / (enc * q.fps))
+        return n
 
     def utilisation(self) -> float:
         parts = [self._compute / self.compute_capacity if self.compute_capacity > 0 else 1.0]

@@ -28,6 +28,8 @@ class ReleaseCmd:
     reason: str
     # Finish the script segment being spoken, then end (the avatar's licence ended).
     at_script_boundary: bool = False
+    # Stop for another worker to continue the output from exactly where this one ends.
+    handover: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,9 +55,10 @@ def command_to_pb(cmd: WorkerCommand) -> workers_pb2.SchedulerMessage:
                 continuation=continuation, resumed_at_seconds=resumed_at,
                 label=types_pb2.Label(text=label.text, position=label.position.value,
                                       size=label.size) if label is not None else None))
-        case ReleaseCmd(sid, reason, at_boundary):
+        case ReleaseCmd(sid, reason, at_boundary, handover):
             return workers_pb2.SchedulerMessage(release=workers_pb2.Release(
-                session_id=sid, reason=reason, at_script_boundary=at_boundary))
+                session_id=sid, reason=reason, at_script_boundary=at_boundary,
+                handover=handover))
         case ScriptCmd(sid, segments):
             return workers_pb2.SchedulerMessage(
                 script=workers_pb2.Script(session_id=sid, segments=convert.segments_to_pb(segments)))

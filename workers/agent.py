@@ -417,7 +417,9 @@ class WorkerAgent:
                     self._assign(msg.assign)
                 elif kind == "release":
                     room = self.rooms.get(msg.release.session_id)
-                    if room is not None and msg.release.at_script_boundary:
+                    if room is not None and msg.release.handover:
+                        room.hand_over(msg.release.reason or "handed over")
+                    elif room is not None and msg.release.at_script_boundary:
                         room.stop_at_script_boundary(msg.release.reason or "released")
                     elif room is not None:
                         room.stop(msg.release.reason or "released by scheduler")

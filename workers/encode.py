@@ -334,13 +334,14 @@ class _HlsPublisher:
         self._base.version = max(self._base.version, staged.version)
         self._write(ended=False)
 
-    def finish(self) -> None:
-        """After the muxer's trailer: publishes the last segment and ends the playlist."""
+    def finish(self, ended: bool = True) -> None:
+        """After the muxer's trailer: publishes the last segment and ends the playlist
+        (``ended=False``: leaves it open, for a continuation handed the room over)."""
         try:
             self._staged_seen = None
             self.poll()
             if self._published:
-                self._write(ended=True)
+                self._write(ended=ended)
         finally:
             self.discard()
 
@@ -449,6 +450,7 @@ class StreamEncoder:
         self._fence = _Fence(fence, epoch, target.location) if fence is not None and epoch > 0 else None
         self._superseded: Superseded | None = None
         self._withdrawn = False  # set from another thread: a plain flag, read per frame
+        self.leave_open = False  # a clean close that leaves the output to a continuation
         self._hls: _HlsPublisher | None = None
         self._container: Any = None
         self._video: Any = None
@@ -598,7 +600,7 @@ class StreamEncoder:
             container.close()
         if self._hls is not None:
             if self._superseded is None and not self._withdrawn:
-                self._hls.finish()
+                self._hls.finish(ended=not self.leave_open)
             else:
                 self._hls.discard()
 
@@ -677,12 +679,16 @@ class EncoderThread:
         except queue.Full:
             return False
 
-    def close(self, timeout: float = 30.0, *, end_output: bool = True) -> None:
+    def close(self, timeout: float = 30.0, *, end_output: bool = True,
+              leave_open: bool = False) -> None:
         """Flushes and closes the output; waits for the thread. ``end_output=False`` when
         the room has moved to another assignment: queued frames are dropped and the output
-        is left for the continuation to append to (see StreamEncoder.withdraw)."""
+        is left for the continuation to append to (see StreamEncoder.withdraw).
+        ``leave_open``: every frame is written and published, but the output is not ended
+        (a handover: the next assignment continues it from exactly here)."""
         if not end_output:
             self.encoder.withdraw()
+        self.encoder.leave_open = leave_open
         self._queue.put(self._STOP)
         self._thread.join(timeout)
         if self._thread.is_alive():

@@ -186,6 +186,12 @@ class Room:
         self.on_stall = on_stall
         self.label = label
         self._stop_at_boundary: str | None = None
+        # Handing over to another worker: stop at this stream time (the end of the HLS
+        # segment being written) and leave the output open for the continuation.
+        self._stop_at_time: Fraction | None = None
+        self.handing_over = False
+        self._handover_reason = ""
+        self._t = Fraction(0)
         self.held = False  # output suspended until the scheduler confirms the room
         self.superseded = False  # moved to another worker: ends without writing more
         self.stats = RoomStats()
@@ -238,6 +244,19 @@ class Room:
         else:
             self.script.finish_current()
             self._stop_at_boundary = reason
+
+    def hand_over(self, reason: str) -> None:
+        """Another worker continues this room: an HLS room ends once the segment being
+        written is complete (so it is published and nothing is lost), a file or RTMP
+        room at once; the output is left open (no end-of-playlist) and the final
+        progress reported is exactly where the continuation starts."""
+        self.handing_over = True
+        if self.target.kind is OutputKind.HLS and self._encoder is not None:
+            seg = Fraction(self.encoder_settings.hls_segment_seconds).limit_denominator(1000)
+            self._stop_at_time = math.ceil(self._t / seg) * seg
+            self._handover_reason = reason
+        else:
+            self.stop(reason)
 
     def hold(self) -> None:
         """Write nothing more to the output until `release_hold` (frames made meanwhile
@@ -411,6 +430,10 @@ class Room:
             if self._stop_at_boundary is not None and self.script.at_boundary:
                 self.stop(self._stop_at_boundary)
                 break
+            if self._stop_at_time is not None and t >= self._stop_at_time:
+                self.stop(self._handover_reason)
+                break
+            self._t = t
             audio, speaking = await self._audio(mode, k)
             idle = self.idle.step()
             mel: np.ndarray | None = None
@@ -553,7 +576,8 @@ class Room:
         if enc is None:
             return
         # A room that moved ends its part of the output open: the next worker continues it.
-        await asyncio.to_thread(enc.close, end_output=not self.superseded)
+        await asyncio.to_thread(enc.close, end_output=not self.superseded,
+                                leave_open=self.handing_over)
         self.stats.stage_seconds["encode"] = enc.encode_seconds
         if isinstance(enc.error, Superseded):
             self.superseded = True

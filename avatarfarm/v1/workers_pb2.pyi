@@ -198,14 +198,16 @@ class Assign(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., spec: _Optional[_Union[_types_pb2.SessionSpec, _Mapping]] = ..., epoch: _Optional[int] = ..., continuation: _Optional[int] = ..., resumed_at_seconds: _Optional[float] = ..., label: _Optional[_Union[_types_pb2.Label, _Mapping]] = ...) -> None: ...
 
 class Release(_message.Message):
-    __slots__ = ("session_id", "reason", "at_script_boundary")
+    __slots__ = ("session_id", "reason", "at_script_boundary", "handover")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     AT_SCRIPT_BOUNDARY_FIELD_NUMBER: _ClassVar[int]
+    HANDOVER_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     reason: str
     at_script_boundary: bool
-    def __init__(self, session_id: _Optional[str] = ..., reason: _Optional[str] = ..., at_script_boundary: _Optional[bool] = ...) -> None: ...
+    handover: bool
+    def __init__(self, session_id: _Optional[str] = ..., reason: _Optional[str] = ..., at_script_boundary: _Optional[bool] = ..., handover: _Optional[bool] = ...) -> None: ...
 
 class Script(_message.Message):
     __slots__ = ("session_id", "segments")

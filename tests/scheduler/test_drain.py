@@ -1,6 +1,7 @@
 """Draining a worker over the real protocol: no new rooms on it, running rooms handed
-over (seamlessly where the output is fenced, stop-then-start for RTMP), usage counted
-once across the handover, and the drain's outcome in the metrics."""
+over (the old assignment stops at a clean point, the next continues from exactly
+there, the room never leaves the air), usage counted once across the handover, and
+the drain's outcome in the metrics."""
 
 from __future__ import annotations
 
@@ -57,27 +58,28 @@ def test_a_draining_worker_hands_a_running_room_over_without_a_gap(tmp_path: Pat
             w2 = ProtocolWorker(ch, "w2")
             await until(lambda: "w2" in running.core.workers)
             drain(w1)
+            # The old worker is asked to stop at a clean point and leave the output open;
+            # the room stays on it, and on the air, until it has.
+            release = (await w1.next("release")).release
+            assert release.session_id == s.session_id and release.handover
+            new_room = await stub.CreateSession(create_req("later", seconds=0.0))
+            assert (await w2.next("assign")).assign.session_id == new_room.session_id
+            w1.usage(2, [(s.session_id, 125, 1.25)])  # it rendered on meanwhile: 5 s
+            w1.report(s.session_id, types_pb2.SESSION_STATE_ENDED, frames=150, device=1.5,
+                      reason="handed over")  # 6 s: the end of the HLS segment it was writing
             second = (await w2.next("assign")).assign
             assert second.session_id == s.session_id
             assert second.epoch > first.epoch and second.continuation == 1
-            assert second.resumed_at_seconds == 4.0
-            # The old assignment renders on until the new one runs: no release yet, and
-            # what it reports meanwhile is neither an error nor billed.
-            w1.epochs[s.session_id] = first.epoch
-            w1.usage(2, [(s.session_id, 125, 1.25)])
-            new_room = await stub.CreateSession(create_req("later", seconds=0.0))
-            assert (await w2.next("assign")).assign.session_id == new_room.session_id
-            assert w1.inbox.empty()
+            assert second.resumed_at_seconds == 6.0  # exactly where the old one stopped
             w2.report(s.session_id, types_pb2.SESSION_STATE_RUNNING)
-            release = (await w1.next("release")).release
-            assert release.session_id == s.session_id and "w2" in release.reason
             w2.usage(1, [(s.session_id, 50, 0.5)])
             now = await client.wait_for(stub, s.session_id,
-                                        lambda x: x.progress.frames_rendered == 150, 10)
+                                        lambda x: x.progress.frames_rendered == 200, 10)
             assert now.worker_id == "w2" and now.state == types_pb2.SESSION_STATE_RUNNING
             usage = await stub.GetUsage(sessions_pb2.GetUsageRequest())
-            assert sum(r.stream_seconds for r in usage.rows) == 6.0  # 4 on w1 + 2 on w2
+            assert sum(r.stream_seconds for r in usage.rows) == 8.0  # 6 on w1 + 2 on w2
             assert types_pb2.SESSION_STATE_PENDING not in states  # never off the air
+            assert types_pb2.SESSION_STATE_ENDED not in states
             await until(lambda: running.core.drained("w1"))
             await until(lambda: metric(running.metrics_port,
                                        'avatarfarm_worker_drains_total{outcome="completed"}') == 1.0)
@@ -111,9 +113,14 @@ def test_an_rtmp_room_stops_before_it_starts_elsewhere(tmp_path: Path, model_dir
             w2 = ProtocolWorker(ch, "w2")
             await until(lambda: "w2" in running.core.workers)
             drain(w1)
-            # One publisher per stream key: the old one is told to stop first.
-            assert (await w1.next("release")).release.session_id == s.session_id
-            assert (await w2.next("assign")).assign.session_id == s.session_id
+            # One publisher per stream key: the old one stops before the new one starts.
+            release = (await w1.next("release")).release
+            assert release.session_id == s.session_id and release.handover
+            assert all(m.WhichOneof("kind") == "registered" for m in list(w2.inbox._queue))  # type: ignore[attr-defined]
+            w1.report(s.session_id, types_pb2.SESSION_STATE_ENDED, frames=75, device=0.75,
+                      reason="handed over")
+            assign = (await w2.next("assign")).assign
+            assert assign.session_id == s.session_id and assign.resumed_at_seconds == 3.0
             assert metric(running.metrics_port, 'avatarfarm_handovers_total{kind="restart"}') == 1.0
             for w in (w1, w2):
                 await w.close()
