@@ -42,3 +42,18 @@ def test_the_chaos_load_test_loses_no_room_and_no_usage(model_dir: Path, tmp_pat
     assert int(lines["rooms resumed"].split()[2]) >= 3  # every kill moved rooms
     assert lines["usage lost / doubled"].endswith("PASS")
     assert lines["rooms dropped"].endswith("PASS")
+
+
+def test_autoscaling_a_day_keeps_every_room_and_tracks_demand(tmp_path: Path) -> None:
+    """The diurnal trace at a small scale, the autoscaler on, workers booting in 90 s:
+    no room dropped or failed, rooms wait only while capacity boots, the fleet grows
+    for the evening and shrinks after it, and it costs a bounded multiple of the
+    minimum (headroom, whole workers, the premium reservations held all day)."""
+    from loadtests.autoscale_sim import run
+
+    r = run(peak_rooms=150, hours=24, boot_seconds=90.0, interval=15.0, dt=2.0, seed=3,
+            rtmp_share=0.3, window=600.0, home=tmp_path)
+    assert r.dropped == 0 and r.failed == 0
+    assert max(r.pending) <= 90.0 + 15.0 + 2.0  # at most one boot (+ a decision, a step)
+    assert r.ups >= 3 and r.downs >= 1
+    assert r.minimum_seconds <= r.floor_seconds <= r.worker_seconds <= 3.0 * r.floor_seconds
