@@ -150,7 +150,8 @@ async def serve(config: WorkerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"avatarfarm worker {running.agent.worker_id} ready on port {running.port}", flush=True)
+    print(f"avatarfarm worker {running.agent.worker_id} ready on port {running.port} "
+          f"(metrics port {running.metrics_port})", flush=True)
     await stop.wait()
     if config.drain_timeout > 0 and running.agent.rooms:
         # Leaving (a pod deleted, a node drained): rooms move to other workers first.
