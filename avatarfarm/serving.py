@@ -1,6 +1,6 @@
 """What both server processes share: binding the gRPC port (plain or TLS), adding
 services with strict request decoding and an optional gate, and the Prometheus
-/metrics endpoint.
+/metrics endpoint (with read-only pages next to it, where a process has any).
 
 grpc answers a request it cannot decode with INTERNAL ("Exception deserializing
 request"), which blames the server for the caller's bytes. `add_service` builds
@@ -13,15 +13,21 @@ for single requests and for each message of a request stream alike.
 from __future__ import annotations
 
 import inspect
+import logging
+import socket
+import socketserver
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 from google.protobuf import message, message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
@@ -148,18 +154,100 @@ def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer: o
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One answer of a page served next to /metrics."""
+
+    body: bytes
+    content_type: str
+    status: str = "200 OK"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+# Builds a page's answer per request, on the HTTP server's thread: it must not touch
+# state that belongs to an event loop.
+PageHandler = Callable[[], Page]
+
+# WSGI's two callables, as the standard library leaves them untyped.
+_StartResponse = Callable[..., Any]
+_App = Callable[[dict[str, Any], _StartResponse], Iterable[bytes]]
+
+_READ_ONLY = ("GET", "HEAD")
+# Every page: never cached (it shows live state) nor sniffed as another type.
+_PAGE_HEADERS = (("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"))
+
+
+def _site(metrics: _App, pages: Mapping[str, PageHandler]) -> _App:
+    """/metrics as Prometheus serves it, the read-only pages by exact path, 404 else."""
+    def app(environ: dict[str, Any], start_response: _StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO") or "/"
+        handler = pages.get(path)
+        if handler is None:
+            if path == "/metrics":
+                return metrics(environ, start_response)
+            known = ", ".join(sorted({"/metrics", *pages}))
+            page = Page(f"nothing at {path}; this port serves {known}\n".encode(),
+                        "text/plain; charset=utf-8", "404 Not Found")
+        elif environ["REQUEST_METHOD"] not in _READ_ONLY:
+            page = Page(b"read-only: use GET or HEAD\n", "text/plain; charset=utf-8",
+                        "405 Method Not Allowed", (("Allow", ", ".join(_READ_ONLY)),))
+        else:
+            try:
+                page = handler()
+            except Exception:  # one broken page must not take the port down
+                log.exception("page %s failed", path)
+                page = Page(b"this page failed; the server's log says why\n",
+                            "text/plain; charset=utf-8", "500 Internal Server Error")
+        start_response(page.status, [("Content-Type", page.content_type),
+                                     ("Content-Length", str(len(page.body))),
+                                     *_PAGE_HEADERS, *page.headers])
+        return [b"" if environ["REQUEST_METHOD"] == "HEAD" else page.body]
+    return app
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes arrive every few seconds: no line per request."""
+
+
+class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
+    # A slow client holds its own thread, not the scrape behind it; daemon threads
+    # are not gathered for joining, so they cost nothing once answered.
+    daemon_threads = True
+
+
+def _serve(app: _App, host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
+    # The address family follows the host, so an IPv6 metrics_host binds too.
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                   flags=socket.AI_PASSIVE)[0]
+    server_class: type[_ThreadingServer] = type("_Server", (_ThreadingServer,),
+                                                {"address_family": family})
+    server = make_server(str(sockaddr[0]), port, app, server_class, handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
+    return server, thread
+
+
 @dataclass
 class MetricsEndpoint:
+    """The Prometheus endpoint of a process, on its own thread. Without pages every
+    path answers with the metrics, as Prometheus's own server does; with pages,
+    /metrics does, each page answers GET and HEAD (405 otherwise) at its exact path,
+    and any other path is 404."""
+
     port: int
     _server: Any = None
     _thread: threading.Thread | None = None
 
     @staticmethod
-    def start(port: int, host: str, registry: CollectorRegistry) -> MetricsEndpoint:
+    def start(port: int, host: str, registry: CollectorRegistry,
+              pages: Mapping[str, PageHandler] | None = None) -> MetricsEndpoint:
         """Port 0 serves nothing; -1 picks any free port."""
         if port == 0:
             return MetricsEndpoint(0)
-        server, thread = start_http_server(max(port, 0), addr=host, registry=registry)
+        metrics: _App = make_wsgi_app(registry)
+        app = _site(metrics, dict(pages)) if pages else metrics
+        server, thread = _serve(app, host, max(port, 0))
         return MetricsEndpoint(server.server_port, server, thread)
 
     def stop(self) -> None:

@@ -29,6 +29,7 @@ from scheduler.gate import Gate
 from scheduler.metrics import SchedulerMetrics
 from scheduler.ratelimit import Rate, RateLimiter
 from scheduler.service import SessionService
+from scheduler.status import StatusBoard
 from scheduler.store import SqliteStore
 from scheduler.worker_service import WorkerService
 
@@ -47,17 +48,21 @@ class RunningScheduler:
     loop_task: asyncio.Task[None]
     health: health.aio.HealthServicer
     metrics_endpoint: MetricsEndpoint
+    status_task: asyncio.Task[None] | None = None  # publishes the status page's snapshots
 
     async def stop(self, grace: float = 2.0) -> None:
         self.core.shutting_down()
         for name in ("", *SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
-        self.loop_task.cancel()
-        try:
-            await self.loop_task
-        except asyncio.CancelledError:
-            pass
+        for task in (self.loop_task, self.status_task):
+            if task is None:
+                continue
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
         self.metrics_endpoint.stop()
         self.core.store.close()
 
@@ -122,8 +127,11 @@ async def start(config: SchedulerConfig) -> RunningScheduler:
                     "tls_key_file unless a proxy in front terminates TLS")
     store = SqliteStore(config.database, config.sync_to_disk)
     metrics = SchedulerMetrics()
-    # The metrics port first: a busy port fails before anything is serving.
-    endpoint = MetricsEndpoint.start(config.metrics_port, config.metrics_host, metrics.registry)
+    # The metrics port first: a busy port fails before anything is serving. The status
+    # pages answer "starting" until the first snapshot is published.
+    board = StatusBoard()
+    endpoint = MetricsEndpoint.start(config.metrics_port, config.metrics_host, metrics.registry,
+                                     pages=board.pages())
     metrics_port = endpoint.port
     core = Scheduler(store, config, metrics)
     server = grpc.aio.server(options=server_options(config.max_message_bytes))
@@ -146,12 +154,14 @@ async def start(config: SchedulerConfig) -> RunningScheduler:
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     task = asyncio.create_task(core.run(), name="placement")
+    status_task = asyncio.create_task(board.publish(core), name="status") if metrics_port else None
     host = config.listen.rsplit(":", 1)[0]
     log.info("scheduler listening on %s:%d (%s, %s; metrics on %s)", host, port,
              "plain" if credentials is None else ("mTLS" if config.tls_client_ca_file else "TLS"),
              "authenticated" if authn.enabled else "unauthenticated",
              f"{config.metrics_host}:{metrics_port}" if metrics_port else "off")
-    return RunningScheduler(core, server, port, metrics_port, task, health_servicer, endpoint)
+    return RunningScheduler(core, server, port, metrics_port, task, health_servicer, endpoint,
+                            status_task)
 
 
 async def serve(config: SchedulerConfig) -> None:
