@@ -43,6 +43,10 @@ class AutoscalerConfig:
     scale_down_tolerance: float = 0.1  # extra headroom a smaller pool must still have
     drain_deadline_seconds: float = 120.0  # a draining worker is stopped by then, rooms or not
     boot_timeout_seconds: float = 600.0  # a started worker not registered by then is replaced
+    # How the workers the provisioner starts reach the scheduler ("": the listen address,
+    # with a wildcard host read as 127.0.0.1, which suits local workers only).
+    scheduler_address: str = ""
+    local_log_dir: str = "var/logs/workers"  # local: one log file per worker process
     ray_address: str = "auto"
     ray_namespace: str = "avatarfarm"
     pools: dict[str, PoolConfig] = field(default_factory=dict)

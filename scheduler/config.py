@@ -97,7 +97,9 @@ class SchedulerConfig:
         "worker pools the autoscaler keeps sized to demand, as an [autoscaler] table: "
         "provisioner (none: recommend only | local | ray | kubernetes), interval_seconds, "
         "headroom, scale_down_window_seconds, scale_down_step, drain_deadline_seconds, "
-        "boot_timeout_seconds, ray_address, ray_namespace, and [autoscaler.pools.NAME] tables: "
+        "boot_timeout_seconds, scheduler_address (how started workers reach the scheduler), "
+        "local_log_dir, "
+        "ray_address, ray_namespace, and [autoscaler.pools.NAME] tables: "
         "device_type, min_workers, max_workers, units_per_worker, worker_args (local), "
         "ray_num_gpus, ray_num_cpus (ray), namespace, workload, workload_name (kubernetes)")
     max_message_bytes: int = field(4 * 1024 * 1024, "largest gRPC message received or sent; a "

@@ -22,6 +22,7 @@ from avatarfarm import tls
 from avatarfarm.serving import MetricsEndpoint, add_service, bind, server_options
 from avatarfarm.v1 import avatars_pb2, sessions_pb2, workers_pb2
 from scheduler import auth
+from scheduler.autoscaling import AutoscalingController, make_provisioner
 from scheduler.avatar_service import AvatarService
 from scheduler.config import SchedulerConfig
 from scheduler.core import Scheduler
@@ -49,13 +50,15 @@ class RunningScheduler:
     health: health.aio.HealthServicer
     metrics_endpoint: MetricsEndpoint
     status_task: asyncio.Task[None] | None = None  # publishes the status page's snapshots
+    autoscaler: AutoscalingController | None = None
+    autoscaler_task: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float = 2.0) -> None:
         self.core.shutting_down()
         for name in ("", *SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
-        for task in (self.loop_task, self.status_task):
+        for task in (self.autoscaler_task, self.loop_task, self.status_task):
             if task is None:
                 continue
             task.cancel()
@@ -63,6 +66,9 @@ class RunningScheduler:
                 await task
             except asyncio.CancelledError:
                 pass
+        if self.autoscaler is not None and self.autoscaler.provisioner is not None:
+            # Ray actors and Kubernetes pods stay; local worker processes stop with us.
+            await asyncio.to_thread(self.autoscaler.provisioner.close)
         self.metrics_endpoint.stop()
         self.core.store.close()
 
@@ -154,14 +160,26 @@ async def start(config: SchedulerConfig) -> RunningScheduler:
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     task = asyncio.create_task(core.run(), name="placement")
-    status_task = asyncio.create_task(board.publish(core), name="status") if metrics_port else None
     host = config.listen.rsplit(":", 1)[0]
+    autoscaler = autoscaler_task = None
+    if config.autoscaler.enabled:
+        reach = config.autoscaler.scheduler_address or \
+            f"{'127.0.0.1' if host.strip('[]') in ('', '0.0.0.0', '::') else host}:{port}"
+        autoscaler = AutoscalingController(
+            core, config.autoscaler,
+            make_provisioner(config.autoscaler, reach, config.autoscaler.local_log_dir))
+        autoscaler_task = asyncio.create_task(autoscaler.run(), name="autoscaler")
+        log.info("autoscaler on (%s provisioner) for pools %s; workers reach the scheduler at %s",
+                 config.autoscaler.provisioner.value, ", ".join(config.autoscaler.pools), reach)
+    status_task = asyncio.create_task(
+        board.publish(core, autoscaler.rows) if autoscaler else board.publish(core),
+        name="status") if metrics_port else None
     log.info("scheduler listening on %s:%d (%s, %s; metrics on %s)", host, port,
              "plain" if credentials is None else ("mTLS" if config.tls_client_ca_file else "TLS"),
              "authenticated" if authn.enabled else "unauthenticated",
              f"{config.metrics_host}:{metrics_port}" if metrics_port else "off")
     return RunningScheduler(core, server, port, metrics_port, task, health_servicer, endpoint,
-                            status_task)
+                            status_task, autoscaler, autoscaler_task)
 
 
 async def serve(config: SchedulerConfig) -> None:

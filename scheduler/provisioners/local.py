@@ -56,7 +56,9 @@ class LocalProvisioner:
             wid = f"{pool}-{secrets.token_hex(3)}"
             # The pool's arguments first: the id and the scheduler are the provisioner's.
             proc = ManagedProcess(wid, [
-                "worker", "--device-type", cfg.device_type, *cfg.worker_args,
+                # Drained by the scheduler before they are stopped: no drain of their own.
+                "worker", "--device-type", cfg.device_type, "--drain-timeout", "0",
+                *cfg.worker_args,
                 "--scheduler", self.scheduler_address, "--worker-id", wid,
             ], self.log_dir / f"{wid}.log")
             proc.start()

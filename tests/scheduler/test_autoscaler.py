@@ -3,6 +3,7 @@ pending rooms shared over pools, and no thrash on a noisy load."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -117,7 +118,7 @@ def test_a_noisy_flat_load_does_not_thrash(seed: int, mean: float, noise: float)
     rng = random.Random(seed)
     loads = [mean * (1 + rng.uniform(-noise, noise)) for _ in range(1440)]
     counts = _replay(loads, per=10.0, window=300.0, interval=5.0)
-    changes = [b - a for a, b in zip(counts, counts[1:], strict=False) if b != a]
+    changes = [b - a for a, b in itertools.pairwise(counts) if b != a]
     ups_after_a_down = [i for i in range(1, len(changes)) if changes[i] > 0 and changes[i - 1] < 0]
     assert not ups_after_a_down, changes
     # And it stays within its headroom: never more than the peak recommendation.
