@@ -70,6 +70,7 @@ class _Pool:
     instances: list[Instance] = field(default_factory=list)
     requested: int = 0  # replicas last asked of the engine (its listing may lag)
     requested_at: float = -1e18
+    listed_at: float = -1e18  # the engine's last listing
     first_seen: dict[str, float] = field(default_factory=dict)  # worker -> when it appeared
     draining: dict[str, float] = field(default_factory=dict)  # worker -> drain deadline
 
@@ -96,8 +97,11 @@ class AutoscalingController:
         p.instances = list(instances)
         now = self.clock()
         ids = {i.worker_id for i in instances}
+        # An instance first listed after a request has been booting since that request.
+        since = p.requested_at if p.requested_at >= p.listed_at else now
+        p.listed_at = now
         for wid in ids - p.first_seen.keys():
-            p.first_seen[wid] = now
+            p.first_seen[wid] = since
         for wid in list(p.first_seen):
             if wid not in ids:
                 del p.first_seen[wid]
@@ -149,7 +153,10 @@ class AutoscalingController:
         p = self._pools[pool]
         registered = self.core.workers
         live = [i.worker_id for i in p.instances]
-        unregistered = sum(1 for w in live if w not in registered and w not in p.draining)
+        now, limit = self.clock(), self.config.boot_timeout_seconds
+        # Past the boot timeout a worker is not coming: it is replaced, not waited for.
+        unregistered = sum(1 for w in live if w not in registered and w not in p.draining
+                           and now - p.first_seen.get(w, now) <= limit)
         return unregistered + self._lag(p)
 
     def _lag(self, p: _Pool) -> int:
@@ -178,8 +185,15 @@ class AutoscalingController:
                     if self.core.drained(w) or now >= deadline]
             leaving = stuck + done
             if d.delta > 0 and self.provisioner is not None:
+                if leaving:  # removals first: raising a count removes nothing on some engines
+                    total -= len(leaving)
+                    calls.append(ScaleCall(d.pool, total, tuple(leaving),
+                                           "replace" if stuck else "down"))
+                    for w in leaving:
+                        p.draining.pop(w, None)
+                    leaving = []
                 total += d.delta
-                calls.append(ScaleCall(d.pool, total - len(leaving), tuple(leaving), "up"))
+                calls.append(ScaleCall(d.pool, total, (), "up"))
                 self._record(now, d.pool, "up", d.delta, d.reason)
             elif d.delta < 0:
                 booting = [w for w in live if w not in registered and w not in p.draining

@@ -1,0 +1,132 @@
+"""The autoscaling controller on a real core with an injected clock: what it asks
+of a provisioner (the load test's simulated one, which boots workers after a
+delay) and when — workers removed only once drained, stuck boots replaced,
+removals before additions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from avatarfarm.domain import SessionState
+from loadtests.autoscale_sim import Clock, SimProvisioner
+from scheduler.autoscaler import AutoscalerConfig
+from scheduler.autoscaling import AutoscalingController
+from scheduler.config import SchedulerConfig
+from scheduler.core import Scheduler
+from scheduler.provisioners import PoolConfig, ProvisionerKind
+from scheduler.store import SqliteStore
+from scheduler.worker_conn import AssignCmd, ReleaseCmd, WorkerCommand, WorkerConn
+from tests.builders import make_profile, make_spec, png_image
+
+
+def make(tmp: Path, **auto: object) -> tuple[Scheduler, AutoscalingController, SimProvisioner, Clock]:
+    clock = Clock(1000.0)
+    (tmp / "avatars").mkdir()
+    (tmp / "avatars" / "presenter.png").write_bytes(png_image(64))
+    pool = PoolConfig(device_type="cpu", min_workers=0, max_workers=4, units_per_worker=1.0)
+    config = SchedulerConfig(
+        database=tmp / "s.db", avatar_dir=tmp / "avatars", worker_timeout=1e9,
+        autoscaler=AutoscalerConfig(provisioner=ProvisionerKind.LOCAL, headroom=0.0,
+                                    scale_down_tolerance=0.0,
+                                    scale_down_window_seconds=0.0, pools={"cpu": pool},
+                                    **auto))  # type: ignore[arg-type]
+    core = Scheduler(SqliteStore(config.database), config, clock=clock)
+    prov = SimProvisioner(clock, boot_seconds=30.0)
+    return core, AutoscalingController(core, config.autoscaler, prov, clock=clock), prov, clock
+
+
+def step(ctl: AutoscalingController, prov: SimProvisioner) -> list[tuple[int, tuple[str, ...], str]]:
+    ctl.clock.t += 5.0  # type: ignore[attr-defined]
+    ctl.set_instances("cpu", prov.instances("cpu"))
+    calls = ctl.step()
+    for c in calls:
+        c.apply(prov)
+    return [(c.replicas, c.remove, c.direction) for c in calls]
+
+
+def boot(core: Scheduler, prov: SimProvisioner) -> list[WorkerConn]:
+    return [core.register_worker(w, device_type="cpu", provider="CPUExecutionProvider",
+                                 profile=make_profile(), input_endpoint=f"{w}:1",
+                                 avatars=frozenset(), active={}) for w in prov.due()]
+
+
+def sent(conn: WorkerConn) -> list[WorkerCommand]:
+    out = []
+    while not conn.outbox.empty():
+        cmd = conn.outbox.get_nowait()
+        assert cmd is not None
+        out.append(cmd)
+    return out
+
+
+def test_rooms_start_workers_and_a_worker_leaves_only_once_drained(tmp_path: Path) -> None:
+    core, ctl, prov, clock = make(tmp_path)
+    assert step(ctl, prov) == []  # nothing waits, min 0
+    s1 = core.create(make_spec("r1", seconds=0.0))
+    s2 = core.create(make_spec("r2", seconds=0.0))
+    assert step(ctl, prov) == [(2, (), "up")]  # 2 units at 1 unit per worker
+    assert step(ctl, prov) == []  # booting workers count: not asked twice
+    clock.t += 30.0
+    a, b = boot(core, prov)
+    core.place_pending()
+    for conn in (a, b):
+        for cmd in sent(conn):
+            assert isinstance(cmd, AssignCmd)
+            core.worker_update(conn, cmd.session_id, cmd.epoch, SessionState.RUNNING, "", None)
+    assert step(ctl, prov) == []
+    core.end(s1.session_id, "over")
+    # Down by one: the worker with no room is drained, and removed at the next step.
+    assert step(ctl, prov) == []
+    drained = [c.worker_id for c in (a, b) if c.draining_until is not None]
+    assert len(drained) == 1 and core.drained(drained[0])
+    assert step(ctl, prov) == [(1, (drained[0],), "down")]
+    assert prov.removed == drained
+    # The last room ends: its worker is drained too; while a room is on it, it stays.
+    keep = core.sessions[s2.session_id].worker_id
+    core.end(s2.session_id, "over")
+    step(ctl, prov)
+    assert step(ctl, prov) == [(0, (keep,), "down")]
+
+
+def test_a_worker_with_a_room_is_removed_after_the_handover(tmp_path: Path) -> None:
+    core, ctl, prov, clock = make(tmp_path)
+    ctl.config.pools["cpu"] = PoolConfig(device_type="cpu", max_workers=2, units_per_worker=1.0)
+    rooms = [core.create(make_spec(f"r{i}", seconds=0.0)) for i in range(3)]
+    step(ctl, prov)
+    clock.t += 30.0
+    conns = boot(core, prov)
+    core.place_pending()
+    for conn in conns:
+        for cmd in sent(conn):
+            assert isinstance(cmd, AssignCmd)
+            core.worker_update(conn, cmd.session_id, cmd.epoch, SessionState.RUNNING, "", None)
+    # One room ends so that each worker holds one, and a worker turns out to carry two
+    # units: the pool needs one worker, and the one that goes still holds a room.
+    by_worker = {c.worker_id: [r.session_id for r in rooms
+                               if core.sessions[r.session_id].worker_id == c.worker_id]
+                 for c in conns}
+    fuller = max(by_worker, key=lambda w: len(by_worker[w]))
+    core.end(by_worker[fuller][0], "over")
+    ctl.config.pools["cpu"] = PoolConfig(device_type="cpu", max_workers=4, units_per_worker=2.0)
+    assert step(ctl, prov) == []
+    [leaving] = [c for c in conns if c.draining_until is not None]
+    [other] = [c for c in conns if c is not leaving]
+    [cmd] = [c for c in sent(leaving) if isinstance(c, ReleaseCmd) and c.handover]
+    assert step(ctl, prov) == []  # still rendering its room: not removed yet
+    core.worker_update(leaving, cmd.session_id, core.sessions[cmd.session_id].epoch,
+                       SessionState.ENDED, "handed over", None)
+    [moved] = [c for c in sent(other) if isinstance(c, AssignCmd)]
+    assert moved.session_id == cmd.session_id
+    assert core.sessions[cmd.session_id].state is SessionState.RUNNING
+    assert step(ctl, prov) == [(1, (leaving.worker_id,), "down")]
+
+
+def test_a_worker_that_never_registers_is_replaced_removal_first(tmp_path: Path) -> None:
+    core, ctl, prov, clock = make(tmp_path, boot_timeout_seconds=60.0)
+    core.create(make_spec("r1", seconds=0.0))
+    assert step(ctl, prov) == [(1, (), "up")]
+    (stuck,) = prov.booting
+    prov.booting[stuck] = float("inf")  # never comes up
+    clock.t += 56.0
+    assert step(ctl, prov) == [(0, (stuck,), "replace"), (1, (), "up")]
+    assert stuck not in prov.booting and len(prov.booting) == 1
