@@ -19,6 +19,7 @@ from avatarfarm.domain import (
 )
 from scheduler.licences import Licence
 from scheduler.placement import MemoryProfile, RoomReq, StageCost, WorkerProfile, WorkerState
+from scheduler.worker_conn import WorkerCommand, WorkerConn
 from workers.models.avatar import draw_default_avatar
 
 
@@ -95,3 +96,26 @@ def png_bomb(width: int = 50_000, height: int = 50_000) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
             + png_chunk(b"IDAT", zlib.compress(bytes(1 << 20), 9)) + png_chunk(b"IEND", b""))
+
+
+T0 = 1_750_000_000.0
+
+
+class Clock:
+    """A settable clock for a core under test (``clock.now += 5``)."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def sent(conn: WorkerConn) -> list[WorkerCommand]:
+    """What the core has put on a worker's stream so far (taken off it)."""
+    out = []
+    while not conn.outbox.empty():
+        cmd = conn.outbox.get_nowait()
+        assert cmd is not None
+        out.append(cmd)
+    return out

@@ -15,8 +15,8 @@ from scheduler.config import SchedulerConfig
 from scheduler.core import Scheduler
 from scheduler.provisioners import PoolConfig, ProvisionerKind
 from scheduler.store import SqliteStore
-from scheduler.worker_conn import AssignCmd, ReleaseCmd, WorkerCommand, WorkerConn
-from tests.builders import make_profile, make_spec, png_image
+from scheduler.worker_conn import AssignCmd, ReleaseCmd, WorkerConn
+from tests.builders import make_profile, make_spec, png_image, sent
 
 
 def make(tmp: Path, **auto: object) -> tuple[Scheduler, AutoscalingController, SimProvisioner, Clock]:
@@ -48,15 +48,6 @@ def boot(core: Scheduler, prov: SimProvisioner) -> list[WorkerConn]:
     return [core.register_worker(w, device_type="cpu", provider="CPUExecutionProvider",
                                  profile=make_profile(), input_endpoint=f"{w}:1",
                                  avatars=frozenset(), active={}) for w in prov.due()]
-
-
-def sent(conn: WorkerConn) -> list[WorkerCommand]:
-    out = []
-    while not conn.outbox.empty():
-        cmd = conn.outbox.get_nowait()
-        assert cmd is not None
-        out.append(cmd)
-    return out
 
 
 def test_rooms_start_workers_and_a_worker_leaves_only_once_drained(tmp_path: Path) -> None:

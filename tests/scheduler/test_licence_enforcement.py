@@ -20,18 +20,8 @@ from scheduler.errors import AlreadyExists, PermissionDenied
 from scheduler.licences import Licence
 from scheduler.state import EventKind, SessionEvent
 from scheduler.store import SqliteStore
-from scheduler.worker_conn import AssignCmd, ReleaseCmd, WorkerCommand, WorkerConn
-from tests.builders import make_licence, make_profile, make_spec, png_image
-
-T0 = 1_750_000_000.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
+from scheduler.worker_conn import AssignCmd, ReleaseCmd, WorkerConn
+from tests.builders import T0, Clock, make_licence, make_profile, make_spec, png_image, sent
 
 
 def make_core(tmp: Path, **kw: object) -> tuple[Scheduler, Clock]:
@@ -53,14 +43,6 @@ def connect(core: Scheduler, worker_id: str = "w1") -> WorkerConn:
                                 profile=make_profile(), input_endpoint=f"{worker_id}:1",
                                 avatars=frozenset(), active={})
 
-
-def sent(conn: WorkerConn) -> list[WorkerCommand]:
-    out = []
-    while not conn.outbox.empty():
-        cmd = conn.outbox.get_nowait()
-        assert cmd is not None
-        out.append(cmd)
-    return out
 
 
 def spec(room: str = "r1", **kw: str) -> SessionSpec:

@@ -44,22 +44,13 @@ from scheduler.status import (
 )
 from scheduler.store import SqliteStore
 from scheduler.worker_conn import WorkerConn
-from tests.builders import make_profile, make_spec, png_image
+from tests.builders import T0, Clock, make_profile, make_spec, png_image
 from tests.scheduler.test_service import ProtocolWorker, create_req
 
-T0 = 1_750_000_000.0
 HOSTILE = '<script>alert("room")</script>'
 # The badge colours the page uses (its CSS), as a screenshot shows them.
 RUNNING_GREEN = (0x16, 0xA3, 0x4A)
 PENDING_AMBER = (0xD9, 0x77, 0x06)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def make_core(tmp: Path, **kw: Any) -> tuple[Scheduler, Clock]:
