@@ -713,6 +713,11 @@ class Scheduler:
             if total.stream_seconds >= s.progress.stream_seconds:
                 s = s.with_progress(total, now)
                 self.sessions[s.session_id] = s
+        limit = s.spec.max_duration_seconds
+        if limit > 0 and s.progress.stream_seconds >= limit - 1e-3:
+            self._commit(s.moved(SessionState.ENDED, now, reason="reached max duration"))
+            self.kick()
+            return
         self.fleet.release(s.session_id)
         self.ledger.close(s.session_id, now)
         choice = self.fleet.choose(self._req(s), self._rungs)

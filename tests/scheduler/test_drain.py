@@ -153,3 +153,28 @@ def test_a_drain_with_nowhere_to_go_keeps_the_room_until_its_deadline(tmp_path: 
             await w1.close()
 
     run(body)
+
+
+def test_a_room_that_reaches_its_end_while_being_handed_over_just_ends(tmp_path: Path,
+                                                                       model_dir: Path) -> None:
+    async def body() -> None:
+        async with scheduler(tmp_path, model_dir) as (running, stub, ch):
+            w1 = ProtocolWorker(ch, "w1")
+            s = await stub.CreateSession(create_req("short", hls_dir="short", file_path="",
+                                                    seconds=4.0))
+            await w1.next("assign")
+            w1.report(s.session_id, types_pb2.SESSION_STATE_RUNNING)
+            w2 = ProtocolWorker(ch, "w2")
+            await until(lambda: "w2" in running.core.workers)
+            drain(w1)
+            assert (await w1.next("release")).release.handover
+            w1.report(s.session_id, types_pb2.SESSION_STATE_ENDED, frames=100, device=1.0,
+                      reason="reached max duration")
+            done = await client.wait_for(stub, s.session_id,
+                                         lambda x: x.state == types_pb2.SESSION_STATE_ENDED, 10)
+            assert done.progress.stream_seconds == 4.0 and done.worker_id == "w1"
+            assert all(m.WhichOneof("kind") != "assign" for m in list(w2.inbox._queue))  # type: ignore[attr-defined]
+            for w in (w1, w2):
+                await w.close()
+
+    run(body)
