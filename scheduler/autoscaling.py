@@ -147,17 +147,24 @@ class AutoscalingController:
                                       reserved_units=reserved if i == 0 else 0.0)
         return Signals(core.waiting().units, pools)
 
+    def _unregistered(self, p: _Pool, now: float) -> tuple[list[str], list[str]]:
+        """The pool's instances not registered (and not draining): those still within
+        their boot timeout, and those past it — not coming: replaced, not waited for."""
+        booting: list[str] = []
+        stuck: list[str] = []
+        for i in p.instances:
+            w = i.worker_id
+            if w in self.core.workers or w in p.draining:
+                continue
+            late = now - p.first_seen.get(w, now) > self.config.boot_timeout_seconds
+            (stuck if late else booting).append(w)
+        return booting, stuck
+
     def _booting(self, pool: str) -> int:
         """Started and not registered yet, counting replicas asked for that the engine
         does not list yet."""
         p = self._pools[pool]
-        registered = self.core.workers
-        live = [i.worker_id for i in p.instances]
-        now, limit = self.clock(), self.config.boot_timeout_seconds
-        # Past the boot timeout a worker is not coming: it is replaced, not waited for.
-        unregistered = sum(1 for w in live if w not in registered and w not in p.draining
-                           and now - p.first_seen.get(w, now) <= limit)
-        return unregistered + self._lag(p)
+        return len(self._unregistered(p, self.clock())[0]) + self._lag(p)
 
     def _lag(self, p: _Pool) -> int:
         return max(0, p.requested - len(p.instances)) if self._recent(p) else 0
@@ -172,47 +179,33 @@ class AutoscalingController:
         signals = self.signals()
         self.decisions = self.policy.decide(signals, now)
         calls: list[ScaleCall] = []
-        registered = set(self.core.workers)
         for d in self.decisions:
             p = self._pools[d.pool]
-            live = [i.worker_id for i in p.instances]
-            total = len(live) + self._lag(p)
-            # Workers started but never registered: replaced (the policy asks again).
-            stuck = [w for w in live if w not in registered and w not in p.draining
-                     and now - p.first_seen.get(w, now) > self.config.boot_timeout_seconds]
-            # Drained workers (or past their deadline) leave the engine.
-            done = [w for w, deadline in p.draining.items()
-                    if self.core.drained(w) or now >= deadline]
-            leaving = stuck + done
-            if d.delta > 0 and self.provisioner is not None:
-                if leaving:  # removals first: raising a count removes nothing on some engines
-                    total -= len(leaving)
-                    calls.append(ScaleCall(d.pool, total, tuple(leaving),
-                                           "replace" if stuck else "down"))
-                    for w in leaving:
-                        p.draining.pop(w, None)
-                    leaving = []
-                total += d.delta
-                calls.append(ScaleCall(d.pool, total, (), "up"))
-                self._record(now, d.pool, "up", d.delta, d.reason)
-            elif d.delta < 0:
-                booting = [w for w in live if w not in registered and w not in p.draining
-                           and w not in stuck]
+            total = len(p.instances) + self._lag(p)
+            booting, stuck = self._unregistered(p, now)
+            # Drained workers (or past their deadline) leave the engine; stuck boots too
+            # (the policy asks for their replacements).
+            leaving = stuck + [w for w, deadline in p.draining.items()
+                               if self.core.drained(w) or now >= deadline]
+            if d.delta < 0:
                 n = -d.delta
                 quick = booting[:n]  # nothing to hand over
                 leaving += quick
                 n -= len(quick)
                 if n > 0:
                     self._start_drains(d.pool, n, now)
-                if quick or n > 0:
-                    self._record(now, d.pool, "down", len(quick) + n, d.reason)
-                if leaving and self.provisioner is not None:
-                    calls.append(ScaleCall(d.pool, total - len(leaving), tuple(leaving), "down"))
-            elif leaving and self.provisioner is not None:
-                calls.append(ScaleCall(d.pool, total - len(leaving), tuple(leaving),
+                self._record(now, d.pool, "down", len(quick) + n, d.reason)
+            # Removals before additions: raising a count removes nothing on some engines.
+            if leaving and self.provisioner is not None:
+                total -= len(leaving)
+                calls.append(ScaleCall(d.pool, total, tuple(leaving),
                                        "replace" if stuck else "down"))
             for w in leaving:
                 p.draining.pop(w, None)
+            if d.delta > 0 and self.provisioner is not None:
+                total += d.delta
+                calls.append(ScaleCall(d.pool, total, (), "up"))
+                self._record(now, d.pool, "up", d.delta, d.reason)
             if calls and calls[-1].pool == d.pool:
                 p.requested, p.requested_at = calls[-1].replicas, now
         self.publish()
