@@ -1,17 +1,39 @@
 # One entry point. `make demo` and `make test` set up their own virtual
-# environment on a fresh machine.
+# environment on a fresh machine, with exactly the versions in requirements/dev.txt.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# uv installs and locks; it lives in its own environment beside the project's, so
+# syncing the project's environment to the lock never removes it.
+UV_VERSION := 0.13.9
+UV := $(VENV)/.uv/bin/uv
+# The locks are universal (any OS, Python 3.11+), hash-checked, and written by `make lock`,
+# which keeps every pin that still satisfies pyproject.toml; `make lock UPGRADE=1` moves
+# every pin to the newest release inside pyproject.toml's ranges.
+COMPILE = $(UV) pip compile pyproject.toml --universal --python-version 3.11 --generate-hashes \
+	--quiet --custom-compile-command "make lock" $(if $(UPGRADE),--upgrade)
 
-.PHONY: demo test test-fast proto proto-check bench loadtest chaos lint clean
+.PHONY: demo test test-fast proto proto-check lock bench loadtest chaos lint clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+$(UV):
+	$(PYTHON) -m venv $(VENV)/.uv
+	$(VENV)/.uv/bin/python -m pip install --quiet uv==$(UV_VERSION)
+
+$(STAMP): requirements/dev.txt pyproject.toml | $(UV)
+	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(VENV)
+	$(UV) pip sync --quiet --python $(PY) --require-hashes requirements/dev.txt
+	$(UV) pip install --quiet --python $(PY) --no-deps -e .
 	touch $(STAMP)
+
+# Rewrites the locks from pyproject.toml: dev.txt (what `make demo`, `make test` and CI
+# install), image.txt and image-gpu.txt (deploy/Dockerfile; the GPU set swaps
+# onnxruntime for onnxruntime-gpu, which installs into the same package folder).
+lock: | $(UV)
+	$(COMPILE) --extra dev -o requirements/dev.txt
+	$(COMPILE) --extra ray --extra kubernetes -o requirements/image.txt
+	$(COMPILE) --extra gpu --extra ray --extra kubernetes --no-emit-package onnxruntime \
+	  -o requirements/image-gpu.txt
 
 demo: $(STAMP)
 	$(VENV)/bin/avatarfarm demo

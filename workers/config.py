@@ -7,15 +7,28 @@ from pathlib import Path
 
 from avatarfarm import egress
 from avatarfarm.config import field
+from avatarfarm.domain import Limits
 from workers.inference import ProviderChoice
-from workers.room import Pacing
+from workers.room import MIN_RENDER_SIDE, Pacing
 
 
-def _sizes(text: str) -> list[tuple[int, int]]:
+def _sizes(name: str, text: str, *, square: bool = False) -> list[tuple[int, int]]:
+    """Comma-separated WIDTHxHEIGHT (or one side for a square; only sides where `square`),
+    each side within what a room may ask for; a ValueError names the option and what to
+    change."""
+    what = "a side" if square else "WIDTHxHEIGHT"
     out = []
+    low, high = MIN_RENDER_SIDE, max(Limits().max_width, Limits().max_height)
     for part in filter(None, (p.strip() for p in text.split(","))):
-        w, _, h = part.partition("x")
-        out.append((int(w), int(h or w)))
+        w, sep, h = part.partition("x")
+        if not (w.isdigit() and (not sep or (h.isdigit() and not square))):
+            raise ValueError(f"{name}: {part!r} is not {what}")
+        size = (int(w), int(h or w))
+        if not all(low <= s <= high for s in size):
+            raise ValueError(f"{name}: {part!r}: each side must be between {low} and {high} pixels")
+        out.append(size)
+    if not out:
+        raise ValueError(f"{name}: give at least one size")
     return out
 
 
@@ -80,8 +93,13 @@ class WorkerConfig:
     rtmp_forbidden_hosts: list[str] = field([], egress.FORBIDDEN_HOSTS_HELP)
     rtmp_allowed_ports: list[int] = field([], egress.ALLOWED_PORTS_HELP)
 
+    def __post_init__(self) -> None:
+        # Refused at start-up with the option's name, not half-way through profiling.
+        self.render_sides()
+        self.encode_sizes()
+
     def render_sides(self) -> list[int]:
-        return [w for w, _ in _sizes(self.profile_render_sides)]
+        return [w for w, _ in _sizes("profile_render_sides", self.profile_render_sides, square=True)]
 
     def encode_sizes(self) -> list[tuple[int, int]]:
-        return _sizes(self.profile_encode_sizes)
+        return _sizes("profile_encode_sizes", self.profile_encode_sizes)

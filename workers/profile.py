@@ -125,7 +125,8 @@ def measure(pipeline: Pipeline, render_sides: list[int], encode_sizes: list[tupl
         sample_frame = pipeline.render_sync(avatar, motion).value
     codec = encoder.video_codec()
     for w, h in encode_sizes:
-        frame = to_canvas(sample_frame, w, h) if sample_frame is not None else \
+        # As a room of this size draws it: the portrait at min(width, height), centred.
+        frame = to_canvas(sample_frame, w, h, min(w, h)) if sample_frame is not None else \
             np.zeros((h, w, 3), np.uint8)
         seconds = _encode_seconds(frame, codec, encoder.preset, iterations * 4)
         out.append(LatencyProfile(Stage.ENCODE, codec, w, h, ((1, seconds),)))

@@ -5,7 +5,7 @@ import warnings
 
 from avatarfarm.v1 import avatars_pb2 as avatarfarm_dot_v1_dot_avatars__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

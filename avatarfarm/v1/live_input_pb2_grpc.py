@@ -5,7 +5,7 @@ import warnings
 
 from avatarfarm.v1 import live_input_pb2 as avatarfarm_dot_v1_dot_live__input__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

@@ -6,7 +6,7 @@ import warnings
 from avatarfarm.v1 import sessions_pb2 as avatarfarm_dot_v1_dot_sessions__pb2
 from avatarfarm.v1 import types_pb2 as avatarfarm_dot_v1_dot_types__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

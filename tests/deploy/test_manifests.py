@@ -733,9 +733,10 @@ def test_the_ray_farm_replaces_the_worker_deployment_with_a_ray_cluster(ray: Bui
 def test_ray_groups_give_ray_the_gpus_they_hold(ray: Build) -> None:
     (rc,) = ray.all("RayCluster")
     spec = rc["spec"]
-    # Ray Client (the scheduler) and the cluster must run the same Ray: the image's pin.
-    pinned = re.search(r"^ARG RAY_VERSION=(\S+)$", (ROOT / "deploy" / "Dockerfile").read_text(), re.M)
-    assert pinned is not None and spec["rayVersion"] == pinned.group(1)
+    # Ray Client (the scheduler) and the cluster must run the same Ray: the image's lock.
+    for lock in ("image.txt", "image-gpu.txt"):
+        pinned = re.search(r"^ray==(\S+)", (ROOT / "requirements" / lock).read_text(), re.M)
+        assert pinned is not None and spec["rayVersion"] == pinned.group(1), lock
     assert isinstance(spec["enableInTreeAutoscaling"], bool)
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["num-gpus"] == "0"
