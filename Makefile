@@ -64,7 +64,7 @@ chaos: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy scheduler workers avatarfarm
+	$(VENV)/bin/mypy scheduler workers avatarfarm farm
 
 clean:
 	rm -rf $(VENV) var

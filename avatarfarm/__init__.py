@@ -2,7 +2,7 @@
 
 ``avatarfarm.v1`` holds the generated gRPC/protobuf code (``make proto``);
 ``avatarfarm.domain`` the enums and values both planes share; the CLI lives in
-``avatarfarm.cli``.
+``farm.cli``.
 """
 
 __version__ = "0.1.0"

@@ -37,15 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from avatarfarm.domain import (  # noqa: E402
-    DriveMode,
-    Output,
-    OutputKind,
-    Quality,
-    SessionSpec,
-    SessionState,
-    Tier,
-)
+from avatarfarm.domain import DriveMode, Output, OutputKind, Quality, SessionSpec, SessionState, Tier  # noqa: E402
 from loadtests.packing_sim import _shares, room_req, worker_state  # noqa: E402
 from loadtests.scheduler_load import (  # noqa: E402
     PNG_1X1,
@@ -56,14 +48,14 @@ from loadtests.scheduler_load import (  # noqa: E402
     pct,
     with_reservations,
 )
-from scheduler.autoscaler import AutoscalerConfig  # noqa: E402
-from scheduler.autoscaling import AutoscalingController  # noqa: E402
+from scheduler.autoscale.controller import AutoscalingController  # noqa: E402
+from scheduler.autoscale.provisioners import Instance, PoolConfig, ProvisionerKind  # noqa: E402
 from scheduler.config import SchedulerConfig  # noqa: E402
 from scheduler.core import Scheduler  # noqa: E402
-from scheduler.provisioners import Instance, PoolConfig, ProvisionerKind  # noqa: E402
-from scheduler.store import SqliteStore  # noqa: E402
-from scheduler.tenants import TenantConfig  # noqa: E402
-from scheduler.worker_conn import AssignCmd, ReleaseCmd, WorkerConn, WorkerResources  # noqa: E402
+from scheduler.policy.autoscaler import AutoscalerConfig  # noqa: E402
+from scheduler.policy.tenants import TenantConfig  # noqa: E402
+from scheduler.state.store import SqliteStore  # noqa: E402
+from scheduler.state.worker_conn import AssignCmd, ReleaseCmd, WorkerConn, WorkerResources  # noqa: E402
 
 POOL = "h200"
 

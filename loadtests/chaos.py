@@ -36,8 +36,8 @@ import av
 import grpc
 
 from avatarfarm import client
-from avatarfarm.local import LocalFarm
 from avatarfarm.v1 import sessions_pb2, sessions_pb2_grpc, types_pb2
+from farm.local import LocalFarm
 from workers.encode import hls_segments
 
 RUNNING = types_pb2.SESSION_STATE_RUNNING
@@ -112,7 +112,7 @@ def prepare_models(model_dir: Path, home: Path) -> None:
         (home / "models").symlink_to(models)
     else:
         print(f"no models at {models}: building the reference models ...", flush=True)
-        subprocess.run([sys.executable, "-m", "avatarfarm.cli", "build-models", "--out",
+        subprocess.run([sys.executable, "-m", "farm.cli", "build-models", "--out",
                         str(home / "models")], check=True, stdout=subprocess.DEVNULL)
 
 

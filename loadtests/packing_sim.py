@@ -1,6 +1,6 @@
 """What placement costs: the scheduler's packing policy against round-robin and
 least-loaded placement and against a lower bound, on one trace. A pure
-simulation on scheduler.placement (no processes, no gRPC), in simulated time.
+simulation on scheduler.policy.placement (no processes, no gRPC), in simulated time.
 
 Cost per stream-hour here is what the fleet bills when workers with no room
 are released (the autoscaler's job): price x busy worker-seconds / stream-hours.
@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from avatarfarm.domain import DriveMode, Quality, Stage, Tier  # noqa: E402
-from scheduler.placement import (  # noqa: E402
+from scheduler.policy.placement import (  # noqa: E402
     Fleet,
     MemoryProfile,
     RoomReq,

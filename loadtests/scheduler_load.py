@@ -70,15 +70,9 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from avatarfarm import client  # noqa: E402
 from avatarfarm.domain import DriveMode  # noqa: E402
 from avatarfarm.domain import Quality as DomainQuality  # noqa: E402
-from avatarfarm.v1 import (  # noqa: E402
-    sessions_pb2,
-    sessions_pb2_grpc,
-    types_pb2,
-    workers_pb2,
-    workers_pb2_grpc,
-)
+from avatarfarm.v1 import sessions_pb2, sessions_pb2_grpc, types_pb2, workers_pb2, workers_pb2_grpc  # noqa: E402
 from loadtests.packing_sim import worker_state  # noqa: E402
-from scheduler.placement import WorkerProfile  # noqa: E402
+from scheduler.policy.placement import WorkerProfile  # noqa: E402
 
 DAY = 86400.0
 HOUR = 3600.0
@@ -152,7 +146,7 @@ class Tenant:
     avatars: tuple[str, ...] = ()
 
 
-# -- load model: the scheduler's own (scheduler.placement), from a WorkerSpec -------------
+# -- load model: the scheduler's own (scheduler.policy.placement), from a WorkerSpec -------------
 
 _PROFILES: dict[str, WorkerProfile] = {}
 
@@ -443,14 +437,14 @@ class SchedulerProcess:
     """``avatarfarm scheduler`` as a child process: started, watched, stopped (TERM, then KILL)."""
 
     def __init__(self, config: Path, log_path: Path, log_level: str, root: Path = ROOT) -> None:
-        # `python -m avatarfarm.cli` with the code root first on the path: the same as the
+        # `python -m farm.cli` with the code root first on the path: the same as the
         # `avatarfarm` command, and --scheduler-root can point at another checkout to compare.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(root), *filter(None, [os.environ.get("PYTHONPATH")])])}
         self.log_path = log_path
         self._log = open(log_path, "wb")  # closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "avatarfarm.cli", "--log-level", log_level, "scheduler",
+            [sys.executable, "-m", "farm.cli", "--log-level", log_level, "scheduler",
              "--config", str(config)],
             stdout=subprocess.PIPE, stderr=self._log, cwd=str(root), env=env, start_new_session=True)
         self.port = self.metrics_port = 0

@@ -42,8 +42,9 @@ from workers.inference import ProviderChoice, auto_intra_op_threads
 from workers.models.folder import build_reference
 from workers.models.reference import RENDERER_PRESETS
 from workers.pipeline import Pipeline
-from workers.profile import batch_sizes, measure, measure_curve
+from workers.profile import measure
 from workers.room import Pacing, Room, RoomState
+from workers.timing import batch_sizes, measure_curve
 
 SCRIPT = (ScriptSegment("Welcome back everyone, the flash sale starts in one minute, so get ready.", 0.5),
           ScriptSegment("These headphones have forty hours of battery and fold into your pocket.", 0.5))

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from avatarfarm import egress
 from avatarfarm.config import field
-from scheduler.autoscaler import AutoscalerConfig
-from scheduler.platforms import PlatformPolicy
-from scheduler.tenants import TenantConfig
+from scheduler.policy.autoscaler import AutoscalerConfig
+from scheduler.policy.platforms import PlatformPolicy
+from scheduler.policy.tenants import TenantConfig
 
 
 @dataclass(frozen=True, slots=True)

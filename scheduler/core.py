@@ -42,26 +42,20 @@ from avatarfarm.domain import (
     validate_script,
 )
 from avatarfarm.egress import EgressPolicy, ForbiddenTarget
-from scheduler import placement, platforms, tenants
-from scheduler.admission import FairQueue
-from scheduler.avatars import AuditAction, AvatarRegistry, RegisteredAvatar
 from scheduler.config import SchedulerConfig
-from scheduler.errors import (
-    AlreadyExists,
-    BudgetExceeded,
-    FailedPrecondition,
-    NotFound,
-    PermissionDenied,
-)
-from scheduler.ladder import Ladder
-from scheduler.ledger import Dimension, UsageRow
-from scheduler.licences import Refusal
-from scheduler.metering import Metering
+from scheduler.errors import AlreadyExists, BudgetExceeded, FailedPrecondition, NotFound, PermissionDenied
 from scheduler.metrics import SchedulerMetrics
-from scheduler.placement import ActionKind, Fleet, RoomReq, WorkerState
-from scheduler.state import EventKind, InvalidTransition, Session, SessionEvent, plus
-from scheduler.store import Store
-from scheduler.worker_conn import (
+from scheduler.policy import placement, platforms, tenants
+from scheduler.policy.admission import FairQueue
+from scheduler.policy.ladder import Ladder
+from scheduler.policy.ledger import Dimension, UsageRow
+from scheduler.policy.licences import Refusal
+from scheduler.policy.placement import ActionKind, Fleet, RoomReq, WorkerState
+from scheduler.state.avatars import AuditAction, AvatarRegistry, RegisteredAvatar
+from scheduler.state.metering import Metering
+from scheduler.state.sessions import EventKind, InvalidTransition, Session, SessionEvent, plus
+from scheduler.state.store import Store
+from scheduler.state.worker_conn import (
     AssignCmd,
     ReconfigureCmd,
     ReleaseCmd,

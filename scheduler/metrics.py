@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from avatarfarm.domain import SessionState, Tier
-from scheduler.avatars import REFUSAL_CLAUSES
-from scheduler.cost import CostBook, UsageDelta
+from scheduler.policy.cost import CostBook, UsageDelta
+from scheduler.state.avatars import REFUSAL_CLAUSES
 
 
 class SchedulerMetrics:

@@ -21,18 +21,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from avatarfarm import tls
 from avatarfarm.serving import MetricsEndpoint, add_service, bind, server_options
 from avatarfarm.v1 import avatars_pb2, sessions_pb2, workers_pb2
-from scheduler import auth
-from scheduler.autoscaling import AutoscalingController, make_provisioner
-from scheduler.avatar_service import AvatarService
+from scheduler.api import auth
+from scheduler.api.avatar_service import AvatarService
+from scheduler.api.gate import Gate
+from scheduler.api.ratelimit import Rate, RateLimiter
+from scheduler.api.session_service import SessionService
+from scheduler.api.status_page import StatusBoard
+from scheduler.api.worker_service import WorkerService
+from scheduler.autoscale.controller import AutoscalingController, make_provisioner
 from scheduler.config import SchedulerConfig
 from scheduler.core import Scheduler
-from scheduler.gate import Gate
 from scheduler.metrics import SchedulerMetrics
-from scheduler.ratelimit import Rate, RateLimiter
-from scheduler.service import SessionService
-from scheduler.status import StatusBoard
-from scheduler.store import SqliteStore
-from scheduler.worker_service import WorkerService
+from scheduler.state.store import SqliteStore
 
 log = logging.getLogger(__name__)
 

@@ -7,19 +7,10 @@ import zlib
 
 import av
 
-from avatarfarm.domain import (
-    DriveMode,
-    Output,
-    OutputKind,
-    Quality,
-    ScriptSegment,
-    SessionSpec,
-    Stage,
-    Tier,
-)
-from scheduler.licences import Licence
-from scheduler.placement import MemoryProfile, RoomReq, StageCost, WorkerProfile, WorkerState
-from scheduler.worker_conn import WorkerCommand, WorkerConn
+from avatarfarm.domain import DriveMode, Output, OutputKind, Quality, ScriptSegment, SessionSpec, Stage, Tier
+from scheduler.policy.licences import Licence
+from scheduler.policy.placement import MemoryProfile, RoomReq, StageCost, WorkerProfile, WorkerState
+from scheduler.state.worker_conn import WorkerCommand, WorkerConn
 from workers.models.avatar import draw_default_avatar
 
 

@@ -14,8 +14,8 @@ import grpc
 import pytest
 
 from avatarfarm import client
-from avatarfarm.local import LocalFarm
 from avatarfarm.v1 import sessions_pb2, sessions_pb2_grpc, types_pb2
+from farm.local import LocalFarm
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from avatarfarm import config as cfg
-from avatarfarm.cli import build_parser, main
+from farm.cli import build_parser, main
 from scheduler.config import SchedulerConfig
 from workers.config import WorkerConfig
 from workers.inference import ProviderChoice
@@ -75,7 +75,7 @@ def test_help_explains_every_command(capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_a_worker_without_models_says_how_to_build_them(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "avatarfarm.cli", "worker", "--model-dir",
+    r = subprocess.run([sys.executable, "-m", "farm.cli", "worker", "--model-dir",
                         str(tmp_path / "none")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "avatarfarm build-models" in r.stderr

@@ -20,8 +20,8 @@ import grpc
 import pytest
 
 from avatarfarm import client
-from avatarfarm.local import LocalFarm
 from avatarfarm.v1 import sessions_pb2, sessions_pb2_grpc, types_pb2
+from farm.local import LocalFarm
 from tests.test_processes import free_port
 
 pytestmark = pytest.mark.slow

@@ -13,8 +13,8 @@ import grpc
 import pytest
 
 from avatarfarm import client
-from avatarfarm.local import LocalFarm
 from avatarfarm.v1 import sessions_pb2, sessions_pb2_grpc, types_pb2
+from farm.local import LocalFarm
 from tests.media import probe
 
 pytestmark = pytest.mark.slow
@@ -82,7 +82,7 @@ def test_the_demo_command_renders_every_room(tmp_path: Path, model_dir: Path) ->
     home = tmp_path / "demo"
     home.mkdir()
     (home / "models").symlink_to(model_dir)
-    out = subprocess.run([sys.executable, "-m", "avatarfarm.cli", "demo", "--rooms", "4",
+    out = subprocess.run([sys.executable, "-m", "farm.cli", "demo", "--rooms", "4",
                           "--seconds", "2", "--home", str(home)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -20,8 +20,8 @@ import pytest
 from avatarfarm import client, tls
 from avatarfarm.serving import add_service, bind, server_options
 from avatarfarm.v1 import live_input_pb2, sessions_pb2, sessions_pb2_grpc, types_pb2
-from scheduler import auth
-from scheduler.auth import SubjectKind
+from scheduler.api import auth
+from scheduler.api.auth import SubjectKind
 from scheduler.config import SchedulerConfig
 from scheduler.server import RunningScheduler
 from scheduler.server import start as start_scheduler

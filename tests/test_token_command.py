@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from avatarfarm.cli import main
-from scheduler import auth
+from farm.cli import main
+from scheduler.api import auth
 
 
 def test_a_new_secret_mints_tokens_the_scheduler_verifies(tmp_path: Path,

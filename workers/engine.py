@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from workers.batching import BatchPolicy, LatencyCurve, Queued, decide
+from avatarfarm.latency import LatencyCurve
+from workers.batching import BatchPolicy, Queued, decide
 from workers.inference import OrtModel
 
 log = logging.getLogger(__name__)

@@ -21,11 +21,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from workers.batching import BatchPolicy, LatencyCurve
+from avatarfarm.latency import LatencyCurve
+from workers.batching import BatchPolicy
 from workers.engine import BatchKey, InferenceEngine, ItemResult
 from workers.inference import OrtModel, ProviderChoice
 from workers.models.avatar import read_image, scale_image
 from workers.models.folder import AUDIO_TO_MOTION, LIPSYNC, RENDERER, ModelFolder
+from workers.timing import measure_curve, run_batch_of
 from workers.tts import EspeakTTS
 
 log = logging.getLogger(__name__)
@@ -84,7 +86,6 @@ class Pipeline:
         """Quick curves for the fixed-shape models so rooms can run before (or without) a
         full start-up profile; `workers.profile.measure` replaces them."""
         from workers.audio import MEL_WINDOW, N_MELS
-        from workers.profile import measure_curve, run_batch_of
 
         mel = np.full((N_MELS, MEL_WINDOW), -2.0, np.float32)
         self.serve(AUDIO_TO_MOTION_KEY, measure_curve(
@@ -137,8 +138,6 @@ class Pipeline:
             near = min(measured, key=lambda k: abs(k.side - side))
             curve = self.engine.curve(near).scaled(side * side / (near.side * near.side))
         else:
-            from workers.profile import measure_curve
-
             curve = measure_curve(lambda b: self.render_batch_sync(
                 self.avatar_tensor_sync(self.folder.avatar_ids()[0], side), b), (1, 2), 2)
         log.info("renderer at side %d served with an estimated curve %s", side, curve.points)

@@ -14,7 +14,6 @@ import logging
 import math
 import time
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -22,13 +21,13 @@ import av
 import numpy as np
 
 from avatarfarm.domain import Stage
+from avatarfarm.latency import LatencyCurve
 from workers.audio import MEL_WINDOW, N_MELS, SAMPLE_RATE
-from workers.batching import LatencyCurve
 from workers.encode import EncoderSettings, encoder_options
-from workers.inference import OrtModel
 from workers.models.folder import DEFAULT_AVATAR
 from workers.motion import MOTION_DIM
 from workers.pipeline import AUDIO_TO_MOTION_KEY, LIPSYNC_KEY, Pipeline, to_canvas
+from workers.timing import batch_sizes, measure_curve, median_seconds, run_batch_of
 
 log = logging.getLogger(__name__)
 
@@ -44,44 +43,6 @@ class LatencyProfile:
     def capacity(self, latency_bound: float = math.inf) -> float:
         """Items per second at the best batch size whose call fits within the bound."""
         return LatencyCurve(self.latencies).throughput(latency_bound)[1]
-
-
-def batch_sizes(max_batch: int) -> tuple[int, ...]:
-    """Powers of two up to max_batch, and max_batch itself."""
-    sizes = {1, max(1, max_batch)}
-    b = 2
-    while b < max_batch:
-        sizes.add(b)
-        b *= 2
-    return tuple(sorted(sizes))
-
-
-def measure_curve(call: Callable[[int], object], sizes: tuple[int, ...],
-                  iterations: int) -> LatencyCurve:
-    """Median seconds per call at each batch size, made non-decreasing (noise on a busy
-    machine must not make a larger batch look cheaper than a smaller one)."""
-    points: list[tuple[int, float]] = []
-    floor = 0.0
-    for b in sizes:
-        seconds = max(_timed(functools.partial(call, b), iterations), floor)
-        floor = seconds
-        points.append((b, seconds))
-    return LatencyCurve(tuple(points))
-
-
-def run_batch_of(model: OrtModel, feeds: dict[str, np.ndarray], batch: int) -> None:
-    """One call of `model` on `batch` copies of one item's feeds (for timing)."""
-    model.run({k: np.repeat(v[None], batch, axis=0) for k, v in feeds.items()})
-
-
-def _timed(call: Callable[[], object], iterations: int) -> float:
-    call()  # warm-up: first calls allocate and tune
-    samples = []
-    for _ in range(max(1, iterations)):
-        t0 = time.perf_counter()
-        call()
-        samples.append(time.perf_counter() - t0)
-    return float(np.median(samples))
 
 
 def measure(pipeline: Pipeline, render_sides: list[int], encode_sizes: list[tuple[int, int]],
@@ -110,7 +71,7 @@ def measure(pipeline: Pipeline, render_sides: list[int], encode_sizes: list[tupl
         out.append(LatencyProfile(Stage.ALIGNMENT, pipeline.lipsync_model.name, 0, 0, sync.points))
     text = "Welcome to the live room, today we have three new offers for you."
     speech = pipeline.synthesize_sync(text)
-    tts = _timed(lambda: pipeline.synthesize_sync(text), max(1, iterations // 2))
+    tts = median_seconds(lambda: pipeline.synthesize_sync(text), max(1, iterations // 2))
     out.append(LatencyProfile(Stage.TTS, "espeak-ng", 0, 0,
                               ((1, tts / max(speech.value.size / SAMPLE_RATE, 1e-3)),)))
     sample_frame: np.ndarray | None = None

@@ -36,13 +36,13 @@ yaml = pytest.importorskip("yaml")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 from avatarfarm import config as cfg  # noqa: E402
-from avatarfarm.cli import build_parser  # noqa: E402
 from avatarfarm.client import read_token  # noqa: E402
-from scheduler import auth  # noqa: E402
+from farm.cli import build_parser  # noqa: E402
+from scheduler.api import auth  # noqa: E402
+from scheduler.autoscale.provisioners import ProvisionerKind, WorkloadKind  # noqa: E402
+from scheduler.autoscale.provisioners.ray_cluster import RayProvisioner  # noqa: E402
+from scheduler.autoscale.provisioners.ray_cluster import worker_config as actor_config  # noqa: E402
 from scheduler.config import SchedulerConfig  # noqa: E402
-from scheduler.provisioners import ProvisionerKind, WorkloadKind  # noqa: E402
-from scheduler.provisioners.ray_cluster import RayProvisioner  # noqa: E402
-from scheduler.provisioners.ray_cluster import worker_config as actor_config  # noqa: E402
 from workers.config import WorkerConfig  # noqa: E402
 from workers.inference import ProviderChoice  # noqa: E402
 from workers.models.folder import ModelFolder, build_reference  # noqa: E402
@@ -378,7 +378,7 @@ _CLIENT_CALLS = {
 
 
 def test_the_role_covers_every_api_call_in_the_provisioners_code(base: Build) -> None:
-    source = (ROOT / "scheduler" / "provisioners" / "kubernetes_api.py").read_text()
+    source = (ROOT / "scheduler" / "autoscale" / "provisioners" / "kubernetes_api.py").read_text()
     called = set(re.findall(r"self\._(?:apps|core)\.(\w+)", source))
     assert called, "the provisioner's API calls were not found"
     unknown = called - set(_CLIENT_CALLS)

@@ -20,11 +20,11 @@ import pytest
 
 from avatarfarm import client
 from avatarfarm.v1 import sessions_pb2, sessions_pb2_grpc, types_pb2, workers_pb2, workers_pb2_grpc
-from scheduler import auth
-from scheduler.auth import SubjectKind
+from scheduler.api import auth
+from scheduler.api.auth import SubjectKind
 from scheduler.config import SchedulerConfig
+from scheduler.policy.tenants import TenantConfig
 from scheduler.server import RunningScheduler, start
-from scheduler.tenants import TenantConfig
 from tests.scheduler.test_service import ProtocolWorker, create_req, expect_status, run
 
 KEY = b"s" * 32

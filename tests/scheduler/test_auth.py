@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler import auth
-from scheduler.auth import (
+from scheduler.api import auth
+from scheduler.api.auth import (
     OPEN,
     Authenticator,
     Presented,
@@ -21,8 +21,8 @@ from scheduler.auth import (
     SubjectKind,
     Unauthenticated,
 )
+from scheduler.api.ratelimit import Bucket, Rate, RateLimiter, take
 from scheduler.errors import PermissionDenied
-from scheduler.ratelimit import Bucket, Rate, RateLimiter, take
 
 KEY = b"k" * 32
 OTHER_KEY = b"o" * 32

@@ -10,8 +10,8 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.autoscaler import Autoscaler, AutoscalerConfig, PoolSignals, Signals
-from scheduler.provisioners import PoolConfig
+from scheduler.autoscale.provisioners import PoolConfig
+from scheduler.policy.autoscaler import Autoscaler, AutoscalerConfig, PoolSignals, Signals
 
 
 def make_scaler(window: float = 300.0, step: int = 1, headroom: float = 0.2,

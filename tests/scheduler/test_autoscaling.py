@@ -9,13 +9,13 @@ from pathlib import Path
 
 from avatarfarm.domain import SessionState
 from loadtests.autoscale_sim import Clock, SimProvisioner
-from scheduler.autoscaler import AutoscalerConfig
-from scheduler.autoscaling import AutoscalingController
+from scheduler.autoscale.controller import AutoscalingController
+from scheduler.autoscale.provisioners import PoolConfig, ProvisionerKind
 from scheduler.config import SchedulerConfig
 from scheduler.core import Scheduler
-from scheduler.provisioners import PoolConfig, ProvisionerKind
-from scheduler.store import SqliteStore
-from scheduler.worker_conn import AssignCmd, ReleaseCmd, WorkerConn
+from scheduler.policy.autoscaler import AutoscalerConfig
+from scheduler.state.store import SqliteStore
+from scheduler.state.worker_conn import AssignCmd, ReleaseCmd, WorkerConn
 from tests.builders import make_profile, make_spec, png_image, sent
 
 

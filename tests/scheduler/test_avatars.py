@@ -25,19 +25,13 @@ import grpc
 import pytest
 
 from avatarfarm import client, convert, images
-from avatarfarm.cli import main
-from avatarfarm.v1 import (
-    avatars_pb2,
-    avatars_pb2_grpc,
-    sessions_pb2,
-    sessions_pb2_grpc,
-    types_pb2,
-)
-from scheduler import auth
-from scheduler.auth import SubjectKind
+from avatarfarm.v1 import avatars_pb2, avatars_pb2_grpc, sessions_pb2, sessions_pb2_grpc, types_pb2
+from farm.cli import main
+from scheduler.api import auth
+from scheduler.api.auth import SubjectKind
 from scheduler.config import SchedulerConfig
+from scheduler.policy.tenants import TenantConfig
 from scheduler.server import RunningScheduler, start
-from scheduler.tenants import TenantConfig
 from tests.builders import jpeg_image, png_bomb, png_image
 from tests.scheduler.test_service import ProtocolWorker, expect_status, run
 

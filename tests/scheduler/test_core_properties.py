@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from avatarfarm.domain import DriveMode, Output, OutputKind, Quality, SessionState, Tier
 from scheduler.config import SchedulerConfig
 from scheduler.core import Scheduler
-from scheduler.state import EventKind
-from scheduler.store import SqliteStore
-from scheduler.tenants import TenantConfig
-from scheduler.worker_conn import WorkerResources
+from scheduler.policy.tenants import TenantConfig
+from scheduler.state.sessions import EventKind
+from scheduler.state.store import SqliteStore
+from scheduler.state.worker_conn import WorkerResources
 from tests.builders import make_profile, make_spec
 
 TENANTS = {"brand": TenantConfig(reserved_units=3.0), "ka": TenantConfig(reserved_units=2.0)}

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 
 from avatarfarm.domain import Tier
-from scheduler.cost import CostBook, UsageDelta, cost_per_stream_hour
-from scheduler.ledger import Ledger
+from scheduler.policy.cost import CostBook, UsageDelta, cost_per_stream_hour
+from scheduler.policy.ledger import Ledger
 
 
 def test_cost_per_stream_hour_charges_the_share_of_device_time() -> None:

@@ -21,12 +21,9 @@ import pytest
 kmock = pytest.importorskip("kmock")
 k8s = pytest.importorskip("kubernetes.client")
 
-from scheduler.autoscaler import AutoscalerConfig  # noqa: E402
-from scheduler.provisioners import Instance, PoolConfig, WorkloadKind  # noqa: E402
-from scheduler.provisioners.kubernetes_api import (  # noqa: E402
-    KubernetesProvisioner,
-    ProvisionerError,
-)
+from scheduler.autoscale.provisioners import Instance, PoolConfig, WorkloadKind  # noqa: E402
+from scheduler.autoscale.provisioners.kubernetes_api import KubernetesProvisioner, ProvisionerError  # noqa: E402
+from scheduler.policy.autoscaler import AutoscalerConfig  # noqa: E402
 
 NS = "avatarfarm"
 DEPLOYMENT = "avatarfarm-worker-l4"

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 
 from avatarfarm.domain import SessionSpec, SessionState
-from scheduler.avatars import AuditAction, RegisteredAvatar
 from scheduler.config import SchedulerConfig
 from scheduler.core import Scheduler
 from scheduler.errors import AlreadyExists, PermissionDenied
-from scheduler.licences import Licence
-from scheduler.state import EventKind, SessionEvent
-from scheduler.store import SqliteStore
-from scheduler.worker_conn import AssignCmd, ReleaseCmd, WorkerConn
+from scheduler.policy.licences import Licence
+from scheduler.state.avatars import AuditAction, RegisteredAvatar
+from scheduler.state.sessions import EventKind, SessionEvent
+from scheduler.state.store import SqliteStore
+from scheduler.state.worker_conn import AssignCmd, ReleaseCmd, WorkerConn
 from tests.builders import T0, Clock, make_licence, make_profile, make_spec, png_image, sent
 
 

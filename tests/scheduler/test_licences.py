@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from avatarfarm.domain import InvalidRequest
-from scheduler import licences
-from scheduler.licences import Licence, allowing, check, language_allows
+from scheduler.policy import licences
+from scheduler.policy.licences import Licence, allowing, check, language_allows
 from tests.builders import make_licence
 
 NOW = 1_750_000_000.0

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from avatarfarm.domain import DriveMode, Quality, Stage, Tier
-from scheduler.ladder import Ladder
-from scheduler.placement import (
+from scheduler.policy.ladder import Ladder
+from scheduler.policy.placement import (
     ActionKind,
     Fleet,
     MemoryProfile,

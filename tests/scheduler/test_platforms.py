@@ -10,7 +10,7 @@ import grpc
 
 from avatarfarm import client
 from avatarfarm.v1 import sessions_pb2, types_pb2
-from scheduler.platforms import LabelPosition, PlatformPolicy
+from scheduler.policy.platforms import LabelPosition, PlatformPolicy
 from tests.scheduler.test_service import ProtocolWorker, create_req, expect_status, run, scheduler
 
 POLICIES = {

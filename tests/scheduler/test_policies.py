@@ -8,11 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from avatarfarm.domain import Quality, Tier
-from scheduler import tenants
-from scheduler.admission import FairQueue
-from scheduler.ladder import Ladder
-from scheduler.ledger import Dimension, Ledger
-from scheduler.tenants import BudgetAction, BudgetKind, BudgetPolicy, TenantConfig
+from scheduler.policy import tenants
+from scheduler.policy.admission import FairQueue
+from scheduler.policy.ladder import Ladder
+from scheduler.policy.ledger import Dimension, Ledger
+from scheduler.policy.tenants import BudgetAction, BudgetKind, BudgetPolicy, TenantConfig
 
 
 def test_the_ladder_steps_720p30_down_through_720p25_and_540p25() -> None:

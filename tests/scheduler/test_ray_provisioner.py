@@ -28,9 +28,9 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.autoscaler import AutoscalerConfig
+from scheduler.autoscale.provisioners import PoolConfig, ProvisionerKind
 from scheduler.config import SchedulerConfig
-from scheduler.provisioners import PoolConfig, ProvisionerKind
+from scheduler.policy.autoscaler import AutoscalerConfig
 from scheduler.server import start
 
 pytestmark = [pytest.mark.slow,
@@ -142,7 +142,7 @@ def test_worker_actors_register_leave_and_survive_a_restart(
     import ray
     from ray.util.state import list_actors
 
-    from scheduler.provisioners.ray_cluster import RayProvisioner
+    from scheduler.autoscale.provisioners.ray_cluster import RayProvisioner
 
     worker_args = ["--model-dir", str(model_dir), "--output-dir", str(tmp_path / "out"),
                    "--intra-op-threads", "1", "--max-batch", "1", "--metrics-port", "0",
@@ -192,7 +192,7 @@ def test_worker_actors_register_leave_and_survive_a_restart(
             await registered({staying}, 30)
             # Stopped, not killed: the provisioner warns when a worker's own stop fails.
             assert not [r.getMessage() for r in caplog.records
-                        if r.name == "scheduler.provisioners.ray_cluster"
+                        if r.name == "scheduler.autoscale.provisioners.ray_cluster"
                         and r.levelno >= logging.WARNING]
         finally:
             await asyncio.to_thread(prov.close)

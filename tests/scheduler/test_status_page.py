@@ -26,11 +26,7 @@ import pytest
 from avatarfarm.domain import DriveMode, Output, OutputKind, Progress, Quality, SessionState, Tier
 from avatarfarm.serving import MetricsEndpoint
 from avatarfarm.v1 import sessions_pb2_grpc, types_pb2
-from scheduler.config import SchedulerConfig
-from scheduler.core import Scheduler
-from scheduler.metrics import SchedulerMetrics
-from scheduler.server import RunningScheduler, start
-from scheduler.status import (
+from scheduler.api.status_page import (
     ROOM_ROWS,
     PoolRow,
     RoomRow,
@@ -42,8 +38,12 @@ from scheduler.status import (
     snapshot,
     to_json,
 )
-from scheduler.store import SqliteStore
-from scheduler.worker_conn import WorkerConn
+from scheduler.config import SchedulerConfig
+from scheduler.core import Scheduler
+from scheduler.metrics import SchedulerMetrics
+from scheduler.server import RunningScheduler, start
+from scheduler.state.store import SqliteStore
+from scheduler.state.worker_conn import WorkerConn
 from tests.builders import T0, Clock, make_profile, make_spec, png_image
 from tests.scheduler.test_service import ProtocolWorker, create_req
 

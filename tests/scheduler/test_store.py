@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from avatarfarm.domain import Progress, ScriptSegment, SessionState
-from scheduler.state import InvalidTransition, Session
-from scheduler.store import SqliteStore
+from scheduler.state.sessions import InvalidTransition, Session
+from scheduler.state.store import SqliteStore
 from tests.builders import make_spec
 
 

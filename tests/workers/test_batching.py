@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.batching import BatchPolicy, LatencyCurve, Queued, decide, forecast
+from avatarfarm.latency import LatencyCurve
+from workers.batching import BatchPolicy, Queued, decide, forecast
 
 # A device where batching pays: 10 ms for one item, 16 ms for four, 28 ms for eight.
 CURVE = LatencyCurve(((1, 0.010), (2, 0.012), (4, 0.016), (8, 0.028)))

@@ -21,8 +21,9 @@ from pathlib import Path
 import grpc
 
 from avatarfarm import client
-from avatarfarm.local import LocalFarm, ProcessFailed
+from avatarfarm.processes import ProcessFailed
 from avatarfarm.v1 import sessions_pb2, sessions_pb2_grpc, types_pb2
+from farm.local import LocalFarm
 
 
 @dataclass(frozen=True)

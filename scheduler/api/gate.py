@@ -1,7 +1,7 @@
 """The scheduler's front door: each call of the session, avatar and worker APIs passes here
 before its servicer (see avatarfarm.serving.add_service). It reads what the call
 carried (``authorization: Bearer``, ``x-api-key``, the verified client certificate),
-asks scheduler.auth who that is and whether they may use this API, applies the
+asks scheduler.api.auth who that is and whether they may use this API, applies the
 tenant's rate limit to session and avatar calls, and refuses with UNAUTHENTICATED,
 PERMISSION_DENIED or RESOURCE_EXHAUSTED; what it admits, the servicer reads with
 `caller()`. On the worker stream it also checks that every Register names the
@@ -20,10 +20,10 @@ from typing import Any
 
 import grpc
 
-from scheduler import auth
-from scheduler.auth import Presented, Principal, Service, Unauthenticated
+from scheduler.api import auth
+from scheduler.api.auth import Presented, Principal, Service, Unauthenticated
+from scheduler.api.ratelimit import RateLimiter
 from scheduler.errors import PermissionDenied
-from scheduler.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 

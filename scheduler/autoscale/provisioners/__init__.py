@@ -5,11 +5,11 @@ One small interface, three engines, chosen by configuration
 
 - ``local`` — worker processes on this machine (the embedded default);
 - ``ray`` — workers as Ray actors holding ``num_gpus`` (fractions allowed) on an
-  existing Ray cluster (``scheduler.provisioners.ray_cluster``);
+  existing Ray cluster (``scheduler.autoscale.provisioners.ray_cluster``);
 - ``kubernetes`` — the pool's Deployment or StatefulSet scaled through the API
   server; drained pods are marked with the lowest pod-deletion-cost before the
   replica count goes down, so the ReplicaSet removes exactly those
-  (``scheduler.provisioners.kubernetes_api``).
+  (``scheduler.autoscale.provisioners.kubernetes_api``).
 
 The autoscaler decides *how many* workers a pool needs and *which* ones leave
 (only workers the scheduler has drained); a provisioner only carries that out.

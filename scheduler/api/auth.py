@@ -1,4 +1,4 @@
-"""Who is calling and what they may do. Pure policy: the gRPC edge (scheduler.gate)
+"""Who is calling and what they may do. Pure policy: the gRPC edge (scheduler.api.gate)
 hands over what a call carried, this module answers with a `Principal` or a typed
 refusal, and decides which tenants' rooms and figures that principal may touch.
 

@@ -16,9 +16,9 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from avatarfarm.local import ManagedProcess
-from scheduler.autoscaler import AutoscalerConfig
-from scheduler.provisioners import Instance, ProvisionerKind
+from avatarfarm.processes import ManagedProcess
+from scheduler.autoscale.provisioners import Instance, ProvisionerKind
+from scheduler.policy.autoscaler import AutoscalerConfig
 
 log = logging.getLogger(__name__)
 

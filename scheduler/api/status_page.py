@@ -32,9 +32,9 @@ from datetime import UTC, datetime
 
 from avatarfarm.domain import Output, OutputKind, SessionState
 from avatarfarm.serving import Page, PageHandler
-from scheduler.autoscaling import PoolRow as PoolRow  # the autoscaler's view of its pools
+from scheduler.autoscale.controller import PoolRow as PoolRow  # the autoscaler's view of its pools
 from scheduler.core import Scheduler
-from scheduler.state import Session
+from scheduler.state.sessions import Session
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ import asyncio
 from dataclasses import dataclass, field
 
 from avatarfarm.domain import Quality, ScriptSegment, SessionSpec
-from scheduler import placement
-from scheduler.placement import MemoryProfile
-from scheduler.platforms import Label
+from scheduler.policy import placement
+from scheduler.policy.placement import MemoryProfile
+from scheduler.policy.platforms import Label
 
 
 @dataclass(frozen=True, slots=True)

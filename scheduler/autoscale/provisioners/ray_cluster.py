@@ -32,8 +32,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from scheduler.autoscaler import AutoscalerConfig
-from scheduler.provisioners import Instance, PoolConfig, ProvisionerKind
+from scheduler.autoscale.provisioners import Instance, PoolConfig, ProvisionerKind
+from scheduler.policy.autoscaler import AutoscalerConfig
 
 if TYPE_CHECKING:
     from workers.config import WorkerConfig

@@ -29,14 +29,16 @@ import grpc
 from avatarfarm import convert, images
 from avatarfarm.domain import InvalidRequest, validate_id
 from avatarfarm.v1 import avatars_pb2, avatars_pb2_grpc
-from scheduler import auth, licences, service
-from scheduler.auth import Principal
-from scheduler.avatars import AuditEntry, RegisteredAvatar, VoiceSettings
+from scheduler.api import auth
+from scheduler.api import session_service as service
+from scheduler.api.auth import Principal
+from scheduler.api.gate import caller
 from scheduler.core import Scheduler
 from scheduler.errors import NotFound, PermissionDenied
-from scheduler.gate import caller
-from scheduler.ledger import Dimension, UsageRow
-from scheduler.licences import Licence
+from scheduler.policy import licences
+from scheduler.policy.ledger import Dimension, UsageRow
+from scheduler.policy.licences import Licence
+from scheduler.state.avatars import AuditEntry, RegisteredAvatar, VoiceSettings
 
 log = logging.getLogger(__name__)
 

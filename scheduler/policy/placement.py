@@ -38,12 +38,12 @@ from __future__ import annotations
 
 import enum
 import itertools
-import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from avatarfarm.domain import DriveMode, Quality, Stage, Tier
+from avatarfarm.latency import LatencyCurve
 
 MAX_BATCH = 64
 # 1 compute unit = what one 512x512@25 text-driven room costs on the same device.
@@ -59,34 +59,12 @@ def item_seconds(points: Sequence[tuple[int, float]], latency_budget: float = 0.
 
 def per_item_table(points: Sequence[tuple[int, float]], latency_budget: float = 0.0
                    ) -> tuple[float, ...]:
-    """Seconds per item when n items share batches, for n = 1..cap, where cap is the best
-    batch size whose call fits half the latency budget. Between measured sizes a call's
-    time is interpolated linearly; the batcher may always choose a smaller batch, so the
-    table never increases."""
-    pts = sorted((b, s) for b, s in points if b > 0 and s > 0)
+    """Seconds per item when n items share batches on the worker that measured `points`
+    (`LatencyCurve.per_item`: the same curve the worker's batcher plans with)."""
+    pts = tuple(sorted((b, s) for b, s in points if b > 0 and s > 0))
     if not pts:
         raise ValueError("no measured batch sizes")
-    bound = latency_budget / 2 if latency_budget > 0 else math.inf
-    fitting = [(b, s) for b, s in pts if s <= bound] or pts[:1]
-    cap = min(max(b for b, _ in fitting), MAX_BATCH)
-    best_cap = min(fitting, key=lambda p: p[1] / p[0])[0]
-    cap = min(cap, max(best_cap, 1))
-    out: list[float] = []
-    for n in range(1, cap + 1):
-        call = _interpolate(pts, n)
-        each = call / n
-        out.append(min(out[-1], each) if out else each)
-    return tuple(out)
-
-
-def _interpolate(pts: Sequence[tuple[int, float]], n: int) -> float:
-    if n <= pts[0][0]:
-        return pts[0][1] * n / pts[0][0] if pts[0][0] > 1 else pts[0][1]
-    for (b0, s0), (b1, s1) in itertools.pairwise(pts):
-        if b0 <= n <= b1:
-            return s0 + (s1 - s0) * (n - b0) / (b1 - b0)
-    b, s = pts[-1]
-    return s * n / b
+    return LatencyCurve(pts).per_item(latency_budget, MAX_BATCH)
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,7 @@ Registered avatars are held in memory (loaded from the store at start) and every
 change is written through the store's queue, so it commits with the core's turn.
 Audit entries go only to the store; each gets the next sequence number, so the
 log's order is the order things happened in. Whether a room may use an avatar is
-the pure `scheduler.licences` policy; this module adds who owns which avatar.
+the pure `scheduler.policy.licences` policy; this module adds who owns which avatar.
 
 Avatar ids are global (they name image files workers read); an id is owned by
 the tenant that registered it, and one that exists only as a file (the built-in
@@ -19,15 +19,12 @@ from __future__ import annotations
 import enum
 import heapq
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from avatarfarm.domain import SessionSpec
-from scheduler import licences
 from scheduler.errors import AlreadyExists, NotFound
-from scheduler.licences import Licence, Refusal
-
-if TYPE_CHECKING:
-    from scheduler.store import Store
+from scheduler.policy import licences
+from scheduler.policy.licences import Licence, Refusal
 
 # Audit clauses besides the licence's own.
 UNLICENSED = "unlicensed"  # a local avatar with no licence registered
@@ -82,12 +79,25 @@ class AuditEntry:
     detail: str = ""
 
 
+class AvatarStore(Protocol):
+    """The rows the registry keeps: avatars and their audit log (the scheduler's Store
+    is one)."""
+
+    def load_avatars(self) -> list[RegisteredAvatar]: ...
+    def put_avatar(self, avatar: RegisteredAvatar) -> None: ...
+    def append_audit(self, entry: AuditEntry) -> None: ...
+    def last_audit_seq(self) -> int: ...
+    def audit_entries(self, avatar_id: str, after_seq: int, limit: int) -> list[AuditEntry]:
+        """Committed entries only, and safe to call from any thread (a read that may
+        wait on the disk belongs off the event loop)."""
+
+
 def taken_message(avatar_id: str) -> str:
     return f"avatar id {avatar_id!r} is taken on this farm; register under another id"
 
 
 class AvatarRegistry:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: AvatarStore) -> None:
         self.store = store
         self._avatars = {a.avatar_id: a for a in store.load_avatars()}
         self._seq = store.last_audit_seq()

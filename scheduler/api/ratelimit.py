@@ -1,5 +1,5 @@
 """Per-tenant rate limits on session calls: a token bucket per tenant. Pure policy
-with an injected clock; the gRPC edge (scheduler.gate) asks before each call and
+with an injected clock; the gRPC edge (scheduler.api.gate) asks before each call and
 answers RESOURCE_EXHAUSTED with the limit and when to retry.
 
 A bucket holds up to `burst` calls and refills at `per_second`; it starts full, so a

@@ -2,7 +2,7 @@
 the core and maps its typed errors to precise status codes; it holds no state of
 its own. The worker-facing stream lives in worker_service.
 
-Every call comes through the gate (scheduler.gate), which says who is calling; a
+Every call comes through the gate (scheduler.api.gate), which says who is calling; a
 tenant sees and changes only its own rooms, and another tenant's room gets the
 same answer as a room that does not exist."""
 
@@ -17,19 +17,13 @@ import grpc
 from avatarfarm import convert
 from avatarfarm.domain import InvalidRequest, Quality
 from avatarfarm.v1 import sessions_pb2, sessions_pb2_grpc, types_pb2
-from scheduler import auth
-from scheduler.auth import Principal, Unauthenticated
+from scheduler.api import auth
+from scheduler.api.auth import Principal, Unauthenticated
+from scheduler.api.gate import caller
 from scheduler.core import Scheduler
-from scheduler.errors import (
-    AlreadyExists,
-    BudgetExceeded,
-    FailedPrecondition,
-    NotFound,
-    PermissionDenied,
-)
-from scheduler.gate import caller
-from scheduler.ledger import Dimension
-from scheduler.state import EventKind, Session
+from scheduler.errors import AlreadyExists, BudgetExceeded, FailedPrecondition, NotFound, PermissionDenied
+from scheduler.policy.ledger import Dimension
+from scheduler.state.sessions import EventKind, Session
 
 log = logging.getLogger(__name__)
 

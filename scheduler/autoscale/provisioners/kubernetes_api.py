@@ -29,8 +29,8 @@ import urllib3
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
-from scheduler.autoscaler import AutoscalerConfig
-from scheduler.provisioners import Instance, PoolConfig, ProvisionerKind, WorkloadKind
+from scheduler.autoscale.provisioners import Instance, PoolConfig, ProvisionerKind, WorkloadKind
+from scheduler.policy.autoscaler import AutoscalerConfig
 
 log = logging.getLogger(__name__)
 

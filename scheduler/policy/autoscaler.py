@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from scheduler.provisioners import PoolConfig, ProvisionerKind
+from scheduler.autoscale.provisioners import PoolConfig, ProvisionerKind
 
 
 @dataclass(frozen=True, slots=True)

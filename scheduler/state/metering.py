@@ -15,11 +15,11 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 
 from avatarfarm.domain import Progress, Tier
-from scheduler import tenants
-from scheduler.cost import CostBook, UsageDelta
-from scheduler.ledger import Ledger, ReportVerdict
 from scheduler.metrics import SchedulerMetrics
-from scheduler.state import Session
+from scheduler.policy import tenants
+from scheduler.policy.cost import CostBook, UsageDelta
+from scheduler.policy.ledger import Ledger, ReportVerdict
+from scheduler.state.sessions import Session
 
 log = logging.getLogger(__name__)
 

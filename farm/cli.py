@@ -63,7 +63,7 @@ def _build_models(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from avatarfarm.demo import DemoOptions, run_demo
+    from farm.demo import DemoOptions, run_demo
 
     opts = DemoOptions(rooms=args.rooms, seconds=args.seconds, workers=args.workers,
                        home=args.home, pacing=args.pacing, price_per_hour=args.price_per_hour,
@@ -72,7 +72,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _token(args: argparse.Namespace) -> int:
-    from scheduler import auth
+    from scheduler.api import auth
 
     if args.hash_api_key:
         key = sys.stdin.readline().strip()

@@ -1,5 +1,5 @@
 """The autoscaler at work: reads the scheduler's state, asks the policy
-(`scheduler.autoscaler`) how many workers each pool needs, and carries that out
+(`scheduler.policy.autoscaler`) how many workers each pool needs, and carries that out
 through a provisioner — starting workers at once, removing them only after the
 scheduler has drained them.
 
@@ -23,9 +23,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from scheduler.autoscaler import Autoscaler, AutoscalerConfig, PoolDecision, PoolSignals, Signals
+from scheduler.autoscale.provisioners import Instance, Provisioner, ProvisionerKind
 from scheduler.core import Scheduler
-from scheduler.provisioners import Instance, Provisioner, ProvisionerKind
+from scheduler.policy.autoscaler import Autoscaler, AutoscalerConfig, PoolDecision, PoolSignals, Signals
 
 log = logging.getLogger(__name__)
 
@@ -285,10 +285,10 @@ def make_provisioner(config: AutoscalerConfig, scheduler_address: str,
     if kind is ProvisionerKind.NONE or not config.pools:
         return None
     if kind is ProvisionerKind.LOCAL:
-        from scheduler.provisioners.local import LocalProvisioner
+        from scheduler.autoscale.provisioners.local import LocalProvisioner
         return LocalProvisioner(config, scheduler_address, log_dir)
     if kind is ProvisionerKind.RAY:
-        from scheduler.provisioners.ray_cluster import RayProvisioner
+        from scheduler.autoscale.provisioners.ray_cluster import RayProvisioner
         return RayProvisioner(config, scheduler_address)
-    from scheduler.provisioners.kubernetes_api import KubernetesProvisioner
+    from scheduler.autoscale.provisioners.kubernetes_api import KubernetesProvisioner
     return KubernetesProvisioner(config)

@@ -16,10 +16,10 @@ import grpc
 from avatarfarm import convert
 from avatarfarm.domain import InvalidRequest, SessionState, Stage
 from avatarfarm.v1 import types_pb2, workers_pb2, workers_pb2_grpc
-from scheduler import placement
+from scheduler.api.session_service import quality_to_pb
 from scheduler.core import Scheduler
-from scheduler.service import quality_to_pb
-from scheduler.worker_conn import (
+from scheduler.policy import placement
+from scheduler.state.worker_conn import (
     AssignCmd,
     ReconfigureCmd,
     ReleaseCmd,
