@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import dataclasses
+import functools
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Concatenate, NoReturn, ParamSpec, TypeVar
 
 from avatarfarm.avatars import list_avatars
 from avatarfarm.domain import (
@@ -43,6 +43,7 @@ from avatarfarm.domain import (
 )
 from avatarfarm.egress import EgressPolicy, ForbiddenTarget
 from scheduler.config import SchedulerConfig
+from scheduler.decisions import Decisions, Dispatcher
 from scheduler.errors import AlreadyExists, BudgetExceeded, FailedPrecondition, NotFound, PermissionDenied
 from scheduler.metrics import SchedulerMetrics
 from scheduler.policy import placement, platforms, tenants
@@ -52,6 +53,7 @@ from scheduler.policy.ledger import Dimension, UsageRow
 from scheduler.policy.licences import Refusal
 from scheduler.policy.placement import ActionKind, Fleet, RoomReq, WorkerState
 from scheduler.state.avatars import AuditAction, AvatarRegistry, RegisteredAvatar
+from scheduler.state.commit import GroupCommit
 from scheduler.state.metering import Metering
 from scheduler.state.sessions import EventKind, InvalidTransition, Session, SessionEvent, plus
 from scheduler.state.store import Store
@@ -60,12 +62,30 @@ from scheduler.state.worker_conn import (
     ReconfigureCmd,
     ReleaseCmd,
     ScriptCmd,
-    UsageAckCmd,
     WorkerConn,
     WorkerResources,
 )
 
 log = logging.getLogger(__name__)
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _carried_out(operation: Callable[Concatenate[Scheduler, _P], _R]
+                 ) -> Callable[Concatenate[Scheduler, _P], _R]:
+    """Marks an operation of the core: what it decided is carried out when it returns
+    (or raises), in one place (`Dispatcher.apply`). Operations may call each other;
+    each hands over what was decided so far."""
+
+    @functools.wraps(operation)
+    def run(self: Scheduler, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return operation(self, *args, **kwargs)
+        finally:
+            self._carry_out()
+
+    return run
 
 _LIVE = (SessionState.PLACED, SessionState.RUNNING)
 
@@ -126,10 +146,10 @@ class Scheduler:
         self._exhausted: dict[str, float] = {}  # tenant -> when its spend budget ran out
         self._avatars: tuple[float, frozenset[str]] = (-1.0, frozenset())
         self._worker_avatars: collections.Counter[str] = collections.Counter()
-        self._flush_handle: asyncio.Handle | None = None
-        self._flushed: asyncio.Future[None] | None = None
-        self._committing: asyncio.Future[None] | None = None
-        self._riders: list[asyncio.Future[None]] = []  # turns waiting for the next commit
+        self.commits = GroupCommit(store)
+        # What the operation under way decided; carried out when it returns.
+        self._decided = Decisions()
+        self.dispatcher = Dispatcher(store, self.commits, self.workers, self._watchers)
         self._scripts: dict[str, list[ScriptSegment]] = {}  # live text rooms' scripts
         self._unit_profile: placement.WorkerProfile | None = None
         self._units_cache: dict[tuple[Quality, str], float] = {}
@@ -171,54 +191,7 @@ class Scheduler:
 
     async def durable(self) -> None:
         """Returns once everything changed so far is committed to the store."""
-        fut = self._flushed or (self._riders[-1] if self._riders else self._committing)
-        if fut is not None and not fut.done():
-            await asyncio.shield(fut)
-        elif fut is not None and fut.exception() is not None:
-            raise fut.exception()  # type: ignore[misc]
-
-    def _schedule_flush(self) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.store.commit()
-            return
-        if self._flush_handle is None:
-            self._flushed = loop.create_future()
-            self._flush_handle = loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        """Hands this turn's writes to the store's writer thread; the turn's callers are
-        answered when that transaction is on disk. While one commit is on its way to disk
-        the turns after it wait and go together in the next one (group commit)."""
-        fut, self._flushed, self._flush_handle = self._flushed, None, None
-        if fut is None:
-            return
-        self._riders.append(fut)
-        if self._committing is None or self._committing.done():
-            self._commit_riders()
-
-    def _commit_riders(self) -> None:
-        riders, self._riders = self._riders, []
-        if not riders:
-            return
-        loop = riders[-1].get_loop()
-        self._committing = riders[-1]
-
-        def settle(done: concurrent.futures.Future[None]) -> None:
-            err = done.exception()
-            if err is not None:
-                log.error("store commit failed: %s", err)
-            for f in riders:
-                if not f.done():
-                    if err is not None:
-                        f.set_exception(err)
-                    else:
-                        f.set_result(None)
-            self._commit_riders()
-
-        self.store.commit_async().add_done_callback(
-            lambda done: loop.call_soon_threadsafe(settle, done))
+        await self.commits.durable()
 
     # -- tenant API ------------------------------------------------------------
 
@@ -250,6 +223,7 @@ class Scheduler:
             self._units_cache[key] = units
         return units
 
+    @_carried_out
     def create(self, spec: SessionSpec, request_id: str = "") -> Session:
         try:
             self.egress.check(spec.output)
@@ -318,18 +292,20 @@ class Scheduler:
         page = rows[:size]
         return page, (page[-1].seq if len(rows) > size else 0)
 
+    @_carried_out
     def end(self, session_id: str, reason: str = "") -> Session:
         s = self.get(session_id)
         if s.state.terminal:
             return s
         reason = reason or "ended by tenant"
         if s.worker_id and s.worker_id in self.workers:
-            self.workers[s.worker_id].outbox.put_nowait(ReleaseCmd(session_id, reason))
+            self._decided.send(s.worker_id, ReleaseCmd(session_id, reason))
         s = s.moved(SessionState.ENDED, self.clock(), reason=reason)
         self._commit(s)
         self.kick()
         return s
 
+    @_carried_out
     def append_script(self, session_id: str, segments: list[ScriptSegment]) -> int:
         s = self.get(session_id)
         if s.spec.drive_mode is not DriveMode.TEXT:
@@ -342,9 +318,9 @@ class Scheduler:
         validate_script(segments)
         self.store.append_script(session_id, segments)
         self._scripts.setdefault(session_id, []).extend(segments)
-        self._schedule_flush()
+        self.commits.schedule()
         if s.worker_id in self.workers and s.state in _LIVE:
-            self.workers[s.worker_id].outbox.put_nowait(ScriptCmd(session_id, tuple(segments)))
+            self._decided.send(s.worker_id, ScriptCmd(session_id, tuple(segments)))
         return len(segments)
 
     async def watch(self, session_id: str) -> AsyncIterator[SessionEvent]:
@@ -394,16 +370,18 @@ class Scheduler:
         self.tenant(tenant)
         self.avatars.claim(avatar_id, tenant, local=self.known_avatars(), operator=operator)
 
+    @_carried_out
     def register_avatar(self, avatar: RegisteredAvatar, *, operator: bool) -> RegisteredAvatar:
         self.claim_avatar(avatar.avatar_id, avatar.tenant, operator=operator)
         a = self.avatars.register(avatar, self.clock())
-        self._schedule_flush()
+        self.commits.schedule()
         self.enforce_licences()  # a new licence may no longer allow rooms running under the old
         return a
 
+    @_carried_out
     def revoke_licence(self, avatar_id: str, reason: str) -> RegisteredAvatar:
         a = self.avatars.revoke(avatar_id, reason, self.clock())
-        self._schedule_flush()
+        self.commits.schedule()
         self.enforce_licences()
         return a
 
@@ -417,7 +395,7 @@ class Scheduler:
         self.avatars.audit(AuditAction.REFUSED, spec.avatar_id, spec.tenant, now,
                            room_id=spec.room_id, platform=spec.platform, clause=refusal.clause,
                            detail=message)
-        self._schedule_flush()
+        self.commits.schedule()
         raise PermissionDenied(message)
 
     def _audit_room(self, action: AuditAction, s: Session, now: float, detail: str = "") -> None:
@@ -429,6 +407,7 @@ class Scheduler:
 
     # -- worker API -------------------------------------------------------------
 
+    @_carried_out
     def register_worker(self, worker_id: str, *, device_type: str, provider: str,
                         profile: placement.WorkerProfile, input_endpoint: str,
                         avatars: frozenset[str], active: dict[str, int],
@@ -439,7 +418,7 @@ class Scheduler:
         if old is not None:
             # A reconnect that overtook the old stream's end: retire the old stream only;
             # the rooms are the same worker's.
-            old.outbox.put_nowait(None)
+            self._decided.retire(old)
             self._worker_avatars.subtract(old.avatars)
         self._worker_avatars.update(avatars)
         now = self.clock()
@@ -477,7 +456,7 @@ class Scheduler:
                 if orphaned:
                     self._open_interval(s, now)
                 if sid in self._licence_ending:  # its licence ended while the worker was away
-                    conn.outbox.put_nowait(ReleaseCmd(sid, self._licence_ending[sid][1],
+                    self._decided.send(conn.worker_id, ReleaseCmd(sid, self._licence_ending[sid][1],
                                                       at_script_boundary=True))
         kept = {sid for sid, _ in confirmed}
         for s in [x for x in self.sessions.values()
@@ -486,7 +465,7 @@ class Scheduler:
         for sid in active:
             if sid not in kept:
                 self.metrics.usage_reports.labels("stale").inc()
-                conn.outbox.put_nowait(ReleaseCmd(sid, "the room was moved to another worker "
+                self._decided.send(conn.worker_id, ReleaseCmd(sid, "the room was moved to another worker "
                                                        "while this one was away"))
         conn.confirmed = tuple(confirmed)
         log.info("worker %s registered (%s, %s) at %s", worker_id, device_type, provider,
@@ -510,6 +489,7 @@ class Scheduler:
                 self._units_cache.clear()
                 return
 
+    @_carried_out
     def worker_profile_changed(self, conn: WorkerConn, update: placement.WorkerProfile) -> None:
         """A worker re-measured (or corrected from live timings) some of its costs: they
         replace the old ones for new placements; rooms already placed keep their load."""
@@ -534,6 +514,7 @@ class Scheduler:
         if load is not None:
             conn.reported_load = load
 
+    @_carried_out
     def worker_usage(self, conn: WorkerConn, seq: int,
                      updates: list[tuple[str, int, SessionState, str, Progress]]) -> bool:
         """A sequence-numbered batch of (room, assignment epoch, state, reason, progress
@@ -553,6 +534,7 @@ class Scheduler:
                     self.worker_update(conn, sid, epoch, state, reason, progress)
         return True
 
+    @_carried_out
     def worker_update(self, conn: WorkerConn, session_id: str, epoch: int, state: SessionState,
                       reason: str, progress: Progress | None) -> None:
         """A room's state (and progress, cumulative over assignment `epoch`) from its worker.
@@ -568,7 +550,7 @@ class Scheduler:
             self.metrics.usage_reports.labels("stale").inc()
             log.warning("worker %s reported on session %s (assignment %d) it does not hold",
                         conn.worker_id, session_id, epoch)
-            conn.outbox.put_nowait(ReleaseCmd(session_id, "not assigned to this worker"))
+            self._decided.send(conn.worker_id, ReleaseCmd(session_id, "not assigned to this worker"))
             return
         now = self.clock()
         changes: dict[str, object] = {}
@@ -597,12 +579,14 @@ class Scheduler:
         if s.state.terminal:
             self.kick()
 
+    @_carried_out
     def shutting_down(self) -> None:
         """From now on a closing worker stream is this scheduler leaving, not the worker
         failing: its rooms keep their placement for when the scheduler is back."""
         self._stopping = True
         self.flush_progress()
 
+    @_carried_out
     def worker_disconnected(self, conn: WorkerConn, why: str) -> None:
         if self._stopping:
             if self.workers.pop(conn.worker_id, None) is not None:
@@ -617,7 +601,7 @@ class Scheduler:
         del self.workers[conn.worker_id]
         self._worker_avatars.subtract(conn.avatars)
         self._worker_avatars += collections.Counter()  # drop avatars no worker has
-        conn.outbox.put_nowait(None)
+        self._decided.retire(conn)
         now = self.clock()
         self.fleet.remove_worker(conn.worker_id)
         for s in [x for x in self.sessions.values()
@@ -630,6 +614,7 @@ class Scheduler:
 
     # -- drains -------------------------------------------------------------------
 
+    @_carried_out
     def drain_worker(self, worker_id: str, deadline: float, why: str) -> bool:
         """Marks a worker for removal: it takes no new rooms and its rooms are handed over
         to other workers as capacity allows (see `advance_drains`). False if unknown."""
@@ -656,6 +641,7 @@ class Scheduler:
         w = self.fleet.workers.get(worker_id)
         return list(w.rooms) if w is not None else []
 
+    @_carried_out
     def advance_drains(self) -> None:
         """Hands rooms over from draining workers where capacity allows; counts a drain
         completed or past its deadline once."""
@@ -689,10 +675,10 @@ class Scheduler:
         why = f"worker {old.worker_id} is draining ({old.drain_reason})"
         if s.state is SessionState.RUNNING:
             self._handovers[s.session_id] = (old.worker_id, s.epoch)
-            old.outbox.put_nowait(ReleaseCmd(s.session_id, f"{why}; handing over",
+            self._decided.send(old.worker_id, ReleaseCmd(s.session_id, f"{why}; handing over",
                                              handover=True))
             return
-        old.outbox.put_nowait(ReleaseCmd(s.session_id, f"{why}; moving to another worker"))
+        self._decided.send(old.worker_id, ReleaseCmd(s.session_id, f"{why}; moving to another worker"))
         self._to_pending(s, now, f"{why}; moving to another worker")
         self._try_place(self.sessions[s.session_id], {})
 
@@ -766,6 +752,7 @@ class Scheduler:
         t = self.config.tenants.get(s.spec.tenant, tenants.UNLIMITED)
         self.queue.push(s.session_id, s.spec.tenant, s.spec.tier, s.units, t.weight, s.guaranteed)
 
+    @_carried_out
     def place_pending(self, limit: int = 512) -> int:
         """One pass over the queue in fair order; returns the number of rooms placed."""
         self._capacity_changed = False
@@ -880,11 +867,11 @@ class Scheduler:
         spec = dataclasses.replace(
             s.spec, script=script,
             max_duration_seconds=max(1e-3, limit - base.stream_seconds) if limit > 0 else 0.0)
-        conn.outbox.put_nowait(AssignCmd(s.session_id, spec, s.epoch, continuation,
+        self._decided.send(conn.worker_id, AssignCmd(s.session_id, spec, s.epoch, continuation,
                                          base.stream_seconds,
                                          self.platform(s.spec.platform).label_for()))
         if rendering is not None:
-            conn.outbox.put_nowait(ReconfigureCmd(s.session_id, rendering, choice.step,
+            self._decided.send(conn.worker_id, ReconfigureCmd(s.session_id, rendering, choice.step,
                                                   "placed degraded: capacity is short"))
         self.metrics.placements.labels(s.spec.tier.value).inc()
 
@@ -897,7 +884,7 @@ class Scheduler:
                        f"{beneficiary.spec.tenant!r}; re-queued")
                 conn = self.workers.get(victim.worker_id)
                 if conn is not None:
-                    conn.outbox.put_nowait(ReleaseCmd(victim.session_id, why))
+                    self._decided.send(conn.worker_id, ReleaseCmd(victim.session_id, why))
                 self.metrics.preemptions.labels(victim.spec.tier.value).inc()
                 self._to_pending(victim, now, why, EventKind.PREEMPTED)
             else:
@@ -921,10 +908,11 @@ class Scheduler:
         self.metrics.degradations.labels(s.spec.tier.value, "down" if down else "up").inc()
         conn = self.workers.get(s.worker_id)
         if conn is not None:
-            conn.outbox.put_nowait(ReconfigureCmd(s.session_id, quality, step, message))
+            self._decided.send(conn.worker_id, ReconfigureCmd(s.session_id, quality, step, message))
         self._open_interval(s, now)
         return s
 
+    @_carried_out
     def step_up(self) -> int:
         """Degraded rooms go back up one step where their worker has room to spare (with
         hysteresis), unless rooms are waiting for capacity."""
@@ -958,6 +946,7 @@ class Scheduler:
                 raised += 1
         return raised
 
+    @_carried_out
     def enforce_budgets(self) -> None:
         """Tenants whose spend ran out this period: degrade, warn, or stop, per policy."""
         now = self.clock()
@@ -987,6 +976,7 @@ class Scheduler:
                     if step > s.step:
                         self._restep(s, step, now, f"{msg}; degraded by the tenant's policy")
 
+    @_carried_out
     def enforce_licences(self) -> None:
         """Rooms whose avatar's licence was revoked, ran out, or was replaced by one that no
         longer allows them end at their next script boundary: the worker finishes the
@@ -1022,15 +1012,17 @@ class Scheduler:
         self._licence_ending[s.session_id] = (now + self.config.licence_end_grace, why)
         conn = self.workers.get(s.worker_id)
         if conn is not None:
-            conn.outbox.put_nowait(ReleaseCmd(s.session_id, why, at_script_boundary=True))
+            self._decided.send(conn.worker_id, ReleaseCmd(s.session_id, why, at_script_boundary=True))
         self._commit(s.moved(s.state, now, reason=why), EventKind.LICENCE, why)
 
+    @_carried_out
     def check_heartbeats(self) -> None:
         deadline = self.clock() - self.config.worker_timeout
         for conn in list(self.workers.values()):
             if conn.last_seen < deadline:
                 self._drop_worker(conn, f"no heartbeat for {self.config.worker_timeout:.0f}s")
 
+    @_carried_out
     def check_orphans(self) -> None:
         """After a restart, rooms whose worker has not come back within the grace period."""
         if not self._orphans or self.clock() < self._started_at + self.config.orphan_grace:
@@ -1042,6 +1034,7 @@ class Scheduler:
             if not s.state.terminal and s.worker_id not in self.workers:
                 self._to_pending(s, now, f"worker {s.worker_id} did not come back; re-placing")
 
+    @_carried_out
     def tick(self) -> None:
         self._epoch += 1  # once a second everything is looked at afresh
         self.check_heartbeats()
@@ -1111,28 +1104,16 @@ class Scheduler:
             if s.session_id in self._watchers:
                 self._notify(SessionEvent(s))
 
+    @_carried_out
     def flush_progress(self) -> None:
-        """Progress and the usage ledger since the last tick, in one transaction."""
-        if self._progress_dirty:
-            self.store.put_sessions(list(self._progress_dirty.values()))
-            self._progress_dirty.clear()
+        """Progress and the usage ledger since the last tick, in one transaction; workers
+        are acknowledged their reports once it is on disk."""
+        for s in self._progress_dirty.values():
+            self._decided.store(s)
+        self._progress_dirty.clear()
         ivs, cursors = self.ledger.take_dirty()
-        if ivs or cursors:
-            self.store.put_usage(ivs, cursors)
-        self._schedule_flush()
-        if cursors:
-            # Workers may forget their reports once the ledger holding them is on disk.
-            if self._flushed is None:
-                self._ack(cursors)
-            else:
-                self._flushed.add_done_callback(
-                    lambda f: None if f.cancelled() or f.exception() else self._ack(cursors))
-
-    def _ack(self, cursors: dict[str, tuple[int, int]]) -> None:
-        for worker_id, (epoch, seq) in cursors.items():
-            conn = self.workers.get(worker_id)
-            if conn is not None and conn.usage_epoch == epoch:
-                conn.outbox.put_nowait(UsageAckCmd(seq))
+        self._decided.usage(ivs, cursors)
+        self._decided.commit = True
 
     def _index(self, prev: Session | None, s: Session) -> None:
         """Keep the indexes and tenant usage in step with one session's change."""
@@ -1171,9 +1152,8 @@ class Scheduler:
 
     def _commit(self, s: Session, kind: EventKind = EventKind.STATE, message: str = "") -> None:
         prev = self.sessions.get(s.session_id)
-        self.store.put_session(s)
+        self._decided.store(s)
         self._progress_dirty.pop(s.session_id, None)
-        self._schedule_flush()
         self.sessions[s.session_id] = s
         self._index(prev, s)
         if s.state.terminal and (prev is None or not prev.state.terminal):
@@ -1190,8 +1170,12 @@ class Scheduler:
         self._notify(SessionEvent(s, kind, message))
 
     def _notify(self, ev: SessionEvent) -> None:
-        for q in self._watchers.get(ev.session.session_id, ()):
-            q.put_nowait(ev)
+        self._decided.notify(ev)
+
+    def _carry_out(self) -> None:
+        out = self._decided.take()
+        if out:
+            self.dispatcher.apply(out)
 
 
 def tenants_error(name: str) -> Exception:
