@@ -31,7 +31,6 @@ from avatarfarm.avatars import list_avatars
 from avatarfarm.domain import (
     DriveMode,
     InvalidRequest,
-    Output,
     OutputKind,
     Progress,
     Quality,
@@ -57,6 +56,7 @@ from scheduler.state.commit import GroupCommit
 from scheduler.state.metering import Metering
 from scheduler.state.sessions import EventKind, InvalidTransition, Session, SessionEvent, plus
 from scheduler.state.store import Store
+from scheduler.state.table import SessionTable
 from scheduler.state.worker_conn import (
     AssignCmd,
     ReconfigureCmd,
@@ -125,7 +125,7 @@ class Scheduler:
         self.metering = Metering(config.price, self.metrics, config.tenants)
         self.ledger = self.metering.ledger
         self.queue = FairQueue()
-        self.sessions: dict[str, Session] = {}
+        self.sessions = SessionTable()
         self.workers: dict[str, WorkerConn] = {}
         self._watchers: dict[str, set[asyncio.Queue[SessionEvent]]] = collections.defaultdict(set)
         self._wake = asyncio.Event()
@@ -133,14 +133,6 @@ class Scheduler:
         self._stopping = False
         self._seq = 0
         # Indexes, kept with every commit, so a call costs the same at 10 or 10,000 rooms.
-        self._rooms: dict[tuple[str, str], str] = {}  # (tenant, room_id) -> live session
-        self._requests: dict[tuple[str, str], str] = {}  # (tenant, request_id) -> session
-        self._outputs: dict[Output, str] = {}
-        self._units: dict[str, float] = collections.defaultdict(float)
-        self._reserved: dict[str, float] = collections.defaultdict(float)
-        self._counts: collections.Counter[tuple[SessionState, Tier]] = collections.Counter()
-        self._degraded: set[str] = set()
-        self._preemptible = 0.0  # compute held by placed non-premium rooms
         self._orphans: set[str] = set()
         self._progress_dirty: dict[str, Session] = {}
         self._exhausted: dict[str, float] = {}  # tenant -> when its spend budget ran out
@@ -177,15 +169,14 @@ class Scheduler:
         for s in store.load_sessions():
             self._seq = max(self._seq, s.seq)
             self._last_assignment = max(self._last_assignment, s.epoch)
-            self._index(None, s)
-            self.sessions[s.session_id] = s
+            self.sessions.put(s)
             if s.state is SessionState.PENDING:
                 self._enqueue(s)
             elif not s.state.terminal:
                 self._orphans.add(s.session_id)
             if not s.state.terminal and s.spec.drive_mode is DriveMode.TEXT:
                 self._scripts[s.session_id] = store.script(s.session_id)
-        self.metrics.session_counts(self._counts)
+        self.metrics.session_counts(self.sessions.counts)
 
     # -- durability ---------------------------------------------------------------
 
@@ -231,7 +222,7 @@ class Scheduler:
         except (ForbiddenTarget, platforms.PolicyRefused) as e:
             raise PermissionDenied(str(e)) from e
         if request_id:
-            existing = self._requests.get((spec.tenant, request_id))
+            existing = self.sessions.requests.get((spec.tenant, request_id))
             if existing is not None:
                 s = self.sessions[existing]
                 if s.spec != spec:
@@ -241,16 +232,16 @@ class Scheduler:
         t = self.tenant(spec.tenant)
         if spec.avatar_id not in self.known_avatars():
             raise NotFound(f"avatar {spec.avatar_id!r} is not registered")
-        other = self._rooms.get((spec.tenant, spec.room_id))
+        other = self.sessions.live_rooms.get((spec.tenant, spec.room_id))
         if other is not None:
             raise AlreadyExists(f"room {spec.room_id!r} already streams as session {other}")
-        if spec.output in self._outputs:
+        if spec.output in self.sessions.outputs:
             # Two streams muxed into one file or playlist would corrupt both.
             raise AlreadyExists(f"output {spec.output.target!r} is in use by another live session")
         now = self.clock()
         units = self.units_of(spec.quality, spec.drive_mode)
         over = tenants.check_admission(spec.tenant, t, units=units,
-                                       units_in_use=self._units[spec.tenant],
+                                       units_in_use=self.sessions.units[spec.tenant],
                                        spent=self.spent(spec.tenant, now))
         if over is not None:
             self.metrics.budget_refusals.labels(over.kind.value).inc()
@@ -258,7 +249,7 @@ class Scheduler:
         refusal, _ = self.avatars.admit(spec, now, require_licence=self.config.require_licence)
         if refusal is not None:
             self._refuse_likeness(spec, refusal, now)
-        guaranteed = tenants.guaranteed(t, spec.tier, units, self._reserved[spec.tenant])
+        guaranteed = tenants.guaranteed(t, spec.tier, units, self.sessions.reserved[spec.tenant])
         self._seq += 1
         s = Session(uuid.uuid4().hex, spec, SessionState.PENDING, self._seq, now, now, request_id,
                     reason="waiting for placement", units=units, guaranteed=guaranteed)
@@ -348,7 +339,7 @@ class Scheduler:
 
     def tenant_status(self, name: str) -> TenantStatus:
         if name not in self.config.tenants and not any(
-                k[0] == name for k in self._rooms) and not self._units.get(name):
+                k[0] == name for k in self.sessions.live_rooms) and not self.sessions.units.get(name):
             raise NotFound(f"tenant {name!r} is not configured and has no rooms")
         t = self.config.tenants.get(name, tenants.UNLIMITED)
         pending = running = 0
@@ -356,8 +347,8 @@ class Scheduler:
             if s.spec.tenant == name:
                 pending += s.state is SessionState.PENDING
                 running += s.state in _LIVE
-        return TenantStatus(name, t, self._units[name], self.spent(name, self.clock()),
-                            self._reserved[name], pending, running)
+        return TenantStatus(name, t, self.sessions.units[name], self.spent(name, self.clock()),
+                            self.sessions.reserved[name], pending, running)
 
     def spent(self, tenant: str, now: float) -> float:
         return self.metering.spent(tenant, now)
@@ -553,24 +544,15 @@ class Scheduler:
             self._decided.send(conn.worker_id, ReleaseCmd(session_id, "not assigned to this worker"))
             return
         now = self.clock()
-        changes: dict[str, object] = {}
-        if progress is not None:
-            self.metering.account(s, progress)
-            total = plus(s.base, progress)
-            if total.stream_seconds >= s.progress.stream_seconds:
-                changes["progress"] = total
         target = state if state in (SessionState.RUNNING, SessionState.ENDED,
                                     SessionState.FAILED) else s.state
-        if s.state.terminal or (target is s.state and not reason):
-            if changes:  # progress only: kept in memory, written with the next tick
-                s = dataclasses.replace(s, updated_at=now, **changes)  # type: ignore[arg-type]
-                self.sessions[session_id] = s
-                self._progress_dirty[session_id] = s
-                self._notify(SessionEvent(s))
+        progress_only = s.state.terminal or (target is s.state and not reason)
+        if progress is not None:
+            s = self._progress(s, progress, now, notify=progress_only)
+        if progress_only:
             return
         try:
-            s = s.moved(target, now, reason=reason if target is not s.state or reason else s.reason,
-                        **changes)
+            s = s.moved(target, now, reason=reason if target is not s.state or reason else s.reason)
         except InvalidTransition:
             log.warning("ignored %s report for session %s in state %s", state.value, session_id,
                         s.state.value)
@@ -688,11 +670,7 @@ class Scheduler:
         del self._handovers[s.session_id]
         now = self.clock()
         if progress is not None:
-            self.metering.account(s, progress)
-            total = plus(s.base, progress)
-            if total.stream_seconds >= s.progress.stream_seconds:
-                s = s.with_progress(total, now)
-                self.sessions[s.session_id] = s
+            s = self._progress(s, progress, now, notify=False)
         limit = s.spec.max_duration_seconds
         if limit > 0 and s.progress.stream_seconds >= limit - 1e-3:
             self._commit(s.moved(SessionState.ENDED, now, reason="reached max duration"))
@@ -815,12 +793,12 @@ class Scheduler:
         if s.spec.tier is not Tier.PREMIUM or s.guaranteed or not self.config.tenants:
             return True
         unit = self._unit_load()
-        unused = sum(max(0.0, t.reserved_units - self._reserved[name])
+        unused = sum(max(0.0, t.reserved_units - self.sessions.reserved[name])
                      for name, t in self.config.tenants.items()) * unit
         if unused <= 0:
             return True
         return tenants.may_take_protected(units_needed=compute, free=self.fleet.free_total,
-                                          preemptible=self._preemptible,
+                                          preemptible=self.sessions.preemptible,
                                           unused_reservations=unused)
 
     def _unit_load(self) -> float:
@@ -920,7 +898,7 @@ class Scheduler:
             return 0
         now = self.clock()
         raised = 0
-        for sid in sorted(self._degraded):
+        for sid in sorted(self.sessions.degraded):
             s = self.sessions[sid]
             if s.state not in _LIVE or s.spec.tenant in self._exhausted:
                 continue
@@ -960,7 +938,7 @@ class Scheduler:
                 continue
             first = name not in self._exhausted
             self._exhausted.setdefault(name, now)
-            rooms = [self.sessions[sid] for (tenant, _), sid in self._rooms.items()
+            rooms = [self.sessions[sid] for (tenant, _), sid in self.sessions.live_rooms.items()
                      if tenant == name]
             msg = (f"tenant {name!r} spent {spent:.2f} of its {t.spend_budget:.2f} spend budget "
                    f"this period")
@@ -985,7 +963,7 @@ class Scheduler:
         now = self.clock()
         due = self.avatars.due(now)
         if due:
-            for sid in [sid for sid in self._rooms.values()
+            for sid in [sid for sid in self.sessions.live_rooms.values()
                         if self.sessions[sid].spec.avatar_id in due and sid not in self._licence_ending]:
                 s = self.sessions[sid]
                 refusal, _ = self.avatars.admit(s.spec, now, require_licence=False)
@@ -1092,17 +1070,22 @@ class Scheduler:
                          device_type=s.device_type or "unknown", units=s.units, now=now,
                          epoch=s.epoch)
 
-    def _progress(self, s: Session, progress: Progress, now: float) -> None:
-        """A running room's progress in its current assignment: usage accounted, the
-        room's total kept in memory."""
+    def _progress(self, s: Session, progress: Progress, now: float, *,
+                  notify: bool = True) -> Session:
+        """Progress of `s`'s current assignment (cumulative over it): usage accounted, and
+        the room's total (what earlier assignments delivered plus this) kept in memory,
+        written with the next tick or the next change of the room, whichever is first.
+        Returns the session as it now stands."""
         self.metering.account(s, progress)
         total = plus(s.base, progress)
-        if total.stream_seconds >= s.progress.stream_seconds:
-            s = s.with_progress(total, now)
-            self.sessions[s.session_id] = s
-            self._progress_dirty[s.session_id] = s
-            if s.session_id in self._watchers:
-                self._notify(SessionEvent(s))
+        if total.stream_seconds < s.progress.stream_seconds:
+            return s
+        s = s.with_progress(total, now)
+        self.sessions.progressed(s)
+        self._progress_dirty[s.session_id] = s
+        if notify and s.session_id in self._watchers:
+            self._notify(SessionEvent(s))
+        return s
 
     @_carried_out
     def flush_progress(self) -> None:
@@ -1115,47 +1098,13 @@ class Scheduler:
         self._decided.usage(ivs, cursors)
         self._decided.commit = True
 
-    def _index(self, prev: Session | None, s: Session) -> None:
-        """Keep the indexes and tenant usage in step with one session's change."""
-        if prev is not None:
-            if prev.state in _LIVE and prev.spec.tier is not Tier.PREMIUM:
-                self._preemptible -= prev.load
-            self._counts[(prev.state, prev.spec.tier)] -= 1
-            if not prev.state.terminal:
-                self._units[prev.spec.tenant] -= prev.units
-                if prev.guaranteed:
-                    self._reserved[prev.spec.tenant] -= prev.units
-        if s.state in _LIVE and s.spec.tier is not Tier.PREMIUM:
-            self._preemptible += s.load
-        self._counts[(s.state, s.spec.tier)] += 1
-        if prev is None and s.request_id:
-            self._requests[(s.spec.tenant, s.request_id)] = s.session_id
-        key = (s.spec.tenant, s.spec.room_id)
-        if s.state.terminal:
-            if self._rooms.get(key) == s.session_id:
-                del self._rooms[key]
-            if self._outputs.get(s.spec.output) == s.session_id:
-                del self._outputs[s.spec.output]
-            self._degraded.discard(s.session_id)
-            self._pending_since.pop(s.session_id, None)
-            self._handovers.pop(s.session_id, None)
-        else:
-            self._rooms[key] = s.session_id
-            self._outputs[s.spec.output] = s.session_id
-            self._units[s.spec.tenant] += s.units
-            if s.guaranteed:
-                self._reserved[s.spec.tenant] += s.units
-            if s.step:
-                self._degraded.add(s.session_id)
-            else:
-                self._degraded.discard(s.session_id)
-
     def _commit(self, s: Session, kind: EventKind = EventKind.STATE, message: str = "") -> None:
-        prev = self.sessions.get(s.session_id)
         self._decided.store(s)
         self._progress_dirty.pop(s.session_id, None)
-        self.sessions[s.session_id] = s
-        self._index(prev, s)
+        prev = self.sessions.put(s)
+        if s.state.terminal:
+            self._pending_since.pop(s.session_id, None)
+            self._handovers.pop(s.session_id, None)
         if s.state.terminal and (prev is None or not prev.state.terminal):
             self._scripts.pop(s.session_id, None)
             self.queue.remove(s.session_id)
@@ -1166,7 +1115,7 @@ class Scheduler:
                 self._audit_room(AuditAction.ROOM_ENDED, s, s.updated_at, s.reason)
         if prev is None or prev.state is not s.state:
             self.metrics.session_moved(None if prev is None else (prev.state, prev.spec.tier),
-                                       (s.state, s.spec.tier), self._counts)
+                                       (s.state, s.spec.tier), self.sessions.counts)
         self._notify(SessionEvent(s, kind, message))
 
     def _notify(self, ev: SessionEvent) -> None:

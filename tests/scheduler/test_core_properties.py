@@ -98,7 +98,7 @@ def test_reservations_hold_and_premium_is_never_taken_from(tmp_path_factory, roo
     for s in live:
         units[s.spec.tenant] += s.units
     for tenant, total in units.items():
-        assert abs(core._units[tenant] - total) < 1e-6
+        assert abs(core.sessions.units[tenant] - total) < 1e-6
     placed = {s.session_id for s in live if s.state in (SessionState.PLACED, SessionState.RUNNING)}
     assert placed == set(core.fleet.where)
     assert {s.session_id for s in live if s.state is SessionState.PENDING} == \
