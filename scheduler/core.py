@@ -47,6 +47,7 @@ from scheduler.errors import AlreadyExists, BudgetExceeded, FailedPrecondition, 
 from scheduler.metrics import SchedulerMetrics
 from scheduler.policy import placement, platforms, tenants
 from scheduler.policy.admission import FairQueue
+from scheduler.policy.cost import CostBook
 from scheduler.policy.ladder import Ladder
 from scheduler.policy.ledger import Dimension, UsageRow
 from scheduler.policy.licences import Refusal
@@ -55,6 +56,7 @@ from scheduler.state.avatars import AuditAction, AvatarRegistry, RegisteredAvata
 from scheduler.state.commit import GroupCommit
 from scheduler.state.metering import Metering
 from scheduler.state.sessions import EventKind, InvalidTransition, Session, SessionEvent, plus
+from scheduler.state.snapshot import ClusterSnapshot, Waiting, WorkerView
 from scheduler.state.store import Store
 from scheduler.state.table import SessionTable
 from scheduler.state.worker_conn import (
@@ -88,6 +90,9 @@ def _carried_out(operation: Callable[Concatenate[Scheduler, _P], _R]
     return run
 
 _LIVE = (SessionState.PLACED, SessionState.RUNNING)
+# What a snapshot holds besides every live session and worker (the status page shows no more).
+SNAPSHOT_QUEUE = 200
+SNAPSHOT_RECENT_SECONDS = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,13 +104,6 @@ class TenantStatus:
     reserved_in_use: float
     pending: int
     running: int
-
-
-@dataclass(frozen=True, slots=True)
-class Waiting:
-    count: int
-    units: float
-    guaranteed: int  # rooms guaranteed by a reservation: a breach while they wait
 
 
 class Scheduler:
@@ -139,6 +137,7 @@ class Scheduler:
         self._avatars: tuple[float, frozenset[str]] = (-1.0, frozenset())
         self._worker_avatars: collections.Counter[str] = collections.Counter()
         self.commits = GroupCommit(store)
+        self.latest: ClusterSnapshot | None = None  # taken by the last tick
         # What the operation under way decided; carried out when it returns.
         self._decided = Decisions()
         self.dispatcher = Dispatcher(store, self.commits, self.workers, self._watchers)
@@ -1026,10 +1025,37 @@ class Scheduler:
             self._next_usage_flush = self.clock() + self.config.usage_flush_interval
             self.flush_progress()
         self.metering.publish()
-        self.metrics.fleet(self.fleet.totals())
-        waiting = self.waiting()
-        self.metrics.pending_load.set(waiting.units * self._unit_load())
-        self.metrics.guaranteed_pending.set(waiting.guaranteed)
+        snap = self.latest = self.snapshot()
+        self.metrics.fleet(snap.fleet)
+        self.metrics.pending_load.set(snap.waiting.units * self._unit_load())
+        self.metrics.guaranteed_pending.set(snap.waiting.guaranteed)
+
+    def snapshot(self, *, queue_limit: int = SNAPSHOT_QUEUE,
+                 recent_seconds: float = SNAPSHOT_RECENT_SECONDS) -> ClusterSnapshot:
+        """The cluster as of now, for readers off the core (`latest` holds the one the
+        last tick took)."""
+        now = self.clock()
+        since = now - recent_seconds
+        groups: dict[SessionState, list[Session]] = {}
+        for s in self.sessions.values():
+            if not s.state.terminal or s.updated_at >= since:
+                groups.setdefault(s.state, []).append(s)
+        workers: dict[str, WorkerView] = {}
+        for wid in sorted(self.workers):
+            conn, ws = self.workers[wid], self.fleet.workers.get(wid)
+            rooms = tuple(ws.rooms) if ws is not None else ()
+            units = sum(self.sessions[sid].units for sid in rooms if sid in self.sessions)
+            workers[wid] = WorkerView(
+                wid, conn.device_type, conn.provider, conn.last_seen,
+                ws is not None and ws.accepting, conn.draining_until, conn.drain_reason, rooms,
+                units, ws.compute_load if ws else 0.0, ws.compute_capacity if ws else 0.0,
+                ws.utilisation() if ws else 0.0,
+                ws.unit_capacity(self.fleet.target) if ws else 0.0)
+        book = self.metering.costs
+        costs = CostBook(book.price, dict(book.stream_seconds), dict(book.device_seconds))
+        return ClusterSnapshot(now, {k: tuple(v) for k, v in groups.items()}, recent_seconds,
+                               workers, tuple(self.queue.ordered(queue_limit)),
+                               len(self.queue), self.waiting(), self.fleet.totals(), costs)
 
     async def run(self) -> None:
         """The placement loop: on every kick, and at least once per heartbeat interval."""

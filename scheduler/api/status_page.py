@@ -35,6 +35,7 @@ from avatarfarm.serving import Page, PageHandler
 from scheduler.autoscale.controller import PoolRow as PoolRow  # the autoscaler's view of its pools
 from scheduler.core import Scheduler
 from scheduler.state.sessions import Session
+from scheduler.state.snapshot import ClusterSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -155,66 +156,49 @@ def _room(s: Session) -> RoomRow:
                    s.progress.late_frames, s.progress.stream_seconds, _redact(s.reason, s.spec.output))
 
 
-def snapshot(core: Scheduler, now: float, pools: Sequence[PoolRow] = (), *,
+def snapshot(cluster: ClusterSnapshot, pools: Sequence[PoolRow] = (), *,
              room_limit: int = ROOM_ROWS, worker_limit: int = WORKER_ROWS,
              queue_limit: int = QUEUE_ROWS, recent_seconds: float = RECENT_SECONDS
              ) -> StatusSnapshot:
-    """What the page shows, copied from the core; call it on the core's event loop. Rooms
-    listed: live ones and those ended within `recent_seconds`, failed, pending, placed,
-    running, ended, each in admission order; rows are built only for the first
-    `room_limit`."""
-    # One pass, in the core's order (admission order), with identity tests only: the loop
-    # pays for this every interval, and a farm keeps its ended rooms in `sessions` too.
+    """What the page shows, from the core's read model. Rooms listed: live ones and those
+    ended within `recent_seconds` (at most the cluster snapshot's own window), failed,
+    pending, placed, running, ended, each in admission order; rows are built only for
+    the first `room_limit`."""
+    now = cluster.at
     since = now - recent_seconds
-    failed: list[Session] = []
-    pending: list[Session] = []
-    placed: list[Session] = []
-    running: list[Session] = []
-    ended: list[Session] = []
-    for s in core.sessions.values():
-        st = s.state
-        if st is SessionState.RUNNING:
-            running.append(s)
-        elif st is SessionState.PLACED:
-            placed.append(s)
-        elif st is SessionState.PENDING:
-            pending.append(s)
-        elif s.updated_at >= since:
-            (failed if st is SessionState.FAILED else ended).append(s)
+    failed = [s for s in cluster.sessions(SessionState.FAILED) if s.updated_at >= since]
+    pending = list(cluster.sessions(SessionState.PENDING))
+    placed = list(cluster.sessions(SessionState.PLACED))
+    running = list(cluster.sessions(SessionState.RUNNING))
+    ended = [s for s in cluster.sessions(SessionState.ENDED) if s.updated_at >= since]
     # Rooms that need a look first, so a capped table still shows every problem.
     top: list[Session] = []
     for group in (failed, pending, placed, running, ended):
         top += group[:room_limit - len(top)]
 
     workers: list[WorkerRow] = []
-    accepting = draining = 0
     capacity = load = 0.0
-    for wid in sorted(core.workers):
-        conn, ws = core.workers[wid], core.fleet.workers.get(wid)
-        open_ = ws is not None and ws.accepting
-        until = conn.draining_until
-        accepting += open_
-        draining += until is not None
-        if ws is not None:
-            capacity += ws.compute_capacity
-            load += ws.compute_load
+    for w in cluster.workers.values():
+        capacity += w.compute_capacity
+        load += w.compute_load
         if len(workers) < worker_limit:
+            until = w.draining_until
             workers.append(WorkerRow(
-                wid, conn.device_type, conn.provider, ws.utilisation() if ws else 0.0,
-                ws.compute_load if ws else 0.0, ws.compute_capacity if ws else 0.0,
-                len(ws.rooms) if ws else 0, open_, max(0.0, now - conn.last_seen),
-                until is not None, conn.drain_reason,
+                w.worker_id, w.device_type, w.provider, w.utilisation, w.compute_load,
+                w.compute_capacity, len(w.rooms), w.accepting, max(0.0, now - w.last_seen),
+                until is not None, w.drain_reason,
                 max(0.0, until - now) if until is not None else 0.0))
 
+    waiting = {s.session_id: s for s in pending}
     queue: list[QueueRow] = []
-    for i, sid in enumerate(core.queue.ordered(queue_limit)):
-        w = core.sessions.get(sid)
-        if w is not None:
-            queue.append(QueueRow(i + 1, sid, w.spec.tenant, w.spec.room_id, w.spec.tier.value,
-                                  str(w.quality), w.units, max(0.0, now - w.created_at),
-                                  _redact(w.reason, w.spec.output)))
+    for sid in cluster.queue:
+        s = waiting.get(sid)
+        if s is not None and len(queue) < queue_limit:
+            queue.append(QueueRow(len(queue) + 1, sid, s.spec.tenant, s.spec.room_id,
+                                  s.spec.tier.value, str(s.quality), s.units,
+                                  max(0.0, now - s.created_at), _redact(s.reason, s.spec.output)))
 
-    book = core.metering.costs
+    book = cluster.costs
     costs: list[CostRow] = []
     for tier, dev in sorted(book.stream_seconds.keys() | book.device_seconds.keys(),
                             key=lambda k: (k[0].priority, k[1])):
@@ -225,9 +209,10 @@ def snapshot(core: Scheduler, now: float, pools: Sequence[PoolRow] = (), *,
     totals = Totals(
         rooms_running=len(running), rooms_placed=len(placed), rooms_pending=len(pending),
         rooms_failed_recently=len(failed), rooms_ended_recently=len(ended),
-        workers=len(core.workers),
-        workers_accepting=accepting, workers_draining=draining, capacity=capacity, load=load,
-        queue_length=len(core.queue), stream_hours=book.stream_hours(), cost=book.money(),
+        workers=len(cluster.workers),
+        workers_accepting=sum(w.accepting for w in cluster.workers.values()),
+        workers_draining=sum(w.draining for w in cluster.workers.values()), capacity=capacity, load=load,
+        queue_length=cluster.queue_length, stream_hours=book.stream_hours(), cost=book.money(),
         cost_per_stream_hour=book.per_stream_hour())
     listed = len(failed) + len(pending) + len(placed) + len(running) + len(ended)
     return StatusSnapshot(now, totals, tuple(_room(s) for s in top), listed,
@@ -448,7 +433,7 @@ _CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'none'; base-uri
         "form-action 'none'; frame-ancestors 'none'")
 
 
-def _no_pools() -> Sequence[PoolRow]:
+def _no_pools(cluster: ClusterSnapshot) -> Sequence[PoolRow]:
     return ()
 
 
@@ -474,11 +459,12 @@ class StatusBoard:
         return latest[0], max(0.0, self._monotonic() - latest[1])
 
     async def publish(self, core: Scheduler,
-                      pools: Callable[[], Sequence[PoolRow]] = _no_pools) -> None:
+                      pools: Callable[[ClusterSnapshot], Sequence[PoolRow]] = _no_pools) -> None:
         """On the core's loop, until cancelled: a fresh snapshot every interval."""
         while True:
             try:
-                self.put(snapshot(core, core.clock(), pools()))
+                cluster = core.latest or core.snapshot()  # the last tick's read model
+                self.put(snapshot(cluster, pools(cluster)))
             except Exception:  # the page shows its age; the next pass retries
                 log.exception("status snapshot failed")
             await asyncio.sleep(self.interval)

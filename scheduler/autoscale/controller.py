@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from scheduler.autoscale.provisioners import Instance, Provisioner, ProvisionerKind
 from scheduler.core import Scheduler
 from scheduler.policy.autoscaler import Autoscaler, AutoscalerConfig, PoolDecision, PoolSignals, Signals
+from scheduler.state.snapshot import ClusterSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -120,51 +121,48 @@ class AutoscalingController:
 
     # -- decisions -------------------------------------------------------------------
 
-    def signals(self) -> Signals:
-        core = self.core
+    def signals(self, cluster: ClusterSnapshot | None = None) -> Signals:
+        cluster = cluster or self.core.snapshot()
         ready = dict.fromkeys(self._pools, 0)
         load = dict.fromkeys(self._pools, 0.0)
         capacity: dict[str, list[float]] = {name: [] for name in self._pools}
-        for conn in core.workers.values():
-            pool = self._pool_of_device.get(conn.device_type)
-            if pool is None or conn.draining_until is not None:
+        for w in cluster.workers.values():
+            pool = self._pool_of_device.get(w.device_type)
+            if pool is None or w.draining:
                 continue
             ready[pool] += 1
-            ws = core.fleet.workers.get(conn.worker_id)
-            if ws is None:
-                continue
-            load[pool] += sum(core.sessions[sid].units for sid in ws.rooms if sid in core.sessions)
-            per = ws.unit_capacity(core.fleet.target)
-            if per > 0:
-                capacity[pool].append(per)
+            load[pool] += w.room_units
+            if w.unit_capacity > 0:
+                capacity[pool].append(w.unit_capacity)
         # Reservations are not tied to a device type: the first (preferred) pool holds them.
-        reserved = sum(t.reserved_units for t in core.config.tenants.values())
+        reserved = sum(t.reserved_units for t in self.core.config.tenants.values())
         pools = {}
         for i, name in enumerate(self._pools):
             per = sum(capacity[name]) / len(capacity[name]) if capacity[name] else 0.0
-            pools[name] = PoolSignals(ready=ready[name], booting=self._booting(name),
+            pools[name] = PoolSignals(ready=ready[name], booting=self._booting(name, cluster),
                                       load_units=load[name], units_per_worker=per,
                                       reserved_units=reserved if i == 0 else 0.0)
-        return Signals(core.waiting().units, pools)
+        return Signals(cluster.waiting.units, pools)
 
-    def _unregistered(self, p: _Pool, now: float) -> tuple[list[str], list[str]]:
+    def _unregistered(self, p: _Pool, now: float, cluster: ClusterSnapshot
+                      ) -> tuple[list[str], list[str]]:
         """The pool's instances not registered (and not draining): those still within
         their boot timeout, and those past it — not coming: replaced, not waited for."""
         booting: list[str] = []
         stuck: list[str] = []
         for i in p.instances:
             w = i.worker_id
-            if w in self.core.workers or w in p.draining:
+            if w in cluster.workers or w in p.draining:
                 continue
             late = now - p.first_seen.get(w, now) > self.config.boot_timeout_seconds
             (stuck if late else booting).append(w)
         return booting, stuck
 
-    def _booting(self, pool: str) -> int:
+    def _booting(self, pool: str, cluster: ClusterSnapshot) -> int:
         """Started and not registered yet, counting replicas asked for that the engine
         does not list yet."""
         p = self._pools[pool]
-        return len(self._unregistered(p, self.clock())[0]) + self._lag(p)
+        return len(self._unregistered(p, self.clock(), cluster)[0]) + self._lag(p)
 
     def _lag(self, p: _Pool) -> int:
         return max(0, p.requested - len(p.instances)) if self._recent(p) else 0
@@ -176,24 +174,24 @@ class AutoscalingController:
         """One decision: drains started, finished drains and stuck boots turned into
         removals, and new workers requested. Runs on the scheduler's loop."""
         now = self.clock()
-        signals = self.signals()
-        self.decisions = self.policy.decide(signals, now)
+        cluster = self.core.snapshot()
+        self.decisions = self.policy.decide(self.signals(cluster), now)
         calls: list[ScaleCall] = []
         for d in self.decisions:
             p = self._pools[d.pool]
             total = len(p.instances) + self._lag(p)
-            booting, stuck = self._unregistered(p, now)
+            booting, stuck = self._unregistered(p, now, cluster)
             # Drained workers (or past their deadline) leave the engine; stuck boots too
             # (the policy asks for their replacements).
             leaving = stuck + [w for w, deadline in p.draining.items()
-                               if self.core.drained(w) or now >= deadline]
+                               if cluster.drained(w) or now >= deadline]
             if d.delta < 0:
                 n = -d.delta
                 quick = booting[:n]  # nothing to hand over
                 leaving += quick
                 n -= len(quick)
                 if n > 0:
-                    self._start_drains(d.pool, n, now)
+                    self._start_drains(cluster, d.pool, n, now)
                 self._record(now, d.pool, "down", len(quick) + n, d.reason)
             # Removals before additions: raising a count removes nothing on some engines.
             if leaving and self.provisioner is not None:
@@ -208,26 +206,21 @@ class AutoscalingController:
                 self._record(now, d.pool, "up", d.delta, d.reason)
             if calls and calls[-1].pool == d.pool:
                 p.requested, p.requested_at = calls[-1].replicas, now
-        self.publish()
+        self.publish(self.core.snapshot())  # with the drains it just started
         return calls
 
-    def _start_drains(self, pool: str, n: int, now: float) -> None:
+    def _start_drains(self, cluster: ClusterSnapshot, pool: str, n: int, now: float) -> None:
         p = self._pools[pool]
         mine = {i.worker_id for i in p.instances}
-        core = self.core
-        candidates = [c for c in core.workers.values()
-                      if c.worker_id in mine and c.draining_until is None
-                      and self._pool_of_device.get(c.device_type) == pool]
-
-        def rooms(wid: str) -> int:
-            ws = core.fleet.workers.get(wid)
-            return len(ws.rooms) if ws is not None else 0
-        preferred = [c.worker_id for c in sorted(candidates, key=lambda c: (rooms(c.worker_id),
-                                                                            c.worker_id))]
+        candidates = [w for w in cluster.workers.values()
+                      if w.worker_id in mine and not w.draining
+                      and self._pool_of_device.get(w.device_type) == pool]
+        preferred = [w.worker_id for w in sorted(candidates, key=lambda w: (len(w.rooms),
+                                                                            w.worker_id))]
         order = self.provisioner.removable(pool, preferred) if self.provisioner else preferred
         deadline = now + self.config.drain_deadline_seconds
         for wid in order[:n]:
-            if core.drain_worker(wid, deadline, f"scale-down of pool {pool}"):
+            if self.core.drain_worker(wid, deadline, f"scale-down of pool {pool}"):
                 p.draining[wid] = deadline
 
     def _record(self, now: float, pool: str, direction: str, n: int, reason: str) -> None:
@@ -235,27 +228,28 @@ class AutoscalingController:
         self.core.metrics.scale_events.labels(pool, direction).inc(n)
         log.info("autoscaler: pool %s %s by %d (%s)", pool, direction, n, reason)
 
-    def rows(self) -> list[PoolRow]:
+    def rows(self, cluster: ClusterSnapshot | None = None) -> list[PoolRow]:
+        cluster = cluster or self.core.snapshot()
         by = {d.pool: d for d in self.decisions}
         out = []
-        registered = self.core.workers
         for name in self._pools:
             d = by.get(name)
             ready = draining = 0
-            for c in registered.values():
-                if self._pool_of_device.get(c.device_type) == name:
-                    if c.draining_until is None:
+            for w in cluster.workers.values():
+                if self._pool_of_device.get(w.device_type) == name:
+                    if not w.draining:
                         ready += 1
                     else:
                         draining += 1
             out.append(PoolRow(name, self.config.pools[name].device_type,
-                               d.desired if d else ready, ready, self._booting(name), draining,
+                               d.desired if d else ready, ready, self._booting(name, cluster),
+                               draining,
                                d.reason if d else ""))
         return out
 
-    def publish(self) -> None:
+    def publish(self, cluster: ClusterSnapshot | None = None) -> None:
         self.core.metrics.pools({r.name: (r.desired, r.booting, r.ready, r.draining)
-                                 for r in self.rows()})
+                                 for r in self.rows(cluster)})
 
     # -- the loop --------------------------------------------------------------------
 

@@ -163,11 +163,11 @@ def test_a_snapshot_shows_rooms_workers_queue_and_cost(tmp_path: Path) -> None:
     core.worker_update(conn, a.session_id, a.epoch, SessionState.RUNNING, "",
                        Progress(frames_rendered=500, late_frames=3, stream_seconds=20.0,
                                 device_seconds=5.0))
-    snap = snapshot(core, clock.now, recent_seconds=600.0)
+    snap = snapshot(core.snapshot(), recent_seconds=600.0)
     by_room = {r.room_id: r for r in snap.rooms}
     assert set(by_room) == {"room-a", "too-big"}
     # Over a longer window they are listed too, rooms that need a look first.
-    snap_recent = snapshot(core, clock.now, recent_seconds=3600.0)
+    snap_recent = snapshot(core.snapshot(), recent_seconds=3600.0)
     assert [(r.state, r.room_id) for r in snap_recent.rooms] == [
         ("failed", "room-b"), ("pending", "too-big"), ("running", "room-a"), ("ended", "long-gone")]
     ra = by_room["room-a"]
@@ -198,21 +198,21 @@ def test_a_snapshot_shows_rooms_workers_queue_and_cost(tmp_path: Path) -> None:
     assert {r["room_id"] for r in data["rooms"]} == {"room-a", "room-b", "too-big", "long-gone"}
 
     assert core.drain_worker("w1", clock.now + 60, "scale down")
-    (w,) = snapshot(core, clock.now).workers
+    (w,) = snapshot(core.snapshot()).workers
     assert (w.draining, w.accepting, w.drain_reason, w.drain_seconds_left) == (
         True, False, "scale down", 60.0)
-    assert snapshot(core, clock.now).totals.workers_draining == 1
+    assert snapshot(core.snapshot()).totals.workers_draining == 1
     core.store.close()
 
 
 def test_a_snapshot_of_many_rooms_is_cheap_and_capped(tmp_path: Path) -> None:
-    core, clock = make_core(tmp_path, sync_to_disk=False)
+    core, _ = make_core(tmp_path, sync_to_disk=False)
     for i in range(20):
         connect(core, f"w{i:02d}")
     for i in range(2000):
         core.create(make_spec(f"r{i}", drive=DriveMode.MOCAP, quality=Quality(256, 256, 25)))
     took = time.perf_counter()
-    snap = snapshot(core, clock.now, room_limit=100, worker_limit=5, queue_limit=7)
+    snap = snapshot(core.snapshot(), room_limit=100, worker_limit=5, queue_limit=7)
     took = time.perf_counter() - took
     assert len(snap.rooms) == 100 and snap.rooms_listed == 2000
     assert len(snap.workers) == 5 and snap.totals.workers == 20
