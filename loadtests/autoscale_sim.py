@@ -38,16 +38,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from avatarfarm.domain import DriveMode, Output, OutputKind, Quality, SessionSpec, SessionState, Tier  # noqa: E402
+from loadtests.measure import pct  # noqa: E402
 from loadtests.packing_sim import _shares, room_req, worker_state  # noqa: E402
-from loadtests.scheduler_load import (  # noqa: E402
-    PNG_1X1,
-    Room,
-    make_day,
-    make_tenants,
-    make_workers,
-    pct,
-    with_reservations,
-)
+from loadtests.trace import PNG_1X1, Room, make_day, make_tenants, with_reservations  # noqa: E402
+from loadtests.worker_specs import make_workers  # noqa: E402
 from scheduler.autoscale.controller import AutoscalingController  # noqa: E402
 from scheduler.autoscale.provisioners import Instance, PoolConfig, ProvisionerKind  # noqa: E402
 from scheduler.config import SchedulerConfig  # noqa: E402

@@ -1,6 +1,7 @@
 """The load tests themselves: the packing simulator behind the load test's cost
 figures (on a small day of the trace, the bound is below every strategy and packing
-beats the baselines), and a short run of the chaos load test."""
+beats the baselines), a tiny run of the scheduler load test (every phase against the
+real scheduler), a short run of the chaos load test, and the autoscaling simulator."""
 
 from __future__ import annotations
 
@@ -11,16 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from loadtests import scheduler_load as load
 from loadtests.packing_sim import compare
+from loadtests.trace import make_day, make_tenants
+from loadtests.worker_specs import make_workers
 
 
 def test_packing_beats_the_baselines_and_stays_above_the_bound() -> None:
     rng = random.Random(3)
-    tenants = load.make_tenants()
+    tenants = make_tenants()
     avatars = sorted({a for t in tenants for a in t.avatars})
-    workers = load.make_workers(20, 0.2, avatars, rng)
-    trace = load.make_day(200, tenants, 3)
+    workers = make_workers(20, 0.2, avatars, rng)
+    trace = make_day(200, tenants, 3)
     result = compare(trace, workers)
     pack, least, rr = (result.by(s).cost_per_stream_hour
                        for s in ("pack", "least_loaded", "round_robin"))
@@ -28,6 +30,21 @@ def test_packing_beats_the_baselines_and_stays_above_the_bound() -> None:
     assert pack < least and pack < rr
     assert result.by("pack").unplaced <= result.by("least_loaded").unplaced
     assert "lower bound" in str(result)
+
+
+@pytest.mark.slow
+def test_the_scheduler_load_test_runs_every_phase_at_a_tiny_scale() -> None:
+    out = subprocess.run(
+        [sys.executable, "loadtests/scheduler_load.py", "--workers", "4", "--rooms", "40",
+         "--day-seconds", "4", "--hold-seconds", "1", "--rate", "50", "--rate-seconds", "1", "--seed", "3"],
+        capture_output=True, text=True, timeout=240, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stdout + out.stderr
+    for header in ("[1] burst", "[2] rate", "[3] trace", "[4] metrics", "[5] cost comparison", "== summary"):
+        assert header in out.stdout, out.stdout
+    rows = {line.split("  ")[1]: line for line in out.stdout.splitlines() if line.startswith("  ") and "  " in line[2:]}
+    assert {"placements per second (burst)", "scheduler CPU at the peak"} <= rows.keys(), out.stdout
+    assert rows["premium guarantees kept"].endswith("PASS"), out.stdout
+    assert "stream errors 0" in out.stdout, out.stdout
 
 
 @pytest.mark.slow

@@ -61,10 +61,12 @@ def per_item_table(points: Sequence[tuple[int, float]], latency_budget: float = 
                    ) -> tuple[float, ...]:
     """Seconds per item when n items share batches on the worker that measured `points`
     (`LatencyCurve.per_item`: the same curve the worker's batcher plans with)."""
-    pts = tuple(sorted((b, s) for b, s in points if b > 0 and s > 0))
-    if not pts:
+    fastest: dict[int, float] = {}
+    for b, s in sorted((b, s) for b, s in points if b > 0 and s > 0):
+        fastest.setdefault(b, s)  # a size reported twice counts at its fastest
+    if not fastest:
         raise ValueError("no measured batch sizes")
-    return LatencyCurve(pts).per_item(latency_budget, MAX_BATCH)
+    return LatencyCurve(tuple(fastest.items())).per_item(latency_budget, MAX_BATCH)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,382 @@
+"""The core's state and its state machine: what every part of the core shares.
+
+One asyncio loop owns the sessions (`SessionTable`, written only by `_commit` and
+`_progress` here), the connected workers, the fleet's placement state, the
+admission queue and the ledger. Every operation records what it decided (worker
+commands, watcher events, rows) and `carried_out` hands that to the `Dispatcher`
+when the operation returns. Session rows are written in the current event-loop
+turn's transaction and committed once per turn before the calls that made them are
+answered (group commit). Progress, which arrives every second for every room, is
+kept in memory and written with the usage ledger once per tick; a lost tick is
+recovered from the workers' next cumulative report.
+
+The layers above add, each in its own module: placement (`placing`), drains,
+handovers and lost workers (`drains`), budget and licence enforcement
+(`enforcement`), and the API the servicers call with the tick (`scheduler`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import logging
+import time
+from collections.abc import Callable
+from typing import Concatenate, ParamSpec, TypeVar
+
+from avatarfarm.avatars import list_avatars
+from avatarfarm.domain import (
+    DriveMode,
+    Progress,
+    Quality,
+    ScriptSegment,
+    SessionState,
+)
+from avatarfarm.egress import EgressPolicy
+from scheduler.config import SchedulerConfig
+from scheduler.decisions import Decisions, Dispatcher
+from scheduler.errors import NotFound, PermissionDenied
+from scheduler.metrics import SchedulerMetrics
+from scheduler.policy import placement, platforms, tenants
+from scheduler.policy.admission import FairQueue
+from scheduler.policy.cost import CostBook
+from scheduler.policy.ladder import Ladder
+from scheduler.policy.placement import Fleet, RoomReq
+from scheduler.state.avatars import AuditAction, AvatarRegistry
+from scheduler.state.commit import GroupCommit
+from scheduler.state.metering import Metering
+from scheduler.state.sessions import EventKind, Session, SessionEvent, plus
+from scheduler.state.snapshot import ClusterSnapshot, Waiting, WorkerView
+from scheduler.state.store import Store
+from scheduler.state.table import SessionTable
+from scheduler.state.worker_conn import (
+    ReleaseCmd,
+    WorkerConn,
+)
+
+log = logging.getLogger(__name__)
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_M = TypeVar("_M", bound="SessionMachine")
+# What a snapshot holds besides every live session and worker (the status page shows no more).
+SNAPSHOT_QUEUE = 200
+SNAPSHOT_RECENT_SECONDS = 3600.0
+
+
+def carried_out(operation: Callable[Concatenate[_M, _P], _R]) -> Callable[Concatenate[_M, _P], _R]:
+    """Marks an operation of the core: what it decided is carried out when it returns
+    (or raises), in one place (`Dispatcher.apply`). Operations may call each other;
+    each hands over what was decided so far."""
+
+    @functools.wraps(operation)
+    def run(self: _M, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return operation(self, *args, **kwargs)
+        finally:
+            self._carry_out()
+
+    return run
+
+
+def tenants_error(name: str) -> Exception:
+    return PermissionDenied(f"tenant {name!r} is not configured on this scheduler")
+
+
+class SessionMachine:
+    def __init__(self, store: Store, config: SchedulerConfig,
+                 metrics: SchedulerMetrics | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.config = config
+        self.metrics = metrics or SchedulerMetrics(
+            tenants=tuple(config.tenants) if config.tenant_metrics else ())
+        self.clock = clock
+        self.egress = EgressPolicy.from_config(config.rtmp_allowed_hosts, config.rtmp_forbidden_hosts,
+                                               config.rtmp_allowed_ports)
+        self.ladder = Ladder.parse(config.degradation_ladder, config.step_up_margin,
+                                   config.step_dwell)
+        self.fleet = Fleet(config.utilisation_target, premium_spread=config.premium_spread)
+        self.metering = Metering(config.price, self.metrics, config.tenants)
+        self.ledger = self.metering.ledger
+        self.queue = FairQueue()
+        self.sessions = SessionTable()
+        self.workers: dict[str, WorkerConn] = {}
+        self._watchers: dict[str, set[asyncio.Queue[SessionEvent]]] = collections.defaultdict(set)
+        self._wake = asyncio.Event()
+        self._started_at = clock()
+        self._stopping = False
+        self._seq = 0
+        # Indexes, kept with every commit, so a call costs the same at 10 or 10,000 rooms.
+        self._orphans: set[str] = set()
+        self._progress_dirty: dict[str, Session] = {}
+        self._exhausted: dict[str, float] = {}  # tenant -> when its spend budget ran out
+        self._avatars: tuple[float, frozenset[str]] = (-1.0, frozenset())
+        self._worker_avatars: collections.Counter[str] = collections.Counter()
+        self.commits = GroupCommit(store)
+        self.latest: ClusterSnapshot | None = None  # taken by the last tick
+        # What the operation under way decided; carried out when it returns.
+        self._decided = Decisions()
+        self.dispatcher = Dispatcher(store, self.commits, self.workers, self._watchers)
+        self._scripts: dict[str, list[ScriptSegment]] = {}  # live text rooms' scripts
+        self._unit_profile: placement.WorkerProfile | None = None
+        self._units_cache: dict[tuple[Quality, str], float] = {}
+        self._why_cache: dict[tuple[object, ...], tuple[float, str]] = {}
+        self._next_usage_flush = 0.0
+        self._capacity_changed = True
+        self._epoch = 0  # bumped whenever capacity may have been freed
+        self._nofit: dict[tuple[object, ...], tuple[int, str]] = {}
+        self._unit_device = ""
+        # Assignment epochs come from one counter, so they increase per room and across
+        # rooms: an output reused by a later session is claimed by a higher epoch than
+        # any earlier writer's fence.
+        self._last_assignment = 0
+        ivs, cursors = store.load_usage()
+        self.ledger.load(ivs, cursors)
+        self.avatars = AvatarRegistry(store)
+        # Rooms whose avatar's licence ended, winding down on their worker: session ->
+        # (when the scheduler ends it itself, why). They are never placed again.
+        self._licence_ending: dict[str, tuple[float, str]] = {}
+        # Handovers off draining workers: session -> (old worker, old epoch). The old
+        # assignment stops at a clean point and reports its final progress; the next one
+        # starts exactly there.
+        self._handovers: dict[str, tuple[str, int]] = {}
+        self._pending_since: dict[str, float] = {}
+        for s in store.load_sessions():
+            self._seq = max(self._seq, s.seq)
+            self._last_assignment = max(self._last_assignment, s.epoch)
+            self.sessions.put(s)
+            if s.state is SessionState.PENDING:
+                self._enqueue(s)
+            elif not s.state.terminal:
+                self._orphans.add(s.session_id)
+            if not s.state.terminal and s.spec.drive_mode is DriveMode.TEXT:
+                self._scripts[s.session_id] = store.script(s.session_id)
+        self.metrics.session_counts(self.sessions.counts)
+
+    async def durable(self) -> None:
+        """Returns once everything changed so far is committed to the store."""
+        await self.commits.durable()
+
+    def known_avatars(self) -> frozenset[str]:
+        at, names = self._avatars
+        now = self.clock()
+        if now - at > 1.0 or at < 0:
+            names = frozenset(list_avatars(self.config.avatar_dir))
+            self._avatars = (now, names)
+        return names | self._worker_avatars.keys()
+
+    def platform(self, name: str) -> platforms.PlatformPolicy:
+        return self.config.platforms.get(name, platforms.DEFAULT_POLICY)
+
+    def tenant(self, name: str) -> tenants.TenantConfig:
+        t = self.config.tenants.get(name)
+        if t is not None:
+            return t
+        if not self.config.allow_unknown_tenants:
+            raise tenants_error(name)
+        return tenants.UNLIMITED
+
+    def units_of(self, quality: Quality, mode: DriveMode) -> float:
+        key = (quality, mode.value)
+        units = self._units_cache.get(key)
+        if units is None:
+            measured = self._unit_profile.units(quality, mode) if self._unit_profile else None
+            units = measured if measured is not None else placement.nominal_units(quality, mode)
+            self._units_cache[key] = units
+        return units
+
+    def spent(self, tenant: str, now: float) -> float:
+        return self.metering.spent(tenant, now)
+
+    def get(self, session_id: str) -> Session:
+        s = self.sessions.get(session_id)
+        if s is None:
+            raise NotFound(f"session {session_id!r} not found")
+        return s
+
+    @carried_out
+    def end(self, session_id: str, reason: str = "") -> Session:
+        s = self.get(session_id)
+        if s.state.terminal:
+            return s
+        reason = reason or "ended by tenant"
+        if s.worker_id and s.worker_id in self.workers:
+            self._decided.send(s.worker_id, ReleaseCmd(session_id, reason))
+        s = s.moved(SessionState.ENDED, self.clock(), reason=reason)
+        self._commit(s)
+        self.kick()
+        return s
+
+    def _audit_room(self, action: AuditAction, s: Session, now: float, detail: str = "") -> None:
+        refusal, clause = self.avatars.admit(s.spec, now, require_licence=False)
+        self.avatars.audit(action, s.spec.avatar_id, s.spec.tenant, now, session_id=s.session_id,
+                           room_id=s.spec.room_id, platform=s.spec.platform,
+                           worker_id=s.worker_id,
+                           clause=refusal.clause if refusal is not None else clause, detail=detail)
+
+    def _refresh_unit_profile(self) -> None:
+        # Units are measured on the most common device type (ties: by name), so they
+        # stay put while workers of that type come and go.
+        by_type = collections.Counter(w.device_type for w in self.workers.values())
+        if not by_type:
+            return
+        dev = min(by_type, key=lambda d: (-by_type[d], d))
+        if self._unit_profile is not None and self._unit_device == dev:
+            return
+        for w in self.workers.values():
+            if w.device_type == dev and w.profile.units(placement.UNIT_QUALITY,
+                                                        placement.UNIT_MODE) is not None:
+                self._unit_profile, self._unit_device = w.profile, dev
+                self._units_cache.clear()
+                return
+
+    def worker_seen(self, conn: WorkerConn, load: float | None = None) -> None:
+        conn.last_seen = self.clock()
+        if load is not None:
+            conn.reported_load = load
+
+    def drained(self, worker_id: str) -> bool:
+        """No room is left on the worker (a room being handed over counts until its old
+        assignment has stopped). An unknown (gone) worker is drained."""
+        return worker_id not in self.workers or not self._rooms_on(worker_id)
+
+    def _rooms_on(self, worker_id: str) -> list[str]:
+        w = self.fleet.workers.get(worker_id)
+        return list(w.rooms) if w is not None else []
+
+    def waiting(self) -> Waiting:
+        """The rooms waiting for a worker: how many, their compute units, and how many are
+        guaranteed by a reservation (a breach of the guarantee while they wait)."""
+        units, guaranteed, n = 0.0, 0, 0
+        for sid in self.queue.waiting():
+            s = self.sessions.get(sid)
+            if s is not None and s.state is SessionState.PENDING:
+                n += 1
+                units += s.units
+                guaranteed += s.guaranteed
+        return Waiting(n, units, guaranteed)
+
+    def kick(self) -> None:
+        """Something may have freed capacity: the loop runs a pass over the queue."""
+        self._capacity_changed = True
+        self._epoch += 1
+        self._wake.set()
+
+    def _req(self, s: Session) -> RoomReq:
+        return RoomReq(s.session_id, s.spec.tenant, s.spec.avatar_id, s.quality,
+                       s.spec.drive_mode, s.spec.tier, s.seq,
+                       (s.spec.quality.width, s.spec.quality.height), s.step)
+
+    def _enqueue(self, s: Session) -> None:
+        self._pending_since.setdefault(s.session_id, self.clock())
+        t = self.config.tenants.get(s.spec.tenant, tenants.UNLIMITED)
+        self.queue.push(s.session_id, s.spec.tenant, s.spec.tier, s.units, t.weight, s.guaranteed)
+
+    def _unit_load(self) -> float:
+        p = self._unit_profile
+        load = p.room_load(placement.UNIT_QUALITY, placement.UNIT_MODE) if p else None
+        return load or 1.0
+
+    def snapshot(self, *, queue_limit: int = SNAPSHOT_QUEUE,
+                 recent_seconds: float = SNAPSHOT_RECENT_SECONDS) -> ClusterSnapshot:
+        """The cluster as of now, for readers off the core (`latest` holds the one the
+        last tick took)."""
+        now = self.clock()
+        since = now - recent_seconds
+        groups: dict[SessionState, list[Session]] = {}
+        for s in self.sessions.values():
+            if not s.state.terminal or s.updated_at >= since:
+                groups.setdefault(s.state, []).append(s)
+        workers: dict[str, WorkerView] = {}
+        for wid in sorted(self.workers):
+            conn, ws = self.workers[wid], self.fleet.workers.get(wid)
+            rooms = tuple(ws.rooms) if ws is not None else ()
+            units = sum(self.sessions[sid].units for sid in rooms if sid in self.sessions)
+            workers[wid] = WorkerView(
+                wid, conn.device_type, conn.provider, conn.last_seen,
+                ws is not None and ws.accepting, conn.draining_until, conn.drain_reason, rooms,
+                units, ws.compute_load if ws else 0.0, ws.compute_capacity if ws else 0.0,
+                ws.utilisation() if ws else 0.0,
+                ws.unit_capacity(self.fleet.target) if ws else 0.0)
+        book = self.metering.costs
+        costs = CostBook(book.price, dict(book.stream_seconds), dict(book.device_seconds))
+        return ClusterSnapshot(now, {k: tuple(v) for k, v in groups.items()}, recent_seconds,
+                               workers, tuple(self.queue.ordered(queue_limit)),
+                               len(self.queue), self.waiting(), self.fleet.totals(), costs)
+
+    def _to_pending(self, s: Session, now: float, why: str,
+                    kind: EventKind = EventKind.STATE) -> None:
+        if s.session_id in self._licence_ending:
+            self.end(s.session_id, f"{why}; not re-placed: {self._licence_ending[s.session_id][1]}")
+            return
+        self._handovers.pop(s.session_id, None)
+        self.fleet.release(s.session_id)
+        self.ledger.close(s.session_id, now)
+        s = s.moved(SessionState.PENDING, now, worker_id="", input_endpoint="", reason=why)
+        self._commit(s, kind, why)
+        self._enqueue(s)
+
+    def _open_interval(self, s: Session, now: float) -> None:
+        self.ledger.open(s.session_id, tenant=s.spec.tenant, avatar_id=s.spec.avatar_id,
+                         platform=s.spec.platform,
+                         tier=s.spec.tier, quality=str(s.quality), worker_id=s.worker_id,
+                         device_type=s.device_type or "unknown", units=s.units, now=now,
+                         epoch=s.epoch)
+
+    def _progress(self, s: Session, progress: Progress, now: float, *,
+                  notify: bool = True) -> Session:
+        """Progress of `s`'s current assignment (cumulative over it): usage accounted, and
+        the room's total (what earlier assignments delivered plus this) kept in memory,
+        written with the next tick or the next change of the room, whichever is first.
+        Returns the session as it now stands."""
+        self.metering.account(s, progress)
+        total = plus(s.base, progress)
+        if total.stream_seconds < s.progress.stream_seconds:
+            return s
+        s = s.with_progress(total, now)
+        self.sessions.progressed(s)
+        self._progress_dirty[s.session_id] = s
+        if notify and s.session_id in self._watchers:
+            self._notify(SessionEvent(s))
+        return s
+
+    @carried_out
+    def flush_progress(self) -> None:
+        """Progress and the usage ledger since the last tick, in one transaction; workers
+        are acknowledged their reports once it is on disk."""
+        for s in self._progress_dirty.values():
+            self._decided.store(s)
+        self._progress_dirty.clear()
+        ivs, cursors = self.ledger.take_dirty()
+        self._decided.usage(ivs, cursors)
+        self._decided.commit = True
+
+    def _commit(self, s: Session, kind: EventKind = EventKind.STATE, message: str = "") -> None:
+        self._decided.store(s)
+        self._progress_dirty.pop(s.session_id, None)
+        prev = self.sessions.put(s)
+        if s.state.terminal:
+            self._pending_since.pop(s.session_id, None)
+            self._handovers.pop(s.session_id, None)
+        if s.state.terminal and (prev is None or not prev.state.terminal):
+            self._scripts.pop(s.session_id, None)
+            self.queue.remove(s.session_id)
+            self.fleet.release(s.session_id)
+            self.ledger.close(s.session_id, s.updated_at)
+            self._licence_ending.pop(s.session_id, None)
+            if s.assignments:
+                self._audit_room(AuditAction.ROOM_ENDED, s, s.updated_at, s.reason)
+        if prev is None or prev.state is not s.state:
+            self.metrics.session_moved(None if prev is None else (prev.state, prev.spec.tier),
+                                       (s.state, s.spec.tier), self.sessions.counts)
+        self._notify(SessionEvent(s, kind, message))
+
+    def _notify(self, ev: SessionEvent) -> None:
+        self._decided.notify(ev)
+
+    def _carry_out(self) -> None:
+        out = self._decided.take()
+        if out:
+            self.dispatcher.apply(out)
