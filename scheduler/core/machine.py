@@ -93,41 +93,49 @@ class SessionMachine:
         self.metrics = metrics or SchedulerMetrics(
             tenants=tuple(config.tenants) if config.tenant_metrics else ())
         self.clock = clock
+        # Policies, configured once.
         self.egress = EgressPolicy.from_config(config.rtmp_allowed_hosts, config.rtmp_forbidden_hosts,
                                                config.rtmp_allowed_ports)
         self.ladder = Ladder.parse(config.degradation_ladder, config.step_up_margin,
                                    config.step_dwell)
-        self.fleet = Fleet(config.utilisation_target, premium_spread=config.premium_spread)
-        self.metering = Metering(config.price, self.metrics, config.tenants)
-        self.ledger = self.metering.ledger
-        self.queue = FairQueue()
+        # What the core knows: sessions, workers and their placement state, the queue,
+        # usage. Readers off the core use `latest` (taken by the last tick) instead.
         self.sessions = SessionTable()
         self.workers: dict[str, WorkerConn] = {}
+        self.fleet = Fleet(config.utilisation_target, premium_spread=config.premium_spread)
+        self.queue = FairQueue()
+        self.metering = Metering(config.price, self.metrics, config.tenants)
+        self.ledger = self.metering.ledger
+        self.latest: ClusterSnapshot | None = None
+        # Carrying decisions out: what the operation under way decided, the one place
+        # that carries it out when the operation returns, and the store's group commit.
         self._watchers: dict[str, set[asyncio.Queue[SessionEvent]]] = collections.defaultdict(set)
-        self._wake = asyncio.Event()
-        self._started_at = clock()
-        self._stopping = False
-        self._seq = 0
-        # Indexes, kept with every commit, so a call costs the same at 10 or 10,000 rooms.
-        self._orphans: set[str] = set()
-        self._progress_dirty: dict[str, Session] = {}
-        self._exhausted: dict[str, float] = {}  # tenant -> when its spend budget ran out
-        self._avatars: tuple[float, frozenset[str]] = (-1.0, frozenset())
-        self._worker_avatars: collections.Counter[str] = collections.Counter()
         self.commits = GroupCommit(store)
-        self.latest: ClusterSnapshot | None = None  # taken by the last tick
-        # What the operation under way decided; carried out when it returns.
         self._decided = Decisions()
         self.dispatcher = Dispatcher(store, self.commits, self.workers, self._watchers)
-        self._scripts: dict[str, list[ScriptSegment]] = {}  # live text rooms' scripts
-        self._unit_profile: placement.WorkerProfile | None = None
-        self._units_cache: dict[tuple[Quality, str], float] = {}
-        self._why_cache: dict[tuple[object, ...], tuple[float, str]] = {}
+        self._progress_dirty: dict[str, Session] = {}  # progress not written yet
         self._next_usage_flush = 0.0
+        # The placement loop: woken by `kick`; shapes that found no worker since capacity
+        # last changed (`_epoch`) wait at no cost; why a shape waits, said once a second.
+        self._wake = asyncio.Event()
         self._capacity_changed = True
-        self._epoch = 0  # bumped whenever capacity may have been freed
+        self._epoch = 0
         self._nofit: dict[tuple[object, ...], tuple[int, str]] = {}
+        self._why_cache: dict[tuple[object, ...], tuple[float, str]] = {}
+        self._pending_since: dict[str, float] = {}
+        # Compute units are measured on the most common device type.
+        self._unit_profile: placement.WorkerProfile | None = None
         self._unit_device = ""
+        self._units_cache: dict[tuple[Quality, str], float] = {}
+        # Avatars: the image folder (looked at once a second) and what workers hold.
+        self._avatars: tuple[float, frozenset[str]] = (-1.0, frozenset())
+        self._worker_avatars: collections.Counter[str] = collections.Counter()
+        self._scripts: dict[str, list[ScriptSegment]] = {}  # live text rooms' scripts
+        self._exhausted: dict[str, float] = {}  # tenant -> when its spend budget ran out
+        self._started_at = clock()
+        self._stopping = False
+        self._orphans: set[str] = set()  # rooms whose worker has not come back since a restart
+        self._seq = 0
         # Assignment epochs come from one counter, so they increase per room and across
         # rooms: an output reused by a later session is claimed by a higher epoch than
         # any earlier writer's fence.
@@ -142,7 +150,6 @@ class SessionMachine:
         # assignment stops at a clean point and reports its final progress; the next one
         # starts exactly there.
         self._handovers: dict[str, tuple[str, int]] = {}
-        self._pending_since: dict[str, float] = {}
         for s in store.load_sessions():
             self._seq = max(self._seq, s.seq)
             self._last_assignment = max(self._last_assignment, s.epoch)
