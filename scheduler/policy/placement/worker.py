@@ -1,0 +1,243 @@
+"""One worker as placement sees it: its capacities (compute, host CPU for encoding,
+device memory) and the rooms on it, with loads kept incrementally as rooms come and
+go; a room's demand on it depends on the rooms already sharing its batches."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from avatarfarm.domain import DriveMode, Quality, Stage, Tier
+from scheduler.policy.placement.costs import (
+    UNIT_MODE,
+    UNIT_QUALITY,
+    MemoryProfile,
+    StageCost,
+    WorkerProfile,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RoomReq:
+    """What placement needs to know of a room. ``quality`` is what it renders at (after
+    any degradation step); ``frame`` the output size it is encoded at."""
+
+    session_id: str
+    tenant: str
+    avatar_id: str
+    quality: Quality
+    drive_mode: DriveMode
+    tier: Tier
+    seq: int = 0
+    frame: tuple[int, int] = (0, 0)
+    step: int = 0
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        return self.frame if self.frame != (0, 0) else (self.quality.width, self.quality.height)
+
+
+@dataclass(frozen=True, slots=True)
+class Demand:
+    compute: float  # device-seconds per second
+    cpu: float  # host core-seconds per second (encoding)
+    memory: float  # bytes
+
+    def __add__(self, other: Demand) -> Demand:
+        return Demand(self.compute + other.compute, self.cpu + other.cpu, self.memory + other.memory)
+
+
+# A batch group on a worker: the render queue of one portrait side (the side, > 0)
+# or the audio-to-motion queue (0). Plain ints: these are hot dictionary keys.
+GroupKey = int
+_A2M: GroupKey = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _RoomCosts:
+    """What a room shape costs on one profile, looked up once per shape."""
+
+    groups: tuple[tuple[GroupKey, StageCost, float], ...]  # key, cost, pixel scale
+    host: float  # encode (+ TTS) seconds per second of stream
+
+
+@dataclass(slots=True)
+class WorkerState:
+    """One worker's capacities and what is placed on it; loads are kept incrementally."""
+
+    worker_id: str
+    profile: WorkerProfile
+    compute_capacity: float = 1.0  # device-seconds per second
+    cpu_capacity: float = 0.0  # host core-seconds per second for encoding; 0: encode on device
+    memory_capacity: float = 0.0  # bytes; 0: not reported (unchecked)
+    memory: MemoryProfile = MemoryProfile()
+    device_type: str = "unknown"
+    warm: frozenset[str] = frozenset()
+    accepting: bool = True
+    price: float = 0.0  # per device-hour: which idle worker is cheapest to open
+    rooms: dict[str, RoomReq] = field(default_factory=dict)
+    groups: dict[GroupKey, tuple[int, float]] = field(default_factory=dict)  # n rooms, frames/s
+    group_load: dict[GroupKey, float] = field(default_factory=dict)
+    other_compute: float = 0.0
+    cpu_load: float = 0.0
+    memory_used: float = 0.0
+    avatar_rooms: Counter[tuple[str, int]] = field(default_factory=Counter)
+    premium: Counter[str] = field(default_factory=Counter)
+    _compute: float = 0.0
+    _shapes: dict[tuple[int, int, int, int, int, str], _RoomCosts | None] = field(
+        default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.memory_used = self.memory.models_bytes
+
+    @property
+    def compute_load(self) -> float:
+        return self._compute
+
+    @property
+    def encode_on_device(self) -> bool:
+        return self.cpu_capacity <= 0
+
+    def unit_capacity(self, target: float) -> float:
+        """Compute units (512x512@25 text rooms) this worker carries at the utilisation
+        target at full batching: device time, and the host's cores where they encode
+        (0: unmeasured)."""
+        q = UNIT_QUALITY
+        device = self.profile.room_load(q, UNIT_MODE, encode=self.encode_on_device)
+        if not device:
+            return 0.0
+        n = self.compute_capacity * target / device
+        if not self.encode_on_device:
+            enc = self.profile.stage_seconds(Stage.ENCODE, q.width, q.height)
+            if enc:
+                n = min(n, self.cpu_capacity * target / (enc * q.fps))
+        return n
+
+    def utilisation(self) -> float:
+        parts = [self._compute / self.compute_capacity if self.compute_capacity > 0 else 1.0]
+        if self.cpu_capacity > 0:
+            parts.append(self.cpu_load / self.cpu_capacity)
+        if self.memory_capacity > 0:
+            parts.append(self.memory_used / self.memory_capacity)
+        return max(parts)
+
+    def _costs(self, room: RoomReq) -> _RoomCosts | None:
+        q = room.quality
+        w, h = room.frame_size
+        key = (q.width, q.height, q.fps, w, h, room.drive_mode.value)
+        if key in self._shapes:
+            return self._shapes[key]
+        p = self.profile
+        side = q.render_side
+        found: _RoomCosts | None = None
+        render = p.cost(Stage.RENDER, side, side)
+        a2m = p.cost(Stage.AUDIO_TO_MOTION) if room.drive_mode.uses_audio_to_motion else None
+        enc = p.stage_seconds(Stage.ENCODE, w, h)
+        tts = p.stage_seconds(Stage.TTS) if room.drive_mode.uses_tts else 0.0
+        needs_a2m = room.drive_mode.uses_audio_to_motion
+        if render is not None and enc is not None and tts is not None and (a2m or not needs_a2m):
+            groups = [(side, render[0], render[1])]
+            if a2m is not None:
+                groups.append((_A2M, a2m[0], a2m[1]))
+            found = _RoomCosts(tuple(groups), q.fps * enc + tts)
+        self._shapes[key] = found
+        return found
+
+    def _group_load(self, cost: StageCost, scale: float, n: int, rate: float) -> float:
+        return rate * cost.per_item(n) * scale if n > 0 else 0.0
+
+    def _parts(self, room: RoomReq) -> tuple[_RoomCosts, float, float, float] | None:
+        """The room's costs, and its unbatched compute, cpu and memory."""
+        costs = self._costs(room)
+        if costs is None:
+            return None
+        compute, host = (costs.host, 0.0) if self.encode_on_device else (0.0, costs.host)
+        w, h = room.frame_size
+        side = room.quality.render_side
+        memory = self.memory.room_bytes_per_pixel * w * h
+        if self.avatar_rooms[(room.avatar_id, side)] == 0:
+            memory += self.memory.avatar_bytes_per_pixel * side * side
+        return costs, compute, host, memory
+
+    def demand(self, room: RoomReq) -> Demand | None:
+        """What adding `room` would add to this worker (its batch groups grow, so the
+        compute is marginal); None if the worker never measured a stage it needs."""
+        parts = self._parts(room)
+        if parts is None:
+            return None
+        costs, compute, cpu, memory = parts
+        fps = room.quality.fps
+        for key, cost, scale in costs.groups:
+            n, rate = self.groups.get(key, (0, 0.0))
+            compute += self._group_load(cost, scale, n + 1, rate + fps) - \
+                self.group_load.get(key, 0.0)
+        return Demand(compute, cpu, memory)
+
+    def fits(self, d: Demand, target: float) -> bool:
+        if self._compute + d.compute > self.compute_capacity * target + 1e-12:
+            return False
+        if self.cpu_capacity > 0 and self.cpu_load + d.cpu > self.cpu_capacity * target + 1e-12:
+            return False
+        return not (self.memory_capacity > 0
+                    and self.memory_used + d.memory > self.memory_capacity * 0.95)
+
+    def add(self, room: RoomReq) -> Demand:
+        parts = self._parts(room)
+        if parts is None:
+            raise ValueError(f"worker {self.worker_id} cannot serve {room.quality}")
+        d = self.demand(room)
+        assert d is not None
+        costs, compute, cpu, memory = parts
+        for key, cost, scale in costs.groups:
+            n, rate = self.groups.get(key, (0, 0.0))
+            self._set_group(key, cost, scale, n + 1, rate + room.quality.fps)
+        self.other_compute += compute
+        self.cpu_load += cpu
+        self.memory_used += memory
+        self._compute = sum(self.group_load.values()) + self.other_compute
+        self.avatar_rooms[(room.avatar_id, room.quality.render_side)] += 1
+        if room.tier is Tier.PREMIUM:
+            self.premium[room.tenant] += 1
+        self.rooms[room.session_id] = room
+        return d
+
+    def remove(self, session_id: str) -> RoomReq | None:
+        room = self.rooms.pop(session_id, None)
+        if room is None:
+            return None
+        side = room.quality.render_side
+        self.avatar_rooms[(room.avatar_id, side)] -= 1
+        if self.avatar_rooms[(room.avatar_id, side)] <= 0:
+            del self.avatar_rooms[(room.avatar_id, side)]
+        parts = self._parts(room)
+        assert parts is not None
+        costs, compute, cpu, memory = parts
+        for key, cost, scale in costs.groups:
+            n, rate = self.groups[key]
+            self._set_group(key, cost, scale, n - 1, rate - room.quality.fps)
+        self.other_compute = max(0.0, self.other_compute - compute)
+        self.cpu_load = max(0.0, self.cpu_load - cpu)
+        self.memory_used = max(self.memory.models_bytes, self.memory_used - memory)
+        self._compute = sum(self.group_load.values()) + self.other_compute
+        if room.tier is Tier.PREMIUM:
+            self.premium[room.tenant] -= 1
+            if self.premium[room.tenant] <= 0:
+                del self.premium[room.tenant]
+        return room
+
+    def _set_group(self, key: GroupKey, cost: StageCost, scale: float, n: int,
+                   rate: float) -> None:
+        if n <= 0:
+            self.groups.pop(key, None)
+            self.group_load.pop(key, None)
+            return
+        self.groups[key] = (n, rate)
+        self.group_load[key] = self._group_load(cost, scale, n, rate)
+
+    def copy(self) -> WorkerState:
+        c = WorkerState(self.worker_id, self.profile, self.compute_capacity, self.cpu_capacity,
+                        self.memory_capacity, self.memory, self.device_type, self.warm,
+                        self.accepting, self.price)
+        for room in self.rooms.values():
+            c.add(room)
+        return c
