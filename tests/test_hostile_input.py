@@ -26,7 +26,7 @@ from avatarfarm.domain import (
 )
 from avatarfarm.egress import EgressPolicy
 from avatarfarm.v1 import sessions_pb2, types_pb2, workers_pb2
-from tests.scheduler.test_service import ProtocolWorker, create_req, expect_status, run, scheduler
+from tests.scheduler.api.test_service import ProtocolWorker, create_req, expect_status, run, scheduler
 from workers.encode import OutputError, OutputTarget
 
 U32 = 2**32 - 1

@@ -26,7 +26,7 @@ from scheduler.config import SchedulerConfig
 from scheduler.server import RunningScheduler
 from scheduler.server import start as start_scheduler
 from tests.certs import TestCA
-from tests.scheduler.test_service import ProtocolWorker
+from tests.scheduler.api.test_service import ProtocolWorker
 from workers.agent import WorkerAgent
 from workers.config import WorkerConfig
 from workers.inference import ProviderChoice

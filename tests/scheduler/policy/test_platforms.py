@@ -11,7 +11,7 @@ import grpc
 from avatarfarm import client
 from avatarfarm.v1 import sessions_pb2, types_pb2
 from scheduler.policy.platforms import LabelPosition, PlatformPolicy
-from tests.scheduler.test_service import ProtocolWorker, create_req, expect_status, run, scheduler
+from tests.scheduler.api.test_service import ProtocolWorker, create_req, expect_status, run, scheduler
 
 POLICIES = {
     "douyin": PlatformPolicy(require_live_driver=True, label_text="AI-GENERATED",

@@ -45,7 +45,7 @@ from scheduler.server import RunningScheduler, start
 from scheduler.state.store import SqliteStore
 from scheduler.state.worker_conn import WorkerConn
 from tests.builders import T0, Clock, make_profile, make_spec, png_image
-from tests.scheduler.test_service import ProtocolWorker, create_req
+from tests.scheduler.api.test_service import ProtocolWorker, create_req
 
 HOSTILE = '<script>alert("room")</script>'
 # The badge colours the page uses (its CSS), as a screenshot shows them.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from avatarfarm import client
 from avatarfarm.v1 import sessions_pb2, types_pb2, workers_pb2
-from tests.scheduler.test_service import ProtocolWorker, create_req, run, scheduler
+from tests.scheduler.api.test_service import ProtocolWorker, create_req, run, scheduler
 
 
 def drain(worker: ProtocolWorker, seconds: float = 60.0) -> None:

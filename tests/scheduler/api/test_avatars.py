@@ -33,7 +33,7 @@ from scheduler.config import SchedulerConfig
 from scheduler.policy.tenants import TenantConfig
 from scheduler.server import RunningScheduler, start
 from tests.builders import jpeg_image, png_bomb, png_image
-from tests.scheduler.test_service import ProtocolWorker, expect_status, run
+from tests.scheduler.api.test_service import ProtocolWorker, expect_status, run
 
 KEY = b"k" * 32
 Metadata = tuple[tuple[str, str], ...]

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from avatarfarm.v1 import sessions_pb2, sessions_pb2_grpc, types_pb2, workers_pb2, workers_pb2_grpc
 from scheduler.server import RunningScheduler
-from tests.scheduler.test_service import scheduler
+from tests.scheduler.api.test_service import scheduler
 
 T = TypeVar("T")
 # Statuses that say a handler failed rather than refused: a fuzzed call must never get them.

@@ -25,7 +25,7 @@ from scheduler.api.auth import SubjectKind
 from scheduler.config import SchedulerConfig
 from scheduler.policy.tenants import TenantConfig
 from scheduler.server import RunningScheduler, start
-from tests.scheduler.test_service import ProtocolWorker, create_req, expect_status, run
+from tests.scheduler.api.test_service import ProtocolWorker, create_req, expect_status, run
 
 KEY = b"s" * 32
 Metadata = tuple[tuple[str, str], ...]

@@ -15,7 +15,7 @@ import grpc
 from avatarfarm import client
 from avatarfarm.v1 import sessions_pb2, sessions_pb2_grpc, types_pb2
 from scheduler.policy.tenants import BudgetPolicy, TenantConfig
-from tests.scheduler.test_service import ProtocolWorker, create_req, expect_status, run, scheduler
+from tests.scheduler.api.test_service import ProtocolWorker, create_req, expect_status, run, scheduler
 
 VOICE = types_pb2.DRIVE_MODE_VOICE
 K = sessions_pb2
