@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import struct
 import zlib
+from pathlib import Path
+from typing import Any
 
 import av
 
 from avatarfarm.domain import DriveMode, Output, OutputKind, Quality, ScriptSegment, SessionSpec, Stage, Tier
+from scheduler.config import SchedulerConfig
+from scheduler.core import Scheduler
 from scheduler.policy.licences import Licence
 from scheduler.policy.placement import MemoryProfile, RoomReq, StageCost, WorkerProfile, WorkerState
+from scheduler.state.store import SqliteStore
 from scheduler.state.worker_conn import WorkerCommand, WorkerConn
 from workers.models.avatar import draw_default_avatar
 
@@ -100,6 +105,28 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def make_core(tmp: Path, clock: Clock | None = None, **config: Any) -> tuple[Scheduler, Clock]:
+    """A core on a real SQLite store in `tmp`, on a settable clock; `config` overrides
+    SchedulerConfig (workers never time out unless asked)."""
+    clock = clock or Clock()
+    avatars = tmp / "avatars"
+    avatars.mkdir(parents=True, exist_ok=True)
+    conf = SchedulerConfig(**{"database": tmp / "s.db", "avatar_dir": avatars,
+                              "worker_timeout": 1e9, **config})
+    return Scheduler(SqliteStore(conf.database), conf, clock=clock), clock
+
+
+def connect(core: Scheduler, worker_id: str = "w1", *, profile: WorkerProfile | None = None,
+            avatars: frozenset[str] = frozenset({"presenter"}), endpoint: str = "",
+            **kw: Any) -> WorkerConn:
+    """A worker registered with `core` the way the WorkerService registers one."""
+    return core.register_worker(worker_id, device_type=kw.pop("device_type", "cpu"),
+                                provider=kw.pop("provider", "CPUExecutionProvider"),
+                                profile=profile or make_profile(),
+                                input_endpoint=endpoint or f"{worker_id}.internal:7001",
+                                avatars=avatars, active=kw.pop("active", {}), **kw)
 
 
 def sent(conn: WorkerConn) -> list[WorkerCommand]:

@@ -42,9 +42,8 @@ from scheduler.config import SchedulerConfig
 from scheduler.core import Scheduler
 from scheduler.metrics import SchedulerMetrics
 from scheduler.server import RunningScheduler, start
-from scheduler.state.store import SqliteStore
-from scheduler.state.worker_conn import WorkerConn
-from tests.builders import T0, Clock, make_profile, make_spec, png_image
+from tests import builders
+from tests.builders import T0, Clock, connect, make_spec, png_image
 from tests.scheduler.api.test_service import ProtocolWorker, create_req
 
 HOSTILE = '<script>alert("room")</script>'
@@ -54,16 +53,7 @@ PENDING_AMBER = (0xD9, 0x77, 0x06)
 
 
 def make_core(tmp: Path, **kw: Any) -> tuple[Scheduler, Clock]:
-    clock = Clock()
-    conf = SchedulerConfig(database=tmp / "s.db", avatar_dir=tmp / "avatars", worker_timeout=1e9,
-                           device_prices={"cpu": 3.6}, degradation_ladder=[], **kw)
-    return Scheduler(SqliteStore(conf.database), conf, clock=clock), clock
-
-
-def connect(core: Scheduler, worker_id: str) -> WorkerConn:
-    return core.register_worker(worker_id, device_type="cpu", provider="CPUExecutionProvider",
-                                profile=make_profile(), input_endpoint=f"{worker_id}.internal:7001",
-                                avatars=frozenset({"presenter"}), active={})
+    return builders.make_core(tmp, device_prices={"cpu": 3.6}, degradation_ladder=[], **kw)
 
 
 def room_row(i: int, **kw: Any) -> RoomRow:

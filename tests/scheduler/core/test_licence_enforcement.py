@@ -13,23 +13,14 @@ from pathlib import Path
 import pytest
 
 from avatarfarm.domain import SessionSpec, SessionState
-from scheduler.config import SchedulerConfig
 from scheduler.core import Scheduler
 from scheduler.errors import AlreadyExists, PermissionDenied
 from scheduler.policy.licences import Licence
 from scheduler.state.avatars import AuditAction, RegisteredAvatar
 from scheduler.state.sessions import EventKind, SessionEvent
-from scheduler.state.store import SqliteStore
 from scheduler.state.worker_conn import AssignCmd, ReleaseCmd, WorkerConn
-from tests.builders import T0, Clock, make_licence, make_profile, make_spec, png_image, sent
-
-
-def make_core(tmp: Path, **kw: object) -> tuple[Scheduler, Clock]:
-    clock = Clock()
-    avatars = tmp / "avatars"
-    avatars.mkdir(parents=True, exist_ok=True)
-    conf = SchedulerConfig(database=tmp / "s.db", avatar_dir=avatars, worker_timeout=1e9, **kw)  # type: ignore[arg-type]
-    return Scheduler(SqliteStore(conf.database), conf, clock=clock), clock
+from tests import builders
+from tests.builders import T0, make_core, make_licence, make_spec, png_image, sent
 
 
 def register(core: Scheduler, licence: Licence, avatar_id: str = "anna", tenant: str = "vendor") -> None:
@@ -39,10 +30,7 @@ def register(core: Scheduler, licence: Licence, avatar_id: str = "anna", tenant:
 
 
 def connect(core: Scheduler, worker_id: str = "w1") -> WorkerConn:
-    return core.register_worker(worker_id, device_type="cpu", provider="CPUExecutionProvider",
-                                profile=make_profile(), input_endpoint=f"{worker_id}:1",
-                                avatars=frozenset(), active={})
-
+    return builders.connect(core, worker_id, avatars=frozenset(), endpoint=f"{worker_id}:1")
 
 
 def spec(room: str = "r1", **kw: str) -> SessionSpec:

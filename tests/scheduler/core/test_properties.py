@@ -12,13 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from avatarfarm.domain import DriveMode, Output, OutputKind, Quality, SessionState, Tier
-from scheduler.config import SchedulerConfig
 from scheduler.core import Scheduler
 from scheduler.policy.tenants import TenantConfig
 from scheduler.state.sessions import EventKind
-from scheduler.state.store import SqliteStore
 from scheduler.state.worker_conn import WorkerResources
-from tests.builders import make_profile, make_spec
+from tests import builders
+from tests.builders import Clock, connect, make_profile, make_spec
 
 TENANTS = {"brand": TenantConfig(reserved_units=3.0), "ka": TenantConfig(reserved_units=2.0)}
 QUALITIES = [Quality(512, 512, 25), Quality(1280, 720, 30), Quality(720, 1280, 25)]
@@ -30,27 +29,13 @@ arrivals = st.lists(st.tuples(st.sampled_from(["brand", "ka", "vendor", "shop"])
                     min_size=1, max_size=40)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def make_core(tmp: Path) -> tuple[Scheduler, Clock]:
-    clock = Clock()
-    avatars = tmp / "avatars"
-    avatars.mkdir(parents=True, exist_ok=True)
-    conf = SchedulerConfig(database=tmp / "s.db", avatar_dir=avatars, tenants=TENANTS,
-                           step_dwell=0.0, overcommit=0.6, worker_timeout=1e9)
-    core = Scheduler(SqliteStore(conf.database), conf, clock=clock)
+    core, clock = builders.make_core(tmp, Clock(1000.0), tenants=TENANTS, step_dwell=0.0,
+                                     overcommit=0.6)
     prof = make_profile(render_512=0.004, encode_512=0.001, batch_gain=0.6)
     for i in range(3):
-        core.register_worker(f"w{i}", device_type="h200", provider="CUDAExecutionProvider",
-                             profile=prof, input_endpoint=f"w{i}:1",
-                             avatars=frozenset({"presenter"}), active={},
-                             resources=WorkerResources(cpu_cores=2))
+        connect(core, f"w{i}", device_type="h200", provider="CUDAExecutionProvider",
+                profile=prof, endpoint=f"w{i}:1", resources=WorkerResources(cpu_cores=2))
     return core, clock
 
 
