@@ -9,6 +9,7 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +21,27 @@ def _logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _run_server(process: str, serve: Coroutine[Any, Any, None],
+                known: tuple[type[Exception], ...] = ()) -> int:
+    """Runs a server process until it stops; start-up errors a user can fix are printed
+    as one line (exit 2), not as a traceback."""
+    try:
+        asyncio.run(serve)
+    except known as e:
+        print(f"avatarfarm {process}: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"avatarfarm {process}: {e} (check --listen and --metrics-port)", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _scheduler(args: argparse.Namespace) -> int:
     from scheduler.config import SchedulerConfig
     from scheduler.server import serve
 
     conf = cfg.load(SchedulerConfig, args=args, env_prefix="AVATARFARM_SCHEDULER_")
-    try:
-        asyncio.run(serve(conf))
-    except OSError as e:
-        print(f"avatarfarm scheduler: {e} (check --listen and --metrics-port)", file=sys.stderr)
-        return 2
-    return 0
+    return _run_server("scheduler", serve(conf))
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -39,15 +50,7 @@ def _worker(args: argparse.Namespace) -> int:
     from workers.server import serve
 
     conf = cfg.load(WorkerConfig, args=args, env_prefix="AVATARFARM_WORKER_")
-    try:
-        asyncio.run(serve(conf))
-    except ModelFolderError as e:
-        print(f"avatarfarm worker: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"avatarfarm worker: {e} (check --listen and --metrics-port)", file=sys.stderr)
-        return 2
-    return 0
+    return _run_server("worker", serve(conf), (ModelFolderError,))
 
 
 def _build_models(args: argparse.Namespace) -> int:
