@@ -55,6 +55,15 @@ _STATE_PB = {v: k for k, v in STATES.items()}
 _STAGE_PB = {v: k for k, v in STAGES.items()}
 
 
+def quality_from_pb(pb: types_pb2.Quality) -> Quality:
+    """A Quality as the message says it, unchecked (validate_quality is the edge's)."""
+    return Quality(pb.width, pb.height, pb.fps)
+
+
+def quality_to_pb(q: Quality) -> types_pb2.Quality:
+    return types_pb2.Quality(width=q.width, height=q.height, fps=q.fps)
+
+
 def _spec(pb: types_pb2.SessionSpec) -> SessionSpec:
     """The domain spec of a message, refusing only what has no domain value at all
     (an unknown enum, a missing quality or output)."""
@@ -71,8 +80,7 @@ def _spec(pb: types_pb2.SessionSpec) -> SessionSpec:
     if which is None:
         raise InvalidRequest("output is required: file_path, hls_dir or rtmp_url")
     kind = {"file_path": OutputKind.FILE, "hls_dir": OutputKind.HLS, "rtmp_url": OutputKind.RTMP}[which]
-    return SessionSpec(pb.tenant, pb.room_id, pb.avatar_id, drive,
-                       Quality(pb.quality.width, pb.quality.height, pb.quality.fps), tier,
+    return SessionSpec(pb.tenant, pb.room_id, pb.avatar_id, drive, quality_from_pb(pb.quality), tier,
                        Output(kind, getattr(pb.output, which)), pb.max_duration_seconds,
                        tuple(segments_from_pb(pb.script)), pb.platform, pb.product_category,
                        pb.language)
@@ -85,9 +93,11 @@ def spec_from_pb(pb: types_pb2.SessionSpec) -> SessionSpec:
     return spec
 
 
-def spec_from_stored(pb: types_pb2.SessionSpec) -> SessionSpec:
-    """Converts a spec this scheduler admitted earlier, without validating it again: limits
-    may have been tightened since, and a stored session must still load."""
+def spec_from_trusted(pb: types_pb2.SessionSpec) -> SessionSpec:
+    """Converts a spec the scheduler admitted earlier (a stored session, a worker's
+    Assign) without the tenant edge's limits: they may have been tightened since, or
+    differ between the scheduler's release and a worker's, and an admitted session must
+    still load and run. Raises InvalidRequest only for what has no domain value."""
     return _spec(pb)
 
 
@@ -153,8 +163,7 @@ def spec_to_pb(spec: SessionSpec) -> types_pb2.SessionSpec:
     return types_pb2.SessionSpec(
         tenant=spec.tenant, room_id=spec.room_id, avatar_id=spec.avatar_id,
         drive_mode=_DRIVE_PB[spec.drive_mode],
-        quality=types_pb2.Quality(width=spec.quality.width, height=spec.quality.height,
-                                  fps=spec.quality.fps),
+        quality=quality_to_pb(spec.quality),
         tier=_TIER_PB[spec.tier], output=out, max_duration_seconds=spec.max_duration_seconds,
         script=segments_to_pb(spec.script), platform=spec.platform,
         product_category=spec.product_category, language=spec.language)

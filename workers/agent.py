@@ -1,18 +1,11 @@
-"""The worker's link to the scheduler: register, report, take assignments.
+"""The worker agent: takes the scheduler's assignments, runs them as rooms, reports on them.
 
-One bidirectional stream, re-established with backoff when it breaks. Rooms
-keep rendering while the scheduler is away; on reconnect the worker registers
-again with the rooms it still renders and the assignment epoch of each, and
-the scheduler answers with those it keeps here: the others were moved while
-this worker was away and stop without writing more output.
-
-Progress goes as one numbered `UsageReport` per interval for all running rooms,
-each room's progress cumulative over its assignment; a room's final state goes
-in a numbered report of its own. Reports are held until the scheduler
-acknowledges them as durable (`UsageAck`), and on reconnect those after its
-`last_usage_seq` are sent again first. The numbering counts within a usage
-epoch, one per process, so a restarted worker is told apart from a resumed one.
-Other state changes (placed, running) go as single `SessionUpdate`s.
+Rooms keep rendering while the scheduler is away (the link, `workers.link`, comes
+back on its own); on reconnect the worker registers again with the rooms it still
+renders and the assignment epoch of each, and the scheduler answers with those it
+keeps here (`workers.rooms`). Progress and final states go in numbered usage
+reports held until acknowledged (`workers.usage`); other state changes (placed,
+running) go as single `SessionUpdate`s.
 
 A worker that stalled past the scheduler's worker timeout (its rooms notice,
 see `Room`) holds their output and registers again at once, so the scheduler
@@ -24,25 +17,35 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import random
 import time
-from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
-from avatarfarm import client, convert
-from avatarfarm.domain import InvalidRequest, Quality, Stage, Tier
+from avatarfarm import convert
+from avatarfarm.domain import InvalidRequest, SessionSpec, Stage, Tier
 from avatarfarm.egress import EgressPolicy
-from avatarfarm.v1 import types_pb2, workers_pb2, workers_pb2_grpc
+from avatarfarm.v1 import types_pb2, workers_pb2
 from workers.alignment import SyncEstimate
-from workers.encode import EncoderSettings, OutputError, OutputTarget
+from workers.encode import EncoderSettings
 from workers.engine import BatchKey, KeyStats
 from workers.label import LabelSpec
+from workers.link import SchedulerLink
 from workers.metrics import WorkerMetrics
+from workers.output import OutputError, OutputTarget
 from workers.pipeline import AUDIO_TO_MOTION_KEY, AVATAR_BYTES_PER_PIXEL, LIPSYNC_KEY, Pipeline
 from workers.profile import LatencyProfile
-from workers.room import InvalidQuality, Pacing, Room, RoomState, frame_buffer_bytes_per_pixel
+from workers.room import (
+    InvalidQuality,
+    Pacing,
+    Room,
+    RoomState,
+    check_renderable,
+    frame_buffer_bytes_per_pixel,
+)
+from workers.rooms import RoomRegistry
+from workers.usage import UsageReports
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,43 @@ def profile_to_pb(p: LatencyProfile) -> workers_pb2.LatencyProfile:
         latencies=[workers_pb2.BatchLatency(batch_size=b, seconds=s) for b, s in p.latencies])
 
 
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """A room as the scheduler's Assign asks for it."""
+
+    spec: SessionSpec
+    target: OutputTarget
+    label: LabelSpec | None
+
+
+def assignment_from_pb(msg: workers_pb2.Assign, output_dir: Path,
+                       egress: EgressPolicy) -> Assignment:
+    """Decodes an Assign, trusting its spec: the scheduler validated it against the tenant
+    edge's limits when the session was created, and a limit changed on one side must not
+    fail rooms on the other. What this worker cannot do is still refused: a frame it
+    cannot make (InvalidQuality), a label that does not fit (InvalidRequest), an output
+    outside its folder or an ingest its egress policy forbids (OutputError)."""
+    spec = convert.spec_from_trusted(msg.spec)
+    check_renderable(spec.quality)
+    label = None
+    if msg.HasField("label"):
+        try:
+            label = LabelSpec(msg.label.text, msg.label.position, msg.label.size)
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from e
+    target = OutputTarget.resolve(spec.output.kind, spec.output.target, output_dir, egress)
+    return Assignment(spec, target, label)
+
+
 class WorkerAgent:
+    """Runs the rooms the scheduler assigns to this worker and reports on them.
+
+    The scheduler's peer on the link (`workers.link.LinkPeer`): it says what the
+    worker registers with, takes commands, and turns its rooms' changes into session
+    updates and numbered usage reports (`workers.usage`) and into the worker's
+    metrics.
+    """
+
     def __init__(self, worker_id: str, scheduler_address: str, pipeline: Pipeline,
                  profiles: list[LatencyProfile], input_endpoint: str, device_type: str,
                  output_dir: Path, *, pacing: Pacing = Pacing.REALTIME,
@@ -75,9 +114,6 @@ class WorkerAgent:
         self.worker_id = worker_id
         self.egress = egress or EgressPolicy()
         self.scheduler_address = scheduler_address
-        # TLS to the scheduler (None: plain) and this worker's token, re-read when it changes.
-        self.scheduler_credentials = scheduler_credentials
-        self.scheduler_token_file = scheduler_token_file
         self.pipeline = pipeline
         self.profiles = profiles
         self.input_endpoint = input_endpoint
@@ -91,25 +127,103 @@ class WorkerAgent:
         self.memory_bytes = memory_bytes
         self.encoder = encoder
         self.metrics = metrics or WorkerMetrics()
-        self.progress_interval = progress_interval
-        self.rooms: dict[str, Room] = {}
-        self._outbox: asyncio.Queue[workers_pb2.WorkerMessage] | None = None
+        self.rooms = RoomRegistry()
         self._reported: dict[str, tuple[int, int, dict[str, float]]] = {}
         self._engine_reported: dict[BatchKey, KeyStats] = {}
         self._corrections: dict[str, int] = {}
-        # Usage reports: numbered within this process's epoch; the last few held for resending.
-        self.usage_epoch = usage_epoch if usage_epoch is not None else time.time_ns()
-        self._usage_seq = 0
-        self._usage_held: collections.deque[workers_pb2.UsageReport] = collections.deque(
-            maxlen=usage_history)
-        self.connected = asyncio.Event()
-        self.heartbeat_interval = 1.0
+        self.usage = UsageReports(usage_epoch if usage_epoch is not None else time.time_ns(),
+                                  usage_history)
+        self.link = SchedulerLink(scheduler_address, self, progress_interval=progress_interval,
+                                  credentials=scheduler_credentials,
+                                  token_file=scheduler_token_file)
         self.worker_timeout = 5.0  # the scheduler's; it says so when the worker registers
-        self._call: grpc.aio.StreamStreamCall | None = None
-        self._resync = False  # the link is being restarted on purpose (after a stall)
         self._draining: tuple[float, str] | None = None  # (loop time of the deadline, why)
         self._room_ended = asyncio.Event()
         self.metrics.info.labels(pipeline.provider, device_type).set(1)
+
+    @property
+    def connected(self) -> asyncio.Event:
+        """Set while the worker is registered with the scheduler."""
+        return self.link.connected
+
+    async def run(self) -> None:
+        """Keeps the scheduler link up until cancelled."""
+        await self.link.run()
+
+    # -- the scheduler's side of the link (LinkPeer)
+
+    def register(self) -> workers_pb2.WorkerMessage:
+        return workers_pb2.WorkerMessage(register=workers_pb2.Register(
+            worker_id=self.worker_id,
+            device=workers_pb2.Device(provider=self.pipeline.provider, device_type=self.device_type,
+                                      name=self.pipeline.renderer_model.name,
+                                      cpu_cores=self.cpu_cores,
+                                      latency_budget_seconds=self.latency_budget,
+                                      memory_bytes=self.memory_bytes),
+            models=self.pipeline.model_names,
+            profiles=[profile_to_pb(p) for p in self.profiles],
+            input_endpoint=self.input_endpoint,
+            active_rooms=[workers_pb2.ActiveRoom(session_id=sid, epoch=epoch)
+                          for sid, epoch in self.rooms.active().items()],
+            avatars=self.pipeline.folder.avatar_ids(),
+            memory=workers_pb2.MemoryProfile(
+                models_bytes=self.pipeline.models_bytes,
+                avatar_bytes_per_pixel=AVATAR_BYTES_PER_PIXEL,
+                room_bytes_per_pixel=frame_buffer_bytes_per_pixel(self.latency_budget)),
+            warm_avatars=self.pipeline.warm_avatars(),
+            usage_epoch=self.usage.epoch))
+
+    def registered(self, reg: workers_pb2.Registered) -> list[workers_pb2.WorkerMessage]:
+        self.worker_timeout = reg.worker_timeout_seconds or self.worker_timeout
+        for r in self.rooms.values():
+            r.stall_seconds = self.worker_timeout
+        self.rooms.confirm({r.session_id: r.epoch for r in reg.confirmed_rooms})
+        # Before anything new: reports sent on a lost link, or never sent.
+        first = [workers_pb2.WorkerMessage(usage_report=report)
+                 for report in self.usage.unapplied(reg.last_usage_seq)]
+        if self._draining is not None:  # a new link: the scheduler must hear it again
+            first.append(self._drain_message())
+        log.info("registered with scheduler %s as %s", self.scheduler_address, self.worker_id)
+        return first
+
+    def tick(self) -> list[workers_pb2.WorkerMessage]:
+        # A usage report is proof of life too: a heartbeat only when there is none, so
+        # a fleet's scheduler handles one message per worker per interval.
+        report = self._usage_report()
+        if report is not None:
+            out = [workers_pb2.WorkerMessage(usage_report=report)]
+        else:
+            out = [workers_pb2.WorkerMessage(heartbeat=workers_pb2.Heartbeat(
+                active_sessions=len(self.rooms), load=self.rooms.load()))]
+        self._account_engine()
+        drifted = self.pipeline.engine.drifted()
+        if drifted:
+            fresh = self.corrected_profiles(drifted)
+            log.info("latency drifted for %s; re-reporting profiles", ", ".join(map(str, drifted)))
+            out.append(workers_pb2.WorkerMessage(profile_update=workers_pb2.ProfileUpdate(
+                profiles=[profile_to_pb(p) for p in fresh])))
+        return out
+
+    def receive(self, msg: workers_pb2.SchedulerMessage) -> None:
+        kind = msg.WhichOneof("kind")
+        if kind == "assign":
+            self._assign(msg.assign)
+        elif kind == "release":
+            room = self.rooms.get(msg.release.session_id)
+            if room is not None and msg.release.handover:
+                room.hand_over(msg.release.reason or "handed over")
+            elif room is not None and msg.release.at_script_boundary:
+                room.stop_at_script_boundary(msg.release.reason or "released")
+            elif room is not None:
+                room.stop(msg.release.reason or "released by scheduler")
+        elif kind == "script":
+            room = self.rooms.get(msg.script.session_id)
+            if room is not None:
+                room.append_script(convert.segments_from_pb(msg.script.segments))
+        elif kind == "reconfigure":
+            self._reconfigure(msg.reconfigure)
+        elif kind == "usage_ack":
+            self.usage.acknowledged(msg.usage_ack.seq)
 
     # -- rooms
 
@@ -118,35 +232,23 @@ class WorkerAgent:
 
     def _assign(self, msg: workers_pb2.Assign) -> None:
         sid = msg.session_id
-        old = self.rooms.get(sid)
-        if old is not None:
-            if old.epoch == msg.epoch:
-                return  # a repeated assignment after a reconnect
-            # Moved away and back: the old run is not the current assignment.
-            old.abandon(f"superseded by assignment {msg.epoch}")
-            self.rooms.pop(sid, None)
+        if not self.rooms.admit(sid, msg.epoch):
+            return  # a repeated assignment after a reconnect
         try:
-            spec = convert.spec_from_pb(msg.spec)
-            label = None
-            if msg.HasField("label"):
-                try:
-                    label = LabelSpec(msg.label.text, msg.label.position, msg.label.size)
-                except ValueError as e:
-                    raise InvalidRequest(str(e)) from e
-            target = OutputTarget.resolve(spec.output.kind, spec.output.target, self.output_dir,
-                                          self.egress)
-        except (InvalidRequest, OutputError) as e:
+            assigned = assignment_from_pb(msg, self.output_dir, self.egress)
+        except (InvalidRequest, InvalidQuality, OutputError) as e:
             self._report([self._update_pb(sid, types_pb2.SESSION_STATE_FAILED,
                                           f"bad assignment: {e}", None, msg.epoch)])
             return
+        spec, target = assigned.spec, assigned.target
         room = Room(sid, spec, target, self.pipeline, pacing=self.pacing,
                     latency_budget_seconds=self.latency_budget,
                     output_margin_seconds=self.output_margin, encoder=self.encoder,
                     on_change=self._room_changed, on_sync=self._room_synced,
                     sync_interval_seconds=self.sync_interval, epoch=msg.epoch,
-                    continuation=msg.continuation, stall_seconds=self.worker_timeout, label=label,
-                    on_stall=self._room_stalled, egress=self.egress)
-        self.rooms[sid] = room
+                    continuation=msg.continuation, stall_seconds=self.worker_timeout,
+                    label=assigned.label, on_stall=self._room_stalled, egress=self.egress)
+        self.rooms.add(room)
         room.start()
         log.info("room %s (%s, %s, %s) started -> %s%s", sid, spec.room_id,
                  spec.drive_mode.value, spec.quality, target.location,
@@ -159,9 +261,8 @@ class WorkerAgent:
         if room is None:
             log.warning("reconfigure for unknown room %s ignored", msg.session_id)
             return
-        q = msg.quality
         try:
-            room.reconfigure(Quality(q.width, q.height, q.fps), msg.step, msg.reason)
+            room.reconfigure(convert.quality_from_pb(msg.quality), msg.step, msg.reason)
         except InvalidQuality as e:
             log.warning("room %s: reconfigure to step %d refused: %s", msg.session_id, msg.step, e)
             return
@@ -180,8 +281,7 @@ class WorkerAgent:
             self._send_update(room.session_id, state, room.reason, room)
         if final:
             self._room_ended.set()
-            if self.rooms.get(room.session_id) is room:
-                self.rooms.pop(room.session_id, None)
+            self.rooms.remove(room)
             self._reported.pop(room.session_id, None)
             self._corrections.pop(room.session_id, None)
             if room.state is RoomState.FAILED and not room.superseded:
@@ -219,8 +319,7 @@ class WorkerAgent:
     def _send_update(self, sid: str, state: int, reason: str,
                      room: Room | None) -> workers_pb2.SessionUpdate:
         update = self._update_pb(sid, state, reason, room)
-        if self._outbox is not None:
-            self._outbox.put_nowait(workers_pb2.WorkerMessage(session_update=update))
+        self.link.send(workers_pb2.WorkerMessage(session_update=update))
         return update
 
     def _account(self, room: Room) -> None:
@@ -268,206 +367,29 @@ class WorkerAgent:
             r.spec.tier for r in self.rooms.values() if r.rendering != r.spec.quality)
         self.metrics.room_counts(counts, degraded)
 
-    def load(self) -> float:
-        """Measured device time per second over the rooms' lifetimes (a rough live figure)."""
-        total = 0.0
-        for r in self.rooms.values():
-            secs = r.stats.stream_seconds
-            if secs > 0:
-                total += r.stats.device_seconds / secs
-        return total
-
-    # -- the scheduler link
-
-    def outbox_pending(self) -> bool:
-        return self._outbox is not None and not self._outbox.empty()
-
-    def _register(self) -> workers_pb2.WorkerMessage:
-        return workers_pb2.WorkerMessage(register=workers_pb2.Register(
-            worker_id=self.worker_id,
-            device=workers_pb2.Device(provider=self.pipeline.provider, device_type=self.device_type,
-                                      name=self.pipeline.renderer_model.name,
-                                      cpu_cores=self.cpu_cores,
-                                      latency_budget_seconds=self.latency_budget,
-                                      memory_bytes=self.memory_bytes),
-            models=self.pipeline.model_names,
-            profiles=[profile_to_pb(p) for p in self.profiles],
-            input_endpoint=self.input_endpoint,
-            active_rooms=[workers_pb2.ActiveRoom(session_id=sid, epoch=r.epoch)
-                          for sid, r in self.rooms.items() if not r.superseded],
-            avatars=self.pipeline.folder.avatar_ids(),
-            memory=workers_pb2.MemoryProfile(
-                models_bytes=self.pipeline.models_bytes,
-                avatar_bytes_per_pixel=AVATAR_BYTES_PER_PIXEL,
-                room_bytes_per_pixel=frame_buffer_bytes_per_pixel(self.latency_budget)),
-            warm_avatars=self.pipeline.warm_avatars(),
-            usage_epoch=self.usage_epoch))
-
     def _usage_report(self) -> workers_pb2.UsageReport | None:
         """The next numbered report of every running room's progress (None: no room runs)."""
         updates = []
-        for room in list(self.rooms.values()):
-            if room.state is RoomState.RUNNING and not room.superseded:
-                self._account(room)
-                updates.append(self._update_pb(room.session_id, types_pb2.SESSION_STATE_RUNNING,
-                                               "", room))
+        for room in self.rooms.running():
+            self._account(room)
+            updates.append(self._update_pb(room.session_id, types_pb2.SESSION_STATE_RUNNING,
+                                           "", room))
         if not updates:
             return None
-        return self._numbered(updates)
-
-    def _numbered(self, updates: list[workers_pb2.SessionUpdate]) -> workers_pb2.UsageReport:
-        """The next report in this epoch's numbering, held until acknowledged."""
-        self._usage_seq += 1
-        report = workers_pb2.UsageReport(seq=self._usage_seq, updates=updates)
-        self._usage_held.append(report)
-        return report
+        return self.usage.next(updates)
 
     def _report(self, updates: list[workers_pb2.SessionUpdate]) -> None:
         """A numbered report now (a room's final state): sent if connected, resent on
         reconnect until the scheduler has it durably."""
-        report = self._numbered(updates)
-        if self._outbox is not None:
-            self._outbox.put_nowait(workers_pb2.WorkerMessage(usage_report=report))
-
-    def _acknowledged(self, seq: int) -> None:
-        while self._usage_held and self._usage_held[0].seq <= seq:
-            self._usage_held.popleft()
+        self.link.send(workers_pb2.WorkerMessage(usage_report=self.usage.next(updates)))
 
     def _room_stalled(self, room: Room, behind: float) -> None:
         """The worker stalled long enough for the scheduler to have moved its rooms: hold
         every room's output and register again, so the scheduler says which are ours."""
-        for r in self.rooms.values():
-            r.hold()
-        if self._call is not None and not self._resync:
+        self.rooms.hold_all()
+        if self.link.restart():
             log.warning("stalled %.1fs (past the scheduler's %.1fs worker timeout): rooms "
                         "held until the scheduler confirms them", behind, self.worker_timeout)
-            self._resync = True
-            self._call.cancel()
-
-    def _confirm(self, confirmed: dict[str, int]) -> None:
-        """After registering: rooms the scheduler kept go on; the others were moved while
-        this worker was away and stop without writing another frame."""
-        for sid, room in list(self.rooms.items()):
-            if confirmed.get(sid) == room.epoch:
-                if room.held:
-                    log.info("room %s confirmed (assignment %d): output resumes", sid, room.epoch)
-                room.release_hold()
-            else:
-                log.warning("room %s (assignment %d) was moved while this worker was away; "
-                            "stopping it", sid, room.epoch)
-                room.abandon("moved to another worker while this one was away")
-
-    def _unapplied_reports(self, last_applied: int) -> list[workers_pb2.UsageReport]:
-        """Held reports the scheduler has not applied, oldest first."""
-        return [r for r in self._usage_held if r.seq > last_applied]
-
-    async def _outgoing(self, outbox: asyncio.Queue[workers_pb2.WorkerMessage]
-                        ) -> AsyncIterator[workers_pb2.WorkerMessage]:
-        yield self._register()
-        while True:
-            yield await outbox.get()
-
-    async def _tick(self, outbox: asyncio.Queue[workers_pb2.WorkerMessage]) -> None:
-        while True:
-            await asyncio.sleep(min(self.heartbeat_interval, self.progress_interval))
-            # A usage report is proof of life too: a heartbeat only when there is none, so
-            # a fleet's scheduler handles one message per worker per interval.
-            report = self._usage_report()
-            if report is not None:
-                outbox.put_nowait(workers_pb2.WorkerMessage(usage_report=report))
-            else:
-                outbox.put_nowait(workers_pb2.WorkerMessage(heartbeat=workers_pb2.Heartbeat(
-                    active_sessions=len(self.rooms), load=self.load())))
-            self._account_engine()
-            drifted = self.pipeline.engine.drifted()
-            if drifted:
-                fresh = self.corrected_profiles(drifted)
-                log.info("latency drifted for %s; re-reporting profiles",
-                         ", ".join(map(str, drifted)))
-                outbox.put_nowait(workers_pb2.WorkerMessage(profile_update=workers_pb2.ProfileUpdate(
-                    profiles=[profile_to_pb(p) for p in fresh])))
-
-    async def _session(self, channel: grpc.aio.Channel) -> None:
-        stub = workers_pb2_grpc.WorkerServiceStub(channel)
-        outbox: asyncio.Queue[workers_pb2.WorkerMessage] = asyncio.Queue()
-        call = stub.Connect(self._outgoing(outbox))
-        self._call = call
-        ticker: asyncio.Task[None] | None = None
-        try:
-            async for msg in call:
-                kind = msg.WhichOneof("kind")
-                if kind == "registered":
-                    reg = msg.registered
-                    self.heartbeat_interval = reg.heartbeat_interval_seconds or 1.0
-                    self.worker_timeout = reg.worker_timeout_seconds or self.worker_timeout
-                    for r in self.rooms.values():
-                        r.stall_seconds = self.worker_timeout
-                    self._confirm({r.session_id: r.epoch for r in reg.confirmed_rooms})
-                    # Before anything new: reports sent on a lost link, or never sent.
-                    for report in self._unapplied_reports(reg.last_usage_seq):
-                        outbox.put_nowait(workers_pb2.WorkerMessage(usage_report=report))
-                    self._outbox = outbox
-                    if self._draining is not None:  # a new link: the scheduler must hear it again
-                        outbox.put_nowait(self._drain_message())
-                    ticker = asyncio.create_task(self._tick(outbox))
-                    self.connected.set()
-                    log.info("registered with scheduler %s as %s", self.scheduler_address,
-                             self.worker_id)
-                elif kind == "assign":
-                    self._assign(msg.assign)
-                elif kind == "release":
-                    room = self.rooms.get(msg.release.session_id)
-                    if room is not None and msg.release.handover:
-                        room.hand_over(msg.release.reason or "handed over")
-                    elif room is not None and msg.release.at_script_boundary:
-                        room.stop_at_script_boundary(msg.release.reason or "released")
-                    elif room is not None:
-                        room.stop(msg.release.reason or "released by scheduler")
-                elif kind == "script":
-                    room = self.rooms.get(msg.script.session_id)
-                    if room is not None:
-                        room.append_script(convert.segments_from_pb(msg.script.segments))
-                elif kind == "reconfigure":
-                    self._reconfigure(msg.reconfigure)
-                elif kind == "usage_ack":
-                    self._acknowledged(msg.usage_ack.seq)
-        finally:
-            self._call = None
-            self._outbox = None
-            self.connected.clear()
-            if ticker is not None:
-                ticker.cancel()
-            call.cancel()
-
-    async def run(self) -> None:
-        """Keeps the scheduler link up until cancelled."""
-        backoff = 0.2
-        token = client.TokenFile(self.scheduler_token_file) if self.scheduler_token_file else None
-        async with client.channel(self.scheduler_address, credentials=self.scheduler_credentials,
-                                  metadata=token) as channel:
-            while True:
-                try:
-                    await self._session(channel)
-                    backoff = 0.2
-                    log.warning("scheduler closed the stream; reconnecting")
-                except grpc.aio.AioRpcError as e:
-                    # A refused credential is the operator's to fix; keep trying meanwhile,
-                    # so a renewed token or certificate takes effect without a restart.
-                    refused = e.code() in (grpc.StatusCode.UNAUTHENTICATED,
-                                           grpc.StatusCode.PERMISSION_DENIED)
-                    log.log(logging.ERROR if refused else logging.WARNING,
-                            "scheduler %s (%s: %s); retrying in %.1fs",
-                            "refused this worker" if refused else "link down", e.code().name,
-                            e.details(), backoff)
-                except asyncio.CancelledError:
-                    task = asyncio.current_task()
-                    if not self._resync or (task is not None and task.cancelling()):
-                        raise  # the agent itself is being cancelled
-                    self._resync = False
-                    backoff = 0.2
-                    continue  # re-register at once
-                await asyncio.sleep(backoff * (1 + random.random() / 4))
-                backoff = min(backoff * 2, 5.0)
 
     def _drain_message(self) -> workers_pb2.WorkerMessage:
         assert self._draining is not None
@@ -482,8 +404,7 @@ class WorkerAgent:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         self._draining = (deadline, reason)
-        if self._outbox is not None:
-            self._outbox.put_nowait(self._drain_message())
+        self.link.send(self._drain_message())
         if self.rooms:
             log.info("draining: %d room(s) to hand over within %.0f s", len(self.rooms), timeout)
         while self.rooms:

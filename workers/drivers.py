@@ -3,7 +3,8 @@
 * ScriptPlayer: text segments, spoken by TTS, then silence (idle).
 * LiveAudio: PCM pushed by a client to the worker, bounded so a client faster
   than real time is pushed back instead of buffered without end.
-* LiveMotion: motion-capture coefficients pushed by a client, bounded the same way.
+* LiveMotion: motion-capture coefficients pushed by a client, bounded the same way
+  (both are LiveBuffers: one implementation of the bounds and of closing).
 
 The bounds are hard: what a live buffer holds never exceeds its capacity (one
 oversized chunk excepted, taken only into an empty buffer), and a producer waits,
@@ -96,55 +97,49 @@ class ScriptPlayer:
         return out, speaking
 
 
-class LiveAudio:
-    """A bounded jitter buffer of live PCM for one room."""
+class LiveBuffer:
+    """A bounded buffer of one live input of a room, between the clients that push it
+    (producers, each a gRPC stream) and the room that consumes it.
 
-    def __init__(self, max_seconds: float = LIVE_AUDIO_BUFFER_SECONDS) -> None:
-        self._chunks: collections.deque[np.ndarray] = collections.deque()
+    Sizes count the input's own unit (audio samples, motion frames). A push waits
+    until its item fits, so the bound holds exactly; an item larger than the capacity
+    waits for an empty buffer rather than forever. Closing (the room ended) releases
+    every waiting producer and consumer; later pushes raise InputClosed.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._items: collections.deque[np.ndarray] = collections.deque()
         self._size = 0
-        self._max = round(max_seconds * SAMPLE_RATE)
+        self._max = capacity
         self._space = asyncio.Event()
         self._space.set()
         self._data = asyncio.Event()
         self.producers = 0
         self.attached = asyncio.Event()  # set once a first producer has connected
-        self.underrun_samples = 0
-        self.taken_samples = 0  # live samples the room has consumed (not the padding)
         self.closed = False
         self._waiting = 0  # producers waiting for space
 
     @property
     def capacity(self) -> int:
-        """Samples the buffer holds at most."""
+        """What the buffer holds at most."""
         return self._max
-
-    def attach(self) -> None:
-        self.producers += 1
-        self.attached.set()
 
     @property
     def buffered(self) -> int:
         return self._size
 
-    async def push(self, samples: np.ndarray) -> None:
-        """Adds samples, waiting until they fit (back-pressure on the client); raises
-        InputClosed once the room has ended."""
-        # Waits for room for the whole chunk, so the bound holds exactly; a chunk larger
-        # than the capacity waits for an empty buffer rather than forever.
-        while not self.closed and self._size > 0 and self._size + samples.size > self._max:
-            self._space.clear()
-            self._waiting += 1
-            # A consumer waiting for more than is buffered must not wait for this chunk,
-            # which waits for it (see ``full``).
-            self._data.set()
-            try:
-                await self._space.wait()
-            finally:
-                self._waiting -= 1
-        if self.closed:
-            raise InputClosed("the room has ended")
-        self._chunks.append(samples.astype(np.float32))
-        self._size += samples.size
+    def attach(self) -> None:
+        self.producers += 1
+        self.attached.set()
+
+    def producer_closed(self) -> None:
+        self.producers -= 1
+        self._data.set()
+
+    def close(self) -> None:
+        """The room has ended: waiting and later pushes raise InputClosed."""
+        self.closed = True
+        self._space.set()
         self._data.set()
 
     @property
@@ -153,108 +148,101 @@ class LiveAudio:
         hold until the consumer takes some."""
         return self._waiting > 0 and not self._space.is_set()
 
-    async def wait_for(self, n: int) -> None:
-        """Waits until ``n`` samples are buffered, the buffer is full, or no producer is
-        connected (then ``take`` pads what is missing)."""
+    async def _put(self, item: np.ndarray, size: int) -> None:
+        """Adds an item of ``size`` units once it fits (back-pressure on the client)."""
+        while not self.closed and self._size > 0 and self._size + size > self._max:
+            self._space.clear()
+            self._waiting += 1
+            # A consumer waiting for more than is buffered must not wait for this item,
+            # which waits for it (see ``full``).
+            self._data.set()
+            try:
+                await self._space.wait()
+            finally:
+                self._waiting -= 1
+        if self.closed:
+            raise InputClosed("the room has ended")
+        self._items.append(item)
+        self._size += size
+        self._data.set()
+
+    async def _wait_for(self, n: int) -> None:
+        """Waits until ``n`` units are buffered, the buffer is full, or no producer is
+        connected."""
         while self._size < n and self.producers > 0 and not self.closed and not self.full:
             self._data.clear()
             await self._data.wait()
 
-    def close(self) -> None:
-        """The room has ended: waiting and later pushes raise InputClosed."""
-        self.closed = True
-        self._space.set()
-        self._data.set()
+    def _taken(self, size: int) -> None:
+        """The consumer took ``size`` units out of the items."""
+        self._size -= size
+        if self._size < self._max:
+            self._space.set()
 
-    def producer_closed(self) -> None:
-        self.producers -= 1
-        self._data.set()
+
+class LiveAudio(LiveBuffer):
+    """A bounded jitter buffer of live PCM for one room, in samples at SAMPLE_RATE."""
+
+    def __init__(self, max_seconds: float = LIVE_AUDIO_BUFFER_SECONDS) -> None:
+        super().__init__(round(max_seconds * SAMPLE_RATE))
+        self.underrun_samples = 0
+        self.taken_samples = 0  # live samples the room has consumed (not the padding)
+
+    async def push(self, samples: np.ndarray) -> None:
+        """Adds samples, waiting until they fit (back-pressure on the client); raises
+        InputClosed once the room has ended."""
+        await self._put(samples.astype(np.float32), samples.size)
+
+    async def wait_for(self, n: int) -> None:
+        """Waits until ``n`` samples are buffered, the buffer is full, or no producer is
+        connected (then ``take`` pads what is missing)."""
+        await self._wait_for(n)
 
     def take(self, n: int) -> np.ndarray:
         """Next ``n`` samples, padded with silence on underrun."""
         parts: list[np.ndarray] = []
         need = n
-        while need > 0 and self._chunks:
-            c = self._chunks[0]
+        while need > 0 and self._items:
+            c = self._items[0]
             if c.size <= need:
-                parts.append(self._chunks.popleft())
+                parts.append(self._items.popleft())
                 need -= c.size
             else:
                 parts.append(c[:need])
-                self._chunks[0] = c[need:]
+                self._items[0] = c[need:]
                 need = 0
         got = n - need
-        self._size -= got
+        self._taken(got)
         self.taken_samples += got
         if need:
             self.underrun_samples += need
             parts.append(np.zeros(need, np.float32))
-        if self._size < self._max:
-            self._space.set()
         return np.concatenate(parts) if parts else np.zeros(n, np.float32)
 
 
-class LiveMotion:
+class LiveMotion(LiveBuffer):
     """Motion-capture frames for one room; holds the last pose briefly on a gap."""
 
     def __init__(self, max_frames: int = LIVE_MOTION_BUFFER_FRAMES, hold_frames: int = 12) -> None:
-        self._frames: collections.deque[np.ndarray] = collections.deque()
-        self._max = max_frames
+        super().__init__(max_frames)
         self._hold = hold_frames
         self._last: np.ndarray | None = None
         self._missing = 0
-        self._space = asyncio.Event()
-        self._space.set()
-        self._data = asyncio.Event()
-        self.producers = 0
-        self.attached = asyncio.Event()  # set once a first producer has connected
-        self.closed = False
-
-    @property
-    def capacity(self) -> int:
-        """Frames the buffer holds at most."""
-        return self._max
-
-    @property
-    def buffered(self) -> int:
-        return len(self._frames)
-
-    def attach(self) -> None:
-        self.producers += 1
-        self.attached.set()
 
     async def push(self, coefficients: np.ndarray) -> None:
         if coefficients.shape != (MOTION_DIM,):
             raise ValueError(f"motion frame must have {MOTION_DIM} coefficients, got {coefficients.size}")
-        while not self.closed and len(self._frames) >= self._max:
-            self._space.clear()
-            await self._space.wait()
-        if self.closed:
-            raise InputClosed("the room has ended")
-        self._frames.append(np.clip(coefficients, -1.0, 1.0).astype(np.float32))
-        self._data.set()
+        await self._put(np.clip(coefficients, -1.0, 1.0).astype(np.float32), 1)
 
     async def wait_for_frame(self) -> None:
-        while not self._frames and self.producers > 0 and not self.closed:
-            self._data.clear()
-            await self._data.wait()
-
-    def close(self) -> None:
-        """The room has ended: waiting and later pushes raise InputClosed."""
-        self.closed = True
-        self._space.set()
-        self._data.set()
-
-    def producer_closed(self) -> None:
-        self.producers -= 1
-        self._data.set()
+        await self._wait_for(1)
 
     def take(self) -> np.ndarray | None:
         """The next pose, the last one during a short gap, or None (idle takes over)."""
-        if self._frames:
-            self._last = self._frames.popleft()
+        if self._items:
+            self._last = self._items.popleft()
             self._missing = 0
-            self._space.set()
+            self._taken(1)
             return self._last
         self._missing += 1
         return self._last if self._missing <= self._hold else None

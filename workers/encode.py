@@ -1,4 +1,4 @@
-"""H.264 + AAC encoding with PyAV, and the three outputs: file, HLS folder, RTMP.
+"""The encoder: H.264 + AAC with PyAV into one output (a file, an HLS folder, RTMP).
 
 An encoder runs in its own thread per room (PyAV releases the GIL while it
 encodes), behind a bounded queue, so a slow encoder or a stalled RTMP ingest
@@ -10,43 +10,15 @@ frame carries its own rate, video timestamps count stream time on a fine clock
 (90 kHz) rather than frames, and keyframes follow stream time, so the stream's
 duration, its audio and its segment lengths stay right across a change.
 
-An output outlives the worker that started it. When the scheduler moves a room
-to another worker it does so under a new *assignment epoch* (1 for the first
-placement, one more for each), and the new worker continues the same output:
-
-- RTMP: the same URL; nothing to do here.
-- HLS folder: each assignment's muxer writes into a private staging folder
-  (``.e{epoch}/``; ``.c{continuation}/`` when unfenced) with its own playlist.
-  Completed segments are moved into the public folder as
-  ``segment_e{epoch}_{n:05d}.ts`` (unique per assignment, so names never
-  collide) and ``index.m3u8`` is rewritten atomically: what the earlier
-  assignments published, ``#EXT-X-DISCONTINUITY``, then this assignment's
-  segments. ``#EXT-X-ENDLIST`` is written at a clean close and dropped when a
-  continuation appends. A crash leaves the published segments and the staging
-  folder (the segment it was writing is lost).
-- File: continuation k writes ``{stem}.{k}{suffix}`` next to the original:
-  ``show.mp4``, then ``show.1.mp4``, ``show.2.mp4``, ...
-
-Fencing keeps a stale worker (frozen, or partitioned and back) out of an output a
-newer assignment has taken over. A fence file per logical output (``.fence`` in
-the HLS folder; ``.show.mp4.fence`` next to a file) holds the highest epoch that
-has claimed it. An encoder claims it at open, before touching the output, and
-checks it (one stat, a read only when it changed) before every frame and every
-publish; finding a higher epoch it raises Superseded and touches no public file
-again. Epoch 0 means unfenced (a single writer: tests, local runs). What remains:
-a writer frozen between its last check and one rename can still land that rename
-when it resumes; the owner rewrites the playlist from its own record at its next
-segment, so such a stray entry lasts one segment at most. On NFS the fence is
-only as fresh as the attribute cache (``actimeo``).
+Where the output is and how a continuation writes it: ``workers.output``; how an
+HLS folder is published: ``workers.hls``; how a stale writer is kept out:
+``workers.fence``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
 import queue
-import shutil
 import threading
 import time
 import typing
@@ -58,9 +30,18 @@ from typing import Any
 import av
 import numpy as np
 
-from avatarfarm.domain import InvalidRequest, Output, OutputKind, validate_output
-from avatarfarm.egress import EgressPolicy, ForbiddenTarget
+from avatarfarm.domain import OutputKind
 from workers.audio import SAMPLE_RATE
+from workers.fence import Fence, Superseded, fence_path
+from workers.hls import HlsPublisher
+
+# The `name as name` imports keep those names importable from here for code outside
+# workers/ written before this module was split into output, hls and fence
+# (tests/test_hostile_input.py, loadtests/).
+from workers.hls import hls_segments as hls_segments
+from workers.output import OutputError as OutputError
+from workers.output import OutputTarget as OutputTarget
+from workers.output import continuation_path
 
 log = logging.getLogger(__name__)
 
@@ -69,305 +50,6 @@ AUDIO_OUT_RATE = 48_000
 # 11 microseconds of its exact time, and the MPEG-TS clock, so HLS needs no rescale.
 VIDEO_TIME_BASE = Fraction(1, 90_000)
 ENCODER_QUEUE = 8  # frames an EncoderThread holds before the room sees back-pressure
-
-
-class OutputError(ValueError):
-    """An output target that is malformed or not allowed."""
-
-
-@dataclass(frozen=True, slots=True)
-class OutputTarget:
-    kind: OutputKind
-    location: str  # resolved file path, HLS playlist path or RTMP URL
-
-    @staticmethod
-    def resolve(kind: OutputKind, value: str, root: Path,
-                egress: EgressPolicy | None = None) -> OutputTarget:
-        """Resolves a tenant-supplied target; paths must stay inside ``root`` and RTMP
-        URLs must pass ``egress`` (the built-in policy when None) as far as their text
-        tells (``avatarfarm.egress.check_resolved`` checks a host name's addresses)."""
-        try:
-            validate_output(Output(kind, value))
-            if kind is OutputKind.RTMP:
-                (egress or EgressPolicy()).check_url(value)
-        except (InvalidRequest, ForbiddenTarget) as e:
-            raise OutputError(str(e)) from e
-        if kind is OutputKind.RTMP:
-            return OutputTarget(kind, value)
-        # Resolving follows symlinks, dangling ones too: a link inside the folder cannot
-        # lead outside it. The files FFmpeg will open are checked as well as the folder.
-        base = root.resolve()
-        path = (root / value).resolve()
-        opened = [path]
-        if kind is OutputKind.HLS:
-            opened = [path / "index.m3u8"]
-            if path.is_dir():
-                opened += sorted(path.glob("segment_*.ts"))
-        for p in opened:
-            if p.resolve() == base or not p.resolve().is_relative_to(base):
-                raise OutputError(f"output path {value!r} leaves the output folder")
-        if kind is OutputKind.FILE:
-            return OutputTarget(kind, str(path))
-        return OutputTarget(kind, str(path / "index.m3u8"))
-
-
-class Superseded(RuntimeError):
-    """A newer assignment of the room holds the output: this writer must stop writing."""
-
-    def __init__(self, location: str, epoch: int, holder: int) -> None:
-        super().__init__(f"output {location} (assignment {epoch}) taken over by assignment {holder}")
-        self.location, self.epoch, self.holder = location, epoch, holder
-
-
-def fence_path(target: OutputTarget) -> Path | None:
-    """The fence file of a logical output; None for RTMP (the ingest is not in our folder)."""
-    if target.kind is OutputKind.RTMP:
-        return None
-    path = Path(target.location)
-    if target.kind is OutputKind.HLS:
-        return path.parent / ".fence"
-    return path.with_name(f".{path.name}.fence")
-
-
-def continuation_path(path: Path, continuation: int) -> Path:
-    """Where continuation k of a file output goes: ``show.mp4``, ``show.1.mp4``, ..."""
-    return path if continuation == 0 else path.with_name(f"{path.stem}.{continuation}{path.suffix}")
-
-
-class _Fence:
-    """An output's fence file, read cheaply: one stat per check, a read only when it changed."""
-
-    def __init__(self, path: Path, epoch: int, location: str) -> None:
-        self.path, self.epoch, self.location = path, epoch, location
-        self._seen: tuple[int, int, int] | None = None
-        self._holder = 0
-
-    def holder(self) -> int:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            self._seen = None
-            return 0
-        seen = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if seen != self._seen:
-            try:
-                text = self.path.read_text()
-            except FileNotFoundError:
-                return 0
-            try:
-                self._holder = int(text.split()[0])
-            except (ValueError, IndexError):
-                log.warning("fence %s holds %r, not an epoch", self.path, text[:40])
-                self._holder = 0
-            self._seen = seen
-        return self._holder
-
-    def hold(self) -> None:
-        """Claims the fence, or confirms this epoch still holds it.
-
-        Raises Superseded where a higher epoch holds it. A lower one is overwritten:
-        the first claim, a fence removed by hand, or an older claim that raced this
-        one and replaced the file last (its writer sees this epoch at its next check).
-        """
-        holder = self.holder()
-        if holder > self.epoch:
-            raise Superseded(self.location, self.epoch, holder)
-        if holder < self.epoch:
-            tmp = self.path.with_name(f"{self.path.name}.{self.epoch}.{os.getpid()}.tmp")
-            _write_new(tmp, f"{self.epoch}\n", sync=True)
-            os.replace(tmp, self.path)
-            self._seen = None
-
-
-def _write_new(path: Path, text: str, sync: bool = False) -> None:
-    """Writes a fresh file: whatever had the name (a leftover, a planted link) is removed,
-    not written through."""
-    path.unlink(missing_ok=True)
-    with open(path, "x") as f:
-        f.write(text)
-        if sync:
-            f.flush()
-            os.fsync(f.fileno())
-
-
-@dataclass(frozen=True, slots=True)
-class HlsSegment:
-    name: str
-    duration: float  # seconds, from #EXTINF
-    discontinuity_before: bool
-
-
-# Tags the playlist writer owns and writes itself; every other line is kept in order.
-_EXTM3U, _VERSION, _TARGET, _SEQUENCE, _ENDLIST = (
-    "#EXTM3U", "#EXT-X-VERSION:", "#EXT-X-TARGETDURATION:", "#EXT-X-MEDIA-SEQUENCE:", "#EXT-X-ENDLIST")
-_EXTINF, _DISCONTINUITY = "#EXTINF:", "#EXT-X-DISCONTINUITY"
-
-
-@dataclass(slots=True)
-class _Playlist:
-    """An HLS media playlist: its lines in order, less the tags rendered from the fields."""
-
-    lines: list[str]
-    version: int = 3
-    media_sequence: int = 0
-    ended: bool = False
-
-    @staticmethod
-    def parse(text: str) -> _Playlist:
-        pl = _Playlist([])
-        for raw in text.splitlines():
-            line = raw.strip()
-            if not line or line == _EXTM3U or line.startswith(_TARGET):
-                continue  # the target duration is recomputed from the segments
-            if line == _ENDLIST:
-                pl.ended = True
-            elif line.startswith((_VERSION, _SEQUENCE)):
-                try:
-                    value = int(line.split(":", 1)[1])
-                except ValueError:
-                    pl.lines.append(line)
-                    continue
-                if line.startswith(_VERSION):
-                    pl.version = value
-                else:
-                    pl.media_sequence = value
-            else:
-                pl.lines.append(line)
-        return pl
-
-    def header(self) -> list[str]:
-        """The lines before the first segment."""
-        out = []
-        for line in self.lines:
-            if line.startswith(_EXTINF) or line == _DISCONTINUITY or not line.startswith("#"):
-                break
-            out.append(line)
-        return out
-
-    def segments(self) -> list[HlsSegment]:
-        out, duration, discontinuity = [], 0.0, False
-        for line in self.lines:
-            if line.startswith(_EXTINF):
-                try:
-                    duration = float(line[len(_EXTINF):].split(",", 1)[0])
-                except ValueError:
-                    duration = 0.0
-            elif line == _DISCONTINUITY:
-                discontinuity = True
-            elif not line.startswith("#"):
-                out.append(HlsSegment(line, duration, discontinuity))
-                duration, discontinuity = 0.0, False
-        return out
-
-    def render(self) -> str:
-        longest = max((s.duration for s in self.segments()), default=1.0)
-        # Rounded first: 2.0000001 s of float noise must not make the target 3.
-        target = max(1, math.ceil(round(longest, 3)))
-        lines = [_EXTM3U, f"{_VERSION}{self.version}", f"{_TARGET}{target}",
-                 f"{_SEQUENCE}{self.media_sequence}", *self.lines]
-        if self.ended:
-            lines.append(_ENDLIST)
-        return "\n".join(lines) + "\n"
-
-
-def hls_segments(folder: Path | str, playlist: str = "index.m3u8") -> list[HlsSegment]:
-    """The segments an HLS folder's playlist lists, in order."""
-    return _Playlist.parse((Path(folder) / playlist).read_text()).segments()
-
-
-class _HlsPublisher:
-    """Moves one assignment's completed segments from its staging folder into the public
-    HLS folder and keeps the public playlist: what earlier assignments published when
-    this one published its first segment, then this assignment's own segments.
-
-    Rendering from its own record rather than re-reading the public playlist each time
-    means a stray write by a stale writer lasts until this writer's next segment only.
-    ``check`` runs before every move and every playlist replace and raises Superseded.
-    """
-
-    def __init__(self, playlist: Path, tag: str, check: typing.Callable[[], None], append: bool) -> None:
-        self.playlist = playlist
-        self.folder = playlist.parent
-        self.staging = self.folder / f".{tag}"
-        self.tag, self.check, self.append = tag, check, append
-        self._staged_seen: tuple[int, int, int] | None = None
-        self._staged_done = 0  # staging entries published
-        self._base: _Playlist | None = None
-        self._mine: list[str] = []
-        self._published = 0
-
-    @property
-    def staging_playlist(self) -> Path:
-        return self.staging / self.playlist.name
-
-    def prepare(self) -> None:
-        # Only this assignment writes here: what is left came from its own earlier attempt
-        # (or is a planted link, removed rather than followed).
-        if self.staging.is_symlink():
-            self.staging.unlink()
-        shutil.rmtree(self.staging, ignore_errors=True)
-        self.staging.mkdir(parents=True)
-
-    def poll(self) -> None:
-        """Publishes what the muxer has completed since the last poll."""
-        try:
-            st = os.stat(self.staging_playlist)
-        except FileNotFoundError:
-            return
-        seen = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if seen == self._staged_seen:
-            return
-        self._staged_seen = seen
-        staged = _Playlist.parse(self.staging_playlist.read_text())
-        new = staged.segments()[self._staged_done:]
-        if not new:
-            return
-        if self._base is None:
-            self._base = self._start(staged)
-        for seg in new:
-            self.check()
-            name = f"segment_{self.tag}_{self._published:05d}.ts"
-            os.replace(self.staging / Path(seg.name).name, self.folder / name)
-            self._mine += [f"{_EXTINF}{seg.duration:.6f},", name]
-            self._published += 1
-            self._staged_done += 1
-        self._base.version = max(self._base.version, staged.version)
-        self._write(ended=False)
-
-    def finish(self, ended: bool = True) -> None:
-        """After the muxer's trailer: publishes the last segment and ends the playlist
-        (``ended=False``: leaves it open, for a continuation handed the room over)."""
-        try:
-            self._staged_seen = None
-            self.poll()
-            if self._published:
-                self._write(ended=ended)
-        finally:
-            self.discard()
-
-    def discard(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
-
-    def _start(self, staged: _Playlist) -> _Playlist:
-        if self.append and self.playlist.exists():
-            base = _Playlist.parse(self.playlist.read_text())
-            base.ended = False
-            if base.segments():
-                self._mine.append(_DISCONTINUITY)
-            return base
-        return _Playlist(staged.header(), staged.version, 0)
-
-    def _write(self, ended: bool) -> None:
-        assert self._base is not None
-        pl = _Playlist(self._base.lines + self._mine, self._base.version, self._base.media_sequence, ended)
-        tmp = self.folder / f".{self.playlist.name}.{self.tag}.tmp"
-        _write_new(tmp, pl.render())
-        try:
-            self.check()
-        except Superseded:
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, self.playlist)
 
 
 _NVENC_OPENS: bool | None = None
@@ -447,11 +129,11 @@ class StreamEncoder:
         if target.kind is OutputKind.FILE:
             self.location = str(continuation_path(Path(target.location), continuation))
         fence = fence_path(target)
-        self._fence = _Fence(fence, epoch, target.location) if fence is not None and epoch > 0 else None
+        self._fence = Fence(fence, epoch, target.location) if fence is not None and epoch > 0 else None
         self._superseded: Superseded | None = None
         self._withdrawn = False  # set from another thread: a plain flag, read per frame
         self.leave_open = False  # a clean close that leaves the output to a continuation
-        self._hls: _HlsPublisher | None = None
+        self._hls: HlsPublisher | None = None
         self._container: Any = None
         self._video: Any = None
         self._audio: Any = None
@@ -481,7 +163,7 @@ class StreamEncoder:
                 options["movflags"] = "frag_keyframe+empty_moov+default_base_moof"
         elif self.target.kind is OutputKind.HLS:
             tag = f"e{self.epoch}" if self.epoch else f"c{self.continuation}"
-            self._hls = _HlsPublisher(Path(self.target.location), tag, self._hold,
+            self._hls = HlsPublisher(Path(self.target.location), tag, self._hold,
                                       append=self.continuation > 0)
             self._hls.prepare()
             url = str(self._hls.staging_playlist)

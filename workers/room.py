@@ -25,7 +25,7 @@ and the encoder's timestamps all count its 1/fps, so the stream's duration stays
 exact across a change.
 
 Failover. A room runs under an assignment epoch from the scheduler; its
-output is fenced by it (see workers.encode), and when the room resumes on
+output is fenced by it (see workers.fence), and when the room resumes on
 another worker its output continues (continuation > 0). A room that finds
 itself behind real time by more than `stall_seconds` (the scheduler's worker
 timeout: the process was frozen or starved long enough for the scheduler to
@@ -60,17 +60,12 @@ from workers.alignment import (
 )
 from workers.audio import SAMPLE_RATE, MelStream
 from workers.drivers import LiveAudio, LiveMotion, ScriptPlayer
-from workers.encode import (
-    ENCODER_QUEUE,
-    EncoderSettings,
-    EncoderThread,
-    OutputTarget,
-    StreamEncoder,
-    Superseded,
-)
+from workers.encode import ENCODER_QUEUE, EncoderSettings, EncoderThread, StreamEncoder
 from workers.engine import DeadlineMissed
+from workers.fence import Superseded
 from workers.label import LabelSpec, LabelStamp
 from workers.motion import IdleAnimator, compose
+from workers.output import OutputTarget
 from workers.pipeline import Pipeline, to_canvas
 
 log = logging.getLogger(__name__)
@@ -122,7 +117,24 @@ MIN_RENDER_SIDE = 16
 
 
 class InvalidQuality(ValueError):
-    """A reconfiguration the room cannot apply; the room keeps its quality."""
+    """A quality this worker cannot render: a reconfiguration the room cannot apply (the
+    room keeps its quality), or a room's own quality (its assignment is refused)."""
+
+
+def check_renderable(q: Quality) -> None:
+    """Raises InvalidQuality for a stream this worker cannot make at all, whatever the
+    tenant edge allows: a rate below 1 fps, a portrait side under MIN_RENDER_SIDE, or an
+    odd width or height (H.264's 4:2:0 halves both)."""
+    if q.fps < 1:
+        raise InvalidQuality(f"fps {q.fps} is below 1")
+    _check_side(q)
+    if q.width % 2 or q.height % 2:
+        raise InvalidQuality(f"{q} must have even width and height (H.264 4:2:0)")
+
+
+def _check_side(q: Quality) -> None:
+    if q.render_side < MIN_RENDER_SIDE:
+        raise InvalidQuality(f"{q} is too small to render (side < {MIN_RENDER_SIDE})")
 
 
 def frame_buffer_bytes_per_pixel(latency_budget_seconds: float, fps: int = 25) -> float:
@@ -299,8 +311,7 @@ class Room:
             raise InvalidQuality(f"fps {quality.fps} outside 1..{spec.fps}")
         if quality.width > spec.width or quality.height > spec.height:
             raise InvalidQuality(f"{quality} is larger than the room's {spec}")
-        if quality.render_side < MIN_RENDER_SIDE:
-            raise InvalidQuality(f"{quality} is too small to render (side < {MIN_RENDER_SIDE})")
+        _check_side(quality)
         before = self.rendering
         self.rendering, self.degradation_step = quality, step
         if quality != before:

@@ -65,7 +65,7 @@ async def _drain(agent: WorkerAgent, timeout: float = 2.0) -> None:
     # Polls with a deadline: the stream consumes the outbox at its own pace.
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while agent.outbox_pending() and loop.time() < deadline:  # noqa: ASYNC110
+    while agent.link.pending() and loop.time() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.02)
 
 

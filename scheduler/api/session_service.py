@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import grpc
 
 from avatarfarm import convert
-from avatarfarm.domain import InvalidRequest, Quality
+from avatarfarm.domain import InvalidRequest
 from avatarfarm.v1 import sessions_pb2, sessions_pb2_grpc, types_pb2
 from scheduler.api import auth
 from scheduler.api.auth import Principal, Unauthenticated
@@ -76,17 +76,13 @@ async def guard_async(context: grpc.aio.ServicerContext, aw: Awaitable[T],
         raise  # unreachable: abort raises
 
 
-def quality_to_pb(q: Quality) -> types_pb2.Quality:
-    return types_pb2.Quality(width=q.width, height=q.height, fps=q.fps)
-
-
 def session_to_pb(s: Session, queue_position: int = 0) -> types_pb2.Session:
     return types_pb2.Session(
         session_id=s.session_id, spec=convert.spec_to_pb(s.spec), state=convert.state_to_pb(s.state),
         reason=s.reason, worker_id=s.worker_id, input_endpoint=s.input_endpoint,
         created_at=convert.timestamp(s.created_at), updated_at=convert.timestamp(s.updated_at),
         progress=convert.progress_to_pb(s.progress), provider=s.provider, device_type=s.device_type,
-        rendering=quality_to_pb(s.quality), degradation_step=s.step, compute_units=s.units,
+        rendering=convert.quality_to_pb(s.quality), degradation_step=s.step, compute_units=s.units,
         queue_position=queue_position)
 
 

@@ -16,7 +16,6 @@ import grpc
 from avatarfarm import convert
 from avatarfarm.domain import InvalidRequest, SessionState, Stage
 from avatarfarm.v1 import types_pb2, workers_pb2, workers_pb2_grpc
-from scheduler.api.session_service import quality_to_pb
 from scheduler.core import Scheduler
 from scheduler.policy import placement
 from scheduler.state.worker_conn import (
@@ -64,7 +63,7 @@ def command_to_pb(cmd: WorkerCommand) -> workers_pb2.SchedulerMessage:
                 script=workers_pb2.Script(session_id=sid, segments=convert.segments_to_pb(segments)))
         case ReconfigureCmd(sid, quality, step, reason):
             return workers_pb2.SchedulerMessage(reconfigure=workers_pb2.Reconfigure(
-                session_id=sid, quality=quality_to_pb(quality), step=step, reason=reason))
+                session_id=sid, quality=convert.quality_to_pb(quality), step=step, reason=reason))
         case UsageAckCmd(seq):
             return workers_pb2.SchedulerMessage(usage_ack=workers_pb2.UsageAck(seq=seq))
     raise TypeError(cmd)

@@ -215,7 +215,7 @@ class SqliteStore:
             spec_pb = types_pb2.SessionSpec.FromString(spec)
             prog = convert.progress_from_pb(types_pb2.SessionProgress.FromString(progress))
             self._known.add(sid)
-            out.append(Session(sid, convert.spec_from_stored(spec_pb), SessionState(state), seq, created,
+            out.append(Session(sid, convert.spec_from_trusted(spec_pb), SessionState(state), seq, created,
                                updated, rid, reason, worker, endpoint, prog, provider, device_type,
                                load, units, step, _quality(rendering), bool(guaranteed), changed,
                                epoch, _progress(base), assignments))

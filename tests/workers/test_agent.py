@@ -1,5 +1,6 @@
 """The worker agent over a real gRPC link: what it registers, numbered usage reports and
-their resending after a reconnect, live reconfiguration of a room.
+their resending after a reconnect, live reconfiguration of a room. And how it decodes
+an assignment: trusting the scheduler's validation, refusing only what it cannot do.
 
 The peer is a small recording WorkerService, not the scheduler: it plays the scheduler's
 side of the contract (a `Registered` with the last applied usage seq, commands) so the
@@ -9,19 +10,33 @@ worker's side is checked on its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
+import pytest
 
 from avatarfarm import convert
-from avatarfarm.domain import Output, OutputKind, Quality
+from avatarfarm.domain import (
+    LIMITS,
+    DriveMode,
+    InvalidRequest,
+    Output,
+    OutputKind,
+    Quality,
+    ScriptSegment,
+    SessionSpec,
+)
+from avatarfarm.egress import EgressPolicy
 from avatarfarm.v1 import types_pb2, workers_pb2, workers_pb2_grpc
 from tests.builders import make_spec
-from workers.agent import WorkerAgent
+from workers.agent import WorkerAgent, assignment_from_pb
+from workers.output import OutputError
 from workers.pipeline import Pipeline
-from workers.room import Pacing
+from workers.room import InvalidQuality, Pacing, RoomState
 from workers.server import device_memory_bytes
 
 
@@ -70,22 +85,38 @@ async def until(cond: Callable[[], bool], timeout: float = 20.0) -> None:
         await asyncio.sleep(0.01)
 
 
+@contextlib.asynccontextmanager
+async def linked_agent(fake: RecordingScheduler, pipeline: Pipeline, tmp_path: Path,
+                       memory_bytes: int = 0) -> AsyncIterator[WorkerAgent]:
+    """A real-time WorkerAgent linked to ``fake`` over a real gRPC server; on the way out
+    its rooms are shut down and the link and the server stopped."""
+    server = grpc.aio.server()
+    workers_pb2_grpc.add_WorkerServiceServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    agent = WorkerAgent("w1", f"127.0.0.1:{port}", pipeline, [], "127.0.0.1:1", "cpu",
+                        tmp_path, pacing=Pacing.REALTIME, progress_interval=0.05,
+                        memory_bytes=memory_bytes)
+    link = asyncio.create_task(agent.run())
+    try:
+        yield agent
+    finally:
+        await agent.shutdown()
+        link.cancel()
+        await asyncio.gather(link, return_exceptions=True)
+        fake.commands.put_nowait(None)
+        await server.stop(0.1)
+
+
 def test_agent_registers_reports_usage_and_reconfigures_live(pipeline: Pipeline,
                                                              tmp_path: Path) -> None:
     async def body() -> None:
         fake = RecordingScheduler()
-        server = grpc.aio.server()
-        workers_pb2_grpc.add_WorkerServiceServicer_to_server(fake, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        agent = WorkerAgent("w1", f"127.0.0.1:{port}", pipeline, [], "127.0.0.1:1", "cpu",
-                            tmp_path, pacing=Pacing.REALTIME, progress_interval=0.05,
-                            memory_bytes=device_memory_bytes(pipeline.provider))
-        link = asyncio.create_task(agent.run())
-        try:
+        async with linked_agent(fake, pipeline, tmp_path,
+                                memory_bytes=device_memory_bytes(pipeline.provider)) as agent:
             await until(lambda: len(fake.of(0, "heartbeat")) >= 3)
             reg = fake.of(0, "register")[0].register
-            assert reg.usage_epoch == agent.usage_epoch > 0
+            assert reg.usage_epoch == agent.usage.epoch > 0
             assert reg.device.memory_bytes > 1 << 20
             f = pipeline.folder
             assert f.lipsync is not None
@@ -119,7 +150,7 @@ def test_agent_registers_reports_usage_and_reconfigures_live(pipeline: Pipeline,
                 fake.commands.put_nowait(workers_pb2.SchedulerMessage(
                     reconfigure=workers_pb2.Reconfigure(
                         session_id=sid, step=step, reason="test",
-                        quality=types_pb2.Quality(width=q.width, height=q.height, fps=q.fps))))
+                        quality=convert.quality_to_pb(q))))
 
             reconfigure("ghost", Quality(192, 192, 12), 1)
             reconfigure("s1", Quality(256, 256, 50), 1)
@@ -152,8 +183,8 @@ def test_agent_registers_reports_usage_and_reconfigures_live(pipeline: Pipeline,
             last = again[-1].seq
             fake.commands.put_nowait(workers_pb2.SchedulerMessage(
                 usage_ack=workers_pb2.UsageAck(seq=last)))
-            await until(lambda: not agent._unapplied_reports(0)
-                        or agent._unapplied_reports(0)[0].seq > last)
+            await until(lambda: not agent.usage.unapplied(0)
+                        or agent.usage.unapplied(0)[0].seq > last)
 
             fake.commands.put_nowait(workers_pb2.SchedulerMessage(
                 release=workers_pb2.Release(session_id="s1", reason="done")))
@@ -163,13 +194,7 @@ def test_agent_registers_reports_usage_and_reconfigures_live(pipeline: Pipeline,
                                     for u in m.usage_report.updates))
             assert room.stats.stream_seconds > 0
             assert any(u.state == types_pb2.SESSION_STATE_ENDED
-                       for r in agent._unapplied_reports(0) for u in r.updates)
-        finally:
-            await agent.shutdown()
-            link.cancel()
-            await asyncio.gather(link, return_exceptions=True)
-            fake.commands.put_nowait(None)
-            await server.stop(0.1)
+                       for r in agent.usage.unapplied(0) for u in r.updates)
 
     asyncio.run(asyncio.wait_for(body(), 60))
 
@@ -179,14 +204,7 @@ def test_a_stalled_worker_holds_its_rooms_until_the_scheduler_says_which_are_its
     async def body() -> None:
         fake = RecordingScheduler()
         fake.worker_timeout = 0.5
-        server = grpc.aio.server()
-        workers_pb2_grpc.add_WorkerServiceServicer_to_server(fake, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        agent = WorkerAgent("w1", f"127.0.0.1:{port}", pipeline, [], "127.0.0.1:1", "cpu",
-                            tmp_path, pacing=Pacing.REALTIME, progress_interval=0.05)
-        link = asyncio.create_task(agent.run())
-        try:
+        async with linked_agent(fake, pipeline, tmp_path) as agent:
             await until(lambda: agent.connected.is_set())
             for sid, room_id, epoch in (("kept", "a", 3), ("moved", "b", 4)):
                 spec = make_spec(room_id, quality=Quality(128, 128, 25), seconds=0.0,
@@ -205,7 +223,7 @@ def test_a_stalled_worker_holds_its_rooms_until_the_scheduler_says_which_are_its
             reg = fake.of(1, "register")[0].register
             assert {(r.session_id, r.epoch) for r in reg.active_rooms} == {("kept", 3), ("moved", 4)}
             await until(lambda: "moved" not in agent.rooms)
-            sent = agent._usage_seq  # reports made before the worker knew may name it
+            sent = agent.usage.seq  # reports made before the worker knew may name it
             assert moved.superseded and not kept.held and agent.rooms["kept"] is kept
             frames = kept.stats.frames_rendered
             await until(lambda: kept.stats.frames_rendered > frames + 5)  # kept goes on
@@ -215,11 +233,65 @@ def test_a_stalled_worker_holds_its_rooms_until_the_scheduler_says_which_are_its
             assert not any(u.session_id == "moved" for m in fake.of(1, "usage_report")
                            if m.usage_report.seq > sent for u in m.usage_report.updates)
             assert "#EXT-X-ENDLIST" not in (tmp_path / "b" / "index.m3u8").read_text()
+
+    asyncio.run(asyncio.wait_for(body(), 60))
+
+
+# -- decoding an assignment -----------------------------------------------------------------
+
+def assign(spec: SessionSpec, session_id: str = "s1", epoch: int = 1) -> workers_pb2.Assign:
+    return workers_pb2.Assign(session_id=session_id, spec=convert.spec_to_pb(spec), epoch=epoch)
+
+
+# Specs the tenant edge refuses (a limit there may have been tightened after the scheduler
+# admitted them, or differ from the worker's release) that a worker can render all the same.
+BEYOND_THE_EDGE = {
+    "duration": make_spec("r", seconds=2 * LIMITS.max_duration_seconds),
+    "script length": make_spec("r", script=(ScriptSegment("la " * LIMITS.max_script_chars),)),
+    "segment count": make_spec("r", script=(ScriptSegment("la"),) * (LIMITS.max_segments + 1)),
+    "room id form": replace(make_spec("r"), room_id="a room id with spaces"),
+    "tenant id length": replace(make_spec("r"), tenant="t" * (LIMITS.max_id_length + 1)),
+    "frame size": make_spec("r", quality=Quality(3840, 3840, 25)),
+}
+
+
+@pytest.mark.parametrize("spec", BEYOND_THE_EDGE.values(), ids=BEYOND_THE_EDGE.keys())
+def test_the_worker_takes_an_admitted_spec_the_edge_would_refuse_now(spec: SessionSpec,
+                                                                     tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequest):
+        convert.spec_from_pb(convert.spec_to_pb(spec))  # the edge's decode refuses it
+    assigned = assignment_from_pb(assign(spec), tmp_path, EgressPolicy())
+    assert assigned.spec == spec
+    assert assigned.target.location == str((tmp_path / spec.output.target).resolve())
+
+
+@pytest.mark.parametrize("spec, refusal", [
+    (make_spec("r", quality=Quality(8, 8, 25)), InvalidQuality),  # no portrait that small
+    (make_spec("r", quality=Quality(257, 256, 25)), InvalidQuality),  # H.264 4:2:0
+    (make_spec("r", quality=Quality(256, 256, 0)), InvalidQuality),
+    (make_spec("r", output=Output(OutputKind.FILE, "../elsewhere.mp4")), OutputError),
+    (make_spec("r", output=Output(OutputKind.RTMP, "rtmp://169.254.169.254/live/k")), OutputError),
+], ids=["side", "odd width", "no rate", "path out", "forbidden ingest"])
+def test_the_worker_still_refuses_what_it_cannot_render_or_write(
+        spec: SessionSpec, refusal: type[Exception], tmp_path: Path) -> None:
+    with pytest.raises(refusal):
+        assignment_from_pb(assign(spec), tmp_path, EgressPolicy())
+
+
+def test_an_assignment_beyond_the_edge_limits_runs_as_a_room(pipeline: Pipeline,
+                                                             tmp_path: Path) -> None:
+    async def body() -> None:
+        agent = WorkerAgent("w1", "127.0.0.1:1", pipeline, [], "127.0.0.1:1", "cpu", tmp_path,
+                            pacing=Pacing.FAST)
+        spec = replace(BEYOND_THE_EDGE["duration"], quality=Quality(128, 128, 25),
+                       drive_mode=DriveMode.TEXT, room_id="a room id with spaces")
+        try:
+            agent.receive(workers_pb2.SchedulerMessage(assign=assign(spec)))
+            room = agent.rooms["s1"]
+            await until(lambda: room.stats.frames_rendered > 0)
+            assert room.state is RoomState.RUNNING
+            assert agent.usage.unapplied(0) == []  # no "bad assignment" report
         finally:
             await agent.shutdown()
-            link.cancel()
-            await asyncio.gather(link, return_exceptions=True)
-            fake.commands.put_nowait(None)
-            await server.stop(0.1)
 
     asyncio.run(asyncio.wait_for(body(), 60))

@@ -8,7 +8,8 @@ import pytest
 from avatarfarm.domain import OutputKind
 from tests.media import probe
 from workers.audio import SAMPLE_RATE
-from workers.encode import EncoderThread, OutputError, OutputTarget, StreamEncoder
+from workers.encode import EncoderThread, StreamEncoder
+from workers.output import OutputError, OutputTarget
 
 
 def encode(target: OutputTarget, seconds: float = 2.0, w: int = 320, h: int = 240, fps: int = 25) -> None:

@@ -17,16 +17,10 @@ import pytest
 from avatarfarm.domain import OutputKind
 from tests.media import probe
 from workers.audio import SAMPLE_RATE
-from workers.encode import (
-    EncoderSettings,
-    EncoderThread,
-    HlsSegment,
-    OutputTarget,
-    StreamEncoder,
-    Superseded,
-    fence_path,
-    hls_segments,
-)
+from workers.encode import EncoderSettings, EncoderThread, StreamEncoder
+from workers.fence import Superseded, fence_path
+from workers.hls import HlsSegment, hls_segments
+from workers.output import OutputTarget
 
 FPS, SIDE = 10, 128
 # One-second segments and keyframes: a few seconds give several segments.
@@ -63,7 +57,7 @@ def crash_after(seconds: float, root: Path, epoch: int) -> None:
         from pathlib import Path
         from avatarfarm.domain import OutputKind
         from tests.workers.test_failover_output import feed, make_encoder
-        from workers.encode import OutputTarget
+        from workers.output import OutputTarget
         enc = make_encoder(OutputTarget.resolve(OutputKind.HLS, "show", Path({str(root)!r})), {epoch})
         feed(enc, {seconds})
         os.kill(os.getpid(), signal.SIGKILL)

@@ -14,8 +14,9 @@ import pytest
 
 from avatarfarm.domain import DriveMode, Output, OutputKind, Quality, ScriptSegment
 from tests.builders import make_spec
-from workers.encode import OutputTarget, hls_segments
+from workers.hls import hls_segments
 from workers.label import MIN_SCALE, LabelSpec, LabelStamp, read_label, text_mask
+from workers.output import OutputTarget
 from workers.pipeline import Pipeline
 from workers.room import Pacing, Room, RoomState
 

@@ -24,9 +24,9 @@ from avatarfarm.v1 import live_input_pb2, live_input_pb2_grpc
 from tests.builders import make_spec
 from workers.audio import SAMPLE_RATE
 from workers.drivers import InputClosed, LiveAudio, LiveMotion
-from workers.encode import OutputTarget
 from workers.live_input import SERVER_OPTIONS, LiveInputService
 from workers.motion import MOTION_DIM
+from workers.output import OutputTarget
 from workers.pipeline import Pipeline
 from workers.room import Pacing, Room, RoomState
 

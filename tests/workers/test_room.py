@@ -14,7 +14,7 @@ import pytest
 from avatarfarm.domain import OutputKind, Quality
 from tests.builders import make_spec
 from tests.media import probe
-from workers.encode import OutputTarget
+from workers.output import OutputTarget
 from workers.pipeline import Pipeline
 from workers.room import InvalidQuality, Pacing, Room, RoomState
 

@@ -81,10 +81,13 @@ class ModelFolder:
         return list_avatars(self.root / "avatars")
 
     def avatar_path(self, avatar_id: str) -> Path:
-        for suffix in AVATAR_SUFFIXES:
-            p = self.root / "avatars" / f"{avatar_id}{suffix}"
-            if p.is_file():
-                return p
+        # An id names a file in avatars/, never a path: the worker takes the scheduler's
+        # ids without the edge's checks (workers.agent.assignment_from_pb).
+        if avatar_id.strip(".") and not any(c in avatar_id for c in "/\\\0"):
+            for suffix in AVATAR_SUFFIXES:
+                p = self.root / "avatars" / f"{avatar_id}{suffix}"
+                if p.is_file():
+                    return p
         raise ModelFolderError(f"avatar {avatar_id!r} not found in {self.root / 'avatars'}")
 
 
