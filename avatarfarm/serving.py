@@ -25,6 +25,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import grpc
 from google.protobuf import message, message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,51 @@ def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer: o
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """One gRPC service of a process: its servicer, the gate before each call and the
+    check on each message of a request stream."""
+
+    descriptor: ServiceDescriptor
+    servicer: object
+    gate: Gate | None = None
+    check: StreamCheck | None = None
+
+
+@dataclass(slots=True)
+class GrpcServer:
+    """A process's gRPC server, bound and started with its services and the standard
+    health service (`start`); the process says when it is serving (`serving`)."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    services: tuple[str, ...]
+
+    @classmethod
+    async def start(cls, address: str, credentials: grpc.ServerCredentials | None,
+                    services: Iterable[Service], options: Iterable[tuple[str, Any]]) -> GrpcServer:
+        """Raises OSError when the address cannot be bound (nothing is left running)."""
+        server = grpc.aio.server(options=list(options))
+        names = []
+        for s in services:
+            add_service(server, s.descriptor, s.servicer, gate=s.gate, check=s.check)
+            names.append(s.descriptor.full_name)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        port = bind(server, address, credentials)
+        await server.start()
+        return cls(server, port, health_servicer, tuple(names))
+
+    async def serving(self, on: bool = True, *, each_service: bool = True) -> None:
+        """Health for the process ("") and, unless `each_service` is False, each service
+        (a worker leaving stops taking rooms while its live inputs keep serving)."""
+        status = health_pb2.HealthCheckResponse.SERVING if on else \
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *(self.services if each_service else ())):
+            await self.health.set(name, status)
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,8 +75,8 @@ async def _feed_live(stub: sessions_pb2_grpc.SessionServiceStub, sid: str, plan:
     """Waits for the room to be placed, then streams its live input to its worker."""
     import numpy as np
 
-    from workers.audio import SAMPLE_RATE
-    from workers.tts import EspeakTTS
+    from workers.media.audio import SAMPLE_RATE
+    from workers.media.tts import EspeakTTS
 
     s = await client.wait_for(stub, sid, lambda s: bool(s.input_endpoint) or s.state in client.TERMINAL,
                               timeout=600)

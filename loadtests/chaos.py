@@ -38,7 +38,7 @@ import grpc
 from avatarfarm import client
 from avatarfarm.v1 import sessions_pb2, sessions_pb2_grpc, types_pb2
 from farm.local import LocalFarm
-from workers.encode import hls_segments
+from workers.output.encode import hls_segments
 
 RUNNING = types_pb2.SESSION_STATE_RUNNING
 ENDED = types_pb2.SESSION_STATE_ENDED

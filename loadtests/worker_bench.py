@@ -36,15 +36,15 @@ from avatarfarm.domain import (
     SessionSpec,
     Tier,
 )
-from workers.batching import BatchPolicy
-from workers.encode import EncoderSettings, OutputTarget
-from workers.inference import ProviderChoice, auto_intra_op_threads
+from workers.device.batching import BatchPolicy
+from workers.device.onnx import ProviderChoice, auto_intra_op_threads
+from workers.device.pipeline import Pipeline
+from workers.device.profile import measure
+from workers.device.timing import batch_sizes, measure_curve
 from workers.models.folder import build_reference
 from workers.models.reference import RENDERER_PRESETS
-from workers.pipeline import Pipeline
-from workers.profile import measure
-from workers.room import Pacing, Room, RoomState
-from workers.timing import batch_sizes, measure_curve
+from workers.output.encode import EncoderSettings, OutputTarget
+from workers.rooms.room import Pacing, Room, RoomState
 
 SCRIPT = (ScriptSegment("Welcome back everyone, the flash sale starts in one minute, so get ready.", 0.5),
           ScriptSegment("These headphones have forty hours of battery and fold into your pocket.", 0.5))

@@ -16,10 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from avatarfarm import tls
-from avatarfarm.serving import MetricsEndpoint, add_service, bind, server_options
+from avatarfarm.serving import GrpcServer, MetricsEndpoint, Service, server_options
 from avatarfarm.v1 import avatars_pb2, sessions_pb2, workers_pb2
 from scheduler.api import auth
 from scheduler.api.avatar_service import AvatarService
@@ -36,28 +35,29 @@ from scheduler.state.store import SqliteStore
 
 log = logging.getLogger(__name__)
 
-SERVICES = ("avatarfarm.v1.SessionService", "avatarfarm.v1.WorkerService",
-            "avatarfarm.v1.AvatarService")
-
-
 @dataclass
 class RunningScheduler:
     core: Scheduler
-    server: grpc.aio.Server
-    port: int
+    rpc: GrpcServer
     metrics_port: int
     loop_task: asyncio.Task[None]
-    health: health.aio.HealthServicer
     metrics_endpoint: MetricsEndpoint
     status_task: asyncio.Task[None] | None = None  # publishes the status page's snapshots
     autoscaler: AutoscalingController | None = None
     autoscaler_task: asyncio.Task[None] | None = None
 
+    @property
+    def port(self) -> int:
+        return self.rpc.port
+
+    @property
+    def server(self) -> grpc.aio.Server:
+        return self.rpc.server
+
     async def stop(self, grace: float = 2.0) -> None:
         self.core.shutting_down()
-        for name in ("", *SERVICES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.stop(grace)
+        await self.rpc.serving(False)
+        await self.rpc.server.stop(grace)
         for task in (self.autoscaler_task, self.loop_task, self.status_task):
             if task is None:
                 continue
@@ -140,25 +140,22 @@ async def start(config: SchedulerConfig) -> RunningScheduler:
                                      pages=board.pages())
     metrics_port = endpoint.port
     core = Scheduler(store, config, metrics)
-    server = grpc.aio.server(options=server_options(config.max_message_bytes))
     gate = Gate(authn, limiter)
-    add_service(server, sessions_pb2.DESCRIPTOR.services_by_name["SessionService"],
-                SessionService(core), gate=gate)
-    add_service(server, workers_pb2.DESCRIPTOR.services_by_name["WorkerService"],
-                WorkerService(core), gate=gate, check=gate.check)
-    add_service(server, avatars_pb2.DESCRIPTOR.services_by_name["AvatarService"],
-                AvatarService(core), gate=gate)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    services = [
+        Service(sessions_pb2.DESCRIPTOR.services_by_name["SessionService"], SessionService(core), gate),
+        Service(workers_pb2.DESCRIPTOR.services_by_name["WorkerService"], WorkerService(core), gate,
+                check=gate.check),
+        Service(avatars_pb2.DESCRIPTOR.services_by_name["AvatarService"], AvatarService(core), gate),
+    ]
     try:
-        port = bind(server, config.listen, credentials)
+        grpc_server = await GrpcServer.start(config.listen, credentials, services,
+                                             server_options(config.max_message_bytes))
     except OSError:
         endpoint.stop()
         store.close()
         raise
-    await server.start()
-    for name in ("", *SERVICES):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await grpc_server.serving()
+    port = grpc_server.port
     task = asyncio.create_task(core.run(), name="placement")
     host = config.listen.rsplit(":", 1)[0]
     autoscaler = autoscaler_task = None
@@ -178,8 +175,8 @@ async def start(config: SchedulerConfig) -> RunningScheduler:
              "plain" if credentials is None else ("mTLS" if config.tls_client_ca_file else "TLS"),
              "authenticated" if authn.enabled else "unauthenticated",
              f"{config.metrics_host}:{metrics_port}" if metrics_port else "off")
-    return RunningScheduler(core, server, port, metrics_port, task, health_servicer, endpoint,
-                            status_task, autoscaler, autoscaler_task)
+    return RunningScheduler(core, grpc_server, metrics_port, task, endpoint, status_task,
+                            autoscaler, autoscaler_task)
 
 
 async def serve(config: SchedulerConfig) -> None:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from workers.inference import ProviderChoice
+from workers.device.onnx import ProviderChoice
+from workers.device.pipeline import Pipeline
 from workers.models.folder import ModelFolder, build_reference
-from workers.pipeline import Pipeline
 
 
 @pytest.fixture(scope="session")

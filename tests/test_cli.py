@@ -14,8 +14,8 @@ from avatarfarm import config as cfg
 from farm.cli import build_parser, main
 from scheduler.config import SchedulerConfig
 from workers.config import WorkerConfig
-from workers.inference import ProviderChoice
-from workers.room import Pacing
+from workers.device.onnx import ProviderChoice
+from workers.rooms.room import Pacing
 
 ROOT = Path(__file__).resolve().parents[1]
 

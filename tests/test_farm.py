@@ -21,13 +21,13 @@ from avatarfarm.v1 import live_input_pb2, live_input_pb2_grpc, sessions_pb2, ses
 from scheduler.config import SchedulerConfig
 from scheduler.server import start as start_scheduler
 from tests.media import mouth_motion, mouth_openness, probe
-from workers.audio import SAMPLE_RATE
 from workers.config import WorkerConfig
-from workers.inference import ProviderChoice
-from workers.room import Pacing
+from workers.device.onnx import ProviderChoice
+from workers.media.audio import SAMPLE_RATE
+from workers.media.tts import EspeakTTS
+from workers.rooms.room import Pacing
 from workers.server import RunningWorker
 from workers.server import start as start_worker
-from workers.tts import EspeakTTS
 
 SPEECH = "Hello and welcome! Today every pair of running shoes is half price."
 

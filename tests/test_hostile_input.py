@@ -27,7 +27,7 @@ from avatarfarm.domain import (
 from avatarfarm.egress import EgressPolicy
 from avatarfarm.v1 import sessions_pb2, types_pb2, workers_pb2
 from tests.scheduler.api.test_service import ProtocolWorker, create_req, expect_status, run, scheduler
-from workers.encode import OutputError, OutputTarget
+from workers.output.encode import OutputError, OutputTarget
 
 U32 = 2**32 - 1
 
@@ -493,7 +493,7 @@ def test_a_room_whose_ingest_name_resolves_to_a_forbidden_address_fails_before_c
     import asyncio
 
     from tests.builders import make_spec
-    from workers.room import Pacing, Room, RoomState
+    from workers.rooms.room import Pacing, Room, RoomState
 
     policy = EgressPolicy.from_config(forbidden_hosts=["loopback"])
     url = "rtmp://localhost:1935/live/k"  # a name: its text passes, its addresses do not

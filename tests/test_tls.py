@@ -27,12 +27,12 @@ from scheduler.server import RunningScheduler
 from scheduler.server import start as start_scheduler
 from tests.certs import TestCA
 from tests.scheduler.api.test_service import ProtocolWorker
-from workers.agent import WorkerAgent
+from workers.agent.agent import WorkerAgent
 from workers.config import WorkerConfig
-from workers.inference import ProviderChoice
-from workers.live_input import LiveInputService
-from workers.pipeline import Pipeline
-from workers.room import Pacing
+from workers.device.onnx import ProviderChoice
+from workers.device.pipeline import Pipeline
+from workers.rooms.live_input import LiveInputService
+from workers.rooms.room import Pacing
 from workers.server import start as start_worker
 
 KEY = b"t" * 32

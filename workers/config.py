@@ -8,8 +8,8 @@ from pathlib import Path
 from avatarfarm import egress
 from avatarfarm.config import field
 from avatarfarm.domain import Limits
-from workers.inference import ProviderChoice
-from workers.room import MIN_RENDER_SIDE, Pacing
+from workers.device.onnx import ProviderChoice
+from workers.rooms.room import MIN_RENDER_SIDE, Pacing
 
 
 def _sizes(name: str, text: str, *, square: bool = False) -> list[tuple[int, int]]:

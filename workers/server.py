@@ -14,23 +14,20 @@ import signal
 import socket
 from dataclasses import dataclass
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
 from avatarfarm import client, tls
 from avatarfarm.egress import EgressPolicy
-from avatarfarm.serving import MetricsEndpoint, add_service, bind, server_options
+from avatarfarm.serving import GrpcServer, MetricsEndpoint, Service, server_options
 from avatarfarm.v1 import live_input_pb2
-from workers.agent import WorkerAgent
-from workers.batching import BatchPolicy
+from workers.agent.agent import WorkerAgent
 from workers.config import WorkerConfig
-from workers.encode import EncoderSettings
-from workers.live_input import SERVER_OPTIONS as LIVE_INPUT_OPTIONS
-from workers.live_input import LiveInputService
+from workers.device.batching import BatchPolicy
+from workers.device.pipeline import Pipeline
+from workers.device.profile import measure
 from workers.metrics import WorkerMetrics
 from workers.models.folder import ModelFolder
-from workers.pipeline import Pipeline
-from workers.profile import measure
+from workers.output.encode import EncoderSettings
+from workers.rooms.live_input import SERVER_OPTIONS as LIVE_INPUT_OPTIONS
+from workers.rooms.live_input import LiveInputService
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +35,18 @@ log = logging.getLogger(__name__)
 @dataclass
 class RunningWorker:
     agent: WorkerAgent
-    server: grpc.aio.Server
-    port: int
+    rpc: GrpcServer
     metrics_port: int
     agent_task: asyncio.Task[None]
     pipeline: Pipeline
-    health: health.aio.HealthServicer
     metrics_endpoint: MetricsEndpoint
 
+    @property
+    def port(self) -> int:
+        return self.rpc.port
+
     async def stop(self, grace: float = 2.0) -> None:
-        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.rpc.serving(False, each_service=False)
         await self.agent.shutdown()
         # Let the final room states reach the scheduler before the link goes.
         await _drain(self.agent)
@@ -56,7 +55,7 @@ class RunningWorker:
             await self.agent_task
         except asyncio.CancelledError:
             pass
-        await self.server.stop(grace)
+        await self.rpc.server.stop(grace)
         self.metrics_endpoint.stop()
         self.pipeline.close()
 
@@ -108,20 +107,19 @@ async def start(config: WorkerConfig) -> RunningWorker:
     # The metrics port first: a busy port fails before anything is serving.
     endpoint = MetricsEndpoint.start(config.metrics_port, config.metrics_host, metrics.registry)
     metrics_port = endpoint.port
-    server = grpc.aio.server(options=[*server_options(config.max_message_bytes), *LIVE_INPUT_OPTIONS])
     worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     agent_ref: list[WorkerAgent] = []
-    add_service(server, live_input_pb2.DESCRIPTOR.services_by_name["LiveInputService"],
-                LiveInputService(lambda sid: agent_ref[0].room(sid)))
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    live_input = Service(live_input_pb2.DESCRIPTOR.services_by_name["LiveInputService"],
+                         LiveInputService(lambda sid: agent_ref[0].room(sid)))
     try:
-        port = bind(server, config.listen, credentials)
+        grpc_server = await GrpcServer.start(
+            config.listen, credentials, [live_input],
+            [*server_options(config.max_message_bytes), *LIVE_INPUT_OPTIONS])
     except OSError:
         endpoint.stop()
         pipeline.close()
         raise
-    await server.start()
+    port = grpc_server.port
     host = config.advertise_host or config.listen.rsplit(":", 1)[0]
     agent = WorkerAgent(worker_id, config.scheduler, pipeline, profiles, f"{host}:{port}", device_type,
                         config.output_dir, pacing=config.pacing,
@@ -135,13 +133,11 @@ async def start(config: WorkerConfig) -> RunningWorker:
                                                         config.rtmp_forbidden_hosts,
                                                         config.rtmp_allowed_ports))
     agent_ref.append(agent)
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    await health_servicer.set("avatarfarm.v1.LiveInputService", health_pb2.HealthCheckResponse.SERVING)
+    await grpc_server.serving()
     task = asyncio.create_task(agent.run(), name="agent")
     log.info("worker %s: live inputs on %s:%d, metrics on %s", worker_id, host, port,
              metrics_port or "off")
-    return RunningWorker(agent, server, port, metrics_port, task, pipeline, health_servicer,
-                         endpoint)
+    return RunningWorker(agent, grpc_server, metrics_port, task, pipeline, endpoint)
 
 
 async def serve(config: WorkerConfig) -> None:
@@ -155,7 +151,7 @@ async def serve(config: WorkerConfig) -> None:
     await stop.wait()
     if config.drain_timeout > 0 and running.agent.rooms:
         # Leaving (a pod deleted, a node drained): rooms move to other workers first.
-        await running.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await running.rpc.serving(False, each_service=False)
         stop.clear()
         drain = asyncio.create_task(running.agent.drain(config.drain_timeout))
         again = asyncio.create_task(stop.wait())

@@ -44,7 +44,7 @@ from scheduler.autoscale.provisioners.ray_cluster import RayProvisioner  # noqa:
 from scheduler.autoscale.provisioners.ray_cluster import worker_config as actor_config  # noqa: E402
 from scheduler.config import SchedulerConfig  # noqa: E402
 from workers.config import WorkerConfig  # noqa: E402
-from workers.inference import ProviderChoice  # noqa: E402
+from workers.device.onnx import ProviderChoice  # noqa: E402
 from workers.models.folder import ModelFolder, build_reference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -23,9 +23,9 @@ from pathlib import Path
 import onnx
 
 from avatarfarm.avatars import AVATAR_SUFFIXES, list_avatars
-from workers.audio import HOP, MEL_WINDOW, N_MELS, SAMPLE_RATE
-from workers.inference import ModelInterface, TensorSpec
-from workers.motion import MOTION_NAMES
+from workers.device.onnx import ModelInterface, TensorSpec
+from workers.media.audio import HOP, MEL_WINDOW, N_MELS, SAMPLE_RATE
+from workers.media.motion import MOTION_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class ModelFolder:
 
     def avatar_path(self, avatar_id: str) -> Path:
         # An id names a file in avatars/, never a path: the worker takes the scheduler's
-        # ids without the edge's checks (workers.agent.assignment_from_pb).
+        # ids without the edge's checks (workers.agent.agent.assignment_from_pb).
         if avatar_id.strip(".") and not any(c in avatar_id for c in "/\\\0"):
             for suffix in AVATAR_SUFFIXES:
                 p = self.root / "avatars" / f"{avatar_id}{suffix}"

@@ -27,9 +27,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from workers.audio import LOG_FLOOR, MEL_WINDOW, N_MELS
+from workers.media.audio import LOG_FLOOR, MEL_WINDOW, N_MELS
+from workers.media.motion import MOTION_DIM, Coef
 from workers.models.template import TEMPLATE, FaceTemplate
-from workers.motion import MOTION_DIM, Coef
 
 OPSET = 17
 FLOW_GRID = 64

@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from avatarfarm.domain import ScriptSegment
+from workers.media.audio import LOG_FLOOR, MEL_WINDOW, N_MELS, SAMPLE_RATE, MelStream, log_mel, resample
+from workers.media.motion import MOTION_DIM, Coef, IdleAnimator, compose
+from workers.media.tts import EspeakTTS
+from workers.rooms.drivers import LiveAudio, LiveMotion, ScriptPlayer
+
+
+def test_log_mel_has_one_frame_per_hop_and_a_floor_for_silence() -> None:
+    mel = log_mel(np.zeros(SAMPLE_RATE, np.float32))
+    assert mel.shape == (N_MELS, 98)
+    assert np.all(mel == LOG_FLOOR)
+    tone = np.sin(2 * np.pi * 440 * np.arange(SAMPLE_RATE) / SAMPLE_RATE).astype(np.float32)
+    assert log_mel(tone).max() > -1.0
+
+
+def test_mel_stream_yields_model_windows() -> None:
+    s = MelStream()
+    w = s.push(np.zeros(640, np.float32))
+    assert w.shape == (N_MELS, MEL_WINDOW)
+
+
+def test_tts_speaks_at_the_pipeline_rate() -> None:
+    audio = EspeakTTS().synthesize("one two three")
+    assert 0.5 < audio.size / SAMPLE_RATE < 3.0
+    assert np.abs(audio).max() > 0.1
+    assert EspeakTTS().synthesize("   ").size == 0
+
+
+def test_resample_keeps_duration() -> None:
+    x = np.random.default_rng(0).standard_normal(22050).astype(np.float32)
+    assert resample(x, 22050, SAMPLE_RATE).size == SAMPLE_RATE
+
+
+def test_script_player_speaks_then_pauses_then_stays_silent() -> None:
+    async def synth(text: str) -> tuple[np.ndarray, float]:
+        return np.ones(1000, np.float32) * 0.5, 0.001
+
+    async def body() -> None:
+        p = ScriptPlayer(synth)
+        p.append([ScriptSegment("hi", pause_after_seconds=0.1)])
+        a, speaking = await p.take(800)
+        assert speaking and a.max() == 0.5
+        b, speaking = await p.take(800)  # 200 speech + 600 of the 1600-sample pause
+        assert speaking and b[:200].max() == 0.5 and b[200:].max() == 0.0
+        c, speaking = await p.take(800)
+        assert not speaking and c.max() == 0.0
+        d, speaking = await p.take(800)  # queue empty: silence, idle
+        assert not speaking and d.size == 800
+
+    asyncio.run(body())
+
+
+def test_live_audio_pushes_back_when_full_and_pads_underruns() -> None:
+    async def body() -> None:
+        buf = LiveAudio(max_seconds=0.1)  # 1600 samples
+        await buf.push(np.ones(1600, np.float32))
+        blocked = asyncio.create_task(buf.push(np.ones(800, np.float32)))
+        await asyncio.sleep(0)
+        assert not blocked.done()  # back-pressure: the producer waits
+        out = buf.take(1000)
+        assert out.size == 1000 and out.min() == 1.0
+        await asyncio.wait_for(blocked, 1)
+        rest = buf.take(2000)
+        assert rest[:1400].min() == 1.0 and rest[1400:].max() == 0.0
+        assert buf.underrun_samples == 600
+
+    asyncio.run(body())
+
+
+def test_live_motion_holds_briefly_then_lets_idle_take_over() -> None:
+    async def body() -> None:
+        m = LiveMotion(hold_frames=2)
+        pose = np.full(MOTION_DIM, 0.5, np.float32)
+        await m.push(pose)
+        assert np.array_equal(m.take(), pose)
+        assert np.array_equal(m.take(), pose)
+        assert np.array_equal(m.take(), pose)
+        assert m.take() is None
+
+    asyncio.run(body())
+
+
+def test_idle_blinks_and_breathes_and_is_reproducible() -> None:
+    a = IdleAnimator(25, np.random.default_rng(1))
+    b = IdleAnimator(25, np.random.default_rng(1))
+    seq_a = np.array([a.step() for _ in range(250)])
+    seq_b = np.array([b.step() for _ in range(250)])
+    assert np.array_equal(seq_a, seq_b)
+    assert seq_a[:, Coef.BLINK].max() > 0.9  # at least one blink in 10 s
+    assert seq_a[:, Coef.HEAD_PITCH].std() > 0.02
+    assert np.all(seq_a[:, Coef.JAW_OPEN] == 0)
+
+
+def test_compose_gives_the_mouth_to_the_driver() -> None:
+    idle = np.zeros(MOTION_DIM, np.float32)
+    idle[Coef.BLINK] = 1.0
+    driven = np.zeros(MOTION_DIM, np.float32)
+    driven[Coef.JAW_OPEN] = 0.7
+    out = compose(idle, driven, mouth_only=True)
+    assert out[Coef.JAW_OPEN] == np.float32(0.7) and out[Coef.BLINK] == 1.0
+    mocap = compose(idle, driven, mouth_only=False)
+    assert mocap[Coef.BLINK] == 0.0  # a performer's own eyes win

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from avatarfarm.domain import OutputKind
+from tests.media import probe
+from workers.media.audio import SAMPLE_RATE
+from workers.output.encode import EncoderThread, StreamEncoder
+from workers.output.targets import OutputError, OutputTarget
+
+
+def encode(target: OutputTarget, seconds: float = 2.0, w: int = 320, h: int = 240, fps: int = 25) -> None:
+    enc = EncoderThread(StreamEncoder(target, w, h, fps))
+    per_frame = SAMPLE_RATE // fps
+    t = np.arange(per_frame) / SAMPLE_RATE
+    for i in range(int(seconds * fps)):
+        img = np.full((h, w, 3), (i * 5) % 255, np.uint8)
+        enc.submit(img, (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32))
+    enc.close()
+    assert enc.error is None
+    assert enc.frames_encoded == int(seconds * fps)
+    assert enc.encode_seconds > 0
+
+
+@pytest.mark.parametrize("name", ["room.mp4", "nested/room.flv"])
+def test_file_outputs_hold_h264_and_aac_of_the_right_length(tmp_path: Path, name: str) -> None:
+    target = OutputTarget.resolve(OutputKind.FILE, name, tmp_path)
+    encode(target)
+    f = probe(target.location)
+    assert (f.video_codec, f.width, f.height, f.frames) == ("h264", 320, 240, 50)
+    assert f.fps == pytest.approx(25)
+    assert f.audio_codec == "aac" and f.audio_rate == 48000
+    assert f.audio_rms > 0.1
+
+
+def test_hls_output_writes_a_playlist_and_segments(tmp_path: Path) -> None:
+    target = OutputTarget.resolve(OutputKind.HLS, "show", tmp_path)
+    encode(target, seconds=5.0)
+    playlist = (tmp_path / "show" / "index.m3u8").read_text()
+    segments = sorted((tmp_path / "show").glob("segment_*.ts"))
+    assert "#EXTM3U" in playlist and len(segments) >= 2
+    assert all(s.name in playlist for s in segments)
+    f = probe(tmp_path / "show" / "index.m3u8")
+    assert f.video_codec == "h264" and f.frames == 125
+
+
+@pytest.mark.parametrize("kind,value", [
+    (OutputKind.FILE, "../escape.mp4"), (OutputKind.FILE, "/srv/abs.mp4"),
+    (OutputKind.FILE, "room.mkv"), (OutputKind.HLS, "a/../../b"), (OutputKind.RTMP, "http://x/y"),
+])
+def test_targets_outside_the_output_folder_are_refused(tmp_path: Path, kind: OutputKind, value: str) -> None:
+    with pytest.raises(OutputError):
+        OutputTarget.resolve(kind, value, tmp_path)
+
+
+def test_a_symlink_cannot_lead_out_of_the_output_folder(tmp_path: Path) -> None:
+    root = tmp_path / "out"
+    root.mkdir()
+    (root / "link").symlink_to(tmp_path)
+    with pytest.raises(OutputError, match="leaves"):
+        OutputTarget.resolve(OutputKind.FILE, "link/x.mp4", root)
+
+
+def test_an_unreachable_rtmp_ingest_is_reported_not_raised(tmp_path: Path) -> None:
+    target = OutputTarget.resolve(OutputKind.RTMP, "rtmp://127.0.0.1:9/live/x", tmp_path)
+    enc = EncoderThread(StreamEncoder(target, 320, 240, 25))
+    for _ in range(10):
+        if not enc.try_submit(np.zeros((240, 320, 3), np.uint8), np.zeros(640, np.float32)):
+            break
+    enc.close()
+    assert enc.error is not None

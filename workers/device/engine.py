@@ -1,0 +1,246 @@
+"""The device: one thread that runs batches of inference for every room.
+
+Rooms submit single items (one frame's render, one audio window's motion, one
+lip-sync check) with a deadline and their tier's priority; the device thread
+asks the batching policy (`workers.device.batching.decide`) what to run, stacks the
+items of one model and input shape into one onnxruntime call, splits the
+outputs back and resolves each item's future. Items the policy drops resolve
+with `DeadlineMissed`, and the room shows a replacement frame instead.
+
+Each key's latency curve starts from the worker's start-up measurement (or an
+estimate scaled by pixels for a shape never measured) and is corrected from
+live timings: an exponentially weighted ratio of observed to measured call
+time scales the whole curve, each batch size actually run keeps its own
+smoothed timing, and `drifted()` tells the agent when the correction has moved
+far enough to re-report the profile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import itertools
+import logging
+import threading
+import time
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from avatarfarm.latency import LatencyCurve
+from workers.device.batching import BatchPolicy, Queued, decide
+from workers.device.onnx import OrtModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class BatchKey:
+    """One model at one per-item input shape: the unit that batches together."""
+
+    model: str
+    side: int = 0  # square image side for renderers; 0 where the shape is fixed
+
+    def __str__(self) -> str:
+        return f"{self.model}@{self.side}" if self.side else self.model
+
+
+class DeadlineMissed(Exception):
+    """The item could not be run before its deadline and was dropped."""
+
+
+@dataclass(frozen=True, slots=True)
+class ItemResult:
+    outputs: tuple[np.ndarray, ...]  # this item's slice of each output, batch axis removed
+    seconds: float  # its share of the batch's device time
+    batch_size: int
+
+
+@dataclass(slots=True)
+class KeyStats:
+    batch_sizes: collections.Counter[int] = field(default_factory=collections.Counter)
+    items: int = 0
+    dropped: int = 0
+    device_seconds: float = 0.0
+
+    @property
+    def mean_batch(self) -> float:
+        calls = sum(self.batch_sizes.values())
+        return self.items / calls if calls else 0.0
+
+
+@dataclass(slots=True)
+class _Request:
+    queued: Queued
+    feeds: dict[str, np.ndarray]
+    future: concurrent.futures.Future[ItemResult]
+
+
+@dataclass(slots=True)
+class _Served:
+    model: OrtModel
+    base: LatencyCurve
+    ratio: float = 1.0  # observed / measured call time over all sizes, smoothed
+    reported_ratio: float = 1.0
+    live: dict[int, float] = field(default_factory=dict)  # seconds per batch size run, smoothed
+    stats: KeyStats = field(default_factory=KeyStats)
+
+    @property
+    def curve(self) -> LatencyCurve:
+        """The measured curve scaled by the overall drift, with every batch size actually
+        run replaced by its own live timing: the shape of the curve (where batching stops
+        paying) is learnt from live calls too, not only its level."""
+        points = {b: s * self.ratio for b, s in self.base.points}
+        points.update(self.live)
+        return LatencyCurve(tuple(sorted(points.items())))
+
+
+class InferenceEngine:
+    """Owns the device thread. Thread-safe `submit`; `infer` for asyncio callers."""
+
+    def __init__(self, policy: BatchPolicy = BatchPolicy(), *,
+                 clock: Callable[[], float] = time.monotonic, smoothing: float = 0.1) -> None:
+        self.policy = policy
+        self.clock = clock
+        self.smoothing = smoothing
+        self._served: dict[BatchKey, _Served] = {}
+        self._queue: list[_Request] = []
+        self._ids = itertools.count()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="device", daemon=True)
+        self._thread.start()
+
+    # -- models
+
+    def serve(self, key: BatchKey, model: OrtModel, curve: LatencyCurve) -> None:
+        with self._cond:
+            old = self._served.get(key)
+            self._served[key] = _Served(model, curve, stats=old.stats if old else KeyStats())
+
+    def serves(self, key: BatchKey) -> bool:
+        with self._cond:
+            return key in self._served
+
+    def keys(self) -> list[BatchKey]:
+        with self._cond:
+            return sorted(self._served)
+
+    def curve(self, key: BatchKey) -> LatencyCurve:
+        """The curve the policy plans with now: measured, corrected by live timings."""
+        with self._cond:
+            return self._served[key].curve
+
+    def stats(self) -> dict[BatchKey, KeyStats]:
+        with self._cond:
+            return {k: KeyStats(collections.Counter(s.stats.batch_sizes), s.stats.items,
+                                s.stats.dropped, s.stats.device_seconds)
+                    for k, s in self._served.items()}
+
+    def drifted(self, threshold: float = 0.25) -> list[BatchKey]:
+        """Keys whose live timings moved more than `threshold` from the last report;
+        marks them reported."""
+        out = []
+        with self._cond:
+            for key, s in self._served.items():
+                if abs(s.ratio / s.reported_ratio - 1.0) > threshold:
+                    s.reported_ratio = s.ratio
+                    out.append(key)
+        return out
+
+    # -- items
+
+    def submit(self, key: BatchKey, feeds: dict[str, np.ndarray], deadline: float,
+               priority: int = 1) -> concurrent.futures.Future[ItemResult]:
+        fut: concurrent.futures.Future[ItemResult] = concurrent.futures.Future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("inference engine is closed")
+            if key not in self._served:
+                raise KeyError(f"no model is served for {key}")
+            q = Queued(next(self._ids), key, deadline, priority, self.clock())
+            self._queue.append(_Request(q, feeds, fut))
+            self._cond.notify()
+        return fut
+
+    async def infer(self, key: BatchKey, feeds: dict[str, np.ndarray], deadline: float,
+                    priority: int = 1) -> ItemResult:
+        return await asyncio.wrap_future(self.submit(key, feeds, deadline, priority))
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            pending, self._queue = self._queue, []
+            self._cond.notify()
+        for r in pending:
+            r.future.cancel()
+        self._thread.join(timeout=10)
+
+    # -- the device thread
+
+    def _loop(self) -> None:
+        while True:
+            batch, served = self._next()
+            if batch is None or served is None:
+                return
+            self._run(batch, served)
+
+    def _next(self) -> tuple[list[_Request] | None, _Served | None]:
+        with self._cond:
+            while not self._closed:
+                self._queue = [r for r in self._queue if not r.future.cancelled()]
+                if not self._queue:
+                    self._cond.wait()
+                    continue
+                now = self.clock()
+                curves = {k: s.curve for k, s in self._served.items()}
+                d = decide([r.queued for r in self._queue], now, curves, self.policy)
+                if d.drop or d.run:
+                    by_id = {r.queued.item_id: r for r in self._queue}
+                    taken = {q.item_id for q in d.drop} | {q.item_id for q in d.run}
+                    self._queue = [r for r in self._queue if r.queued.item_id not in taken]
+                    for q in d.drop:
+                        self._served[typing.cast(BatchKey, q.key)].stats.dropped += 1
+                        _fail(by_id[q.item_id].future, DeadlineMissed(
+                            f"{q.key} item due in {q.deadline - now:+.3f}s could not be run in time"))
+                    if d.run:
+                        return ([by_id[q.item_id] for q in d.run],
+                                self._served[typing.cast(BatchKey, d.run[0].key)])
+                    continue
+                timeout = None if d.wake_at is None else max(d.wake_at - now, 0.0)
+                self._cond.wait(timeout)
+        return None, None
+
+    def _run(self, batch: list[_Request], served: _Served) -> None:
+        live = [r for r in batch if r.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        try:
+            feeds = {name: np.stack([r.feeds[name] for r in live])
+                     for name in live[0].feeds}
+            outputs, seconds = served.model.run(feeds)
+        except BaseException as e:  # a failed call fails its items, not the device thread
+            log.exception("inference failed for a batch of %d", len(live))
+            for r in live:
+                r.future.set_exception(e)
+            return
+        n = len(live)
+        with self._cond:
+            a = self.smoothing
+            served.ratio += a * (seconds / served.base.seconds(n) - served.ratio)
+            served.live[n] = seconds if n not in served.live else \
+                served.live[n] + a * (seconds - served.live[n])
+            st = served.stats
+            st.batch_sizes[n] += 1
+            st.items += n
+            st.device_seconds += seconds
+        for i, r in enumerate(live):
+            r.future.set_result(ItemResult(tuple(o[i] for o in outputs), seconds / n, n))
+
+
+def _fail(fut: concurrent.futures.Future[ItemResult], exc: BaseException) -> None:
+    if fut.set_running_or_notify_cancel():
+        fut.set_exception(exc)

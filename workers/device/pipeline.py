@@ -1,0 +1,240 @@
+"""The avatar pipeline's inference stages for one worker: TTS, audio-to-motion,
+render and the lip-sync check.
+
+The three ONNX models run on the device thread of one `InferenceEngine`, which
+batches items across rooms per model and input shape (the renderer once per
+portrait side) under their deadlines. TTS is CPU work on its own thread so it
+never holds the device. Every call returns the device time attributed to the
+item (its share of the batch) for cost accounting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from avatarfarm.latency import LatencyCurve
+from workers.device.batching import BatchPolicy
+from workers.device.engine import BatchKey, InferenceEngine, ItemResult
+from workers.device.onnx import OrtModel, ProviderChoice
+from workers.device.timing import measure_curve, run_batch_of
+from workers.media.tts import EspeakTTS
+from workers.models.avatar import read_image, scale_image
+from workers.models.folder import AUDIO_TO_MOTION, LIPSYNC, RENDERER, ModelFolder
+
+log = logging.getLogger(__name__)
+
+AUDIO_TO_MOTION_KEY = BatchKey("audio_to_motion")
+LIPSYNC_KEY = BatchKey("lipsync")
+# What the pipeline caches per avatar and render side: the [3, S, S] float32 portrait.
+AVATAR_BYTES_PER_PIXEL = 3 * np.dtype(np.float32).itemsize
+
+
+@dataclass(frozen=True, slots=True)
+class Timed:
+    value: np.ndarray
+    seconds: float  # device time attributed to this item
+    batch_size: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class SyncShape:
+    window: int  # frames per check
+    max_lag: int
+    crop: tuple[int, int]  # mouth crop height, width
+
+
+class Pipeline:
+    def __init__(self, folder: ModelFolder, provider: ProviderChoice = ProviderChoice.AUTO,
+                 intra_op_threads: int = 0, tts_voice: str = "en",
+                 policy: BatchPolicy = BatchPolicy()) -> None:
+        self.folder = folder
+        self.audio_to_motion_model = OrtModel("audio_to_motion", folder.audio_to_motion,
+                                              AUDIO_TO_MOTION, provider, intra_op_threads)
+        self.renderer_model = OrtModel(folder.renderer_name, folder.renderer, RENDERER, provider,
+                                       intra_op_threads)
+        self.lipsync_model = (OrtModel("lipsync", folder.lipsync, LIPSYNC, provider, intra_op_threads)
+                              if folder.lipsync is not None else None)
+        self.sync_shape: SyncShape | None = None
+        if self.lipsync_model is not None:
+            _, t, _, h, w = self.lipsync_model.input_shape("mouth")
+            lags = self.lipsync_model.output_shape("scores")[1]
+            if not all(isinstance(d, int) for d in (t, h, w, lags)):
+                raise ValueError("the lipsync model needs static window, crop and lag dimensions")
+            assert isinstance(t, int) and isinstance(h, int) and isinstance(w, int)
+            assert isinstance(lags, int)
+            self.sync_shape = SyncShape(t, lags // 2, (h, w))
+        self.tts = EspeakTTS(tts_voice)
+        self.engine = InferenceEngine(policy)
+        self._tts = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tts")
+        # Filled on the TTS thread, read by the agent on the event loop.
+        self._avatars: dict[tuple[str, int], tuple[tuple[int, int, int], np.ndarray]] = {}
+        self._avatars_lock = threading.Lock()
+        self.models_bytes = sum(p.stat().st_size for p in (
+            folder.audio_to_motion, folder.renderer, *([folder.lipsync] if folder.lipsync else [])))
+        self._calibrate()
+
+    def _calibrate(self) -> None:
+        """Quick curves for the fixed-shape models so rooms can run before (or without) a
+        full start-up profile; `workers.device.profile.measure` replaces them."""
+        from workers.media.audio import MEL_WINDOW, N_MELS
+
+        mel = np.full((N_MELS, MEL_WINDOW), -2.0, np.float32)
+        self.serve(AUDIO_TO_MOTION_KEY, measure_curve(
+            functools.partial(run_batch_of, self.audio_to_motion_model, {"mel": mel}), (1, 4), 1))
+        if self.lipsync_model is not None and self.sync_shape is not None:
+            sh = self.sync_shape
+            feeds = {"audio": np.zeros((sh.window, N_MELS), np.float32),
+                     "mouth": np.zeros((sh.window, 3, *sh.crop), np.float32)}
+            self.serve(LIPSYNC_KEY, measure_curve(
+                functools.partial(run_batch_of, self.lipsync_model, feeds), (1, 4), 1))
+
+    @property
+    def provider(self) -> str:
+        return self.renderer_model.provider
+
+    @property
+    def model_names(self) -> list[str]:
+        names = [self.audio_to_motion_model.name, self.renderer_model.name]
+        return names + ([self.lipsync_model.name] if self.lipsync_model else [])
+
+    def warm_avatars(self) -> list[str]:
+        """Avatars whose portrait tensors are cached (at any side)."""
+        with self._avatars_lock:
+            return sorted({avatar_id for avatar_id, _ in self._avatars})
+
+    def render_key(self, side: int) -> BatchKey:
+        return BatchKey(self.renderer_model.name, side)
+
+    def close(self) -> None:
+        self.engine.close()
+        self._tts.shutdown(wait=False, cancel_futures=True)
+
+    # -- latency curves
+
+    def serve(self, key: BatchKey, curve: LatencyCurve) -> None:
+        model = {AUDIO_TO_MOTION_KEY: self.audio_to_motion_model, LIPSYNC_KEY: self.lipsync_model
+                 }.get(key, self.renderer_model)
+        assert model is not None
+        self.engine.serve(key, model, curve)
+
+    def ensure_render_side(self, side: int) -> None:
+        """Serves a portrait side no start-up profile measured, with a curve scaled by
+        pixels from the nearest measured side (live timings then correct it), or
+        measured now when nothing was."""
+        key = self.render_key(side)
+        if self.engine.serves(key):
+            return
+        measured = [k for k in self.engine.keys() if k.model == key.model]
+        if measured:
+            near = min(measured, key=lambda k: abs(k.side - side))
+            curve = self.engine.curve(near).scaled(side * side / (near.side * near.side))
+        else:
+            curve = measure_curve(lambda b: self.render_batch_sync(
+                self.avatar_tensor_sync(self.folder.avatar_ids()[0], side), b), (1, 2), 2)
+        log.info("renderer at side %d served with an estimated curve %s", side, curve.points)
+        self.engine.serve(key, self.renderer_model, curve)
+
+    # -- blocking implementations (profiling, tests); rooms use the async API
+
+    def synthesize_sync(self, text: str) -> Timed:
+        t0 = time.perf_counter()
+        audio = self.tts.synthesize(text)
+        return Timed(audio, time.perf_counter() - t0)
+
+    def audio_to_motion_sync(self, mel: np.ndarray) -> Timed:
+        (motion,), dt = self.audio_to_motion_model.run({"mel": mel[None].astype(np.float32)})
+        return Timed(motion[0], dt)
+
+    def render_sync(self, avatar: np.ndarray, motion: np.ndarray) -> Timed:
+        (frame,), dt = self.renderer_model.run({"avatar": avatar[None],
+                                                "motion": motion[None].astype(np.float32)})
+        return Timed(frame[0], dt)
+
+    def render_batch_sync(self, avatar: np.ndarray, batch: int) -> float:
+        """One call of `batch` identical items; returns its seconds (for profiling)."""
+        motion = np.linspace(0.0, 0.5, 8 * batch, dtype=np.float32).reshape(batch, 8)
+        _, dt = self.renderer_model.run({"avatar": np.repeat(avatar[None], batch, axis=0),
+                                         "motion": motion})
+        return dt
+
+    def sync_scores_sync(self, audio: np.ndarray, mouth: np.ndarray) -> Timed:
+        assert self.lipsync_model is not None
+        (scores,), dt = self.lipsync_model.run({"audio": audio[None].astype(np.float32),
+                                                "mouth": mouth[None].astype(np.float32)})
+        return Timed(scores[0], dt)
+
+    def avatar_tensor_sync(self, avatar_id: str, side: int) -> np.ndarray:
+        """The avatar portrait as the renderer takes it: [3, side, side] in [0, 1]."""
+        key = (avatar_id, side)
+        path = self.folder.avatar_path(avatar_id)
+        st = path.stat()
+        # An avatar re-registered under the same id replaces its file: a new version.
+        version = (st.st_mtime_ns, st.st_size, st.st_ino)
+        with self._avatars_lock:
+            cached = self._avatars.get(key)
+        if cached is None or cached[0] != version:
+            rgb = read_image(path, side)
+            tensor = np.ascontiguousarray((rgb.astype(np.float32) / 255.0).transpose(2, 0, 1))
+            cached = (version, tensor)
+            with self._avatars_lock:
+                self._avatars[key] = cached
+        return cached[1]
+
+    # -- async API for rooms: batched on the device under each item's deadline
+
+    async def synthesize(self, text: str) -> Timed:
+        return await asyncio.get_running_loop().run_in_executor(self._tts, self.synthesize_sync, text)
+
+    async def audio_to_motion(self, mel: np.ndarray, deadline: float = math.inf,
+                              priority: int = 1) -> Timed:
+        r = await self.engine.infer(AUDIO_TO_MOTION_KEY, {"mel": mel.astype(np.float32)},
+                                    deadline, priority)
+        return _timed(r)
+
+    async def render(self, avatar: np.ndarray, motion: np.ndarray, deadline: float = math.inf,
+                     priority: int = 1) -> Timed:
+        r = await self.engine.infer(self.render_key(avatar.shape[-1]),
+                                    {"avatar": avatar, "motion": motion.astype(np.float32)},
+                                    deadline, priority)
+        return _timed(r)
+
+    async def sync_scores(self, audio: np.ndarray, mouth: np.ndarray, deadline: float = math.inf,
+                          priority: int = 1) -> Timed:
+        r = await self.engine.infer(LIPSYNC_KEY, {"audio": audio.astype(np.float32),
+                                                  "mouth": mouth.astype(np.float32)},
+                                    deadline, priority)
+        return _timed(r)
+
+    async def avatar_tensor(self, avatar_id: str, side: int) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        tensor = await loop.run_in_executor(self._tts, self.avatar_tensor_sync, avatar_id, side)
+        await loop.run_in_executor(self._tts, self.ensure_render_side, side)
+        return tensor
+
+
+def _timed(r: ItemResult) -> Timed:
+    return Timed(r.outputs[0], r.seconds, r.batch_size)
+
+
+def to_canvas(frame: np.ndarray, width: int, height: int, side: int | None = None) -> np.ndarray:
+    """[3, S, S] float in [0, 1] -> [height, width, 3] uint8, the portrait centred and the
+    backdrop's edge extended to fill a non-square frame. A portrait drawn smaller than
+    ``side`` (a room rendering at a degraded quality) is scaled up to it first, so the
+    frame looks the same size whatever side it was rendered at."""
+    rgb = (frame.transpose(1, 2, 0) * 255.0 + 0.5).astype(np.uint8)
+    if side is not None and rgb.shape[0] != side:
+        rgb = scale_image(rgb, side, side)
+    side = rgb.shape[0]
+    if side == width and side == height:
+        return rgb
+    top, left = (height - side) // 2, (width - side) // 2
+    return np.pad(rgb, ((top, height - side - top), (left, width - side - left), (0, 0)), mode="edge")

@@ -1,0 +1,377 @@
+"""The encoder: H.264 + AAC with PyAV into one output (a file, an HLS folder, RTMP).
+
+An encoder runs in its own thread per room (PyAV releases the GIL while it
+encodes), behind a bounded queue, so a slow encoder or a stalled RTMP ingest
+never blocks inference for other rooms. It measures its own CPU cost per frame,
+because on GPUs without NVENC (H100, H200) encoding is a capacity limit of its own.
+
+A room may change its frame rate mid-stream (a live degradation step): each
+frame carries its own rate, video timestamps count stream time on a fine clock
+(90 kHz) rather than frames, and keyframes follow stream time, so the stream's
+duration, its audio and its segment lengths stay right across a change.
+
+Where the output is and how a continuation writes it: ``workers.output.targets``; how an
+HLS folder is published: ``workers.output.hls``; how a stale writer is kept out:
+``workers.output.fence``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import typing
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+
+from avatarfarm.domain import OutputKind
+from workers.media.audio import SAMPLE_RATE
+from workers.output.fence import Fence, Superseded, fence_path
+from workers.output.hls import HlsPublisher
+
+# The `name as name` imports keep those names importable from here for code outside
+# workers/ written before this module was split into output, hls and fence
+# (tests/test_hostile_input.py, loadtests/).
+from workers.output.hls import hls_segments as hls_segments
+from workers.output.targets import OutputError as OutputError
+from workers.output.targets import OutputTarget as OutputTarget
+from workers.output.targets import continuation_path
+
+log = logging.getLogger(__name__)
+
+AUDIO_OUT_RATE = 48_000
+# The video clock: fine enough that every frame rate up to 60 fps lands within
+# 11 microseconds of its exact time, and the MPEG-TS clock, so HLS needs no rescale.
+VIDEO_TIME_BASE = Fraction(1, 90_000)
+ENCODER_QUEUE = 8  # frames an EncoderThread holds before the room sees back-pressure
+
+
+_NVENC_OPENS: bool | None = None
+
+
+def nvenc_available() -> bool:
+    """Whether h264_nvenc really opens here. FFmpeg lists it on every build; it opens
+    only on a GPU with NVENC (L4, L40S; not H100 or H200). Probed once per process."""
+    global _NVENC_OPENS
+    if _NVENC_OPENS is None:
+        try:
+            ctx = av.CodecContext.create("h264_nvenc", "w")
+            ctx.width, ctx.height, ctx.pix_fmt = 256, 256, "yuv420p"
+            ctx.time_base = Fraction(1, 25)
+            ctx.open()
+            _NVENC_OPENS = True
+        except Exception:  # noqa: BLE001 - any failure means no usable NVENC
+            _NVENC_OPENS = False
+        log.info("h264_nvenc %s", "available" if _NVENC_OPENS else "not available: libx264 encodes")
+    return _NVENC_OPENS
+
+
+def encoder_options(codec: str, preset: str, crf: int | None = None) -> dict[str, str]:
+    if codec == "libx264":
+        # One thread per stream: many rooms' encoders share the host, and frame or
+        # slice threads per stream would only oversubscribe it.
+        opts = {"preset": preset, "tune": "zerolatency", "threads": "1"}
+        if crf is not None:
+            opts["crf"] = str(crf)
+        return opts
+    if codec == "h264_nvenc":
+        return {"preset": "p4", "tune": "ll", "zerolatency": "1"}
+    return {}
+
+
+@dataclass(frozen=True, slots=True)
+class EncoderSettings:
+    codec: str = "auto"  # auto: h264_nvenc where the device has NVENC, else libx264
+    preset: str = "veryfast"
+    gop_seconds: float = 2.0
+    crf: int = 23
+    audio_bitrate: int = 96_000
+    hls_segment_seconds: float = 2.0
+
+    def video_codec(self) -> str:
+        if self.codec == "auto":
+            return "h264_nvenc" if nvenc_available() else "libx264"
+        return self.codec
+
+
+class StreamEncoder:
+    """Encodes RGB frames and float32 audio at SAMPLE_RATE into one output.
+
+    Not thread-safe: one thread owns it (see EncoderThread).
+
+    ``epoch`` is the room's assignment epoch (0: unfenced) and ``continuation`` how
+    many placements of the room came before this one (0: the first start; the output
+    starts afresh). ``location`` is what this encoder writes: the continuation file,
+    the public HLS playlist or the RTMP URL. open, encode and close raise Superseded
+    once a newer assignment holds the output; after that nothing public is touched.
+    """
+
+    def __init__(self, target: OutputTarget, width: int, height: int, fps: int,
+                 settings: EncoderSettings = EncoderSettings(), *,
+                 epoch: int = 0, continuation: int = 0,
+                 metadata: dict[str, str] | None = None) -> None:
+        # Container metadata (e.g. the AI-generated marking): MP4 and FLV carry a comment;
+        # MPEG-TS (HLS segments) carries it as the service's name.
+        self.metadata = dict(metadata or {})
+        if epoch < 0 or continuation < 0:
+            raise ValueError(f"epoch {epoch} and continuation {continuation} must be >= 0")
+        self.target = target
+        self.width, self.height, self.fps = width, height, fps
+        self.settings = settings
+        self.epoch, self.continuation = epoch, continuation
+        self.location = target.location
+        if target.kind is OutputKind.FILE:
+            self.location = str(continuation_path(Path(target.location), continuation))
+        fence = fence_path(target)
+        self._fence = Fence(fence, epoch, target.location) if fence is not None and epoch > 0 else None
+        self._superseded: Superseded | None = None
+        self._withdrawn = False  # set from another thread: a plain flag, read per frame
+        self.leave_open = False  # a clean close that leaves the output to a continuation
+        self._hls: HlsPublisher | None = None
+        self._container: Any = None
+        self._video: Any = None
+        self._audio: Any = None
+        self._resampler: Any = None
+        self._time = Fraction(0)  # stream time of the next video frame, exact
+        self._next_key = Fraction(0)
+        # Frame durations by pts, for the packets the codec hands back (it drops them, and
+        # a muxer would otherwise guess the last frame's duration from the spec's rate).
+        self._durations: dict[int, int] = {}
+        self._audio_samples = 0
+
+    def open(self) -> None:
+        fmt: str | None
+        options: dict[str, str] = {}
+        url = self.location
+        if self.target.kind is not OutputKind.RTMP:
+            Path(self.target.location).parent.mkdir(parents=True, exist_ok=True)
+            # Claimed before anything is opened: a stale writer must not even truncate a file.
+            self._hold()
+        if self.target.kind is OutputKind.FILE:
+            if self.continuation:
+                # resolve() vetted the original name only: never write through a link here.
+                Path(self.location).unlink(missing_ok=True)
+            fmt = "mp4" if Path(self.location).suffix == ".mp4" else "flv"
+            if fmt == "mp4":
+                # Fragmented MP4: everything written so far stays playable if the worker dies.
+                options["movflags"] = "frag_keyframe+empty_moov+default_base_moof"
+        elif self.target.kind is OutputKind.HLS:
+            tag = f"e{self.epoch}" if self.epoch else f"c{self.continuation}"
+            self._hls = HlsPublisher(Path(self.target.location), tag, self._hold,
+                                      append=self.continuation > 0)
+            self._hls.prepare()
+            url = str(self._hls.staging_playlist)
+            fmt = "hls"
+            options.update(hls_time=str(self.settings.hls_segment_seconds), hls_list_size="0",
+                           hls_segment_filename=str(self._hls.staging / "segment_%05d.ts"),
+                           hls_flags="independent_segments")
+        else:
+            fmt = "flv"
+            options["rw_timeout"] = "5000000"  # microseconds: a stalled ingest fails the room
+        try:
+            self._container = av.open(url, mode="w", format=fmt, options=options)
+        except BaseException:
+            if self._hls is not None:
+                self._hls.discard()
+            raise
+        if self.metadata:
+            tags = dict(self.metadata)
+            if fmt == "hls" and "comment" in tags:
+                tags.setdefault("service_name", tags["comment"][:64])
+                tags.setdefault("service_provider", "avatarfarm")
+            self._container.metadata.update(tags)
+        s = self.settings
+        codec = s.video_codec()
+        v = self._container.add_stream(codec, rate=self.fps)
+        v.width, v.height, v.pix_fmt = self.width, self.height, "yuv420p"
+        v.time_base = VIDEO_TIME_BASE
+        v.codec_context.time_base = VIDEO_TIME_BASE
+        # The GOP in frames is the ceiling at the spec's rate; at a lower rate keyframes
+        # are forced every gop_seconds of stream time (see encode).
+        v.codec_context.gop_size = max(1, round(s.gop_seconds * self.fps))
+        v.codec_context.options = encoder_options(codec, s.preset, s.crf)
+        self._video = v
+        a = self._container.add_stream("aac", rate=AUDIO_OUT_RATE, layout="mono")
+        a.codec_context.bit_rate = s.audio_bitrate
+        self._audio = a
+        self._resampler = av.AudioResampler(format="fltp", layout="mono", rate=AUDIO_OUT_RATE)
+
+    def encode(self, rgb: np.ndarray, audio: np.ndarray, fps: int | None = None) -> None:
+        """Appends one frame lasting 1/fps (default: the stream's rate) and its audio."""
+        if self._withdrawn:
+            return
+        self._hold()
+        duration = Fraction(1, fps or self.fps)
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        frame.pts = round(self._time / VIDEO_TIME_BASE)
+        frame.time_base = VIDEO_TIME_BASE
+        frame.duration = round((self._time + duration) / VIDEO_TIME_BASE) - frame.pts
+        self._durations[frame.pts] = frame.duration
+        gop = Fraction(self.settings.gop_seconds).limit_denominator(1000)
+        if gop > 0 and self._time >= self._next_key:
+            frame.pict_type = av.video.frame.PictureType.I
+            while self._next_key <= self._time:
+                self._next_key += gop
+        self._time += duration
+        self._mux_video(self._video.encode(frame))
+        if audio.size:
+            af = av.AudioFrame.from_ndarray(audio.reshape(1, -1).astype(np.float32), format="flt",
+                                            layout="mono")
+            af.sample_rate = SAMPLE_RATE
+            af.pts = self._audio_samples
+            af.time_base = Fraction(1, SAMPLE_RATE)
+            self._audio_samples += audio.size
+            for out in self._resampler.resample(af):
+                for packet in self._audio.encode(out):
+                    self._container.mux(packet)
+        if self._hls is not None and not self._withdrawn:
+            self._hls.poll()
+
+    def _mux_video(self, packets: list[Any]) -> None:
+        for packet in packets:
+            packet.duration = self._durations.pop(packet.pts, packet.duration)
+            self._container.mux(packet)
+
+    def _hold(self) -> None:
+        """Raises Superseded once a newer assignment holds the output (and from then on)."""
+        if self._superseded is not None:
+            raise self._superseded
+        if self._fence is None:
+            return
+        try:
+            self._fence.hold()
+        except Superseded as e:
+            self._superseded = e
+            log.warning("%s", e)
+            raise
+
+    def withdraw(self) -> None:
+        """Leaves the output to the assignment that continues it: from now on frames are
+        dropped, and close publishes nothing more and does not end the HLS playlist (a
+        player that saw ``#EXT-X-ENDLIST`` would stop before the continuation). Safe to
+        call from another thread."""
+        self._withdrawn = True
+
+    def close(self) -> None:
+        """Flushes and closes the output; a clean close ends the HLS playlist.
+
+        Once superseded or withdrawn, only the muxer's private output is closed (its
+        staging folder, or its own file) and nothing is raised again; a takeover found
+        here raises.
+        """
+        if self._container is None:
+            return
+        container, self._container = self._container, None
+        try:
+            if self._superseded is None and not self._withdrawn:
+                for out in self._resampler.resample(None):
+                    for packet in self._audio.encode(out):
+                        container.mux(packet)
+                for packet in self._video.encode():
+                    packet.duration = self._durations.pop(packet.pts, packet.duration)
+                    container.mux(packet)
+                for packet in self._audio.encode():
+                    container.mux(packet)
+        finally:
+            container.close()
+        if self._hls is not None:
+            if self._superseded is None and not self._withdrawn:
+                self._hls.finish(ended=not self.leave_open)
+            else:
+                self._hls.discard()
+
+
+class EncoderThread:
+    """Runs a StreamEncoder on its own thread behind a bounded queue.
+
+    ``prepare`` turns what the room submits into the RGB frame (the room hands
+    over the renderer's float output; converting it is CPU work that belongs
+    here, off the event loop, and is counted as the encoder's). ``submit`` never blocks the caller's event loop for long: a full queue means
+    the encoder is behind, which the caller sees as back-pressure. The first
+    error is kept and reported; later frames are discarded.
+    """
+
+    _STOP = object()
+
+    def __init__(self, encoder: StreamEncoder, max_queue: int = ENCODER_QUEUE,
+                 prepare: typing.Callable[[np.ndarray], np.ndarray] = lambda rgb: rgb) -> None:
+        self.encoder = encoder
+        self.prepare = prepare
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=max_queue)
+        self.error: BaseException | None = None
+        self.encode_seconds = 0.0
+        self.frames_encoded = 0
+        self._opened = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="encoder", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.encoder.open()
+        except Exception as e:  # noqa: BLE001 - any failure becomes the room's failure reason
+            self.error = e
+            self._drain()
+            return
+        finally:
+            self._opened.set()
+        try:
+            while True:
+                item = self._queue.get()
+                if item is self._STOP:
+                    break
+                if self.error is not None:
+                    continue
+                rgb, audio, fps = typing.cast(tuple[np.ndarray, np.ndarray, int | None], item)
+                t0 = time.thread_time()
+                self.encoder.encode(self.prepare(rgb), audio, fps)
+                self.encode_seconds += time.thread_time() - t0
+                self.frames_encoded += 1
+        except Exception as e:  # noqa: BLE001 - reported through self.error
+            self.error = e
+            self._drain()
+        finally:
+            try:
+                self.encoder.close()
+            except Exception as e:  # noqa: BLE001 - reported through self.error
+                if self.error is None:
+                    self.error = e
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is self._STOP:
+                return
+
+    def submit(self, rgb: np.ndarray, audio: np.ndarray, timeout: float | None = None,
+               fps: int | None = None) -> None:
+        """Queues a frame lasting 1/fps (default: the stream's rate); blocks while the
+        encoder is behind (call from a thread)."""
+        self._queue.put((rgb, audio, fps), timeout=timeout)
+
+    def try_submit(self, rgb: np.ndarray, audio: np.ndarray, fps: int | None = None) -> bool:
+        try:
+            self._queue.put_nowait((rgb, audio, fps))
+            return True
+        except queue.Full:
+            return False
+
+    def close(self, timeout: float = 30.0, *, end_output: bool = True,
+              leave_open: bool = False) -> None:
+        """Flushes and closes the output; waits for the thread. ``end_output=False`` when
+        the room has moved to another assignment: queued frames are dropped and the output
+        is left for the continuation to append to (see StreamEncoder.withdraw).
+        ``leave_open``: every frame is written and published, but the output is not ended
+        (a handover: the next assignment continues it from exactly here)."""
+        if not end_output:
+            self.encoder.withdraw()
+        self.encoder.leave_open = leave_open
+        self._queue.put(self._STOP)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("encoder for %s did not finish within %.0fs", self.encoder.target, timeout)

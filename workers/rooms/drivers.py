@@ -1,0 +1,248 @@
+"""Drivers: where a room's audio and motion come from, frame by frame.
+
+* ScriptPlayer: text segments, spoken by TTS, then silence (idle).
+* LiveAudio: PCM pushed by a client to the worker, bounded so a client faster
+  than real time is pushed back instead of buffered without end.
+* LiveMotion: motion-capture coefficients pushed by a client, bounded the same way
+  (both are LiveBuffers: one implementation of the bounds and of closing).
+
+The bounds are hard: what a live buffer holds never exceeds its capacity (one
+oversized chunk excepted, taken only into an empty buffer), and a producer waits,
+which holds its gRPC stream and so the client, until the room has consumed
+enough. A buffer is closed when its room ends, which releases waiting producers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+
+from avatarfarm.domain import ScriptSegment
+from workers.media.audio import SAMPLE_RATE
+from workers.media.motion import MOTION_DIM
+
+# Live input a room buffers ahead of what it renders, at most: enough to ride out a
+# client's network jitter, small enough that a client pushing faster than real time
+# is held back within seconds (and the buffer's memory stays small: 10 s of 16 kHz
+# float32 audio is 640 KB).
+LIVE_AUDIO_BUFFER_SECONDS = 10.0
+LIVE_MOTION_BUFFER_FRAMES = 250
+
+
+class InputClosed(Exception):
+    """The room this live input fed has ended; nothing more is accepted."""
+
+
+class ScriptPlayer:
+    """Plays queued script segments as audio; silence once the queue is empty."""
+
+    def __init__(self, synthesize: Callable[[str], Awaitable[tuple[np.ndarray, float]]]) -> None:
+        self._synthesize = synthesize
+        self._segments: collections.deque[ScriptSegment] = collections.deque()
+        self._audio = np.zeros(0, np.float32)
+        self._speech_left = 0  # samples of speech (not pause) at the head of _audio
+        self.tts_seconds = 0.0
+        self.segments_spoken = 0
+        # Samples still to play of each segment started (speech and pause): a segment is
+        # done once all of it has played, which is where a resumed room picks up.
+        self._left: collections.deque[int] = collections.deque()
+        self.segments_done = 0
+        self._start_more = True
+
+    def append(self, segments: list[ScriptSegment] | tuple[ScriptSegment, ...]) -> None:
+        self._segments.extend(segments)
+
+    @property
+    def queued(self) -> int:
+        return len(self._segments)
+
+    def finish_current(self) -> None:
+        """Starts no further segment: the one being spoken plays to its end, then silence."""
+        self._start_more = False
+
+    @property
+    def at_boundary(self) -> bool:
+        """Every segment started has been played to its end (its pause included)."""
+        return not self._left
+
+    async def take(self, n: int) -> tuple[np.ndarray, bool]:
+        """Next ``n`` samples, and whether any of them is speech."""
+        while self._audio.size < n and self._segments and self._start_more:
+            seg = self._segments.popleft()
+            speech, dt = await self._synthesize(seg.text)
+            self.tts_seconds += dt
+            self.segments_spoken += 1
+            pause = np.zeros(round(seg.pause_after_seconds * SAMPLE_RATE), np.float32)
+            if self._audio.size == 0:
+                self._speech_left = speech.size
+            self._audio = np.concatenate([self._audio, speech, pause])
+            self._left.append(speech.size + pause.size)
+        taken = min(n, self._audio.size)
+        while self._left and taken > 0:
+            used = min(taken, self._left[0])
+            self._left[0] -= used
+            taken -= used
+            if self._left[0] == 0:
+                self._left.popleft()
+                self.segments_done += 1
+        out = self._audio[:n]
+        speaking = self._speech_left > 0
+        self._speech_left = max(0, self._speech_left - n)
+        self._audio = self._audio[n:]
+        if out.size < n:
+            out = np.concatenate([out, np.zeros(n - out.size, np.float32)])
+        return out, speaking
+
+
+class LiveBuffer:
+    """A bounded buffer of one live input of a room, between the clients that push it
+    (producers, each a gRPC stream) and the room that consumes it.
+
+    Sizes count the input's own unit (audio samples, motion frames). A push waits
+    until its item fits, so the bound holds exactly; an item larger than the capacity
+    waits for an empty buffer rather than forever. Closing (the room ended) releases
+    every waiting producer and consumer; later pushes raise InputClosed.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._items: collections.deque[np.ndarray] = collections.deque()
+        self._size = 0
+        self._max = capacity
+        self._space = asyncio.Event()
+        self._space.set()
+        self._data = asyncio.Event()
+        self.producers = 0
+        self.attached = asyncio.Event()  # set once a first producer has connected
+        self.closed = False
+        self._waiting = 0  # producers waiting for space
+
+    @property
+    def capacity(self) -> int:
+        """What the buffer holds at most."""
+        return self._max
+
+    @property
+    def buffered(self) -> int:
+        return self._size
+
+    def attach(self) -> None:
+        self.producers += 1
+        self.attached.set()
+
+    def producer_closed(self) -> None:
+        self.producers -= 1
+        self._data.set()
+
+    def close(self) -> None:
+        """The room has ended: waiting and later pushes raise InputClosed."""
+        self.closed = True
+        self._space.set()
+        self._data.set()
+
+    @property
+    def full(self) -> bool:
+        """A producer waits for space no one has freed since: the buffer holds all it will
+        hold until the consumer takes some."""
+        return self._waiting > 0 and not self._space.is_set()
+
+    async def _put(self, item: np.ndarray, size: int) -> None:
+        """Adds an item of ``size`` units once it fits (back-pressure on the client)."""
+        while not self.closed and self._size > 0 and self._size + size > self._max:
+            self._space.clear()
+            self._waiting += 1
+            # A consumer waiting for more than is buffered must not wait for this item,
+            # which waits for it (see ``full``).
+            self._data.set()
+            try:
+                await self._space.wait()
+            finally:
+                self._waiting -= 1
+        if self.closed:
+            raise InputClosed("the room has ended")
+        self._items.append(item)
+        self._size += size
+        self._data.set()
+
+    async def _wait_for(self, n: int) -> None:
+        """Waits until ``n`` units are buffered, the buffer is full, or no producer is
+        connected."""
+        while self._size < n and self.producers > 0 and not self.closed and not self.full:
+            self._data.clear()
+            await self._data.wait()
+
+    def _taken(self, size: int) -> None:
+        """The consumer took ``size`` units out of the items."""
+        self._size -= size
+        if self._size < self._max:
+            self._space.set()
+
+
+class LiveAudio(LiveBuffer):
+    """A bounded jitter buffer of live PCM for one room, in samples at SAMPLE_RATE."""
+
+    def __init__(self, max_seconds: float = LIVE_AUDIO_BUFFER_SECONDS) -> None:
+        super().__init__(round(max_seconds * SAMPLE_RATE))
+        self.underrun_samples = 0
+        self.taken_samples = 0  # live samples the room has consumed (not the padding)
+
+    async def push(self, samples: np.ndarray) -> None:
+        """Adds samples, waiting until they fit (back-pressure on the client); raises
+        InputClosed once the room has ended."""
+        await self._put(samples.astype(np.float32), samples.size)
+
+    async def wait_for(self, n: int) -> None:
+        """Waits until ``n`` samples are buffered, the buffer is full, or no producer is
+        connected (then ``take`` pads what is missing)."""
+        await self._wait_for(n)
+
+    def take(self, n: int) -> np.ndarray:
+        """Next ``n`` samples, padded with silence on underrun."""
+        parts: list[np.ndarray] = []
+        need = n
+        while need > 0 and self._items:
+            c = self._items[0]
+            if c.size <= need:
+                parts.append(self._items.popleft())
+                need -= c.size
+            else:
+                parts.append(c[:need])
+                self._items[0] = c[need:]
+                need = 0
+        got = n - need
+        self._taken(got)
+        self.taken_samples += got
+        if need:
+            self.underrun_samples += need
+            parts.append(np.zeros(need, np.float32))
+        return np.concatenate(parts) if parts else np.zeros(n, np.float32)
+
+
+class LiveMotion(LiveBuffer):
+    """Motion-capture frames for one room; holds the last pose briefly on a gap."""
+
+    def __init__(self, max_frames: int = LIVE_MOTION_BUFFER_FRAMES, hold_frames: int = 12) -> None:
+        super().__init__(max_frames)
+        self._hold = hold_frames
+        self._last: np.ndarray | None = None
+        self._missing = 0
+
+    async def push(self, coefficients: np.ndarray) -> None:
+        if coefficients.shape != (MOTION_DIM,):
+            raise ValueError(f"motion frame must have {MOTION_DIM} coefficients, got {coefficients.size}")
+        await self._put(np.clip(coefficients, -1.0, 1.0).astype(np.float32), 1)
+
+    async def wait_for_frame(self) -> None:
+        await self._wait_for(1)
+
+    def take(self) -> np.ndarray | None:
+        """The next pose, the last one during a short gap, or None (idle takes over)."""
+        if self._items:
+            self._last = self._items.popleft()
+            self._missing = 0
+            self._taken(1)
+            return self._last
+        self._missing += 1
+        return self._last if self._missing <= self._hold else None

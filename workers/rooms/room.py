@@ -1,0 +1,610 @@
+"""One room on a worker: its drivers, motion, rendering, pacing, alignment and encoder.
+
+A room runs two asyncio tasks joined by a bounded queue of frames in flight:
+
+* the producer releases frame n at its capture time (t0 + n/fps in real-time
+  pacing), takes its audio from the driver, and starts the frame on the device:
+  audio-to-motion (unless mocap drives it), idle motion composed in, render.
+  Each of those is one item in the worker's cross-room batcher, with the
+  frame's deadline: its presentation time (capture time plus the latency
+  budget, the stream's buffer) minus the output margin left for encoding.
+  Several frames of a room are in flight at once, so one frame's motion is
+  computed while another renders.
+* the emitter takes frames in order. A frame the batcher dropped, or one not
+  back by its deadline, is replaced by the last good frame, so the stream keeps
+  its timing and the audio its sync; each replacement is counted late. The
+  frame and its audio pass the lip-sync monitor and the A/V delay that
+  corrects drift, then go to the encoder thread.
+
+A room can be reconfigured live (`Room.reconfigure`, a degradation step down or
+back up): from the next frame the producer releases, the renderer draws the
+portrait at the new quality's side (scaled up to the spec's side on the encoder
+thread, so the output's frame size never changes) and frames come at the new
+rate. Each frame carries the rate it was made at; stream time, audio per frame
+and the encoder's timestamps all count its 1/fps, so the stream's duration stays
+exact across a change.
+
+Failover. A room runs under an assignment epoch from the scheduler; its
+output is fenced by it (see workers.output.fence), and when the room resumes on
+another worker its output continues (continuation > 0). A room that finds
+itself behind real time by more than `stall_seconds` (the scheduler's worker
+timeout: the process was frozen or starved long enough for the scheduler to
+move its rooms) skips ahead, and holds its output, writing nothing, until the
+worker has re-registered and the scheduler has confirmed the room is still its
+own (`release_hold`) or has moved it (`abandon`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import numpy as np
+
+from avatarfarm.domain import DriveMode, OutputKind, Quality, ScriptSegment, SessionSpec
+from avatarfarm.egress import EgressPolicy, check_resolved
+from workers.device.engine import DeadlineMissed
+from workers.device.pipeline import Pipeline, to_canvas
+from workers.media.alignment import (
+    AvDelay,
+    DriftPolicy,
+    MouthCrop,
+    SyncEstimate,
+    SyncMonitor,
+    estimate,
+)
+from workers.media.audio import SAMPLE_RATE, MelStream
+from workers.media.label import LabelSpec, LabelStamp
+from workers.media.motion import IdleAnimator, compose
+from workers.output.encode import ENCODER_QUEUE, EncoderSettings, EncoderThread, StreamEncoder
+from workers.output.fence import Superseded
+from workers.output.targets import OutputTarget
+from workers.rooms.drivers import LiveAudio, LiveMotion, ScriptPlayer
+
+log = logging.getLogger(__name__)
+
+
+class Pacing(enum.Enum):
+    REALTIME = "realtime"  # one frame per 1/fps of wall time, as a live stream needs
+    FAST = "fast"  # as fast as the device allows (tests, benchmarks, offline renders)
+
+
+class RoomState(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    ENDED = "ended"
+    FAILED = "failed"
+
+
+@dataclass(slots=True)
+class RoomStats:
+    frames_rendered: int = 0
+    late_frames: int = 0
+    speech_frames: int = 0
+    stage_seconds: dict[str, float] = field(
+        default_factory=lambda: {"tts": 0.0, "audio_to_motion": 0.0, "render": 0.0, "encode": 0.0,
+                                 "alignment": 0.0})
+    batched_items: int = 0  # render items and the batch sizes they ran in, summed
+    batch_size_sum: int = 0
+    av_offset_seconds: float = 0.0  # last conclusive lip-sync check
+    av_correction_seconds: float = 0.0  # audio held back minus video held back
+    sync_checks: int = 0
+    sync_corrections: int = 0
+    # Stream time emitted, exact: the sum of each frame's 1/fps (the rate may change live).
+    stream_time: Fraction = Fraction(0)
+
+    @property
+    def mean_batch(self) -> float:
+        return self.batch_size_sum / self.batched_items if self.batched_items else 0.0
+
+    @property
+    def stream_seconds(self) -> float:
+        return float(self.stream_time)
+
+    @property
+    def device_seconds(self) -> float:
+        return sum(self.stage_seconds.values())
+
+
+MIN_RENDER_SIDE = 16
+
+
+class InvalidQuality(ValueError):
+    """A quality this worker cannot render: a reconfiguration the room cannot apply (the
+    room keeps its quality), or a room's own quality (its assignment is refused)."""
+
+
+def check_renderable(q: Quality) -> None:
+    """Raises InvalidQuality for a stream this worker cannot make at all, whatever the
+    tenant edge allows: a rate below 1 fps, a portrait side under MIN_RENDER_SIDE, or an
+    odd width or height (H.264's 4:2:0 halves both)."""
+    if q.fps < 1:
+        raise InvalidQuality(f"fps {q.fps} is below 1")
+    _check_side(q)
+    if q.width % 2 or q.height % 2:
+        raise InvalidQuality(f"{q} must have even width and height (H.264 4:2:0)")
+
+
+def _check_side(q: Quality) -> None:
+    if q.render_side < MIN_RENDER_SIDE:
+        raise InvalidQuality(f"{q} is too small to render (side < {MIN_RENDER_SIDE})")
+
+
+def frame_buffer_bytes_per_pixel(latency_budget_seconds: float, fps: int = 25) -> float:
+    """Host memory a room holds per pixel of its output frame, from its real buffers.
+
+    Float portraits ([3, S, S] float32, 12 bytes per portrait pixel, at most one per
+    output pixel): the frames in flight (the producer's queue, `_frames`), the
+    encoder's queue (`ENCODER_QUEUE`), and about two more held by the emitter (last
+    good frame, A/V delay). Then the encoder's own frames: the RGB canvas (3 bytes), its
+    YUV 4:2:0 copy (1.5) and about four YUV frames of references and look-ahead in
+    the codec. The in-flight depth follows the frame rate: 25 fps is the reference.
+    """
+    portrait = 3 * np.dtype(np.float32).itemsize
+    in_flight = math.ceil(latency_budget_seconds * fps) + 2
+    return portrait * (in_flight + ENCODER_QUEUE + 2) + 3 + 1.5 * (1 + 4)
+
+
+@dataclass(slots=True)
+class _InFlight:
+    n: int
+    fps: int  # the rate this frame was made at: it lasts 1/fps
+    audio: np.ndarray
+    speaking: bool
+    deadline: float
+    task: asyncio.Task[np.ndarray]
+
+
+class Room:
+    def __init__(self, session_id: str, spec: SessionSpec, target: OutputTarget, pipeline: Pipeline,
+                 *, pacing: Pacing = Pacing.REALTIME, latency_budget_seconds: float = 0.5,
+                 output_margin_seconds: float = 0.1, encoder: EncoderSettings = EncoderSettings(),
+                 on_change: Callable[[Room], None] = lambda room: None,
+                 on_sync: Callable[[Room, SyncEstimate | None], None] = lambda room, est: None,
+                 clock: Callable[[], float] = time.monotonic, seed: int | None = None,
+                 live_input_wait: float = 10.0, sync_interval_seconds: float = 10.0,
+                 video_lag_frames: int = 0, epoch: int = 0, continuation: int = 0,
+                 stall_seconds: float = math.inf,
+                 on_stall: Callable[[Room, float], None] = lambda room, behind: None,
+                 egress: EgressPolicy | None = None, label: LabelSpec | None = None) -> None:
+        self.session_id = session_id
+        self.egress = egress or EgressPolicy()
+        self.spec = spec
+        self.target = target
+        self.pipeline = pipeline
+        self.pacing = pacing
+        self.latency_budget = latency_budget_seconds
+        self.output_margin = min(output_margin_seconds, latency_budget_seconds / 2)
+        self.encoder_settings = encoder
+        self.on_change = on_change
+        self.on_sync = on_sync
+        self.clock = clock
+        self.live_input_wait = live_input_wait
+        # Fault injection: the motion of frame n comes from the audio of frame n - lag,
+        # as a pipeline whose video drifted behind its audio would render it.
+        self.video_lag_frames = video_lag_frames
+        self.state = RoomState.STARTING
+        self.reason = ""
+        self.epoch = epoch
+        self.continuation = continuation
+        self.stall_seconds = stall_seconds
+        self.on_stall = on_stall
+        self.label = label
+        self._stop_at_boundary: str | None = None
+        # Handing over to another worker: stop at this stream time (the end of the HLS
+        # segment being written) and leave the output open for the continuation.
+        self._stop_at_time: Fraction | None = None
+        self.handing_over = False
+        self._handover_reason = ""
+        self._t = Fraction(0)
+        self.held = False  # output suspended until the scheduler confirms the room
+        self.superseded = False  # moved to another worker: ends without writing more
+        self.stats = RoomStats()
+        q = spec.quality
+        # The quality in force: the producer reads it once per frame, so a reconfiguration
+        # (one assignment of an immutable value) takes effect at the next frame.
+        self.rendering: Quality = q
+        self.degradation_step = 0
+        self.sync_interval = sync_interval_seconds
+        self._portraits: dict[int, np.ndarray] = {}
+        self._fps_changes = 0  # lip-sync windows taken before a rate change are discarded
+        self.priority = spec.tier.priority
+        self.script = ScriptPlayer(self._synthesize)
+        self.script.append(spec.script)
+        self.audio_in = LiveAudio()
+        self.motion_in = LiveMotion()
+        rng = np.random.default_rng(seed if seed is not None else abs(hash(session_id)) % 2**32)
+        self.idle = IdleAnimator(q.fps, rng)
+        self.mel = MelStream()
+        self.av_delay = AvDelay()
+        self.drift = DriftPolicy()
+        shape = pipeline.sync_shape
+        self.sync: SyncMonitor | None = None
+        if shape is not None and spec.drive_mode.uses_audio_to_motion:
+            self.sync = SyncMonitor(shape.window, MouthCrop(*shape.crop),
+                                    max(1, round(sync_interval_seconds * q.fps)))
+        self._stop_reason: str | None = None
+        self._stopped = asyncio.Event()
+        self._encoder: EncoderThread | None = None
+        self._sync_task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    # -- control
+
+    def start(self) -> asyncio.Task[None]:
+        self.task = asyncio.create_task(self.run(), name=f"room-{self.session_id}")
+        return self.task
+
+    def stop(self, reason: str = "ended by request") -> None:
+        """Asks the room to finish the frames in flight, close its output and end."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+            self._stopped.set()
+
+    def stop_at_script_boundary(self, reason: str) -> None:
+        """Ends the room once the script segment being spoken has finished (at once for
+        rooms without a script): a licence that ended does not cut a sentence."""
+        if self.spec.drive_mode is not DriveMode.TEXT or self.script.at_boundary:
+            self.stop(reason)
+        else:
+            self.script.finish_current()
+            self._stop_at_boundary = reason
+
+    def hand_over(self, reason: str) -> None:
+        """Another worker continues this room: an HLS room ends once the segment being
+        written is complete (so it is published and nothing is lost), a file or RTMP
+        room at once; the output is left open (no end-of-playlist) and the final
+        progress reported is exactly where the continuation starts."""
+        self.handing_over = True
+        if self.target.kind is OutputKind.HLS and self._encoder is not None:
+            seg = Fraction(self.encoder_settings.hls_segment_seconds).limit_denominator(1000)
+            self._stop_at_time = math.ceil(self._t / seg) * seg
+            self._handover_reason = reason
+        else:
+            self.stop(reason)
+
+    def hold(self) -> None:
+        """Write nothing more to the output until `release_hold` (frames made meanwhile
+        are dropped, not counted and not billed)."""
+        self.held = True
+
+    def release_hold(self) -> None:
+        self.held = False
+
+    def abandon(self, reason: str) -> None:
+        """The room was moved to another worker: stop without writing another frame."""
+        self.superseded = True
+        self.held = True
+        self.stop(reason)
+
+    def _stalled(self, behind: float) -> None:
+        if not self.held:
+            log.warning("room %s: %.1fs behind real time (the worker stalled); holding its "
+                        "output until the scheduler confirms it", self.session_id, behind)
+            self.held = True
+            try:
+                self.on_stall(self, behind)
+            except Exception:  # a reporting problem must not kill the stream
+                log.exception("room %s: stall callback failed", self.session_id)
+
+    def append_script(self, segments: list[ScriptSegment]) -> None:
+        self.script.append(segments)
+
+    def reconfigure(self, quality: Quality, step: int = 0, reason: str = "") -> None:
+        """Renders at ``quality`` from the next frame on, without restarting the stream:
+        the portrait at its side, scaled up to the spec's, and frames at its rate; step 0
+        with the spec's own quality restores full quality.
+
+        Raises InvalidQuality (and changes nothing) for a quality larger than the spec's
+        or a rate outside 1..spec fps. Safe from any thread: it only replaces the value
+        the producer reads at each frame boundary.
+        """
+        spec = self.spec.quality
+        if not 1 <= quality.fps <= spec.fps:
+            raise InvalidQuality(f"fps {quality.fps} outside 1..{spec.fps}")
+        if quality.width > spec.width or quality.height > spec.height:
+            raise InvalidQuality(f"{quality} is larger than the room's {spec}")
+        _check_side(quality)
+        before = self.rendering
+        self.rendering, self.degradation_step = quality, step
+        if quality != before:
+            log.info("room %s: rendering at %s (step %d, was %s)%s", self.session_id, quality,
+                     step, before, f": {reason}" if reason else "")
+
+    # -- the frame loop
+
+    async def _synthesize(self, text: str) -> tuple[np.ndarray, float]:
+        r = await self.pipeline.synthesize(text)
+        self.stats.stage_seconds["tts"] += r.seconds
+        return r.value, r.seconds
+
+    async def _portrait(self, side: int) -> np.ndarray:
+        if side not in self._portraits:
+            self._portraits[side] = await self.pipeline.avatar_tensor(self.spec.avatar_id, side)
+        return self._portraits[side]
+
+    async def run(self) -> None:
+        q = self.spec.quality
+        try:
+            avatar = await self._portrait(q.render_side)
+            if self.target.kind is OutputKind.RTMP:
+                # The addresses the ingest's name has now: a name that leads to a forbidden
+                # address fails the room before anything connects (the lookup runs on a thread).
+                await check_resolved(self.egress, self.target.location)
+            stamp = LabelStamp(self.label, q.width, q.height) if self.label else None
+
+            def prepare(frame: np.ndarray) -> np.ndarray:
+                rgb = to_canvas(frame, q.width, q.height, q.render_side)
+                # to_canvas makes a new array each frame: the label is stamped into it.
+                return stamp.apply(rgb) if stamp is not None else rgb
+
+            metadata = ({"comment": f"AI-generated content (label: {self.label.text})"}
+                        if self.label else {})
+            self._encoder = EncoderThread(
+                StreamEncoder(self.target, q.width, q.height, q.fps, self.encoder_settings,
+                              epoch=self.epoch, continuation=self.continuation,
+                              metadata=metadata),
+                prepare=prepare)
+            await self._frames(avatar)
+        except asyncio.CancelledError:
+            self._set(RoomState.FAILED, "worker shutting down")
+            raise
+        except Exception as e:
+            log.exception("room %s failed", self.session_id)
+            self._set(RoomState.FAILED, f"{type(e).__name__}: {e}")
+        finally:
+            if self._sync_task is not None:
+                self._sync_task.cancel()
+            await self._close_encoder()
+        if self.state not in (RoomState.FAILED,):
+            self._set(RoomState.ENDED, self._stop_reason or "reached max duration")
+
+    async def _frames(self, avatar: np.ndarray) -> None:
+        q = self.spec.quality
+        if self.pacing is Pacing.REALTIME:
+            depth = math.ceil(self.latency_budget * q.fps) + 2
+        else:
+            depth = 6
+            await self._wait_for_live_input()
+        inflight: asyncio.Queue[_InFlight | None] = asyncio.Queue(maxsize=depth)
+        producer = asyncio.create_task(self._produce(inflight),
+                                       name=f"room-{self.session_id}-frames")
+        try:
+            await self._emit(avatar, inflight)
+        finally:
+            producer.cancel()
+            while not inflight.empty():
+                f = inflight.get_nowait()
+                if f is not None:
+                    f.task.cancel()
+            try:
+                await producer
+            except asyncio.CancelledError:
+                pass
+
+    async def _wait_for_live_input(self) -> None:
+        # Offline rendering follows its input: wait for the live client to connect
+        # rather than race ahead through idle frames.
+        mode = self.spec.drive_mode
+        if mode is DriveMode.TEXT:
+            return
+        source = self.audio_in.attached if mode is DriveMode.VOICE else self.motion_in.attached
+        waits = [asyncio.ensure_future(source.wait()), asyncio.ensure_future(self._stopped.wait())]
+        await asyncio.wait(waits, timeout=self.live_input_wait, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
+        if not source.is_set() and not self._stopped.is_set():
+            log.warning("room %s: no live input after %.0fs; rendering idle", self.session_id,
+                        self.live_input_wait)
+
+    async def _produce(self, inflight: asyncio.Queue[_InFlight | None]) -> None:
+        mode = self.spec.drive_mode
+        limit = self.spec.max_duration_seconds
+        lagged: collections.deque[np.ndarray] = collections.deque(maxlen=self.video_lag_frames + 1)
+        t0 = self.clock()
+        t = Fraction(0)  # stream time of frame n (exact, whatever rates it was made at)
+        n = 0
+        q: Quality | None = None
+        avatar = render_reserve = None
+        while self._stop_reason is None and (limit <= 0 or t < limit - 1e-9):
+            if q != self.rendering:
+                q = self.rendering
+                avatar = await self._portrait(q.render_side)
+                # The audio-to-motion result must leave time for the render after it.
+                render_reserve = self.pipeline.engine.curve(
+                    self.pipeline.render_key(q.render_side)).seconds(1)
+                self.idle.fps = q.fps
+            assert avatar is not None and render_reserve is not None
+            if self.pacing is Pacing.REALTIME:
+                release = t0 + float(t)
+                behind = self.clock() - release
+                if behind > self.stall_seconds:
+                    # A live stream does not replay the time it missed: skip ahead.
+                    t0 += behind
+                    release = t0 + float(t)
+                    self._stalled(behind)
+                deadline = release + self.latency_budget - self.output_margin
+                wait = release - self.clock()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            else:
+                deadline = math.inf
+            end = t + Fraction(1, q.fps)
+            k = round(end * SAMPLE_RATE) - round(t * SAMPLE_RATE)
+            if self._stop_at_boundary is not None and self.script.at_boundary:
+                self.stop(self._stop_at_boundary)
+                break
+            if self._stop_at_time is not None and t >= self._stop_at_time:
+                self.stop(self._handover_reason)
+                break
+            self._t = t
+            audio, speaking = await self._audio(mode, k)
+            idle = self.idle.step()
+            mel: np.ndarray | None = None
+            driven: np.ndarray | None = None
+            if mode.uses_audio_to_motion:
+                lagged.append(self.mel.push(audio))
+                mel = lagged[0]
+            else:
+                if self.pacing is Pacing.FAST:
+                    await self.motion_in.wait_for_frame()
+                driven = self.motion_in.take()
+            task = asyncio.create_task(self._render(avatar, idle, mel, driven, deadline,
+                                                    deadline - render_reserve))
+            await inflight.put(_InFlight(n, q.fps, audio, speaking, deadline, task))
+            n, t = n + 1, end
+        await inflight.put(None)
+
+    async def _render(self, avatar: np.ndarray, idle: np.ndarray, mel: np.ndarray | None,
+                      driven: np.ndarray | None, deadline: float, motion_deadline: float
+                      ) -> np.ndarray:
+        st = self.stats.stage_seconds
+        if mel is not None:
+            r = await self.pipeline.audio_to_motion(mel, motion_deadline, self.priority)
+            st["audio_to_motion"] += r.seconds
+            driven = r.value
+        motion = compose(idle, driven, mouth_only=mel is not None)
+        r = await self.pipeline.render(avatar, motion, deadline, self.priority)
+        st["render"] += r.seconds
+        self.stats.batched_items += 1
+        self.stats.batch_size_sum += r.batch_size
+        return r.value
+
+    async def _emit(self, avatar: np.ndarray, inflight: asyncio.Queue[_InFlight | None]) -> None:
+        enc = self._encoder
+        assert enc is not None
+        last_good = avatar  # before the first frame, the still portrait stands in
+        fps = self.spec.quality.fps
+        while True:
+            f = await inflight.get()
+            if f is None:
+                return
+            if f.fps != fps:
+                fps = f.fps
+                self._rate_changed(fps)
+            if enc.error is not None:
+                f.task.cancel()
+                if isinstance(enc.error, Superseded):
+                    self.superseded = True  # another worker took the room's output over
+                    self._stop_reason = self._stop_reason or str(enc.error)
+                    return
+                raise OutputFailed(enc.encoder.location, enc.error)
+            if f.deadline != math.inf and self.clock() - f.deadline > self.stall_seconds:
+                self._stalled(self.clock() - f.deadline)
+            if self.held:
+                f.task.cancel()
+                continue
+            frame = await self._settle(f)
+            if frame is None:
+                self.stats.late_frames += 1
+                frame = last_good
+            else:
+                last_good = frame
+            frame, audio = self.av_delay.process(frame, f.audio)
+            if self.sync is not None:
+                self.sync.push(audio, frame)
+                if self.sync.due() and self._sync_task is None:
+                    self._sync_task = asyncio.create_task(
+                        self._check_sync(*self.sync.take(), fps, self._fps_changes))
+            if not enc.try_submit(frame, audio, f.fps):
+                await asyncio.to_thread(enc.submit, frame, audio, 30.0, f.fps)
+            self.stats.frames_rendered += 1
+            self.stats.stream_time += Fraction(1, f.fps)
+            self.stats.speech_frames += int(f.speaking)
+            self.stats.stage_seconds["encode"] = enc.encode_seconds
+            if f.n == 0:
+                self._set(RoomState.RUNNING, "")
+
+    async def _settle(self, f: _InFlight) -> np.ndarray | None:
+        """The frame's render, or None when it missed its deadline."""
+        if f.deadline != math.inf and not f.task.done():
+            await asyncio.wait([f.task], timeout=max(f.deadline - self.clock(), 0.0))
+            if not f.task.done():
+                f.task.cancel()
+                return None
+        try:
+            return await f.task
+        except (DeadlineMissed, asyncio.CancelledError):
+            return None
+
+    def _rate_changed(self, fps: int) -> None:
+        """The emitted frames' rate changed: a lip-sync window mixing rates would describe
+        neither, so checking starts over at the new rate (in-flight checks are discarded)."""
+        self._fps_changes += 1
+        self.stats.av_correction_seconds = self.av_delay.net_frames / fps  # held in frames
+        if self.sync is not None:
+            self.sync.restart()
+            self.sync.every_frames = max(self.sync.window, round(self.sync_interval * fps))
+
+    async def _check_sync(self, audio: np.ndarray, mouth: np.ndarray, fps: int,
+                          rate_epoch: int) -> None:
+        try:
+            r = await self.pipeline.sync_scores(audio, mouth, self.clock() + 2.0, self.priority)
+        except DeadlineMissed:
+            return
+        finally:
+            self._sync_task = None
+        st = self.stats
+        st.stage_seconds["alignment"] += r.seconds
+        if rate_epoch != self._fps_changes:
+            return  # the window was taken at another rate
+        st.sync_checks += 1
+        est = estimate(r.value)
+        if est is not None:
+            st.av_offset_seconds = est.offset_frames / fps
+            correct = self.drift.correction(est)
+            if correct:
+                self.av_delay.correct(correct)
+                st.sync_corrections += 1
+                st.av_correction_seconds = self.av_delay.net_frames / fps
+                assert self.sync is not None
+                self.sync.restart()  # frames before the correction no longer describe the stream
+                log.info("room %s: video %s audio by %d frame(s); correction now %+d",
+                         self.session_id, "behind" if correct > 0 else "ahead of",
+                         abs(correct), self.av_delay.net_frames)
+        try:
+            self.on_sync(self, est)
+        except Exception:  # a reporting problem must not kill the stream
+            log.exception("room %s: sync callback failed", self.session_id)
+
+    async def _audio(self, mode: DriveMode, k: int) -> tuple[np.ndarray, bool]:
+        if mode is DriveMode.TEXT:
+            return await self.script.take(k)
+        if self.pacing is Pacing.FAST:
+            await self.audio_in.wait_for(k)
+        had = self.audio_in.buffered
+        return self.audio_in.take(k), had > 0 and mode is DriveMode.VOICE
+
+    async def _close_encoder(self) -> None:
+        enc = self._encoder
+        if enc is None:
+            return
+        # A room that moved ends its part of the output open: the next worker continues it.
+        await asyncio.to_thread(enc.close, end_output=not self.superseded,
+                                leave_open=self.handing_over)
+        self.stats.stage_seconds["encode"] = enc.encode_seconds
+        if isinstance(enc.error, Superseded):
+            self.superseded = True
+        elif enc.error is not None and self.state is not RoomState.FAILED:
+            self._set(RoomState.FAILED, str(OutputFailed(enc.encoder.location, enc.error)))
+
+    def _set(self, state: RoomState, reason: str) -> None:
+        if self.state in (RoomState.ENDED, RoomState.FAILED):
+            return
+        self.state, self.reason = state, reason
+        try:
+            self.on_change(self)
+        except Exception:  # a reporting problem must not kill the stream
+            log.exception("room %s: state callback failed", self.session_id)
+
+
+class OutputFailed(RuntimeError):
+    def __init__(self, location: str, cause: BaseException) -> None:
+        super().__init__(f"output {location} failed: {type(cause).__name__}: {cause}")
