@@ -245,7 +245,7 @@ def validate_output_path(value: str, limits: Limits = LIMITS) -> PurePosixPath:
     no '..', no absolute path, no '~', no backslash (a separator elsewhere), no NUL, no
     control character and no '%' (FFmpeg's HLS muxer expands '%' patterns in the segment
     file names it derives from the folder). Symbolic links are the worker's concern
-    (``workers.output.OutputTarget.resolve``)."""
+    (``workers.output.targets.OutputTarget.resolve``)."""
     if not value:
         raise InvalidRequest("output path is empty")
     if len(value) > limits.max_path_length:
