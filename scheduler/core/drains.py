@@ -8,24 +8,19 @@ import collections
 import dataclasses
 import logging
 
-from avatarfarm.domain import (
-    OutputKind,
-    Progress,
-    SessionState,
-)
+from avatarfarm.domain import OutputKind, Progress, SessionState
 from scheduler.core.machine import carried_out
 from scheduler.core.placing import Placement
 from scheduler.state.sessions import Session
 from scheduler.state.table import LIVE
-from scheduler.state.worker_conn import (
-    ReleaseCmd,
-    WorkerConn,
-)
+from scheduler.state.worker_conn import ReleaseCmd, WorkerConn
 
 log = logging.getLogger(__name__)
 
 
 class Drains(Placement):
+    """Rooms leaving workers that leave: handed over, or placed again."""
+
     @carried_out
     def drain_worker(self, worker_id: str, deadline: float, why: str) -> bool:
         """Marks a worker for removal: it takes no new rooms and its rooms are handed over

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from avatarfarm.domain import (
-    SessionState,
-)
+from avatarfarm.domain import SessionState
 from scheduler.core.drains import Drains
 from scheduler.core.machine import carried_out
 from scheduler.policy import tenants
@@ -16,14 +14,14 @@ from scheduler.policy.licences import Refusal
 from scheduler.state.avatars import AuditAction
 from scheduler.state.sessions import EventKind, Session
 from scheduler.state.table import LIVE
-from scheduler.state.worker_conn import (
-    ReleaseCmd,
-)
+from scheduler.state.worker_conn import ReleaseCmd
 
 log = logging.getLogger(__name__)
 
 
 class Enforcement(Drains):
+    """Budgets and licences enforced on rooms already running."""
+
     @carried_out
     def enforce_budgets(self) -> None:
         """Tenants whose spend ran out this period: degrade, warn, or stop, per policy."""

@@ -26,13 +26,7 @@ from collections.abc import Callable
 from typing import Concatenate, ParamSpec, TypeVar
 
 from avatarfarm.avatars import list_avatars
-from avatarfarm.domain import (
-    DriveMode,
-    Progress,
-    Quality,
-    ScriptSegment,
-    SessionState,
-)
+from avatarfarm.domain import DriveMode, Progress, Quality, ScriptSegment, SessionState
 from avatarfarm.egress import EgressPolicy
 from scheduler.config import SchedulerConfig
 from scheduler.decisions import Decisions, Dispatcher
@@ -50,10 +44,7 @@ from scheduler.state.sessions import EventKind, Session, SessionEvent, plus
 from scheduler.state.snapshot import ClusterSnapshot, Waiting, WorkerView
 from scheduler.state.store import Store
 from scheduler.state.table import SessionTable
-from scheduler.state.worker_conn import (
-    ReleaseCmd,
-    WorkerConn,
-)
+from scheduler.state.worker_conn import ReleaseCmd, WorkerConn
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +76,9 @@ def tenants_error(name: str) -> Exception:
 
 
 class SessionMachine:
+    """The state every layer shares and the only writer of the session table (`_commit`,
+    `_progress`)."""
+
     def __init__(self, store: Store, config: SchedulerConfig,
                  metrics: SchedulerMetrics | None = None,
                  clock: Callable[[], float] = time.time) -> None:

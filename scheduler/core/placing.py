@@ -10,27 +10,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from avatarfarm.domain import (
-    Quality,
-    SessionState,
-    Tier,
-)
+from avatarfarm.domain import Quality, SessionState, Tier
 from scheduler.core.machine import SessionMachine, carried_out
 from scheduler.policy import placement, tenants
 from scheduler.policy.placement import ActionKind, RoomReq
 from scheduler.state.avatars import AuditAction
 from scheduler.state.sessions import EventKind, Session
 from scheduler.state.table import LIVE
-from scheduler.state.worker_conn import (
-    AssignCmd,
-    ReconfigureCmd,
-    ReleaseCmd,
-)
+from scheduler.state.worker_conn import AssignCmd, ReconfigureCmd, ReleaseCmd
 
 log = logging.getLogger(__name__)
 
 
 class Placement(SessionMachine):
+    """Where waiting rooms go, and which rooms make room for a guaranteed one."""
+
     def _rungs(self, room: RoomReq) -> list[tuple[int, Quality]]:
         s = self.sessions[room.session_id]
         if s.spec.tier is Tier.STANDARD:

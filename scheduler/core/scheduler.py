@@ -31,12 +31,7 @@ from scheduler.policy.placement import WorkerState
 from scheduler.state.avatars import AuditAction, RegisteredAvatar
 from scheduler.state.sessions import InvalidTransition, Session, SessionEvent
 from scheduler.state.table import LIVE
-from scheduler.state.worker_conn import (
-    ReleaseCmd,
-    ScriptCmd,
-    WorkerConn,
-    WorkerResources,
-)
+from scheduler.state.worker_conn import ReleaseCmd, ScriptCmd, WorkerConn, WorkerResources
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +48,8 @@ class TenantStatus:
 
 
 class Scheduler(Enforcement):
+    """The core the servicers call; `run` is its loop."""
+
     @carried_out
     def create(self, spec: SessionSpec, request_id: str = "") -> Session:
         try:
