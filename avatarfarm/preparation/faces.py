@@ -91,6 +91,15 @@ class HaarFaceDetector:
         return sorted(boxes, key=lambda b: -b.area)
 
 
+def crop(frame: np.ndarray, box: Box, side: int) -> np.ndarray:
+    """The box's pixels resized to side x side (uint8, the frame's channel order): what a
+    lip-sync model of that side sees."""
+    import cv2
+
+    region = frame[box.y: box.y + box.h, box.x: box.x + box.w]
+    return cv2.resize(region, (side, side), interpolation=cv2.INTER_AREA)
+
+
 @functools.cache
 def default_detector() -> HaarFaceDetector:
     return HaarFaceDetector()

@@ -20,12 +20,6 @@ import numpy as np
 from avatarfarm.preparation.faces import Box
 
 
-def crop(frame: np.ndarray, box: Box, side: int) -> np.ndarray:
-    """The box's pixels resized to side x side (uint8, the frame's channel order)."""
-    region = frame[box.y: box.y + box.h, box.x: box.x + box.w]
-    return cv2.resize(region, (side, side), interpolation=cv2.INTER_AREA)
-
-
 def masked_lower_half(face: np.ndarray) -> np.ndarray:
     """The crop with its lower half zeroed: what the model must fill in."""
     out = face.copy()

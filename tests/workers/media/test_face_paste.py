@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from skimage import data
 
-from avatarfarm.preparation.faces import Box, HaarFaceDetector
-from workers.media.face_paste import crop, lower_face_mask, masked_lower_half, paste, seam
+from avatarfarm.preparation.faces import Box, HaarFaceDetector, crop
+from workers.media.face_paste import lower_face_mask, masked_lower_half, paste, seam
 
 
 @pytest.fixture(scope="module")
