@@ -53,6 +53,30 @@ def _worker(args: argparse.Namespace) -> int:
     return _run_server("worker", serve(conf), (ModelFolderError,))
 
 
+def _prepare_avatar(args: argparse.Namespace) -> int:
+    from avatarfarm.preparation.bundle import prepare
+    from avatarfarm.preparation.faces import PreparationError
+
+    sides = [int(s) for s in args.sides.split(",") if s.strip()]
+    last: dict[str, int] = {}
+
+    def progress(stage: str, done: float) -> None:
+        pct = int(done * 100)
+        if last.get(stage) != pct:  # one line per stage and whole percent
+            last[stage] = pct
+            print(f"  {stage:<7} {pct:3d}%", flush=True)
+
+    try:
+        bundle = prepare(args.video.read_bytes(), args.out, sides, progress=progress)
+    except PreparationError as e:
+        print(f"avatarfarm prepare-avatar: {e}", file=sys.stderr)
+        return 2
+    m = bundle.manifest
+    print(f"bundle {m.bundle_id} in {bundle.root}: {m.frames} frames at {m.fps:g} fps, "
+          f"{m.width}x{m.height}, face found in {m.faces_found}, crops at {list(m.sides)} px")
+    return 0
+
+
 def _build_models(args: argparse.Namespace) -> int:
     from workers.models.folder import build_reference
     from workers.models.reference import RENDERER_PRESETS
@@ -212,6 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
                                    "file (--config) or AVATARFARM_WORKER_<OPTION> variables.")
     cfg.add_arguments(w, WorkerConfig)
     w.set_defaults(func=_worker)
+
+    pa = sub.add_parser(
+        "prepare-avatar", help="prepare an avatar bundle from a base video of the person",
+        description="Decodes a 5-60 s clip of one person (MP4, MOV, WebM), finds and tracks the "
+                    "face in every frame, and writes a content-addressed bundle (face boxes, "
+                    "crops at each lip-sync model's side, the clip) under --out. Preparing the "
+                    "same clip again finds the bundle and does nothing.")
+    pa.add_argument("--video", type=Path, required=True, help="the base video file")
+    pa.add_argument("--out", type=Path, default=Path("var/bundles"),
+                    help="folder the bundle is written under (default var/bundles)")
+    pa.add_argument("--sides", default="96",
+                    help="comma-separated crop sides of the lip-sync models (default 96; "
+                         "256 or 384 for the larger Wav2Lip variants)")
+    pa.set_defaults(func=_prepare_avatar)
 
     b = sub.add_parser("build-models", help="write the reference ONNX models and default avatar",
                        description="Builds the project's reference audio-to-motion and renderer "

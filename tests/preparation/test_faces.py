@@ -14,6 +14,7 @@ from avatarfarm.preparation.faces import (
     TrackPolicy,
     track_faces,
 )
+from tests.media import head_motion
 
 
 @pytest.fixture(scope="module")
@@ -24,26 +25,6 @@ def photo() -> np.ndarray:
 @pytest.fixture(scope="module")
 def detector() -> HaarFaceDetector:
     return HaarFaceDetector()
-
-
-def shifted(img: np.ndarray, dx: int, dy: int) -> np.ndarray:
-    """The photo moved by (dx, dy), the uncovered edge filled from the border."""
-    h, w = img.shape[:2]
-    pad = np.pad(img, ((abs(dy), abs(dy)), (abs(dx), abs(dx)), (0, 0)), mode="edge")
-    return pad[abs(dy) - dy: abs(dy) - dy + h, abs(dx) - dx: abs(dx) - dx + w]
-
-
-def head_motion(photo: np.ndarray, n: int = 40) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
-    """A base video: the head sways a few pixels and blinks every 12 frames."""
-    frames, moves = [], []
-    for i in range(n):
-        dx, dy = round(6 * np.sin(i / 5)), round(3 * np.sin(i / 7))
-        f = shifted(photo, dx, dy).copy()
-        if i % 12 == 11:  # eyelids: darken a band across the eyes for one frame
-            f[118 + dy: 126 + dy, 190 + dx: 260 + dx] //= 3
-        frames.append(f)
-        moves.append((dx, dy))
-    return frames, moves
 
 
 def test_the_detector_finds_the_one_face_in_the_photograph(photo: np.ndarray,

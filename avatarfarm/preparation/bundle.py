@@ -1,0 +1,191 @@
+"""Preparing an avatar from a person's base video, once: a versioned, content-addressed
+bundle that workers load and keep warm.
+
+`prepare` decodes the clip within limits checked before and while decoding (bytes,
+frame size, duration; an undecodable or hostile file is refused), finds and tracks the
+face (`faces.track_faces`), and stores per frame what the lip-sync families need: the
+smoothed face box to paste back into, and the face crop at each family's side (BGR,
+as the models take it). The clip itself is kept as uploaded: decoding it again gives
+the same frames. The bundle's id is the SHA-256 of the clip and of everything that
+shapes the result (this module's version, the sides), so preparing the same clip
+twice finds the first bundle and does nothing; a bundle is written into a temporary
+folder and renamed into place whole, so a failed or interrupted preparation leaves
+nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+
+from avatarfarm.preparation.faces import (
+    Box,
+    FaceDetector,
+    PreparationError,
+    TrackPolicy,
+    crop,
+    track_faces,
+)
+
+VERSION = 1  # bump when what a bundle holds or how it is made changes
+Progress = Callable[[str, float], None]  # (stage, fraction done)
+
+
+@dataclass(frozen=True, slots=True)
+class VideoLimits:
+    max_bytes: int = 200 * 1024 * 1024
+    min_seconds: float = 5.0
+    max_seconds: float = 60.0
+    max_side: int = 3840
+    max_pixels: int = 3840 * 2160
+    min_side: int = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    bundle_id: str
+    version: int
+    fps: float
+    frames: int
+    width: int
+    height: int
+    sides: tuple[int, ...]
+    faces_found: int  # frames where the detector found the face (the rest hold the nearest)
+
+
+@dataclass(frozen=True, slots=True)
+class Bundle:
+    root: Path
+    manifest: Manifest
+    boxes: tuple[Box, ...]
+
+    def crops(self, side: int) -> np.ndarray:
+        """uint8 [frames, side, side, 3] BGR face crops (memory-mapped)."""
+        if side not in self.manifest.sides:
+            raise KeyError(f"bundle {self.manifest.bundle_id} has no {side} px crops "
+                           f"(it has {list(self.manifest.sides)})")
+        return np.load(self.root / f"crops_{side}.npy", mmap_mode="r")
+
+    def frames(self) -> list[np.ndarray]:
+        """The base video's frames, RGB uint8, decoded again from the stored clip."""
+        data = (self.root / "base.video").read_bytes()
+        frames, _ = decode_video(data, VideoLimits(min_seconds=0.0, max_bytes=len(data)))
+        return frames
+
+    @classmethod
+    def open(cls, root: Path) -> Bundle:
+        m = json.loads((root / "manifest.json").read_text())
+        manifest = Manifest(**{**m, "sides": tuple(m["sides"])})
+        boxes = tuple(Box(*b) for b in json.loads((root / "boxes.json").read_text()))
+        return cls(root, manifest, boxes)
+
+
+def bundle_id(data: bytes, sides: Sequence[int]) -> str:
+    h = hashlib.sha256()
+    h.update(f"avatar-bundle v{VERSION} sides {','.join(map(str, sorted(sides)))}\n".encode())
+    h.update(data)
+    return h.hexdigest()
+
+
+def decode_video(data: bytes, limits: VideoLimits = VideoLimits()) -> tuple[list[np.ndarray], float]:
+    """RGB frames and frame rate of a clip, or PreparationError saying what is wrong."""
+    if len(data) > limits.max_bytes:
+        raise PreparationError(f"the clip is {len(data)} bytes; at most {limits.max_bytes} are taken")
+    try:
+        container = av.open(io.BytesIO(data), mode="r")
+    except (av.error.FFmpegError, ValueError) as e:
+        raise PreparationError(f"the clip cannot be decoded as a video ({e})") from e
+    with container:
+        streams = container.streams.video
+        if not streams:
+            raise PreparationError("the file has no video stream")
+        stream = streams[0]
+        ctx = stream.codec_context
+        # The declared size is checked before any frame is decoded (a decoder bomb claims
+        # a huge frame in a tiny file).
+        w, h = ctx.width, ctx.height
+        if not (limits.min_side <= min(w, h) and max(w, h) <= limits.max_side
+                and w * h <= limits.max_pixels):
+            raise PreparationError(f"the clip is {w}x{h}; sides from {limits.min_side} to "
+                                   f"{limits.max_side} px and at most {limits.max_pixels} pixels")
+        rate = float(stream.average_rate or stream.guessed_rate or 25)
+        if not 1.0 <= rate <= 120.0:
+            raise PreparationError(f"the clip's frame rate {rate:g} is not a video's")
+        most = int(limits.max_seconds * rate) + 1
+        frames: list[np.ndarray] = []
+        try:
+            for frame in container.decode(stream):
+                if frame.width != w or frame.height != h:
+                    raise PreparationError("the clip changes frame size part-way")
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if len(frames) > most:
+                    raise PreparationError(f"the clip is longer than {limits.max_seconds:g} s: "
+                                           "trim it to a loop of the person")
+        except av.error.FFmpegError as e:
+            raise PreparationError(f"the clip cannot be decoded ({e})") from e
+    if len(frames) < limits.min_seconds * rate:
+        raise PreparationError(f"the clip is {len(frames) / rate:.1f} s; at least "
+                               f"{limits.min_seconds:g} s of the person are needed")
+    return frames, rate
+
+
+def prepare(data: bytes, bundles: Path, sides: Sequence[int] = (96,), *,
+            detector: FaceDetector | None = None, limits: VideoLimits = VideoLimits(),
+            policy: TrackPolicy | None = None, progress: Progress | None = None) -> Bundle:
+    """The bundle for `data` under `bundles/<id>/`, made now or found from before."""
+    sides = tuple(sorted(set(sides)))
+    if not sides or any(s < 16 for s in sides):
+        raise PreparationError(f"crop sides {list(sides)}: give one or more sides of 16 px or more")
+    bid = bundle_id(data, sides)
+    root = bundles / bid
+    if (root / "manifest.json").is_file():
+        return Bundle.open(root)
+    say = progress or (lambda stage, done: None)
+    say("decode", 0.0)
+    frames, fps = decode_video(data, limits)
+    say("decode", 1.0)
+    policy = policy or TrackPolicy(min_side=min(sides))
+
+    def counted(i: int, frame: np.ndarray) -> np.ndarray:
+        if i % 25 == 0:
+            say("faces", i / len(frames))
+        return frame
+
+    track = track_faces((counted(i, f) for i, f in enumerate(frames)), detector, policy)
+    say("faces", 1.0)
+    height, width = frames[0].shape[:2]
+    bundles.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{bid[:12]}-", dir=bundles))
+    try:
+        for n, side in enumerate(sides):
+            crops = np.stack([_crop_bgr(f, b, side) for f, b in zip(frames, track.boxes, strict=True)])
+            np.save(tmp / f"crops_{side}.npy", crops)
+            say("crops", (n + 1) / len(sides))
+        (tmp / "base.video").write_bytes(data)
+        (tmp / "boxes.json").write_text(json.dumps([[b.x, b.y, b.w, b.h] for b in track.boxes]))
+        manifest = Manifest(bid, VERSION, fps, len(frames), width, height, sides, track.found)
+        (tmp / "manifest.json").write_text(json.dumps(asdict(manifest), indent=1))
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not (root / "manifest.json").is_file():  # not a concurrent preparation's
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    say("done", 1.0)
+    return Bundle.open(root)
+
+
+def _crop_bgr(rgb: np.ndarray, box: Box, side: int) -> np.ndarray:
+    return crop(np.ascontiguousarray(rgb[:, :, ::-1]), box, side)
