@@ -74,3 +74,14 @@ def test_autoscaling_a_day_keeps_every_room_and_tracks_demand(tmp_path: Path) ->
     assert max(r.pending) <= 90.0 + 15.0 + 2.0  # at most one boot (+ a decision, a step)
     assert r.ups >= 3 and r.downs >= 1
     assert r.minimum_seconds <= r.floor_seconds <= r.worker_seconds <= 3.0 * r.floor_seconds
+
+
+@pytest.mark.slow
+def test_the_wav2lip_benchmark_runs_on_a_prepared_real_photograph() -> None:
+    out = subprocess.run(
+        [sys.executable, "loadtests/wav2lip_bench.py", "--preset", "tiny", "--batches", "1,2",
+         "--iterations", "1"],
+        capture_output=True, text=True, timeout=240, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "batched (b=" in out.stdout and "paste-back" in out.stdout
+    assert "skip the model" in out.stdout
