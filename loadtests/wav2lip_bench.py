@@ -16,10 +16,8 @@ photograph:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +33,8 @@ from avatarfarm.preparation.bundle import VideoLimits, prepare  # noqa: E402
 from avatarfarm.preparation.faces import TrackPolicy  # noqa: E402
 from tests.media import encode_clip, head_motion  # noqa: E402
 from workers.device.binding import bind_lipsync, make_feeds, read_output  # noqa: E402
-from workers.media.face_paste import paste  # noqa: E402
+from workers.device.timing import median_seconds  # noqa: E402
+from workers.media.face_paste import face_pixels, paste  # noqa: E402
 from workers.media.tts import EspeakTTS  # noqa: E402
 from workers.media.wav2lip_audio import is_silent, mel_windows, melspectrogram, n_video_frames  # noqa: E402
 from workers.models.wav2lip import WAV2LIP_PRESETS, build_wav2lip, conv_gmac_per_frame  # noqa: E402
@@ -43,16 +42,6 @@ from workers.models.wav2lip import WAV2LIP_PRESETS, build_wav2lip, conv_gmac_per
 SCRIPT = ("Welcome back to the live room. Today we have three new offers for you. "
           "First, the running shoes, now twenty percent off. Second, the rain jacket. "
           "And finally, our best seller, back in stock. Thank you for watching.")
-
-
-def timed(fn, n: int) -> float:  # type: ignore[no-untyped-def]
-    fn()
-    samples = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
 
 
 def main() -> int:
@@ -93,7 +82,7 @@ def main() -> int:
     for b in (int(x) for x in args.batches.split(",")):
         idx = np.arange(b) % len(crops)
         feeds = make_feeds(binding, windows[:b], crops[idx])
-        call = timed(lambda f=feeds: session.run(None, f), args.iterations)  # type: ignore[misc]
+        call = median_seconds(lambda f=feeds: session.run(None, f), args.iterations)  # type: ignore[misc]
         per_frame[b] = call / b
         print(f"  {b:5d}  {call * 1000:7.2f}  {call / b * 1000:12.2f}  {b / call:8.1f}")
     best = min(per_frame, key=per_frame.__getitem__)
@@ -102,12 +91,12 @@ def main() -> int:
           f"per-room, {1 / (per_frame[best] * args.fps):.2f} batched")
 
     print(f"\nhost path per frame at {base[0].shape[1]}x{base[0].shape[0]} (median of 200):")
-    out = read_output(binding, session.run(None, make_feeds(binding, windows[:1], crops[:1]))[0])
-    face = (out[0].transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8)
+    raw = session.run(None, make_feeds(binding, windows[:1], crops[:1]))[0]
+    face = face_pixels(read_output(binding, raw))[0]
     bgr = [np.ascontiguousarray(f[:, :, ::-1]) for f in base]
-    t_feeds = timed(lambda: make_feeds(binding, windows[:1], crops[:1]), 200)
-    t_out = timed(lambda: (read_output(binding, out)[0].transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8), 200)
-    t_paste = timed(lambda: paste(bgr[0], boxes[0], face), 200)
+    t_feeds = median_seconds(lambda: make_feeds(binding, windows[:1], crops[:1]), 200)
+    t_out = median_seconds(lambda: face_pixels(read_output(binding, raw)), 200)
+    t_paste = median_seconds(lambda: paste(bgr[0], boxes[0], face), 200)
     print(f"  feeds (masked copy, layout) {t_feeds * 1000:.3f} ms, output to pixels "
           f"{t_out * 1000:.3f} ms, paste-back {t_paste * 1000:.3f} ms; "
           f"total {(t_feeds + t_out + t_paste) * 1000:.3f} ms (the crops come from the bundle)")

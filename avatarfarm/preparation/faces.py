@@ -135,7 +135,7 @@ def track_faces(frames: Iterable[np.ndarray], detector: FaceDetector | None = No
     for i, frame in enumerate(frames):
         size = size or (frame.shape[1], frame.shape[0])
         faces = detector.detect(frame)
-        people = [f for f in faces if faces and f.area >= policy.second_face * faces[0].area]
+        people = [f for f in faces if f.area >= policy.second_face * faces[0].area]
         if len(people) > 1:
             crowded.append(i)
         # The same person as before: the face nearest the last one found, so a stray

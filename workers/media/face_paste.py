@@ -1,7 +1,7 @@
-"""Cutting a face out of a base frame for a lip-sync model, and putting the model's
-face back without a seam.
+"""Putting a lip-sync model's face back into the base frame without a seam.
 
-A Wav2Lip-family model sees an S x S crop of the face box (S = 96, 256, 384) and
+A Wav2Lip-family model sees an S x S crop of the face box (S = 96, 256, 384;
+`avatarfarm.preparation.faces.crop`, masked by `workers.device.binding.make_feeds`) and
 returns the same crop with the mouth redrawn. The crop is resized into the box and
 blended with a feathered lower-face mask: inside the mouth region the model's pixels,
 towards the mask's edges more and more of the base frame's, outside it the base frame
@@ -20,11 +20,9 @@ import numpy as np
 from avatarfarm.preparation.faces import Box
 
 
-def masked_lower_half(face: np.ndarray) -> np.ndarray:
-    """The crop with its lower half zeroed: what the model must fill in."""
-    out = face.copy()
-    out[face.shape[0] // 2:] = 0
-    return out
+def face_pixels(faces: np.ndarray) -> np.ndarray:
+    """A model's output [B, 3, S, S] in 0..1 as uint8 [B, S, S, 3] pixels for `paste`."""
+    return (np.clip(faces, 0.0, 1.0).transpose(0, 2, 3, 1) * 255.0 + 0.5).astype(np.uint8)
 
 
 @functools.lru_cache(maxsize=256)

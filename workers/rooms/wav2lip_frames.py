@@ -13,7 +13,7 @@ import numpy as np
 
 from avatarfarm.preparation.bundle import Bundle
 from workers.device.binding import LipSyncRunner
-from workers.media.face_paste import paste
+from workers.media.face_paste import face_pixels, paste
 from workers.media.wav2lip_audio import is_silent
 
 
@@ -53,7 +53,7 @@ class Wav2LipFrames:
         if speaking:
             faces = self.runner.run(np.ascontiguousarray(windows[speaking]),
                                     self.crops[[idx[k] for k in speaking]])
-            pixels = (np.clip(faces, 0.0, 1.0).transpose(0, 2, 3, 1) * 255.0 + 0.5).astype(np.uint8)
+            pixels = face_pixels(faces)
             for j, k in enumerate(speaking):
                 out[k] = paste(self.base[idx[k]], self.boxes[idx[k]], pixels[j])
         return [np.ascontiguousarray(f[:, :, ::-1]) for f in out], RenderStats(len(out), len(speaking))

@@ -9,7 +9,7 @@ import pytest
 from skimage import data
 
 from avatarfarm.preparation.faces import Box, HaarFaceDetector, crop
-from workers.media.face_paste import lower_face_mask, masked_lower_half, paste, seam
+from workers.media.face_paste import face_pixels, lower_face_mask, paste, seam
 
 
 @pytest.fixture(scope="module")
@@ -19,12 +19,11 @@ def scene() -> tuple[np.ndarray, Box]:
     return photo, box
 
 
-def test_the_crop_and_its_masked_copy(scene: tuple[np.ndarray, Box]) -> None:
+def test_the_crop_is_the_box_at_the_models_side(scene: tuple[np.ndarray, Box]) -> None:
     photo, box = scene
     face = crop(photo, box, 96)
     assert face.shape == (96, 96, 3) and face.dtype == np.uint8
-    masked = masked_lower_half(face)
-    assert not masked[48:].any() and np.array_equal(masked[:48], face[:48])
+    # The masked copy the model also sees is made with its feeds (test_wav2lip's layout test).
 
 
 def test_a_redrawn_mouth_is_pasted_without_a_seam(scene: tuple[np.ndarray, Box]) -> None:
@@ -62,3 +61,10 @@ def test_the_mask_is_feathered_and_inside_the_box() -> None:
     assert m[:40].max() < 0.2  # the eyes keep the base frame
     row = m[84]
     assert np.all(np.diff(row[:50]) >= -1e-6)  # rises smoothly towards the middle
+
+
+def test_model_output_becomes_pixels() -> None:
+    out = np.stack([np.full((3, 4, 4), 0.5, np.float32), np.full((3, 4, 4), 1.2, np.float32)])
+    px = face_pixels(out)
+    assert px.shape == (2, 4, 4, 3) and px.dtype == np.uint8
+    assert (px[0] == 128).all() and (px[1] == 255).all()
