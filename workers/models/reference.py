@@ -135,7 +135,7 @@ def build_audio_to_motion(channels: int = 128, layers: int = 4, seed: int = 7) -
         [helper.make_tensor_value_info("motion", TensorProto.FLOAT, ["B", MOTION_DIM])],
         inits,
     )
-    return _finish(graph, "avatarfarm reference audio-to-motion")
+    return finish_model(graph, "avatarfarm reference audio-to-motion")
 
 
 def _gauss(u: np.ndarray, v: np.ndarray, c: tuple[float, float], r: tuple[float, float]) -> np.ndarray:
@@ -257,7 +257,7 @@ def build_renderer(size: RendererSize = RENDERER_PRESETS["lite"], seed: int = 11
         [helper.make_tensor_value_info("frame", TensorProto.FLOAT, ["B", 3, "S", "S"])],
         inits,
     )
-    return _finish(graph, f"avatarfarm reference renderer c{size.channels} d{size.depth}")
+    return finish_model(graph, f"avatarfarm reference renderer c{size.channels} d{size.depth}")
 
 
 SYNC_WINDOW = 48  # video frames per lip-sync check (~2 s at 25 fps)
@@ -325,10 +325,11 @@ def build_lipsync(window: int = SYNC_WINDOW, max_lag: int = SYNC_MAX_LAG,
         [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["B", lags])],
         inits,
     )
-    return _finish(graph, "avatarfarm reference lip-sync check")
+    return finish_model(graph, "avatarfarm reference lip-sync check")
 
 
-def _finish(graph: onnx.GraphProto, doc: str) -> onnx.ModelProto:
+def finish_model(graph: onnx.GraphProto, doc: str) -> onnx.ModelProto:
+    """The project's ONNX model around `graph`: its opset and IR version, checked."""
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="avatarfarm", doc_string=doc)
     model.ir_version = 8

@@ -36,9 +36,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from workers.models.reference import finish_model
 from workers.models.template import FaceTemplate
 
-OPSET = 17
 MEL_BANDS = 80
 MEL_STEPS = 16
 MEL_SILENCE = -4.0  # the normalised mel's floor
@@ -270,13 +270,8 @@ def build_wav2lip(side: int = DEFAULT_SIDE, cost: Wav2LipCost | None = None, *,
         [helper.make_tensor_value_info(names.output, TensorProto.FLOAT, [batch, 3, side, side])],
         g.inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="avatarfarm",
-                              doc_string=f"avatarfarm Wav2Lip stand-in S={side} c{cost.width} "
-                                         f"l{cost.levels} d{cost.depth}")
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return finish_model(graph, f"avatarfarm Wav2Lip stand-in S={side} c{cost.width} "
+                               f"l{cost.levels} d{cost.depth}")
 
 
 def conv_gmac_per_frame(model: onnx.ModelProto) -> float:
