@@ -48,6 +48,7 @@ STAGES = {
     workers_pb2.STAGE_RENDER: Stage.RENDER,
     workers_pb2.STAGE_ENCODE: Stage.ENCODE,
     workers_pb2.STAGE_ALIGNMENT: Stage.ALIGNMENT,
+    workers_pb2.STAGE_FACE: Stage.FACE,
 }
 _DRIVE_PB = {v: k for k, v in DRIVE_MODES.items()}
 _TIER_PB = {v: k for k, v in TIERS.items()}

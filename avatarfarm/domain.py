@@ -222,6 +222,7 @@ class Stage(enum.Enum):
     RENDER = "render"
     ENCODE = "encode"
     ALIGNMENT = "alignment"  # the lip-sync check
+    FACE = "face"  # a lip-sync family redrawing the face of a prepared avatar (Wav2Lip)
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import av
 
+from avatarfarm.avatars import BUNDLE_SUFFIX
 from avatarfarm.domain import InvalidRequest, validate_id
 
 MAX_IMAGE_BYTES = 3 * 1024 * 1024
@@ -233,6 +234,8 @@ def install(staged: Path, folder: Path, avatar_id: str) -> Path:
     old image or the new one, never part of one)."""
     final = avatar_file(folder, avatar_id)
     os.replace(staged, final)
+    # An id is one avatar: a video avatar of the same id is replaced by the portrait.
+    (folder / f"{avatar_id}{BUNDLE_SUFFIX}").unlink(missing_ok=True)
     dfd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dfd)  # the rename itself survives a crash

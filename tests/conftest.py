@@ -14,7 +14,7 @@ from workers.models.folder import ModelFolder, build_reference
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("models")
-    build_reference(root, "lite")
+    build_reference(root, "lite", wav2lip="tiny")
     return root
 
 

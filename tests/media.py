@@ -9,6 +9,7 @@ from pathlib import Path
 import av
 import numpy as np
 
+from avatarfarm.preparation.sample import encode_clip, head_motion, shifted  # noqa: F401 (for tests)
 from workers.models.template import TEMPLATE
 
 
@@ -65,43 +66,3 @@ def mouth_motion(path: Path | str) -> np.ndarray:
 def mouth_openness(path: Path | str) -> np.ndarray:
     """Per frame, how dark the mouth cavity is (higher = more open)."""
     return 255.0 - _mouth_regions(path, 0.01, 0.04, 0.03).mean(axis=(1, 2, 3))
-
-
-# -- base videos of a real person, made from scikit-image's astronaut photograph ---------
-
-def shifted(img: np.ndarray, dx: int, dy: int) -> np.ndarray:
-    """The photo moved by (dx, dy), the uncovered edge filled from the border."""
-    h, w = img.shape[:2]
-    pad = np.pad(img, ((abs(dy), abs(dy)), (abs(dx), abs(dx)), (0, 0)), mode="edge")
-    return pad[abs(dy) - dy: abs(dy) - dy + h, abs(dx) - dx: abs(dx) - dx + w]
-
-
-def head_motion(photo: np.ndarray, n: int = 40) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
-    """A base video: the head sways a few pixels and blinks every 12 frames."""
-    frames, moves = [], []
-    for i in range(n):
-        dx, dy = round(6 * np.sin(i / 5)), round(3 * np.sin(i / 7))
-        f = shifted(photo, dx, dy).copy()
-        if i % 12 == 11:  # eyelids: darken a band across the eyes for one frame
-            f[118 + dy: 126 + dy, 190 + dx: 260 + dx] //= 3
-        frames.append(f)
-        moves.append((dx, dy))
-    return frames, moves
-
-
-def encode_clip(frames: list[np.ndarray], fps: int = 25, codec: str = "libx264",
-                container: str = "mp4") -> bytes:
-    """RGB frames as a video file's bytes (H.264 in MP4 by default)."""
-    import io
-
-    buf = io.BytesIO()
-    with av.open(buf, "w", format=container) as out:
-        stream = out.add_stream(codec, rate=fps)
-        stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]
-        stream.pix_fmt = "yuv420p"
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-    return buf.getvalue()

@@ -16,12 +16,14 @@ class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STAGE_RENDER: _ClassVar[Stage]
     STAGE_ENCODE: _ClassVar[Stage]
     STAGE_ALIGNMENT: _ClassVar[Stage]
+    STAGE_FACE: _ClassVar[Stage]
 STAGE_UNSPECIFIED: Stage
 STAGE_TTS: Stage
 STAGE_AUDIO_TO_MOTION: Stage
 STAGE_RENDER: Stage
 STAGE_ENCODE: Stage
 STAGE_ALIGNMENT: Stage
+STAGE_FACE: Stage
 
 class BatchLatency(_message.Message):
     __slots__ = ("batch_size", "seconds")

@@ -41,7 +41,7 @@ def profile_from_pb(profiles: Any, latency_budget: float = 0.0) -> placement.Wor
                   if lat.batch_size > 0 and lat.seconds > 0]
         if stage is None or not points:
             continue
-        w, h = (p.width, p.height) if stage in (Stage.RENDER, Stage.ENCODE) else (0, 0)
+        w, h = (p.width, p.height) if stage in (Stage.RENDER, Stage.ENCODE, Stage.FACE) else (0, 0)
         costs.append(placement.StageCost.measured(stage, w, h, points, latency_budget))
     return placement.WorkerProfile(tuple(costs))
 

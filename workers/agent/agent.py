@@ -42,6 +42,7 @@ from workers.rooms.room import (
     InvalidQuality,
     Pacing,
     Room,
+    RoomRefused,
     RoomState,
     check_renderable,
     frame_buffer_bytes_per_pixel,
@@ -236,18 +237,18 @@ class WorkerAgent:
             return  # a repeated assignment after a reconnect
         try:
             assigned = assignment_from_pb(msg, self.output_dir, self.egress)
-        except (InvalidRequest, InvalidQuality, OutputError) as e:
+            spec, target = assigned.spec, assigned.target
+            room = Room(sid, spec, target, self.pipeline, pacing=self.pacing,
+                        latency_budget_seconds=self.latency_budget,
+                        output_margin_seconds=self.output_margin, encoder=self.encoder,
+                        on_change=self._room_changed, on_sync=self._room_synced,
+                        sync_interval_seconds=self.sync_interval, epoch=msg.epoch,
+                        continuation=msg.continuation, stall_seconds=self.worker_timeout,
+                        label=assigned.label, on_stall=self._room_stalled, egress=self.egress)
+        except (InvalidRequest, InvalidQuality, OutputError, RoomRefused) as e:
             self._report([self._update_pb(sid, types_pb2.SESSION_STATE_FAILED,
                                           f"bad assignment: {e}", None, msg.epoch)])
             return
-        spec, target = assigned.spec, assigned.target
-        room = Room(sid, spec, target, self.pipeline, pacing=self.pacing,
-                    latency_budget_seconds=self.latency_budget,
-                    output_margin_seconds=self.output_margin, encoder=self.encoder,
-                    on_change=self._room_changed, on_sync=self._room_synced,
-                    sync_interval_seconds=self.sync_interval, epoch=msg.epoch,
-                    continuation=msg.continuation, stall_seconds=self.worker_timeout,
-                    label=assigned.label, on_stall=self._room_stalled, egress=self.egress)
         self.rooms.add(room)
         room.start()
         log.info("room %s (%s, %s, %s) started -> %s%s", sid, spec.room_id,
@@ -355,6 +356,8 @@ class WorkerAgent:
                 out.append(LatencyProfile(Stage.AUDIO_TO_MOTION, key.model, 0, 0, points))
             elif key == LIPSYNC_KEY:
                 out.append(LatencyProfile(Stage.ALIGNMENT, key.model, 0, 0, points))
+            elif self.pipeline.face_model is not None and key == self.pipeline.face_key:
+                out.append(LatencyProfile(Stage.FACE, key.model, key.side, key.side, points))
             else:
                 out.append(LatencyProfile(Stage.RENDER, key.model, key.side, key.side, points))
         fresh = {(p.stage, p.width) for p in out}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +31,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from workers.device.onnx import ModelInterfaceError
+from workers.device.onnx import ModelInterfaceError, OrtModel
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +256,38 @@ class LipSyncRunner:
             (out,) = self.session.run([b.output], chunk)
             parts.append(out[:b.batch - short])
         return read_output(b, np.concatenate(parts))
+
+
+class LipSyncDeviceModel:
+    """A bound lip-sync model as the inference engine runs it
+    (`workers.device.engine.DeviceModel`): per-item feeds ``mel`` [1, 80, 16] float32
+    and ``faces`` [S, S, 3] uint8 BGR crops, stacked by the engine; one output, the
+    redrawn faces [B, 3, S, S] BGR in 0..1. The model's own layout (names, channel
+    and colour order, scale, a fixed batch axis) stays inside `LipSyncRunner`."""
+
+    MEL = "mel"
+    FACES = "faces"
+
+    def __init__(self, model: OrtModel, layout: FaceLayout = WAV2LIP_LAYOUT) -> None:
+        self.name = model.name
+        self.provider = model.provider
+        self.runner = LipSyncRunner(model.session, layout, name=model.name)
+
+    @property
+    def side(self) -> int:
+        return self.runner.binding.side
+
+    def run(self, feeds: dict[str, np.ndarray]) -> tuple[list[Any], float]:
+        t0 = time.perf_counter()
+        out = self.runner.run(feeds[self.MEL], feeds[self.FACES])
+        return [out], time.perf_counter() - t0
+
+    def example_item(self) -> dict[str, np.ndarray]:
+        """One item of speech-level input, for timing."""
+        s = self.side
+        rng = np.random.default_rng(0)
+        return {self.MEL: rng.uniform(-2.0, 2.0, MEL_SHAPE).astype(np.float32),
+                self.FACES: rng.integers(0, 255, (s, s, 3), np.uint8)}
 
 
 # -- fixed batch axis -> dynamic

@@ -32,7 +32,6 @@ import numpy as np
 
 from avatarfarm.latency import LatencyCurve
 from workers.device.batching import BatchPolicy, Queued, decide
-from workers.device.onnx import OrtModel
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +71,14 @@ class KeyStats:
         return self.items / calls if calls else 0.0
 
 
+class DeviceModel(typing.Protocol):
+    """What the device thread runs: a model call on stacked feeds, returning its outputs
+    (batch axis first) and the call's seconds (`workers.device.onnx.OrtModel`, or a
+    model bound by role such as `workers.device.binding.LipSyncDeviceModel`)."""
+
+    def run(self, feeds: dict[str, np.ndarray]) -> tuple[list[typing.Any], float]: ...
+
+
 @dataclass(slots=True)
 class _Request:
     queued: Queued
@@ -81,7 +88,7 @@ class _Request:
 
 @dataclass(slots=True)
 class _Served:
-    model: OrtModel
+    model: DeviceModel
     base: LatencyCurve
     ratio: float = 1.0  # observed / measured call time over all sizes, smoothed
     reported_ratio: float = 1.0
@@ -116,7 +123,7 @@ class InferenceEngine:
 
     # -- models
 
-    def serve(self, key: BatchKey, model: OrtModel, curve: LatencyCurve) -> None:
+    def serve(self, key: BatchKey, model: DeviceModel, curve: LatencyCurve) -> None:
         with self._cond:
             old = self._served.get(key)
             self._served[key] = _Served(model, curve, stats=old.stats if old else KeyStats())

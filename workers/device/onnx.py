@@ -63,9 +63,10 @@ class ModelInterface:
 
 
 class OrtModel:
-    """One onnxruntime session, checked against an interface, timed per call."""
+    """One onnxruntime session, checked against an interface (by tensor names), timed
+    per call."""
 
-    def __init__(self, name: str, path: Path, interface: ModelInterface,
+    def __init__(self, name: str, path: Path, interface: ModelInterface | None,
                  provider: ProviderChoice = ProviderChoice.AUTO, intra_op_threads: int = 0) -> None:
         self.name = name
         self.path = path
@@ -85,7 +86,8 @@ class OrtModel:
         except Exception as e:
             raise ModelInterfaceError(f"cannot load model {name} from {path}: {e}") from e
         self.provider: str = self.session.get_providers()[0]
-        self._check(interface)
+        if interface is not None:  # None: the caller binds the model by shape and role
+            self._check(interface)
         self.output_names = [o.name for o in self.session.get_outputs()]
         # On a GPU, outputs are bound to device memory and copied back once per call
         # (IO binding), rather than onnxruntime allocating host buffers per run.

@@ -1,9 +1,10 @@
 """The avatar pipeline's inference stages for one worker: TTS, audio-to-motion,
-render and the lip-sync check.
+render and the lip-sync check for the reference family; the face redraw for the
+Wav2Lip family (a prepared video avatar, its mouth redrawn from the speech).
 
-The three ONNX models run on the device thread of one `InferenceEngine`, which
+The ONNX models run on the device thread of one `InferenceEngine`, which
 batches items across rooms per model and input shape (the renderer once per
-portrait side) under their deadlines. TTS is CPU work on its own thread so it
+portrait side, the face model at its crop side) under their deadlines. TTS is CPU work on its own thread so it
 never holds the device. Every call returns the device time attributed to the
 item (its share of the batch) for cost accounting.
 """
@@ -19,16 +20,20 @@ import threading
 import time
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from avatarfarm.latency import LatencyCurve
+from avatarfarm.preparation.bundle import Bundle
 from workers.device.batching import BatchPolicy
-from workers.device.engine import BatchKey, InferenceEngine, ItemResult
+from workers.device.binding import LipSyncDeviceModel
+from workers.device.engine import BatchKey, DeviceModel, InferenceEngine, ItemResult
 from workers.device.onnx import OrtModel, ProviderChoice
 from workers.device.timing import measure_curve, run_batch_of
 from workers.media.tts import EspeakTTS
 from workers.models.avatar import read_image, scale_image
 from workers.models.folder import AUDIO_TO_MOTION, LIPSYNC, RENDERER, ModelFolder
+from workers.rooms.wav2lip_frames import FaceAvatar
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +77,21 @@ class Pipeline:
             assert isinstance(t, int) and isinstance(h, int) and isinstance(w, int)
             assert isinstance(lags, int)
             self.sync_shape = SyncShape(t, lags // 2, (h, w))
+        self.face_model: LipSyncDeviceModel | None = None
+        if folder.wav2lip is not None:
+            self.face_model = LipSyncDeviceModel(
+                OrtModel(folder.wav2lip.name, folder.wav2lip.path, None, provider, intra_op_threads),
+                folder.wav2lip.layout)
+            log.info("face model %s: crop side %d, batch axis %s", self.face_model.name,
+                     self.face_model.side, self.face_model.runner.binding.batch or "dynamic")
         self.tts = EspeakTTS(tts_voice)
         self.engine = InferenceEngine(policy)
         self._tts = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tts")
         # Filled on the TTS thread, read by the agent on the event loop.
         self._avatars: dict[tuple[str, int], tuple[tuple[int, int, int], np.ndarray]] = {}
+        self._faces: dict[str, tuple[Bundle, FaceAvatar]] = {}  # video avatars, loaded
         self._avatars_lock = threading.Lock()
-        self.models_bytes = sum(p.stat().st_size for p in (
-            folder.audio_to_motion, folder.renderer, *([folder.lipsync] if folder.lipsync else [])))
+        self.models_bytes = sum(p.stat().st_size for p in folder.model_paths)
         self._calibrate()
 
     def _calibrate(self) -> None:
@@ -96,6 +108,10 @@ class Pipeline:
                      "mouth": np.zeros((sh.window, 3, *sh.crop), np.float32)}
             self.serve(LIPSYNC_KEY, measure_curve(
                 functools.partial(run_batch_of, self.lipsync_model, feeds), (1, 4), 1))
+        if self.face_model is not None:
+            self.serve(self.face_key, measure_curve(
+                functools.partial(run_batch_of, self.face_model, self.face_model.example_item()),
+                (1, 4), 1))
 
     @property
     def provider(self) -> str:
@@ -104,12 +120,21 @@ class Pipeline:
     @property
     def model_names(self) -> list[str]:
         names = [self.audio_to_motion_model.name, self.renderer_model.name]
-        return names + ([self.lipsync_model.name] if self.lipsync_model else [])
+        return names + ([self.lipsync_model.name] if self.lipsync_model else []) + \
+            ([self.face_model.name] if self.face_model else [])
+
+    @property
+    def face_key(self) -> BatchKey:
+        assert self.face_model is not None
+        return BatchKey(self.face_model.name, self.face_model.side)
 
     def warm_avatars(self) -> list[str]:
-        """Avatars whose portrait tensors are cached (at any side)."""
+        """Avatars whose portrait tensors (at any side) or prepared frames are loaded."""
         with self._avatars_lock:
-            return sorted({avatar_id for avatar_id, _ in self._avatars})
+            return sorted({avatar_id for avatar_id, _ in self._avatars} | set(self._faces))
+
+    def is_video_avatar(self, avatar_id: str) -> bool:
+        return self.folder.bundle_path(avatar_id) is not None
 
     def render_key(self, side: int) -> BatchKey:
         return BatchKey(self.renderer_model.name, side)
@@ -121,8 +146,11 @@ class Pipeline:
     # -- latency curves
 
     def serve(self, key: BatchKey, curve: LatencyCurve) -> None:
-        model = {AUDIO_TO_MOTION_KEY: self.audio_to_motion_model, LIPSYNC_KEY: self.lipsync_model
-                 }.get(key, self.renderer_model)
+        models: dict[BatchKey, DeviceModel | None] = {
+            AUDIO_TO_MOTION_KEY: self.audio_to_motion_model, LIPSYNC_KEY: self.lipsync_model}
+        if self.face_model is not None:
+            models[self.face_key] = self.face_model
+        model = models.get(key, self.renderer_model)
         assert model is not None
         self.engine.serve(key, model, curve)
 
@@ -189,7 +217,51 @@ class Pipeline:
                 self._avatars[key] = cached
         return cached[1]
 
+    def face_avatar_sync(self, avatar_id: str) -> FaceAvatar:
+        """A video avatar's prepared frames at the face model's side, loaded once and
+        shared by its rooms (again when the id names another bundle)."""
+        if self.face_model is None:
+            raise ValueError(f"avatar {avatar_id!r} is a video avatar, and the model folder "
+                             f"{self.folder.root} has no Wav2Lip-family model to render it")
+        root = self.folder.bundle_path(avatar_id)
+        if root is None:
+            raise ValueError(f"avatar {avatar_id!r} is not a video avatar")
+        with self._avatars_lock:
+            cached = self._faces.get(avatar_id)
+        if cached is None or cached[0].root != root:
+            bundle = Bundle.open(root)
+            side = self.face_model.side
+            if side not in bundle.manifest.sides:
+                raise ValueError(f"avatar {avatar_id!r} was prepared with crops at "
+                                 f"{list(bundle.manifest.sides)} px; the face model "
+                                 f"{self.face_model.name} takes {side} px: prepare it again "
+                                 f"with --sides {side}")
+            cached = (bundle, FaceAvatar(bundle, side))
+            with self._avatars_lock:
+                self._faces[avatar_id] = cached
+            log.info("video avatar %s loaded: bundle %s, %d frames, %.0f MiB", avatar_id,
+                     bundle.manifest.bundle_id[:12], len(cached[1]), cached[1].nbytes / 2**20)
+        return cached[1]
+
+    def redraw_sync(self, mel: np.ndarray, face: np.ndarray) -> Timed:
+        assert self.face_model is not None
+        (out,), dt = self.face_model.run({LipSyncDeviceModel.MEL: mel[None],
+                                          LipSyncDeviceModel.FACES: face[None]})
+        return Timed(out[0], dt)
+
     # -- async API for rooms: batched on the device under each item's deadline
+
+    async def face_avatar(self, avatar_id: str) -> FaceAvatar:
+        return await asyncio.to_thread(self.face_avatar_sync, avatar_id)
+
+    async def redraw(self, mel: np.ndarray, face: np.ndarray, deadline: float = math.inf,
+                     priority: int = 1) -> Timed:
+        """The face model on one frame: its mel window [1, 80, 16] and the base frame's
+        crop [S, S, 3] uint8 BGR -> the redrawn face [3, S, S] BGR in 0..1."""
+        r = await self.engine.infer(self.face_key, {LipSyncDeviceModel.MEL: mel,
+                                                    LipSyncDeviceModel.FACES: face},
+                                    deadline, priority)
+        return _timed(r)
 
     async def synthesize(self, text: str) -> Timed:
         return await asyncio.get_running_loop().run_in_executor(self._tts, self.synthesize_sync, text)
@@ -238,3 +310,18 @@ def to_canvas(frame: np.ndarray, width: int, height: int, side: int | None = Non
         return rgb
     top, left = (height - side) // 2, (width - side) // 2
     return np.pad(rgb, ((top, height - side - top), (left, width - side - left), (0, 0)), mode="edge")
+
+
+def fit_canvas(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A video avatar's frame [h, w, 3] uint8 on the room's canvas: scaled to fit it
+    whole, aspect kept, centred, the frame's edge extended into any margin. Always a
+    new array (the label is stamped into it; base frames are shared)."""
+    h, w = rgb.shape[:2]
+    if (w, h) == (width, height):
+        return rgb.copy()
+    scale = min(width / w, height / h)
+    fw, fh = max(1, min(width, round(w * scale))), max(1, min(height, round(h * scale)))
+    if (fw, fh) != (w, h):
+        rgb = cv2.resize(rgb, (fw, fh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    top, left = (height - fh) // 2, (width - fw) // 2
+    return np.pad(rgb, ((top, height - fh - top), (left, width - fw - left), (0, 0)), mode="edge")

@@ -69,6 +69,12 @@ def measure(pipeline: Pipeline, render_sides: list[int], encode_sizes: list[tupl
                              iterations)
         pipeline.serve(LIPSYNC_KEY, sync)
         out.append(LatencyProfile(Stage.ALIGNMENT, pipeline.lipsync_model.name, 0, 0, sync.points))
+    if pipeline.face_model is not None:
+        face = measure_curve(functools.partial(run_batch_of, pipeline.face_model,
+                                               pipeline.face_model.example_item()), sizes, iterations)
+        pipeline.serve(pipeline.face_key, face)
+        side = pipeline.face_model.side
+        out.append(LatencyProfile(Stage.FACE, pipeline.face_model.name, side, side, face.points))
     text = "Welcome to the live room, today we have three new offers for you."
     speech = pipeline.synthesize_sync(text)
     tts = median_seconds(lambda: pipeline.synthesize_sync(text), max(1, iterations // 2))

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import numpy as np
 
 from avatarfarm.latency import LatencyCurve
-from workers.device.onnx import OrtModel
+from workers.device.engine import DeviceModel
 
 
 def batch_sizes(max_batch: int) -> tuple[int, ...]:
@@ -36,7 +36,7 @@ def measure_curve(call: Callable[[int], object], sizes: tuple[int, ...],
     return LatencyCurve(tuple(points))
 
 
-def run_batch_of(model: OrtModel, feeds: dict[str, np.ndarray], batch: int) -> None:
+def run_batch_of(model: DeviceModel, feeds: dict[str, np.ndarray], batch: int) -> None:
     """One call of `model` on `batch` copies of one item's feeds (for timing)."""
     model.run({k: np.repeat(v[None], batch, axis=0) for k, v in feeds.items()})
 

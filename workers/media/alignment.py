@@ -13,6 +13,7 @@ model call is the room's.
 from __future__ import annotations
 
 import collections
+import typing
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,6 +124,9 @@ class SyncMonitor:
         self._since = 0
 
 
+F = typing.TypeVar("F")  # a frame as the room carries it
+
+
 class AvDelay:
     """Holds back a room's outgoing audio or video by whole frames to bring them together.
 
@@ -137,8 +141,8 @@ class AvDelay:
         self.audio_frames = 0
         self.video_frames = 0
         self._audio: collections.deque[np.ndarray] = collections.deque()
-        self._video: collections.deque[np.ndarray] = collections.deque()
-        self._last_video: np.ndarray | None = None
+        self._video: collections.deque[typing.Any] = collections.deque()
+        self._last_video: typing.Any = None
 
     @property
     def net_frames(self) -> int:
@@ -149,7 +153,7 @@ class AvDelay:
         net = self.net_frames + offset_frames
         self.audio_frames, self.video_frames = max(net, 0), max(-net, 0)
 
-    def process(self, frame: np.ndarray, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def process(self, frame: F, audio: np.ndarray) -> tuple[F, np.ndarray]:
         self._audio.append(audio)
         self._video.append(frame)
         while len(self._audio) > self.audio_frames + 1:

@@ -7,7 +7,15 @@ Layout::
     renderer.onnx          avatar [B, 3, S, S], motion [B, 8] -> frame [B, 3, S, S]
     lipsync.onnx           audio [B, T, 80], mouth [B, T, 3, H, W] -> scores [B, 2L+1]
                            (optional: without it rooms run no lip-sync check)
+    wav2lip.onnx           the Wav2Lip family (optional): mel [B, 1, 80, 16] and faces
+                           [B, 6, S, S] -> face [B, 3, S, S], bound by shape, whatever
+                           the export names its tensors (workers.device.binding)
     avatars/<id>.png       portraits aligned to the face template (PNG or JPEG)
+    avatars/<id>.bundle    video avatars, prepared (avatarfarm.avatars)
+
+The manifest's ``"wav2lip"`` entry names the family's model and, for an export that
+differs from Wav2Lip's own layout, its ``"layout"``: ``{"channels": "masked_first" |
+"unmasked_first", "colour": "bgr" | "rgb", "scale": "0..1" | "-1..1"}``.
 
 ``build_reference`` writes the project's own models and default avatar; a user
 replaces any file with their own model of the same interface.
@@ -22,7 +30,8 @@ from pathlib import Path
 
 import onnx
 
-from avatarfarm.avatars import AVATAR_SUFFIXES, list_avatars
+from avatarfarm.avatars import AVATAR_SUFFIXES, bundle_of, is_file_name, list_avatars
+from workers.device.binding import WAV2LIP_LAYOUT, FaceLayout
 from workers.device.onnx import ModelInterface, TensorSpec
 from workers.media.audio import HOP, MEL_WINDOW, N_MELS, SAMPLE_RATE
 from workers.media.motion import MOTION_NAMES
@@ -44,12 +53,22 @@ class ModelFolderError(FileNotFoundError):
 
 
 @dataclass(frozen=True, slots=True)
+class FaceModel:
+    """A lip-sync model that redraws the face of a prepared avatar (the Wav2Lip family)."""
+
+    path: Path
+    name: str
+    layout: FaceLayout = WAV2LIP_LAYOUT
+
+
+@dataclass(frozen=True, slots=True)
 class ModelFolder:
     root: Path
     audio_to_motion: Path
     renderer: Path
     renderer_name: str
     lipsync: Path | None = None
+    wav2lip: FaceModel | None = None
 
     @staticmethod
     def open(root: Path) -> ModelFolder:
@@ -66,13 +85,19 @@ class ModelFolder:
             raise ModelFolderError(f"{manifest_path}: motion layout {manifest.get('motion')} "
                                    f"does not match {list(MOTION_NAMES)}")
         lipsync = manifest.get("lipsync")
+        wav2lip = manifest.get("wav2lip")
+        face = None
+        if wav2lip:
+            face = FaceModel(root / wav2lip["model"], wav2lip.get("name", "wav2lip"),
+                             FaceLayout.from_manifest(wav2lip.get("layout", {})))
         folder = ModelFolder(root, root / manifest["audio_to_motion"], root / manifest["renderer"],
                              manifest.get("renderer_name", "renderer"),
-                             root / lipsync if lipsync else None)
+                             root / lipsync if lipsync else None, face)
         if folder.lipsync is None:
             log.warning("%s names no lipsync model: rooms will run without lip-sync checks",
                         manifest_path)
-        for p in (folder.audio_to_motion, folder.renderer, folder.lipsync or folder.renderer):
+        for p in (folder.audio_to_motion, folder.renderer, folder.lipsync or folder.renderer,
+                  face.path if face else folder.renderer):
             if not p.is_file():
                 raise ModelFolderError(f"model file {p} named in {manifest_path} is missing")
         return folder
@@ -80,10 +105,23 @@ class ModelFolder:
     def avatar_ids(self) -> list[str]:
         return list_avatars(self.root / "avatars")
 
+    @property
+    def avatar_dir(self) -> Path:
+        return self.root / "avatars"
+
+    def bundle_path(self, avatar_id: str) -> Path | None:
+        """The prepared bundle of a video avatar; None for a portrait."""
+        return bundle_of(self.avatar_dir, avatar_id)
+
+    @property
+    def model_paths(self) -> list[Path]:
+        return [self.audio_to_motion, self.renderer, *([self.lipsync] if self.lipsync else []),
+                *([self.wav2lip.path] if self.wav2lip else [])]
+
     def avatar_path(self, avatar_id: str) -> Path:
         # An id names a file in avatars/, never a path: the worker takes the scheduler's
         # ids without the edge's checks (workers.agent.agent.assignment_from_pb).
-        if avatar_id.strip(".") and not any(c in avatar_id for c in "/\\\0"):
+        if is_file_name(avatar_id):
             for suffix in AVATAR_SUFFIXES:
                 p = self.root / "avatars" / f"{avatar_id}{suffix}"
                 if p.is_file():
@@ -91,8 +129,10 @@ class ModelFolder:
         raise ModelFolderError(f"avatar {avatar_id!r} not found in {self.root / 'avatars'}")
 
 
-def build_reference(root: Path, preset: str = "lite", *, force: bool = False) -> ModelFolder:
-    """Writes the reference models and default avatar to ``root`` (deterministic)."""
+def build_reference(root: Path, preset: str = "lite", *, wav2lip: str | None = "wav2lip_96",
+                    force: bool = False) -> ModelFolder:
+    """Writes the reference models, default avatar and (unless ``wav2lip`` is None) the
+    Wav2Lip-signature model of that cost preset to ``root`` (deterministic)."""
     from workers.models.avatar import draw_default_avatar, write_png
     from workers.models.reference import (
         RENDERER_PRESETS,
@@ -100,19 +140,32 @@ def build_reference(root: Path, preset: str = "lite", *, force: bool = False) ->
         build_lipsync,
         build_renderer,
     )
+    from workers.models.wav2lip import WAV2LIP_PRESETS, build_wav2lip, conv_gmac_per_frame
 
     if preset not in RENDERER_PRESETS:
         raise ValueError(f"unknown renderer preset {preset!r}; choose from {sorted(RENDERER_PRESETS)}")
+    if wav2lip is not None and wav2lip not in WAV2LIP_PRESETS:
+        raise ValueError(f"unknown Wav2Lip preset {wav2lip!r}; choose from {sorted(WAV2LIP_PRESETS)}")
+    face_name = None if wav2lip is None else f"wav2lip-{wav2lip}"
     root.mkdir(parents=True, exist_ok=True)
     manifest_path = root / "manifest.json"
     if manifest_path.exists() and not force:
         current = json.loads(manifest_path.read_text())
-        if current.get("renderer_name") == f"reference-{preset}" and current.get("lipsync"):
+        if (current.get("renderer_name") == f"reference-{preset}" and current.get("lipsync")
+                and (current.get("wav2lip") or {}).get("name") == face_name):
             return ModelFolder.open(root)
     size = RENDERER_PRESETS[preset]
     onnx.save(build_audio_to_motion(), str(root / "audio_to_motion.onnx"))
     onnx.save(build_renderer(size), str(root / "renderer.onnx"))
     onnx.save(build_lipsync(), str(root / "lipsync.onnx"))
+    face_entry = None
+    if wav2lip is not None:
+        # The stand-in's crop side: 256 for the larger community variant's cost, else 96.
+        cost = WAV2LIP_PRESETS[wav2lip]
+        face = build_wav2lip(256 if wav2lip == "wav2lip_256" else 96, cost)
+        onnx.save(face, str(root / "wav2lip.onnx"))
+        face_entry = {"model": "wav2lip.onnx", "name": face_name,
+                      "gmac_per_frame": round(conv_gmac_per_frame(face), 3)}
     avatar = root / "avatars" / f"{DEFAULT_AVATAR}.png"
     if not avatar.exists():
         write_png(avatar, draw_default_avatar())
@@ -123,6 +176,7 @@ def build_reference(root: Path, preset: str = "lite", *, force: bool = False) ->
         "lipsync": "lipsync.onnx",
         "renderer_name": f"reference-{preset}",
         "renderer_gmac_per_frame_256": round(size.gmac_per_frame(256), 3),
+        **({"wav2lip": face_entry} if face_entry else {}),
         "motion": list(MOTION_NAMES),
         "audio": {"sample_rate": SAMPLE_RATE, "n_mels": N_MELS, "hop": HOP, "window": MEL_WINDOW},
     }

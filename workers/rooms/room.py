@@ -24,6 +24,17 @@ rate. Each frame carries the rate it was made at; stream time, audio per frame
 and the encoder's timestamps all count its 1/fps, so the stream's duration stays
 exact across a change.
 
+Video avatars (the Wav2Lip family). A room whose avatar is a prepared video plays
+its base frames as a loop and redraws the mouth with the face model: the producer
+turns the audio into Wav2Lip's mel windows (`Wav2LipAudioStream`), which need
+about 0.2 s of audio past their frame, so a frame starts once that audio is in
+(the stream runs that much behind its driver; its timing stays exact). A frame
+whose window is silent is its base frame, without the model; the others are
+items of the face model in the batcher, across rooms and avatars. The emitter
+carries `FaceFrame`s (base index and redrawn face); the face is pasted back on
+the encoder thread. A frame the batcher dropped shows its base frame, so the
+loop never stalls. The lip-sync check reads the face crop's mouth.
+
 Failover. A room runs under an assignment epoch from the scheduler; its
 output is fenced by it (see workers.output.fence), and when the room resumes on
 another worker its output continues (continuation > 0). A room that finds
@@ -42,16 +53,18 @@ import enum
 import logging
 import math
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 import numpy as np
 
+from avatarfarm.avatars import no_motion_input
 from avatarfarm.domain import DriveMode, OutputKind, Quality, ScriptSegment, SessionSpec
 from avatarfarm.egress import EgressPolicy, check_resolved
 from workers.device.engine import DeadlineMissed
-from workers.device.pipeline import Pipeline, to_canvas
+from workers.device.pipeline import Pipeline, fit_canvas, to_canvas
 from workers.media.alignment import (
     AvDelay,
     DriftPolicy,
@@ -63,10 +76,13 @@ from workers.media.alignment import (
 from workers.media.audio import SAMPLE_RATE, MelStream
 from workers.media.label import LabelSpec, LabelStamp
 from workers.media.motion import IdleAnimator, compose
+from workers.media.wav2lip_audio import Wav2LipAudioStream, is_silent
+from workers.models.wav2lip import WAV2LIP_FACE
 from workers.output.encode import ENCODER_QUEUE, EncoderSettings, EncoderThread, StreamEncoder
 from workers.output.fence import Superseded
 from workers.output.targets import OutputTarget
 from workers.rooms.drivers import LiveAudio, LiveMotion, ScriptPlayer
+from workers.rooms.wav2lip_frames import FaceAvatar, FaceFrame
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +132,11 @@ class RoomStats:
 MIN_RENDER_SIDE = 16
 
 
+class RoomRefused(ValueError):
+    """An assignment this worker cannot run: a drive mode the avatar's model family has
+    no input for, or a video avatar without a face model in the model folder."""
+
+
 class InvalidQuality(ValueError):
     """A quality this worker cannot render: a reconfiguration the room cannot apply (the
     room keeps its quality), or a room's own quality (its assignment is refused)."""
@@ -159,7 +180,7 @@ class _InFlight:
     audio: np.ndarray
     speaking: bool
     deadline: float
-    task: asyncio.Task[np.ndarray]
+    task: asyncio.Task[typing.Any]  # a portrait [3, S, S], or a FaceFrame (video avatars)
 
 
 class Room:
@@ -216,6 +237,15 @@ class Room:
         self._portraits: dict[int, np.ndarray] = {}
         self._fps_changes = 0  # lip-sync windows taken before a rate change are discarded
         self.priority = spec.tier.priority
+        # A video avatar is rendered by the Wav2Lip family: speech in, face redrawn.
+        self.video_avatar = pipeline.is_video_avatar(spec.avatar_id)
+        if self.video_avatar:
+            if spec.drive_mode is DriveMode.MOCAP:
+                raise RoomRefused(no_motion_input(spec.avatar_id))
+            if pipeline.face_model is None:
+                raise RoomRefused(f"avatar {spec.avatar_id!r} is a video avatar and this "
+                                  "worker's model folder has no Wav2Lip-family model")
+        self.face: FaceAvatar | None = None  # loaded when the room starts
         self.script = ScriptPlayer(self._synthesize)
         self.script.append(spec.script)
         self.audio_in = LiveAudio()
@@ -228,8 +258,8 @@ class Room:
         shape = pipeline.sync_shape
         self.sync: SyncMonitor | None = None
         if shape is not None and spec.drive_mode.uses_audio_to_motion:
-            self.sync = SyncMonitor(shape.window, MouthCrop(*shape.crop),
-                                    max(1, round(sync_interval_seconds * q.fps)))
+            crop = MouthCrop(*shape.crop, WAV2LIP_FACE) if self.video_avatar else MouthCrop(*shape.crop)
+            self.sync = SyncMonitor(shape.window, crop, max(1, round(sync_interval_seconds * q.fps)))
         self._stop_reason: str | None = None
         self._stopped = asyncio.Event()
         self._encoder: EncoderThread | None = None
@@ -333,15 +363,24 @@ class Room:
     async def run(self) -> None:
         q = self.spec.quality
         try:
-            avatar = await self._portrait(q.render_side)
+            if self.video_avatar:
+                self.face = await self.pipeline.face_avatar(self.spec.avatar_id)
+                avatar: typing.Any = FaceFrame(0)
+            else:
+                avatar = await self._portrait(q.render_side)
             if self.target.kind is OutputKind.RTMP:
                 # The addresses the ingest's name has now: a name that leads to a forbidden
                 # address fails the room before anything connects (the lookup runs on a thread).
                 await check_resolved(self.egress, self.target.location)
             stamp = LabelStamp(self.label, q.width, q.height) if self.label else None
 
-            def prepare(frame: np.ndarray) -> np.ndarray:
-                rgb = to_canvas(frame, q.width, q.height, q.render_side)
+            face = self.face
+
+            def prepare(frame: typing.Any) -> np.ndarray:
+                if face is not None:
+                    rgb = fit_canvas(face.compose(frame), q.width, q.height)
+                else:
+                    rgb = to_canvas(frame, q.width, q.height, q.render_side)
                 # to_canvas makes a new array each frame: the label is stamped into it.
                 return stamp.apply(rgb) if stamp is not None else rgb
 
@@ -366,7 +405,7 @@ class Room:
         if self.state not in (RoomState.FAILED,):
             self._set(RoomState.ENDED, self._stop_reason or "reached max duration")
 
-    async def _frames(self, avatar: np.ndarray) -> None:
+    async def _frames(self, avatar: typing.Any) -> None:
         q = self.spec.quality
         if self.pacing is Pacing.REALTIME:
             depth = math.ceil(self.latency_budget * q.fps) + 2
@@ -413,15 +452,27 @@ class Room:
         n = 0
         q: Quality | None = None
         avatar = render_reserve = None
+        face = self.face
+        speech: Wav2LipAudioStream | None = None  # video avatars: audio -> mel windows
+        waiting: collections.deque[tuple[np.ndarray, bool]] = collections.deque()  # for a window
+        m = 0  # video avatars: frames started (n counts the audio chunks taken)
+        deadline = math.inf
         while self._stop_reason is None and (limit <= 0 or t < limit - 1e-9):
             if q != self.rendering:
+                if face is not None and speech is not None and q is not None and q.fps != self.rendering.fps:
+                    # Frames of the old rate are finished at it; the new rate starts afresh.
+                    m = await self._start_faces(face, _flush(speech, waiting), waiting, m, q.fps,
+                                                inflight, deadline)
                 q = self.rendering
-                avatar = await self._portrait(q.render_side)
-                # The audio-to-motion result must leave time for the render after it.
-                render_reserve = self.pipeline.engine.curve(
-                    self.pipeline.render_key(q.render_side)).seconds(1)
+                if face is None:
+                    avatar = await self._portrait(q.render_side)
+                    # The audio-to-motion result must leave time for the render after it.
+                    render_reserve = self.pipeline.engine.curve(
+                        self.pipeline.render_key(q.render_side)).seconds(1)
+                else:
+                    speech = Wav2LipAudioStream(q.fps)
+                    render_reserve = 0.0
                 self.idle.fps = q.fps
-            assert avatar is not None and render_reserve is not None
             if self.pacing is Pacing.REALTIME:
                 release = t0 + float(t)
                 behind = self.clock() - release
@@ -446,6 +497,13 @@ class Room:
                 break
             self._t = t
             audio, speaking = await self._audio(mode, k)
+            if face is not None and speech is not None:
+                waiting.append((audio, speaking))
+                m = await self._start_faces(face, speech.push(audio), waiting, m, q.fps, inflight,
+                                            deadline)
+                n, t = n + 1, end
+                continue
+            assert avatar is not None and render_reserve is not None
             idle = self.idle.step()
             mel: np.ndarray | None = None
             driven: np.ndarray | None = None
@@ -460,7 +518,34 @@ class Room:
                                                     deadline - render_reserve))
             await inflight.put(_InFlight(n, q.fps, audio, speaking, deadline, task))
             n, t = n + 1, end
+        if face is not None and speech is not None and q is not None:
+            end_by = self.clock() + self.latency_budget - self.output_margin \
+                if self.pacing is Pacing.REALTIME else math.inf
+            await self._start_faces(face, _flush(speech, waiting), waiting, m, q.fps, inflight, end_by)
         await inflight.put(None)
+
+    async def _start_faces(self, face: FaceAvatar, windows: np.ndarray,
+                           waiting: collections.deque[tuple[np.ndarray, bool]], m: int, fps: int,
+                           inflight: asyncio.Queue[_InFlight | None], deadline: float) -> int:
+        """Starts the video avatar's frames whose mel windows are complete (one per window,
+        in order, each with the audio taken for it); returns the frames started so far."""
+        for window in windows:
+            audio, speaking = waiting.popleft()
+            index = face.index(m)
+            task = asyncio.create_task(self._redraw(face, index, window, deadline))
+            await inflight.put(_InFlight(m, fps, audio, speaking, deadline, task))
+            m += 1
+        return m
+
+    async def _redraw(self, face: FaceAvatar, index: int, window: np.ndarray,
+                      deadline: float) -> FaceFrame:
+        if is_silent(window)[0]:
+            return FaceFrame(index)  # a pause: the base frame, no device time
+        r = await self.pipeline.redraw(window, face.crops[index], deadline, self.priority)
+        self.stats.stage_seconds["render"] += r.seconds
+        self.stats.batched_items += 1
+        self.stats.batch_size_sum += r.batch_size
+        return FaceFrame(index, r.value)
 
     async def _render(self, avatar: np.ndarray, idle: np.ndarray, mel: np.ndarray | None,
                       driven: np.ndarray | None, deadline: float, motion_deadline: float
@@ -477,7 +562,7 @@ class Room:
         self.stats.batch_size_sum += r.batch_size
         return r.value
 
-    async def _emit(self, avatar: np.ndarray, inflight: asyncio.Queue[_InFlight | None]) -> None:
+    async def _emit(self, avatar: typing.Any, inflight: asyncio.Queue[_InFlight | None]) -> None:
         enc = self._encoder
         assert enc is not None
         last_good = avatar  # before the first frame, the still portrait stands in
@@ -504,12 +589,13 @@ class Room:
             frame = await self._settle(f)
             if frame is None:
                 self.stats.late_frames += 1
-                frame = last_good
+                # A video avatar's loop goes on (its base frame); a portrait holds still.
+                frame = FaceFrame(self.face.index(f.n)) if self.face is not None else last_good
             else:
                 last_good = frame
             frame, audio = self.av_delay.process(frame, f.audio)
             if self.sync is not None:
-                self.sync.push(audio, frame)
+                self.sync.push(audio, self.face.mouth_view(frame) if self.face is not None else frame)
                 if self.sync.due() and self._sync_task is None:
                     self._sync_task = asyncio.create_task(
                         self._check_sync(*self.sync.take(), fps, self._fps_changes))
@@ -522,7 +608,7 @@ class Room:
             if f.n == 0:
                 self._set(RoomState.RUNNING, "")
 
-    async def _settle(self, f: _InFlight) -> np.ndarray | None:
+    async def _settle(self, f: _InFlight) -> typing.Any:
         """The frame's render, or None when it missed its deadline."""
         if f.deadline != math.inf and not f.task.done():
             await asyncio.wait([f.task], timeout=max(f.deadline - self.clock(), 0.0))
@@ -603,6 +689,13 @@ class Room:
             self.on_change(self)
         except Exception:  # a reporting problem must not kill the stream
             log.exception("room %s: state callback failed", self.session_id)
+
+
+def _flush(speech: Wav2LipAudioStream, waiting: collections.deque[tuple[np.ndarray, bool]]
+           ) -> np.ndarray:
+    """The windows of every frame still waiting for one: the audio ends here (the end of
+    the stream, or a rate change), so the last windows read the padded end."""
+    return speech.finish(speech.frames_emitted + len(waiting))
 
 
 class OutputFailed(RuntimeError):

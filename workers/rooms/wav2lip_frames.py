@@ -1,8 +1,13 @@
 """Frames of a Wav2Lip-family avatar: the prepared bundle's base frames played forward
 and backward (no jump where the clip would restart), the mouth redrawn by the lip-sync
 model where the audio speaks. A frame whose mel window is silent shows its base frame
-as it is, without the model: device time saved on every pause. The frames that do
-need the model go to it as one batch, so rooms (and frames of one room) share calls.
+as it is, without the model: device time saved on every pause.
+
+`FaceAvatar` is a bundle loaded for one crop side: what a room takes its model inputs
+from (`item`) and composes its output frames with (`compose`, on the encoder thread).
+A room's frame travels as a `FaceFrame`: the base frame's index and the model's face,
+or no face where the base frame is shown as it is. `Wav2LipFrames` renders a stretch
+offline in one batch (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -28,32 +33,77 @@ def loop_index(i: int, n: int) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class FaceFrame:
+    """One output frame of a Wav2Lip room, before composition."""
+
+    index: int  # base frame
+    face: np.ndarray | None = None  # model output [3, S, S] BGR in 0..1; None: the base frame
+
+
+class FaceAvatar:
+    """A prepared bundle at one crop side, in memory: base frames (RGB), crops (BGR, as
+    the model takes them) and the boxes to paste back into."""
+
+    def __init__(self, bundle: Bundle, side: int) -> None:
+        self.bundle_id = bundle.manifest.bundle_id
+        self.side = side
+        self.crops = np.ascontiguousarray(bundle.crops(side))
+        self.boxes = bundle.boxes
+        self.frames = bundle.frames()
+        self.width, self.height = bundle.manifest.width, bundle.manifest.height
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.crops.nbytes + sum(f.nbytes for f in self.frames))
+
+    def index(self, n: int) -> int:
+        """The base frame of output frame n."""
+        return loop_index(n, len(self.frames))
+
+    def compose(self, f: FaceFrame) -> np.ndarray:
+        """The output frame, RGB uint8 at the clip's size: the base frame, with the face
+        pasted back where the model redrew it. A new array where a face is pasted; the
+        base frame itself (never to be written to) where none is."""
+        base = self.frames[f.index]
+        if f.face is None:
+            return base
+        rgb = face_pixels(f.face[None])[0][:, :, ::-1]
+        return paste(base, self.boxes[f.index], np.ascontiguousarray(rgb))
+
+    def mouth_view(self, f: FaceFrame) -> np.ndarray:
+        """The face crop as the lip-sync check reads it: [3, S, S] RGB in 0..1."""
+        if f.face is not None:
+            return np.ascontiguousarray(f.face[::-1])
+        return np.ascontiguousarray(self.crops[f.index][:, :, ::-1].transpose(2, 0, 1),
+                                    dtype=np.float32) * np.float32(1 / 255)
+
+
+@dataclass(frozen=True, slots=True)
 class RenderStats:
     frames: int
     model_frames: int  # frames the model redrew (the rest were silent: base frames)
 
 
 class Wav2LipFrames:
-    """Output frames for one avatar bundle and one lip-sync model of crop side `side`."""
+    """Offline: output frames for one avatar bundle and one lip-sync model of crop side
+    `side`, a stretch at a time, every speaking frame of it in one model call."""
 
     def __init__(self, bundle: Bundle, runner: LipSyncRunner) -> None:
-        side = runner.binding.side
-        self.crops = np.ascontiguousarray(bundle.crops(side))
-        self.boxes = bundle.boxes
-        self.base = [np.ascontiguousarray(f[:, :, ::-1]) for f in bundle.frames()]  # BGR
+        self.avatar = FaceAvatar(bundle, runner.binding.side)
         self.runner = runner
 
     def render(self, start: int, windows: np.ndarray) -> tuple[list[np.ndarray], RenderStats]:
         """Frames start .. start + len(windows) - 1 (RGB uint8, the clip's size) for the
         mel windows [n, 1, 80, 16] of those frames."""
-        n = len(self.base)
-        idx = [loop_index(start + k, n) for k in range(len(windows))]
+        a = self.avatar
+        frames = [FaceFrame(a.index(start + k)) for k in range(len(windows))]
         speaking = [k for k, quiet in enumerate(is_silent(windows)[:, 0]) if not quiet]
-        out = [self.base[i] for i in idx]
         if speaking:
             faces = self.runner.run(np.ascontiguousarray(windows[speaking]),
-                                    self.crops[[idx[k] for k in speaking]])
-            pixels = face_pixels(faces)
+                                    a.crops[[frames[k].index for k in speaking]])
             for j, k in enumerate(speaking):
-                out[k] = paste(self.base[idx[k]], self.boxes[idx[k]], pixels[j])
-        return [np.ascontiguousarray(f[:, :, ::-1]) for f in out], RenderStats(len(out), len(speaking))
+                frames[k] = FaceFrame(frames[k].index, faces[j])
+        return [a.compose(f) for f in frames], RenderStats(len(frames), len(speaking))

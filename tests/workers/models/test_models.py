@@ -92,7 +92,7 @@ def test_models_are_reproducible(tmp_path: Path) -> None:
 
 def test_a_user_model_with_the_same_interface_loads_the_same_way(tmp_path: Path, model_dir: Path) -> None:
     root = tmp_path / "mine"
-    build_reference(root, "lite")
+    build_reference(root, "lite", wav2lip="tiny")
     # Replace the renderer by another one of the same interface (a different size).
     from workers.models.reference import RendererSize
 
@@ -117,7 +117,7 @@ def test_model_folder_errors_say_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(ModelFolderError, match="build-models"):
         ModelFolder.open(tmp_path)
     root = tmp_path / "m"
-    build_reference(root)
+    build_reference(root, wav2lip=None)
     manifest = json.loads((root / "manifest.json").read_text())
     manifest["motion"] = ["jaw_open"]
     (root / "manifest.json").write_text(json.dumps(manifest))
