@@ -81,10 +81,13 @@ def _build_models(args: argparse.Namespace) -> int:
     from workers.models.folder import build_reference
     from workers.models.reference import RENDERER_PRESETS
 
-    folder = build_reference(args.out, args.preset, force=args.force)
+    wav2lip = None if args.wav2lip == "none" else args.wav2lip
+    folder = build_reference(args.out, args.preset, wav2lip=wav2lip, force=args.force)
     size = RENDERER_PRESETS[args.preset]
     print(f"reference models ({args.preset}: {size.gmac_per_frame(256):.2f} GMAC per 256x256 frame, "
           f"{size.gmac_per_frame(512):.2f} at 512x512) in {folder.root}")
+    if folder.wav2lip is not None:
+        print(f"Wav2Lip-signature model {folder.wav2lip.name} in {folder.wav2lip.path}")
     print(f"avatars: {', '.join(folder.avatar_ids())}")
     return 0
 
@@ -94,7 +97,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     opts = DemoOptions(rooms=args.rooms, seconds=args.seconds, workers=args.workers,
                        home=args.home, pacing=args.pacing, price_per_hour=args.price_per_hour,
-                       preset=args.preset)
+                       preset=args.preset, wav2lip=args.wav2lip)
     return run_demo(opts)
 
 
@@ -212,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Starts a scheduler and worker processes on this machine, "
                                    "creates rooms of every drive mode and tier, streams them to "
                                    "files and prints a summary with cost per stream-hour.")
-    d.add_argument("--rooms", type=int, default=4, help="rooms to create (default 4)")
+    d.add_argument("--rooms", type=int, default=5,
+                   help="rooms to create (default 5: every drive mode and tier, one of them on a "
+                        "video avatar of a real person)")
     d.add_argument("--seconds", type=float, default=20.0, help="seconds of video per room (default 20)")
     d.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     d.add_argument("--home", type=Path, default=Path("var/demo"),
@@ -223,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--price-per-hour", type=float, default=0.10,
                    help="price of one device-hour of this machine (default 0.10)")
     d.add_argument("--preset", default="lite", help="reference renderer preset: lite or standard")
+    d.add_argument("--wav2lip", default="wav2lip_96", choices=["wav2lip_96", "wav2lip_256", "tiny"],
+                   help="cost of the Wav2Lip-signature model the video avatar's room runs "
+                        "(default wav2lip_96, ~4 GMAC per frame)")
     d.set_defaults(func=_demo)
 
     s = sub.add_parser("scheduler", help="run the scheduler (gRPC API, placement, metrics)",
@@ -253,10 +261,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build-models", help="write the reference ONNX models and default avatar",
                        description="Builds the project's reference audio-to-motion and renderer "
-                                   "models (deterministic) and the default avatar image.")
+                                   "models, a stand-in with the Wav2Lip ONNX signature "
+                                   "(deterministic) and the default avatar image. Replace "
+                                   "wav2lip.onnx with your own Wav2Lip export to run it.")
     b.add_argument("--out", type=Path, default=Path("var/models"), help="model folder (default var/models)")
     b.add_argument("--preset", default="lite",
                    help="renderer cost: lite (CPU) or standard (~22 GMAC per 256x256 frame)")
+    b.add_argument("--wav2lip", default="wav2lip_96",
+                   choices=["wav2lip_96", "wav2lip_256", "tiny", "none"],
+                   help="cost of the Wav2Lip-signature stand-in: wav2lip_96 (~4 GMAC per frame, "
+                        "S=96, the default), wav2lip_256 (~28 GMAC, S=256), tiny (tests) or none")
     b.add_argument("--force", action="store_true", help="rebuild even if the folder is current")
     b.set_defaults(func=_build_models)
 

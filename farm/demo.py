@@ -1,7 +1,9 @@
 """``avatarfarm demo``: the whole product on one machine.
 
-Starts a scheduler and worker processes, creates rooms of each drive mode and
-tier, feeds the live ones (speech for the voice room, a motion-capture take
+Starts a scheduler and worker processes, registers a video avatar (a clip of a
+real photograph's person, prepared by the scheduler and lip-synced by the
+Wav2Lip-signature model), creates rooms of each drive mode and tier on it and on
+the reference portrait, feeds the live ones (speech for the voice room, a motion-capture take
 for the mocap room) straight to their workers, shows progress, and prints a
 summary with frames, late frames, the provider in use and cost per stream-hour.
 """
@@ -22,19 +24,20 @@ import grpc
 
 from avatarfarm import client
 from avatarfarm.processes import ProcessFailed
-from avatarfarm.v1 import sessions_pb2, sessions_pb2_grpc, types_pb2
+from avatarfarm.v1 import avatars_pb2, avatars_pb2_grpc, sessions_pb2, sessions_pb2_grpc, types_pb2
 from farm.local import LocalFarm
 
 
 @dataclass(frozen=True)
 class DemoOptions:
-    rooms: int = 4
+    rooms: int = 5
     seconds: float = 20.0
     workers: int = 2
     home: Path = Path("var/demo")
     pacing: str = "fast"
     price_per_hour: float = 0.10
     preset: str = "lite"
+    wav2lip: str = "wav2lip_96"  # the Wav2Lip-signature model's cost preset
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,10 @@ class RoomPlan:
     width: int
     height: int
     fps: int = 25
+    avatar: str = "presenter"
 
+
+VIDEO_AVATAR = "astronaut"
 
 # Mixed on purpose: every drive mode and tier, square and vertical (phone) frames.
 PLANS = [
@@ -53,6 +59,8 @@ PLANS = [
     RoomPlan("voice-host", types_pb2.DRIVE_MODE_VOICE, types_pb2.TIER_STANDARD, 512, 512),
     RoomPlan("mocap-host", types_pb2.DRIVE_MODE_MOCAP, types_pb2.TIER_BEST_EFFORT, 640, 360),
     RoomPlan("vertical-live", types_pb2.DRIVE_MODE_TEXT, types_pb2.TIER_STANDARD, 432, 768),
+    RoomPlan("astronaut-live", types_pb2.DRIVE_MODE_TEXT, types_pb2.TIER_STANDARD, 512, 512,
+             avatar=VIDEO_AVATAR),
 ]
 
 _MODE: dict[int, str] = {types_pb2.DRIVE_MODE_TEXT: "text", types_pb2.DRIVE_MODE_VOICE: "voice",
@@ -96,6 +104,21 @@ async def _feed_live(stub: sessions_pb2_grpc.SessionServiceStub, sid: str, plan:
                                  realtime=realtime)
 
 
+async def _register_video_avatar(avatars: avatars_pb2_grpc.AvatarServiceStub) -> None:
+    """Registers the sample clip of a real person as a video avatar: the scheduler
+    prepares it (face found and tracked in every frame, crops stored) once; the same
+    clip is found prepared on later runs."""
+    from avatarfarm.preparation.sample import astronaut_clip
+
+    t0 = time.monotonic()
+    clip = await asyncio.to_thread(astronaut_clip)
+    a = await avatars.RegisterAvatar(avatars_pb2.RegisterAvatarRequest(
+        avatar_id=VIDEO_AVATAR, tenant="demo-vendor", reference_video=clip,
+        licence=avatars_pb2.Licence()), timeout=600)
+    print(f"  video avatar {a.avatar_id}: {len(clip) / 1024:.0f} KiB clip, {a.width}x{a.height}, "
+          f"bundle {a.bundle_id[:12]}, prepared in {time.monotonic() - t0:.1f}s", flush=True)
+
+
 def _metric(port: int, name: str) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     out = {}
@@ -111,6 +134,8 @@ async def _run(opts: DemoOptions, farm: LocalFarm) -> int:
     realtime = opts.pacing == "realtime"
     async with grpc.aio.insecure_channel(farm.address) as ch:
         stub = sessions_pb2_grpc.SessionServiceStub(ch)
+        if any(p.avatar == VIDEO_AVATAR for p in plans):
+            await _register_video_avatar(avatars_pb2_grpc.AvatarServiceStub(ch))
         ids: list[str] = []
         feeders = []
         for i, plan in enumerate(plans):
@@ -118,12 +143,14 @@ async def _run(opts: DemoOptions, farm: LocalFarm) -> int:
             spec = client.spec(
                 "demo-vendor", room_id, drive=plan.drive, tier=plan.tier, width=plan.width,
                 height=plan.height, fps=plan.fps, file_path=f"{room_id}.mp4", seconds=opts.seconds,
+                avatar=plan.avatar,
                 script=script_segments() if plan.drive == types_pb2.DRIVE_MODE_TEXT else ())
             s = await stub.CreateSession(sessions_pb2.CreateSessionRequest(
                 spec=spec, request_id=f"demo-{room_id}"))
             ids.append(s.session_id)
             print(f"  created {room_id:<15} {_MODE[plan.drive]:<5} {_TIER[plan.tier]:<11} "
-                  f"{plan.width}x{plan.height}@{plan.fps}  -> {_state(s)}", flush=True)
+                  f"{plan.width}x{plan.height}@{plan.fps}  {plan.avatar:<10} -> {_state(s)}",
+                  flush=True)
             if plan.drive != types_pb2.DRIVE_MODE_TEXT:
                 feeders.append(asyncio.create_task(
                     _feed_live(stub, s.session_id, plan, opts.seconds, realtime)))
@@ -146,7 +173,7 @@ async def _run(opts: DemoOptions, farm: LocalFarm) -> int:
 def _summary(opts: DemoOptions, farm: LocalFarm, sessions: list[types_pb2.Session],
              wall: float) -> int:
     print("\nsummary")
-    print(f"  {'room':<15} {'mode':<5} {'tier':<11} {'quality':<12} {'worker':<9} {'state':<6} "
+    print(f"  {'room':<15} {'mode':<5} {'tier':<11} {'quality':<12} {'avatar':<10} {'worker':<9} {'state':<6} "
           f"{'frames':>6} {'late':>5} {'video s':>7} {'device s/s':>10}  output")
     failed = 0
     for s in sessions:
@@ -154,7 +181,7 @@ def _summary(opts: DemoOptions, farm: LocalFarm, sessions: list[types_pb2.Sessio
         out = farm.output_dir / s.spec.output.file_path
         failed += s.state != types_pb2.SESSION_STATE_ENDED
         print(f"  {s.spec.room_id:<15} {_MODE[s.spec.drive_mode]:<5} {_TIER[s.spec.tier]:<11} "
-              f"{q.width}x{q.height}@{q.fps:<4} {s.worker_id:<9} {_state(s):<6} "
+              f"{q.width}x{q.height}@{q.fps:<4} {s.spec.avatar_id:<10} {s.worker_id:<9} {_state(s):<6} "
               f"{s.progress.frames_rendered:>6} {s.progress.late_frames:>5} "
               f"{s.progress.stream_seconds:>7.1f} "
               f"{s.progress.device_seconds / max(s.progress.stream_seconds, 1e-9):>10.2f}  {out}")
@@ -203,8 +230,9 @@ def run_demo(opts: DemoOptions) -> int:
     home = opts.home
     print(f"avatarfarm demo: {opts.rooms} rooms x {opts.seconds:.0f}s on {opts.workers} local "
           f"workers ({opts.pacing} pacing) in {home}")
-    folder = build_reference(home / "models", opts.preset)
-    print(f"  models: {folder.root} (renderer {folder.renderer_name})")
+    folder = build_reference(home / "models", opts.preset, wav2lip=opts.wav2lip)
+    print(f"  models: {folder.root} (renderer {folder.renderer_name}, face model "
+          f"{folder.wav2lip.name if folder.wav2lip else 'none'})")
     # A fresh run: state and outputs of an earlier demo are not carried over.
     for sub in ("state", "out", "logs"):
         shutil.rmtree(home / sub, ignore_errors=True)

@@ -33,6 +33,14 @@ class SchedulerConfig:
     avatar_image_max_bytes: int = field(
         3 * 1024 * 1024, "largest reference image RegisterAvatar accepts (RESOURCE_EXHAUSTED "
                          "beyond; keep it below max_message_bytes, which bounds the whole request)")
+    avatar_video_max_bytes: int = field(
+        3 * 1024 * 1024, "largest reference video RegisterAvatar accepts (RESOURCE_EXHAUSTED "
+                         "beyond): a clip is one message, so raise max_message_bytes with it "
+                         "for longer or sharper clips")
+    avatar_crop_sides: list[int] = field(
+        [96, 256], "face crop sides a video avatar is prepared at: the crop sides of the "
+                   "workers' Wav2Lip-family models (96 for Wav2Lip, 256 or 384 for the larger "
+                   "community variants)")
     device_prices: dict[str, float] = field(
         {"cpu": 0.10, "l4": 0.80, "h100": 4.00, "h200": 5.00},
         "price per device-hour by device type, in your currency")

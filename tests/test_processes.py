@@ -4,6 +4,7 @@ a scheduler restart under a running room, and the README's demo command."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
 import subprocess
 import sys
@@ -80,10 +81,16 @@ def test_rooms_keep_streaming_through_a_scheduler_restart(tmp_path: Path, model_
 
 def test_the_demo_command_renders_every_room(tmp_path: Path, model_dir: Path) -> None:
     home = tmp_path / "demo"
-    home.mkdir()
-    (home / "models").symlink_to(model_dir)
-    out = subprocess.run([sys.executable, "-m", "farm.cli", "demo", "--rooms", "4",
-                          "--seconds", "2", "--home", str(home)],
+    models = home / "models"
+    models.mkdir(parents=True)
+    # The session's models, and an avatar folder of the demo's own (it registers one).
+    for p in model_dir.iterdir():
+        if p.name != "avatars":
+            (models / p.name).symlink_to(p)
+    (models / "avatars").mkdir()
+    shutil.copy(model_dir / "avatars" / "presenter.png", models / "avatars")
+    out = subprocess.run([sys.executable, "-m", "farm.cli", "demo", "--rooms", "5",
+                          "--seconds", "2", "--home", str(home), "--wav2lip", "tiny"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "summary" in out.stdout
@@ -91,7 +98,8 @@ def test_the_demo_command_renders_every_room(tmp_path: Path, model_dir: Path) ->
     assert "cost per stream-hour" in out.stdout
     assert "avatarfarm_cost_per_stream_hour:" in out.stdout and "premium/cpu=" in out.stdout
     videos = sorted((home / "out").glob("*.mp4"))
-    assert len(videos) == 4
+    assert len(videos) == 5 and home / "out" / "astronaut-live.mp4" in videos
+    assert "video avatar astronaut" in out.stdout  # registered and prepared by the scheduler
     for v in videos:
         f = probe(v)
         assert f.video_codec == "h264" and f.audio_codec == "aac" and f.frames == 50

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61vatarfarm/v1/avatars.proto\x12\ravatarfarm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa8\x02\n\x07Licence\x12\x12\n\nperson_ref\x18\x01 \x01(\t\x12\x19\n\x11\x63onsent_record_id\x18\x02 \x01(\t\x12\x19\n\x11\x61llowed_platforms\x18\x03 \x03(\t\x12\x1a\n\x12\x61llowed_categories\x18\x04 \x03(\t\x12\x1c\n\x14\x66orbidden_categories\x18\x05 \x03(\t\x12\x19\n\x11\x61llowed_languages\x18\x06 \x03(\t\x12.\n\nvalid_from\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bvalid_until\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\x15live_voice_conversion\x18\t \x01(\x08\";\n\rVoiceSettings\x12\r\n\x05voice\x18\x01 \x01(\t\x12\x0c\n\x04rate\x18\x02 \x01(\x01\x12\r\n\x05pitch\x18\x03 \x01(\x01\"\xa9\x01\n\x15RegisterAvatarRequest\x12\x11\n\tavatar_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x17\n\x0freference_image\x18\x03 \x01(\x0c\x12+\n\x05voice\x18\x04 \x01(\x0b\x32\x1c.avatarfarm.v1.VoiceSettings\x12\'\n\x07licence\x18\x05 \x01(\x0b\x32\x16.avatarfarm.v1.Licence\"\xc2\x02\n\x06\x41vatar\x12\x11\n\tavatar_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\'\n\x07licence\x18\x03 \x01(\x0b\x32\x16.avatarfarm.v1.Licence\x12+\n\x05voice\x18\x04 \x01(\x0b\x32\x1c.avatarfarm.v1.VoiceSettings\x12\x14\n\x0cimage_sha256\x18\x05 \x01(\t\x12\r\n\x05width\x18\x06 \x01(\r\x12\x0e\n\x06height\x18\x07 \x01(\r\x12\x31\n\rregistered_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07revoked\x18\t \x01(\x08\x12\x16\n\x0erevoked_reason\x18\n \x01(\t\x12.\n\nrevoked_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"%\n\x10GetAvatarRequest\x12\x11\n\tavatar_id\x18\x01 \x01(\t\"$\n\x12ListAvatarsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"=\n\x13ListAvatarsResponse\x12&\n\x07\x61vatars\x18\x01 \x03(\x0b\x32\x15.avatarfarm.v1.Avatar\"9\n\x14RevokeLicenceRequest\x12\x11\n\tavatar_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xde\x01\n\nAuditEntry\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tavatar_id\x18\x03 \x01(\t\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x05 \x01(\t\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x0f\n\x07room_id\x18\x07 \x01(\t\x12\x10\n\x08platform\x18\x08 \x01(\t\x12\x11\n\tworker_id\x18\t \x01(\t\x12\x0e\n\x06\x63lause\x18\n \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x0b \x01(\t\"R\n\x17ListAuditEntriesRequest\x12\x11\n\tavatar_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\x12\x11\n\tpage_size\x18\x03 \x01(\r\"^\n\x18ListAuditEntriesResponse\x12*\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x19.avatarfarm.v1.AuditEntry\x12\x16\n\x0enext_after_seq\x18\x02 \x01(\x04\"~\n\x15GetAvatarUsageRequest\x12\x11\n\tavatar_id\x18\x01 \x01(\t\x12)\n\x05start\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x93\x01\n\x0e\x41vatarUsageRow\x12\x11\n\tavatar_id\x18\x01 \x01(\t\x12\x10\n\x08platform\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x10\n\x08sessions\x18\x04 \x01(\r\x12\x16\n\x0estream_seconds\x18\x05 \x01(\x01\x12\x14\n\x0cstream_hours\x18\x06 \x01(\x01\x12\x0c\n\x04\x63ost\x18\x07 \x01(\x01\"p\n\x16GetAvatarUsageResponse\x12+\n\x04rows\x18\x01 \x03(\x0b\x32\x1d.avatarfarm.v1.AvatarUsageRow\x12)\n\x05\x61s_of\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\x8a\x04\n\rAvatarService\x12M\n\x0eRegisterAvatar\x12$.avatarfarm.v1.RegisterAvatarRequest\x1a\x15.avatarfarm.v1.Avatar\x12\x43\n\tGetAvatar\x12\x1f.avatarfarm.v1.GetAvatarRequest\x1a\x15.avatarfarm.v1.Avatar\x12T\n\x0bListAvatars\x12!.avatarfarm.v1.ListAvatarsRequest\x1a\".avatarfarm.v1.ListAvatarsResponse\x12K\n\rRevokeLicence\x12#.avatarfarm.v1.RevokeLicenceRequest\x1a\x15.avatarfarm.v1.Avatar\x12\x63\n\x10ListAuditEntries\x12&.avatarfarm.v1.ListAuditEntriesRequest\x1a\'.avatarfarm.v1.ListAuditEntriesResponse\x12]\n\x0eGetAvatarUsage\x12$.avatarfarm.v1.GetAvatarUsageRequest\x1a%.avatarfarm.v1.GetAvatarUsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61vatarfarm/v1/avatars.proto\x12\ravatarfarm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa8\x02\n\x07Licence\x12\x12\n\nperson_ref\x18\x01 \x01(\t\x12\x19\n\x11\x63onsent_record_id\x18\x02 \x01(\t\x12\x19\n\x11\x61llowed_platforms\x18\x03 \x03(\t\x12\x1a\n\x12\x61llowed_categories\x18\x04 \x03(\t\x12\x1c\n\x14\x66orbidden_categories\x18\x05 \x03(\t\x12\x19\n\x11\x61llowed_languages\x18\x06 \x03(\t\x12.\n\nvalid_from\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bvalid_until\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\x15live_voice_conversion\x18\t \x01(\x08\";\n\rVoiceSettings\x12\r\n\x05voice\x18\x01 \x01(\t\x12\x0c\n\x04rate\x18\x02 \x01(\x01\x12\r\n\x05pitch\x18\x03 \x01(\x01\"\xc2\x01\n\x15RegisterAvatarRequest\x12\x11\n\tavatar_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x17\n\x0freference_image\x18\x03 \x01(\x0c\x12+\n\x05voice\x18\x04 \x01(\x0b\x32\x1c.avatarfarm.v1.VoiceSettings\x12\'\n\x07licence\x18\x05 \x01(\x0b\x32\x16.avatarfarm.v1.Licence\x12\x17\n\x0freference_video\x18\x06 \x01(\x0c\"\xd5\x02\n\x06\x41vatar\x12\x11\n\tavatar_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\'\n\x07licence\x18\x03 \x01(\x0b\x32\x16.avatarfarm.v1.Licence\x12+\n\x05voice\x18\x04 \x01(\x0b\x32\x1c.avatarfarm.v1.VoiceSettings\x12\x14\n\x0cimage_sha256\x18\x05 \x01(\t\x12\r\n\x05width\x18\x06 \x01(\r\x12\x0e\n\x06height\x18\x07 \x01(\r\x12\x31\n\rregistered_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07revoked\x18\t \x01(\x08\x12\x16\n\x0erevoked_reason\x18\n \x01(\t\x12.\n\nrevoked_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tbundle_id\x18\x0c \x01(\t\"%\n\x10GetAvatarRequest\x12\x11\n\tavatar_id\x18\x01 \x01(\t\"$\n\x12ListAvatarsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"=\n\x13ListAvatarsResponse\x12&\n\x07\x61vatars\x18\x01 \x03(\x0b\x32\x15.avatarfarm.v1.Avatar\"9\n\x14RevokeLicenceRequest\x12\x11\n\tavatar_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xde\x01\n\nAuditEntry\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tavatar_id\x18\x03 \x01(\t\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x05 \x01(\t\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x0f\n\x07room_id\x18\x07 \x01(\t\x12\x10\n\x08platform\x18\x08 \x01(\t\x12\x11\n\tworker_id\x18\t \x01(\t\x12\x0e\n\x06\x63lause\x18\n \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x0b \x01(\t\"R\n\x17ListAuditEntriesRequest\x12\x11\n\tavatar_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\x12\x11\n\tpage_size\x18\x03 \x01(\r\"^\n\x18ListAuditEntriesResponse\x12*\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x19.avatarfarm.v1.AuditEntry\x12\x16\n\x0enext_after_seq\x18\x02 \x01(\x04\"~\n\x15GetAvatarUsageRequest\x12\x11\n\tavatar_id\x18\x01 \x01(\t\x12)\n\x05start\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x93\x01\n\x0e\x41vatarUsageRow\x12\x11\n\tavatar_id\x18\x01 \x01(\t\x12\x10\n\x08platform\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x10\n\x08sessions\x18\x04 \x01(\r\x12\x16\n\x0estream_seconds\x18\x05 \x01(\x01\x12\x14\n\x0cstream_hours\x18\x06 \x01(\x01\x12\x0c\n\x04\x63ost\x18\x07 \x01(\x01\"p\n\x16GetAvatarUsageResponse\x12+\n\x04rows\x18\x01 \x03(\x0b\x32\x1d.avatarfarm.v1.AvatarUsageRow\x12)\n\x05\x61s_of\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\x8a\x04\n\rAvatarService\x12M\n\x0eRegisterAvatar\x12$.avatarfarm.v1.RegisterAvatarRequest\x1a\x15.avatarfarm.v1.Avatar\x12\x43\n\tGetAvatar\x12\x1f.avatarfarm.v1.GetAvatarRequest\x1a\x15.avatarfarm.v1.Avatar\x12T\n\x0bListAvatars\x12!.avatarfarm.v1.ListAvatarsRequest\x1a\".avatarfarm.v1.ListAvatarsResponse\x12K\n\rRevokeLicence\x12#.avatarfarm.v1.RevokeLicenceRequest\x1a\x15.avatarfarm.v1.Avatar\x12\x63\n\x10ListAuditEntries\x12&.avatarfarm.v1.ListAuditEntriesRequest\x1a\'.avatarfarm.v1.ListAuditEntriesResponse\x12]\n\x0eGetAvatarUsage\x12$.avatarfarm.v1.GetAvatarUsageRequest\x1a%.avatarfarm.v1.GetAvatarUsageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,29 +37,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VOICESETTINGS']._serialized_start=378
   _globals['_VOICESETTINGS']._serialized_end=437
   _globals['_REGISTERAVATARREQUEST']._serialized_start=440
-  _globals['_REGISTERAVATARREQUEST']._serialized_end=609
-  _globals['_AVATAR']._serialized_start=612
-  _globals['_AVATAR']._serialized_end=934
-  _globals['_GETAVATARREQUEST']._serialized_start=936
-  _globals['_GETAVATARREQUEST']._serialized_end=973
-  _globals['_LISTAVATARSREQUEST']._serialized_start=975
-  _globals['_LISTAVATARSREQUEST']._serialized_end=1011
-  _globals['_LISTAVATARSRESPONSE']._serialized_start=1013
-  _globals['_LISTAVATARSRESPONSE']._serialized_end=1074
-  _globals['_REVOKELICENCEREQUEST']._serialized_start=1076
-  _globals['_REVOKELICENCEREQUEST']._serialized_end=1133
-  _globals['_AUDITENTRY']._serialized_start=1136
-  _globals['_AUDITENTRY']._serialized_end=1358
-  _globals['_LISTAUDITENTRIESREQUEST']._serialized_start=1360
-  _globals['_LISTAUDITENTRIESREQUEST']._serialized_end=1442
-  _globals['_LISTAUDITENTRIESRESPONSE']._serialized_start=1444
-  _globals['_LISTAUDITENTRIESRESPONSE']._serialized_end=1538
-  _globals['_GETAVATARUSAGEREQUEST']._serialized_start=1540
-  _globals['_GETAVATARUSAGEREQUEST']._serialized_end=1666
-  _globals['_AVATARUSAGEROW']._serialized_start=1669
-  _globals['_AVATARUSAGEROW']._serialized_end=1816
-  _globals['_GETAVATARUSAGERESPONSE']._serialized_start=1818
-  _globals['_GETAVATARUSAGERESPONSE']._serialized_end=1930
-  _globals['_AVATARSERVICE']._serialized_start=1933
-  _globals['_AVATARSERVICE']._serialized_end=2455
+  _globals['_REGISTERAVATARREQUEST']._serialized_end=634
+  _globals['_AVATAR']._serialized_start=637
+  _globals['_AVATAR']._serialized_end=978
+  _globals['_GETAVATARREQUEST']._serialized_start=980
+  _globals['_GETAVATARREQUEST']._serialized_end=1017
+  _globals['_LISTAVATARSREQUEST']._serialized_start=1019
+  _globals['_LISTAVATARSREQUEST']._serialized_end=1055
+  _globals['_LISTAVATARSRESPONSE']._serialized_start=1057
+  _globals['_LISTAVATARSRESPONSE']._serialized_end=1118
+  _globals['_REVOKELICENCEREQUEST']._serialized_start=1120
+  _globals['_REVOKELICENCEREQUEST']._serialized_end=1177
+  _globals['_AUDITENTRY']._serialized_start=1180
+  _globals['_AUDITENTRY']._serialized_end=1402
+  _globals['_LISTAUDITENTRIESREQUEST']._serialized_start=1404
+  _globals['_LISTAUDITENTRIESREQUEST']._serialized_end=1486
+  _globals['_LISTAUDITENTRIESRESPONSE']._serialized_start=1488
+  _globals['_LISTAUDITENTRIESRESPONSE']._serialized_end=1582
+  _globals['_GETAVATARUSAGEREQUEST']._serialized_start=1584
+  _globals['_GETAVATARUSAGEREQUEST']._serialized_end=1710
+  _globals['_AVATARUSAGEROW']._serialized_start=1713
+  _globals['_AVATARUSAGEROW']._serialized_end=1860
+  _globals['_GETAVATARUSAGERESPONSE']._serialized_start=1862
+  _globals['_GETAVATARUSAGERESPONSE']._serialized_end=1974
+  _globals['_AVATARSERVICE']._serialized_start=1977
+  _globals['_AVATARSERVICE']._serialized_end=2499
 # @@protoc_insertion_point(module_scope)

@@ -42,21 +42,23 @@ class VoiceSettings(_message.Message):
     def __init__(self, voice: _Optional[str] = ..., rate: _Optional[float] = ..., pitch: _Optional[float] = ...) -> None: ...
 
 class RegisterAvatarRequest(_message.Message):
-    __slots__ = ("avatar_id", "tenant", "reference_image", "voice", "licence")
+    __slots__ = ("avatar_id", "tenant", "reference_image", "voice", "licence", "reference_video")
     AVATAR_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_IMAGE_FIELD_NUMBER: _ClassVar[int]
     VOICE_FIELD_NUMBER: _ClassVar[int]
     LICENCE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_VIDEO_FIELD_NUMBER: _ClassVar[int]
     avatar_id: str
     tenant: str
     reference_image: bytes
     voice: VoiceSettings
     licence: Licence
-    def __init__(self, avatar_id: _Optional[str] = ..., tenant: _Optional[str] = ..., reference_image: _Optional[bytes] = ..., voice: _Optional[_Union[VoiceSettings, _Mapping]] = ..., licence: _Optional[_Union[Licence, _Mapping]] = ...) -> None: ...
+    reference_video: bytes
+    def __init__(self, avatar_id: _Optional[str] = ..., tenant: _Optional[str] = ..., reference_image: _Optional[bytes] = ..., voice: _Optional[_Union[VoiceSettings, _Mapping]] = ..., licence: _Optional[_Union[Licence, _Mapping]] = ..., reference_video: _Optional[bytes] = ...) -> None: ...
 
 class Avatar(_message.Message):
-    __slots__ = ("avatar_id", "tenant", "licence", "voice", "image_sha256", "width", "height", "registered_at", "revoked", "revoked_reason", "revoked_at")
+    __slots__ = ("avatar_id", "tenant", "licence", "voice", "image_sha256", "width", "height", "registered_at", "revoked", "revoked_reason", "revoked_at", "bundle_id")
     AVATAR_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     LICENCE_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +70,7 @@ class Avatar(_message.Message):
     REVOKED_FIELD_NUMBER: _ClassVar[int]
     REVOKED_REASON_FIELD_NUMBER: _ClassVar[int]
     REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_ID_FIELD_NUMBER: _ClassVar[int]
     avatar_id: str
     tenant: str
     licence: Licence
@@ -79,7 +82,8 @@ class Avatar(_message.Message):
     revoked: bool
     revoked_reason: str
     revoked_at: _timestamp_pb2.Timestamp
-    def __init__(self, avatar_id: _Optional[str] = ..., tenant: _Optional[str] = ..., licence: _Optional[_Union[Licence, _Mapping]] = ..., voice: _Optional[_Union[VoiceSettings, _Mapping]] = ..., image_sha256: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked: _Optional[bool] = ..., revoked_reason: _Optional[str] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    bundle_id: str
+    def __init__(self, avatar_id: _Optional[str] = ..., tenant: _Optional[str] = ..., licence: _Optional[_Union[Licence, _Mapping]] = ..., voice: _Optional[_Union[VoiceSettings, _Mapping]] = ..., image_sha256: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked: _Optional[bool] = ..., revoked_reason: _Optional[str] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., bundle_id: _Optional[str] = ...) -> None: ...
 
 class GetAvatarRequest(_message.Message):
     __slots__ = ("avatar_id",)

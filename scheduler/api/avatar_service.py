@@ -12,22 +12,35 @@ A registration is written in this order: the image is checked and normalised off
 the event loop into a temporary file, the registry row and its audit entry are
 committed, and only then is the image renamed into the avatar folder, so an image
 on disk always has its licence on record.
+
+A video avatar is registered the same way: the clip is prepared off the event loop
+first (decoded within limits, the face found and tracked in every frame, crops at
+the workers' model sides; `avatarfarm.preparation.bundle`), one preparation at a
+time, its progress logged. The bundle is content-addressed (the same clip is
+prepared once) and is not an avatar until the pointer naming it is renamed into
+place after the row is committed; a refused clip leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import math
 import re
 from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
 
 from avatarfarm import convert, images
+from avatarfarm.avatars import BUNDLES, bundle_of, install_bundle_pointer, stage_bundle_pointer
 from avatarfarm.domain import InvalidRequest, validate_id
+from avatarfarm.preparation.bundle import Bundle, VideoLimits
+from avatarfarm.preparation.bundle import prepare as prepare_bundle
+from avatarfarm.preparation.faces import PreparationError
 from avatarfarm.v1 import avatars_pb2, avatars_pb2_grpc
 from scheduler.api import auth
 from scheduler.api import session_service as service
@@ -49,11 +62,17 @@ class StorageUnavailable(RuntimeError):
     """The avatar folder could not be written (maps to UNAVAILABLE: retry later)."""
 
 
+class VideoTooLarge(ValueError):
+    """A reference video over the configured size (RESOURCE_EXHAUSTED)."""
+
+
 # The session API's statuses, and the image refusals': a bad image is the caller's
 # mistake; one over the size limit is what gRPC answers for an oversized message.
 _STATUS: dict[type[Exception], grpc.StatusCode] = {**service.ERROR_STATUS,
            images.ImageRefused: grpc.StatusCode.INVALID_ARGUMENT,
            images.ImageTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+           PreparationError: grpc.StatusCode.INVALID_ARGUMENT,
+           VideoTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
            StorageUnavailable: grpc.StatusCode.UNAVAILABLE}
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
@@ -104,8 +123,8 @@ def voice_from_pb(pb: avatars_pb2.VoiceSettings) -> VoiceSettings:
     return VoiceSettings(pb.voice, pb.rate, pb.pitch)
 
 
-def avatar_to_pb(a: RegisteredAvatar) -> avatars_pb2.Avatar:
-    return avatars_pb2.Avatar(
+def avatar_to_pb(a: RegisteredAvatar, bundle_id: str = "") -> avatars_pb2.Avatar:
+    return avatars_pb2.Avatar(bundle_id=bundle_id,
         avatar_id=a.avatar_id, tenant=a.tenant, licence=licence_to_pb(a.licence),
         voice=avatars_pb2.VoiceSettings(voice=a.voice.voice, rate=a.voice.rate, pitch=a.voice.pitch),
         image_sha256=a.image_sha256, width=a.width, height=a.height,
@@ -135,6 +154,14 @@ class AvatarService(avatars_pb2_grpc.AvatarServiceServicer):
     def __init__(self, core: Scheduler) -> None:
         self.core = core
         self._registering = asyncio.Lock()  # one registration at a time: image and row agree
+        self._preparing = asyncio.Semaphore(1)  # one video preparation at a time (CPU-bound)
+
+    def _to_pb(self, a: RegisteredAvatar) -> avatars_pb2.Avatar:
+        try:
+            root = bundle_of(self.core.config.avatar_dir, a.avatar_id)
+        except (OSError, ValueError, KeyError):
+            root = None
+        return avatar_to_pb(a, root.name if root is not None else "")
 
     def _visible(self, p: Principal, avatar_id: str) -> RegisteredAvatar:
         validate_id("avatar_id", avatar_id)
@@ -166,13 +193,20 @@ class AvatarService(avatars_pb2_grpc.AvatarServiceServicer):
                 raise InvalidRequest("licence is required (an empty Licence allows any use)")
             lic = licence_from_pb(request.licence)
             voice = voice_from_pb(request.voice)
-            if not request.reference_image:
-                raise InvalidRequest("reference_image is required (a PNG or JPEG portrait)")
+            if bool(request.reference_image) == bool(request.reference_video):
+                raise InvalidRequest("give exactly one of reference_image (a PNG or JPEG portrait) "
+                                     "and reference_video (a 5-60 s MP4, MOV or WebM clip)")
+            limit = self.core.config.avatar_video_max_bytes
+            if len(request.reference_video) > limit:
+                raise VideoTooLarge(f"the reference video is {len(request.reference_video)} bytes; "
+                                    f"at most {limit} are accepted (trim the clip or lower its bitrate)")
             # Before the image is decoded: an id that cannot be had costs nothing more.
             self.core.claim_avatar(request.avatar_id, tenant, operator=p.admin)
             return p, tenant, lic, voice
 
         p, tenant, lic, voice = await _guard(context, prepare)
+        if request.reference_video:
+            return await self._register_video(context, request, p, tenant, lic, voice)
         limits = images.Limits(max_bytes=self.core.config.avatar_image_max_bytes)
         image = await _guard_async(context, asyncio.to_thread(
             images.normalise, request.reference_image, limits))
@@ -181,16 +215,52 @@ class AvatarService(avatars_pb2_grpc.AvatarServiceServicer):
         # Once begun, a registration completes even if its caller goes away: the row and
         # the image on disk must agree.
         a = await _guard_async(context, asyncio.shield(asyncio.ensure_future(
-            self._register(draft, image.png, operator=p.admin))))
+            self._register(
+                draft, lambda folder: images.stage(folder, draft.avatar_id, image.png),
+                lambda staged, folder: images.install(staged, folder, draft.avatar_id),
+                operator=p.admin))))
         log.info("avatar %s registered for tenant %s by %s (%dx%d, sha256 %s)", a.avatar_id,
                  a.tenant, p, a.width, a.height, a.image_sha256[:16])
-        return avatar_to_pb(a)
+        return self._to_pb(a)
 
-    async def _register(self, draft: RegisteredAvatar, png: bytes, *, operator: bool) -> RegisteredAvatar:
+    async def _register_video(self, context: grpc.aio.ServicerContext,
+                              request: avatars_pb2.RegisterAvatarRequest, p: Principal, tenant: str,
+                              lic: Licence, voice: VoiceSettings) -> avatars_pb2.Avatar:
+        cfg = self.core.config
+        video = request.reference_video
+        avatar_id = request.avatar_id
+
+        def progress(stage: str, done: float) -> None:
+            log.info("avatar %s: preparing the video, %s %.0f%%", avatar_id, stage, 100 * done)
+
+        def prepare() -> Bundle:
+            return prepare_bundle(video, cfg.avatar_dir / BUNDLES, cfg.avatar_crop_sides,
+                                  limits=VideoLimits(max_bytes=cfg.avatar_video_max_bytes),
+                                  progress=progress)
+
+        async with self._preparing:
+            bundle = await _guard_async(context, asyncio.to_thread(prepare))
+        m = bundle.manifest
+        draft = RegisteredAvatar(avatar_id, tenant, lic, 0.0, voice,
+                                 hashlib.sha256(video).hexdigest(), m.width, m.height)
+        a = await _guard_async(context, asyncio.shield(asyncio.ensure_future(
+            self._register(
+                draft, lambda folder: stage_bundle_pointer(folder, avatar_id, m.bundle_id),
+                lambda staged, folder: install_bundle_pointer(staged, folder, avatar_id),
+                operator=p.admin))))
+        log.info("video avatar %s registered for tenant %s by %s (%d frames at %g fps, %dx%d, "
+                 "face found in %d, bundle %s)", a.avatar_id, a.tenant, p, m.frames, m.fps,
+                 m.width, m.height, m.faces_found, m.bundle_id[:16])
+        return self._to_pb(a)
+
+    async def _register(self, draft: RegisteredAvatar, stage: Callable[[Path], Path],
+                        install: Callable[[Path, Path], object], *, operator: bool) -> RegisteredAvatar:
+        """Stages the avatar's file (`stage(folder)`: a temporary file), commits the row,
+        then installs the file (`install(staged, folder)`: a rename into place)."""
         folder = self.core.config.avatar_dir
         async with self._registering:
             try:
-                staged = await asyncio.to_thread(images.stage, folder, draft.avatar_id, png)
+                staged = await asyncio.to_thread(stage, folder)
             except OSError as e:
                 log.error("cannot write avatar %s into %s: %s", draft.avatar_id, folder, e)
                 raise StorageUnavailable("the avatar folder cannot be written; try again later") from e
@@ -198,7 +268,7 @@ class AvatarService(avatars_pb2_grpc.AvatarServiceServicer):
                 a = self.core.register_avatar(
                     dataclasses.replace(draft, registered_at=self.core.clock()), operator=operator)
                 await self.core.durable()
-                await asyncio.to_thread(images.install, staged, folder, draft.avatar_id)
+                await asyncio.to_thread(install, staged, folder)
             finally:
                 images.discard(staged)  # gone already once installed
             self.core.avatar_images_changed()
@@ -207,13 +277,13 @@ class AvatarService(avatars_pb2_grpc.AvatarServiceServicer):
     async def GetAvatar(self, request: avatars_pb2.GetAvatarRequest,
                         context: grpc.aio.ServicerContext) -> avatars_pb2.Avatar:
         a = await _guard(context, lambda: self._visible(caller(), request.avatar_id))
-        return avatar_to_pb(a)
+        return self._to_pb(a)
 
     async def ListAvatars(self, request: avatars_pb2.ListAvatarsRequest,
                           context: grpc.aio.ServicerContext) -> avatars_pb2.ListAvatarsResponse:
         found = await _guard(context, lambda: self.core.avatars.of(
             auth.tenant_scope(caller(), convert.tenant_from_pb(request.tenant))))
-        return avatars_pb2.ListAvatarsResponse(avatars=[avatar_to_pb(a) for a in found])
+        return avatars_pb2.ListAvatarsResponse(avatars=[self._to_pb(a) for a in found])
 
     async def RevokeLicence(self, request: avatars_pb2.RevokeLicenceRequest,
                             context: grpc.aio.ServicerContext) -> avatars_pb2.Avatar:
@@ -226,7 +296,7 @@ class AvatarService(avatars_pb2_grpc.AvatarServiceServicer):
 
         a = await _guard(context, revoke)
         await self.core.durable()
-        return avatar_to_pb(a)
+        return self._to_pb(a)
 
     async def ListAuditEntries(self, request: avatars_pb2.ListAuditEntriesRequest,
                                context: grpc.aio.ServicerContext) -> avatars_pb2.ListAuditEntriesResponse:

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Concatenate, ParamSpec, TypeVar
 
-from avatarfarm.avatars import list_avatars
+from avatarfarm.avatars import list_avatars, list_video_avatars
 from avatarfarm.domain import DriveMode, Progress, Quality, ScriptSegment, SessionState
 from avatarfarm.egress import EgressPolicy
 from scheduler.config import SchedulerConfig
@@ -122,7 +122,8 @@ class SessionMachine:
         self._unit_device = ""
         self._units_cache: dict[tuple[Quality, str], float] = {}
         # Avatars: the image folder (looked at once a second) and what workers hold.
-        self._avatars: tuple[float, frozenset[str]] = (-1.0, frozenset())
+        # (when read, avatars in avatar_dir, the video avatars among them)
+        self._avatars: tuple[float, frozenset[str], frozenset[str]] = (-1.0, frozenset(), frozenset())
         self._worker_avatars: collections.Counter[str] = collections.Counter()
         self._scripts: dict[str, list[ScriptSegment]] = {}  # live text rooms' scripts
         self._exhausted: dict[str, float] = {}  # tenant -> when its spend budget ran out
@@ -160,13 +161,21 @@ class SessionMachine:
         """Returns once everything changed so far is committed to the store."""
         await self.commits.durable()
 
-    def known_avatars(self) -> frozenset[str]:
-        at, names = self._avatars
+    def _avatar_folder(self) -> tuple[frozenset[str], frozenset[str]]:
+        at, names, videos = self._avatars
         now = self.clock()
         if now - at > 1.0 or at < 0:
             names = frozenset(list_avatars(self.config.avatar_dir))
-            self._avatars = (now, names)
-        return names | self._worker_avatars.keys()
+            videos = frozenset(list_video_avatars(self.config.avatar_dir))
+            self._avatars = (now, names, videos)
+        return names, videos
+
+    def known_avatars(self) -> frozenset[str]:
+        return self._avatar_folder()[0] | self._worker_avatars.keys()
+
+    def video_avatars(self) -> frozenset[str]:
+        """Avatars prepared from a video (the Wav2Lip family renders them)."""
+        return self._avatar_folder()[1]
 
     def platform(self, name: str) -> platforms.PlatformPolicy:
         return self.config.platforms.get(name, platforms.DEFAULT_POLICY)
@@ -268,7 +277,8 @@ class SessionMachine:
     def _req(self, s: Session) -> RoomReq:
         return RoomReq(s.session_id, s.spec.tenant, s.spec.avatar_id, s.quality,
                        s.spec.drive_mode, s.spec.tier, s.seq,
-                       (s.spec.quality.width, s.spec.quality.height), s.step)
+                       (s.spec.quality.width, s.spec.quality.height), s.step,
+                       s.spec.avatar_id in self.video_avatars())
 
     def _enqueue(self, s: Session) -> None:
         self._pending_since.setdefault(s.session_id, self.clock())

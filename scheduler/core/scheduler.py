@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import NoReturn
 
+from avatarfarm.avatars import no_motion_input
 from avatarfarm.domain import (
     DriveMode,
     InvalidRequest,
@@ -68,6 +69,8 @@ class Scheduler(Enforcement):
         t = self.tenant(spec.tenant)
         if spec.avatar_id not in self.known_avatars():
             raise NotFound(f"avatar {spec.avatar_id!r} is not registered")
+        if spec.drive_mode is DriveMode.MOCAP and spec.avatar_id in self.video_avatars():
+            raise InvalidRequest(no_motion_input(spec.avatar_id))
         other = self.sessions.live_rooms.get((spec.tenant, spec.room_id))
         if other is not None:
             raise AlreadyExists(f"room {spec.room_id!r} already streams as session {other}")
@@ -189,8 +192,9 @@ class Scheduler(Enforcement):
         return a
 
     def avatar_images_changed(self) -> None:
-        """An image was written to avatar_dir: the next look at the folder is fresh."""
-        self._avatars = (-1.0, frozenset())
+        """An image or a video avatar was written to avatar_dir: the next look at the
+        folder is fresh."""
+        self._avatars = (-1.0, frozenset(), frozenset())
 
     def _refuse_likeness(self, spec: SessionSpec, refusal: Refusal, now: float) -> NoReturn:
         self.metrics.licence_refusals.labels(refusal.clause).inc()

@@ -570,7 +570,9 @@ def test_models_are_built_into_the_folder_the_worker_loads(base: Build) -> None:
 def test_the_model_build_gives_a_folder_the_worker_opens(base: Build, tmp_path: Path) -> None:
     spec = pod_template(base.get("Deployment", "avatarfarm-worker"))["spec"]
     args = build_parser().parse_args(container(spec, "build-models")["args"])
-    folder = build_reference(tmp_path / "models", args.preset, force=args.force)
+    folder = build_reference(tmp_path / "models", args.preset, force=args.force,
+                             wav2lip=None if args.wav2lip == "none" else args.wav2lip)
+    assert folder.wav2lip is not None and folder.wav2lip.path.is_file()
     assert ModelFolder.open(folder.root).avatar_ids() == ["presenter"]
 
 

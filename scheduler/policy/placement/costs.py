@@ -38,7 +38,8 @@ def per_item_table(points: Sequence[tuple[int, float]], latency_budget: float = 
 class StageCost:
     """Measured cost of one stage at one size.
 
-    For RENDER the size is the square portrait side (width == height); for ENCODE
+    For RENDER the size is the square portrait side (width == height); for FACE the
+    face model's crop side (its cost does not depend on the frame's size); for ENCODE
     the frame size (host CPU seconds per frame); for AUDIO_TO_MOTION and TTS 0x0
     (TTS seconds are per second of speech). ``seconds`` is the per-item cost at the
     best batch; ``batch`` the per-item cost for n = 1..cap items sharing batches
@@ -79,7 +80,7 @@ class WorkerProfile:
         measured = [c for c in self.costs if c.stage is stage]
         found: tuple[StageCost, float] | None = None
         if measured:
-            if stage in (Stage.TTS, Stage.AUDIO_TO_MOTION, Stage.ALIGNMENT):
+            if stage in (Stage.TTS, Stage.AUDIO_TO_MOTION, Stage.ALIGNMENT, Stage.FACE):
                 found = (min(measured, key=lambda c: c.seconds), 1.0)
             else:
                 pixels = width * height

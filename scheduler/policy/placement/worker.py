@@ -31,6 +31,7 @@ class RoomReq:
     seq: int = 0
     frame: tuple[int, int] = (0, 0)
     step: int = 0
+    face: bool = False  # a video avatar: the face model (Wav2Lip family) draws its frames
 
     @property
     def frame_size(self) -> tuple[int, int]:
@@ -47,10 +48,12 @@ class Demand:
         return Demand(self.compute + other.compute, self.cpu + other.cpu, self.memory + other.memory)
 
 
-# A batch group on a worker: the render queue of one portrait side (the side, > 0)
-# or the audio-to-motion queue (0). Plain ints: these are hot dictionary keys.
+# A batch group on a worker: the render queue of one portrait side (the side, > 0),
+# the audio-to-motion queue (0) or the face model's queue (-1). Plain ints: these are
+# hot dictionary keys.
 GroupKey = int
 _A2M: GroupKey = 0
+_FACE: GroupKey = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +87,7 @@ class WorkerState:
     avatar_rooms: Counter[tuple[str, int]] = field(default_factory=Counter)
     premium: Counter[str] = field(default_factory=Counter)
     _compute: float = 0.0
-    _shapes: dict[tuple[int, int, int, int, int, str], _RoomCosts | None] = field(
+    _shapes: dict[tuple[int, int, int, int, int, str, bool], _RoomCosts | None] = field(
         default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -124,16 +127,25 @@ class WorkerState:
     def _costs(self, room: RoomReq) -> _RoomCosts | None:
         q = room.quality
         w, h = room.frame_size
-        key = (q.width, q.height, q.fps, w, h, room.drive_mode.value)
+        key = (q.width, q.height, q.fps, w, h, room.drive_mode.value, room.face)
         if key in self._shapes:
             return self._shapes[key]
         p = self.profile
         side = q.render_side
         found: _RoomCosts | None = None
-        render = p.cost(Stage.RENDER, side, side)
-        a2m = p.cost(Stage.AUDIO_TO_MOTION) if room.drive_mode.uses_audio_to_motion else None
         enc = p.stage_seconds(Stage.ENCODE, w, h)
         tts = p.stage_seconds(Stage.TTS) if room.drive_mode.uses_tts else 0.0
+        if room.face:
+            # The face model works at its own crop side whatever the frame's size, and is
+            # planned for every frame (a script without pauses); silent frames that skip
+            # it are device time saved, seen in the room's metered cost.
+            face = p.cost(Stage.FACE)
+            if face is not None and enc is not None and tts is not None:
+                found = _RoomCosts(((_FACE, face[0], 1.0),), q.fps * enc + tts)
+            self._shapes[key] = found
+            return found
+        render = p.cost(Stage.RENDER, side, side)
+        a2m = p.cost(Stage.AUDIO_TO_MOTION) if room.drive_mode.uses_audio_to_motion else None
         needs_a2m = room.drive_mode.uses_audio_to_motion
         if render is not None and enc is not None and tts is not None and (a2m or not needs_a2m):
             groups = [(side, render[0], render[1])]

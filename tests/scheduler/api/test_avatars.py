@@ -166,7 +166,7 @@ HOSTILE = [
     ("gif", b"GIF89a\x60\x00\x60\x00" + bytes(400), grpc.StatusCode.INVALID_ARGUMENT, "PNG or JPEG"),
     ("text named .png", b"<html>avatar.png</html>", grpc.StatusCode.INVALID_ARGUMENT, "PNG or JPEG"),
     ("decompression bomb", png_bomb(), grpc.StatusCode.INVALID_ARGUMENT, "50000x50000"),
-    ("empty", b"", grpc.StatusCode.INVALID_ARGUMENT, "reference_image is required"),
+    ("empty", b"", grpc.StatusCode.INVALID_ARGUMENT, "exactly one of reference_image"),
 ]
 
 

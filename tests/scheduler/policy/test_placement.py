@@ -102,6 +102,27 @@ def test_rooms_sharing_a_shape_are_cheaper_together() -> None:
     assert w.compute_load == pytest.approx(before)
 
 
+def test_video_avatar_rooms_cost_the_face_model_at_any_frame_size_and_batch_across_avatars() -> None:
+    face = StageCost.measured(Stage.FACE, 96, 96, [(1, 0.040), (2, 0.044), (4, 0.052), (8, 0.070)])
+    w = make_worker(profile=WorkerProfile((*make_profile().costs, face)), capacity=10.0)
+    room = dataclasses.replace(make_room("a", avatar="anna"), face=True)
+    d = w.demand(room)
+    assert d is not None
+    # The face model's batch-1 cost per frame at 25 fps, the encoder and TTS on top;
+    # not the portrait renderer's (10 ms at 512).
+    enc_tts = 25 * 0.002 + 0.005
+    assert d.compute == pytest.approx(25 * 0.040 + enc_tts)
+    # A smaller frame costs the face model the same (it works at its crop side).
+    small = w.demand(dataclasses.replace(room, quality=Quality(256, 256, 25)))
+    assert small is not None and small.compute > 25 * 0.040
+    # Rooms of other video avatars join its batches: far cheaper together.
+    w.add(room)
+    other = w.demand(dataclasses.replace(make_room("b", avatar="ben"), face=True))
+    assert other is not None and other.compute - enc_tts < 0.2 * 25 * 0.040
+    # A worker without a face model cannot take the room.
+    assert make_worker().demand(room) is None
+
+
 def test_packing_puts_a_room_with_its_batch_group_and_opens_idle_workers_last() -> None:
     prof = make_profile(batch_gain=0.8)
     f = fleet_of(make_worker("a", profile=prof, capacity=4.0),
