@@ -167,7 +167,7 @@ class Pipeline:
             curve = self.engine.curve(near).scaled(side * side / (near.side * near.side))
         else:
             curve = measure_curve(lambda b: self.render_batch_sync(
-                self.avatar_tensor_sync(self.folder.avatar_ids()[0], side), b), (1, 2), 2)
+                self.avatar_tensor_sync(self.folder.portrait_ids()[0], side), b), (1, 2), 2)
         log.info("renderer at side %d served with an estimated curve %s", side, curve.points)
         self.engine.serve(key, self.renderer_model, curve)
 

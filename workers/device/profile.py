@@ -50,7 +50,7 @@ def measure(pipeline: Pipeline, render_sides: list[int], encode_sizes: list[tupl
             avatar_id: str | None = None) -> list[LatencyProfile]:
     """Measures every model at batch sizes 1..max_batch (and the encoder per frame size),
     serves the curves to the pipeline's batcher and returns them for the scheduler."""
-    avatar_id = avatar_id or (pipeline.folder.avatar_ids() or [DEFAULT_AVATAR])[0]
+    avatar_id = avatar_id or (pipeline.folder.portrait_ids() or [DEFAULT_AVATAR])[0]
     sizes = batch_sizes(max_batch)
     rng = np.random.default_rng(0)
     out: list[LatencyProfile] = []

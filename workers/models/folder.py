@@ -30,7 +30,13 @@ from pathlib import Path
 
 import onnx
 
-from avatarfarm.avatars import AVATAR_SUFFIXES, bundle_of, is_file_name, list_avatars
+from avatarfarm.avatars import (
+    AVATAR_SUFFIXES,
+    bundle_of,
+    is_file_name,
+    list_avatars,
+    list_video_avatars,
+)
 from workers.device.binding import WAV2LIP_LAYOUT, FaceLayout
 from workers.device.onnx import ModelInterface, TensorSpec
 from workers.media.audio import HOP, MEL_WINDOW, N_MELS, SAMPLE_RATE
@@ -104,6 +110,11 @@ class ModelFolder:
 
     def avatar_ids(self) -> list[str]:
         return list_avatars(self.root / "avatars")
+
+    def portrait_ids(self) -> list[str]:
+        """The avatars the reference renderer draws (video avatars left out)."""
+        videos = set(list_video_avatars(self.avatar_dir))
+        return [a for a in self.avatar_ids() if a not in videos]
 
     @property
     def avatar_dir(self) -> Path:

@@ -129,3 +129,18 @@ def test_a_live_voice_drives_a_video_avatar(video_pipeline: tuple[Pipeline, Bund
     assert room.stats.frames_rendered == 75 and probe(tmp_path / "v.mp4").frames == 75
     speech_frames = round(voice.size / 16_000 * 25)
     assert 0.5 * speech_frames < room.stats.batched_items <= speech_frames + 6
+
+
+def test_the_start_up_profile_measures_the_face_model_beside_a_video_avatar(
+        video_pipeline: tuple[Pipeline, Bundle]) -> None:
+    from avatarfarm.domain import Stage
+    from workers.device.profile import measure
+
+    pipeline, _ = video_pipeline
+    # "astronaut" sorts before "presenter": the renderer is still measured on a portrait.
+    assert pipeline.folder.avatar_ids() == [AVATAR, "presenter"]
+    profiles = measure(pipeline, [64], [], iterations=1, max_batch=2)
+    face = [p for p in profiles if p.stage is Stage.FACE]
+    assert len(face) == 1 and (face[0].width, face[0].model) == (96, pipeline.face_key.model)
+    assert [b for b, _ in face[0].latencies] == [1, 2]
+    assert any(p.stage is Stage.RENDER and p.width == 64 for p in profiles)
