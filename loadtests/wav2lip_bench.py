@@ -1,12 +1,12 @@
 """Wav2Lip family: what one frame costs, device and host, measured in one run.
 
-The family's full room path (bundle playback, batcher, paste-back inside rooms) is not
-wired in yet; this measures its parts on a prepared bundle made from a real
-photograph:
+Its parts, measured on a prepared bundle made from a real photograph (rooms on video
+avatars, per-room against batched, are measured by ``worker_bench.py --family wav2lip``):
   - the model (the project's Wav2Lip-signature graph at a preset's cost) per frame at
     batch 1..8, so per-room against batched inference is a ratio from one run;
-  - the host path per frame at the output size: crop, masked copy, feeds, paste-back
-    (beyond encoding, the host work a GPU worker does per frame);
+  - the host path per frame at the output size, as a room runs it: feeds (masked copy,
+    layout), the output read back, the face pasted into its base frame and fitted to
+    the canvas (beyond encoding, the host work a GPU worker does per frame);
   - device time a script with normal pauses saves by skipping silent mel windows.
 
     python loadtests/wav2lip_bench.py                    # S=96, ~3.9 GMAC/frame, CPU
@@ -31,13 +31,14 @@ from skimage import data  # noqa: E402
 
 from avatarfarm.preparation.bundle import VideoLimits, prepare  # noqa: E402
 from avatarfarm.preparation.faces import TrackPolicy  # noqa: E402
-from tests.media import encode_clip, head_motion  # noqa: E402
+from avatarfarm.preparation.sample import encode_clip, head_motion  # noqa: E402
 from workers.device.binding import bind_lipsync, make_feeds, read_output  # noqa: E402
+from workers.device.pipeline import fit_canvas  # noqa: E402
 from workers.device.timing import median_seconds  # noqa: E402
-from workers.media.face_paste import face_pixels, paste  # noqa: E402
 from workers.media.tts import EspeakTTS  # noqa: E402
 from workers.media.wav2lip_audio import is_silent, mel_windows, melspectrogram, n_video_frames  # noqa: E402
 from workers.models.wav2lip import WAV2LIP_PRESETS, build_wav2lip, conv_gmac_per_frame  # noqa: E402
+from workers.rooms.wav2lip_frames import FaceAvatar, FaceFrame  # noqa: E402
 
 SCRIPT = ("Welcome back to the live room. Today we have three new offers for you. "
           "First, the running shoes, now twenty percent off. Second, the rain jacket. "
@@ -69,9 +70,8 @@ def main() -> int:
         frames, _ = head_motion(data.astronaut(), 25)
         bundle = prepare(encode_clip(frames), Path(tmp), (args.side,),
                          limits=VideoLimits(min_seconds=1.0), policy=TrackPolicy(min_side=64))
-        crops = np.ascontiguousarray(bundle.crops(args.side))
-        base = bundle.frames()
-        boxes = bundle.boxes
+        avatar = FaceAvatar(bundle, args.side)
+        crops = avatar.crops
 
     speech = EspeakTTS().synthesize(SCRIPT)
     windows = mel_windows(melspectrogram(speech), args.fps, n_video_frames(speech.size, args.fps))
@@ -90,16 +90,18 @@ def main() -> int:
           f"device-second; rooms at {args.fps} fps per device: {1 / (per_frame[1] * args.fps):.2f} "
           f"per-room, {1 / (per_frame[best] * args.fps):.2f} batched")
 
-    print(f"\nhost path per frame at {base[0].shape[1]}x{base[0].shape[0]} (median of 200):")
+    w, h = avatar.width, avatar.height
+    print(f"\nhost path per frame at {w}x{h} (median of 200):")
     raw = session.run(None, make_feeds(binding, windows[:1], crops[:1]))[0]
-    face = face_pixels(read_output(binding, raw))[0]
-    bgr = [np.ascontiguousarray(f[:, :, ::-1]) for f in base]
+    frame = FaceFrame(0, read_output(binding, raw)[0])
     t_feeds = median_seconds(lambda: make_feeds(binding, windows[:1], crops[:1]), 200)
-    t_out = median_seconds(lambda: face_pixels(read_output(binding, raw)), 200)
-    t_paste = median_seconds(lambda: paste(bgr[0], boxes[0], face), 200)
-    print(f"  feeds (masked copy, layout) {t_feeds * 1000:.3f} ms, output to pixels "
-          f"{t_out * 1000:.3f} ms, paste-back {t_paste * 1000:.3f} ms; "
-          f"total {(t_feeds + t_out + t_paste) * 1000:.3f} ms (the crops come from the bundle)")
+    t_out = median_seconds(lambda: read_output(binding, raw), 200)
+    t_paste = median_seconds(lambda: avatar.compose(frame), 200)
+    composed = avatar.compose(frame)
+    t_fit = median_seconds(lambda: fit_canvas(composed, w, h), 200)
+    print(f"  feeds (masked copy, layout) {t_feeds * 1000:.3f} ms, output read back "
+          f"{t_out * 1000:.3f} ms, paste-back {t_paste * 1000:.3f} ms, canvas {t_fit * 1000:.3f} ms; "
+          f"total {(t_feeds + t_out + t_paste + t_fit) * 1000:.3f} ms (the crops come from the bundle)")
 
     silent = is_silent(windows)[:, 0]
     saved = silent.mean()

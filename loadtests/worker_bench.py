@@ -13,6 +13,13 @@ throughput there against the limit, and its late rate at 80% of capacity.
     python loadtests/worker_bench.py --size 512x512 --rooms 1,2,3
     python loadtests/worker_bench.py --provider cuda --preset standard --size 512x512 \\
         --rooms 4,8,16,24,32,48 --max-batch 32             # a GPU with onnxruntime-gpu
+
+With ``--family wav2lip`` the rooms are on a video avatar (the sample clip of a real
+person, prepared here) and the face model (``--wav2lip wav2lip_96`` or ``wav2lip_256``)
+takes the renderer's place; silent windows skip it, so the model's share of frames
+is printed too.
+
+    python loadtests/worker_bench.py --family wav2lip --size 512x512 --rooms 1,2,3
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from avatarfarm.avatars import BUNDLES, write_bundle_pointer
 from avatarfarm.domain import (
     DriveMode,
     Output,
@@ -36,19 +44,23 @@ from avatarfarm.domain import (
     SessionSpec,
     Tier,
 )
+from avatarfarm.preparation.bundle import prepare
+from avatarfarm.preparation.sample import astronaut_clip
 from workers.device.batching import BatchPolicy
 from workers.device.onnx import ProviderChoice, auto_intra_op_threads
 from workers.device.pipeline import Pipeline
 from workers.device.profile import measure
-from workers.device.timing import batch_sizes, measure_curve
+from workers.device.timing import batch_sizes, measure_curve, run_batch_of
 from workers.models.folder import build_reference
 from workers.models.reference import RENDERER_PRESETS
+from workers.models.wav2lip import WAV2LIP_PRESETS
 from workers.output.encode import EncoderSettings, OutputTarget
 from workers.rooms.room import Pacing, Room, RoomState
 
 SCRIPT = (ScriptSegment("Welcome back everyone, the flash sale starts in one minute, so get ready.", 0.5),
           ScriptSegment("These headphones have forty hours of battery and fold into your pocket.", 0.5))
 LATE_GOAL = 0.001
+VIDEO_AVATAR = "astronaut"
 
 
 @dataclass
@@ -59,6 +71,7 @@ class Load:
     late: int
     batches: collections.Counter[int] = field(default_factory=collections.Counter)
     stage: dict[str, float] = field(default_factory=dict)  # seconds per frame
+    model_frames: int = 0  # frames the render/face model ran for (silent ones skip it)
 
     @property
     def rendered_fps(self) -> float:
@@ -70,12 +83,12 @@ class Load:
 
 
 async def run_load(pipeline: Pipeline, n: int, quality: Quality, seconds: float, out: Path,
-                   encoder: EncoderSettings, label: str) -> Load:
-    key = pipeline.render_key(quality.render_side)
+                   encoder: EncoderSettings, label: str, avatar: str = "presenter") -> Load:
+    key = pipeline.face_key if avatar == VIDEO_AVATAR else pipeline.render_key(quality.render_side)
     before = pipeline.engine.stats().get(key)
     rooms = []
     for i in range(n):
-        spec = SessionSpec("bench", f"room-{i}", "presenter", DriveMode.TEXT, quality, Tier.STANDARD,
+        spec = SessionSpec("bench", f"room-{i}", avatar, DriveMode.TEXT, quality, Tier.STANDARD,
                            Output(OutputKind.FILE, f"{label}/n{n}/room-{i}.mp4"), seconds, SCRIPT)
         target = OutputTarget.resolve(OutputKind.FILE, spec.output.target, out)
         rooms.append(Room(f"s{i}", spec, target, pipeline, pacing=Pacing.REALTIME,
@@ -96,7 +109,8 @@ async def run_load(pipeline: Pipeline, n: int, quality: Quality, seconds: float,
     late = sum(r.stats.late_frames for r in rooms)
     stage = {s: sum(r.stats.stage_seconds[s] for r in rooms) / max(frames, 1)
              for s in ("audio_to_motion", "render", "encode", "tts")}
-    return Load(n, wall, frames, late, batches, stage)
+    model_frames = sum(r.stats.batched_items for r in rooms)
+    return Load(n, wall, frames, late, batches, stage, model_frames)
 
 
 def histogram(c: collections.Counter[int]) -> str:
@@ -107,7 +121,8 @@ def print_load(mode: str, load: Load) -> None:
     st = load.stage
     print(f"{mode:9s} {load.rooms:5d} {load.rendered_fps:8.1f} {100 * load.late_rate:7.2f}% "
           f"{st['render'] * 1000:8.2f} {st['audio_to_motion'] * 1000:6.2f} "
-          f"{st['encode'] * 1000:7.2f}  {histogram(load.batches)}", flush=True)
+          f"{st['encode'] * 1000:7.2f} {100 * load.model_frames / max(load.frames, 1):6.0f}%  "
+          f"{histogram(load.batches)}", flush=True)
 
 
 def sustained(loads: list[Load]) -> Load | None:
@@ -129,6 +144,10 @@ async def main() -> None:
     ap.add_argument("--batch-wait", type=float, default=0.02)
     ap.add_argument("--encoder-preset", default="veryfast")
     ap.add_argument("--modes", default="per-room,batched", help="which modes to run")
+    ap.add_argument("--family", default="reference", choices=["reference", "wav2lip"],
+                    help="reference: the portrait renderer; wav2lip: a video avatar, face model")
+    ap.add_argument("--wav2lip", default="wav2lip_96", choices=sorted(WAV2LIP_PRESETS),
+                    help="cost preset of the Wav2Lip-signature model (--family wav2lip)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     w, _, h = args.size.partition("x")
@@ -137,7 +156,15 @@ async def main() -> None:
     encoder = EncoderSettings(preset=args.encoder_preset)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        folder = build_reference(root / "models", args.preset)
+        folder = build_reference(root / "models", args.preset, wav2lip=args.wav2lip)
+        video = args.family == "wav2lip"
+        avatar = "presenter"
+        if video:
+            assert folder.wav2lip is not None
+            side = 256 if args.wav2lip == "wav2lip_256" else 96
+            bundle = prepare(astronaut_clip(), folder.avatar_dir / BUNDLES, (side,))
+            write_bundle_pointer(folder.avatar_dir, VIDEO_AVATAR, bundle.manifest.bundle_id)
+            avatar = VIDEO_AVATAR
         provider = ProviderChoice(args.provider)
         threads = args.threads or auto_intra_op_threads()
         pipelines = {
@@ -149,26 +176,34 @@ async def main() -> None:
         for name, p in pipelines.items():
             measure(p, [side], [], iterations=5, max_batch=1 if name == "per-room" else args.max_batch)
         p = pipelines["batched"]
-        avatar = p.avatar_tensor_sync("presenter", side)
-        alone = measure_curve(lambda b: p.render_batch_sync(avatar, b), batch_sizes(args.max_batch), 10)
+        if video:
+            face = p.face_model
+            assert face is not None
+            alone = measure_curve(lambda b: run_batch_of(face, face.example_item(), b),
+                                  batch_sizes(args.max_batch), 5)
+            what = f"face model {face.name} at S={face.side}"
+        else:
+            portrait = p.avatar_tensor_sync("presenter", side)
+            alone = measure_curve(lambda b: p.render_batch_sync(portrait, b), batch_sizes(args.max_batch), 10)
+            gmac = RENDERER_PRESETS[args.preset].gmac_per_frame(side)
+            what = f"renderer {args.preset} {gmac:.2f} GMAC/frame at {side}x{side}"
         best_b, best_fps = alone.throughput(latency_bound=0.2)
         capacity_rooms = best_fps / quality.fps
-        gmac = RENDERER_PRESETS[args.preset].gmac_per_frame(side)
         print(f"device: {p.provider} ({os.cpu_count()} cores, {threads} inference threads); "
-              f"renderer {args.preset} {gmac:.2f} GMAC/frame at {side}x{side}; rooms {quality}")
-        print("renderer alone: " + ", ".join(f"b{b} {s * 1000:.1f} ms ({b / s:.0f}/s)"
-                                             for b, s in alone.points))
+              f"{what}; rooms {quality}")
+        print("model alone: " + ", ".join(f"b{b} {s * 1000:.1f} ms ({b / s:.0f}/s)"
+                                          for b, s in alone.points))
         print(f"best batched throughput alone: {best_fps:.1f} frames/s at batch {best_b} "
               f"= {capacity_rooms:.2f} rooms at {quality.fps} fps (capacity)")
         print(f"\n{'mode':9s} {'rooms':>5s} {'frames/s':>8s} {'late':>8s} {'render':>8s} {'a2m':>6s} "
-              f"{'encode':>7s}  render batch sizes (size:calls)")
-        print(f"{'':9s} {'':5s} {'':8s} {'':8s} {'ms/frame device':>15s} {'cpu ms':>8s}")
+              f"{'encode':>7s} {'model':>7s}  model batch sizes (size:calls)")
+        print(f"{'':9s} {'':5s} {'':8s} {'':8s} {'ms/frame device':>15s} {'cpu ms':>8s} {'frames':>7s}")
         results: dict[str, list[Load]] = {}
         for mode in args.modes.split(","):
             results[mode] = []
             for n in counts:
                 load = await run_load(pipelines[mode], n, quality, args.seconds, root / "out",
-                                      encoder, mode)
+                                      encoder, mode, avatar)
                 results[mode].append(load)
                 print_load(mode, load)
         for pl in pipelines.values():
@@ -179,9 +214,10 @@ async def main() -> None:
         if ld is None:
             print(f"{mode}: no load sustained with <= {LATE_GOAL:.1%} late frames")
         else:
+            model_fps = ld.model_frames / ld.wall
             print(f"{mode}: sustains {ld.rooms} rooms ({ld.rendered_fps:.1f} frames/s, "
-                  f"{ld.late_rate:.2%} late) = {ld.rendered_fps / best_fps:.0%} of the best "
-                  f"batched throughput alone")
+                  f"{ld.late_rate:.2%} late; the model ran {model_fps:.1f} frames/s) = "
+                  f"{model_fps / best_fps:.0%} of the model's best batched throughput alone")
     base, batched = best.get("per-room"), best.get("batched")
     if base is not None and batched is not None:
         print(f"batched / per-room rooms at <= {LATE_GOAL:.1%} late: "

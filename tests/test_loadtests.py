@@ -85,3 +85,17 @@ def test_the_wav2lip_benchmark_runs_on_a_prepared_real_photograph() -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     assert "batched (b=" in out.stdout and "paste-back" in out.stdout
     assert "skip the model" in out.stdout
+
+
+@pytest.mark.slow
+def test_the_worker_benchmark_runs_rooms_on_a_video_avatar() -> None:
+    out = subprocess.run(
+        [sys.executable, "loadtests/worker_bench.py", "--family", "wav2lip", "--wav2lip", "tiny",
+         "--size", "256x256", "--rooms", "1", "--seconds", "2", "--modes", "batched"],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "face model wav2lip-tiny at S=96" in out.stdout
+    # mode, rooms, frames/s, late, render, a2m, encode, model frames, batch sizes
+    load = next(line for line in out.stdout.splitlines() if line.startswith("batched ")).split()
+    # The face model ran for the speaking frames of the room, and only for them.
+    assert load[1] == "1" and 0 < float(load[7].rstrip("%")) < 100
