@@ -54,6 +54,8 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _prepare_avatar(args: argparse.Namespace) -> int:
+    from avatarfarm.avatars import BUNDLES, write_bundle_pointer
+    from avatarfarm.domain import InvalidRequest, validate_id
     from avatarfarm.preparation.bundle import prepare
     from avatarfarm.preparation.faces import PreparationError
 
@@ -67,13 +69,34 @@ def _prepare_avatar(args: argparse.Namespace) -> int:
             print(f"  {stage:<7} {pct:3d}%", flush=True)
 
     try:
-        bundle = prepare(args.video.read_bytes(), args.out, sides, progress=progress)
-    except PreparationError as e:
+        if args.avatar_id:
+            validate_id("avatar_id", args.avatar_id)
+        bundle = prepare(args.video.read_bytes(), args.avatar_dir / BUNDLES, sides, progress=progress)
+    except (PreparationError, InvalidRequest) as e:
         print(f"avatarfarm prepare-avatar: {e}", file=sys.stderr)
         return 2
     m = bundle.manifest
     print(f"bundle {m.bundle_id} in {bundle.root}: {m.frames} frames at {m.fps:g} fps, "
           f"{m.width}x{m.height}, face found in {m.faces_found}, crops at {list(m.sides)} px")
+    if args.avatar_id:
+        path = write_bundle_pointer(args.avatar_dir, args.avatar_id, m.bundle_id)
+        print(f"video avatar {args.avatar_id} ({path}): rooms may use it as their avatar_id")
+    return 0
+
+
+def _make_batch_dynamic(args: argparse.Namespace) -> int:
+    import onnx
+
+    from workers.device.binding import BatchRewriteError, make_batch_dynamic
+
+    try:
+        rewritten = make_batch_dynamic(onnx.load(str(args.model)))
+    except (BatchRewriteError, onnx.checker.ValidationError, OSError) as e:
+        print(f"avatarfarm make-batch-dynamic: {args.model}: {e}", file=sys.stderr)
+        return 2
+    onnx.save(rewritten, str(args.out))
+    print(f"{args.out}: the batch axis is dynamic (checked at batch 3 against the original item "
+          f"by item); rooms batch it across rooms")
     return 0
 
 
@@ -252,12 +275,27 @@ def build_parser() -> argparse.ArgumentParser:
                     "crops at each lip-sync model's side, the clip) under --out. Preparing the "
                     "same clip again finds the bundle and does nothing.")
     pa.add_argument("--video", type=Path, required=True, help="the base video file")
-    pa.add_argument("--out", type=Path, default=Path("var/bundles"),
-                    help="folder the bundle is written under (default var/bundles)")
-    pa.add_argument("--sides", default="96",
-                    help="comma-separated crop sides of the lip-sync models (default 96; "
-                         "256 or 384 for the larger Wav2Lip variants)")
+    pa.add_argument("--avatar-dir", type=Path, default=Path("var/models/avatars"),
+                    help="the avatar folder (default var/models/avatars); the bundle is written "
+                         "under its bundles/, where RegisterAvatar with the same clip finds it")
+    pa.add_argument("--avatar-id", default="",
+                    help="also make this id a local video avatar (no licence on record: like a "
+                         "portrait dropped into the folder)")
+    pa.add_argument("--sides", default="96,256",
+                    help="comma-separated crop sides of the lip-sync models (default 96,256, as "
+                         "the scheduler's avatar_crop_sides; 384 for the largest Wav2Lip variant)")
     pa.set_defaults(func=_prepare_avatar)
+
+    mb = sub.add_parser(
+        "make-batch-dynamic", help="rewrite an ONNX export's batch axis fixed at 1 to dynamic",
+        description="Many Wav2Lip exports fix the batch axis at 1: they load and run item by "
+                    "item. Where the graph allows, this writes a copy whose batch axis is "
+                    "dynamic, checked by running it at batch 3 against the original item by "
+                    "item, so the worker batches it across rooms. A graph that hard-codes the "
+                    "batch is refused, naming the node.")
+    mb.add_argument("--model", type=Path, required=True, help="the ONNX export")
+    mb.add_argument("--out", type=Path, required=True, help="where to write the rewritten model")
+    mb.set_defaults(func=_make_batch_dynamic)
 
     b = sub.add_parser("build-models", help="write the reference ONNX models and default avatar",
                        description="Builds the project's reference audio-to-motion and renderer "

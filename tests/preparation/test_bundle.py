@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from skimage import data
 
+from avatarfarm.avatars import bundle_of, list_video_avatars
 from avatarfarm.preparation.bundle import Bundle, VideoLimits, bundle_id, decode_video, prepare
 from avatarfarm.preparation.faces import PreparationError, TrackPolicy
 from tests.media import encode_clip, head_motion
@@ -87,14 +88,17 @@ def test_the_command_line_prepares_and_refuses(clip: bytes, tmp_path: Path,
 
     video = tmp_path / "anna.mp4"
     video.write_bytes(clip)
+    avatars = tmp_path / "avatars"
     # The real limits want 5 s: a 1.2 s clip is refused by name, nothing written.
-    assert main(["prepare-avatar", "--video", str(video), "--out", str(tmp_path / "b")]) == 2
-    assert "at least 5 s" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    assert main(["prepare-avatar", "--video", str(video), "--avatar-dir", str(avatars)]) == 2
+    assert "at least 5 s" in capsys.readouterr().err and not avatars.exists()
     long = tmp_path / "long.mp4"
     frames, _ = head_motion(data.astronaut(), 130)
     long.write_bytes(encode_clip(frames))
-    assert main(["prepare-avatar", "--video", str(long), "--out", str(tmp_path / "b"),
-                 "--sides", "96"]) == 0
+    assert main(["prepare-avatar", "--video", str(long), "--avatar-dir", str(avatars),
+                 "--sides", "96", "--avatar-id", "anna"]) == 0
     out = capsys.readouterr().out
     assert "faces   100%" in out and "130 frames at 25 fps, 512x512" in out
-    assert len(list((tmp_path / "b").iterdir())) == 1
+    (bundle,) = (avatars / "bundles").iterdir()
+    # A local video avatar, as the workers and the scheduler read the folder.
+    assert bundle_of(avatars, "anna") == bundle and list_video_avatars(avatars) == ["anna"]

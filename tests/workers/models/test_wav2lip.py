@@ -5,6 +5,7 @@ axis; a fixed batch axis is rewritten to a dynamic one only where the graph allo
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -328,6 +329,20 @@ def test_make_batch_dynamic_runs_a_fixed_export_at_batch_3(names: IoNames) -> No
     # Dynamic already: returned as is.
     dyn = make_model(names=names)
     assert make_batch_dynamic(dyn).SerializeToString() == dyn.SerializeToString()
+
+
+def test_one_command_rewrites_a_fixed_export_or_says_why_not(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from farm.cli import main
+
+    onnx.save(make_model(dynamic_batch=False), str(tmp_path / "fixed.onnx"))
+    assert main(["make-batch-dynamic", "--model", str(tmp_path / "fixed.onnx"),
+                 "--out", str(tmp_path / "dynamic.onnx")]) == 0
+    assert LipSyncRunner(session(onnx.load(str(tmp_path / "dynamic.onnx")))).binding.batch is None
+    onnx.save(_reshaping_model(shape_from_graph=False), str(tmp_path / "hard.onnx"))
+    assert main(["make-batch-dynamic", "--model", str(tmp_path / "hard.onnx"),
+                 "--out", str(tmp_path / "no.onnx")]) == 2
+    assert "'flatten' (Reshape)" in capsys.readouterr().err and not (tmp_path / "no.onnx").exists()
 
 
 def _reshaping_model(shape_from_graph: bool) -> onnx.ModelProto:
