@@ -4,9 +4,11 @@ bundle that workers load and keep warm.
 `prepare` decodes the clip within limits checked before and while decoding (bytes,
 frame size, duration; an undecodable or hostile file is refused), finds and tracks the
 face (`faces.track_faces`), and stores per frame what the lip-sync families need: the
-smoothed face box to paste back into, and the face crop at each family's side (BGR,
-as the models take it). The clip itself is kept as uploaded: decoding it again gives
-the same frames. The bundle's id is the SHA-256 of the clip and of everything that
+smoothed face box to paste back into, the face crop at each family's side (BGR,
+as the models take it), and the decoded frames themselves (RGB, `frames.npy`), which
+workers map into memory rather than decode: the operating system shares them between
+worker processes and keeps in memory only what rooms read. The clip is kept as
+uploaded beside them. The bundle's id is the SHA-256 of the clip and of everything that
 shapes the result (this module's version, the sides), so preparing the same clip
 twice finds the first bundle and does nothing; a bundle is written into a temporary
 folder and renamed into place whole, so a failed or interrupted preparation leaves
@@ -37,7 +39,7 @@ from avatarfarm.preparation.faces import (
     track_faces,
 )
 
-VERSION = 1  # bump when what a bundle holds or how it is made changes
+VERSION = 2  # bump when what a bundle holds or how it is made changes
 Progress = Callable[[str, float], None]  # (stage, fraction done)
 
 
@@ -76,11 +78,10 @@ class Bundle:
                            f"(it has {list(self.manifest.sides)})")
         return np.load(self.root / f"crops_{side}.npy", mmap_mode="r")
 
-    def frames(self) -> list[np.ndarray]:
-        """The base video's frames, RGB uint8, decoded again from the stored clip."""
-        data = (self.root / "base.video").read_bytes()
-        frames, _ = decode_video(data, VideoLimits(min_seconds=0.0, max_bytes=len(data)))
-        return frames
+    def frames(self) -> np.ndarray:
+        """The base video's frames, uint8 [frames, height, width, 3] RGB (memory-mapped,
+        read-only)."""
+        return np.load(self.root / "frames.npy", mmap_mode="r")
 
     @classmethod
     def open(cls, root: Path) -> Bundle:
@@ -171,6 +172,12 @@ def prepare(data: bytes, bundles: Path, sides: Sequence[int] = (96,), *,
             crops = np.stack([_crop_bgr(f, b, side) for f, b in zip(frames, track.boxes, strict=True)])
             np.save(tmp / f"crops_{side}.npy", crops)
             say("crops", (n + 1) / len(sides))
+        stored = np.lib.format.open_memmap(tmp / "frames.npy", mode="w+", dtype=np.uint8,
+                                           shape=(len(frames), height, width, 3))
+        for i, f in enumerate(frames):
+            stored[i] = f
+        stored.flush()
+        del stored
         (tmp / "base.video").write_bytes(data)
         (tmp / "boxes.json").write_text(json.dumps([[b.x, b.y, b.w, b.h] for b in track.boxes]))
         manifest = Manifest(bid, VERSION, fps, len(frames), width, height, sides, track.found)

@@ -239,8 +239,9 @@ class Pipeline:
             cached = (bundle, FaceAvatar(bundle, side))
             with self._avatars_lock:
                 self._faces[avatar_id] = cached
-            log.info("video avatar %s loaded: bundle %s, %d frames, %.0f MiB", avatar_id,
-                     bundle.manifest.bundle_id[:12], len(cached[1]), cached[1].nbytes / 2**20)
+            log.info("video avatar %s loaded: bundle %s, %d frames (mapped), crops %.1f MiB",
+                     avatar_id, bundle.manifest.bundle_id[:12], len(cached[1]),
+                     cached[1].nbytes / 2**20)
         return cached[1]
 
     def redraw_sync(self, mel: np.ndarray, face: np.ndarray) -> Timed:

@@ -41,8 +41,9 @@ class FaceFrame:
 
 
 class FaceAvatar:
-    """A prepared bundle at one crop side, in memory: base frames (RGB), crops (BGR, as
-    the model takes them) and the boxes to paste back into."""
+    """A prepared bundle at one crop side: base frames (RGB, memory-mapped from the
+    bundle), crops (BGR, as the model takes them, in memory) and the boxes to paste
+    back into."""
 
     def __init__(self, bundle: Bundle, side: int) -> None:
         self.bundle_id = bundle.manifest.bundle_id
@@ -57,7 +58,8 @@ class FaceAvatar:
 
     @property
     def nbytes(self) -> int:
-        return int(self.crops.nbytes + sum(f.nbytes for f in self.frames))
+        """Bytes held in memory (the crops); the frames are mapped from the bundle."""
+        return int(self.crops.nbytes)
 
     def index(self, n: int) -> int:
         """The base frame of output frame n."""
@@ -67,7 +69,7 @@ class FaceAvatar:
         """The output frame, RGB uint8 at the clip's size: the base frame, with the face
         pasted back where the model redrew it. A new array where a face is pasted; the
         base frame itself (never to be written to) where none is."""
-        base = self.frames[f.index]
+        base = np.asarray(self.frames[f.index])
         if f.face is None:
             return base
         rgb = face_pixels(f.face[None])[0][:, :, ::-1]
