@@ -37,11 +37,13 @@ def _run_server(process: str, serve: Coroutine[Any, Any, None],
 
 
 def _scheduler(args: argparse.Namespace) -> int:
+    from avatarfarm.preparation.faces import PreparationError
     from scheduler.config import SchedulerConfig
     from scheduler.server import serve
 
     conf = cfg.load(SchedulerConfig, args=args, env_prefix="AVATARFARM_SCHEDULER_")
-    return _run_server("scheduler", serve(conf))
+    # A face detector that does not load is a start-up error the user can fix.
+    return _run_server("scheduler", serve(conf), (PreparationError,))
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -57,7 +59,7 @@ def _prepare_avatar(args: argparse.Namespace) -> int:
     from avatarfarm.avatars import BUNDLES, write_bundle_pointer
     from avatarfarm.domain import InvalidRequest, validate_id
     from avatarfarm.preparation.bundle import prepare
-    from avatarfarm.preparation.faces import PreparationError
+    from avatarfarm.preparation.faces import PreparationError, load_detector
 
     sides = [int(s) for s in args.sides.split(",") if s.strip()]
     last: dict[str, int] = {}
@@ -71,7 +73,8 @@ def _prepare_avatar(args: argparse.Namespace) -> int:
     try:
         if args.avatar_id:
             validate_id("avatar_id", args.avatar_id)
-        bundle = prepare(args.video.read_bytes(), args.avatar_dir / BUNDLES, sides, progress=progress)
+        bundle = prepare(args.video.read_bytes(), args.avatar_dir / BUNDLES, sides,
+                         detector=load_detector(args.detector), progress=progress)
     except (PreparationError, InvalidRequest) as e:
         print(f"avatarfarm prepare-avatar: {e}", file=sys.stderr)
         return 2
@@ -281,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--avatar-id", default="",
                     help="also make this id a local video avatar (no licence on record: like a "
                          "portrait dropped into the folder)")
+    pa.add_argument("--detector", type=Path, default=None,
+                    help="your own ONNX face detector (input [1, 3, H, W], outputs scores "
+                         "[1, N, 2] and boxes [1, N, 4]); default: OpenCV's bundled cascade")
     pa.add_argument("--sides", default="96,256",
                     help="comma-separated crop sides of the lip-sync models (default 96,256, as "
                          "the scheduler's avatar_crop_sides; 384 for the largest Wav2Lip variant)")

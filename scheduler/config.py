@@ -41,6 +41,10 @@ class SchedulerConfig:
         [96, 256], "face crop sides a video avatar is prepared at: the crop sides of the "
                    "workers' Wav2Lip-family models (96 for Wav2Lip, 256 or 384 for the larger "
                    "community variants)")
+    face_detector: str = field(
+        "", "ONNX face detector that prepares video avatars (one input [1, 3, H, W], outputs "
+            "scores [1, N, 2] and boxes [1, N, 4], as UltraFace exports); empty: OpenCV's "
+            "bundled cascade")
     device_prices: dict[str, float] = field(
         {"cpu": 0.10, "l4": 0.80, "h100": 4.00, "h200": 5.00},
         "price per device-hour by device type, in your currency")

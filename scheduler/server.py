@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import grpc
 
 from avatarfarm import tls
+from avatarfarm.preparation.faces import load_detector
 from avatarfarm.serving import GrpcServer, MetricsEndpoint, Service, server_options
 from avatarfarm.v1 import avatars_pb2, sessions_pb2, workers_pb2
 from scheduler.api import auth
@@ -121,13 +122,14 @@ def check_exposure(config: SchedulerConfig, authenticated: bool) -> None:
 
 
 async def start(config: SchedulerConfig) -> RunningScheduler:
-    # Credentials, TLS files and the exposure check first: a mistake there fails
-    # before anything is opened.
+    # Credentials, TLS files, the exposure check and the face detector first: a mistake
+    # there fails before anything is opened.
     authn = authenticator(config)
     check_exposure(config, authn.enabled)
     credentials = tls.server_credentials(config.tls_cert_file, config.tls_key_file,
                                          config.tls_client_ca_file)
     limiter = RateLimiter(rate_of(config), time.monotonic)
+    detector = load_detector(config.face_detector)  # prepares video avatars
     if authn.enabled and credentials is None and not is_loopback(config.listen):
         log.warning("credentials cross the network in clear text: configure tls_cert_file and "
                     "tls_key_file unless a proxy in front terminates TLS")
@@ -145,7 +147,7 @@ async def start(config: SchedulerConfig) -> RunningScheduler:
         Service(sessions_pb2.DESCRIPTOR.services_by_name["SessionService"], SessionService(core), gate),
         Service(workers_pb2.DESCRIPTOR.services_by_name["WorkerService"], WorkerService(core), gate,
                 check=gate.check),
-        Service(avatars_pb2.DESCRIPTOR.services_by_name["AvatarService"], AvatarService(core), gate),
+        Service(avatars_pb2.DESCRIPTOR.services_by_name["AvatarService"], AvatarService(core, detector), gate),
     ]
     try:
         grpc_server = await GrpcServer.start(config.listen, credentials, services,

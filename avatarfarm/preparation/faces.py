@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -89,6 +90,58 @@ class HaarFaceDetector:
         boxes = [Box(round(x / scale), round(y / scale), round(fw / scale), round(fh / scale))
                  for x, y, fw, fh in found]
         return sorted(boxes, key=lambda b: -b.area)
+
+
+class OnnxFaceDetector:
+    """A user's own face detector in ONNX, of the signature the light single-shot
+    detectors publish (UltraFace's RFB-320 and slim exports, and detectors exported
+    the same way): one input ``float32 [1, 3, H, W]`` (RGB, ``(pixel - 127) / 128``,
+    H and W fixed in the model) and two outputs found by shape, ``scores [1, N, 2]``
+    (background, face) and ``boxes [1, N, 4]`` (left, top, right, bottom as fractions
+    of the frame). Boxes above ``threshold`` go through non-maximum suppression."""
+
+    def __init__(self, path: str | Path, *, threshold: float = 0.7, nms_iou: float = 0.3) -> None:
+        import onnxruntime as ort
+
+        try:
+            self._session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own untyped errors
+            raise PreparationError(f"face detector {path}: cannot load it ({e})") from e
+        inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
+        shape = list(inputs[0].shape) if len(inputs) == 1 else []
+        by_last = {o.shape[-1]: o.name for o in outputs if len(o.shape) == 3}
+        if not (len(shape) == 4 and shape[1] == 3 and all(isinstance(d, int) for d in shape[2:])
+                and set(by_last) >= {2, 4}):
+            raise PreparationError(
+                f"face detector {path}: expected one input float32 [1, 3, H, W] (fixed H, W) and "
+                f"outputs scores [1, N, 2] and boxes [1, N, 4]; it has inputs "
+                f"{[(i.name, i.shape) for i in inputs]} and outputs {[(o.name, o.shape) for o in outputs]}")
+        self._input = inputs[0].name
+        self._height, self._width = int(shape[2]), int(shape[3])
+        self._scores, self._boxes = by_last[2], by_last[4]
+        self._threshold, self._iou = threshold, nms_iou
+
+    def detect(self, rgb: np.ndarray) -> list[Box]:
+        import cv2
+
+        h, w = rgb.shape[:2]
+        img = cv2.resize(np.ascontiguousarray(rgb), (self._width, self._height),
+                         interpolation=cv2.INTER_AREA).astype(np.float32)
+        x = ((img - 127.0) / 128.0).transpose(2, 0, 1)[None]
+        scores, boxes = self._session.run([self._scores, self._boxes], {self._input: x})
+        keep = scores[0, :, 1] > self._threshold
+        found = boxes[0][keep] * np.array([w, h, w, h], np.float32)
+        conf = scores[0, keep, 1]
+        rects = [[float(x0), float(y0), float(x1 - x0), float(y1 - y0)] for x0, y0, x1, y1 in found]
+        chosen = cv2.dnn.NMSBoxes(rects, conf.tolist(), self._threshold, self._iou) if rects else []
+        out = [Box(round(rects[i][0]), round(rects[i][1]), round(rects[i][2]), round(rects[i][3]))
+               for i in np.asarray(chosen).reshape(-1)]
+        return sorted((b.clipped(w, h) for b in out if b.w > 0 and b.h > 0), key=lambda b: -b.area)
+
+
+def load_detector(path: str | Path | None) -> FaceDetector:
+    """The user's ONNX detector at ``path``; OpenCV's cascade when none is given."""
+    return default_detector() if path is None or str(path) == "" else OnnxFaceDetector(path)
 
 
 def crop(frame: np.ndarray, box: Box, side: int) -> np.ndarray:

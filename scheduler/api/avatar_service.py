@@ -40,7 +40,7 @@ from avatarfarm.avatars import BUNDLES, bundle_of, install_bundle_pointer, stage
 from avatarfarm.domain import InvalidRequest, validate_id
 from avatarfarm.preparation.bundle import Bundle, VideoLimits
 from avatarfarm.preparation.bundle import prepare as prepare_bundle
-from avatarfarm.preparation.faces import PreparationError
+from avatarfarm.preparation.faces import FaceDetector, PreparationError, load_detector
 from avatarfarm.v1 import avatars_pb2, avatars_pb2_grpc
 from scheduler.api import auth
 from scheduler.api import session_service as service
@@ -151,10 +151,11 @@ def usage_to_pb(r: UsageRow) -> avatars_pb2.AvatarUsageRow:
 
 
 class AvatarService(avatars_pb2_grpc.AvatarServiceServicer):
-    def __init__(self, core: Scheduler) -> None:
+    def __init__(self, core: Scheduler, detector: FaceDetector | None = None) -> None:
         self.core = core
         self._registering = asyncio.Lock()  # one registration at a time: image and row agree
         self._preparing = asyncio.Semaphore(1)  # one video preparation at a time (CPU-bound)
+        self._detector = detector or load_detector(None)  # finds faces in video avatars
 
     def _to_pb(self, a: RegisteredAvatar) -> avatars_pb2.Avatar:
         try:
@@ -235,6 +236,7 @@ class AvatarService(avatars_pb2_grpc.AvatarServiceServicer):
 
         def prepare() -> Bundle:
             return prepare_bundle(video, cfg.avatar_dir / BUNDLES, cfg.avatar_crop_sides,
+                                  detector=self._detector,
                                   limits=VideoLimits(max_bytes=cfg.avatar_video_max_bytes),
                                   progress=progress)
 

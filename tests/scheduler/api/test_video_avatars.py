@@ -102,3 +102,28 @@ def test_an_image_and_a_video_together_are_refused(tmp_path: Path, model_dir: Pa
             assert "exactly one" in details
 
     run(body)
+
+
+def test_the_scheduler_prepares_with_the_configured_onnx_detector(tmp_path: Path, model_dir: Path,
+                                                                  clip: bytes) -> None:
+    from avatarfarm.preparation.bundle import Bundle
+    from avatarfarm.preparation.faces import PreparationError
+    from tests.preparation.test_faces import FACE_BOX, ssd_detector
+
+    detector = ssd_detector(tmp_path / "detector.onnx")
+
+    async def body() -> None:
+        async with farm(tmp_path, model_dir, avatar_crop_sides=[96],
+                        face_detector=str(detector)) as f:
+            a = await f.avatars.RegisterAvatar(video_registration("anna", clip))
+            box = Bundle.open(f.avatar_dir / BUNDLES / a.bundle_id).boxes[0]
+            # The stand-in's face (lower left), not the one OpenCV's cascade finds.
+            assert abs(box.x - FACE_BOX[0] * 512) < 8 and abs(box.y - FACE_BOX[1] * 512) < 8
+        # A detector that does not load fails the start, before anything is opened.
+        (tmp_path / "2").mkdir()
+        with pytest.raises(PreparationError, match="cannot load"):
+            async with farm(tmp_path / "2", model_dir, face_detector=str(tmp_path / "none.onnx")):
+                pass
+        assert not (tmp_path / "2" / "state.db").exists()
+
+    run(body)
