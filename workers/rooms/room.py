@@ -462,7 +462,7 @@ class Room:
                 if face is not None and speech is not None and q is not None and q.fps != self.rendering.fps:
                     # Frames of the old rate are finished at it; the new rate starts afresh.
                     m = await self._start_faces(face, _flush(speech, waiting), waiting, m, q.fps,
-                                                inflight, deadline)
+                                                inflight, deadline, lagged)
                 q = self.rendering
                 if face is None:
                     avatar = await self._portrait(q.render_side)
@@ -500,7 +500,7 @@ class Room:
             if face is not None and speech is not None:
                 waiting.append((audio, speaking))
                 m = await self._start_faces(face, speech.push(audio), waiting, m, q.fps, inflight,
-                                            deadline)
+                                            deadline, lagged)
                 n, t = n + 1, end
                 continue
             assert avatar is not None and render_reserve is not None
@@ -521,18 +521,22 @@ class Room:
         if face is not None and speech is not None and q is not None:
             end_by = self.clock() + self.latency_budget - self.output_margin \
                 if self.pacing is Pacing.REALTIME else math.inf
-            await self._start_faces(face, _flush(speech, waiting), waiting, m, q.fps, inflight, end_by)
+            await self._start_faces(face, _flush(speech, waiting), waiting, m, q.fps, inflight, end_by,
+                                    lagged)
         await inflight.put(None)
 
     async def _start_faces(self, face: FaceAvatar, windows: np.ndarray,
                            waiting: collections.deque[tuple[np.ndarray, bool]], m: int, fps: int,
-                           inflight: asyncio.Queue[_InFlight | None], deadline: float) -> int:
+                           inflight: asyncio.Queue[_InFlight | None], deadline: float,
+                           lagged: collections.deque[np.ndarray]) -> int:
         """Starts the video avatar's frames whose mel windows are complete (one per window,
-        in order, each with the audio taken for it); returns the frames started so far."""
+        in order, each with the audio taken for it); returns the frames started so far.
+        (`lagged`: the fault injection's delay line, as for the reference family.)"""
         for window in windows:
             audio, speaking = waiting.popleft()
             index = face.index(m)
-            task = asyncio.create_task(self._redraw(face, index, window, deadline))
+            lagged.append(window)
+            task = asyncio.create_task(self._redraw(face, index, lagged[0], deadline))
             await inflight.put(_InFlight(m, fps, audio, speaking, deadline, task))
             m += 1
         return m

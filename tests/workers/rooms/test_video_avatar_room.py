@@ -144,3 +144,24 @@ def test_the_start_up_profile_measures_the_face_model_beside_a_video_avatar(
     assert len(face) == 1 and (face[0].width, face[0].model) == (96, pipeline.face_key.model)
     assert [b for b, _ in face[0].latencies] == [1, 2]
     assert any(p.stage is Stage.RENDER and p.width == 64 for p in profiles)
+
+
+def test_drift_on_a_video_avatar_is_measured_on_the_redrawn_mouth_and_corrected(
+        video_pipeline: tuple[Pipeline, Bundle], tmp_path: Path) -> None:
+    speech = ("Welcome to the live room. Today we have three new offers for you, and every one "
+              "of them ships tomorrow morning. Stay with us and ask your questions.")
+    pipeline, _ = video_pipeline
+    room = video_room(pipeline, tmp_path, seconds=10.0, script=(ScriptSegment(speech),))
+    # The redrawn mouth is made to lag its audio by 3 frames (120 ms), as a drifting stream would.
+    room.video_lag_frames = 3
+    assert room.sync is not None
+    room.sync.every_frames = room.sync.window
+    checks: list[SyncEstimate] = []
+    room.on_sync = lambda r, est: checks.append(est) if est is not None else None
+    asyncio.run(room.run())
+    assert room.state is RoomState.ENDED, room.reason
+    assert len(checks) >= 3
+    assert 3 <= checks[0].offset_frames <= 4
+    assert room.stats.sync_corrections >= 1 and room.av_delay.audio_frames >= 3
+    assert all(abs(c.offset_frames) <= 1 for c in checks[1:])
+    assert probe(tmp_path / "v.mp4").frames == 250
