@@ -142,6 +142,8 @@ async def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: auto)")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--batch-wait", type=float, default=0.02)
+    ap.add_argument("--no-shed", action="store_true",
+                    help="under overload serve tier first instead of shedding the lowest tier early")
     ap.add_argument("--encoder-preset", default="veryfast")
     ap.add_argument("--modes", default="per-room,batched", help="which modes to run")
     ap.add_argument("--family", default="reference", choices=["reference", "wav2lip"],
@@ -170,7 +172,8 @@ async def main() -> None:
         pipelines = {
             "per-room": Pipeline(folder, provider, threads, policy=BatchPolicy(max_batch=1, max_wait=0.0)),
             "batched": Pipeline(folder, provider, threads,
-                                policy=BatchPolicy(max_batch=args.max_batch, max_wait=args.batch_wait)),
+                                policy=BatchPolicy(max_batch=args.max_batch, max_wait=args.batch_wait,
+                                                   shed=not args.no_shed)),
         }
         side = quality.render_side
         for name, p in pipelines.items():

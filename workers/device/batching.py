@@ -11,8 +11,12 @@ items:
   while the curve says it still finishes before the earliest deadline in it,
   up to the size where throughput stops improving (`LatencyCurve.useful_batch`);
 * when a forecast of the whole queue (run as EDF batches back to back) shows a
-  miss, the device is overloaded and the order becomes tier first (premium),
-  then deadline, so the frames that miss are the lower tiers';
+  miss, the device is overloaded: rather than let earliest-deadline-first run
+  frames that end up late anyway and cascade misses into the frames behind them,
+  the policy sheds, now, the fewest items that make the rest fit: lowest tier
+  first (best effort before any standard frame, premium last), within a tier the
+  earliest due (the frames already in trouble, which rotate across rooms). The
+  device only works on frames that will be shown, at its full throughput;
 * a batch that is not full may wait for more items, but never past the slack:
   the forecast must still make every deadline after the wait, with room for the
   batch to grow to its maximum, and never longer than `max_wait`.
@@ -47,6 +51,9 @@ class BatchPolicy:
     max_wait: float = 0.02
     # Safety factor on the curve: a batch is planned as if it took this much longer.
     margin: float = 0.1
+    # Under overload, give up the lowest tier's items at once (True), or serve tier first
+    # and let what cannot make it miss (False).
+    shed: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +62,7 @@ class Decision:
     drop: tuple[Queued, ...] = ()  # can no longer make their deadlines
     wake_at: float | None = None  # nothing to run now: decide again then (None: on arrival)
     overloaded: bool = False
+    shed: tuple[Queued, ...] = ()  # could run, but not all that is queued fits: given up now
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +109,14 @@ def decide(queue: Sequence[Queued], now: float, curves: Mapping[Any, LatencyCurv
         return Decision(drop=drop)
     plan = forecast(live, now, curves, policy)
     overloaded = plan.misses > 0
-    if overloaded:
+    shed: tuple[Queued, ...] = ()
+    if overloaded and policy.shed:
+        shed, plan = shed_for(live, now, curves, policy, plan.misses)
+        gone = {q.item_id for q in shed}
+        live = [q for q in live if q.item_id not in gone]
+        if not live:
+            return Decision(drop=drop, overloaded=True, shed=shed)
+    if overloaded and not shed:
         order = sorted(live, key=lambda q: (q.priority, q.deadline, q.item_id))
     else:
         order = sorted(live, key=lambda q: (q.deadline, q.item_id))
@@ -110,14 +125,29 @@ def decide(queue: Sequence[Queued], now: float, curves: Mapping[Any, LatencyCurv
     same = [q for q in order if q.key == key]
     cap = curve.useful_batch(policy.max_batch)
     batch = _grow(same, now, curve, policy, cap) or [order[0]]
-    if not overloaded and len(batch) < cap and len(batch) == len(same):
+    if (not overloaded or shed) and len(batch) < cap and len(batch) == len(same):
         # Room to grow and nothing else of this shape waiting: wait for company, within slack.
         growth = _planned(curve, cap, policy) - _planned(curve, len(batch), policy)
         oldest = min(q.enqueued for q in batch)
         until = min(oldest + policy.max_wait, now + plan.slack - growth)
         if until > now:
-            return Decision(drop=drop, wake_at=until)
-    return Decision(run=tuple(batch), drop=drop, overloaded=overloaded)
+            return Decision(drop=drop, wake_at=until, overloaded=overloaded, shed=shed)
+    return Decision(run=tuple(batch), drop=drop, overloaded=overloaded, shed=shed)
+
+
+def shed_for(items: Sequence[Queued], now: float, curves: Mapping[Any, LatencyCurve],
+             policy: BatchPolicy, misses: int) -> tuple[tuple[Queued, ...], Forecast]:
+    """The items to give up so that the rest makes every deadline, and the forecast of
+    the rest: lowest tier first, earliest deadline first within a tier. Starts from as
+    many as the forecast misses and sheds each further miss found, so it costs a few
+    forecasts, not a search."""
+    order = sorted(items, key=lambda q: (-q.priority, q.deadline, q.item_id))
+    k = min(misses, len(order))
+    while True:
+        plan = forecast(order[k:], now, curves, policy)
+        if plan.misses == 0 or k >= len(order):
+            return tuple(order[:k]), plan
+        k = min(k + plan.misses, len(order))
 
 
 def _planned(curve: LatencyCurve, batch: int, policy: BatchPolicy) -> float:

@@ -51,6 +51,11 @@ class DeadlineMissed(Exception):
     """The item could not be run before its deadline and was dropped."""
 
 
+class Shed(DeadlineMissed):
+    """The device was overloaded and gave the item up early (lowest tier first), so the
+    rest make their deadlines."""
+
+
 @dataclass(frozen=True, slots=True)
 class ItemResult:
     outputs: tuple[np.ndarray, ...]  # this item's slice of each output, batch axis removed
@@ -63,6 +68,7 @@ class KeyStats:
     batch_sizes: collections.Counter[int] = field(default_factory=collections.Counter)
     items: int = 0
     dropped: int = 0
+    shed: int = 0
     device_seconds: float = 0.0
 
     @property
@@ -144,7 +150,7 @@ class InferenceEngine:
     def stats(self) -> dict[BatchKey, KeyStats]:
         with self._cond:
             return {k: KeyStats(collections.Counter(s.stats.batch_sizes), s.stats.items,
-                                s.stats.dropped, s.stats.device_seconds)
+                                s.stats.dropped, s.stats.shed, s.stats.device_seconds)
                     for k, s in self._served.items()}
 
     def drifted(self, threshold: float = 0.25) -> list[BatchKey]:
@@ -205,14 +211,18 @@ class InferenceEngine:
                 now = self.clock()
                 curves = {k: s.curve for k, s in self._served.items()}
                 d = decide([r.queued for r in self._queue], now, curves, self.policy)
-                if d.drop or d.run:
+                if d.drop or d.run or d.shed:
                     by_id = {r.queued.item_id: r for r in self._queue}
-                    taken = {q.item_id for q in d.drop} | {q.item_id for q in d.run}
+                    taken = {q.item_id for q in (*d.drop, *d.run, *d.shed)}
                     self._queue = [r for r in self._queue if r.queued.item_id not in taken]
                     for q in d.drop:
                         self._served[typing.cast(BatchKey, q.key)].stats.dropped += 1
                         _fail(by_id[q.item_id].future, DeadlineMissed(
                             f"{q.key} item due in {q.deadline - now:+.3f}s could not be run in time"))
+                    for q in d.shed:
+                        self._served[typing.cast(BatchKey, q.key)].stats.shed += 1
+                        _fail(by_id[q.item_id].future, Shed(
+                            f"{q.key} item (priority {q.priority}) shed: the device is overloaded"))
                     if d.run:
                         return ([by_id[q.item_id] for q in d.run],
                                 self._served[typing.cast(BatchKey, d.run[0].key)])

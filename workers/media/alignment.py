@@ -94,19 +94,23 @@ class MouthCrop:
 
 
 class SyncMonitor:
-    """A room's rolling window of (audio feature, mouth crop) and its check schedule."""
+    """A room's rolling window of (audio, frame) and its check schedule.
+
+    Pushing a frame only keeps references (the emitted audio chunk and the frame as
+    rendered, neither written to afterwards); the audio features and mouth crops are
+    computed for the one window a check takes, not for every frame of the stream."""
 
     def __init__(self, window: int, crop: MouthCrop, every_frames: int) -> None:
         self.window = window
         self.crop = crop
         self.every_frames = max(every_frames, window)
         self._audio: collections.deque[np.ndarray] = collections.deque(maxlen=window)
-        self._mouth: collections.deque[np.ndarray] = collections.deque(maxlen=window)
+        self._frames: collections.deque[np.ndarray] = collections.deque(maxlen=window)
         self._since = 0
 
     def push(self, audio: np.ndarray, frame: np.ndarray) -> None:
-        self._audio.append(audio_feature(audio))
-        self._mouth.append(self.crop(frame))
+        self._audio.append(audio)
+        self._frames.append(frame)
         self._since += 1
 
     def due(self) -> bool:
@@ -115,12 +119,13 @@ class SyncMonitor:
     def take(self) -> tuple[np.ndarray, np.ndarray]:
         """The window to check ([T, 80], [T, 3, H, W]); the schedule restarts."""
         self._since = 0
-        return np.stack(self._audio), np.stack(self._mouth)
+        return (np.stack([audio_feature(a) for a in self._audio]),
+                np.stack([self.crop(f) for f in self._frames]))
 
     def restart(self) -> None:
         """Forget the window (after a correction, old frames no longer describe the stream)."""
         self._audio.clear()
-        self._mouth.clear()
+        self._frames.clear()
         self._since = 0
 
 

@@ -55,11 +55,18 @@ def log_mel(samples: np.ndarray) -> np.ndarray:
     """Log-mel frames of float32 audio, shape (N_MELS, n_frames), one frame per HOP."""
     x = np.asarray(samples, dtype=np.float32)
     n = max(0, (x.size - WIN_LENGTH) // HOP + 1)
-    if n == 0:
+    return log_mel_at(x, HOP * np.arange(n))
+
+
+def log_mel_at(samples: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """The log-mel frames of float32 audio that start at the given sample offsets (each
+    WIN_LENGTH samples, inside the audio), shape (N_MELS, len(starts))."""
+    if len(starts) == 0:
         return np.full((N_MELS, 0), LOG_FLOOR, dtype=np.float32)
-    idx = np.arange(N_FFT)[None, :] + HOP * np.arange(n)[:, None]
-    padded = np.pad(x, (0, N_FFT))
-    frames = padded[idx] * _window()
+    # Each frame reads WIN_LENGTH samples; the window is zero over the rest of N_FFT.
+    idx = np.arange(WIN_LENGTH)[None, :] + np.asarray(starts)[:, None]
+    frames = np.zeros((len(starts), N_FFT), np.float32)
+    frames[:, :WIN_LENGTH] = samples[idx] * _window()[:WIN_LENGTH]
     power = np.abs(np.fft.rfft(frames, axis=1)) ** 2
     mel = mel_filterbank() @ power.T.astype(np.float32)
     return np.maximum(np.log10(np.maximum(mel, 1e-12)), LOG_FLOOR).astype(np.float32)
@@ -87,16 +94,29 @@ class MelStream:
 
     The window ends at the current frame's end (causal), so live audio needs no
     look-ahead; the resulting ~80 ms lip lag is constant and small next to the
-    frame period.
+    frame period. Mel frames are kept by their position in the stream: where a
+    frame's audio is a whole number of hops (640 samples at 25 fps) only the new
+    frames are computed, a quarter of the window; otherwise the grid moves and all
+    are.
     """
 
+    KEEP = WIN_LENGTH + HOP * (MEL_WINDOW - 1)
+
     def __init__(self) -> None:
-        self._history = np.zeros(WIN_LENGTH + HOP * (MEL_WINDOW - 1), dtype=np.float32)
+        self._history = np.zeros(self.KEEP, dtype=np.float32)
+        self._end = 0  # stream position of the history's end (it starts with silence)
+        self._columns: dict[int, np.ndarray] = {}  # mel frame by its stream position
 
     def push(self, chunk: np.ndarray) -> np.ndarray:
         """Adds a frame's audio; returns the (N_MELS, MEL_WINDOW) window ending now."""
-        self._history = np.concatenate([self._history, chunk.astype(np.float32)])
-        keep = WIN_LENGTH + HOP * (MEL_WINDOW - 1)
-        self._history = self._history[-keep:]
-        mel = log_mel(self._history)
-        return mel[:, -MEL_WINDOW:]
+        self._history = np.concatenate([self._history, chunk.astype(np.float32)])[-self.KEEP:]
+        self._end += chunk.size
+        first = self._end - self.KEEP
+        positions = [first + HOP * j for j in range(MEL_WINDOW)]
+        missing = [p for p in positions if p not in self._columns]
+        if missing:
+            fresh = log_mel_at(self._history, np.array(missing) - first)
+            self._columns.update(zip(missing, fresh.T, strict=True))
+        columns = [self._columns[p] for p in positions]
+        self._columns = dict(zip(positions, columns, strict=True))
+        return np.stack(columns, axis=1)

@@ -3,6 +3,7 @@ exactly the planned time per batch, fed by scripted or generated arrivals."""
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ EXACT = BatchPolicy(max_batch=8, max_wait=0.005, margin=0.0)
 class Outcome:
     finished: dict[int, float] = field(default_factory=dict)
     dropped: dict[int, float] = field(default_factory=dict)
+    shed: dict[int, float] = field(default_factory=dict)
     batches: list[tuple[Hashable, int]] = field(default_factory=list)
     order: list[int] = field(default_factory=list)
 
@@ -43,7 +45,12 @@ def simulate(arrivals: Sequence[Queued], policy: BatchPolicy = EXACT) -> Outcome
         d = decide(queue, now, CURVES, policy)
         for q in d.drop:
             out.dropped[q.item_id] = now
-        gone = {q.item_id for q in d.drop} | {q.item_id for q in d.run}
+        for q in d.shed:
+            out.shed[q.item_id] = now
+        if d.shed:  # a shed is a prefix of lowest tier first: nothing kept is of a lower tier
+            kept = [q for q in queue if q.item_id not in out.shed and q not in d.drop]
+            assert not kept or min(q.priority for q in d.shed) >= max(q.priority for q in kept)
+        gone = {q.item_id for q in d.drop} | {q.item_id for q in d.run} | {q.item_id for q in d.shed}
         queue = [q for q in queue if q.item_id not in gone]
         if d.run:
             now += CURVES[d.run[0].key].seconds(len(d.run)) * (1 + policy.margin)
@@ -51,7 +58,7 @@ def simulate(arrivals: Sequence[Queued], policy: BatchPolicy = EXACT) -> Outcome
             for q in d.run:
                 out.finished[q.item_id] = now
                 out.order.append(q.item_id)
-        elif not d.drop:
+        elif not d.drop and not d.shed:
             wake = d.wake_at if d.wake_at is not None else math.inf
             nxt = future[0].enqueued if future else math.inf
             assert min(wake, nxt) < math.inf, "the batcher waits with nothing to wake it"
@@ -122,8 +129,11 @@ def test_premium_frames_are_served_first_when_not_everything_fits() -> None:
     premium = {100, 101, 102, 103}
     assert premium <= set(out.finished)
     assert all(out.finished[i] <= 0.060 for i in out.finished)
-    assert set(out.dropped) and not premium & set(out.dropped)
-    assert len(out.finished) + len(out.dropped) == 44
+    lost = set(out.dropped) | set(out.shed)
+    assert lost and not premium & lost
+    assert len(out.finished) + len(lost) == 44
+    # Given up at once, not after the device spent its time on frames that miss anyway.
+    assert set(out.shed) and all(t == 0.0 for t in out.shed.values())
 
 
 def test_without_overload_ties_keep_arrival_order_across_tiers() -> None:
@@ -156,8 +166,8 @@ def test_every_frame_is_run_in_time_or_dropped_and_none_is_forgotten(
         spec: list[tuple[str, float, float, int]]) -> None:
     items = [item(i, at + d, at=at, key=k, priority=p) for i, (k, at, d, p) in enumerate(spec)]
     out = simulate(items)
-    assert set(out.finished) | set(out.dropped) == {q.item_id for q in items}
-    assert not set(out.finished) & set(out.dropped)
+    assert set(out.finished) | set(out.dropped) | set(out.shed) == {q.item_id for q in items}
+    assert not set(out.finished) & (set(out.dropped) | set(out.shed))
     by_id = {q.item_id: q for q in items}
     for i, t in out.finished.items():
         assert t <= by_id[i].deadline + 1e-12
@@ -172,3 +182,38 @@ def test_batches_do_not_grow_past_the_size_where_throughput_stops_improving() ->
     assert CURVE.useful_batch(8) == 8
     d = decide([item(i, 1.0) for i in range(5)], 0.0, {"render@256": cpu}, EXACT)
     assert [q.item_id for q in d.run] == [0]  # at once: a batch of one is already full
+
+
+# -- sustained overload: rooms at a steady frame rate, more than the device can serve
+
+
+def rooms_arrivals(tiers: Sequence[int], seconds: float, fps: int = 25,
+                   budget: float = 0.3) -> list[Queued]:
+    """One item per frame of each room (tier per room), rooms spread over a frame period,
+    each due `budget` after it is released."""
+    out: list[Queued] = []
+    n_rooms = len(tiers)
+    for r, tier in enumerate(tiers):
+        for n in range(int(seconds * fps)):
+            at = n / fps + r / (n_rooms * fps)
+            out.append(Queued(len(out), "render@256", at + budget, tier, at))
+    return out
+
+
+def test_at_one_and_a_half_times_capacity_the_device_delivers_its_peak_and_the_lowest_tier_loses():
+    best = max(b / s for b, s in CURVE.points)  # 286 items/s at batch 8
+    capacity_rooms = best / 25
+    # 17 rooms ~ 1.5x capacity: 2 premium, 8 standard, 7 best effort (who alone can absorb
+    # the excess: 175 of their 425 frames/s offered).
+    tiers = [0] * 2 + [1] * 8 + [2] * 7
+    assert len(tiers) / capacity_rooms == pytest.approx(1.5, abs=0.05)
+    items = rooms_arrivals(tiers, seconds=4.0)
+    out = simulate(items, BatchPolicy(max_batch=8, max_wait=0.02, margin=0.0))
+    by_id = {q.item_id: q for q in items}
+    horizon = max(out.finished.values())
+    delivered = len(out.finished) / horizon
+    assert delivered >= 0.95 * best
+    lost_by_tier = collections.Counter(by_id[i].priority for i in (*out.dropped, *out.shed))
+    assert lost_by_tier[0] == 0 and lost_by_tier[1] == 0 and lost_by_tier[2] > 0
+    # Nothing the device ran was late: no work spent on frames that are not shown.
+    assert all(t <= by_id[i].deadline + 1e-12 for i, t in out.finished.items())
