@@ -186,12 +186,16 @@ def progress_to_pb(p: Progress) -> types_pb2.SessionProgress:
     return types_pb2.SessionProgress(frames_rendered=p.frames_rendered, late_frames=p.late_frames,
                                      stream_seconds=p.stream_seconds, device_seconds=p.device_seconds,
                                      stage_seconds=dict(p.stage_seconds),
-                                     script_segments_done=p.script_segments_done)
+                                     script_segments_done=p.script_segments_done,
+                                     av_offset_seconds=p.av_offset_seconds,
+                                     av_correction_seconds=p.av_correction_seconds,
+                                     sync_checks=p.sync_checks)
 
 
 def progress_from_pb(pb: types_pb2.SessionProgress) -> Progress:
     return Progress(pb.frames_rendered, pb.late_frames, pb.stream_seconds, pb.device_seconds,
-                    tuple(sorted(pb.stage_seconds.items())), pb.script_segments_done)
+                    tuple(sorted(pb.stage_seconds.items())), pb.script_segments_done,
+                    pb.av_offset_seconds, pb.av_correction_seconds, pb.sync_checks)
 
 
 # Counters past 2**53 lose precision as floats (the ledger's arithmetic); no room renders that much.
@@ -207,6 +211,10 @@ def checked_progress_from_pb(pb: types_pb2.SessionProgress) -> Progress:
     for name, value in seconds:
         if not (math.isfinite(value) and value >= 0.0):
             raise InvalidRequest(f"progress {name} must be finite and not negative, got {value!r}")
+    for name, value in (("av_offset_seconds", pb.av_offset_seconds),
+                        ("av_correction_seconds", pb.av_correction_seconds)):
+        if not (math.isfinite(value) and abs(value) <= 60.0):  # signed; a minute is no offset
+            raise InvalidRequest(f"progress {name} must be finite and within a minute, got {value!r}")
     for name, count in (("frames_rendered", pb.frames_rendered), ("late_frames", pb.late_frames)):
         if count > _MAX_COUNT:
             raise InvalidRequest(f"progress {name} {count} is past any real count")

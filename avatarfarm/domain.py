@@ -235,6 +235,11 @@ class Progress:
     device_seconds: float = 0.0
     stage_seconds: tuple[tuple[str, float], ...] = ()
     script_segments_done: int = 0  # text rooms: segments spoken to the end
+    # Lip sync, latest values: the last conclusive check's offset (> 0: the video lags),
+    # the correction in force (audio held back minus video held back), and checks run.
+    av_offset_seconds: float = 0.0
+    av_correction_seconds: float = 0.0
+    sync_checks: int = 0
 
 
 _PATH_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")

@@ -197,7 +197,8 @@ def test_the_helpers_for_other_fields_refuse_what_cannot_be_true() -> None:
                                    stage_seconds={"render": 0.4})
     assert convert.checked_progress_from_pb(ok).frames_rendered == 50
     for bad in (dict(stream_seconds=math.inf), dict(device_seconds=math.nan), dict(stream_seconds=-1.0),
-                dict(stage_seconds={"render": math.inf}), dict(frames_rendered=2**63)):
+                dict(stage_seconds={"render": math.inf}), dict(frames_rendered=2**63),
+                dict(av_offset_seconds=math.nan), dict(av_correction_seconds=1e9)):
         with pytest.raises(InvalidRequest, match="progress"):
             convert.checked_progress_from_pb(types_pb2.SessionProgress(**bad))  # type: ignore[arg-type]
 

@@ -63,6 +63,8 @@ class RoomRow:
     late_frames: int
     stream_seconds: float
     reason: str
+    av_offset_ms: float = 0.0  # the last conclusive lip-sync check (> 0: the video lags)
+    sync_checks: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +155,8 @@ def _room(s: Session) -> RoomRow:
     return RoomRow(s.session_id, s.spec.tenant, s.spec.room_id, s.spec.tier.value, s.state.value,
                    s.worker_id, str(s.spec.quality), "" if s.rendering is None else str(s.rendering),
                    s.step, s.spec.output.kind.value, s.progress.frames_rendered,
-                   s.progress.late_frames, s.progress.stream_seconds, _redact(s.reason, s.spec.output))
+                   s.progress.late_frames, s.progress.stream_seconds, _redact(s.reason, s.spec.output),
+                   round(s.progress.av_offset_seconds * 1000, 1), s.progress.sync_checks)
 
 
 def snapshot(cluster: ClusterSnapshot, pools: Sequence[PoolRow] = (), *,
@@ -359,12 +362,14 @@ def render_html(snap: StatusSnapshot, *, age_seconds: float = 0.0,
             f'<td><code title="{_e(r.session_id)}">{_e(r.session_id[:8])}</code></td>'
             f"{_td(_label(r.tier))}{_td(r.worker_id or '-', 'id')}{_td(quality, 'id')}{_td(r.output)}"
             f'{_td(f"{r.frames:,}", "n")}{_td(f"{r.late_frames:,}", "n")}'
+            f'{_td(f"{r.av_offset_ms:+.0f} ms" if r.sync_checks else "-", "n")}'
             f'{_td(_duration(r.stream_seconds), "n")}{_td(r.reason, "why")}</tr>')
     out.append(f"<h2>Rooms <small>{_e(f'{snap.rooms_listed:,} live or ended in the last {recent}')}"
                "</small></h2>")
     out.append(_table([("State", False), ("Tenant", False), ("Room", False), ("Session", False),
                        ("Tier", False), ("Worker", False), ("Quality", False), ("Output", False),
-                       ("Frames", True), ("Late", True), ("Streamed", True), ("Reason", False)],
+                       ("Frames", True), ("Late", True), ("A/V offset", True), ("Streamed", True),
+                       ("Reason", False)],
                       rows, "No rooms."))
     out.append(_more(max(snap.rooms_listed, len(snap.rooms)) - len(shown), "rooms",
                      f"the page lists {len(shown):,}, failed and waiting rooms first"))

@@ -64,15 +64,19 @@ class Session:
 
 
 def plus(a: Progress, b: Progress) -> Progress:
-    """Progress of two stretches of one room's stream, one after the other. Latest-value
-    fields (none today besides the counters) would take b's."""
+    """Progress of two stretches of one room's stream, one after the other: counters
+    add up; the latest-value sync fields are b's, once b has checked (a stretch that has
+    not yet checked keeps a's last offset)."""
     stages = dict(a.stage_seconds)
     for k, v in b.stage_seconds:
         stages[k] = stages.get(k, 0.0) + v
+    latest = b if b.sync_checks else a
     return Progress(a.frames_rendered + b.frames_rendered, a.late_frames + b.late_frames,
                     a.stream_seconds + b.stream_seconds, a.device_seconds + b.device_seconds,
                     tuple(sorted(stages.items())),
-                    a.script_segments_done + b.script_segments_done)
+                    a.script_segments_done + b.script_segments_done,
+                    latest.av_offset_seconds, latest.av_correction_seconds,
+                    a.sync_checks + b.sync_checks)
 
 
 class EventKind(enum.Enum):

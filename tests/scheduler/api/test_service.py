@@ -108,11 +108,12 @@ class ProtocolWorker:
                                                    device_seconds=device))
                 for sid, frames, device in rooms])))
 
-    def report(self, sid: str, state: int, frames: int = 0, device: float = 0.0, reason: str = "") -> None:
+    def report(self, sid: str, state: int, frames: int = 0, device: float = 0.0, reason: str = "",
+               **sync: float) -> None:
         self.outbox.put_nowait(workers_pb2.WorkerMessage(session_update=workers_pb2.SessionUpdate(
             session_id=sid, state=state, reason=reason, epoch=self.epochs.get(sid, 1),  # type: ignore[arg-type]
             progress=types_pb2.SessionProgress(frames_rendered=frames, stream_seconds=frames / 25,
-                                               device_seconds=device))))
+                                               device_seconds=device, **sync))))
 
     async def close(self) -> None:
         self.outbox.put_nowait(None)
@@ -254,12 +255,16 @@ def test_rooms_flow_through_a_worker_and_are_billed(tmp_path: Path, model_dir: P
             assert placed.worker_id == "w1" and placed.input_endpoint == "127.0.0.1:1"
             worker.report(s.session_id, types_pb2.SESSION_STATE_RUNNING, frames=25, device=0.25)
             worker.report(s.session_id, types_pb2.SESSION_STATE_ENDED, frames=50, device=0.5,
-                          reason="reached max duration")
+                          reason="reached max duration", av_offset_seconds=0.04,
+                          av_correction_seconds=-0.04, sync_checks=3)
             await asyncio.wait_for(watcher, 10)
             assert states == [types_pb2.SESSION_STATE_PENDING, types_pb2.SESSION_STATE_PLACED,
                               types_pb2.SESSION_STATE_RUNNING, types_pb2.SESSION_STATE_ENDED]
             final = await stub.GetSession(sessions_pb2.GetSessionRequest(session_id=s.session_id))
             assert final.progress.frames_rendered == 50
+            # Lip sync reaches the tenant as the worker measured it.
+            p = final.progress
+            assert (p.av_offset_seconds, p.av_correction_seconds, p.sync_checks) == (0.04, -0.04, 3)
             text = urllib.request.urlopen(
                 f"http://127.0.0.1:{running.metrics_port}/metrics").read().decode()
             # 0.5 device-seconds over 2 stream-seconds at 3.6/h -> 0.9 per stream-hour.

@@ -20,7 +20,7 @@ def test_sessions_survive_reopening_the_database(tmp_path: Path) -> None:
     s = make_session(request_id="req-1")
     store.put_session(s)
     placed = s.moved(SessionState.PLACED, 2.0, worker_id="w1", load=0.4,
-                     progress=Progress(10, 1, 0.4, 0.1, (("render", 0.08),)))
+                     progress=Progress(10, 1, 0.4, 0.1, (("render", 0.08),), 0, 0.025, -0.04, 7))
     store.put_session(placed)
     store.append_script("s1", [ScriptSegment("hello", 0.5)])
     store.append_script("s1", [ScriptSegment("again")])
@@ -40,3 +40,14 @@ def test_terminal_states_are_final() -> None:
         ended.moved(SessionState.RUNNING, 3.0)
     with pytest.raises(InvalidTransition):
         make_session().moved(SessionState.RUNNING, 2.0)  # pending must be placed first
+
+
+def test_a_resumed_rooms_progress_adds_counters_and_keeps_the_latest_sync() -> None:
+    from scheduler.state.sessions import plus
+
+    before = Progress(100, 2, 4.0, 1.0, (("render", 0.8),), 1, 0.04, -0.04, 5)
+    fresh = Progress(25, 0, 1.0, 0.25, (("render", 0.2),))  # the new worker has not checked yet
+    assert plus(before, fresh) == Progress(125, 2, 5.0, 1.25, (("render", 1.0),), 1, 0.04, -0.04, 5)
+    checked = Progress(50, 0, 2.0, 0.5, (), 0, 0.0, 0.0, 2)
+    assert plus(before, checked).sync_checks == 7
+    assert plus(before, checked).av_offset_seconds == 0.0
