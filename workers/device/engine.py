@@ -12,7 +12,7 @@ estimate scaled by pixels for a shape never measured) and is corrected from
 live timings: an exponentially weighted ratio of observed to measured call
 time scales the whole curve, each batch size actually run keeps its own
 smoothed timing, and `drifted()` tells the agent when the correction has moved
-far enough to re-report the profile.
+far enough, for long enough, to re-report the profile.
 """
 
 from __future__ import annotations
@@ -98,6 +98,7 @@ class _Served:
     base: LatencyCurve
     ratio: float = 1.0  # observed / measured call time over all sizes, smoothed
     reported_ratio: float = 1.0
+    drifting_since: float | None = None  # when the ratio last left the band around the report
     live: dict[int, float] = field(default_factory=dict)  # seconds per batch size run, smoothed
     stats: KeyStats = field(default_factory=KeyStats)
 
@@ -153,14 +154,20 @@ class InferenceEngine:
                                 s.stats.dropped, s.stats.shed, s.stats.device_seconds)
                     for k, s in self._served.items()}
 
-    def drifted(self, threshold: float = 0.25) -> list[BatchKey]:
-        """Keys whose live timings moved more than `threshold` from the last report;
-        marks them reported."""
+    def drifted(self, threshold: float = 0.25, persist: float = 60.0) -> list[BatchKey]:
+        """Keys whose live timings have stayed more than `threshold` away from the last
+        report for `persist` seconds (a drift that lasts and matters to placement, not an
+        excursion of a busy minute); marks them reported."""
         out = []
+        now = self.clock()
         with self._cond:
             for key, s in self._served.items():
-                if abs(s.ratio / s.reported_ratio - 1.0) > threshold:
-                    s.reported_ratio = s.ratio
+                if abs(s.ratio / s.reported_ratio - 1.0) <= threshold:
+                    s.drifting_since = None
+                elif s.drifting_since is None:
+                    s.drifting_since = now
+                elif now - s.drifting_since >= persist:
+                    s.reported_ratio, s.drifting_since = s.ratio, None
                     out.append(key)
         return out
 

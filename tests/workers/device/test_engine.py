@@ -36,3 +36,25 @@ def test_overload_sheds_the_lowest_tier_at_once_and_serves_the_rest(pipeline: Pi
         assert st.shed == len(shed) and st.items == len(served)
     finally:
         engine.close()
+
+
+def test_a_profile_is_re_reported_for_a_drift_that_lasts_not_for_an_excursion(
+        pipeline: Pipeline) -> None:
+    now = [0.0]
+    engine = InferenceEngine(BatchPolicy(max_wait=0.0), clock=lambda: now[0], smoothing=1.0)
+    try:
+        key = BatchKey("a2m-drift")
+        mel = {"mel": np.full((N_MELS, MEL_WINDOW), -2.0, np.float32)}
+        # Measured at 1 s a call, the model really takes a fraction of a millisecond: the
+        # live ratio is far below 1 after one call (smoothing 1: the last call's ratio).
+        engine.serve(key, pipeline.audio_to_motion_model, LatencyCurve(((1, 1.0),)))
+        engine.submit(key, mel, float("inf")).result(timeout=10)
+        assert engine.drifted() == []  # drifting from now on
+        now[0] = 59.0
+        assert engine.drifted() == []  # not yet a minute: an excursion so far
+        now[0] = 60.5
+        assert engine.drifted() == [key]  # it lasted: reported once
+        now[0] = 200.0
+        assert engine.drifted() == []  # at the reported level now
+    finally:
+        engine.close()
