@@ -43,24 +43,47 @@ def estimate(scores: np.ndarray, *, min_peak: float = 0.3,
 
 
 class DriftPolicy:
-    """When a measured offset is worth correcting. An offset of two frames or more
-    (80 ms at 25 fps, past what viewers notice when video lags) is corrected at
-    once; a one-frame offset only when two checks in a row agree, so a check's
-    one-frame jitter does not make the correction flap."""
+    """When a measured offset is worth correcting: only what is real, since every
+    correction is a change the viewer may notice.
 
-    def __init__(self) -> None:
-        self._previous = 0
+    * three frames or more (120 ms at 25 fps: plainly visible, never a check's jitter):
+      at once;
+    * two frames: when two checks in a row say so;
+    * one frame: when the mean of the last `window` conclusive checks (two minutes at
+      the default interval) is at least `one_frame` frames off, and the newest agrees.
+      A steady offset under a frame (a pipeline whose lips lead or lag by ~20 ms) reads
+      -1, 0 and +1 in turn around a mean near its true value: inside the dead band, it
+      is left alone, as no whole-frame correction could represent it; a real drift (an
+      audio clock a little fast) moves the mean past the band and is corrected once per
+      frame it accumulates.
+
+    After a correction the history starts again: the checks before it describe another
+    stream."""
+
+    def __init__(self, window: int = 12, one_frame: float = 0.75) -> None:
+        self.window = window
+        self.one_frame = one_frame
+        self._recent: collections.deque[int] = collections.deque(maxlen=window)
 
     def correction(self, est: SyncEstimate | None) -> int:
         """Frames to correct by (0: none) after a check."""
         if est is None:
             return 0
         o = est.offset_frames
-        if abs(o) >= 2 or (o != 0 and o == self._previous):
-            self._previous = 0
-            return o
-        self._previous = o
-        return 0
+        self._recent.append(o)
+        r = self._recent
+        fire = 0
+        if abs(o) >= 3:
+            fire = o
+        elif abs(o) == 2 and len(r) >= 2 and r[-2] == o:
+            fire = o
+        elif len(r) == self.window:
+            mean = sum(r) / len(r)
+            if abs(mean) >= self.one_frame and o * mean > 0:
+                fire = 1 if mean > 0 else -1
+        if fire:
+            r.clear()
+        return fire
 
 
 def audio_feature(samples: np.ndarray) -> np.ndarray:
@@ -140,11 +163,23 @@ class AvDelay:
     call takes one frame and its audio and returns one frame and one chunk of
     audio, so the stream's timing never changes: a delay that grows emits silence
     or repeats the last frame once, one that shrinks skips what it held.
+
+    A correction waits for a quiet frame (a pause in the speech, RMS at most `quiet`),
+    where inserting or skipping a frame of audio is inaudible; after `max_wait_frames`
+    without one (music, a presenter who never pauses) it is applied anyway, the first
+    `fade_samples` of the new audio crossfaded from what would have followed, so the
+    waveform has no step.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, quiet: float = 0.003, max_wait_frames: int = 250,
+                 fade_samples: int = 160) -> None:
         self.audio_frames = 0
         self.video_frames = 0
+        self.quiet = quiet
+        self.max_wait_frames = max_wait_frames
+        self.fade_samples = fade_samples
+        self._pending = 0  # frames of correction asked for, not yet applied
+        self._waited = 0
         self._audio: collections.deque[np.ndarray] = collections.deque()
         self._video: collections.deque[typing.Any] = collections.deque()
         self._last_video: typing.Any = None
@@ -154,20 +189,55 @@ class AvDelay:
         """Audio delay minus video delay: the correction in force."""
         return self.audio_frames - self.video_frames
 
+    @property
+    def pending_frames(self) -> int:
+        return self._pending
+
     def correct(self, offset_frames: int) -> None:
-        net = self.net_frames + offset_frames
+        """Corrects by `offset_frames` at the next quiet frame (see the class)."""
+        self._pending += offset_frames
+
+    def _apply(self) -> None:
+        net = self.net_frames + self._pending
         self.audio_frames, self.video_frames = max(net, 0), max(-net, 0)
+        self._pending = self._waited = 0
 
     def process(self, frame: F, audio: np.ndarray) -> tuple[F, np.ndarray]:
+        before: np.ndarray | None = None
+        if self._pending:
+            if audio.size == 0 or float(np.sqrt(np.mean(np.square(audio)))) <= self.quiet:
+                self._apply()
+            elif self._waited >= self.max_wait_frames:
+                # What the stream would have continued with, to fade from.
+                before = _take(collections.deque([*self._audio, audio]), self.audio_frames, audio)
+                self._apply()
+            else:
+                self._waited += 1
         self._audio.append(audio)
         self._video.append(frame)
-        while len(self._audio) > self.audio_frames + 1:
-            self._audio.popleft()
         while len(self._video) > self.video_frames + 1:
             self._video.popleft()
-        out_audio = (self._audio.popleft() if len(self._audio) > self.audio_frames
-                     else np.zeros_like(audio))
+        out_audio = _take(self._audio, self.audio_frames, audio)
+        if before is not None:
+            out_audio = _crossfade(before, out_audio, self.fade_samples)
         if len(self._video) > self.video_frames:
             self._last_video = self._video.popleft()
         out_video = self._last_video if self._last_video is not None else frame
         return out_video, out_audio
+
+
+def _take(held: collections.deque[np.ndarray], delay: int, current: np.ndarray) -> np.ndarray:
+    """The audio chunk out of a delay line holding `held` (the newest last) at `delay`
+    frames: silence while it fills."""
+    while len(held) > delay + 1:
+        held.popleft()
+    return held.popleft() if len(held) > delay else np.zeros_like(current)
+
+
+def _crossfade(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
+    """`b`, its first `n` samples faded in from `a`'s."""
+    n = min(n, a.size, b.size)
+    out = np.array(b, dtype=np.float32, copy=True)
+    ramp = np.linspace(0.0, 1.0, n, endpoint=False, dtype=np.float32)
+    out[:n] = a[:n] * (1.0 - ramp) + b[:n] * ramp
+    return out

@@ -597,7 +597,13 @@ class Room:
                 frame = FaceFrame(self.face.index(f.n)) if self.face is not None else last_good
             else:
                 last_good = frame
+            pending = self.av_delay.pending_frames
             frame, audio = self.av_delay.process(frame, f.audio)
+            if pending and not self.av_delay.pending_frames:
+                # A correction took effect (in a pause): the window restarts from here.
+                self.stats.av_correction_seconds = self.av_delay.net_frames / f.fps
+                if self.sync is not None:
+                    self.sync.restart()
             if self.sync is not None:
                 self.sync.push(audio, self.face.mouth_view(frame) if self.face is not None else frame)
                 if self.sync.due() and self._sync_task is None:
@@ -649,16 +655,14 @@ class Room:
         est = estimate(r.value)
         if est is not None:
             st.av_offset_seconds = est.offset_frames / fps
-            correct = self.drift.correction(est)
+            # While a correction waits for a pause, checks still see the offset it will fix.
+            correct = self.drift.correction(est) if not self.av_delay.pending_frames else 0
             if correct:
                 self.av_delay.correct(correct)
                 st.sync_corrections += 1
-                st.av_correction_seconds = self.av_delay.net_frames / fps
-                assert self.sync is not None
-                self.sync.restart()  # frames before the correction no longer describe the stream
-                log.info("room %s: video %s audio by %d frame(s); correction now %+d",
-                         self.session_id, "behind" if correct > 0 else "ahead of",
-                         abs(correct), self.av_delay.net_frames)
+                log.info("room %s: video %s audio by %d frame(s); correcting to %+d at the next "
+                         "pause", self.session_id, "behind" if correct > 0 else "ahead of",
+                         abs(correct), self.av_delay.net_frames + self.av_delay.pending_frames)
         try:
             self.on_sync(self, est)
         except Exception:  # a reporting problem must not kill the stream
