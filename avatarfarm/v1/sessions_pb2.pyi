@@ -21,6 +21,7 @@ class SessionEventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SESSION_EVENT_KIND_BUDGET: _ClassVar[SessionEventKind]
     SESSION_EVENT_KIND_QUEUED: _ClassVar[SessionEventKind]
     SESSION_EVENT_KIND_LICENCE: _ClassVar[SessionEventKind]
+    SESSION_EVENT_KIND_SYNC: _ClassVar[SessionEventKind]
 
 class UsageDimension(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -38,6 +39,7 @@ SESSION_EVENT_KIND_PREEMPTED: SessionEventKind
 SESSION_EVENT_KIND_BUDGET: SessionEventKind
 SESSION_EVENT_KIND_QUEUED: SessionEventKind
 SESSION_EVENT_KIND_LICENCE: SessionEventKind
+SESSION_EVENT_KIND_SYNC: SessionEventKind
 USAGE_DIMENSION_UNSPECIFIED: UsageDimension
 USAGE_DIMENSION_TENANT: UsageDimension
 USAGE_DIMENSION_TIER: UsageDimension

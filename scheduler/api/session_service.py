@@ -46,6 +46,7 @@ _EVENT_KINDS = {
     EventKind.BUDGET: sessions_pb2.SESSION_EVENT_KIND_BUDGET,
     EventKind.QUEUED: sessions_pb2.SESSION_EVENT_KIND_QUEUED,
     EventKind.LICENCE: sessions_pb2.SESSION_EVENT_KIND_LICENCE,
+    EventKind.SYNC: sessions_pb2.SESSION_EVENT_KIND_SYNC,
 }
 _DIMENSIONS = {
     sessions_pb2.USAGE_DIMENSION_TENANT: Dimension.TENANT,

@@ -37,6 +37,7 @@ from scheduler.policy.admission import FairQueue
 from scheduler.policy.cost import CostBook
 from scheduler.policy.ladder import Ladder
 from scheduler.policy.placement import Fleet, RoomReq
+from scheduler.policy.sync import SyncWatch
 from scheduler.state.avatars import AuditAction, AvatarRegistry
 from scheduler.state.commit import GroupCommit
 from scheduler.state.metering import Metering
@@ -125,6 +126,7 @@ class SessionMachine:
         # (when read, avatars in avatar_dir, the video avatars among them)
         self._avatars: tuple[float, frozenset[str], frozenset[str]] = (-1.0, frozenset(), frozenset())
         self._worker_avatars: collections.Counter[str] = collections.Counter()
+        self._sync_watch: dict[str, SyncWatch] = {}  # live rooms' lip-sync checks out of bounds
         self._scripts: dict[str, list[ScriptSegment]] = {}  # live text rooms' scripts
         self._exhausted: dict[str, float] = {}  # tenant -> when its spend budget ran out
         self._started_at = clock()
@@ -346,7 +348,14 @@ class SessionMachine:
         total = plus(s.base, progress)
         if total.stream_seconds < s.progress.stream_seconds:
             return s
+        watch, told = self._sync_watch.get(s.session_id, SyncWatch()).after(
+            s.progress, total, s.quality.fps)
+        self._sync_watch[s.session_id] = watch
         s = s.with_progress(total, now)
+        if told:
+            log.info("session %s: %s", s.session_id, told)
+            self._commit(s, EventKind.SYNC, told)
+            return s
         self.sessions.progressed(s)
         self._progress_dirty[s.session_id] = s
         if notify and s.session_id in self._watchers:
@@ -371,6 +380,7 @@ class SessionMachine:
         if s.state.terminal:
             self._pending_since.pop(s.session_id, None)
             self._handovers.pop(s.session_id, None)
+            self._sync_watch.pop(s.session_id, None)
         if s.state.terminal and (prev is None or not prev.state.terminal):
             self._scripts.pop(s.session_id, None)
             self.queue.remove(s.session_id)

@@ -87,6 +87,7 @@ class EventKind(enum.Enum):
     BUDGET = "budget"
     QUEUED = "queued"
     LICENCE = "licence"  # the avatar's licence expired or was revoked
+    SYNC = "sync"  # lips and voice stayed out of sync, or came back together
 
 
 @dataclass(frozen=True, slots=True)

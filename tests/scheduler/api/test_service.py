@@ -277,6 +277,36 @@ def test_rooms_flow_through_a_worker_and_are_billed(tmp_path: Path, model_dir: P
     run(body)
 
 
+def test_a_room_whose_lips_stay_out_of_sync_raises_an_event(tmp_path: Path, model_dir: Path) -> None:
+    async def body() -> None:
+        async with scheduler(tmp_path, model_dir) as (running, stub, ch):
+            s = await stub.CreateSession(create_req("r1"))
+            events: asyncio.Queue[sessions_pb2.SessionEvent] = asyncio.Queue()
+
+            async def watch() -> None:
+                async for ev in stub.WatchSession(sessions_pb2.WatchSessionRequest(session_id=s.session_id)):
+                    await events.put(ev)
+
+            watcher = asyncio.create_task(watch())
+            worker = ProtocolWorker(ch, "w1")
+            await worker.next("assign")
+            running_state = types_pb2.SESSION_STATE_RUNNING
+            # Two conclusive checks 120 ms apart in a row (the worker could not correct it).
+            for n, frames in ((1, 250), (2, 500)):
+                worker.report(s.session_id, running_state, frames=frames, av_offset_seconds=0.12,
+                              sync_checks=n)
+            while True:
+                ev = await asyncio.wait_for(events.get(), 10)
+                if ev.kind == sessions_pb2.SESSION_EVENT_KIND_SYNC:
+                    break
+            assert "120 ms apart (video behind)" in ev.message
+            assert ev.session.progress.sync_checks == 2
+            watcher.cancel()
+            await worker.close()
+
+    run(body)
+
+
 def test_a_room_that_fits_nowhere_waits_then_is_placed(tmp_path: Path, model_dir: Path) -> None:
     async def body() -> None:
         async with scheduler(tmp_path, model_dir, degradation_ladder=[]) as (_, stub, ch):
