@@ -99,3 +99,20 @@ def test_the_worker_benchmark_runs_rooms_on_a_video_avatar() -> None:
     load = next(line for line in out.stdout.splitlines() if line.startswith("batched ")).split()
     # The face model ran for the speaking frames of the room, and only for them.
     assert load[1] == "1" and 0 < float(load[7].rstrip("%")) < 100
+
+
+@pytest.mark.slow
+def test_the_soak_runs_every_drive_mode_and_reads_its_outputs_back() -> None:
+    out = subprocess.run(
+        [sys.executable, "loadtests/soak.py", "--stream-seconds", "12", "--sample-every", "1"],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()
+            if line.startswith("  ") and line.split()[0] in ("text", "voice", "mocap")
+            and "ended" in line}
+    assert set(rows) == {"text", "voice", "mocap"}
+    for mode, row in rows.items():
+        # mode, state, frames, frames in the file, late, ts gap, "ms", video s, audio s, checks
+        assert row[2] == row[3] == "300", (mode, row)
+        assert abs(float(row[7]) - 12.0) < 0.05 and abs(float(row[8]) - 12.0) < 0.05
+    assert "corrections in" in out.stdout and "slope" in out.stdout
