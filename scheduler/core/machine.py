@@ -36,6 +36,7 @@ from scheduler.policy import placement, platforms, tenants
 from scheduler.policy.admission import FairQueue
 from scheduler.policy.cost import CostBook
 from scheduler.policy.ladder import Ladder
+from scheduler.policy.overload import OverloadPolicy
 from scheduler.policy.placement import Fleet, RoomReq
 from scheduler.policy.sync import SyncWatch
 from scheduler.state.avatars import AuditAction, AvatarRegistry
@@ -93,6 +94,7 @@ class SessionMachine:
                                                config.rtmp_allowed_ports)
         self.ladder = Ladder.parse(config.degradation_ladder, config.step_up_margin,
                                    config.step_dwell)
+        self.overload_policy = OverloadPolicy()
         # What the core knows: sessions, workers and their placement state, the queue,
         # usage. Readers off the core use `latest` (taken by the last tick) instead.
         self.sessions = SessionTable()
@@ -348,6 +350,10 @@ class SessionMachine:
         total = plus(s.base, progress)
         if total.stream_seconds < s.progress.stream_seconds:
             return s
+        conn = self.workers.get(s.worker_id)
+        if conn is not None:  # the worker's late share, for scheduler.policy.overload
+            conn.frames_since += max(0, total.frames_rendered - s.progress.frames_rendered)
+            conn.late_since += max(0, total.late_frames - s.progress.late_frames)
         watch, told = self._sync_watch.get(s.session_id, SyncWatch()).after(
             s.progress, total, s.quality.fps)
         self._sync_watch[s.session_id] = watch

@@ -1,7 +1,8 @@
 """Placing rooms: a pass over the fair queue on every event that could let a waiting
 room move and on each tick, reclaiming capacity for rooms guaranteed by a
-reservation when none is free, and stepping degraded rooms back up when their
-worker has room. Where a room goes is decided by the pure policy in
+reservation when none is free, stepping degraded rooms back up when their
+worker has room, and relieving a worker that reports it cannot keep up
+(`scheduler.policy.overload`). Where a room goes is decided by the pure policy in
 `scheduler.policy.placement`; this layer carries the choice into the session table
 and the worker's commands."""
 
@@ -12,12 +13,12 @@ import logging
 
 from avatarfarm.domain import Quality, SessionState, Tier
 from scheduler.core.machine import SessionMachine, carried_out
-from scheduler.policy import placement, tenants
-from scheduler.policy.placement import ActionKind, RoomReq
+from scheduler.policy import overload, placement, tenants
+from scheduler.policy.placement import ActionKind, RoomReq, WorkerState
 from scheduler.state.avatars import AuditAction
 from scheduler.state.sessions import EventKind, Session
 from scheduler.state.table import LIVE
-from scheduler.state.worker_conn import AssignCmd, ReconfigureCmd, ReleaseCmd
+from scheduler.state.worker_conn import AssignCmd, ReconfigureCmd, ReleaseCmd, WorkerConn
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,52 @@ class Placement(SessionMachine):
             self._decided.send(conn.worker_id, ReconfigureCmd(s.session_id, quality, step, message))
         self._open_interval(s, now)
         return s
+
+    @carried_out
+    def relieve_overloads(self) -> int:
+        """Each worker's late share since the last tick (from its rooms' progress): one
+        that stays over the policy's share has its capacity taken down to what it
+        delivers and one room stepped down; one that has been quiet gets capacity back.
+        Returns the rooms stepped down."""
+        policy, now, stepped = self.overload_policy, self.clock(), 0
+        for conn in list(self.workers.values()):
+            frames, late = conn.frames_since, conn.late_since
+            conn.frames_since = conn.late_since = 0
+            w = self.fleet.workers.get(conn.worker_id)
+            if w is None or frames == 0:
+                continue
+            if not conn.full_capacity:
+                conn.full_capacity = w.compute_capacity
+            late_share = late / frames
+            conn.overload, act = conn.overload.after(late_share, now, policy)
+            if conn.overload.quiet >= policy.recover_after and w.compute_capacity < conn.full_capacity:
+                self.fleet.set_capacity(conn.worker_id, overload.recovered_capacity(
+                    w.compute_capacity, conn.full_capacity, policy))
+            if act:
+                stepped += self._relieve(conn, w, late_share, now)
+        return stepped
+
+    def _relieve(self, conn: WorkerConn, w: WorkerState, late_share: float, now: float) -> int:
+        self.fleet.set_capacity(conn.worker_id, overload.delivered_capacity(
+            w.compute_capacity, w.compute_load, late_share, self.fleet.target))
+        rooms = []
+        for rid in w.rooms:
+            r = self.sessions.get(rid)
+            if r is not None and r.state in LIVE:
+                rooms.append(overload.RoomOnWorker(
+                    rid, r.spec.tier, r.step, self.ladder.next_down(r.spec.quality, r.step) is not None,
+                    r.seq))
+        chosen = overload.room_to_step_down(rooms)
+        why = f"worker {conn.worker_id} is over capacity ({late_share:.1%} of its frames late)"
+        if chosen is None:
+            log.warning("%s and has no room left to step down", why)
+            return 0
+        s = self.sessions[chosen]
+        down = self.ladder.next_down(s.spec.quality, s.step)
+        assert down is not None
+        log.info("%s: stepping down room %s", why, chosen)
+        self._restep(s, down[0], now, why)
+        return 1
 
     @carried_out
     def step_up(self) -> int:

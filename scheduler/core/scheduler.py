@@ -372,6 +372,7 @@ class Scheduler(Enforcement):
         self.enforce_licences()
         self.place_pending()
         self.advance_drains()
+        self.relieve_overloads()
         self.step_up()
         if self.clock() >= self._next_usage_flush:
             self._next_usage_flush = self.clock() + self.config.usage_flush_interval

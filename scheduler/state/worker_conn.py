@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from avatarfarm.domain import Quality, ScriptSegment, SessionSpec
 from scheduler.policy import placement
+from scheduler.policy.overload import OverloadWatch
 from scheduler.policy.placement import MemoryProfile
 from scheduler.policy.platforms import Label
 
@@ -77,6 +78,13 @@ class WorkerConn:
     draining_until: float | None = None
     drain_reason: str = ""
     drain_outcome: str = ""  # "completed" or "deadline", once decided
+    # Frames its rooms reported, and how many of them late, since the last tick; its
+    # late frames over recent ticks; the compute capacity it registered with (what an
+    # overload takes down and recovery brings back to).
+    frames_since: int = 0
+    late_since: int = 0
+    overload: OverloadWatch = field(default_factory=OverloadWatch)
+    full_capacity: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,7 +60,7 @@ class DriftPolicy:
     After a correction the history starts again: the checks before it describe another
     stream."""
 
-    def __init__(self, window: int = 12, one_frame: float = 0.75) -> None:
+    def __init__(self, window: int = 12, one_frame: float = 0.9) -> None:
         self.window = window
         self.one_frame = one_frame
         self._recent: collections.deque[int] = collections.deque(maxlen=window)

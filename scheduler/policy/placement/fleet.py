@@ -95,6 +95,13 @@ class Fleet:
         w.accepting = accepting
         self._reindex(w)
 
+    def set_capacity(self, worker_id: str, compute_capacity: float) -> None:
+        """The worker's compute capacity as it has shown it (an overloaded worker's is
+        taken down to what it delivers; see scheduler.policy.overload)."""
+        w = self.workers[worker_id]
+        w.compute_capacity = compute_capacity
+        self._reindex(w)
+
     def _reindex(self, w: WorkerState) -> None:
         wid = w.worker_id
         free = max(0.0, w.compute_capacity * self.target - w.compute_load) if w.accepting else 0.0

@@ -279,7 +279,7 @@ def test_rooms_flow_through_a_worker_and_are_billed(tmp_path: Path, model_dir: P
 
 def test_a_room_whose_lips_stay_out_of_sync_raises_an_event(tmp_path: Path, model_dir: Path) -> None:
     async def body() -> None:
-        async with scheduler(tmp_path, model_dir) as (running, stub, ch):
+        async with scheduler(tmp_path, model_dir) as (_running, stub, ch):
             s = await stub.CreateSession(create_req("r1"))
             events: asyncio.Queue[sessions_pb2.SessionEvent] = asyncio.Queue()
 
@@ -302,6 +302,46 @@ def test_a_room_whose_lips_stay_out_of_sync_raises_an_event(tmp_path: Path, mode
             assert "120 ms apart (video behind)" in ev.message
             assert ev.session.progress.sync_checks == 2
             watcher.cancel()
+            await worker.close()
+
+    run(body)
+
+
+def test_a_worker_losing_frames_gets_its_best_effort_room_stepped_down(tmp_path: Path,
+                                                                       model_dir: Path) -> None:
+    async def body() -> None:
+        async with scheduler(tmp_path, model_dir, heartbeat_interval=0.1,
+                             worker_timeout=30.0) as (_running, stub, ch):
+            tiers = {"p": types_pb2.TIER_PREMIUM, "s": types_pb2.TIER_STANDARD,
+                     "b": types_pb2.TIER_BEST_EFFORT}
+            sids = {}
+            for name, tier in tiers.items():
+                s = await stub.CreateSession(create_req(f"room-{name}", tier=tier, seconds=0.0))
+                sids[name] = s.session_id
+            worker = ProtocolWorker(ch, "w1")
+            for _ in tiers:
+                await worker.next("assign")
+            # Every room a third of its frames late, report after report: the worker is past
+            # what it delivers.
+            frames = 0
+            reconfigured = None
+            for _ in range(100):
+                frames += 25
+                for sid in sids.values():
+                    worker.report(sid, types_pb2.SESSION_STATE_RUNNING, frames=frames,
+                                  late_frames=frames // 3)
+                try:
+                    reconfigured = await asyncio.wait_for(worker.next("reconfigure"), 0.1)
+                    break
+                except TimeoutError:
+                    continue
+            assert reconfigured is not None, "no room was stepped down"
+            r = reconfigured.reconfigure
+            # One step down the ladder (512 -> 384 at 25 fps), the best-effort room's.
+            assert r.session_id == sids["b"] and r.quality.width == 384 and r.step > 0
+            assert "over capacity" in r.reason
+            b = await stub.GetSession(sessions_pb2.GetSessionRequest(session_id=sids["b"]))
+            assert b.degradation_step == r.step and b.rendering.width == 384
             await worker.close()
 
     run(body)
