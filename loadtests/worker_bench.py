@@ -20,6 +20,17 @@ takes the renderer's place; silent windows skip it, so the model's share of fram
 is printed too.
 
     python loadtests/worker_bench.py --family wav2lip --size 512x512 --rooms 1,2,3
+
+Overload and the host path: ``--tiers mixed`` gives the rooms tiers (one in eight
+premium, half standard, the rest best effort) and prints late frames by tier, to ramp
+past capacity (e.g. to 1.5x) and see who loses; ``--renderer null`` swaps the renderer
+for one that costs nothing (the portrait passed through), so frames/s is the worker's
+own per-frame ceiling: producer, batcher, emitter, canvas and encoders.
+
+    python loadtests/worker_bench.py --size 128x128 --rooms 10,15,20,30 --modes batched \\
+        --tiers mixed
+    python loadtests/worker_bench.py --size 128x128 --rooms 20,40,60 --modes batched \\
+        --renderer null
 """
 
 from __future__ import annotations
@@ -72,6 +83,7 @@ class Load:
     batches: collections.Counter[int] = field(default_factory=collections.Counter)
     stage: dict[str, float] = field(default_factory=dict)  # seconds per frame
     model_frames: int = 0  # frames the render/face model ran for (silent ones skip it)
+    by_tier: dict[str, tuple[int, int]] = field(default_factory=dict)  # tier -> (frames, late)
 
     @property
     def rendered_fps(self) -> float:
@@ -82,13 +94,21 @@ class Load:
         return self.late / max(self.frames, 1)
 
 
+def tier_of(i: int, mixed: bool) -> Tier:
+    """One room in eight premium, half standard, the rest best effort (mixed)."""
+    if not mixed:
+        return Tier.STANDARD
+    return Tier.PREMIUM if i % 8 == 0 else Tier.STANDARD if i % 2 == 1 else Tier.BEST_EFFORT
+
+
 async def run_load(pipeline: Pipeline, n: int, quality: Quality, seconds: float, out: Path,
-                   encoder: EncoderSettings, label: str, avatar: str = "presenter") -> Load:
+                   encoder: EncoderSettings, label: str, avatar: str = "presenter",
+                   mixed: bool = False) -> Load:
     key = pipeline.face_key if avatar == VIDEO_AVATAR else pipeline.render_key(quality.render_side)
     before = pipeline.engine.stats().get(key)
     rooms = []
     for i in range(n):
-        spec = SessionSpec("bench", f"room-{i}", avatar, DriveMode.TEXT, quality, Tier.STANDARD,
+        spec = SessionSpec("bench", f"room-{i}", avatar, DriveMode.TEXT, quality, tier_of(i, mixed),
                            Output(OutputKind.FILE, f"{label}/n{n}/room-{i}.mp4"), seconds, SCRIPT)
         target = OutputTarget.resolve(OutputKind.FILE, spec.output.target, out)
         rooms.append(Room(f"s{i}", spec, target, pipeline, pacing=Pacing.REALTIME,
@@ -110,7 +130,28 @@ async def run_load(pipeline: Pipeline, n: int, quality: Quality, seconds: float,
     stage = {s: sum(r.stats.stage_seconds[s] for r in rooms) / max(frames, 1)
              for s in ("audio_to_motion", "render", "encode", "tts")}
     model_frames = sum(r.stats.batched_items for r in rooms)
-    return Load(n, wall, frames, late, batches, stage, model_frames)
+    by_tier: dict[str, tuple[int, int]] = {}
+    for r in rooms:
+        f, lt = by_tier.get(r.spec.tier.value, (0, 0))
+        by_tier[r.spec.tier.value] = (f + r.stats.frames_rendered, lt + r.stats.late_frames)
+    return Load(n, wall, frames, late, batches, stage, model_frames, by_tier)
+
+
+def write_null_renderer(path: Path) -> None:
+    """A renderer of the reference interface that passes the portrait through: the
+    device costs nothing, so what limits frames/s is the worker's own path."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["avatar"], ["frame"])], "null_renderer",
+        [helper.make_tensor_value_info("avatar", TensorProto.FLOAT, ["B", 3, "S", "S"]),
+         helper.make_tensor_value_info("motion", TensorProto.FLOAT, ["B", 8])],
+        [helper.make_tensor_value_info("frame", TensorProto.FLOAT, ["B", 3, "S", "S"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
 
 
 def histogram(c: collections.Counter[int]) -> str:
@@ -123,6 +164,9 @@ def print_load(mode: str, load: Load) -> None:
           f"{st['render'] * 1000:8.2f} {st['audio_to_motion'] * 1000:6.2f} "
           f"{st['encode'] * 1000:7.2f} {100 * load.model_frames / max(load.frames, 1):6.0f}%  "
           f"{histogram(load.batches)}", flush=True)
+    if len(load.by_tier) > 1:
+        print(" " * 15 + "late by tier: " + ", ".join(
+            f"{t} {100 * lt / max(f, 1):.2f}%" for t, (f, lt) in sorted(load.by_tier.items())), flush=True)
 
 
 def sustained(loads: list[Load]) -> Load | None:
@@ -142,6 +186,10 @@ async def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: auto)")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--batch-wait", type=float, default=0.02)
+    ap.add_argument("--tiers", default="standard", choices=["standard", "mixed"],
+                    help="every room standard, or mixed tiers with late frames printed by tier")
+    ap.add_argument("--renderer", default="model", choices=["model", "null"],
+                    help="null: a renderer that costs nothing, for the host path's own ceiling")
     ap.add_argument("--no-shed", action="store_true",
                     help="under overload serve tier first instead of shedding the lowest tier early")
     ap.add_argument("--encoder-preset", default="veryfast")
@@ -159,6 +207,8 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         folder = build_reference(root / "models", args.preset, wav2lip=args.wav2lip)
+        if args.renderer == "null":
+            write_null_renderer(folder.renderer)
         video = args.family == "wav2lip"
         avatar = "presenter"
         if video:
@@ -189,7 +239,8 @@ async def main() -> None:
             portrait = p.avatar_tensor_sync("presenter", side)
             alone = measure_curve(lambda b: p.render_batch_sync(portrait, b), batch_sizes(args.max_batch), 10)
             gmac = RENDERER_PRESETS[args.preset].gmac_per_frame(side)
-            what = f"renderer {args.preset} {gmac:.2f} GMAC/frame at {side}x{side}"
+            what = (f"renderer {args.preset} {gmac:.2f} GMAC/frame at {side}x{side}"
+                    if args.renderer == "model" else "null renderer (the portrait passed through)")
         best_b, best_fps = alone.throughput(latency_bound=0.2)
         capacity_rooms = best_fps / quality.fps
         print(f"device: {p.provider} ({os.cpu_count()} cores, {threads} inference threads); "
@@ -206,7 +257,7 @@ async def main() -> None:
             results[mode] = []
             for n in counts:
                 load = await run_load(pipelines[mode], n, quality, args.seconds, root / "out",
-                                      encoder, mode, avatar)
+                                      encoder, mode, avatar, mixed=args.tiers == "mixed")
                 results[mode].append(load)
                 print_load(mode, load)
         for pl in pipelines.values():
