@@ -320,6 +320,9 @@ class EncoderThread:
             return
         finally:
             self._opened.set()
+        # A frame submitted again (a late frame's replacement repeats the last good one)
+        # is prepared once: under overload, repeats cost the host only their encoding.
+        last: tuple[object, np.ndarray] | None = None
         try:
             while True:
                 item = self._queue.get()
@@ -329,7 +332,9 @@ class EncoderThread:
                     continue
                 rgb, audio, fps = typing.cast(tuple[np.ndarray, np.ndarray, int | None], item)
                 t0 = time.thread_time()
-                self.encoder.encode(self.prepare(rgb), audio, fps)
+                if last is None or last[0] is not rgb:
+                    last = (rgb, self.prepare(rgb))
+                self.encoder.encode(last[1], audio, fps)
                 self.encode_seconds += time.thread_time() - t0
                 self.frames_encoded += 1
         except Exception as e:  # noqa: BLE001 - reported through self.error

@@ -72,3 +72,22 @@ def test_an_unreachable_rtmp_ingest_is_reported_not_raised(tmp_path: Path) -> No
             break
     enc.close()
     assert enc.error is not None
+
+
+def test_a_repeated_frame_is_prepared_once_and_encoded_each_time(tmp_path: Path) -> None:
+    target = OutputTarget.resolve(OutputKind.FILE, "r.mp4", tmp_path)
+    prepared: list[int] = []
+
+    def prepare(frame: np.ndarray) -> np.ndarray:
+        prepared.append(id(frame))
+        return np.repeat(frame, 2, axis=0)  # the canvas: a new array from the frame
+
+    enc = EncoderThread(StreamEncoder(target, 64, 64, 25), prepare=prepare)
+    good, other = np.full((32, 64, 3), 90, np.uint8), np.full((32, 64, 3), 160, np.uint8)
+    audio = np.zeros(640, np.float32)
+    for frame in (good, good, good, other, good):  # two late frames repeat the last good one
+        enc.submit(frame, audio, timeout=10)
+    enc.close()
+    assert enc.error is None and enc.frames_encoded == 5
+    assert prepared == [id(good), id(other), id(good)]
+    assert probe(tmp_path / "r.mp4").frames == 5
