@@ -14,7 +14,7 @@ UV := $(VENV)/.uv/bin/uv
 COMPILE = $(UV) pip compile pyproject.toml --universal --python-version 3.11 --generate-hashes \
 	--quiet --custom-compile-command "make lock" $(if $(UPGRADE),--upgrade)
 
-.PHONY: demo test test-fast proto proto-check lock bench loadtest chaos lint clean
+.PHONY: demo test test-fast proto proto-check lock bench loadtest chaos soak lint clean
 
 $(UV):
 	$(PYTHON) -m venv $(VENV)/.uv
@@ -61,6 +61,10 @@ loadtest: $(STAMP)
 # Failover under load: workers killed at intervals, the scheduler once (about 2 minutes).
 chaos: $(STAMP)
 	$(PY) loadtests/chaos.py
+
+# Hours of stream on a local farm: frames, timestamps, lip sync and memory over time.
+soak: $(STAMP)
+	$(PY) loadtests/soak.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
