@@ -25,7 +25,9 @@ Overload and the host path: ``--tiers mixed`` gives the rooms tiers (one in eigh
 premium, half standard, the rest best effort) and prints late frames by tier, to ramp
 past capacity (e.g. to 1.5x) and see who loses; ``--renderer null`` swaps the renderer
 for one that costs nothing (the portrait passed through), so frames/s is the worker's
-own per-frame ceiling: producer, batcher, emitter, canvas and encoders.
+own per-frame ceiling: producer, batcher, emitter, canvas and encoders; ``--encode off``
+leaves the encoders out (each frame is still converted to its canvas, then dropped),
+for the ceiling of the rest.
 
     python loadtests/worker_bench.py --size 128x128 --rooms 10,15,20,30 --modes batched \\
         --tiers mixed
@@ -44,6 +46,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from avatarfarm.avatars import BUNDLES, write_bundle_pointer
 from avatarfarm.domain import (
@@ -65,7 +69,7 @@ from workers.device.timing import batch_sizes, measure_curve, run_batch_of
 from workers.models.folder import build_reference
 from workers.models.reference import RENDERER_PRESETS
 from workers.models.wav2lip import WAV2LIP_PRESETS
-from workers.output.encode import EncoderSettings, OutputTarget
+from workers.output.encode import EncoderSettings, OutputTarget, StreamEncoder
 from workers.rooms.room import Pacing, Room, RoomState
 
 SCRIPT = (ScriptSegment("Welcome back everyone, the flash sale starts in one minute, so get ready.", 0.5),
@@ -137,6 +141,20 @@ async def run_load(pipeline: Pipeline, n: int, quality: Quality, seconds: float,
     return Load(n, wall, frames, late, batches, stage, model_frames, by_tier)
 
 
+class DroppingEncoder(StreamEncoder):
+    """For --encode off: opens, encodes and writes nothing (the canvas conversion still
+    runs on the encoder thread), so the benchmark measures the rest of the path."""
+
+    def open(self) -> None:
+        pass
+
+    def encode(self, rgb: np.ndarray, audio: np.ndarray, fps: int | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def write_null_renderer(path: Path) -> None:
     """A renderer of the reference interface that passes the portrait through: the
     device costs nothing, so what limits frames/s is the worker's own path."""
@@ -190,6 +208,8 @@ async def main() -> None:
                     help="every room standard, or mixed tiers with late frames printed by tier")
     ap.add_argument("--renderer", default="model", choices=["model", "null"],
                     help="null: a renderer that costs nothing, for the host path's own ceiling")
+    ap.add_argument("--encode", default="on", choices=["on", "off"],
+                    help="off: frames are converted to their canvas and dropped, not encoded")
     ap.add_argument("--no-shed", action="store_true",
                     help="under overload serve tier first instead of shedding the lowest tier early")
     ap.add_argument("--encoder-preset", default="veryfast")
@@ -200,6 +220,10 @@ async def main() -> None:
                     help="cost preset of the Wav2Lip-signature model (--family wav2lip)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.encode == "off":
+        import workers.rooms.room as room_module
+
+        room_module.StreamEncoder = DroppingEncoder  # type: ignore[attr-defined]
     w, _, h = args.size.partition("x")
     quality = Quality(int(w), int(h or w), args.fps)
     counts = [int(x) for x in args.rooms.split(",")]
