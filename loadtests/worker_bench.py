@@ -213,7 +213,9 @@ async def main() -> None:
     ap.add_argument("--no-shed", action="store_true",
                     help="under overload serve tier first instead of shedding the lowest tier early")
     ap.add_argument("--encoder-preset", default="veryfast")
-    ap.add_argument("--modes", default="per-room,batched", help="which modes to run")
+    ap.add_argument("--modes", default="per-room,batched",
+                    help="which modes to run: per-room, batched, tier-first (batched, serving tier "
+                         "first under overload instead of shedding); loads alternate between them")
     ap.add_argument("--family", default="reference", choices=["reference", "wav2lip"],
                     help="reference: the portrait renderer; wav2lip: a video avatar, face model")
     ap.add_argument("--wav2lip", default="wav2lip_96", choices=sorted(WAV2LIP_PRESETS),
@@ -249,6 +251,9 @@ async def main() -> None:
                                 policy=BatchPolicy(max_batch=args.max_batch, max_wait=args.batch_wait,
                                                    shed=not args.no_shed)),
         }
+        if "tier-first" in args.modes.split(","):
+            pipelines["tier-first"] = Pipeline(folder, provider, threads, policy=BatchPolicy(
+                max_batch=args.max_batch, max_wait=args.batch_wait, shed=False))
         side = quality.render_side
         for name, p in pipelines.items():
             measure(p, [side], [], iterations=5, max_batch=1 if name == "per-room" else args.max_batch)
@@ -276,10 +281,12 @@ async def main() -> None:
         print(f"\n{'mode':9s} {'rooms':>5s} {'frames/s':>8s} {'late':>8s} {'render':>8s} {'a2m':>6s} "
               f"{'encode':>7s} {'model':>7s}  model batch sizes (size:calls)")
         print(f"{'':9s} {'':5s} {'':8s} {'':8s} {'ms/frame device':>15s} {'cpu ms':>8s} {'frames':>7s}")
-        results: dict[str, list[Load]] = {}
-        for mode in args.modes.split(","):
-            results[mode] = []
-            for n in counts:
+        modes = args.modes.split(",")
+        results: dict[str, list[Load]] = {m: [] for m in modes}
+        # Load by load, the modes in turn: a machine whose speed drifts during the run
+        # drifts for every mode alike.
+        for n in counts:
+            for mode in modes:
                 load = await run_load(pipelines[mode], n, quality, args.seconds, root / "out",
                                       encoder, mode, avatar, mixed=args.tiers == "mixed")
                 results[mode].append(load)

@@ -14,9 +14,9 @@ items:
   miss, the device is overloaded: rather than let earliest-deadline-first run
   frames that end up late anyway and cascade misses into the frames behind them,
   the policy sheds, now, the fewest items that make the rest fit: lowest tier
-  first (best effort before any standard frame, premium last), within a tier the
-  earliest due (the frames already in trouble, which rotate across rooms). The
-  device only works on frames that will be shown, at its full throughput;
+  first (best effort before any standard frame; premium never on a forecast),
+  within a tier the earliest due (the frames already in trouble, which rotate
+  across rooms), and serves what is left tier first;
 * a batch that is not full may wait for more items, but never past the slack:
   the forecast must still make every deadline after the wait, with room for the
   batch to grow to its maximum, and never longer than `max_wait`.
@@ -116,7 +116,9 @@ def decide(queue: Sequence[Queued], now: float, curves: Mapping[Any, LatencyCurv
         live = [q for q in live if q.item_id not in gone]
         if not live:
             return Decision(drop=drop, overloaded=True, shed=shed)
-    if overloaded and not shed:
+    if overloaded:
+        # What is left fits on paper; the paper can be optimistic (a busy host makes calls
+        # slower than measured), so the higher tiers still go first.
         order = sorted(live, key=lambda q: (q.priority, q.deadline, q.item_id))
     else:
         order = sorted(live, key=lambda q: (q.deadline, q.item_id))
@@ -125,7 +127,7 @@ def decide(queue: Sequence[Queued], now: float, curves: Mapping[Any, LatencyCurv
     same = [q for q in order if q.key == key]
     cap = curve.useful_batch(policy.max_batch)
     batch = _grow(same, now, curve, policy, cap) or [order[0]]
-    if (not overloaded or shed) and len(batch) < cap and len(batch) == len(same):
+    if not overloaded and len(batch) < cap and len(batch) == len(same):
         # Room to grow and nothing else of this shape waiting: wait for company, within slack.
         growth = _planned(curve, cap, policy) - _planned(curve, len(batch), policy)
         oldest = min(q.enqueued for q in batch)
@@ -138,13 +140,16 @@ def decide(queue: Sequence[Queued], now: float, curves: Mapping[Any, LatencyCurv
 def shed_for(items: Sequence[Queued], now: float, curves: Mapping[Any, LatencyCurve],
              policy: BatchPolicy, misses: int) -> tuple[tuple[Queued, ...], Forecast]:
     """The items to give up so that the rest makes every deadline, and the forecast of
-    the rest: lowest tier first, earliest deadline first within a tier. Starts from as
-    many as the forecast misses and sheds each further miss found, so it costs a few
-    forecasts, not a search."""
-    order = sorted(items, key=lambda q: (-q.priority, q.deadline, q.item_id))
+    the rest: lowest tier first, earliest deadline first within a tier. Premium items
+    are never given up on a forecast (only dropped once even a batch of one would be
+    late): the forecast is a plan, and a busy host makes it pessimistic as often as
+    not. Starts from as many as the forecast misses and sheds each further miss found,
+    so it costs a few forecasts, not a search."""
+    kept = [q for q in items if q.priority <= 0]
+    order = sorted((q for q in items if q.priority > 0), key=lambda q: (-q.priority, q.deadline, q.item_id))
     k = min(misses, len(order))
     while True:
-        plan = forecast(order[k:], now, curves, policy)
+        plan = forecast([*kept, *order[k:]], now, curves, policy)
         if plan.misses == 0 or k >= len(order):
             return tuple(order[:k]), plan
         k = min(k + plan.misses, len(order))

@@ -217,3 +217,12 @@ def test_at_one_and_a_half_times_capacity_the_device_delivers_its_peak_and_the_l
     assert lost_by_tier[0] == 0 and lost_by_tier[1] == 0 and lost_by_tier[2] > 0
     # Nothing the device ran was late: no work spent on frames that are not shown.
     assert all(t <= by_id[i].deadline + 1e-12 for i, t in out.finished.items())
+
+
+def test_premium_items_are_never_shed_on_a_forecast_only_dropped_when_hopeless() -> None:
+    # Forty premium frames due within 60 ms: about 17 can be served; the rest are dropped
+    # one by one once even a batch of one would be late, never given up on the plan.
+    items = [item(i, 0.060, priority=0) for i in range(40)]
+    out = simulate(items)
+    assert not out.shed and out.dropped
+    assert len(out.finished) + len(out.dropped) == 40
