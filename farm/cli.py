@@ -275,8 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare-avatar", help="prepare an avatar bundle from a base video of the person",
         description="Decodes a 5-60 s clip of one person (MP4, MOV, WebM), finds and tracks the "
                     "face in every frame, and writes a content-addressed bundle (face boxes, "
-                    "crops at each lip-sync model's side, the clip) under --out. Preparing the "
-                    "same clip again finds the bundle and does nothing.")
+                    "crops at each lip-sync model's side, the frames, the clip) under the avatar "
+                    "folder's bundles/. Preparing the same clip again finds the bundle and does "
+                    "nothing.")
     pa.add_argument("--video", type=Path, required=True, help="the base video file")
     pa.add_argument("--avatar-dir", type=Path, default=Path("var/models/avatars"),
                     help="the avatar folder (default var/models/avatars); the bundle is written "

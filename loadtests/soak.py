@@ -220,7 +220,7 @@ def report(run: Run, sessions: dict[str, types_pb2.Session], out_dir: Path) -> N
         print(f"  {mode:<6} {state:<7} {s.progress.frames_rendered:>8} {frames:>8} {s.progress.late_frames:>6} "
               f"{gap * 1000:>10.1f} ms {video_s:>9.2f} {audio_s:>9.2f} {s.progress.sync_checks:>7}")
     samples = run.samples
-    stream_hours = sum(max(s.stream.values(), default=0.0) for s in samples[-1:]) / 3600
+    longest = max(samples[-1].stream.values(), default=0.0)  # stream seconds of the longest room
     total_hours = sum(samples[-1].stream.values()) / 3600 if samples else 0.0
     print(f"\nlip sync: {samples[-1].corrections:.0f} corrections in {total_hours:.2f} stream-hours "
           f"= {samples[-1].corrections / max(total_hours, 1e-9):.1f} per stream-hour")
@@ -232,7 +232,7 @@ def report(run: Run, sessions: dict[str, types_pb2.Session], out_dir: Path) -> N
             parts.append("-" if not offs else
                          "/".join(f"{v:+.0f}" for v in np.percentile(offs, [5, 50, 95])))
         print(f"  {mode:<6} offset ms p5/p50/p95 by quarter: {'  '.join(parts)}")
-    warm = [s for s in samples if max(s.stream.values(), default=0.0) >= WARM_UP * stream_hours * 3600]
+    warm = [s for s in samples if max(s.stream.values(), default=0.0) >= WARM_UP * longest]
     print("\nprocesses (RSS slope after warm-up, per stream-hour of the longest room)")
     for name in samples[0].rss:
         xs = [max(s.stream.values()) / 3600 for s in warm]

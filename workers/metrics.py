@@ -31,6 +31,9 @@ class WorkerMetrics:
         self.dropped = Counter("avatarfarm_worker_items_dropped",
                                "Items the batcher dropped because they could not make their "
                                "deadline", ["model"], registry=r)
+        self.shed = Counter("avatarfarm_worker_items_shed",
+                            "Items the batcher gave up early because the device was overloaded "
+                            "(lowest tier first)", ["model"], registry=r)
         self.capacity = Gauge("avatarfarm_worker_capacity_items_per_second",
                               "Items per second at the best batch size within the latency budget, "
                               "from the latency profile corrected by live timings", ["model"],

@@ -343,6 +343,7 @@ class WorkerAgent:
                     self.metrics.batches.labels(model, str(size)).inc(calls - before.batch_sizes[size])
             self.metrics.batch_items.labels(model).inc(st.items - before.items)
             self.metrics.dropped.labels(model).inc(st.dropped - before.dropped)
+            self.metrics.shed.labels(model).inc(st.shed - before.shed)
             self.metrics.capacity.labels(model).set(
                 engine.curve(key).throughput(self.latency_budget)[1])
             self._engine_reported[key] = st
