@@ -120,18 +120,22 @@ class SyncMonitor:
     """A room's rolling window of (audio, frame) and its check schedule.
 
     Pushing a frame only keeps references (the emitted audio chunk and the frame as
-    rendered, neither written to afterwards); the audio features and mouth crops are
-    computed for the one window a check takes, not for every frame of the stream."""
+    the room carries it, neither written to afterwards); the audio features and mouth
+    crops are computed for the one window a check takes, not for every frame of the
+    stream. `view` turns a carried frame into the [3, S, S] image the crop reads (a
+    video avatar's frame is its base index and redrawn face)."""
 
-    def __init__(self, window: int, crop: MouthCrop, every_frames: int) -> None:
+    def __init__(self, window: int, crop: MouthCrop, every_frames: int,
+                 view: typing.Callable[[typing.Any], np.ndarray] = lambda frame: frame) -> None:
         self.window = window
         self.crop = crop
+        self.view = view
         self.every_frames = max(every_frames, window)
         self._audio: collections.deque[np.ndarray] = collections.deque(maxlen=window)
-        self._frames: collections.deque[np.ndarray] = collections.deque(maxlen=window)
+        self._frames: collections.deque[typing.Any] = collections.deque(maxlen=window)
         self._since = 0
 
-    def push(self, audio: np.ndarray, frame: np.ndarray) -> None:
+    def push(self, audio: np.ndarray, frame: typing.Any) -> None:
         self._audio.append(audio)
         self._frames.append(frame)
         self._since += 1
@@ -143,7 +147,7 @@ class SyncMonitor:
         """The window to check ([T, 80], [T, 3, H, W]); the schedule restarts."""
         self._since = 0
         return (np.stack([audio_feature(a) for a in self._audio]),
-                np.stack([self.crop(f) for f in self._frames]))
+                np.stack([self.crop(self.view(f)) for f in self._frames]))
 
     def restart(self) -> None:
         """Forget the window (after a correction, old frames no longer describe the stream)."""

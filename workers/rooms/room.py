@@ -365,6 +365,8 @@ class Room:
         try:
             if self.video_avatar:
                 self.face = await self.pipeline.face_avatar(self.spec.avatar_id)
+                if self.sync is not None:
+                    self.sync.view = self.face.mouth_view
                 avatar: typing.Any = FaceFrame(0)
             else:
                 avatar = await self._portrait(q.render_side)
@@ -605,7 +607,7 @@ class Room:
                 if self.sync is not None:
                     self.sync.restart()
             if self.sync is not None:
-                self.sync.push(audio, self.face.mouth_view(frame) if self.face is not None else frame)
+                self.sync.push(audio, frame)
                 if self.sync.due() and self._sync_task is None:
                     self._sync_task = asyncio.create_task(
                         self._check_sync(*self.sync.take(), fps, self._fps_changes))
