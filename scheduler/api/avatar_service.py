@@ -285,7 +285,9 @@ class AvatarService(avatars_pb2_grpc.AvatarServiceServicer):
                           context: grpc.aio.ServicerContext) -> avatars_pb2.ListAvatarsResponse:
         found = await _guard(context, lambda: self.core.avatars.of(
             auth.tenant_scope(caller(), convert.tenant_from_pb(request.tenant))))
-        return avatars_pb2.ListAvatarsResponse(avatars=[self._to_pb(a) for a in found])
+        # Each video avatar's bundle is read from its pointer file: off the event loop.
+        pbs = await asyncio.to_thread(lambda: [self._to_pb(a) for a in found])
+        return avatars_pb2.ListAvatarsResponse(avatars=pbs)
 
     async def RevokeLicence(self, request: avatars_pb2.RevokeLicenceRequest,
                             context: grpc.aio.ServicerContext) -> avatars_pb2.Avatar:
