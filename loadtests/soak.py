@@ -11,10 +11,15 @@ At the end it reads the outputs back and prints:
   audio and video durations at the end of each output;
 - lip-sync corrections per stream-hour, and offset percentiles per quarter of the run;
 - worker and scheduler RSS slope per stream-hour after warm-up (the first fifth);
-  threads and open files at the start and the end.
+  threads and open files at the start and the end;
+- how often the worker re-reported its latency profiles (from its log).
+
+With ``--video-drift-ppm`` the worker's fault injection makes every room's video fall
+behind its audio at that rate (whole frames), so the corrector has a real drift to follow.
 
     python loadtests/soak.py --stream-seconds 7200                 # two hours per room
     python loadtests/soak.py --stream-seconds 60 --modes text      # a quick look
+    python loadtests/soak.py --stream-seconds 7200 --video-drift-ppm 100
 """
 
 from __future__ import annotations
@@ -210,7 +215,7 @@ def _slope(xs: list[float], ys: list[float]) -> float:
     return float(np.polyfit(np.array(xs), np.array(ys, dtype=float), 1)[0])
 
 
-def report(run: Run, sessions: dict[str, types_pb2.Session], out_dir: Path) -> None:
+def report(run: Run, sessions: dict[str, types_pb2.Session], out_dir: Path, worker_log: Path) -> None:
     print("\nrooms")
     print(f"  {'mode':<6} {'state':<7} {'frames':>8} {'in file':>8} {'late':>6} {'video ts gap':>13} "
           f"{'video s':>9} {'audio s':>9} {'checks':>7}")
@@ -241,6 +246,8 @@ def report(run: Run, sessions: dict[str, types_pb2.Session], out_dir: Path) -> N
               f"MiB, slope {slope:+.1f} MiB per stream-hour; threads {samples[0].threads[name]} -> "
               f"{samples[-1].threads[name]}; open files {samples[0].files[name]} -> "
               f"{samples[-1].files[name]}")
+    text = worker_log.read_text(errors="replace") if worker_log.exists() else ""
+    print(f"\nprofile re-reports: {text.count('re-reporting profiles')} in {samples[-1].wall:.0f} s of wall time")
 
 
 def main() -> int:
@@ -251,6 +258,9 @@ def main() -> int:
     ap.add_argument("--fps", type=int, default=25)
     ap.add_argument("--sample-every", type=float, default=2.0, help="wall seconds between samples")
     ap.add_argument("--home", type=Path, default=None, help="farm folder (default: a temporary one)")
+    ap.add_argument("--video-drift-ppm", type=float, default=0.0,
+                    help="inject a drift: every room's video falls behind its audio at this rate "
+                         "(e.g. 100: a frame every 400 s at 25 fps)")
     args = ap.parse_args()
     from workers.models.folder import build_reference
 
@@ -258,14 +268,15 @@ def main() -> int:
         home = args.home or Path(tmp)
         build_reference(home / "models", "lite", wav2lip=None)
         farm = LocalFarm(home, workers=1, pacing="fast", worker_threads=1, overcommit=8.0,
-                         worker_args=["--metrics-port", "-1"])  # corrections are read from it
+                         worker_args=["--metrics-port", "-1",  # corrections are read from it
+                                      "--inject-video-drift-ppm", str(args.video_drift_ppm)])
         print(f"soak: {args.modes} rooms x {args.stream_seconds:.0f} s at {args.size}@{args.fps}, "
-              f"fast pacing, in {home}", flush=True)
+              f"fast pacing, video drift {args.video_drift_ppm:g} ppm, in {home}", flush=True)
         t0 = time.monotonic()
         with farm:
             run, sessions = asyncio.run(_run(farm, args))
         print(f"wall {time.monotonic() - t0:.0f} s")
-        report(run, sessions, farm.output_dir)
+        report(run, sessions, farm.output_dir, home / "logs" / "worker-0.log")
         failed = [m for m, s in sessions.items() if s.state != types_pb2.SESSION_STATE_ENDED]
         return 1 if failed else 0
 

@@ -61,6 +61,9 @@ class WorkerConfig:
     output_margin: float = field(0.1, "seconds of the latency budget kept for encoding and output; "
                                       "a frame not rendered by then is replaced")
     sync_interval: float = field(10.0, "seconds between lip-sync checks of a room")
+    inject_video_drift_ppm: float = field(
+        0.0, "testing only: every room's video falls behind its audio by this many parts per "
+             "million of stream time, for the lip-sync corrector to correct (0: off)")
     encoder_codec: str = field("auto", "video encoder: auto (h264_nvenc where the GPU has NVENC, "
                                        "else libx264), libx264, h264_nvenc")
     encoder_preset: str = field("veryfast", "libx264 preset")

@@ -105,7 +105,7 @@ class WorkerAgent:
                  profiles: list[LatencyProfile], input_endpoint: str, device_type: str,
                  output_dir: Path, *, pacing: Pacing = Pacing.REALTIME,
                  latency_budget: float = 0.5, output_margin: float = 0.1,
-                 sync_interval: float = 10.0, encoder: EncoderSettings = EncoderSettings(),
+                 sync_interval: float = 10.0, video_drift_ppm: float = 0.0, encoder: EncoderSettings = EncoderSettings(),
                  metrics: WorkerMetrics | None = None, progress_interval: float = 1.0,
                  cpu_cores: int = 0, memory_bytes: int = 0, usage_epoch: int | None = None,
                  usage_history: int = 600,
@@ -124,6 +124,7 @@ class WorkerAgent:
         self.latency_budget = latency_budget
         self.output_margin = output_margin
         self.sync_interval = sync_interval
+        self.video_drift_ppm = video_drift_ppm  # fault injection (see Room)
         self.cpu_cores = cpu_cores
         self.memory_bytes = memory_bytes
         self.encoder = encoder
@@ -242,7 +243,8 @@ class WorkerAgent:
                         latency_budget_seconds=self.latency_budget,
                         output_margin_seconds=self.output_margin, encoder=self.encoder,
                         on_change=self._room_changed, on_sync=self._room_synced,
-                        sync_interval_seconds=self.sync_interval, epoch=msg.epoch,
+                        sync_interval_seconds=self.sync_interval,
+                        video_drift_ppm=self.video_drift_ppm, epoch=msg.epoch,
                         continuation=msg.continuation, stall_seconds=self.worker_timeout,
                         label=assigned.label, on_stall=self._room_stalled, egress=self.egress)
         except (InvalidRequest, InvalidQuality, OutputError, RoomRefused) as e:

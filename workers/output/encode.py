@@ -49,6 +49,13 @@ AUDIO_OUT_RATE = 48_000
 # The video clock: fine enough that every frame rate up to 60 fps lands within
 # 11 microseconds of its exact time, and the MPEG-TS clock, so HLS needs no rescale.
 VIDEO_TIME_BASE = Fraction(1, 90_000)
+# FFmpeg's AAC encoder emits its first packet 1024 samples before the audio it was given
+# (priming). Fed as is, that packet starts before the video, every muxer shifts both
+# streams to keep it, and a fragmented MP4 stretches its first video frame by the shift
+# (61 ms instead of 40). So the first 1024 samples of each output's audio are not encoded
+# and the rest keep their true time: the priming packet lands at 0 with the video, and
+# sound stays aligned to the sample. What is lost is the output's first 21 ms of audio.
+AAC_PRIMING = 1024  # samples at AUDIO_OUT_RATE
 ENCODER_QUEUE = 8  # frames an EncoderThread holds before the room sees back-pressure
 
 
@@ -144,6 +151,7 @@ class StreamEncoder:
         # a muxer would otherwise guess the last frame's duration from the spec's rate).
         self._durations: dict[int, int] = {}
         self._audio_samples = 0
+        self._priming_left = AAC_PRIMING  # output samples still to leave out (see AAC_PRIMING)
 
     def open(self) -> None:
         fmt: str | None
@@ -227,11 +235,34 @@ class StreamEncoder:
             af.pts = self._audio_samples
             af.time_base = Fraction(1, SAMPLE_RATE)
             self._audio_samples += audio.size
-            for out in self._resampler.resample(af):
-                for packet in self._audio.encode(out):
-                    self._container.mux(packet)
+            self._encode_audio(self._resampler.resample(af))
         if self._hls is not None and not self._withdrawn:
             self._hls.poll()
+
+    def _encode_audio(self, frames: list[Any], container: Any = None) -> None:
+        container = container or self._container
+        for out in frames:
+            if self._priming_left:
+                out = self._after_priming(out)
+                if out is None:
+                    continue
+            for packet in self._audio.encode(out):
+                container.mux(packet)
+
+    def _after_priming(self, frame: Any) -> Any:
+        """The part of a resampled frame past the output's first AAC_PRIMING samples,
+        stamped with its own time (None if all of it is within them)."""
+        samples = frame.to_ndarray()
+        skip = min(self._priming_left, samples.shape[1])
+        self._priming_left -= skip
+        if skip == samples.shape[1]:
+            return None
+        rest = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, skip:]),
+                                          format=frame.format.name, layout="mono")
+        rest.sample_rate = frame.sample_rate
+        rest.time_base = frame.time_base
+        rest.pts = frame.pts + skip
+        return rest
 
     def _mux_video(self, packets: list[Any]) -> None:
         for packet in packets:
@@ -270,9 +301,7 @@ class StreamEncoder:
         container, self._container = self._container, None
         try:
             if self._superseded is None and not self._withdrawn:
-                for out in self._resampler.resample(None):
-                    for packet in self._audio.encode(out):
-                        container.mux(packet)
+                self._encode_audio(self._resampler.resample(None), container)
                 for packet in self._video.encode():
                     packet.duration = self._durations.pop(packet.pts, packet.duration)
                     container.mux(packet)

@@ -183,6 +183,22 @@ class _InFlight:
     task: asyncio.Task[typing.Any]  # a portrait [3, S, S], or a FaceFrame (video avatars)
 
 
+class DelayLine:
+    """Fault injection: what comes out lags what goes in by ``frames``, plus ``ppm`` parts
+    per million of the stream time (whole frames). With neither, the value itself."""
+
+    def __init__(self, frames: int = 0, ppm: float = 0.0) -> None:
+        self.frames, self.ppm = frames, ppm
+        self._line: collections.deque[np.ndarray] = collections.deque()
+
+    def push(self, value: np.ndarray, stream_seconds: float, fps: int) -> np.ndarray:
+        lag = self.frames + math.floor(stream_seconds * self.ppm * 1e-6 * fps)
+        self._line.append(value)
+        while len(self._line) > lag + 1:
+            self._line.popleft()
+        return self._line[0]
+
+
 class Room:
     def __init__(self, session_id: str, spec: SessionSpec, target: OutputTarget, pipeline: Pipeline,
                  *, pacing: Pacing = Pacing.REALTIME, latency_budget_seconds: float = 0.5,
@@ -191,7 +207,8 @@ class Room:
                  on_sync: Callable[[Room, SyncEstimate | None], None] = lambda room, est: None,
                  clock: Callable[[], float] = time.monotonic, seed: int | None = None,
                  live_input_wait: float = 10.0, sync_interval_seconds: float = 10.0,
-                 video_lag_frames: int = 0, epoch: int = 0, continuation: int = 0,
+                 video_lag_frames: int = 0, video_drift_ppm: float = 0.0,
+                 epoch: int = 0, continuation: int = 0,
                  stall_seconds: float = math.inf,
                  on_stall: Callable[[Room, float], None] = lambda room, behind: None,
                  egress: EgressPolicy | None = None, label: LabelSpec | None = None) -> None:
@@ -211,6 +228,9 @@ class Room:
         # Fault injection: the motion of frame n comes from the audio of frame n - lag,
         # as a pipeline whose video drifted behind its audio would render it.
         self.video_lag_frames = video_lag_frames
+        # and that lag grows by this many parts per million of stream time (a video clock
+        # running slow), in whole frames: the lip-sync corrector's real work, end to end.
+        self.video_drift_ppm = video_drift_ppm
         self.state = RoomState.STARTING
         self.reason = ""
         self.epoch = epoch
@@ -448,7 +468,7 @@ class Room:
     async def _produce(self, inflight: asyncio.Queue[_InFlight | None]) -> None:
         mode = self.spec.drive_mode
         limit = self.spec.max_duration_seconds
-        lagged: collections.deque[np.ndarray] = collections.deque(maxlen=self.video_lag_frames + 1)
+        lagged = DelayLine(self.video_lag_frames, self.video_drift_ppm)
         t0 = self.clock()
         t = Fraction(0)  # stream time of frame n (exact, whatever rates it was made at)
         n = 0
@@ -510,8 +530,7 @@ class Room:
             mel: np.ndarray | None = None
             driven: np.ndarray | None = None
             if mode.uses_audio_to_motion:
-                lagged.append(self.mel.push(audio))
-                mel = lagged[0]
+                mel = lagged.push(self.mel.push(audio), float(t), q.fps)
             else:
                 if self.pacing is Pacing.FAST:
                     await self.motion_in.wait_for_frame()
@@ -530,15 +549,15 @@ class Room:
     async def _start_faces(self, face: FaceAvatar, windows: np.ndarray,
                            waiting: collections.deque[tuple[np.ndarray, bool]], m: int, fps: int,
                            inflight: asyncio.Queue[_InFlight | None], deadline: float,
-                           lagged: collections.deque[np.ndarray]) -> int:
+                           lagged: DelayLine) -> int:
         """Starts the video avatar's frames whose mel windows are complete (one per window,
         in order, each with the audio taken for it); returns the frames started so far.
         (`lagged`: the fault injection's delay line, as for the reference family.)"""
         for window in windows:
             audio, speaking = waiting.popleft()
             index = face.index(m)
-            lagged.append(window)
-            task = asyncio.create_task(self._redraw(face, index, lagged[0], deadline))
+            task = asyncio.create_task(self._redraw(face, index, lagged.push(window, m / fps, fps),
+                                                    deadline))
             await inflight.put(_InFlight(m, fps, audio, speaking, deadline, task))
             m += 1
         return m

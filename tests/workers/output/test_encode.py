@@ -91,3 +91,38 @@ def test_a_repeated_frame_is_prepared_once_and_encoded_each_time(tmp_path: Path)
     assert enc.error is None and enc.frames_encoded == 5
     assert prepared == [id(good), id(other), id(good)]
     assert probe(tmp_path / "r.mp4").frames == 5
+
+
+@pytest.mark.parametrize("kind,name", [(OutputKind.FILE, "room.mp4"), (OutputKind.FILE, "room.flv"),
+                                       (OutputKind.HLS, "show")])
+def test_every_frame_keeps_its_time_and_a_sound_lands_where_it_was_given(
+        tmp_path: Path, kind: OutputKind, name: str) -> None:
+    """The AAC encoder's priming packet must not shift the streams: a shift stretched
+    the first video frame of every MP4 to 61 ms (and moved every sound 21 ms late)."""
+    import av
+
+    target = OutputTarget.resolve(kind, name, tmp_path)
+    enc = StreamEncoder(target, 64, 64, 25)
+    enc.open()
+    per_frame = SAMPLE_RATE // 25
+    for i in range(50):
+        audio = np.zeros(per_frame, np.float32)
+        if i == 20:  # a click at 0.8 s
+            audio[:80] = 0.8
+        enc.encode(np.full((64, 64, 3), i * 5, np.uint8), audio)
+    enc.close()
+    path = target.location if kind is OutputKind.FILE else tmp_path / name / "index.m3u8"
+    with av.open(str(path)) as c:
+        video = c.streams.video[0]
+        times = [float(f.time) for f in c.decode(video)]
+    with av.open(str(path)) as c:
+        frames = list(c.decode(audio=0))
+        first_audio = float(frames[0].time)
+        samples = np.concatenate([f.to_ndarray()[0] for f in frames])
+    start = times[0]
+    gaps = np.diff(times)
+    assert len(times) == 50
+    assert gaps.min() == pytest.approx(0.04, abs=0.0015) and gaps.max() == pytest.approx(0.04, abs=0.0015)
+    assert first_audio == pytest.approx(start, abs=0.0015)
+    click = (np.argmax(np.abs(samples) > 0.3) / 48_000) + first_audio - start
+    assert click == pytest.approx(0.8, abs=0.003)

@@ -292,3 +292,15 @@ def test_a_quality_the_room_cannot_render_is_refused(pipeline: Pipeline, tmp_pat
     with pytest.raises(InvalidQuality):
         room.reconfigure(quality, step=3)
     assert room.rendering == Quality(192, 192, 12) and room.degradation_step == 1
+
+
+def test_the_injected_drift_grows_the_lag_a_frame_at_a_time() -> None:
+    from workers.rooms.room import DelayLine
+
+    line = DelayLine(frames=1, ppm=100_000)  # 10%: a frame more of lag every 0.4 s at 25 fps
+    out = [int(line.push(np.array(n), n / 25, 25)) for n in range(100)]
+    lags = [n - o for n, o in enumerate(out)]
+    assert lags[:2] == [0, 1]  # nothing older than the first frame exists yet
+    assert lags[-1] == 1 + int(99 / 25 * 0.1 * 25)
+    assert set(np.diff(out)) <= {0, 1}  # repeats, never skips back
+    assert [int(DelayLine().push(np.array(n), n / 25, 25)) for n in range(5)] == list(range(5))
