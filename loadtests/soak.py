@@ -12,7 +12,10 @@ At the end it reads the outputs back and prints:
 - lip-sync corrections per stream-hour, and offset percentiles per quarter of the run;
 - worker and scheduler RSS slope per stream-hour after warm-up (the first fifth);
   threads and open files at the start and the end;
-- how often the worker re-reported its latency profiles (from its log).
+- how often the worker re-reported its latency profiles (from its log);
+- at each correction the worker applied (its log names the stream time), the largest
+  sample-to-sample step in the output audio around it, beside the typical largest step
+  of a second of the same output (the speech's own): a glitch shows as a step far above.
 
 With ``--video-drift-ppm`` the worker's fault injection makes every room's video fall
 behind its audio at that rate (whole frames), so the corrector has a real drift to follow.
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 import tempfile
 import time
@@ -209,6 +213,40 @@ def _read_back(path: Path) -> tuple[int, float, float, float]:
     return len(times), float(steps.max()), video, samples / rate
 
 
+APPLIED = re.compile(r"room (\S+): A/V correction now ([+-]?\d+) frame\(s\), applied at ([0-9.]+) s")
+
+
+def _applied(worker_log: str) -> dict[str, list[float]]:
+    """Session id -> stream times (s) at which a lip-sync correction took effect."""
+    out: dict[str, list[float]] = {}
+    for m in APPLIED.finditer(worker_log):
+        out.setdefault(m.group(1), []).append(float(m.group(3)))
+    return out
+
+
+def _steps(path: Path, at: list[float], around: float = 0.05) -> tuple[float, float]:
+    """The largest sample-to-sample step of the output's audio within `around` seconds of
+    each time in `at` (the worst of them; 0 with none), and the median over the output's
+    seconds of each second's largest step."""
+    per_second: dict[int, float] = {}
+    worst = 0.0
+    last: float | None = None
+    with av.open(str(path)) as c:
+        for f in c.decode(audio=0):
+            x = f.to_ndarray()[0].astype(np.float64)
+            if last is not None:
+                x = np.concatenate([[last], x])
+            last = float(x[-1])
+            if x.size < 2:
+                continue
+            step = float(np.abs(np.diff(x)).max())
+            t = float(f.time or 0.0)
+            per_second[int(t)] = max(per_second.get(int(t), 0.0), step)
+            if any(abs(t - a) <= around for a in at):
+                worst = max(worst, step)
+    return worst, float(np.median(list(per_second.values()))) if per_second else 0.0
+
+
 def _slope(xs: list[float], ys: list[float]) -> float:
     if len(xs) < 3 or max(xs) - min(xs) <= 0:
         return 0.0
@@ -248,6 +286,13 @@ def report(run: Run, sessions: dict[str, types_pb2.Session], out_dir: Path, work
               f"{samples[-1].files[name]}")
     text = worker_log.read_text(errors="replace") if worker_log.exists() else ""
     print(f"\nprofile re-reports: {text.count('re-reporting profiles')} in {samples[-1].wall:.0f} s of wall time")
+    applied = _applied(text)
+    print("corrections applied, and the output audio's largest sample step at them "
+          "(beside a second's typical largest step)")
+    for mode, s in sessions.items():
+        at = applied.get(s.session_id, [])
+        worst, typical = _steps(out_dir / f"soak-{mode}.mp4", at)
+        print(f"  {mode:<6} {len(at):>4} applied; step at them {worst:.3f}, typical {typical:.3f}")
 
 
 def main() -> int:

@@ -623,6 +623,8 @@ class Room:
             if pending and not self.av_delay.pending_frames:
                 # A correction took effect (in a pause): the window restarts from here.
                 self.stats.av_correction_seconds = self.av_delay.net_frames / f.fps
+                log.info("room %s: A/V correction now %+d frame(s), applied at %.3f s of stream",
+                         self.session_id, self.av_delay.net_frames, float(self.stats.stream_time))
                 if self.sync is not None:
                     self.sync.restart()
             if self.sync is not None:
