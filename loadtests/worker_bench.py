@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import json
 import logging
 import os
 import tempfile
@@ -75,6 +76,7 @@ from workers.rooms.room import Pacing, Room, RoomState
 SCRIPT = (ScriptSegment("Welcome back everyone, the flash sale starts in one minute, so get ready.", 0.5),
           ScriptSegment("These headphones have forty hours of battery and fold into your pocket.", 0.5))
 LATE_GOAL = 0.001
+OVERLOAD_RAMP = (0.5, 0.75, 1.0, 1.25, 1.5)  # --rooms auto, as shares of capacity
 VIDEO_AVATAR = "astronaut"
 
 
@@ -88,6 +90,9 @@ class Load:
     stage: dict[str, float] = field(default_factory=dict)  # seconds per frame
     model_frames: int = 0  # frames the render/face model ran for (silent ones skip it)
     by_tier: dict[str, tuple[int, int]] = field(default_factory=dict)  # tier -> (frames, late)
+    # Host CPU seconds per frame: the event loop (producers, emitters, futures), the device
+    # thread outside model calls, canvas conversion and encoding (encoder threads).
+    host: dict[str, float] = field(default_factory=dict)
 
     @property
     def rendered_fps(self) -> float:
@@ -118,12 +123,14 @@ async def run_load(pipeline: Pipeline, n: int, quality: Quality, seconds: float,
         rooms.append(Room(f"s{i}", spec, target, pipeline, pacing=Pacing.REALTIME,
                           encoder=encoder, seed=i, sync_interval_seconds=1e9))
     t0 = time.perf_counter()
+    loop_cpu, engine_cpu = time.thread_time(), pipeline.engine.host_seconds
     # Rooms start spread over one frame period, as independent rooms would.
     async def start(i: int, room: Room) -> None:
         await asyncio.sleep(i / max(n, 1) / quality.fps)
         await room.start()
     await asyncio.gather(*(start(i, r) for i, r in enumerate(rooms)))
     wall = time.perf_counter() - t0 - (n - 1) / max(n, 1) / quality.fps
+    loop_cpu, engine_cpu = time.thread_time() - loop_cpu, pipeline.engine.host_seconds - engine_cpu
     failed = [r for r in rooms if r.state is not RoomState.ENDED]
     if failed:
         raise SystemExit(f"room failed: {failed[0].reason}")
@@ -138,7 +145,11 @@ async def run_load(pipeline: Pipeline, n: int, quality: Quality, seconds: float,
     for r in rooms:
         f, lt = by_tier.get(r.spec.tier.value, (0, 0))
         by_tier[r.spec.tier.value] = (f + r.stats.frames_rendered, lt + r.stats.late_frames)
-    return Load(n, wall, frames, late, batches, stage, model_frames, by_tier)
+    canvas = sum(r.stats.canvas_seconds for r in rooms)
+    host = {"event loop": loop_cpu, "device thread": engine_cpu, "canvas": canvas,
+            "encode": sum(r.stats.stage_seconds["encode"] for r in rooms) - canvas}
+    return Load(n, wall, frames, late, batches, stage, model_frames, by_tier,
+                {k: v / max(frames, 1) for k, v in host.items()})
 
 
 class DroppingEncoder(StreamEncoder):
@@ -182,6 +193,9 @@ def print_load(mode: str, load: Load) -> None:
           f"{st['render'] * 1000:8.2f} {st['audio_to_motion'] * 1000:6.2f} "
           f"{st['encode'] * 1000:7.2f} {100 * load.model_frames / max(load.frames, 1):6.0f}%  "
           f"{histogram(load.batches)}", flush=True)
+    print(" " * 15 + "host CPU ms/frame: " + ", ".join(
+        f"{k} {v * 1000:.3f}" for k, v in load.host.items())
+        + f" (sum {sum(load.host.values()) * 1000:.3f})", flush=True)
     if len(load.by_tier) > 1:
         print(" " * 15 + "late by tier: " + ", ".join(
             f"{t} {100 * lt / max(f, 1):.2f}%" for t, (f, lt) in sorted(load.by_tier.items())), flush=True)
@@ -194,7 +208,11 @@ def sustained(loads: list[Load]) -> Load | None:
 
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rooms", default="1,2,3,4,5,6", help="room counts to ramp through")
+    ap.add_argument("--rooms", default="1,2,3,4,5,6",
+                    help="room counts to ramp through, or 'auto': 0.5, 0.75, 1, 1.25 and 1.5 times "
+                         "the capacity the model alone allows (past capacity, to see overload)")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="also write the figures (capacity and every load) to this file")
     ap.add_argument("--seconds", type=float, default=6.0, help="stream seconds per room per load")
     ap.add_argument("--size", default="256x256", help="frame size WxH (portrait side = min)")
     ap.add_argument("--fps", type=int, default=25)
@@ -228,7 +246,6 @@ async def main() -> None:
         room_module.StreamEncoder = DroppingEncoder  # type: ignore[attr-defined]
     w, _, h = args.size.partition("x")
     quality = Quality(int(w), int(h or w), args.fps)
-    counts = [int(x) for x in args.rooms.split(",")]
     encoder = EncoderSettings(preset=args.encoder_preset)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -272,6 +289,8 @@ async def main() -> None:
                     if args.renderer == "model" else "null renderer (the portrait passed through)")
         best_b, best_fps = alone.throughput(latency_bound=0.2)
         capacity_rooms = best_fps / quality.fps
+        counts = ([int(x) for x in args.rooms.split(",")] if args.rooms != "auto" else
+                  sorted({max(1, round(f * capacity_rooms)) for f in OVERLOAD_RAMP}))
         print(f"device: {p.provider} ({os.cpu_count()} cores, {threads} inference threads); "
               f"{what}; rooms {quality}")
         print("model alone: " + ", ".join(f"b{b} {s * 1000:.1f} ms ({b / s:.0f}/s)"
@@ -316,6 +335,18 @@ async def main() -> None:
         peak = max(results["batched"], key=lambda ld: ld.rendered_fps)
         print(f"batched peak: {peak.rendered_fps:.1f} frames/s at {peak.rooms} rooms "
               f"= {peak.rendered_fps / best_fps:.0%} of the best batched throughput alone")
+        top = results["batched"][-1]
+        if top.rooms > capacity_rooms:
+            print(f"batched at {top.rooms / capacity_rooms:.2f}x capacity ({top.rooms} rooms): "
+                  f"{top.rendered_fps:.1f} frames/s = {top.rendered_fps / peak.rendered_fps:.0%} of "
+                  f"the peak; late by tier: " + ", ".join(
+                      f"{t} {100 * lt / max(f, 1):.2f}%" for t, (f, lt) in sorted(top.by_tier.items())))
+    if args.json is not None:
+        args.json.write_text(json.dumps({
+            "size": args.size, "best_fps": best_fps, "capacity_rooms": capacity_rooms,
+            "loads": {m: [{"rooms": ld.rooms, "fps": ld.rendered_fps, "late": ld.late_rate,
+                           "by_tier": ld.by_tier, "host": ld.host} for ld in ls]
+                      for m, ls in results.items()}}, indent=1))
 
 
 if __name__ == "__main__":

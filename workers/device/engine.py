@@ -125,6 +125,10 @@ class InferenceEngine:
         self._ids = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
+        # CPU time of the device thread outside model calls: deciding batches, stacking
+        # feeds, resolving futures (the engine's own per-item cost; waiting is free).
+        self.host_seconds = 0.0
+        self._run_cpu = 0.0
         self._thread = threading.Thread(target=self._loop, name="device", daemon=True)
         self._thread.start()
 
@@ -203,10 +207,12 @@ class InferenceEngine:
 
     def _loop(self) -> None:
         while True:
+            t0, self._run_cpu = time.thread_time(), 0.0
             batch, served = self._next()
             if batch is None or served is None:
                 return
             self._run(batch, served)
+            self.host_seconds += time.thread_time() - t0 - self._run_cpu
 
     def _next(self) -> tuple[list[_Request] | None, _Served | None]:
         with self._cond:
@@ -245,7 +251,9 @@ class InferenceEngine:
         try:
             feeds = {name: np.stack([r.feeds[name] for r in live])
                      for name in live[0].feeds}
+            c0 = time.thread_time()
             outputs, seconds = served.model.run(feeds)
+            self._run_cpu = time.thread_time() - c0
         except BaseException as e:  # a failed call fails its items, not the device thread
             log.exception("inference failed for a batch of %d", len(live))
             for r in live:

@@ -334,7 +334,8 @@ class EncoderThread:
         self.prepare = prepare
         self._queue: queue.Queue[object] = queue.Queue(maxsize=max_queue)
         self.error: BaseException | None = None
-        self.encode_seconds = 0.0
+        self.encode_seconds = 0.0  # CPU time of this thread per frame, preparing included
+        self.prepare_seconds = 0.0  # of which turning the room's output into the RGB frame
         self.frames_encoded = 0
         self._opened = threading.Event()
         self._thread = threading.Thread(target=self._run, name="encoder", daemon=True)
@@ -363,6 +364,7 @@ class EncoderThread:
                 t0 = time.thread_time()
                 if last is None or last[0] is not rgb:
                     last = (rgb, self.prepare(rgb))
+                    self.prepare_seconds += time.thread_time() - t0
                 self.encoder.encode(last[1], audio, fps)
                 self.encode_seconds += time.thread_time() - t0
                 self.frames_encoded += 1

@@ -113,6 +113,7 @@ class RoomStats:
     av_correction_seconds: float = 0.0  # audio held back minus video held back
     sync_checks: int = 0
     sync_corrections: int = 0
+    canvas_seconds: float = 0.0  # of stage_seconds["encode"]: render output -> RGB canvas
     # Stream time emitted, exact: the sum of each frame's 1/fps (the rate may change live).
     stream_time: Fraction = Fraction(0)
 
@@ -638,6 +639,7 @@ class Room:
             self.stats.stream_time += Fraction(1, f.fps)
             self.stats.speech_frames += int(f.speaking)
             self.stats.stage_seconds["encode"] = enc.encode_seconds
+            self.stats.canvas_seconds = enc.prepare_seconds
             if f.n == 0:
                 self._set(RoomState.RUNNING, "")
 
@@ -707,6 +709,7 @@ class Room:
         await asyncio.to_thread(enc.close, end_output=not self.superseded,
                                 leave_open=self.handing_over)
         self.stats.stage_seconds["encode"] = enc.encode_seconds
+        self.stats.canvas_seconds = enc.prepare_seconds
         if isinstance(enc.error, Superseded):
             self.superseded = True
         elif enc.error is not None and self.state is not RoomState.FAILED:
