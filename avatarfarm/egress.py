@@ -232,3 +232,17 @@ async def check_resolved(policy: EgressPolicy, url: str, *, timeout: float = 2.0
         raise UnresolvedTarget(f"rtmp_url host {target.host!r} does not resolve: {e}") from e
     policy.check_addresses(target, addresses)
     return tuple(addresses)
+
+
+def pinned_url(url: str, address: IPAddress) -> str:
+    """``url`` with its host replaced by ``address`` (one the host was checked to have), so
+    the connection goes where the check looked: FFmpeg would otherwise look the name up
+    again when it connects, and a name can change its answer in between (DNS rebinding).
+    The port is written out; the application and key are kept as they were.
+
+    (For ``rtmps`` the TLS handshake then carries no server name: FFmpeg sends none for an
+    address. It does not verify the ingest's certificate either way, as PyAV cannot pass
+    it the options to.)"""
+    target = parse_rtmp_url(url)
+    host = f"[{address}]" if isinstance(address, ipaddress.IPv6Address) else str(address)
+    return f"{target.scheme}://{host}:{target.port}{target.path}"

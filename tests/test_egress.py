@@ -180,3 +180,16 @@ def test_the_system_resolver_checks_localhost_and_skips_literals() -> None:
         assert await check_resolved(DEFAULT, url("127.0.0.1")) == (ipaddress.ip_address("127.0.0.1"),)
 
     asyncio.run(body())
+
+
+@pytest.mark.parametrize("url,address,pinned", [
+    ("rtmp://ingest.example/live/key", "203.0.113.7", "rtmp://203.0.113.7:1935/live/key"),
+    ("rtmps://Ingest.Example.:8443/app/k?x=1", "203.0.113.7", "rtmps://203.0.113.7:8443/app/k?x=1"),
+    ("rtmp://ingest.example/live/key", "2001:db8::7", "rtmp://[2001:db8::7]:1935/live/key"),
+])
+def test_the_connection_url_names_the_checked_address(url: str, address: str, pinned: str) -> None:
+    import ipaddress
+
+    from avatarfarm.egress import pinned_url
+
+    assert pinned_url(url, ipaddress.ip_address(address)) == pinned

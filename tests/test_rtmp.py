@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,3 +49,39 @@ def test_a_room_pushes_h264_and_aac_over_rtmp(tmp_path: Path, model_dir: Path,
     assert f.frames == 125
     motion = mouth_motion(recorded)
     assert motion[5:60].mean() > motion[110:].mean()
+
+
+def test_the_worker_connects_to_the_address_it_checked_not_to_a_second_lookup(
+        tmp_path: Path, pipeline: Any, ingest: rtmp_ingest.RtmpIngest) -> None:
+    """DNS rebinding: a name that answers an allowed address when checked and another
+    when FFmpeg connects. Here the name exists only in the resolver the test controls
+    (checked once, answering the ingest's address); FFmpeg looking it up again would
+    find nothing, so the stream reaching the ingest proves the checked address is used."""
+    import asyncio
+    import ipaddress
+
+    from avatarfarm.domain import OutputKind
+    from avatarfarm.egress import EgressPolicy
+    from tests.builders import make_spec
+    from workers.output.targets import OutputTarget
+    from workers.rooms.room import Pacing, Room, RoomState
+
+    lookups: list[str] = []
+
+    async def resolve(host: str, port: int) -> list[Any]:
+        lookups.append(host)
+        return [ipaddress.ip_address("127.0.0.1")] if len(lookups) == 1 else \
+            [ipaddress.ip_address("169.254.169.254")]  # what a rebinding name answers next
+
+    url = f"rtmp://ingest.rebinding.test:{ingest.port}/live/pinned"
+    policy = EgressPolicy()
+    target = OutputTarget.resolve(OutputKind.RTMP, url, tmp_path, policy)
+    room = Room("s1", make_spec("r", seconds=2.0), target, pipeline, pacing=Pacing.FAST,
+                egress=policy, resolve=resolve)
+    asyncio.run(asyncio.wait_for(room.run(), 120))
+    assert room.state is RoomState.ENDED, room.reason
+    assert lookups == ["ingest.rebinding.test"]
+    ingest.stop()
+    recorded = ingest.record_dir / "pinned.flv"
+    assert recorded.exists(), list(ingest.record_dir.iterdir())
+    assert probe(recorded).frames == 50

@@ -122,7 +122,7 @@ class StreamEncoder:
     def __init__(self, target: OutputTarget, width: int, height: int, fps: int,
                  settings: EncoderSettings = EncoderSettings(), *,
                  epoch: int = 0, continuation: int = 0,
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None, connect_to: str | None = None) -> None:
         # Container metadata (e.g. the AI-generated marking): MP4 and FLV carry a comment;
         # MPEG-TS (HLS segments) carries it as the service's name.
         self.metadata = dict(metadata or {})
@@ -133,6 +133,9 @@ class StreamEncoder:
         self.settings = settings
         self.epoch, self.continuation = epoch, continuation
         self.location = target.location
+        # RTMP: the URL to connect to, its host an address the egress check passed
+        # (avatarfarm.egress.pinned_url); `location` stays the URL the tenant gave.
+        self.connect_to = connect_to
         if target.kind is OutputKind.FILE:
             self.location = str(continuation_path(Path(target.location), continuation))
         fence = fence_path(target)
@@ -181,6 +184,7 @@ class StreamEncoder:
                            hls_flags="independent_segments")
         else:
             fmt = "flv"
+            url = self.connect_to or url
             options["rw_timeout"] = "5000000"  # microseconds: a stalled ingest fails the room
         try:
             self._container = av.open(url, mode="w", format=fmt, options=options)

@@ -62,7 +62,7 @@ import numpy as np
 
 from avatarfarm.avatars import no_motion_input
 from avatarfarm.domain import DriveMode, OutputKind, Quality, ScriptSegment, SessionSpec
-from avatarfarm.egress import EgressPolicy, check_resolved
+from avatarfarm.egress import EgressPolicy, Resolver, check_resolved, pinned_url, system_resolver
 from workers.device.engine import DeadlineMissed
 from workers.device.pipeline import Pipeline, fit_canvas, to_canvas
 from workers.media.alignment import (
@@ -212,9 +212,11 @@ class Room:
                  epoch: int = 0, continuation: int = 0,
                  stall_seconds: float = math.inf,
                  on_stall: Callable[[Room, float], None] = lambda room, behind: None,
-                 egress: EgressPolicy | None = None, label: LabelSpec | None = None) -> None:
+                 egress: EgressPolicy | None = None, label: LabelSpec | None = None,
+                 resolve: Resolver = system_resolver) -> None:
         self.session_id = session_id
         self.egress = egress or EgressPolicy()
+        self.resolve = resolve  # an RTMP ingest's host name -> its addresses
         self.spec = spec
         self.target = target
         self.pipeline = pipeline
@@ -391,10 +393,14 @@ class Room:
                 avatar: typing.Any = FaceFrame(0)
             else:
                 avatar = await self._portrait(q.render_side)
+            connect_to = None
             if self.target.kind is OutputKind.RTMP:
                 # The addresses the ingest's name has now: a name that leads to a forbidden
-                # address fails the room before anything connects (the lookup runs on a thread).
-                await check_resolved(self.egress, self.target.location)
+                # address fails the room before anything connects (the lookup runs on a
+                # thread), and the encoder connects to one of those very addresses.
+                addresses = await check_resolved(self.egress, self.target.location,
+                                                 resolve=self.resolve)
+                connect_to = pinned_url(self.target.location, addresses[0])
             stamp = LabelStamp(self.label, q.width, q.height) if self.label else None
 
             face = self.face
@@ -412,7 +418,7 @@ class Room:
             self._encoder = EncoderThread(
                 StreamEncoder(self.target, q.width, q.height, q.fps, self.encoder_settings,
                               epoch=self.epoch, continuation=self.continuation,
-                              metadata=metadata),
+                              metadata=metadata, connect_to=connect_to),
                 prepare=prepare)
             await self._frames(avatar)
         except asyncio.CancelledError:
