@@ -213,6 +213,10 @@ class Page:
 # Builds a page's answer per request, on the HTTP server's thread: it must not touch
 # state that belongs to an event loop.
 PageHandler = Callable[[], Page]
+# Decides, before any page is built, whether a request may see the pages: given its
+# headers (names in lower case), a refusal to answer with, or None to serve. /metrics
+# is not guarded (scrapers send no credentials; it shows counters, not rooms).
+PageGuard = Callable[[Mapping[str, str]], Page | None]
 
 # WSGI's two callables, as the standard library leaves them untyped.
 _StartResponse = Callable[..., Any]
@@ -223,12 +227,26 @@ _READ_ONLY = ("GET", "HEAD")
 _PAGE_HEADERS = (("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"))
 
 
-def _site(metrics: _App, pages: Mapping[str, PageHandler]) -> _App:
-    """/metrics as Prometheus serves it, the read-only pages by exact path, 404 else."""
+def _headers(environ: Mapping[str, Any]) -> dict[str, str]:
+    """A WSGI request's headers by lower-case name (Host included)."""
+    out = {k[5:].replace("_", "-").lower(): str(v) for k, v in environ.items()
+           if k.startswith("HTTP_")}
+    for k in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+        if environ.get(k):
+            out[k.replace("_", "-").lower()] = str(environ[k])
+    return out
+
+
+def _site(metrics: _App, pages: Mapping[str, PageHandler], guard: PageGuard | None = None) -> _App:
+    """/metrics as Prometheus serves it, the read-only pages by exact path (each request
+    past `guard` first), 404 else."""
     def app(environ: dict[str, Any], start_response: _StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or "/"
         handler = pages.get(path)
-        if handler is None:
+        refused = guard(_headers(environ)) if handler is not None and guard is not None else None
+        if refused is not None:
+            page = refused
+        elif handler is None:
             if path == "/metrics":
                 return metrics(environ, start_response)
             known = ", ".join(sorted({"/metrics", *pages}))
@@ -287,12 +305,14 @@ class MetricsEndpoint:
 
     @staticmethod
     def start(port: int, host: str, registry: CollectorRegistry,
-              pages: Mapping[str, PageHandler] | None = None) -> MetricsEndpoint:
-        """Port 0 serves nothing; -1 picks any free port."""
+              pages: Mapping[str, PageHandler] | None = None,
+              guard: PageGuard | None = None) -> MetricsEndpoint:
+        """Port 0 serves nothing; -1 picks any free port. `guard` sees every page request
+        first (see PageGuard)."""
         if port == 0:
             return MetricsEndpoint(0)
         metrics: _App = make_wsgi_app(registry)
-        app = _site(metrics, dict(pages)) if pages else metrics
+        app = _site(metrics, dict(pages), guard) if pages else metrics
         server, thread = _serve(app, host, max(port, 0))
         return MetricsEndpoint(server.server_port, server, thread)
 

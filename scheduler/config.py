@@ -17,6 +17,13 @@ class SchedulerConfig:
     listen: str = field("127.0.0.1:50051", "host:port of the gRPC API (sessions and workers)")
     metrics_port: int = field(9464, "port of the Prometheus /metrics endpoint (0: off, -1: any free port)")
     metrics_host: str = field("127.0.0.1", "address the metrics endpoint binds to")
+    status_page_open: bool = field(
+        False, "serve the status pages (/, /status, /status.json on the metrics port) without "
+               "a login; by default they take an admin token or admin API key (HTTP Basic "
+               "password, bearer token or x-api-key). For a proxy that authenticates operators")
+    status_page_hosts: list[str] = field(
+        [], "host names the status pages answer to, besides localhost, the loopback addresses "
+            "and metrics_host (a request naming another host is refused: DNS rebinding)")
     database: Path = field(Path("var/state/scheduler.db"), "SQLite file holding sessions")
     sync_to_disk: bool = field(
         True, "fsync every commit before answering (false: a scheduler crash still loses "

@@ -26,6 +26,7 @@ from scheduler.api.avatar_service import AvatarService
 from scheduler.api.gate import Gate
 from scheduler.api.ratelimit import Rate, RateLimiter
 from scheduler.api.session_service import SessionService
+from scheduler.api.status_access import StatusAccess, served_hosts
 from scheduler.api.status_page import StatusBoard
 from scheduler.api.worker_service import WorkerService
 from scheduler.autoscale.controller import AutoscalingController, make_provisioner
@@ -138,8 +139,10 @@ async def start(config: SchedulerConfig) -> RunningScheduler:
     # The metrics port first: a busy port fails before anything is serving. The status
     # pages answer "starting" until the first snapshot is published.
     board = StatusBoard()
+    access = StatusAccess(authn, served_hosts(config.metrics_host, config.status_page_hosts),
+                          open=config.status_page_open)
     endpoint = MetricsEndpoint.start(config.metrics_port, config.metrics_host, metrics.registry,
-                                     pages=board.pages())
+                                     pages=board.pages(), guard=access.check)
     metrics_port = endpoint.port
     core = Scheduler(store, config, metrics)
     gate = Gate(authn, limiter)

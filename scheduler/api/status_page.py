@@ -9,9 +9,8 @@ touches the core nor waits for the loop, and a stuck loop shows up as an old sna
 (the page says so) rather than as a page that hangs. Tables are capped
 (failed and waiting rooms first), so a farm of 10,000 rooms answers as fast as one of ten.
 
-Security: the page has no authentication of its own. It is served where /metrics is, on
-``metrics_host`` (127.0.0.1 by default): bind that only to an address operators reach.
-It holds no secrets: no tokens or key hashes, no input endpoints, and a room's output only
+Security: who may see the pages (operators, under a host name served) is decided before
+any page is built, by ``scheduler.api.status_access``. The pages hold no secrets: no tokens or key hashes, no input endpoints, and a room's output only
 as its kind (an RTMP URL carries the stream key; any RTMP URL in a reason is cut to its
 host). Tenant and room ids and reasons come from users, so every value is escaped, and
 the page's Content-Security-Policy forbids scripts altogether.

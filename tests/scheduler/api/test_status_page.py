@@ -439,3 +439,38 @@ def test_chromium_draws_the_status_page(tmp_path: Path) -> None:
             assert colour_count(after, RUNNING_GREEN) > 1500
 
     run(body, timeout=180)
+
+
+@pytest.mark.slow
+def test_chromium_gets_no_status_page_without_an_operators_login(tmp_path: Path) -> None:
+    binary = chromium_binary()
+    from scheduler.api import auth
+
+    key = "operator-key-for-this-test"
+    avatars = tmp_path / "avatars"
+    avatars.mkdir()
+    (avatars / "presenter.png").write_bytes(png_image())
+    conf = SchedulerConfig(listen="127.0.0.1:0", metrics_port=-1, database=tmp_path / "state.db",
+                           avatar_dir=avatars, admin_api_keys_sha256=[auth.hash_api_key(key)])
+
+    async def body() -> None:
+        running = await start(conf)
+        try:
+            port = running.metrics_port
+            # Headless, the browser cannot ask for a login: it shows nothing of the page.
+            refused = await browse(binary, f"http://127.0.0.1:{port}/status", tmp_path, "--dump-dom")
+            assert b"avatarfarm scheduler status" not in refused and b"status.json" not in refused
+            wrong = await browse(binary, f"http://ops:wrong@127.0.0.1:{port}/status", tmp_path,
+                                 "--dump-dom")
+            assert b"avatarfarm scheduler status" not in wrong and b"status.json" not in wrong
+            deadline = time.monotonic() + 10
+            while True:  # the first snapshot: before it the page says it is starting
+                page = await browse(binary, f"http://ops:{key}@127.0.0.1:{port}/status", tmp_path,
+                                    "--dump-dom")
+                if b"avatarfarm scheduler status" in page or time.monotonic() > deadline:
+                    break
+            assert b"avatarfarm scheduler status" in page and b"operators only" not in page
+        finally:
+            await running.stop(grace=0.1)
+
+    run(body, timeout=180)
