@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -206,10 +206,17 @@ async def wait_for(stub: sessions_pb2_grpc.SessionServiceStub, session_id: str,
     return await asyncio.wait_for(follow(), timeout)
 
 
+def input_auth(input_token: str, auth: ClientAuth | None = None) -> ClientAuth:
+    """How to reach a room's live inputs: the connection of `auth` (TLS, a client
+    certificate) with the room's input token (``Session.input_token``) as the bearer."""
+    return replace(auth or ClientAuth(), token=input_token, token_file=None, api_key="")
+
+
 async def push_audio(endpoint: str, session_id: str, samples: np.ndarray, sample_rate: int,
                      chunk_seconds: float = 0.1, realtime: bool = False,
-                     auth: ClientAuth | None = None) -> live_input_pb2.PushSummary:
-    """Streams float32 mono audio as 16-bit PCM chunks to the room's worker."""
+                     auth: ClientAuth | None = None, *, input_token: str) -> live_input_pb2.PushSummary:
+    """Streams float32 mono audio as 16-bit PCM chunks to the room's worker, with the
+    room's input token (``Session.input_token``)."""
     pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2")
     step = max(1, int(sample_rate * chunk_seconds))
 
@@ -221,13 +228,15 @@ async def push_audio(endpoint: str, session_id: str, samples: np.ndarray, sample
             yield live_input_pb2.AudioChunk(session_id=session_id, sample_rate=sample_rate,
                                             pcm_s16le=pcm[start:start + step].tobytes())
 
-    async with open_channel(endpoint, auth) as ch:
+    async with open_channel(endpoint, input_auth(input_token, auth)) as ch:
         return await live_input_pb2_grpc.LiveInputServiceStub(ch).PushAudio(chunks())
 
 
 async def push_motion(endpoint: str, session_id: str, frames: np.ndarray, fps: int,
-                      realtime: bool = False, auth: ClientAuth | None = None) -> live_input_pb2.PushSummary:
-    """Streams motion frames ([n, 8] coefficients) to the room's worker."""
+                      realtime: bool = False, auth: ClientAuth | None = None, *,
+                      input_token: str) -> live_input_pb2.PushSummary:
+    """Streams motion frames ([n, 8] coefficients) to the room's worker, with the room's
+    input token."""
     async def gen() -> AsyncIterator[live_input_pb2.MotionFrame]:
         t0 = time.monotonic()
         for i, f in enumerate(frames):
@@ -235,7 +244,7 @@ async def push_motion(endpoint: str, session_id: str, frames: np.ndarray, fps: i
                 await asyncio.sleep(max(0.0, t0 + i / fps - time.monotonic()))
             yield live_input_pb2.MotionFrame(session_id=session_id, coefficients=[float(x) for x in f])
 
-    async with open_channel(endpoint, auth) as ch:
+    async with open_channel(endpoint, input_auth(input_token, auth)) as ch:
         return await live_input_pb2_grpc.LiveInputServiceStub(ch).PushMotion(gen())
 
 

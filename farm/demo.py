@@ -97,11 +97,12 @@ async def _feed_live(stub: sessions_pb2_grpc.SessionServiceStub, sid: str, plan:
         gap = np.zeros(int(0.8 * SAMPLE_RATE), np.float32)
         audio = np.concatenate([np.concatenate([tts.synthesize(t), gap]) for t in lines])
         audio = audio[: int(seconds * SAMPLE_RATE)]
-        await client.push_audio(s.input_endpoint, sid, audio, SAMPLE_RATE, realtime=realtime)
+        await client.push_audio(s.input_endpoint, sid, audio, SAMPLE_RATE, realtime=realtime,
+                                input_token=s.input_token)
     else:
         await client.push_motion(s.input_endpoint, sid,
                                  client.performer_motion(seconds, plan.fps), plan.fps,
-                                 realtime=realtime)
+                                 realtime=realtime, input_token=s.input_token)
 
 
 async def _register_video_avatar(avatars: avatars_pb2_grpc.AvatarServiceStub) -> None:

@@ -106,7 +106,7 @@ def _speech_loop() -> np.ndarray:
                            for s in script_segments()[:4]])
 
 
-async def _feed_voice(endpoint: str, sid: str, seconds: float) -> None:
+async def _feed_voice(endpoint: str, sid: str, token: str, seconds: float) -> None:
     loop = _speech_loop()
     pcm = (np.clip(loop, -1, 1) * 32767).astype("<i2")
     step, total = 1600, int(seconds * 16_000) + 16_000
@@ -120,11 +120,11 @@ async def _feed_voice(endpoint: str, sid: str, seconds: float) -> None:
             yield live_input_pb2.AudioChunk(session_id=sid, sample_rate=16_000,
                                             pcm_s16le=part.tobytes())
 
-    async with client.open_channel(endpoint) as ch:
+    async with client.open_channel(endpoint, client.input_auth(token)) as ch:
         await live_input_pb2_grpc.LiveInputServiceStub(ch).PushAudio(chunks())
 
 
-async def _feed_motion(endpoint: str, sid: str, seconds: float, fps: int) -> None:
+async def _feed_motion(endpoint: str, sid: str, token: str, seconds: float, fps: int) -> None:
     take = client.performer_motion(60.0, fps)
     total = int(seconds * fps) + fps
 
@@ -133,7 +133,7 @@ async def _feed_motion(endpoint: str, sid: str, seconds: float, fps: int) -> Non
             yield live_input_pb2.MotionFrame(session_id=sid,
                                              coefficients=[float(x) for x in take[n % len(take)]])
 
-    async with client.open_channel(endpoint) as ch:
+    async with client.open_channel(endpoint, client.input_auth(token)) as ch:
         await live_input_pb2_grpc.LiveInputServiceStub(ch).PushMotion(frames())
 
 
@@ -160,8 +160,9 @@ async def _run(farm: LocalFarm, args: argparse.Namespace) -> tuple[Run, dict[str
                 continue
             s = await client.wait_for(stub, sid, lambda s: bool(s.input_endpoint)
                                       or s.state in client.TERMINAL, timeout=300)
-            feed = (_feed_voice(s.input_endpoint, sid, args.stream_seconds) if mode == "voice"
-                    else _feed_motion(s.input_endpoint, sid, args.stream_seconds, args.fps))
+            feed = (_feed_voice(s.input_endpoint, sid, s.input_token, args.stream_seconds)
+                    if mode == "voice" else
+                    _feed_motion(s.input_endpoint, sid, s.input_token, args.stream_seconds, args.fps))
             feeders.append(asyncio.create_task(feed))
         t0 = time.monotonic()
         last_print = 0.0

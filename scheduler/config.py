@@ -25,6 +25,12 @@ class SchedulerConfig:
         [], "host names the status pages answer to, besides localhost, the loopback addresses "
             "and metrics_host (a request naming another host is refused: DNS rebinding)")
     database: Path = field(Path("var/state/scheduler.db"), "SQLite file holding sessions")
+    input_secret_file: Path | None = field(
+        None, "file holding the secret (>= 32 bytes) each room's live-input key is derived "
+              "from (default: DATABASE.input-secret beside the database, made on first start)")
+    input_token_ttl: float = field(
+        900.0, "seconds a room's live-input token is valid (tenants renew it by reading the "
+               "session again; an input stream is checked when it opens)")
     sync_to_disk: bool = field(
         True, "fsync every commit before answering (false: a scheduler crash still loses "
               "nothing, a host crash may lose the last commits; lower latency)")

@@ -24,6 +24,7 @@ from avatarfarm.v1 import avatars_pb2, sessions_pb2, workers_pb2
 from scheduler.api import auth
 from scheduler.api.avatar_service import AvatarService
 from scheduler.api.gate import Gate
+from scheduler.api.input_keys import LiveInputKeys, secret_path
 from scheduler.api.ratelimit import Rate, RateLimiter
 from scheduler.api.session_service import SessionService
 from scheduler.api.status_access import StatusAccess, served_hosts
@@ -146,9 +147,12 @@ async def start(config: SchedulerConfig) -> RunningScheduler:
     metrics_port = endpoint.port
     core = Scheduler(store, config, metrics)
     gate = Gate(authn, limiter)
+    inputs = LiveInputKeys.load(secret_path(config.database, config.input_secret_file),
+                                config.input_token_ttl)
     services = [
-        Service(sessions_pb2.DESCRIPTOR.services_by_name["SessionService"], SessionService(core), gate),
-        Service(workers_pb2.DESCRIPTOR.services_by_name["WorkerService"], WorkerService(core), gate,
+        Service(sessions_pb2.DESCRIPTOR.services_by_name["SessionService"],
+                SessionService(core, inputs), gate),
+        Service(workers_pb2.DESCRIPTOR.services_by_name["WorkerService"], WorkerService(core, inputs), gate,
                 check=gate.check),
         Service(avatars_pb2.DESCRIPTOR.services_by_name["AvatarService"], AvatarService(core, detector), gate),
     ]

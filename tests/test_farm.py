@@ -111,8 +111,10 @@ def test_live_voice_and_mocap_inputs_drive_their_rooms(tmp_path: Path, model_dir
             jaw = np.zeros((100, 8), np.float32)
             jaw[:50, 0] = np.tile([0.0, 0.0, 1.0, 1.0, 1.0], 10)  # open-close during 2 s, then closed
             pushed = await asyncio.gather(
-                client.push_audio(voice.input_endpoint, voice.session_id, speech, SAMPLE_RATE),
-                client.push_motion(mocap.input_endpoint, mocap.session_id, jaw, 25))
+                client.push_audio(voice.input_endpoint, voice.session_id, speech, SAMPLE_RATE,
+                                  input_token=voice.input_token),
+                client.push_motion(mocap.input_endpoint, mocap.session_id, jaw, 25,
+                                   input_token=mocap.input_token))
             assert pushed[0].accepted == 20 and pushed[1].accepted == 100
             for s in (voice, mocap):
                 done = await client.wait_for(stub, s.session_id, ended, 120)
@@ -174,21 +176,30 @@ def test_worker_live_input_refuses_wrong_inputs(tmp_path: Path, model_dir: Path)
                 async def one(msg: Any) -> Any:
                     yield msg
 
+                def by(s: Any) -> Any:  # the room's own input token
+                    return (("authorization", f"Bearer {s.input_token}"),)
+
                 cases = [
                     (grpc.StatusCode.INVALID_ARGUMENT, live.PushAudio(one(live_input_pb2.AudioChunk(
-                        session_id=voice.session_id, sample_rate=16000, pcm_s16le=b"\0" * 64001)))),
+                        session_id=voice.session_id, sample_rate=16000, pcm_s16le=b"\0" * 64001)), metadata=by(voice))),
                     (grpc.StatusCode.INVALID_ARGUMENT, live.PushAudio(one(live_input_pb2.AudioChunk(
-                        session_id=voice.session_id, sample_rate=1000, pcm_s16le=b"\0\0")))),
+                        session_id=voice.session_id, sample_rate=1000, pcm_s16le=b"\0\0")), metadata=by(voice))),
                     (grpc.StatusCode.INVALID_ARGUMENT, live.PushMotion(one(live_input_pb2.MotionFrame(
-                        session_id=mocap.session_id, coefficients=[0.0] * 3)))),
+                        session_id=mocap.session_id, coefficients=[0.0] * 3)), metadata=by(mocap))),
                     (grpc.StatusCode.INVALID_ARGUMENT, live.PushMotion(one(live_input_pb2.MotionFrame(
-                        session_id=mocap.session_id, coefficients=[float("nan")] * 8)))),
+                        session_id=mocap.session_id, coefficients=[float("nan")] * 8)), metadata=by(mocap))),
                     (grpc.StatusCode.FAILED_PRECONDITION, live.PushAudio(one(live_input_pb2.AudioChunk(
-                        session_id=text.session_id, sample_rate=16000, pcm_s16le=b"\0\0")))),
+                        session_id=text.session_id, sample_rate=16000, pcm_s16le=b"\0\0")), metadata=by(text))),
                     (grpc.StatusCode.FAILED_PRECONDITION, live.PushMotion(one(live_input_pb2.MotionFrame(
-                        session_id=text.session_id, coefficients=[0.0] * 8)))),
+                        session_id=text.session_id, coefficients=[0.0] * 8)), metadata=by(text))),
                     (grpc.StatusCode.NOT_FOUND, live.PushAudio(one(live_input_pb2.AudioChunk(
-                        session_id="nope", sample_rate=16000, pcm_s16le=b"\0\0")))),
+                        session_id="nope", sample_rate=16000, pcm_s16le=b"\0\0")), metadata=by(voice))),
+                    # Another room's token, or none, opens nothing: the answer of an unknown room.
+                    (grpc.StatusCode.NOT_FOUND, live.PushAudio(one(live_input_pb2.AudioChunk(
+                        session_id=voice.session_id, sample_rate=16000, pcm_s16le=b"\0\0")),
+                        metadata=by(mocap))),
+                    (grpc.StatusCode.NOT_FOUND, live.PushMotion(one(live_input_pb2.MotionFrame(
+                        session_id=mocap.session_id, coefficients=[0.0] * 8)))),
                 ]
                 for code, call in cases:
                     with pytest.raises(grpc.aio.AioRpcError) as err:

@@ -182,11 +182,12 @@ def test_live_inputs_over_tls_and_mtls_with_strict_decoding(tmp_path: Path) -> N
                                           key_file=performer.key if mtls else None)
                 audio = np.zeros(1600, np.float32)
                 # Through TLS to the service, which does not render this session.
-                err = await refused(client.push_audio(endpoint, "s1", audio, 16000, auth=auth_))
+                err = await refused(client.push_audio(endpoint, "s1", audio, 16000, auth=auth_,
+                                                      input_token="afi1.x.y"))
                 assert err.code() == grpc.StatusCode.NOT_FOUND
                 err = await refused(client.push_audio(endpoint, "s1", audio, 16000,
                                                       auth=client.ClientAuth(ca_file=ca.cert)
-                                                      if mtls else None))
+                                                      if mtls else None, input_token="afi1.x.y"))
                 assert err.code() == grpc.StatusCode.UNAVAILABLE
                 # An undecodable chunk ends the stream with INVALID_ARGUMENT.
                 async with auth_.channel(endpoint) as ch:
@@ -268,11 +269,13 @@ def test_a_secured_farm_end_to_end(tmp_path: Path, model_dir: Path) -> None:
                     assert s.worker_id == "w1", s.reason
                     audio = np.sin(np.linspace(0, 600, 16000)).astype(np.float32) * 0.3
                     summary = await client.push_audio(s.input_endpoint, s.session_id, audio, 16000,
-                                                      auth=client.ClientAuth(ca_file=ca.cert))
+                                                      auth=client.ClientAuth(ca_file=ca.cert),
+                                                      input_token=s.input_token)
                     assert summary.accepted > 0
                     # A plain client cannot push to the TLS port.
                     with pytest.raises(grpc.aio.AioRpcError):
-                        await client.push_audio(s.input_endpoint, s.session_id, audio, 16000)
+                        await client.push_audio(s.input_endpoint, s.session_id, audio, 16000,
+                                                input_token=s.input_token)
                     ended = await stub.EndSession(sessions_pb2.EndSessionRequest(session_id=s.session_id))
                     assert ended.state == types_pb2.SESSION_STATE_ENDED
             finally:

@@ -184,20 +184,22 @@ class UsageAck(_message.Message):
     def __init__(self, seq: _Optional[int] = ...) -> None: ...
 
 class Assign(_message.Message):
-    __slots__ = ("session_id", "spec", "epoch", "continuation", "resumed_at_seconds", "label")
+    __slots__ = ("session_id", "spec", "epoch", "continuation", "resumed_at_seconds", "label", "input_key")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     CONTINUATION_FIELD_NUMBER: _ClassVar[int]
     RESUMED_AT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
+    INPUT_KEY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     spec: _types_pb2.SessionSpec
     epoch: int
     continuation: int
     resumed_at_seconds: float
     label: _types_pb2.Label
-    def __init__(self, session_id: _Optional[str] = ..., spec: _Optional[_Union[_types_pb2.SessionSpec, _Mapping]] = ..., epoch: _Optional[int] = ..., continuation: _Optional[int] = ..., resumed_at_seconds: _Optional[float] = ..., label: _Optional[_Union[_types_pb2.Label, _Mapping]] = ...) -> None: ...
+    input_key: bytes
+    def __init__(self, session_id: _Optional[str] = ..., spec: _Optional[_Union[_types_pb2.SessionSpec, _Mapping]] = ..., epoch: _Optional[int] = ..., continuation: _Optional[int] = ..., resumed_at_seconds: _Optional[float] = ..., label: _Optional[_Union[_types_pb2.Label, _Mapping]] = ..., input_key: _Optional[bytes] = ...) -> None: ...
 
 class Release(_message.Message):
     __slots__ = ("session_id", "reason", "at_script_boundary", "handover")

@@ -16,10 +16,12 @@ import grpc
 
 from avatarfarm import convert
 from avatarfarm.domain import InvalidRequest
+from avatarfarm.input_tokens import InputToken
 from avatarfarm.v1 import sessions_pb2, sessions_pb2_grpc, types_pb2
 from scheduler.api import auth
 from scheduler.api.auth import Principal, Unauthenticated
 from scheduler.api.gate import caller
+from scheduler.api.input_keys import LiveInputKeys
 from scheduler.core import Scheduler
 from scheduler.errors import AlreadyExists, BudgetExceeded, FailedPrecondition, NotFound, PermissionDenied
 from scheduler.policy.ledger import Dimension
@@ -77,8 +79,12 @@ async def guard_async(context: grpc.aio.ServicerContext, aw: Awaitable[T],
         raise  # unreachable: abort raises
 
 
-def session_to_pb(s: Session, queue_position: int = 0) -> types_pb2.Session:
+def session_to_pb(s: Session, queue_position: int = 0,
+                  input_token: InputToken | None = None) -> types_pb2.Session:
+    token = input_token if input_token is not None and not s.state.terminal else None
     return types_pb2.Session(
+        input_token=token.token if token else "",
+        input_token_expires_at=convert.timestamp(token.expires_at) if token else None,
         session_id=s.session_id, spec=convert.spec_to_pb(s.spec), state=convert.state_to_pb(s.state),
         reason=s.reason, worker_id=s.worker_id, input_endpoint=s.input_endpoint,
         created_at=convert.timestamp(s.created_at), updated_at=convert.timestamp(s.updated_at),
@@ -88,8 +94,16 @@ def session_to_pb(s: Session, queue_position: int = 0) -> types_pb2.Session:
 
 
 class SessionService(sessions_pb2_grpc.SessionServiceServicer):
-    def __init__(self, core: Scheduler) -> None:
+    """Every session a caller may see comes with its live-input token (the caller is the
+    room's tenant or an operator: see `_visible`)."""
+
+    def __init__(self, core: Scheduler, inputs: LiveInputKeys | None = None) -> None:
         self.core = core
+        self.inputs = inputs or LiveInputKeys()
+
+    def _pb(self, s: Session, queue_position: int = 0) -> types_pb2.Session:
+        token = None if s.state.terminal else self.inputs.token(s.session_id, s.spec.tenant)
+        return session_to_pb(s, queue_position, token)
 
     def _visible(self, p: Principal, session_id: str) -> Session:
         convert.session_id_from_pb(session_id)
@@ -112,12 +126,12 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
 
         s = await guard(context, create)
         await self.core.durable()
-        return session_to_pb(s, self.core.queue_position(s.session_id))
+        return self._pb(s, self.core.queue_position(s.session_id))
 
     async def GetSession(self, request: sessions_pb2.GetSessionRequest,
                          context: grpc.aio.ServicerContext) -> types_pb2.Session:
         s = await guard(context, lambda: self._visible(caller(), request.session_id))
-        return session_to_pb(s, self.core.queue_position(s.session_id))
+        return self._pb(s, self.core.queue_position(s.session_id))
 
     async def ListSessions(self, request: sessions_pb2.ListSessionsRequest,
                            context: grpc.aio.ServicerContext) -> sessions_pb2.ListSessionsResponse:
@@ -136,7 +150,7 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
 
         page, next_seq = await guard(context, list_)
         return sessions_pb2.ListSessionsResponse(
-            sessions=[session_to_pb(s) for s in page],
+            sessions=[self._pb(s) for s in page],
             next_page_token=str(next_seq) if next_seq else "")
 
     async def EndSession(self, request: sessions_pb2.EndSessionRequest,
@@ -147,7 +161,7 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
 
         s = await guard(context, end)
         await self.core.durable()
-        return session_to_pb(s)
+        return self._pb(s)
 
     async def WatchSession(self, request: sessions_pb2.WatchSessionRequest,
                            context: grpc.aio.ServicerContext) -> AsyncIterator[sessions_pb2.SessionEvent]:
@@ -155,7 +169,7 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
         async for ev in self.core.watch(request.session_id):
             s = ev.session
             yield sessions_pb2.SessionEvent(
-                session=session_to_pb(s, self.core.queue_position(s.session_id)),
+                session=self._pb(s, self.core.queue_position(s.session_id)),
                 at=convert.timestamp(s.updated_at), kind=_EVENT_KINDS[ev.kind],
                 message=ev.message)
 

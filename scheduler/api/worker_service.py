@@ -16,6 +16,7 @@ import grpc
 from avatarfarm import convert
 from avatarfarm.domain import InvalidRequest, SessionState, Stage
 from avatarfarm.v1 import types_pb2, workers_pb2, workers_pb2_grpc
+from scheduler.api.input_keys import LiveInputKeys
 from scheduler.core import Scheduler
 from scheduler.policy import placement
 from scheduler.state.worker_conn import (
@@ -46,12 +47,13 @@ def profile_from_pb(profiles: Any, latency_budget: float = 0.0) -> placement.Wor
     return placement.WorkerProfile(tuple(costs))
 
 
-def command_to_pb(cmd: WorkerCommand) -> workers_pb2.SchedulerMessage:
+def command_to_pb(cmd: WorkerCommand, inputs: LiveInputKeys) -> workers_pb2.SchedulerMessage:
     match cmd:
         case AssignCmd(sid, spec, epoch, continuation, resumed_at, label):
             return workers_pb2.SchedulerMessage(assign=workers_pb2.Assign(
                 session_id=sid, spec=convert.spec_to_pb(spec), epoch=epoch,
                 continuation=continuation, resumed_at_seconds=resumed_at,
+                input_key=inputs.key(sid),
                 label=types_pb2.Label(text=label.text, position=label.position.value,
                                       size=label.size) if label is not None else None))
         case ReleaseCmd(sid, reason, at_boundary, handover):
@@ -70,8 +72,9 @@ def command_to_pb(cmd: WorkerCommand) -> workers_pb2.SchedulerMessage:
 
 
 class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
-    def __init__(self, core: Scheduler) -> None:
+    def __init__(self, core: Scheduler, inputs: LiveInputKeys | None = None) -> None:
         self.core = core
+        self.inputs = inputs or LiveInputKeys()
 
     async def Connect(self, request_iterator: AsyncIterator[workers_pb2.WorkerMessage],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[workers_pb2.SchedulerMessage]:
@@ -113,7 +116,7 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
             # when it drops the worker (heartbeats stopped) or a newer stream replaces it.
             reader.add_done_callback(lambda _: conn.outbox.put_nowait(None))
             while (cmd := await conn.outbox.get()) is not None:
-                yield command_to_pb(cmd)
+                yield command_to_pb(cmd, self.inputs)
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -246,7 +246,8 @@ class WorkerAgent:
                         sync_interval_seconds=self.sync_interval,
                         video_drift_ppm=self.video_drift_ppm, epoch=msg.epoch,
                         continuation=msg.continuation, stall_seconds=self.worker_timeout,
-                        label=assigned.label, on_stall=self._room_stalled, egress=self.egress)
+                        label=assigned.label, on_stall=self._room_stalled, egress=self.egress,
+                        input_key=msg.input_key)
         except (InvalidRequest, InvalidQuality, OutputError, RoomRefused) as e:
             self._report([self._update_pb(sid, types_pb2.SESSION_STATE_FAILED,
                                           f"bad assignment: {e}", None, msg.epoch)])

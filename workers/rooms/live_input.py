@@ -12,6 +12,7 @@ still pushing is answered with what was accepted.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
@@ -19,7 +20,9 @@ from typing import Generic, Protocol, TypeVar
 import grpc
 import numpy as np
 
+from avatarfarm import input_tokens
 from avatarfarm.domain import DriveMode, InvalidRequest, validate_id
+from avatarfarm.input_tokens import InputRefused, InputTokenExpired
 from avatarfarm.v1 import live_input_pb2, live_input_pb2_grpc
 from workers.media.audio import SAMPLE_RATE, pcm16_to_float, resample
 from workers.media.motion import MOTION_DIM
@@ -87,9 +90,26 @@ def _close_inputs(room: Room) -> None:
     room.motion_in.close()
 
 
+def bearer(context: grpc.aio.ServicerContext) -> str:
+    """The bearer token a call carries ('' without one)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer":
+                return token.strip()
+    return ""
+
+
 class LiveInputService(live_input_pb2_grpc.LiveInputServiceServicer):
-    def __init__(self, rooms: Callable[[str], Room | None]) -> None:
+    """Feeds live audio and motion into rooms rendering here, to callers holding the
+    room's input token (avatarfarm.input_tokens), checked with the room's own key: no
+    call to the scheduler. An unknown room and a token that is not this room's get the
+    same answer, so a caller learns nothing of rooms it may not feed."""
+
+    def __init__(self, rooms: Callable[[str], Room | None],
+                 clock: Callable[[], float] = time.time) -> None:
         self._rooms = rooms
+        self.clock = clock
 
     async def _room(self, session_id: str, context: grpc.aio.ServicerContext,
                     accepts: frozenset[DriveMode], why_not: str) -> Room:
@@ -100,9 +120,16 @@ class LiveInputService(live_input_pb2_grpc.LiveInputServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"{e} (the first message of a stream names the session)")
         room = self._rooms(session_id)
-        if room is None:
+        try:
+            if room is None:
+                raise InputRefused("unknown room")
+            input_tokens.verify(room.input_key, bearer(context), session_id, now=self.clock())
+        except InputTokenExpired as e:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        except InputRefused:
             await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"session {session_id!r} is not rendering on this worker")
+                                f"session {session_id!r} is not rendering on this worker for "
+                                "this input token")
         assert room is not None
         if room.spec.drive_mode not in accepts:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,

@@ -213,8 +213,11 @@ class Room:
                  stall_seconds: float = math.inf,
                  on_stall: Callable[[Room, float], None] = lambda room, behind: None,
                  egress: EgressPolicy | None = None, label: LabelSpec | None = None,
-                 resolve: Resolver = system_resolver) -> None:
+                 resolve: Resolver = system_resolver, input_key: bytes = b"") -> None:
         self.session_id = session_id
+        # Live inputs are taken only with a token signed by this key (the scheduler's,
+        # for this room: avatarfarm.input_tokens); none: no live input is taken.
+        self.input_key = input_key
         self.egress = egress or EgressPolicy()
         self.resolve = resolve  # an RTMP ingest's host name -> its addresses
         self.spec = spec

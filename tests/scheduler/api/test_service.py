@@ -507,3 +507,44 @@ def test_a_worker_the_room_moved_from_is_released_and_bills_nothing(tmp_path: Pa
                 await w.close()
 
     run(body)
+
+
+def test_a_room_comes_with_an_input_token_its_worker_can_check_alone(tmp_path: Path,
+                                                                     model_dir: Path) -> None:
+    import time
+
+    from avatarfarm import input_tokens
+
+    async def body() -> None:
+        async with scheduler(tmp_path, model_dir, input_token_ttl=120.0) as (_, stub, ch):
+            s = await stub.CreateSession(create_req("r1", drive=types_pb2.DRIVE_MODE_VOICE))
+            other = await stub.CreateSession(create_req("r2", drive=types_pb2.DRIVE_MODE_VOICE))
+            worker = ProtocolWorker(ch, "w1")
+            keys = {}
+            for _ in range(2):
+                a = (await worker.next("assign")).assign
+                keys[a.session_id] = a.input_key
+            key = keys[s.session_id]
+            assert len(key) == 32 and key != keys[other.session_id]
+            now = time.time()
+            assert s.input_token_expires_at.seconds == pytest.approx(now + 120, abs=5)
+            assert input_tokens.verify(key, s.input_token, s.session_id, now=now) == "vendor"
+            with pytest.raises(input_tokens.InputRefused):  # one room's token opens no other
+                input_tokens.verify(keys[other.session_id], s.input_token, other.session_id, now=now)
+            with pytest.raises(input_tokens.InputTokenExpired):
+                input_tokens.verify(key, s.input_token, s.session_id, now=now + 121)
+            # Renewed by reading the session again; ended rooms get none.
+            again = await stub.GetSession(sessions_pb2.GetSessionRequest(session_id=s.session_id))
+            assert input_tokens.verify(key, again.input_token, s.session_id, now=now + 1) == "vendor"
+            ended = await stub.EndSession(sessions_pb2.EndSessionRequest(session_id=s.session_id))
+            assert ended.input_token == "" and not ended.HasField("input_token_expires_at")
+            await worker.close()
+        # The room keeps its key across a scheduler restart (workers hold it): the secret
+        # is kept beside the database.
+        async with scheduler(tmp_path, model_dir) as (_, stub, _ch):
+            got = await stub.GetSession(sessions_pb2.GetSessionRequest(session_id=other.session_id))
+            assert input_tokens.verify(keys[other.session_id], got.input_token, other.session_id,
+                                       now=time.time()) == "vendor"
+        assert (tmp_path / "state.db.input-secret").stat().st_mode & 0o777 == 0o600
+
+    run(body)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from avatarfarm.domain import DriveMode, OutputKind, Quality
+from avatarfarm.input_tokens import mint, room_key
 from avatarfarm.v1 import live_input_pb2, live_input_pb2_grpc
 from tests.builders import make_spec
 from workers.device.pipeline import Pipeline
@@ -145,7 +147,36 @@ def make_room(pipeline: Pipeline, tmp_path: Path, sid: str, drive: DriveMode, *,
               pacing: Pacing = Pacing.REALTIME) -> Room:
     spec = replace(make_spec(sid, quality=Quality(256, 256, 25), seconds=seconds), drive_mode=drive)
     target = OutputTarget.resolve(OutputKind.FILE, f"{sid}.mp4", tmp_path)
-    return Room(sid, spec, target, pipeline, pacing=pacing)
+    return Room(sid, spec, target, pipeline, pacing=pacing, input_key=room_key(SECRET, sid))
+
+
+SECRET = b"the scheduler's live-input secret"
+
+
+def token_of(sid: str, *, ttl: float = 600, now: float | None = None) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying room `sid`'s input token, as its tenant gets it."""
+    t = mint(room_key(SECRET, sid), sid, "vendor", ttl=ttl, now=time.time() if now is None else now)
+    return (("authorization", f"Bearer {t.token}"),)
+
+
+class Fed:
+    """The stub, each call with the input token of the room its first message names."""
+
+    def __init__(self, stub: live_input_pb2_grpc.LiveInputServiceStub) -> None:
+        self.stub = stub
+
+    def PushAudio(self, msgs: Any) -> Any:
+        msgs = list(msgs)
+        return self.stub.PushAudio(iter(msgs), metadata=self._token(msgs))
+
+    def PushMotion(self, msgs: Any) -> Any:
+        msgs = list(msgs)
+        return self.stub.PushMotion(iter(msgs), metadata=self._token(msgs))
+
+    @staticmethod
+    def _token(msgs: list[Any]) -> Any:
+        # No room has an id past 128 characters, so no token names one.
+        return token_of(msgs[0].session_id) if msgs and len(msgs[0].session_id) <= 128 else ()
 
 
 @contextlib.asynccontextmanager
@@ -181,7 +212,7 @@ def test_a_client_faster_than_real_time_is_held_back(pipeline: Pipeline, tmp_pat
         async with live_input({"voice": room}) as stub:
             task = room.start()
             # The room ends after 2 s of stream; its end answers the stream still pushing.
-            summary = await asyncio.wait_for(stub.PushAudio(flood()), 60)
+            summary = await asyncio.wait_for(stub.PushAudio(flood(), metadata=token_of("voice")), 60)
             await asyncio.wait_for(task, 30)
             return summary
 
@@ -221,7 +252,8 @@ def test_wrong_and_hostile_live_inputs_get_precise_statuses(pipeline: Pipeline, 
         return live_input_pb2.MotionFrame(session_id=sid, coefficients=coefs)
 
     async def body() -> None:
-        async with live_input(rooms) as stub:
+        async with live_input(rooms) as raw:
+            stub = Fed(raw)
             cases: list[tuple[grpc.StatusCode, Any]] = [
                 # Live audio into a text room, motion into a voice room.
                 (grpc.StatusCode.FAILED_PRECONDITION, lambda: stub.PushAudio(_one(audio("text")))),
@@ -256,5 +288,34 @@ def test_wrong_and_hostile_live_inputs_get_precise_statuses(pipeline: Pipeline, 
             assert ok.accepted == 2
             assert (await stub.PushMotion(_one(motion("mocap")))).accepted == 1
             assert (await stub.PushAudio(iter([]))).accepted == 0
+
+    asyncio.run(body())
+
+
+def test_only_the_rooms_own_unexpired_token_opens_its_inputs(pipeline: Pipeline, tmp_path: Path) -> None:
+    rooms = {sid: make_room(pipeline, tmp_path, sid, DriveMode.VOICE) for sid in ("voice", "other")}
+    chunk = live_input_pb2.AudioChunk(session_id="voice", sample_rate=SAMPLE_RATE, pcm_s16le=b"\0\0" * 160)
+    forged = mint(room_key(b"not the scheduler's secret, 32+ bytes", "voice"), "voice", "vendor",
+                  now=time.time())
+
+    async def refusal(stub: Any, metadata: Any) -> grpc.aio.AioRpcError:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.PushAudio(_one(chunk), metadata=metadata)
+        return err.value
+
+    async def body() -> None:
+        async with live_input(rooms) as stub, live_input({}) as elsewhere:
+            unknown = await refusal(elsewhere, token_of("voice"))
+            assert unknown.code() == grpc.StatusCode.NOT_FOUND
+            for metadata in ((), token_of("other"), (("authorization", f"Bearer {forged.token}"),),
+                             (("authorization", "Bearer " + token_of("voice")[0][1][7:-1]),),
+                             (("authorization", "Basic " + token_of("voice")[0][1][7:]),)):
+                err = await refusal(stub, metadata)
+                # Another room's token, a forged or cut one, none: the answer of a room not here.
+                assert (err.code(), err.details()) == (unknown.code(), unknown.details())
+            late = await refusal(stub, token_of("voice", ttl=60, now=time.time() - 120))
+            assert late.code() == grpc.StatusCode.UNAUTHENTICATED and "GetSession" in (late.details() or "")
+            ok = await stub.PushAudio(_one(chunk), metadata=token_of("voice"))
+            assert ok.accepted == 1
 
     asyncio.run(body())
