@@ -335,6 +335,13 @@ def parse_rtmp_url(url: str, limits: Limits = LIMITS) -> RtmpUrl:
     return RtmpUrl(scheme, host, port, path, address)
 
 
+def output_scope(tenant: str, output: Output) -> tuple[str, Output]:
+    """What two live rooms may not share: a file or HLS folder lies in its tenant's own
+    output folder (another tenant's same name is another place); an RTMP URL is one
+    ingest whoever names it."""
+    return ("" if output.kind is OutputKind.RTMP else tenant, output)
+
+
 def validate_output(output: Output) -> None:
     if output.kind is OutputKind.RTMP:
         parse_rtmp_url(output.target)

@@ -52,6 +52,7 @@ class RoomPlan:
 
 
 VIDEO_AVATAR = "astronaut"
+TENANT = "demo-vendor"
 
 # Mixed on purpose: every drive mode and tier, square and vertical (phone) frames.
 PLANS = [
@@ -114,7 +115,7 @@ async def _register_video_avatar(avatars: avatars_pb2_grpc.AvatarServiceStub) ->
     t0 = time.monotonic()
     clip = await asyncio.to_thread(astronaut_clip)
     a = await avatars.RegisterAvatar(avatars_pb2.RegisterAvatarRequest(
-        avatar_id=VIDEO_AVATAR, tenant="demo-vendor", reference_video=clip,
+        avatar_id=VIDEO_AVATAR, tenant=TENANT, reference_video=clip,
         licence=avatars_pb2.Licence()), timeout=600)
     print(f"  video avatar {a.avatar_id}: {len(clip) / 1024:.0f} KiB clip, {a.width}x{a.height}, "
           f"bundle {a.bundle_id[:12]}, prepared in {time.monotonic() - t0:.1f}s", flush=True)
@@ -142,7 +143,7 @@ async def _run(opts: DemoOptions, farm: LocalFarm) -> int:
         for i, plan in enumerate(plans):
             room_id = plan.room_id if i < len(PLANS) else f"{plan.room_id}-{i}"
             spec = client.spec(
-                "demo-vendor", room_id, drive=plan.drive, tier=plan.tier, width=plan.width,
+                TENANT, room_id, drive=plan.drive, tier=plan.tier, width=plan.width,
                 height=plan.height, fps=plan.fps, file_path=f"{room_id}.mp4", seconds=opts.seconds,
                 avatar=plan.avatar,
                 script=script_segments() if plan.drive == types_pb2.DRIVE_MODE_TEXT else ())
@@ -179,7 +180,7 @@ def _summary(opts: DemoOptions, farm: LocalFarm, sessions: list[types_pb2.Sessio
     failed = 0
     for s in sessions:
         q = s.spec.quality
-        out = farm.output_dir / s.spec.output.file_path
+        out = farm.output_of(s.spec.tenant, s.spec.output.file_path)
         failed += s.state != types_pb2.SESSION_STATE_ENDED
         print(f"  {s.spec.room_id:<15} {_MODE[s.spec.drive_mode]:<5} {_TIER[s.spec.tier]:<11} "
               f"{q.width}x{q.height}@{q.fps:<4} {s.spec.avatar_id:<10} {s.worker_id:<9} {_state(s):<6} "
@@ -216,7 +217,7 @@ def _summary(opts: DemoOptions, farm: LocalFarm, sessions: list[types_pb2.Sessio
             print(f"  scheduler metric avatarfarm_cost_per_stream_hour: {shown}")
         except OSError as e:
             print(f"  (could not read scheduler metrics: {e})")
-    print(f"  videos in {farm.output_dir}, logs in {farm.home / 'logs'}")
+    print(f"  videos in {farm.output_of(TENANT, '')}, logs in {farm.home / 'logs'}")
     return 1 if failed else 0
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from avatarfarm.processes import ManagedProcess
+from workers.output.targets import tenant_root
 
 
 @dataclass
@@ -34,6 +35,10 @@ class LocalFarm:
     @property
     def output_dir(self) -> Path:
         return self.home / "out"
+
+    def output_of(self, tenant: str, path: str) -> Path:
+        """Where a tenant's file or HLS output named `path` is written."""
+        return tenant_root(self.output_dir, tenant) / path
 
     @property
     def address(self) -> str:

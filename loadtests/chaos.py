@@ -39,6 +39,7 @@ from avatarfarm import client
 from avatarfarm.v1 import sessions_pb2, sessions_pb2_grpc, types_pb2
 from farm.local import LocalFarm
 from workers.output.encode import hls_segments
+from workers.output.targets import tenant_root
 
 RUNNING = types_pb2.SESSION_STATE_RUNNING
 ENDED = types_pb2.SESSION_STATE_ENDED
@@ -196,7 +197,7 @@ async def main_async(args: argparse.Namespace, home: Path) -> int:
                if s.state != ENDED or s.progress.stream_seconds < args.seconds - 0.1]
     lost = sum(max(0.0, finals[sid].progress.stream_seconds - billed[sid]) for sid in rooms)
     doubled = sum(max(0.0, billed[sid] - finals[sid].progress.stream_seconds) for sid in rooms)
-    missing = sum(max(0.0, args.seconds - decoded_seconds(home / "out" / r.folder, args.fps))
+    missing = sum(max(0.0, args.seconds - decoded_seconds(tenant_root(home / "out", r.tenant) / r.folder, args.fps))
                   for r in rooms.values())
     failovers = len(resumes) + unresolved
     print()

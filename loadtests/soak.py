@@ -259,7 +259,7 @@ def report(run: Run, sessions: dict[str, types_pb2.Session], out_dir: Path, work
     print(f"  {'mode':<6} {'state':<7} {'frames':>8} {'in file':>8} {'late':>6} {'video ts gap':>13} "
           f"{'video s':>9} {'audio s':>9} {'checks':>7}")
     for mode, s in sessions.items():
-        frames, gap, video_s, audio_s = _read_back(out_dir / f"soak-{mode}.mp4")
+        frames, gap, video_s, audio_s = _read_back(out_dir / f"soak-{mode}.mp4")  # tenant "soak"
         state = types_pb2.SessionState.Name(s.state).removeprefix("SESSION_STATE_").lower()
         print(f"  {mode:<6} {state:<7} {s.progress.frames_rendered:>8} {frames:>8} {s.progress.late_frames:>6} "
               f"{gap * 1000:>10.1f} ms {video_s:>9.2f} {audio_s:>9.2f} {s.progress.sync_checks:>7}")
@@ -322,7 +322,7 @@ def main() -> int:
         with farm:
             run, sessions = asyncio.run(_run(farm, args))
         print(f"wall {time.monotonic() - t0:.0f} s")
-        report(run, sessions, farm.output_dir, home / "logs" / "worker-0.log")
+        report(run, sessions, farm.output_of("soak", ""), home / "logs" / "worker-0.log")
         failed = [m for m, s in sessions.items() if s.state != types_pb2.SESSION_STATE_ENDED]
         return 1 if failed else 0
 

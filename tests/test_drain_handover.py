@@ -48,7 +48,7 @@ def test_a_worker_stopped_with_sigterm_hands_its_room_over_without_a_gap(
     assert moved.worker_id and code == 0 and gone < 15, (code, gone)
     assert done.progress.stream_seconds == pytest.approx(12, abs=0.1)
     assert done.progress.script_segments_done == len(SCRIPT)
-    out = farm.output_dir / "show"
+    out = farm.output_of("vendor", "show")
     segs = playlist(out)
     assert sum(d for _, _, d in segs) == 1  # one continuation, after one discontinuity
     # Unlike a crash, nothing is lost: the first worker published the segment it was

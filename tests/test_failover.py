@@ -130,7 +130,7 @@ def test_a_killed_workers_room_resumes_on_another_continuing_its_output(
     assert done.progress.stream_seconds == pytest.approx(14, abs=0.1)
     assert done.progress.script_segments_done == len(SCRIPT)
     # One playlist, the second worker's segments after a discontinuity, all decodable.
-    out = farm.output_dir / "show"
+    out = farm.output_of("vendor", "show")
     segs = playlist(out)
     assert sum(d for _, _, d in segs) == 1 and segs[0][2] is False
     assert len({n for n, _, _ in segs}) == len(segs)
@@ -154,7 +154,7 @@ def test_a_frozen_worker_neither_writes_nor_bills_for_rooms_that_moved(
                          lambda x: x.state == RUNNING and x.worker_id != first.name)
             moved = wait(farm, s.session_id,
                          lambda x: x.progress.stream_seconds > moved.progress.stream_seconds + 2)
-            out = farm.output_dir / "show"
+            out = farm.output_of("vendor", "show")
             before = {p.name: p.stat().st_mtime_ns for p in out.glob("segment_e1_*")}
         finally:
             os.killpg(first.proc.pid, signal.SIGCONT)
@@ -191,5 +191,5 @@ def test_rooms_survive_a_killed_scheduler_and_nothing_is_counted_twice(
         assert s.progress.stream_seconds == pytest.approx(12, abs=0.1)
         assert seconds == pytest.approx(12, abs=0.1)  # not lost, not doubled
     for room in ("a", "b"):
-        segs = playlist(farm.output_dir / room)
+        segs = playlist(farm.output_of(f"t-{room}", room))
         assert not any(d for _, _, d in segs)  # one run: never restarted

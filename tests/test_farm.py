@@ -77,7 +77,7 @@ def test_a_text_room_renders_speech_and_idle_to_a_playable_file(tmp_path: Path, 
             assert done.progress.device_seconds > 0
             assert set(done.progress.stage_seconds) == {"tts", "audio_to_motion", "render", "encode",
                                                     "alignment"}
-            out = tmp_path / "out" / "rooms" / "room-1.mp4"
+            out = tmp_path / "out" / "@vendor" / "rooms" / "room-1.mp4"
             f = probe(out)
             assert (f.video_codec, f.width, f.height, f.frames) == ("h264", 320, 256, 150)
             assert f.fps == pytest.approx(25.0)
@@ -119,10 +119,10 @@ def test_live_voice_and_mocap_inputs_drive_their_rooms(tmp_path: Path, model_dir
             for s in (voice, mocap):
                 done = await client.wait_for(stub, s.session_id, ended, 120)
                 assert done.state == types_pb2.SESSION_STATE_ENDED, done.reason
-            v = mouth_motion(tmp_path / "out" / "voice.mp4")
+            v = mouth_motion(tmp_path / "out" / "@vendor" / "voice.mp4")
             assert v[5:45].mean() > 3 * v[60:].mean()
-            assert probe(tmp_path / "out" / "voice.mp4").audio_rms > 0.01
-            m = mouth_openness(tmp_path / "out" / "mocap.mp4")
+            assert probe(tmp_path / "out" / "@vendor" / "voice.mp4").audio_rms > 0.01
+            m = mouth_openness(tmp_path / "out" / "@vendor" / "mocap.mp4")
             opened = m[:50][jaw[:50, 0] > 0.5].mean()
             closed = m[:50][jaw[:50, 0] < 0.5].mean()
             assert opened > closed + 10
@@ -154,7 +154,7 @@ def test_an_unreachable_rtmp_room_fails_clearly_and_others_keep_streaming(tmp_pa
             assert "rtmp://127.0.0.1" in failed.reason and "failed" in failed.reason
             ok = await client.wait_for(stub, good.session_id, ended, 60)
             assert ok.state == types_pb2.SESSION_STATE_ENDED
-            assert probe(tmp_path / "out" / "good.mp4").frames == 75
+            assert probe(tmp_path / "out" / "@vendor" / "good.mp4").frames == 75
 
     run(body())
 
@@ -214,7 +214,7 @@ def test_worker_live_input_refuses_wrong_inputs(tmp_path: Path, model_dir: Path)
                     break
                 await asyncio.sleep(0.05)
             assert worker.agent.room(text.session_id) is None
-            assert probe(tmp_path / "out" / "t.mp4").video_codec == "h264"
+            assert probe(tmp_path / "out" / "@vendor" / "t.mp4").video_codec == "h264"
 
     run(body())
 
@@ -271,6 +271,6 @@ def test_rooms_at_different_resolutions_batch_on_the_worker(tmp_path: Path, mode
             both = rendered["reference-lite@256"] + rendered["reference-lite@192"]
             assert both <= 200 and both + late >= 200, (rendered, late)
         for room in sizes:
-            assert probe(tmp_path / "out" / f"{room}.mp4").frames == 50
+            assert probe(tmp_path / "out" / "@vendor" / f"{room}.mp4").frames == 50
 
     run(body())

@@ -75,7 +75,7 @@ def test_rooms_keep_streaming_through_a_scheduler_restart(tmp_path: Path, model_
         assert ended.state == types_pb2.SESSION_STATE_ENDED
 
     # The worker closed the output when the room ended (or at the latest when it stopped).
-    f = probe(home / "out" / "show.mp4")
+    f = probe(home / "out" / "@vendor" / "show.mp4")
     assert f.video_codec == "h264" and f.frames > 50
 
 
@@ -97,8 +97,8 @@ def test_the_demo_command_renders_every_room(tmp_path: Path, model_dir: Path) ->
     assert "onnxruntime provider: CPUExecutionProvider" in out.stdout
     assert "cost per stream-hour" in out.stdout
     assert "avatarfarm_cost_per_stream_hour:" in out.stdout and "premium/cpu=" in out.stdout
-    videos = sorted((home / "out").glob("*.mp4"))
-    assert len(videos) == 5 and home / "out" / "astronaut-live.mp4" in videos
+    videos = sorted((home / "out" / "@demo-vendor").glob("*.mp4"))
+    assert len(videos) == 5 and home / "out" / "@demo-vendor" / "astronaut-live.mp4" in videos
     assert "video avatar astronaut" in out.stdout  # registered and prepared by the scheduler
     for v in videos:
         f = probe(v)

@@ -19,6 +19,7 @@ from avatarfarm.domain import (
     ScriptSegment,
     SessionSpec,
     SessionState,
+    output_scope,
     validate_script,
 )
 from avatarfarm.egress import ForbiddenTarget
@@ -74,7 +75,7 @@ class Scheduler(Enforcement):
         other = self.sessions.live_rooms.get((spec.tenant, spec.room_id))
         if other is not None:
             raise AlreadyExists(f"room {spec.room_id!r} already streams as session {other}")
-        if spec.output in self.sessions.outputs:
+        if output_scope(spec.tenant, spec.output) in self.sessions.outputs:
             # Two streams muxed into one file or playlist would corrupt both.
             raise AlreadyExists(f"output {spec.output.target!r} is in use by another live session")
         now = self.clock()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterator, Mapping
 
-from avatarfarm.domain import Output, SessionState, Tier
+from avatarfarm.domain import Output, SessionState, Tier, output_scope
 from scheduler.state.sessions import Session
 
 LIVE = (SessionState.PLACED, SessionState.RUNNING)
@@ -19,7 +19,7 @@ class SessionTable(Mapping[str, Session]):
         self._by_id: dict[str, Session] = {}
         self.live_rooms: dict[tuple[str, str], str] = {}  # (tenant, room_id) -> live session
         self.requests: dict[tuple[str, str], str] = {}  # (tenant, request_id) -> session
-        self.outputs: dict[Output, str] = {}  # outputs of live sessions
+        self.outputs: dict[tuple[str, Output], str] = {}  # output_scope of live sessions
         self.units: dict[str, float] = collections.defaultdict(float)  # tenant -> units in use
         self.reserved: dict[str, float] = collections.defaultdict(float)  # guaranteed units
         self.counts: collections.Counter[tuple[SessionState, Tier]] = collections.Counter()
@@ -67,12 +67,12 @@ class SessionTable(Mapping[str, Session]):
         if s.state.terminal:
             if self.live_rooms.get(key) == s.session_id:
                 del self.live_rooms[key]
-            if self.outputs.get(s.spec.output) == s.session_id:
-                del self.outputs[s.spec.output]
+            if self.outputs.get(output_scope(s.spec.tenant, s.spec.output)) == s.session_id:
+                del self.outputs[output_scope(s.spec.tenant, s.spec.output)]
             self.degraded.discard(s.session_id)
             return
         self.live_rooms[key] = s.session_id
-        self.outputs[s.spec.output] = s.session_id
+        self.outputs[output_scope(s.spec.tenant, s.spec.output)] = s.session_id
         self.units[s.spec.tenant] += s.units
         if s.guaranteed:
             self.reserved[s.spec.tenant] += s.units

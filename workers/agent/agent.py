@@ -36,7 +36,7 @@ from workers.media.alignment import SyncEstimate
 from workers.media.label import LabelSpec
 from workers.metrics import WorkerMetrics
 from workers.output.encode import EncoderSettings
-from workers.output.targets import OutputError, OutputTarget
+from workers.output.targets import OutputError, OutputTarget, tenant_root
 from workers.rooms.registry import RoomRegistry
 from workers.rooms.room import (
     InvalidQuality,
@@ -88,7 +88,8 @@ def assignment_from_pb(msg: workers_pb2.Assign, output_dir: Path,
             label = LabelSpec(msg.label.text, msg.label.position, msg.label.size)
         except ValueError as e:
             raise InvalidRequest(str(e)) from e
-    target = OutputTarget.resolve(spec.output.kind, spec.output.target, output_dir, egress)
+    target = OutputTarget.resolve(spec.output.kind, spec.output.target,
+                                  tenant_root(output_dir, spec.tenant), egress)
     return Assignment(spec, target, label)
 
 

@@ -12,15 +12,21 @@ placement, one more for each), and the new worker continues the same output:
   ``show.mp4``, then ``show.1.mp4``, ``show.2.mp4``, ...
 
 Which assignment may write an output is the fence's to say (``workers.output.fence``).
+
+Each tenant has its own output folder, ``@<tenant>`` inside the worker's output folder
+(``tenant_root``): a tenant names paths inside its own folder and cannot name another
+tenant's. No tenant path can name an ``@`` folder (``@`` is not allowed in output paths),
+so outputs written before folders were per tenant, at the top of the output folder,
+stay readable where they are and are never taken for a tenant's.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from avatarfarm.domain import InvalidRequest, Output, OutputKind, validate_output
+from avatarfarm.domain import LIMITS, InvalidRequest, Output, OutputKind, validate_id, validate_output
 from avatarfarm.egress import EgressPolicy, ForbiddenTarget
 
 
@@ -62,6 +68,21 @@ class OutputTarget:
         if kind is OutputKind.FILE:
             return OutputTarget(kind, str(path))
         return OutputTarget(kind, str(path / "index.m3u8"))
+
+
+TENANT_PREFIX = "@"
+FOLDER_NAME_MAX = 255  # bytes in a file name, on every file system a worker writes to
+
+
+def tenant_root(output_dir: Path, tenant: str) -> Path:
+    """The tenant's own output folder inside the worker's (see the module). The id is
+    checked to be a safe folder name, not against today's id length limit: a tenant
+    admitted under an older limit keeps its folder."""
+    try:
+        validate_id("tenant", tenant, limits=replace(LIMITS, max_id_length=FOLDER_NAME_MAX - 1))
+    except InvalidRequest as e:
+        raise OutputError(str(e)) from e
+    return output_dir / f"{TENANT_PREFIX}{tenant}"
 
 
 def continuation_path(path: Path, continuation: int) -> Path:

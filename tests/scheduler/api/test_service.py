@@ -171,6 +171,16 @@ def test_retries_are_idempotent_and_rooms_are_unique(tmp_path: Path, model_dir: 
                                 stub.CreateSession(create_req("r1", request_id="req-2")))
             assert "in use" in await expect_status(grpc.StatusCode.ALREADY_EXISTS, stub.CreateSession(
                 create_req("r2", file_path="r1.mp4")))
+            # Another tenant's "r1.mp4" is in that tenant's own folder: no conflict. An RTMP
+            # ingest is one place whoever names it.
+            other = sessions_pb2.CreateSessionRequest(spec=client.spec(
+                "other-brand", "r1", file_path="r1.mp4", seconds=2.0))
+            assert (await stub.CreateSession(other)).state == types_pb2.SESSION_STATE_PENDING
+            url = "rtmp://ingest.example/live/k"
+            await stub.CreateSession(create_req("r3", file_path="", rtmp_url=url))
+            assert "in use" in await expect_status(grpc.StatusCode.ALREADY_EXISTS, stub.CreateSession(
+                sessions_pb2.CreateSessionRequest(spec=client.spec(
+                    "other-brand", "r3", rtmp_url=url, seconds=2.0))))
             ended = await stub.EndSession(sessions_pb2.EndSessionRequest(session_id=a.session_id))
             again = await stub.EndSession(sessions_pb2.EndSessionRequest(session_id=a.session_id))
             assert ended.state == again.state == types_pb2.SESSION_STATE_ENDED

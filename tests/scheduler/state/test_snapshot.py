@@ -21,7 +21,7 @@ def test_the_table_keeps_its_indexes_through_a_rooms_life(tmp_path: Path) -> Non
     pending = dataclasses.replace(s, state=SessionState.PENDING, load=0.0)
     assert table.put(pending) is None
     assert table.live_rooms == {(spec.tenant, "r1"): s.session_id}
-    assert table.outputs == {spec.output: s.session_id}
+    assert table.outputs == {(spec.tenant, spec.output): s.session_id}
     assert table.units[spec.tenant] == pytest.approx(s.units)
     assert table.preemptible == 0.0  # nothing placed yet
     assert table.put(s) == pending

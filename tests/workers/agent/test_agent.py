@@ -214,7 +214,7 @@ def test_a_stalled_worker_holds_its_rooms_until_the_scheduler_says_which_are_its
                     session_id=sid, spec=convert.spec_to_pb(spec), epoch=epoch)))
             await until(lambda: len(fake.of(0, "usage_report")) >= 3
                         and len(fake.of(0, "usage_report")[-1].usage_report.updates) == 2)
-            await until(lambda: (tmp_path / "b" / "index.m3u8").exists())
+            await until(lambda: (tmp_path / "@vendor" / "b" / "index.m3u8").exists())
             kept, moved = agent.rooms["kept"], agent.rooms["moved"]
             # While frozen, the scheduler gave "moved" to another worker: it confirms only
             # "kept" when the worker registers again.
@@ -233,7 +233,7 @@ def test_a_stalled_worker_holds_its_rooms_until_the_scheduler_says_which_are_its
             await until(lambda: fake.of(1, "usage_report")[-1].usage_report.seq > sent + 2)
             assert not any(u.session_id == "moved" for m in fake.of(1, "usage_report")
                            if m.usage_report.seq > sent for u in m.usage_report.updates)
-            assert "#EXT-X-ENDLIST" not in (tmp_path / "b" / "index.m3u8").read_text()
+            assert "#EXT-X-ENDLIST" not in (tmp_path / "@vendor" / "b" / "index.m3u8").read_text()
 
     asyncio.run(asyncio.wait_for(body(), 60))
 
@@ -263,7 +263,7 @@ def test_the_worker_takes_an_admitted_spec_the_edge_would_refuse_now(spec: Sessi
         convert.spec_from_pb(convert.spec_to_pb(spec))  # the edge's decode refuses it
     assigned = assignment_from_pb(assign(spec), tmp_path, EgressPolicy())
     assert assigned.spec == spec
-    assert assigned.target.location == str((tmp_path / spec.output.target).resolve())
+    assert assigned.target.location == str((tmp_path / f"@{spec.tenant}" / spec.output.target).resolve())
 
 
 @pytest.mark.parametrize("spec, refusal", [
@@ -296,3 +296,19 @@ def test_an_assignment_beyond_the_edge_limits_runs_as_a_room(pipeline: Pipeline,
             await agent.shutdown()
 
     asyncio.run(asyncio.wait_for(body(), 60))
+
+
+def test_each_tenant_writes_in_a_folder_of_its_own(tmp_path: Path) -> None:
+    a = assignment_from_pb(assign(make_spec("r", tenant="brand-a")), tmp_path, EgressPolicy())
+    b = assignment_from_pb(assign(make_spec("r", tenant="brand-b")), tmp_path, EgressPolicy())
+    assert a.target.location == str((tmp_path / "@brand-a" / "r.mp4").resolve())
+    assert b.target.location == str((tmp_path / "@brand-b" / "r.mp4").resolve())
+    hls = make_spec("r", tenant="brand-a", output=Output(OutputKind.HLS, "live/show"))
+    assert assignment_from_pb(assign(hls), tmp_path, EgressPolicy()).target.location == \
+        str((tmp_path / "@brand-a" / "live" / "show" / "index.m3u8").resolve())
+    # No path a tenant can write names another tenant's folder, or the top of the output
+    # folder, where outputs from before tenant folders stay.
+    for path in ("../@brand-b/r.mp4", "@brand-b/r.mp4", "../r.mp4", "/r.mp4", "..", "%2e%2e/r.mp4"):
+        with pytest.raises((OutputError, InvalidRequest)):
+            assignment_from_pb(assign(make_spec("r", tenant="brand-a", output=Output(
+                OutputKind.FILE, path))), tmp_path, EgressPolicy())
