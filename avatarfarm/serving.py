@@ -12,11 +12,14 @@ for single requests and for each message of a request stream alike.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import logging
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,8 +36,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 # Runs before a call reaches its servicer (method is "/package.Service/Method"); it
-# aborts the call to refuse it.
-Gate = Callable[[str, grpc.aio.ServicerContext], Awaitable[None]]
+# aborts the call to refuse it, and returns when the caller's credential expires (Unix
+# seconds; None: it does not), which ends a response stream then.
+Gate = Callable[[str, grpc.aio.ServicerContext], Awaitable[float | None]]
 # Runs on each message of a request stream before the servicer gets it; aborts to refuse.
 StreamCheck = Callable[[str, Any, grpc.aio.ServicerContext], Awaitable[None]]
 
@@ -87,15 +91,61 @@ async def _refuse_malformed(request: Any, context: grpc.aio.ServicerContext) -> 
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
 
 
+async def _until(responses: AsyncIterator[Any], until: float | None,
+                 context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    """`responses` until the credential's expiry (`until`, Unix seconds), then
+    UNAUTHENTICATED: a stream does not outlive the token that opened it."""
+    if until is None:
+        async for r in responses:
+            yield r
+        return
+    it = aiter(responses)
+
+    async def step() -> tuple[bool, Any]:
+        try:
+            return True, await anext(it)
+        except StopAsyncIteration:
+            return False, None
+
+    nxt: asyncio.Future[tuple[bool, Any]] | None = None
+    try:
+        while True:
+            left = until - time.time()
+            if left <= 0:
+                break
+            # The next response in a task of its own (it inherits the call's context), so
+            # that waiting for it can end at the expiry.
+            nxt = asyncio.ensure_future(step())
+            done, _ = await asyncio.wait({nxt}, timeout=left)
+            if not done:
+                break
+            more, response = nxt.result()
+            nxt = None
+            if not more:
+                return
+            yield response
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                            "the credential this stream was opened with expired: open it "
+                            "again with a renewed one")
+    finally:
+        if nxt is not None:
+            nxt.cancel()
+            with contextlib.suppress(BaseException):
+                await nxt
+        closing = getattr(it, "aclose", None)
+        if closing is not None:
+            with contextlib.suppress(BaseException):
+                await closing()
+
+
 def _handler(method: str, desc: MethodDescriptor, impl: Callable[..., Any], gate: Gate | None,
              check: StreamCheck | None) -> grpc.RpcMethodHandler:
     request_cls = message_factory.GetMessageClass(desc.input_type)
     response_cls = message_factory.GetMessageClass(desc.output_type)
     decode, encode = _lenient(request_cls), response_cls.SerializeToString
 
-    async def enter(context: grpc.aio.ServicerContext) -> None:
-        if gate is not None:
-            await gate(method, context)
+    async def enter(context: grpc.aio.ServicerContext) -> float | None:
+        return await gate(method, context) if gate is not None else None
 
     def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async def gen() -> AsyncIterator[Any]:
@@ -115,10 +165,10 @@ def _handler(method: str, desc: MethodDescriptor, impl: Callable[..., Any], gate
 
     if not desc.client_streaming:
         async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            await enter(context)
+            until = await enter(context)
             await _refuse_malformed(request, context)
             if inspect.isasyncgenfunction(impl):
-                async for response in impl(request, context):
+                async for response in _until(impl(request, context), until, context):
                     yield response
             else:  # a servicer that writes with context.write()
                 await impl(request, context)
@@ -132,9 +182,9 @@ def _handler(method: str, desc: MethodDescriptor, impl: Callable[..., Any], gate
 
     async def stream_stream(requests: AsyncIterator[Any],
                             context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await enter(context)
+        until = await enter(context)
         if inspect.isasyncgenfunction(impl):
-            async for response in impl(checked(requests, context), context):
+            async for response in _until(impl(checked(requests, context), context), until, context):
                 yield response
         else:
             await impl(checked(requests, context), context)

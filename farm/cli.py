@@ -157,8 +157,31 @@ def _token(args: argparse.Namespace) -> int:
         kind, name = auth.SubjectKind.WORKER, args.worker
     else:
         kind, name = auth.SubjectKind.ADMIN, args.admin
-    print(auth.mint_token(key, kind, name, ttl_seconds=args.ttl, now=time.time()))
-    return 0
+    if args.renew_every and (args.out is None or not 0 < args.renew_every <= args.ttl / 2):
+        print("avatarfarm token: --renew-every needs --out and must be at most half of --ttl",
+              file=sys.stderr)
+        return 2
+    if args.out is None:
+        print(auth.mint_token(key, kind, name, ttl_seconds=args.ttl, now=time.time()))
+        return 0
+    while True:
+        _write_private(args.out, auth.mint_token(key, kind, name, ttl_seconds=args.ttl,
+                                                 now=time.time()) + "\n")
+        if not args.renew_every:
+            return 0
+        time.sleep(args.renew_every)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Replaces `path` with `text` at once (a reader sees the old file or the new one,
+    never half of one), readable by its owner only."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    with open(tmp, "x", encoding="ascii", opener=_private) as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def _private(path: str, flags: int) -> int:
@@ -338,6 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds the token is valid (default 3600)")
     t.add_argument("--secret-file", type=Path, default=None,
                    help="file with the signing key (the scheduler's token_secret_file)")
+    t.add_argument("--out", type=Path, default=None,
+                   help="write the token to this file (owner-only, replaced atomically) "
+                        "instead of printing it")
+    t.add_argument("--renew-every", type=float, default=0.0, metavar="SECONDS",
+                   help="with --out: keep running and write a fresh token every SECONDS "
+                        "(under half of --ttl), e.g. beside a worker that re-reads its token "
+                        "file; streams end when their token expires and reopen with the new one")
     t.set_defaults(func=_token)
 
     r = sub.add_parser(

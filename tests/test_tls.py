@@ -297,3 +297,52 @@ def test_tls_options_are_checked_before_anything_starts(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a PEM file"):
         tls.channel_credentials(tmp_path / "junk.pem")
     assert tls.server_credentials(None, None) is None
+
+
+def test_streams_end_with_their_token_and_the_worker_comes_back_with_a_renewed_one(
+        pipeline: Pipeline, tmp_path: Path, model_dir: Path) -> None:
+    ca = TestCA(tmp_path / "pki")
+    token_file = tmp_path / "worker.token"
+    token_file.write_text(token(SubjectKind.WORKER, "w1", ttl=3.0) + "\n")
+
+    async def body() -> None:
+        async with secured_scheduler(tmp_path, model_dir, ca, mtls=False,
+                                     heartbeat_interval=0.2) as running:
+            address = f"127.0.0.1:{running.port}"
+            agent = WorkerAgent("w1", address, pipeline, [], "127.0.0.1:1", "cpu", tmp_path,
+                                pacing=Pacing.FAST,
+                                scheduler_credentials=tls.channel_credentials(ca.cert),
+                                scheduler_token_file=token_file)
+            link = asyncio.create_task(agent.run())
+            try:
+                await asyncio.wait_for(agent.connected.wait(), 30)
+                first = running.core.workers["w1"]
+                # A tenant's watch, opened with a token that lasts 2 s, ends then, though the
+                # room is quiet (no event would have ended it).
+                brand = client.ClientAuth(ca_file=ca.cert, token=token(SubjectKind.TENANT, "brand", ttl=2.0))
+                async with brand.channel(address) as ch:
+                    stub = sessions_pb2_grpc.SessionServiceStub(ch)
+                    s = await stub.CreateSession(sessions_pb2.CreateSessionRequest(
+                        spec=client.spec("brand", "r1", file_path="r1.mp4")))  # no end of its own
+                    t0 = time.monotonic()
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        async for _ in stub.WatchSession(sessions_pb2.WatchSessionRequest(
+                                session_id=s.session_id)):
+                            pass
+                    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                    assert "expired" in (err.value.details() or "")
+                    assert time.monotonic() - t0 < 10
+                # The worker's stream ends with its token too; renewed in the file, the
+                # worker opens a new one (its rooms carry over as on any reconnect).
+                token_file.write_text(token(SubjectKind.WORKER, "w1", ttl=600.0) + "\n")
+                deadline = time.monotonic() + 30
+                while running.core.workers.get("w1") in (first, None):
+                    assert time.monotonic() < deadline, "the worker did not come back"
+                    await asyncio.sleep(0.05)
+                await asyncio.wait_for(agent.connected.wait(), 30)
+            finally:
+                link.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await link
+
+    run(body())

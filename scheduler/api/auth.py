@@ -25,6 +25,7 @@ import enum
 import hashlib
 import hmac
 import json
+import math
 import re
 import time
 from collections.abc import Iterable, Mapping
@@ -65,6 +66,9 @@ class Principal:
     kind: SubjectKind
     name: str
     via: str  # token, api-key, certificate or open: for logs, never the credential
+    # When the credential stops proving this (Unix seconds; a token's expiry). A call
+    # that lasts (a stream) is ended then: see Gate.
+    expires_at: float = field(default=math.inf, compare=False)
 
     @property
     def admin(self) -> bool:
@@ -87,7 +91,7 @@ class Claims:
     expires_at: int
 
     def principal(self) -> Principal:
-        return Principal(self.kind, self.name, "token")
+        return Principal(self.kind, self.name, "token", self.expires_at)
 
 
 @dataclass(frozen=True, slots=True)

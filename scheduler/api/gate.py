@@ -5,7 +5,9 @@ asks scheduler.api.auth who that is and whether they may use this API, applies t
 tenant's rate limit to session and avatar calls, and refuses with UNAUTHENTICATED,
 PERMISSION_DENIED or RESOURCE_EXHAUSTED; what it admits, the servicer reads with
 `caller()`. On the worker stream it also checks that every Register names the
-worker its credential is for.
+worker its credential is for. A stream lasts no longer than the token it was opened
+with: it ends with UNAUTHENTICATED when the token expires (avatarfarm.serving), and
+the client opens it again with a renewed one.
 
 Refusals are logged with the reason, never with the credential.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -83,10 +86,12 @@ class Gate:
         self.limiter = limiter
         self._clock = clock  # wall clock: token expiry is a date
 
-    async def __call__(self, method: str, context: grpc.aio.ServicerContext) -> None:
+    async def __call__(self, method: str, context: grpc.aio.ServicerContext) -> float | None:
+        """Admits the call (or aborts it); returns when its credential expires, if it
+        does, so that a stream opened with a token ends with the token."""
         if not self.authenticator.enabled:
             _caller.set(auth.OPEN)  # a loopback farm: nothing to check, nothing to limit
-            return
+            return None
         service = SERVICES.get(method.split("/")[1])
         try:
             p = self.authenticator.authenticate(
@@ -106,6 +111,7 @@ class Gate:
             if throttled is not None:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, throttled.message)
         _caller.set(p)
+        return p.expires_at if math.isfinite(p.expires_at) else None
 
     async def check(self, method: str, message: Any, context: grpc.aio.ServicerContext) -> None:
         if method != WORKER_CONNECT or message.WhichOneof("kind") != "register":

@@ -514,19 +514,25 @@ def test_a_worker_mints_its_own_token_and_never_holds_the_key(base: Build) -> No
     assert conf.token_file is not None
     token = mounted(spec, w, conf.token_file)
     assert token.volume["emptyDir"].get("medium") == "Memory" and token.read_only
-    minter = container(spec, "worker-token")
-    assert minter in spec["initContainers"]
-    script = " ".join(minter["command"] + minter["args"])
-    assert f"> {conf.token_file}" in script and '--worker "$POD_NAME"' in script
-    assert env_field(minter, "POD_NAME") == "metadata.name"
-    assert mounted(spec, minter, conf.token_file).volume is token.volume
-    key_file = re.search(r"--secret-file (\S+)", script)
-    assert key_file is not None
-    key = mounted(spec, minter, key_file.group(1))
-    assert key.volume["secret"]["secretName"] == "avatarfarm-token-key"
-    assert key.volume["secret"]["secretName"] in base.documented_secrets
+    # The first token before the worker starts; then renewed beside it.
+    minter, renewer = container(spec, "worker-token"), container(spec, "worker-token-renewer")
+    assert minter in spec["initContainers"] and renewer in spec["containers"]
+    for c in (minter, renewer):
+        script = " ".join(c["command"] + c["args"])
+        assert f"--out {conf.token_file}" in script and '--worker "$POD_NAME"' in script
+        assert env_field(c, "POD_NAME") == "metadata.name"
+        assert mounted(spec, c, conf.token_file).volume is token.volume
+        key_file = re.search(r"--secret-file (\S+)", script)
+        assert key_file is not None
+        key = mounted(spec, c, key_file.group(1))
+        assert key.volume["secret"]["secretName"] == "avatarfarm-token-key"
+        assert key.volume["secret"]["secretName"] in base.documented_secrets
     mounts_of_worker = {m["name"] for m in w["volumeMounts"]}
     assert key.volume["name"] not in mounts_of_worker
+    script = " ".join(renewer["args"])
+    ttl, every = (float(re.search(rf"--{opt} (\S+)", script).group(1))  # type: ignore[union-attr]
+                  for opt in ("ttl", "renew-every"))
+    assert 0 < every <= ttl / 2, "a token is renewed well before it expires"
 
 
 def test_the_minted_token_lets_the_pod_register_under_its_own_name(base: Build,
@@ -547,11 +553,32 @@ def test_the_minted_token_lets_the_pod_register_under_its_own_name(base: Build,
     env = {**os.environ, "POD_NAME": pod, "PATH": f"{cli.parent}{os.pathsep}{os.environ['PATH']}"}
     subprocess.run([*minter["command"], script], env=env, check=True, timeout=60)
     token_file = tmp_path / "token" / "worker.token"
-    assert token_file.stat().st_mode & 0o077 == 0, "only the pod's user reads its token"
-    claims = auth.verify_token(auth.read_signing_key(key_file), read_token(token_file),
-                               now=time.time())
-    auth.check_worker_id(claims.principal(), pod)
-    assert claims.expires_at - claims.issued_at >= 7 * 86400
+
+    def check() -> None:
+        assert token_file.stat().st_mode & 0o077 == 0, "only the pod's user reads its token"
+        claims = auth.verify_token(auth.read_signing_key(key_file), read_token(token_file),
+                                   now=time.time())
+        auth.check_worker_id(claims.principal(), pod)
+        assert claims.expires_at - claims.issued_at >= 3600
+
+    check()
+    # The renewer, as written: it replaces the file at once, then on its period.
+    renewer = container(spec, "worker-token-renewer")
+    script = renewer["args"][0]
+    for m in renewer["volumeMounts"]:
+        script = script.replace(m["mountPath"], str(tmp_path / m["name"]))
+    token_file.unlink()
+    proc = subprocess.Popen([*renewer["command"], script], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not token_file.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no token written"
+            time.sleep(0.05)
+        check()
+        assert proc.poll() is None, "the renewer keeps running"
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_models_are_built_into_the_folder_the_worker_loads(base: Build) -> None:
