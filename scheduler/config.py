@@ -65,6 +65,10 @@ class SchedulerConfig:
     utilisation_target: float = field(0.9, "fraction of a worker's measured capacity to fill")
     overcommit: float = field(1.0, "capacity multiplier; >1 only for offline (non real-time) rendering")
     heartbeat_interval: float = field(1.0, "seconds between worker heartbeats")
+    worker_endpoint_check: bool = field(
+        True, "refuse a worker whose input_endpoint (handed to tenants for live inputs) is "
+              "not an address of its own connection; turn off only where workers reach the "
+              "scheduler through a proxy that hides their addresses")
     worker_timeout: float = field(5.0, "a worker silent this long is considered lost")
     orphan_grace: float = field(15.0, "after a restart, seconds to wait for a room's worker to return")
     list_page_size: int = field(100, "default page size of ListSessions")

@@ -17,6 +17,7 @@ from avatarfarm import convert
 from avatarfarm.domain import InvalidRequest, SessionState, Stage
 from avatarfarm.v1 import types_pb2, workers_pb2, workers_pb2_grpc
 from scheduler.api.input_keys import LiveInputKeys
+from scheduler.api.registration import check_endpoint, check_profiles, check_register
 from scheduler.core import Scheduler
 from scheduler.policy import placement
 from scheduler.state.worker_conn import (
@@ -89,6 +90,14 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
                                 "the first message must be Register with a worker_id")
             return
         reg = first.register
+        try:
+            check_register(reg)
+            if self.core.config.worker_endpoint_check:
+                await check_endpoint(reg.input_endpoint, context.peer())
+        except InvalidRequest as e:
+            log.warning("worker %r refused at registration: %s", reg.worker_id[:128], e)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"registration refused: {e}")
+            return
         mem = reg.memory
         conn = self.core.register_worker(
             reg.worker_id, device_type=reg.device.device_type or "unknown",
@@ -140,6 +149,11 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
                 self.core.drain_worker(conn.worker_id, self.core.clock() + d,
                                        msg.drain.reason[:200] or "the worker is stopping")
             elif kind == "profile_update":
+                try:
+                    check_profiles(msg.profile_update.profiles)
+                except InvalidRequest as e:
+                    log.warning("worker %s: profile update ignored: %s", conn.worker_id, e)
+                    continue
                 self.core.worker_profile_changed(
                     conn, profile_from_pb(msg.profile_update.profiles, conn.latency_budget))
             elif kind == "usage_report":

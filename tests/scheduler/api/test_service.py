@@ -57,8 +57,10 @@ class ProtocolWorker:
     """Speaks the worker protocol over a real stream, rendering nothing."""
 
     def __init__(self, channel: grpc.aio.Channel, worker_id: str, render_seconds: float = 0.004,
-                 active: tuple[tuple[str, int], ...] = ()) -> None:
+                 active: tuple[tuple[str, int], ...] = (),
+                 tweak: Callable[[workers_pb2.Register], None] = lambda reg: None) -> None:
         self.worker_id = worker_id
+        self.tweak = tweak  # changes what the worker says of itself
         self.active = active
         self.epochs: dict[str, int] = dict(active)  # session -> assignment it renders under
         self.outbox: asyncio.Queue[workers_pb2.WorkerMessage | None] = asyncio.Queue()
@@ -71,7 +73,7 @@ class ProtocolWorker:
         def prof(stage: int, w: int, h: int, s: float) -> workers_pb2.LatencyProfile:
             return workers_pb2.LatencyProfile(stage=stage, width=w, height=h,  # type: ignore[arg-type]
                                               latencies=[workers_pb2.BatchLatency(batch_size=1, seconds=s)])
-        return workers_pb2.WorkerMessage(register=workers_pb2.Register(
+        msg = workers_pb2.WorkerMessage(register=workers_pb2.Register(
             worker_id=self.worker_id, input_endpoint="127.0.0.1:1",
             active_rooms=[workers_pb2.ActiveRoom(session_id=sid, epoch=e) for sid, e in self.active],
             usage_epoch=1,
@@ -81,6 +83,8 @@ class ProtocolWorker:
                       prof(workers_pb2.STAGE_ENCODE, 512, 512, 0.001),
                       prof(workers_pb2.STAGE_AUDIO_TO_MOTION, 0, 0, 0.0005),
                       prof(workers_pb2.STAGE_TTS, 0, 0, 0.01)]))
+        self.tweak(msg.register)
+        return msg
 
     async def _out(self) -> AsyncIterator[workers_pb2.WorkerMessage]:
         yield self._register()
