@@ -250,6 +250,7 @@ def _add_client_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from farm.api_cli import add_commands
     from scheduler.config import SchedulerConfig
     from workers.config import WorkerConfig
 
@@ -396,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--start", default=None, metavar="ISO", help="window start, e.g. 2025-06-01T00:00:00Z")
     u.add_argument("--end", default=None, metavar="ISO", help="window end (default: now)")
     u.set_defaults(func=_avatar_usage)
+    add_commands(sub)  # rooms, usage, tenant, workers, pools
     return p
 
 

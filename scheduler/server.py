@@ -20,8 +20,9 @@ import grpc
 from avatarfarm import tls
 from avatarfarm.preparation.faces import load_detector
 from avatarfarm.serving import GrpcServer, MetricsEndpoint, Service, server_options
-from avatarfarm.v1 import avatars_pb2, sessions_pb2, workers_pb2
+from avatarfarm.v1 import admin_pb2, avatars_pb2, sessions_pb2, workers_pb2
 from scheduler.api import auth
+from scheduler.api.admin_service import AdminService
 from scheduler.api.avatar_service import AvatarService
 from scheduler.api.gate import Gate
 from scheduler.api.input_keys import LiveInputKeys, secret_path
@@ -149,7 +150,9 @@ async def start(config: SchedulerConfig) -> RunningScheduler:
     gate = Gate(authn, limiter)
     inputs = LiveInputKeys.load(secret_path(config.database, config.input_secret_file),
                                 config.input_token_ttl)
+    admin = AdminService(core)
     services = [
+        Service(admin_pb2.DESCRIPTOR.services_by_name["AdminService"], admin, gate),
         Service(sessions_pb2.DESCRIPTOR.services_by_name["SessionService"],
                 SessionService(core, inputs), gate),
         Service(workers_pb2.DESCRIPTOR.services_by_name["WorkerService"], WorkerService(core, inputs), gate,
@@ -175,6 +178,7 @@ async def start(config: SchedulerConfig) -> RunningScheduler:
             core, config.autoscaler,
             make_provisioner(config.autoscaler, reach, config.autoscaler.local_log_dir))
         autoscaler_task = asyncio.create_task(autoscaler.run(), name="autoscaler")
+        admin.pools = autoscaler.rows
         log.info("autoscaler on (%s provisioner) for pools %s; workers reach the scheduler at %s",
                  config.autoscaler.provisioner.value, ", ".join(config.autoscaler.pools), reach)
     status_task = asyncio.create_task(

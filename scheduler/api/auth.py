@@ -55,6 +55,7 @@ class Service(enum.Enum):
     SESSIONS = "sessions"
     WORKERS = "workers"
     AVATARS = "avatars"
+    ADMIN = "admin"
 
 
 class Unauthenticated(Exception):
@@ -299,7 +300,9 @@ def principal_from_certificate(uris: Iterable[str]) -> Principal:
 
 def check_service(p: Principal, service: Service) -> None:
     """Tenants and operators use the session and avatar APIs; workers and operators the
-    worker stream."""
+    worker stream; operators alone the admin API."""
+    if service is Service.ADMIN and not p.admin:
+        raise PermissionDenied(f"{p} cannot call the admin API; it takes an operator credential")
     allowed = SubjectKind.WORKER if service is Service.WORKERS else SubjectKind.TENANT
     if p.kind is not allowed and not p.admin:
         raise PermissionDenied(f"a {p.kind.value} credential cannot call the {service.value} "

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 SERVICES = {"avatarfarm.v1.SessionService": Service.SESSIONS,
             "avatarfarm.v1.WorkerService": Service.WORKERS,
-            "avatarfarm.v1.AvatarService": Service.AVATARS}
+            "avatarfarm.v1.AvatarService": Service.AVATARS,
+            "avatarfarm.v1.AdminService": Service.ADMIN}
 WORKER_CONNECT = "/avatarfarm.v1.WorkerService/Connect"
 
 # Set by the gate in the call's own task, read by the servicer in the same task.
