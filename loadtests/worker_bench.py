@@ -228,6 +228,9 @@ async def main() -> None:
                     help="null: a renderer that costs nothing, for the host path's own ceiling")
     ap.add_argument("--encode", default="on", choices=["on", "off"],
                     help="off: frames are converted to their canvas and dropped, not encoded")
+    ap.add_argument("--encoders", default="pooled", choices=["pooled", "per-room"],
+                    help="pooled: rooms' encoders share as many threads as cores (the worker's "
+                         "way); per-room: a thread per room, to compare")
     ap.add_argument("--no-shed", action="store_true",
                     help="under overload serve tier first instead of shedding the lowest tier early")
     ap.add_argument("--encoder-preset", default="veryfast")
@@ -240,10 +243,12 @@ async def main() -> None:
                     help="cost preset of the Wav2Lip-signature model (--family wav2lip)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    if args.encode == "off":
-        import workers.rooms.room as room_module
+    import workers.rooms.room as room_module
 
+    if args.encode == "off":
         room_module.StreamEncoder = DroppingEncoder  # type: ignore[attr-defined]
+    if args.encoders == "per-room":
+        setattr(room_module, "shared_encoder_pool", lambda: None)  # noqa: B010 - a thread per room
     w, _, h = args.size.partition("x")
     quality = Quality(int(w), int(h or w), args.fps)
     encoder = EncoderSettings(preset=args.encoder_preset)

@@ -18,6 +18,7 @@ HLS folder is published: ``workers.output.hls``; how a stale writer is kept out:
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -320,8 +321,49 @@ class StreamEncoder:
                 self._hls.discard()
 
 
+class EncoderPool:
+    """A few threads that run many rooms' encoders, each room's frames in order and one
+    room at a time. A thread per room lets every encoder contend for the interpreter
+    lock at once (PyAV holds it between FFmpeg calls): at tens of rooms per process that
+    contention, not encoding, limits the worker; as many threads as cores keep it to
+    what the cores can run. Only for outputs on local disk: a stalled network ingest
+    would hold a shared thread (RTMP rooms keep a thread of their own)."""
+
+    def __init__(self, threads: int) -> None:
+        self._jobs: queue.SimpleQueue[typing.Callable[[], None]] = queue.SimpleQueue()
+        self.threads = [threading.Thread(target=self._work, name=f"encoder-pool-{i}", daemon=True)
+                        for i in range(max(1, threads))]
+        for t in self.threads:
+            t.start()
+
+    def submit(self, job: typing.Callable[[], None]) -> None:
+        self._jobs.put(job)
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                job()
+            except Exception:  # a job reports its own errors; this keeps the thread alive
+                log.exception("encoder job failed")
+
+
+_SHARED_POOL: EncoderPool | None = None
+_SHARED_POOL_LOCK = threading.Lock()
+
+
+def shared_encoder_pool() -> EncoderPool:
+    """The process's encoder pool: as many threads as cores."""
+    global _SHARED_POOL
+    with _SHARED_POOL_LOCK:
+        if _SHARED_POOL is None:
+            _SHARED_POOL = EncoderPool(os.cpu_count() or 1)
+        return _SHARED_POOL
+
+
 class EncoderThread:
-    """Runs a StreamEncoder on its own thread behind a bounded queue.
+    """Runs a StreamEncoder behind a bounded queue, on its own thread or on an
+    EncoderPool's (frames in order either way).
 
     ``prepare`` turns what the room submits into the RGB frame (the room hands
     over the renderer's float output; converting it is CPU work that belongs
@@ -331,9 +373,11 @@ class EncoderThread:
     """
 
     _STOP = object()
+    BURST = 4  # frames a pooled encoder takes per turn before other rooms get theirs
 
     def __init__(self, encoder: StreamEncoder, max_queue: int = ENCODER_QUEUE,
-                 prepare: typing.Callable[[np.ndarray], np.ndarray] = lambda rgb: rgb) -> None:
+                 prepare: typing.Callable[[np.ndarray], np.ndarray] = lambda rgb: rgb,
+                 pool: EncoderPool | None = None) -> None:
         self.encoder = encoder
         self.prepare = prepare
         self._queue: queue.Queue[object] = queue.Queue(maxsize=max_queue)
@@ -342,64 +386,108 @@ class EncoderThread:
         self.prepare_seconds = 0.0  # of which turning the room's output into the RGB frame
         self.frames_encoded = 0
         self._opened = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="encoder", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.encoder.open()
-        except Exception as e:  # noqa: BLE001 - any failure becomes the room's failure reason
-            self.error = e
-            self._drain()
-            return
-        finally:
-            self._opened.set()
+        self._open_ok = False
+        self._done = threading.Event()
         # A frame submitted again (a late frame's replacement repeats the last good one)
         # is prepared once: under overload, repeats cost the host only their encoding.
-        last: tuple[object, np.ndarray] | None = None
+        self._last: tuple[object, np.ndarray] | None = None
+        self._pool = pool
+        self._lock = threading.Lock()
+        self._scheduled = False
+        self._thread: threading.Thread | None = None
+        if pool is None:
+            self._thread = threading.Thread(target=self._run, name="encoder", daemon=True)
+            self._thread.start()
+        else:
+            self._kick()
+
+    def _open(self) -> None:
         try:
-            while True:
-                item = self._queue.get()
-                if item is self._STOP:
-                    break
-                if self.error is not None:
-                    continue
-                rgb, audio, fps = typing.cast(tuple[np.ndarray, np.ndarray, int | None], item)
-                t0 = time.thread_time()
-                if last is None or last[0] is not rgb:
-                    last = (rgb, self.prepare(rgb))
-                    self.prepare_seconds += time.thread_time() - t0
-                self.encoder.encode(last[1], audio, fps)
-                self.encode_seconds += time.thread_time() - t0
-                self.frames_encoded += 1
+            self.encoder.open()
+            self._open_ok = True
+        except Exception as e:  # noqa: BLE001 - any failure becomes the room's failure reason
+            self.error = e
+        finally:
+            self._opened.set()
+
+    def _handle(self, item: object) -> bool:
+        """Encodes one queued frame (discarded after an error); False at the end."""
+        if item is self._STOP:
+            return False
+        if self.error is not None:
+            return True
+        rgb, audio, fps = typing.cast(tuple[np.ndarray, np.ndarray, int | None], item)
+        try:
+            t0 = time.thread_time()
+            if self._last is None or self._last[0] is not rgb:
+                self._last = (rgb, self.prepare(rgb))
+                self.prepare_seconds += time.thread_time() - t0
+            self.encoder.encode(self._last[1], audio, fps)
+            self.encode_seconds += time.thread_time() - t0
+            self.frames_encoded += 1
         except Exception as e:  # noqa: BLE001 - reported through self.error
             self.error = e
-            self._drain()
-        finally:
-            try:
-                self.encoder.close()
-            except Exception as e:  # noqa: BLE001 - reported through self.error
-                if self.error is None:
-                    self.error = e
+        return True
 
-    def _drain(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is self._STOP:
+    def _finish(self) -> None:
+        try:
+            if self._open_ok:
+                self.encoder.close()
+        except Exception as e:  # noqa: BLE001 - reported through self.error
+            if self.error is None:
+                self.error = e
+        finally:
+            self._done.set()
+
+    def _run(self) -> None:
+        self._open()
+        while self._handle(self._queue.get()):
+            pass
+        self._finish()
+
+    def _kick(self) -> None:
+        """Pooled: makes sure a turn of this encoder is queued on the pool."""
+        assert self._pool is not None
+        with self._lock:
+            if self._scheduled:
                 return
+            self._scheduled = True
+        self._pool.submit(self._turn)
+
+    def _turn(self) -> None:
+        """Pooled: opens the output on the first turn, then encodes up to BURST frames
+        and queues another turn if more are waiting."""
+        if not self._opened.is_set():
+            self._open()
+        for _ in range(self.BURST):
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if not self._handle(item):
+                self._finish()
+                return
+        with self._lock:
+            self._scheduled = False
+        if not self._queue.empty():
+            self._kick()
 
     def submit(self, rgb: np.ndarray, audio: np.ndarray, timeout: float | None = None,
                fps: int | None = None) -> None:
         """Queues a frame lasting 1/fps (default: the stream's rate); blocks while the
         encoder is behind (call from a thread)."""
         self._queue.put((rgb, audio, fps), timeout=timeout)
+        if self._pool is not None:
+            self._kick()
 
     def try_submit(self, rgb: np.ndarray, audio: np.ndarray, fps: int | None = None) -> bool:
         try:
             self._queue.put_nowait((rgb, audio, fps))
-            return True
         except queue.Full:
             return False
+        if self._pool is not None:
+            self._kick()
+        return True
 
     def close(self, timeout: float = 30.0, *, end_output: bool = True,
               leave_open: bool = False) -> None:
@@ -412,6 +500,7 @@ class EncoderThread:
             self.encoder.withdraw()
         self.encoder.leave_open = leave_open
         self._queue.put(self._STOP)
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+        if self._pool is not None:
+            self._kick()
+        if not self._done.wait(timeout):
             log.warning("encoder for %s did not finish within %.0fs", self.encoder.target, timeout)

@@ -78,7 +78,13 @@ from workers.media.label import LabelSpec, LabelStamp
 from workers.media.motion import IdleAnimator, compose
 from workers.media.wav2lip_audio import Wav2LipAudioStream, is_silent
 from workers.models.wav2lip import WAV2LIP_FACE
-from workers.output.encode import ENCODER_QUEUE, EncoderSettings, EncoderThread, StreamEncoder
+from workers.output.encode import (
+    ENCODER_QUEUE,
+    EncoderSettings,
+    EncoderThread,
+    StreamEncoder,
+    shared_encoder_pool,
+)
 from workers.output.fence import Superseded
 from workers.output.targets import OutputTarget
 from workers.rooms.drivers import LiveAudio, LiveMotion, ScriptPlayer
@@ -422,7 +428,10 @@ class Room:
                 StreamEncoder(self.target, q.width, q.height, q.fps, self.encoder_settings,
                               epoch=self.epoch, continuation=self.continuation,
                               metadata=metadata, connect_to=connect_to),
-                prepare=prepare)
+                prepare=prepare,
+                # Outputs on local disk share the process's encoder threads; an RTMP push
+                # keeps its own, so a stalled ingest holds up no other room.
+                pool=None if self.target.kind is OutputKind.RTMP else shared_encoder_pool())
             await self._frames(avatar)
         except asyncio.CancelledError:
             self._set(RoomState.FAILED, "worker shutting down")

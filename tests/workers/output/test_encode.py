@@ -126,3 +126,36 @@ def test_every_frame_keeps_its_time_and_a_sound_lands_where_it_was_given(
     assert first_audio == pytest.approx(start, abs=0.0015)
     click = (np.argmax(np.abs(samples) > 0.3) / 48_000) + first_audio - start
     assert click == pytest.approx(0.8, abs=0.003)
+
+
+def test_encoders_sharing_a_pool_keep_each_rooms_frames_in_order(tmp_path: Path) -> None:
+    import av
+
+    from workers.output.encode import EncoderPool
+
+    pool = EncoderPool(2)
+    per_frame = SAMPLE_RATE // 25
+
+    def broken(rgb: np.ndarray) -> np.ndarray:
+        raise RuntimeError("this room's canvas fails")
+
+    rooms = [EncoderThread(StreamEncoder(OutputTarget.resolve(OutputKind.FILE, f"r{i}.mp4", tmp_path),
+                                         64, 64, 25), pool=pool, prepare=broken if i == 3 else
+                           (lambda rgb: rgb)) for i in range(6)]
+    for n in range(40):  # interleaved, as rooms submit
+        for i, enc in enumerate(rooms):
+            level = (n * 6 + i * 2) % 250
+            img = np.full((64, 64, 3), level, np.uint8)
+            if not enc.try_submit(img, np.zeros(per_frame, np.float32)):
+                enc.submit(img, np.zeros(per_frame, np.float32), timeout=10)
+    for enc in rooms:
+        enc.close()
+    assert isinstance(rooms[3].error, RuntimeError)  # one room's failure is its own
+    for i, enc in enumerate(rooms):
+        if i == 3:
+            continue
+        assert enc.error is None and enc.frames_encoded == 40
+        with av.open(str(tmp_path / f"r{i}.mp4")) as c:
+            levels = [float(f.to_ndarray(format="gray").mean()) for f in c.decode(video=0)]
+        assert len(levels) == 40
+        assert np.allclose(levels, [(n * 6 + i * 2) % 250 for n in range(40)], atol=4)
