@@ -71,6 +71,7 @@ from workers.models.folder import build_reference
 from workers.models.reference import RENDERER_PRESETS
 from workers.models.wav2lip import WAV2LIP_PRESETS
 from workers.output.encode import EncoderSettings, OutputTarget, StreamEncoder
+from workers.rooms.governor import RoomGovernor
 from workers.rooms.room import Pacing, Room, RoomState
 
 SCRIPT = (ScriptSegment("Welcome back everyone, the flash sale starts in one minute, so get ready.", 0.5),
@@ -93,6 +94,11 @@ class Load:
     # Host CPU seconds per frame: the event loop (producers, emitters, futures), the device
     # thread outside model calls, canvas conversion and encoding (encoder threads).
     host: dict[str, float] = field(default_factory=dict)
+    rate_steps: int = 0  # frame-rate steps the governor took
+
+    @property
+    def offered_fps(self) -> float:
+        return self.frames / self.wall
 
     @property
     def rendered_fps(self) -> float:
@@ -112,7 +118,7 @@ def tier_of(i: int, mixed: bool) -> Tier:
 
 async def run_load(pipeline: Pipeline, n: int, quality: Quality, seconds: float, out: Path,
                    encoder: EncoderSettings, label: str, avatar: str = "presenter",
-                   mixed: bool = False) -> Load:
+                   mixed: bool = False, governor: bool = True) -> Load:
     key = pipeline.face_key if avatar == VIDEO_AVATAR else pipeline.render_key(quality.render_side)
     before = pipeline.engine.stats().get(key)
     rooms = []
@@ -128,7 +134,13 @@ async def run_load(pipeline: Pipeline, n: int, quality: Quality, seconds: float,
     async def start(i: int, room: Room) -> None:
         await asyncio.sleep(i / max(n, 1) / quality.fps)
         await room.start()
+    # The worker's governor, as the worker runs it: frame rates of the lowest tiers down
+    # while the host cannot keep up.
+    gov = RoomGovernor()
+    governing = asyncio.create_task(gov.run(lambda: rooms)) if governor else None
     await asyncio.gather(*(start(i, r) for i, r in enumerate(rooms)))
+    if governing is not None:
+        governing.cancel()
     wall = time.perf_counter() - t0 - (n - 1) / max(n, 1) / quality.fps
     loop_cpu, engine_cpu = time.thread_time() - loop_cpu, pipeline.engine.host_seconds - engine_cpu
     failed = [r for r in rooms if r.state is not RoomState.ENDED]
@@ -149,7 +161,7 @@ async def run_load(pipeline: Pipeline, n: int, quality: Quality, seconds: float,
     host = {"event loop": loop_cpu, "device thread": engine_cpu, "canvas": canvas,
             "encode": sum(r.stats.stage_seconds["encode"] for r in rooms) - canvas}
     return Load(n, wall, frames, late, batches, stage, model_frames, by_tier,
-                {k: v / max(frames, 1) for k, v in host.items()})
+                {k: v / max(frames, 1) for k, v in host.items()}, gov.steps_taken)
 
 
 class DroppingEncoder(StreamEncoder):
@@ -193,6 +205,9 @@ def print_load(mode: str, load: Load) -> None:
           f"{st['render'] * 1000:8.2f} {st['audio_to_motion'] * 1000:6.2f} "
           f"{st['encode'] * 1000:7.2f} {100 * load.model_frames / max(load.frames, 1):6.0f}%  "
           f"{histogram(load.batches)}", flush=True)
+    if load.rate_steps:
+        print(" " * 15 + f"governor: {load.rate_steps} frame-rate steps; frames emitted "
+              f"{load.offered_fps:.1f}/s", flush=True)
     print(" " * 15 + "host CPU ms/frame: " + ", ".join(
         f"{k} {v * 1000:.3f}" for k, v in load.host.items())
         + f" (sum {sum(load.host.values()) * 1000:.3f})", flush=True)
@@ -231,6 +246,8 @@ async def main() -> None:
     ap.add_argument("--encoders", default="pooled", choices=["pooled", "per-room"],
                     help="pooled: rooms' encoders share as many threads as cores (the worker's "
                          "way); per-room: a thread per room, to compare")
+    ap.add_argument("--no-governor", action="store_true",
+                    help="leave the worker's frame-rate governor out (every room at its rate)")
     ap.add_argument("--no-shed", action="store_true",
                     help="under overload serve tier first instead of shedding the lowest tier early")
     ap.add_argument("--encoder-preset", default="veryfast")
@@ -312,7 +329,8 @@ async def main() -> None:
         for n in counts:
             for mode in modes:
                 load = await run_load(pipelines[mode], n, quality, args.seconds, root / "out",
-                                      encoder, mode, avatar, mixed=args.tiers == "mixed")
+                                      encoder, mode, avatar, mixed=args.tiers == "mixed",
+                                      governor=not args.no_governor)
                 results[mode].append(load)
                 print_load(mode, load)
         for pl in pipelines.values():

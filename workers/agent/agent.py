@@ -37,6 +37,7 @@ from workers.media.label import LabelSpec
 from workers.metrics import WorkerMetrics
 from workers.output.encode import EncoderSettings
 from workers.output.targets import OutputError, OutputTarget, tenant_root
+from workers.rooms.governor import RoomGovernor
 from workers.rooms.registry import RoomRegistry
 from workers.rooms.room import (
     InvalidQuality,
@@ -131,6 +132,7 @@ class WorkerAgent:
         self.encoder = encoder
         self.metrics = metrics or WorkerMetrics()
         self.rooms = RoomRegistry()
+        self.governor = RoomGovernor()
         self._reported: dict[str, tuple[int, int, dict[str, float]]] = {}
         self._engine_reported: dict[BatchKey, KeyStats] = {}
         self._corrections: dict[str, int] = {}
@@ -150,8 +152,14 @@ class WorkerAgent:
         return self.link.connected
 
     async def run(self) -> None:
-        """Keeps the scheduler link up until cancelled."""
-        await self.link.run()
+        """Keeps the scheduler link up until cancelled; meanwhile the governor steps the
+        lowest tiers' frame rates down while the host cannot keep up (and back up)."""
+        governor = asyncio.create_task(self.governor.run(lambda: list(self.rooms.values())),
+                                       name="governor")
+        try:
+            await self.link.run()
+        finally:
+            governor.cancel()
 
     # -- the scheduler's side of the link (LinkPeer)
 

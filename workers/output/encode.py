@@ -17,6 +17,7 @@ HLS folder is published: ``workers.output.hls``; how a stale writer is kept out:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
@@ -330,18 +331,21 @@ class EncoderPool:
     would hold a shared thread (RTMP rooms keep a thread of their own)."""
 
     def __init__(self, threads: int) -> None:
-        self._jobs: queue.SimpleQueue[typing.Callable[[], None]] = queue.SimpleQueue()
+        # Turns by priority (0: premium first, as Tier.priority), then in order queued: when
+        # the pool is behind, the highest tier's frames are encoded first.
+        self._jobs: queue.PriorityQueue[tuple[int, int, typing.Callable[[], None]]] = queue.PriorityQueue()
+        self._order = itertools.count()
         self.threads = [threading.Thread(target=self._work, name=f"encoder-pool-{i}", daemon=True)
                         for i in range(max(1, threads))]
         for t in self.threads:
             t.start()
 
-    def submit(self, job: typing.Callable[[], None]) -> None:
-        self._jobs.put(job)
+    def submit(self, job: typing.Callable[[], None], priority: int = 1) -> None:
+        self._jobs.put((priority, next(self._order), job))
 
     def _work(self) -> None:
         while True:
-            job = self._jobs.get()
+            _, _, job = self._jobs.get()
             try:
                 job()
             except Exception:  # a job reports its own errors; this keeps the thread alive
@@ -377,7 +381,7 @@ class EncoderThread:
 
     def __init__(self, encoder: StreamEncoder, max_queue: int = ENCODER_QUEUE,
                  prepare: typing.Callable[[np.ndarray], np.ndarray] = lambda rgb: rgb,
-                 pool: EncoderPool | None = None) -> None:
+                 pool: EncoderPool | None = None, priority: int = 1) -> None:
         self.encoder = encoder
         self.prepare = prepare
         self._queue: queue.Queue[object] = queue.Queue(maxsize=max_queue)
@@ -392,6 +396,7 @@ class EncoderThread:
         # is prepared once: under overload, repeats cost the host only their encoding.
         self._last: tuple[object, np.ndarray] | None = None
         self._pool = pool
+        self.priority = priority  # its turns' place on the pool (0: premium first)
         self._lock = threading.Lock()
         self._scheduled = False
         self._thread: threading.Thread | None = None
@@ -452,7 +457,7 @@ class EncoderThread:
             if self._scheduled:
                 return
             self._scheduled = True
-        self._pool.submit(self._turn)
+        self._pool.submit(self._turn, self.priority)
 
     def _turn(self) -> None:
         """Pooled: opens the output on the first turn, then encodes up to BURST frames

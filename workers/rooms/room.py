@@ -431,7 +431,8 @@ class Room:
                 prepare=prepare,
                 # Outputs on local disk share the process's encoder threads; an RTMP push
                 # keeps its own, so a stalled ingest holds up no other room.
-                pool=None if self.target.kind is OutputKind.RTMP else shared_encoder_pool())
+                pool=None if self.target.kind is OutputKind.RTMP else shared_encoder_pool(),
+                priority=self.priority)
             await self._frames(avatar)
         except asyncio.CancelledError:
             self._set(RoomState.FAILED, "worker shutting down")
