@@ -476,7 +476,12 @@ def add_commands(sub: Any) -> None:
     wl = wacts.add_parser("list", help="workers with load, capacity and state")
     add_connection(wl)
     wl.set_defaults(func=_workers)
-    wd = wacts.add_parser("drain", help="stop placing on a worker and hand its rooms over")
+    wd = wacts.add_parser("drain", help="stop placing on a worker and hand its rooms over",
+                          description="Marks the worker for removal: it takes no new rooms and "
+                                      "its rooms move to other workers (HLS seamlessly) within "
+                                      "--deadline. It stays marked until it registers again: "
+                                      "stop it once `workers list` shows no rooms on it, or "
+                                      "restart it to take rooms again.")
     add_connection(wd)
     wd.add_argument("id", metavar="WORKER_ID")
     wd.add_argument("--deadline", type=float, default=0.0,

@@ -253,7 +253,8 @@ async def main() -> None:
     ap.add_argument("--encoder-preset", default="veryfast")
     ap.add_argument("--modes", default="per-room,batched",
                     help="which modes to run: per-room, batched, tier-first (batched, serving tier "
-                         "first under overload instead of shedding); loads alternate between them")
+                         "first under overload instead of shedding), ungoverned (batched without "
+                         "the frame-rate governor); loads alternate between them")
     ap.add_argument("--family", default="reference", choices=["reference", "wav2lip"],
                     help="reference: the portrait renderer; wav2lip: a video avatar, face model")
     ap.add_argument("--wav2lip", default="wav2lip_96", choices=sorted(WAV2LIP_PRESETS),
@@ -290,12 +291,15 @@ async def main() -> None:
                                 policy=BatchPolicy(max_batch=args.max_batch, max_wait=args.batch_wait,
                                                    shed=not args.no_shed)),
         }
+        if "ungoverned" in args.modes.split(","):
+            pipelines["ungoverned"] = pipelines["batched"]  # the same, without the governor
         if "tier-first" in args.modes.split(","):
             pipelines["tier-first"] = Pipeline(folder, provider, threads, policy=BatchPolicy(
                 max_batch=args.max_batch, max_wait=args.batch_wait, shed=False))
         side = quality.render_side
         for name, p in pipelines.items():
-            measure(p, [side], [], iterations=5, max_batch=1 if name == "per-room" else args.max_batch)
+            if name != "ungoverned":
+                measure(p, [side], [], iterations=5, max_batch=1 if name == "per-room" else args.max_batch)
         p = pipelines["batched"]
         if video:
             face = p.face_model
@@ -330,10 +334,10 @@ async def main() -> None:
             for mode in modes:
                 load = await run_load(pipelines[mode], n, quality, args.seconds, root / "out",
                                       encoder, mode, avatar, mixed=args.tiers == "mixed",
-                                      governor=not args.no_governor)
+                                      governor=not args.no_governor and mode != "ungoverned")
                 results[mode].append(load)
                 print_load(mode, load)
-        for pl in pipelines.values():
+        for pl in {id(pl): pl for pl in pipelines.values()}.values():
             pl.close()
     print()
     best: dict[str, Load | None] = {m: sustained(ls) for m, ls in results.items()}
