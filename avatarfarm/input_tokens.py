@@ -66,7 +66,8 @@ def mint(key: bytes, session_id: str, tenant: str, *, ttl: float = INPUT_TOKEN_T
 def verify(key: bytes, token: str, session_id: str, *, now: float) -> str:
     """The tenant a valid token of room `session_id` names; raises InputRefused (or
     InputTokenExpired for this room's own token past its time)."""
-    if not key or not token or len(token) > MAX_TOKEN_CHARS or token.count(".") != 2:
+    if (not key or not token or len(token) > MAX_TOKEN_CHARS or not token.isascii()
+            or token.count(".") != 2):
         raise InputRefused("no valid input token")
     prefix, claims, signature = token.split(".")
     if prefix != PREFIX or not hmac.compare_digest(_sign(key, f"{prefix}.{claims}"), signature):

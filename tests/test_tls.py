@@ -336,9 +336,13 @@ def test_streams_end_with_their_token_and_the_worker_comes_back_with_a_renewed_o
                 # worker opens a new one (its rooms carry over as on any reconnect).
                 token_file.write_text(token(SubjectKind.WORKER, "w1", ttl=600.0) + "\n")
                 deadline = time.monotonic() + 30
-                while running.core.workers.get("w1") in (first, None):
+                while running.core.workers.get("w1") is first:
                     assert time.monotonic() < deadline, "the worker did not come back"
                     await asyncio.sleep(0.05)
+                    # Never dropped in between: a dropped worker's rooms would all move.
+                    assert running.core.workers.get("w1") is not None
+                lost = running.core.metrics.workers_lost.labels("cpu")._value.get()
+                assert lost == 0
                 await asyncio.wait_for(agent.connected.wait(), 30)
             finally:
                 link.cancel()

@@ -37,15 +37,21 @@ class LiveInputKeys:
         if path.name.startswith(":memory:"):  # a database in memory: a key for this process
             return LiveInputKeys(ttl=ttl)
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
+        if not path.exists():
+            # Written whole to a file of its own, then linked into place: a crash leaves
+            # no empty secret behind, and of two schedulers starting at once one secret wins.
+            tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(secrets.token_bytes(SECRET_BYTES))
                 f.flush()
                 os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink(missing_ok=True)
         secret = path.read_bytes()
         if len(secret) < SECRET_BYTES:
             raise ValueError(f"the live-input secret in {path} is shorter than {SECRET_BYTES} bytes")

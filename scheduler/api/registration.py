@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import urllib.parse
 from collections.abc import Iterable
 from typing import Any
 
@@ -91,15 +92,17 @@ def endpoint_parts(endpoint: str) -> tuple[str, int]:
 
 
 def peer_address(peer: str) -> IPAddress | None:
-    """The IP address of a gRPC peer (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``), else None."""
+    """The IP address of a gRPC peer (``ipv4:1.2.3.4:5``; ``ipv6:%5B::1%5D:5`` as grpc
+    writes it, percent-encoded, or ``ipv6:[::1]:5``); None for a peer that is no IP
+    connection (``unix:...``). An IP peer that does not parse is refused."""
     kind, _, rest = peer.partition(":")
     if kind not in ("ipv4", "ipv6"):
         return None
-    host = rest.rpartition(":")[0].strip("[]")
+    host = urllib.parse.unquote(rest).rpartition(":")[0].strip("[]")
     try:
         return ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return None
+    except ValueError as e:
+        raise InvalidRequest(f"cannot read the connection's address {peer[:80]!r}") from e
 
 
 async def check_endpoint(endpoint: str, peer: str, resolve: Resolver = system_resolver) -> None:

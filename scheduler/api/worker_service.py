@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +17,8 @@ import grpc
 from avatarfarm import convert
 from avatarfarm.domain import InvalidRequest, SessionState, Stage
 from avatarfarm.v1 import types_pb2, workers_pb2, workers_pb2_grpc
+from scheduler.api.auth import Unauthenticated
+from scheduler.api.gate import caller
 from scheduler.api.input_keys import LiveInputKeys
 from scheduler.api.registration import check_endpoint, check_profiles, check_register
 from scheduler.core import Scheduler
@@ -32,6 +35,7 @@ from scheduler.state.worker_conn import (
 )
 
 log = logging.getLogger(__name__)
+EXPIRY_SLACK = 1.0  # seconds: a stream closing this close to its token's expiry ended with it
 
 
 def profile_from_pb(profiles: Any, latency_budget: float = 0.0) -> placement.WorkerProfile:
@@ -133,7 +137,19 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
             why = "stream closed"
             if reader.done() and not reader.cancelled() and reader.exception() is not None:
                 why = f"stream error: {reader.exception()}"
-            self.core.worker_disconnected(conn, why)
+            try:
+                expires = caller().expires_at
+            except Unauthenticated:
+                expires = math.inf
+            if expires <= time.time() + EXPIRY_SLACK:
+                # Ended with its token (avatarfarm.serving): the worker comes straight back
+                # with the renewed one and keeps its rooms. It is not dropped here, which
+                # would move every room it renders; a worker that does not come back is
+                # dropped by the heartbeat check like any silent one.
+                log.info("worker %s: stream ended with its credential; waiting for it to "
+                         "reconnect", conn.worker_id)
+            else:
+                self.core.worker_disconnected(conn, why)
 
     async def _read(self, conn: WorkerConn, it: AsyncIterator[workers_pb2.WorkerMessage]) -> None:
         # No per-message timeout: a silent worker is dropped by the core's heartbeat check,

@@ -330,10 +330,13 @@ class EncoderPool:
     what the cores can run. Only for outputs on local disk: a stalled network ingest
     would hold a shared thread (RTMP rooms keep a thread of their own)."""
 
+    # A turn of priority p is served as if queued p x this many seconds later: when the
+    # pool is behind, higher tiers go first, and a lower tier's turn still comes once it
+    # has waited that much longer (no tier starves).
+    HEAD_START = 0.1
+
     def __init__(self, threads: int) -> None:
-        # Turns by priority (0: premium first, as Tier.priority), then in order queued: when
-        # the pool is behind, the highest tier's frames are encoded first.
-        self._jobs: queue.PriorityQueue[tuple[int, int, typing.Callable[[], None]]] = queue.PriorityQueue()
+        self._jobs: queue.PriorityQueue[tuple[float, int, typing.Callable[[], None]]] = queue.PriorityQueue()
         self._order = itertools.count()
         self.threads = [threading.Thread(target=self._work, name=f"encoder-pool-{i}", daemon=True)
                         for i in range(max(1, threads))]
@@ -341,7 +344,7 @@ class EncoderPool:
             t.start()
 
     def submit(self, job: typing.Callable[[], None], priority: int = 1) -> None:
-        self._jobs.put((priority, next(self._order), job))
+        self._jobs.put((time.monotonic() + priority * self.HEAD_START, next(self._order), job))
 
     def _work(self) -> None:
         while True:
@@ -356,12 +359,25 @@ _SHARED_POOL: EncoderPool | None = None
 _SHARED_POOL_LOCK = threading.Lock()
 
 
+MAX_POOL_THREADS = 16  # beyond this, more threads mostly contend for the interpreter lock
+
+
+def pool_threads() -> int:
+    """The cores this process may run on (its affinity, not the machine's count: a
+    container pinned to a few cores of a large node gets a few), at most 16."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_POOL_THREADS))
+
+
 def shared_encoder_pool() -> EncoderPool:
-    """The process's encoder pool: as many threads as cores."""
+    """The process's encoder pool (`pool_threads` threads)."""
     global _SHARED_POOL
     with _SHARED_POOL_LOCK:
         if _SHARED_POOL is None:
-            _SHARED_POOL = EncoderPool(os.cpu_count() or 1)
+            _SHARED_POOL = EncoderPool(pool_threads())
         return _SHARED_POOL
 
 

@@ -116,6 +116,11 @@ class RoomGovernor:
         self.governor = Governor(policy)
         self._seen: dict[str, tuple[int, int]] = {}
         self._seq: dict[str, int] = {}
+        # Rooms this governor slowed: the rate it took each from (its ceiling when stepping
+        # back up) and the rate it set last. A rate set by anyone else (the scheduler's
+        # degradation ladder) is that room's own again: the governor lets go of it.
+        self._from: dict[str, int] = {}
+        self._set: dict[str, int] = {}
         self.steps_taken = 0
 
     def tick(self, rooms: Sequence[typing.Any], now: float) -> list[Step]:
@@ -126,24 +131,34 @@ class RoomGovernor:
             f0, l0 = self._seen.get(sid, (frames, late))
             self._seen[sid] = (frames, late)
             self._seq.setdefault(sid, len(self._seq))
-            ticks.append(RoomTick(sid, room.spec.tier, self._seq[sid], room.rendering.fps,
-                                  room.spec.quality.fps, frames - f0, late - l0))
+            fps = room.rendering.fps
+            if sid in self._set and self._set[sid] != fps:
+                del self._set[sid], self._from[sid]  # someone else set its rate since
+            ticks.append(RoomTick(sid, room.spec.tier, self._seq[sid], fps,
+                                  self._from.get(sid, fps), frames - f0, late - l0))
         for gone in set(self._seen) - set(live):
             del self._seen[gone]
+            self._from.pop(gone, None)
+            self._set.pop(gone, None)
         steps = self.governor.tick(ticks, now)
         log.debug("tick: %d frames, %d late, rates %s; steps %s", sum(t.frames for t in ticks),
                   sum(t.late for t in ticks), sorted(t.fps for t in ticks),
                   [(s.session_id, s.fps) for s in steps])
         for step in steps:
             room = live[step.session_id]
+            before = room.rendering.fps
             try:
                 room.reconfigure(replace(room.rendering, fps=step.fps), room.degradation_step,
-                                 "the worker is over its capacity" if step.fps < room.rendering.fps
+                                 "the worker is over its capacity" if step.fps < before
                                  else "the worker has room again")
             except InvalidQuality as e:
                 log.warning("room %s: frame rate step refused: %s", step.session_id, e)
                 continue
             self.steps_taken += 1
+            self._from.setdefault(step.session_id, before)
+            self._set[step.session_id] = step.fps
+            if step.fps >= self._from[step.session_id]:  # back where the governor found it
+                del self._from[step.session_id], self._set[step.session_id]
         return steps
 
     async def run(self, rooms: typing.Callable[[], Sequence[typing.Any]],

@@ -78,7 +78,11 @@ def test_endpoints_are_taken_apart(endpoint: str, parts: tuple[str, int]) -> Non
 def test_the_peer_address_is_read_from_grpc() -> None:
     assert peer_address("ipv4:10.0.0.7:43122") == ipaddress.ip_address("10.0.0.7")
     assert peer_address("ipv6:[fd00::7]:43122") == ipaddress.ip_address("fd00::7")
+    # As grpc itself writes an IPv6 peer (percent-encoded brackets).
+    assert peer_address("ipv6:%5B::1%5D:34978") == ipaddress.ip_address("::1")
     assert peer_address("unix:/run/x.sock") is None
+    with pytest.raises(InvalidRequest):
+        peer_address("ipv4:not-an-address:1")
 
 
 @pytest.mark.parametrize("endpoint,peer,ok", [
@@ -89,6 +93,8 @@ def test_the_peer_address_is_read_from_grpc() -> None:
     ("worker-0.example:50061", "ipv4:10.0.0.7:40000", True),  # a name that resolves to it
     ("victim.example:50061", "ipv4:10.0.0.7:40000", False),  # a name that does not
     ("10.0.0.7:50061", "ipv6:[::ffff:10.0.0.7]:40000", True),
+    ("[fd00::8]:50061", "ipv6:%5Bfd00::7%5D:40000", False),  # grpc's own form, another address
+    ("[fd00::7]:50061", "ipv6:%5Bfd00::7%5D:40000", True),
     ("10.0.0.8:50061", "unix:/run/s.sock", True),  # no address to compare
 ])
 def test_the_endpoint_must_be_an_address_of_the_connection(endpoint: str, peer: str, ok: bool) -> None:

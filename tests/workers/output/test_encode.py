@@ -159,3 +159,35 @@ def test_encoders_sharing_a_pool_keep_each_rooms_frames_in_order(tmp_path: Path)
             levels = [float(f.to_ndarray(format="gray").mean()) for f in c.decode(video=0)]
         assert len(levels) == 40
         assert np.allclose(levels, [(n * 6 + i * 2) % 250 for n in range(40)], atol=4)
+
+
+def test_a_busy_pool_serves_higher_tiers_first_and_starves_none() -> None:
+    import threading
+    import time
+
+    from workers.output.encode import EncoderPool
+
+    pool = EncoderPool(1)
+    order: list[str] = []
+    done = threading.Event()
+    stop = threading.Event()
+
+    def premium() -> None:  # a premium room that always has frames waiting
+        order.append("premium")
+        time.sleep(0.01)
+        if not stop.is_set():
+            pool.submit(premium, priority=0)
+
+    def best_effort() -> None:
+        order.append("best effort")
+        done.set()
+
+    pool.submit(premium, priority=0)
+    pool.submit(premium, priority=0)
+    pool.submit(best_effort, priority=2)
+    try:
+        assert done.wait(5), "the best-effort turn never ran"
+    finally:
+        stop.set()
+    # Premium went first while the best-effort turn was young, and it still ran.
+    assert order.index("best effort") >= 2

@@ -62,3 +62,65 @@ def test_rates_come_back_one_room_at_a_time_highest_tier_first() -> None:
     assert g.tick(rooms(0.0, slowed), 1.5) == []
     assert g.tick(rooms(0.0, slowed), 2.0) == []
     assert g.tick(rooms(0.0, slowed), 2.5) == [Step("s1", 25)]
+
+
+class FakeRoom:
+    """What the governor reads of a room and the one call it makes."""
+
+    def __init__(self, sid: str, tier: Tier, spec_fps: int, fps: int) -> None:
+        from types import SimpleNamespace
+
+        from avatarfarm.domain import Quality
+
+        self.session_id = sid
+        self.spec = SimpleNamespace(tier=tier, quality=Quality(256, 256, spec_fps))
+        self.rendering = Quality(256, 256, fps)
+        self.degradation_step = 0
+        self.stats = SimpleNamespace(frames_rendered=0, late_frames=0)
+
+    def run(self, late_share: float) -> None:
+        frames = self.rendering.fps // 2
+        self.stats.frames_rendered += frames
+        self.stats.late_frames += round(frames * late_share)
+
+    def reconfigure(self, quality: object, step: int = 0, reason: str = "") -> None:
+        self.rendering = quality  # type: ignore[assignment]
+
+
+def test_the_governor_returns_rooms_to_where_it_found_them_not_to_their_spec() -> None:
+    from workers.rooms.governor import RoomGovernor
+
+    # The scheduler's ladder had the standard room at 25 of its 30 fps.
+    rooms = [FakeRoom("p", P, 25, 25), FakeRoom("s", S, 30, 25), FakeRoom("b", B, 25, 25)]
+    gov = RoomGovernor(GovernorPolicy(ticks=1, cooldown=0.0, recover_after=1))
+    t = 0.0
+    for _ in range(2):  # the first tick only reads the counters
+        for r in rooms:
+            r.run(0.5)
+        gov.tick(rooms, t)
+        t += 0.5
+    assert rooms[2].rendering.fps < 25 and rooms[0].rendering.fps == 25
+    for _ in range(40):  # quiet from here on: everything comes back
+        for r in rooms:
+            r.run(0.0)
+        gov.tick(rooms, t)
+        t += 0.5
+    assert [r.rendering.fps for r in rooms] == [25, 25, 25]  # the standard room: 25, not 30
+
+
+def test_a_rate_the_scheduler_sets_is_the_rooms_own_again() -> None:
+    from avatarfarm.domain import Quality
+    from workers.rooms.governor import RoomGovernor
+
+    room = FakeRoom("b", B, 25, 25)
+    gov = RoomGovernor(GovernorPolicy(ticks=1, cooldown=0.0, recover_after=1))
+    room.run(0.5)
+    gov.tick([room], 0.0)
+    room.run(0.5)
+    gov.tick([room], 0.5)
+    assert room.rendering.fps == 12
+    room.reconfigure(Quality(192, 192, 10))  # the scheduler steps it down its ladder
+    for t in range(10):
+        room.run(0.0)
+        gov.tick([room], 1.0 + t)
+    assert room.rendering.fps == 10  # not taken back up to 25 by the governor
