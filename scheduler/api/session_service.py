@@ -80,8 +80,8 @@ async def guard_async(context: grpc.aio.ServicerContext, aw: Awaitable[T],
 
 
 def session_to_pb(s: Session, queue_position: int = 0,
-                  input_token: InputToken | None = None) -> types_pb2.Session:
-    token = input_token if input_token is not None and not s.state.terminal else None
+                  token: InputToken | None = None) -> types_pb2.Session:
+    """The session as the API shows it, with the live-input token given (None: none)."""
     return types_pb2.Session(
         input_token=token.token if token else "",
         input_token_expires_at=convert.timestamp(token.expires_at) if token else None,
@@ -102,6 +102,7 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
         self.inputs = inputs or LiveInputKeys()
 
     def _pb(self, s: Session, queue_position: int = 0) -> types_pb2.Session:
+        # An ended room takes no input: it gets no token.
         token = None if s.state.terminal else self.inputs.token(s.session_id, s.spec.tenant)
         return session_to_pb(s, queue_position, token)
 

@@ -405,7 +405,7 @@ class EncoderThread:
         self.encode_seconds = 0.0  # CPU time of this thread per frame, preparing included
         self.prepare_seconds = 0.0  # of which turning the room's output into the RGB frame
         self.frames_encoded = 0
-        self._opened = threading.Event()
+        self._opened = False  # open() was tried (by the thread or pool turn that owns it)
         self._open_ok = False
         self._done = threading.Event()
         # A frame submitted again (a late frame's replacement repeats the last good one)
@@ -429,7 +429,7 @@ class EncoderThread:
         except Exception as e:  # noqa: BLE001 - any failure becomes the room's failure reason
             self.error = e
         finally:
-            self._opened.set()
+            self._opened = True
 
     def _handle(self, item: object) -> bool:
         """Encodes one queued frame (discarded after an error); False at the end."""
@@ -478,7 +478,7 @@ class EncoderThread:
     def _turn(self) -> None:
         """Pooled: opens the output on the first turn, then encodes up to BURST frames
         and queues another turn if more are waiting."""
-        if not self._opened.is_set():
+        if not self._opened:
             self._open()
         for _ in range(self.BURST):
             try:

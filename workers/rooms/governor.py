@@ -141,9 +141,10 @@ class RoomGovernor:
             self._from.pop(gone, None)
             self._set.pop(gone, None)
         steps = self.governor.tick(ticks, now)
-        log.debug("tick: %d frames, %d late, rates %s; steps %s", sum(t.frames for t in ticks),
-                  sum(t.late for t in ticks), sorted(t.fps for t in ticks),
-                  [(s.session_id, s.fps) for s in steps])
+        if log.isEnabledFor(logging.DEBUG):  # not built every tick for nothing
+            log.debug("tick: %d frames, %d late, rates %s; steps %s",
+                      sum(t.frames for t in ticks), sum(t.late for t in ticks),
+                      sorted(t.fps for t in ticks), [(s.session_id, s.fps) for s in steps])
         for step in steps:
             room = live[step.session_id]
             before = room.rendering.fps
