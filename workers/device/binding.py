@@ -1,4 +1,4 @@
-"""Binding Wav2Lip-family lip-sync models by shape and role, not by name.
+"""Binding face-redraw models (Wav2Lip, and families like it) by shape and role, not by name.
 
 Exports of the same model name their tensors differently (FaceFusion's ``source``/
 ``target``, the community ``mel_spectrogram``/``video_frames``), order them either
@@ -8,7 +8,9 @@ share is the shapes: mel ``[B, 1, 80, 16]`` and faces ``[B, 6, S, S]`` in,
 batch axis, and refuses a model that does not fit with a message naming what was
 expected and what the model has. ``FaceLayout`` is the manifest's override for exports
 that differ in what the six channels hold (channel order, colour order, scale);
-Wav2Lip's layout is the default.
+Wav2Lip's layout is the default. Other families bind through the same code with their
+own `AudioRole` (Ultralight's window of HuBERT features, ``workers.families.ultralight``)
+and layout (its real crop first, a mask rectangle instead of the lower half).
 
 ``LipSyncRunner`` feeds a batch in the model's layout and runs it: in one call where
 the batch axis is dynamic, in calls of the fixed size otherwise. ``make_batch_dynamic``
@@ -21,7 +23,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +63,18 @@ class ColourOrder(enum.Enum):
     RGB = "rgb"
 
 
+@dataclass(frozen=True, slots=True)
+class AudioRole:
+    """What a family's audio input is: which per-item shapes fit, in words for errors."""
+
+    description: str
+    fits: Callable[[tuple[int, ...]], bool]
+
+
+WAV2LIP_AUDIO = AudioRole("mel float32 [B, 1, 80, 16] (80 bands x 16 steps of 12.5 ms)",
+                          lambda shape: shape == MEL_SHAPE)
+
+
 class InputScale(enum.Enum):
     UNIT = "0..1"  # pixels / 255 (Wav2Lip)
     SIGNED = "-1..1"  # pixels / 127.5 - 1
@@ -74,6 +88,9 @@ class FaceLayout:
     channels: ChannelOrder = ChannelOrder.MASKED_FIRST
     colour: ColourOrder = ColourOrder.BGR
     scale: InputScale = InputScale.UNIT
+    # The masked copy's black rectangle (x, y, w, h in pixels, as cv2.rectangle takes it,
+    # both ends included); None: the lower half, as Wav2Lip masks.
+    mask: tuple[int, int, int, int] | None = None
 
     @staticmethod
     def from_manifest(entry: Mapping[str, str]) -> FaceLayout:
@@ -98,12 +115,13 @@ WAV2LIP_LAYOUT = FaceLayout()
 class LipSyncBinding:
     """Which tensor plays which role, and the sizes read from the model."""
 
-    mel: str
+    mel: str  # the audio input: Wav2Lip's mel window, or the family's features
     faces: str
     output: str
     side: int
     batch: int | None  # None: dynamic; else the only batch size the model takes
     layout: FaceLayout = WAV2LIP_LAYOUT
+    audio_shape: tuple[int, ...] = MEL_SHAPE  # per item
 
     @property
     def fixed_at_one(self) -> bool:
@@ -118,8 +136,13 @@ def _describe(args: Sequence[Any]) -> str:
     return ", ".join(f"{a.name} {a.type} {_fmt(a.shape)}" for a in args) or "none"
 
 
-def _is_mel(shape: Sequence[Dim]) -> bool:
-    return len(shape) == 4 and tuple(shape[1:]) == MEL_SHAPE
+def _static(shape: Sequence[Dim]) -> tuple[int, ...] | None:
+    return tuple(shape) if all(isinstance(d, int) for d in shape) else None  # type: ignore[arg-type]
+
+
+def _is_audio(shape: Sequence[Dim], role: AudioRole) -> bool:
+    item = _static(shape[1:])
+    return len(shape) >= 2 and item is not None and role.fits(item)
 
 
 def _is_faces(shape: Sequence[Dim]) -> bool:
@@ -131,13 +154,14 @@ def _batch_dim(d: Dim) -> int | None:
 
 
 def bind_lipsync(session: Any, layout: FaceLayout = WAV2LIP_LAYOUT, *, name: str = "lip-sync",
-                 side: int | None = None) -> LipSyncBinding:
+                 side: int | None = None, audio: AudioRole = WAV2LIP_AUDIO) -> LipSyncBinding:
     """Binds an onnxruntime ``InferenceSession`` (or anything with ``get_inputs`` and
-    ``get_outputs``) to the Wav2Lip roles by shape. ``side`` is needed only for an
-    export whose spatial axes are symbolic. Raises ModelBindingError."""
+    ``get_outputs``) to the roles by shape: faces, ``audio`` (Wav2Lip's mel window by
+    default) and the redrawn face. ``side`` is needed only for an export whose spatial
+    axes are symbolic. Raises ModelBindingError."""
     inputs, outputs = list(session.get_inputs()), list(session.get_outputs())
-    expected = (f"expected inputs mel float32 [B, 1, 80, 16] and faces float32 [B, {FACE_CHANNELS}, S, S], "
-                f"output float32 [B, {OUT_CHANNELS}, S, S]")
+    expected = (f"expected inputs {audio.description} and faces float32 "
+                f"[B, {FACE_CHANNELS}, S, S], output float32 [B, {OUT_CHANNELS}, S, S]")
 
     def refuse(why: str) -> ModelBindingError:
         return ModelBindingError(f"model {name}: {why}; {expected}; the model has inputs "
@@ -145,14 +169,14 @@ def bind_lipsync(session: Any, layout: FaceLayout = WAV2LIP_LAYOUT, *, name: str
 
     if len(inputs) != 2:
         raise refuse(f"{len(inputs)} inputs")
-    mels = [a for a in inputs if _is_mel(a.shape)]
     faces = [a for a in inputs if _is_faces(a.shape)]
+    mels = [a for a in inputs if not _is_faces(a.shape) and _is_audio(a.shape, audio)]
     if len(faces) != 1:
         raise refuse(f"{len(faces)} inputs are face stacks [B, {FACE_CHANNELS}, S, S] (need exactly one)")
     if len(mels) != 1:
         other = next(a for a in inputs if not _is_faces(a.shape))
-        raise refuse(f"input {other.name} is {_fmt(other.shape)} where the mel window "
-                     f"[B, 1, 80, 16] (80 bands x 16 steps of 12.5 ms) was expected")
+        raise refuse(f"input {other.name} is {_fmt(other.shape)} where {audio.description} "
+                     f"was expected")
     mel, face = mels[0], faces[0]
     for a in (mel, face):
         if a.type != "tensor(float)":
@@ -178,18 +202,22 @@ def bind_lipsync(session: Any, layout: FaceLayout = WAV2LIP_LAYOUT, *, name: str
     if len(fixed) > 1:
         raise refuse(f"batch axes disagree ({sorted(fixed)})")
     batch = next(iter(fixed)) if fixed else None
-    return LipSyncBinding(mel.name, face.name, outs[0].name, s, batch, layout)
+    audio_shape = _static(mel.shape[1:])
+    assert audio_shape is not None
+    return LipSyncBinding(mel.name, face.name, outs[0].name, s, batch, layout, audio_shape)
 
 
 def make_feeds(binding: LipSyncBinding, mel: npt.NDArray[np.float32],
                faces: npt.NDArray[np.uint8]) -> dict[str, np.ndarray]:
-    """Feeds for one batch: ``mel`` [B, 1, 80, 16] (normalised log-mel windows) and
-    ``faces`` [B, S, S, 3] uint8 BGR crops -> the model's two inputs, with the masked
-    copy (lower half zeroed, as Wav2Lip's ``img_masked[:, S // 2:] = 0``: black pixels,
-    before scaling) made here, in the binding's channel order, colour order and scale."""
+    """Feeds for one batch: ``mel`` [B, 1, 80, 16] (normalised log-mel windows; for
+    another family, its audio input per item) and ``faces`` [B, S, S, 3] uint8 BGR crops
+    -> the model's two inputs, with the masked copy (lower half zeroed, as Wav2Lip's
+    ``img_masked[:, S // 2:] = 0``, or the layout's rectangle: black pixels, before
+    scaling) made here, in the binding's channel order, colour order and scale."""
     s = binding.side
-    if mel.ndim != 4 or mel.shape[1:] != MEL_SHAPE:
-        raise ValueError(f"mel windows must be [B, 1, 80, 16], got {list(mel.shape)}")
+    if mel.shape[1:] != binding.audio_shape:
+        raise ValueError(f"audio inputs must be [B, {', '.join(map(str, binding.audio_shape))}], "
+                         f"got {list(mel.shape)}")
     if faces.dtype != np.uint8 or faces.shape[1:] != (s, s, 3):
         raise ValueError(f"face crops must be uint8 [B, {s}, {s}, 3], got {faces.dtype} {list(faces.shape)}")
     if faces.shape[0] != mel.shape[0]:
@@ -201,7 +229,11 @@ def make_feeds(binding: LipSyncBinding, mel: npt.NDArray[np.float32],
     masked_at, real_at = ((0, 3) if layout.channels is ChannelOrder.MASKED_FIRST else (3, 0))
     x[:, real_at:real_at + 3] = unmasked
     x[:, masked_at:masked_at + 3] = unmasked
-    x[:, masked_at:masked_at + 3, s // 2:] = 0.0
+    if layout.mask is None:
+        x[:, masked_at:masked_at + 3, s // 2:] = 0.0
+    else:
+        mx, my, mw, mh = layout.mask
+        x[:, masked_at:masked_at + 3, my:my + mh + 1, mx:mx + mw + 1] = 0.0
     if layout.scale is InputScale.UNIT:
         x *= np.float32(1 / 255)
     else:
@@ -227,10 +259,11 @@ class LipSyncRunner:
     throughput a dynamic export would not lose)."""
 
     def __init__(self, session: Any, layout: FaceLayout = WAV2LIP_LAYOUT, *,
-                 name: str = "lip-sync", side: int | None = None) -> None:
+                 name: str = "lip-sync", side: int | None = None,
+                 audio: AudioRole = WAV2LIP_AUDIO) -> None:
         self.session = session
         self.name = name
-        self.binding = bind_lipsync(session, layout, name=name, side=side)
+        self.binding = bind_lipsync(session, layout, name=name, side=side, audio=audio)
         self._said_fixed = False
 
     def run(self, mel: npt.NDArray[np.float32], faces: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
@@ -268,10 +301,11 @@ class LipSyncDeviceModel:
     MEL = "mel"
     FACES = "faces"
 
-    def __init__(self, model: OrtModel, layout: FaceLayout = WAV2LIP_LAYOUT) -> None:
+    def __init__(self, model: OrtModel, layout: FaceLayout = WAV2LIP_LAYOUT,
+                 audio: AudioRole = WAV2LIP_AUDIO) -> None:
         self.name = model.name
         self.provider = model.provider
-        self.runner = LipSyncRunner(model.session, layout, name=model.name)
+        self.runner = LipSyncRunner(model.session, layout, name=model.name, audio=audio)
 
     @property
     def side(self) -> int:
@@ -286,7 +320,7 @@ class LipSyncDeviceModel:
         """One item of speech-level input, for timing."""
         s = self.side
         rng = np.random.default_rng(0)
-        return {self.MEL: rng.uniform(-2.0, 2.0, MEL_SHAPE).astype(np.float32),
+        return {self.MEL: rng.uniform(-2.0, 2.0, self.runner.binding.audio_shape).astype(np.float32),
                 self.FACES: rng.integers(0, 255, (s, s, 3), np.uint8)}
 
 

@@ -29,6 +29,7 @@ Naming, batch axis and input order follow the known exports (FaceFusion's
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,7 +104,7 @@ WAV2LIP_PRESETS: dict[str, Wav2LipCost] = {
 _PRESET_FOR_SIDE = {96: "wav2lip_96", 256: "wav2lip_256"}
 
 
-class _Graph:
+class Graph:
     """Nodes and initialisers under construction, with unique names."""
 
     def __init__(self, rng: np.random.Generator) -> None:
@@ -177,7 +178,7 @@ def _mouth_fields(side: int) -> tuple[np.ndarray, np.ndarray]:
             dv2.reshape(1, 1, side, side).astype(np.float32))
 
 
-def _mouth(g: _Graph, mel: str, faces: str, side: int) -> str:
+def _mouth(g: Graph, mel: str, faces: str, side: int) -> str:
     """The analytic part: the unmasked face with the mouth shaded by the opening."""
     unmasked = g.op("Slice", [faces, g.init("ch.from", np.array([3], np.int64)),
                               g.init("ch.to", np.array([6], np.int64)),
@@ -185,8 +186,15 @@ def _mouth(g: _Graph, mel: str, faces: str, side: int) -> str:
     weighted = g.op("Mul", [mel, g.init("energy.w", _energy_weights())], "energy.mul")
     energy = g.op("ReduceSum", [weighted, g.init("energy.axes", np.array([2, 3], np.int64))],
                   "energy", keepdims=1)  # [B, 1, 1, 1] in [-4, 4]
-    shifted = g.op("Sub", [energy, g.init("open.from", np.array(OPEN_FROM, np.float32))], "open.shift")
-    scaled = g.op("Div", [shifted, g.init("open.span", np.array(OPEN_SPAN, np.float32))], "open.scale")
+    return shade_mouth(g, unmasked, energy, OPEN_FROM, OPEN_SPAN, side)
+
+
+def shade_mouth(g: Graph, face: str, energy: str, open_from: float, open_span: float,
+                side: int) -> str:
+    """``face`` [B, 3, S, S] with a mouth cavity at MOUTH_CENTER that opens as
+    ``energy`` [B, 1, 1, 1] rises from ``open_from`` to ``open_from + open_span``."""
+    shifted = g.op("Sub", [energy, g.init("open.from", np.array(open_from, np.float32))], "open.shift")
+    scaled = g.op("Div", [shifted, g.init("open.span", np.array(open_span, np.float32))], "open.scale")
     opening = g.op("Clip", [scaled, g.zero, g.one], "opening")
     # Vertical radius grows with the opening: a wider-open mouth is a taller cavity.
     rv = g.op("Add", [g.init("rv.closed", np.array(0.015, np.float32)),
@@ -203,10 +211,10 @@ def _mouth(g: _Graph, mel: str, faces: str, side: int) -> str:
     keep = g.op("Sub", [g.one, shade], "keep")
     tint = g.op("Mul", [shade, g.init("cavity.bgr", np.array(CAVITY_BGR, np.float32).reshape(1, 3, 1, 1))],
                 "tint")
-    return g.op("Add", [g.op("Mul", [unmasked, keep], "base"), tint], "composite")
+    return g.op("Add", [g.op("Mul", [face, keep], "base"), tint], "composite")
 
 
-def _audio_encoder(g: _Graph, mel: str, cost: Wav2LipCost, c_out: int) -> str:
+def _audio_encoder(g: Graph, mel: str, cost: Wav2LipCost, c_out: int) -> str:
     """[B, 1, 80, 16] -> [B, c_out, 1, 1], strided like Wav2Lip's audio encoder."""
     a = cost.audio_width
     x = g.conv(mel, 1, a // 2, stem="aud0")  # 80 x 16
@@ -218,8 +226,9 @@ def _audio_encoder(g: _Graph, mel: str, cost: Wav2LipCost, c_out: int) -> str:
     return g.conv(x, 4 * a, c_out, pads=(0, 0, 0, 0), stem="aud4")  # 1 x 1
 
 
-def _conv_stack(g: _Graph, mel: str, faces: str, cost: Wav2LipCost) -> str:
-    """The cost: faces [B, 6, S, S] and mel -> a residual [B, 3, S, S] in +-RESIDUAL."""
+def conv_stack(g: Graph, faces: str, cost: Wav2LipCost, audio: Callable[[int], str]) -> str:
+    """The cost: faces [B, 6, S, S] and the audio -> a residual [B, 3, S, S] in
+    +-RESIDUAL. ``audio(c)`` builds the audio encoder, [B, c, 1, 1] at the bottleneck."""
     skips: list[str] = []
     x = g.conv(faces, 6, cost.channels(0), stem="enc0")
     for _ in range(cost.depth):
@@ -229,8 +238,7 @@ def _conv_stack(g: _Graph, mel: str, faces: str, cost: Wav2LipCost) -> str:
         x = g.conv(x, cost.channels(level - 1), cost.channels(level), stride=(2, 2), stem=f"enc{level}")
         for _ in range(cost.depth):
             x = g.residual(x, cost.channels(level), f"enc{level}r")
-    audio = _audio_encoder(g, mel, cost, cost.channels(cost.levels))
-    x = g.op("Add", [x, audio], "bottleneck")  # audio broadcast over the face features
+    x = g.op("Add", [x, audio(cost.channels(cost.levels))], "bottleneck")  # audio broadcast over the face features
     for level in range(cost.levels, 0, -1):
         c = cost.channels(level - 1)
         x = g.up(x, cost.channels(level), c, f"dec{level}")
@@ -256,10 +264,10 @@ def build_wav2lip(side: int = DEFAULT_SIDE, cost: Wav2LipCost | None = None, *,
     if side % 2 ** cost.levels or side < 2 ** (cost.levels + 1):
         raise ValueError(f"side {side} must be a multiple of 2^{cost.levels} (the cost's levels) "
                          f"and at least {2 ** (cost.levels + 1)}")
-    g = _Graph(np.random.default_rng(seed))
+    g = Graph(np.random.default_rng(seed))
     mel, faces = names.mel, names.faces
     composite = _mouth(g, mel, faces, side)
-    residual = _conv_stack(g, mel, faces, cost)
+    residual = conv_stack(g, faces, cost, lambda c: _audio_encoder(g, mel, cost, c))
     raw = g.op("Add", [composite, residual], "raw")
     g.nodes.append(helper.make_node("Clip", [raw, g.zero, g.one], [names.output], name="clip"))
     batch: str | int = "B" if dynamic_batch else 1

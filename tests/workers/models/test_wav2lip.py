@@ -251,7 +251,7 @@ def _graph_model(inputs: list[tuple[str, list[int | str]]], out_shape: list[int 
 
 @pytest.mark.parametrize(("inputs", "out_shape", "says"), [
     ([("source", ["B", 1, 80, 12]), ("target", ["B", 6, 96, 96])], ["B", 3, 96, 96],
-     ["input source is [B, 1, 80, 12] where the mel window [B, 1, 80, 16]", "target tensor(float) [B, 6, 96, 96]"]),
+     ["input source is [B, 1, 80, 12] where mel float32 [B, 1, 80, 16]", "target tensor(float) [B, 6, 96, 96]"]),
     ([("mel", ["B", 1, 80, 16]), ("faces", ["B", 3, 96, 96])], ["B", 3, 96, 96],
      ["0 inputs are face stacks [B, 6, S, S]", "faces tensor(float) [B, 3, 96, 96]"]),
     ([("mel", ["B", 1, 80, 16]), ("faces", ["B", 6, 96, 64])], ["B", 3, 96, 64],
@@ -271,7 +271,8 @@ def test_a_model_that_does_not_fit_is_refused_naming_the_mismatch(
     assert isinstance(err.value, ModelInterfaceError)
     msg = str(err.value)
     assert msg.startswith("model bad: ")
-    assert "expected inputs mel float32 [B, 1, 80, 16] and faces float32 [B, 6, S, S]" in msg
+    assert "expected inputs mel float32 [B, 1, 80, 16] (80 bands x 16 steps of 12.5 ms) and faces " \
+        "float32 [B, 6, S, S]" in msg
     for s in says:
         assert s in msg
 
