@@ -40,6 +40,8 @@ from avatarfarm.preparation.faces import (
 )
 
 VERSION = 2  # bump when what a bundle holds or how it is made changes
+MODEL_FILE = "model.onnx"
+FAMILIES = ("wav2lip", "ultralight")
 Progress = Callable[[str, float], None]  # (stage, fraction done)
 
 
@@ -63,6 +65,9 @@ class Manifest:
     height: int
     sides: tuple[int, ...]
     faces_found: int  # frames where the detector found the face (the rest hold the nearest)
+    # The family that renders it: "wav2lip" (the worker's model), or "ultralight" (the
+    # person's own model, carried in the bundle as model.onnx).
+    family: str = "wav2lip"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +83,12 @@ class Bundle:
                            f"(it has {list(self.manifest.sides)})")
         return np.load(self.root / f"crops_{side}.npy", mmap_mode="r")
 
+    @property
+    def model_path(self) -> Path | None:
+        """The person's own face model, for families with one model per avatar."""
+        p = self.root / MODEL_FILE
+        return p if p.is_file() else None
+
     def frames(self) -> np.ndarray:
         """The base video's frames, uint8 [frames, height, width, 3] RGB (memory-mapped,
         read-only)."""
@@ -91,10 +102,12 @@ class Bundle:
         return cls(root, manifest, boxes)
 
 
-def bundle_id(data: bytes, sides: Sequence[int]) -> str:
+def bundle_id(data: bytes, sides: Sequence[int], model: bytes | None = None) -> str:
     h = hashlib.sha256()
     h.update(f"avatar-bundle v{VERSION} sides {','.join(map(str, sorted(sides)))}\n".encode())
     h.update(data)
+    if model is not None:  # the person's own model is part of what the bundle is
+        h.update(b"\nmodel " + hashlib.sha256(model).hexdigest().encode())
     return h.hexdigest()
 
 
@@ -142,12 +155,19 @@ def decode_video(data: bytes, limits: VideoLimits = VideoLimits()) -> tuple[list
 
 def prepare(data: bytes, bundles: Path, sides: Sequence[int] = (96,), *,
             detector: FaceDetector | None = None, limits: VideoLimits = VideoLimits(),
-            policy: TrackPolicy | None = None, progress: Progress | None = None) -> Bundle:
-    """The bundle for `data` under `bundles/<id>/`, made now or found from before."""
+            policy: TrackPolicy | None = None, progress: Progress | None = None,
+            model: bytes | None = None, family: str = "wav2lip") -> Bundle:
+    """The bundle for `data` under `bundles/<id>/`, made now or found from before.
+    ``model``: the person's own face model (ONNX bytes) for a family with one model per
+    avatar (``family="ultralight"``); it is stored in the bundle and part of its id."""
     sides = tuple(sorted(set(sides)))
     if not sides or any(s < 16 for s in sides):
         raise PreparationError(f"crop sides {list(sides)}: give one or more sides of 16 px or more")
-    bid = bundle_id(data, sides)
+    if family not in FAMILIES:
+        raise PreparationError(f"family {family!r}: one of {list(FAMILIES)}")
+    if (family == "ultralight") != (model is not None):
+        raise PreparationError("an Ultralight avatar needs the person's own model (and only it does)")
+    bid = bundle_id(data, sides, model)
     root = bundles / bid
     if (root / "manifest.json").is_file():
         return Bundle.open(root)
@@ -179,8 +199,10 @@ def prepare(data: bytes, bundles: Path, sides: Sequence[int] = (96,), *,
         stored.flush()
         del stored
         (tmp / "base.video").write_bytes(data)
+        if model is not None:
+            (tmp / MODEL_FILE).write_bytes(model)
         (tmp / "boxes.json").write_text(json.dumps([[b.x, b.y, b.w, b.h] for b in track.boxes]))
-        manifest = Manifest(bid, VERSION, fps, len(frames), width, height, sides, track.found)
+        manifest = Manifest(bid, VERSION, fps, len(frames), width, height, sides, track.found, family)
         (tmp / "manifest.json").write_text(json.dumps(asdict(manifest), indent=1))
         try:
             os.rename(tmp, root)

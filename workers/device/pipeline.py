@@ -1,6 +1,8 @@
 """The avatar pipeline's inference stages for one worker: TTS, audio-to-motion,
-render and the lip-sync check for the reference family; the face redraw for the
-Wav2Lip family (a prepared video avatar, its mouth redrawn from the speech).
+render and the lip-sync check for the reference family; the face redraw for video
+avatars (a prepared video, its mouth redrawn from the speech) by their family: the
+Wav2Lip family's model from the model folder, or the avatar's own model carried in
+its bundle (Ultralight, fed by the folder's audio feature model), loaded on demand.
 
 The ONNX models run on the device thread of one `InferenceEngine`, which
 batches items across rooms per model and input shape (the renderer once per
@@ -30,6 +32,8 @@ from workers.device.binding import LipSyncDeviceModel
 from workers.device.engine import BatchKey, DeviceModel, InferenceEngine, ItemResult
 from workers.device.onnx import OrtModel, ProviderChoice
 from workers.device.timing import measure_curve, run_batch_of
+from workers.families import ultralight, wav2lip
+from workers.families.base import FaceFamily
 from workers.media.tts import EspeakTTS
 from workers.models.avatar import read_image, scale_image
 from workers.models.folder import AUDIO_TO_MOTION, LIPSYNC, RENDERER, ModelFolder
@@ -84,12 +88,21 @@ class Pipeline:
                 folder.wav2lip.layout)
             log.info("face model %s: crop side %d, batch axis %s", self.face_model.name,
                      self.face_model.side, self.face_model.runner.binding.batch or "dynamic")
+        self.wav2lip_family = (wav2lip.family(self.face_key, folder.wav2lip.layout)
+                               if self.face_model is not None and folder.wav2lip is not None else None)
+        self.features_model: ultralight.FeatureModel | None = None
+        if folder.features is not None:
+            self.features_model = ultralight.FeatureModel(
+                OrtModel(folder.features.name, folder.features.path, None, provider, intra_op_threads),
+                folder.features.normalize)
+        self._provider, self._threads = provider, intra_op_threads
+        self._avatar_models: dict[str, LipSyncDeviceModel] = {}  # per-person models, by bundle
         self.tts = EspeakTTS(tts_voice)
         self.engine = InferenceEngine(policy)
         self._tts = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tts")
         # Filled on the TTS thread, read by the agent on the event loop.
         self._avatars: dict[tuple[str, int], tuple[tuple[int, int, int], np.ndarray]] = {}
-        self._faces: dict[str, tuple[Bundle, FaceAvatar]] = {}  # video avatars, loaded
+        self._faces: dict[str, tuple[Bundle, FaceAvatar, FaceFamily]] = {}  # video avatars, loaded
         self._avatars_lock = threading.Lock()
         self.models_bytes = sum(p.stat().st_size for p in folder.model_paths)
         self._calibrate()
@@ -112,6 +125,10 @@ class Pipeline:
             self.serve(self.face_key, measure_curve(
                 functools.partial(run_batch_of, self.face_model, self.face_model.example_item()),
                 (1, 4), 1))
+        if self.features_model is not None:
+            self.serve(ultralight.FEATURES_KEY, measure_curve(
+                functools.partial(run_batch_of, self.features_model, self.features_model.example_item()),
+                (1, 4), 1))
 
     @property
     def provider(self) -> str:
@@ -121,7 +138,8 @@ class Pipeline:
     def model_names(self) -> list[str]:
         names = [self.audio_to_motion_model.name, self.renderer_model.name]
         return names + ([self.lipsync_model.name] if self.lipsync_model else []) + \
-            ([self.face_model.name] if self.face_model else [])
+            ([self.face_model.name] if self.face_model else []) + \
+            ([self.features_model.name] if self.features_model else [])
 
     @property
     def face_key(self) -> BatchKey:
@@ -136,6 +154,29 @@ class Pipeline:
     def is_video_avatar(self, avatar_id: str) -> bool:
         return self.folder.bundle_path(avatar_id) is not None
 
+    def video_avatar_refusal(self, avatar_id: str) -> str | None:
+        """Why this worker cannot render a video avatar (None: it can): the family its
+        bundle names needs a model this worker's folder lacks."""
+        root = self.folder.bundle_path(avatar_id)
+        if root is None:
+            return f"avatar {avatar_id!r} is not a video avatar"
+        family = Bundle.open(root).manifest.family
+        if family == "ultralight":
+            if self.features_model is None:
+                return (f"avatar {avatar_id!r} is an Ultralight avatar and this worker's model "
+                        "folder has no audio feature model (hubert.onnx) to feed it")
+        elif self.face_model is None:
+            return (f"avatar {avatar_id!r} is a video avatar and this worker's model folder "
+                    "has no Wav2Lip-family model")
+        return None
+
+    def face_keys(self) -> list[BatchKey]:
+        """The face models served now: the folder's Wav2Lip model and every per-person
+        model loaded."""
+        keys = [self.face_key] if self.face_model is not None else []
+        with self._avatars_lock:
+            return keys + [f.key for _, _, f in self._faces.values() if f.name != "wav2lip"]
+
     def render_key(self, side: int) -> BatchKey:
         return BatchKey(self.renderer_model.name, side)
 
@@ -147,9 +188,12 @@ class Pipeline:
 
     def serve(self, key: BatchKey, curve: LatencyCurve) -> None:
         models: dict[BatchKey, DeviceModel | None] = {
-            AUDIO_TO_MOTION_KEY: self.audio_to_motion_model, LIPSYNC_KEY: self.lipsync_model}
+            AUDIO_TO_MOTION_KEY: self.audio_to_motion_model, LIPSYNC_KEY: self.lipsync_model,
+            ultralight.FEATURES_KEY: self.features_model}
         if self.face_model is not None:
             models[self.face_key] = self.face_model
+        for bundle_id, own in self._avatar_models.items():
+            models[_avatar_key(bundle_id, own.side)] = own
         model = models.get(key, self.renderer_model)
         assert model is not None
         self.engine.serve(key, model, curve)
@@ -218,31 +262,64 @@ class Pipeline:
         return cached[1]
 
     def face_avatar_sync(self, avatar_id: str) -> FaceAvatar:
-        """A video avatar's prepared frames at the face model's side, loaded once and
-        shared by its rooms (again when the id names another bundle)."""
-        if self.face_model is None:
-            raise ValueError(f"avatar {avatar_id!r} is a video avatar, and the model folder "
-                             f"{self.folder.root} has no Wav2Lip-family model to render it")
+        """A video avatar's prepared frames at its face model's side, loaded once and
+        shared by its rooms (again when the id names another bundle); for a family with
+        one model per person, that model too, bound and timed."""
+        refusal = self.video_avatar_refusal(avatar_id)
+        if refusal is not None:
+            raise ValueError(refusal)
         root = self.folder.bundle_path(avatar_id)
-        if root is None:
-            raise ValueError(f"avatar {avatar_id!r} is not a video avatar")
+        assert root is not None
         with self._avatars_lock:
             cached = self._faces.get(avatar_id)
         if cached is None or cached[0].root != root:
             bundle = Bundle.open(root)
-            side = self.face_model.side
+            if bundle.manifest.family == "ultralight":
+                family = self._ultralight_family(bundle)
+                model_name = family.key.model
+            else:
+                assert self.face_model is not None and self.wav2lip_family is not None
+                family, model_name = self.wav2lip_family, self.face_model.name
+            side = family.key.side
             if side not in bundle.manifest.sides:
                 raise ValueError(f"avatar {avatar_id!r} was prepared with crops at "
                                  f"{list(bundle.manifest.sides)} px; the face model "
-                                 f"{self.face_model.name} takes {side} px: prepare it again "
+                                 f"{model_name} takes {side} px: prepare it again "
                                  f"with --sides {side}")
-            cached = (bundle, FaceAvatar(bundle, side))
+            cached = (bundle, FaceAvatar(bundle, side), family)
             with self._avatars_lock:
                 self._faces[avatar_id] = cached
-            log.info("video avatar %s loaded: bundle %s, %d frames (mapped), crops %.1f MiB",
-                     avatar_id, bundle.manifest.bundle_id[:12], len(cached[1]),
+            log.info("video avatar %s loaded (%s family): bundle %s, %d frames (mapped), crops %.1f MiB",
+                     avatar_id, family.name, bundle.manifest.bundle_id[:12], len(cached[1]),
                      cached[1].nbytes / 2**20)
         return cached[1]
+
+    def face_family(self, avatar_id: str) -> FaceFamily:
+        """The family of a video avatar loaded by `face_avatar`."""
+        with self._avatars_lock:
+            return self._faces[avatar_id][2]
+
+    def _ultralight_family(self, bundle: Bundle) -> FaceFamily:
+        """The person's own UNet from the bundle, bound and served under its own key
+        (rooms of the avatar batch together), timed now for the batcher."""
+        assert self.features_model is not None
+        bid = bundle.manifest.bundle_id
+        path = bundle.model_path
+        if path is None:
+            raise ValueError(f"bundle {bid[:12]} is an Ultralight avatar without its model.onnx")
+        model = self._avatar_models.get(bid)
+        if model is None:
+            ort = OrtModel(f"ultralight-{bid[:12]}", path, None, self._provider, self._threads)
+            model = LipSyncDeviceModel(ort, ultralight.LAYOUT,
+                                       ultralight.audio_role(self.features_model.width))
+            key = _avatar_key(bid, model.side)
+            self.engine.serve(key, model, measure_curve(
+                functools.partial(run_batch_of, model, model.example_item()), (1, 4), 1))
+            self._avatar_models[bid] = model
+            log.info("avatar model %s loaded: crop side %d, audio %s", ort.name, model.side,
+                     list(model.runner.binding.audio_shape))
+        return ultralight.family(_avatar_key(bid, model.side), model.runner.binding.audio_shape,
+                                 self.features_model, self.features)
 
     def redraw_sync(self, mel: np.ndarray, face: np.ndarray) -> Timed:
         assert self.face_model is not None
@@ -256,12 +333,19 @@ class Pipeline:
         return await asyncio.to_thread(self.face_avatar_sync, avatar_id)
 
     async def redraw(self, mel: np.ndarray, face: np.ndarray, deadline: float = math.inf,
-                     priority: int = 1) -> Timed:
-        """The face model on one frame: its mel window [1, 80, 16] and the base frame's
-        crop [S, S, 3] uint8 BGR -> the redrawn face [3, S, S] BGR in 0..1."""
-        r = await self.engine.infer(self.face_key, {LipSyncDeviceModel.MEL: mel,
-                                                    LipSyncDeviceModel.FACES: face},
+                     priority: int = 1, key: BatchKey | None = None) -> Timed:
+        """A face model on one frame (the folder's Wav2Lip model unless ``key`` names a
+        family's): its audio input (a mel window [1, 80, 16] for Wav2Lip) and the base
+        frame's crop [S, S, 3] uint8 BGR -> the redrawn face [3, S, S] BGR in 0..1."""
+        r = await self.engine.infer(key or self.face_key, {LipSyncDeviceModel.MEL: mel,
+                                                           LipSyncDeviceModel.FACES: face},
                                     deadline, priority)
+        return _timed(r)
+
+    async def features(self, chunk: np.ndarray, deadline: float = math.inf, priority: int = 1) -> Timed:
+        """The audio feature model on one chunk of 720 samples -> its rows [2, F]."""
+        r = await self.engine.infer(ultralight.FEATURES_KEY,
+                                    {ultralight.FeatureModel.INPUT: chunk}, deadline, priority)
         return _timed(r)
 
     async def synthesize(self, text: str) -> Timed:
@@ -292,6 +376,10 @@ class Pipeline:
         tensor = await loop.run_in_executor(self._tts, self.avatar_tensor_sync, avatar_id, side)
         await loop.run_in_executor(self._tts, self.ensure_render_side, side)
         return tensor
+
+
+def _avatar_key(bundle_id: str, side: int) -> BatchKey:
+    return BatchKey(f"ultralight-{bundle_id[:12]}", side)
 
 
 def _timed(r: ItemResult) -> Timed:

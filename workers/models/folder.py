@@ -10,12 +10,19 @@ Layout::
     wav2lip.onnx           the Wav2Lip family (optional): mel [B, 1, 80, 16] and faces
                            [B, 6, S, S] -> face [B, 3, S, S], bound by shape, whatever
                            the export names its tensors (workers.device.binding)
+    hubert.onnx            an audio feature model (optional): waveform [B, N] -> rows
+                           [B, T, F] every 20 ms, for families fed by HuBERT features
+                           (Ultralight; workers.families.ultralight)
     avatars/<id>.png       portraits aligned to the face template (PNG or JPEG)
     avatars/<id>.bundle    video avatars, prepared (avatarfarm.avatars)
 
 The manifest's ``"wav2lip"`` entry names the family's model and, for an export that
 differs from Wav2Lip's own layout, its ``"layout"``: ``{"channels": "masked_first" |
-"unmasked_first", "colour": "bgr" | "rgb", "scale": "0..1" | "-1..1"}``.
+"unmasked_first", "colour": "bgr" | "rgb", "scale": "0..1" | "-1..1"}``. Its
+``"features"`` entry names the audio feature model: ``{"model": "hubert.onnx",
+"name": "hubert", "normalize": false}`` (``normalize``: each chunk to zero mean and
+unit variance, for exports fed by Wav2Vec2FeatureExtractor). Families with one
+model per person (Ultralight) carry it in the avatar's bundle, not here.
 
 ``build_reference`` writes the project's own models and default avatar; a user
 replaces any file with their own model of the same interface.
@@ -68,6 +75,15 @@ class FaceModel:
 
 
 @dataclass(frozen=True, slots=True)
+class FeatureModelSpec:
+    """An audio feature model (HuBERT-style) that families with learnt audio features share."""
+
+    path: Path
+    name: str = "hubert"
+    normalize: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class ModelFolder:
     root: Path
     audio_to_motion: Path
@@ -75,6 +91,7 @@ class ModelFolder:
     renderer_name: str
     lipsync: Path | None = None
     wav2lip: FaceModel | None = None
+    features: FeatureModelSpec | None = None
 
     @staticmethod
     def open(root: Path) -> ModelFolder:
@@ -96,14 +113,20 @@ class ModelFolder:
         if wav2lip:
             face = FaceModel(root / wav2lip["model"], wav2lip.get("name", "wav2lip"),
                              FaceLayout.from_manifest(wav2lip.get("layout", {})))
+        feats = manifest.get("features")
+        features = None
+        if feats:
+            features = FeatureModelSpec(root / feats["model"], feats.get("name", "hubert"),
+                                        bool(feats.get("normalize", False)))
         folder = ModelFolder(root, root / manifest["audio_to_motion"], root / manifest["renderer"],
                              manifest.get("renderer_name", "renderer"),
-                             root / lipsync if lipsync else None, face)
+                             root / lipsync if lipsync else None, face, features)
         if folder.lipsync is None:
             log.warning("%s names no lipsync model: rooms will run without lip-sync checks",
                         manifest_path)
         for p in (folder.audio_to_motion, folder.renderer, folder.lipsync or folder.renderer,
-                  face.path if face else folder.renderer):
+                  face.path if face else folder.renderer,
+                  features.path if features else folder.renderer):
             if not p.is_file():
                 raise ModelFolderError(f"model file {p} named in {manifest_path} is missing")
         return folder
@@ -127,7 +150,8 @@ class ModelFolder:
     @property
     def model_paths(self) -> list[Path]:
         return [self.audio_to_motion, self.renderer, *([self.lipsync] if self.lipsync else []),
-                *([self.wav2lip.path] if self.wav2lip else [])]
+                *([self.wav2lip.path] if self.wav2lip else []),
+                *([self.features.path] if self.features else [])]
 
     def avatar_path(self, avatar_id: str) -> Path:
         # An id names a file in avatars/, never a path: the worker takes the scheduler's
@@ -142,8 +166,10 @@ class ModelFolder:
 
 def build_reference(root: Path, preset: str = "lite", *, wav2lip: str | None = "wav2lip_96",
                     force: bool = False) -> ModelFolder:
-    """Writes the reference models, default avatar and (unless ``wav2lip`` is None) the
-    Wav2Lip-signature model of that cost preset to ``root`` (deterministic)."""
+    """Writes the reference models, default avatar, (unless ``wav2lip`` is None) the
+    Wav2Lip-signature model of that cost preset and the HuBERT-signature feature model
+    (HuBERT-large's cost with the standard preset, a small one with lite) to ``root``
+    (deterministic)."""
     from workers.models.avatar import draw_default_avatar, write_png
     from workers.models.reference import (
         RENDERER_PRESETS,
@@ -151,6 +177,7 @@ def build_reference(root: Path, preset: str = "lite", *, wav2lip: str | None = "
         build_lipsync,
         build_renderer,
     )
+    from workers.models.ultralight import FEATURE_PRESETS, build_hubert
     from workers.models.wav2lip import WAV2LIP_PRESETS, build_wav2lip, conv_gmac_per_frame
 
     if preset not in RENDERER_PRESETS:
@@ -158,12 +185,14 @@ def build_reference(root: Path, preset: str = "lite", *, wav2lip: str | None = "
     if wav2lip is not None and wav2lip not in WAV2LIP_PRESETS:
         raise ValueError(f"unknown Wav2Lip preset {wav2lip!r}; choose from {sorted(WAV2LIP_PRESETS)}")
     face_name = None if wav2lip is None else f"wav2lip-{wav2lip}"
+    features_cost = "hubert_large" if preset == "standard" else "tiny"
     root.mkdir(parents=True, exist_ok=True)
     manifest_path = root / "manifest.json"
     if manifest_path.exists() and not force:
         current = json.loads(manifest_path.read_text())
         if (current.get("renderer_name") == f"reference-{preset}" and current.get("lipsync")
-                and (current.get("wav2lip") or {}).get("name") == face_name):
+                and (current.get("wav2lip") or {}).get("name") == face_name
+                and (current.get("features") or {}).get("cost") == features_cost):
             return ModelFolder.open(root)
     size = RENDERER_PRESETS[preset]
     onnx.save(build_audio_to_motion(), str(root / "audio_to_motion.onnx"))
@@ -177,6 +206,7 @@ def build_reference(root: Path, preset: str = "lite", *, wav2lip: str | None = "
         onnx.save(face, str(root / "wav2lip.onnx"))
         face_entry = {"model": "wav2lip.onnx", "name": face_name,
                       "gmac_per_frame": round(conv_gmac_per_frame(face), 3)}
+    onnx.save(build_hubert(FEATURE_PRESETS[features_cost]), str(root / "hubert.onnx"))
     avatar = root / "avatars" / f"{DEFAULT_AVATAR}.png"
     if not avatar.exists():
         write_png(avatar, draw_default_avatar())
@@ -188,6 +218,8 @@ def build_reference(root: Path, preset: str = "lite", *, wav2lip: str | None = "
         "renderer_name": f"reference-{preset}",
         "renderer_gmac_per_frame_256": round(size.gmac_per_frame(256), 3),
         **({"wav2lip": face_entry} if face_entry else {}),
+        "features": {"model": "hubert.onnx", "name": "hubert", "normalize": False,
+                     "cost": features_cost},
         "motion": list(MOTION_NAMES),
         "audio": {"sample_rate": SAMPLE_RATE, "n_mels": N_MELS, "hop": HOP, "window": MEL_WINDOW},
     }

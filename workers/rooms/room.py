@@ -24,12 +24,15 @@ rate. Each frame carries the rate it was made at; stream time, audio per frame
 and the encoder's timestamps all count its 1/fps, so the stream's duration stays
 exact across a change.
 
-Video avatars (the Wav2Lip family). A room whose avatar is a prepared video plays
-its base frames as a loop and redraws the mouth with the face model: the producer
-turns the audio into Wav2Lip's mel windows (`Wav2LipAudioStream`), which need
-about 0.2 s of audio past their frame, so a frame starts once that audio is in
-(the stream runs that much behind its driver; its timing stays exact). A frame
-whose window is silent is its base frame, without the model; the others are
+Video avatars (face families: Wav2Lip, Ultralight). A room whose avatar is a
+prepared video plays its base frames as a loop and redraws the mouth with its
+family's face model: the producer turns the audio into each frame's audio input
+through the family's `FaceSpeech` (Wav2Lip's mel windows; Ultralight's window of
+HuBERT rows, computed on the device as the audio arrives), which needs some audio
+past its frame (0.2 s for Wav2Lip, 0.16 s for an 8-frame Ultralight window), so a
+frame starts once that audio is in (the stream runs that much behind its driver;
+its timing stays exact). A frame whose input is silent is its base frame, without
+the model; the others are
 items of the face model in the batcher, across rooms and avatars. The emitter
 carries `FaceFrame`s (base index and redrawn face); the face is pasted back on
 the encoder thread. A frame the batcher dropped shows its base frame, so the
@@ -65,6 +68,7 @@ from avatarfarm.domain import DriveMode, OutputKind, Quality, ScriptSegment, Ses
 from avatarfarm.egress import EgressPolicy, Resolver, check_resolved, pinned_url, system_resolver
 from workers.device.engine import DeadlineMissed
 from workers.device.pipeline import Pipeline, fit_canvas, to_canvas
+from workers.families.base import FaceFamily, FaceSpeech, FrameAudio
 from workers.media.alignment import (
     AvDelay,
     DriftPolicy,
@@ -76,7 +80,6 @@ from workers.media.alignment import (
 from workers.media.audio import SAMPLE_RATE, MelStream
 from workers.media.label import LabelSpec, LabelStamp
 from workers.media.motion import IdleAnimator, compose
-from workers.media.wav2lip_audio import Wav2LipAudioStream, is_silent
 from workers.models.wav2lip import WAV2LIP_FACE
 from workers.output.encode import (
     ENCODER_QUEUE,
@@ -190,15 +193,18 @@ class _InFlight:
     task: asyncio.Task[typing.Any]  # a portrait [3, S, S], or a FaceFrame (video avatars)
 
 
+T = typing.TypeVar("T")
+
+
 class DelayLine:
     """Fault injection: what comes out lags what goes in by ``frames``, plus ``ppm`` parts
     per million of the stream time (whole frames). With neither, the value itself."""
 
     def __init__(self, frames: int = 0, ppm: float = 0.0) -> None:
         self.frames, self.ppm = frames, ppm
-        self._line: collections.deque[np.ndarray] = collections.deque()
+        self._line: collections.deque[typing.Any] = collections.deque()
 
-    def push(self, value: np.ndarray, stream_seconds: float, fps: int) -> np.ndarray:
+    def push(self, value: T, stream_seconds: float, fps: int) -> T:
         lag = self.frames + math.floor(stream_seconds * self.ppm * 1e-6 * fps)
         self._line.append(value)
         while len(self._line) > lag + 1:
@@ -269,15 +275,16 @@ class Room:
         self._portraits: dict[int, np.ndarray] = {}
         self._fps_changes = 0  # lip-sync windows taken before a rate change are discarded
         self.priority = spec.tier.priority
-        # A video avatar is rendered by the Wav2Lip family: speech in, face redrawn.
+        # A video avatar is rendered by its family (Wav2Lip, or its own Ultralight model).
         self.video_avatar = pipeline.is_video_avatar(spec.avatar_id)
         if self.video_avatar:
             if spec.drive_mode is DriveMode.MOCAP:
                 raise RoomRefused(no_motion_input(spec.avatar_id))
-            if pipeline.face_model is None:
-                raise RoomRefused(f"avatar {spec.avatar_id!r} is a video avatar and this "
-                                  "worker's model folder has no Wav2Lip-family model")
+            refusal = pipeline.video_avatar_refusal(spec.avatar_id)
+            if refusal is not None:
+                raise RoomRefused(refusal)
         self.face: FaceAvatar | None = None  # loaded when the room starts
+        self.family: FaceFamily | None = None  # the face model's family, with it
         self.script = ScriptPlayer(self._synthesize)
         self.script.append(spec.script)
         self.audio_in = LiveAudio()
@@ -346,6 +353,10 @@ class Room:
         self.held = True
         self.stop(reason)
 
+    def _feature_seconds(self, seconds: float) -> None:
+        """Device time of the room's audio feature items (a family fed by HuBERT rows)."""
+        self.stats.stage_seconds["audio_to_motion"] += seconds
+
     def _stalled(self, behind: float) -> None:
         if not self.held:
             log.warning("room %s: %.1fs behind real time (the worker stalled); holding its "
@@ -397,6 +408,7 @@ class Room:
         try:
             if self.video_avatar:
                 self.face = await self.pipeline.face_avatar(self.spec.avatar_id)
+                self.family = self.pipeline.face_family(self.spec.avatar_id)
                 if self.sync is not None:
                     self.sync.view = self.face.mouth_view
                 avatar: typing.Any = FaceFrame(0)
@@ -495,7 +507,7 @@ class Room:
         q: Quality | None = None
         avatar = render_reserve = None
         face = self.face
-        speech: Wav2LipAudioStream | None = None  # video avatars: audio -> mel windows
+        speech: FaceSpeech | None = None  # video avatars: audio -> the face model's audio input
         waiting: collections.deque[tuple[np.ndarray, bool]] = collections.deque()  # for a window
         m = 0  # video avatars: frames started (n counts the audio chunks taken)
         deadline = math.inf
@@ -512,7 +524,8 @@ class Room:
                     render_reserve = self.pipeline.engine.curve(
                         self.pipeline.render_key(q.render_side)).seconds(1)
                 else:
-                    speech = Wav2LipAudioStream(q.fps)
+                    assert self.family is not None
+                    speech = self.family.speech(q.fps, self.priority, self._feature_seconds)
                     render_reserve = 0.0
                 self.idle.fps = q.fps
             if self.pacing is Pacing.REALTIME:
@@ -541,8 +554,8 @@ class Room:
             audio, speaking = await self._audio(mode, k)
             if face is not None and speech is not None:
                 waiting.append((audio, speaking))
-                m = await self._start_faces(face, speech.push(audio), waiting, m, q.fps, inflight,
-                                            deadline, lagged)
+                m = await self._start_faces(face, speech.push(audio, deadline), waiting, m, q.fps,
+                                            inflight, deadline, lagged)
                 n, t = n + 1, end
                 continue
             assert avatar is not None and render_reserve is not None
@@ -566,11 +579,11 @@ class Room:
                                     lagged)
         await inflight.put(None)
 
-    async def _start_faces(self, face: FaceAvatar, windows: np.ndarray,
+    async def _start_faces(self, face: FaceAvatar, windows: list[FrameAudio],
                            waiting: collections.deque[tuple[np.ndarray, bool]], m: int, fps: int,
                            inflight: asyncio.Queue[_InFlight | None], deadline: float,
                            lagged: DelayLine) -> int:
-        """Starts the video avatar's frames whose mel windows are complete (one per window,
+        """Starts the video avatar's frames whose audio inputs are complete (one per input,
         in order, each with the audio taken for it); returns the frames started so far.
         (`lagged`: the fault injection's delay line, as for the reference family.)"""
         for window in windows:
@@ -582,11 +595,13 @@ class Room:
             m += 1
         return m
 
-    async def _redraw(self, face: FaceAvatar, index: int, window: np.ndarray,
+    async def _redraw(self, face: FaceAvatar, index: int, window: FrameAudio,
                       deadline: float) -> FaceFrame:
-        if is_silent(window)[0]:
+        if window.silent:
             return FaceFrame(index)  # a pause: the base frame, no device time
-        r = await self.pipeline.redraw(window, face.crops[index], deadline, self.priority)
+        assert self.family is not None
+        r = await self.pipeline.redraw(await window.value(), face.crops[index], deadline,
+                                       self.priority, self.family.key)
         self.stats.stage_seconds["render"] += r.seconds
         self.stats.batched_items += 1
         self.stats.batch_size_sum += r.batch_size
@@ -744,10 +759,10 @@ class Room:
             log.exception("room %s: state callback failed", self.session_id)
 
 
-def _flush(speech: Wav2LipAudioStream, waiting: collections.deque[tuple[np.ndarray, bool]]
-           ) -> np.ndarray:
-    """The windows of every frame still waiting for one: the audio ends here (the end of
-    the stream, or a rate change), so the last windows read the padded end."""
+def _flush(speech: FaceSpeech, waiting: collections.deque[tuple[np.ndarray, bool]]
+           ) -> list[FrameAudio]:
+    """The inputs of every frame still waiting for one: the audio ends here (the end of
+    the stream, or a rate change), so the last ones read the padded end."""
     return speech.finish(speech.frames_emitted + len(waiting))
 
 

@@ -1,0 +1,62 @@
+"""What a face family's adapter provides to rooms and the pipeline.
+
+A room pushes each video frame's audio into its family's `FaceSpeech` and gets back,
+in order, the frames whose audio input is complete, as `FrameAudio`: whether the frame
+is silent (the base frame is shown and no model runs) and, when awaited, the face
+model's audio input for that frame. A family whose audio input comes from a feature
+model (HuBERT for Ultralight) submits those items to the device as the audio arrives,
+batched across rooms like any other stage; Wav2Lip's mel windows are computed here on
+the host.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+
+import numpy as np
+
+from workers.device.binding import AudioRole, FaceLayout
+from workers.device.engine import BatchKey
+
+
+class FrameAudio(typing.Protocol):
+    """One video frame's audio input to the face model."""
+
+    @property
+    def silent(self) -> bool: ...
+
+    async def value(self) -> np.ndarray:
+        """The face model's audio input for the frame (one item, no batch axis)."""
+        ...
+
+
+class FaceSpeech(typing.Protocol):
+    """A room's audio -> its frames' audio inputs, at one frame rate."""
+
+    @property
+    def frames_emitted(self) -> int: ...
+
+    def push(self, samples: np.ndarray, deadline: float) -> list[FrameAudio]:
+        """Adds one frame's audio (mono, 16 kHz float32); returns the frames whose input
+        became complete, in order. ``deadline``: when work started now must be done."""
+        ...
+
+    def finish(self, n_frames: int) -> list[FrameAudio]:
+        """The audio ends (the stream's end, or a rate change): the inputs of every frame
+        up to ``n_frames`` in all, the missing audio read as silence."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class FaceFamily:
+    """A loaded face model as rooms use it: its batch key, how it is bound, and how a
+    room's audio is turned into its input (`speech`, a factory per room and rate)."""
+
+    name: str  # the family: "wav2lip", "ultralight"
+    key: BatchKey  # the face model at its crop side
+    layout: FaceLayout
+    audio: AudioRole
+    # (fps, priority, on_seconds) -> a room's stream; on_seconds(s): device time the
+    # room's feature items took, for its cost
+    speech: typing.Callable[[int, int, typing.Callable[[float], None]], FaceSpeech]
