@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import secrets
 import sys
@@ -70,17 +71,40 @@ def _prepare_avatar(args: argparse.Namespace) -> int:
             last[stage] = pct
             print(f"  {stage:<7} {pct:3d}%", flush=True)
 
+    model = None
+    if args.model is not None:
+        # The person's own model (Ultralight family): bound now, so a model that does not
+        # fit is refused before anything is prepared, with what it has and what was expected.
+        import onnxruntime as ort
+
+        from workers.device.binding import ModelBindingError, bind_lipsync
+        from workers.families import ultralight
+
+        try:
+            model = args.model.read_bytes()
+            session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+            binding = bind_lipsync(session, ultralight.LAYOUT, name=args.model.name,
+                                   audio=ultralight.audio_role(args.feature_width))
+        except (ModelBindingError, OSError, ort.capi.onnxruntime_pybind11_state.Fail) as e:
+            print(f"avatarfarm prepare-avatar: {e}", file=sys.stderr)
+            return 2
+        sides = sorted({*sides, binding.side})
+        frames = math.prod(binding.audio_shape) // (2 * args.feature_width)
+        print(f"Ultralight model {args.model.name}: crop side {binding.side}, audio "
+              f"{list(binding.audio_shape)} ({frames} frames of feature rows)")
     try:
         if args.avatar_id:
             validate_id("avatar_id", args.avatar_id)
         bundle = prepare(args.video.read_bytes(), args.avatar_dir / BUNDLES, sides,
-                         detector=load_detector(args.detector), progress=progress)
+                         detector=load_detector(args.detector), progress=progress,
+                         model=model, family="ultralight" if model is not None else "wav2lip")
     except (PreparationError, InvalidRequest) as e:
         print(f"avatarfarm prepare-avatar: {e}", file=sys.stderr)
         return 2
     m = bundle.manifest
     print(f"bundle {m.bundle_id} in {bundle.root}: {m.frames} frames at {m.fps:g} fps, "
-          f"{m.width}x{m.height}, face found in {m.faces_found}, crops at {list(m.sides)} px")
+          f"{m.width}x{m.height}, face found in {m.faces_found}, crops at {list(m.sides)} px, "
+          f"{m.family} family")
     if args.avatar_id:
         path = write_bundle_pointer(args.avatar_dir, args.avatar_id, m.bundle_id)
         print(f"video avatar {args.avatar_id} ({path}): rooms may use it as their avatar_id")
@@ -315,6 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--sides", default="96,256",
                     help="comma-separated crop sides of the lip-sync models (default 96,256, as "
                          "the scheduler's avatar_crop_sides; 384 for the largest Wav2Lip variant)")
+    pa.add_argument("--model", type=Path, default=None,
+                    help="the person's own face model, for the Ultralight family (input [B, 6, 160, "
+                         "160]: real crop then masked, BGR/255; audio [B, C, H, W]: a window of "
+                         "HuBERT rows, e.g. [B, 16, 32, 32]; output [B, 3, 160, 160]); it is "
+                         "checked, stored in the bundle, and its crop side added to --sides")
+    pa.add_argument("--feature-width", type=int, default=1024,
+                    help="width of the feature rows the model's audio input holds (default 1024, "
+                         "HuBERT-large's); the workers' feature model must give the same")
     pa.set_defaults(func=_prepare_avatar)
 
     mb = sub.add_parser(

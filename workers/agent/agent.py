@@ -32,6 +32,7 @@ from workers.agent.usage import UsageReports
 from workers.device.engine import BatchKey, KeyStats
 from workers.device.pipeline import AUDIO_TO_MOTION_KEY, AVATAR_BYTES_PER_PIXEL, LIPSYNC_KEY, Pipeline
 from workers.device.profile import LatencyProfile
+from workers.families.ultralight import FEATURES_KEY
 from workers.media.alignment import SyncEstimate
 from workers.media.label import LabelSpec
 from workers.metrics import WorkerMetrics
@@ -369,7 +370,9 @@ class WorkerAgent:
                 out.append(LatencyProfile(Stage.AUDIO_TO_MOTION, key.model, 0, 0, points))
             elif key == LIPSYNC_KEY:
                 out.append(LatencyProfile(Stage.ALIGNMENT, key.model, 0, 0, points))
-            elif self.pipeline.face_model is not None and key == self.pipeline.face_key:
+            elif key == FEATURES_KEY:
+                continue  # shared by the face families' rooms; no stage of its own to place by
+            elif key in self.pipeline.face_keys():
                 out.append(LatencyProfile(Stage.FACE, key.model, key.side, key.side, points))
             else:
                 out.append(LatencyProfile(Stage.RENDER, key.model, key.side, key.side, points))

@@ -255,3 +255,28 @@ def test_rooms_an_ultralight_avatar_cannot_have_are_refused(
             ul_room(bare, tmp_path, drive=DriveMode.TEXT)
     finally:
         bare.close()
+
+
+def test_the_command_line_stores_a_fitting_model_and_refuses_one_that_does_not(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from farm.cli import main
+
+    frames, _ = head_motion(data.astronaut(), 130)
+    video = tmp_path / "anna.mp4"
+    video.write_bytes(encode_clip(frames))
+    avatars = tmp_path / "avatars"
+    bad = build_ultralight(UNET_PRESETS["tiny"], audio_shape=(8, 32, 32))  # 4 frames: fits
+    bad.graph.input[1].type.tensor_type.shape.dim[3].dim_value = 30  # now it does not
+    (tmp_path / "bad.onnx").write_bytes(bad.SerializeToString())
+    assert main(["prepare-avatar", "--video", str(video), "--avatar-dir", str(avatars),
+                 "--model", str(tmp_path / "bad.onnx")]) == 2
+    assert "input audio is [B, 8, 32, 30]" in capsys.readouterr().err and not avatars.exists()
+    onnx.save(build_ultralight(UNET_PRESETS["tiny"]), str(tmp_path / "anna-unet.onnx"))
+    assert main(["prepare-avatar", "--video", str(video), "--avatar-dir", str(avatars), "--sides", "96",
+                 "--model", str(tmp_path / "anna-unet.onnx"), "--avatar-id", "anna"]) == 0
+    out = capsys.readouterr().out
+    assert "crop side 160, audio [16, 32, 32] (8 frames of feature rows)" in out
+    assert "crops at [96, 160] px, ultralight family" in out
+    (root,) = (avatars / "bundles").iterdir()
+    bundle = Bundle.open(root)
+    assert bundle.manifest.family == "ultralight" and bundle.model_path is not None
