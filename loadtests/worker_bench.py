@@ -17,9 +17,14 @@ throughput there against the limit, and its late rate at 80% of capacity.
 With ``--family wav2lip`` the rooms are on a video avatar (the sample clip of a real
 person, prepared here) and the face model (``--wav2lip wav2lip_96`` or ``wav2lip_256``)
 takes the renderer's place; silent windows skip it, so the model's share of frames
-is printed too.
+is printed too. ``--family ultralight`` prepares the clip with the person's own
+Ultralight UNet (``--ultralight ultralight``, ~1.7 GMAC a frame, or ``tiny``) in its
+bundle; the HuBERT-signature feature model (HuBERT-large's cost with ``--preset
+standard``, a small one with ``lite``) runs on the device too: its time per frame is the
+a2m column.
 
     python loadtests/worker_bench.py --family wav2lip --size 512x512 --rooms 1,2,3
+    python loadtests/worker_bench.py --family ultralight --size 512x512 --rooms 1,2,4
 
 Overload and the host path: ``--tiers mixed`` gives the rooms tiers (one in eight
 premium, half standard, the rest best effort) and prints late frames by tier, to ramp
@@ -69,6 +74,7 @@ from workers.device.profile import measure
 from workers.device.timing import batch_sizes, measure_curve, run_batch_of
 from workers.models.folder import build_reference
 from workers.models.reference import RENDERER_PRESETS
+from workers.models.ultralight import UNET_PRESETS, build_ultralight
 from workers.models.wav2lip import WAV2LIP_PRESETS
 from workers.output.encode import EncoderSettings, OutputTarget, StreamEncoder
 from workers.rooms.governor import RoomGovernor
@@ -119,7 +125,11 @@ def tier_of(i: int, mixed: bool) -> Tier:
 async def run_load(pipeline: Pipeline, n: int, quality: Quality, seconds: float, out: Path,
                    encoder: EncoderSettings, label: str, avatar: str = "presenter",
                    mixed: bool = False, governor: bool = True) -> Load:
-    key = pipeline.face_key if avatar == VIDEO_AVATAR else pipeline.render_key(quality.render_side)
+    if avatar == VIDEO_AVATAR:
+        pipeline.face_avatar_sync(avatar)  # loaded (and its own model served) before timing
+        key = pipeline.face_family(avatar).key
+    else:
+        key = pipeline.render_key(quality.render_side)
     before = pipeline.engine.stats().get(key)
     rooms = []
     for i in range(n):
@@ -255,8 +265,11 @@ async def main() -> None:
                     help="which modes to run: per-room, batched, tier-first (batched, serving tier "
                          "first under overload instead of shedding), ungoverned (batched without "
                          "the frame-rate governor); loads alternate between them")
-    ap.add_argument("--family", default="reference", choices=["reference", "wav2lip"],
-                    help="reference: the portrait renderer; wav2lip: a video avatar, face model")
+    ap.add_argument("--family", default="reference", choices=["reference", "wav2lip", "ultralight"],
+                    help="reference: the portrait renderer; wav2lip: a video avatar, the folder's "
+                         "face model; ultralight: a video avatar with its own UNet, fed by HuBERT rows")
+    ap.add_argument("--ultralight", default="ultralight", choices=sorted(UNET_PRESETS),
+                    help="cost preset of the Ultralight-signature UNet (--family ultralight)")
     ap.add_argument("--wav2lip", default="wav2lip_96", choices=sorted(WAV2LIP_PRESETS),
                     help="cost preset of the Wav2Lip-signature model (--family wav2lip)")
     args = ap.parse_args()
@@ -275,12 +288,17 @@ async def main() -> None:
         folder = build_reference(root / "models", args.preset, wav2lip=args.wav2lip)
         if args.renderer == "null":
             write_null_renderer(folder.renderer)
-        video = args.family == "wav2lip"
+        video = args.family in ("wav2lip", "ultralight")
         avatar = "presenter"
-        if video:
+        if args.family == "wav2lip":
             assert folder.wav2lip is not None
             side = 256 if args.wav2lip == "wav2lip_256" else 96
             bundle = prepare(astronaut_clip(), folder.avatar_dir / BUNDLES, (side,))
+        elif args.family == "ultralight":
+            unet = build_ultralight(UNET_PRESETS[args.ultralight]).SerializeToString()
+            bundle = prepare(astronaut_clip(), folder.avatar_dir / BUNDLES, (160,), model=unet,
+                             family="ultralight")
+        if video:
             write_bundle_pointer(folder.avatar_dir, VIDEO_AVATAR, bundle.manifest.bundle_id)
             avatar = VIDEO_AVATAR
         provider = ProviderChoice(args.provider)
@@ -302,8 +320,8 @@ async def main() -> None:
                 measure(p, [side], [], iterations=5, max_batch=1 if name == "per-room" else args.max_batch)
         p = pipelines["batched"]
         if video:
-            face = p.face_model
-            assert face is not None
+            p.face_avatar_sync(avatar)
+            face = p.face_device_model(avatar)
             alone = measure_curve(lambda b: run_batch_of(face, face.example_item(), b),
                                   batch_sizes(args.max_batch), 5)
             what = f"face model {face.name} at S={face.side}"

@@ -294,6 +294,15 @@ class Pipeline:
                      cached[1].nbytes / 2**20)
         return cached[1]
 
+    def face_device_model(self, avatar_id: str) -> LipSyncDeviceModel:
+        """The face model of a video avatar loaded by `face_avatar` (for timing it alone)."""
+        family = self.face_family(avatar_id)
+        if family.name == "wav2lip":
+            assert self.face_model is not None
+            return self.face_model
+        return next(m for bid, m in self._avatar_models.items()
+                    if _avatar_key(bid, m.side) == family.key)
+
     def face_family(self, avatar_id: str) -> FaceFamily:
         """The family of a video avatar loaded by `face_avatar`."""
         with self._avatars_lock:
