@@ -66,6 +66,7 @@ from avatarfarm.domain import (
     Tier,
 )
 from avatarfarm.preparation.bundle import prepare
+from avatarfarm.preparation.faces import TrackPolicy
 from avatarfarm.preparation.sample import astronaut_clip
 from workers.device.batching import BatchPolicy
 from workers.device.onnx import ProviderChoice, auto_intra_op_threads
@@ -296,8 +297,9 @@ async def main() -> None:
             bundle = prepare(astronaut_clip(), folder.avatar_dir / BUNDLES, (side,))
         elif args.family == "ultralight":
             unet = build_ultralight(UNET_PRESETS[args.ultralight]).SerializeToString()
+            # The sample clip's face is ~100 px: upscaled to the family's 160 px crop.
             bundle = prepare(astronaut_clip(), folder.avatar_dir / BUNDLES, (160,), model=unet,
-                             family="ultralight")
+                             family="ultralight", policy=TrackPolicy(min_side=96))
         if video:
             write_bundle_pointer(folder.avatar_dir, VIDEO_AVATAR, bundle.manifest.bundle_id)
             avatar = VIDEO_AVATAR

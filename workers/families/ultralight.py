@@ -19,34 +19,28 @@ worker's, in its model folder.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
 import typing
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import numpy as np
 
 from workers.device.binding import AudioRole, ChannelOrder, ColourOrder, FaceLayout, InputScale
 from workers.device.engine import BatchKey
 from workers.device.onnx import ModelInterfaceError, OrtModel
-from workers.families.base import FaceFamily, FrameAudio
+from workers.families.base import FaceFamily
+from workers.families.rows import ROW_STRIDE, ROW_WINDOW, RowGrid, RowStream, Submit
 
 log = logging.getLogger(__name__)
 
-ROWS_PER_SECOND = 50
-ROW_STRIDE = 320
-ROW_WINDOW = 400
 CHUNK_ROWS = 2
 CHUNK_HOP = ROW_STRIDE * CHUNK_ROWS  # 640 samples: 40 ms
 CHUNK_SAMPLES = ROW_STRIDE * (CHUNK_ROWS - 1) + ROW_WINDOW  # 720
-SILENCE_RMS = 10 ** (-60 / 20)  # a chunk quieter than -60 dBFS is silence
 LAYOUT = FaceLayout(ChannelOrder.UNMASKED_FIRST, ColourOrder.BGR, InputScale.UNIT, mask=(5, 5, 150, 145))
 FEATURES_KEY = BatchKey("audio-features")
 
-Features = Callable[[np.ndarray, float, int], Awaitable[typing.Any]]  # -> pipeline.Timed
 
 
 def audio_role(width: int) -> AudioRole:
@@ -102,111 +96,22 @@ class FeatureModel:
         return {self.INPUT: rng.uniform(-0.3, 0.3, CHUNK_SAMPLES).astype(np.float32)}
 
 
-@dataclass(frozen=True, slots=True)
-class FeatureWindow:
-    chunks: tuple[typing.Any, ...]  # futures or [2, F] arrays, one per chunk, in order
-    skip: int  # rows of the first chunk before the window
-    rows: int
-    shape: tuple[int, ...]
-    silent: bool
-
-    async def value(self) -> np.ndarray:
-        parts = [c if isinstance(c, np.ndarray) else await c for c in self.chunks]
-        rows = np.concatenate(parts)[self.skip:self.skip + self.rows]
-        return np.ascontiguousarray(rows.reshape(self.shape), dtype=np.float32)
-
-
-class UltralightSpeech:
-    """A room's audio -> feature chunks submitted as the audio arrives -> each frame's
-    window of rows, once the window's last chunk is submitted."""
-
-    def __init__(self, fps: int, shape: tuple[int, ...], width: int, silence: np.ndarray,
-                 features: Features, priority: int,
-                 on_seconds: Callable[[float], None] = lambda s: None) -> None:
-        self.fps = fps
-        self.shape = shape
-        self.rows = math.prod(shape) // width
-        self.silence = silence
-        self.features = features
-        self.priority = priority
-        self.on_seconds = on_seconds
-        self._audio = np.zeros(0, np.float32)  # samples from chunk `_next_chunk`'s start
-        self._received = 0
-        self._next_chunk = 0
-        self._chunks: dict[int, typing.Any] = {}
-        self._silent: dict[int, bool] = {}
-        self._next_frame = 0
-
-    @property
-    def frames_emitted(self) -> int:
-        return self._next_frame
-
-    def push(self, samples: np.ndarray, deadline: float) -> list[FrameAudio]:
-        self._audio = np.concatenate([self._audio, np.asarray(samples, np.float32)])
-        self._received += len(samples)
-        while len(self._audio) >= CHUNK_SAMPLES:
-            self._submit(self._audio[:CHUNK_SAMPLES], deadline)
-            self._audio = self._audio[CHUNK_HOP:]
-        return self._emit(None)
-
-    def finish(self, n_frames: int) -> list[FrameAudio]:
-        if self._audio.size and np.sqrt(np.mean(self._audio ** 2)) >= SILENCE_RMS:
-            tail = np.zeros(CHUNK_SAMPLES, np.float32)
-            tail[:self._audio.size] = self._audio[:CHUNK_SAMPLES]
-            self._submit(tail, math.inf)
-        self._audio = np.zeros(0, np.float32)
-        return self._emit(n_frames)
-
-    def _submit(self, chunk: np.ndarray, deadline: float) -> None:
-        c = self._next_chunk
-        self._next_chunk += 1
-        if np.sqrt(np.mean(chunk ** 2)) < SILENCE_RMS:
-            self._chunks[c], self._silent[c] = self.silence, True
-            return
-        task = asyncio.ensure_future(self.features(chunk.copy(), deadline, self.priority))
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-
-        def done(t: asyncio.Future[typing.Any]) -> None:
-            if t.cancelled():
-                future.cancel()
-            elif t.exception() is not None:
-                future.set_exception(t.exception())  # type: ignore[arg-type]
-                future.exception()  # retrieved: a frame that never awaits it is not an error
-            else:
-                self.on_seconds(t.result().seconds)
-                future.set_result(t.result().value)
-
-        task.add_done_callback(done)
-        self._chunks[c], self._silent[c] = future, False
-
-    def _emit(self, until: int | None) -> list[FrameAudio]:
-        out: list[FrameAudio] = []
-        half = self.rows // 2
-        while until is None or self._next_frame < until:
-            centre = round(ROWS_PER_SECOND * self._next_frame / self.fps)
-            first, last = centre - half, centre + half - 1  # rows of the window
-            if until is None and last // CHUNK_ROWS >= self._next_chunk:
-                break
-            c0, c1 = first // CHUNK_ROWS, last // CHUNK_ROWS
-            chunks = tuple(self._chunks.get(c, self.silence) if c >= 0 else self.silence
-                           for c in range(c0, c1 + 1))
-            silent = all(self._silent.get(c, True) for c in range(c0, c1 + 1))
-            out.append(FeatureWindow(chunks, first - c0 * CHUNK_ROWS, self.rows, self.shape, silent))
-            self._next_frame += 1
-        if out:  # chunks no later window reads
-            low = (round(ROWS_PER_SECOND * self._next_frame / self.fps) - half) // CHUNK_ROWS
-            for c in [c for c in self._chunks if c < low]:
-                del self._chunks[c], self._silent[c]
-        return out
+def grid(audio_shape: tuple[int, ...], width: int) -> RowGrid:
+    """Chunks of two rows (720 samples every 640); a frame reads the window of the UNet's
+    audio input centred on its own rows."""
+    rows = math.prod(audio_shape) // width
+    return RowGrid(rows=CHUNK_ROWS, left=0, right=CHUNK_SAMPLES - CHUNK_HOP, first=-(rows // 2),
+                   count=rows, shape=audio_shape)
 
 
 def family(key: BatchKey, audio_shape: tuple[int, ...], features: FeatureModel,
-           submit: Features) -> FaceFamily:
+           submit: Submit) -> FaceFamily:
     """The family of one avatar's UNet (its key), fed by the worker's feature model."""
     role = audio_role(features.width)
 
-    def speech(fps: int, priority: int, on_seconds: Callable[[float], None]) -> UltralightSpeech:
-        return UltralightSpeech(fps, audio_shape, features.width, features.silence, submit, priority,
-                                on_seconds)
+    rows = grid(audio_shape, features.width)
+
+    def speech(fps: int, priority: int, on_seconds: Callable[[float], None]) -> RowStream:
+        return RowStream(fps, rows, features.silence, submit, priority, on_seconds)
 
     return FaceFamily("ultralight", key, LAYOUT, role, speech)

@@ -110,7 +110,7 @@ def build_hubert(cost: FeatureCost | None = None, *, seed: int = 11) -> onnx.Mod
         g.nodes, "hubert",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["B", "samples"])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["B", "rows", FEATURE_WIDTH])],
-        g.inits)
+        g.used_inits())
     return finish_model(graph, f"avatarfarm HuBERT stand-in w{cost.width} x{cost.layers}")
 
 

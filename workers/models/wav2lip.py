@@ -115,6 +115,11 @@ class Graph:
         self.zero = self.init("zero", np.array(0.0, np.float32))
         self.one = self.init("one", np.array(1.0, np.float32))
 
+    def used_inits(self) -> list[onnx.TensorProto]:
+        """The initialisers some node reads (onnxruntime warns about the others)."""
+        read = {i for n in self.nodes for i in n.input}
+        return [t for t in self.inits if t.name in read]
+
     def name(self, stem: str) -> str:
         self._n += 1
         return f"{stem}.{self._n}"

@@ -26,7 +26,8 @@ from workers.device.binding import ModelBindingError, bind_lipsync
 from workers.device.onnx import ModelInterfaceError, OrtModel, ProviderChoice
 from workers.device.pipeline import Pipeline, Timed
 from workers.families import ultralight
-from workers.families.ultralight import FeatureModel, UltralightSpeech
+from workers.families.rows import RowStream
+from workers.families.ultralight import FeatureModel, grid
 from workers.models.folder import ModelFolder, build_reference
 from workers.models.ultralight import (
     FEATURE_PRESETS,
@@ -73,7 +74,7 @@ def ul_pipeline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Pipeline, Bun
     p.close()
 
 
-def run_speech(speech: UltralightSpeech, audio: np.ndarray, fps: int) -> list[np.ndarray]:
+def run_speech(speech: RowStream, audio: np.ndarray, fps: int) -> list[np.ndarray]:
     """Pushes `audio` a frame at a time, finishes, and returns every frame's input."""
 
     async def body() -> list[np.ndarray]:
@@ -95,7 +96,7 @@ def test_each_frame_reads_the_rows_of_its_own_audio_at_the_window_centre(feature
         out, dt = features.run({FeatureModel.INPUT: chunk[None]})
         return Timed(out[0][0], dt)
 
-    speech = UltralightSpeech(25, (16, 32, 32), features.width, features.silence, submit, 1)
+    speech = RowStream(25, grid((16, 32, 32), features.width), features.silence, submit, 1)
     audio = np.zeros(RATE * 2, np.float32)  # 2 s: 50 frames, a tone in frame 20 only
     audio[20 * 640:21 * 640] = burst(0.04)
     inputs = run_speech(speech, audio, 25)
@@ -107,7 +108,7 @@ def test_each_frame_reads_the_rows_of_its_own_audio_at_the_window_centre(feature
     # Silent chunks never reach the device: only the chunks touching the tone ran.
     assert 1 <= len(calls) <= 2 and all(n == 720 for n in calls)
     # A frame whose whole window is silent is said to be so (no model call).
-    speech = UltralightSpeech(25, (16, 32, 32), features.width, features.silence, submit, 1)
+    speech = RowStream(25, grid((16, 32, 32), features.width), features.silence, submit, 1)
 
     async def flags() -> list[bool]:
         out = []
@@ -124,7 +125,7 @@ def test_the_window_follows_stream_time_at_another_frame_rate(features: FeatureM
         out, dt = features.run({FeatureModel.INPUT: chunk[None]})
         return Timed(out[0][0], dt)
 
-    speech = UltralightSpeech(20, (16, 32, 32), features.width, features.silence, submit, 1)
+    speech = RowStream(20, grid((16, 32, 32), features.width), features.silence, submit, 1)
     audio = np.zeros(RATE * 2, np.float32)
     audio[round(1.0 * RATE):round(1.05 * RATE)] = burst(0.05)  # at 1.0 s: frame 20 at 20 fps
     inputs = run_speech(speech, audio, 20)
