@@ -41,7 +41,8 @@ from avatarfarm.preparation.faces import (
 
 VERSION = 2  # bump when what a bundle holds or how it is made changes
 MODEL_FILE = "model.onnx"
-FAMILIES = ("wav2lip", "ultralight")
+FAMILIES = ("wav2lip", "ultralight", "musetalk")
+MUSETALK_SIDE = 256
 Progress = Callable[[str, float], None]  # (stage, fraction done)
 
 
@@ -68,6 +69,8 @@ class Manifest:
     # The family that renders it: "wav2lip" (the worker's model), or "ultralight" (the
     # person's own model, carried in the bundle as model.onnx).
     family: str = "wav2lip"
+    # MuseTalk: the VAE encoder its latents were made with (sha256 of the ONNX file).
+    vae_encoder: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +91,10 @@ class Bundle:
         """The person's own face model, for families with one model per avatar."""
         p = self.root / MODEL_FILE
         return p if p.is_file() else None
+
+    def latents(self) -> np.ndarray:
+        """MuseTalk's per-frame latents [frames, 8, 32, 32] (masked, reference; mapped)."""
+        return np.load(self.root / "latents.npy", mmap_mode="r")
 
     def frames(self) -> np.ndarray:
         """The base video's frames, uint8 [frames, height, width, 3] RGB (memory-mapped,
@@ -156,10 +163,13 @@ def decode_video(data: bytes, limits: VideoLimits = VideoLimits()) -> tuple[list
 def prepare(data: bytes, bundles: Path, sides: Sequence[int] = (96,), *,
             detector: FaceDetector | None = None, limits: VideoLimits = VideoLimits(),
             policy: TrackPolicy | None = None, progress: Progress | None = None,
-            model: bytes | None = None, family: str = "wav2lip") -> Bundle:
+            model: bytes | None = None, family: str = "wav2lip",
+            vae_encoder: bytes | None = None) -> Bundle:
     """The bundle for `data` under `bundles/<id>/`, made now or found from before.
     ``model``: the person's own face model (ONNX bytes) for a family with one model per
-    avatar (``family="ultralight"``); it is stored in the bundle and part of its id."""
+    avatar (``family="ultralight"``); it is stored in the bundle and part of its id.
+    ``vae_encoder``: for ``family="musetalk"``, the VAE encoder whose latents of every
+    base frame (at 256 px) the bundle stores (`avatarfarm.preparation.latents`)."""
     sides = tuple(sorted(set(sides)))
     if not sides or any(s < 16 for s in sides):
         raise PreparationError(f"crop sides {list(sides)}: give one or more sides of 16 px or more")
@@ -167,7 +177,12 @@ def prepare(data: bytes, bundles: Path, sides: Sequence[int] = (96,), *,
         raise PreparationError(f"family {family!r}: one of {list(FAMILIES)}")
     if (family == "ultralight") != (model is not None):
         raise PreparationError("an Ultralight avatar needs the person's own model (and only it does)")
-    bid = bundle_id(data, sides, model)
+    if (family == "musetalk") != (vae_encoder is not None):
+        raise PreparationError("a MuseTalk avatar needs the VAE encoder to prepare its latents "
+                               "(and only it does)")
+    if family == "musetalk":
+        sides = tuple(sorted({*sides, MUSETALK_SIDE}))
+    bid = bundle_id(data, sides, model if vae_encoder is None else vae_encoder)
     root = bundles / bid
     if (root / "manifest.json").is_file():
         return Bundle.open(root)
@@ -201,8 +216,18 @@ def prepare(data: bytes, bundles: Path, sides: Sequence[int] = (96,), *,
         (tmp / "base.video").write_bytes(data)
         if model is not None:
             (tmp / MODEL_FILE).write_bytes(model)
+        vae = ""
+        if vae_encoder is not None:
+            from avatarfarm.preparation.latents import model_id, vae_latents
+
+            say("latents", 0.0)
+            np.save(tmp / "latents.npy", vae_latents(np.load(tmp / f"crops_{MUSETALK_SIDE}.npy"),
+                                                     vae_encoder))
+            vae = model_id(vae_encoder)
+            say("latents", 1.0)
         (tmp / "boxes.json").write_text(json.dumps([[b.x, b.y, b.w, b.h] for b in track.boxes]))
-        manifest = Manifest(bid, VERSION, fps, len(frames), width, height, sides, track.found, family)
+        manifest = Manifest(bid, VERSION, fps, len(frames), width, height, sides, track.found, family,
+                            vae)
         (tmp / "manifest.json").write_text(json.dumps(asdict(manifest), indent=1))
         try:
             os.rename(tmp, root)

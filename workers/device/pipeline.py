@@ -21,6 +21,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -32,8 +33,8 @@ from workers.device.binding import LipSyncDeviceModel
 from workers.device.engine import BatchKey, DeviceModel, InferenceEngine, ItemResult
 from workers.device.onnx import OrtModel, ProviderChoice
 from workers.device.timing import measure_curve, run_batch_of
-from workers.families import ultralight, wav2lip
-from workers.families.base import FaceFamily
+from workers.families import musetalk, ultralight, wav2lip
+from workers.families.base import FaceFamily, Redraw
 from workers.media.tts import EspeakTTS
 from workers.models.avatar import read_image, scale_image
 from workers.models.folder import AUDIO_TO_MOTION, LIPSYNC, RENDERER, ModelFolder
@@ -88,7 +89,8 @@ class Pipeline:
                 folder.wav2lip.layout)
             log.info("face model %s: crop side %d, batch axis %s", self.face_model.name,
                      self.face_model.side, self.face_model.runner.binding.batch or "dynamic")
-        self.wav2lip_family = (wav2lip.family(self.face_key, folder.wav2lip.layout)
+        self.wav2lip_family = (wav2lip.family(self.face_key, folder.wav2lip.layout,
+                                              self._redraw_crop(self.face_key))
                                if self.face_model is not None and folder.wav2lip is not None else None)
         self.features_model: ultralight.FeatureModel | None = None
         if folder.features is not None:
@@ -96,6 +98,16 @@ class Pipeline:
                 OrtModel(folder.features.name, folder.features.path, None, provider, intra_op_threads),
                 folder.features.normalize)
         self._provider, self._threads = provider, intra_op_threads
+        self.musetalk_models: tuple[musetalk.WhisperEncoder, musetalk.MuseTalkUNet, musetalk.VaeDecoder] | None = None
+        if folder.musetalk is not None:
+            mt = folder.musetalk
+
+            def load(role: str, path: Path) -> OrtModel:
+                return OrtModel(f"{mt.name}-{role}", path, None, provider, intra_op_threads)
+
+            self.musetalk_models = (musetalk.WhisperEncoder(load("whisper", mt.whisper)),
+                                    musetalk.MuseTalkUNet(load("unet", mt.unet)),
+                                    musetalk.VaeDecoder(load("vae-decoder", mt.vae_decoder)))
         self._avatar_models: dict[str, LipSyncDeviceModel] = {}  # per-person models, by bundle
         self.tts = EspeakTTS(tts_voice)
         self.engine = InferenceEngine(policy)
@@ -125,6 +137,13 @@ class Pipeline:
             self.serve(self.face_key, measure_curve(
                 functools.partial(run_batch_of, self.face_model, self.face_model.example_item()),
                 (1, 4), 1))
+        if self.musetalk_models is not None:
+            whisper, unet, decoder = self.musetalk_models
+            timed: list[tuple[DeviceModel, dict[str, np.ndarray]]] = [
+                (whisper, whisper.example_item()), (unet, unet.example_item()),
+                (decoder, decoder.example_item())]
+            for key, (model, item) in zip(self.musetalk_keys, timed, strict=True):
+                self.serve(key, measure_curve(functools.partial(run_batch_of, model, item), (1, 2), 1))
         if self.features_model is not None:
             self.serve(ultralight.FEATURES_KEY, measure_curve(
                 functools.partial(run_batch_of, self.features_model, self.features_model.example_item()),
@@ -154,14 +173,31 @@ class Pipeline:
     def is_video_avatar(self, avatar_id: str) -> bool:
         return self.folder.bundle_path(avatar_id) is not None
 
+    @property
+    def musetalk_keys(self) -> tuple[BatchKey, BatchKey, BatchKey]:
+        """The Whisper encoder, the UNet and the VAE decoder, as the batcher keys them."""
+        assert self.folder.musetalk is not None
+        name = self.folder.musetalk.name
+        return (musetalk.WHISPER_KEY, BatchKey(f"{name}-unet", 256), BatchKey(f"{name}-vae-decoder", 256))
+
     def video_avatar_refusal(self, avatar_id: str) -> str | None:
         """Why this worker cannot render a video avatar (None: it can): the family its
         bundle names needs a model this worker's folder lacks."""
         root = self.folder.bundle_path(avatar_id)
         if root is None:
             return f"avatar {avatar_id!r} is not a video avatar"
-        family = Bundle.open(root).manifest.family
-        if family == "ultralight":
+        manifest = Bundle.open(root).manifest
+        family = manifest.family
+        if family == "musetalk":
+            mt = self.folder.musetalk
+            if mt is None:
+                return (f"avatar {avatar_id!r} is a MuseTalk avatar and this worker's model folder "
+                        "has no MuseTalk models")
+            if mt.vae_encoder is not None and manifest.vae_encoder != _sha256(mt.vae_encoder):
+                return (f"avatar {avatar_id!r} was prepared with another VAE encoder than this "
+                        f"worker's {mt.vae_encoder.name}: its latents would not decode right; "
+                        "prepare it again with this one")
+        elif family == "ultralight":
             if self.features_model is None:
                 return (f"avatar {avatar_id!r} is an Ultralight avatar and this worker's model "
                         "folder has no audio feature model (hubert.onnx) to feed it")
@@ -194,6 +230,8 @@ class Pipeline:
             models[self.face_key] = self.face_model
         for bundle_id, own in self._avatar_models.items():
             models[_avatar_key(bundle_id, own.side)] = own
+        if self.musetalk_models is not None:
+            models.update(zip(self.musetalk_keys, self.musetalk_models, strict=True))
         model = models.get(key, self.renderer_model)
         assert model is not None
         self.engine.serve(key, model, curve)
@@ -277,6 +315,9 @@ class Pipeline:
             if bundle.manifest.family == "ultralight":
                 family = self._ultralight_family(bundle)
                 model_name = family.key.model
+            elif bundle.manifest.family == "musetalk":
+                family = self._musetalk_family(bundle)
+                model_name = family.key.model
             else:
                 assert self.face_model is not None and self.wav2lip_family is not None
                 family, model_name = self.wav2lip_family, self.face_model.name
@@ -327,8 +368,27 @@ class Pipeline:
             self._avatar_models[bid] = model
             log.info("avatar model %s loaded: crop side %d, audio %s", ort.name, model.side,
                      list(model.runner.binding.audio_shape))
-        return ultralight.family(_avatar_key(bid, model.side), model.runner.binding.audio_shape,
-                                 self.features_model, self.features)
+        key = _avatar_key(bid, model.side)
+        return ultralight.family(key, model.runner.binding.audio_shape, self.features_model,
+                                 self.features, self._redraw_crop(key))
+
+    def _musetalk_family(self, bundle: Bundle) -> FaceFamily:
+        assert self.musetalk_models is not None
+        whisper_key, unet_key, decoder_key = self.musetalk_keys
+
+        async def rows(item: np.ndarray, deadline: float, priority: int) -> Timed:
+            r = await self.engine.infer(whisper_key, {musetalk.WhisperEncoder.AUDIO: item}, deadline, priority)
+            return _timed(r)
+
+        return musetalk.family(self.engine, unet_key, decoder_key, self.musetalk_models[0],
+                               bundle.latents(), rows, Timed)
+
+    def _redraw_crop(self, key: BatchKey) -> Redraw:
+        """A family's redraw from the base frame's crop: one item of the face model."""
+        async def redraw(audio: np.ndarray, face: FaceAvatar, index: int, deadline: float,
+                         priority: int) -> Timed:
+            return await self.redraw(audio, face.crops[index], deadline, priority, key)
+        return redraw
 
     def redraw_sync(self, mel: np.ndarray, face: np.ndarray) -> Timed:
         assert self.face_model is not None
@@ -385,6 +445,12 @@ class Pipeline:
         tensor = await loop.run_in_executor(self._tts, self.avatar_tensor_sync, avatar_id, side)
         await loop.run_in_executor(self._tts, self.ensure_render_side, side)
         return tensor
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _avatar_key(bundle_id: str, side: int) -> BatchKey:

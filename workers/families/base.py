@@ -48,10 +48,16 @@ class FaceSpeech(typing.Protocol):
         ...
 
 
+# (the frame's audio input, the room's FaceAvatar, the base frame's index, deadline,
+# priority) -> the redrawn face [3, S, S] BGR in 0..1 as a pipeline `Timed`
+Redraw = typing.Callable[[np.ndarray, typing.Any, int, float, int], typing.Awaitable[typing.Any]]
+
+
 @dataclass(frozen=True, slots=True)
 class FaceFamily:
-    """A loaded face model as rooms use it: its batch key, how it is bound, and how a
-    room's audio is turned into its input (`speech`, a factory per room and rate)."""
+    """A loaded face model as rooms use it: its batch key, how it is bound, how a room's
+    audio is turned into its input (`speech`, a factory per room and rate) and how a
+    speaking frame is redrawn (`redraw`: one device item, or a chain of them)."""
 
     name: str  # the family: "wav2lip", "ultralight"
     key: BatchKey  # the face model at its crop side
@@ -60,3 +66,4 @@ class FaceFamily:
     # (fps, priority, on_seconds) -> a room's stream; on_seconds(s): device time the
     # room's feature items took, for its cost
     speech: typing.Callable[[int, int, typing.Callable[[float], None]], FaceSpeech]
+    redraw: Redraw

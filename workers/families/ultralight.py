@@ -30,7 +30,7 @@ import numpy as np
 from workers.device.binding import AudioRole, ChannelOrder, ColourOrder, FaceLayout, InputScale
 from workers.device.engine import BatchKey
 from workers.device.onnx import ModelInterfaceError, OrtModel
-from workers.families.base import FaceFamily
+from workers.families.base import FaceFamily, Redraw
 from workers.families.rows import ROW_STRIDE, ROW_WINDOW, RowGrid, RowStream, Submit
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def grid(audio_shape: tuple[int, ...], width: int) -> RowGrid:
 
 
 def family(key: BatchKey, audio_shape: tuple[int, ...], features: FeatureModel,
-           submit: Submit) -> FaceFamily:
+           submit: Submit, redraw: Redraw) -> FaceFamily:
     """The family of one avatar's UNet (its key), fed by the worker's feature model."""
     role = audio_role(features.width)
 
@@ -114,4 +114,4 @@ def family(key: BatchKey, audio_shape: tuple[int, ...], features: FeatureModel,
     def speech(fps: int, priority: int, on_seconds: Callable[[float], None]) -> RowStream:
         return RowStream(fps, rows, features.silence, submit, priority, on_seconds)
 
-    return FaceFamily("ultralight", key, LAYOUT, role, speech)
+    return FaceFamily("ultralight", key, LAYOUT, role, speech, redraw)

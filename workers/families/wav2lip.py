@@ -12,7 +12,7 @@ import numpy as np
 
 from workers.device.binding import WAV2LIP_AUDIO, FaceLayout
 from workers.device.engine import BatchKey
-from workers.families.base import FaceFamily, FrameAudio
+from workers.families.base import FaceFamily, FrameAudio, Redraw
 from workers.media.wav2lip_audio import Wav2LipAudioStream, is_silent
 
 
@@ -46,5 +46,6 @@ def _frames(windows: np.ndarray) -> list[FrameAudio]:
     return [MelWindow(w, bool(q)) for w, q in zip(windows, is_silent(windows)[:, 0], strict=True)]
 
 
-def family(key: BatchKey, layout: FaceLayout) -> FaceFamily:
-    return FaceFamily("wav2lip", key, layout, WAV2LIP_AUDIO, lambda fps, priority, on_seconds: Wav2LipSpeech(fps))
+def family(key: BatchKey, layout: FaceLayout, redraw: Redraw) -> FaceFamily:
+    return FaceFamily("wav2lip", key, layout, WAV2LIP_AUDIO,
+                      lambda fps, priority, on_seconds: Wav2LipSpeech(fps), redraw)

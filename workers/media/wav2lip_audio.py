@@ -74,16 +74,19 @@ def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
     return np.where(mel >= _SLANEY_MIN_LOG_MEL, log, linear)
 
 
-def mel_band_edges() -> np.ndarray:
-    """The N_MELS + 2 corner frequencies in Hz: band i rises from edge i, peaks at i+1, ends at i+2."""
-    return _mel_to_hz(np.linspace(_hz_to_mel(np.array(FMIN)), _hz_to_mel(np.array(FMAX)), N_MELS + 2))
+def mel_band_edges(n_mels: int = N_MELS, fmin: float = FMIN, fmax: float = FMAX) -> np.ndarray:
+    """The n_mels + 2 corner frequencies in Hz: band i rises from edge i, peaks at i+1, ends at i+2."""
+    return _mel_to_hz(np.linspace(_hz_to_mel(np.array(fmin)), _hz_to_mel(np.array(fmax)), n_mels + 2))
 
 
 @functools.cache
-def mel_filterbank() -> np.ndarray:
-    """Slaney mel filters with area normalisation, shape [N_MELS, N_FFT // 2 + 1], read-only."""
-    edges = mel_band_edges()
-    bins = np.linspace(0.0, SAMPLE_RATE / 2, N_FFT // 2 + 1)
+def mel_filterbank(n_fft: int = N_FFT, n_mels: int = N_MELS, fmin: float = FMIN,
+                   fmax: float = FMAX) -> np.ndarray:
+    """Slaney mel filters with area normalisation (librosa.filters.mel's defaults at 16 kHz),
+    shape [n_mels, n_fft // 2 + 1], read-only: Wav2Lip's by default, Whisper's with
+    ``(400, 80, 0, 8000)``."""
+    edges = mel_band_edges(n_mels, fmin, fmax)
+    bins = np.linspace(0.0, SAMPLE_RATE / 2, n_fft // 2 + 1)
     widths = np.diff(edges)
     ramps = edges[:, None] - bins[None, :]
     rising = -ramps[:-2] / widths[:-1, None]

@@ -16,6 +16,10 @@ Layout::
     avatars/<id>.png       portraits aligned to the face template (PNG or JPEG)
     avatars/<id>.bundle    video avatars, prepared (avatarfarm.avatars)
 
+A ``"musetalk"`` entry names MuseTalk 1.5's models, shared by its avatars:
+``{"whisper": ..., "unet": ..., "vae_decoder": ..., "vae_encoder": ...}``
+(`workers.families.musetalk`; `add_musetalk` writes the project's stand-ins).
+
 The manifest's ``"wav2lip"`` entry names the family's model and, for an export that
 differs from Wav2Lip's own layout, its ``"layout"``: ``{"channels": "masked_first" |
 "unmasked_first", "colour": "bgr" | "rgb", "scale": "0..1" | "-1..1"}``. Its
@@ -84,6 +88,23 @@ class FeatureModelSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class MuseTalkSpec:
+    """MuseTalk 1.5's models, shared by its avatars: the Whisper-tiny encoder, the UNet,
+    the VAE decoder, and the VAE encoder avatars were prepared with (optional here; when
+    present, a bundle prepared with another is refused)."""
+
+    whisper: Path
+    unet: Path
+    vae_decoder: Path
+    vae_encoder: Path | None = None
+    name: str = "musetalk"
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.whisper, self.unet, self.vae_decoder]
+
+
+@dataclass(frozen=True, slots=True)
 class ModelFolder:
     root: Path
     audio_to_motion: Path
@@ -92,6 +113,7 @@ class ModelFolder:
     lipsync: Path | None = None
     wav2lip: FaceModel | None = None
     features: FeatureModelSpec | None = None
+    musetalk: MuseTalkSpec | None = None
 
     @staticmethod
     def open(root: Path) -> ModelFolder:
@@ -118,15 +140,22 @@ class ModelFolder:
         if feats:
             features = FeatureModelSpec(root / feats["model"], feats.get("name", "hubert"),
                                         bool(feats.get("normalize", False)))
+        mt = manifest.get("musetalk")
+        musetalk = None
+        if mt:
+            musetalk = MuseTalkSpec(root / mt["whisper"], root / mt["unet"], root / mt["vae_decoder"],
+                                    root / mt["vae_encoder"] if mt.get("vae_encoder") else None,
+                                    mt.get("name", "musetalk"))
         folder = ModelFolder(root, root / manifest["audio_to_motion"], root / manifest["renderer"],
                              manifest.get("renderer_name", "renderer"),
-                             root / lipsync if lipsync else None, face, features)
+                             root / lipsync if lipsync else None, face, features, musetalk)
         if folder.lipsync is None:
             log.warning("%s names no lipsync model: rooms will run without lip-sync checks",
                         manifest_path)
         for p in (folder.audio_to_motion, folder.renderer, folder.lipsync or folder.renderer,
                   face.path if face else folder.renderer,
-                  features.path if features else folder.renderer):
+                  features.path if features else folder.renderer,
+                  *(musetalk.paths if musetalk else [])):
             if not p.is_file():
                 raise ModelFolderError(f"model file {p} named in {manifest_path} is missing")
         return folder
@@ -151,7 +180,8 @@ class ModelFolder:
     def model_paths(self) -> list[Path]:
         return [self.audio_to_motion, self.renderer, *([self.lipsync] if self.lipsync else []),
                 *([self.wav2lip.path] if self.wav2lip else []),
-                *([self.features.path] if self.features else [])]
+                *([self.features.path] if self.features else []),
+                *(self.musetalk.paths if self.musetalk else [])]
 
     def avatar_path(self, avatar_id: str) -> Path:
         # An id names a file in avatars/, never a path: the worker takes the scheduler's
@@ -225,4 +255,32 @@ def build_reference(root: Path, preset: str = "lite", *, wav2lip: str | None = "
     }
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     log.info("built reference models (%s) in %s", preset, root)
+    return ModelFolder.open(root)
+
+
+def add_musetalk(root: Path, preset: str = "tiny") -> ModelFolder:
+    """Writes the MuseTalk-signature stand-ins of a cost preset into the model folder
+    ``root`` (``musetalk/``) and names them in its manifest."""
+    from workers.models.musetalk import (
+        MUSETALK_PRESETS,
+        build_musetalk_unet,
+        build_vae_decoder,
+        build_vae_encoder,
+        build_whisper_encoder,
+    )
+
+    cost = MUSETALK_PRESETS[preset]
+    (root / "musetalk").mkdir(parents=True, exist_ok=True)
+    files = {"whisper": ("whisper_encoder.onnx", build_whisper_encoder(cost.encoder)),
+             "unet": ("unet.onnx", build_musetalk_unet(cost.unet)),
+             "vae_decoder": ("vae_decoder.onnx", build_vae_decoder(cost.decoder)),
+             "vae_encoder": ("vae_encoder.onnx", build_vae_encoder())}
+    entry: dict[str, str] = {"name": f"musetalk-{preset}"}
+    for role, (name, model) in files.items():
+        onnx.save(model, str(root / "musetalk" / name))
+        entry[role] = f"musetalk/{name}"
+    manifest_path = root / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["musetalk"] = entry
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     return ModelFolder.open(root)

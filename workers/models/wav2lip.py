@@ -195,9 +195,10 @@ def _mouth(g: Graph, mel: str, faces: str, side: int) -> str:
 
 
 def shade_mouth(g: Graph, face: str, energy: str, open_from: float, open_span: float,
-                side: int) -> str:
-    """``face`` [B, 3, S, S] with a mouth cavity at MOUTH_CENTER that opens as
-    ``energy`` [B, 1, 1, 1] rises from ``open_from`` to ``open_from + open_span``."""
+                side: int, tint: tuple[float, ...] = CAVITY_BGR) -> str:
+    """``face`` [B, C, S, S] with a mouth cavity at MOUTH_CENTER that opens as
+    ``energy`` [B, 1, 1, 1] rises from ``open_from`` to ``open_from + open_span``; the
+    cavity's colour is ``tint`` (one value per channel: dark red in BGR 0..1 by default)."""
     shifted = g.op("Sub", [energy, g.init("open.from", np.array(open_from, np.float32))], "open.shift")
     scaled = g.op("Div", [shifted, g.init("open.span", np.array(open_span, np.float32))], "open.scale")
     opening = g.op("Clip", [scaled, g.zero, g.one], "opening")
@@ -214,9 +215,9 @@ def shade_mouth(g: Graph, face: str, energy: str, open_from: float, open_span: f
                                                               np.array(CAVITY_DEPTH, np.float32))],
                                       "shade.depth")], "shade")
     keep = g.op("Sub", [g.one, shade], "keep")
-    tint = g.op("Mul", [shade, g.init("cavity.bgr", np.array(CAVITY_BGR, np.float32).reshape(1, 3, 1, 1))],
-                "tint")
-    return g.op("Add", [g.op("Mul", [face, keep], "base"), tint], "composite")
+    colour = np.array(tint, np.float32).reshape(1, len(tint), 1, 1)
+    tinted = g.op("Mul", [shade, g.init("cavity.bgr", colour)], "tint")
+    return g.op("Add", [g.op("Mul", [face, keep], "base"), tinted], "composite")
 
 
 def _audio_encoder(g: Graph, mel: str, cost: Wav2LipCost, c_out: int) -> str:
@@ -231,11 +232,12 @@ def _audio_encoder(g: Graph, mel: str, cost: Wav2LipCost, c_out: int) -> str:
     return g.conv(x, 4 * a, c_out, pads=(0, 0, 0, 0), stem="aud4")  # 1 x 1
 
 
-def conv_stack(g: Graph, faces: str, cost: Wav2LipCost, audio: Callable[[int], str]) -> str:
-    """The cost: faces [B, 6, S, S] and the audio -> a residual [B, 3, S, S] in
-    +-RESIDUAL. ``audio(c)`` builds the audio encoder, [B, c, 1, 1] at the bottleneck."""
+def conv_stack(g: Graph, faces: str, cost: Wav2LipCost, audio: Callable[[int], str], *,
+               c_in: int = 6, c_out: int = 3, scale: float = RESIDUAL) -> str:
+    """The cost: faces [B, c_in, S, S] and the audio -> a residual [B, c_out, S, S] in
+    +-scale. ``audio(c)`` builds the audio encoder, [B, c, 1, 1] at the bottleneck."""
     skips: list[str] = []
-    x = g.conv(faces, 6, cost.channels(0), stem="enc0")
+    x = g.conv(faces, c_in, cost.channels(0), stem="enc0")
     for _ in range(cost.depth):
         x = g.residual(x, cost.channels(0), "enc0r")
     for level in range(1, cost.levels + 1):
@@ -251,8 +253,8 @@ def conv_stack(g: Graph, faces: str, cost: Wav2LipCost, audio: Callable[[int], s
         x = g.conv(x, 2 * c, c, stem=f"dec{level}.merge")
         for _ in range(cost.depth):
             x = g.residual(x, c, f"dec{level}r")
-    y = g.conv(x, cost.channels(0), 3, relu=False, gain=1.0, stem="head")
-    return g.op("Mul", [g.op("Tanh", [y], "head.tanh"), g.init("head.scale", np.array(RESIDUAL, np.float32))],
+    y = g.conv(x, cost.channels(0), c_out, relu=False, gain=1.0, stem="head")
+    return g.op("Mul", [g.op("Tanh", [y], "head.tanh"), g.init("head.scale", np.array(scale, np.float32))],
                 "residual")
 
 

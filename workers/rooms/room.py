@@ -600,8 +600,7 @@ class Room:
         if window.silent:
             return FaceFrame(index)  # a pause: the base frame, no device time
         assert self.family is not None
-        r = await self.pipeline.redraw(await window.value(), face.crops[index], deadline,
-                                       self.priority, self.family.key)
+        r = await self.family.redraw(await window.value(), face, index, deadline, self.priority)
         self.stats.stage_seconds["render"] += r.seconds
         self.stats.batched_items += 1
         self.stats.batch_size_sum += r.batch_size
