@@ -95,10 +95,12 @@ def _prepare_avatar(args: argparse.Namespace) -> int:
     try:
         if args.avatar_id:
             validate_id("avatar_id", args.avatar_id)
+        vae = args.vae_encoder.read_bytes() if args.vae_encoder is not None else None
+        family = "ultralight" if model is not None else "musetalk" if vae is not None else "wav2lip"
         bundle = prepare(args.video.read_bytes(), args.avatar_dir / BUNDLES, sides,
                          detector=load_detector(args.detector), progress=progress,
-                         model=model, family="ultralight" if model is not None else "wav2lip")
-    except (PreparationError, InvalidRequest) as e:
+                         model=model, family=family, vae_encoder=vae)
+    except (PreparationError, InvalidRequest, OSError) as e:
         print(f"avatarfarm prepare-avatar: {e}", file=sys.stderr)
         return 2
     m = bundle.manifest
@@ -138,6 +140,13 @@ def _build_models(args: argparse.Namespace) -> int:
           f"{size.gmac_per_frame(512):.2f} at 512x512) in {folder.root}")
     if folder.wav2lip is not None:
         print(f"Wav2Lip-signature model {folder.wav2lip.name} in {folder.wav2lip.path}")
+    if folder.features is not None:
+        print(f"HuBERT-signature feature model (Ultralight avatars) in {folder.features.path}")
+    if args.musetalk != "none":
+        from workers.models.folder import add_musetalk
+
+        folder = add_musetalk(args.out, args.musetalk)
+        print(f"MuseTalk-signature models ({args.musetalk}) in {args.out / 'musetalk'}")
     print(f"avatars: {', '.join(folder.avatar_ids())}")
     return 0
 
@@ -344,6 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "160]: real crop then masked, BGR/255; audio [B, C, H, W]: a window of "
                          "HuBERT rows, e.g. [B, 16, 32, 32]; output [B, 3, 160, 160]); it is "
                          "checked, stored in the bundle, and its crop side added to --sides")
+    pa.add_argument("--vae-encoder", type=Path, default=None,
+                    help="for the MuseTalk family: the VAE encoder (sd-vae-ft-mse export: sample "
+                         "[B, 3, 256, 256] RGB in [-1, 1] -> [B, 4, 32, 32]); every base frame's "
+                         "latents are stored in the bundle, and workers whose folder names another "
+                         "VAE encoder refuse it")
     pa.add_argument("--feature-width", type=int, default=1024,
                     help="width of the feature rows the model's audio input holds (default 1024, "
                          "HuBERT-large's); the workers' feature model must give the same")
@@ -372,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["wav2lip_96", "wav2lip_256", "tiny", "none"],
                    help="cost of the Wav2Lip-signature stand-in: wav2lip_96 (~4 GMAC per frame, "
                         "S=96, the default), wav2lip_256 (~28 GMAC, S=256), tiny (tests) or none")
+    b.add_argument("--musetalk", default="none", choices=["musetalk", "tiny", "none"],
+                   help="also write MuseTalk-signature stand-ins (Whisper-tiny encoder, UNet, VAE "
+                        "decoder and encoder) under musetalk/: musetalk (~250 GFLOP a frame, "
+                        "~330 MB), tiny (tests) or none (the default)")
     b.add_argument("--force", action="store_true", help="rebuild even if the folder is current")
     b.set_defaults(func=_build_models)
 

@@ -17,7 +17,9 @@ throughput there against the limit, and its late rate at 80% of capacity.
 With ``--family wav2lip`` the rooms are on a video avatar (the sample clip of a real
 person, prepared here) and the face model (``--wav2lip wav2lip_96`` or ``wav2lip_256``)
 takes the renderer's place; silent windows skip it, so the model's share of frames
-is printed too. ``--family ultralight`` prepares the clip with the person's own
+is printed too. ``--family musetalk`` runs MuseTalk rooms (``--musetalk musetalk``: Whisper
+rows, a UNet step and the VAE decoder, ~250 GFLOP a frame; ``tiny`` for a quick look).
+``--family ultralight`` prepares the clip with the person's own
 Ultralight UNet (``--ultralight ultralight``, ~1.7 GMAC a frame, or ``tiny``) in its
 bundle; the HuBERT-signature feature model (HuBERT-large's cost with ``--preset
 standard``, a small one with ``lite``) runs on the device too: its time per frame is the
@@ -73,7 +75,8 @@ from workers.device.onnx import ProviderChoice, auto_intra_op_threads
 from workers.device.pipeline import Pipeline
 from workers.device.profile import measure
 from workers.device.timing import batch_sizes, measure_curve, run_batch_of
-from workers.models.folder import build_reference
+from workers.models.folder import add_musetalk, build_reference
+from workers.models.musetalk import MUSETALK_PRESETS
 from workers.models.reference import RENDERER_PRESETS
 from workers.models.ultralight import UNET_PRESETS, build_ultralight
 from workers.models.wav2lip import WAV2LIP_PRESETS
@@ -266,9 +269,13 @@ async def main() -> None:
                     help="which modes to run: per-room, batched, tier-first (batched, serving tier "
                          "first under overload instead of shedding), ungoverned (batched without "
                          "the frame-rate governor); loads alternate between them")
-    ap.add_argument("--family", default="reference", choices=["reference", "wav2lip", "ultralight"],
+    ap.add_argument("--family", default="reference",
+                    choices=["reference", "wav2lip", "ultralight", "musetalk"],
                     help="reference: the portrait renderer; wav2lip: a video avatar, the folder's "
-                         "face model; ultralight: a video avatar with its own UNet, fed by HuBERT rows")
+                         "face model; ultralight: a video avatar with its own UNet, fed by HuBERT rows; "
+                         "musetalk: Whisper rows, a UNet step on the avatar's latents, the VAE decoder")
+    ap.add_argument("--musetalk", default="musetalk", choices=sorted(MUSETALK_PRESETS),
+                    help="cost preset of the MuseTalk-signature models (--family musetalk)")
     ap.add_argument("--ultralight", default="ultralight", choices=sorted(UNET_PRESETS),
                     help="cost preset of the Ultralight-signature UNet (--family ultralight)")
     ap.add_argument("--wav2lip", default="wav2lip_96", choices=sorted(WAV2LIP_PRESETS),
@@ -289,7 +296,7 @@ async def main() -> None:
         folder = build_reference(root / "models", args.preset, wav2lip=args.wav2lip)
         if args.renderer == "null":
             write_null_renderer(folder.renderer)
-        video = args.family in ("wav2lip", "ultralight")
+        video = args.family in ("wav2lip", "ultralight", "musetalk")
         avatar = "presenter"
         if args.family == "wav2lip":
             assert folder.wav2lip is not None
@@ -300,6 +307,12 @@ async def main() -> None:
             # The sample clip's face is ~100 px: upscaled to the family's 160 px crop.
             bundle = prepare(astronaut_clip(), folder.avatar_dir / BUNDLES, (160,), model=unet,
                              family="ultralight", policy=TrackPolicy(min_side=96))
+        elif args.family == "musetalk":
+            folder = add_musetalk(root / "models", args.musetalk)
+            assert folder.musetalk is not None and folder.musetalk.vae_encoder is not None
+            bundle = prepare(astronaut_clip(), folder.avatar_dir / BUNDLES, (96,), family="musetalk",
+                             vae_encoder=folder.musetalk.vae_encoder.read_bytes(),
+                             policy=TrackPolicy(min_side=96))
         if video:
             write_bundle_pointer(folder.avatar_dir, VIDEO_AVATAR, bundle.manifest.bundle_id)
             avatar = VIDEO_AVATAR
@@ -321,7 +334,18 @@ async def main() -> None:
             if name != "ungoverned":
                 measure(p, [side], [], iterations=5, max_batch=1 if name == "per-room" else args.max_batch)
         p = pipelines["batched"]
-        if video:
+        if args.family == "musetalk":
+            assert p.musetalk_models is not None
+            _, unet, decoder = p.musetalk_models
+            u_item, d_item = unet.example_item(), decoder.example_item()
+            # A frame is a UNet item and a decoder item: both, alone, batched.
+            def chain(b: int) -> None:
+                run_batch_of(unet, u_item, b)
+                run_batch_of(decoder, d_item, b)
+
+            alone = measure_curve(chain, batch_sizes(args.max_batch), 3)
+            what = f"MuseTalk UNet + VAE decoder ({args.musetalk}) at 256 px"
+        elif video:
             p.face_avatar_sync(avatar)
             face = p.face_device_model(avatar)
             alone = measure_curve(lambda b: run_batch_of(face, face.example_item(), b),

@@ -198,3 +198,26 @@ def test_rooms_a_musetalk_avatar_cannot_have_are_refused(
     write_bundle_pointer(folder.avatar_dir, "elsewhere", other.manifest.bundle_id)
     with pytest.raises(RoomRefused, match="another VAE encoder"):
         mt_room(pipeline, tmp_path, avatar="elsewhere")
+
+
+def test_the_command_lines_build_the_models_and_prepare_an_avatar(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from farm.cli import main
+
+    models = tmp_path / "models"
+    assert main(["build-models", "--out", str(models), "--wav2lip", "tiny", "--musetalk", "tiny"]) == 0
+    folder = ModelFolder.open(models)
+    assert folder.musetalk is not None and folder.musetalk.vae_encoder is not None
+    frames, _ = head_motion(data.astronaut(), 130)
+    video = tmp_path / "anna.mp4"
+    video.write_bytes(encode_clip(frames))
+    capsys.readouterr()
+    assert main(["prepare-avatar", "--video", str(video), "--avatar-dir", str(folder.avatar_dir),
+                 "--sides", "96", "--vae-encoder", str(folder.musetalk.vae_encoder),
+                 "--avatar-id", "anna"]) == 0
+    assert "crops at [96, 256] px, musetalk family" in capsys.readouterr().out
+    pipeline = Pipeline(folder, ProviderChoice.CPU, intra_op_threads=1)
+    try:
+        assert pipeline.video_avatar_refusal("anna") is None  # the folder's own VAE encoder
+    finally:
+        pipeline.close()
