@@ -63,7 +63,9 @@ class RowWindow:
     silent: bool
 
     async def value(self) -> np.ndarray:
-        parts = [c if isinstance(c, np.ndarray) else await c for c in self.chunks]
+        # Shielded: a chunk's rows are shared by every frame whose window holds it, so a
+        # frame given up (its task cancelled at its deadline) must not cancel them.
+        parts = [c if isinstance(c, np.ndarray) else await asyncio.shield(c) for c in self.chunks]
         rows = np.concatenate(parts)[self.skip:self.skip + self.count]
         return np.ascontiguousarray(rows.reshape(self.shape), dtype=np.float32)
 

@@ -281,3 +281,27 @@ def test_the_command_line_stores_a_fitting_model_and_refuses_one_that_does_not(
     (root,) = (avatars / "bundles").iterdir()
     bundle = Bundle.open(root)
     assert bundle.manifest.family == "ultralight" and bundle.model_path is not None
+
+
+def test_a_frame_given_up_does_not_take_its_shared_rows_with_it(features: FeatureModel) -> None:
+    async def body() -> np.ndarray:
+        gate = asyncio.Event()
+
+        async def submit(chunk: np.ndarray, deadline: float, priority: int) -> Timed:
+            await gate.wait()  # the device is busy: the rows come later
+            out, dt = features.run({FeatureModel.INPUT: chunk[None]})
+            return Timed(out[0][0], dt)
+
+        speech = RowStream(25, grid((16, 32, 32), features.width), features.silence, submit, 1)
+        windows = []
+        for i in range(0, RATE, 640):
+            windows += speech.push(burst(0.04), float("inf"))
+        first, second = windows[10], windows[11]  # both read the chunks around frame 10
+        given_up = asyncio.ensure_future(first.value())
+        await asyncio.sleep(0)
+        given_up.cancel()  # the room's deadline for that frame passed
+        gate.set()
+        return await second.value()
+
+    value = asyncio.run(body())
+    assert value.shape == (16, 32, 32) and value.reshape(16, 1024)[8:10, :32].mean() > -8.5
