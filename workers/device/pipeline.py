@@ -99,12 +99,15 @@ class Pipeline:
                 folder.features.normalize)
         self._provider, self._threads = provider, intra_op_threads
         self.musetalk_models: tuple[musetalk.WhisperEncoder, musetalk.MuseTalkUNet, musetalk.VaeDecoder] | None = None
+        self._vae_encoder_sha = ""
         if folder.musetalk is not None:
             mt = folder.musetalk
 
             def load(role: str, path: Path) -> OrtModel:
                 return OrtModel(f"{mt.name}-{role}", path, None, provider, intra_op_threads)
 
+            # Hashed once: bundles are checked against it as rooms are created.
+            self._vae_encoder_sha = _sha256(mt.vae_encoder) if mt.vae_encoder is not None else ""
             self.musetalk_models = (musetalk.WhisperEncoder(load("whisper", mt.whisper)),
                                     musetalk.MuseTalkUNet(load("unet", mt.unet)),
                                     musetalk.VaeDecoder(load("vae-decoder", mt.vae_decoder)))
@@ -193,10 +196,10 @@ class Pipeline:
             if mt is None:
                 return (f"avatar {avatar_id!r} is a MuseTalk avatar and this worker's model folder "
                         "has no MuseTalk models")
-            if mt.vae_encoder is not None and manifest.vae_encoder != _sha256(mt.vae_encoder):
+            if self._vae_encoder_sha and manifest.vae_encoder != self._vae_encoder_sha:
                 return (f"avatar {avatar_id!r} was prepared with another VAE encoder than this "
-                        f"worker's {mt.vae_encoder.name}: its latents would not decode right; "
-                        "prepare it again with this one")
+                        "worker's: its latents would not decode right; prepare it again with "
+                        f"{mt.vae_encoder}")
         elif family == "ultralight":
             if self.features_model is None:
                 return (f"avatar {avatar_id!r} is an Ultralight avatar and this worker's model "
