@@ -3,6 +3,7 @@ the avatar's mouth moves over time."""
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,3 +67,25 @@ def mouth_motion(path: Path | str) -> np.ndarray:
 def mouth_openness(path: Path | str) -> np.ndarray:
     """Per frame, how dark the mouth cavity is (higher = more open)."""
     return 255.0 - _mouth_regions(path, 0.01, 0.04, 0.03).mean(axis=(1, 2, 3))
+
+
+def video_avatar_mouths(path: Path | str, bundle: typing.Any, canvas: tuple[int, int] = (320, 256),
+                        rows: tuple[float, float] = (0.66, 0.78),
+                        cols: tuple[float, float] = (0.42, 0.58)) -> tuple[list[np.ndarray], np.ndarray]:
+    """A video avatar room's decoded frames and, per frame, how dark its mouth region is
+    (255 - mean pixel; higher: more open): the region ``rows`` x ``cols`` of the base
+    frame's face box, where the clip is fitted (scaled, centred) into ``canvas``."""
+    from workers.rooms.wav2lip_frames import loop_index
+
+    with av.open(str(path)) as c:
+        decoded = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    m = bundle.manifest
+    scale = min(canvas[0] / m.width, canvas[1] / m.height)
+    left, top = (canvas[0] - round(m.width * scale)) // 2, (canvas[1] - round(m.height * scale)) // 2
+    out = []
+    for i, frame in enumerate(decoded):
+        b = bundle.boxes[loop_index(i, m.frames)]
+        y0, y1 = top + int((b.y + b.h * rows[0]) * scale), top + int((b.y + b.h * rows[1]) * scale)
+        x0, x1 = left + int((b.x + b.w * cols[0]) * scale), left + int((b.x + b.w * cols[1]) * scale)
+        out.append(255.0 - float(frame[y0:y1, x0:x1].mean()))
+    return decoded, np.array(out)

@@ -8,7 +8,6 @@ import asyncio
 import dataclasses
 from pathlib import Path
 
-import av
 import numpy as np
 import onnx
 import pytest
@@ -20,7 +19,7 @@ from avatarfarm.domain import DriveMode, OutputKind, Quality, ScriptSegment
 from avatarfarm.preparation.bundle import Bundle, VideoLimits, prepare
 from avatarfarm.preparation.faces import PreparationError, TrackPolicy
 from tests.builders import make_spec
-from tests.media import encode_clip, head_motion, probe
+from tests.media import encode_clip, head_motion, probe, video_avatar_mouths
 from workers.device.onnx import ModelInterfaceError, OrtModel, ProviderChoice
 from workers.device.pipeline import Pipeline, Timed
 from workers.families.musetalk import GRID, MuseTalkUNet, WhisperEncoder
@@ -29,7 +28,6 @@ from workers.models.folder import ModelFolder, add_musetalk, build_reference
 from workers.models.musetalk import MUSETALK_PRESETS, build_vae_encoder, build_whisper_encoder
 from workers.output.targets import OutputTarget
 from workers.rooms.room import Pacing, Room, RoomRefused, RoomState
-from workers.rooms.wav2lip_frames import loop_index
 
 AVATAR = "astronaut-mt"
 RATE = 16_000
@@ -170,18 +168,7 @@ def test_a_musetalk_room_on_the_real_photograph_moves_the_mouth_with_speech(
     assert st.stage_seconds["render"] > 0 and st.stage_seconds["audio_to_motion"] > 0
 
     assert probe(tmp_path / "m.mp4").frames == 100
-    with av.open(str(tmp_path / "m.mp4")) as c:
-        decoded = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
-    base = bundle.frames()
-    scale, left = 256 / 512, (320 - 256) // 2
-
-    def mouth(frame: np.ndarray, i: int) -> float:
-        b = bundle.boxes[loop_index(i, len(base))]
-        y0, y1 = int((b.y + b.h * 0.66) * scale), int((b.y + b.h * 0.78) * scale)
-        x0, x1 = left + int((b.x + b.w * 0.42) * scale), left + int((b.x + b.w * 0.58) * scale)
-        return 255.0 - float(frame[y0:y1, x0:x1].mean())
-
-    opened = np.array([mouth(f, i) for i, f in enumerate(decoded)])
+    _, opened = video_avatar_mouths(tmp_path / "m.mp4", bundle)
     speaking, quiet = opened[:st.batched_items // 2], opened[-20:]
     assert np.median(speaking) > np.median(quiet) + 10
 

@@ -8,7 +8,6 @@ import asyncio
 import dataclasses
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 from skimage import data
@@ -18,7 +17,7 @@ from avatarfarm.domain import DriveMode, OutputKind, Quality, ScriptSegment
 from avatarfarm.preparation.bundle import Bundle, VideoLimits, prepare
 from avatarfarm.preparation.faces import TrackPolicy
 from tests.builders import make_spec
-from tests.media import encode_clip, head_motion, probe
+from tests.media import encode_clip, head_motion, probe, video_avatar_mouths
 from workers.device.onnx import ProviderChoice
 from workers.device.pipeline import Pipeline
 from workers.media.alignment import SyncEstimate
@@ -75,19 +74,10 @@ def test_a_text_room_on_a_video_avatar_moves_the_mouth_with_speech_and_skips_pau
     facts = probe(tmp_path / "v.mp4")
     assert (facts.width, facts.height, facts.frames) == (320, 256, 100)
     assert facts.duration == pytest.approx(4.0, abs=0.05)
-    with av.open(str(tmp_path / "v.mp4")) as c:
-        decoded = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    decoded, opened = video_avatar_mouths(tmp_path / "v.mp4", bundle, rows=(0.62, 0.80), cols=(0.38, 0.62))
     base = bundle.frames()
     # The clip (512x512) is fitted into the 320x256 canvas: scaled to 256, centred.
     scale, left = 256 / 512, (320 - 256) // 2
-
-    def mouth(frame: np.ndarray, i: int) -> float:
-        b = bundle.boxes[loop_index(i, len(base))]
-        y0, y1 = int((b.y + b.h * 0.62) * scale), int((b.y + b.h * 0.80) * scale)
-        x0, x1 = left + int((b.x + b.w * 0.38) * scale), left + int((b.x + b.w * 0.62) * scale)
-        return 255.0 - float(frame[y0:y1, x0:x1].mean())
-
-    opened = np.array([mouth(f, i) for i, f in enumerate(decoded)])
     speaking, quiet = opened[:room.stats.batched_items // 2], opened[-25:]
     # The speech's frames open the mouth well past the pause's (base frames, mouth shut).
     assert np.median(speaking) > np.median(quiet) + 10
