@@ -24,15 +24,15 @@ rate. Each frame carries the rate it was made at; stream time, audio per frame
 and the encoder's timestamps all count its 1/fps, so the stream's duration stays
 exact across a change.
 
-Video avatars (face families: Wav2Lip, Ultralight). A room whose avatar is a
-prepared video plays its base frames as a loop and redraws the mouth with its
+Video avatars (face families: Wav2Lip, Ultralight, MuseTalk). A room whose avatar
+is a prepared video plays its base frames as a loop and redraws the mouth with its
 family's face model: the producer turns the audio into each frame's audio input
-through the family's `FaceSpeech` (Wav2Lip's mel windows; Ultralight's window of
-HuBERT rows, computed on the device as the audio arrives), which needs some audio
-past its frame (0.2 s for Wav2Lip, 0.16 s for an 8-frame Ultralight window), so a
-frame starts once that audio is in (the stream runs that much behind its driver;
-its timing stays exact). A frame whose input is silent is its base frame, without
-the model; the others are
+through the family's `FaceSpeech` (Wav2Lip's mel windows; Ultralight's HuBERT and
+MuseTalk's Whisper rows, computed on the device as the audio arrives), which needs
+some audio past its frame (0.2 s for Wav2Lip, 0.16 s for an 8-frame Ultralight
+window, 0.24-0.54 s for MuseTalk's chunks of 0.32 s), so a frame starts once that
+audio is in (the stream runs that much behind its driver; its timing stays exact).
+A frame whose input is silent is its base frame, without the model; the others are
 items of the face model in the batcher, across rooms and avatars. The emitter
 carries `FaceFrame`s (base index and redrawn face); the face is pasted back on
 the encoder thread. A frame the batcher dropped shows its base frame, so the
@@ -275,7 +275,7 @@ class Room:
         self._portraits: dict[int, np.ndarray] = {}
         self._fps_changes = 0  # lip-sync windows taken before a rate change are discarded
         self.priority = spec.tier.priority
-        # A video avatar is rendered by its family (Wav2Lip, or its own Ultralight model).
+        # A video avatar is rendered by its family (Wav2Lip, its own Ultralight model, MuseTalk).
         self.video_avatar = pipeline.is_video_avatar(spec.avatar_id)
         if self.video_avatar:
             if spec.drive_mode is DriveMode.MOCAP:
