@@ -33,6 +33,28 @@ def list_video_avatars(folder: Path) -> list[str]:
     return sorted(p.stem for p in folder.iterdir() if p.suffix == BUNDLE_SUFFIX)
 
 
+def face_model(family: str, bundle_id: str) -> str:
+    """The face model a video avatar's rooms need, as workers name it in their face
+    profiles: a family's shared models (``"wav2lip"``, ``"musetalk"``: the worker's
+    profile is ``"<family>/<export name>"``), or the avatar's own model, carried in its
+    bundle (``"ultralight-<bundle id prefix>"``)."""
+    return f"ultralight-{bundle_id[:12]}" if family == "ultralight" else family
+
+
+def video_avatar_faces(folder: Path) -> dict[str, str]:
+    """Each video avatar in the folder and the face model its rooms need."""
+    out = {}
+    for avatar_id in list_video_avatars(folder):
+        try:
+            root = bundle_of(folder, avatar_id)
+            manifest = json.loads((root / "manifest.json").read_text()) if root else {}
+        except (OSError, ValueError):  # a bundle being written or removed: the Wav2Lip default
+            manifest = {}
+        out[avatar_id] = face_model(str(manifest.get("family", "wav2lip")),
+                                    str(manifest.get("bundle_id", "")))
+    return out
+
+
 def no_motion_input(avatar_id: str) -> str:
     """Why a motion-capture room on a video avatar is refused (scheduler and worker)."""
     return (f"avatar {avatar_id!r} is a video avatar, rendered by a lip-sync model (the "

@@ -48,7 +48,8 @@ def profile_from_pb(profiles: Any, latency_budget: float = 0.0) -> placement.Wor
         if stage is None or not points:
             continue
         w, h = (p.width, p.height) if stage in (Stage.RENDER, Stage.ENCODE, Stage.FACE) else (0, 0)
-        costs.append(placement.StageCost.measured(stage, w, h, points, latency_budget))
+        costs.append(placement.StageCost.measured(stage, w, h, points, latency_budget,
+                                                  p.model if stage is Stage.FACE else ""))
     return placement.WorkerProfile(tuple(costs))
 
 

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Concatenate, ParamSpec, TypeVar
 
-from avatarfarm.avatars import list_avatars, list_video_avatars
+from avatarfarm.avatars import list_avatars, video_avatar_faces
 from avatarfarm.domain import DriveMode, Progress, Quality, ScriptSegment, SessionState
 from avatarfarm.egress import EgressPolicy
 from scheduler.config import SchedulerConfig
@@ -125,8 +125,8 @@ class SessionMachine:
         self._unit_device = ""
         self._units_cache: dict[tuple[Quality, str], float] = {}
         # Avatars: the image folder (looked at once a second) and what workers hold.
-        # (when read, avatars in avatar_dir, the video avatars among them)
-        self._avatars: tuple[float, frozenset[str], frozenset[str]] = (-1.0, frozenset(), frozenset())
+        # (when read, avatars in avatar_dir, the video avatars among them and their face models)
+        self._avatars: tuple[float, frozenset[str], dict[str, str]] = (-1.0, frozenset(), {})
         self._worker_avatars: collections.Counter[str] = collections.Counter()
         self._sync_watch: dict[str, SyncWatch] = {}  # live rooms' lip-sync checks out of bounds
         self._scripts: dict[str, list[ScriptSegment]] = {}  # live text rooms' scripts
@@ -165,12 +165,12 @@ class SessionMachine:
         """Returns once everything changed so far is committed to the store."""
         await self.commits.durable()
 
-    def _avatar_folder(self) -> tuple[frozenset[str], frozenset[str]]:
+    def _avatar_folder(self) -> tuple[frozenset[str], dict[str, str]]:
         at, names, videos = self._avatars
         now = self.clock()
         if now - at > 1.0 or at < 0:
             names = frozenset(list_avatars(self.config.avatar_dir))
-            videos = frozenset(list_video_avatars(self.config.avatar_dir))
+            videos = video_avatar_faces(self.config.avatar_dir)
             self._avatars = (now, names, videos)
         return names, videos
 
@@ -178,8 +178,12 @@ class SessionMachine:
         return self._avatar_folder()[0] | self._worker_avatars.keys()
 
     def video_avatars(self) -> frozenset[str]:
-        """Avatars prepared from a video (the Wav2Lip family renders them)."""
-        return self._avatar_folder()[1]
+        """Avatars prepared from a video (a face family renders them)."""
+        return frozenset(self._avatar_folder()[1])
+
+    def face_model(self, avatar_id: str) -> str:
+        """The face model a video avatar's rooms need ("" for a portrait)."""
+        return self._avatar_folder()[1].get(avatar_id, "")
 
     def platform(self, name: str) -> platforms.PlatformPolicy:
         return self.config.platforms.get(name, platforms.DEFAULT_POLICY)
@@ -282,7 +286,7 @@ class SessionMachine:
         return RoomReq(s.session_id, s.spec.tenant, s.spec.avatar_id, s.quality,
                        s.spec.drive_mode, s.spec.tier, s.seq,
                        (s.spec.quality.width, s.spec.quality.height), s.step,
-                       s.spec.avatar_id in self.video_avatars())
+                       s.spec.avatar_id in self.video_avatars(), self.face_model(s.spec.avatar_id))
 
     def _enqueue(self, s: Session) -> None:
         self._pending_since.setdefault(s.session_id, self.clock())

@@ -32,6 +32,7 @@ from workers.agent.usage import UsageReports
 from workers.device.engine import BatchKey, KeyStats
 from workers.device.pipeline import AUDIO_TO_MOTION_KEY, AVATAR_BYTES_PER_PIXEL, LIPSYNC_KEY, Pipeline
 from workers.device.profile import LatencyProfile
+from workers.families.musetalk import WHISPER_KEY
 from workers.families.ultralight import FEATURES_KEY
 from workers.media.alignment import SyncEstimate
 from workers.media.label import LabelSpec
@@ -120,6 +121,11 @@ class WorkerAgent:
         self.scheduler_address = scheduler_address
         self.pipeline = pipeline
         self.profiles = profiles
+        # Face models the scheduler has a profile of: those the start-up profile measured.
+        registered = {p.model for p in profiles if p.stage is Stage.FACE}
+        self._faces_reported: set[BatchKey] = {
+            k for k in pipeline.face_keys()
+            if (face := pipeline.face_profile(k)) is not None and face[0] in registered}
         self.input_endpoint = input_endpoint
         self.device_type = device_type
         self.output_dir = output_dir
@@ -209,9 +215,14 @@ class WorkerAgent:
                 active_sessions=len(self.rooms), load=self.rooms.load()))]
         self._account_engine()
         drifted = self.pipeline.engine.drifted()
-        if drifted:
-            fresh = self.corrected_profiles(drifted)
-            log.info("latency drifted for %s; re-reporting profiles", ", ".join(map(str, drifted)))
+        # An avatar's own face model loaded since the last report: the scheduler places that
+        # avatar's rooms by its measured cost from now on.
+        loaded = [k for k in self.pipeline.face_keys() if k not in self._faces_reported]
+        self._faces_reported.update(loaded)
+        if drifted or loaded:
+            fresh = self.corrected_profiles(drifted + loaded)
+            log.info("latency drifted for %s, face models loaded: %s; re-reporting profiles",
+                     ", ".join(map(str, drifted)) or "none", ", ".join(map(str, loaded)) or "none")
             out.append(workers_pb2.WorkerMessage(profile_update=workers_pb2.ProfileUpdate(
                 profiles=[profile_to_pb(p) for p in fresh])))
         return out
@@ -370,14 +381,16 @@ class WorkerAgent:
                 out.append(LatencyProfile(Stage.AUDIO_TO_MOTION, key.model, 0, 0, points))
             elif key == LIPSYNC_KEY:
                 out.append(LatencyProfile(Stage.ALIGNMENT, key.model, 0, 0, points))
-            elif key == FEATURES_KEY:
-                continue  # shared by the face families' rooms; no stage of its own to place by
-            elif key in self.pipeline.face_keys():
-                out.append(LatencyProfile(Stage.FACE, key.model, key.side, key.side, points))
+            elif (face := self.pipeline.face_profile(key)) is not None:
+                out.append(LatencyProfile(Stage.FACE, face[0], key.side, key.side, face[1]))
+            elif key in (FEATURES_KEY, WHISPER_KEY):
+                continue  # audio features of the face families: part of no profile placed by
             else:
                 out.append(LatencyProfile(Stage.RENDER, key.model, key.side, key.side, points))
-        fresh = {(p.stage, p.width) for p in out}
-        self.profiles = [p for p in self.profiles if (p.stage, p.width) not in fresh] + out
+        # One per stage, model and size (MuseTalk's two stages make one face profile).
+        out = list({(p.stage, p.model, p.width): p for p in out}.values())
+        fresh = {(p.stage, p.model, p.width) for p in out}
+        self.profiles = [p for p in self.profiles if (p.stage, p.model, p.width) not in fresh] + out
         return out
 
     def _update_room_gauge(self) -> None:

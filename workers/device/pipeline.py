@@ -26,6 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from avatarfarm.avatars import face_model
 from avatarfarm.latency import LatencyCurve
 from avatarfarm.preparation.bundle import Bundle
 from workers.device.batching import BatchPolicy
@@ -209,12 +210,30 @@ class Pipeline:
                     "has no Wav2Lip-family model")
         return None
 
+    def face_profile(self, key: BatchKey) -> tuple[str, tuple[tuple[int, float], ...]] | None:
+        """A face model's profile as the scheduler places by it (None: ``key`` is not one
+        a face profile is reported for): its name (`avatarfarm.avatars.face_model`, with
+        the export's name after the family for shared models) and its curve. MuseTalk's
+        is its two stages a frame goes through, the UNet and the VAE decoder, summed."""
+        if self.face_model is not None and key == self.face_key:
+            return f"wav2lip/{self.face_model.name}", self.engine.curve(key).points
+        if self.folder.musetalk is not None and key in self.musetalk_keys[1:]:
+            _, unet, decoder = self.musetalk_keys
+            step, dec = self.engine.curve(unet), self.engine.curve(decoder)
+            return (f"musetalk/{self.folder.musetalk.name}",
+                    tuple((b, s + dec.seconds(b)) for b, s in step.points))
+        if key.model.startswith("ultralight-") and key in self.face_keys():
+            return key.model, self.engine.curve(key).points
+        return None
+
     def face_keys(self) -> list[BatchKey]:
         """The face models served now: the folder's Wav2Lip model and every per-person
         model loaded."""
         keys = [self.face_key] if self.face_model is not None else []
+        if self.musetalk_models is not None:
+            keys.append(self.musetalk_keys[1])
         with self._avatars_lock:
-            return keys + [f.key for _, _, f in self._faces.values() if f.name != "wav2lip"]
+            return keys + sorted({f.key for _, _, f in self._faces.values() if f.name == "ultralight"})
 
     def render_key(self, side: int) -> BatchKey:
         return BatchKey(self.renderer_model.name, side)
@@ -457,7 +476,7 @@ def _sha256(path: Path) -> str:
 
 
 def _avatar_key(bundle_id: str, side: int) -> BatchKey:
-    return BatchKey(f"ultralight-{bundle_id[:12]}", side)
+    return BatchKey(face_model("ultralight", bundle_id), side)
 
 
 def _timed(r: ItemResult) -> Timed:

@@ -22,6 +22,7 @@ import numpy as np
 
 from avatarfarm.domain import Stage
 from avatarfarm.latency import LatencyCurve
+from workers.device.engine import DeviceModel
 from workers.device.pipeline import AUDIO_TO_MOTION_KEY, LIPSYNC_KEY, Pipeline, to_canvas
 from workers.device.timing import batch_sizes, measure_curve, median_seconds, run_batch_of
 from workers.media.audio import MEL_WINDOW, N_MELS, SAMPLE_RATE
@@ -73,8 +74,17 @@ def measure(pipeline: Pipeline, render_sides: list[int], encode_sizes: list[tupl
         face = measure_curve(functools.partial(run_batch_of, pipeline.face_model,
                                                pipeline.face_model.example_item()), sizes, iterations)
         pipeline.serve(pipeline.face_key, face)
-        side = pipeline.face_model.side
-        out.append(LatencyProfile(Stage.FACE, pipeline.face_model.name, side, side, face.points))
+    if pipeline.musetalk_models is not None:
+        whisper, unet, decoder = pipeline.musetalk_models
+        for key, model, item in zip(pipeline.musetalk_keys, (whisper, unet, decoder),
+                                    (whisper.example_item(), unet.example_item(), decoder.example_item()),
+                                    strict=True):
+            pipeline.serve(key, measure_curve(functools.partial(run_batch_of, typing.cast(DeviceModel, model),
+                                                                item), sizes, iterations))
+    for key in pipeline.face_keys():  # the folder's face models (avatars' own report as they load)
+        face_profile = pipeline.face_profile(key)
+        if face_profile is not None:
+            out.append(LatencyProfile(Stage.FACE, face_profile[0], key.side, key.side, face_profile[1]))
     text = "Welcome to the live room, today we have three new offers for you."
     speech = pipeline.synthesize_sync(text)
     tts = median_seconds(lambda: pipeline.synthesize_sync(text), max(1, iterations // 2))

@@ -39,7 +39,9 @@ class StageCost:
     """Measured cost of one stage at one size.
 
     For RENDER the size is the square portrait side (width == height); for FACE the
-    face model's crop side (its cost does not depend on the frame's size); for ENCODE
+    face model's crop side (its cost does not depend on the frame's size), and
+    ``model`` the face model (`avatarfarm.avatars.face_model`: a family's shared models,
+    or one avatar's own) whose cost it is; for ENCODE
     the frame size (host CPU seconds per frame); for AUDIO_TO_MOTION and TTS 0x0
     (TTS seconds are per second of speech). ``seconds`` is the per-item cost at the
     best batch; ``batch`` the per-item cost for n = 1..cap items sharing batches
@@ -51,12 +53,19 @@ class StageCost:
     height: int
     seconds: float
     batch: tuple[float, ...] = ()
+    model: str = ""
 
     @classmethod
     def measured(cls, stage: Stage, width: int, height: int,
-                 points: Sequence[tuple[int, float]], latency_budget: float = 0.0) -> StageCost:
+                 points: Sequence[tuple[int, float]], latency_budget: float = 0.0,
+                 model: str = "") -> StageCost:
         table = per_item_table(points, latency_budget)
-        return cls(stage, width, height, min(table), table)
+        return cls(stage, width, height, min(table), table, model)
+
+    def serves(self, face_model: str) -> bool:
+        """A FACE cost measured for ``face_model``: that exact model, or one of that
+        family's shared models (``"wav2lip"`` matches ``"wav2lip/<export name>"``)."""
+        return self.model == face_model or self.model.startswith(face_model + "/")
 
     def per_item(self, n: int) -> float:
         """Seconds per item when n rooms' items share this stage's batches."""
@@ -68,16 +77,27 @@ class StageCost:
 @dataclass(frozen=True, slots=True)
 class WorkerProfile:
     costs: tuple[StageCost, ...]
-    _lookup: dict[tuple[Stage, int, int], tuple[StageCost, float] | None] = field(
+    _lookup: dict[tuple[Stage, int, int, str], tuple[StageCost, float] | None] = field(
         default_factory=dict, compare=False, repr=False)
 
-    def cost(self, stage: Stage, width: int = 0, height: int = 0) -> tuple[StageCost, float] | None:
+    def cost(self, stage: Stage, width: int = 0, height: int = 0,
+             model: str = "") -> tuple[StageCost, float] | None:
         """The measured cost nearest (width, height) and the pixel ratio to scale it by;
-        None if the stage was never measured."""
-        key = (stage, width, height)
+        None if the stage was never measured. For FACE, ``model`` picks the costs of that
+        face model (`StageCost.serves`); where the worker has not measured it (an avatar
+        whose own model it has not loaded yet), its face costs stand in, the dearest: an
+        estimate until it loads and reports the model."""
+        key = (stage, width, height, model)
         if key in self._lookup:
             return self._lookup[key]
         measured = [c for c in self.costs if c.stage is stage]
+        if stage is Stage.FACE and model:
+            own = [c for c in measured if c.serves(model)]
+            if not own and measured:
+                estimate = (max(measured, key=lambda c: c.seconds), 1.0)
+                self._lookup[key] = estimate
+                return estimate
+            measured = own
         found: tuple[StageCost, float] | None = None
         if measured:
             if stage in (Stage.TTS, Stage.AUDIO_TO_MOTION, Stage.ALIGNMENT, Stage.FACE):
@@ -97,8 +117,8 @@ class WorkerProfile:
 
     def merged(self, update: WorkerProfile) -> WorkerProfile:
         """This profile with the costs in `update` replacing those of the same stage and size."""
-        fresh = {(c.stage, c.width, c.height) for c in update.costs}
-        kept = tuple(c for c in self.costs if (c.stage, c.width, c.height) not in fresh)
+        fresh = {(c.stage, c.width, c.height, c.model) for c in update.costs}
+        kept = tuple(c for c in self.costs if (c.stage, c.width, c.height, c.model) not in fresh)
         return WorkerProfile(kept + update.costs)
 
     def room_load(self, quality: Quality, mode: DriveMode, encode: bool = True) -> float | None:

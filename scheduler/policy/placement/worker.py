@@ -31,7 +31,8 @@ class RoomReq:
     seq: int = 0
     frame: tuple[int, int] = (0, 0)
     step: int = 0
-    face: bool = False  # a video avatar: the face model (Wav2Lip family) draws its frames
+    face: bool = False  # a video avatar: a face family's model draws its frames
+    face_model: str = ""  # which (avatarfarm.avatars.face_model); "": any the worker has
 
     @property
     def frame_size(self) -> tuple[int, int]:
@@ -87,7 +88,7 @@ class WorkerState:
     avatar_rooms: Counter[tuple[str, int]] = field(default_factory=Counter)
     premium: Counter[str] = field(default_factory=Counter)
     _compute: float = 0.0
-    _shapes: dict[tuple[int, int, int, int, int, str, bool], _RoomCosts | None] = field(
+    _shapes: dict[tuple[int, int, int, int, int, str, bool, str], _RoomCosts | None] = field(
         default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -127,7 +128,7 @@ class WorkerState:
     def _costs(self, room: RoomReq) -> _RoomCosts | None:
         q = room.quality
         w, h = room.frame_size
-        key = (q.width, q.height, q.fps, w, h, room.drive_mode.value, room.face)
+        key = (q.width, q.height, q.fps, w, h, room.drive_mode.value, room.face, room.face_model)
         if key in self._shapes:
             return self._shapes[key]
         p = self.profile
@@ -139,7 +140,7 @@ class WorkerState:
             # The face model works at its own crop side whatever the frame's size, and is
             # planned for every frame (a script without pauses); silent frames that skip
             # it are device time saved, seen in the room's metered cost.
-            face = p.cost(Stage.FACE)
+            face = p.cost(Stage.FACE, model=room.face_model)
             if face is not None and enc is not None and tts is not None:
                 found = _RoomCosts(((_FACE, face[0], 1.0),), q.fps * enc + tts)
             self._shapes[key] = found

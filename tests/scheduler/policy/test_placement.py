@@ -20,6 +20,7 @@ from scheduler.policy.placement import (
     StageCost,
     Strategy,
     WorkerProfile,
+    WorkerState,
     item_seconds,
     per_item_table,
 )
@@ -121,6 +122,33 @@ def test_video_avatar_rooms_cost_the_face_model_at_any_frame_size_and_batch_acro
     assert other is not None and other.compute - enc_tts < 0.2 * 25 * 0.040
     # A worker without a face model cannot take the room.
     assert make_worker().demand(room) is None
+
+
+def test_each_face_family_is_placed_by_its_own_model_s_cost() -> None:
+    wav2lip = StageCost.measured(Stage.FACE, 96, 96, [(1, 0.004)], model="wav2lip/wav2lip-96")
+    musetalk = StageCost.measured(Stage.FACE, 256, 256, [(1, 0.030)], model="musetalk/musetalk")
+    anna = StageCost.measured(Stage.FACE, 160, 160, [(1, 0.010)], model="ultralight-0123456789ab")
+    w = make_worker(profile=WorkerProfile((*make_profile().costs, wav2lip, musetalk)), capacity=10.0)
+    enc_tts = 25 * 0.002 + 0.005
+
+    def compute(face_model: str, worker: WorkerState = w) -> float:
+        room = dataclasses.replace(make_room("r", avatar="x"), face=True, face_model=face_model)
+        d = worker.demand(room)
+        assert d is not None
+        return d.compute - enc_tts
+
+    assert compute("wav2lip") == pytest.approx(25 * 0.004)
+    assert compute("musetalk") == pytest.approx(25 * 0.030)
+    # An avatar whose own model this worker has not loaded: the dearest face cost stands
+    # in until it loads and reports its own.
+    assert compute("ultralight-0123456789ab") == pytest.approx(25 * 0.030)
+    loaded = make_worker(profile=WorkerProfile((*make_profile().costs, wav2lip, musetalk, anna)),
+                         capacity=10.0)
+    assert compute("ultralight-0123456789ab", loaded) == pytest.approx(25 * 0.010)
+    # A profile update replaces a model's cost, not another model's of the same size.
+    faster = StageCost.measured(Stage.FACE, 256, 256, [(1, 0.020)], model="musetalk/musetalk")
+    merged = w.profile.merged(WorkerProfile((faster,)))
+    assert sorted(c.seconds for c in merged.costs if c.stage is Stage.FACE) == [0.004, 0.020]
 
 
 def test_packing_puts_a_room_with_its_batch_group_and_opens_idle_workers_last() -> None:

@@ -208,3 +208,19 @@ def test_the_command_lines_build_the_models_and_prepare_an_avatar(
         assert pipeline.video_avatar_refusal("anna") is None  # the folder's own VAE encoder
     finally:
         pipeline.close()
+
+
+def test_the_start_up_profile_gives_musetalk_one_face_cost_for_both_of_a_frames_stages(
+        mt_pipeline: tuple[Pipeline, Bundle]) -> None:
+    from avatarfarm.domain import Stage
+    from workers.device.profile import measure
+
+    pipeline, _ = mt_pipeline
+    profiles = measure(pipeline, [64], [], iterations=1, max_batch=2)
+    faces = {p.model: p for p in profiles if p.stage is Stage.FACE}
+    assert set(faces) == {f"wav2lip/{pipeline.face_key.model}", "musetalk/musetalk-tiny"}
+    mt = faces["musetalk/musetalk-tiny"]
+    _, unet, decoder = pipeline.musetalk_keys
+    step, dec = pipeline.engine.curve(unet), pipeline.engine.curve(decoder)
+    assert mt.width == 256 and [b for b, _ in mt.latencies] == [1, 2]
+    assert dict(mt.latencies)[1] == pytest.approx(step.seconds(1) + dec.seconds(1))

@@ -292,3 +292,28 @@ def test_a_frame_given_up_does_not_take_its_shared_rows_with_it(features: Featur
 
     value = asyncio.run(body())
     assert value.shape == (16, 32, 32) and value.reshape(16, 1024)[8:10, :32].mean() > -8.5
+
+
+def test_the_worker_reports_an_avatars_own_model_once_loaded(
+        ul_pipeline: tuple[Pipeline, Bundle], tmp_path: Path) -> None:
+    from avatarfarm.avatars import face_model
+    from workers.agent.agent import WorkerAgent
+
+    pipeline, bundle = ul_pipeline
+    name = face_model("ultralight", bundle.manifest.bundle_id)
+
+    async def body() -> list[tuple[str, int]]:
+        agent = WorkerAgent("w1", "127.0.0.1:1", pipeline, [], "127.0.0.1:1", "cpu", tmp_path,
+                            pacing=Pacing.FAST)
+        try:
+            pipeline.face_avatar_sync(AVATAR)  # a room of the avatar started here
+            sent = [p for m in agent.tick() if m.WhichOneof("kind") == "profile_update"
+                    for p in m.profile_update.profiles]
+            again = [m for m in agent.tick() if m.WhichOneof("kind") == "profile_update"]
+            assert again == []  # reported once
+            return [(p.model, p.width) for p in sent]
+        finally:
+            await agent.shutdown()
+
+    # The scheduler now places the avatar's rooms by its model's own measured cost.
+    assert (name, 160) in asyncio.run(body())
