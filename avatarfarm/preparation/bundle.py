@@ -41,8 +41,9 @@ from avatarfarm.preparation.faces import (
 
 VERSION = 2  # bump when what a bundle holds or how it is made changes
 MODEL_FILE = "model.onnx"
-FAMILIES = ("wav2lip", "ultralight", "musetalk")
+FAMILIES = ("wav2lip", "ultralight", "musetalk", "liveportrait")
 MUSETALK_SIDE = 256
+LIVEPORTRAIT_SIDES = (256, 512)  # the extractors' input; the warping's output, pasted back
 Progress = Callable[[str, float], None]  # (stage, fraction done)
 
 
@@ -69,7 +70,8 @@ class Manifest:
     # The family that renders it: "wav2lip" (the worker's model), or "ultralight" (the
     # person's own model, carried in the bundle as model.onnx).
     family: str = "wav2lip"
-    # MuseTalk: the VAE encoder its latents were made with (sha256 of the ONNX file).
+    # MuseTalk: the VAE encoder its latents were made with (sha256 of the ONNX file);
+    # LivePortrait: the extractors its source was made with.
     vae_encoder: str = ""
 
 
@@ -95,6 +97,11 @@ class Bundle:
     def latents(self) -> np.ndarray:
         """MuseTalk's per-frame latents [frames, 8, 32, 32] (masked, reference; mapped)."""
         return np.load(self.root / "latents.npy", mmap_mode="r")
+
+    def source(self) -> dict[str, np.ndarray]:
+        """LivePortrait's source: feature_3d, kp, pose (degrees), exp, scale, t."""
+        with np.load(self.root / "source.npz") as z:
+            return {k: z[k] for k in z.files}
 
     def frames(self) -> np.ndarray:
         """The base video's frames, uint8 [frames, height, width, 3] RGB (memory-mapped,
@@ -164,12 +171,15 @@ def prepare(data: bytes, bundles: Path, sides: Sequence[int] = (96,), *,
             detector: FaceDetector | None = None, limits: VideoLimits = VideoLimits(),
             policy: TrackPolicy | None = None, progress: Progress | None = None,
             model: bytes | None = None, family: str = "wav2lip",
-            vae_encoder: bytes | None = None) -> Bundle:
+            vae_encoder: bytes | None = None,
+            extractors: tuple[bytes, bytes] | None = None) -> Bundle:
     """The bundle for `data` under `bundles/<id>/`, made now or found from before.
     ``model``: the person's own face model (ONNX bytes) for a family with one model per
     avatar (``family="ultralight"``); it is stored in the bundle and part of its id.
     ``vae_encoder``: for ``family="musetalk"``, the VAE encoder whose latents of every
-    base frame (at 256 px) the bundle stores (`avatarfarm.preparation.latents`)."""
+    base frame (at 256 px) the bundle stores (`avatarfarm.preparation.latents`).
+    ``extractors``: for ``family="liveportrait"``, the appearance feature extractor and
+    the motion extractor, run on the first frame (`avatarfarm.preparation.keypoints`)."""
     sides = tuple(sorted(set(sides)))
     if not sides or any(s < 16 for s in sides):
         raise PreparationError(f"crop sides {list(sides)}: give one or more sides of 16 px or more")
@@ -180,9 +190,16 @@ def prepare(data: bytes, bundles: Path, sides: Sequence[int] = (96,), *,
     if (family == "musetalk") != (vae_encoder is not None):
         raise PreparationError("a MuseTalk avatar needs the VAE encoder to prepare its latents "
                                "(and only it does)")
+    if (family == "liveportrait") != (extractors is not None):
+        raise PreparationError("a LivePortrait avatar needs its appearance and motion extractors "
+                               "(and only it does)")
     if family == "musetalk":
         sides = tuple(sorted({*sides, MUSETALK_SIDE}))
-    bid = bundle_id(data, sides, model if vae_encoder is None else vae_encoder)
+    if family == "liveportrait":
+        sides = tuple(sorted({*sides, *LIVEPORTRAIT_SIDES}))
+    identity = model if model is not None else vae_encoder if vae_encoder is not None else \
+        b"".join(extractors) if extractors is not None else None
+    bid = bundle_id(data, sides, identity)
     root = bundles / bid
     if (root / "manifest.json").is_file():
         return Bundle.open(root)
@@ -225,6 +242,12 @@ def prepare(data: bytes, bundles: Path, sides: Sequence[int] = (96,), *,
                                                      vae_encoder))
             vae = model_id(vae_encoder)
             say("latents", 1.0)
+        if extractors is not None:
+            from avatarfarm.preparation import keypoints
+
+            source = keypoints.source_of(np.load(tmp / "crops_256.npy", mmap_mode="r")[0], *extractors)
+            np.savez(tmp / "source.npz", **source)  # type: ignore[arg-type]
+            vae = keypoints.model_id(*extractors)
         (tmp / "boxes.json").write_text(json.dumps([[b.x, b.y, b.w, b.h] for b in track.boxes]))
         manifest = Manifest(bid, VERSION, fps, len(frames), width, height, sides, track.found, family,
                             vae)

@@ -28,13 +28,14 @@ import numpy as np
 
 from avatarfarm.avatars import face_model
 from avatarfarm.latency import LatencyCurve
+from avatarfarm.preparation import keypoints
 from avatarfarm.preparation.bundle import Bundle
 from workers.device.batching import BatchPolicy
 from workers.device.binding import LipSyncDeviceModel
 from workers.device.engine import BatchKey, DeviceModel, InferenceEngine, ItemResult
 from workers.device.onnx import OrtModel, ProviderChoice
 from workers.device.timing import measure_curve, run_batch_of
-from workers.families import musetalk, ultralight, wav2lip
+from workers.families import liveportrait, musetalk, ultralight, wav2lip
 from workers.families.base import FaceFamily, Redraw
 from workers.media.tts import EspeakTTS
 from workers.models.avatar import read_image, scale_image
@@ -113,6 +114,18 @@ class Pipeline:
                                     musetalk.MuseTalkUNet(load("unet", mt.unet)),
                                     musetalk.VaeDecoder(load("vae-decoder", mt.vae_decoder)))
         self._avatar_models: dict[str, LipSyncDeviceModel] = {}  # per-person models, by bundle
+        self.liveportrait_models: tuple[liveportrait.AudioToMotion, liveportrait.Stitching,
+                                        liveportrait.Warping] | None = None
+        self._extractors_sha = ""
+        if folder.liveportrait is not None:
+            lp = folder.liveportrait
+            self._extractors_sha = keypoints.model_id(lp.appearance.read_bytes(), lp.motion.read_bytes())
+            self.liveportrait_models = (
+                liveportrait.AudioToMotion(OrtModel(f"{lp.name}-a2m", lp.audio_to_motion, None, provider,
+                                                    intra_op_threads)),
+                liveportrait.Stitching(OrtModel(f"{lp.name}-stitching", lp.stitching, None, provider,
+                                                intra_op_threads)),
+                liveportrait.load_warping(f"{lp.name}-warping", lp.warping, provider, intra_op_threads))
         self.tts = EspeakTTS(tts_voice)
         self.engine = InferenceEngine(policy)
         self._tts = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tts")
@@ -147,6 +160,12 @@ class Pipeline:
                 (whisper, whisper.example_item()), (unet, unet.example_item()),
                 (decoder, decoder.example_item())]
             for key, (model, item) in zip(self.musetalk_keys, timed, strict=True):
+                self.serve(key, measure_curve(functools.partial(run_batch_of, model, item), (1, 2), 1))
+        if self.liveportrait_models is not None:
+            a2m, stitch, warp = self.liveportrait_models
+            calibrate: list[tuple[DeviceModel, dict[str, np.ndarray]]] = [
+                (a2m, a2m.example_item()), (stitch, stitch.example_item()), (warp, warp.example_item())]
+            for key, (model, item) in zip(self.liveportrait_keys, calibrate, strict=True):
                 self.serve(key, measure_curve(functools.partial(run_batch_of, model, item), (1, 2), 1))
         if self.features_model is not None:
             self.serve(ultralight.FEATURES_KEY, measure_curve(
@@ -184,6 +203,14 @@ class Pipeline:
         name = self.folder.musetalk.name
         return (musetalk.WHISPER_KEY, BatchKey(f"{name}-unet", 256), BatchKey(f"{name}-vae-decoder", 256))
 
+    @property
+    def liveportrait_keys(self) -> tuple[BatchKey, BatchKey, BatchKey]:
+        """The audio-to-motion, stitching and warping models, as the batcher keys them."""
+        assert self.folder.liveportrait is not None and self.liveportrait_models is not None
+        name = self.folder.liveportrait.name
+        side = self.liveportrait_models[2].side
+        return (BatchKey(f"{name}-a2m"), BatchKey(f"{name}-stitching"), BatchKey(f"{name}-warping", side))
+
     def video_avatar_refusal(self, avatar_id: str) -> str | None:
         """Why this worker cannot render a video avatar (None: it can): the family its
         bundle names needs a model this worker's folder lacks."""
@@ -201,6 +228,14 @@ class Pipeline:
                 return (f"avatar {avatar_id!r} was prepared with another VAE encoder than this "
                         "worker's: its latents would not decode right; prepare it again with "
                         f"{mt.vae_encoder}")
+        elif family == "liveportrait":
+            if self.folder.liveportrait is None or self.features_model is None:
+                return (f"avatar {avatar_id!r} is a LivePortrait avatar and this worker's model folder "
+                        "lacks LivePortrait's models or the audio feature model that drives them")
+            if manifest.vae_encoder != self._extractors_sha:
+                return (f"avatar {avatar_id!r} was prepared with other appearance and motion "
+                        "extractors than this worker's: its keypoints would not match; prepare it "
+                        "again with this folder's")
         elif family == "ultralight":
             if self.features_model is None:
                 return (f"avatar {avatar_id!r} is an Ultralight avatar and this worker's model "
@@ -222,6 +257,11 @@ class Pipeline:
             step, dec = self.engine.curve(unet), self.engine.curve(decoder)
             return (f"musetalk/{self.folder.musetalk.name}",
                     tuple((b, s + dec.seconds(b)) for b, s in step.points))
+        if self.liveportrait_models is not None and key in self.liveportrait_keys:
+            assert self.folder.liveportrait is not None
+            a2m, stitch, warp = (self.engine.curve(k) for k in self.liveportrait_keys)
+            return (f"liveportrait/{self.folder.liveportrait.name}",
+                    tuple((b, s + a2m.seconds(b) + stitch.seconds(b)) for b, s in warp.points))
         if key.model.startswith("ultralight-") and key in self.face_keys():
             return key.model, self.engine.curve(key).points
         return None
@@ -232,6 +272,8 @@ class Pipeline:
         keys = [self.face_key] if self.face_model is not None else []
         if self.musetalk_models is not None:
             keys.append(self.musetalk_keys[1])
+        if self.liveportrait_models is not None:
+            keys.append(self.liveportrait_keys[2])
         with self._avatars_lock:
             return keys + sorted({f.key for _, _, f in self._faces.values() if f.name == "ultralight"})
 
@@ -254,6 +296,8 @@ class Pipeline:
             models[_avatar_key(bundle_id, own.side)] = own
         if self.musetalk_models is not None:
             models.update(zip(self.musetalk_keys, self.musetalk_models, strict=True))
+        if self.liveportrait_models is not None:
+            models.update(zip(self.liveportrait_keys, self.liveportrait_models, strict=True))
         model = models.get(key, self.renderer_model)
         assert model is not None
         self.engine.serve(key, model, curve)
@@ -339,6 +383,11 @@ class Pipeline:
                 model_name = family.key.model
             elif bundle.manifest.family == "musetalk":
                 family = self._musetalk_family(bundle)
+                model_name = family.key.model
+            elif bundle.manifest.family == "liveportrait":
+                assert self.features_model is not None
+                family = liveportrait.family(self.engine, self.liveportrait_keys, bundle.source(),
+                                             self.features_model, self.features, Timed)
                 model_name = family.key.model
             else:
                 assert self.face_model is not None and self.wav2lip_family is not None

@@ -20,6 +20,10 @@ A ``"musetalk"`` entry names MuseTalk 1.5's models, shared by its avatars:
 ``{"whisper": ..., "unet": ..., "vae_decoder": ..., "vae_encoder": ...}``
 (`workers.families.musetalk`; `add_musetalk` writes the project's stand-ins).
 
+A ``"liveportrait"`` entry names LivePortrait's: ``{"appearance": ..., "motion": ...,
+"audio_to_motion": ..., "stitching": ..., "warping": ...}`` (`workers.families.liveportrait`;
+`add_liveportrait` writes stand-ins); it is fed by the ``"features"`` model.
+
 The manifest's ``"wav2lip"`` entry names the family's model and, for an export that
 differs from Wav2Lip's own layout, its ``"layout"``: ``{"channels": "masked_first" |
 "unmasked_first", "colour": "bgr" | "rgb", "scale": "0..1" | "-1..1"}``. Its
@@ -105,6 +109,23 @@ class MuseTalkSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class LivePortraitSpec:
+    """LivePortrait's models: the extractors avatars are prepared with (a bundle made
+    with others is refused), and the per-frame audio-to-motion, stitching and warping."""
+
+    appearance: Path
+    motion: Path
+    audio_to_motion: Path
+    stitching: Path
+    warping: Path
+    name: str = "liveportrait"
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.appearance, self.motion, self.audio_to_motion, self.stitching, self.warping]
+
+
+@dataclass(frozen=True, slots=True)
 class ModelFolder:
     root: Path
     audio_to_motion: Path
@@ -114,6 +135,7 @@ class ModelFolder:
     wav2lip: FaceModel | None = None
     features: FeatureModelSpec | None = None
     musetalk: MuseTalkSpec | None = None
+    liveportrait: LivePortraitSpec | None = None
 
     @staticmethod
     def open(root: Path) -> ModelFolder:
@@ -146,16 +168,23 @@ class ModelFolder:
             musetalk = MuseTalkSpec(root / mt["whisper"], root / mt["unet"], root / mt["vae_decoder"],
                                     root / mt["vae_encoder"] if mt.get("vae_encoder") else None,
                                     mt.get("name", "musetalk"))
+        lp = manifest.get("liveportrait")
+        liveportrait = None
+        if lp:
+            liveportrait = LivePortraitSpec(root / lp["appearance"], root / lp["motion"],
+                                            root / lp["audio_to_motion"], root / lp["stitching"],
+                                            root / lp["warping"], lp.get("name", "liveportrait"))
         folder = ModelFolder(root, root / manifest["audio_to_motion"], root / manifest["renderer"],
                              manifest.get("renderer_name", "renderer"),
-                             root / lipsync if lipsync else None, face, features, musetalk)
+                             root / lipsync if lipsync else None, face, features, musetalk, liveportrait)
         if folder.lipsync is None:
             log.warning("%s names no lipsync model: rooms will run without lip-sync checks",
                         manifest_path)
         for p in (folder.audio_to_motion, folder.renderer, folder.lipsync or folder.renderer,
                   face.path if face else folder.renderer,
                   features.path if features else folder.renderer,
-                  *(musetalk.paths if musetalk else [])):
+                  *(musetalk.paths if musetalk else []),
+                  *(liveportrait.paths if liveportrait else [])):
             if not p.is_file():
                 raise ModelFolderError(f"model file {p} named in {manifest_path} is missing")
         return folder
@@ -181,7 +210,8 @@ class ModelFolder:
         return [self.audio_to_motion, self.renderer, *([self.lipsync] if self.lipsync else []),
                 *([self.wav2lip.path] if self.wav2lip else []),
                 *([self.features.path] if self.features else []),
-                *(self.musetalk.paths if self.musetalk else [])]
+                *(self.musetalk.paths if self.musetalk else []),
+                *(self.liveportrait.paths[2:] if self.liveportrait else [])]
 
     def avatar_path(self, avatar_id: str) -> Path:
         # An id names a file in avatars/, never a path: the worker takes the scheduler's
@@ -282,5 +312,34 @@ def add_musetalk(root: Path, preset: str = "tiny") -> ModelFolder:
     manifest_path = root / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["musetalk"] = entry
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return ModelFolder.open(root)
+
+
+def add_liveportrait(root: Path, preset: str = "tiny") -> ModelFolder:
+    """Writes the LivePortrait-signature stand-ins (``tiny`` or ``liveportrait``, the
+    warping's cost) into the model folder ``root`` (``liveportrait/``), named in its manifest."""
+    from workers.models.liveportrait import (
+        WARP_PRESETS,
+        build_appearance_extractor,
+        build_audio_to_motion,
+        build_motion_extractor,
+        build_stitching,
+        build_warping,
+    )
+
+    (root / "liveportrait").mkdir(parents=True, exist_ok=True)
+    files = {"appearance": ("appearance_feature_extractor.onnx", build_appearance_extractor()),
+             "motion": ("motion_extractor.onnx", build_motion_extractor()),
+             "audio_to_motion": ("audio_to_motion.onnx", build_audio_to_motion()),
+             "stitching": ("stitching.onnx", build_stitching()),
+             "warping": ("warping_spade.onnx", build_warping(WARP_PRESETS[preset]))}
+    entry: dict[str, str] = {"name": f"liveportrait-{preset}"}
+    for role, (name, model) in files.items():
+        onnx.save(model, str(root / "liveportrait" / name))
+        entry[role] = f"liveportrait/{name}"
+    manifest_path = root / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["liveportrait"] = entry
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     return ModelFolder.open(root)

@@ -1,0 +1,174 @@
+"""The LivePortrait family: a source portrait prepared once (appearance and keypoints),
+audio-driven motion from HuBERT rows, keypoints transformed, stitched and warped on the
+device; a room on a bundle of a real photograph (scikit-image's astronaut)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from skimage import data
+
+from avatarfarm.avatars import write_bundle_pointer
+from avatarfarm.domain import DriveMode, OutputKind, Quality, ScriptSegment, Stage
+from avatarfarm.preparation.bundle import Bundle, VideoLimits, prepare
+from avatarfarm.preparation.faces import PreparationError, TrackPolicy
+from avatarfarm.preparation.keypoints import degrees
+from tests.builders import make_spec
+from tests.media import encode_clip, head_motion, probe, video_avatar_mouths
+from workers.device.onnx import ModelInterfaceError, ProviderChoice
+from workers.device.pipeline import Pipeline
+from workers.families.liveportrait import load_warping, rotation, transform
+from workers.models.folder import ModelFolder, add_liveportrait, build_reference
+from workers.models.liveportrait import KEYPOINTS, build_motion_extractor
+from workers.output.targets import OutputTarget
+from workers.rooms.room import Pacing, Room, RoomRefused, RoomState
+
+AVATAR = "astronaut-lp"
+PREP = dict(limits=VideoLimits(min_seconds=1.0), policy=TrackPolicy(min_side=64))
+
+
+@pytest.fixture(scope="module")
+def clip() -> bytes:
+    frames, _ = head_motion(data.astronaut(), 30)
+    return encode_clip(frames)
+
+
+def extractors(folder: ModelFolder) -> tuple[bytes, bytes]:
+    assert folder.liveportrait is not None
+    return folder.liveportrait.appearance.read_bytes(), folder.liveportrait.motion.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def lp_pipeline(tmp_path_factory: pytest.TempPathFactory, clip: bytes) -> tuple[Pipeline, Bundle]:
+    root = tmp_path_factory.mktemp("models")
+    build_reference(root, "lite", wav2lip="tiny")
+    folder = add_liveportrait(root, "tiny")
+    bundle = prepare(clip, folder.avatar_dir / "bundles", (96,), family="liveportrait",
+                     extractors=extractors(folder), **PREP)  # type: ignore[arg-type]
+    write_bundle_pointer(folder.avatar_dir, AVATAR, bundle.manifest.bundle_id)
+    p = Pipeline(ModelFolder.open(root), ProviderChoice.CPU, intra_op_threads=2)
+    yield p, bundle  # type: ignore[misc]
+    p.close()
+
+
+def test_keypoints_are_posed_as_liveportrait_poses_them() -> None:
+    kp = KEYPOINTS
+    zero = np.zeros(3, np.float32)
+    # A frontal pose with no expression: the canonical face, scaled and moved in x and y.
+    out = transform(kp, zero, np.zeros(63, np.float32), 2.0, np.array([0.1, -0.2, 5.0], np.float32))
+    assert np.allclose(out, kp * 2 + np.array([0.1, -0.2, 0.0]), atol=1e-6)
+    # A yaw of 90 degrees turns the face: x goes into depth.
+    turned = transform(kp, np.array([0, 90, 0], np.float32), np.zeros(63, np.float32), 1.0, zero)
+    assert np.allclose(turned[:, 0], kp[:, 2], atol=1e-5) and np.allclose(turned[:, 2], -kp[:, 0], atol=1e-5)
+    assert np.allclose(rotation(0, 0, 0), np.eye(3))
+    # The 66-bin angles: centred on bins 32 and 33, 0 degrees; on bin 0, -97.5.
+    bins = np.full(66, -50.0)
+    bins[32] = bins[33] = 50.0
+    assert degrees(bins) == pytest.approx(0.0, abs=1e-6)
+    bins = np.full(66, -50.0)
+    bins[0] = 50.0
+    assert degrees(bins) == pytest.approx(-97.5, abs=1e-6)
+
+
+def test_preparation_stores_the_source_appearance_and_keypoints(tmp_path: Path, clip: bytes) -> None:
+    root = tmp_path / "models"
+    build_reference(root, "lite", wav2lip=None)
+    folder = add_liveportrait(root, "tiny")
+    a = prepare(clip, tmp_path / "b", (96,), family="liveportrait", extractors=extractors(folder), **PREP)  # type: ignore[arg-type]
+    again = prepare(clip, tmp_path / "b", (96,), family="liveportrait", extractors=extractors(folder), **PREP)  # type: ignore[arg-type]
+    assert again.manifest.bundle_id == a.manifest.bundle_id and a.manifest.family == "liveportrait"
+    assert {256, 512} <= set(a.manifest.sides)
+    src = a.source()
+    assert src["feature_3d"].shape == (32, 16, 64, 64)
+    assert np.allclose(src["kp"].reshape(21, 3), KEYPOINTS, atol=1e-5) and np.allclose(src["pose"], 0, atol=1e-3)
+    # The appearance holds the source crop (its 64 px RGB in the first channels).
+    crop = a.crops(256)[0, :, :, ::-1].astype(np.float32) / 255
+    assert np.allclose(src["feature_3d"][0, 0], crop[:, :, 0].reshape(64, 4, 64, 4).mean(axis=(1, 3)), atol=1e-4)
+    other = build_motion_extractor()
+    other.doc_string += " (another)"
+    b = prepare(clip, tmp_path / "b", (96,), family="liveportrait",
+                extractors=(extractors(folder)[0], other.SerializeToString()), **PREP)  # type: ignore[arg-type]
+    assert b.manifest.bundle_id != a.manifest.bundle_id
+    with pytest.raises(PreparationError, match="extractors"):
+        prepare(clip, tmp_path / "b", (96,), family="liveportrait", **PREP)  # type: ignore[arg-type]
+
+
+def test_a_warping_export_onnxruntime_cannot_run_is_refused_at_load_saying_why(tmp_path: Path) -> None:
+    # Exports made for TensorRT sample the 3-D features with a plugin op, GridSample3D.
+    node = helper.make_node("GridSample3D", ["feature_3d", "kp_driving", "kp_source"], ["out"],
+                            domain="trt.plugins")
+    graph = helper.make_graph(
+        [node], "warping_spade",
+        [helper.make_tensor_value_info("feature_3d", TensorProto.FLOAT, [1, 32, 16, 64, 64]),
+         helper.make_tensor_value_info("kp_driving", TensorProto.FLOAT, [1, 21, 3]),
+         helper.make_tensor_value_info("kp_source", TensorProto.FLOAT, [1, 21, 3])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 512, 512])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("trt.plugins", 1)])
+    onnx.save(model, str(tmp_path / "warping_spade.onnx"))
+    with pytest.raises(ModelInterfaceError, match=r"cannot run on this onnxruntime.*GridSample"):
+        load_warping("warping", tmp_path / "warping_spade.onnx", ProviderChoice.CPU, 1)
+
+
+def lp_room(pipeline: Pipeline, tmp_path: Path, *, drive: DriveMode = DriveMode.TEXT,
+            avatar: str = AVATAR) -> Room:
+    script = (ScriptSegment("Welcome to the live room, three new offers today."),)
+    spec = dataclasses.replace(
+        make_spec("l", drive=drive, quality=Quality(320, 256, 25), seconds=4.0, script=script),
+        avatar_id=avatar)
+    return Room("s-lp", spec, OutputTarget.resolve(OutputKind.FILE, "l.mp4", tmp_path), pipeline,
+                pacing=Pacing.FAST)
+
+
+def test_a_liveportrait_room_on_the_real_photograph_moves_the_mouth_with_speech(
+        lp_pipeline: tuple[Pipeline, Bundle], tmp_path: Path) -> None:
+    pipeline, bundle = lp_pipeline
+    room = lp_room(pipeline, tmp_path)
+    asyncio.run(room.run())
+    assert room.state is RoomState.ENDED, room.reason
+    st = room.stats
+    assert st.frames_rendered == 100 and st.late_frames == 0
+    a2m, stitch, warp = pipeline.liveportrait_keys
+    stats = pipeline.engine.stats()
+    # Every speaking frame went through motion, stitching and warping, one item each.
+    assert 0 < st.batched_items < st.frames_rendered
+    assert stats[a2m].items == stats[stitch].items == stats[warp].items == st.batched_items
+    assert pipeline.face_family(AVATAR).key == warp and warp.side == 512
+    assert st.stage_seconds["render"] > 0 and st.stage_seconds["audio_to_motion"] > 0
+    assert probe(tmp_path / "l.mp4").frames == 100
+    _, opened = video_avatar_mouths(tmp_path / "l.mp4", bundle)
+    speaking, quiet = opened[:st.batched_items // 2], opened[-20:]
+    assert np.median(speaking) > np.median(quiet) + 10
+
+
+def test_the_start_up_profile_gives_liveportrait_one_face_cost_for_its_three_stages(
+        lp_pipeline: tuple[Pipeline, Bundle]) -> None:
+    from workers.device.profile import measure
+
+    pipeline, _ = lp_pipeline
+    faces = {p.model: p for p in measure(pipeline, [64], [], iterations=1, max_batch=2)
+             if p.stage is Stage.FACE}
+    lp = faces["liveportrait/liveportrait-tiny"]
+    curves = [pipeline.engine.curve(k) for k in pipeline.liveportrait_keys]
+    assert lp.width == 512 and dict(lp.latencies)[1] == pytest.approx(sum(c.seconds(1) for c in curves))
+
+
+def test_rooms_a_liveportrait_avatar_cannot_have_are_refused(
+        lp_pipeline: tuple[Pipeline, Bundle], tmp_path: Path, clip: bytes) -> None:
+    pipeline, _ = lp_pipeline
+    with pytest.raises(RoomRefused, match="no motion input"):
+        lp_room(pipeline, tmp_path, drive=DriveMode.MOCAP)
+    other = build_motion_extractor()
+    other.doc_string += " (another)"
+    folder = pipeline.folder
+    b = prepare(clip, folder.avatar_dir / "bundles", (96,), family="liveportrait",
+                extractors=(extractors(folder)[0], other.SerializeToString()), **PREP)  # type: ignore[arg-type]
+    write_bundle_pointer(folder.avatar_dir, "elsewhere-lp", b.manifest.bundle_id)
+    with pytest.raises(RoomRefused, match="other appearance and motion extractors"):
+        lp_room(pipeline, tmp_path, avatar="elsewhere-lp")

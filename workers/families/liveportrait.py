@@ -1,0 +1,181 @@
+"""The LivePortrait family's adapter: a motion source, keypoints, stitching and warping.
+
+The avatar is one source portrait (the clip's first frame), prepared once: its
+appearance features and keypoints (`avatarfarm.preparation.keypoints`). Per speaking
+frame: the audio-to-motion model reads a window of HuBERT rows (the worker's feature
+model, as for Ultralight) and gives the 70-value motion (63 expression, scale,
+translation 3, pitch/yaw/roll in degrees) relative to the source; the driving keypoints
+are the source's canonical keypoints rotated, deformed, scaled and moved by it
+(LivePortrait's transform, here on the host: 21 points); the stitching model corrects
+them ([126] -> [65]: 63 offsets and an x/y shift); the warping model draws the face at
+512 px from the source's features and both sets of keypoints. Each model is an item
+of the batcher, across rooms.
+
+A warping export onnxruntime cannot run (those made for TensorRT use a GridSample3D
+plugin op; some builds lacked 5-D GridSample, LivePortrait#150) is refused at load,
+saying so.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import typing
+from collections.abc import Callable
+
+import numpy as np
+
+from workers.device.binding import WAV2LIP_LAYOUT, AudioRole
+from workers.device.engine import BatchKey, InferenceEngine
+from workers.device.onnx import ModelInterfaceError, OrtModel
+from workers.families.base import FaceFamily
+from workers.families.rows import RowStream
+from workers.families.ultralight import FeatureModel, grid
+
+N_KP = 21
+MOTION = 70
+AUDIO_SHAPE = (16, 1024)
+
+
+def rotation(pitch: float, yaw: float, roll: float) -> np.ndarray:
+    """LivePortrait's rotation from degrees: (Rz Ry Rx) transposed, to right-multiply."""
+    p, y, r = np.radians([pitch, yaw, roll])
+    rx = np.array([[1, 0, 0], [0, np.cos(p), -np.sin(p)], [0, np.sin(p), np.cos(p)]])
+    ry = np.array([[np.cos(y), 0, np.sin(y)], [0, 1, 0], [-np.sin(y), 0, np.cos(y)]])
+    rz = np.array([[np.cos(r), -np.sin(r), 0], [np.sin(r), np.cos(r), 0], [0, 0, 1]])
+    return (rz @ ry @ rx).T.astype(np.float32)
+
+
+def transform(kp: np.ndarray, pose: np.ndarray, exp: np.ndarray, scale: float, t: np.ndarray) -> np.ndarray:
+    """Canonical keypoints [21, 3] -> posed: (kp R + exp) * scale, moved by t in x and y."""
+    out = (kp.reshape(N_KP, 3) @ rotation(*pose) + exp.reshape(N_KP, 3)) * np.float32(scale)
+    out[:, :2] += t[:2]
+    return out.astype(np.float32)
+
+
+def _refuse(name: str, why: str, model: OrtModel) -> ModelInterfaceError:
+    ins = ", ".join(f"{a.name} {list(a.shape)}" for a in model.session.get_inputs())
+    outs = ", ".join(f"{a.name} {list(a.shape)}" for a in model.session.get_outputs())
+    return ModelInterfaceError(f"LivePortrait {name} {model.name}: {why}; it has inputs {ins} and outputs {outs}")
+
+
+class _Positional:
+    """A model fed by position (as FasterLivePortrait feeds its exports) after its
+    inputs' ranks are checked; per-item feeds are named by role."""
+
+    def __init__(self, model: OrtModel, roles: tuple[str, ...], ranks: tuple[int, ...], what: str) -> None:
+        self.name, self.provider, self.session = model.name, model.provider, model.session
+        inputs = self.session.get_inputs()
+        if tuple(len(a.shape) for a in inputs) != ranks:
+            raise _refuse(what, f"expected inputs of ranks {list(ranks)} ({', '.join(roles)})", model)
+        self._names = [a.name for a in inputs]
+        self._roles = roles
+        self._output = self.session.get_outputs()[0].name
+
+    def run(self, feeds: dict[str, np.ndarray]) -> tuple[list[typing.Any], float]:
+        t0 = time.perf_counter()
+        (out,) = self.session.run([self._output], {n: feeds[r] for n, r in zip(self._names, self._roles,
+                                                                              strict=True)})
+        return [np.asarray(out)], time.perf_counter() - t0
+
+
+class AudioToMotion(_Positional):
+    FEATURES = "features"
+
+    def __init__(self, model: OrtModel) -> None:
+        super().__init__(model, (self.FEATURES,), (3,), "audio-to-motion model")
+        shape = model.session.get_inputs()[0].shape
+        out = model.session.get_outputs()[0].shape
+        if list(shape[1:]) != list(AUDIO_SHAPE) or out[-1] != MOTION:
+            raise _refuse("audio-to-motion model", "expected features [B, 16, 1024] (8 frames of "
+                          "HuBERT rows) -> motion [B, 70]", model)
+
+    def example_item(self) -> dict[str, np.ndarray]:
+        return {self.FEATURES: np.random.default_rng(0).normal(-7, 1, AUDIO_SHAPE).astype(np.float32)}
+
+
+class Stitching(_Positional):
+    INPUT = "input"
+
+    def __init__(self, model: OrtModel) -> None:
+        super().__init__(model, (self.INPUT,), (2,), "stitching model")
+        if model.session.get_inputs()[0].shape[-1] != 2 * 3 * N_KP or \
+                model.session.get_outputs()[0].shape[-1] != 3 * N_KP + 2:
+            raise _refuse("stitching model", "expected input [B, 126] -> output [B, 65]", model)
+
+    def example_item(self) -> dict[str, np.ndarray]:
+        return {self.INPUT: np.zeros(2 * 3 * N_KP, np.float32)}
+
+
+class Warping(_Positional):
+    """``feature_3d``, ``kp_driving``, ``kp_source`` by position (kp_driving before
+    kp_source, as FasterLivePortrait feeds them) -> the face [B, 3, 512, 512] BGR 0..1."""
+
+    FEATURE, DRIVING, SOURCE = "feature_3d", "kp_driving", "kp_source"
+
+    def __init__(self, model: OrtModel) -> None:
+        super().__init__(model, (self.FEATURE, self.DRIVING, self.SOURCE), (5, 3, 3), "warping model")
+        side = model.session.get_outputs()[0].shape[-1]
+        self.side = side if isinstance(side, int) else 512
+
+    def run(self, feeds: dict[str, np.ndarray]) -> tuple[list[typing.Any], float]:
+        (rgb,), dt = super().run(feeds)
+        return [np.clip(rgb[:, ::-1], 0.0, 1.0)], dt
+
+    def example_item(self) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(0)
+        kp = rng.uniform(-0.5, 0.5, (N_KP, 3)).astype(np.float32)
+        return {self.FEATURE: rng.normal(0, 1, (32, 16, 64, 64)).astype(np.float32),
+                self.DRIVING: kp, self.SOURCE: kp}
+
+
+def load_warping(name: str, path: typing.Any, provider: typing.Any, threads: int) -> Warping:
+    """The warping model, or a clear refusal where onnxruntime cannot run it."""
+    try:
+        return Warping(OrtModel(name, path, None, provider, threads))
+    except ModelInterfaceError as e:
+        if "GridSample3D" in str(e) or "NOT_IMPLEMENTED" in str(e) or "No Op registered" in str(e):
+            raise ModelInterfaceError(
+                f"LivePortrait warping model {name} ({path}) cannot run on this onnxruntime: it "
+                "needs 5-D grid sampling that this build does not provide (an export made for "
+                "TensorRT's GridSample3D plugin, or a build without 5-D GridSample: "
+                "LivePortrait#150); export the warping with the standard GridSample op "
+                f"(opset 16 or later). onnxruntime said: {e}") from e
+        raise
+
+
+def family(engine: InferenceEngine, keys: tuple[BatchKey, BatchKey, BatchKey], source: dict[str, np.ndarray],
+           features: FeatureModel, submit: typing.Any, timed: Callable[..., typing.Any]) -> FaceFamily:
+    """One avatar's LivePortrait family: its source, the worker's models under ``keys``
+    (audio-to-motion, stitching, warping)."""
+    a2m_key, stitch_key, warp_key = keys
+    kp_c, pose, exp = source["kp"], source["pose"], source["exp"]
+    scale, t = float(source["scale"].reshape(-1)[0]), source["t"].reshape(-1)
+    kp_source = transform(kp_c, pose, exp, scale, t)
+    feature_3d = np.ascontiguousarray(source["feature_3d"], np.float32)
+    rows = grid(AUDIO_SHAPE, features.width)
+
+    def speech(fps: int, priority: int, on_seconds: Callable[[float], None]) -> RowStream:
+        return RowStream(fps, rows, features.silence, submit, priority, on_seconds)
+
+    async def redraw(audio: np.ndarray, face: typing.Any, index: int, deadline: float,
+                     priority: int) -> typing.Any:
+        later = (engine.curve(stitch_key).seconds(1) + engine.curve(warp_key).seconds(1)
+                 if math.isfinite(deadline) else 0.0)
+        m = await engine.infer(a2m_key, {AudioToMotion.FEATURES: audio}, deadline - later, priority)
+        mo = m.outputs[0]
+        driving = transform(kp_c, pose + mo[67:70], exp + mo[:63], scale * (1.0 + float(mo[63])),
+                            t + mo[64:67])
+        stitch_in = np.concatenate([kp_source.reshape(-1), driving.reshape(-1)])
+        s = await engine.infer(stitch_key, {Stitching.INPUT: stitch_in},
+                               deadline - engine.curve(warp_key).seconds(1) if math.isfinite(deadline)
+                               else deadline, priority)
+        delta = s.outputs[0]
+        driving = driving + delta[:3 * N_KP].reshape(N_KP, 3)
+        driving[:, :2] += delta[3 * N_KP:3 * N_KP + 2]
+        w = await engine.infer(warp_key, {Warping.FEATURE: feature_3d, Warping.DRIVING: driving,
+                                          Warping.SOURCE: kp_source}, deadline, priority)
+        return timed(w.outputs[0], m.seconds + s.seconds + w.seconds, w.batch_size)
+
+    role = AudioRole("features float32 [B, 16, 1024]", lambda shape: shape == AUDIO_SHAPE)
+    return FaceFamily("liveportrait", warp_key, WAV2LIP_LAYOUT, role, speech, redraw)
