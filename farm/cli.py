@@ -96,10 +96,15 @@ def _prepare_avatar(args: argparse.Namespace) -> int:
         if args.avatar_id:
             validate_id("avatar_id", args.avatar_id)
         vae = args.vae_encoder.read_bytes() if args.vae_encoder is not None else None
-        family = "ultralight" if model is not None else "musetalk" if vae is not None else "wav2lip"
+        extractors = None
+        if args.extractors is not None:
+            appearance, _, motion = args.extractors.partition(",")
+            extractors = (Path(appearance).read_bytes(), Path(motion).read_bytes())
+        family = ("ultralight" if model is not None else "musetalk" if vae is not None
+                  else "liveportrait" if extractors is not None else "wav2lip")
         bundle = prepare(args.video.read_bytes(), args.avatar_dir / BUNDLES, sides,
                          detector=load_detector(args.detector), progress=progress,
-                         model=model, family=family, vae_encoder=vae)
+                         model=model, family=family, vae_encoder=vae, extractors=extractors)
     except (PreparationError, InvalidRequest, OSError) as e:
         print(f"avatarfarm prepare-avatar: {e}", file=sys.stderr)
         return 2
@@ -147,6 +152,11 @@ def _build_models(args: argparse.Namespace) -> int:
 
         folder = add_musetalk(args.out, args.musetalk)
         print(f"MuseTalk-signature models ({args.musetalk}) in {args.out / 'musetalk'}")
+    if args.liveportrait != "none":
+        from workers.models.folder import add_liveportrait
+
+        folder = add_liveportrait(args.out, args.liveportrait)
+        print(f"LivePortrait-signature models ({args.liveportrait}) in {args.out / 'liveportrait'}")
     print(f"avatars: {', '.join(folder.avatar_ids())}")
     return 0
 
@@ -358,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "[B, 3, 256, 256] RGB in [-1, 1] -> [B, 4, 32, 32]); every base frame's "
                          "latents are stored in the bundle, and workers whose folder names another "
                          "VAE encoder refuse it")
+    pa.add_argument("--extractors", default=None, metavar="APPEARANCE,MOTION",
+                    help="for the LivePortrait family: its appearance_feature_extractor and "
+                         "motion_extractor ONNX files, comma-separated; they run once on the "
+                         "clip's first frame and the bundle keeps the source's features and "
+                         "keypoints (workers whose folder names other extractors refuse it)")
     pa.add_argument("--feature-width", type=int, default=1024,
                     help="width of the feature rows the model's audio input holds (default 1024, "
                          "HuBERT-large's); the workers' feature model must give the same")
@@ -390,6 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write MuseTalk-signature stand-ins (Whisper-tiny encoder, UNet, VAE "
                         "decoder and encoder) under musetalk/: musetalk (~250 GFLOP a frame, "
                         "~330 MB), tiny (tests) or none (the default)")
+    b.add_argument("--liveportrait", default="none", choices=["liveportrait", "tiny", "none"],
+                   help="also write LivePortrait-signature stand-ins (appearance and motion "
+                        "extractors, audio-to-motion, stitching, warping) under liveportrait/: "
+                        "liveportrait (~18 GMAC a frame), tiny (tests) or none (the default)")
     b.add_argument("--force", action="store_true", help="rebuild even if the folder is current")
     b.set_defaults(func=_build_models)
 

@@ -19,6 +19,8 @@ person, prepared here) and the face model (``--wav2lip wav2lip_96`` or ``wav2lip
 takes the renderer's place; silent windows skip it, so the model's share of frames
 is printed too. ``--family musetalk`` runs MuseTalk rooms (``--musetalk musetalk``: Whisper
 rows, a UNet step and the VAE decoder, ~250 GFLOP a frame; ``tiny`` for a quick look).
+``--family liveportrait`` runs LivePortrait rooms (motion from HuBERT rows, stitching and
+the warping at 512 px, ``--liveportrait liveportrait`` ~18 GMAC a frame, or ``tiny``).
 ``--family ultralight`` prepares the clip with the person's own
 Ultralight UNet (``--ultralight ultralight``, ~1.7 GMAC a frame, or ``tiny``) in its
 bundle; the HuBERT-signature feature model (HuBERT-large's cost with ``--preset
@@ -75,7 +77,8 @@ from workers.device.onnx import ProviderChoice, auto_intra_op_threads
 from workers.device.pipeline import Pipeline
 from workers.device.profile import measure
 from workers.device.timing import batch_sizes, measure_curve, run_batch_of
-from workers.models.folder import add_musetalk, build_reference
+from workers.models.folder import add_liveportrait, add_musetalk, build_reference
+from workers.models.liveportrait import WARP_PRESETS
 from workers.models.musetalk import MUSETALK_PRESETS
 from workers.models.reference import RENDERER_PRESETS
 from workers.models.ultralight import UNET_PRESETS, build_ultralight
@@ -270,10 +273,13 @@ async def main() -> None:
                          "first under overload instead of shedding), ungoverned (batched without "
                          "the frame-rate governor); loads alternate between them")
     ap.add_argument("--family", default="reference",
-                    choices=["reference", "wav2lip", "ultralight", "musetalk"],
+                    choices=["reference", "wav2lip", "ultralight", "musetalk", "liveportrait"],
                     help="reference: the portrait renderer; wav2lip: a video avatar, the folder's "
                          "face model; ultralight: a video avatar with its own UNet, fed by HuBERT rows; "
-                         "musetalk: Whisper rows, a UNet step on the avatar's latents, the VAE decoder")
+                         "musetalk: Whisper rows, a UNet step on the avatar's latents, the VAE decoder; "
+                         "liveportrait: HuBERT rows to motion, keypoints stitched and warped")
+    ap.add_argument("--liveportrait", default="liveportrait", choices=sorted(WARP_PRESETS),
+                    help="cost preset of the LivePortrait-signature warping (--family liveportrait)")
     ap.add_argument("--musetalk", default="musetalk", choices=sorted(MUSETALK_PRESETS),
                     help="cost preset of the MuseTalk-signature models (--family musetalk)")
     ap.add_argument("--ultralight", default="ultralight", choices=sorted(UNET_PRESETS),
@@ -296,7 +302,7 @@ async def main() -> None:
         folder = build_reference(root / "models", args.preset, wav2lip=args.wav2lip)
         if args.renderer == "null":
             write_null_renderer(folder.renderer)
-        video = args.family in ("wav2lip", "ultralight", "musetalk")
+        video = args.family in ("wav2lip", "ultralight", "musetalk", "liveportrait")
         avatar = "presenter"
         if args.family == "wav2lip":
             assert folder.wav2lip is not None
@@ -312,6 +318,13 @@ async def main() -> None:
             assert folder.musetalk is not None and folder.musetalk.vae_encoder is not None
             bundle = prepare(astronaut_clip(), folder.avatar_dir / BUNDLES, (96,), family="musetalk",
                              vae_encoder=folder.musetalk.vae_encoder.read_bytes(),
+                             policy=TrackPolicy(min_side=96))
+        elif args.family == "liveportrait":
+            folder = add_liveportrait(root / "models", args.liveportrait)
+            assert folder.liveportrait is not None
+            bundle = prepare(astronaut_clip(), folder.avatar_dir / BUNDLES, (96,), family="liveportrait",
+                             extractors=(folder.liveportrait.appearance.read_bytes(),
+                                         folder.liveportrait.motion.read_bytes()),
                              policy=TrackPolicy(min_side=96))
         if video:
             write_bundle_pointer(folder.avatar_dir, VIDEO_AVATAR, bundle.manifest.bundle_id)
@@ -334,7 +347,18 @@ async def main() -> None:
             if name != "ungoverned":
                 measure(p, [side], [], iterations=5, max_batch=1 if name == "per-room" else args.max_batch)
         p = pipelines["batched"]
-        if args.family == "musetalk":
+        if args.family == "liveportrait":
+            assert p.liveportrait_models is not None
+            lp_models = p.liveportrait_models
+            lp_items = [m.example_item() for m in lp_models]
+
+            def lp_chain(b: int) -> None:
+                for m, item in zip(lp_models, lp_items, strict=True):
+                    run_batch_of(m, item, b)
+
+            alone = measure_curve(lp_chain, batch_sizes(args.max_batch), 3)
+            what = f"LivePortrait motion + stitching + warping ({args.liveportrait}) at 512 px"
+        elif args.family == "musetalk":
             assert p.musetalk_models is not None
             _, unet, decoder = p.musetalk_models
             u_item, d_item = unet.example_item(), decoder.example_item()

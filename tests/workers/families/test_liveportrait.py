@@ -172,3 +172,26 @@ def test_rooms_a_liveportrait_avatar_cannot_have_are_refused(
     write_bundle_pointer(folder.avatar_dir, "elsewhere-lp", b.manifest.bundle_id)
     with pytest.raises(RoomRefused, match="other appearance and motion extractors"):
         lp_room(pipeline, tmp_path, avatar="elsewhere-lp")
+
+
+def test_the_command_lines_build_the_models_and_prepare_an_avatar(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from farm.cli import main
+
+    models = tmp_path / "models"
+    assert main(["build-models", "--out", str(models), "--wav2lip", "none", "--liveportrait", "tiny"]) == 0
+    folder = ModelFolder.open(models)
+    assert folder.liveportrait is not None
+    frames, _ = head_motion(data.astronaut(), 130)
+    video = tmp_path / "anna.mp4"
+    video.write_bytes(encode_clip(frames))
+    capsys.readouterr()
+    lp = folder.liveportrait
+    assert main(["prepare-avatar", "--video", str(video), "--avatar-dir", str(folder.avatar_dir),
+                 "--sides", "96", "--extractors", f"{lp.appearance},{lp.motion}", "--avatar-id", "anna"]) == 0
+    assert "crops at [96, 256, 512] px, liveportrait family" in capsys.readouterr().out
+    pipeline = Pipeline(folder, ProviderChoice.CPU, intra_op_threads=1)
+    try:
+        assert pipeline.video_avatar_refusal("anna") is None  # the folder's own extractors
+    finally:
+        pipeline.close()
