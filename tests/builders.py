@@ -137,3 +137,23 @@ def sent(conn: WorkerConn) -> list[WorkerCommand]:
         assert cmd is not None
         out.append(cmd)
     return out
+
+
+SPEECH = (ScriptSegment("Welcome to the live room, three new offers today."),)
+
+
+def make_video_room(pipeline: Any, tmp_path: Path, avatar_id: str, *, drive: DriveMode = DriveMode.TEXT,
+                    seconds: float = 4.0, script: tuple[ScriptSegment, ...] = SPEECH,
+                    output: str = "v.mp4", **room: Any) -> Any:
+    """A fast-paced room of ``seconds`` on a video avatar, 320x256@25, speaking ``script``
+    then pausing, written to ``tmp_path / output``."""
+    import dataclasses
+
+    from workers.output.targets import OutputTarget
+    from workers.rooms.room import Pacing, Room
+
+    spec = dataclasses.replace(
+        make_spec("v", drive=drive, quality=Quality(320, 256, 25), seconds=seconds, script=script),
+        avatar_id=avatar_id)
+    return Room(f"s-{avatar_id}", spec, OutputTarget.resolve(OutputKind.FILE, output, tmp_path), pipeline,
+                pacing=Pacing.FAST, **room)

@@ -300,20 +300,11 @@ def add_musetalk(root: Path, preset: str = "tiny") -> ModelFolder:
     )
 
     cost = MUSETALK_PRESETS[preset]
-    (root / "musetalk").mkdir(parents=True, exist_ok=True)
-    files = {"whisper": ("whisper_encoder.onnx", build_whisper_encoder(cost.encoder)),
-             "unet": ("unet.onnx", build_musetalk_unet(cost.unet)),
-             "vae_decoder": ("vae_decoder.onnx", build_vae_decoder(cost.decoder)),
-             "vae_encoder": ("vae_encoder.onnx", build_vae_encoder())}
-    entry: dict[str, str] = {"name": f"musetalk-{preset}"}
-    for role, (name, model) in files.items():
-        onnx.save(model, str(root / "musetalk" / name))
-        entry[role] = f"musetalk/{name}"
-    manifest_path = root / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["musetalk"] = entry
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
-    return ModelFolder.open(root)
+    return _add_family(root, "musetalk", preset, {
+        "whisper": ("whisper_encoder.onnx", build_whisper_encoder(cost.encoder)),
+        "unet": ("unet.onnx", build_musetalk_unet(cost.unet)),
+        "vae_decoder": ("vae_decoder.onnx", build_vae_decoder(cost.decoder)),
+        "vae_encoder": ("vae_encoder.onnx", build_vae_encoder())})
 
 
 def add_liveportrait(root: Path, preset: str = "tiny") -> ModelFolder:
@@ -328,18 +319,25 @@ def add_liveportrait(root: Path, preset: str = "tiny") -> ModelFolder:
         build_warping,
     )
 
-    (root / "liveportrait").mkdir(parents=True, exist_ok=True)
-    files = {"appearance": ("appearance_feature_extractor.onnx", build_appearance_extractor()),
-             "motion": ("motion_extractor.onnx", build_motion_extractor()),
-             "audio_to_motion": ("audio_to_motion.onnx", build_audio_to_motion()),
-             "stitching": ("stitching.onnx", build_stitching()),
-             "warping": ("warping_spade.onnx", build_warping(WARP_PRESETS[preset]))}
-    entry: dict[str, str] = {"name": f"liveportrait-{preset}"}
+    return _add_family(root, "liveportrait", preset, {
+        "appearance": ("appearance_feature_extractor.onnx", build_appearance_extractor()),
+        "motion": ("motion_extractor.onnx", build_motion_extractor()),
+        "audio_to_motion": ("audio_to_motion.onnx", build_audio_to_motion()),
+        "stitching": ("stitching.onnx", build_stitching()),
+        "warping": ("warping_spade.onnx", build_warping(WARP_PRESETS[preset]))})
+
+
+def _add_family(root: Path, family: str, preset: str,
+                files: dict[str, tuple[str, onnx.ModelProto]]) -> ModelFolder:
+    """Saves a family's models under ``root/<family>/`` and names them in the manifest's
+    ``<family>`` entry, by role."""
+    (root / family).mkdir(parents=True, exist_ok=True)
+    entry: dict[str, str] = {"name": f"{family}-{preset}"}
     for role, (name, model) in files.items():
-        onnx.save(model, str(root / "liveportrait" / name))
-        entry[role] = f"liveportrait/{name}"
+        onnx.save(model, str(root / family / name))
+        entry[role] = f"{family}/{name}"
     manifest_path = root / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest["liveportrait"] = entry
+    manifest[family] = entry
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     return ModelFolder.open(root)

@@ -5,7 +5,7 @@ device; a room on a bundle of a real photograph (scikit-image's astronaut)."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -15,19 +15,18 @@ from onnx import TensorProto, helper
 from skimage import data
 
 from avatarfarm.avatars import write_bundle_pointer
-from avatarfarm.domain import DriveMode, OutputKind, Quality, ScriptSegment, Stage
+from avatarfarm.domain import DriveMode, Stage
 from avatarfarm.preparation.bundle import Bundle, VideoLimits, prepare
 from avatarfarm.preparation.faces import PreparationError, TrackPolicy
 from avatarfarm.preparation.keypoints import degrees
-from tests.builders import make_spec
+from tests.builders import make_video_room
 from tests.media import encode_clip, head_motion, probe, video_avatar_mouths
 from workers.device.onnx import ModelInterfaceError, ProviderChoice
 from workers.device.pipeline import Pipeline
 from workers.families.liveportrait import load_warping, rotation, transform
 from workers.models.folder import ModelFolder, add_liveportrait, build_reference
 from workers.models.liveportrait import KEYPOINTS, build_motion_extractor
-from workers.output.targets import OutputTarget
-from workers.rooms.room import Pacing, Room, RoomRefused, RoomState
+from workers.rooms.room import Room, RoomRefused, RoomState
 
 AVATAR = "astronaut-lp"
 PREP = dict(limits=VideoLimits(min_seconds=1.0), policy=TrackPolicy(min_side=64))
@@ -118,12 +117,7 @@ def test_a_warping_export_onnxruntime_cannot_run_is_refused_at_load_saying_why(t
 
 def lp_room(pipeline: Pipeline, tmp_path: Path, *, drive: DriveMode = DriveMode.TEXT,
             avatar: str = AVATAR) -> Room:
-    script = (ScriptSegment("Welcome to the live room, three new offers today."),)
-    spec = dataclasses.replace(
-        make_spec("l", drive=drive, quality=Quality(320, 256, 25), seconds=4.0, script=script),
-        avatar_id=avatar)
-    return Room("s-lp", spec, OutputTarget.resolve(OutputKind.FILE, "l.mp4", tmp_path), pipeline,
-                pacing=Pacing.FAST)
+    return typing.cast(Room, make_video_room(pipeline, tmp_path, avatar, drive=drive, output="l.mp4"))
 
 
 def test_a_liveportrait_room_on_the_real_photograph_moves_the_mouth_with_speech(

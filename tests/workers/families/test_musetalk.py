@@ -5,7 +5,7 @@ astronaut)."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +15,10 @@ from onnx import TensorProto, helper
 from skimage import data
 
 from avatarfarm.avatars import write_bundle_pointer
-from avatarfarm.domain import DriveMode, OutputKind, Quality, ScriptSegment
+from avatarfarm.domain import DriveMode
 from avatarfarm.preparation.bundle import Bundle, VideoLimits, prepare
 from avatarfarm.preparation.faces import PreparationError, TrackPolicy
-from tests.builders import make_spec
+from tests.builders import make_video_room
 from tests.media import encode_clip, head_motion, probe, video_avatar_mouths
 from workers.device.onnx import ModelInterfaceError, OrtModel, ProviderChoice
 from workers.device.pipeline import Pipeline, Timed
@@ -26,8 +26,7 @@ from workers.families.musetalk import GRID, MuseTalkUNet, WhisperEncoder
 from workers.families.rows import RowStream
 from workers.models.folder import ModelFolder, add_musetalk, build_reference
 from workers.models.musetalk import MUSETALK_PRESETS, build_vae_encoder, build_whisper_encoder
-from workers.output.targets import OutputTarget
-from workers.rooms.room import Pacing, Room, RoomRefused, RoomState
+from workers.rooms.room import Room, RoomRefused, RoomState
 
 AVATAR = "astronaut-mt"
 RATE = 16_000
@@ -142,12 +141,7 @@ def test_models_that_do_not_fit_are_refused_naming_what_they_have(tmp_path: Path
 
 def mt_room(pipeline: Pipeline, tmp_path: Path, *, drive: DriveMode = DriveMode.TEXT,
             avatar: str = AVATAR) -> Room:
-    script = (ScriptSegment("Welcome to the live room, three new offers today."),)
-    spec = dataclasses.replace(
-        make_spec("m", drive=drive, quality=Quality(320, 256, 25), seconds=4.0, script=script),
-        avatar_id=avatar)
-    return Room("s-mt", spec, OutputTarget.resolve(OutputKind.FILE, "m.mp4", tmp_path), pipeline,
-                pacing=Pacing.FAST)
+    return typing.cast(Room, make_video_room(pipeline, tmp_path, avatar, drive=drive, output="m.mp4"))
 
 
 def test_a_musetalk_room_on_the_real_photograph_moves_the_mouth_with_speech(

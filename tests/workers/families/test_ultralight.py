@@ -4,8 +4,8 @@ the avatar's bundle, a room on a bundle of a real photograph (scikit-image's ast
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +16,10 @@ from onnx import TensorProto, helper
 from skimage import data
 
 from avatarfarm.avatars import write_bundle_pointer
-from avatarfarm.domain import DriveMode, OutputKind, Quality, ScriptSegment
+from avatarfarm.domain import DriveMode, ScriptSegment
 from avatarfarm.preparation.bundle import Bundle, VideoLimits, prepare
 from avatarfarm.preparation.faces import PreparationError, TrackPolicy
-from tests.builders import make_spec
+from tests.builders import make_video_room
 from tests.media import encode_clip, head_motion, probe, video_avatar_mouths
 from workers.device.binding import ModelBindingError, bind_lipsync
 from workers.device.onnx import ModelInterfaceError, OrtModel, ProviderChoice
@@ -34,7 +34,6 @@ from workers.models.ultralight import (
     build_hubert,
     build_ultralight,
 )
-from workers.output.targets import OutputTarget
 from workers.rooms.room import Pacing, Room, RoomRefused, RoomState
 
 AVATAR = "astronaut-ul"
@@ -193,11 +192,8 @@ def test_preparation_stores_the_persons_model_in_the_bundle_and_its_id(tmp_path:
 
 def ul_room(pipeline: Pipeline, tmp_path: Path, *, drive: DriveMode = DriveMode.TEXT,
             seconds: float = 4.0, script: tuple[ScriptSegment, ...] = ()) -> Room:
-    spec = dataclasses.replace(
-        make_spec("u", drive=drive, quality=Quality(320, 256, 25), seconds=seconds, script=script),
-        avatar_id=AVATAR)
-    return Room("s-ul", spec, OutputTarget.resolve(OutputKind.FILE, "u.mp4", tmp_path), pipeline,
-                pacing=Pacing.FAST)
+    return typing.cast(Room, make_video_room(pipeline, tmp_path, AVATAR, drive=drive, seconds=seconds,
+                                             script=script, output="u.mp4"))
 
 
 def test_an_ultralight_room_on_the_real_photograph_moves_the_mouth_with_speech(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -13,18 +14,17 @@ import pytest
 from skimage import data
 
 from avatarfarm.avatars import write_bundle_pointer
-from avatarfarm.domain import DriveMode, OutputKind, Quality, ScriptSegment
+from avatarfarm.domain import DriveMode, ScriptSegment
 from avatarfarm.preparation.bundle import Bundle, VideoLimits, prepare
 from avatarfarm.preparation.faces import TrackPolicy
-from tests.builders import make_spec
+from tests.builders import make_video_room
 from tests.media import encode_clip, head_motion, probe, video_avatar_mouths
 from workers.device.onnx import ProviderChoice
 from workers.device.pipeline import Pipeline
 from workers.media.alignment import SyncEstimate
 from workers.media.face_paste import seam
 from workers.models.folder import ModelFolder, build_reference
-from workers.output.targets import OutputTarget
-from workers.rooms.room import Pacing, Room, RoomRefused, RoomState
+from workers.rooms.room import Room, RoomRefused, RoomState
 from workers.rooms.wav2lip_frames import loop_index
 
 AVATAR = "astronaut"
@@ -45,11 +45,8 @@ def video_pipeline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Pipeline, 
 
 def video_room(pipeline: Pipeline, tmp_path: Path, *, drive: DriveMode = DriveMode.TEXT,
                seconds: float = 4.0, script: tuple[ScriptSegment, ...] = ()) -> Room:
-    spec = dataclasses.replace(
-        make_spec("v", drive=drive, quality=Quality(320, 256, 25), seconds=seconds, script=script),
-        avatar_id=AVATAR)
-    return Room("s-video", spec, OutputTarget.resolve(OutputKind.FILE, "v.mp4", tmp_path), pipeline,
-                pacing=Pacing.FAST, sync_interval_seconds=1.0)
+    return typing.cast(Room, make_video_room(pipeline, tmp_path, AVATAR, drive=drive, seconds=seconds,
+                                             script=script, sync_interval_seconds=1.0))
 
 
 def test_a_text_room_on_a_video_avatar_moves_the_mouth_with_speech_and_skips_pauses(
