@@ -41,18 +41,17 @@ def face_model(family: str, bundle_id: str) -> str:
     return f"ultralight-{bundle_id[:12]}" if family == "ultralight" else family
 
 
-def video_avatar_faces(folder: Path) -> dict[str, str]:
-    """Each video avatar in the folder and the face model its rooms need."""
-    out = {}
-    for avatar_id in list_video_avatars(folder):
-        try:
-            root = bundle_of(folder, avatar_id)
-            manifest = json.loads((root / "manifest.json").read_text()) if root else {}
-        except (OSError, ValueError):  # a bundle being written or removed: the Wav2Lip default
-            manifest = {}
-        out[avatar_id] = face_model(str(manifest.get("family", "wav2lip")),
-                                    str(manifest.get("bundle_id", "")))
-    return out
+def video_avatar_face(folder: Path, avatar_id: str) -> str:
+    """The face model a video avatar's rooms need ("" for a portrait), read from its
+    bundle's manifest (a bundle being written or removed reads as Wav2Lip's)."""
+    try:
+        root = bundle_of(folder, avatar_id)
+        if root is None:
+            return ""
+        manifest = json.loads((root / "manifest.json").read_text())
+    except (OSError, ValueError):
+        manifest = {}
+    return face_model(str(manifest.get("family", "wav2lip")), str(manifest.get("bundle_id", "")))
 
 
 def no_motion_input(avatar_id: str) -> str:

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Concatenate, ParamSpec, TypeVar
 
-from avatarfarm.avatars import list_avatars, video_avatar_faces
+from avatarfarm.avatars import list_avatars, list_video_avatars, video_avatar_face
 from avatarfarm.domain import DriveMode, Progress, Quality, ScriptSegment, SessionState
 from avatarfarm.egress import EgressPolicy
 from scheduler.config import SchedulerConfig
@@ -125,8 +125,11 @@ class SessionMachine:
         self._unit_device = ""
         self._units_cache: dict[tuple[Quality, str], float] = {}
         # Avatars: the image folder (looked at once a second) and what workers hold.
-        # (when read, avatars in avatar_dir, the video avatars among them and their face models)
-        self._avatars: tuple[float, frozenset[str], dict[str, str]] = (-1.0, frozenset(), {})
+        # (when read, avatars in avatar_dir, the video avatars among them)
+        self._avatars: tuple[float, frozenset[str], frozenset[str]] = (-1.0, frozenset(), frozenset())
+        # Video avatars' face models, read from their bundles when first placed; forgotten
+        # when the folder's video avatars change or one is registered.
+        self._face_models: dict[str, str] = {}
         self._worker_avatars: collections.Counter[str] = collections.Counter()
         self._sync_watch: dict[str, SyncWatch] = {}  # live rooms' lip-sync checks out of bounds
         self._scripts: dict[str, list[ScriptSegment]] = {}  # live text rooms' scripts
@@ -165,13 +168,16 @@ class SessionMachine:
         """Returns once everything changed so far is committed to the store."""
         await self.commits.durable()
 
-    def _avatar_folder(self) -> tuple[frozenset[str], dict[str, str]]:
+    def _avatar_folder(self) -> tuple[frozenset[str], frozenset[str]]:
         at, names, videos = self._avatars
         now = self.clock()
         if now - at > 1.0 or at < 0:
             names = frozenset(list_avatars(self.config.avatar_dir))
-            videos = video_avatar_faces(self.config.avatar_dir)
-            self._avatars = (now, names, videos)
+            fresh = frozenset(list_video_avatars(self.config.avatar_dir))
+            if fresh != videos:
+                self._face_models.clear()
+            self._avatars = (now, names, fresh)
+            videos = fresh
         return names, videos
 
     def known_avatars(self) -> frozenset[str]:
@@ -179,11 +185,16 @@ class SessionMachine:
 
     def video_avatars(self) -> frozenset[str]:
         """Avatars prepared from a video (a face family renders them)."""
-        return frozenset(self._avatar_folder()[1])
+        return self._avatar_folder()[1]
 
     def face_model(self, avatar_id: str) -> str:
         """The face model a video avatar's rooms need ("" for a portrait)."""
-        return self._avatar_folder()[1].get(avatar_id, "")
+        if avatar_id not in self.video_avatars():
+            return ""
+        found = self._face_models.get(avatar_id)
+        if found is None:
+            found = self._face_models[avatar_id] = video_avatar_face(self.config.avatar_dir, avatar_id)
+        return found
 
     def platform(self, name: str) -> platforms.PlatformPolicy:
         return self.config.platforms.get(name, platforms.DEFAULT_POLICY)

@@ -195,7 +195,8 @@ class Scheduler(Enforcement):
     def avatar_images_changed(self) -> None:
         """An image or a video avatar was written to avatar_dir: the next look at the
         folder is fresh."""
-        self._avatars = (-1.0, frozenset(), {})
+        self._avatars = (-1.0, frozenset(), frozenset())
+        self._face_models.clear()
 
     def _refuse_likeness(self, spec: SessionSpec, refusal: Refusal, now: float) -> NoReturn:
         self.metrics.licence_refusals.labels(refusal.clause).inc()
