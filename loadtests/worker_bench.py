@@ -54,6 +54,7 @@ import logging
 import os
 import tempfile
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +78,7 @@ from workers.device.onnx import ProviderChoice, auto_intra_op_threads
 from workers.device.pipeline import Pipeline
 from workers.device.profile import measure
 from workers.device.timing import batch_sizes, measure_curve, run_batch_of
+from workers.families import liveportrait, musetalk
 from workers.models.folder import add_liveportrait, add_musetalk, build_reference
 from workers.models.liveportrait import WARP_PRESETS
 from workers.models.musetalk import MUSETALK_PRESETS
@@ -348,8 +350,8 @@ async def main() -> None:
                 measure(p, [side], [], iterations=5, max_batch=1 if name == "per-room" else args.max_batch)
         p = pipelines["batched"]
         if args.family == "liveportrait":
-            assert p.liveportrait_models is not None
-            lp_models = p.liveportrait_models
+            lp = typing.cast(liveportrait.Runtime, p.families["liveportrait"])
+            lp_models = (lp.a2m, lp.stitching, lp.warping)
             lp_items = [m.example_item() for m in lp_models]
 
             def lp_chain(b: int) -> None:
@@ -359,8 +361,8 @@ async def main() -> None:
             alone = measure_curve(lp_chain, batch_sizes(args.max_batch), 3)
             what = f"LivePortrait motion + stitching + warping ({args.liveportrait}) at 512 px"
         elif args.family == "musetalk":
-            assert p.musetalk_models is not None
-            _, unet, decoder = p.musetalk_models
+            mt = typing.cast(musetalk.Runtime, p.families["musetalk"])
+            unet, decoder = mt.unet, mt.decoder
             u_item, d_item = unet.example_item(), decoder.example_item()
             # A frame is a UNet item and a decoder item: both, alone, batched.
             def chain(b: int) -> None:

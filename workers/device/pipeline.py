@@ -20,23 +20,21 @@ import logging
 import math
 import threading
 import time
+import typing
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
 
-from avatarfarm.avatars import face_model
 from avatarfarm.latency import LatencyCurve
-from avatarfarm.preparation import keypoints
 from avatarfarm.preparation.bundle import Bundle
 from workers.device.batching import BatchPolicy
 from workers.device.binding import LipSyncDeviceModel
 from workers.device.engine import BatchKey, DeviceModel, InferenceEngine, ItemResult
 from workers.device.onnx import OrtModel, ProviderChoice
-from workers.device.timing import measure_curve, run_batch_of
-from workers.families import liveportrait, musetalk, ultralight, wav2lip
-from workers.families.base import FaceFamily, Redraw
+from workers.device.timing import Timed, measure_curve, run_batch_of
+from workers.families import hubert, liveportrait, musetalk, ultralight, wav2lip
+from workers.families.base import FaceFamily, FamilyRuntime, Points, Redraw, WorkerContext
 from workers.media.tts import EspeakTTS
 from workers.models.avatar import read_image, scale_image
 from workers.models.folder import AUDIO_TO_MOTION, LIPSYNC, RENDERER, ModelFolder
@@ -44,17 +42,13 @@ from workers.rooms.wav2lip_frames import FaceAvatar
 
 log = logging.getLogger(__name__)
 
+# The face families' adapter modules: each has a `load(folder, ctx)` giving its runtime.
+FAMILIES = (wav2lip, ultralight, musetalk, liveportrait)
+
 AUDIO_TO_MOTION_KEY = BatchKey("audio_to_motion")
 LIPSYNC_KEY = BatchKey("lipsync")
 # What the pipeline caches per avatar and render side: the [3, S, S] float32 portrait.
 AVATAR_BYTES_PER_PIXEL = 3 * np.dtype(np.float32).itemsize
-
-
-@dataclass(frozen=True, slots=True)
-class Timed:
-    value: np.ndarray
-    seconds: float  # device time attributed to this item
-    batch_size: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,50 +78,25 @@ class Pipeline:
             assert isinstance(t, int) and isinstance(h, int) and isinstance(w, int)
             assert isinstance(lags, int)
             self.sync_shape = SyncShape(t, lags // 2, (h, w))
-        self.face_model: LipSyncDeviceModel | None = None
-        if folder.wav2lip is not None:
-            self.face_model = LipSyncDeviceModel(
-                OrtModel(folder.wav2lip.name, folder.wav2lip.path, None, provider, intra_op_threads),
-                folder.wav2lip.layout)
-            log.info("face model %s: crop side %d, batch axis %s", self.face_model.name,
-                     self.face_model.side, self.face_model.runner.binding.batch or "dynamic")
-        self.wav2lip_family = (wav2lip.family(self.face_key, folder.wav2lip.layout,
-                                              self._redraw_crop(self.face_key))
-                               if self.face_model is not None and folder.wav2lip is not None else None)
-        self.features_model: ultralight.FeatureModel | None = None
+        self.engine = InferenceEngine(policy)
+        self.features_model: hubert.FeatureModel | None = None
         if folder.features is not None:
-            self.features_model = ultralight.FeatureModel(
+            self.features_model = hubert.FeatureModel(
                 OrtModel(folder.features.name, folder.features.path, None, provider, intra_op_threads),
                 folder.features.normalize)
-        self._provider, self._threads = provider, intra_op_threads
-        self.musetalk_models: tuple[musetalk.WhisperEncoder, musetalk.MuseTalkUNet, musetalk.VaeDecoder] | None = None
-        self._vae_encoder_sha = ""
-        if folder.musetalk is not None:
-            mt = folder.musetalk
-
-            def load(role: str, path: Path) -> OrtModel:
-                return OrtModel(f"{mt.name}-{role}", path, None, provider, intra_op_threads)
-
-            # Hashed once: bundles are checked against it as rooms are created.
-            self._vae_encoder_sha = _sha256(mt.vae_encoder) if mt.vae_encoder is not None else ""
-            self.musetalk_models = (musetalk.WhisperEncoder(load("whisper", mt.whisper)),
-                                    musetalk.MuseTalkUNet(load("unet", mt.unet)),
-                                    musetalk.VaeDecoder(load("vae-decoder", mt.vae_decoder)))
-        self._avatar_models: dict[str, LipSyncDeviceModel] = {}  # per-person models, by bundle
-        self.liveportrait_models: tuple[liveportrait.AudioToMotion, liveportrait.Stitching,
-                                        liveportrait.Warping] | None = None
-        self._extractors_sha = ""
-        if folder.liveportrait is not None:
-            lp = folder.liveportrait
-            self._extractors_sha = keypoints.model_id(lp.appearance.read_bytes(), lp.motion.read_bytes())
-            self.liveportrait_models = (
-                liveportrait.AudioToMotion(OrtModel(f"{lp.name}-a2m", lp.audio_to_motion, None, provider,
-                                                    intra_op_threads)),
-                liveportrait.Stitching(OrtModel(f"{lp.name}-stitching", lp.stitching, None, provider,
-                                                intra_op_threads)),
-                liveportrait.load_warping(f"{lp.name}-warping", lp.warping, provider, intra_op_threads))
+        # The face families whose models the folder names: each loads its own (a family's
+        # adapter module, `workers.families`), the pipeline knows them only as runtimes.
+        ctx = WorkerContext(self.engine, lambda name, path: OrtModel(name, path, None, provider, intra_op_threads),
+                            self.features_model, self.features, self._redraw_crop, Timed)
+        self.families: dict[str, FamilyRuntime] = {}
+        for module in FAMILIES:
+            runtime = module.load(folder, ctx)
+            if runtime is not None:
+                self.families[runtime.name] = runtime
+        if self.face_model is not None:
+            log.info("face model %s: crop side %d, batch axis %s", self.face_model.name,
+                     self.face_model.side, self.face_model.runner.binding.batch or "dynamic")
         self.tts = EspeakTTS(tts_voice)
-        self.engine = InferenceEngine(policy)
         self._tts = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tts")
         # Filled on the TTS thread, read by the agent on the event loop.
         self._avatars: dict[tuple[str, int], tuple[tuple[int, int, int], np.ndarray]] = {}
@@ -150,25 +119,12 @@ class Pipeline:
                      "mouth": np.zeros((sh.window, 3, *sh.crop), np.float32)}
             self.serve(LIPSYNC_KEY, measure_curve(
                 functools.partial(run_batch_of, self.lipsync_model, feeds), (1, 4), 1))
-        if self.face_model is not None:
-            self.serve(self.face_key, measure_curve(
-                functools.partial(run_batch_of, self.face_model, self.face_model.example_item()),
-                (1, 4), 1))
-        if self.musetalk_models is not None:
-            whisper, unet, decoder = self.musetalk_models
-            timed: list[tuple[DeviceModel, dict[str, np.ndarray]]] = [
-                (whisper, whisper.example_item()), (unet, unet.example_item()),
-                (decoder, decoder.example_item())]
-            for key, (model, item) in zip(self.musetalk_keys, timed, strict=True):
-                self.serve(key, measure_curve(functools.partial(run_batch_of, model, item), (1, 2), 1))
-        if self.liveportrait_models is not None:
-            a2m, stitch, warp = self.liveportrait_models
-            calibrate: list[tuple[DeviceModel, dict[str, np.ndarray]]] = [
-                (a2m, a2m.example_item()), (stitch, stitch.example_item()), (warp, warp.example_item())]
-            for key, (model, item) in zip(self.liveportrait_keys, calibrate, strict=True):
-                self.serve(key, measure_curve(functools.partial(run_batch_of, model, item), (1, 2), 1))
+        for runtime in self.families.values():
+            for served in runtime.served():
+                self.engine.serve(served.key, served.model, measure_curve(
+                    functools.partial(run_batch_of, served.model, served.example), (1, 2), 1))
         if self.features_model is not None:
-            self.serve(ultralight.FEATURES_KEY, measure_curve(
+            self.serve(hubert.FEATURES_KEY, measure_curve(
                 functools.partial(run_batch_of, self.features_model, self.features_model.example_item()),
                 (1, 4), 1))
 
@@ -180,13 +136,20 @@ class Pipeline:
     def model_names(self) -> list[str]:
         names = [self.audio_to_motion_model.name, self.renderer_model.name]
         return names + ([self.lipsync_model.name] if self.lipsync_model else []) + \
-            ([self.face_model.name] if self.face_model else []) + \
-            ([self.features_model.name] if self.features_model else [])
+            ([self.features_model.name] if self.features_model else []) + \
+            [str(getattr(s.model, "name", s.key.model)) for rt in self.families.values() for s in rt.served()]
+
+    @property
+    def face_model(self) -> LipSyncDeviceModel | None:
+        """The folder's Wav2Lip-family model, shared by its Wav2Lip avatars."""
+        rt = self.families.get("wav2lip")
+        return typing.cast(wav2lip.Runtime, rt).model if rt is not None else None
 
     @property
     def face_key(self) -> BatchKey:
-        assert self.face_model is not None
-        return BatchKey(self.face_model.name, self.face_model.side)
+        rt = self.families.get("wav2lip")
+        assert rt is not None
+        return typing.cast(wav2lip.Runtime, rt).key
 
     def warm_avatars(self) -> list[str]:
         """Avatars whose portrait tensors (at any side) or prepared frames are loaded."""
@@ -196,86 +159,33 @@ class Pipeline:
     def is_video_avatar(self, avatar_id: str) -> bool:
         return self.folder.bundle_path(avatar_id) is not None
 
-    @property
-    def musetalk_keys(self) -> tuple[BatchKey, BatchKey, BatchKey]:
-        """The Whisper encoder, the UNet and the VAE decoder, as the batcher keys them."""
-        assert self.folder.musetalk is not None
-        name = self.folder.musetalk.name
-        return (musetalk.WHISPER_KEY, BatchKey(f"{name}-unet", 256), BatchKey(f"{name}-vae-decoder", 256))
-
-    @property
-    def liveportrait_keys(self) -> tuple[BatchKey, BatchKey, BatchKey]:
-        """The audio-to-motion, stitching and warping models, as the batcher keys them."""
-        assert self.folder.liveportrait is not None and self.liveportrait_models is not None
-        name = self.folder.liveportrait.name
-        side = self.liveportrait_models[2].side
-        return (BatchKey(f"{name}-a2m"), BatchKey(f"{name}-stitching"), BatchKey(f"{name}-warping", side))
-
     def video_avatar_refusal(self, avatar_id: str) -> str | None:
-        """Why this worker cannot render a video avatar (None: it can): the family its
-        bundle names needs a model this worker's folder lacks."""
+        """Why this worker cannot render a video avatar (None: it can): its bundle's
+        family has no models in this worker's folder, or refuses it."""
         root = self.folder.bundle_path(avatar_id)
         if root is None:
             return f"avatar {avatar_id!r} is not a video avatar"
         manifest = Bundle.open(root).manifest
-        family = manifest.family
-        if family == "musetalk":
-            mt = self.folder.musetalk
-            if mt is None:
-                return (f"avatar {avatar_id!r} is a MuseTalk avatar and this worker's model folder "
-                        "has no MuseTalk models")
-            if self._vae_encoder_sha and manifest.vae_encoder != self._vae_encoder_sha:
-                return (f"avatar {avatar_id!r} was prepared with another VAE encoder than this "
-                        "worker's: its latents would not decode right; prepare it again with "
-                        f"{mt.vae_encoder}")
-        elif family == "liveportrait":
-            if self.folder.liveportrait is None or self.features_model is None:
-                return (f"avatar {avatar_id!r} is a LivePortrait avatar and this worker's model folder "
-                        "lacks LivePortrait's models or the audio feature model that drives them")
-            if manifest.vae_encoder != self._extractors_sha:
-                return (f"avatar {avatar_id!r} was prepared with other appearance and motion "
-                        "extractors than this worker's: its keypoints would not match; prepare it "
-                        "again with this folder's")
-        elif family == "ultralight":
-            if self.features_model is None:
-                return (f"avatar {avatar_id!r} is an Ultralight avatar and this worker's model "
-                        "folder has no audio feature model (hubert.onnx) to feed it")
-        elif self.face_model is None:
-            return (f"avatar {avatar_id!r} is a video avatar and this worker's model folder "
-                    "has no Wav2Lip-family model")
-        return None
+        runtime = self.families.get(manifest.family)
+        if runtime is None:
+            return (f"avatar {avatar_id!r} is a {manifest.family} avatar and this worker's model "
+                    f"folder has no {manifest.family} models")
+        return runtime.refusal(avatar_id, manifest)
 
-    def face_profile(self, key: BatchKey) -> tuple[str, tuple[tuple[int, float], ...]] | None:
+    def face_profile(self, key: BatchKey) -> tuple[str, Points] | None:
         """A face model's profile as the scheduler places by it (None: ``key`` is not one
-        a face profile is reported for): its name (`avatarfarm.avatars.face_model`, with
-        the export's name after the family for shared models) and its curve. MuseTalk's
-        is its two stages a frame goes through, the UNet and the VAE decoder, summed."""
-        if self.face_model is not None and key == self.face_key:
-            return f"wav2lip/{self.face_model.name}", self.engine.curve(key).points
-        if self.folder.musetalk is not None and key in self.musetalk_keys[1:]:
-            _, unet, decoder = self.musetalk_keys
-            step, dec = self.engine.curve(unet), self.engine.curve(decoder)
-            return (f"musetalk/{self.folder.musetalk.name}",
-                    tuple((b, s + dec.seconds(b)) for b, s in step.points))
-        if self.liveportrait_models is not None and key in self.liveportrait_keys:
-            assert self.folder.liveportrait is not None
-            a2m, stitch, warp = (self.engine.curve(k) for k in self.liveportrait_keys)
-            return (f"liveportrait/{self.folder.liveportrait.name}",
-                    tuple((b, s + a2m.seconds(b) + stitch.seconds(b)) for b, s in warp.points))
-        if key.model.startswith("ultralight-") and key in self.face_keys():
-            return key.model, self.engine.curve(key).points
+        a face profile is reported for): its family's name for it and its curve, the
+        stages a frame goes through summed (`FamilyRuntime.face_profile`)."""
+        for runtime in self.families.values():
+            found = runtime.face_profile(key)
+            if found is not None:
+                return found
         return None
 
     def face_keys(self) -> list[BatchKey]:
-        """The face models served now: the folder's Wav2Lip model and every per-person
-        model loaded."""
-        keys = [self.face_key] if self.face_model is not None else []
-        if self.musetalk_models is not None:
-            keys.append(self.musetalk_keys[1])
-        if self.liveportrait_models is not None:
-            keys.append(self.liveportrait_keys[2])
-        with self._avatars_lock:
-            return keys + sorted({f.key for _, _, f in self._faces.values() if f.name == "ultralight"})
+        """The face models served now, one key each: the folder's families' and every
+        avatar's own model loaded."""
+        return [k for runtime in self.families.values() for k in runtime.face_keys()]
 
     def render_key(self, side: int) -> BatchKey:
         return BatchKey(self.renderer_model.name, side)
@@ -289,15 +199,8 @@ class Pipeline:
     def serve(self, key: BatchKey, curve: LatencyCurve) -> None:
         models: dict[BatchKey, DeviceModel | None] = {
             AUDIO_TO_MOTION_KEY: self.audio_to_motion_model, LIPSYNC_KEY: self.lipsync_model,
-            ultralight.FEATURES_KEY: self.features_model}
-        if self.face_model is not None:
-            models[self.face_key] = self.face_model
-        for bundle_id, own in self._avatar_models.items():
-            models[_avatar_key(bundle_id, own.side)] = own
-        if self.musetalk_models is not None:
-            models.update(zip(self.musetalk_keys, self.musetalk_models, strict=True))
-        if self.liveportrait_models is not None:
-            models.update(zip(self.liveportrait_keys, self.liveportrait_models, strict=True))
+            hubert.FEATURES_KEY: self.features_model}
+        models.update({s.key: s.model for rt in self.families.values() for s in rt.served()})
         model = models.get(key, self.renderer_model)
         assert model is not None
         self.engine.serve(key, model, curve)
@@ -378,21 +281,8 @@ class Pipeline:
             cached = self._faces.get(avatar_id)
         if cached is None or cached[0].root != root:
             bundle = Bundle.open(root)
-            if bundle.manifest.family == "ultralight":
-                family = self._ultralight_family(bundle)
-                model_name = family.key.model
-            elif bundle.manifest.family == "musetalk":
-                family = self._musetalk_family(bundle)
-                model_name = family.key.model
-            elif bundle.manifest.family == "liveportrait":
-                assert self.features_model is not None
-                family = liveportrait.family(self.engine, self.liveportrait_keys, bundle.source(),
-                                             self.features_model, self.features, Timed)
-                model_name = family.key.model
-            else:
-                assert self.face_model is not None and self.wav2lip_family is not None
-                family, model_name = self.wav2lip_family, self.face_model.name
-            side = family.key.side
+            family = self.families[bundle.manifest.family].family(bundle)
+            model_name, side = family.key.model, family.key.side
             if side not in bundle.manifest.sides:
                 raise ValueError(f"avatar {avatar_id!r} was prepared with crops at "
                                  f"{list(bundle.manifest.sides)} px; the face model "
@@ -406,53 +296,15 @@ class Pipeline:
                      cached[1].nbytes / 2**20)
         return cached[1]
 
-    def face_device_model(self, avatar_id: str) -> LipSyncDeviceModel:
+    def face_device_model(self, avatar_id: str) -> DeviceModel:
         """The face model of a video avatar loaded by `face_avatar` (for timing it alone)."""
-        family = self.face_family(avatar_id)
-        if family.name == "wav2lip":
-            assert self.face_model is not None
-            return self.face_model
-        return next(m for bid, m in self._avatar_models.items()
-                    if _avatar_key(bid, m.side) == family.key)
+        key = self.face_family(avatar_id).key
+        return next(s.model for rt in self.families.values() for s in rt.served() if s.key == key)
 
     def face_family(self, avatar_id: str) -> FaceFamily:
         """The family of a video avatar loaded by `face_avatar`."""
         with self._avatars_lock:
             return self._faces[avatar_id][2]
-
-    def _ultralight_family(self, bundle: Bundle) -> FaceFamily:
-        """The person's own UNet from the bundle, bound and served under its own key
-        (rooms of the avatar batch together), timed now for the batcher."""
-        assert self.features_model is not None
-        bid = bundle.manifest.bundle_id
-        path = bundle.model_path
-        if path is None:
-            raise ValueError(f"bundle {bid[:12]} is an Ultralight avatar without its model.onnx")
-        model = self._avatar_models.get(bid)
-        if model is None:
-            ort = OrtModel(f"ultralight-{bid[:12]}", path, None, self._provider, self._threads)
-            model = LipSyncDeviceModel(ort, ultralight.LAYOUT,
-                                       ultralight.audio_role(self.features_model.width))
-            key = _avatar_key(bid, model.side)
-            self.engine.serve(key, model, measure_curve(
-                functools.partial(run_batch_of, model, model.example_item()), (1, 4), 1))
-            self._avatar_models[bid] = model
-            log.info("avatar model %s loaded: crop side %d, audio %s", ort.name, model.side,
-                     list(model.runner.binding.audio_shape))
-        key = _avatar_key(bid, model.side)
-        return ultralight.family(key, model.runner.binding.audio_shape, self.features_model,
-                                 self.features, self._redraw_crop(key))
-
-    def _musetalk_family(self, bundle: Bundle) -> FaceFamily:
-        assert self.musetalk_models is not None
-        whisper_key, unet_key, decoder_key = self.musetalk_keys
-
-        async def rows(item: np.ndarray, deadline: float, priority: int) -> Timed:
-            r = await self.engine.infer(whisper_key, {musetalk.WhisperEncoder.AUDIO: item}, deadline, priority)
-            return _timed(r)
-
-        return musetalk.family(self.engine, unet_key, decoder_key, self.musetalk_models[0],
-                               bundle.latents(), rows, Timed)
 
     def _redraw_crop(self, key: BatchKey) -> Redraw:
         """A family's redraw from the base frame's crop: one item of the face model."""
@@ -484,8 +336,8 @@ class Pipeline:
 
     async def features(self, chunk: np.ndarray, deadline: float = math.inf, priority: int = 1) -> Timed:
         """The audio feature model on one chunk of 720 samples -> its rows [2, F]."""
-        r = await self.engine.infer(ultralight.FEATURES_KEY,
-                                    {ultralight.FeatureModel.INPUT: chunk}, deadline, priority)
+        r = await self.engine.infer(hubert.FEATURES_KEY,
+                                    {hubert.FeatureModel.INPUT: chunk}, deadline, priority)
         return _timed(r)
 
     async def synthesize(self, text: str) -> Timed:
@@ -516,16 +368,6 @@ class Pipeline:
         tensor = await loop.run_in_executor(self._tts, self.avatar_tensor_sync, avatar_id, side)
         await loop.run_in_executor(self._tts, self.ensure_render_side, side)
         return tensor
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _avatar_key(bundle_id: str, side: int) -> BatchKey:
-    return BatchKey(face_model("ultralight", bundle_id), side)
 
 
 def _timed(r: ItemResult) -> Timed:

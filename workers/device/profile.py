@@ -22,7 +22,6 @@ import numpy as np
 
 from avatarfarm.domain import Stage
 from avatarfarm.latency import LatencyCurve
-from workers.device.engine import DeviceModel
 from workers.device.pipeline import AUDIO_TO_MOTION_KEY, LIPSYNC_KEY, Pipeline, to_canvas
 from workers.device.timing import batch_sizes, measure_curve, median_seconds, run_batch_of
 from workers.media.audio import MEL_WINDOW, N_MELS, SAMPLE_RATE
@@ -70,17 +69,10 @@ def measure(pipeline: Pipeline, render_sides: list[int], encode_sizes: list[tupl
                              iterations)
         pipeline.serve(LIPSYNC_KEY, sync)
         out.append(LatencyProfile(Stage.ALIGNMENT, pipeline.lipsync_model.name, 0, 0, sync.points))
-    if pipeline.face_model is not None:
-        face = measure_curve(functools.partial(run_batch_of, pipeline.face_model,
-                                               pipeline.face_model.example_item()), sizes, iterations)
-        pipeline.serve(pipeline.face_key, face)
-    if pipeline.musetalk_models is not None:
-        whisper, unet, decoder = pipeline.musetalk_models
-        for key, model, item in zip(pipeline.musetalk_keys, (whisper, unet, decoder),
-                                    (whisper.example_item(), unet.example_item(), decoder.example_item()),
-                                    strict=True):
-            pipeline.serve(key, measure_curve(functools.partial(run_batch_of, typing.cast(DeviceModel, model),
-                                                                item), sizes, iterations))
+    for runtime in pipeline.families.values():  # the face families' models, each timed
+        for served in runtime.served():
+            pipeline.engine.serve(served.key, served.model, measure_curve(
+                functools.partial(run_batch_of, served.model, served.example), sizes, iterations))
     for key in pipeline.face_keys():  # the folder's face models (avatars' own report as they load)
         face_profile = pipeline.face_profile(key)
         if face_profile is not None:

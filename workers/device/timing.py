@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -50,3 +51,12 @@ def median_seconds(call: Callable[[], object], iterations: int) -> float:
         call()
         samples.append(time.perf_counter() - t0)
     return float(np.median(samples))
+
+
+@dataclass(frozen=True, slots=True)
+class Timed:
+    """A device result and the device time attributed to it (its share of the batch)."""
+
+    value: np.ndarray
+    seconds: float
+    batch_size: int = 1

@@ -7,17 +7,27 @@ model's audio input for that frame. A family whose audio input comes from a feat
 model (HuBERT for Ultralight) submits those items to the device as the audio arrives,
 batched across rooms like any other stage; Wav2Lip's mel windows are computed here on
 the host.
+
+A family's adapter module has a ``load(folder, ctx)`` giving its `FamilyRuntime` on
+one worker (None where the model folder does not name its models): the models it
+serves, why it would refuse an avatar, an avatar's `FaceFamily`, and its face
+profiles. The pipeline knows families only through these.
 """
 
 from __future__ import annotations
 
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from workers.device.binding import AudioRole, FaceLayout
-from workers.device.engine import BatchKey
+from workers.device.engine import BatchKey, DeviceModel, InferenceEngine
+
+if typing.TYPE_CHECKING:
+    from avatarfarm.preparation.bundle import Bundle, Manifest
+    from workers.device.onnx import OrtModel
 
 
 class FrameAudio(typing.Protocol):
@@ -67,3 +77,54 @@ class FaceFamily:
     # room's feature items took, for its cost
     speech: typing.Callable[[int, int, typing.Callable[[float], None]], FaceSpeech]
     redraw: Redraw
+
+
+Points = tuple[tuple[int, float], ...]  # (batch size, seconds) of a latency curve
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """A model a family serves on the device, with one item to time it by."""
+
+    key: BatchKey
+    model: DeviceModel
+    example: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerContext:
+    """What a family's runtime takes from its worker."""
+
+    engine: InferenceEngine
+    load: typing.Callable[[str, Path], OrtModel]  # (name, path) -> a session on the worker's device
+    features: typing.Any  # the shared HuBERT feature model (workers.families.hubert), or None
+    submit_features: typing.Callable[[np.ndarray, float, int], typing.Awaitable[typing.Any]]
+    redraw_crop: typing.Callable[[BatchKey], Redraw]  # one face-model item on the base crop
+    timed: typing.Callable[..., typing.Any]  # (value, seconds, batch size) -> pipeline.Timed
+
+
+class FamilyRuntime(typing.Protocol):
+    """A face family's models loaded on one worker."""
+
+    name: str
+
+    def served(self) -> list[Served]:
+        """The models it serves now (an avatar's own models once loaded), to time and serve."""
+        ...
+
+    def refusal(self, avatar_id: str, manifest: Manifest) -> str | None:
+        """Why this worker cannot render the avatar (None: it can)."""
+        ...
+
+    def family(self, bundle: Bundle) -> FaceFamily:
+        """The avatar's family, loading (and serving) what it needs of its own."""
+        ...
+
+    def face_keys(self) -> list[BatchKey]:
+        """The keys a face profile is reported for (one per face model)."""
+        ...
+
+    def face_profile(self, key: BatchKey) -> tuple[str, Points] | None:
+        """The profile the scheduler places by for one of its keys (by family and model
+        name; the stages a frame goes through summed), or None for a key not its own."""
+        ...

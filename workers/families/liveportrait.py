@@ -22,15 +22,21 @@ import math
 import time
 import typing
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
+from avatarfarm.preparation import keypoints
 from workers.device.binding import WAV2LIP_LAYOUT, AudioRole
-from workers.device.engine import BatchKey, InferenceEngine
+from workers.device.engine import BatchKey
 from workers.device.onnx import ModelInterfaceError, OrtModel
-from workers.families.base import FaceFamily
+from workers.families import hubert
+from workers.families.base import FaceFamily, Points, Served, WorkerContext
 from workers.families.rows import RowStream
-from workers.families.ultralight import FeatureModel, grid
+
+if typing.TYPE_CHECKING:
+    from avatarfarm.preparation.bundle import Bundle, Manifest
+    from workers.models.folder import LivePortraitSpec, ModelFolder
 
 N_KP = 21
 MOTION = 70
@@ -129,10 +135,11 @@ class Warping(_Positional):
                 self.DRIVING: kp, self.SOURCE: kp}
 
 
-def load_warping(name: str, path: typing.Any, provider: typing.Any, threads: int) -> Warping:
-    """The warping model, or a clear refusal where onnxruntime cannot run it."""
+def load_warping(load: Callable[[str, Path], OrtModel], name: str, path: Path) -> Warping:
+    """The warping model (``load`` opens the session), or a clear refusal where
+    onnxruntime cannot run it."""
     try:
-        return Warping(OrtModel(name, path, None, provider, threads))
+        return Warping(load(name, path))
     except ModelInterfaceError as e:
         if "GridSample3D" in str(e) or "NOT_IMPLEMENTED" in str(e) or "No Op registered" in str(e):
             raise ModelInterfaceError(
@@ -144,38 +151,86 @@ def load_warping(name: str, path: typing.Any, provider: typing.Any, threads: int
         raise
 
 
-def family(engine: InferenceEngine, keys: tuple[BatchKey, BatchKey, BatchKey], source: dict[str, np.ndarray],
-           features: FeatureModel, submit: typing.Any, timed: Callable[..., typing.Any]) -> FaceFamily:
-    """One avatar's LivePortrait family: its source, the worker's models under ``keys``
-    (audio-to-motion, stitching, warping)."""
-    a2m_key, stitch_key, warp_key = keys
-    kp_c, pose, exp = source["kp"], source["pose"], source["exp"]
-    scale, t = float(source["scale"].reshape(-1)[0]), source["t"].reshape(-1)
-    kp_source = transform(kp_c, pose, exp, scale, t)
-    feature_3d = np.ascontiguousarray(source["feature_3d"], np.float32)
-    rows = grid(AUDIO_SHAPE, features.width)
+AUDIO = AudioRole("features float32 [B, 16, 1024]", lambda shape: shape == AUDIO_SHAPE)
 
-    def speech(fps: int, priority: int, on_seconds: Callable[[float], None]) -> RowStream:
-        return RowStream(fps, rows, features.silence, submit, priority, on_seconds)
 
-    async def redraw(audio: np.ndarray, face: typing.Any, index: int, deadline: float,
-                     priority: int) -> typing.Any:
-        later = (engine.curve(stitch_key).seconds(1) + engine.curve(warp_key).seconds(1)
-                 if math.isfinite(deadline) else 0.0)
-        m = await engine.infer(a2m_key, {AudioToMotion.FEATURES: audio}, deadline - later, priority)
-        mo = m.outputs[0]
-        driving = transform(kp_c, pose + mo[67:70], exp + mo[:63], scale * (1.0 + float(mo[63])),
-                            t + mo[64:67])
-        stitch_in = np.concatenate([kp_source.reshape(-1), driving.reshape(-1)])
-        s = await engine.infer(stitch_key, {Stitching.INPUT: stitch_in},
-                               deadline - engine.curve(warp_key).seconds(1) if math.isfinite(deadline)
-                               else deadline, priority)
-        delta = s.outputs[0]
-        driving = driving + delta[:3 * N_KP].reshape(N_KP, 3)
-        driving[:, :2] += delta[3 * N_KP:3 * N_KP + 2]
-        w = await engine.infer(warp_key, {Warping.FEATURE: feature_3d, Warping.DRIVING: driving,
-                                          Warping.SOURCE: kp_source}, deadline, priority)
-        return timed(w.outputs[0], m.seconds + s.seconds + w.seconds, w.batch_size)
+class Runtime:
+    """LivePortrait on one worker: the folder's audio-to-motion, stitching and warping,
+    shared by its avatars; each avatar brings its source's features and keypoints."""
 
-    role = AudioRole("features float32 [B, 16, 1024]", lambda shape: shape == AUDIO_SHAPE)
-    return FaceFamily("liveportrait", warp_key, WAV2LIP_LAYOUT, role, speech, redraw)
+    name = "liveportrait"
+
+    def __init__(self, ctx: WorkerContext, spec: LivePortraitSpec) -> None:
+        self._ctx = ctx
+        self.spec = spec
+        self.a2m = AudioToMotion(ctx.load(f"{spec.name}-a2m", spec.audio_to_motion))
+        self.stitching = Stitching(ctx.load(f"{spec.name}-stitching", spec.stitching))
+        self.warping = load_warping(ctx.load, f"{spec.name}-warping", spec.warping)
+        self.keys = (BatchKey(f"{spec.name}-a2m"), BatchKey(f"{spec.name}-stitching"),
+                     BatchKey(f"{spec.name}-warping", self.warping.side))
+        self._extractors = keypoints.model_id(spec.appearance.read_bytes(), spec.motion.read_bytes())
+
+    def served(self) -> list[Served]:
+        a2m_key, stitch_key, warp_key = self.keys
+        return [Served(a2m_key, self.a2m, self.a2m.example_item()),
+                Served(stitch_key, self.stitching, self.stitching.example_item()),
+                Served(warp_key, self.warping, self.warping.example_item())]
+
+    def refusal(self, avatar_id: str, manifest: Manifest) -> str | None:
+        if self._ctx.features is None:
+            return (f"avatar {avatar_id!r} is a LivePortrait avatar and this worker's model folder "
+                    "has no audio feature model (hubert.onnx) to drive it")
+        if manifest.vae_encoder != self._extractors:
+            return (f"avatar {avatar_id!r} was prepared with other appearance and motion "
+                    "extractors than this worker's: its keypoints would not match; prepare it "
+                    "again with this folder's")
+        return None
+
+    def family(self, bundle: Bundle) -> FaceFamily:
+        features = self._ctx.features
+        assert features is not None
+        engine, timed = self._ctx.engine, self._ctx.timed
+        a2m_key, stitch_key, warp_key = self.keys
+        source = bundle.source()
+        kp_c, pose, exp = source["kp"], source["pose"], source["exp"]
+        scale, t = float(source["scale"].reshape(-1)[0]), source["t"].reshape(-1)
+        kp_source = transform(kp_c, pose, exp, scale, t)
+        feature_3d = np.ascontiguousarray(source["feature_3d"], np.float32)
+        rows = hubert.grid(AUDIO_SHAPE, features.width)
+
+        def speech(fps: int, priority: int, on_seconds: Callable[[float], None]) -> RowStream:
+            return RowStream(fps, rows, features.silence, self._ctx.submit_features, priority, on_seconds)
+
+        async def redraw(audio: np.ndarray, face: typing.Any, index: int, deadline: float,
+                         priority: int) -> typing.Any:
+            warp_due = deadline - engine.curve(warp_key).seconds(1) if math.isfinite(deadline) else deadline
+            motion_due = warp_due - engine.curve(stitch_key).seconds(1) if math.isfinite(deadline) else deadline
+            m = await engine.infer(a2m_key, {AudioToMotion.FEATURES: audio}, motion_due, priority)
+            mo = m.outputs[0]
+            driving = transform(kp_c, pose + mo[67:70], exp + mo[:63], scale * (1.0 + float(mo[63])),
+                                t + mo[64:67])
+            stitch_in = np.concatenate([kp_source.reshape(-1), driving.reshape(-1)])
+            s = await engine.infer(stitch_key, {Stitching.INPUT: stitch_in}, warp_due, priority)
+            delta = s.outputs[0]
+            driving = driving + delta[:3 * N_KP].reshape(N_KP, 3)
+            driving[:, :2] += delta[3 * N_KP:3 * N_KP + 2]
+            w = await engine.infer(warp_key, {Warping.FEATURE: feature_3d, Warping.DRIVING: driving,
+                                              Warping.SOURCE: kp_source}, deadline, priority)
+            return timed(w.outputs[0], m.seconds + s.seconds + w.seconds, w.batch_size)
+
+        return FaceFamily(self.name, warp_key, WAV2LIP_LAYOUT, AUDIO, speech, redraw)
+
+    def face_keys(self) -> list[BatchKey]:
+        return [self.keys[2]]
+
+    def face_profile(self, key: BatchKey) -> tuple[str, Points] | None:
+        if key not in self.keys:
+            return None
+        a2m, stitch, warp = (self._ctx.engine.curve(k) for k in self.keys)
+        return (f"liveportrait/{self.spec.name}",
+                tuple((b, s + a2m.seconds(b) + stitch.seconds(b)) for b, s in warp.points))
+
+
+def load(folder: ModelFolder, ctx: WorkerContext) -> Runtime | None:
+    """The folder's LivePortrait models (its ``"liveportrait"`` entry)."""
+    return Runtime(ctx, folder.liveportrait) if folder.liveportrait is not None else None

@@ -17,6 +17,7 @@ pasted back into the frame like any family's face.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 import typing
@@ -25,11 +26,15 @@ from collections.abc import Callable
 import numpy as np
 
 from workers.device.binding import WAV2LIP_LAYOUT, AudioRole
-from workers.device.engine import BatchKey, InferenceEngine
+from workers.device.engine import BatchKey
 from workers.device.onnx import ModelInterfaceError, OrtModel
-from workers.families.base import FaceFamily
+from workers.families.base import FaceFamily, Points, Served, WorkerContext
 from workers.families.rows import ROW_STRIDE, RowGrid, RowStream
 from workers.media.whisper_audio import log_mel_30s
+
+if typing.TYPE_CHECKING:
+    from avatarfarm.preparation.bundle import Bundle, Manifest
+    from workers.models.folder import ModelFolder, MuseTalkSpec
 
 SCALING = 0.18215
 HIDDEN = 384
@@ -166,22 +171,70 @@ class VaeDecoder:
         return {self.LATENT: np.random.default_rng(0).normal(0, 0.2, (4, 32, 32)).astype(np.float32)}
 
 
-def family(engine: InferenceEngine, unet_key: BatchKey, decoder_key: BatchKey,
-           whisper: WhisperEncoder, latents: np.ndarray,
-           features: Callable[[np.ndarray, float, int], typing.Awaitable[typing.Any]],
-           timed: Callable[..., typing.Any]) -> FaceFamily:
-    """One avatar's MuseTalk family: its latents, the worker's three models."""
+class Runtime:
+    """MuseTalk on one worker: the folder's Whisper encoder, UNet and VAE decoder, shared by
+    its avatars; each avatar brings its latents."""
 
-    def speech(fps: int, priority: int, on_seconds: Callable[[float], None]) -> RowStream:
-        return RowStream(fps, GRID, whisper.silence, features, priority, on_seconds)
+    name = "musetalk"
 
-    async def redraw(audio: np.ndarray, face: typing.Any, index: int, deadline: float,
-                     priority: int) -> typing.Any:
-        # The UNet must leave the decoder its time before the frame's deadline.
-        reserve = engine.curve(decoder_key).seconds(1) if math.isfinite(deadline) else 0.0
-        step = await engine.infer(unet_key, {MuseTalkUNet.SAMPLE: np.asarray(latents[index]),
-                                             MuseTalkUNet.AUDIO: audio}, deadline - reserve, priority)
-        face_ = await engine.infer(decoder_key, {VaeDecoder.LATENT: step.outputs[0]}, deadline, priority)
-        return timed(face_.outputs[0], step.seconds + face_.seconds, face_.batch_size)
+    def __init__(self, ctx: WorkerContext, spec: MuseTalkSpec) -> None:
+        self._ctx = ctx
+        self.spec = spec
+        self.whisper = WhisperEncoder(ctx.load(f"{spec.name}-whisper", spec.whisper))
+        self.unet = MuseTalkUNet(ctx.load(f"{spec.name}-unet", spec.unet))
+        self.decoder = VaeDecoder(ctx.load(f"{spec.name}-vae-decoder", spec.vae_decoder))
+        self.keys = (WHISPER_KEY, BatchKey(f"{spec.name}-unet", self.decoder.side),
+                     BatchKey(f"{spec.name}-vae-decoder", self.decoder.side))
+        # Hashed once: bundles are checked against it as rooms are created.
+        self._vae_encoder = (hashlib.sha256(spec.vae_encoder.read_bytes()).hexdigest()
+                             if spec.vae_encoder is not None else "")
 
-    return FaceFamily("musetalk", unet_key, WAV2LIP_LAYOUT, AUDIO, speech, redraw)
+    def served(self) -> list[Served]:
+        whisper_key, unet_key, decoder_key = self.keys
+        return [Served(whisper_key, self.whisper, self.whisper.example_item()),
+                Served(unet_key, self.unet, self.unet.example_item()),
+                Served(decoder_key, self.decoder, self.decoder.example_item())]
+
+    def refusal(self, avatar_id: str, manifest: Manifest) -> str | None:
+        if self._vae_encoder and manifest.vae_encoder != self._vae_encoder:
+            return (f"avatar {avatar_id!r} was prepared with another VAE encoder than this "
+                    "worker's: its latents would not decode right; prepare it again with "
+                    f"{self.spec.vae_encoder}")
+        return None
+
+    def family(self, bundle: Bundle) -> FaceFamily:
+        engine, timed = self._ctx.engine, self._ctx.timed
+        whisper_key, unet_key, decoder_key = self.keys
+        latents = bundle.latents()
+
+        async def rows(item: np.ndarray, deadline: float, priority: int) -> typing.Any:
+            r = await engine.infer(whisper_key, {WhisperEncoder.AUDIO: item}, deadline, priority)
+            return timed(r.outputs[0], r.seconds, r.batch_size)
+
+        def speech(fps: int, priority: int, on_seconds: Callable[[float], None]) -> RowStream:
+            return RowStream(fps, GRID, self.whisper.silence, rows, priority, on_seconds)
+
+        async def redraw(audio: np.ndarray, face: typing.Any, index: int, deadline: float,
+                         priority: int) -> typing.Any:
+            # The UNet must leave the decoder its time before the frame's deadline.
+            reserve = engine.curve(decoder_key).seconds(1) if math.isfinite(deadline) else 0.0
+            step = await engine.infer(unet_key, {MuseTalkUNet.SAMPLE: np.asarray(latents[index]),
+                                                 MuseTalkUNet.AUDIO: audio}, deadline - reserve, priority)
+            drawn = await engine.infer(decoder_key, {VaeDecoder.LATENT: step.outputs[0]}, deadline, priority)
+            return timed(drawn.outputs[0], step.seconds + drawn.seconds, drawn.batch_size)
+
+        return FaceFamily(self.name, unet_key, WAV2LIP_LAYOUT, AUDIO, speech, redraw)
+
+    def face_keys(self) -> list[BatchKey]:
+        return [self.keys[1]]
+
+    def face_profile(self, key: BatchKey) -> tuple[str, Points] | None:
+        if key not in self.keys[1:]:
+            return None
+        step, dec = (self._ctx.engine.curve(k) for k in self.keys[1:])
+        return f"musetalk/{self.spec.name}", tuple((b, s + dec.seconds(b)) for b, s in step.points)
+
+
+def load(folder: ModelFolder, ctx: WorkerContext) -> Runtime | None:
+    """The folder's MuseTalk models (its ``"musetalk"`` entry)."""
+    return Runtime(ctx, folder.musetalk) if folder.musetalk is not None else None

@@ -1,7 +1,6 @@
 """The Ultralight / Duix family's adapter: HuBERT features on the device, a per-person UNet.
 
-Audio: the feature model (HuBERT as the family exports it: ``input`` [B, N] 16 kHz
-waveform -> ``output`` [B, T, F], one row per 20 ms, each reading 25 ms) runs on the
+Audio: the worker's HuBERT feature model (`workers.families.hubert`) runs on the
 device, batched across rooms, on chunks of two rows (720 samples, every 640: 40 ms of
 stream). A chunk with no sound in it is not run: it takes the rows the model gives
 silence, computed once at load. Video frame ``i`` at ``fps`` takes the window of rows
@@ -19,27 +18,35 @@ worker's, in its model folder.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-import time
+import threading
 import typing
 from collections.abc import Callable
 
-import numpy as np
-
-from workers.device.binding import AudioRole, ChannelOrder, ColourOrder, FaceLayout, InputScale
+from avatarfarm.avatars import face_model
+from workers.device.binding import (
+    AudioRole,
+    ChannelOrder,
+    ColourOrder,
+    FaceLayout,
+    InputScale,
+    LipSyncDeviceModel,
+)
 from workers.device.engine import BatchKey
-from workers.device.onnx import ModelInterfaceError, OrtModel
-from workers.families.base import FaceFamily, Redraw
-from workers.families.rows import ROW_STRIDE, ROW_WINDOW, RowGrid, RowStream, Submit
+from workers.device.timing import measure_curve, run_batch_of
+from workers.families import hubert
+from workers.families.base import FaceFamily, Points, Redraw, Served, WorkerContext
+from workers.families.rows import RowStream, Submit
+
+if typing.TYPE_CHECKING:
+    from avatarfarm.preparation.bundle import Bundle, Manifest
+    from workers.models.folder import ModelFolder
 
 log = logging.getLogger(__name__)
 
-CHUNK_ROWS = 2
-CHUNK_HOP = ROW_STRIDE * CHUNK_ROWS  # 640 samples: 40 ms
-CHUNK_SAMPLES = ROW_STRIDE * (CHUNK_ROWS - 1) + ROW_WINDOW  # 720
 LAYOUT = FaceLayout(ChannelOrder.UNMASKED_FIRST, ColourOrder.BGR, InputScale.UNIT, mask=(5, 5, 150, 145))
-FEATURES_KEY = BatchKey("audio-features")
 
 
 
@@ -48,70 +55,78 @@ def audio_role(width: int) -> AudioRole:
     return AudioRole(
         f"audio float32 [B, C, H, W] holding whole video frames of feature rows (2 rows of "
         f"{width} a frame, e.g. [16, 32, 32] for 8 frames)",
-        lambda shape: len(shape) == 3 and math.prod(shape) % (CHUNK_ROWS * width) == 0)
+        lambda shape: len(shape) == 3 and math.prod(shape) % (hubert.CHUNK_ROWS * width) == 0)
 
 
-class FeatureModel:
-    """The audio feature model as the engine runs it (`DeviceModel`): per-item feed
-    ``input`` [720] float32 -> [B, 2, F]. ``normalize``: each chunk to zero mean and unit
-    variance first, as exports fed by Wav2Vec2FeatureExtractor expect."""
-
-    INPUT = "input"
-
-    def __init__(self, model: OrtModel, normalize: bool = False) -> None:
-        self.name = model.name
-        self.provider = model.provider
-        self.session = model.session
-        self.normalize = normalize
-        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        expected = "expected input float32 [B, N] (16 kHz waveform), output float32 [B, T, F]"
-        if len(inputs) != 1 or len(inputs[0].shape) != 2 or inputs[0].type != "tensor(float)":
-            raise ModelInterfaceError(
-                f"feature model {self.name}: {expected}; it has inputs "
-                + ", ".join(f"{a.name} {a.type} {a.shape}" for a in inputs))
-        self._input = inputs[0].name
-        self._output = outputs[0].name
-        probe = self._call(np.zeros((1, CHUNK_SAMPLES), np.float32))
-        if probe.ndim != 3 or probe.shape[1] != CHUNK_ROWS:
-            raise ModelInterfaceError(
-                f"feature model {self.name}: {CHUNK_SAMPLES} samples gave output {self._output} "
-                f"{list(probe.shape)}, not [1, {CHUNK_ROWS}, F] (one row per {ROW_STRIDE} samples, "
-                f"each reading {ROW_WINDOW}); {expected}")
-        self.width = int(probe.shape[2])
-        self.silence = probe[0]  # [2, F]: the rows of a silent chunk
-
-    def _call(self, x: np.ndarray) -> np.ndarray:
-        if self.normalize:
-            x = (x - x.mean(axis=1, keepdims=True)) / np.sqrt(x.var(axis=1, keepdims=True) + 1e-7)
-        (out,) = self.session.run([self._output], {self._input: x.astype(np.float32, copy=False)})
-        return np.asarray(out)
-
-    def run(self, feeds: dict[str, np.ndarray]) -> tuple[list[typing.Any], float]:
-        t0 = time.perf_counter()
-        out = self._call(feeds[self.INPUT])[:, :CHUNK_ROWS]
-        return [out], time.perf_counter() - t0
-
-    def example_item(self) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng(0)
-        return {self.INPUT: rng.uniform(-0.3, 0.3, CHUNK_SAMPLES).astype(np.float32)}
-
-
-def grid(audio_shape: tuple[int, ...], width: int) -> RowGrid:
-    """Chunks of two rows (720 samples every 640); a frame reads the window of the UNet's
-    audio input centred on its own rows."""
-    rows = math.prod(audio_shape) // width
-    return RowGrid(rows=CHUNK_ROWS, left=0, right=CHUNK_SAMPLES - CHUNK_HOP, first=-(rows // 2),
-                   count=rows, shape=audio_shape)
-
-
-def family(key: BatchKey, audio_shape: tuple[int, ...], features: FeatureModel,
+def family(key: BatchKey, audio_shape: tuple[int, ...], features: hubert.FeatureModel,
            submit: Submit, redraw: Redraw) -> FaceFamily:
     """The family of one avatar's UNet (its key), fed by the worker's feature model."""
     role = audio_role(features.width)
-
-    rows = grid(audio_shape, features.width)
+    rows = hubert.grid(audio_shape, features.width)
 
     def speech(fps: int, priority: int, on_seconds: Callable[[float], None]) -> RowStream:
         return RowStream(fps, rows, features.silence, submit, priority, on_seconds)
 
     return FaceFamily("ultralight", key, LAYOUT, role, speech, redraw)
+
+
+class Runtime:
+    """Ultralight on one worker: each avatar's own UNet, loaded from its bundle when its
+    first room starts, bound, timed and served under its own key."""
+
+    name = "ultralight"
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        self._ctx = ctx
+        self.models: dict[BatchKey, LipSyncDeviceModel] = {}
+        self._lock = threading.Lock()  # avatars load on the pipeline's loading thread
+
+    def served(self) -> list[Served]:
+        with self._lock:
+            return [Served(k, m, m.example_item()) for k, m in self.models.items()]
+
+    def refusal(self, avatar_id: str, manifest: Manifest) -> str | None:
+        if self._ctx.features is None:
+            return (f"avatar {avatar_id!r} is an Ultralight avatar and this worker's model "
+                    "folder has no audio feature model (hubert.onnx) to feed it")
+        return None
+
+    def family(self, bundle: Bundle) -> FaceFamily:
+        features = self._ctx.features
+        assert features is not None
+        bid = bundle.manifest.bundle_id
+        path = bundle.model_path
+        if path is None:
+            raise ValueError(f"bundle {bid[:12]} is an Ultralight avatar without its model.onnx")
+        name = face_model(self.name, bid)
+        with self._lock:
+            found = [(k, m) for k, m in self.models.items() if k.model == name]
+        if found:
+            key, model = found[0]
+        else:
+            model = LipSyncDeviceModel(self._ctx.load(name, path), LAYOUT, audio_role(features.width))
+            key = BatchKey(name, model.side)
+            self._ctx.engine.serve(key, model, measure_curve(
+                functools.partial(run_batch_of, model, model.example_item()), (1, 4), 1))
+            with self._lock:
+                self.models[key] = model
+            log.info("avatar model %s loaded: crop side %d, audio %s", name, model.side,
+                     list(model.runner.binding.audio_shape))
+        return family(key, model.runner.binding.audio_shape, features, self._ctx.submit_features,
+                      self._ctx.redraw_crop(key))
+
+    def face_keys(self) -> list[BatchKey]:
+        with self._lock:
+            return sorted(self.models)
+
+    def face_profile(self, key: BatchKey) -> tuple[str, Points] | None:
+        with self._lock:
+            if key not in self.models:
+                return None
+        return key.model, self._ctx.engine.curve(key).points
+
+
+def load(folder: ModelFolder, ctx: WorkerContext) -> Runtime:
+    """Ultralight needs no folder models of its own (each avatar brings its UNet); its
+    avatars are refused where the folder has no feature model."""
+    return Runtime(ctx)

@@ -21,7 +21,7 @@ from avatarfarm.preparation.faces import PreparationError, TrackPolicy
 from avatarfarm.preparation.keypoints import degrees
 from tests.builders import make_video_room
 from tests.media import encode_clip, head_motion, probe, video_avatar_mouths
-from workers.device.onnx import ModelInterfaceError, ProviderChoice
+from workers.device.onnx import ModelInterfaceError, OrtModel, ProviderChoice
 from workers.device.pipeline import Pipeline
 from workers.families.liveportrait import load_warping, rotation, transform
 from workers.models.folder import ModelFolder, add_liveportrait, build_reference
@@ -112,7 +112,8 @@ def test_a_warping_export_onnxruntime_cannot_run_is_refused_at_load_saying_why(t
                                                     helper.make_opsetid("trt.plugins", 1)])
     onnx.save(model, str(tmp_path / "warping_spade.onnx"))
     with pytest.raises(ModelInterfaceError, match=r"cannot run on this onnxruntime.*GridSample"):
-        load_warping("warping", tmp_path / "warping_spade.onnx", ProviderChoice.CPU, 1)
+        load_warping(lambda name, path: OrtModel(name, path, None, ProviderChoice.CPU, 1), "warping",
+                     tmp_path / "warping_spade.onnx")
 
 
 def lp_room(pipeline: Pipeline, tmp_path: Path, *, drive: DriveMode = DriveMode.TEXT,
@@ -128,7 +129,7 @@ def test_a_liveportrait_room_on_the_real_photograph_moves_the_mouth_with_speech(
     assert room.state is RoomState.ENDED, room.reason
     st = room.stats
     assert st.frames_rendered == 100 and st.late_frames == 0
-    a2m, stitch, warp = pipeline.liveportrait_keys
+    a2m, stitch, warp = pipeline.families["liveportrait"].keys  # type: ignore[attr-defined]
     stats = pipeline.engine.stats()
     # Every speaking frame went through motion, stitching and warping, one item each.
     assert 0 < st.batched_items < st.frames_rendered
@@ -149,7 +150,7 @@ def test_the_start_up_profile_gives_liveportrait_one_face_cost_for_its_three_sta
     faces = {p.model: p for p in measure(pipeline, [64], [], iterations=1, max_batch=2)
              if p.stage is Stage.FACE}
     lp = faces["liveportrait/liveportrait-tiny"]
-    curves = [pipeline.engine.curve(k) for k in pipeline.liveportrait_keys]
+    curves = [pipeline.engine.curve(k) for k in pipeline.families["liveportrait"].keys]  # type: ignore[attr-defined]
     assert lp.width == 512 and dict(lp.latencies)[1] == pytest.approx(sum(c.seconds(1) for c in curves))
 
 

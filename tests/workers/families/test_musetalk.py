@@ -152,7 +152,7 @@ def test_a_musetalk_room_on_the_real_photograph_moves_the_mouth_with_speech(
     assert room.state is RoomState.ENDED, room.reason
     st = room.stats
     assert st.frames_rendered == 100 and st.late_frames == 0
-    whisper_key, unet_key, decoder_key = pipeline.musetalk_keys
+    whisper_key, unet_key, decoder_key = pipeline.families["musetalk"].keys  # type: ignore[attr-defined]
     stats = pipeline.engine.stats()
     # Every speaking frame was a UNet item and then a decoder item; Whisper ran per chunk.
     assert 0 < st.batched_items < st.frames_rendered
@@ -218,7 +218,7 @@ def test_the_start_up_profile_gives_musetalk_one_face_cost_for_both_of_a_frames_
     faces = {p.model: p for p in profiles if p.stage is Stage.FACE}
     assert set(faces) == {f"wav2lip/{pipeline.face_key.model}", "musetalk/musetalk-tiny"}
     mt = faces["musetalk/musetalk-tiny"]
-    _, unet, decoder = pipeline.musetalk_keys
+    _, unet, decoder = pipeline.families["musetalk"].keys  # type: ignore[attr-defined]
     step, dec = pipeline.engine.curve(unet), pipeline.engine.curve(decoder)
     assert mt.width == 256 and [b for b, _ in mt.latencies] == [1, 2]
     assert dict(mt.latencies)[1] == pytest.approx(step.seconds(1) + dec.seconds(1))

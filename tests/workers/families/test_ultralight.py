@@ -25,8 +25,8 @@ from workers.device.binding import ModelBindingError, bind_lipsync
 from workers.device.onnx import ModelInterfaceError, OrtModel, ProviderChoice
 from workers.device.pipeline import Pipeline, Timed
 from workers.families import ultralight
+from workers.families.hubert import FeatureModel, grid
 from workers.families.rows import RowStream
-from workers.families.ultralight import FeatureModel, grid
 from workers.models.folder import ModelFolder, build_reference
 from workers.models.ultralight import (
     FEATURE_PRESETS,
