@@ -41,17 +41,21 @@ def face_model(family: str, bundle_id: str) -> str:
     return f"ultralight-{bundle_id[:12]}" if family == "ultralight" else family
 
 
-def video_avatar_face(folder: Path, avatar_id: str) -> str:
+def video_avatar_face(folder: Path, avatar_id: str) -> tuple[str, int]:
     """The face model a video avatar's rooms need ("" for a portrait), read from its
-    bundle's manifest (a bundle being written or removed reads as Wav2Lip's)."""
+    bundle's manifest (a bundle being written or removed reads as Wav2Lip's), and the
+    bytes of the avatar's own model where it brings one (0 for a family's shared models):
+    what a worker loads for its first room of the avatar."""
     try:
         root = bundle_of(folder, avatar_id)
         if root is None:
-            return ""
+            return "", 0
         manifest = json.loads((root / "manifest.json").read_text())
+        own = root / "model.onnx"
+        size = own.stat().st_size if own.is_file() else 0
     except (OSError, ValueError):
-        manifest = {}
-    return face_model(str(manifest.get("family", "wav2lip")), str(manifest.get("bundle_id", "")))
+        manifest, size = {}, 0
+    return face_model(str(manifest.get("family", "wav2lip")), str(manifest.get("bundle_id", ""))), size
 
 
 def no_motion_input(avatar_id: str) -> str:

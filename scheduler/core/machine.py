@@ -129,7 +129,7 @@ class SessionMachine:
         self._avatars: tuple[float, frozenset[str], frozenset[str]] = (-1.0, frozenset(), frozenset())
         # Video avatars' face models, read from their bundles when first placed; forgotten
         # when the folder's video avatars change or one is registered.
-        self._face_models: dict[str, str] = {}
+        self._face_models: dict[str, tuple[str, int]] = {}
         self._worker_avatars: collections.Counter[str] = collections.Counter()
         self._sync_watch: dict[str, SyncWatch] = {}  # live rooms' lip-sync checks out of bounds
         self._scripts: dict[str, list[ScriptSegment]] = {}  # live text rooms' scripts
@@ -187,10 +187,11 @@ class SessionMachine:
         """Avatars prepared from a video (a face family renders them)."""
         return self._avatar_folder()[1]
 
-    def face_model(self, avatar_id: str) -> str:
-        """The face model a video avatar's rooms need ("" for a portrait)."""
+    def face_model(self, avatar_id: str) -> tuple[str, int]:
+        """The face model a video avatar's rooms need ("" for a portrait), and the bytes
+        of the avatar's own model (0 where its family's models are shared)."""
         if avatar_id not in self.video_avatars():
-            return ""
+            return "", 0
         found = self._face_models.get(avatar_id)
         if found is None:
             found = self._face_models[avatar_id] = video_avatar_face(self.config.avatar_dir, avatar_id)
@@ -297,7 +298,7 @@ class SessionMachine:
         return RoomReq(s.session_id, s.spec.tenant, s.spec.avatar_id, s.quality,
                        s.spec.drive_mode, s.spec.tier, s.seq,
                        (s.spec.quality.width, s.spec.quality.height), s.step,
-                       s.spec.avatar_id in self.video_avatars(), self.face_model(s.spec.avatar_id))
+                       s.spec.avatar_id in self.video_avatars(), *self.face_model(s.spec.avatar_id))
 
     def _enqueue(self, s: Session) -> None:
         self._pending_since.setdefault(s.session_id, self.clock())

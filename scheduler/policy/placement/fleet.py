@@ -165,7 +165,8 @@ class Fleet:
         """The worker for `room` at the best rung of its ladder that fits anywhere."""
         for step, quality in rungs(room):
             req = RoomReq(room.session_id, room.tenant, room.avatar_id, quality, room.drive_mode,
-                          room.tier, room.seq, room.frame_size, step, room.face, room.face_model)
+                          room.tier, room.seq, room.frame_size, step, room.face, room.face_model,
+                          room.face_model_bytes)
             found = self._choose_at(req)
             if found is not None:
                 return Choice(found[0], found[1], step, quality)

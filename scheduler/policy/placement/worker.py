@@ -33,6 +33,7 @@ class RoomReq:
     step: int = 0
     face: bool = False  # a video avatar: a face family's model draws its frames
     face_model: str = ""  # which (avatarfarm.avatars.face_model); "": any the worker has
+    face_model_bytes: int = 0  # the avatar's own model (loaded with its first room), if any
 
     @property
     def frame_size(self) -> tuple[int, int]:
@@ -86,6 +87,7 @@ class WorkerState:
     cpu_load: float = 0.0
     memory_used: float = 0.0
     avatar_rooms: Counter[tuple[str, int]] = field(default_factory=Counter)
+    avatar_totals: Counter[str] = field(default_factory=Counter)  # rooms per avatar, any side
     premium: Counter[str] = field(default_factory=Counter)
     _compute: float = 0.0
     _shapes: dict[tuple[int, int, int, int, int, str, bool, str], _RoomCosts | None] = field(
@@ -170,6 +172,8 @@ class WorkerState:
         memory = self.memory.room_bytes_per_pixel * w * h
         if self.avatar_rooms[(room.avatar_id, side)] == 0:
             memory += self.memory.avatar_bytes_per_pixel * side * side
+        if room.face_model_bytes and self.avatar_totals[room.avatar_id] == 0:
+            memory += room.face_model_bytes  # the first room of the avatar loads its own model
         return costs, compute, host, memory
 
     def demand(self, room: RoomReq) -> Demand | None:
@@ -209,6 +213,7 @@ class WorkerState:
         self.memory_used += memory
         self._compute = sum(self.group_load.values()) + self.other_compute
         self.avatar_rooms[(room.avatar_id, room.quality.render_side)] += 1
+        self.avatar_totals[room.avatar_id] += 1
         if room.tier is Tier.PREMIUM:
             self.premium[room.tenant] += 1
         self.rooms[room.session_id] = room
@@ -222,6 +227,9 @@ class WorkerState:
         self.avatar_rooms[(room.avatar_id, side)] -= 1
         if self.avatar_rooms[(room.avatar_id, side)] <= 0:
             del self.avatar_rooms[(room.avatar_id, side)]
+        self.avatar_totals[room.avatar_id] -= 1
+        if self.avatar_totals[room.avatar_id] <= 0:
+            del self.avatar_totals[room.avatar_id]
         parts = self._parts(room)
         assert parts is not None
         costs, compute, cpu, memory = parts

@@ -151,6 +151,35 @@ def test_each_face_family_is_placed_by_its_own_model_s_cost() -> None:
     assert sorted(c.seconds for c in merged.costs if c.stage is Stage.FACE) == [0.004, 0.020]
 
 
+def test_an_avatars_own_model_takes_device_memory_with_its_first_room_and_frees_it_with_its_last() -> None:
+    face = StageCost.measured(Stage.FACE, 160, 160, [(1, 0.004)], model="ultralight-0123456789ab")
+    w = make_worker(profile=WorkerProfile((*make_profile().costs, face)), capacity=10.0,
+                    memory_bytes=1e9)
+    base = w.memory_used
+
+    def room(sid: str, avatar: str = "anna") -> RoomReq:
+        return dataclasses.replace(make_room(sid, avatar=avatar), face=True,
+                                   face_model="ultralight-0123456789ab", face_model_bytes=300_000_000)
+
+    first = w.demand(room("a"))
+    assert first is not None and first.memory >= 300_000_000
+    w.add(room("a"))
+    second = w.demand(room("b"))
+    assert second is not None and second.memory < 300_000_000  # the model is loaded already
+    w.add(room("b"))
+    assert w.memory_used - base == pytest.approx(first.memory + second.memory)
+    # Three avatars' models fill this 1 GB device; a fourth's does not fit, while another
+    # room of an avatar already loaded still does.
+    w.add(room("c", avatar="ben"))
+    w.add(room("d", avatar="cho"))
+    fourth, again = w.demand(room("e", avatar="dan")), w.demand(room("f"))
+    assert fourth is not None and again is not None
+    assert not w.fits(fourth, 1.0) and w.fits(again, 1.0)
+    for sid in "abcd":
+        w.remove(sid)
+    assert w.memory_used == pytest.approx(base)
+
+
 def test_packing_puts_a_room_with_its_batch_group_and_opens_idle_workers_last() -> None:
     prof = make_profile(batch_gain=0.8)
     f = fleet_of(make_worker("a", profile=prof, capacity=4.0),

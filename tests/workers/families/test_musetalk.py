@@ -161,8 +161,8 @@ def test_a_musetalk_room_on_the_real_photograph_moves_the_mouth_with_speech(
     assert pipeline.face_family(AVATAR).key == unet_key and unet_key in pipeline.face_keys()
     from avatarfarm.avatars import video_avatar_face
 
-    face = video_avatar_face(pipeline.folder.avatar_dir, AVATAR)
-    assert face == "musetalk" and pipeline.face_profile(unet_key)[0].startswith(face + "/")  # type: ignore[index]
+    face, own_bytes = video_avatar_face(pipeline.folder.avatar_dir, AVATAR)
+    assert (face, own_bytes) == ("musetalk", 0) and pipeline.face_profile(unet_key)[0].startswith(face + "/")  # type: ignore[index]
     assert st.stage_seconds["render"] > 0 and st.stage_seconds["audio_to_motion"] > 0
 
     assert probe(tmp_path / "m.mp4").frames == 100

@@ -211,8 +211,9 @@ def test_an_ultralight_room_on_the_real_photograph_moves_the_mouth_with_speech(
     # The scheduler reads the same name from the bundle, and places the room by its profile.
     from avatarfarm.avatars import video_avatar_face
 
-    assert video_avatar_face(pipeline.folder.avatar_dir, AVATAR) == key.model
-    assert video_avatar_face(pipeline.folder.avatar_dir, "presenter") == ""
+    assert video_avatar_face(pipeline.folder.avatar_dir, AVATAR) == (
+        key.model, (bundle.root / "model.onnx").stat().st_size)  # the model a worker loads
+    assert video_avatar_face(pipeline.folder.avatar_dir, "presenter") == ("", 0)
     assert key in pipeline.face_keys() and pipeline.engine.stats()[key].items == st.batched_items
     # The UNet ran for speech only; the HuBERT rows were device items too, and cost the room.
     assert 0 < st.batched_items < st.frames_rendered
