@@ -1,13 +1,14 @@
 """The avatar pipeline's inference stages for one worker: TTS, audio-to-motion,
-render and the lip-sync check for the reference family; the face redraw for video
-avatars (a prepared video, its mouth redrawn from the speech) by their family: the
-Wav2Lip family's model from the model folder, or the avatar's own model carried in
-its bundle (Ultralight, fed by the folder's audio feature model), loaded on demand.
+render and the lip-sync check for the reference family; for video avatars (a prepared
+video, its mouth redrawn from the speech), the face families whose models the folder
+names (`FAMILIES`: each family's adapter module loads its own runtime, and an avatar's
+own model, as Ultralight's, when its first room starts), and the HuBERT feature model
+they share.
 
-The ONNX models run on the device thread of one `InferenceEngine`, which
-batches items across rooms per model and input shape (the renderer once per
-portrait side, the face model at its crop side) under their deadlines. TTS is CPU work on its own thread so it
-never holds the device. Every call returns the device time attributed to the
+The ONNX models run on the device thread of one `InferenceEngine`, which batches
+items across rooms per model and input shape (the renderer once per portrait side,
+each face model at its crop side) under their deadlines. TTS is CPU work on its own
+thread so it never holds the device. Every call returns the device time attributed to the
 item (its share of the batch) for cost accounting.
 """
 
