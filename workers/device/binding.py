@@ -132,7 +132,8 @@ def _fmt(shape: Sequence[Dim]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
-def _describe(args: Sequence[Any]) -> str:
+def describe(args: Sequence[Any]) -> str:
+    """onnxruntime inputs or outputs as error messages name them: ``name type [shape]``."""
     return ", ".join(f"{a.name} {a.type} {_fmt(a.shape)}" for a in args) or "none"
 
 
@@ -165,7 +166,7 @@ def bind_lipsync(session: Any, layout: FaceLayout = WAV2LIP_LAYOUT, *, name: str
 
     def refuse(why: str) -> ModelBindingError:
         return ModelBindingError(f"model {name}: {why}; {expected}; the model has inputs "
-                                 f"{_describe(inputs)} and outputs {_describe(outputs)}")
+                                 f"{describe(inputs)} and outputs {describe(outputs)}")
 
     if len(inputs) != 2:
         raise refuse(f"{len(inputs)} inputs")

@@ -123,7 +123,7 @@ class Pipeline:
         for runtime in self.families.values():
             for served in runtime.served():
                 self.engine.serve(served.key, served.model, measure_curve(
-                    functools.partial(run_batch_of, served.model, served.example), (1, 2), 1))
+                    functools.partial(run_batch_of, served.model, served.model.example_item()), (1, 2), 1))
         if self.features_model is not None:
             self.serve(hubert.FEATURES_KEY, measure_curve(
                 functools.partial(run_batch_of, self.features_model, self.features_model.example_item()),
@@ -138,7 +138,7 @@ class Pipeline:
         names = [self.audio_to_motion_model.name, self.renderer_model.name]
         return names + ([self.lipsync_model.name] if self.lipsync_model else []) + \
             ([self.features_model.name] if self.features_model else []) + \
-            [str(getattr(s.model, "name", s.key.model)) for rt in self.families.values() for s in rt.served()]
+            [s.model.name for rt in self.families.values() for s in rt.served()]
 
     @property
     def face_model(self) -> LipSyncDeviceModel | None:

@@ -72,7 +72,8 @@ def measure(pipeline: Pipeline, render_sides: list[int], encode_sizes: list[tupl
     for runtime in pipeline.families.values():  # the face families' models, each timed
         for served in runtime.served():
             pipeline.engine.serve(served.key, served.model, measure_curve(
-                functools.partial(run_batch_of, served.model, served.example), sizes, iterations))
+                functools.partial(run_batch_of, served.model, served.model.example_item()), sizes,
+                iterations))
     for key in pipeline.face_keys():  # the folder's face models (avatars' own report as they load)
         face_profile = pipeline.face_profile(key)
         if face_profile is not None:

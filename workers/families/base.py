@@ -82,13 +82,20 @@ class FaceFamily:
 Points = tuple[tuple[int, float], ...]  # (batch size, seconds) of a latency curve
 
 
+class ServedModel(DeviceModel, typing.Protocol):
+    """A family's device model: named, and able to give one item to time it by."""
+
+    name: str
+
+    def example_item(self) -> dict[str, np.ndarray]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Served:
-    """A model a family serves on the device, with one item to time it by."""
+    """A model a family serves on the device, under its batch key."""
 
     key: BatchKey
-    model: DeviceModel
-    example: dict[str, np.ndarray]
+    model: ServedModel
 
 
 @dataclass(frozen=True, slots=True)

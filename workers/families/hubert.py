@@ -14,6 +14,7 @@ import typing
 
 import numpy as np
 
+from workers.device.binding import describe
 from workers.device.engine import BatchKey
 from workers.device.onnx import ModelInterfaceError, OrtModel
 from workers.families.rows import ROW_STRIDE, ROW_WINDOW, RowGrid
@@ -40,8 +41,7 @@ class FeatureModel:
         expected = "expected input float32 [B, N] (16 kHz waveform), output float32 [B, T, F]"
         if len(inputs) != 1 or len(inputs[0].shape) != 2 or inputs[0].type != "tensor(float)":
             raise ModelInterfaceError(
-                f"feature model {self.name}: {expected}; it has inputs "
-                + ", ".join(f"{a.name} {a.type} {a.shape}" for a in inputs))
+                f"feature model {self.name}: {expected}; it has inputs {describe(inputs)}")
         self._input = inputs[0].name
         self._output = outputs[0].name
         probe = self._call(np.zeros((1, CHUNK_SAMPLES), np.float32))

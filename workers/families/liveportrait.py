@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from avatarfarm.preparation import keypoints
-from workers.device.binding import WAV2LIP_LAYOUT, AudioRole
+from workers.device.binding import WAV2LIP_LAYOUT, AudioRole, describe
 from workers.device.engine import BatchKey
 from workers.device.onnx import ModelInterfaceError, OrtModel
 from workers.families import hubert
@@ -60,9 +60,9 @@ def transform(kp: np.ndarray, pose: np.ndarray, exp: np.ndarray, scale: float, t
 
 
 def _refuse(name: str, why: str, model: OrtModel) -> ModelInterfaceError:
-    ins = ", ".join(f"{a.name} {list(a.shape)}" for a in model.session.get_inputs())
-    outs = ", ".join(f"{a.name} {list(a.shape)}" for a in model.session.get_outputs())
-    return ModelInterfaceError(f"LivePortrait {name} {model.name}: {why}; it has inputs {ins} and outputs {outs}")
+    return ModelInterfaceError(f"LivePortrait {name} {model.name}: {why}; it has inputs "
+                               f"{describe(model.session.get_inputs())} and outputs "
+                               f"{describe(model.session.get_outputs())}")
 
 
 class _Positional:
@@ -172,9 +172,7 @@ class Runtime:
 
     def served(self) -> list[Served]:
         a2m_key, stitch_key, warp_key = self.keys
-        return [Served(a2m_key, self.a2m, self.a2m.example_item()),
-                Served(stitch_key, self.stitching, self.stitching.example_item()),
-                Served(warp_key, self.warping, self.warping.example_item())]
+        return [Served(a2m_key, self.a2m), Served(stitch_key, self.stitching), Served(warp_key, self.warping)]
 
     def refusal(self, avatar_id: str, manifest: Manifest) -> str | None:
         if self._ctx.features is None:

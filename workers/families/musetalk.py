@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from workers.device.binding import WAV2LIP_LAYOUT, AudioRole
+from workers.device.binding import WAV2LIP_LAYOUT, AudioRole, describe
 from workers.device.engine import BatchKey
 from workers.device.onnx import ModelInterfaceError, OrtModel
 from workers.families.base import FaceFamily, Points, Served, WorkerContext
@@ -49,10 +49,6 @@ AUDIO = AudioRole("encoder_hidden_states float32 [B, 50, 384] (10 rows x 5 hidde
                   lambda shape: shape == (50, HIDDEN))
 
 
-def _describe(args: typing.Sequence[typing.Any]) -> str:
-    return ", ".join(f"{a.name} {a.type} {list(a.shape)}" for a in args)
-
-
 class WhisperEncoder:
     """The Whisper encoder as the engine runs it (`DeviceModel`): per item the chunk's
     audio with its context (``audio`` [LEFT + 5120 + RIGHT] float32) -> its rows
@@ -67,11 +63,11 @@ class WhisperEncoder:
                     "[B, 1500, 384] (the hidden states: embeddings, then each layer)")
         if len(inputs) != 1 or list(inputs[0].shape[1:]) != [80, 3000]:
             raise ModelInterfaceError(f"Whisper encoder {self.name}: {expected}; it has inputs "
-                                      f"{_describe(inputs)}")
+                                      f"{describe(inputs)}")
         states = [o for o in outputs if list(o.shape[1:]) == [ENCODER_ROWS, HIDDEN]]
         if len(states) != STATES:
             raise ModelInterfaceError(f"Whisper encoder {self.name}: {len(states)} outputs are "
-                                      f"[B, 1500, 384]; {expected}; it has outputs {_describe(outputs)}")
+                                      f"[B, 1500, 384]; {expected}; it has outputs {describe(outputs)}")
         self._input = inputs[0].name
         self._states = [o.name for o in states]
         self.silence = self._rows(np.zeros((1, GRID.item), np.float32))[0]
@@ -109,7 +105,7 @@ class MuseTalkUNet:
 
         def refuse(why: str) -> ModelInterfaceError:
             return ModelInterfaceError(f"MuseTalk UNet {self.name}: {why}; {expected}; it has inputs "
-                                       f"{_describe(inputs)} and outputs {_describe(outputs)}")
+                                       f"{describe(inputs)} and outputs {describe(outputs)}")
 
         samples = [a for a in inputs if len(a.shape) == 4 and a.shape[1] == 8]
         audio = [a for a in inputs if len(a.shape) == 3]
@@ -155,8 +151,8 @@ class VaeDecoder:
         if len(inp.shape) != 4 or inp.shape[1] != 4 or len(outputs[0].shape) != 4 or outputs[0].shape[1] != 3:
             raise ModelInterfaceError(
                 f"VAE decoder {self.name}: expected input latent_sample float32 [B, 4, h, w] and "
-                f"output sample [B, 3, 8h, 8w]; it has input {_describe([inp])} and outputs "
-                f"{_describe(outputs)}")
+                f"output sample [B, 3, 8h, 8w]; it has input {describe([inp])} and outputs "
+                f"{describe(outputs)}")
         self._input, self._output = inp.name, outputs[0].name
         side = outputs[0].shape[2]
         self.side = side if isinstance(side, int) else 256
@@ -191,9 +187,7 @@ class Runtime:
 
     def served(self) -> list[Served]:
         whisper_key, unet_key, decoder_key = self.keys
-        return [Served(whisper_key, self.whisper, self.whisper.example_item()),
-                Served(unet_key, self.unet, self.unet.example_item()),
-                Served(decoder_key, self.decoder, self.decoder.example_item())]
+        return [Served(whisper_key, self.whisper), Served(unet_key, self.unet), Served(decoder_key, self.decoder)]
 
     def refusal(self, avatar_id: str, manifest: Manifest) -> str | None:
         if self._vae_encoder and manifest.vae_encoder != self._vae_encoder:

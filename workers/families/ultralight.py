@@ -83,7 +83,7 @@ class Runtime:
 
     def served(self) -> list[Served]:
         with self._lock:
-            return [Served(k, m, m.example_item()) for k, m in self.models.items()]
+            return [Served(k, m) for k, m in self.models.items()]
 
     def refusal(self, avatar_id: str, manifest: Manifest) -> str | None:
         if self._ctx.features is None:

@@ -68,7 +68,7 @@ class Runtime:
         self._family = family(self.key, layout, ctx.redraw_crop(self.key))
 
     def served(self) -> list[Served]:
-        return [Served(self.key, self.model, self.model.example_item())]
+        return [Served(self.key, self.model)]
 
     def refusal(self, avatar_id: str, manifest: Manifest) -> str | None:
         return None
