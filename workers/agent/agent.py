@@ -368,8 +368,11 @@ class WorkerAgent:
             self.metrics.batch_items.labels(model).inc(st.items - before.items)
             self.metrics.dropped.labels(model).inc(st.dropped - before.dropped)
             self.metrics.shed.labels(model).inc(st.shed - before.shed)
-            self.metrics.capacity.labels(model).set(
-                engine.curve(key).throughput(self.latency_budget)[1])
+            if engine.serves(key):
+                self.metrics.capacity.labels(model).set(
+                    engine.curve(key).throughput(self.latency_budget)[1])
+            else:  # an avatar's own model, unloaded: no capacity while it is not served
+                self.metrics.capacity.labels(model).set(0)
             self._engine_reported[key] = st
 
     def corrected_profiles(self, keys: list[BatchKey]) -> list[LatencyProfile]:

@@ -121,6 +121,7 @@ class InferenceEngine:
         self.clock = clock
         self.smoothing = smoothing
         self._served: dict[BatchKey, _Served] = {}
+        self._retired: dict[BatchKey, KeyStats] = {}  # counters of models no longer served
         self._queue: list[_Request] = []
         self._ids = itertools.count()
         self._cond = threading.Condition()
@@ -137,7 +138,22 @@ class InferenceEngine:
     def serve(self, key: BatchKey, model: DeviceModel, curve: LatencyCurve) -> None:
         with self._cond:
             old = self._served.get(key)
-            self._served[key] = _Served(model, curve, stats=old.stats if old else KeyStats())
+            stats = old.stats if old else self._retired.pop(key, KeyStats())
+            self._served[key] = _Served(model, curve, stats=stats)
+
+    def unserve(self, key: BatchKey) -> None:
+        """Stops serving a model (an avatar's own, once no room uses it): its queued
+        items fail, its counters are kept (reported, and carried on if it is served
+        again)."""
+        with self._cond:
+            served = self._served.pop(key, None)
+            if served is None:
+                return
+            self._retired[key] = served.stats
+            gone = [r for r in self._queue if r.queued.key == key]
+            self._queue = [r for r in self._queue if r.queued.key != key]
+        for r in gone:
+            _fail(r.future, KeyError(f"{key} is no longer served"))
 
     def serves(self, key: BatchKey) -> bool:
         with self._cond:
@@ -153,10 +169,12 @@ class InferenceEngine:
             return self._served[key].curve
 
     def stats(self) -> dict[BatchKey, KeyStats]:
+        """Counters per model, of those served now and those no longer served."""
         with self._cond:
-            return {k: KeyStats(collections.Counter(s.stats.batch_sizes), s.stats.items,
-                                s.stats.dropped, s.stats.shed, s.stats.device_seconds)
-                    for k, s in self._served.items()}
+            every = {**self._retired, **{k: s.stats for k, s in self._served.items()}}
+            return {k: KeyStats(collections.Counter(st.batch_sizes), st.items, st.dropped,
+                                st.shed, st.device_seconds)
+                    for k, st in every.items()}
 
     def drifted(self, threshold: float = 0.25, persist: float = 60.0) -> list[BatchKey]:
         """Keys whose live timings have stayed more than `threshold` away from the last

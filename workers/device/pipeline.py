@@ -15,6 +15,7 @@ item (its share of the batch) for cost accounting.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import functools
 import logging
@@ -103,6 +104,10 @@ class Pipeline:
         self._avatars: dict[tuple[str, int], tuple[tuple[int, int, int], np.ndarray]] = {}
         self._faces: dict[str, tuple[Bundle, FaceAvatar, FaceFamily]] = {}  # video avatars, loaded
         self._avatars_lock = threading.Lock()
+        # Loads and unloads of video avatars, one at a time (re-entered by a room's hold);
+        # the rooms holding each face model, so that an avatar's own is unloaded with its last.
+        self._faces_lock = threading.RLock()
+        self._holders: collections.Counter[BatchKey] = collections.Counter()
         self.models_bytes = sum(p.stat().st_size for p in folder.model_paths)
         self._calibrate()
 
@@ -273,37 +278,63 @@ class Pipeline:
         """A video avatar's prepared frames at its face model's side, loaded once and
         shared by its rooms (again when the id names another bundle); for a family with
         one model per person, that model too, bound and timed."""
+        return self._load_face(avatar_id)[0]
+
+    def hold_face_sync(self, avatar_id: str) -> tuple[FaceAvatar, FaceFamily]:
+        """`face_avatar_sync` for a room: its family's model is held (not unloaded) until
+        the room gives it back with `release_face_sync`."""
+        with self._faces_lock:
+            face, family = self._load_face(avatar_id)
+            self._holders[family.key] += 1
+            return face, family
+
+    def release_face_sync(self, family: FaceFamily) -> None:
+        """A room of the family's model has ended: with its last room, an avatar's own
+        model is unloaded (the folder's models stay), with the avatars loaded on it."""
+        with self._faces_lock:
+            key = family.key
+            self._holders[key] -= 1
+            if self._holders[key] > 0:
+                return
+            del self._holders[key]
+            if self.families[family.name].release(key):
+                with self._avatars_lock:
+                    for avatar_id in [a for a, c in self._faces.items() if c[2].key == key]:
+                        del self._faces[avatar_id]
+
+    def _load_face(self, avatar_id: str) -> tuple[FaceAvatar, FaceFamily]:
         refusal = self.video_avatar_refusal(avatar_id)
         if refusal is not None:
             raise ValueError(refusal)
         root = self.folder.bundle_path(avatar_id)
         assert root is not None
-        with self._avatars_lock:
-            cached = self._faces.get(avatar_id)
-        if cached is None or cached[0].root != root:
-            bundle = Bundle.open(root)
-            family = self.families[bundle.manifest.family].family(bundle)
-            model_name, side = family.key.model, family.key.side
-            if side not in bundle.manifest.sides:
-                raise ValueError(f"avatar {avatar_id!r} was prepared with crops at "
-                                 f"{list(bundle.manifest.sides)} px; the face model "
-                                 f"{model_name} takes {side} px: prepare it again "
-                                 f"with --sides {side}")
-            cached = (bundle, FaceAvatar(bundle, side), family)
+        with self._faces_lock:  # one load (or unload) at a time: a model is loaded once
             with self._avatars_lock:
-                self._faces[avatar_id] = cached
-            log.info("video avatar %s loaded (%s family): bundle %s, %d frames (mapped), crops %.1f MiB",
-                     avatar_id, family.name, bundle.manifest.bundle_id[:12], len(cached[1]),
-                     cached[1].nbytes / 2**20)
-        return cached[1]
+                cached = self._faces.get(avatar_id)
+            if cached is None or cached[0].root != root:
+                bundle = Bundle.open(root)
+                family = self.families[bundle.manifest.family].family(bundle)
+                model_name, side = family.key.model, family.key.side
+                if side not in bundle.manifest.sides:
+                    raise ValueError(f"avatar {avatar_id!r} was prepared with crops at "
+                                     f"{list(bundle.manifest.sides)} px; the face model "
+                                     f"{model_name} takes {side} px: prepare it again "
+                                     f"with --sides {side}")
+                cached = (bundle, FaceAvatar(bundle, side), family)
+                with self._avatars_lock:
+                    self._faces[avatar_id] = cached
+                log.info("video avatar %s loaded (%s family): bundle %s, %d frames (mapped), "
+                         "crops %.1f MiB", avatar_id, family.name, bundle.manifest.bundle_id[:12],
+                         len(cached[1]), cached[1].nbytes / 2**20)
+            return cached[1], cached[2]
 
     def face_device_model(self, avatar_id: str) -> DeviceModel:
-        """The face model of a video avatar loaded by `face_avatar` (for timing it alone)."""
+        """The face model of a loaded video avatar (for timing it alone)."""
         key = self.face_family(avatar_id).key
         return next(s.model for rt in self.families.values() for s in rt.served() if s.key == key)
 
     def face_family(self, avatar_id: str) -> FaceFamily:
-        """The family of a video avatar loaded by `face_avatar`."""
+        """The family of a loaded video avatar."""
         with self._avatars_lock:
             return self._faces[avatar_id][2]
 
@@ -322,8 +353,20 @@ class Pipeline:
 
     # -- async API for rooms: batched on the device under each item's deadline
 
-    async def face_avatar(self, avatar_id: str) -> FaceAvatar:
-        return await asyncio.to_thread(self.face_avatar_sync, avatar_id)
+    async def hold_face(self, avatar_id: str) -> tuple[FaceAvatar, FaceFamily]:
+        held = asyncio.get_running_loop().run_in_executor(None, self.hold_face_sync, avatar_id)
+        try:
+            return await asyncio.shield(held)
+        except asyncio.CancelledError:
+            # The load goes on on its thread: what it holds is given back when it is done.
+            def give_back(f: asyncio.Future[tuple[FaceAvatar, FaceFamily]]) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    self.release_face_sync(f.result()[1])
+            held.add_done_callback(give_back)
+            raise
+
+    async def release_face(self, family: FaceFamily) -> None:
+        await asyncio.to_thread(self.release_face_sync, family)
 
     async def redraw(self, mel: np.ndarray, face: np.ndarray, deadline: float = math.inf,
                      priority: int = 1, key: BatchKey | None = None) -> Timed:

@@ -131,6 +131,11 @@ class FamilyRuntime(typing.Protocol):
         """The keys a face profile is reported for (one per face model)."""
         ...
 
+    def release(self, key: BatchKey) -> bool:
+        """No room uses the model under ``key`` any more: unloads it if it is an avatar's
+        own (True), keeps it if it is the folder's, shared by the family's avatars (False)."""
+        ...
+
     def face_profile(self, key: BatchKey) -> tuple[str, Points] | None:
         """The profile the scheduler places by for one of its keys (by family and model
         name; the stages a frame goes through summed), or None for a key not its own."""

@@ -218,6 +218,9 @@ class Runtime:
 
         return FaceFamily(self.name, warp_key, WAV2LIP_LAYOUT, AUDIO, speech, redraw)
 
+    def release(self, key: BatchKey) -> bool:
+        return False  # the folder's models serve every avatar of the family
+
     def face_keys(self) -> list[BatchKey]:
         return [self.keys[2]]
 

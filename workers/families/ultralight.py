@@ -115,6 +115,17 @@ class Runtime:
         return family(key, model.runner.binding.audio_shape, features, self._ctx.submit_features,
                       self._ctx.redraw_crop(key))
 
+    def release(self, key: BatchKey) -> bool:
+        """Unloads an avatar's UNet (its session and device memory) when its last room on
+        this worker has ended: the scheduler counts its memory from the avatar's first
+        room to its last, and a later room loads it again."""
+        with self._lock:
+            if self.models.pop(key, None) is None:
+                return False
+        self._ctx.engine.unserve(key)
+        log.info("avatar model %s unloaded: no room of its avatar is left on this worker", key.model)
+        return True
+
     def face_keys(self) -> list[BatchKey]:
         with self._lock:
             return sorted(self.models)

@@ -407,8 +407,7 @@ class Room:
         q = self.spec.quality
         try:
             if self.video_avatar:
-                self.face = await self.pipeline.face_avatar(self.spec.avatar_id)
-                self.family = self.pipeline.face_family(self.spec.avatar_id)
+                self.face, self.family = await self.pipeline.hold_face(self.spec.avatar_id)
                 if self.sync is not None:
                     self.sync.view = self.face.mouth_view
                 avatar: typing.Any = FaceFrame(0)
@@ -456,6 +455,8 @@ class Room:
             if self._sync_task is not None:
                 self._sync_task.cancel()
             await self._close_encoder()
+            if self.family is not None:  # the avatar's own model goes with its last room
+                await self.pipeline.release_face(self.family)
         if self.state not in (RoomState.FAILED,):
             self._set(RoomState.ENDED, self._stop_reason or "reached max duration")
 

@@ -7,6 +7,7 @@ import concurrent.futures
 import time
 
 import numpy as np
+import pytest
 
 from avatarfarm.latency import LatencyCurve
 from workers.device.batching import BatchPolicy
@@ -56,5 +57,32 @@ def test_a_profile_is_re_reported_for_a_drift_that_lasts_not_for_an_excursion(
         assert engine.drifted() == [key]  # it lasted: reported once
         now[0] = 200.0
         assert engine.drifted() == []  # at the reported level now
+    finally:
+        engine.close()
+
+
+
+def test_a_model_no_longer_served_fails_its_queued_items_and_keeps_its_counters(
+        pipeline: Pipeline) -> None:
+    # A frozen clock and a long wait for company: a lone item stays queued; two run at once.
+    engine = InferenceEngine(BatchPolicy(max_batch=2, max_wait=1000.0), clock=lambda: 0.0)
+    try:
+        key = BatchKey("avatar-own")
+        mel = {"mel": np.full((N_MELS, MEL_WINDOW), -2.0, np.float32)}
+        engine.serve(key, pipeline.audio_to_motion_model, LatencyCurve(((1, 0.001), (2, 0.0015))))
+        pair = [engine.submit(key, mel, float("inf")) for _ in range(2)]
+        assert all(f.result(timeout=10).batch_size == 2 for f in pair)
+        lone = engine.submit(key, mel, float("inf"))
+        assert not lone.done()  # waiting for company
+        engine.unserve(key)
+        assert isinstance(lone.exception(timeout=10), KeyError)
+        assert not engine.serves(key) and engine.stats()[key].items == 2  # counted still
+        with pytest.raises(KeyError, match="no model is served"):
+            engine.submit(key, mel, float("inf"))
+        # Served again (the avatar's next room): its counters carry on.
+        engine.serve(key, pipeline.audio_to_motion_model, LatencyCurve(((1, 0.001), (2, 0.0015))))
+        again = [engine.submit(key, mel, float("inf")) for _ in range(2)]
+        concurrent.futures.wait(again, timeout=10)
+        assert engine.stats()[key].items == 4 and engine.stats()[key].batch_sizes[2] == 2
     finally:
         engine.close()

@@ -205,8 +205,8 @@ def test_an_ultralight_room_on_the_real_photograph_moves_the_mouth_with_speech(
     assert room.state is RoomState.ENDED, room.reason
     st = room.stats
     assert st.frames_rendered == 100 and st.late_frames == 0
-    assert AVATAR in pipeline.warm_avatars()
-    key = pipeline.face_family(AVATAR).key
+    assert room.family is not None and AVATAR not in pipeline.warm_avatars()  # unloaded
+    key = room.family.key
     assert key.model == f"ultralight-{bundle.manifest.bundle_id[:12]}" and key.side == 160
     # The scheduler reads the same name from the bundle, and places the room by its profile.
     from avatarfarm.avatars import video_avatar_face
@@ -214,7 +214,9 @@ def test_an_ultralight_room_on_the_real_photograph_moves_the_mouth_with_speech(
     assert video_avatar_face(pipeline.folder.avatar_dir, AVATAR) == (
         key.model, (bundle.root / "model.onnx").stat().st_size)  # the model a worker loads
     assert video_avatar_face(pipeline.folder.avatar_dir, "presenter") == ("", 0)
-    assert key in pipeline.face_keys() and pipeline.engine.stats()[key].items == st.batched_items
+    # The room was the avatar's last here: its model is unloaded, its counters kept.
+    assert key not in pipeline.face_keys() and not pipeline.engine.serves(key)
+    assert pipeline.engine.stats()[key].items == st.batched_items
     # The UNet ran for speech only; the HuBERT rows were device items too, and cost the room.
     assert 0 < st.batched_items < st.frames_rendered
     assert st.stage_seconds["render"] > 0 and st.stage_seconds["audio_to_motion"] > 0
@@ -319,3 +321,25 @@ def test_the_worker_reports_an_avatars_own_model_once_loaded(
 
     # The scheduler now places the avatar's rooms by its model's own measured cost.
     assert (name, 160) in asyncio.run(body())
+
+
+def test_an_avatars_own_model_is_unloaded_with_its_last_room_and_loaded_again_for_the_next(
+        ul_pipeline: tuple[Pipeline, Bundle]) -> None:
+    pipeline, _ = ul_pipeline
+    first = pipeline.hold_face_sync(AVATAR)[1]  # two rooms of the avatar start here
+    second = pipeline.hold_face_sync(AVATAR)[1]
+    key = first.key
+    assert second.key == key and pipeline.engine.serves(key) and key in pipeline.face_keys()
+    pipeline.release_face_sync(first)  # one ends: the other still renders with the model
+    assert pipeline.engine.serves(key) and AVATAR in pipeline.warm_avatars()
+    pipeline.release_face_sync(second)  # the last ends: the model and its avatar go
+    assert not pipeline.engine.serves(key) and key not in pipeline.face_keys()
+    assert AVATAR not in pipeline.warm_avatars()
+    again = pipeline.hold_face_sync(AVATAR)[1]  # a later room loads it again
+    try:
+        assert again.key == key and pipeline.engine.serves(key)
+    finally:
+        pipeline.release_face_sync(again)
+    # A Wav2Lip avatar's model is the folder's: it stays loaded for the family's other avatars.
+    assert pipeline.families["wav2lip"].release(pipeline.face_key) is False
+    assert pipeline.engine.serves(pipeline.face_key)
