@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import math
 import os
 import secrets
 import sys
@@ -71,7 +70,7 @@ def _prepare_avatar(args: argparse.Namespace) -> int:
             last[stage] = pct
             print(f"  {stage:<7} {pct:3d}%", flush=True)
 
-    model = None
+    model, features = None, "hubert"
     if args.model is not None:
         # The person's own model (Ultralight family): bound now, so a model that does not
         # fit is refused before anything is prepared, with what it has and what was expected.
@@ -79,19 +78,23 @@ def _prepare_avatar(args: argparse.Namespace) -> int:
 
         from workers.device.binding import ModelBindingError, bind_lipsync
         from workers.families import ultralight
+        from workers.families.features import WENET, FeatureKind
 
+        kinds = (FeatureKind("hubert", args.feature_width, 2), WENET)
         try:
             model = args.model.read_bytes()
             session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
             binding = bind_lipsync(session, ultralight.LAYOUT, name=args.model.name,
-                                   audio=ultralight.audio_role(args.feature_width))
+                                   audio=ultralight.audio_role(*kinds))
         except (ModelBindingError, OSError, ort.capi.onnxruntime_pybind11_state.Fail) as e:
             print(f"avatarfarm prepare-avatar: {e}", file=sys.stderr)
             return 2
         sides = sorted({*sides, binding.side})
-        frames = math.prod(binding.audio_shape) // (2 * args.feature_width)
+        kind = ultralight.features_of(binding.audio_shape, *kinds)
+        features = kind.name
         print(f"Ultralight model {args.model.name}: crop side {binding.side}, audio "
-              f"{list(binding.audio_shape)} ({frames} frames of feature rows)")
+              f"{list(binding.audio_shape)} ({kind.frames(binding.audio_shape)} frames of "
+              f"{kind.name} rows)")
     try:
         if args.avatar_id:
             validate_id("avatar_id", args.avatar_id)
@@ -104,7 +107,8 @@ def _prepare_avatar(args: argparse.Namespace) -> int:
                   else "liveportrait" if extractors is not None else "wav2lip")
         bundle = prepare(args.video.read_bytes(), args.avatar_dir / BUNDLES, sides,
                          detector=load_detector(args.detector), progress=progress,
-                         model=model, family=family, vae_encoder=vae, extractors=extractors)
+                         model=model, family=family, vae_encoder=vae, extractors=extractors,
+                         features=features)
     except (PreparationError, InvalidRequest, OSError) as e:
         print(f"avatarfarm prepare-avatar: {e}", file=sys.stderr)
         return 2
@@ -145,8 +149,13 @@ def _build_models(args: argparse.Namespace) -> int:
           f"{size.gmac_per_frame(512):.2f} at 512x512) in {folder.root}")
     if folder.wav2lip is not None:
         print(f"Wav2Lip-signature model {folder.wav2lip.name} in {folder.wav2lip.path}")
+    if args.features != "hubert":
+        from workers.models.folder import use_wenet
+
+        folder = use_wenet(args.out, args.features.removeprefix("wenet-") or "wenet")
     if folder.features is not None:
-        print(f"HuBERT-signature feature model (Ultralight avatars) in {folder.features.path}")
+        print(f"{folder.features.name} feature model (Ultralight, LivePortrait avatars) in "
+              f"{folder.features.path}")
     if args.musetalk != "none":
         from workers.models.folder import add_musetalk
 
@@ -374,8 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "clip's first frame and the bundle keeps the source's features and "
                          "keypoints (workers whose folder names other extractors refuse it)")
     pa.add_argument("--feature-width", type=int, default=1024,
-                    help="width of the feature rows the model's audio input holds (default 1024, "
-                         "HuBERT-large's); the workers' feature model must give the same")
+                    help="width of the HuBERT rows the model's audio input holds (default 1024, "
+                         "HuBERT-large's); the workers' feature model must give the same. A model "
+                         "whose audio input holds wenet steps ([C, 16, 32]) is a wenet model: "
+                         "its rooms go to workers with a wenet feature model")
     pa.set_defaults(func=_prepare_avatar)
 
     mb = sub.add_parser(
@@ -409,6 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write LivePortrait-signature stand-ins (appearance and motion "
                         "extractors, audio-to-motion, stitching, warping) under liveportrait/: "
                         "liveportrait (~18 GMAC a frame), tiny (tests) or none (the default)")
+    b.add_argument("--features", default="hubert", choices=["hubert", "wenet", "wenet-tiny"],
+                   help="the audio feature model Ultralight avatars are fed by: hubert (the "
+                        "default; LivePortrait needs it too) or a wenet streaming encoder "
+                        "(wenet: ~0.9 GMAC a 50 ms step; wenet-tiny for tests), for people's "
+                        "models trained on wenet features")
     b.add_argument("--force", action="store_true", help="rebuild even if the folder is current")
     b.set_defaults(func=_build_models)
 

@@ -25,10 +25,12 @@ the warping at 512 px, ``--liveportrait liveportrait`` ~18 GMAC a frame, or ``ti
 Ultralight UNet (``--ultralight ultralight``, ~1.7 GMAC a frame, or ``tiny``) in its
 bundle; the HuBERT-signature feature model (HuBERT-large's cost with ``--preset
 standard``, a small one with ``lite``) runs on the device too: its time per frame is the
-a2m column.
+a2m column. ``--features wenet`` feeds it a wenet streaming encoder instead (~0.9 GMAC a
+50 ms step, batch fixed at 1 as exported) and a UNet trained on wenet steps.
 
     python loadtests/worker_bench.py --family wav2lip --size 512x512 --rooms 1,2,3
     python loadtests/worker_bench.py --family ultralight --size 512x512 --rooms 1,2,4
+    python loadtests/worker_bench.py --family ultralight --features wenet --rooms 1,2,4
 
 Overload and the host path: ``--tiers mixed`` gives the rooms tiers (one in eight
 premium, half standard, the rest best effort) and prints late frames by tier, to ramp
@@ -79,11 +81,12 @@ from workers.device.pipeline import Pipeline
 from workers.device.profile import measure
 from workers.device.timing import batch_sizes, measure_curve, run_batch_of
 from workers.families import liveportrait, musetalk
-from workers.models.folder import add_liveportrait, add_musetalk, build_reference
+from workers.families.features import WENET
+from workers.models.folder import add_liveportrait, add_musetalk, build_reference, use_wenet
 from workers.models.liveportrait import WARP_PRESETS
 from workers.models.musetalk import MUSETALK_PRESETS
 from workers.models.reference import RENDERER_PRESETS
-from workers.models.ultralight import UNET_PRESETS, build_ultralight
+from workers.models.ultralight import AUDIO_SHAPE, HUBERT, UNET_PRESETS, WENET_AUDIO_SHAPE, build_ultralight
 from workers.models.wav2lip import WAV2LIP_PRESETS
 from workers.output.encode import EncoderSettings, OutputTarget, StreamEncoder
 from workers.rooms.governor import RoomGovernor
@@ -286,6 +289,8 @@ async def main() -> None:
                     help="cost preset of the MuseTalk-signature models (--family musetalk)")
     ap.add_argument("--ultralight", default="ultralight", choices=sorted(UNET_PRESETS),
                     help="cost preset of the Ultralight-signature UNet (--family ultralight)")
+    ap.add_argument("--features", default="hubert", choices=["hubert", "wenet"],
+                    help="the feature model Ultralight rooms are fed by (--family ultralight)")
     ap.add_argument("--wav2lip", default="wav2lip_96", choices=sorted(WAV2LIP_PRESETS),
                     help="cost preset of the Wav2Lip-signature model (--family wav2lip)")
     args = ap.parse_args()
@@ -311,10 +316,15 @@ async def main() -> None:
             side = 256 if args.wav2lip == "wav2lip_256" else 96
             bundle = prepare(astronaut_clip(), folder.avatar_dir / BUNDLES, (side,))
         elif args.family == "ultralight":
-            unet = build_ultralight(UNET_PRESETS[args.ultralight]).SerializeToString()
+            kind, shape = (WENET, WENET_AUDIO_SHAPE) if args.features == "wenet" else (HUBERT, AUDIO_SHAPE)
+            if args.features == "wenet":
+                folder = use_wenet(root / "models", "wenet" if args.preset == "standard" else "tiny")
+            unet = build_ultralight(UNET_PRESETS[args.ultralight], audio_shape=shape,
+                                    features=kind).SerializeToString()
             # The sample clip's face is ~100 px: upscaled to the family's 160 px crop.
             bundle = prepare(astronaut_clip(), folder.avatar_dir / BUNDLES, (160,), model=unet,
-                             family="ultralight", policy=TrackPolicy(min_side=96))
+                             family="ultralight", policy=TrackPolicy(min_side=96),
+                             features=args.features)
         elif args.family == "musetalk":
             folder = add_musetalk(root / "models", args.musetalk)
             assert folder.musetalk is not None and folder.musetalk.vae_encoder is not None

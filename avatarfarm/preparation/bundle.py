@@ -73,6 +73,9 @@ class Manifest:
     # MuseTalk: the VAE encoder its latents were made with (sha256 of the ONNX file);
     # LivePortrait: the extractors its source was made with.
     vae_encoder: str = ""
+    # Ultralight: the audio features its model reads, "hubert" or "wenet" (read from the
+    # model's audio input when it is prepared; "" in older bundles: HuBERT).
+    features: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,10 +175,11 @@ def prepare(data: bytes, bundles: Path, sides: Sequence[int] = (96,), *,
             policy: TrackPolicy | None = None, progress: Progress | None = None,
             model: bytes | None = None, family: str = "wav2lip",
             vae_encoder: bytes | None = None,
-            extractors: tuple[bytes, bytes] | None = None) -> Bundle:
+            extractors: tuple[bytes, bytes] | None = None, features: str = "hubert") -> Bundle:
     """The bundle for `data` under `bundles/<id>/`, made now or found from before.
     ``model``: the person's own face model (ONNX bytes) for a family with one model per
-    avatar (``family="ultralight"``); it is stored in the bundle and part of its id.
+    avatar (``family="ultralight"``); it is stored in the bundle and part of its id,
+    and ``features`` names the audio features it reads ("hubert" or "wenet").
     ``vae_encoder``: for ``family="musetalk"``, the VAE encoder whose latents of every
     base frame (at 256 px) the bundle stores (`avatarfarm.preparation.latents`).
     ``extractors``: for ``family="liveportrait"``, the appearance feature extractor and
@@ -250,7 +254,7 @@ def prepare(data: bytes, bundles: Path, sides: Sequence[int] = (96,), *,
             vae = keypoints.model_id(*extractors)
         (tmp / "boxes.json").write_text(json.dumps([[b.x, b.y, b.w, b.h] for b in track.boxes]))
         manifest = Manifest(bid, VERSION, fps, len(frames), width, height, sides, track.found, family,
-                            vae)
+                            vae, features if model is not None else "")
         (tmp / "manifest.json").write_text(json.dumps(asdict(manifest), indent=1))
         try:
             os.rename(tmp, root)

@@ -32,7 +32,7 @@ from workers.agent.usage import UsageReports
 from workers.device.engine import BatchKey, KeyStats
 from workers.device.pipeline import AUDIO_TO_MOTION_KEY, AVATAR_BYTES_PER_PIXEL, LIPSYNC_KEY, Pipeline
 from workers.device.profile import LatencyProfile
-from workers.families.hubert import FEATURES_KEY
+from workers.families.features import FEATURES_KEY
 from workers.families.musetalk import WHISPER_KEY
 from workers.media.alignment import SyncEstimate
 from workers.media.label import LabelSpec

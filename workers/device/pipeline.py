@@ -35,8 +35,9 @@ from workers.device.binding import LipSyncDeviceModel
 from workers.device.engine import BatchKey, DeviceModel, InferenceEngine, ItemResult
 from workers.device.onnx import OrtModel, ProviderChoice
 from workers.device.timing import Timed, measure_curve, run_batch_of
-from workers.families import hubert, liveportrait, musetalk, ultralight, wav2lip
+from workers.families import liveportrait, musetalk, ultralight, wav2lip
 from workers.families.base import FaceFamily, FamilyRuntime, Points, Redraw, WorkerContext
+from workers.families.features import FEATURES_KEY, AudioFeatures, open_features
 from workers.media.tts import EspeakTTS
 from workers.models.avatar import read_image, scale_image
 from workers.models.folder import AUDIO_TO_MOTION, LIPSYNC, RENDERER, ModelFolder
@@ -81,9 +82,9 @@ class Pipeline:
             assert isinstance(lags, int)
             self.sync_shape = SyncShape(t, lags // 2, (h, w))
         self.engine = InferenceEngine(policy)
-        self.features_model: hubert.FeatureModel | None = None
+        self.features_model: AudioFeatures | None = None
         if folder.features is not None:
-            self.features_model = hubert.FeatureModel(
+            self.features_model = open_features(
                 OrtModel(folder.features.name, folder.features.path, None, provider, intra_op_threads),
                 folder.features.normalize)
         # The face families whose models the folder names: each loads its own (a family's
@@ -130,7 +131,7 @@ class Pipeline:
                 self.engine.serve(served.key, served.model, measure_curve(
                     functools.partial(run_batch_of, served.model, served.model.example_item()), (1, 2), 1))
         if self.features_model is not None:
-            self.serve(hubert.FEATURES_KEY, measure_curve(
+            self.serve(FEATURES_KEY, measure_curve(
                 functools.partial(run_batch_of, self.features_model, self.features_model.example_item()),
                 (1, 4), 1))
 
@@ -205,7 +206,7 @@ class Pipeline:
     def serve(self, key: BatchKey, curve: LatencyCurve) -> None:
         models: dict[BatchKey, DeviceModel | None] = {
             AUDIO_TO_MOTION_KEY: self.audio_to_motion_model, LIPSYNC_KEY: self.lipsync_model,
-            hubert.FEATURES_KEY: self.features_model}
+            FEATURES_KEY: self.features_model}
         models.update({s.key: s.model for rt in self.families.values() for s in rt.served()})
         model = models.get(key, self.renderer_model)
         assert model is not None
@@ -379,9 +380,10 @@ class Pipeline:
         return _timed(r)
 
     async def features(self, chunk: np.ndarray, deadline: float = math.inf, priority: int = 1) -> Timed:
-        """The audio feature model on one chunk of 720 samples -> its rows [2, F]."""
-        r = await self.engine.infer(hubert.FEATURES_KEY,
-                                    {hubert.FeatureModel.INPUT: chunk}, deadline, priority)
+        """The audio feature model on one chunk of a room's audio -> its rows: HuBERT's
+        two rows of 720 samples [2, F], or one wenet step [1, S * D]."""
+        assert self.features_model is not None
+        r = await self.engine.infer(FEATURES_KEY, {self.features_model.INPUT: chunk}, deadline, priority)
         return _timed(r)
 
     async def synthesize(self, text: str) -> Timed:

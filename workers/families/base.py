@@ -104,7 +104,7 @@ class WorkerContext:
 
     engine: InferenceEngine
     load: typing.Callable[[str, Path], OrtModel]  # (name, path) -> a session on the worker's device
-    features: typing.Any  # the shared HuBERT feature model (workers.families.hubert), or None
+    features: typing.Any  # the shared audio feature model (workers.families.features), or None
     submit_features: typing.Callable[[np.ndarray, float, int], typing.Awaitable[typing.Any]]
     redraw_crop: typing.Callable[[BatchKey], Redraw]  # one face-model item on the base crop
     timed: typing.Callable[..., typing.Any]  # (value, seconds, batch size) -> pipeline.Timed

@@ -15,14 +15,13 @@ import typing
 import numpy as np
 
 from workers.device.binding import describe
-from workers.device.engine import BatchKey
 from workers.device.onnx import ModelInterfaceError, OrtModel
+from workers.families.features import FeatureKind
 from workers.families.rows import ROW_STRIDE, ROW_WINDOW, RowGrid
 
 CHUNK_ROWS = 2
 CHUNK_HOP = ROW_STRIDE * CHUNK_ROWS  # 640 samples: 40 ms
 CHUNK_SAMPLES = ROW_STRIDE * (CHUNK_ROWS - 1) + ROW_WINDOW  # 720
-FEATURES_KEY = BatchKey("audio-features")
 
 
 class FeatureModel:
@@ -30,7 +29,7 @@ class FeatureModel:
     ``input`` [720] float32 -> [B, 2, F]. ``normalize``: each chunk to zero mean and unit
     variance first, as exports fed by Wav2Vec2FeatureExtractor expect."""
 
-    INPUT = "input"
+    INPUT: typing.ClassVar[str] = "input"
 
     def __init__(self, model: OrtModel, normalize: bool = False) -> None:
         self.name = model.name
@@ -51,6 +50,7 @@ class FeatureModel:
                 f"{list(probe.shape)}, not [1, {CHUNK_ROWS}, F] (one row per {ROW_STRIDE} samples, "
                 f"each reading {ROW_WINDOW}); {expected}")
         self.width = int(probe.shape[2])
+        self.kind = FeatureKind("hubert", self.width, CHUNK_ROWS)
         self.silence = probe[0]  # [2, F]: the rows of a silent chunk
 
     def _call(self, x: np.ndarray) -> np.ndarray:
@@ -68,10 +68,9 @@ class FeatureModel:
         rng = np.random.default_rng(0)
         return {self.INPUT: rng.uniform(-0.3, 0.3, CHUNK_SAMPLES).astype(np.float32)}
 
-
-def grid(audio_shape: tuple[int, ...], width: int) -> RowGrid:
-    """Chunks of two rows (720 samples every 640); a frame reads the window of rows of
-    ``audio_shape`` (``width`` features each) centred on its own rows."""
-    rows = math.prod(audio_shape) // width
-    return RowGrid(rows=CHUNK_ROWS, left=0, right=CHUNK_SAMPLES - CHUNK_HOP, first=-(rows // 2),
-                   count=rows, shape=audio_shape)
+    def grid(self, audio_shape: tuple[int, ...]) -> RowGrid:
+        """Chunks of two rows (720 samples every 640); a frame reads the window of rows of
+        ``audio_shape`` centred on its own rows."""
+        rows = math.prod(audio_shape) // self.width
+        return RowGrid(rows=CHUNK_ROWS, left=0, right=CHUNK_SAMPLES - CHUNK_HOP, first=-(rows // 2),
+                       count=rows, shape=audio_shape)

@@ -30,7 +30,6 @@ from avatarfarm.preparation import keypoints
 from workers.device.binding import WAV2LIP_LAYOUT, AudioRole, describe
 from workers.device.engine import BatchKey
 from workers.device.onnx import ModelInterfaceError, OrtModel
-from workers.families import hubert
 from workers.families.base import FaceFamily, Points, Served, WorkerContext
 from workers.families.rows import RowStream
 
@@ -175,9 +174,9 @@ class Runtime:
         return [Served(a2m_key, self.a2m), Served(stitch_key, self.stitching), Served(warp_key, self.warping)]
 
     def refusal(self, avatar_id: str, manifest: Manifest) -> str | None:
-        if self._ctx.features is None:
+        if self._ctx.features is None or self._ctx.features.kind.name != "hubert":
             return (f"avatar {avatar_id!r} is a LivePortrait avatar and this worker's model folder "
-                    "has no audio feature model (hubert.onnx) to drive it")
+                    "has no HuBERT feature model (hubert.onnx) to drive its audio-to-motion model")
         if manifest.vae_encoder != self._extractors:
             return (f"avatar {avatar_id!r} was prepared with other appearance and motion "
                     "extractors than this worker's: its keypoints would not match; prepare it "
@@ -194,7 +193,7 @@ class Runtime:
         scale, t = float(source["scale"].reshape(-1)[0]), source["t"].reshape(-1)
         kp_source = transform(kp_c, pose, exp, scale, t)
         feature_3d = np.ascontiguousarray(source["feature_3d"], np.float32)
-        rows = hubert.grid(AUDIO_SHAPE, features.width)
+        rows = features.grid(AUDIO_SHAPE)
 
         def speech(fps: int, priority: int, on_seconds: Callable[[float], None]) -> RowStream:
             return RowStream(fps, rows, features.silence, self._ctx.submit_features, priority, on_seconds)

@@ -1,16 +1,17 @@
 """Audio feature rows computed on the device as a room's audio arrives, and each frame's
 window of them: the audio side of the families fed by learnt features (Ultralight's
-HuBERT rows, MuseTalk's Whisper hidden states), both 50 rows a second.
+HuBERT rows and MuseTalk's Whisper hidden states, 50 rows a second; Ultralight's wenet
+steps, 20 a second).
 
-A feature model runs on chunks: ``rows`` rows of the chunk's own audio (``rows x 320``
-samples), read with ``left`` samples of context before and ``right`` after, so one
+A feature model runs on chunks: ``rows`` rows of the chunk's own audio (``rows x
+stride`` samples: 320 for 50 rows a second), read with ``left`` samples of context before and ``right`` after, so one
 item is ``left + 320 rows + right`` samples and a chunk can run once the audio ``right``
 samples past it has arrived. Items are batched across rooms by the engine. A chunk
 whose own audio is silent is not run: it takes the rows the model gives silence,
 computed once at load.
 
 Video frame ``i`` at ``fps`` reads the rows ``first .. first + count - 1`` around its
-centre row ``round(50 i / fps)`` (a frame's own audio at any rate), rows before the
+centre row ``round(rate i / fps)`` (a frame's own audio at any rate), rows before the
 stream read as silence, folded into the face model's audio input shape.
 """
 
@@ -26,8 +27,8 @@ import numpy as np
 
 from workers.families.base import FrameAudio
 
-ROWS_PER_SECOND = 50
-ROW_STRIDE = 320  # samples at 16 kHz
+SAMPLE_RATE = 16_000
+ROW_STRIDE = 320  # samples at 16 kHz: 50 rows a second
 ROW_WINDOW = 400  # samples each row reads (HuBERT's and Whisper's front ends: 25 ms)
 SILENCE_RMS = 10 ** (-60 / 20)  # a chunk quieter than -60 dBFS is silence
 
@@ -44,10 +45,16 @@ class RowGrid:
     first: int  # a frame's first row, from its centre row
     count: int  # rows a frame reads
     shape: tuple[int, ...]  # the rows folded into the face model's audio input
+    stride: int = ROW_STRIDE  # samples per row
 
     @property
     def hop(self) -> int:
-        return ROW_STRIDE * self.rows
+        return self.stride * self.rows
+
+    @property
+    def rate(self) -> float:
+        """Rows per second."""
+        return SAMPLE_RATE / self.stride
 
     @property
     def item(self) -> int:
@@ -140,7 +147,7 @@ class RowStream:
         g = self.grid
         out: list[FrameAudio] = []
         while until is None or self._next_frame < until:
-            first = round(ROWS_PER_SECOND * self._next_frame / self.fps) + g.first
+            first = round(g.rate * self._next_frame / self.fps) + g.first
             last = first + g.count - 1
             if until is None and last // g.rows >= self._next_chunk:
                 break
@@ -151,7 +158,7 @@ class RowStream:
             out.append(RowWindow(chunks, first - c0 * g.rows, g.count, g.shape, silent))
             self._next_frame += 1
         if out:  # chunks no later window reads
-            low = (round(ROWS_PER_SECOND * self._next_frame / self.fps) + g.first) // g.rows
+            low = (round(g.rate * self._next_frame / self.fps) + g.first) // g.rows
             for c in [c for c in self._chunks if c < low]:
                 del self._chunks[c], self._silent[c]
         return out

@@ -1,14 +1,20 @@
-"""The Ultralight / Duix family's adapter: HuBERT features on the device, a per-person UNet.
+"""The Ultralight / Duix family's adapter: learnt audio features on the device, a
+per-person UNet.
 
-Audio: the worker's HuBERT feature model (`workers.families.hubert`) runs on the
-device, batched across rooms, on chunks of two rows (720 samples, every 640: 40 ms of
-stream). A chunk with no sound in it is not run: it takes the rows the model gives
-silence, computed once at load. Video frame ``i`` at ``fps`` takes the window of rows
-centred on row ``round(50 * i / fps)`` (two rows a frame at the family's 25 fps, so a
-window of 8 frames is ``[16, 32, 32]`` and of 16 frames ``[32, 32, 32]``: read from the
-UNet's audio input), rows before the stream's start read as silence. A frame therefore
-waits for half its window of audio (160 ms for 8 frames), as Wav2Lip waits for its
-200 ms.
+Audio: the worker's feature model (`workers.families.features`), HuBERT or wenet, runs
+on the device, batched across rooms, on chunks of the room's audio as it arrives. A
+chunk with no sound in it is not run: it takes the rows the model gives silence,
+computed once at load. Video frame ``i`` at ``fps`` takes the window of rows centred on
+its own audio, rows before the stream's start read as silence, at any frame rate:
+- HuBERT: chunks of two rows (720 samples every 640: 40 ms), two rows a frame at the
+  family's 25 fps, so a window of 8 frames is ``[16, 32, 32]`` and of 16 frames
+  ``[32, 32, 32]``; a frame waits for half its window of audio (160 ms for 8 frames),
+  as Wav2Lip waits for its 200 ms;
+- wenet: one encoder step a frame at the family's 20 fps (`workers.families.wenet`),
+  8 frames ``[128, 16, 32]``; a frame waits for half its window and the step's 365 ms
+  of look-ahead.
+The UNet's audio input must hold whole frames of the worker's kind of rows
+(`FeatureKind`): a UNet trained on the other kind is refused when it loads.
 
 Faces: ``input`` [B, 6, 160, 160] is the real crop then the masked one (the rectangle
 (5, 5, 150, 145) blacked out), BGR / 255: `LAYOUT`. Each avatar has its own UNet,
@@ -20,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import threading
 import typing
 from collections.abc import Callable
@@ -36,8 +41,8 @@ from workers.device.binding import (
 )
 from workers.device.engine import BatchKey
 from workers.device.timing import measure_curve, run_batch_of
-from workers.families import hubert
 from workers.families.base import FaceFamily, Points, Redraw, Served, WorkerContext
+from workers.families.features import AudioFeatures, FeatureKind
 from workers.families.rows import RowStream, Submit
 
 if typing.TYPE_CHECKING:
@@ -50,19 +55,24 @@ LAYOUT = FaceLayout(ChannelOrder.UNMASKED_FIRST, ColourOrder.BGR, InputScale.UNI
 
 
 
-def audio_role(width: int) -> AudioRole:
-    """The UNet's audio input: a window of whole video frames of ``width``-wide rows."""
-    return AudioRole(
-        f"audio float32 [B, C, H, W] holding whole video frames of feature rows (2 rows of "
-        f"{width} a frame, e.g. [16, 32, 32] for 8 frames)",
-        lambda shape: len(shape) == 3 and math.prod(shape) % (hubert.CHUNK_ROWS * width) == 0)
+def audio_role(*kinds: FeatureKind) -> AudioRole:
+    """The UNet's audio input: a window of whole video frames of rows of one of ``kinds``."""
+    said = " or ".join(f"{k.name} rows ({k.frame_rows} rows of H x W = {k.row} a frame, e.g. "
+                       f"{k.example()} for 8 frames)" for k in kinds)
+    return AudioRole(f"audio float32 [B, C, H, W] holding whole video frames of {said}",
+                     lambda shape: any(k.frames(shape) > 0 for k in kinds))
 
 
-def family(key: BatchKey, audio_shape: tuple[int, ...], features: hubert.FeatureModel,
+def features_of(audio_shape: tuple[int, ...], *kinds: FeatureKind) -> FeatureKind:
+    """The kind of rows a bound UNet's audio input holds (the first of ``kinds`` that fits)."""
+    return next(k for k in kinds if k.frames(audio_shape) > 0)
+
+
+def family(key: BatchKey, audio_shape: tuple[int, ...], features: AudioFeatures,
            submit: Submit, redraw: Redraw) -> FaceFamily:
     """The family of one avatar's UNet (its key), fed by the worker's feature model."""
-    role = audio_role(features.width)
-    rows = hubert.grid(audio_shape, features.width)
+    role = audio_role(features.kind)
+    rows = features.grid(audio_shape)
 
     def speech(fps: int, priority: int, on_seconds: Callable[[float], None]) -> RowStream:
         return RowStream(fps, rows, features.silence, submit, priority, on_seconds)
@@ -86,9 +96,15 @@ class Runtime:
             return [Served(k, m) for k, m in self.models.items()]
 
     def refusal(self, avatar_id: str, manifest: Manifest) -> str | None:
-        if self._ctx.features is None:
+        features = self._ctx.features
+        if features is None:
             return (f"avatar {avatar_id!r} is an Ultralight avatar and this worker's model "
-                    "folder has no audio feature model (hubert.onnx) to feed it")
+                    "folder has no audio feature model (hubert.onnx or wenet.onnx) to feed it")
+        reads = manifest.features or "hubert"
+        if reads != features.kind.name:
+            return (f"avatar {avatar_id!r} has an Ultralight model that reads {reads} features and "
+                    f"this worker's feature model gives {features.kind.name} rows: place it on "
+                    f"workers whose folder has a {reads} model")
         return None
 
     def family(self, bundle: Bundle) -> FaceFamily:
@@ -104,7 +120,7 @@ class Runtime:
         if found:
             key, model = found[0]
         else:
-            model = LipSyncDeviceModel(self._ctx.load(name, path), LAYOUT, audio_role(features.width))
+            model = LipSyncDeviceModel(self._ctx.load(name, path), LAYOUT, audio_role(features.kind))
             key = BatchKey(name, model.side)
             self._ctx.engine.serve(key, model, measure_curve(
                 functools.partial(run_batch_of, model, model.example_item()), (1, 4), 1))

@@ -12,7 +12,10 @@ Layout::
                            the export names its tensors (workers.device.binding)
     hubert.onnx            an audio feature model (optional): waveform [B, N] -> rows
                            [B, T, F] every 20 ms, for families fed by HuBERT features
-                           (Ultralight; workers.families.ultralight)
+                           (Ultralight, LivePortrait; workers.families.hubert)
+    wenet.onnx             or, in its place, a WeNet streaming encoder: fbank chunk
+                           [1, 67, 80] and caches -> [1, 16, 512] every 50 ms, for
+                           Ultralight's wenet models (workers.families.wenet)
     avatars/<id>.png       portraits aligned to the face template (PNG or JPEG)
     avatars/<id>.bundle    video avatars, prepared (avatarfarm.avatars)
 
@@ -29,7 +32,8 @@ differs from Wav2Lip's own layout, its ``"layout"``: ``{"channels": "masked_firs
 "unmasked_first", "colour": "bgr" | "rgb", "scale": "0..1" | "-1..1"}``. Its
 ``"features"`` entry names the audio feature model: ``{"model": "hubert.onnx",
 "name": "hubert", "normalize": false}`` (``normalize``: each chunk to zero mean and
-unit variance, for exports fed by Wav2Vec2FeatureExtractor). Families with one
+unit variance, for exports fed by Wav2Vec2FeatureExtractor); its kind is read from its
+inputs (`workers.families.features`); `use_wenet` puts the wenet stand-in in its place. Families with one
 model per person (Ultralight) carry it in the avatar's bundle, not here.
 
 ``build_reference`` writes the project's own models and default avatar; a user
@@ -84,7 +88,7 @@ class FaceModel:
 
 @dataclass(frozen=True, slots=True)
 class FeatureModelSpec:
-    """An audio feature model (HuBERT-style) that families with learnt audio features share."""
+    """The audio feature model (HuBERT or wenet) that families with learnt audio features share."""
 
     path: Path
     name: str = "hubert"
@@ -325,6 +329,21 @@ def add_liveportrait(root: Path, preset: str = "tiny") -> ModelFolder:
         "audio_to_motion": ("audio_to_motion.onnx", build_audio_to_motion()),
         "stitching": ("stitching.onnx", build_stitching()),
         "warping": ("warping_spade.onnx", build_warping(WARP_PRESETS[preset]))})
+
+
+def use_wenet(root: Path, preset: str = "tiny") -> ModelFolder:
+    """Writes the wenet-signature stand-in of a cost preset into the model folder ``root``
+    (``wenet.onnx``) and makes it the folder's feature model, in HuBERT's place."""
+    from workers.models.ultralight import WENET_PRESETS, build_wenet
+
+    if preset not in WENET_PRESETS:
+        raise ValueError(f"unknown wenet preset {preset!r}; choose from {sorted(WENET_PRESETS)}")
+    onnx.save(build_wenet(WENET_PRESETS[preset]), str(root / "wenet.onnx"))
+    manifest_path = root / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["features"] = {"model": "wenet.onnx", "name": "wenet", "cost": f"wenet/{preset}"}
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return ModelFolder.open(root)
 
 
 def _add_family(root: Path, family: str, preset: str,

@@ -25,11 +25,12 @@ from workers.device.binding import ModelBindingError, bind_lipsync
 from workers.device.onnx import ModelInterfaceError, OrtModel, ProviderChoice
 from workers.device.pipeline import Pipeline, Timed
 from workers.families import ultralight
-from workers.families.hubert import FeatureModel, grid
+from workers.families.hubert import FeatureModel
 from workers.families.rows import RowStream
 from workers.models.folder import ModelFolder, build_reference
 from workers.models.ultralight import (
     FEATURE_PRESETS,
+    HUBERT,
     UNET_PRESETS,
     build_hubert,
     build_ultralight,
@@ -93,7 +94,7 @@ def test_each_frame_reads_the_rows_of_its_own_audio_at_the_window_centre(feature
         out, dt = features.run({FeatureModel.INPUT: chunk[None]})
         return Timed(out[0][0], dt)
 
-    speech = RowStream(25, grid((16, 32, 32), features.width), features.silence, submit, 1)
+    speech = RowStream(25, features.grid((16, 32, 32)), features.silence, submit, 1)
     audio = np.zeros(RATE * 2, np.float32)  # 2 s: 50 frames, a tone in frame 20 only
     audio[20 * 640:21 * 640] = burst(0.04)
     inputs = run_speech(speech, audio, 25)
@@ -105,7 +106,7 @@ def test_each_frame_reads_the_rows_of_its_own_audio_at_the_window_centre(feature
     # Silent chunks never reach the device: only the chunks touching the tone ran.
     assert 1 <= len(calls) <= 2 and all(n == 720 for n in calls)
     # A frame whose whole window is silent is said to be so (no model call).
-    speech = RowStream(25, grid((16, 32, 32), features.width), features.silence, submit, 1)
+    speech = RowStream(25, features.grid((16, 32, 32)), features.silence, submit, 1)
 
     async def flags() -> list[bool]:
         out = []
@@ -122,7 +123,7 @@ def test_the_window_follows_stream_time_at_another_frame_rate(features: FeatureM
         out, dt = features.run({FeatureModel.INPUT: chunk[None]})
         return Timed(out[0][0], dt)
 
-    speech = RowStream(20, grid((16, 32, 32), features.width), features.silence, submit, 1)
+    speech = RowStream(20, features.grid((16, 32, 32)), features.silence, submit, 1)
     audio = np.zeros(RATE * 2, np.float32)
     audio[round(1.0 * RATE):round(1.05 * RATE)] = burst(0.05)  # at 1.0 s: frame 20 at 20 fps
     inputs = run_speech(speech, audio, 20)
@@ -150,11 +151,11 @@ def test_a_unet_whose_audio_input_is_not_whole_frames_of_rows_is_refused_naming_
                               opset_imports=[helper.make_opsetid("", 13)])
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     with pytest.raises(ModelBindingError, match=r"input audio is \[B, 16, 32, 30\] where audio float32"):
-        bind_lipsync(session, ultralight.LAYOUT, name="bad", audio=ultralight.audio_role(1024))
+        bind_lipsync(session, ultralight.LAYOUT, name="bad", audio=ultralight.audio_role(HUBERT))
     # The family's own stand-in binds: real crop first, a window of 8 frames of rows.
     good = build_ultralight(UNET_PRESETS["tiny"])
     b = bind_lipsync(ort.InferenceSession(good.SerializeToString(), providers=["CPUExecutionProvider"]),
-                     ultralight.LAYOUT, audio=ultralight.audio_role(1024))
+                     ultralight.LAYOUT, audio=ultralight.audio_role(HUBERT))
     assert (b.faces, b.mel, b.side, b.audio_shape) == ("input", "audio", 160, (16, 32, 32))
 
 
@@ -163,7 +164,7 @@ def test_the_masked_copy_blacks_out_the_family_rectangle_after_the_real_crop() -
 
     good = build_ultralight(UNET_PRESETS["tiny"])
     b = bind_lipsync(ort.InferenceSession(good.SerializeToString(), providers=["CPUExecutionProvider"]),
-                     ultralight.LAYOUT, audio=ultralight.audio_role(1024))
+                     ultralight.LAYOUT, audio=ultralight.audio_role(HUBERT))
     crops = np.full((1, 160, 160, 3), 200, np.uint8)
     x = make_feeds(b, np.zeros((1, 16, 32, 32), np.float32), crops)["input"]
     real, masked = x[0, :3], x[0, 3:]
@@ -267,7 +268,7 @@ def test_the_command_line_stores_a_fitting_model_and_refuses_one_that_does_not(
     assert main(["prepare-avatar", "--video", str(video), "--avatar-dir", str(avatars), "--sides", "96",
                  "--model", str(tmp_path / "anna-unet.onnx"), "--avatar-id", "anna"]) == 0
     out = capsys.readouterr().out
-    assert "crop side 160, audio [16, 32, 32] (8 frames of feature rows)" in out
+    assert "crop side 160, audio [16, 32, 32] (8 frames of hubert rows)" in out
     assert "crops at [96, 160] px, ultralight family" in out
     (root,) = (avatars / "bundles").iterdir()
     bundle = Bundle.open(root)
@@ -283,7 +284,7 @@ def test_a_frame_given_up_does_not_take_its_shared_rows_with_it(features: Featur
             out, dt = features.run({FeatureModel.INPUT: chunk[None]})
             return Timed(out[0][0], dt)
 
-        speech = RowStream(25, grid((16, 32, 32), features.width), features.silence, submit, 1)
+        speech = RowStream(25, features.grid((16, 32, 32)), features.silence, submit, 1)
         windows = []
         for _ in range(25):  # 1 s of sound, a frame at a time
             windows += speech.push(burst(0.04), float("inf"))
