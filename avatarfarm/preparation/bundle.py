@@ -39,10 +39,11 @@ from avatarfarm.preparation.faces import (
     track_faces,
 )
 
-VERSION = 2  # bump when what a bundle holds or how it is made changes
+VERSION = 3  # bump when what a bundle holds or how it is made changes
 MODEL_FILE = "model.onnx"
 FAMILIES = ("wav2lip", "ultralight", "musetalk", "liveportrait")
 MUSETALK_SIDE = 256
+MASKS_FILE = "masks.npy"  # MuseTalk's per-frame jaw masks, at its 256 px crop
 LIVEPORTRAIT_SIDES = (256, 512)  # the extractors' input; the warping's output, pasted back
 Progress = Callable[[str, float], None]  # (stage, fraction done)
 
@@ -100,6 +101,13 @@ class Bundle:
     def latents(self) -> np.ndarray:
         """MuseTalk's per-frame latents [frames, 8, 32, 32] (masked, reference; mapped)."""
         return np.load(self.root / "latents.npy", mmap_mode="r")
+
+    def masks(self) -> np.ndarray | None:
+        """Per-frame jaw masks uint8 [frames, S, S] (0..255, at the side they were made
+        at; mapped) to blend the redrawn face through, or None: the bundle has none (its
+        family blends through the fixed lower-face shape)."""
+        p = self.root / MASKS_FILE
+        return np.load(p, mmap_mode="r") if p.is_file() else None
 
     def source(self) -> dict[str, np.ndarray]:
         """LivePortrait's source: feature_3d, kp, pose (degrees), exp, scale, t."""
@@ -246,6 +254,10 @@ def prepare(data: bytes, bundles: Path, sides: Sequence[int] = (96,), *,
                                                      vae_encoder))
             vae = model_id(vae_encoder)
             say("latents", 1.0)
+            from avatarfarm.preparation.masks import jaw_masks
+
+            np.save(tmp / MASKS_FILE, jaw_masks(np.load(tmp / f"crops_{MUSETALK_SIDE}.npy", mmap_mode="r")))
+            say("masks", 1.0)
         if extractors is not None:
             from avatarfarm.preparation import keypoints
 

@@ -3,7 +3,8 @@
 A Wav2Lip-family model sees an S x S crop of the face box (S = 96, 256, 384;
 `avatarfarm.preparation.faces.crop`, masked by `workers.device.binding.make_feeds`) and
 returns the same crop with the mouth redrawn. The crop is resized into the box and
-blended with a feathered lower-face mask: inside the mouth region the model's pixels,
+blended with a feathered lower-face mask (the frame's own jaw mask where the bundle
+has one, as MuseTalk's have; else a fixed shape): inside the mouth region the model's pixels,
 towards the mask's edges more and more of the base frame's, outside it the base frame
 untouched, so neither the box's rectangle nor a change of colour shows. The model's
 colours can drift from the base frame's (they are trained on other faces): the
@@ -45,14 +46,20 @@ def lower_face_mask(height: int, width: int, feather: float = 0.06) -> np.ndarra
     return edged[:, :, None]
 
 
-def paste(frame: np.ndarray, box: Box, face: np.ndarray) -> np.ndarray:
+def paste(frame: np.ndarray, box: Box, face: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """`frame` with the model's `face` (uint8 S x S, the frame's channel order) blended
-    into `box`; a new array, the base frame untouched."""
+    into `box` through ``mask`` (the base frame's own jaw mask, uint8 0..255 at any
+    side, `avatarfarm.preparation.masks`) or, without one, the fixed lower-face mask;
+    a new array, the base frame untouched."""
     out = frame.copy()
     region = out[box.y: box.y + box.h, box.x: box.x + box.w]
     pred = cv2.resize(face, (box.w, box.h), interpolation=cv2.INTER_LINEAR).astype(np.float32)
     base = region.astype(np.float32)
-    mask = lower_face_mask(box.h, box.w)
+    if mask is None:
+        mask = lower_face_mask(box.h, box.w)
+    else:
+        mask = (cv2.resize(np.asarray(mask), (box.w, box.h), interpolation=cv2.INTER_LINEAR)
+                .astype(np.float32) * np.float32(1 / 255))[:, :, None]
     # Colour kept to the base frame's, matched where the two blend (the feather's band):
     # the median difference there, so a redrawn mouth reaching into it does not count.
     band = (mask[:, :, 0] > 0.2) & (mask[:, :, 0] < 0.8)

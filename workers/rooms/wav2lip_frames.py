@@ -51,6 +51,7 @@ class FaceAvatar:
         self.crops = np.ascontiguousarray(bundle.crops(side))
         self.boxes = bundle.boxes
         self.frames = bundle.frames()
+        self.masks = bundle.masks()  # per-frame jaw masks (mapped), or None: the fixed shape
         self.width, self.height = bundle.manifest.width, bundle.manifest.height
 
     def __len__(self) -> int:
@@ -73,7 +74,8 @@ class FaceAvatar:
         if f.face is None:
             return base
         rgb = face_pixels(f.face[None])[0][:, :, ::-1]
-        return paste(base, self.boxes[f.index], np.ascontiguousarray(rgb))
+        mask = self.masks[f.index] if self.masks is not None else None
+        return paste(base, self.boxes[f.index], np.ascontiguousarray(rgb), mask)
 
     def mouth_view(self, f: FaceFrame) -> np.ndarray:
         """The face crop as the lip-sync check reads it: [3, S, S] RGB in 0..1."""

@@ -8,6 +8,7 @@ import asyncio
 import typing
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnx
 import pytest
@@ -18,6 +19,7 @@ from avatarfarm.avatars import write_bundle_pointer
 from avatarfarm.domain import DriveMode
 from avatarfarm.preparation.bundle import Bundle, VideoLimits, prepare
 from avatarfarm.preparation.faces import PreparationError, TrackPolicy
+from avatarfarm.preparation.masks import jaw_mask
 from tests.builders import make_video_room
 from tests.media import encode_clip, head_motion, probe, video_avatar_mouths
 from workers.device.onnx import ModelInterfaceError, OrtModel, ProviderChoice
@@ -27,6 +29,7 @@ from workers.families.rows import RowStream
 from workers.models.folder import ModelFolder, add_musetalk, build_reference
 from workers.models.musetalk import MUSETALK_PRESETS, build_vae_encoder, build_whisper_encoder
 from workers.rooms.room import Room, RoomRefused, RoomState
+from workers.rooms.wav2lip_frames import FaceAvatar, FaceFrame
 
 AVATAR = "astronaut-mt"
 RATE = 16_000
@@ -113,6 +116,11 @@ def test_preparation_stores_each_frames_masked_and_reference_latents(tmp_path: P
     # Latents are those of the crop: the VAE's block means, scaled by 0.18215.
     crop = a.crops(256)[0, :, :, ::-1].astype(np.float32) / 127.5 - 1.0
     assert np.allclose(ref[0, 0], crop[:, :, 0].reshape(32, 8, 32, 8).mean(axis=(1, 3)) * 0.18215, atol=1e-4)
+    # Each frame's own jaw mask, at the 256 px crop: the mouth and jaw, not the eyes, no edge.
+    masks = a.masks()
+    assert masks is not None and masks.shape == (a.manifest.frames, 256, 256) and masks.dtype == np.uint8
+    assert np.array_equal(masks[5], jaw_mask(a.crops(256)[5]))
+    assert masks[:, 184, 128].min() > 200 and masks[:, :100].max() < 30 and masks[:, :, 0].max() == 0
     other = prepare(clip, tmp_path, (96,), family="musetalk", vae_encoder=another_vae(), **PREP)  # type: ignore[arg-type]
     assert other.manifest.bundle_id != a.manifest.bundle_id
     with pytest.raises(PreparationError, match="VAE encoder"):
@@ -142,6 +150,23 @@ def test_models_that_do_not_fit_are_refused_naming_what_they_have(tmp_path: Path
 def mt_room(pipeline: Pipeline, tmp_path: Path, *, drive: DriveMode = DriveMode.TEXT,
             avatar: str = AVATAR) -> Room:
     return typing.cast(Room, make_video_room(pipeline, tmp_path, avatar, drive=drive, output="m.mp4"))
+
+
+def test_the_redrawn_face_is_blended_through_the_frames_own_jaw_mask(
+        mt_pipeline: tuple[Pipeline, Bundle]) -> None:
+    _, bundle = mt_pipeline
+    face = FaceAvatar(bundle, 256)
+    assert face.masks is not None
+    drawn = np.random.default_rng(1).uniform(0, 1, (3, 256, 256)).astype(np.float32)
+    out, base = face.compose(FaceFrame(3, drawn)), np.asarray(face.frames[3])
+    box = bundle.boxes[3]
+    mask = cv2.resize(np.asarray(face.masks[3]), (box.w, box.h), interpolation=cv2.INTER_LINEAR)
+    inside = (out != base)[box.y:box.y + box.h, box.x:box.x + box.w].any(axis=2)
+    assert not inside[mask == 0].any()  # outside the jaw: the base frame, exactly
+    assert inside[mask > 250].mean() > 0.9  # inside: the model's face
+    outside = np.ones(out.shape[:2], bool)
+    outside[box.y:box.y + box.h, box.x:box.x + box.w] = False
+    assert np.array_equal(out[outside], base[outside])
 
 
 def test_a_musetalk_room_on_the_real_photograph_moves_the_mouth_with_speech(
