@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import typing
 from pathlib import Path
 
 AVATAR_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -41,21 +42,38 @@ def face_model(family: str, bundle_id: str) -> str:
     return f"ultralight-{bundle_id[:12]}" if family == "ultralight" else family
 
 
-def video_avatar_face(folder: Path, avatar_id: str) -> tuple[str, int]:
-    """The face model a video avatar's rooms need ("" for a portrait), read from its
-    bundle's manifest (a bundle being written or removed reads as Wav2Lip's), and the
-    bytes of the avatar's own model where it brings one (0 for a family's shared models):
-    what a worker loads for its first room of the avatar."""
+def face_family(family: str, features: str = "") -> str:
+    """What a worker must be able to render for a video avatar's rooms, as workers report
+    it: the family, and for Ultralight the features its model reads
+    (``"ultralight/hubert"``, ``"ultralight/wenet"``: a worker feeds one kind)."""
+    return f"ultralight/{features or 'hubert'}" if family == "ultralight" else family
+
+
+class VideoAvatarFace(typing.NamedTuple):
+    """A video avatar's face, as placement needs it ("" and 0 for a portrait)."""
+
+    model: str  # the face model its rooms need (`face_model`)
+    own_bytes: int  # the avatar's own model's size, where it brings one (0: a family's shared)
+    family: str  # what its worker must render (`face_family`)
+
+
+def video_avatar_face(folder: Path, avatar_id: str) -> VideoAvatarFace:
+    """A video avatar's face read from its bundle's manifest (a bundle being written or
+    removed reads as Wav2Lip's): its face model, the bytes of the avatar's own model
+    where it brings one (what a worker loads for its first room of the avatar), and the
+    family a worker must render."""
     try:
         root = bundle_of(folder, avatar_id)
         if root is None:
-            return "", 0
+            return VideoAvatarFace("", 0, "")
         manifest = json.loads((root / "manifest.json").read_text())
         own = root / "model.onnx"
         size = own.stat().st_size if own.is_file() else 0
     except (OSError, ValueError):
         manifest, size = {}, 0
-    return face_model(str(manifest.get("family", "wav2lip")), str(manifest.get("bundle_id", ""))), size
+    family = str(manifest.get("family", "wav2lip"))
+    return VideoAvatarFace(face_model(family, str(manifest.get("bundle_id", ""))), size,
+                           face_family(family, str(manifest.get("features", ""))))
 
 
 def no_motion_input(avatar_id: str) -> str:

@@ -80,7 +80,7 @@ class ProfileUpdate(_message.Message):
     def __init__(self, profiles: _Optional[_Iterable[_Union[LatencyProfile, _Mapping]]] = ...) -> None: ...
 
 class Register(_message.Message):
-    __slots__ = ("worker_id", "device", "models", "profiles", "input_endpoint", "avatars", "memory", "warm_avatars", "usage_epoch", "active_rooms")
+    __slots__ = ("worker_id", "device", "models", "profiles", "input_endpoint", "avatars", "memory", "warm_avatars", "usage_epoch", "active_rooms", "face_families")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class Register(_message.Message):
     WARM_AVATARS_FIELD_NUMBER: _ClassVar[int]
     USAGE_EPOCH_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_ROOMS_FIELD_NUMBER: _ClassVar[int]
+    FACE_FAMILIES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     device: Device
     models: _containers.RepeatedScalarFieldContainer[str]
@@ -101,7 +102,8 @@ class Register(_message.Message):
     warm_avatars: _containers.RepeatedScalarFieldContainer[str]
     usage_epoch: int
     active_rooms: _containers.RepeatedCompositeFieldContainer[ActiveRoom]
-    def __init__(self, worker_id: _Optional[str] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., models: _Optional[_Iterable[str]] = ..., profiles: _Optional[_Iterable[_Union[LatencyProfile, _Mapping]]] = ..., input_endpoint: _Optional[str] = ..., avatars: _Optional[_Iterable[str]] = ..., memory: _Optional[_Union[MemoryProfile, _Mapping]] = ..., warm_avatars: _Optional[_Iterable[str]] = ..., usage_epoch: _Optional[int] = ..., active_rooms: _Optional[_Iterable[_Union[ActiveRoom, _Mapping]]] = ...) -> None: ...
+    face_families: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., models: _Optional[_Iterable[str]] = ..., profiles: _Optional[_Iterable[_Union[LatencyProfile, _Mapping]]] = ..., input_endpoint: _Optional[str] = ..., avatars: _Optional[_Iterable[str]] = ..., memory: _Optional[_Union[MemoryProfile, _Mapping]] = ..., warm_avatars: _Optional[_Iterable[str]] = ..., usage_epoch: _Optional[int] = ..., active_rooms: _Optional[_Iterable[_Union[ActiveRoom, _Mapping]]] = ..., face_families: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ActiveRoom(_message.Message):
     __slots__ = ("session_id", "epoch")

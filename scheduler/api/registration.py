@@ -26,6 +26,8 @@ MAX_MEMORY_BYTES = 64 * 2**40
 MAX_NAME = 128
 _HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 _PROVIDER = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_FAMILY = re.compile(r"[a-z0-9_-]{1,32}(?:/[a-z0-9_-]{1,32})?")
+MAX_FAMILIES = 64
 
 
 def _finite(name: str, value: float, low: float, high: float) -> None:
@@ -70,6 +72,12 @@ def check_register(reg: Any) -> None:
     check_profiles(reg.profiles)
     for avatar in (*reg.avatars, *reg.warm_avatars):
         validate_id("avatar", avatar)
+    if len(reg.face_families) > MAX_FAMILIES:
+        raise InvalidRequest(f"face_families lists more than {MAX_FAMILIES} families")
+    for family in reg.face_families:
+        if not _FAMILY.fullmatch(family):
+            raise InvalidRequest(f"face family {family[:100]!r} is not a family name (letters, "
+                                 "digits, '_', '-', one '/' before its variant)")
     for room in reg.active_rooms:
         validate_id("active room", room.session_id)
     endpoint_parts(reg.input_endpoint)

@@ -115,7 +115,8 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
                 cpu_cores=reg.device.cpu_cores, memory_bytes=float(reg.device.memory_bytes),
                 memory=placement.MemoryProfile(float(mem.models_bytes), mem.avatar_bytes_per_pixel,
                                                mem.room_bytes_per_pixel),
-                warm_avatars=frozenset(reg.warm_avatars)),
+                warm_avatars=frozenset(reg.warm_avatars),
+                face_families=frozenset(reg.face_families)),
             usage_epoch=reg.usage_epoch)
         await self.core.durable()
         reader = asyncio.create_task(self._read(conn, request_iterator))

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Concatenate, ParamSpec, TypeVar
 
-from avatarfarm.avatars import list_avatars, list_video_avatars, video_avatar_face
+from avatarfarm.avatars import VideoAvatarFace, list_avatars, list_video_avatars, video_avatar_face
 from avatarfarm.domain import DriveMode, Progress, Quality, ScriptSegment, SessionState
 from avatarfarm.egress import EgressPolicy
 from scheduler.config import SchedulerConfig
@@ -129,7 +129,7 @@ class SessionMachine:
         self._avatars: tuple[float, frozenset[str], frozenset[str]] = (-1.0, frozenset(), frozenset())
         # Video avatars' face models, read from their bundles when first placed; forgotten
         # when the folder's video avatars change or one is registered.
-        self._face_models: dict[str, tuple[str, int]] = {}
+        self._face_models: dict[str, VideoAvatarFace] = {}
         self._worker_avatars: collections.Counter[str] = collections.Counter()
         self._sync_watch: dict[str, SyncWatch] = {}  # live rooms' lip-sync checks out of bounds
         self._scripts: dict[str, list[ScriptSegment]] = {}  # live text rooms' scripts
@@ -187,11 +187,12 @@ class SessionMachine:
         """Avatars prepared from a video (a face family renders them)."""
         return self._avatar_folder()[1]
 
-    def face_model(self, avatar_id: str) -> tuple[str, int]:
-        """The face model a video avatar's rooms need ("" for a portrait), and the bytes
-        of the avatar's own model (0 where its family's models are shared)."""
+    def face_model(self, avatar_id: str) -> VideoAvatarFace:
+        """The face model a video avatar's rooms need ("" for a portrait), the bytes of the
+        avatar's own model (0 where its family's models are shared), and the family a
+        worker must render for it."""
         if avatar_id not in self.video_avatars():
-            return "", 0
+            return VideoAvatarFace("", 0, "")
         found = self._face_models.get(avatar_id)
         if found is None:
             found = self._face_models[avatar_id] = video_avatar_face(self.config.avatar_dir, avatar_id)

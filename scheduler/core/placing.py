@@ -57,8 +57,10 @@ class Placement(SessionMachine):
         """Place one pending room if anything fits (reclaiming capacity for guaranteed
         rooms); otherwise record why it waits. `failed` memoises shapes that did not fit
         in this pass, so a long queue costs one look per shape."""
+        # Rooms of one shape fit or not alike: a video avatar's face (its model and the
+        # family a worker must render) is part of it.
         shape = (s.spec.quality, s.step, s.spec.drive_mode, s.spec.tier, s.guaranteed,
-                 s.spec.avatar_id if s.guaranteed else "")
+                 s.spec.avatar_id if s.guaranteed else "", self.face_model(s.spec.avatar_id))
         if shape in failed:
             self._wait(s, failed[shape])
             return 0

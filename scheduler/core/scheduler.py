@@ -230,7 +230,7 @@ class Scheduler(Enforcement):
             worker_id, profile, self.config.overcommit,
             cpu_capacity=float(resources.cpu_cores) if gpu else 0.0,
             memory_capacity=resources.memory_bytes, memory=resources.memory,
-            device_type=device_type, warm=resources.warm_avatars))
+            device_type=device_type, warm=resources.warm_avatars, families=resources.face_families))
         self._refresh_unit_profile()
         self._why_cache.clear()
         confirmed: list[tuple[str, int]] = []

@@ -95,3 +95,4 @@ class WorkerResources:
     memory_bytes: float = 0.0
     memory: MemoryProfile = MemoryProfile()
     warm_avatars: frozenset[str] = frozenset()
+    face_families: frozenset[str] = frozenset()  # video avatars' families it renders; empty: any

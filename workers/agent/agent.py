@@ -189,6 +189,7 @@ class WorkerAgent:
                 avatar_bytes_per_pixel=AVATAR_BYTES_PER_PIXEL,
                 room_bytes_per_pixel=frame_buffer_bytes_per_pixel(self.latency_budget)),
             warm_avatars=self.pipeline.warm_avatars(),
+            face_families=self.pipeline.face_families(),
             usage_epoch=self.usage.epoch))
 
     def registered(self, reg: workers_pb2.Registered) -> list[workers_pb2.WorkerMessage]:

@@ -194,6 +194,10 @@ class Pipeline:
         avatar's own model loaded."""
         return [k for runtime in self.families.values() for k in runtime.face_keys()]
 
+    def face_families(self) -> list[str]:
+        """The video avatars' families this worker renders (`FamilyRuntime.renders`)."""
+        return sorted({f for runtime in self.families.values() for f in runtime.renders()})
+
     def render_key(self, side: int) -> BatchKey:
         return BatchKey(self.renderer_model.name, side)
 

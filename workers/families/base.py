@@ -131,6 +131,11 @@ class FamilyRuntime(typing.Protocol):
         """The keys a face profile is reported for (one per face model)."""
         ...
 
+    def renders(self) -> list[str]:
+        """The video avatars' families it renders here, as avatars name what they need
+        (`avatarfarm.avatars.face_family`): the scheduler places their rooms by it."""
+        ...
+
     def release(self, key: BatchKey) -> bool:
         """No room uses the model under ``key`` any more: unloads it if it is an avatar's
         own (True), keeps it if it is the folder's, shared by the family's avatars (False)."""

@@ -217,6 +217,10 @@ class Runtime:
 
         return FaceFamily(self.name, warp_key, WAV2LIP_LAYOUT, AUDIO, speech, redraw)
 
+    def renders(self) -> list[str]:
+        features = self._ctx.features
+        return ["liveportrait"] if features is not None and features.kind.name == "hubert" else []
+
     def release(self, key: BatchKey) -> bool:
         return False  # the folder's models serve every avatar of the family
 

@@ -219,6 +219,9 @@ class Runtime:
 
         return FaceFamily(self.name, unet_key, WAV2LIP_LAYOUT, AUDIO, speech, redraw)
 
+    def renders(self) -> list[str]:
+        return ["musetalk"]
+
     def release(self, key: BatchKey) -> bool:
         return False  # the folder's models serve every avatar of the family
 

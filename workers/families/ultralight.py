@@ -30,7 +30,7 @@ import threading
 import typing
 from collections.abc import Callable
 
-from avatarfarm.avatars import face_model
+from avatarfarm.avatars import face_family, face_model
 from workers.device.binding import (
     AudioRole,
     ChannelOrder,
@@ -130,6 +130,10 @@ class Runtime:
                      list(model.runner.binding.audio_shape))
         return family(key, model.runner.binding.audio_shape, features, self._ctx.submit_features,
                       self._ctx.redraw_crop(key))
+
+    def renders(self) -> list[str]:
+        features = self._ctx.features
+        return [face_family(self.name, features.kind.name)] if features is not None else []
 
     def release(self, key: BatchKey) -> bool:
         """Unloads an avatar's UNet (its session and device memory) when its last room on

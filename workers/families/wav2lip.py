@@ -76,6 +76,9 @@ class Runtime:
     def family(self, bundle: Bundle) -> FaceFamily:
         return self._family
 
+    def renders(self) -> list[str]:
+        return ["wav2lip"]
+
     def release(self, key: BatchKey) -> bool:
         return False  # the folder's models serve every avatar of the family
 

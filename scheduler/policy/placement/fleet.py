@@ -4,6 +4,7 @@ candidates whatever the fleet size, and the strategies that choose among them.""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -164,9 +165,7 @@ class Fleet:
     def choose(self, room: RoomReq, rungs: Rungs = _full_only) -> Choice | None:
         """The worker for `room` at the best rung of its ladder that fits anywhere."""
         for step, quality in rungs(room):
-            req = RoomReq(room.session_id, room.tenant, room.avatar_id, quality, room.drive_mode,
-                          room.tier, room.seq, room.frame_size, step, room.face, room.face_model,
-                          room.face_model_bytes)
+            req = dataclasses.replace(room, quality=quality, frame=room.frame_size, step=step)
             found = self._choose_at(req)
             if found is not None:
                 return Choice(found[0], found[1], step, quality)
@@ -274,6 +273,10 @@ class Fleet:
         open_workers = [w for w in self.workers.values() if w.accepting]
         if not open_workers:
             return "no worker is connected and accepting rooms"
+        if room.face and room.face_family and all(
+                w.families and room.face_family not in w.families for w in open_workers):
+            return (f"no connected worker renders {room.face_family} avatars (their model folders "
+                    f"lack that family's models{' or feature model' if '/' in room.face_family else ''})")
         # A sample is enough to say why, and keeps a refusal cheap on a large fleet.
         demands = [(w, w.demand(room)) for w in itertools.islice(open_workers, 64)]
         measured = [(w, d) for w, d in demands if d is not None]

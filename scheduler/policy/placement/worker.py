@@ -34,6 +34,7 @@ class RoomReq:
     face: bool = False  # a video avatar: a face family's model draws its frames
     face_model: str = ""  # which (avatarfarm.avatars.face_model); "": any the worker has
     face_model_bytes: int = 0  # the avatar's own model (loaded with its first room), if any
+    face_family: str = ""  # what the worker must render (avatarfarm.avatars.face_family); "": any
 
     @property
     def frame_size(self) -> tuple[int, int]:
@@ -80,6 +81,9 @@ class WorkerState:
     warm: frozenset[str] = frozenset()
     accepting: bool = True
     price: float = 0.0  # per device-hour: which idle worker is cheapest to open
+    # The video avatars' families it renders (avatarfarm.avatars.face_family); empty: not
+    # said (a worker from before workers said), taken as any.
+    families: frozenset[str] = frozenset()
     rooms: dict[str, RoomReq] = field(default_factory=dict)
     groups: dict[GroupKey, tuple[int, float]] = field(default_factory=dict)  # n rooms, frames/s
     group_load: dict[GroupKey, float] = field(default_factory=dict)
@@ -139,6 +143,9 @@ class WorkerState:
         enc = p.stage_seconds(Stage.ENCODE, w, h)
         tts = p.stage_seconds(Stage.TTS) if room.drive_mode.uses_tts else 0.0
         if room.face:
+            if room.face_family and self.families and room.face_family not in self.families:
+                self._shapes[key] = None  # this worker cannot render the avatar's family
+                return None
             # The face model works at its own crop side whatever the frame's size, and is
             # planned for every frame (a script without pauses); silent frames that skip
             # it are device time saved, seen in the room's metered cost.
@@ -258,7 +265,7 @@ class WorkerState:
     def copy(self) -> WorkerState:
         c = WorkerState(self.worker_id, self.profile, self.compute_capacity, self.cpu_capacity,
                         self.memory_capacity, self.memory, self.device_type, self.warm,
-                        self.accepting, self.price)
+                        self.accepting, self.price, families=self.families)
         for room in self.rooms.values():
             c.add(room)
         return c

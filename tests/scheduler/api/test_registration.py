@@ -20,6 +20,7 @@ from tests.scheduler.api.test_service import ProtocolWorker, run, scheduler
 def good() -> workers_pb2.Register:
     return workers_pb2.Register(
         worker_id="gpu-0", input_endpoint="10.0.0.7:50061", avatars=["presenter"],
+        face_families=["wav2lip", "ultralight/wenet"],
         device=workers_pb2.Device(provider="CUDAExecutionProvider", device_type="h200",
                                   cpu_cores=16, memory_bytes=140 * 2**30, latency_budget_seconds=0.5),
         profiles=[workers_pb2.LatencyProfile(stage=workers_pb2.STAGE_RENDER, width=512, height=512,
@@ -49,6 +50,9 @@ IMPOSSIBLE: dict[str, Callable[[workers_pb2.Register], Any]] = {
     "NaN budget": lambda r: setattr(r.device, "latency_budget_seconds", math.nan),
     "NaN memory per pixel": lambda r: setattr(r.memory, "room_bytes_per_pixel", math.nan),
     "bad avatar id": lambda r: r.avatars.append("../x"),
+    "face family with a label injection": lambda r: r.face_families.append('wav2lip"}'),
+    "face family with two variants": lambda r: r.face_families.append("ultralight/wenet/x"),
+    "a thousand face families": lambda r: r.face_families.extend(f"f{i}" for i in range(1000)),
     "endpoint without port": lambda r: setattr(r, "input_endpoint", "10.0.0.7"),
     "endpoint port 0": lambda r: setattr(r, "input_endpoint", "10.0.0.7:0"),
     "endpoint with a path": lambda r: setattr(r, "input_endpoint", "evil.example/x:1"),

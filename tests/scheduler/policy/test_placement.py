@@ -151,6 +151,32 @@ def test_each_face_family_is_placed_by_its_own_model_s_cost() -> None:
     assert sorted(c.seconds for c in merged.costs if c.stage is Stage.FACE) == [0.004, 0.020]
 
 
+def test_a_video_avatars_rooms_go_only_to_workers_that_render_its_family() -> None:
+    faces = (StageCost.measured(Stage.FACE, 96, 96, [(1, 0.004)], model="wav2lip/wav2lip-96"),
+             StageCost.measured(Stage.FACE, 160, 160, [(1, 0.008)], model="ultralight-aaaaaaaaaaaa"))
+    prof = WorkerProfile((*make_profile().costs, *faces))
+
+    def worker(wid: str, families: frozenset[str]) -> WorkerState:
+        return dataclasses.replace(make_worker(wid, profile=prof, capacity=10.0), families=families)
+
+    hubert = worker("hubert", frozenset({"wav2lip", "ultralight/hubert"}))
+    wenet = worker("wenet", frozenset({"wav2lip", "ultralight/wenet"}))
+    f = fleet_of(hubert, wenet)
+    room = dataclasses.replace(make_room("anna-1", avatar="anna"), face=True,
+                               face_model="ultralight-bbbbbbbbbbbb", face_family="ultralight/wenet")
+    assert hubert.demand(room) is None and wenet.demand(room) is not None
+    for i in range(3):  # every room of the wenet avatar, wherever the fleet has room
+        choice = f.choose(dataclasses.replace(room, session_id=f"anna-{i}"))
+        assert choice is not None and choice.worker_id == "wenet"
+        f.assign(dataclasses.replace(room, session_id=f"anna-{i}"), choice.worker_id)
+    # No worker renders MuseTalk: the room waits, saying why.
+    musetalk = dataclasses.replace(room, face_model="musetalk", face_family="musetalk")
+    assert f.choose(musetalk) is None
+    assert "no connected worker renders musetalk avatars" in f.why_not(musetalk)
+    # A worker that does not say what it renders (an older worker) is taken as any.
+    assert worker("old", frozenset()).demand(musetalk) is not None
+
+
 def test_an_avatars_own_model_takes_device_memory_with_its_first_room_and_frees_it_with_its_last() -> None:
     face = StageCost.measured(Stage.FACE, 160, 160, [(1, 0.004)], model="ultralight-0123456789ab")
     w = make_worker(profile=WorkerProfile((*make_profile().costs, face)), capacity=10.0,

@@ -135,6 +135,7 @@ def test_a_liveportrait_room_on_the_real_photograph_moves_the_mouth_with_speech(
     assert 0 < st.batched_items < st.frames_rendered
     assert stats[a2m].items == stats[stitch].items == stats[warp].items == st.batched_items
     assert pipeline.face_family(AVATAR).key == warp and warp.side == 512
+    assert "liveportrait" in pipeline.face_families()  # fed by HuBERT rows: it renders it
     assert st.stage_seconds["render"] > 0 and st.stage_seconds["audio_to_motion"] > 0
     assert probe(tmp_path / "l.mp4").frames == 100
     _, opened = video_avatar_mouths(tmp_path / "l.mp4", bundle)

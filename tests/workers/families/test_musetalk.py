@@ -186,7 +186,8 @@ def test_a_musetalk_room_on_the_real_photograph_moves_the_mouth_with_speech(
     assert pipeline.face_family(AVATAR).key == unet_key and unet_key in pipeline.face_keys()
     from avatarfarm.avatars import video_avatar_face
 
-    face, own_bytes = video_avatar_face(pipeline.folder.avatar_dir, AVATAR)
+    face, own_bytes, family = video_avatar_face(pipeline.folder.avatar_dir, AVATAR)
+    assert family in pipeline.face_families()  # the scheduler places it on this worker
     assert (face, own_bytes) == ("musetalk", 0) and pipeline.face_profile(unet_key)[0].startswith(face + "/")  # type: ignore[index]
     assert st.stage_seconds["render"] > 0 and st.stage_seconds["audio_to_motion"] > 0
 

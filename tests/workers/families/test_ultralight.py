@@ -213,8 +213,10 @@ def test_an_ultralight_room_on_the_real_photograph_moves_the_mouth_with_speech(
     from avatarfarm.avatars import video_avatar_face
 
     assert video_avatar_face(pipeline.folder.avatar_dir, AVATAR) == (
-        key.model, (bundle.root / "model.onnx").stat().st_size)  # the model a worker loads
-    assert video_avatar_face(pipeline.folder.avatar_dir, "presenter") == ("", 0)
+        key.model, (bundle.root / "model.onnx").stat().st_size,  # the model a worker loads
+        "ultralight/hubert")  # and what it must render: this worker does
+    assert pipeline.face_families() == ["ultralight/hubert", "wav2lip"]
+    assert video_avatar_face(pipeline.folder.avatar_dir, "presenter") == ("", 0, "")
     # The room was the avatar's last here: its model is unloaded, its counters kept.
     assert key not in pipeline.face_keys() and not pipeline.engine.serves(key)
     assert pipeline.engine.stats()[key].items == st.batched_items
@@ -311,6 +313,8 @@ def test_the_worker_reports_an_avatars_own_model_once_loaded(
         agent = WorkerAgent("w1", "127.0.0.1:1", pipeline, [], "127.0.0.1:1", "cpu", tmp_path,
                             pacing=Pacing.FAST)
         try:
+            reg = agent.register().register
+            assert list(reg.face_families) == ["ultralight/hubert", "wav2lip"]
             pipeline.face_avatar_sync(AVATAR)  # a room of the avatar started here
             sent = [p for m in agent.tick() if m.WhichOneof("kind") == "profile_update"
                     for p in m.profile_update.profiles]

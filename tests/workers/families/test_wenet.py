@@ -155,6 +155,11 @@ def wenet_pipeline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Pipeline, 
 def test_a_room_fed_by_wenet_moves_the_mouth_with_speech(
         wenet_pipeline: tuple[Pipeline, Bundle], tmp_path: Path) -> None:
     pipeline, bundle = wenet_pipeline
+    # What the worker says it renders, and what the avatar's bundle says it needs.
+    from avatarfarm.avatars import video_avatar_face
+
+    assert pipeline.face_families() == ["ultralight/wenet", "wav2lip"]
+    assert video_avatar_face(pipeline.folder.avatar_dir, AVATAR).family == "ultralight/wenet"
     script = (ScriptSegment("Welcome to the live room, three new offers today."),)
     room = typing.cast(Room, make_video_room(pipeline, tmp_path, AVATAR, script=script, seconds=4.0,
                                              output="w.mp4"))
