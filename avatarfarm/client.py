@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 
 from avatarfarm import tls
+from avatarfarm.face_motion import ARKIT, FACE_MOTION_DIM, HEAD, INDEX
 from avatarfarm.v1 import live_input_pb2, live_input_pb2_grpc, sessions_pb2, sessions_pb2_grpc, types_pb2
 
 log = logging.getLogger(__name__)
@@ -232,36 +233,49 @@ async def push_audio(endpoint: str, session_id: str, samples: np.ndarray, sample
         return await live_input_pb2_grpc.LiveInputServiceStub(ch).PushAudio(chunks())
 
 
+def motion_frame(session_id: str, face: np.ndarray) -> live_input_pb2.MotionFrame:
+    """One frame of face motion (`avatarfarm.face_motion`) as a motion-capture app sends
+    it: the blendshapes it moves, by ARKit name, and the head's rotation."""
+    yaw, pitch, roll = (float(x) for x in face[HEAD:HEAD + 3])
+    return live_input_pb2.MotionFrame(
+        session_id=session_id,
+        blendshapes={name: float(v) for name, v in zip(ARKIT, face[:HEAD], strict=True) if v},
+        head=live_input_pb2.HeadRotation(yaw_degrees=yaw, pitch_degrees=pitch, roll_degrees=roll))
+
+
 async def push_motion(endpoint: str, session_id: str, frames: np.ndarray, fps: int,
                       realtime: bool = False, auth: ClientAuth | None = None, *,
                       input_token: str) -> live_input_pb2.PushSummary:
-    """Streams motion frames ([n, 8] coefficients) to the room's worker, with the room's
-    input token."""
+    """Streams face motion ([n, FACE_MOTION_DIM]: ARKit blendshapes and head rotation,
+    `avatarfarm.face_motion`) to the room's worker, with the room's input token."""
     async def gen() -> AsyncIterator[live_input_pb2.MotionFrame]:
         t0 = time.monotonic()
         for i, f in enumerate(frames):
             if realtime:
                 await asyncio.sleep(max(0.0, t0 + i / fps - time.monotonic()))
-            yield live_input_pb2.MotionFrame(session_id=session_id, coefficients=[float(x) for x in f])
+            yield motion_frame(session_id, f)
 
     async with open_channel(endpoint, input_auth(input_token, auth)) as ch:
         return await live_input_pb2_grpc.LiveInputServiceStub(ch).PushMotion(gen())
 
 
 def performer_motion(seconds: float, fps: int, seed: int = 3) -> np.ndarray:
-    """A synthetic motion-capture take: talking jaw, blinks, head turns ([n, 8])."""
+    """A synthetic motion-capture take, as a face tracker gives it: a talking jaw and
+    mouth, blinks, head turns ([n, FACE_MOTION_DIM], `avatarfarm.face_motion`)."""
     rng = np.random.default_rng(seed)
     n = int(seconds * fps)
     t = np.arange(n) / fps
-    out = np.zeros((n, 8), np.float32)
+    out = np.zeros((n, FACE_MOTION_DIM), np.float32)
     syllables = np.clip(np.sin(2 * np.pi * 3.5 * t + rng.uniform(0, 6)), 0, None)
     phrases = (np.sin(2 * np.pi * 0.2 * t) > -0.3).astype(np.float32)
-    out[:, 0] = 0.8 * syllables * phrases
-    out[:, 1] = 0.3 * np.clip(np.sin(2 * np.pi * 1.1 * t), 0, None) * phrases
-    blink_at = np.cumsum(rng.uniform(2.0, 5.0, size=int(seconds / 2) + 2))
-    for b in blink_at:
-        out[:, 3] = np.maximum(out[:, 3], np.clip(1 - np.abs(t - b) / 0.08, 0, 1))
-    out[:, 5] = 0.5 * np.sin(2 * np.pi * 0.13 * t)
-    out[:, 6] = 0.2 * np.sin(2 * np.pi * 0.31 * t)
-    out[:, 7] = 0.2 * np.sin(2 * np.pi * 0.07 * t)
+    out[:, INDEX["jawOpen"]] = 0.8 * syllables * phrases
+    wide = 0.3 * np.clip(np.sin(2 * np.pi * 1.1 * t), 0, None) * phrases
+    out[:, INDEX["mouthStretchLeft"]] = out[:, INDEX["mouthStretchRight"]] = wide
+    blink = np.zeros(n, np.float32)
+    for b in np.cumsum(rng.uniform(2.0, 5.0, size=int(seconds / 2) + 2)):
+        blink = np.maximum(blink, np.clip(1 - np.abs(t - b) / 0.08, 0, 1))
+    out[:, INDEX["eyeBlinkLeft"]] = out[:, INDEX["eyeBlinkRight"]] = blink
+    out[:, HEAD] = 15.0 * np.sin(2 * np.pi * 0.13 * t)  # yaw, degrees
+    out[:, HEAD + 1] = 4.0 * np.sin(2 * np.pi * 0.31 * t)  # pitch
+    out[:, HEAD + 2] = 4.0 * np.sin(2 * np.pi * 0.07 * t)  # roll
     return out

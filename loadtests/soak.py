@@ -130,8 +130,7 @@ async def _feed_motion(endpoint: str, sid: str, token: str, seconds: float, fps:
 
     async def frames() -> AsyncIterator[live_input_pb2.MotionFrame]:
         for n in range(total):
-            yield live_input_pb2.MotionFrame(session_id=sid,
-                                             coefficients=[float(x) for x in take[n % len(take)]])
+            yield client.motion_frame(sid, take[n % len(take)])
 
     async with client.open_channel(endpoint, client.input_auth(token)) as ch:
         await live_input_pb2_grpc.LiveInputServiceStub(ch).PushMotion(frames())

@@ -17,6 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from avatarfarm import client
+from avatarfarm.face_motion import FACE_MOTION_DIM, INDEX
 from avatarfarm.v1 import live_input_pb2, live_input_pb2_grpc, sessions_pb2, sessions_pb2_grpc, types_pb2
 from scheduler.config import SchedulerConfig
 from scheduler.server import start as start_scheduler
@@ -108,8 +109,8 @@ def test_live_voice_and_mocap_inputs_drive_their_rooms(tmp_path: Path, model_dir
             # Live inputs go to the worker named in the session, not through the scheduler.
             assert voice.input_endpoint == f"127.0.0.1:{worker.port}"
             speech = EspeakTTS().synthesize(SPEECH)[: int(2.0 * SAMPLE_RATE)]
-            jaw = np.zeros((100, 8), np.float32)
-            jaw[:50, 0] = np.tile([0.0, 0.0, 1.0, 1.0, 1.0], 10)  # open-close during 2 s, then closed
+            jaw = np.zeros((100, FACE_MOTION_DIM), np.float32)  # ARKit blendshapes, head rotation
+            jaw[:50, INDEX["jawOpen"]] = np.tile([0.0, 0.0, 1.0, 1.0, 1.0], 10)  # open-close for 2 s
             pushed = await asyncio.gather(
                 client.push_audio(voice.input_endpoint, voice.session_id, speech, SAMPLE_RATE,
                                   input_token=voice.input_token),
@@ -123,8 +124,8 @@ def test_live_voice_and_mocap_inputs_drive_their_rooms(tmp_path: Path, model_dir
             assert v[5:45].mean() > 3 * v[60:].mean()
             assert probe(tmp_path / "out" / "@vendor" / "voice.mp4").audio_rms > 0.01
             m = mouth_openness(tmp_path / "out" / "@vendor" / "mocap.mp4")
-            opened = m[:50][jaw[:50, 0] > 0.5].mean()
-            closed = m[:50][jaw[:50, 0] < 0.5].mean()
+            said = jaw[:50, INDEX["jawOpen"]]
+            opened, closed = m[:50][said > 0.5].mean(), m[:50][said < 0.5].mean()
             assert opened > closed + 10
             # Mocap rooms skip audio-to-motion, so they cost less.
             voice_done = await stub.GetSession(sessions_pb2.GetSessionRequest(session_id=voice.session_id))

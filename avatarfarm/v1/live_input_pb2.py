@@ -24,19 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x61vatarfarm/v1/live_input.proto\x12\ravatarfarm.v1\"H\n\nAudioChunk\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bsample_rate\x18\x02 \x01(\r\x12\x11\n\tpcm_s16le\x18\x03 \x01(\x0c\"7\n\x0bMotionFrame\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63oefficients\x18\x02 \x03(\x02\"0\n\x0bPushSummary\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x02 \x01(\x04\x32\xa0\x01\n\x10LiveInputService\x12\x44\n\tPushAudio\x12\x19.avatarfarm.v1.AudioChunk\x1a\x1a.avatarfarm.v1.PushSummary(\x01\x12\x46\n\nPushMotion\x12\x1a.avatarfarm.v1.MotionFrame\x1a\x1a.avatarfarm.v1.PushSummary(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x61vatarfarm/v1/live_input.proto\x12\ravatarfarm.v1\"H\n\nAudioChunk\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bsample_rate\x18\x02 \x01(\r\x12\x11\n\tpcm_s16le\x18\x03 \x01(\x0c\"\xd8\x01\n\x0bMotionFrame\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63oefficients\x18\x02 \x03(\x02\x12@\n\x0b\x62lendshapes\x18\x03 \x03(\x0b\x32+.avatarfarm.v1.MotionFrame.BlendshapesEntry\x12)\n\x04head\x18\x04 \x01(\x0b\x32\x1b.avatarfarm.v1.HeadRotation\x1a\x32\n\x10\x42lendshapesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"P\n\x0cHeadRotation\x12\x13\n\x0byaw_degrees\x18\x01 \x01(\x02\x12\x15\n\rpitch_degrees\x18\x02 \x01(\x02\x12\x14\n\x0croll_degrees\x18\x03 \x01(\x02\"0\n\x0bPushSummary\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x02 \x01(\x04\x32\xa0\x01\n\x10LiveInputService\x12\x44\n\tPushAudio\x12\x19.avatarfarm.v1.AudioChunk\x1a\x1a.avatarfarm.v1.PushSummary(\x01\x12\x46\n\nPushMotion\x12\x1a.avatarfarm.v1.MotionFrame\x1a\x1a.avatarfarm.v1.PushSummary(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'avatarfarm.v1.live_input_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_MOTIONFRAME_BLENDSHAPESENTRY']._loaded_options = None
+  _globals['_MOTIONFRAME_BLENDSHAPESENTRY']._serialized_options = b'8\001'
   _globals['_AUDIOCHUNK']._serialized_start=49
   _globals['_AUDIOCHUNK']._serialized_end=121
-  _globals['_MOTIONFRAME']._serialized_start=123
-  _globals['_MOTIONFRAME']._serialized_end=178
-  _globals['_PUSHSUMMARY']._serialized_start=180
-  _globals['_PUSHSUMMARY']._serialized_end=228
-  _globals['_LIVEINPUTSERVICE']._serialized_start=231
-  _globals['_LIVEINPUTSERVICE']._serialized_end=391
+  _globals['_MOTIONFRAME']._serialized_start=124
+  _globals['_MOTIONFRAME']._serialized_end=340
+  _globals['_MOTIONFRAME_BLENDSHAPESENTRY']._serialized_start=290
+  _globals['_MOTIONFRAME_BLENDSHAPESENTRY']._serialized_end=340
+  _globals['_HEADROTATION']._serialized_start=342
+  _globals['_HEADROTATION']._serialized_end=422
+  _globals['_PUSHSUMMARY']._serialized_start=424
+  _globals['_PUSHSUMMARY']._serialized_end=472
+  _globals['_LIVEINPUTSERVICE']._serialized_start=475
+  _globals['_LIVEINPUTSERVICE']._serialized_end=635
 # @@protoc_insertion_point(module_scope)

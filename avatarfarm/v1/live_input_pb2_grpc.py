@@ -57,7 +57,8 @@ class LiveInputServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PushMotion(self, request_iterator, context):
-        """Streams motion coefficients, one message per video frame.
+        """Streams face motion (ARKit blendshapes and head rotation), one message per
+        video frame.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -4,6 +4,11 @@ and the idle animation that keeps a room alive between script segments.
 A motion vector holds one float per coefficient, in MOTION_NAMES order. Mouth
 coefficients come from audio-to-motion (or mocap); blink, breathing and small
 head sway come from the idle generator, so a speaking avatar still blinks.
+
+Motion capture arrives as face motion (ARKit blendshapes and head rotation,
+`avatarfarm.face_motion`); `reference_motion` maps it onto these coefficients, mirrored
+as a performer expects of their avatar (they turn to their right, so does it: toward
+the viewer's left).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from avatarfarm.face_motion import FACE_MOTION_DIM, HEAD, INDEX
 
 
 class Coef(enum.IntEnum):
@@ -29,6 +36,51 @@ class Coef(enum.IntEnum):
 MOTION_NAMES: tuple[str, ...] = tuple(c.name.lower() for c in Coef)
 MOTION_DIM = len(MOTION_NAMES)
 MOUTH = slice(Coef.JAW_OPEN, Coef.MOUTH_ROUND + 1)
+# The head's rotation a coefficient of 1 stands for (yaw, pitch, roll), in degrees.
+HEAD_DEGREES = np.array([30.0, 20.0, 20.0], np.float32)
+# Yaw is mirrored: the performer's right is the avatar's, on the viewer's left.
+_HEAD_SIGN = np.array([-1.0, 1.0, 1.0], np.float32)
+
+
+def reference_motion(face: np.ndarray) -> np.ndarray:
+    """The coefficients of one frame of face motion: the jaw opens with ``jawOpen`` (and
+    ``mouthClose`` shuts it), the mouth widens with stretch and half the smile, rounds
+    with pucker or funnel, the eyes blink together, the brows rise with the inner and
+    outer raisers against the lowerers; the head turns by its rotation."""
+    def b(name: str) -> float:
+        return float(face[INDEX[name]])
+
+    m = np.zeros(MOTION_DIM, np.float32)
+    m[Coef.JAW_OPEN] = b("jawOpen") - b("mouthClose")
+    m[Coef.MOUTH_WIDE] = (0.5 * (b("mouthStretchLeft") + b("mouthStretchRight"))
+                          + 0.25 * (b("mouthSmileLeft") + b("mouthSmileRight")))
+    m[Coef.MOUTH_ROUND] = max(b("mouthPucker"), b("mouthFunnel"))
+    m[Coef.BLINK] = 0.5 * (b("eyeBlinkLeft") + b("eyeBlinkRight"))
+    m[Coef.BROW_RAISE] = (0.5 * (b("browInnerUp") + 0.5 * (b("browOuterUpLeft") + b("browOuterUpRight")))
+                          - 0.5 * (b("browDownLeft") + b("browDownRight")))
+    m[Coef.HEAD_YAW:] = _HEAD_SIGN * face[HEAD:HEAD + 3] / HEAD_DEGREES
+    return np.clip(m, -1.0, 1.0)
+
+
+def face_from_reference(coefficients: np.ndarray) -> np.ndarray:
+    """The face motion an older client's eight coefficients stand for: `reference_motion`
+    of it gives them back (within their ranges: mouth shapes and blink 0..1)."""
+    c = np.clip(np.asarray(coefficients, np.float32), -1.0, 1.0)
+    face = np.zeros(FACE_MOTION_DIM, np.float32)
+
+    def put(names: tuple[str, ...], value: float) -> None:
+        for name in names:
+            face[INDEX[name]] = max(value, 0.0)
+
+    put(("jawOpen",), c[Coef.JAW_OPEN])
+    put(("mouthClose",), -c[Coef.JAW_OPEN])
+    put(("mouthStretchLeft", "mouthStretchRight"), c[Coef.MOUTH_WIDE])
+    put(("mouthPucker",), c[Coef.MOUTH_ROUND])
+    put(("eyeBlinkLeft", "eyeBlinkRight"), c[Coef.BLINK])
+    put(("browInnerUp", "browOuterUpLeft", "browOuterUpRight"), c[Coef.BROW_RAISE])
+    put(("browDownLeft", "browDownRight"), -c[Coef.BROW_RAISE])
+    face[HEAD:HEAD + 3] = _HEAD_SIGN * c[Coef.HEAD_YAW:] * HEAD_DEGREES
+    return face
 
 
 @dataclass(slots=True)

@@ -21,8 +21,8 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 
 from avatarfarm.domain import ScriptSegment
+from avatarfarm.face_motion import FACE_MOTION_DIM
 from workers.media.audio import SAMPLE_RATE
-from workers.media.motion import MOTION_DIM
 
 # Live input a room buffers ahead of what it renders, at most: enough to ride out a
 # client's network jitter, small enough that a client pushing faster than real time
@@ -221,7 +221,8 @@ class LiveAudio(LiveBuffer):
 
 
 class LiveMotion(LiveBuffer):
-    """Motion-capture frames for one room; holds the last pose briefly on a gap."""
+    """Motion-capture frames for one room, face motion vectors (`avatarfarm.face_motion`);
+    holds the last pose briefly on a gap."""
 
     def __init__(self, max_frames: int = LIVE_MOTION_BUFFER_FRAMES, hold_frames: int = 12) -> None:
         super().__init__(max_frames)
@@ -229,10 +230,10 @@ class LiveMotion(LiveBuffer):
         self._last: np.ndarray | None = None
         self._missing = 0
 
-    async def push(self, coefficients: np.ndarray) -> None:
-        if coefficients.shape != (MOTION_DIM,):
-            raise ValueError(f"motion frame must have {MOTION_DIM} coefficients, got {coefficients.size}")
-        await self._put(np.clip(coefficients, -1.0, 1.0).astype(np.float32), 1)
+    async def push(self, face: np.ndarray) -> None:
+        if face.shape != (FACE_MOTION_DIM,):
+            raise ValueError(f"a face motion frame has {FACE_MOTION_DIM} values, got {face.size}")
+        await self._put(face.astype(np.float32), 1)
 
     async def wait_for_frame(self) -> None:
         await self._wait_for(1)

@@ -22,14 +22,16 @@ import numpy as np
 
 from avatarfarm import input_tokens
 from avatarfarm.domain import DriveMode, InvalidRequest, validate_id
+from avatarfarm.face_motion import ARKIT, FaceMotionError, face_motion
 from avatarfarm.input_tokens import InputRefused, InputTokenExpired
 from avatarfarm.v1 import live_input_pb2, live_input_pb2_grpc
 from workers.media.audio import SAMPLE_RATE, pcm16_to_float, resample
-from workers.media.motion import MOTION_DIM
+from workers.media.motion import MOTION_DIM, face_from_reference
 from workers.rooms.drivers import InputClosed, LiveAudio, LiveMotion
 from workers.rooms.room import Room
 
 MAX_CHUNK_SECONDS = 1.0
+MAX_BLENDSHAPES = len(ARKIT) + 8  # ARKit's, MediaPipe's extra, room for a few unknowns to refuse
 # Options for the server that serves live inputs. HTTP/2 flow control is what holds a
 # client back while its room's buffer is full, and with BDP probing gRPC grows a
 # stream's window to megabytes on a fast link, all of it held by the worker. The fixed
@@ -47,11 +49,24 @@ def _audio_samples(chunk: live_input_pb2.AudioChunk) -> np.ndarray:
     return resample(pcm16_to_float(chunk.pcm_s16le), rate, SAMPLE_RATE)
 
 
-def _motion_coefficients(frame: live_input_pb2.MotionFrame) -> np.ndarray:
-    coefs = np.asarray(frame.coefficients, np.float32)
-    if coefs.shape != (MOTION_DIM,) or not np.all(np.isfinite(coefs)):
-        raise InvalidRequest(f"a motion frame has {MOTION_DIM} finite coefficients")
-    return coefs
+def _face_motion(frame: live_input_pb2.MotionFrame) -> np.ndarray:
+    """A motion frame's face motion vector: its blendshapes and head rotation, or an
+    older client's eight coefficients (`face_from_reference`)."""
+    if frame.coefficients:
+        if frame.blendshapes or frame.HasField("head"):
+            raise InvalidRequest("a motion frame has blendshapes and a head rotation, or the "
+                                 "older coefficients, not both")
+        coefs = np.asarray(frame.coefficients, np.float32)
+        if coefs.shape != (MOTION_DIM,) or not np.all(np.isfinite(coefs)):
+            raise InvalidRequest(f"a motion frame's coefficients are {MOTION_DIM} finite numbers")
+        return face_from_reference(coefs)
+    if len(frame.blendshapes) > MAX_BLENDSHAPES:
+        raise InvalidRequest(f"a motion frame names at most {MAX_BLENDSHAPES} blendshapes")
+    head = frame.head
+    try:
+        return face_motion(frame.blendshapes, head.yaw_degrees, head.pitch_degrees, head.roll_degrees)
+    except FaceMotionError as e:
+        raise InvalidRequest(str(e)) from None
 
 
 class _Message(Protocol):
@@ -82,7 +97,7 @@ _AUDIO: _LiveInput[live_input_pb2.AudioChunk] = _LiveInput(
     "send script segments instead of audio", lambda room: room.audio_in, _audio_samples)
 _MOTION: _LiveInput[live_input_pb2.MotionFrame] = _LiveInput(
     "PushMotion", frozenset({DriveMode.MOCAP}),
-    "motion frames are only for mocap rooms", lambda room: room.motion_in, _motion_coefficients)
+    "motion frames are only for mocap rooms", lambda room: room.motion_in, _face_motion)
 
 
 def _close_inputs(room: Room) -> None:

@@ -79,7 +79,7 @@ from workers.media.alignment import (
 )
 from workers.media.audio import SAMPLE_RATE, MelStream
 from workers.media.label import LabelSpec, LabelStamp
-from workers.media.motion import IdleAnimator, compose
+from workers.media.motion import IdleAnimator, compose, reference_motion
 from workers.models.wav2lip import WAV2LIP_FACE
 from workers.output.encode import (
     ENCODER_QUEUE,
@@ -568,7 +568,8 @@ class Room:
             else:
                 if self.pacing is Pacing.FAST:
                     await self.motion_in.wait_for_frame()
-                driven = self.motion_in.take()
+                face_motion = self.motion_in.take()
+                driven = reference_motion(face_motion) if face_motion is not None else None
             task = asyncio.create_task(self._render(avatar, idle, mel, driven, deadline,
                                                     deadline - render_reserve))
             await inflight.put(_InFlight(n, q.fps, audio, speaking, deadline, task))

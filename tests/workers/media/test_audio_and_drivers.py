@@ -5,6 +5,7 @@ import asyncio
 import numpy as np
 
 from avatarfarm.domain import ScriptSegment
+from avatarfarm.face_motion import FACE_MOTION_DIM
 from workers.media.audio import LOG_FLOOR, MEL_WINDOW, N_MELS, SAMPLE_RATE, MelStream, log_mel, resample
 from workers.media.motion import MOTION_DIM, Coef, IdleAnimator, compose
 from workers.media.tts import EspeakTTS
@@ -76,7 +77,7 @@ def test_live_audio_pushes_back_when_full_and_pads_underruns() -> None:
 def test_live_motion_holds_briefly_then_lets_idle_take_over() -> None:
     async def body() -> None:
         m = LiveMotion(hold_frames=2)
-        pose = np.full(MOTION_DIM, 0.5, np.float32)
+        pose = np.full(FACE_MOTION_DIM, 0.5, np.float32)
         await m.push(pose)
         assert np.array_equal(m.take(), pose)
         assert np.array_equal(m.take(), pose)

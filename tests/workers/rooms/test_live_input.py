@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from avatarfarm.domain import DriveMode, OutputKind, Quality
+from avatarfarm.face_motion import FACE_MOTION_DIM
 from avatarfarm.input_tokens import mint, room_key
 from avatarfarm.v1 import live_input_pb2, live_input_pb2_grpc
 from tests.builders import make_spec
@@ -122,7 +123,7 @@ def test_closing_releases_waiting_producers_and_consumers() -> None:
         await asyncio.wait_for(waiting, 5)
 
         motion = LiveMotion(max_frames=2)
-        pose = np.zeros(MOTION_DIM, np.float32)
+        pose = np.zeros(FACE_MOTION_DIM, np.float32)
         await motion.push(pose)
         await motion.push(pose)
         assert motion.buffered == motion.capacity == 2
@@ -251,6 +252,10 @@ def test_wrong_and_hostile_live_inputs_get_precise_statuses(pipeline: Pipeline, 
     def motion(sid: str, coefs: list[float] = pose) -> live_input_pb2.MotionFrame:
         return live_input_pb2.MotionFrame(session_id=sid, coefficients=coefs)
 
+    def face(sid: str, shapes: dict[str, float] | None = None, yaw: float = 0.0) -> live_input_pb2.MotionFrame:
+        return live_input_pb2.MotionFrame(session_id=sid, blendshapes=shapes or {"jawOpen": 0.5},
+                                          head=live_input_pb2.HeadRotation(yaw_degrees=yaw))
+
     async def body() -> None:
         async with live_input(rooms) as raw:
             stub = Fed(raw)
@@ -276,6 +281,17 @@ def test_wrong_and_hostile_live_inputs_get_precise_statuses(pipeline: Pipeline, 
                 (grpc.StatusCode.INVALID_ARGUMENT, lambda: stub.PushMotion(_one(motion("mocap", [0.0] * 7)))),
                 (grpc.StatusCode.INVALID_ARGUMENT, lambda: stub.PushMotion(_one(
                     motion("mocap", [float("inf"), *pose[1:]])))),
+                # Face motion: names trackers never send, values that are no numbers, both
+                # kinds of frame at once, a head no tracker follows, a flood of names.
+                (grpc.StatusCode.INVALID_ARGUMENT, lambda: stub.PushMotion(_one(face("mocap", {"jaw": 1.0})))),
+                (grpc.StatusCode.INVALID_ARGUMENT, lambda: stub.PushMotion(_one(
+                    face("mocap", {"jawOpen": float("nan")})))),
+                (grpc.StatusCode.INVALID_ARGUMENT, lambda: stub.PushMotion(_one(
+                    live_input_pb2.MotionFrame(session_id="mocap", coefficients=pose,
+                                               blendshapes={"jawOpen": 1.0})))),
+                (grpc.StatusCode.INVALID_ARGUMENT, lambda: stub.PushMotion(_one(face("mocap", yaw=1e9)))),
+                (grpc.StatusCode.INVALID_ARGUMENT, lambda: stub.PushMotion(_one(
+                    face("mocap", {f"x{i}": 0.0 for i in range(5000)})))),
             ]
             for code, call in cases:
                 with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -287,6 +303,8 @@ def test_wrong_and_hostile_live_inputs_get_precise_statuses(pipeline: Pipeline, 
             ok = await stub.PushAudio(iter([audio("voice", rate=0), audio("")]))
             assert ok.accepted == 2
             assert (await stub.PushMotion(_one(motion("mocap")))).accepted == 1
+            assert (await stub.PushMotion(iter([face("mocap"), face("", {"eyeBlinkLeft": 1.0}, 20.0)]))
+                    ).accepted == 2
             assert (await stub.PushAudio(iter([]))).accepted == 0
 
     asyncio.run(body())
