@@ -76,11 +76,15 @@ def video_avatar_face(folder: Path, avatar_id: str) -> VideoAvatarFace:
                            face_family(family, str(manifest.get("features", ""))))
 
 
-def no_motion_input(avatar_id: str) -> str:
+# The face families with a motion input: their avatars take motion-capture rooms.
+MOTION_FAMILIES = frozenset({"liveportrait"})
+
+
+def no_motion_input(avatar_id: str, family: str = "wav2lip") -> str:
     """Why a motion-capture room on a video avatar is refused (scheduler and worker)."""
-    return (f"avatar {avatar_id!r} is a video avatar, rendered by a lip-sync model (the "
-            "Wav2Lip family) that takes speech and has no motion input: drive it by text or "
-            "live voice, or use a portrait avatar for motion capture")
+    return (f"avatar {avatar_id!r} is a video avatar of the {family} family, a lip-sync model "
+            "that takes speech and has no motion input: drive it by text or live voice, or use "
+            "a LivePortrait or portrait avatar for motion capture")
 
 
 def is_file_name(avatar_id: str) -> bool:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import NoReturn
 
-from avatarfarm.avatars import no_motion_input
+from avatarfarm.avatars import MOTION_FAMILIES, no_motion_input
 from avatarfarm.domain import (
     DriveMode,
     InvalidRequest,
@@ -71,7 +71,9 @@ class Scheduler(Enforcement):
         if spec.avatar_id not in self.known_avatars():
             raise NotFound(f"avatar {spec.avatar_id!r} is not registered")
         if spec.drive_mode is DriveMode.MOCAP and spec.avatar_id in self.video_avatars():
-            raise InvalidRequest(no_motion_input(spec.avatar_id))
+            family = self.face_model(spec.avatar_id).family.partition("/")[0]
+            if family not in MOTION_FAMILIES:
+                raise InvalidRequest(no_motion_input(spec.avatar_id, family))
         other = self.sessions.live_rooms.get((spec.tenant, spec.room_id))
         if other is not None:
             raise AlreadyExists(f"room {spec.room_id!r} already streams as session {other}")

@@ -166,6 +166,11 @@ class Pipeline:
     def is_video_avatar(self, avatar_id: str) -> bool:
         return self.folder.bundle_path(avatar_id) is not None
 
+    def video_avatar_family(self, avatar_id: str) -> str:
+        """The face family a video avatar's bundle names ("" for a portrait)."""
+        root = self.folder.bundle_path(avatar_id)
+        return Bundle.open(root).manifest.family if root is not None else ""
+
     def video_avatar_refusal(self, avatar_id: str) -> str | None:
         """Why this worker cannot render a video avatar (None: it can): its bundle's
         family has no models in this worker's folder, or refuses it."""

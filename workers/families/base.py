@@ -8,6 +8,9 @@ model (HuBERT for Ultralight) submits those items to the device as the audio arr
 batched across rooms like any other stage; Wav2Lip's mel windows are computed here on
 the host.
 
+A family with a motion input also redraws a frame from face motion (`FaceFamily.drive`),
+for motion-capture rooms.
+
 A family's adapter module has a ``load(folder, ctx)`` giving its `FamilyRuntime` on
 one worker (None where the model folder does not name its models): the models it
 serves, why it would refuse an avatar, an avatar's `FaceFamily`, and its face
@@ -77,6 +80,10 @@ class FaceFamily:
     # room's feature items took, for its cost
     speech: typing.Callable[[int, int, typing.Callable[[float], None]], FaceSpeech]
     redraw: Redraw
+    # A family with a motion input (LivePortrait): a frame redrawn from one frame of face
+    # motion (`avatarfarm.face_motion`) in place of the audio input, for motion-capture
+    # rooms; None: the family has none, and motion-capture rooms are refused.
+    drive: Redraw | None = None
 
 
 Points = tuple[tuple[int, float], ...]  # (batch size, seconds) of a latency curve

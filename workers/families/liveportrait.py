@@ -4,7 +4,8 @@ The avatar is one source portrait (the clip's first frame), prepared once: its
 appearance features and keypoints (`avatarfarm.preparation.keypoints`). Per speaking
 frame: the audio-to-motion model reads a window of HuBERT rows (the worker's feature
 model, as for Ultralight) and gives the 70-value motion (63 expression, scale,
-translation 3, pitch/yaw/roll in degrees) relative to the source; the driving keypoints
+translation 3, pitch/yaw/roll in degrees) relative to the source (in a motion-capture
+room, the performer's face motion gives it instead: `motion_of`); the driving keypoints
 are the source's canonical keypoints rotated, deformed, scaled and moved by it
 (LivePortrait's transform, here on the host: 21 points); the stitching model corrects
 them ([126] -> [65]: 63 offsets and an x/y shift); the warping model draws the face at
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from avatarfarm.face_motion import ARKIT, HEAD, INDEX
 from avatarfarm.preparation import keypoints
 from workers.device.binding import WAV2LIP_LAYOUT, AudioRole, describe
 from workers.device.engine import BatchKey
@@ -40,6 +42,43 @@ if typing.TYPE_CHECKING:
 N_KP = 21
 MOTION = 70
 AUDIO_SHAPE = (16, 1024)
+
+# Face motion onto the expression keypoints LivePortrait's expression editors move (the
+# implicit keypoints have no names; these are their roles): the jaw keypoint (19) drops
+# as the mouth opens, 14 and 20 rise with a smile, 14 drops with a pucker, the lid
+# keypoints (11 left, 15 right; 13 and 16 below them) close over the eyes, the brow
+# keypoints (1 left, 2 right) rise. Offsets are in keypoint units at a blendshape of 1
+# (an open mouth is ~0.1, as the editors open it), (keypoint, axis, blendshapes, offset).
+_EXPRESSION: tuple[tuple[int, int, tuple[str, ...], float], ...] = (
+    (19, 1, ("jawOpen",), 0.10),
+    (19, 1, ("mouthClose",), -0.05),
+    (14, 1, ("mouthSmileLeft", "mouthSmileRight"), -0.010),
+    (20, 1, ("mouthSmileLeft", "mouthSmileRight"), -0.005),
+    (14, 1, ("mouthPucker", "mouthFunnel"), 0.008),
+    (11, 1, ("eyeBlinkLeft",), 0.012),
+    (13, 1, ("eyeBlinkLeft",), -0.004),
+    (15, 1, ("eyeBlinkRight",), 0.012),
+    (16, 1, ("eyeBlinkRight",), -0.004),
+    (1, 1, ("browInnerUp", "browOuterUpLeft"), -0.010),
+    (2, 1, ("browInnerUp", "browOuterUpRight"), -0.010),
+    (1, 1, ("browDownLeft",), 0.006),
+    (2, 1, ("browDownRight",), 0.006),
+)
+_EXP_MAP = np.zeros((len(ARKIT), 3 * N_KP), np.float32)  # blendshapes -> expression offsets
+for _kp, _axis, _names, _offset in _EXPRESSION:
+    for _name in _names:
+        _EXP_MAP[INDEX[_name], 3 * _kp + _axis] += _offset / len(_names)
+
+
+def motion_of(face: np.ndarray) -> np.ndarray:
+    """The 70-value motion (63 expression offsets, scale, translation, pitch/yaw/roll in
+    degrees, relative to the source) of one frame of face motion: its blendshapes mapped
+    onto the expression keypoints (`_EXPRESSION`), its head rotation passed through, the
+    scale and position the source's."""
+    mo = np.zeros(MOTION, np.float32)
+    mo[:63] = face[:HEAD] @ _EXP_MAP
+    mo[67:70] = face[HEAD + 1], face[HEAD], face[HEAD + 2]  # LivePortrait's order: pitch, yaw, roll
+    return mo
 
 
 def rotation(pitch: float, yaw: float, roll: float) -> np.ndarray:
@@ -198,12 +237,17 @@ class Runtime:
         def speech(fps: int, priority: int, on_seconds: Callable[[float], None]) -> RowStream:
             return RowStream(fps, rows, features.silence, self._ctx.submit_features, priority, on_seconds)
 
-        async def redraw(audio: np.ndarray, face: typing.Any, index: int, deadline: float,
-                         priority: int) -> typing.Any:
-            warp_due = deadline - engine.curve(warp_key).seconds(1) if math.isfinite(deadline) else deadline
-            motion_due = warp_due - engine.curve(stitch_key).seconds(1) if math.isfinite(deadline) else deadline
-            m = await engine.infer(a2m_key, {AudioToMotion.FEATURES: audio}, motion_due, priority)
-            mo = m.outputs[0]
+        def due(deadline: float) -> tuple[float, float]:
+            """When the stitching and the motion before it must be done."""
+            if not math.isfinite(deadline):
+                return deadline, deadline
+            warp_due = deadline - engine.curve(warp_key).seconds(1)
+            return warp_due, warp_due - engine.curve(stitch_key).seconds(1)
+
+        async def posed(mo: np.ndarray, deadline: float, priority: int) -> tuple[np.ndarray, float, int]:
+            """The source posed by a motion vector, stitched and warped: (face, seconds,
+            the warping's batch size)."""
+            warp_due, _ = due(deadline)
             driving = transform(kp_c, pose + mo[67:70], exp + mo[:63], scale * (1.0 + float(mo[63])),
                                 t + mo[64:67])
             stitch_in = np.concatenate([kp_source.reshape(-1), driving.reshape(-1)])
@@ -213,9 +257,20 @@ class Runtime:
             driving[:, :2] += delta[3 * N_KP:3 * N_KP + 2]
             w = await engine.infer(warp_key, {Warping.FEATURE: feature_3d, Warping.DRIVING: driving,
                                               Warping.SOURCE: kp_source}, deadline, priority)
-            return timed(w.outputs[0], m.seconds + s.seconds + w.seconds, w.batch_size)
+            return w.outputs[0], s.seconds + w.seconds, w.batch_size
 
-        return FaceFamily(self.name, warp_key, WAV2LIP_LAYOUT, AUDIO, speech, redraw)
+        async def redraw(audio: np.ndarray, face: typing.Any, index: int, deadline: float,
+                         priority: int) -> typing.Any:
+            m = await engine.infer(a2m_key, {AudioToMotion.FEATURES: audio}, due(deadline)[1], priority)
+            out, seconds, batch = await posed(m.outputs[0], deadline, priority)
+            return timed(out, m.seconds + seconds, batch)
+
+        async def drive(motion: np.ndarray, face: typing.Any, index: int, deadline: float,
+                        priority: int) -> typing.Any:
+            out, seconds, batch = await posed(motion_of(motion), deadline, priority)
+            return timed(out, seconds, batch)
+
+        return FaceFamily(self.name, warp_key, WAV2LIP_LAYOUT, AUDIO, speech, redraw, drive)
 
     def renders(self) -> list[str]:
         features = self._ctx.features

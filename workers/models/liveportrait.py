@@ -17,11 +17,12 @@ model, built from numpy with fixed seeds, with the public signatures (MODELS.md,
 
 Behaviour: the appearance features hold the portrait at 64 px in their first three
 channels at every depth; the motion extractor reports a frontal pose and a fixed
-canonical face (`KEYPOINTS`: keypoint `UPPER_LIP` above `LOWER_LIP`); the audio model
-lowers the lower lip in proportion to the band power of the frame's own rows; the
-warping shifts the feature volume by the keypoints' mean motion (a real 5-D GridSample,
-the op some onnxruntime builds lacked, LivePortrait#150), scales it to 512 px and opens
-the mouth by how far the lips moved apart; each adds a convolution stack's bounded
+canonical face (`KEYPOINTS`), whose mouth keypoints are LivePortrait's as its expression
+editors move them: `JAW` (19) drops (+y) as the mouth opens, `LIP` (17) stays; the audio
+model drops the jaw keypoint in proportion to the band power of the frame's own rows;
+the warping shifts the feature volume by the keypoints' mean motion (a real 5-D
+GridSample, the op some onnxruntime builds lacked, LivePortrait#150), scales it to
+512 px and opens the mouth by how far the jaw keypoint dropped from the lip's; each adds a convolution stack's bounded
 residual, at a realistic cost.
 """
 
@@ -36,7 +37,7 @@ from workers.models.ultralight import BANDS, FEATURE_WIDTH
 from workers.models.wav2lip import Graph, Wav2LipCost, conv_stack, shade_mouth
 
 N_KP = 21
-UPPER_LIP, LOWER_LIP = 19, 20
+LIP, JAW = 17, 19  # mouth keypoints: JAW drops as the mouth opens
 SIDE = 256
 OUT_SIDE = 512
 FEATURE_SHAPE = (32, 16, 64, 64)
@@ -51,8 +52,8 @@ def _canonical() -> np.ndarray:
     """21 keypoints of a frontal face in [-1, 1]^3 (x right, y down)."""
     rng = np.random.default_rng(31)
     kp = rng.uniform(-0.6, 0.6, (N_KP, 3)).astype(np.float32) * np.array([1, 1, 0.2], np.float32)
-    kp[UPPER_LIP] = (0.0, 0.40, 0.05)
-    kp[LOWER_LIP] = (0.0, 0.46, 0.05)
+    kp[LIP] = (0.0, 0.40, 0.05)
+    kp[JAW] = (0.0, 0.46, 0.05)
     return kp
 
 
@@ -120,7 +121,7 @@ def build_audio_to_motion(*, seed: int = 47) -> onnx.ModelProto:
                                               "shift"), g.init("span", np.array(OPEN_SPAN, np.float32))],
                                  "scale"), g.zero, g.one], "opening")
     per = np.zeros((1, MOTION), np.float32)
-    per[0, LOWER_LIP * 3 + 1] = LIP_DROP  # the lower lip moves down (y) as the mouth opens
+    per[0, JAW * 3 + 1] = LIP_DROP  # the jaw keypoint moves down (y) as the mouth opens
     col = g.op("Unsqueeze", [opening, g.init("ax", np.array([1], np.int64))], "opening.col")
     motion = g.op("Mul", [col, g.init("lips", per)], "motion.lips")
     # The cost: a small MLP over the window (a JoyVASA-class model is small).
@@ -160,13 +161,15 @@ def build_warping(cost: Wav2LipCost | None = None, *, seed: int = 53) -> onnx.Mo
     rgb = g.op("Squeeze", [front, g.init("sq", np.array([2], np.int64))], "rgb")
     image = g.op("Resize", [rgb, "", g.init("scales", np.array([1, 1, 8, 8], np.float32))], "image",
                  mode="linear")
-    # The mouth opens as the lips moved apart.
+    # The mouth opens as the jaw keypoint dropped from the lip's.
     lips = g.op("Slice", [g.op("Sub", ["kp_driving", "kp_source"], "kp.d2"),
-                          g.init("l.from", np.array([UPPER_LIP, 1], np.int64)),
-                          g.init("l.to", np.array([LOWER_LIP + 1, 2], np.int64)),
-                          g.init("l.axes", np.array([1, 2], np.int64))], "lips")  # [B, 2, 1]
-    apart = g.op("ReduceSum", [g.op("Mul", [lips, g.init("sign", np.array([[[-1.0], [1.0]]], np.float32))],
-                                    "signed"), g.init("ax12", np.array([1, 2], np.int64))], "apart", keepdims=0)
+                          g.init("l.from", np.array([LIP, 1], np.int64)),
+                          g.init("l.to", np.array([JAW + 1, 2], np.int64)),
+                          g.init("l.axes", np.array([1, 2], np.int64))], "lips")  # [B, 3, 1]
+    sign = np.zeros((1, JAW - LIP + 1, 1), np.float32)
+    sign[0, 0, 0], sign[0, -1, 0] = -1.0, 1.0
+    apart = g.op("ReduceSum", [g.op("Mul", [lips, g.init("sign", sign)], "signed"),
+                               g.init("ax12", np.array([1, 2], np.int64))], "apart", keepdims=0)
     energy = g.op("Reshape", [apart, g.init("e", np.array([-1, 1, 1, 1], np.int64))], "apart.4d")
     drawn = shade_mouth(g, image, energy, 0.005, LIP_DROP * 0.8, OUT_SIDE, tint=(0.30, 0.06, 0.08))
     small = g.op("Reshape", [warped, g.init("flat", np.array([0, 512, 64, 64], np.int64))], "flat")

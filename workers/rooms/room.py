@@ -63,7 +63,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from avatarfarm.avatars import no_motion_input
+from avatarfarm.avatars import MOTION_FAMILIES, no_motion_input
 from avatarfarm.domain import DriveMode, OutputKind, Quality, ScriptSegment, SessionSpec
 from avatarfarm.egress import EgressPolicy, Resolver, check_resolved, pinned_url, system_resolver
 from workers.device.engine import DeadlineMissed
@@ -278,8 +278,9 @@ class Room:
         # A video avatar is rendered by its family (Wav2Lip, its own Ultralight model, MuseTalk).
         self.video_avatar = pipeline.is_video_avatar(spec.avatar_id)
         if self.video_avatar:
-            if spec.drive_mode is DriveMode.MOCAP:
-                raise RoomRefused(no_motion_input(spec.avatar_id))
+            family = pipeline.video_avatar_family(spec.avatar_id)
+            if spec.drive_mode is DriveMode.MOCAP and family not in MOTION_FAMILIES:
+                raise RoomRefused(no_motion_input(spec.avatar_id, family))
             refusal = pipeline.video_avatar_refusal(spec.avatar_id)
             if refusal is not None:
                 raise RoomRefused(refusal)
@@ -526,7 +527,8 @@ class Room:
                         self.pipeline.render_key(q.render_side)).seconds(1)
                 else:
                     assert self.family is not None
-                    speech = self.family.speech(q.fps, self.priority, self._feature_seconds)
+                    if mode.uses_audio_to_motion:  # a mocap room's face is drawn from motion
+                        speech = self.family.speech(q.fps, self.priority, self._feature_seconds)
                     render_reserve = 0.0
                 self.idle.fps = q.fps
             if self.pacing is Pacing.REALTIME:
@@ -553,6 +555,16 @@ class Room:
                 break
             self._t = t
             audio, speaking = await self._audio(mode, k)
+            if face is not None and not mode.uses_audio_to_motion:
+                # A motion-capture room on a video avatar: each frame from the performer's
+                # face motion (its family has a motion input; others were refused).
+                if self.pacing is Pacing.FAST:
+                    await self.motion_in.wait_for_frame()
+                drawn = asyncio.create_task(self._drive(face, face.index(n), self.motion_in.take(),
+                                                        deadline))
+                await inflight.put(_InFlight(n, q.fps, audio, speaking, deadline, drawn))
+                n, t = n + 1, end
+                continue
             if face is not None and speech is not None:
                 waiting.append((audio, speaking))
                 m = await self._start_faces(face, speech.push(audio, deadline), waiting, m, q.fps,
@@ -603,6 +615,17 @@ class Room:
             return FaceFrame(index)  # a pause: the base frame, no device time
         assert self.family is not None
         r = await self.family.redraw(await window.value(), face, index, deadline, self.priority)
+        self.stats.stage_seconds["render"] += r.seconds
+        self.stats.batched_items += 1
+        self.stats.batch_size_sum += r.batch_size
+        return FaceFrame(index, r.value)
+
+    async def _drive(self, face: FaceAvatar, index: int, motion: np.ndarray | None,
+                     deadline: float) -> FaceFrame:
+        if motion is None:
+            return FaceFrame(index)  # no motion yet, or a gap longer than the hold: the base frame
+        assert self.family is not None and self.family.drive is not None
+        r = await self.family.drive(motion, face, index, deadline, self.priority)
         self.stats.stage_seconds["render"] += r.seconds
         self.stats.batched_items += 1
         self.stats.batch_size_sum += r.batch_size

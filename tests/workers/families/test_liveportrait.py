@@ -16,6 +16,7 @@ from skimage import data
 
 from avatarfarm.avatars import write_bundle_pointer
 from avatarfarm.domain import DriveMode, Stage
+from avatarfarm.face_motion import face_motion
 from avatarfarm.preparation.bundle import Bundle, VideoLimits, prepare
 from avatarfarm.preparation.faces import PreparationError, TrackPolicy
 from avatarfarm.preparation.keypoints import degrees
@@ -23,9 +24,9 @@ from tests.builders import make_video_room
 from tests.media import encode_clip, head_motion, probe, video_avatar_mouths
 from workers.device.onnx import ModelInterfaceError, OrtModel, ProviderChoice
 from workers.device.pipeline import Pipeline
-from workers.families.liveportrait import load_warping, rotation, transform
+from workers.families.liveportrait import load_warping, motion_of, rotation, transform
 from workers.models.folder import ModelFolder, add_liveportrait, build_reference
-from workers.models.liveportrait import KEYPOINTS, build_motion_extractor
+from workers.models.liveportrait import JAW, KEYPOINTS, build_motion_extractor
 from workers.rooms.room import Room, RoomRefused, RoomState
 
 AVATAR = "astronaut-lp"
@@ -155,11 +156,49 @@ def test_the_start_up_profile_gives_liveportrait_one_face_cost_for_its_three_sta
     assert lp.width == 512 and dict(lp.latencies)[1] == pytest.approx(sum(c.seconds(1) for c in curves))
 
 
+def test_face_motion_poses_the_expression_keypoints_and_turns_the_head() -> None:
+    mo = motion_of(face_motion({"jawOpen": 1.0, "eyeBlinkLeft": 1.0}, yaw=10.0, pitch=-5.0, roll=2.0))
+    assert mo.shape == (70,)
+    exp = mo[:63].reshape(21, 3)
+    assert exp[JAW, 1] == pytest.approx(0.10)  # the jaw keypoint drops: the mouth opens
+    assert exp[11, 1] > 0 and exp[15, 1] == 0  # the left lid closes, not the right
+    assert list(mo[67:70]) == [-5.0, 10.0, 2.0]  # LivePortrait's order: pitch, yaw, roll
+    assert mo[63] == 0 and not mo[64:67].any()  # the source's scale and place
+    assert not motion_of(face_motion({})).any()
+
+
+def test_a_motion_capture_room_on_a_liveportrait_avatar_follows_the_performers_jaw(
+        lp_pipeline: tuple[Pipeline, Bundle], tmp_path: Path) -> None:
+    pipeline, bundle = lp_pipeline
+    a2m, stitch, warp = pipeline.families["liveportrait"].keys  # type: ignore[attr-defined]
+    before = pipeline.engine.stats()
+    room = lp_room(pipeline, tmp_path, drive=DriveMode.MOCAP)
+    jaw = np.tile([0.0, 0.0, 1.0, 1.0, 1.0], 20)  # open and shut, 100 frames of a tracker's
+
+    async def body() -> None:
+        async def performer() -> None:
+            room.motion_in.attach()
+            for j in jaw:
+                await room.motion_in.push(face_motion({"jawOpen": float(j)}, yaw=3.0))
+            room.motion_in.producer_closed()
+
+        await asyncio.gather(room.run(), performer())
+
+    asyncio.run(body())
+    assert room.state is RoomState.ENDED, room.reason
+    st, after = room.stats, pipeline.engine.stats()
+    assert st.frames_rendered == 100 and st.late_frames == 0
+    # Every frame posed from the performer's motion: stitching and warping, no audio model.
+    assert st.batched_items == 100 and st.stage_seconds["audio_to_motion"] == 0
+    assert after[warp].items - before[warp].items == after[stitch].items - before[stitch].items == 100
+    assert after[a2m].items == before[a2m].items
+    _, opened = video_avatar_mouths(tmp_path / "l.mp4", bundle)
+    assert opened[jaw == 1.0].mean() > opened[jaw == 0.0].mean() + 10
+
+
 def test_rooms_a_liveportrait_avatar_cannot_have_are_refused(
         lp_pipeline: tuple[Pipeline, Bundle], tmp_path: Path, clip: bytes) -> None:
     pipeline, _ = lp_pipeline
-    with pytest.raises(RoomRefused, match="no motion input"):
-        lp_room(pipeline, tmp_path, drive=DriveMode.MOCAP)
     other = build_motion_extractor()
     other.doc_string += " (another)"
     folder = pipeline.folder
