@@ -1,0 +1,85 @@
+"""A live driver for tests, publishing over RTMP as OBS or ffmpeg would (FFmpeg's own
+RTMP client, through PyAV): the real photograph (scikit-image's astronaut) whose mouth
+opens and shuts, and a tone while it is open, H.264 and AAC in FLV, paced in real time.
+
+    python -m tests.driver_publisher rtmp://127.0.0.1:PORT/live/KEY --seconds 3
+
+Run as a process of its own (FFmpeg's RTMP client blocks while it connects). Prints
+"published N" when done, or "refused: ..." and exits 3 if the ingest refused it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from fractions import Fraction
+
+import av
+import cv2
+import numpy as np
+from skimage import data
+
+SIDE = 256
+RATE = 48_000
+PERIOD = 10  # frames: open for the second half of each period
+MOUTH = (128, 196)  # centre of the astronaut's mouth in the 256 px frame (x, y)
+
+
+def mouth_open(i: int) -> bool:
+    return i % PERIOD >= PERIOD // 2
+
+
+def driver_frame(i: int) -> np.ndarray:
+    """Frame ``i``: the portrait, its mouth drawn open (a dark ellipse) when `mouth_open`."""
+    img = cv2.resize(data.astronaut(), (SIDE, SIDE), interpolation=cv2.INTER_AREA)
+    if mouth_open(i):
+        cv2.ellipse(img, MOUTH, (22, 12), 0, 0, 360, (40, 10, 15), -1)
+    return img
+
+
+def _publish(url: str, seconds: float, fps: int) -> int:
+    out = av.open(url, "w", format="flv")
+    video = out.add_stream("libx264", rate=fps, options={"preset": "ultrafast", "tune": "zerolatency"})
+    video.width = video.height = SIDE
+    video.pix_fmt = "yuv420p"
+    audio = out.add_stream("aac", rate=RATE, layout="mono")
+    n = int(seconds * fps)
+    per = RATE // fps
+    t0 = time.monotonic()
+    for i in range(n):
+        time.sleep(max(0.0, t0 + i / fps - time.monotonic()))
+        frame = av.VideoFrame.from_ndarray(driver_frame(i), format="rgb24")
+        frame.pts, frame.time_base = i, Fraction(1, fps)
+        for p in video.encode(frame):
+            out.mux(p)
+        t = (np.arange(per) + i * per) / RATE
+        tone = (0.3 * np.sin(2 * np.pi * 440 * t) * mouth_open(i)).astype(np.float32)
+        af = av.AudioFrame.from_ndarray(tone[None], format="flt", layout="mono")
+        af.sample_rate, af.pts, af.time_base = RATE, i * per, Fraction(1, RATE)
+        for p in audio.encode(af):
+            out.mux(p)
+    for stream in (video, audio):
+        for p in stream.encode(None):
+            out.mux(p)
+    out.close()
+    return n
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("url")
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--fps", type=int, default=25)
+    args = ap.parse_args(argv)
+    try:
+        n = _publish(args.url, args.seconds, args.fps)
+    except (av.FFmpegError, OSError) as e:  # FFmpeg's RTMP client connects at the first packet
+        print(f"refused: {e}", flush=True)
+        return 3
+    print(f"published {n}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""The worker's RTMP ingest with a real publisher (FFmpeg's RTMP client, as OBS and
+ffmpeg publish): the room's stream key is taken and its camera and microphone come out
+decoded, in order, with the mouth and the tone where the driver put them; a wrong key
+and a second publisher are refused before any media is taken; bytes that are not RTMP
+close only their own connection."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from tests.driver_publisher import MOUTH, mouth_open
+from workers.ingest.feed import DriverFeed, DriverFrame
+from workers.ingest.registry import DriverRooms
+from workers.ingest.rtmp import RtmpIngest
+
+KEY = "k3y-0f-th3-r00m-c4m3r4"
+
+
+@dataclass
+class Received:
+    frames: list[DriverFrame] = field(default_factory=list)
+    audio: list[np.ndarray] = field(default_factory=list)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    driving: asyncio.Event = field(default_factory=asyncio.Event)  # a first frame came
+    reasons: list[str] = field(default_factory=list)
+
+    def feed(self) -> DriverFeed:
+        def frame(f: DriverFrame) -> None:
+            self.frames.append(f)
+            self.driving.set()
+
+        def end(reason: str) -> None:
+            self.reasons.append(reason)
+            self.ended.set()
+        return DriverFeed(frame, self.audio.append, end)
+
+
+async def publish(port: int, key: str, seconds: float = 2.0) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.driver_publisher", f"rtmp://127.0.0.1:{port}/live/{key}",
+        "--seconds", str(seconds), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+def test_the_rooms_driver_is_taken_and_decoded_in_order() -> None:
+    async def body() -> Received:
+        got = Received()
+        rooms = DriverRooms()
+        rooms.open(KEY, got.feed)
+        ingest = RtmpIngest(rooms.authorize, "127.0.0.1")
+        port = await ingest.start()
+        try:
+            code, out = await publish(port, KEY)
+            assert code == 0, out
+            await asyncio.wait_for(got.ended.wait(), 20)
+            assert not rooms.driven(KEY)  # the driver left: the room takes one again
+        finally:
+            await ingest.close()
+        return got
+
+    got = asyncio.run(body())
+    assert got.reasons == ["the publisher stopped"]
+    frames = got.frames
+    assert len(frames) == 50 and all(f.rgb.shape == (256, 256, 3) for f in frames)
+    assert all(b.t > a.t for a, b in itertools.pairwise(frames))
+    assert all(b.received >= a.received for a, b in itertools.pairwise(frames))
+    # The driver's mouth, open where they opened it.
+    x, y = MOUTH
+    dark = np.array([255 - f.rgb[y - 6:y + 6, x - 12:x + 12].mean() for f in frames])
+    opened = np.array([mouth_open(i) for i in range(len(frames))])
+    assert dark[opened].mean() > dark[~opened].mean() + 40
+    # And their sound: 2 s at 16 kHz, the tone while the mouth is open.
+    audio = np.concatenate(got.audio)
+    assert abs(audio.size - 32_000) < 2_000
+    per = 640
+    rms = np.array([np.sqrt(np.mean(audio[i * per:(i + 1) * per] ** 2)) for i in range(40)])
+    # (AAC's priming delay moves the sound by a fraction of a frame: an edge frame each side.)
+    assert rms[opened[:40]].mean() > 0.1 and np.median(rms[~opened[:40]]) < 0.02
+
+
+def test_a_wrong_key_and_a_second_publisher_are_refused_before_any_media() -> None:
+    async def body() -> None:
+        first = Received()
+        made: list[int] = []
+        rooms = DriverRooms()
+
+        def sink() -> DriverFeed:
+            made.append(1)
+            return first.feed()
+
+        rooms.open(KEY, sink)
+        ingest = RtmpIngest(rooms.authorize, "127.0.0.1")
+        port = await ingest.start()
+        try:
+            code, out = await publish(port, "not-the-key-at-all-0000")
+            assert code == 3 and "refused" in out and made == []
+            driving = asyncio.ensure_future(publish(port, KEY, seconds=3.0))
+            await asyncio.wait_for(first.driving.wait(), 20)  # the first driver is on
+            code, out = await publish(port, KEY, seconds=1.0)
+            assert code == 3 and "refused" in out and made == [1]
+            assert (await driving)[0] == 0
+        finally:
+            await ingest.close()
+
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\x06" + bytes(1536),  # not RTMP 3
+    b"\x03" + bytes(1536) + bytes(1536) + b"\x02" + bytes(3) + b"\xff" * 3 + b"\x09" + bytes(4),  # 16 MB
+    b"\x03" + bytes(1536) + bytes(1536) + b"\x43" + bytes(7),  # a chunk stream without a header
+])
+def test_bytes_that_are_not_a_publisher_close_only_their_connection(garbage: bytes) -> None:
+    async def body() -> None:
+        got = Received()
+        rooms = DriverRooms()
+        rooms.open(KEY, got.feed)
+        ingest = RtmpIngest(rooms.authorize, "127.0.0.1")
+        port = await ingest.start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(garbage)
+            await writer.drain()
+            rest = await asyncio.wait_for(reader.read(), 10)  # the server closes it
+            assert len(rest) <= 1 + 2 * 1536
+            writer.close()
+            code, out = await publish(port, KEY, seconds=0.5)  # and serves the next
+            assert code == 0, out
+        finally:
+            await ingest.close()
+
+    asyncio.run(body())
+
+
+def test_a_publisher_that_goes_quiet_is_disconnected(monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers.ingest import rtmp
+
+    monkeypatch.setattr(rtmp, "IDLE_SECONDS", 0.5)
+
+    async def body() -> None:
+        ingest = RtmpIngest(DriverRooms().authorize, "127.0.0.1")
+        port = await ingest.start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"\x03" + bytes(1536) + bytes(1536))  # a handshake, then nothing
+            assert len(await asyncio.wait_for(reader.read(), 10)) == 1 + 2 * 1536
+            writer.close()
+        finally:
+            await ingest.close()
+
+    asyncio.run(body())
+
+
+def test_a_credential_is_a_secret() -> None:
+    with pytest.raises(ValueError, match="16 characters"):
+        DriverRooms().open("room-1", lambda: None)  # type: ignore[arg-type,return-value]

@@ -1,0 +1,54 @@
+"""Which camera room a driver's stream key opens: each room, when it starts, opens its
+credential (a secret the tenant receives with the room, not its session id) with a
+factory for its `DriverSink`; the ingest asks `authorize` for every publisher. A room
+takes one driver at a time: a second publisher is refused while the first publishes,
+and the room's credential opens it again once that one has gone (a driver who
+reconnects)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from workers.ingest.rtmp import DriverSink, IngestRefused
+
+
+class DriverRooms:
+    """The ingest's `authorize`: stream key -> the room's sink."""
+
+    def __init__(self) -> None:
+        self._rooms: dict[str, Callable[[], DriverSink]] = {}
+        self._driven: set[str] = set()
+
+    def open(self, credential: str, sink: Callable[[], DriverSink]) -> None:
+        if len(credential) < 16:
+            raise ValueError("a driver credential must be a secret of 16 characters or more")
+        self._rooms[credential] = sink
+
+    def close(self, credential: str) -> None:
+        self._rooms.pop(credential, None)
+
+    def driven(self, credential: str) -> bool:
+        return credential in self._driven
+
+    def authorize(self, name: str) -> DriverSink:
+        factory = self._rooms.get(name)
+        if factory is None:
+            raise IngestRefused("no camera room takes this stream key")
+        if name in self._driven:
+            raise IngestRefused("this room already has its driver: one publisher at a time")
+        self._driven.add(name)
+        return _Released(factory(), lambda: self._driven.discard(name))
+
+
+class _Released:
+    """A sink that frees its room for the next driver when its publisher goes."""
+
+    def __init__(self, sink: DriverSink, release: Callable[[], None]) -> None:
+        self._sink, self._release = sink, release
+
+    def tag(self, kind: int, timestamp_ms: int, payload: bytes) -> None:
+        self._sink.tag(kind, timestamp_ms, payload)
+
+    def closed(self, reason: str) -> None:
+        self._release()
+        self._sink.closed(reason)
