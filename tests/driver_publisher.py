@@ -23,7 +23,8 @@ from skimage import data
 SIDE = 256
 RATE = 48_000
 PERIOD = 10  # frames: open for the second half of each period
-MOUTH = (128, 196)  # centre of the astronaut's mouth in the 256 px frame (x, y)
+MOUTH = (128, 170)  # centre of the astronaut's mouth in the 256 px frame (x, y)
+FRAMING = (slice(0, 220), slice(116, 336))  # a webcam's framing of her face in the photograph
 
 
 def mouth_open(i: int) -> bool:
@@ -31,10 +32,11 @@ def mouth_open(i: int) -> bool:
 
 
 def driver_frame(i: int) -> np.ndarray:
-    """Frame ``i``: the portrait, its mouth drawn open (a dark ellipse) when `mouth_open`."""
-    img = cv2.resize(data.astronaut(), (SIDE, SIDE), interpolation=cv2.INTER_AREA)
+    """Frame ``i``: her face as a webcam frames it, the mouth drawn open (a dark ellipse)
+    when `mouth_open`."""
+    img = cv2.resize(data.astronaut()[FRAMING], (SIDE, SIDE), interpolation=cv2.INTER_AREA)
     if mouth_open(i):
-        cv2.ellipse(img, MOUTH, (22, 12), 0, 0, 360, (40, 10, 15), -1)
+        cv2.ellipse(img, MOUTH, (16, 9), 0, 0, 360, (40, 10, 15), -1)
     return img
 
 

@@ -74,7 +74,7 @@ def test_the_rooms_driver_is_taken_and_decoded_in_order() -> None:
     assert all(b.received >= a.received for a, b in itertools.pairwise(frames))
     # The driver's mouth, open where they opened it.
     x, y = MOUTH
-    dark = np.array([255 - f.rgb[y - 6:y + 6, x - 12:x + 12].mean() for f in frames])
+    dark = np.array([255 - f.rgb[y - 5:y + 5, x - 10:x + 10].mean() for f in frames])
     opened = np.array([mouth_open(i) for i in range(len(frames))])
     assert dark[opened].mean() > dark[~opened].mean() + 40
     # And their sound: 2 s at 16 kHz, the tone while the mouth is open.

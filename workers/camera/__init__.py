@@ -1,0 +1,1 @@
+"""Camera rooms: a live driver's camera read into face motion."""
