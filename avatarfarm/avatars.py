@@ -81,10 +81,11 @@ MOTION_FAMILIES = frozenset({"liveportrait"})
 
 
 def no_motion_input(avatar_id: str, family: str = "wav2lip") -> str:
-    """Why a motion-capture room on a video avatar is refused (scheduler and worker)."""
+    """Why a motion-driven room (motion capture, a camera) on a video avatar is refused
+    (scheduler and worker)."""
     return (f"avatar {avatar_id!r} is a video avatar of the {family} family, a lip-sync model "
             "that takes speech and has no motion input: drive it by text or live voice, or use "
-            "a LivePortrait or portrait avatar for motion capture")
+            "a LivePortrait or portrait avatar for motion capture or a camera driver")
 
 
 def is_file_name(avatar_id: str) -> bool:

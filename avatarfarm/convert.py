@@ -29,6 +29,7 @@ DRIVE_MODES = {
     types_pb2.DRIVE_MODE_TEXT: DriveMode.TEXT,
     types_pb2.DRIVE_MODE_VOICE: DriveMode.VOICE,
     types_pb2.DRIVE_MODE_MOCAP: DriveMode.MOCAP,
+    types_pb2.DRIVE_MODE_CAMERA: DriveMode.CAMERA,
 }
 TIERS = {
     types_pb2.TIER_PREMIUM: Tier.PREMIUM,
@@ -70,7 +71,7 @@ def _spec(pb: types_pb2.SessionSpec) -> SessionSpec:
     (an unknown enum, a missing quality or output)."""
     drive = DRIVE_MODES.get(pb.drive_mode)
     if drive is None:
-        raise InvalidRequest(f"drive_mode must be TEXT, VOICE or MOCAP, got {pb.drive_mode}")
+        raise InvalidRequest(f"drive_mode must be TEXT, VOICE, MOCAP or CAMERA, got {pb.drive_mode}")
     # An unset tier means the default tier; a value this server does not know is a mistake.
     tier = TIERS.get(pb.tier) if pb.tier else Tier.STANDARD
     if tier is None:

@@ -22,10 +22,16 @@ class DriveMode(enum.Enum):
     TEXT = "text"
     VOICE = "voice"
     MOCAP = "mocap"
+    CAMERA = "camera"
 
     @property
     def uses_audio_to_motion(self) -> bool:
-        return self is not DriveMode.MOCAP
+        return self not in (DriveMode.MOCAP, DriveMode.CAMERA)
+
+    @property
+    def motion_driven(self) -> bool:
+        """Its face moves as a live driver's does (pushed face motion, or a camera)."""
+        return self in (DriveMode.MOCAP, DriveMode.CAMERA)
 
     @property
     def uses_tts(self) -> bool:

@@ -46,6 +46,13 @@ def room_key(secret: bytes, session_id: str) -> bytes:
     return hmac.new(secret, _LABEL + session_id.encode("utf-8"), hashlib.sha256).digest()
 
 
+def driver_key(key: bytes) -> str:
+    """The room's stream key for its camera driver (the last part of Session.driver_url),
+    from the room's own key: secret, the same on every worker the room moves to, and
+    not its session id."""
+    return _b64(hmac.new(key, b"driver ingest v1", hashlib.sha256).digest())
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 

@@ -25,7 +25,7 @@ from typing import Any
 CONFIG_ENV = "AVATARFARM_CONFIG"
 DEFAULT_CONFIG = Path("~/.config/avatarfarm/client.toml")
 DEFAULT_SCHEDULER = "127.0.0.1:50051"
-DRIVES = ("text", "voice", "mocap")
+DRIVES = ("text", "voice", "mocap", "camera")
 TIERS = ("best_effort", "standard", "premium")
 STATES = ("pending", "placed", "running", "ended", "failed")
 DIMENSIONS = ("tenant", "tier", "avatar", "device_type", "platform")

@@ -37,6 +37,8 @@ class WorkerConfig:
     scheduler: str = field("127.0.0.1:50051", "host:port of the scheduler")
     listen: str = field("127.0.0.1:0", "host:port for live inputs and health (port 0: any free)")
     advertise_host: str = field("", "host clients use to reach this worker (default: listen host)")
+    driver_port: int = field(0, "port of the RTMP ingest camera rooms' drivers publish to, on the "
+                                "listen host (0: any free port; -1: no ingest, no camera rooms)")
     worker_id: str = field("", "unique worker id (default: host name and process id)")
     model_dir: Path = field(Path("var/models"), "model folder (manifest.json, ONNX models, avatars/)")
     output_dir: Path = field(Path("var/out"), "folder that file and HLS outputs are written under")

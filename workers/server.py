@@ -23,6 +23,8 @@ from workers.config import WorkerConfig
 from workers.device.batching import BatchPolicy
 from workers.device.pipeline import Pipeline
 from workers.device.profile import measure
+from workers.ingest.registry import DriverRooms
+from workers.ingest.rtmp import RtmpIngest
 from workers.metrics import WorkerMetrics
 from workers.models.folder import ModelFolder
 from workers.output.encode import EncoderSettings
@@ -40,6 +42,7 @@ class RunningWorker:
     agent_task: asyncio.Task[None]
     pipeline: Pipeline
     metrics_endpoint: MetricsEndpoint
+    ingest: RtmpIngest | None = None  # camera drivers' RTMP ingest
 
     @property
     def port(self) -> int:
@@ -56,6 +59,8 @@ class RunningWorker:
         except asyncio.CancelledError:
             pass
         await self.rpc.server.stop(grace)
+        if self.ingest is not None:
+            await self.ingest.close()
         self.metrics_endpoint.stop()
         self.pipeline.close()
 
@@ -121,6 +126,18 @@ async def start(config: WorkerConfig) -> RunningWorker:
         raise
     port = grpc_server.port
     host = config.advertise_host or config.listen.rsplit(":", 1)[0]
+    # Camera rooms' drivers publish to the worker's own RTMP ingest, by each room's key.
+    drivers = DriverRooms()
+    ingest: RtmpIngest | None = None
+    if config.driver_port >= 0:
+        ingest = RtmpIngest(drivers.authorize, config.listen.rsplit(":", 1)[0], config.driver_port)
+        try:
+            await ingest.start()
+        except OSError:
+            await grpc_server.server.stop(0)
+            endpoint.stop()
+            pipeline.close()
+            raise
     agent = WorkerAgent(worker_id, config.scheduler, pipeline, profiles, f"{host}:{port}", device_type,
                         config.output_dir, pacing=config.pacing,
                         latency_budget=config.latency_budget, output_margin=config.output_margin,
@@ -132,13 +149,18 @@ async def start(config: WorkerConfig) -> RunningWorker:
                         scheduler_token_file=config.token_file,
                         egress=EgressPolicy.from_config(config.rtmp_allowed_hosts,
                                                         config.rtmp_forbidden_hosts,
-                                                        config.rtmp_allowed_ports))
+                                                        config.rtmp_allowed_ports),
+                        driver_ingest=f"{host}:{ingest.port}" if ingest is not None else "",
+                        drivers=drivers)
     agent_ref.append(agent)
     await grpc_server.serving()
     task = asyncio.create_task(agent.run(), name="agent")
     log.info("worker %s: live inputs on %s:%d, metrics on %s", worker_id, host, port,
              metrics_port or "off")
-    return RunningWorker(agent, grpc_server, metrics_port, task, pipeline, endpoint)
+    if ingest is not None:
+        log.info("worker %s: camera drivers publish to rtmp://%s:%d/live/<room key>", worker_id, host,
+                 ingest.port)
+    return RunningWorker(agent, grpc_server, metrics_port, task, pipeline, endpoint, ingest)
 
 
 async def serve(config: WorkerConfig) -> None:

@@ -16,6 +16,7 @@ class DriveMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DRIVE_MODE_TEXT: _ClassVar[DriveMode]
     DRIVE_MODE_VOICE: _ClassVar[DriveMode]
     DRIVE_MODE_MOCAP: _ClassVar[DriveMode]
+    DRIVE_MODE_CAMERA: _ClassVar[DriveMode]
 
 class Tier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -36,6 +37,7 @@ DRIVE_MODE_UNSPECIFIED: DriveMode
 DRIVE_MODE_TEXT: DriveMode
 DRIVE_MODE_VOICE: DriveMode
 DRIVE_MODE_MOCAP: DriveMode
+DRIVE_MODE_CAMERA: DriveMode
 TIER_UNSPECIFIED: Tier
 TIER_PREMIUM: Tier
 TIER_STANDARD: Tier
@@ -143,7 +145,7 @@ class SessionProgress(_message.Message):
     def __init__(self, frames_rendered: _Optional[int] = ..., late_frames: _Optional[int] = ..., stream_seconds: _Optional[float] = ..., device_seconds: _Optional[float] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., av_offset_seconds: _Optional[float] = ..., av_correction_seconds: _Optional[float] = ..., sync_checks: _Optional[int] = ..., script_segments_done: _Optional[int] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "spec", "state", "reason", "worker_id", "input_endpoint", "created_at", "updated_at", "progress", "provider", "device_type", "rendering", "degradation_step", "compute_units", "queue_position", "input_token", "input_token_expires_at")
+    __slots__ = ("session_id", "spec", "state", "reason", "worker_id", "input_endpoint", "created_at", "updated_at", "progress", "provider", "device_type", "rendering", "degradation_step", "compute_units", "queue_position", "input_token", "input_token_expires_at", "driver_url")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +163,7 @@ class Session(_message.Message):
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
     INPUT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     INPUT_TOKEN_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    DRIVER_URL_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     spec: SessionSpec
     state: SessionState
@@ -178,4 +181,5 @@ class Session(_message.Message):
     queue_position: int
     input_token: str
     input_token_expires_at: _timestamp_pb2.Timestamp
-    def __init__(self, session_id: _Optional[str] = ..., spec: _Optional[_Union[SessionSpec, _Mapping]] = ..., state: _Optional[_Union[SessionState, str]] = ..., reason: _Optional[str] = ..., worker_id: _Optional[str] = ..., input_endpoint: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., progress: _Optional[_Union[SessionProgress, _Mapping]] = ..., provider: _Optional[str] = ..., device_type: _Optional[str] = ..., rendering: _Optional[_Union[Quality, _Mapping]] = ..., degradation_step: _Optional[int] = ..., compute_units: _Optional[float] = ..., queue_position: _Optional[int] = ..., input_token: _Optional[str] = ..., input_token_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    driver_url: str
+    def __init__(self, session_id: _Optional[str] = ..., spec: _Optional[_Union[SessionSpec, _Mapping]] = ..., state: _Optional[_Union[SessionState, str]] = ..., reason: _Optional[str] = ..., worker_id: _Optional[str] = ..., input_endpoint: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., progress: _Optional[_Union[SessionProgress, _Mapping]] = ..., provider: _Optional[str] = ..., device_type: _Optional[str] = ..., rendering: _Optional[_Union[Quality, _Mapping]] = ..., degradation_step: _Optional[int] = ..., compute_units: _Optional[float] = ..., queue_position: _Optional[int] = ..., input_token: _Optional[str] = ..., input_token_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., driver_url: _Optional[str] = ...) -> None: ...

@@ -81,9 +81,11 @@ def check_register(reg: Any) -> None:
     for room in reg.active_rooms:
         validate_id("active room", room.session_id)
     endpoint_parts(reg.input_endpoint)
+    if reg.driver_ingest:
+        endpoint_parts(reg.driver_ingest, "driver_ingest")
 
 
-def endpoint_parts(endpoint: str) -> tuple[str, int]:
+def endpoint_parts(endpoint: str, name: str = "input_endpoint") -> tuple[str, int]:
     """host and port of ``host:port`` (``[v6]:port``), or InvalidRequest."""
     host, sep, port = endpoint.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
@@ -95,7 +97,7 @@ def endpoint_parts(endpoint: str) -> tuple[str, int]:
     elif not _HOST.fullmatch(host):
         host = ""
     if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise InvalidRequest(f"input_endpoint {endpoint[:100]!r} is not host:port")
+        raise InvalidRequest(f"{name} {endpoint[:100]!r} is not host:port")
     return host, int(port)
 
 

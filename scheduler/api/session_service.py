@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 
 import grpc
 
-from avatarfarm import convert
-from avatarfarm.domain import InvalidRequest
+from avatarfarm import convert, input_tokens
+from avatarfarm.domain import DriveMode, InvalidRequest
 from avatarfarm.input_tokens import InputToken
 from avatarfarm.v1 import sessions_pb2, sessions_pb2_grpc, types_pb2
 from scheduler.api import auth
@@ -80,9 +80,11 @@ async def guard_async(context: grpc.aio.ServicerContext, aw: Awaitable[T],
 
 
 def session_to_pb(s: Session, queue_position: int = 0,
-                  token: InputToken | None = None) -> types_pb2.Session:
-    """The session as the API shows it, with the live-input token given (None: none)."""
+                  token: InputToken | None = None, driver_url: str = "") -> types_pb2.Session:
+    """The session as the API shows it, with the live-input token given (None: none)
+    and, for a placed camera room, where its driver publishes."""
     return types_pb2.Session(
+        driver_url=driver_url,
         input_token=token.token if token else "",
         input_token_expires_at=convert.timestamp(token.expires_at) if token else None,
         session_id=s.session_id, spec=convert.spec_to_pb(s.spec), state=convert.state_to_pb(s.state),
@@ -104,7 +106,16 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
     def _pb(self, s: Session, queue_position: int = 0) -> types_pb2.Session:
         # An ended room takes no input: it gets no token.
         token = None if s.state.terminal else self.inputs.token(s.session_id, s.spec.tenant)
-        return session_to_pb(s, queue_position, token)
+        return session_to_pb(s, queue_position, token, self._driver_url(s))
+
+    def _driver_url(self, s: Session) -> str:
+        """A placed camera room's ingest: its worker's RTMP address and the room's key."""
+        if s.spec.drive_mode is not DriveMode.CAMERA or s.state.terminal or not s.worker_id:
+            return ""
+        conn = self.core.workers.get(s.worker_id)
+        if conn is None or not conn.driver_ingest:
+            return ""
+        return f"rtmp://{conn.driver_ingest}/live/{input_tokens.driver_key(self.inputs.key(s.session_id))}"
 
     def _visible(self, p: Principal, session_id: str) -> Session:
         convert.session_id_from_pb(session_id)

@@ -70,7 +70,7 @@ class Scheduler(Enforcement):
         t = self.tenant(spec.tenant)
         if spec.avatar_id not in self.known_avatars():
             raise NotFound(f"avatar {spec.avatar_id!r} is not registered")
-        if spec.drive_mode is DriveMode.MOCAP and spec.avatar_id in self.video_avatars():
+        if spec.drive_mode.motion_driven and spec.avatar_id in self.video_avatars():
             family = self.face_model(spec.avatar_id).family.partition("/")[0]
             if family not in MOTION_FAMILIES:
                 raise InvalidRequest(no_motion_input(spec.avatar_id, family))
@@ -225,14 +225,16 @@ class Scheduler(Enforcement):
         self._worker_avatars.update(avatars)
         now = self.clock()
         conn = WorkerConn(worker_id, device_type, provider, profile, input_endpoint, avatars, now,
-                          last_seen=now, latency_budget=latency_budget, usage_epoch=usage_epoch)
+                          driver_ingest=resources.driver_ingest, last_seen=now,
+                          latency_budget=latency_budget, usage_epoch=usage_epoch)
         self.workers[worker_id] = conn
         gpu = "CPU" not in provider and device_type != "cpu"
         self.fleet.add_worker(WorkerState(
             worker_id, profile, self.config.overcommit,
             cpu_capacity=float(resources.cpu_cores) if gpu else 0.0,
             memory_capacity=resources.memory_bytes, memory=resources.memory,
-            device_type=device_type, warm=resources.warm_avatars, families=resources.face_families))
+            device_type=device_type, warm=resources.warm_avatars, families=resources.face_families,
+            driver_ingest=bool(resources.driver_ingest)))
         self._refresh_unit_profile()
         self._why_cache.clear()
         confirmed: list[tuple[str, int]] = []

@@ -66,6 +66,7 @@ class WorkerConn:
     input_endpoint: str
     avatars: frozenset[str]
     connected_at: float
+    driver_ingest: str = ""  # host:port of its RTMP ingest for camera drivers ("": none)
     outbox: asyncio.Queue[WorkerCommand | None] = field(default_factory=asyncio.Queue)
     last_seen: float = 0.0
     reported_load: float = 0.0
@@ -96,3 +97,4 @@ class WorkerResources:
     memory: MemoryProfile = MemoryProfile()
     warm_avatars: frozenset[str] = frozenset()
     face_families: frozenset[str] = frozenset()  # video avatars' families it renders; empty: any
+    driver_ingest: str = ""  # host:port of its RTMP ingest for camera rooms ("": none)

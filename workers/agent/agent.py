@@ -34,6 +34,7 @@ from workers.device.pipeline import AUDIO_TO_MOTION_KEY, AVATAR_BYTES_PER_PIXEL,
 from workers.device.profile import LatencyProfile
 from workers.families.features import FEATURES_KEY
 from workers.families.musetalk import WHISPER_KEY
+from workers.ingest.registry import DriverRooms
 from workers.media.alignment import SyncEstimate
 from workers.media.label import LabelSpec
 from workers.metrics import WorkerMetrics
@@ -115,8 +116,13 @@ class WorkerAgent:
                  usage_history: int = 600,
                  scheduler_credentials: grpc.ChannelCredentials | None = None,
                  scheduler_token_file: Path | None = None,
-                 egress: EgressPolicy | None = None) -> None:
+                 egress: EgressPolicy | None = None, driver_ingest: str = "",
+                 drivers: DriverRooms | None = None) -> None:
         self.worker_id = worker_id
+        # The RTMP ingest camera drivers publish to (host:port; "": none) and the rooms
+        # it opens by their keys.
+        self.driver_ingest = driver_ingest
+        self.drivers = drivers
         self.egress = egress or EgressPolicy()
         self.scheduler_address = scheduler_address
         self.pipeline = pipeline
@@ -190,6 +196,7 @@ class WorkerAgent:
                 room_bytes_per_pixel=frame_buffer_bytes_per_pixel(self.latency_budget)),
             warm_avatars=self.pipeline.warm_avatars(),
             face_families=self.pipeline.face_families(),
+            driver_ingest=self.driver_ingest,
             usage_epoch=self.usage.epoch))
 
     def registered(self, reg: workers_pb2.Registered) -> list[workers_pb2.WorkerMessage]:
@@ -269,7 +276,7 @@ class WorkerAgent:
                         video_drift_ppm=self.video_drift_ppm, epoch=msg.epoch,
                         continuation=msg.continuation, stall_seconds=self.worker_timeout,
                         label=assigned.label, on_stall=self._room_stalled, egress=self.egress,
-                        input_key=msg.input_key)
+                        input_key=msg.input_key, drivers=self.drivers)
         except (InvalidRequest, InvalidQuality, OutputError, RoomRefused) as e:
             self._report([self._update_pb(sid, types_pb2.SESSION_STATE_FAILED,
                                           f"bad assignment: {e}", None, msg.epoch)])

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 FAMILIES = (wav2lip, ultralight, musetalk, liveportrait)
 
 AUDIO_TO_MOTION_KEY = BatchKey("audio_to_motion")
+FACE_READER_KEY = BatchKey("face_reader", 128)
 LIPSYNC_KEY = BatchKey("lipsync")
 # What the pipeline caches per avatar and render side: the [3, S, S] float32 portrait.
 AVATAR_BYTES_PER_PIXEL = 3 * np.dtype(np.float32).itemsize
@@ -87,6 +88,9 @@ class Pipeline:
             self.features_model = open_features(
                 OrtModel(folder.features.name, folder.features.path, None, provider, intra_op_threads),
                 folder.features.normalize)
+        # Camera rooms read their driver's face with it (`workers.camera.motion`).
+        self.face_reader_model = (OrtModel("face_reader", folder.face_reader, None, provider, intra_op_threads)
+                                  if folder.face_reader is not None else None)
         # The face families whose models the folder names: each loads its own (a family's
         # adapter module, `workers.families`), the pipeline knows them only as runtimes.
         ctx = WorkerContext(self.engine, lambda name, path: OrtModel(name, path, None, provider, intra_op_threads),
@@ -130,6 +134,10 @@ class Pipeline:
             for served in runtime.served():
                 self.engine.serve(served.key, served.model, measure_curve(
                     functools.partial(run_batch_of, served.model, served.model.example_item()), (1, 2), 1))
+        if self.face_reader_model is not None:
+            face = {"face": np.zeros((3, 128, 128), np.float32)}
+            self.serve(FACE_READER_KEY, measure_curve(
+                functools.partial(run_batch_of, self.face_reader_model, face), (1, 4), 1))
         if self.features_model is not None:
             self.serve(FEATURES_KEY, measure_curve(
                 functools.partial(run_batch_of, self.features_model, self.features_model.example_item()),
@@ -144,6 +152,7 @@ class Pipeline:
         names = [self.audio_to_motion_model.name, self.renderer_model.name]
         return names + ([self.lipsync_model.name] if self.lipsync_model else []) + \
             ([self.features_model.name] if self.features_model else []) + \
+            ([self.face_reader_model.name] if self.face_reader_model else []) + \
             [s.model.name for rt in self.families.values() for s in rt.served()]
 
     @property
@@ -215,7 +224,7 @@ class Pipeline:
     def serve(self, key: BatchKey, curve: LatencyCurve) -> None:
         models: dict[BatchKey, DeviceModel | None] = {
             AUDIO_TO_MOTION_KEY: self.audio_to_motion_model, LIPSYNC_KEY: self.lipsync_model,
-            FEATURES_KEY: self.features_model}
+            FEATURES_KEY: self.features_model, FACE_READER_KEY: self.face_reader_model}
         models.update({s.key: s.model for rt in self.families.values() for s in rt.served()})
         model = models.get(key, self.renderer_model)
         assert model is not None
@@ -393,6 +402,11 @@ class Pipeline:
         two rows of 720 samples [2, F], or one wenet step [1, S * D]."""
         assert self.features_model is not None
         r = await self.engine.infer(FEATURES_KEY, {self.features_model.INPUT: chunk}, deadline, priority)
+        return _timed(r)
+
+    async def read_face(self, face: np.ndarray, deadline: float = math.inf, priority: int = 1) -> Timed:
+        """The face reader on a camera driver's face crop [3, 128, 128] -> its measures [3]."""
+        r = await self.engine.infer(FACE_READER_KEY, {"face": face}, deadline, priority)
         return _timed(r)
 
     async def synthesize(self, text: str) -> Timed:

@@ -79,10 +79,12 @@ class _TagReader(io.RawIOBase):
 class DriverFeed:
     """A `DriverSink` (`workers.ingest.rtmp`) that decodes the driver's stream.
 
-    ``on_frame`` and ``on_audio`` are called on the event loop the feed was made on;
-    ``on_end(reason)`` once, when the stream ends or fails."""
+    ``on_frame`` and ``on_audio(t, samples)`` (``t``: the stream time of the first
+    sample) are called on the event loop the feed was made on; ``on_end(reason)`` once,
+    when the stream ends or fails."""
 
-    def __init__(self, on_frame: Callable[[DriverFrame], None], on_audio: Callable[[np.ndarray], None],
+    def __init__(self, on_frame: Callable[[DriverFrame], None],
+                 on_audio: Callable[[float, np.ndarray], None],
                  on_end: Callable[[str], None] = lambda reason: None) -> None:
         self._loop = asyncio.get_running_loop()
         self._on_frame, self._on_audio, self._on_end = on_frame, on_audio, on_end
@@ -128,10 +130,12 @@ class DriverFeed:
                         for frame in packet.decode():
                             self._frame(typing.cast(av.VideoFrame, frame))
                     elif packet.stream.type == "audio":
-                        for frame in packet.decode():
-                            for out in resampler.resample(typing.cast(av.AudioFrame, frame)):
+                        for decoded in packet.decode():
+                            frame = typing.cast(av.AudioFrame, decoded)
+                            t = float(frame.time) if frame.time is not None else 0.0
+                            for out in resampler.resample(frame):
                                 samples = out.to_ndarray().reshape(-1).astype(np.float32)
-                                self._loop.call_soon_threadsafe(self._on_audio, samples)
+                                self._loop.call_soon_threadsafe(self._on_audio, t, samples)
         except (av.FFmpegError, ValueError) as e:
             log.info("driver stream could not be decoded: %s", e)
             self._loop.call_soon_threadsafe(self._finish, f"the driver's stream could not be decoded: {e}")

@@ -10,6 +10,8 @@ Layout::
     wav2lip.onnx           the Wav2Lip family (optional): mel [B, 1, 80, 16] and faces
                            [B, 6, S, S] -> face [B, 3, S, S], bound by shape, whatever
                            the export names its tensors (workers.device.binding)
+    face_reader.onnx       reads a camera driver's face (optional; camera rooms of the
+                           reference family): face [B, 3, 128, 128] -> measures [B, 3]
     hubert.onnx            an audio feature model (optional): waveform [B, N] -> rows
                            [B, T, F] every 20 ms, for families fed by HuBERT features
                            (Ultralight, LivePortrait; workers.families.hubert)
@@ -140,6 +142,7 @@ class ModelFolder:
     features: FeatureModelSpec | None = None
     musetalk: MuseTalkSpec | None = None
     liveportrait: LivePortraitSpec | None = None
+    face_reader: Path | None = None  # reads a camera driver's face (camera rooms)
 
     @staticmethod
     def open(root: Path) -> ModelFolder:
@@ -178,9 +181,11 @@ class ModelFolder:
             liveportrait = LivePortraitSpec(root / lp["appearance"], root / lp["motion"],
                                             root / lp["audio_to_motion"], root / lp["stitching"],
                                             root / lp["warping"], lp.get("name", "liveportrait"))
+        reader = manifest.get("face_reader")
         folder = ModelFolder(root, root / manifest["audio_to_motion"], root / manifest["renderer"],
                              manifest.get("renderer_name", "renderer"),
-                             root / lipsync if lipsync else None, face, features, musetalk, liveportrait)
+                             root / lipsync if lipsync else None, face, features, musetalk, liveportrait,
+                             root / reader if reader else None)
         if folder.lipsync is None:
             log.warning("%s names no lipsync model: rooms will run without lip-sync checks",
                         manifest_path)
@@ -188,7 +193,8 @@ class ModelFolder:
                   face.path if face else folder.renderer,
                   features.path if features else folder.renderer,
                   *(musetalk.paths if musetalk else []),
-                  *(liveportrait.paths if liveportrait else [])):
+                  *(liveportrait.paths if liveportrait else []),
+                  folder.face_reader or folder.renderer):
             if not p.is_file():
                 raise ModelFolderError(f"model file {p} named in {manifest_path} is missing")
         return folder
@@ -215,7 +221,8 @@ class ModelFolder:
                 *([self.wav2lip.path] if self.wav2lip else []),
                 *([self.features.path] if self.features else []),
                 *(self.musetalk.paths if self.musetalk else []),
-                *(self.liveportrait.paths[2:] if self.liveportrait else [])]
+                *(self.liveportrait.paths[2:] if self.liveportrait else []),
+                *([self.face_reader] if self.face_reader else [])]
 
     def avatar_path(self, avatar_id: str) -> Path:
         # An id names a file in avatars/, never a path: the worker takes the scheduler's
@@ -235,6 +242,7 @@ def build_reference(root: Path, preset: str = "lite", *, wav2lip: str | None = "
     (HuBERT-large's cost with the standard preset, a small one with lite) to ``root``
     (deterministic)."""
     from workers.models.avatar import draw_default_avatar, write_png
+    from workers.models.camera import build_face_reader
     from workers.models.reference import (
         RENDERER_PRESETS,
         build_audio_to_motion,
@@ -256,7 +264,8 @@ def build_reference(root: Path, preset: str = "lite", *, wav2lip: str | None = "
         current = json.loads(manifest_path.read_text())
         if (current.get("renderer_name") == f"reference-{preset}" and current.get("lipsync")
                 and (current.get("wav2lip") or {}).get("name") == face_name
-                and (current.get("features") or {}).get("cost") == features_cost):
+                and (current.get("features") or {}).get("cost") == features_cost
+                and current.get("face_reader")):
             return ModelFolder.open(root)
     size = RENDERER_PRESETS[preset]
     onnx.save(build_audio_to_motion(), str(root / "audio_to_motion.onnx"))
@@ -271,6 +280,7 @@ def build_reference(root: Path, preset: str = "lite", *, wav2lip: str | None = "
         face_entry = {"model": "wav2lip.onnx", "name": face_name,
                       "gmac_per_frame": round(conv_gmac_per_frame(face), 3)}
     onnx.save(build_hubert(FEATURE_PRESETS[features_cost]), str(root / "hubert.onnx"))
+    onnx.save(build_face_reader(), str(root / "face_reader.onnx"))
     avatar = root / "avatars" / f"{DEFAULT_AVATAR}.png"
     if not avatar.exists():
         write_png(avatar, draw_default_avatar())
@@ -284,6 +294,7 @@ def build_reference(root: Path, preset: str = "lite", *, wav2lip: str | None = "
         **({"wav2lip": face_entry} if face_entry else {}),
         "features": {"model": "hubert.onnx", "name": "hubert", "normalize": False,
                      "cost": features_cost},
+        "face_reader": "face_reader.onnx",
         "motion": list(MOTION_NAMES),
         "audio": {"sample_rate": SAMPLE_RATE, "n_mels": N_MELS, "hop": HOP, "window": MEL_WINDOW},
     }

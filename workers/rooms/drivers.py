@@ -186,12 +186,25 @@ class LiveAudio(LiveBuffer):
     def __init__(self, max_seconds: float = LIVE_AUDIO_BUFFER_SECONDS) -> None:
         super().__init__(round(max_seconds * SAMPLE_RATE))
         self.underrun_samples = 0
+        self.dropped_samples = 0  # offered (not pushed) samples that did not fit
         self.taken_samples = 0  # live samples the room has consumed (not the padding)
 
     async def push(self, samples: np.ndarray) -> None:
         """Adds samples, waiting until they fit (back-pressure on the client); raises
         InputClosed once the room has ended."""
         await self._put(samples.astype(np.float32), samples.size)
+
+    def offer(self, samples: np.ndarray) -> None:
+        """Adds samples of a source that cannot wait (a camera driver's microphone, live
+        over RTMP): what does not fit is dropped and counted."""
+        if self.closed:
+            return
+        if self._size + samples.size > self._max:
+            self.dropped_samples += samples.size
+            return
+        self._items.append(samples.astype(np.float32))
+        self._size += samples.size
+        self._data.set()
 
     async def wait_for(self, n: int) -> None:
         """Waits until ``n`` samples are buffered, the buffer is full, or no producer is

@@ -66,9 +66,14 @@ import numpy as np
 from avatarfarm.avatars import MOTION_FAMILIES, no_motion_input
 from avatarfarm.domain import DriveMode, OutputKind, Quality, ScriptSegment, SessionSpec
 from avatarfarm.egress import EgressPolicy, Resolver, check_resolved, pinned_url, system_resolver
+from avatarfarm.input_tokens import driver_key
+from avatarfarm.preparation.faces import default_detector
+from workers.camera.motion import Calibration, FaceTracker, face_crop
 from workers.device.engine import DeadlineMissed
 from workers.device.pipeline import Pipeline, fit_canvas, to_canvas
 from workers.families.base import FaceFamily, FaceSpeech, FrameAudio
+from workers.ingest.feed import DriverFeed, DriverFrame
+from workers.ingest.registry import DriverRooms
 from workers.media.alignment import (
     AvDelay,
     DriftPolicy,
@@ -225,7 +230,8 @@ class Room:
                  stall_seconds: float = math.inf,
                  on_stall: Callable[[Room, float], None] = lambda room, behind: None,
                  egress: EgressPolicy | None = None, label: LabelSpec | None = None,
-                 resolve: Resolver = system_resolver, input_key: bytes = b"") -> None:
+                 resolve: Resolver = system_resolver, input_key: bytes = b"",
+                 drivers: DriverRooms | None = None) -> None:
         self.session_id = session_id
         # Live inputs are taken only with a token signed by this key (the scheduler's,
         # for this room: avatarfarm.input_tokens); none: no live input is taken.
@@ -279,11 +285,26 @@ class Room:
         self.video_avatar = pipeline.is_video_avatar(spec.avatar_id)
         if self.video_avatar:
             family = pipeline.video_avatar_family(spec.avatar_id)
-            if spec.drive_mode is DriveMode.MOCAP and family not in MOTION_FAMILIES:
+            if spec.drive_mode.motion_driven and family not in MOTION_FAMILIES:
                 raise RoomRefused(no_motion_input(spec.avatar_id, family))
             refusal = pipeline.video_avatar_refusal(spec.avatar_id)
             if refusal is not None:
                 raise RoomRefused(refusal)
+        # A camera room: its driver publishes to the worker's ingest under the room's key;
+        # their latest frame is read into face motion as the room needs it.
+        self.drivers = drivers
+        if spec.drive_mode is DriveMode.CAMERA:
+            if drivers is None or pipeline.face_reader_model is None or not input_key:
+                raise RoomRefused("this worker takes no camera drivers (no driver ingest, or no "
+                                  "face reader in its model folder)")
+        # The driver's recent frames (their sound's stream time picks one), and the stream
+        # time of their first sound.
+        self._camera: collections.deque[DriverFrame] = collections.deque(maxlen=50)
+        self._audio_t0: float | None = None
+        self._camera_read: tuple[DriverFrame | None, np.ndarray | None] = (None, None)
+        self._camera_new = asyncio.Event()  # a driver frame came (or the driver left)
+        self._tracker = FaceTracker(default_detector())
+        self._calibration = Calibration()
         self.face: FaceAvatar | None = None  # loaded when the room starts
         self.family: FaceFamily | None = None  # the face model's family, with it
         self.script = ScriptPlayer(self._synthesize)
@@ -406,6 +427,9 @@ class Room:
 
     async def run(self) -> None:
         q = self.spec.quality
+        key = driver_key(self.input_key) if self.spec.drive_mode is DriveMode.CAMERA else ""
+        if key and self.drivers is not None:
+            self.drivers.open(key, self._driver_feed)
         try:
             if self.video_avatar:
                 self.face, self.family = await self.pipeline.hold_face(self.spec.avatar_id)
@@ -458,6 +482,8 @@ class Room:
             await self._close_encoder()
             if self.family is not None:  # the avatar's own model goes with its last room
                 await self.pipeline.release_face(self.family)
+            if key and self.drivers is not None:
+                self.drivers.close(key)
         if self.state not in (RoomState.FAILED,):
             self._set(RoomState.ENDED, self._stop_reason or "reached max duration")
 
@@ -490,7 +516,8 @@ class Room:
         mode = self.spec.drive_mode
         if mode is DriveMode.TEXT:
             return
-        source = self.audio_in.attached if mode is DriveMode.VOICE else self.motion_in.attached
+        source = self.audio_in.attached if mode in (DriveMode.VOICE, DriveMode.CAMERA) \
+            else self.motion_in.attached
         waits = [asyncio.ensure_future(source.wait()), asyncio.ensure_future(self._stopped.wait())]
         await asyncio.wait(waits, timeout=self.live_input_wait, return_when=asyncio.FIRST_COMPLETED)
         for w in waits:
@@ -558,10 +585,8 @@ class Room:
             if face is not None and not mode.uses_audio_to_motion:
                 # A motion-capture room on a video avatar: each frame from the performer's
                 # face motion (its family has a motion input; others were refused).
-                if self.pacing is Pacing.FAST:
-                    await self.motion_in.wait_for_frame()
-                drawn = asyncio.create_task(self._drive(face, face.index(n), self.motion_in.take(),
-                                                        deadline))
+                motion = await self._face_motion(deadline, self._driver_time(k))
+                drawn = asyncio.create_task(self._drive(face, face.index(n), motion, deadline))
                 await inflight.put(_InFlight(n, q.fps, audio, speaking, deadline, drawn))
                 n, t = n + 1, end
                 continue
@@ -578,9 +603,7 @@ class Room:
             if mode.uses_audio_to_motion:
                 mel = lagged.push(self.mel.push(audio), float(t), q.fps)
             else:
-                if self.pacing is Pacing.FAST:
-                    await self.motion_in.wait_for_frame()
-                face_motion = self.motion_in.take()
+                face_motion = await self._face_motion(deadline, self._driver_time(k))
                 driven = reference_motion(face_motion) if face_motion is not None else None
             task = asyncio.create_task(self._render(avatar, idle, mel, driven, deadline,
                                                     deadline - render_reserve))
@@ -619,6 +642,75 @@ class Room:
         self.stats.batched_items += 1
         self.stats.batch_size_sum += r.batch_size
         return FaceFrame(index, r.value)
+
+    def _driver_time(self, k: int) -> float:
+        """The camera driver's stream time of the frame whose ``k`` samples of their sound
+        were just taken (its middle): the camera frame to pair with it."""
+        if self._audio_t0 is None:
+            return math.inf  # no sound yet: their latest frame
+        return self._audio_t0 + (self.audio_in.taken_samples - k / 2) / SAMPLE_RATE
+
+    async def _face_motion(self, deadline: float, at: float = math.inf) -> np.ndarray | None:
+        """The driver's face motion for the next frame: pushed (motion capture) or read
+        from their camera's frame at stream time ``at`` (the frame's sound's); None:
+        none yet (or a gap: idle takes over)."""
+        if self.spec.drive_mode is DriveMode.CAMERA:
+            return await self._camera_motion(deadline, at)
+        if self.pacing is Pacing.FAST:
+            await self.motion_in.wait_for_frame()
+        return self.motion_in.take()
+
+    async def _camera_motion(self, deadline: float, at: float) -> np.ndarray | None:
+        """The camera frame of stream time ``at`` (the last at or before it: the frame
+        that goes with the sound being played) read into face motion: the face tracked
+        (a thread: the detector is CPU work), its crop read on the device, calibrated to
+        the driver's resting face. A frame is read once; a frame with no face gives none."""
+        if self.pacing is Pacing.FAST and math.isfinite(at):
+            # Offline rendering follows its driver: wait for their frame of this time.
+            while (not self._camera or self._camera[-1].t < at) and self.audio_in.producers > 0:
+                self._camera_new.clear()
+                await self._camera_new.wait()
+        frame = None
+        for f in self._camera:
+            if f.t <= at or frame is None:
+                frame = f
+        if frame is None:
+            return None
+        if self._camera_read[0] is frame:
+            return self._camera_read[1]
+
+        def find() -> tuple[np.ndarray, typing.Any] | None:
+            box = self._tracker.track(frame.rgb)
+            return None if box is None or box.w < 8 else (face_crop(frame.rgb, box), box)
+
+        found = await asyncio.to_thread(find)
+        motion: np.ndarray | None = None
+        if found is not None:
+            r = await self.pipeline.read_face(found[0], deadline, self.priority)
+            self.stats.stage_seconds["audio_to_motion"] += r.seconds  # the room's motion stage
+            motion = self._calibration.face_motion(r.value, found[1])
+        self._camera_read = (frame, motion)
+        return motion
+
+    def _driver_feed(self) -> DriverFeed:
+        """The sink of a driver the ingest took for this room: their frames and sound."""
+        self.audio_in.attach()
+
+        def frame(f: DriverFrame) -> None:
+            self._camera.append(f)
+            self._camera_new.set()
+
+        def sound(t: float, samples: np.ndarray) -> None:
+            if self._audio_t0 is None:
+                self._audio_t0 = t
+            self.audio_in.offer(samples)
+
+        def ended(reason: str) -> None:
+            log.info("room %s: driver gone (%s)", self.session_id, reason)
+            self.audio_in.producer_closed()
+            self._camera_new.set()
+
+        return DriverFeed(frame, sound, ended)
 
     async def _drive(self, face: FaceAvatar, index: int, motion: np.ndarray | None,
                      deadline: float) -> FaceFrame:

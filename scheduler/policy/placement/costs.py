@@ -152,7 +152,7 @@ class WorkerProfile:
 def nominal_units(quality: Quality, mode: DriveMode) -> float:
     """Units before any worker has measured anything: by pixels and frame rate."""
     base = quality.render_side ** 2 * quality.fps / (UNIT_QUALITY.render_side ** 2 * UNIT_QUALITY.fps)
-    return base * (0.95 if mode is DriveMode.MOCAP else 1.0)
+    return base * (0.95 if mode.motion_driven else 1.0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,6 +84,7 @@ class WorkerState:
     # The video avatars' families it renders (avatarfarm.avatars.face_family); empty: not
     # said (a worker from before workers said), taken as any.
     families: frozenset[str] = frozenset()
+    driver_ingest: bool = False  # it takes camera drivers' streams: it can run camera rooms
     rooms: dict[str, RoomReq] = field(default_factory=dict)
     groups: dict[GroupKey, tuple[int, float]] = field(default_factory=dict)  # n rooms, frames/s
     group_load: dict[GroupKey, float] = field(default_factory=dict)
@@ -140,6 +141,9 @@ class WorkerState:
         p = self.profile
         side = q.render_side
         found: _RoomCosts | None = None
+        if room.drive_mode is DriveMode.CAMERA and not self.driver_ingest:
+            self._shapes[key] = None  # no ingest for the room's driver
+            return None
         enc = p.stage_seconds(Stage.ENCODE, w, h)
         tts = p.stage_seconds(Stage.TTS) if room.drive_mode.uses_tts else 0.0
         if room.face:
@@ -265,7 +269,8 @@ class WorkerState:
     def copy(self) -> WorkerState:
         c = WorkerState(self.worker_id, self.profile, self.compute_capacity, self.cpu_capacity,
                         self.memory_capacity, self.memory, self.device_type, self.warm,
-                        self.accepting, self.price, families=self.families)
+                        self.accepting, self.price, families=self.families,
+                        driver_ingest=self.driver_ingest)
         for room in self.rooms.values():
             c.add(room)
         return c

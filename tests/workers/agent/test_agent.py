@@ -121,9 +121,10 @@ def test_agent_registers_reports_usage_and_reconfigures_live(pipeline: Pipeline,
             f = pipeline.folder
             assert f.lipsync is not None
             assert f.wav2lip is not None
-            assert f.features is not None
+            assert f.features is not None and f.face_reader is not None
             assert reg.memory.models_bytes == sum(p.stat().st_size for p in (
-                f.audio_to_motion, f.renderer, f.lipsync, f.wav2lip.path, f.features.path)) > 0
+                f.audio_to_motion, f.renderer, f.lipsync, f.wav2lip.path, f.features.path,
+                f.face_reader)) > 0
             assert reg.memory.avatar_bytes_per_pixel == 12.0
             assert reg.memory.room_bytes_per_pixel > 12.0
             # No rooms, no usage reports.

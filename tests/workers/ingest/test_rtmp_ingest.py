@@ -38,7 +38,7 @@ class Received:
         def end(reason: str) -> None:
             self.reasons.append(reason)
             self.ended.set()
-        return DriverFeed(frame, self.audio.append, end)
+        return DriverFeed(frame, lambda t, samples: self.audio.append(samples), end)
 
 
 async def publish(port: int, key: str, seconds: float = 2.0) -> tuple[int, str]:
