@@ -48,6 +48,14 @@ def test_a_camera_room_moves_with_its_driver_and_speaks_with_their_voice(tmp_pat
             done = await client.wait_for(stub, room.session_id, ended, 60)
             assert done.state == types_pb2.SESSION_STATE_ENDED, done.reason
             assert done.progress.frames_rendered == 75 and done.driver_url == ""
+            # How far behind its driver the avatar is, measured on every driven frame.
+            registry = worker.agent.metrics.registry
+            count = registry.get_sample_value("avatarfarm_worker_driver_latency_seconds_count",
+                                              {"tier": "standard"})
+            total = registry.get_sample_value("avatarfarm_worker_driver_latency_seconds_sum",
+                                              {"tier": "standard"})
+            assert count is not None and total is not None and count >= 60
+            assert 0 < total / count < 2.0
 
         path = tmp_path / "out" / "@vendor" / "cam.mp4"
         assert probe(path).frames == 75

@@ -43,6 +43,11 @@ class WorkerMetrics:
                                    "behind audio), before correction", ["tier"],
                                    buckets=(-0.32, -0.2, -0.12, -0.08, -0.04, -0.001, 0.001, 0.04,
                                             0.08, 0.12, 0.2, 0.32), registry=r)
+        self.driver_latency = Histogram(
+            "avatarfarm_worker_driver_latency_seconds",
+            "Camera rooms: from a driver's frame arriving at the worker to the avatar frame that "
+            "shows it going to the encoder", ["tier"],
+            buckets=(0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0), registry=r)
         self.sync_corrections = Counter("avatarfarm_worker_av_corrections",
                                         "Lip-sync drift corrections applied", ["tier"], registry=r)
         self.stage_seconds = Counter("avatarfarm_worker_stage_seconds",

@@ -276,7 +276,8 @@ class WorkerAgent:
                         video_drift_ppm=self.video_drift_ppm, epoch=msg.epoch,
                         continuation=msg.continuation, stall_seconds=self.worker_timeout,
                         label=assigned.label, on_stall=self._room_stalled, egress=self.egress,
-                        input_key=msg.input_key, drivers=self.drivers)
+                        input_key=msg.input_key, drivers=self.drivers,
+                        on_driver_latency=self._driver_latency)
         except (InvalidRequest, InvalidQuality, OutputError, RoomRefused) as e:
             self._report([self._update_pb(sid, types_pb2.SESSION_STATE_FAILED,
                                           f"bad assignment: {e}", None, msg.epoch)])
@@ -322,6 +323,9 @@ class WorkerAgent:
             self._account_engine()
             log.info("room %s %s: %s", room.session_id, room.state.value, room.reason)
             self._update_room_gauge()
+
+    def _driver_latency(self, room: Room, seconds: float) -> None:
+        self.metrics.driver_latency.labels(room.spec.tier.value).observe(seconds)
 
     def _room_synced(self, room: Room, est: SyncEstimate | None) -> None:
         if est is None:

@@ -196,6 +196,7 @@ class _InFlight:
     speaking: bool
     deadline: float
     task: asyncio.Task[typing.Any]  # a portrait [3, S, S], or a FaceFrame (video avatars)
+    driver: float = math.nan  # camera rooms: when the driver's frame it shows arrived (monotonic)
 
 
 T = typing.TypeVar("T")
@@ -231,7 +232,8 @@ class Room:
                  on_stall: Callable[[Room, float], None] = lambda room, behind: None,
                  egress: EgressPolicy | None = None, label: LabelSpec | None = None,
                  resolve: Resolver = system_resolver, input_key: bytes = b"",
-                 drivers: DriverRooms | None = None) -> None:
+                 drivers: DriverRooms | None = None,
+                 on_driver_latency: Callable[[Room, float], None] = lambda room, seconds: None) -> None:
         self.session_id = session_id
         # Live inputs are taken only with a token signed by this key (the scheduler's,
         # for this room: avatarfarm.input_tokens); none: no live input is taken.
@@ -293,6 +295,11 @@ class Room:
         # A camera room: its driver publishes to the worker's ingest under the room's key;
         # their latest frame is read into face motion as the room needs it.
         self.drivers = drivers
+        # Camera rooms: seconds from a driver frame's arrival to the frame that shows it
+        # going to the encoder, per frame (the driver watches their avatar live).
+        self.on_driver_latency = on_driver_latency
+        self.driver_latency: collections.deque[float] = collections.deque(maxlen=1000)
+        self._driver_frame = math.nan  # arrival of the driver frame the last motion came from
         if spec.drive_mode is DriveMode.CAMERA:
             if drivers is None or pipeline.face_reader_model is None or not input_key:
                 raise RoomRefused("this worker takes no camera drivers (no driver ingest, or no "
@@ -300,7 +307,9 @@ class Room:
         # The driver's recent frames (their sound's stream time picks one), and the stream
         # time of their first sound.
         self._camera: collections.deque[DriverFrame] = collections.deque(maxlen=50)
-        self._audio_t0: float | None = None
+        # (stream time, samples taken from the room's audio before it): the driver's first
+        # sound, to tell the stream time of the sound a frame plays.
+        self._audio_t0: tuple[float, int] | None = None
         self._camera_read: tuple[DriverFrame | None, np.ndarray | None] = (None, None)
         self._camera_new = asyncio.Event()  # a driver frame came (or the driver left)
         self._tracker = FaceTracker(default_detector())
@@ -587,7 +596,7 @@ class Room:
                 # face motion (its family has a motion input; others were refused).
                 motion = await self._face_motion(deadline, self._driver_time(k))
                 drawn = asyncio.create_task(self._drive(face, face.index(n), motion, deadline))
-                await inflight.put(_InFlight(n, q.fps, audio, speaking, deadline, drawn))
+                await inflight.put(_InFlight(n, q.fps, audio, speaking, deadline, drawn, self._driver_frame))
                 n, t = n + 1, end
                 continue
             if face is not None and speech is not None:
@@ -607,7 +616,7 @@ class Room:
                 driven = reference_motion(face_motion) if face_motion is not None else None
             task = asyncio.create_task(self._render(avatar, idle, mel, driven, deadline,
                                                     deadline - render_reserve))
-            await inflight.put(_InFlight(n, q.fps, audio, speaking, deadline, task))
+            await inflight.put(_InFlight(n, q.fps, audio, speaking, deadline, task, self._driver_frame))
             n, t = n + 1, end
         if face is not None and speech is not None and q is not None:
             end_by = self.clock() + self.latency_budget - self.output_margin \
@@ -648,7 +657,8 @@ class Room:
         were just taken (its middle): the camera frame to pair with it."""
         if self._audio_t0 is None:
             return math.inf  # no sound yet: their latest frame
-        return self._audio_t0 + (self.audio_in.taken_samples - k / 2) / SAMPLE_RATE
+        t0, first = self._audio_t0
+        return t0 + (self.audio_in.taken_samples - first - k / 2) / SAMPLE_RATE
 
     async def _face_motion(self, deadline: float, at: float = math.inf) -> np.ndarray | None:
         """The driver's face motion for the next frame: pushed (motion capture) or read
@@ -674,6 +684,7 @@ class Room:
         for f in self._camera:
             if f.t <= at or frame is None:
                 frame = f
+        self._driver_frame = frame.received if frame is not None else math.nan
         if frame is None:
             return None
         if self._camera_read[0] is frame:
@@ -701,13 +712,15 @@ class Room:
             self._camera_new.set()
 
         def sound(t: float, samples: np.ndarray) -> None:
-            if self._audio_t0 is None:
-                self._audio_t0 = t
+            if self._audio_t0 is None:  # their stream's time at the sample taken next after these
+                self._audio_t0 = (t, self.audio_in.taken_samples + self.audio_in.buffered)
             self.audio_in.offer(samples)
 
         def ended(reason: str) -> None:
             log.info("room %s: driver gone (%s)", self.session_id, reason)
             self.audio_in.producer_closed()
+            self._camera.clear()  # their last frames no longer drive the avatar: idle does
+            self._audio_t0 = None
             self._camera_new.set()
 
         return DriverFeed(frame, sound, ended)
@@ -785,6 +798,10 @@ class Room:
                         self._check_sync(*self.sync.take(), fps, self._fps_changes))
             if not enc.try_submit(frame, audio, f.fps):
                 await asyncio.to_thread(enc.submit, frame, audio, 30.0, f.fps)
+            if not math.isnan(f.driver):
+                latency = self.clock() - f.driver
+                self.driver_latency.append(latency)
+                self.on_driver_latency(self, latency)
             self.stats.frames_rendered += 1
             self.stats.stream_time += Fraction(1, f.fps)
             self.stats.speech_frames += int(f.speaking)
