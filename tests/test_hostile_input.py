@@ -118,13 +118,14 @@ def test_hostile_request_ids_are_refused(request_id: str) -> None:
     assert rid == "" and spec.room_id == "room-1"
 
 
-@pytest.mark.parametrize("drive", [types_pb2.DRIVE_MODE_VOICE, types_pb2.DRIVE_MODE_MOCAP])
+@pytest.mark.parametrize("drive", [types_pb2.DRIVE_MODE_VOICE, types_pb2.DRIVE_MODE_MOCAP,
+                                   types_pb2.DRIVE_MODE_CAMERA])
 def test_a_script_on_a_live_driven_room_is_refused(drive: int) -> None:
     msg = refused(spec_pb(drive=drive, script=[types_pb2.ScriptSegment(text="hi")]))
     assert "text-driven" in msg
 
 
-@pytest.mark.parametrize("drive", [types_pb2.DRIVE_MODE_UNSPECIFIED, 4, 99, -1, 2**31 - 1])
+@pytest.mark.parametrize("drive", [types_pb2.DRIVE_MODE_UNSPECIFIED, 5, 99, -1, 2**31 - 1])
 def test_unspecified_or_unknown_drive_modes_are_refused(drive: int) -> None:
     assert "drive_mode" in refused(spec_pb(drive=drive))
 

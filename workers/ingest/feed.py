@@ -81,7 +81,7 @@ class DriverFeed:
 
     ``on_frame`` and ``on_audio(t, samples)`` (``t``: the stream time of the first
     sample) are called on the event loop the feed was made on; ``on_end(reason)`` once,
-    when the stream ends or fails."""
+    when the stream ends or fails, after everything it held was handed over."""
 
     def __init__(self, on_frame: Callable[[DriverFrame], None],
                  on_audio: Callable[[float, np.ndarray], None],
@@ -91,7 +91,8 @@ class DriverFeed:
         self._chunks: queue.Queue[bytes | None] = queue.Queue()
         self._arrived: dict[int, float] = {}  # video timestamp (ms) -> when it arrived
         self._lock = threading.Lock()
-        self._ended = False
+        self._ended = False  # no more tags are taken
+        self._reason = "the publisher stopped"
         self._thread = threading.Thread(target=self._decode, name="driver-decode", daemon=True)
         self._thread.start()
 
@@ -112,10 +113,10 @@ class DriverFeed:
         self._finish(reason)
 
     def _finish(self, reason: str) -> None:
+        """Takes no more tags; the decoder hands over what it holds, then the feed ends."""
         if not self._ended:
-            self._ended = True
+            self._ended, self._reason = True, reason
             self._chunks.put(None)
-            self._on_end(reason)
 
     # -- the decoder thread
 
@@ -138,7 +139,18 @@ class DriverFeed:
                                 self._loop.call_soon_threadsafe(self._on_audio, t, samples)
         except (av.FFmpegError, ValueError) as e:
             log.info("driver stream could not be decoded: %s", e)
-            self._loop.call_soon_threadsafe(self._finish, f"the driver's stream could not be decoded: {e}")
+            self._loop.call_soon_threadsafe(self._failed, f"the driver's stream could not be decoded: {e}")
+            return
+        self._loop.call_soon_threadsafe(self._done)
+
+    def _failed(self, reason: str) -> None:
+        self._finish(reason)
+        self._reason = reason
+        self._on_end(reason)
+
+    def _done(self) -> None:
+        self._ended = True
+        self._on_end(self._reason)
 
     def _frame(self, frame: av.VideoFrame) -> None:
         t = float(frame.time) if frame.time is not None else 0.0

@@ -187,6 +187,7 @@ class LiveAudio(LiveBuffer):
         super().__init__(round(max_seconds * SAMPLE_RATE))
         self.underrun_samples = 0
         self.dropped_samples = 0  # offered (not pushed) samples that did not fit
+        self.skipped_samples = 0  # a live source's backlog dropped to catch up
         self.taken_samples = 0  # live samples the room has consumed (not the padding)
 
     async def push(self, samples: np.ndarray) -> None:
@@ -210,6 +211,14 @@ class LiveAudio(LiveBuffer):
         """Waits until ``n`` samples are buffered, the buffer is full, or no producer is
         connected (then ``take`` pads what is missing)."""
         await self._wait_for(n)
+
+    def skip(self, n: int) -> None:
+        """Drops the oldest ``n`` buffered samples (a live source's backlog: the room
+        catches up rather than play late); they count as taken, and as skipped."""
+        if n > 0:
+            n = min(n, self.buffered)
+            self.take(n)
+            self.skipped_samples += n
 
     def take(self, n: int) -> np.ndarray:
         """Next ``n`` samples, padded with silence on underrun."""

@@ -145,6 +145,9 @@ class RoomStats:
 
 
 MIN_RENDER_SIDE = 16
+# A camera driver's sound kept ahead of what a frame plays, to ride out jitter (80 ms).
+CAMERA_JITTER_SAMPLES = SAMPLE_RATE * 2 // 25
+DRIVER_GONE_SECONDS = 0.5  # past a departed driver's last frame, the avatar goes idle
 
 
 class RoomRefused(ValueError):
@@ -306,7 +309,10 @@ class Room:
                                   "face reader in its model folder)")
         # The driver's recent frames (their sound's stream time picks one), and the stream
         # time of their first sound.
-        self._camera: collections.deque[DriverFrame] = collections.deque(maxlen=50)
+        # Live, 2 s of frames; offline (fast pacing: the room may fall behind its driver
+        # while it renders as fast as it can), 10 s.
+        self._camera: collections.deque[DriverFrame] = collections.deque(
+            maxlen=250 if pacing is Pacing.FAST else 50)
         # (stream time, samples taken from the room's audio before it): the driver's first
         # sound, to tell the stream time of the sound a frame plays.
         self._audio_t0: tuple[float, int] | None = None
@@ -506,8 +512,21 @@ class Room:
         inflight: asyncio.Queue[_InFlight | None] = asyncio.Queue(maxsize=depth)
         producer = asyncio.create_task(self._produce(inflight),
                                        name=f"room-{self.session_id}-frames")
+        failed: list[BaseException] = []
+        ending: list[asyncio.Task[None]] = []
+
+        def ended(task: asyncio.Task[None]) -> None:
+            # A producer that fails ends the stream (the room fails with its error) rather
+            # than leave the emitter waiting for frames that never come.
+            if not task.cancelled() and task.exception() is not None:
+                failed.append(typing.cast(BaseException, task.exception()))
+                ending.append(asyncio.ensure_future(inflight.put(None)))
+
+        producer.add_done_callback(ended)
         try:
             await self._emit(avatar, inflight)
+            if failed:
+                raise failed[0]
         finally:
             producer.cancel()
             while not inflight.empty():
@@ -684,6 +703,8 @@ class Room:
         for f in self._camera:
             if f.t <= at or frame is None:
                 frame = f
+        if frame is not None and self.audio_in.producers == 0 and at - frame.t > DRIVER_GONE_SECONDS:
+            frame = None  # the driver left and their last frame is behind us: idle takes over
         self._driver_frame = frame.received if frame is not None else math.nan
         if frame is None:
             return None
@@ -697,7 +718,10 @@ class Room:
         found = await asyncio.to_thread(find)
         motion: np.ndarray | None = None
         if found is not None:
-            r = await self.pipeline.read_face(found[0], deadline, self.priority)
+            try:
+                r = await self.pipeline.read_face(found[0], deadline, self.priority)
+            except DeadlineMissed:  # the device is behind: this frame keeps the last motion
+                return self._camera_read[1]
             self.stats.stage_seconds["audio_to_motion"] += r.seconds  # the room's motion stage
             motion = self._calibration.face_motion(r.value, found[1])
         self._camera_read = (frame, motion)
@@ -706,6 +730,8 @@ class Room:
     def _driver_feed(self) -> DriverFeed:
         """The sink of a driver the ingest took for this room: their frames and sound."""
         self.audio_in.attach()
+        self._camera.clear()  # a new stream, with times of its own
+        self._audio_t0 = None
 
         def frame(f: DriverFrame) -> None:
             self._camera.append(f)
@@ -719,8 +745,6 @@ class Room:
         def ended(reason: str) -> None:
             log.info("room %s: driver gone (%s)", self.session_id, reason)
             self.audio_in.producer_closed()
-            self._camera.clear()  # their last frames no longer drive the avatar: idle does
-            self._audio_t0 = None
             self._camera_new.set()
 
         return DriverFeed(frame, sound, ended)
@@ -865,6 +889,11 @@ class Room:
             return await self.script.take(k)
         if self.pacing is Pacing.FAST:
             await self.audio_in.wait_for(k)
+        elif mode is DriveMode.CAMERA:
+            # A camera driver's sound is played as it comes: what piled up while it arrived
+            # in a burst (or the room waited for it) is dropped down to a short jitter
+            # buffer, or the avatar would run late behind its driver for good.
+            self.audio_in.skip(self.audio_in.buffered - k - CAMERA_JITTER_SAMPLES)
         had = self.audio_in.buffered
         return self.audio_in.take(k), had > 0 and mode is DriveMode.VOICE
 

@@ -102,11 +102,17 @@ def test_a_wrong_key_and_a_second_publisher_are_refused_before_any_media() -> No
         try:
             code, out = await publish(port, "not-the-key-at-all-0000")
             assert code == 3 and "refused" in out and made == []
-            driving = asyncio.ensure_future(publish(port, KEY, seconds=3.0))
-            await asyncio.wait_for(first.driving.wait(), 20)  # the first driver is on
-            code, out = await publish(port, KEY, seconds=1.0)
-            assert code == 3 and "refused" in out and made == [1]
-            assert (await driving)[0] == 0
+            driving = await asyncio.create_subprocess_exec(  # publishes until stopped
+                sys.executable, "-m", "tests.driver_publisher", f"rtmp://127.0.0.1:{port}/live/{KEY}",
+                "--seconds", "120", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            try:
+                await asyncio.wait_for(first.driving.wait(), 30)  # the first driver is on
+                code, out = await publish(port, KEY, seconds=0.5)
+                assert code == 3 and "refused" in out and made == [1]
+                assert not first.ended.is_set()  # and the first drives on
+            finally:
+                driving.kill()
+                await driving.wait()
         finally:
             await ingest.close()
 
