@@ -89,3 +89,11 @@ def video_avatar_mouths(path: Path | str, bundle: typing.Any, canvas: tuple[int,
         x0, x1 = left + int((b.x + b.w * cols[0]) * scale), left + int((b.x + b.w * cols[1]) * scale)
         out.append(255.0 - float(frame[y0:y1, x0:x1].mean()))
     return decoded, np.array(out)
+
+
+def speaking_and_quiet(path: Path | str, bundle: typing.Any, redrawn: int) -> tuple[float, float]:
+    """A video avatar room that spoke and then paused (`redrawn`: its frames the face model
+    redrew): the median mouth opening of the first half of its speech, and of its last
+    20 frames (the pause)."""
+    _, opened = video_avatar_mouths(path, bundle)
+    return float(np.median(opened[:redrawn // 2])), float(np.median(opened[-20:]))

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import enum
 import logging
 import math
@@ -203,6 +204,7 @@ class _InFlight:
 
 
 T = typing.TypeVar("T")
+Motion = asyncio.Future[np.ndarray | None]  # one frame's face motion, being read
 
 
 class DelayLine:
@@ -302,7 +304,6 @@ class Room:
         # going to the encoder, per frame (the driver watches their avatar live).
         self.on_driver_latency = on_driver_latency
         self.driver_latency: collections.deque[float] = collections.deque(maxlen=1000)
-        self._driver_frame = math.nan  # arrival of the driver frame the last motion came from
         if spec.drive_mode is DriveMode.CAMERA:
             if drivers is None or pipeline.face_reader_model is None or not input_key:
                 raise RoomRefused("this worker takes no camera drivers (no driver ingest, or no "
@@ -318,6 +319,8 @@ class Room:
         self._audio_t0: tuple[float, int] | None = None
         self._camera_read: tuple[DriverFrame | None, np.ndarray | None] = (None, None)
         self._camera_new = asyncio.Event()  # a driver frame came (or the driver left)
+        # Camera rooms find their driver's face on a thread of their own, frame by frame.
+        self._tracking = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="face-tracking")
         self._tracker = FaceTracker(default_detector())
         self._calibration = Calibration()
         self.face: FaceAvatar | None = None  # loaded when the room starts
@@ -499,6 +502,7 @@ class Room:
                 await self.pipeline.release_face(self.family)
             if key and self.drivers is not None:
                 self.drivers.close(key)
+            self._tracking.shutdown(wait=False, cancel_futures=True)
         if self.state not in (RoomState.FAILED,):
             self._set(RoomState.ENDED, self._stop_reason or "reached max duration")
 
@@ -613,9 +617,9 @@ class Room:
             if face is not None and not mode.uses_audio_to_motion:
                 # A motion-capture room on a video avatar: each frame from the performer's
                 # face motion (its family has a motion input; others were refused).
-                motion = await self._face_motion(deadline, self._driver_time(k))
+                motion, arrived = await self._face_motion(deadline, self._driver_time(k))
                 drawn = asyncio.create_task(self._drive(face, face.index(n), motion, deadline))
-                await inflight.put(_InFlight(n, q.fps, audio, speaking, deadline, drawn, self._driver_frame))
+                await inflight.put(_InFlight(n, q.fps, audio, speaking, deadline, drawn, arrived))
                 n, t = n + 1, end
                 continue
             if face is not None and speech is not None:
@@ -627,15 +631,15 @@ class Room:
             assert avatar is not None and render_reserve is not None
             idle = self.idle.step()
             mel: np.ndarray | None = None
-            driven: np.ndarray | None = None
+            driven: Motion | None = None
+            arrived = math.nan
             if mode.uses_audio_to_motion:
                 mel = lagged.push(self.mel.push(audio), float(t), q.fps)
             else:
-                face_motion = await self._face_motion(deadline, self._driver_time(k))
-                driven = reference_motion(face_motion) if face_motion is not None else None
+                driven, arrived = await self._face_motion(deadline, self._driver_time(k))
             task = asyncio.create_task(self._render(avatar, idle, mel, driven, deadline,
                                                     deadline - render_reserve))
-            await inflight.put(_InFlight(n, q.fps, audio, speaking, deadline, task, self._driver_frame))
+            await inflight.put(_InFlight(n, q.fps, audio, speaking, deadline, task, arrived))
             n, t = n + 1, end
         if face is not None and speech is not None and q is not None:
             end_by = self.clock() + self.latency_budget - self.output_margin \
@@ -679,21 +683,20 @@ class Room:
         t0, first = self._audio_t0
         return t0 + (self.audio_in.taken_samples - first - k / 2) / SAMPLE_RATE
 
-    async def _face_motion(self, deadline: float, at: float = math.inf) -> np.ndarray | None:
-        """The driver's face motion for the next frame: pushed (motion capture) or read
-        from their camera's frame at stream time ``at`` (the frame's sound's); None:
-        none yet (or a gap: idle takes over)."""
-        if self.spec.drive_mode is DriveMode.CAMERA:
-            return await self._camera_motion(deadline, at)
-        if self.pacing is Pacing.FAST:
-            await self.motion_in.wait_for_frame()
-        return self.motion_in.take()
-
-    async def _camera_motion(self, deadline: float, at: float) -> np.ndarray | None:
-        """The camera frame of stream time ``at`` (the last at or before it: the frame
-        that goes with the sound being played) read into face motion: the face tracked
-        (a thread: the detector is CPU work), its crop read on the device, calibrated to
-        the driver's resting face. A frame is read once; a frame with no face gives none."""
+    async def _face_motion(self, deadline: float, at: float = math.inf) -> tuple[Motion, float]:
+        """The driver's face motion for the next frame, to await (None: none yet, or a
+        gap: idle takes over), and when the camera frame it comes from arrived (nan:
+        none): pushed (motion capture), or read from their camera's frame at stream time
+        ``at`` (the frame's sound's). A camera frame is read while the producer goes on
+        to the next frame: its face found on the room's own tracking thread (in order:
+        the tracker follows the face frame to frame), then read on the device, where a
+        room's consecutive frames may share a batch."""
+        if self.spec.drive_mode is not DriveMode.CAMERA:
+            if self.pacing is Pacing.FAST:
+                await self.motion_in.wait_for_frame()
+            done: asyncio.Future[np.ndarray | None] = asyncio.get_running_loop().create_future()
+            done.set_result(self.motion_in.take())
+            return done, math.nan
         if self.pacing is Pacing.FAST and math.isfinite(at):
             # Offline rendering follows its driver: wait for their frame of this time.
             while (not self._camera or self._camera[-1].t < at) and self.audio_in.producers > 0:
@@ -705,7 +708,14 @@ class Room:
                 frame = f
         if frame is not None and self.audio_in.producers == 0 and at - frame.t > DRIVER_GONE_SECONDS:
             frame = None  # the driver left and their last frame is behind us: idle takes over
-        self._driver_frame = frame.received if frame is not None else math.nan
+        read = asyncio.ensure_future(self._camera_motion(frame, deadline))
+        return read, frame.received if frame is not None else math.nan
+
+    async def _camera_motion(self, frame: DriverFrame | None, deadline: float) -> np.ndarray | None:
+        """A camera frame (the one that goes with the sound being played) read into face
+        motion: the face tracked (the detector is CPU work: the room's tracking thread),
+        its crop read on the device, calibrated to the driver's resting face. A frame is
+        read once; a frame with no face gives none."""
         if frame is None:
             return None
         if self._camera_read[0] is frame:
@@ -715,7 +725,7 @@ class Room:
             box = self._tracker.track(frame.rgb)
             return None if box is None or box.w < 8 else (face_crop(frame.rgb, box), box)
 
-        found = await asyncio.to_thread(find)
+        found = await asyncio.get_running_loop().run_in_executor(self._tracking, find)
         motion: np.ndarray | None = None
         if found is not None:
             try:
@@ -749,8 +759,9 @@ class Room:
 
         return DriverFeed(frame, sound, ended)
 
-    async def _drive(self, face: FaceAvatar, index: int, motion: np.ndarray | None,
+    async def _drive(self, face: FaceAvatar, index: int, pending: Motion,
                      deadline: float) -> FaceFrame:
+        motion = await pending
         if motion is None:
             return FaceFrame(index)  # no motion yet, or a gap longer than the hold: the base frame
         assert self.family is not None and self.family.drive is not None
@@ -761,9 +772,13 @@ class Room:
         return FaceFrame(index, r.value)
 
     async def _render(self, avatar: np.ndarray, idle: np.ndarray, mel: np.ndarray | None,
-                      driven: np.ndarray | None, deadline: float, motion_deadline: float
+                      face: Motion | None, deadline: float, motion_deadline: float
                       ) -> np.ndarray:
         st = self.stats.stage_seconds
+        driven: np.ndarray | None = None
+        if face is not None:  # a live driver's face motion
+            pending = await face
+            driven = reference_motion(pending) if pending is not None else None
         if mel is not None:
             r = await self.pipeline.audio_to_motion(mel, motion_deadline, self.priority)
             st["audio_to_motion"] += r.seconds

@@ -7,8 +7,10 @@ close only their own connection."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,20 +52,27 @@ async def publish(port: int, key: str, seconds: float = 2.0) -> tuple[int, str]:
     return proc.returncode, out.decode()
 
 
+@contextlib.asynccontextmanager
+async def serving(got: Received) -> AsyncIterator[tuple[DriverRooms, int]]:
+    """An ingest on a free loopback port whose one room (KEY) feeds ``got``."""
+    rooms = DriverRooms()
+    rooms.open(KEY, got.feed)
+    ingest = RtmpIngest(rooms.authorize, "127.0.0.1")
+    port = await ingest.start()
+    try:
+        yield rooms, port
+    finally:
+        await ingest.close()
+
+
 def test_the_rooms_driver_is_taken_and_decoded_in_order() -> None:
     async def body() -> Received:
         got = Received()
-        rooms = DriverRooms()
-        rooms.open(KEY, got.feed)
-        ingest = RtmpIngest(rooms.authorize, "127.0.0.1")
-        port = await ingest.start()
-        try:
+        async with serving(got) as (rooms, port):
             code, out = await publish(port, KEY)
             assert code == 0, out
             await asyncio.wait_for(got.ended.wait(), 20)
             assert not rooms.driven(KEY)  # the driver left: the room takes one again
-        finally:
-            await ingest.close()
         return got
 
     got = asyncio.run(body())
@@ -126,12 +135,7 @@ def test_a_wrong_key_and_a_second_publisher_are_refused_before_any_media() -> No
 ])
 def test_bytes_that_are_not_a_publisher_close_only_their_connection(garbage: bytes) -> None:
     async def body() -> None:
-        got = Received()
-        rooms = DriverRooms()
-        rooms.open(KEY, got.feed)
-        ingest = RtmpIngest(rooms.authorize, "127.0.0.1")
-        port = await ingest.start()
-        try:
+        async with serving(Received()) as (_, port):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(garbage)
             await writer.drain()
@@ -140,8 +144,6 @@ def test_bytes_that_are_not_a_publisher_close_only_their_connection(garbage: byt
             writer.close()
             code, out = await publish(port, KEY, seconds=0.5)  # and serves the next
             assert code == 0, out
-        finally:
-            await ingest.close()
 
     asyncio.run(body())
 
