@@ -136,12 +136,20 @@ class DriverFeed:
                             t = float(frame.time) if frame.time is not None else 0.0
                             for out in resampler.resample(frame):
                                 samples = out.to_ndarray().reshape(-1).astype(np.float32)
-                                self._loop.call_soon_threadsafe(self._on_audio, t, samples)
+                                self._post(self._on_audio, t, samples)
         except (av.FFmpegError, ValueError) as e:
             log.info("driver stream could not be decoded: %s", e)
-            self._loop.call_soon_threadsafe(self._failed, f"the driver's stream could not be decoded: {e}")
+            self._post(self._failed, f"the driver's stream could not be decoded: {e}")
             return
-        self._loop.call_soon_threadsafe(self._done)
+        self._post(self._done)
+
+    def _post(self, fn: Callable[..., None], *args: typing.Any) -> None:
+        """Calls ``fn(*args)`` on the feed's event loop, from the decoder thread; once the
+        loop has closed (the worker stopped) there is no one left to tell."""
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            pass
 
     def _failed(self, reason: str) -> None:
         self._finish(reason)
@@ -160,4 +168,4 @@ class DriverFeed:
             for old in [k for k in self._arrived if k < ms]:
                 del self._arrived[old]
         rgb = frame.to_ndarray(format="rgb24")
-        self._loop.call_soon_threadsafe(self._on_frame, DriverFrame(t, received, rgb))
+        self._post(self._on_frame, DriverFrame(t, received, rgb))
