@@ -112,6 +112,10 @@ class DriverFeed:
     def closed(self, reason: str) -> None:
         self._finish(reason)
 
+    @property
+    def wanted(self) -> bool:
+        return not self._ended
+
     def _finish(self, reason: str) -> None:
         """Takes no more tags; the decoder hands over what it holds, then the feed ends."""
         if not self._ended:

@@ -18,6 +18,7 @@ class DriverRooms:
     def __init__(self) -> None:
         self._rooms: dict[str, Callable[[], DriverSink]] = {}
         self._driven: set[str] = set()
+        self._live: dict[str, _Released] = {}  # the sink of each room's current driver
 
     def open(self, credential: str, sink: Callable[[], DriverSink]) -> None:
         if len(credential) < 16:
@@ -25,7 +26,11 @@ class DriverRooms:
         self._rooms[credential] = sink
 
     def close(self, credential: str) -> None:
+        """The room has ended: its key opens nothing, and its driver is disconnected."""
         self._rooms.pop(credential, None)
+        live = self._live.pop(credential, None)
+        if live is not None:
+            live.wanted = False
 
     def driven(self, credential: str) -> bool:
         return credential in self._driven
@@ -37,7 +42,13 @@ class DriverRooms:
         if name in self._driven:
             raise IngestRefused("this room already has its driver: one publisher at a time")
         self._driven.add(name)
-        return _Released(factory(), lambda: self._driven.discard(name))
+
+        def release() -> None:
+            self._driven.discard(name)
+            self._live.pop(name, None)
+
+        sink = self._live[name] = _Released(factory(), release)
+        return sink
 
 
 class _Released:
@@ -45,6 +56,7 @@ class _Released:
 
     def __init__(self, sink: DriverSink, release: Callable[[], None]) -> None:
         self._sink, self._release = sink, release
+        self.wanted = True  # False: the room ended (`DriverRooms.close`)
 
     def tag(self, kind: int, timestamp_ms: int, payload: bytes) -> None:
         self._sink.tag(kind, timestamp_ms, payload)

@@ -50,6 +50,10 @@ class ProtocolError(Exception):
     """Bytes that are not the RTMP a publisher sends; the connection is closed."""
 
 
+class RoomEnded(Exception):
+    """The publisher's room ended: the connection is closed."""
+
+
 class DriverSink(typing.Protocol):
     """Where a room's published media goes."""
 
@@ -59,6 +63,11 @@ class DriverSink(typing.Protocol):
 
     def closed(self, reason: str) -> None:
         """The publisher stopped or was disconnected."""
+        ...
+
+    @property
+    def wanted(self) -> bool:
+        """False once the room has ended: the ingest disconnects its publisher."""
         ...
 
 
@@ -193,6 +202,8 @@ class _Connection:
             elif msg.kind in (AUDIO, VIDEO):
                 if self.sink is None:
                     raise ProtocolError("media before publish")
+                if not self.sink.wanted:
+                    raise RoomEnded("the room has ended")
                 self.sink.tag(msg.kind, msg.timestamp, msg.payload)
             elif msg.kind == COMMAND:
                 if not await self._command(msg):
@@ -282,6 +293,8 @@ class RtmpIngest:
             reason = "the publisher stopped"
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        except RoomEnded as e:
+            reason = str(e)
         except (ProtocolError, TimeoutError) as e:
             reason = f"protocol error: {e}"
             log.info("driver ingest: closing %s: %s", writer.get_extra_info("peername"), reason)

@@ -128,6 +128,28 @@ def test_a_wrong_key_and_a_second_publisher_are_refused_before_any_media() -> No
     asyncio.run(body())
 
 
+def test_a_room_that_ends_disconnects_its_driver() -> None:
+    async def body() -> None:
+        got = Received()
+        async with serving(got) as (rooms, port):
+            driver = await asyncio.create_subprocess_exec(  # would publish for two minutes
+                sys.executable, "-m", "tests.driver_publisher", f"rtmp://127.0.0.1:{port}/live/{KEY}",
+                "--seconds", "120", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            try:
+                await asyncio.wait_for(got.driving.wait(), 30)
+                rooms.close(KEY)  # the room ended
+                out, _ = await asyncio.wait_for(driver.communicate(), 30)
+                assert driver.returncode == 3, out  # the publisher was cut off
+                await asyncio.wait_for(got.ended.wait(), 20)
+                assert got.reasons == ["the room has ended"] and not rooms.driven(KEY)
+            finally:
+                if driver.returncode is None:
+                    driver.kill()
+                    await driver.wait()
+
+    asyncio.run(body())
+
+
 @pytest.mark.parametrize("garbage", [
     b"\x06" + bytes(1536),  # not RTMP 3
     b"\x03" + bytes(1536) + bytes(1536) + b"\x02" + bytes(3) + b"\xff" * 3 + b"\x09" + bytes(4),  # 16 MB
