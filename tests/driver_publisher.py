@@ -4,6 +4,11 @@ opens and shuts, and a tone while it is open, H.264 and AAC in FLV, paced in rea
 
     python -m tests.driver_publisher rtmp://127.0.0.1:PORT/live/KEY --seconds 3
 
+Patterns (``--pattern``): ``talk`` opens the mouth every other 5 frames; ``live`` opens
+it at random, with a webcam's sensor noise on every frame (as a person on camera);
+``still`` repeats one noisy frame (a frozen feed); ``loop`` replays a 2 s recording of
+``live`` over and over (a pre-recorded feed).
+
 Run as a process of its own (FFmpeg's RTMP client blocks while it connects). Prints
 "published N" when done, or "refused: ..." and exits 3 if the ingest refused it.
 """
@@ -27,20 +32,36 @@ MOUTH = (128, 170)  # centre of the astronaut's mouth in the 256 px frame (x, y)
 FRAMING = (slice(0, 220), slice(116, 336))  # a webcam's framing of her face in the photograph
 
 
-def mouth_open(i: int) -> bool:
-    return i % PERIOD >= PERIOD // 2
+PATTERNS = ("talk", "live", "still", "loop")
+LOOP_FRAMES = 50  # the recording a `loop` driver replays
+NOISE = 3.0  # a webcam's sensor noise, luma levels (standard deviation)
+_SPEECH = np.random.default_rng(7).random(100_000) < 0.5  # `live`: mouth open or not, per 3 frames
 
 
-def driver_frame(i: int) -> np.ndarray:
+def _source(i: int, pattern: str = "talk") -> int:
+    """The frame of the `live` performance that frame ``i`` of ``pattern`` shows."""
+    return {"still": 0, "loop": i % LOOP_FRAMES}.get(pattern, i)
+
+
+def mouth_open(i: int, pattern: str = "talk") -> bool:
+    if pattern == "talk":
+        return i % PERIOD >= PERIOD // 2
+    return bool(_SPEECH[_source(i, pattern) // 3])
+
+
+def driver_frame(i: int, pattern: str = "talk") -> np.ndarray:
     """Frame ``i``: her face as a webcam frames it, the mouth drawn open (a dark ellipse)
-    when `mouth_open`."""
+    when `mouth_open`; with a sensor's noise but for ``talk``."""
     img = cv2.resize(data.astronaut()[FRAMING], (SIDE, SIDE), interpolation=cv2.INTER_AREA)
-    if mouth_open(i):
+    if mouth_open(i, pattern):
         cv2.ellipse(img, MOUTH, (16, 9), 0, 0, 360, (40, 10, 15), -1)
+    if pattern != "talk":
+        noise = np.random.default_rng(_source(i, pattern)).normal(0.0, NOISE, img.shape)
+        img = np.clip(img + noise, 0, 255).astype(np.uint8)
     return img
 
 
-def _publish(url: str, seconds: float, fps: int) -> int:
+def _publish(url: str, seconds: float, fps: int, pattern: str = "talk") -> int:
     out = av.open(url, "w", format="flv")
     video = out.add_stream("libx264", rate=fps, options={"preset": "ultrafast", "tune": "zerolatency"})
     video.width = video.height = SIDE
@@ -51,12 +72,12 @@ def _publish(url: str, seconds: float, fps: int) -> int:
     t0 = time.monotonic()
     for i in range(n):
         time.sleep(max(0.0, t0 + i / fps - time.monotonic()))
-        frame = av.VideoFrame.from_ndarray(driver_frame(i), format="rgb24")
+        frame = av.VideoFrame.from_ndarray(driver_frame(i, pattern), format="rgb24")
         frame.pts, frame.time_base = i, Fraction(1, fps)
         for p in video.encode(frame):
             out.mux(p)
         t = (np.arange(per) + i * per) / RATE
-        tone = (0.3 * np.sin(2 * np.pi * 440 * t) * mouth_open(i)).astype(np.float32)
+        tone = (0.3 * np.sin(2 * np.pi * 440 * t) * mouth_open(i, pattern)).astype(np.float32)
         af = av.AudioFrame.from_ndarray(tone[None], format="flt", layout="mono")
         af.sample_rate, af.pts, af.time_base = RATE, i * per, Fraction(1, RATE)
         for p in audio.encode(af):
@@ -73,9 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("url")
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--fps", type=int, default=25)
+    ap.add_argument("--pattern", choices=PATTERNS, default="talk")
     args = ap.parse_args(argv)
     try:
-        n = _publish(args.url, args.seconds, args.fps)
+        n = _publish(args.url, args.seconds, args.fps, args.pattern)
     except (av.FFmpegError, OSError) as e:  # FFmpeg's RTMP client connects at the first packet
         print(f"refused: {e}", flush=True)
         return 3
