@@ -23,6 +23,7 @@ from avatarfarm.domain import (
     validate_id,
     validate_spec,
 )
+from avatarfarm.live_driver import DriverPolicy, DriverState
 from avatarfarm.v1 import sessions_pb2, types_pb2, workers_pb2
 
 DRIVE_MODES = {
@@ -183,6 +184,17 @@ def stage_to_pb(stage: Stage) -> workers_pb2.Stage:
     return _STAGE_PB[stage]
 
 
+DRIVER_STATES = {
+    types_pb2.DRIVER_STATE_WAITING: DriverState.WAITING,
+    types_pb2.DRIVER_STATE_LIVE: DriverState.LIVE,
+    types_pb2.DRIVER_STATE_FROZEN: DriverState.FROZEN,
+    types_pb2.DRIVER_STATE_LOOPED: DriverState.LOOPED,
+    types_pb2.DRIVER_STATE_NO_FACE: DriverState.NO_FACE,
+    types_pb2.DRIVER_STATE_ABSENT: DriverState.ABSENT,
+}
+DRIVER_STATES_PB = {v: k for k, v in DRIVER_STATES.items()}
+
+
 def progress_to_pb(p: Progress) -> types_pb2.SessionProgress:
     return types_pb2.SessionProgress(frames_rendered=p.frames_rendered, late_frames=p.late_frames,
                                      stream_seconds=p.stream_seconds, device_seconds=p.device_seconds,
@@ -190,13 +202,29 @@ def progress_to_pb(p: Progress) -> types_pb2.SessionProgress:
                                      script_segments_done=p.script_segments_done,
                                      av_offset_seconds=p.av_offset_seconds,
                                      av_correction_seconds=p.av_correction_seconds,
-                                     sync_checks=p.sync_checks)
+                                     sync_checks=p.sync_checks,
+                                     driver_state=DRIVER_STATES_PB[p.driver_state]
+                                     if p.driver_state is not None
+                                     else types_pb2.DRIVER_STATE_UNSPECIFIED,
+                                     driven_seconds=p.driven_seconds, driver=p.driver)
 
 
 def progress_from_pb(pb: types_pb2.SessionProgress) -> Progress:
     return Progress(pb.frames_rendered, pb.late_frames, pb.stream_seconds, pb.device_seconds,
                     tuple(sorted(pb.stage_seconds.items())), pb.script_segments_done,
-                    pb.av_offset_seconds, pb.av_correction_seconds, pb.sync_checks)
+                    pb.av_offset_seconds, pb.av_correction_seconds, pb.sync_checks,
+                    DRIVER_STATES.get(pb.driver_state), pb.driven_seconds, pb.driver)
+
+
+def driver_policy_to_pb(p: DriverPolicy) -> workers_pb2.DriverPolicy:
+    return workers_pb2.DriverPolicy(require_live=p.require_live, end_when_lost=p.end_when_lost,
+                                    grace_seconds=p.grace_seconds)
+
+
+def driver_policy_from_pb(pb: workers_pb2.DriverPolicy) -> DriverPolicy:
+    """A camera room's driver policy from its assignment (refused, ValueError, when its
+    grace period is not a real one)."""
+    return DriverPolicy(pb.require_live, pb.end_when_lost, pb.grace_seconds)
 
 
 # Counters past 2**53 lose precision as floats (the ledger's arithmetic); no room renders that much.
@@ -208,6 +236,7 @@ def checked_progress_from_pb(pb: types_pb2.SessionProgress) -> Progress:
     true: NaN, infinite or negative seconds, counters past 2**53. Usage and cost are
     sums of these figures, so one NaN would make a tenant's bill NaN for good."""
     seconds = [("stream_seconds", pb.stream_seconds), ("device_seconds", pb.device_seconds),
+               ("driven_seconds", pb.driven_seconds),
                *((f"stage_seconds[{k[:32]!r}]", v) for k, v in pb.stage_seconds.items())]
     for name, value in seconds:
         if not (math.isfinite(value) and value >= 0.0):
@@ -221,6 +250,8 @@ def checked_progress_from_pb(pb: types_pb2.SessionProgress) -> Progress:
             raise InvalidRequest(f"progress {name} {count} is past any real count")
     if len(pb.stage_seconds) > 16:
         raise InvalidRequest("progress names more than 16 stages")
+    if len(pb.driver) > 200:
+        raise InvalidRequest("progress driver is longer than 200 characters")
     return progress_from_pb(pb)
 
 

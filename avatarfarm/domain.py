@@ -17,6 +17,8 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from avatarfarm.live_driver import DriverState
+
 
 class DriveMode(enum.Enum):
     TEXT = "text"
@@ -246,6 +248,11 @@ class Progress:
     av_offset_seconds: float = 0.0
     av_correction_seconds: float = 0.0
     sync_checks: int = 0
+    # Camera rooms: their driver now (None: not a camera room), the stream seconds they
+    # drove live, and who publishes (avatarfarm.live_driver).
+    driver_state: DriverState | None = None
+    driven_seconds: float = 0.0
+    driver: str = ""
 
 
 _PATH_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")

@@ -84,7 +84,10 @@ class SchedulerConfig:
         {}, "output platforms' policies, as [platforms.NAME] tables: label (burn a visible "
             "AI-generated label), label_text, label_position (top-left|top-right|bottom-left|"
             "bottom-right), label_size (fraction of the frame height), require_live_driver "
-            "(refuse text-driven rooms); unlisted platforms are labelled with the defaults")
+            "(refuse text-driven rooms; camera rooms drive only while their driver is live, "
+            "not frozen, looped or faceless), end_when_driver_lost (end a camera room whose "
+            "driver left or is not live for driver_grace_seconds, default 10; otherwise it "
+            "holds on its idle loop); unlisted platforms are labelled with the defaults")
     allow_unknown_tenants: bool = field(
         True, "admit rooms of tenants not listed in tenants (with no budget and no reservation)")
     degradation_ladder: list[str] = field(

@@ -18,6 +18,16 @@ class DriveMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DRIVE_MODE_MOCAP: _ClassVar[DriveMode]
     DRIVE_MODE_CAMERA: _ClassVar[DriveMode]
 
+class DriverState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DRIVER_STATE_UNSPECIFIED: _ClassVar[DriverState]
+    DRIVER_STATE_WAITING: _ClassVar[DriverState]
+    DRIVER_STATE_LIVE: _ClassVar[DriverState]
+    DRIVER_STATE_FROZEN: _ClassVar[DriverState]
+    DRIVER_STATE_LOOPED: _ClassVar[DriverState]
+    DRIVER_STATE_NO_FACE: _ClassVar[DriverState]
+    DRIVER_STATE_ABSENT: _ClassVar[DriverState]
+
 class Tier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TIER_UNSPECIFIED: _ClassVar[Tier]
@@ -38,6 +48,13 @@ DRIVE_MODE_TEXT: DriveMode
 DRIVE_MODE_VOICE: DriveMode
 DRIVE_MODE_MOCAP: DriveMode
 DRIVE_MODE_CAMERA: DriveMode
+DRIVER_STATE_UNSPECIFIED: DriverState
+DRIVER_STATE_WAITING: DriverState
+DRIVER_STATE_LIVE: DriverState
+DRIVER_STATE_FROZEN: DriverState
+DRIVER_STATE_LOOPED: DriverState
+DRIVER_STATE_NO_FACE: DriverState
+DRIVER_STATE_ABSENT: DriverState
 TIER_UNSPECIFIED: Tier
 TIER_PREMIUM: Tier
 TIER_STANDARD: Tier
@@ -116,7 +133,7 @@ class Label(_message.Message):
     def __init__(self, text: _Optional[str] = ..., position: _Optional[str] = ..., size: _Optional[float] = ...) -> None: ...
 
 class SessionProgress(_message.Message):
-    __slots__ = ("frames_rendered", "late_frames", "stream_seconds", "device_seconds", "stage_seconds", "av_offset_seconds", "av_correction_seconds", "sync_checks", "script_segments_done")
+    __slots__ = ("frames_rendered", "late_frames", "stream_seconds", "device_seconds", "stage_seconds", "av_offset_seconds", "av_correction_seconds", "sync_checks", "script_segments_done", "driver_state", "driven_seconds", "driver")
     class StageSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +150,9 @@ class SessionProgress(_message.Message):
     AV_CORRECTION_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SYNC_CHECKS_FIELD_NUMBER: _ClassVar[int]
     SCRIPT_SEGMENTS_DONE_FIELD_NUMBER: _ClassVar[int]
+    DRIVER_STATE_FIELD_NUMBER: _ClassVar[int]
+    DRIVEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DRIVER_FIELD_NUMBER: _ClassVar[int]
     frames_rendered: int
     late_frames: int
     stream_seconds: float
@@ -142,7 +162,10 @@ class SessionProgress(_message.Message):
     av_correction_seconds: float
     sync_checks: int
     script_segments_done: int
-    def __init__(self, frames_rendered: _Optional[int] = ..., late_frames: _Optional[int] = ..., stream_seconds: _Optional[float] = ..., device_seconds: _Optional[float] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., av_offset_seconds: _Optional[float] = ..., av_correction_seconds: _Optional[float] = ..., sync_checks: _Optional[int] = ..., script_segments_done: _Optional[int] = ...) -> None: ...
+    driver_state: DriverState
+    driven_seconds: float
+    driver: str
+    def __init__(self, frames_rendered: _Optional[int] = ..., late_frames: _Optional[int] = ..., stream_seconds: _Optional[float] = ..., device_seconds: _Optional[float] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., av_offset_seconds: _Optional[float] = ..., av_correction_seconds: _Optional[float] = ..., sync_checks: _Optional[int] = ..., script_segments_done: _Optional[int] = ..., driver_state: _Optional[_Union[DriverState, str]] = ..., driven_seconds: _Optional[float] = ..., driver: _Optional[str] = ...) -> None: ...
 
 class Session(_message.Message):
     __slots__ = ("session_id", "spec", "state", "reason", "worker_id", "input_endpoint", "created_at", "updated_at", "progress", "provider", "device_type", "rendering", "degradation_step", "compute_units", "queue_position", "input_token", "input_token_expires_at", "driver_url")

@@ -188,7 +188,7 @@ class UsageAck(_message.Message):
     def __init__(self, seq: _Optional[int] = ...) -> None: ...
 
 class Assign(_message.Message):
-    __slots__ = ("session_id", "spec", "epoch", "continuation", "resumed_at_seconds", "label", "input_key")
+    __slots__ = ("session_id", "spec", "epoch", "continuation", "resumed_at_seconds", "label", "input_key", "driver_policy")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +196,7 @@ class Assign(_message.Message):
     RESUMED_AT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     INPUT_KEY_FIELD_NUMBER: _ClassVar[int]
+    DRIVER_POLICY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     spec: _types_pb2.SessionSpec
     epoch: int
@@ -203,7 +204,18 @@ class Assign(_message.Message):
     resumed_at_seconds: float
     label: _types_pb2.Label
     input_key: bytes
-    def __init__(self, session_id: _Optional[str] = ..., spec: _Optional[_Union[_types_pb2.SessionSpec, _Mapping]] = ..., epoch: _Optional[int] = ..., continuation: _Optional[int] = ..., resumed_at_seconds: _Optional[float] = ..., label: _Optional[_Union[_types_pb2.Label, _Mapping]] = ..., input_key: _Optional[bytes] = ...) -> None: ...
+    driver_policy: DriverPolicy
+    def __init__(self, session_id: _Optional[str] = ..., spec: _Optional[_Union[_types_pb2.SessionSpec, _Mapping]] = ..., epoch: _Optional[int] = ..., continuation: _Optional[int] = ..., resumed_at_seconds: _Optional[float] = ..., label: _Optional[_Union[_types_pb2.Label, _Mapping]] = ..., input_key: _Optional[bytes] = ..., driver_policy: _Optional[_Union[DriverPolicy, _Mapping]] = ...) -> None: ...
+
+class DriverPolicy(_message.Message):
+    __slots__ = ("require_live", "end_when_lost", "grace_seconds")
+    REQUIRE_LIVE_FIELD_NUMBER: _ClassVar[int]
+    END_WHEN_LOST_FIELD_NUMBER: _ClassVar[int]
+    GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    require_live: bool
+    end_when_lost: bool
+    grace_seconds: float
+    def __init__(self, require_live: _Optional[bool] = ..., end_when_lost: _Optional[bool] = ..., grace_seconds: _Optional[float] = ...) -> None: ...
 
 class Release(_message.Message):
     __slots__ = ("session_id", "reason", "at_script_boundary", "handover")

@@ -49,6 +49,7 @@ _EVENT_KINDS = {
     EventKind.QUEUED: sessions_pb2.SESSION_EVENT_KIND_QUEUED,
     EventKind.LICENCE: sessions_pb2.SESSION_EVENT_KIND_LICENCE,
     EventKind.SYNC: sessions_pb2.SESSION_EVENT_KIND_SYNC,
+    EventKind.DRIVER: sessions_pb2.SESSION_EVENT_KIND_DRIVER,
 }
 _DIMENSIONS = {
     sessions_pb2.USAGE_DIMENSION_TENANT: Dimension.TENANT,

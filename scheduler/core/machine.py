@@ -35,6 +35,7 @@ from scheduler.metrics import SchedulerMetrics
 from scheduler.policy import placement, platforms, tenants
 from scheduler.policy.admission import FairQueue
 from scheduler.policy.cost import CostBook
+from scheduler.policy.drivers import driver_change
 from scheduler.policy.ladder import Ladder
 from scheduler.policy.overload import OverloadPolicy
 from scheduler.policy.placement import Fleet, RoomReq
@@ -374,10 +375,18 @@ class SessionMachine:
         watch, told = self._sync_watch.get(s.session_id, SyncWatch()).after(
             s.progress, total, s.quality.fps)
         self._sync_watch[s.session_id] = watch
+        driver = driver_change(s.progress, total)
         s = s.with_progress(total, now)
-        if told:
-            log.info("session %s: %s", s.session_id, told)
-            self._commit(s, EventKind.SYNC, told)
+        if driver is not None:  # who drove the avatar, from when to when
+            log.info("session %s: %s", s.session_id, driver.message)
+            self._audit_room(AuditAction.DRIVER_LIVE if driver.live else AuditAction.DRIVER_NOT_LIVE,
+                             s, now, driver.message)
+        if told or driver is not None:
+            if told:
+                log.info("session %s: %s", s.session_id, told)
+                self._commit(s, EventKind.SYNC, told)
+            if driver is not None:
+                self._commit(s, EventKind.DRIVER, driver.message)
             return s
         self.sessions.progressed(s)
         self._progress_dirty[s.session_id] = s

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from avatarfarm.domain import Quality, SessionState, Tier
+from avatarfarm.domain import DriveMode, Quality, SessionState, Tier
 from scheduler.core.machine import SessionMachine, carried_out
 from scheduler.policy import overload, placement, tenants
 from scheduler.policy.placement import ActionKind, RoomReq, WorkerState
@@ -151,9 +151,10 @@ class Placement(SessionMachine):
         spec = dataclasses.replace(
             s.spec, script=script,
             max_duration_seconds=max(1e-3, limit - base.stream_seconds) if limit > 0 else 0.0)
-        self._decided.send(conn.worker_id, AssignCmd(s.session_id, spec, s.epoch, continuation,
-                                         base.stream_seconds,
-                                         self.platform(s.spec.platform).label_for()))
+        platform = self.platform(s.spec.platform)
+        self._decided.send(conn.worker_id, AssignCmd(
+            s.session_id, spec, s.epoch, continuation, base.stream_seconds, platform.label_for(),
+            platform.driver_policy() if s.spec.drive_mode is DriveMode.CAMERA else None))
         if rendering is not None:
             self._decided.send(conn.worker_id, ReconfigureCmd(s.session_id, rendering, choice.step,
                                                   "placed degraded: capacity is short"))

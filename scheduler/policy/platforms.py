@@ -12,6 +12,7 @@ import enum
 from dataclasses import dataclass
 
 from avatarfarm.domain import DriveMode
+from avatarfarm.live_driver import DriverPolicy
 
 
 class LabelPosition(enum.Enum):
@@ -34,18 +35,31 @@ class PlatformPolicy:
     label_text: str = "AI-generated"
     label_position: LabelPosition = LabelPosition.TOP_RIGHT
     label_size: float = 0.05
-    # Virtual hosts must be driven live by a person: text-driven rooms are refused.
+    # Virtual hosts must be driven live by a person: text-driven rooms are refused, and a
+    # camera room's driver drives only while live (a frozen, looped or faceless feed
+    # holds the room on its idle loop).
     require_live_driver: bool = False
+    # A camera room whose driver left (or is not live, where that is required) for
+    # driver_grace_seconds ends; otherwise it holds on its idle loop until they are back.
+    end_when_driver_lost: bool = False
+    driver_grace_seconds: float = 10.0
 
     def __post_init__(self) -> None:
         if not 0.02 <= self.label_size <= 0.25:
             raise ValueError("label_size must be within 0.02..0.25 of the frame height")
+        if not 0 <= self.driver_grace_seconds <= 3600:
+            raise ValueError("driver_grace_seconds must be within 0..3600")
         if not self.label_text.isascii() or not 0 < len(self.label_text) <= 40 or \
                 not self.label_text.isprintable():
             raise ValueError("label_text must be 1..40 printable ASCII characters")
 
     def label_for(self) -> Label | None:
         return Label(self.label_text, self.label_position, self.label_size) if self.label else None
+
+    def driver_policy(self) -> DriverPolicy:
+        """The rules a camera room's worker applies to its driver."""
+        return DriverPolicy(self.require_live_driver, self.end_when_driver_lost,
+                            self.driver_grace_seconds)
 
 
 # Platforms not listed: labelled with the defaults (labelling is the safe default).

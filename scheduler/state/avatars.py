@@ -40,6 +40,8 @@ class AuditAction(enum.Enum):
     ROOM_STARTED = "room_started"
     ROOM_ENDED = "room_ended"
     LICENCE_ENDED = "licence_ended"
+    DRIVER_LIVE = "driver_live"  # a camera room's driver went live (who, from where)
+    DRIVER_NOT_LIVE = "driver_not_live"  # ...left, or their feed stopped being live
 
 
 @dataclass(frozen=True, slots=True)

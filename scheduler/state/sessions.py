@@ -71,12 +71,14 @@ def plus(a: Progress, b: Progress) -> Progress:
     for k, v in b.stage_seconds:
         stages[k] = stages.get(k, 0.0) + v
     latest = b if b.sync_checks else a
+    driver = b if b.driver_state is not None else a  # the driver as last seen
     return Progress(a.frames_rendered + b.frames_rendered, a.late_frames + b.late_frames,
                     a.stream_seconds + b.stream_seconds, a.device_seconds + b.device_seconds,
                     tuple(sorted(stages.items())),
                     a.script_segments_done + b.script_segments_done,
                     latest.av_offset_seconds, latest.av_correction_seconds,
-                    a.sync_checks + b.sync_checks)
+                    a.sync_checks + b.sync_checks, driver.driver_state,
+                    a.driven_seconds + b.driven_seconds, driver.driver)
 
 
 class EventKind(enum.Enum):
@@ -88,6 +90,7 @@ class EventKind(enum.Enum):
     QUEUED = "queued"
     LICENCE = "licence"  # the avatar's licence expired or was revoked
     SYNC = "sync"  # lips and voice stayed out of sync, or came back together
+    DRIVER = "driver"  # a camera room's driver went live, or stopped being live
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from avatarfarm.domain import Quality, ScriptSegment, SessionSpec
+from avatarfarm.live_driver import DriverPolicy
 from scheduler.policy import placement
 from scheduler.policy.overload import OverloadWatch
 from scheduler.policy.placement import MemoryProfile
@@ -21,6 +22,7 @@ class AssignCmd:
     continuation: int = 0  # earlier assignments of the room (its output continues)
     resumed_at: float = 0.0  # stream seconds the output already holds
     label: Label | None = None  # burned into the frames, per the platform's policy
+    driver: DriverPolicy | None = None  # camera rooms: the platform's rules for their driver
 
 
 @dataclass(frozen=True, slots=True)

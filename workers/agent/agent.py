@@ -18,6 +18,7 @@ import asyncio
 import collections
 import logging
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import grpc
 from avatarfarm import convert
 from avatarfarm.domain import InvalidRequest, SessionSpec, Stage, Tier
 from avatarfarm.egress import EgressPolicy
+from avatarfarm.live_driver import DriverPolicy
 from avatarfarm.v1 import types_pb2, workers_pb2
 from workers.agent.link import SchedulerLink
 from workers.agent.usage import UsageReports
@@ -75,6 +77,7 @@ class Assignment:
     spec: SessionSpec
     target: OutputTarget
     label: LabelSpec | None
+    driver: DriverPolicy | None = None  # camera rooms: the platform's rules for their driver
 
 
 def assignment_from_pb(msg: workers_pb2.Assign, output_dir: Path,
@@ -92,9 +95,15 @@ def assignment_from_pb(msg: workers_pb2.Assign, output_dir: Path,
             label = LabelSpec(msg.label.text, msg.label.position, msg.label.size)
         except ValueError as e:
             raise InvalidRequest(str(e)) from e
+    driver = None
+    if msg.HasField("driver_policy"):
+        try:
+            driver = convert.driver_policy_from_pb(msg.driver_policy)
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from e
     target = OutputTarget.resolve(spec.output.kind, spec.output.target,
                                   tenant_root(output_dir, spec.tenant), egress)
-    return Assignment(spec, target, label)
+    return Assignment(spec, target, label, driver)
 
 
 class WorkerAgent:
@@ -277,7 +286,7 @@ class WorkerAgent:
                         continuation=msg.continuation, stall_seconds=self.worker_timeout,
                         label=assigned.label, on_stall=self._room_stalled, egress=self.egress,
                         input_key=msg.input_key, drivers=self.drivers,
-                        on_driver_latency=self._driver_latency)
+                        on_driver_latency=self._driver_latency, driver_policy=assigned.driver)
         except (InvalidRequest, InvalidQuality, OutputError, RoomRefused) as e:
             self._report([self._update_pb(sid, types_pb2.SESSION_STATE_FAILED,
                                           f"bad assignment: {e}", None, msg.epoch)])
@@ -343,7 +352,18 @@ class WorkerAgent:
             stream_seconds=st.stream_seconds,
             device_seconds=st.device_seconds, stage_seconds=dict(st.stage_seconds),
             av_offset_seconds=st.av_offset_seconds, av_correction_seconds=st.av_correction_seconds,
-            sync_checks=st.sync_checks, script_segments_done=room.script.segments_done)
+            sync_checks=st.sync_checks, script_segments_done=room.script.segments_done,
+            **self._driver_pb(room))
+
+    @staticmethod
+    def _driver_pb(room: Room) -> dict[str, typing.Any]:
+        """A camera room's driver, for its progress (nothing for other rooms)."""
+        cam = room.camera
+        if cam is None:
+            return {}
+        return {"driver_state": convert.DRIVER_STATES_PB[cam.state],
+                "driven_seconds": cam.driven_seconds,
+                "driver": str(cam.publisher) if cam.publisher is not None else ""}
 
     def _update_pb(self, sid: str, state: int, reason: str, room: Room | None,
                    epoch: int = 0) -> workers_pb2.SessionUpdate:

@@ -16,32 +16,19 @@ motion see to that, however still the person holds), and never shows an earlier
 stretch of frames again; a recording does, with only compression noise between its
 plays, which is small against the stream's own change from frame to frame.
 
-`DriverPolicy` says what the room does about it (drive, hold on the idle loop, end).
-Both are pure: stream times and thumbnails in, verdicts out.
+`avatarfarm.live_driver.DriverPolicy` says what the room does about it (drive, hold on
+the idle loop, end). The monitor is pure: stream times and signatures in, verdicts out.
 """
 
 from __future__ import annotations
 
 import collections
-import enum
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-
-class DriverState(enum.Enum):
-    WAITING = "waiting"  # no driver has published yet
-    LIVE = "live"
-    FROZEN = "frozen"
-    LOOPED = "looped"
-    NO_FACE = "no_face"
-    ABSENT = "absent"  # the driver left (or their stream ended)
-
-    @property
-    def live(self) -> bool:
-        return self is DriverState.LIVE
-
+from avatarfarm.live_driver import DriverState
 
 THUMB = 32  # thumbnail side, pixels
 PIXEL_STEP = 3  # luma levels a pixel must move by to count as changed (codecs flicker by 2)
@@ -207,49 +194,3 @@ class LivenessMonitor:
         step = float(np.sqrt(np.mean(changes ** 2)))
         # (A still picture, whose step is nil, is frozen rather than looped.)
         return bool(step > 0 and per_lag.min() < lim.loop_match * step)
-
-
-class DriverAction(enum.Enum):
-    DRIVE = "drive"  # the driver's face and voice drive the avatar
-    HOLD = "hold"  # the idle loop, in silence
-    END = "end"  # the room ends
-
-
-@dataclass(frozen=True, slots=True)
-class DriverPolicy:
-    """A camera room's platform's rules for its driver.
-
-    require_live: only a live driver drives the avatar (a frozen, looped or faceless
-    feed is held on the idle loop). end_when_lost: a room whose driver has not been
-    live for ``grace_seconds`` (they left, or their feed is not live where that is
-    required) ends; otherwise it holds on the idle loop until they are back. A room
-    whose first driver has not come yet waits on the idle loop.
-    """
-
-    require_live: bool = False
-    end_when_lost: bool = False
-    grace_seconds: float = 10.0
-
-    def action(self, state: DriverState, lost_for: float) -> DriverAction:
-        """What the room does with its driver in ``state``, not live for ``lost_for``
-        seconds (of the room's clock) so far."""
-        if state is DriverState.WAITING:
-            return DriverAction.HOLD
-        lost = state is DriverState.ABSENT or (self.require_live and not state.live)
-        if not lost:
-            return DriverAction.DRIVE
-        if self.end_when_lost and lost_for >= self.grace_seconds:
-            return DriverAction.END
-        return DriverAction.HOLD
-
-
-def describe(state: DriverState) -> str:
-    """What a watcher is told of a driver in ``state``."""
-    return {
-        DriverState.WAITING: "waiting for the driver to publish",
-        DriverState.LIVE: "the driver is live",
-        DriverState.FROZEN: "the driver's feed is frozen (the same picture over and over)",
-        DriverState.LOOPED: "the driver's feed is a recording played in a loop",
-        DriverState.NO_FACE: "no face in the driver's feed",
-        DriverState.ABSENT: "the driver left",
-    }[state]

@@ -1,7 +1,8 @@
 """A camera room's driver stream, decoded: the FLV tags the RTMP ingest hands over (on
 the event loop) are muxed into an FLV byte stream that PyAV demuxes and decodes on a
 thread of its own, and come out as the driver's frames (RGB, with the stream time they
-were captured at and the moment their data arrived, for the room's latency) and their
+were captured at, the moment their data arrived, for the room's latency, and their
+liveness signature) and their
 sound (16 kHz mono float32), both handed back to the event loop.
 
 A decoder that falls behind by more than `MAX_QUEUED` tags closes the feed (a live
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 import av
 import numpy as np
 
+from workers.camera.liveness import Signature, Signer
+
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
@@ -42,6 +45,7 @@ class DriverFrame:
     t: float  # stream time, seconds (the publisher's timestamp)
     received: float  # time.monotonic() when its data arrived at the worker
     rgb: np.ndarray  # [h, w, 3] uint8
+    signature: Signature  # what the room's liveness monitor keeps of it
 
 
 def flv_tag(kind: int, timestamp_ms: int, payload: bytes) -> bytes:
@@ -93,6 +97,7 @@ class DriverFeed:
         self._lock = threading.Lock()
         self._ended = False  # no more tags are taken
         self._reason = "the publisher stopped"
+        self._sign = Signer()  # on the decoder thread, frame after frame
         self._thread = threading.Thread(target=self._decode, name="driver-decode", daemon=True)
         self._thread.start()
 
@@ -172,4 +177,4 @@ class DriverFeed:
             for old in [k for k in self._arrived if k < ms]:
                 del self._arrived[old]
         rgb = frame.to_ndarray(format="rgb24")
-        self._post(self._on_frame, DriverFrame(t, received, rgb))
+        self._post(self._on_frame, DriverFrame(t, received, rgb, self._sign(rgb)))

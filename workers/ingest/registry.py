@@ -9,18 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from workers.ingest.rtmp import DriverSink, IngestRefused
+from workers.ingest.rtmp import DriverSink, IngestRefused, Publisher
+
+SinkFactory = Callable[[Publisher], DriverSink]  # a room's sink for the driver it takes
 
 
 class DriverRooms:
     """The ingest's `authorize`: stream key -> the room's sink."""
 
     def __init__(self) -> None:
-        self._rooms: dict[str, Callable[[], DriverSink]] = {}
+        self._rooms: dict[str, SinkFactory] = {}
         self._driven: set[str] = set()
         self._live: dict[str, _Released] = {}  # the sink of each room's current driver
 
-    def open(self, credential: str, sink: Callable[[], DriverSink]) -> None:
+    def open(self, credential: str, sink: SinkFactory) -> None:
         if len(credential) < 16:
             raise ValueError("a driver credential must be a secret of 16 characters or more")
         self._rooms[credential] = sink
@@ -35,7 +37,7 @@ class DriverRooms:
     def driven(self, credential: str) -> bool:
         return credential in self._driven
 
-    def authorize(self, name: str) -> DriverSink:
+    def authorize(self, name: str, publisher: Publisher) -> DriverSink:
         factory = self._rooms.get(name)
         if factory is None:
             raise IngestRefused("no camera room takes this stream key")
@@ -47,7 +49,7 @@ class DriverRooms:
             self._driven.discard(name)
             self._live.pop(name, None)
 
-        sink = self._live[name] = _Released(factory(), release)
+        sink = self._live[name] = _Released(factory(publisher), release)
         return sink
 
 

@@ -5,8 +5,8 @@ One asyncio server per worker serves every camera room: it speaks RTMP itself (t
 plain handshake, chunk streams, the AMF0 commands a publisher sends: connect,
 releaseStream, FCPublish, createStream, publish, deleteStream) so that it can read the
 stream name a publisher asks for and refuse it before any media is taken: the name is
-the room's credential, checked by `authorize`, which gives the room's `DriverSink` or
-raises `IngestRefused` (a wrong credential, a room that already has its driver). The
+the room's credential, checked by `authorize` (with who publishes: their address and
+the software they said they are), which gives the room's `DriverSink` or raises `IngestRefused` (a wrong credential, a room that already has its driver). The
 publisher is told why (``onStatus NetStream.Publish.BadName``) and disconnected.
 
 Once publishing, audio and video messages are FLV tag bodies: they go to the sink
@@ -42,6 +42,17 @@ SET_CHUNK_SIZE, ACK, WINDOW_ACK_SIZE, PEER_BANDWIDTH = 1, 3, 5, 6
 STREAM_ID = 1  # the one message stream a publisher is given
 
 
+@dataclass(frozen=True, slots=True)
+class Publisher:
+    """Who publishes, as far as the ingest can tell (for the room's audit record)."""
+
+    address: str  # host:port they connect from
+    software: str = ""  # what their connect command says they are (flashVer), e.g. OBS
+
+    def __str__(self) -> str:
+        return f"{self.address} ({self.software})" if self.software else self.address
+
+
 class IngestRefused(Exception):
     """A publisher the ingest does not take (the message says why, to the publisher)."""
 
@@ -71,7 +82,8 @@ class DriverSink(typing.Protocol):
         ...
 
 
-Authorize = Callable[[str], DriverSink]  # stream name -> the room's sink, or IngestRefused
+# (stream name, publisher) -> the room's sink, or IngestRefused
+Authorize = Callable[[str, Publisher], DriverSink]
 
 
 @dataclass(slots=True)
@@ -107,7 +119,9 @@ class _Connection:
         self.acked = 0
         self.window = 0  # the publisher's window; 0: it asked for no acknowledgements
         self.sink: DriverSink | None = None
-        self.peer = str(writer.get_extra_info("peername"))
+        peer = writer.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.software = ""
 
     # -- reading
 
@@ -221,6 +235,10 @@ class _Connection:
         name, txn = values[0], values[1] if isinstance(values[1], float) else 0.0
         args = values[3:]
         if name == "connect":
+            params = values[2] if len(values) > 2 and isinstance(values[2], dict) else {}
+            flash = params.get("flashVer")
+            if isinstance(flash, str):
+                self.software = "".join(c for c in flash[:64] if c.isprintable())
             await self.send(WINDOW_ACK_SIZE, struct.pack(">I", WINDOW), csid=2)
             await self.send(PEER_BANDWIDTH, struct.pack(">IB", WINDOW, 2), csid=2)
             await self.send(SET_CHUNK_SIZE, struct.pack(">I", OUT_CHUNK), csid=2)
@@ -238,7 +256,7 @@ class _Connection:
             if self.sink is not None:
                 raise ProtocolError("publish twice on one connection")
             try:
-                self.sink = self.authorize(key)
+                self.sink = self.authorize(key, Publisher(self.peer, self.software))
             except IngestRefused as e:
                 log.info("driver ingest: refused a publisher from %s: %s", self.peer, e)
                 await self.command("onStatus", 0.0, None,

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import enum
 import logging
 import math
@@ -68,12 +67,10 @@ from avatarfarm.avatars import MOTION_FAMILIES, no_motion_input
 from avatarfarm.domain import DriveMode, OutputKind, Quality, ScriptSegment, SessionSpec
 from avatarfarm.egress import EgressPolicy, Resolver, check_resolved, pinned_url, system_resolver
 from avatarfarm.input_tokens import driver_key
-from avatarfarm.preparation.faces import default_detector
-from workers.camera.motion import Calibration, FaceTracker, face_crop
+from avatarfarm.live_driver import DriverAction, DriverPolicy
 from workers.device.engine import DeadlineMissed
 from workers.device.pipeline import Pipeline, fit_canvas, to_canvas
 from workers.families.base import FaceFamily, FaceSpeech, FrameAudio
-from workers.ingest.feed import DriverFeed, DriverFrame
 from workers.ingest.registry import DriverRooms
 from workers.media.alignment import (
     AvDelay,
@@ -96,6 +93,7 @@ from workers.output.encode import (
 )
 from workers.output.fence import Superseded
 from workers.output.targets import OutputTarget
+from workers.rooms.camera import CameraDriver, Motion
 from workers.rooms.drivers import LiveAudio, LiveMotion, ScriptPlayer
 from workers.rooms.wav2lip_frames import FaceAvatar, FaceFrame
 
@@ -148,7 +146,6 @@ class RoomStats:
 MIN_RENDER_SIDE = 16
 # A camera driver's sound kept ahead of what a frame plays, to ride out jitter (80 ms).
 CAMERA_JITTER_SAMPLES = SAMPLE_RATE * 2 // 25
-DRIVER_GONE_SECONDS = 0.5  # past a departed driver's last frame, the avatar goes idle
 
 
 class RoomRefused(ValueError):
@@ -204,7 +201,6 @@ class _InFlight:
 
 
 T = typing.TypeVar("T")
-Motion = asyncio.Future[np.ndarray | None]  # one frame's face motion, being read
 
 
 class DelayLine:
@@ -238,7 +234,8 @@ class Room:
                  egress: EgressPolicy | None = None, label: LabelSpec | None = None,
                  resolve: Resolver = system_resolver, input_key: bytes = b"",
                  drivers: DriverRooms | None = None,
-                 on_driver_latency: Callable[[Room, float], None] = lambda room, seconds: None) -> None:
+                 on_driver_latency: Callable[[Room, float], None] = lambda room, seconds: None,
+                 driver_policy: DriverPolicy | None = None) -> None:
         self.session_id = session_id
         # Live inputs are taken only with a token signed by this key (the scheduler's,
         # for this room: avatarfarm.input_tokens); none: no live input is taken.
@@ -308,27 +305,17 @@ class Room:
             if drivers is None or pipeline.face_reader_model is None or not input_key:
                 raise RoomRefused("this worker takes no camera drivers (no driver ingest, or no "
                                   "face reader in its model folder)")
-        # The driver's recent frames (their sound's stream time picks one), and the stream
-        # time of their first sound.
-        # Live, 2 s of frames; offline (fast pacing: the room may fall behind its driver
-        # while it renders as fast as it can), 10 s.
-        self._camera: collections.deque[DriverFrame] = collections.deque(
-            maxlen=250 if pacing is Pacing.FAST else 50)
-        # (stream time, samples taken from the room's audio before it): the driver's first
-        # sound, to tell the stream time of the sound a frame plays.
-        self._audio_t0: tuple[float, int] | None = None
-        self._camera_read: tuple[DriverFrame | None, np.ndarray | None] = (None, None)
-        self._camera_new = asyncio.Event()  # a driver frame came (or the driver left)
-        # Camera rooms find their driver's face on a thread of their own, frame by frame.
-        self._tracking = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="face-tracking")
-        self._tracker = FaceTracker(default_detector())
-        self._calibration = Calibration()
         self.face: FaceAvatar | None = None  # loaded when the room starts
         self.family: FaceFamily | None = None  # the face model's family, with it
         self.script = ScriptPlayer(self._synthesize)
         self.script.append(spec.script)
         self.audio_in = LiveAudio()
         self.motion_in = LiveMotion()
+        self.camera = CameraDriver(
+            session_id, self.audio_in, pipeline, policy=driver_policy or DriverPolicy(),
+            priority=self.priority,
+            offline=pacing is Pacing.FAST, clock=clock, account=self._motion_seconds,
+        ) if spec.drive_mode is DriveMode.CAMERA else None
         rng = np.random.default_rng(seed if seed is not None else abs(hash(session_id)) % 2**32)
         self.idle = IdleAnimator(q.fps, rng)
         self.mel = MelStream()
@@ -397,6 +384,10 @@ class Room:
         """Device time of the room's audio feature items (a family fed by HuBERT rows)."""
         self.stats.stage_seconds["audio_to_motion"] += seconds
 
+    def _motion_seconds(self, seconds: float) -> None:
+        """Device time of reading a camera driver's face (the room's motion stage)."""
+        self.stats.stage_seconds["audio_to_motion"] += seconds
+
     def _stalled(self, behind: float) -> None:
         if not self.held:
             log.warning("room %s: %.1fs behind real time (the worker stalled); holding its "
@@ -445,9 +436,9 @@ class Room:
 
     async def run(self) -> None:
         q = self.spec.quality
-        key = driver_key(self.input_key) if self.spec.drive_mode is DriveMode.CAMERA else ""
-        if key and self.drivers is not None:
-            self.drivers.open(key, self._driver_feed)
+        key = driver_key(self.input_key) if self.camera is not None else ""
+        if key and self.drivers is not None and self.camera is not None:
+            self.drivers.open(key, self.camera.feed)
         try:
             if self.video_avatar:
                 self.face, self.family = await self.pipeline.hold_face(self.spec.avatar_id)
@@ -502,7 +493,8 @@ class Room:
                 await self.pipeline.release_face(self.family)
             if key and self.drivers is not None:
                 self.drivers.close(key)
-            self._tracking.shutdown(wait=False, cancel_futures=True)
+            if self.camera is not None:
+                self.camera.close()
         if self.state not in (RoomState.FAILED,):
             self._set(RoomState.ENDED, self._stop_reason or "reached max duration")
 
@@ -613,6 +605,10 @@ class Room:
                 self.stop(self._handover_reason)
                 break
             self._t = t
+            if self.camera is not None and \
+                    self.camera.step(1 / q.fps) is DriverAction.END:
+                self.stop(self.camera.why_ended)
+                break
             audio, speaking = await self._audio(mode, k)
             if face is not None and not mode.uses_audio_to_motion:
                 # A motion-capture room on a video avatar: each frame from the performer's
@@ -676,88 +672,21 @@ class Room:
         return FaceFrame(index, r.value)
 
     def _driver_time(self, k: int) -> float:
-        """The camera driver's stream time of the frame whose ``k`` samples of their sound
-        were just taken (its middle): the camera frame to pair with it."""
-        if self._audio_t0 is None:
-            return math.inf  # no sound yet: their latest frame
-        t0, first = self._audio_t0
-        return t0 + (self.audio_in.taken_samples - first - k / 2) / SAMPLE_RATE
+        """A camera room's driver's stream time of the sound just taken (inf: none)."""
+        return self.camera.stream_time(k) if self.camera is not None else math.inf
 
     async def _face_motion(self, deadline: float, at: float = math.inf) -> tuple[Motion, float]:
         """The driver's face motion for the next frame, to await (None: none yet, or a
         gap: idle takes over), and when the camera frame it comes from arrived (nan:
         none): pushed (motion capture), or read from their camera's frame at stream time
-        ``at`` (the frame's sound's). A camera frame is read while the producer goes on
-        to the next frame: its face found on the room's own tracking thread (in order:
-        the tracker follows the face frame to frame), then read on the device, where a
-        room's consecutive frames may share a batch."""
-        if self.spec.drive_mode is not DriveMode.CAMERA:
+        ``at`` (the frame's sound's; `CameraDriver.motion`)."""
+        if self.camera is None:
             if self.pacing is Pacing.FAST:
                 await self.motion_in.wait_for_frame()
             done: asyncio.Future[np.ndarray | None] = asyncio.get_running_loop().create_future()
             done.set_result(self.motion_in.take())
             return done, math.nan
-        if self.pacing is Pacing.FAST and math.isfinite(at):
-            # Offline rendering follows its driver: wait for their frame of this time.
-            while (not self._camera or self._camera[-1].t < at) and self.audio_in.producers > 0:
-                self._camera_new.clear()
-                await self._camera_new.wait()
-        frame = None
-        for f in self._camera:
-            if f.t <= at or frame is None:
-                frame = f
-        if frame is not None and self.audio_in.producers == 0 and at - frame.t > DRIVER_GONE_SECONDS:
-            frame = None  # the driver left and their last frame is behind us: idle takes over
-        read = asyncio.ensure_future(self._camera_motion(frame, deadline))
-        return read, frame.received if frame is not None else math.nan
-
-    async def _camera_motion(self, frame: DriverFrame | None, deadline: float) -> np.ndarray | None:
-        """A camera frame (the one that goes with the sound being played) read into face
-        motion: the face tracked (the detector is CPU work: the room's tracking thread),
-        its crop read on the device, calibrated to the driver's resting face. A frame is
-        read once; a frame with no face gives none."""
-        if frame is None:
-            return None
-        if self._camera_read[0] is frame:
-            return self._camera_read[1]
-
-        def find() -> tuple[np.ndarray, typing.Any] | None:
-            box = self._tracker.track(frame.rgb)
-            return None if box is None or box.w < 8 else (face_crop(frame.rgb, box), box)
-
-        found = await asyncio.get_running_loop().run_in_executor(self._tracking, find)
-        motion: np.ndarray | None = None
-        if found is not None:
-            try:
-                r = await self.pipeline.read_face(found[0], deadline, self.priority)
-            except DeadlineMissed:  # the device is behind: this frame keeps the last motion
-                return self._camera_read[1]
-            self.stats.stage_seconds["audio_to_motion"] += r.seconds  # the room's motion stage
-            motion = self._calibration.face_motion(r.value, found[1])
-        self._camera_read = (frame, motion)
-        return motion
-
-    def _driver_feed(self) -> DriverFeed:
-        """The sink of a driver the ingest took for this room: their frames and sound."""
-        self.audio_in.attach()
-        self._camera.clear()  # a new stream, with times of its own
-        self._audio_t0 = None
-
-        def frame(f: DriverFrame) -> None:
-            self._camera.append(f)
-            self._camera_new.set()
-
-        def sound(t: float, samples: np.ndarray) -> None:
-            if self._audio_t0 is None:  # their stream's time at the sample taken next after these
-                self._audio_t0 = (t, self.audio_in.taken_samples + self.audio_in.buffered)
-            self.audio_in.offer(samples)
-
-        def ended(reason: str) -> None:
-            log.info("room %s: driver gone (%s)", self.session_id, reason)
-            self.audio_in.producer_closed()
-            self._camera_new.set()
-
-        return DriverFeed(frame, sound, ended)
+        return await self.camera.motion(deadline, at)
 
     async def _drive(self, face: FaceAvatar, index: int, pending: Motion,
                      deadline: float) -> FaceFrame:
@@ -910,7 +839,10 @@ class Room:
             # buffer, or the avatar would run late behind its driver for good.
             self.audio_in.skip(self.audio_in.buffered - k - CAMERA_JITTER_SAMPLES)
         had = self.audio_in.buffered
-        return self.audio_in.take(k), had > 0 and mode is DriveMode.VOICE
+        audio = self.audio_in.take(k)
+        if self.camera is not None and self.camera.action is not DriverAction.DRIVE:
+            audio[:] = 0.0  # a held room is silent: its driver's sound is not live either
+        return audio, had > 0 and mode is DriveMode.VOICE
 
     async def _close_encoder(self) -> None:
         enc = self._encoder

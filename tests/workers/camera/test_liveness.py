@@ -11,16 +11,9 @@ import av
 import numpy as np
 import pytest
 
+from avatarfarm.live_driver import DriverAction, DriverPolicy, DriverState
 from tests.driver_publisher import driver_frame
-from workers.camera.liveness import (
-    THUMB,
-    DriverAction,
-    DriverPolicy,
-    DriverState,
-    LivenessMonitor,
-    Signature,
-    Signer,
-)
+from workers.camera.liveness import THUMB, LivenessMonitor, Signature, Signer
 
 FPS = 25
 

@@ -19,7 +19,7 @@ import pytest
 from tests.driver_publisher import MOUTH, mouth_open
 from workers.ingest.feed import DriverFeed, DriverFrame
 from workers.ingest.registry import DriverRooms
-from workers.ingest.rtmp import RtmpIngest
+from workers.ingest.rtmp import Publisher, RtmpIngest
 
 KEY = "k3y-0f-th3-r00m-c4m3r4"
 
@@ -31,8 +31,11 @@ class Received:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     driving: asyncio.Event = field(default_factory=asyncio.Event)  # a first frame came
     reasons: list[str] = field(default_factory=list)
+    publishers: list[Publisher] = field(default_factory=list)
 
-    def feed(self) -> DriverFeed:
+    def feed(self, publisher: Publisher) -> DriverFeed:
+        self.publishers.append(publisher)
+
         def frame(f: DriverFrame) -> None:
             self.frames.append(f)
             self.driving.set()
@@ -77,6 +80,9 @@ def test_the_rooms_driver_is_taken_and_decoded_in_order() -> None:
 
     got = asyncio.run(body())
     assert got.reasons == ["the publisher stopped"]
+    # Who published, for the room's audit record: FFmpeg's RTMP client says what it is.
+    (who,) = got.publishers
+    assert who.address.startswith("127.0.0.1:") and "Lavf" in who.software
     frames = got.frames
     assert len(frames) == 50 and all(f.rgb.shape == (256, 256, 3) for f in frames)
     assert all(b.t > a.t for a, b in itertools.pairwise(frames))
@@ -101,9 +107,9 @@ def test_a_wrong_key_and_a_second_publisher_are_refused_before_any_media() -> No
         made: list[int] = []
         rooms = DriverRooms()
 
-        def sink() -> DriverFeed:
+        def sink(publisher: Publisher) -> DriverFeed:
             made.append(1)
-            return first.feed()
+            return first.feed(publisher)
 
         rooms.open(KEY, sink)
         ingest = RtmpIngest(rooms.authorize, "127.0.0.1")

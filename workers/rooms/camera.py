@@ -1,0 +1,197 @@
+"""A camera room's driver, on the worker: their frames and sound as the ingest decodes
+them, their face read into face motion for the frame that plays their sound, and
+whether they are live, with what the platform's rules make of that.
+
+* Pairing: the room plays the driver's sound as it comes; the camera frame shown with
+  a stretch of it is the one of the same stream time (`stream_time`), or the mouth
+  would run frames behind the voice.
+* Reading: a frame's face is found on the room's own tracking thread (in order: the
+  tracker follows the face from frame to frame) and read on the device, batched across
+  rooms, while the room goes on to its next frame.
+* Liveness: every frame's signature goes to the room's `LivenessMonitor`; once per
+  output frame `step` applies the `DriverPolicy` (drive, hold on the idle loop in
+  silence, end) and counts the stream seconds driven live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import math
+import typing
+from collections.abc import Callable
+
+import numpy as np
+
+from avatarfarm.live_driver import DriverAction, DriverPolicy, DriverState
+from avatarfarm.preparation.faces import default_detector
+from workers.camera.liveness import LivenessMonitor
+from workers.camera.motion import Calibration, FaceTracker, face_crop
+from workers.device.engine import DeadlineMissed
+from workers.device.pipeline import Pipeline
+from workers.ingest.feed import DriverFeed, DriverFrame
+from workers.ingest.rtmp import Publisher
+from workers.media.audio import SAMPLE_RATE
+from workers.rooms.drivers import LiveAudio
+
+log = logging.getLogger(__name__)
+
+DRIVER_GONE_SECONDS = 0.5  # past a departed driver's last frame, the avatar goes idle
+
+Motion = asyncio.Future[np.ndarray | None]  # one frame's face motion, being read
+
+
+class CameraDriver:
+    """The driver of one camera room (made only for camera rooms)."""
+
+    def __init__(self, session_id: str, audio: LiveAudio, pipeline: Pipeline, *,
+                 policy: DriverPolicy, priority: int, offline: bool,
+                 clock: Callable[[], float],
+                 account: Callable[[float], None] = lambda seconds: None) -> None:
+        self.session_id = session_id
+        self.audio = audio  # the room's live audio: the driver's sound goes there
+        self.pipeline = pipeline
+        self.policy = policy
+        self.priority = priority
+        self.offline = offline  # the room renders as fast as it can, following its driver
+        self.clock = clock
+        self._account = account  # device seconds of face reads, the room's motion stage
+        # Live, 2 s of frames; offline (the room may fall behind its driver while it
+        # renders as fast as it can), 10 s.
+        self._frames: collections.deque[DriverFrame] = collections.deque(maxlen=250 if offline else 50)
+        # (stream time, samples taken from the room's audio before it): the driver's first
+        # sound, to tell the stream time of the sound a frame plays.
+        self._audio_t0: tuple[float, int] | None = None
+        self._read: tuple[DriverFrame | None, np.ndarray | None] = (None, None)
+        self._new = asyncio.Event()  # a driver frame came (or the driver left)
+        self._tracking = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="face-tracking")
+        self._tracker = FaceTracker(default_detector())
+        self._calibration = Calibration()
+        self.liveness = LivenessMonitor()
+        self.publisher: Publisher | None = None
+        self.state = DriverState.WAITING
+        self.action = DriverAction.HOLD
+        self.driven_seconds = 0.0  # stream seconds the driver drove live
+        self._lost_since: float | None = None
+
+    # -- the ingest's side
+
+    def feed(self, publisher: Publisher) -> DriverFeed:
+        """The sink of a driver the ingest took for this room: their frames and sound."""
+        log.info("room %s: driver %s publishing", self.session_id, publisher)
+        self.publisher = publisher
+        self.audio.attach()
+        self._frames.clear()  # a new stream, with times of its own
+        self._audio_t0 = None
+        self.liveness.connected()
+
+        def frame(f: DriverFrame) -> None:
+            self._frames.append(f)
+            self.liveness.frame(f.t, f.signature)
+            self._new.set()
+
+        def sound(t: float, samples: np.ndarray) -> None:
+            if self._audio_t0 is None:  # their stream's time at the sample taken next after these
+                self._audio_t0 = (t, self.audio.taken_samples + self.audio.buffered)
+            self.audio.offer(samples)
+
+        def ended(reason: str) -> None:
+            log.info("room %s: driver gone (%s)", self.session_id, reason)
+            self.audio.producer_closed()
+            self.liveness.disconnected()
+            self._new.set()
+
+        return DriverFeed(frame, sound, ended)
+
+    @property
+    def connected(self) -> bool:
+        return self.audio.producers > 0
+
+    # -- once per output frame
+
+    def step(self, seconds: float) -> DriverAction:
+        """The driver's state and what the room does with them for its next frame, which
+        lasts ``seconds`` of stream."""
+        state = self.liveness.state
+        if state is not self.state:
+            log.info("room %s: %s", self.session_id, state.describe())
+            self.state = state
+        now = self.clock()
+        if self.policy.lost(state):
+            self._lost_since = now if self._lost_since is None else self._lost_since
+        else:
+            self._lost_since = None
+        self.action = self.policy.action(state, 0.0 if self._lost_since is None
+                                         else now - self._lost_since)
+        if state.live:
+            self.driven_seconds += seconds
+        return self.action
+
+    @property
+    def why_ended(self) -> str:
+        return (f"{self.state.describe()} for {self.policy.grace_seconds:g} s: the room ends, "
+                "as its platform requires of a live driver")
+
+    def stream_time(self, k: int) -> float:
+        """The driver's stream time of the frame whose ``k`` samples of their sound were
+        just taken (its middle): the camera frame to pair with it."""
+        if self._audio_t0 is None:
+            return math.inf  # no sound yet: their latest frame
+        t0, first = self._audio_t0
+        return t0 + (self.audio.taken_samples - first - k / 2) / SAMPLE_RATE
+
+    async def motion(self, deadline: float, at: float) -> tuple[Motion, float]:
+        """The face motion for the next frame, to await (None: idle takes over: the room
+        holds, no driver, or none in view), read from the camera frame at stream time
+        ``at`` (the frame's sound's), and when that frame arrived (nan: none)."""
+        if self.offline and math.isfinite(at):
+            # Offline rendering follows its driver: wait for their frame of this time.
+            while (not self._frames or self._frames[-1].t < at) and self.connected:
+                self._new.clear()
+                await self._new.wait()
+        frame = None
+        for f in self._frames:
+            if f.t <= at or frame is None:
+                frame = f
+        if frame is not None and not self.connected and at - frame.t > DRIVER_GONE_SECONDS:
+            frame = None  # the driver left and their last frame is behind us
+        # A held room still reads its driver's face (liveness must see it come back),
+        # but the face does not drive the avatar.
+        drive = self.action is DriverAction.DRIVE
+        read = asyncio.ensure_future(self._face(frame, deadline, drive))
+        return read, frame.received if frame is not None and drive else math.nan
+
+    async def _face(self, frame: DriverFrame | None, deadline: float,
+                    drive: bool = True) -> np.ndarray | None:
+        """A camera frame read into face motion (returned if it is to ``drive``): the face
+        tracked (CPU work, on the room's tracking thread), its crop read on the device,
+        calibrated to the driver's resting face. A frame is read once; a frame with no
+        face gives none."""
+        if frame is None:
+            return None
+        if self._read[0] is not frame:
+            await self._read_face(frame, deadline)
+        return self._read[1] if drive else None
+
+    async def _read_face(self, frame: DriverFrame, deadline: float) -> None:
+
+        def find() -> tuple[np.ndarray, typing.Any] | None:
+            box = self._tracker.track(frame.rgb)
+            return None if box is None or box.w < 8 else (face_crop(frame.rgb, box), box)
+
+        found = await asyncio.get_running_loop().run_in_executor(self._tracking, find)
+        self.liveness.face(frame.t, found is not None)
+        motion: np.ndarray | None = None
+        if found is not None:
+            try:
+                r = await self.pipeline.read_face(found[0], deadline, self.priority)
+            except DeadlineMissed:  # the device is behind: this frame keeps the last motion
+                return
+            self._account(r.seconds)
+            motion = self._calibration.face_motion(r.value, found[1])
+        self._read = (frame, motion)
+
+    def close(self) -> None:
+        self._tracking.shutdown(wait=False, cancel_futures=True)
