@@ -67,7 +67,7 @@ class DriverPolicy:
 
     def action(self, state: DriverState, lost_for: float) -> DriverAction:
         """What the room does with its driver in ``state``, not live for ``lost_for``
-        seconds (of the room's clock) so far."""
+        seconds (of the room's stream) so far."""
         if state is DriverState.WAITING:
             return DriverAction.HOLD
         if not self.lost(state):

@@ -6,7 +6,7 @@ opens and shuts, and a tone while it is open, H.264 and AAC in FLV, paced in rea
 
 Patterns (``--pattern``): ``talk`` opens the mouth every other 5 frames; ``live`` opens
 it at random, with a webcam's sensor noise on every frame (as a person on camera);
-``still`` repeats one noisy frame (a frozen feed); ``loop`` replays a 2 s recording of
+``still`` repeats one noisy frame, mouth open, tone on (a frozen feed); ``loop`` replays a 2 s recording of
 ``live`` over and over (a pre-recorded feed).
 
 Run as a process of its own (FFmpeg's RTMP client blocks while it connects). Prints
@@ -38,9 +38,12 @@ NOISE = 3.0  # a webcam's sensor noise, luma levels (standard deviation)
 _SPEECH = np.random.default_rng(7).random(100_000) < 0.5  # `live`: mouth open or not, per 3 frames
 
 
+_STILL = 3 * int(np.argmax(_SPEECH))  # `still` shows a frame with the mouth open (and the tone)
+
+
 def _source(i: int, pattern: str = "talk") -> int:
     """The frame of the `live` performance that frame ``i`` of ``pattern`` shows."""
-    return {"still": 0, "loop": i % LOOP_FRAMES}.get(pattern, i)
+    return {"still": _STILL, "loop": i % LOOP_FRAMES}.get(pattern, i)
 
 
 def mouth_open(i: int, pattern: str = "talk") -> bool:

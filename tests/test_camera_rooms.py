@@ -2,7 +2,8 @@
 a driver publishes the real photograph with a moving mouth and a tone over RTMP
 (FFmpeg's client, as OBS or ffmpeg would), and the room's stream opens the avatar's
 mouth where the driver opened theirs, with the driver's own sound; a stream key that is
-not the room's is refused."""
+not the room's is refused. On a platform that requires a live driver, a frozen feed is
+told to watchers, recorded in the audit log and, past the grace period, ends the room."""
 
 from __future__ import annotations
 
@@ -10,18 +11,21 @@ import asyncio
 import sys
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from avatarfarm import client
-from avatarfarm.v1 import sessions_pb2, types_pb2
+from avatarfarm.v1 import avatars_pb2, avatars_pb2_grpc, sessions_pb2, types_pb2
+from scheduler.policy.platforms import PlatformPolicy
 from tests.driver_publisher import mouth_open
 from tests.media import mouth_openness, probe
 from tests.test_farm import ended, farm, run
 
 
-async def publish(url: str, seconds: float) -> tuple[int, str]:
+async def publish(url: str, seconds: float, pattern: str = "live") -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.driver_publisher", url, "--seconds", str(seconds),
+        "--pattern", pattern,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     out, _ = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode is not None
@@ -49,6 +53,10 @@ def test_a_camera_room_moves_with_its_driver_and_speaks_with_their_voice(tmp_pat
             done = await client.wait_for(stub, room.session_id, ended, 60)
             assert done.state == types_pb2.SESSION_STATE_ENDED, done.reason
             assert done.progress.frames_rendered == 75 and done.driver_url == ""
+            # A live driver (a person with a webcam's noise, never the same picture twice).
+            assert done.progress.driver_state == types_pb2.DRIVER_STATE_LIVE
+            assert 2.0 < done.progress.driven_seconds < 3.0 + 1e-6
+            assert done.progress.driver.startswith("127.0.0.1:")
             # How far behind its driver the avatar is, measured on every driven frame.
             registry = worker.agent.metrics.registry
             count = registry.get_sample_value("avatarfarm_worker_driver_latency_seconds_count",
@@ -60,10 +68,9 @@ def test_a_camera_room_moves_with_its_driver_and_speaks_with_their_voice(tmp_pat
 
         path = tmp_path / "out" / "@vendor" / "cam.mp4"
         assert probe(path).frames == 75
-        # The avatar's mouth follows the driver's (open for half of every 10 frames), a
-        # few frames behind at most.
+        # The avatar's mouth follows the driver's, a few frames behind at most.
         openness = mouth_openness(path)
-        said = np.array([mouth_open(i) for i in range(100)], np.float32)
+        said = np.array([mouth_open(i, "live") for i in range(100)], np.float32)
         best = max(np.corrcoef(openness[10:70], said[10 - lag:70 - lag])[0, 1] for lag in range(0, 8))
         assert best > 0.7
         # And the stream's sound is the driver's: the tone while their mouth is open, in
@@ -79,5 +86,93 @@ def test_a_camera_room_moves_with_its_driver_and_speaks_with_their_voice(tmp_pat
         assert 0.3 < loud.mean() < 0.7
         opened = (openness[:70] > (openness.max() + openness.min()) / 2).astype(np.float32)
         assert max(float(np.mean(loud[lag:] == opened[:70 - lag])) for lag in (0, 1)) > 0.85
+
+    run(body())
+
+
+def test_a_frozen_driver_is_told_audited_and_ends_the_room_where_a_live_one_is_required(
+        tmp_path: Path, model_dir: Path) -> None:
+    policy = PlatformPolicy(require_live_driver=True, end_when_driver_lost=True,
+                            driver_grace_seconds=1.0)
+
+    async def body() -> None:
+        async with farm(tmp_path, model_dir, {"platforms": {"live-only": policy}}) as (stub, worker):
+            spec = client.spec("vendor", "cam", drive=types_pb2.DRIVE_MODE_CAMERA, width=256,
+                               height=256, file_path="frozen.mp4", seconds=30.0)
+            spec.platform = "live-only"
+            room = await stub.CreateSession(sessions_pb2.CreateSessionRequest(spec=spec))
+            events: list[sessions_pb2.SessionEvent] = []
+
+            async def watch() -> None:
+                async for ev in stub.WatchSession(sessions_pb2.WatchSessionRequest(
+                        session_id=room.session_id)):
+                    events.append(ev)
+
+            watching = asyncio.create_task(watch())
+            placed = await client.wait_for(stub, room.session_id, lambda s: bool(s.driver_url), 30)
+            # The driver sends one picture over and over: frozen within 2 s, then 1 s of
+            # grace on the idle loop, and the room ends, long before its 30 s.
+            code, out = await publish(placed.driver_url, 20.0, "still")
+            assert code == 3, out  # cut off when the room ended
+            done = await client.wait_for(stub, room.session_id, ended, 60)
+            watching.cancel()
+            assert done.state == types_pb2.SESSION_STATE_ENDED
+            assert "frozen" in done.reason and "live driver" in done.reason, done.reason
+            assert done.progress.driver_state == types_pb2.DRIVER_STATE_FROZEN
+            assert done.progress.driven_seconds < 2.5 and done.progress.stream_seconds < 8.0
+            told = [e.message for e in events if e.kind == sessions_pb2.SESSION_EVENT_KIND_DRIVER]
+            assert any("frozen" in m for m in told), told
+            # Who drove the avatar, and when they stopped being live, in its audit log.
+            async with grpc.aio.insecure_channel(worker.agent.scheduler_address) as channel:
+                log = await avatars_pb2_grpc.AvatarServiceStub(channel).ListAuditEntries(
+                    avatars_pb2.ListAuditEntriesRequest(avatar_id=spec.avatar_id))
+            mine = [e for e in log.entries if e.session_id == room.session_id]
+            actions = [e.action for e in mine]
+            assert actions[0] == "room_started" and actions[-1] == "room_ended"
+            assert actions.index("driver_live") < actions.index("driver_not_live")
+            live = next(e for e in mine if e.action == "driver_live")
+            assert "127.0.0.1:" in live.detail and "Lavf" in live.detail
+            assert "frozen" in next(e for e in mine if e.action == "driver_not_live").detail
+        # The frozen driver's tone played while they counted as live; once held, the
+        # room is silent on its idle loop.
+        import av
+
+        with av.open(str(tmp_path / "out" / "@vendor" / "frozen.mp4")) as c:
+            audio = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
+            rate = c.streams.audio[0].rate
+        assert np.sqrt(np.mean(audio[rate // 2: rate] ** 2)) > 0.1
+        assert np.sqrt(np.mean(audio[-rate // 2:] ** 2)) < 0.01
+
+    run(body())
+
+
+def test_a_driver_who_leaves_gets_a_grace_period_then_the_platform_decides(
+        tmp_path: Path, model_dir: Path) -> None:
+    platforms = {"strict": PlatformPolicy(end_when_driver_lost=True, driver_grace_seconds=2.0),
+                 "lenient": PlatformPolicy()}  # holds on the idle loop until the room's end
+
+    async def body() -> None:
+        async with farm(tmp_path, model_dir, {"platforms": platforms}) as (stub, _):
+            rooms = {}
+            for name in platforms:
+                spec = client.spec("vendor", name, drive=types_pb2.DRIVE_MODE_CAMERA, width=256,
+                                   height=256, file_path=f"{name}.mp4", seconds=8.0)
+                spec.platform = name
+                rooms[name] = await stub.CreateSession(sessions_pb2.CreateSessionRequest(spec=spec))
+            for room in rooms.values():
+                placed = await client.wait_for(stub, room.session_id, lambda s: bool(s.driver_url), 30)
+                code, out = await publish(placed.driver_url, 2.0)  # then they leave
+                assert code == 0, out
+            strict = await client.wait_for(stub, rooms["strict"].session_id, ended, 60)
+            lenient = await client.wait_for(stub, rooms["lenient"].session_id, ended, 60)
+            for done in (strict, lenient):
+                assert done.state == types_pb2.SESSION_STATE_ENDED
+                assert done.progress.driver_state == types_pb2.DRIVER_STATE_ABSENT
+                assert 1.5 < done.progress.driven_seconds < 2.5
+            # 2 s driven, 2 s of grace on the idle loop, then the end.
+            assert "the driver left for 2 s" in strict.reason, strict.reason
+            assert 3.5 < strict.progress.stream_seconds < 5.0
+            assert lenient.reason == "reached max duration"
+            assert lenient.progress.stream_seconds == 8.0
 
     run(body())

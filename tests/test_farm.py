@@ -34,11 +34,12 @@ SPEECH = "Hello and welcome! Today every pair of running shoes is half price."
 
 
 @contextlib.asynccontextmanager
-async def farm(tmp_path: Path, model_dir: Path, **worker_kw: Any) -> AsyncIterator[
+async def farm(tmp_path: Path, model_dir: Path, scheduler_kw: dict[str, Any] | None = None,
+               **worker_kw: Any) -> AsyncIterator[
         tuple[sessions_pb2_grpc.SessionServiceStub, RunningWorker]]:
     sched = await start_scheduler(SchedulerConfig(
         listen="127.0.0.1:0", metrics_port=0, database=tmp_path / "state.db",
-        avatar_dir=model_dir / "avatars", overcommit=20.0))
+        avatar_dir=model_dir / "avatars", overcommit=20.0, **(scheduler_kw or {})))
     conf = WorkerConfig(scheduler=f"127.0.0.1:{sched.port}", listen="127.0.0.1:0", worker_id="w1",
                         model_dir=model_dir, output_dir=tmp_path / "out", provider=ProviderChoice.CPU,
                         profile_encode_sizes="256x256", profile_iterations=1,

@@ -48,7 +48,6 @@ class CameraDriver:
 
     def __init__(self, session_id: str, audio: LiveAudio, pipeline: Pipeline, *,
                  policy: DriverPolicy, priority: int, offline: bool,
-                 clock: Callable[[], float],
                  account: Callable[[float], None] = lambda seconds: None) -> None:
         self.session_id = session_id
         self.audio = audio  # the room's live audio: the driver's sound goes there
@@ -56,7 +55,6 @@ class CameraDriver:
         self.policy = policy
         self.priority = priority
         self.offline = offline  # the room renders as fast as it can, following its driver
-        self.clock = clock
         self._account = account  # device seconds of face reads, the room's motion stage
         # Live, 2 s of frames; offline (the room may fall behind its driver while it
         # renders as fast as it can), 10 s.
@@ -74,6 +72,8 @@ class CameraDriver:
         self.state = DriverState.WAITING
         self.action = DriverAction.HOLD
         self.driven_seconds = 0.0  # stream seconds the driver drove live
+        # Grace periods run in stream time (the room's clock, live or rendering offline).
+        self._stream_seconds = 0.0
         self._lost_since: float | None = None
 
     # -- the ingest's side
@@ -115,10 +115,13 @@ class CameraDriver:
         """The driver's state and what the room does with them for its next frame, which
         lasts ``seconds`` of stream."""
         state = self.liveness.state
+        if state is DriverState.ABSENT and self.audio.buffered > 0:
+            state = self.state  # what they sent before they left is still playing
         if state is not self.state:
             log.info("room %s: %s", self.session_id, state.describe())
             self.state = state
-        now = self.clock()
+        now = self._stream_seconds
+        self._stream_seconds += seconds
         if self.policy.lost(state):
             self._lost_since = now if self._lost_since is None else self._lost_since
         else:

@@ -314,7 +314,7 @@ class Room:
         self.camera = CameraDriver(
             session_id, self.audio_in, pipeline, policy=driver_policy or DriverPolicy(),
             priority=self.priority,
-            offline=pacing is Pacing.FAST, clock=clock, account=self._motion_seconds,
+            offline=pacing is Pacing.FAST, account=self._motion_seconds,
         ) if spec.drive_mode is DriveMode.CAMERA else None
         rng = np.random.default_rng(seed if seed is not None else abs(hash(session_id)) % 2**32)
         self.idle = IdleAnimator(q.fps, rng)
