@@ -2,11 +2,13 @@
 
 Each room is a live camera room on the reference portrait (real-time pacing); its driver
 is a process publishing over RTMP to the worker's ingest as OBS or ffmpeg would (the
-test driver: the real photograph with a moving mouth and a tone, `tests.driver_publisher`).
+test driver: the real photograph with a moving mouth, a webcam's noise and a tone,
+`tests.driver_publisher --pattern live`).
 For each number of rooms, per mode (the face reader and renderer batched across rooms,
 or one room per call), it prints frames per second delivered, late frames and the
 driver latency (a driver frame's arrival to the avatar frame that shows it going to the
-encoder) at the median and 95th percentile, over the rooms' last seconds.
+encoder) at the median and 95th percentile, over the rooms' last seconds, and the share
+of the stream the drivers drove live (the liveness monitor's verdict).
 
     python loadtests/camera_bench.py --rooms 1,2,4 --seconds 8
 
@@ -58,6 +60,7 @@ async def run(pipeline: Pipeline, rooms: int, seconds: float, out: Path) -> dict
     publishers = [await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.driver_publisher",
         f"rtmp://127.0.0.1:{port}/live/{driver_key(r.input_key)}", "--seconds", str(seconds + 1),
+        "--pattern", "live",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         cwd=str(ROOT)) for r in made]
     await asyncio.gather(*tasks)
@@ -75,7 +78,8 @@ async def run(pipeline: Pipeline, rooms: int, seconds: float, out: Path) -> dict
     latency = np.array([x for r in made for x in list(r.driver_latency)[len(r.driver_latency) // 3:]])
     frames = sum(r.stats.frames_rendered for r in made)
     late = sum(r.stats.late_frames for r in made)
-    return {"fps": frames / seconds, "late": late / max(frames, 1),
+    driven = sum(r.camera.driven_seconds for r in made if r.camera is not None)
+    return {"fps": frames / seconds, "late": late / max(frames, 1), "live": driven / (seconds * rooms),
             "p50": float(np.percentile(latency, 50)) if latency.size else float("nan"),
             "p95": float(np.percentile(latency, 95)) if latency.size else float("nan"),
             "batch": items / max(calls, 1)}
@@ -98,12 +102,12 @@ def main() -> None:
         print(f"camera rooms 256x256@25 on the reference portrait, {os.cpu_count()} cores; "
               "latency: driver frame in -> avatar frame to the encoder")
         print(f"{'mode':<9} {'rooms':>5} {'frames/s':>9} {'late':>7} {'p50 ms':>7} {'p95 ms':>7} "
-              f"{'reader batch':>12}")
+              f"{'reader batch':>12} {'live':>6}")
         for n in (int(x) for x in args.rooms.split(",")):
             for mode in args.modes.split(","):
                 r = asyncio.run(run(pipelines[mode], n, args.seconds, Path(tmp) / f"{mode}-{n}"))
                 print(f"{mode:<9} {n:>5} {r['fps']:>9.1f} {r['late']:>7.2%} {r['p50'] * 1e3:>7.0f} "
-                      f"{r['p95'] * 1e3:>7.0f} {r['batch']:>12.2f}", flush=True)
+                      f"{r['p95'] * 1e3:>7.0f} {r['batch']:>12.2f} {r['live']:>6.0%}", flush=True)
         for p in pipelines.values():
             p.close()
 

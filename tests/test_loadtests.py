@@ -1,7 +1,8 @@
 """The load tests themselves: the packing simulator behind the load test's cost
 figures (on a small day of the trace, the bound is below every strategy and packing
 beats the baselines), a tiny run of the scheduler load test (every phase against the
-real scheduler), a short run of the chaos load test, and the autoscaling simulator."""
+real scheduler), a short run of the chaos load test, the autoscaling simulator, and a
+short run of the camera rooms' benchmark."""
 
 from __future__ import annotations
 
@@ -117,3 +118,17 @@ def test_the_soak_runs_every_drive_mode_and_reads_its_outputs_back() -> None:
         assert abs(float(row[7]) - 12.0) < 0.02 and abs(float(row[8]) - 12.0) < 0.02
         assert float(row[5]) == pytest.approx(40.0, abs=0.5)  # no frame stretched, the first included
     assert "corrections in" in out.stdout and "slope" in out.stdout
+
+
+@pytest.mark.slow
+def test_the_camera_benchmark_runs_a_live_driver_through_a_room() -> None:
+    out = subprocess.run(
+        [sys.executable, "loadtests/camera_bench.py", "--rooms", "1", "--seconds", "3",
+         "--modes", "batched"],
+        capture_output=True, text=True, timeout=240, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stdout + out.stderr
+    (row,) = [line.split() for line in out.stdout.splitlines() if line.startswith("batched")]
+    _, rooms, fps, _, p50, p95, _, live = row
+    assert rooms == "1" and float(fps) == 25.0  # every frame of the 3 s room was delivered
+    assert 0 < float(p50) <= float(p95) < 2000  # driver frame in -> avatar frame out, ms
+    assert float(live.rstrip("%")) > 50  # the test driver is live for most of the room
