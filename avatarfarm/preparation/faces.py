@@ -158,6 +158,9 @@ def default_detector() -> HaarFaceDetector:
     return HaarFaceDetector()
 
 
+CHIN = 0.12  # the margin added below a face box, as a share of its height
+
+
 @dataclass(frozen=True, slots=True)
 class TrackPolicy:
     min_found: float = 0.8  # share of frames the detector must find the face in
@@ -165,7 +168,7 @@ class TrackPolicy:
     several: float = 0.2  # share of frames with a second person that refuses the clip
     min_side: int = 96  # the family's crop side: a smaller face would be upscaled to it
     smooth_frames: int = 5  # moving-average window over the boxes (odd)
-    chin: float = 0.12  # margin below the box, as a share of its height
+    chin: float = CHIN  # margin below the box, as a share of its height
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +219,7 @@ def track_faces(frames: Iterable[np.ndarray], detector: FaceDetector | None = No
     filled = _fill(detected)
     smoothed = _smooth(filled, policy.smooth_frames)
     width, height = size
-    out = tuple(_with_chin(b, policy.chin).clipped(width, height) for b in smoothed)
+    out = tuple(with_chin(b, policy.chin).clipped(width, height) for b in smoothed)
     return FaceTrack(out, tuple(detected))
 
 
@@ -252,5 +255,6 @@ def _smooth(boxes: Sequence[Box], window: int) -> list[Box]:
     return out
 
 
-def _with_chin(b: Box, share: float) -> Box:
+def with_chin(b: Box, share: float = CHIN) -> Box:
+    """The box with the chin margin below it (a frontal-face box ends at the lips)."""
     return Box(b.x, b.y, b.w, b.h + round(b.h * share))

@@ -91,8 +91,9 @@ class FaceTracker:
         return Box(x, y, w, h).clipped(rgb.shape[1], rgb.shape[0])
 
 
-def face_crop(rgb: np.ndarray, box: Box) -> np.ndarray:
-    """The face reader's input: the box's pixels at SIDE, [3, SIDE, SIDE] float32 0..1."""
+def face_crop(rgb: np.ndarray, box: Box, side: int = SIDE) -> np.ndarray:
+    """A face model's input: the box's pixels at ``side`` (the face reader's by default),
+    [3, side, side] float32 0..1."""
     region = rgb[box.y: box.y + box.h, box.x: box.x + box.w]
-    crop = cv2.resize(region, (SIDE, SIDE), interpolation=cv2.INTER_AREA)
+    crop = cv2.resize(region, (side, side), interpolation=cv2.INTER_AREA)
     return np.ascontiguousarray(crop.transpose(2, 0, 1), dtype=np.float32) * np.float32(1 / 255)

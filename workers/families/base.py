@@ -9,7 +9,8 @@ batched across rooms like any other stage; Wav2Lip's mel windows are computed he
 the host.
 
 A family with a motion input also redraws a frame from face motion (`FaceFamily.drive`),
-for motion-capture rooms.
+for motion-capture rooms, and may read a camera driver's face with a model of its own
+(`CameraReading`: LivePortrait's motion extractor), for camera rooms.
 
 A family's adapter module has a ``load(folder, ctx)`` giving its `FamilyRuntime` on
 one worker (None where the model folder does not name its models): the models it
@@ -84,6 +85,26 @@ class FaceFamily:
     # motion (`avatarfarm.face_motion`) in place of the audio input, for motion-capture
     # rooms; None: the family has none, and motion-capture rooms are refused.
     drive: Redraw | None = None
+    # A family that reads a camera driver's face with its own model; None: camera rooms
+    # read it with the worker's face reader and drive through `drive`.
+    camera: CameraReading | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CameraReading:
+    """How a family reads a camera driver's face and redraws the avatar from it.
+
+    ``read``: a face crop ([3, side, side] RGB 0..1, the detector's box with the chin
+    margin below, as avatars are cropped), the frame's deadline and priority -> the
+    driver's motion in the frame as a pipeline `Timed` (one device item). ``relative``:
+    (that motion, the driver's reference motion) -> what ``drive`` takes: the avatar
+    moves as the driver moved from their reference (the first frame of theirs read).
+    """
+
+    side: int
+    read: typing.Callable[[np.ndarray, float, int], typing.Awaitable[typing.Any]]
+    relative: typing.Callable[[np.ndarray, np.ndarray], np.ndarray]
+    drive: Redraw
 
 
 Points = tuple[tuple[int, float], ...]  # (batch size, seconds) of a latency curve

@@ -5,7 +5,9 @@ appearance features and keypoints (`avatarfarm.preparation.keypoints`). Per spea
 frame: the audio-to-motion model reads a window of HuBERT rows (the worker's feature
 model, as for Ultralight) and gives the 70-value motion (63 expression, scale,
 translation 3, pitch/yaw/roll in degrees) relative to the source (in a motion-capture
-room, the performer's face motion gives it instead: `motion_of`); the driving keypoints
+room, the performer's face motion gives it instead: `motion_of`; in a camera room, the
+motion extractor reads the driver's face, and the motion is how far the driver moved from
+their first frame read, as LivePortrait drives a portrait from a video); the driving keypoints
 are the source's canonical keypoints rotated, deformed, scaled and moved by it
 (LivePortrait's transform, here on the host: 21 points); the stitching model corrects
 them ([126] -> [65]: 63 offsets and an x/y shift); the warping model draws the face at
@@ -29,10 +31,11 @@ import numpy as np
 
 from avatarfarm.face_motion import ARKIT, HEAD, INDEX
 from avatarfarm.preparation import keypoints
+from avatarfarm.preparation.keypoints import SIDE as EXTRACTOR_SIDE
 from workers.device.binding import WAV2LIP_LAYOUT, AudioRole, describe
 from workers.device.engine import BatchKey
 from workers.device.onnx import ModelInterfaceError, OrtModel
-from workers.families.base import FaceFamily, Points, Served, WorkerContext
+from workers.families.base import CameraReading, FaceFamily, Points, Served, WorkerContext
 from workers.families.rows import RowStream
 
 if typing.TYPE_CHECKING:
@@ -189,6 +192,59 @@ def load_warping(load: Callable[[str, Path], OrtModel], name: str, path: Path) -
         raise
 
 
+# A face's motion as the motion extractor gives it, packed: pitch, yaw, roll (degrees),
+# translation, expression, scale.
+POSE, T, EXP, SCALE = slice(0, 3), slice(3, 6), slice(6, 69), 69
+EXTRACTED = ("pitch", "yaw", "roll", "t", "exp", "scale")
+
+
+class MotionExtractor:
+    """LivePortrait's ``motion_extractor``: ``img`` [B, 3, 256, 256] RGB / 255 -> pitch,
+    yaw, roll (66 bins each), t [B, 3], exp [B, 63], scale [B, 1] (and kp, unused), bound
+    by its outputs' names; packed into [B, 70] (pose in degrees first). An export with
+    its batch fixed at 1 runs a batch as that many calls."""
+
+    IMG = "img"
+
+    def __init__(self, model: OrtModel) -> None:
+        self.name, self.provider, self.session = model.name, model.provider, model.session
+        inputs = self.session.get_inputs()
+        outputs = {o.name for o in self.session.get_outputs()}
+        if len(inputs) != 1 or len(inputs[0].shape) != 4 or set(EXTRACTED) - outputs:
+            raise _refuse("motion extractor", "expected img [B, 3, 256, 256] -> pitch, yaw, roll, t, "
+                          "exp, scale (and kp)", model)
+        self._input = inputs[0].name
+        self._fixed = inputs[0].shape[0] == 1
+
+    def run(self, feeds: dict[str, np.ndarray]) -> tuple[list[typing.Any], float]:
+        t0 = time.perf_counter()
+        imgs = feeds[self.IMG]
+        calls = [imgs[i:i + 1] for i in range(len(imgs))] if self._fixed else [imgs]
+        parts = [dict(zip(EXTRACTED, self.session.run(list(EXTRACTED), {self._input: c}), strict=True))
+                 for c in calls]
+        got = {k: np.concatenate([np.asarray(p[k], np.float32) for p in parts]) for k in EXTRACTED}
+        bins = np.stack([got["pitch"], got["yaw"], got["roll"]], axis=1)  # [B, 3, 66]
+        e = np.exp(bins - bins.max(axis=2, keepdims=True))
+        pose = (e / e.sum(axis=2, keepdims=True)) @ np.arange(bins.shape[2], dtype=np.float32) * 3.0 - 97.5
+        packed = np.concatenate([pose, got["t"], got["exp"], got["scale"][:, :1]], axis=1)
+        return [packed.astype(np.float32)], time.perf_counter() - t0
+
+    def example_item(self) -> dict[str, np.ndarray]:
+        return {self.IMG: np.full((3, EXTRACTOR_SIDE, EXTRACTOR_SIDE), 0.5, np.float32)}
+
+
+def relative(driver: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """The 70-value motion (relative to the source) of a driver whose extracted motion is
+    ``driver``, as far as they moved from ``reference`` (LivePortrait's relative driving:
+    expression, translation and pose differences, the scale's ratio)."""
+    mo = np.zeros(MOTION, np.float32)
+    mo[:63] = driver[EXP] - reference[EXP]
+    mo[63] = driver[SCALE] / reference[SCALE] - 1.0 if reference[SCALE] > 1e-6 else 0.0
+    mo[64:67] = driver[T] - reference[T]
+    mo[67:70] = driver[POSE] - reference[POSE]
+    return mo
+
+
 AUDIO = AudioRole("features float32 [B, 16, 1024]", lambda shape: shape == AUDIO_SHAPE)
 
 
@@ -206,11 +262,15 @@ class Runtime:
         self.warping = load_warping(ctx.load, f"{spec.name}-warping", spec.warping)
         self.keys = (BatchKey(f"{spec.name}-a2m"), BatchKey(f"{spec.name}-stitching"),
                      BatchKey(f"{spec.name}-warping", self.warping.side))
+        # Reads camera drivers' faces (camera rooms); the same model avatars are prepared with.
+        self.extractor = MotionExtractor(ctx.load(f"{spec.name}-motion", spec.motion))
+        self.motion_key = BatchKey(f"{spec.name}-motion", EXTRACTOR_SIDE)
         self._extractors = keypoints.model_id(spec.appearance.read_bytes(), spec.motion.read_bytes())
 
     def served(self) -> list[Served]:
         a2m_key, stitch_key, warp_key = self.keys
-        return [Served(a2m_key, self.a2m), Served(stitch_key, self.stitching), Served(warp_key, self.warping)]
+        return [Served(a2m_key, self.a2m), Served(stitch_key, self.stitching), Served(warp_key, self.warping),
+                Served(self.motion_key, self.extractor)]
 
     def refusal(self, avatar_id: str, manifest: Manifest) -> str | None:
         if self._ctx.features is None or self._ctx.features.kind.name != "hubert":
@@ -270,7 +330,17 @@ class Runtime:
             out, seconds, batch = await posed(motion_of(motion), deadline, priority)
             return timed(out, seconds, batch)
 
-        return FaceFamily(self.name, warp_key, WAV2LIP_LAYOUT, AUDIO, speech, redraw, drive)
+        async def read(crop: np.ndarray, deadline: float, priority: int) -> typing.Any:
+            m = await engine.infer(self.motion_key, {MotionExtractor.IMG: crop}, due(deadline)[1], priority)
+            return timed(m.outputs[0], m.seconds, m.batch_size)
+
+        async def drive_camera(mo: np.ndarray, face: typing.Any, index: int, deadline: float,
+                               priority: int) -> typing.Any:
+            out, seconds, batch = await posed(mo, deadline, priority)
+            return timed(out, seconds, batch)
+
+        camera = CameraReading(EXTRACTOR_SIDE, read, relative, drive_camera)
+        return FaceFamily(self.name, warp_key, WAV2LIP_LAYOUT, AUDIO, speech, redraw, drive, camera)
 
     def renders(self) -> list[str]:
         features = self._ctx.features

@@ -18,7 +18,9 @@ model, built from numpy with fixed seeds, with the public signatures (MODELS.md,
 Behaviour: the appearance features hold the portrait at 64 px in their first three
 channels at every depth; the motion extractor reports a frontal pose and a fixed
 canonical face (`KEYPOINTS`), whose mouth keypoints are LivePortrait's as its expression
-editors move them: `JAW` (19) drops (+y) as the mouth opens, `LIP` (17) stays; the audio
+editors move them: `JAW` (19) drops (+y) as the mouth opens, `LIP` (17) stays; its
+expression drops the jaw keypoint as far as the face's mouth is open (dark against its
+cheeks: a camera driver's face, read frame by frame, drives the avatar's mouth); the audio
 model drops the jaw keypoint in proportion to the band power of the frame's own rows;
 the warping shifts the feature volume by the keypoints' mean motion (a real 5-D
 GridSample, the op some onnxruntime builds lacked, LivePortrait#150), scales it to
@@ -84,19 +86,60 @@ def build_appearance_extractor(*, seed: int = 37) -> onnx.ModelProto:
                    [_value("feature_3d", [1, *FEATURE_SHAPE])], "avatarfarm LivePortrait appearance stand-in")
 
 
-def build_motion_extractor(*, seed: int = 41) -> onnx.ModelProto:
+# Where the mouth and cheeks are in a 256 px face crop (the detector's box with the chin
+# margin below, as avatars and camera drivers are cropped), as shares of its side.
+MOUTH = (0.40, 0.60, 0.68, 0.78)
+CHEEKS = ((0.18, 0.32, 0.49, 0.61), (0.68, 0.82, 0.49, 0.61))
+# How much darker than the cheeks a mouth is before it counts as open, and the jaw's
+# expression offset per unit of darkness past that (a wide-open mouth, ~0.65: ~0.1).
+MOUTH_SHUT, JAW_GAIN = 0.1, 0.18
+
+
+def _regions(boxes: list[tuple[float, float, float, float]], weights: list[float]) -> np.ndarray:
+    """[SIDE * SIDE, 1] weights: each box's pixels averaged, times its weight, summed."""
+    w = np.zeros((SIDE, SIDE), np.float32)
+    for (x0, x1, y0, y1), k in zip(boxes, weights, strict=True):
+        r = np.zeros((SIDE, SIDE), np.float32)
+        r[round(y0 * SIDE):round(y1 * SIDE), round(x0 * SIDE):round(x1 * SIDE)] = 1.0
+        w += k * r / r.sum()
+    return w.reshape(-1, 1)
+
+
+def build_motion_extractor(*, width: int = 32, seed: int = 41) -> onnx.ModelProto:
     g = Graph(np.random.default_rng(seed))
-    pooled = g.op("GlobalAveragePool", ["img"], "pooled")  # [1, 3, 1, 1]
-    flat = g.op("Flatten", [pooled], "flat")  # [1, 3]
-    tiny = g.op("Mul", [flat, g.init("tiny", np.array(1e-6, np.float32))], "tiny")
-    bias = g.op("ReduceMean", [tiny], "bias", axes=[1], keepdims=1)  # [1, 1], ~0: reads the image
+    # The face reports a frontal pose, the canonical keypoints, and the jaw keypoint's drop
+    # as far as the mouth is open (dark against the cheeks).
+    luma = g.op("Conv", ["img", g.init("luma", np.array([0.299, 0.587, 0.114], np.float32).reshape(1, 3, 1, 1))],
+                "luma", kernel_shape=[1, 1])
+    flat = g.op("Flatten", [luma], "flat", axis=1)  # [1, S*S]
+    dark = g.op("MatMul", [flat, g.init("mouth", _regions([*CHEEKS, MOUTH], [0.5, 0.5, -1.0]))],
+                "dark")  # [1, 1]: cheeks less mouth
+    jaw = g.op("Mul", [g.op("Relu", [g.op("Sub", [dark, g.init("shut", np.array(MOUTH_SHUT, np.float32))],
+                                          "past")], "open"), g.init("gain", np.array(JAW_GAIN, np.float32))],
+               "jaw")  # [1, 1]
+    onehot = np.zeros((1, 63), np.float32)
+    onehot[0, 3 * JAW + 1] = 1.0
+    # The cost of a keypoint network: strided convolutions over the face, pooled, projected
+    # to a term of at most 1e-6 (bounded: it never moves a value).
+    x = g.conv("img", 3, width, stride=(2, 2), stem="c1")
+    for i in range(2, 5):
+        x = g.conv(x, width * 2 ** (i - 2), width * 2 ** (i - 1), stride=(2, 2), stem=f"c{i}")
+    pooled = g.op("Flatten", [g.op("GlobalAveragePool", [x], "pool")], "pooled", axis=1)
+    w = g.rng.standard_normal((width * 8, 1), np.float32) * np.float32(0.1 / np.sqrt(width * 8))
+    term = g.op("Mul", [g.op("Tanh", [g.op("MatMul", [pooled, g.init("proj", w)], "proj")], "bounded"),
+                        g.init("tiny", np.array(1e-6, np.float32))], "term")  # [1, 1]
     bins = np.full(66, -10.0, np.float32)
     bins[32] = bins[33] = 10.0  # softmax . index * 3 - 97.5 = 0 degrees: frontal
     outs = {"pitch": bins, "yaw": bins, "roll": bins, "t": np.zeros(3, np.float32),
             "exp": np.zeros(63, np.float32), "scale": np.ones(1, np.float32),
             "kp": KEYPOINTS.reshape(-1)}
     for name, value in outs.items():
-        g.nodes.append(helper.make_node("Add", [g.init(f"{name}.v", value[None]), bias], [name], name=name))
+        base = g.op("Add", [g.init(f"{name}.v", value[None]), term], f"{name}.base")
+        if name == "exp":
+            g.nodes.append(helper.make_node("Add", [base, g.op("Mul", [jaw, g.init("jaw.at", onehot)], "exp.jaw")],
+                                            [name], name=name))
+        else:
+            g.nodes.append(helper.make_node("Identity", [base], [name], name=name))
     return _finish(g, "motion_extractor", [_value("img", [1, 3, SIDE, SIDE])],
                    [_value(n, [1, len(v)]) for n, v in outs.items()], "avatarfarm LivePortrait motion stand-in")
 

@@ -7,7 +7,10 @@ whether they are live, with what the platform's rules make of that.
   would run frames behind the voice.
 * Reading: a frame's face is found on the room's own tracking thread (in order: the
   tracker follows the face from frame to frame) and read on the device, batched across
-  rooms, while the room goes on to its next frame.
+  rooms, while the room goes on to its next frame: by the worker's face reader into
+  blendshapes against the driver's resting face, or, for a family that reads faces with
+  a model of its own (LivePortrait's motion extractor, `CameraReading`), into motion
+  relative to the first frame of the driver's read.
 * Liveness: every frame's signature goes to the room's `LivenessMonitor`; once per
   output frame `step` applies the `DriverPolicy` (drive, hold on the idle loop in
   silence, end) and counts the stream seconds driven live.
@@ -26,11 +29,12 @@ from collections.abc import Callable
 import numpy as np
 
 from avatarfarm.live_driver import DriverAction, DriverPolicy, DriverState
-from avatarfarm.preparation.faces import default_detector
+from avatarfarm.preparation.faces import default_detector, with_chin
 from workers.camera.liveness import LivenessMonitor
 from workers.camera.motion import Calibration, FaceTracker, face_crop
 from workers.device.engine import DeadlineMissed
 from workers.device.pipeline import Pipeline
+from workers.families.base import CameraReading
 from workers.ingest.feed import DriverFeed, DriverFrame
 from workers.ingest.rtmp import Publisher
 from workers.media.audio import SAMPLE_RATE
@@ -68,6 +72,10 @@ class CameraDriver:
         self._tracker = FaceTracker(default_detector())
         self._calibration = Calibration()
         self.liveness = LivenessMonitor()
+        # The avatar's family's own face reading (set once the room has loaded its face);
+        # None: the worker's face reader.
+        self.reading: CameraReading | None = None
+        self._reference: np.ndarray | None = None  # the driver's first motion read
         self.publisher: Publisher | None = None
         self.state = DriverState.WAITING
         self.action = DriverAction.HOLD
@@ -85,6 +93,7 @@ class CameraDriver:
         self.audio.attach()
         self._frames.clear()  # a new stream, with times of its own
         self._audio_t0 = None
+        self._reference = None
         self.liveness.connected()
 
         def frame(f: DriverFrame) -> None:
@@ -180,20 +189,36 @@ class CameraDriver:
 
     async def _read_face(self, frame: DriverFrame, deadline: float) -> None:
 
+        reading = self.reading
+
         def find() -> tuple[np.ndarray, typing.Any] | None:
-            box = self._tracker.track(frame.rgb)
-            return None if box is None or box.w < 8 else (face_crop(frame.rgb, box), box)
+            rgb = frame.rgb
+            box = self._tracker.track(rgb)
+            if box is None or box.w < 8:
+                return None
+            if reading is None:
+                return face_crop(rgb, box), box
+            # Framed as the family's avatars are: the chin margin below the box.
+            return face_crop(rgb, with_chin(box).clipped(rgb.shape[1], rgb.shape[0]), reading.side), box
 
         found = await asyncio.get_running_loop().run_in_executor(self._tracking, find)
         self.liveness.face(frame.t, found is not None)
         motion: np.ndarray | None = None
         if found is not None:
             try:
-                r = await self.pipeline.read_face(found[0], deadline, self.priority)
+                if reading is None:
+                    r = await self.pipeline.read_face(found[0], deadline, self.priority)
+                else:
+                    r = await reading.read(found[0], deadline, self.priority)
             except DeadlineMissed:  # the device is behind: this frame keeps the last motion
                 return
             self._account(r.seconds)
-            motion = self._calibration.face_motion(r.value, found[1])
+            if reading is None:
+                motion = self._calibration.face_motion(r.value, found[1])
+            else:
+                if self._reference is None:
+                    self._reference = r.value
+                motion = reading.relative(r.value, self._reference)
         self._read = (frame, motion)
 
     def close(self) -> None:

@@ -442,6 +442,8 @@ class Room:
         try:
             if self.video_avatar:
                 self.face, self.family = await self.pipeline.hold_face(self.spec.avatar_id)
+                if self.camera is not None:
+                    self.camera.reading = self.family.camera
                 if self.sync is not None:
                     self.sync.view = self.face.mouth_view
                 avatar: typing.Any = FaceFrame(0)
@@ -694,7 +696,9 @@ class Room:
         if motion is None:
             return FaceFrame(index)  # no motion yet, or a gap longer than the hold: the base frame
         assert self.family is not None and self.family.drive is not None
-        r = await self.family.drive(motion, face, index, deadline, self.priority)
+        camera = self.family.camera if self.camera is not None else None
+        drive = camera.drive if camera is not None else self.family.drive
+        r = await drive(motion, face, index, deadline, self.priority)
         self.stats.stage_seconds["render"] += r.seconds
         self.stats.batched_items += 1
         self.stats.batch_size_sum += r.batch_size

@@ -5,6 +5,8 @@ device; a room on a bundle of a real photograph (scikit-image's astronaut)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import typing
 from pathlib import Path
 
@@ -17,14 +19,18 @@ from skimage import data
 from avatarfarm.avatars import write_bundle_pointer
 from avatarfarm.domain import DriveMode, Stage
 from avatarfarm.face_motion import face_motion
+from avatarfarm.input_tokens import driver_key
 from avatarfarm.preparation.bundle import Bundle, VideoLimits, prepare
 from avatarfarm.preparation.faces import PreparationError, TrackPolicy
 from avatarfarm.preparation.keypoints import degrees
 from tests.builders import make_video_room
+from tests.driver_publisher import mouth_open
 from tests.media import encode_clip, head_motion, probe, speaking_and_quiet, video_avatar_mouths
 from workers.device.onnx import ModelInterfaceError, OrtModel, ProviderChoice
-from workers.device.pipeline import Pipeline
+from workers.device.pipeline import FACE_READER_KEY, Pipeline
 from workers.families.liveportrait import load_warping, motion_of, rotation, transform
+from workers.ingest.registry import DriverRooms
+from workers.ingest.rtmp import RtmpIngest
 from workers.models.folder import ModelFolder, add_liveportrait, build_reference
 from workers.models.liveportrait import JAW, KEYPOINTS, build_motion_extractor
 from workers.rooms.room import Room, RoomRefused, RoomState
@@ -118,8 +124,8 @@ def test_a_warping_export_onnxruntime_cannot_run_is_refused_at_load_saying_why(t
 
 
 def lp_room(pipeline: Pipeline, tmp_path: Path, *, drive: DriveMode = DriveMode.TEXT,
-            avatar: str = AVATAR) -> Room:
-    return typing.cast(Room, make_video_room(pipeline, tmp_path, avatar, drive=drive, output="l.mp4"))
+            avatar: str = AVATAR, **room: typing.Any) -> Room:
+    return typing.cast(Room, make_video_room(pipeline, tmp_path, avatar, drive=drive, output="l.mp4", **room))
 
 
 def test_a_liveportrait_room_on_the_real_photograph_moves_the_mouth_with_speech(
@@ -229,3 +235,49 @@ def test_the_command_lines_build_the_models_and_prepare_an_avatar(
         assert pipeline.video_avatar_refusal("anna") is None  # the folder's own extractors
     finally:
         pipeline.close()
+
+
+def test_a_camera_room_on_a_liveportrait_avatar_is_driven_by_the_motion_extractor(
+        lp_pipeline: tuple[Pipeline, Bundle], tmp_path: Path) -> None:
+    """The driver publishes over RTMP (FFmpeg's client); their face is read by LivePortrait's
+    own motion extractor, batched on the device, and the avatar's mouth opens as theirs
+    does, relative to their first frame (no face reader, no audio model)."""
+    pipeline, bundle = lp_pipeline
+    lp = pipeline.families["liveportrait"]
+    a2m, _, warp = lp.keys  # type: ignore[attr-defined]
+    extractor = lp.motion_key  # type: ignore[attr-defined]
+    before = pipeline.engine.stats()
+    key = os.urandom(32)
+    drivers = DriverRooms()
+    room = lp_room(pipeline, tmp_path, drive=DriveMode.CAMERA, input_key=key, drivers=drivers)
+
+    async def body() -> None:
+        ingest = RtmpIngest(drivers.authorize, "127.0.0.1")
+        port = await ingest.start()
+        running = asyncio.create_task(room.run())
+        driver = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.driver_publisher", f"rtmp://127.0.0.1:{port}/live/{driver_key(key)}",
+            "--seconds", "6", "--pattern", "live", stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL)
+        try:
+            await asyncio.wait_for(running, 120)
+        finally:
+            if driver.returncode is None:
+                driver.kill()
+            await driver.wait()
+            await ingest.close()
+
+    asyncio.run(body())
+    assert room.state is RoomState.ENDED, room.reason
+    st, after = room.stats, pipeline.engine.stats()
+    assert st.frames_rendered == 100
+    read = after[extractor].items - (before[extractor].items if extractor in before else 0)
+    assert read >= 90  # about a read per frame (a frame whose face was read already is not)
+    assert after[warp].items - before[warp].items == st.batched_items >= 90
+    assert after[a2m].items == before[a2m].items  # no audio model
+    assert FACE_READER_KEY not in after or after[FACE_READER_KEY].items == \
+        (before[FACE_READER_KEY].items if FACE_READER_KEY in before else 0)
+    _, opened = video_avatar_mouths(tmp_path / "l.mp4", bundle)
+    said = np.array([mouth_open(i, "live") for i in range(110)], np.float32)
+    best = max(np.corrcoef(opened[10:90], said[10 - lag:90 - lag])[0, 1] for lag in range(0, 8))
+    assert best > 0.6
