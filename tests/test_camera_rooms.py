@@ -176,3 +176,31 @@ def test_a_driver_who_leaves_gets_a_grace_period_then_the_platform_decides(
             assert lenient.progress.stream_seconds == 8.0
 
     run(body())
+
+
+def test_a_camera_room_driven_over_whip(tmp_path: Path, model_dir: Path) -> None:
+    """The same room, its driver publishing from WebRTC (as a browser or OBS's WHIP output)
+    to the room's WHIP address: the avatar's mouth follows theirs."""
+    from tests.whip_publisher import publish as publish_whip
+
+    async def body() -> None:
+        async with farm(tmp_path, model_dir) as (stub, worker):
+            room = await stub.CreateSession(sessions_pb2.CreateSessionRequest(spec=client.spec(
+                "vendor", "cam", drive=types_pb2.DRIVE_MODE_CAMERA, width=256, height=256,
+                file_path="whip.mp4", seconds=3.0)))
+            placed = await client.wait_for(stub, room.session_id, lambda s: bool(s.driver_url), 30)
+            url = placed.driver_whip_url
+            assert url == f"http://127.0.0.1:{worker.whip.port}/whip/{placed.driver_url.rsplit('/', 1)[1]}"  # type: ignore[union-attr]
+            code, why = await publish_whip(url, 5.0)
+            assert code == 201, why
+            done = await client.wait_for(stub, room.session_id, ended, 60)
+            assert done.state == types_pb2.SESSION_STATE_ENDED, done.reason
+            assert done.progress.frames_rendered == 75
+            assert done.progress.driver_state == types_pb2.DRIVER_STATE_LIVE
+            assert done.progress.driver.startswith("127.0.0.1 (WHIP ")
+        openness = mouth_openness(tmp_path / "out" / "@vendor" / "whip.mp4")
+        said = np.array([mouth_open(i, "live") for i in range(100)], np.float32)
+        best = max(np.corrcoef(openness[10:70], said[10 - lag:70 - lag])[0, 1] for lag in range(0, 8))
+        assert best > 0.6
+
+    run(body())

@@ -39,6 +39,9 @@ class WorkerConfig:
     advertise_host: str = field("", "host clients use to reach this worker (default: listen host)")
     driver_port: int = field(0, "port of the RTMP ingest camera rooms' drivers publish to, on the "
                                 "listen host (0: any free port; -1: no ingest, no camera rooms)")
+    whip_port: int = field(0, "port of the WHIP ingest (WebRTC over HTTP) camera rooms' drivers may "
+                              "publish to from a browser or OBS, on the listen host (0: any free "
+                              "port; -1: none)")
     worker_id: str = field("", "unique worker id (default: host name and process id)")
     model_dir: Path = field(Path("var/models"), "model folder (manifest.json, ONNX models, avatars/)")
     output_dir: Path = field(Path("var/out"), "folder that file and HLS outputs are written under")

@@ -25,6 +25,7 @@ from workers.device.pipeline import Pipeline
 from workers.device.profile import measure
 from workers.ingest.registry import DriverRooms
 from workers.ingest.rtmp import RtmpIngest
+from workers.ingest.whip import WhipIngest
 from workers.metrics import WorkerMetrics
 from workers.models.folder import ModelFolder
 from workers.output.encode import EncoderSettings
@@ -43,6 +44,7 @@ class RunningWorker:
     pipeline: Pipeline
     metrics_endpoint: MetricsEndpoint
     ingest: RtmpIngest | None = None  # camera drivers' RTMP ingest
+    whip: WhipIngest | None = None  # and their WHIP (WebRTC) ingest
 
     @property
     def port(self) -> int:
@@ -61,6 +63,8 @@ class RunningWorker:
         await self.rpc.server.stop(grace)
         if self.ingest is not None:
             await self.ingest.close()
+        if self.whip is not None:
+            await self.whip.close()
         self.metrics_endpoint.stop()
         self.pipeline.close()
 
@@ -129,15 +133,21 @@ async def start(config: WorkerConfig) -> RunningWorker:
     # Camera rooms' drivers publish to the worker's own RTMP ingest, by each room's key.
     drivers = DriverRooms()
     ingest: RtmpIngest | None = None
-    if config.driver_port >= 0:
-        ingest = RtmpIngest(drivers.authorize, config.listen.rsplit(":", 1)[0], config.driver_port)
-        try:
+    whip: WhipIngest | None = None
+    try:
+        if config.driver_port >= 0:
+            ingest = RtmpIngest(drivers.authorize, config.listen.rsplit(":", 1)[0], config.driver_port)
             await ingest.start()
-        except OSError:
-            await grpc_server.server.stop(0)
-            endpoint.stop()
-            pipeline.close()
-            raise
+        if config.whip_port >= 0:  # and from browsers and OBS's WHIP output, over WebRTC
+            whip = WhipIngest(drivers, config.listen.rsplit(":", 1)[0], config.whip_port)
+            await whip.start()
+    except OSError:
+        if ingest is not None:
+            await ingest.close()
+        await grpc_server.server.stop(0)
+        endpoint.stop()
+        pipeline.close()
+        raise
     agent = WorkerAgent(worker_id, config.scheduler, pipeline, profiles, f"{host}:{port}", device_type,
                         config.output_dir, pacing=config.pacing,
                         latency_budget=config.latency_budget, output_margin=config.output_margin,
@@ -151,6 +161,7 @@ async def start(config: WorkerConfig) -> RunningWorker:
                                                         config.rtmp_forbidden_hosts,
                                                         config.rtmp_allowed_ports),
                         driver_ingest=f"{host}:{ingest.port}" if ingest is not None else "",
+                        driver_whip=f"{host}:{whip.port}" if whip is not None else "",
                         drivers=drivers)
     agent_ref.append(agent)
     await grpc_server.serving()
@@ -160,7 +171,10 @@ async def start(config: WorkerConfig) -> RunningWorker:
     if ingest is not None:
         log.info("worker %s: camera drivers publish to rtmp://%s:%d/live/<room key>", worker_id, host,
                  ingest.port)
-    return RunningWorker(agent, grpc_server, metrics_port, task, pipeline, endpoint, ingest)
+    if whip is not None:
+        log.info("worker %s: camera drivers publish over WebRTC to http://%s:%d/whip/<room key>",
+                 worker_id, host, whip.port)
+    return RunningWorker(agent, grpc_server, metrics_port, task, pipeline, endpoint, ingest, whip)
 
 
 async def serve(config: WorkerConfig) -> None:

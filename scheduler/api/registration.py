@@ -83,6 +83,8 @@ def check_register(reg: Any) -> None:
     endpoint_parts(reg.input_endpoint)
     if reg.driver_ingest:
         endpoint_parts(reg.driver_ingest, "driver_ingest")
+    if reg.driver_whip:
+        endpoint_parts(reg.driver_whip, "driver_whip")
 
 
 def endpoint_parts(endpoint: str, name: str = "input_endpoint") -> tuple[str, int]:

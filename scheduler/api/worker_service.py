@@ -117,7 +117,8 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
                 memory=placement.MemoryProfile(float(mem.models_bytes), mem.avatar_bytes_per_pixel,
                                                mem.room_bytes_per_pixel),
                 warm_avatars=frozenset(reg.warm_avatars),
-                face_families=frozenset(reg.face_families), driver_ingest=reg.driver_ingest),
+                face_families=frozenset(reg.face_families), driver_ingest=reg.driver_ingest,
+                driver_whip=reg.driver_whip),
             usage_epoch=reg.usage_epoch)
         await self.core.durable()
         reader = asyncio.create_task(self._read(conn, request_iterator))

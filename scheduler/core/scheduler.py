@@ -225,7 +225,8 @@ class Scheduler(Enforcement):
         self._worker_avatars.update(avatars)
         now = self.clock()
         conn = WorkerConn(worker_id, device_type, provider, profile, input_endpoint, avatars, now,
-                          driver_ingest=resources.driver_ingest, last_seen=now,
+                          driver_ingest=resources.driver_ingest, driver_whip=resources.driver_whip,
+                          last_seen=now,
                           latency_budget=latency_budget, usage_epoch=usage_epoch)
         self.workers[worker_id] = conn
         gpu = "CPU" not in provider and device_type != "cpu"
@@ -234,7 +235,7 @@ class Scheduler(Enforcement):
             cpu_capacity=float(resources.cpu_cores) if gpu else 0.0,
             memory_capacity=resources.memory_bytes, memory=resources.memory,
             device_type=device_type, warm=resources.warm_avatars, families=resources.face_families,
-            driver_ingest=bool(resources.driver_ingest)))
+            driver_ingest=bool(resources.driver_ingest or resources.driver_whip)))
         self._refresh_unit_profile()
         self._why_cache.clear()
         confirmed: list[tuple[str, int]] = []

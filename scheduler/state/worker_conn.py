@@ -69,6 +69,7 @@ class WorkerConn:
     avatars: frozenset[str]
     connected_at: float
     driver_ingest: str = ""  # host:port of its RTMP ingest for camera drivers ("": none)
+    driver_whip: str = ""  # host:port of its WHIP ingest for camera drivers ("": none)
     outbox: asyncio.Queue[WorkerCommand | None] = field(default_factory=asyncio.Queue)
     last_seen: float = 0.0
     reported_load: float = 0.0
@@ -100,3 +101,4 @@ class WorkerResources:
     warm_avatars: frozenset[str] = frozenset()
     face_families: frozenset[str] = frozenset()  # video avatars' families it renders; empty: any
     driver_ingest: str = ""  # host:port of its RTMP ingest for camera rooms ("": none)
+    driver_whip: str = ""  # host:port of its WHIP ingest for camera rooms ("": none)

@@ -125,12 +125,13 @@ class WorkerAgent:
                  usage_history: int = 600,
                  scheduler_credentials: grpc.ChannelCredentials | None = None,
                  scheduler_token_file: Path | None = None,
-                 egress: EgressPolicy | None = None, driver_ingest: str = "",
+                 egress: EgressPolicy | None = None, driver_ingest: str = "", driver_whip: str = "",
                  drivers: DriverRooms | None = None) -> None:
         self.worker_id = worker_id
         # The RTMP ingest camera drivers publish to (host:port; "": none) and the rooms
         # it opens by their keys.
         self.driver_ingest = driver_ingest
+        self.driver_whip = driver_whip
         self.drivers = drivers
         self.egress = egress or EgressPolicy()
         self.scheduler_address = scheduler_address
@@ -205,7 +206,7 @@ class WorkerAgent:
                 room_bytes_per_pixel=frame_buffer_bytes_per_pixel(self.latency_budget)),
             warm_avatars=self.pipeline.warm_avatars(),
             face_families=self.pipeline.face_families(),
-            driver_ingest=self.driver_ingest,
+            driver_ingest=self.driver_ingest, driver_whip=self.driver_whip,
             usage_epoch=self.usage.epoch))
 
     def registered(self, reg: workers_pb2.Registered) -> list[workers_pb2.WorkerMessage]:

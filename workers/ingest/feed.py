@@ -48,6 +48,17 @@ class DriverFrame:
     signature: Signature  # what the room's liveness monitor keeps of it
 
 
+@dataclass(frozen=True, slots=True)
+class DriverCallbacks:
+    """Where a driver's stream goes (a camera room), called on its event loop: each
+    decoded ``frame``; ``sound(t, samples)`` (16 kHz mono float32, ``t`` the stream time
+    of the first sample); ``ended(reason)`` once, after everything was handed over."""
+
+    frame: Callable[[DriverFrame], None]
+    sound: Callable[[float, np.ndarray], None]
+    ended: Callable[[str], None] = lambda reason: None
+
+
 def flv_tag(kind: int, timestamp_ms: int, payload: bytes) -> bytes:
     """One FLV tag (header, body, and the size of both that follows every tag)."""
     ts = timestamp_ms & 0xFFFFFFFF
@@ -81,17 +92,13 @@ class _TagReader(io.RawIOBase):
 
 
 class DriverFeed:
-    """A `DriverSink` (`workers.ingest.rtmp`) that decodes the driver's stream.
+    """A `DriverSink` (`workers.ingest.rtmp`) that decodes the driver's RTMP stream into
+    their `DriverCallbacks` (on the event loop the feed was made on); it ends when the
+    stream ends or fails."""
 
-    ``on_frame`` and ``on_audio(t, samples)`` (``t``: the stream time of the first
-    sample) are called on the event loop the feed was made on; ``on_end(reason)`` once,
-    when the stream ends or fails, after everything it held was handed over."""
-
-    def __init__(self, on_frame: Callable[[DriverFrame], None],
-                 on_audio: Callable[[float, np.ndarray], None],
-                 on_end: Callable[[str], None] = lambda reason: None) -> None:
+    def __init__(self, to: DriverCallbacks) -> None:
         self._loop = asyncio.get_running_loop()
-        self._on_frame, self._on_audio, self._on_end = on_frame, on_audio, on_end
+        self._on_frame, self._on_audio, self._on_end = to.frame, to.sound, to.ended
         self._chunks: queue.Queue[bytes | None] = queue.Queue()
         self._arrived: dict[int, float] = {}  # video timestamp (ms) -> when it arrived
         self._lock = threading.Lock()

@@ -1,68 +1,103 @@
 """Which camera room a driver's stream key opens: each room, when it starts, opens its
 credential (a secret the tenant receives with the room, not its session id) with a
-factory for its `DriverSink`; the ingest asks `authorize` for every publisher. A room
-takes one driver at a time: a second publisher is refused while the first publishes,
-and the room's credential opens it again once that one has gone (a driver who
-reconnects)."""
+factory for its `DriverCallbacks`; each ingest (RTMP, WHIP) claims the room for every
+publisher. A room takes one driver at a time: a second publisher is refused while the
+first publishes, whatever they publish with, and the room's credential opens it again
+once that one has gone (a driver who reconnects)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from workers.ingest.feed import DriverCallbacks, DriverFeed
 from workers.ingest.rtmp import DriverSink, IngestRefused, Publisher
 
-SinkFactory = Callable[[Publisher], DriverSink]  # a room's sink for the driver it takes
+CallbacksFactory = Callable[[Publisher], DriverCallbacks]  # a room's, for the driver it takes
+
+
+class Claim:
+    """A publisher's hold on a room: its callbacks, whether the room still wants them
+    (False once it ended), and `release` when they go."""
+
+    def __init__(self, callbacks: DriverCallbacks, release: Callable[[], None]) -> None:
+        self.callbacks = callbacks
+        self._release = release
+        self.wanted = True
+        self._unwanted: list[Callable[[], None]] = []
+
+    def on_unwanted(self, fn: Callable[[], None]) -> None:
+        """Calls ``fn`` when the room ends while this publisher holds it."""
+        self._unwanted.append(fn)
+
+    def unwanted(self) -> None:
+        self.wanted = False
+        for fn in self._unwanted:
+            fn()
+
+    def release(self) -> None:
+        self._release()
 
 
 class DriverRooms:
-    """The ingest's `authorize`: stream key -> the room's sink."""
+    """Stream key -> the room's callbacks, one publisher at a time."""
 
     def __init__(self) -> None:
-        self._rooms: dict[str, SinkFactory] = {}
-        self._driven: set[str] = set()
-        self._live: dict[str, _Released] = {}  # the sink of each room's current driver
+        self._rooms: dict[str, CallbacksFactory] = {}
+        self._claims: dict[str, Claim] = {}  # each driven room's current publisher
 
-    def open(self, credential: str, sink: SinkFactory) -> None:
+    def open(self, credential: str, factory: CallbacksFactory) -> None:
         if len(credential) < 16:
             raise ValueError("a driver credential must be a secret of 16 characters or more")
-        self._rooms[credential] = sink
+        self._rooms[credential] = factory
 
     def close(self, credential: str) -> None:
         """The room has ended: its key opens nothing, and its driver is disconnected."""
         self._rooms.pop(credential, None)
-        live = self._live.pop(credential, None)
-        if live is not None:
-            live.wanted = False
+        claim = self._claims.pop(credential, None)
+        if claim is not None:
+            claim.unwanted()
 
     def driven(self, credential: str) -> bool:
-        return credential in self._driven
+        return credential in self._claims
 
-    def authorize(self, name: str, publisher: Publisher) -> DriverSink:
-        factory = self._rooms.get(name)
-        if factory is None:
+    def check(self, name: str) -> None:
+        """Raises IngestRefused for a key that opens no room, or a room that has its driver."""
+        if name not in self._rooms:
             raise IngestRefused("no camera room takes this stream key")
-        if name in self._driven:
+        if name in self._claims:
             raise IngestRefused("this room already has its driver: one publisher at a time")
-        self._driven.add(name)
+
+    def claim(self, name: str, publisher: Publisher) -> Claim:
+        """The room ``name`` opens, for ``publisher`` (refused as by `check`)."""
+        self.check(name)
+        factory = self._rooms[name]
 
         def release() -> None:
-            self._driven.discard(name)
-            self._live.pop(name, None)
+            if self._claims.get(name) is claim:
+                del self._claims[name]
 
-        sink = self._live[name] = _Released(factory(publisher), release)
-        return sink
+        claim = self._claims[name] = Claim(factory(publisher), release)
+        return claim
+
+    def authorize(self, name: str, publisher: Publisher) -> DriverSink:
+        """The RTMP ingest's `authorize`: the room's claim, its stream decoded by a feed."""
+        claim = self.claim(name, publisher)
+        return _Released(DriverFeed(claim.callbacks), claim)
 
 
 class _Released:
-    """A sink that frees its room for the next driver when its publisher goes."""
+    """An RTMP sink that frees its room for the next driver when its publisher goes."""
 
-    def __init__(self, sink: DriverSink, release: Callable[[], None]) -> None:
-        self._sink, self._release = sink, release
-        self.wanted = True  # False: the room ended (`DriverRooms.close`)
+    def __init__(self, sink: DriverSink, claim: Claim) -> None:
+        self._sink, self._claim = sink, claim
+
+    @property
+    def wanted(self) -> bool:
+        return self._claim.wanted and self._sink.wanted
 
     def tag(self, kind: int, timestamp_ms: int, payload: bytes) -> None:
         self._sink.tag(kind, timestamp_ms, payload)
 
     def closed(self, reason: str) -> None:
-        self._release()
+        self._claim.release()
         self._sink.closed(reason)

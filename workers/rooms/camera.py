@@ -35,7 +35,7 @@ from workers.camera.motion import Calibration, FaceTracker, face_crop
 from workers.device.engine import DeadlineMissed
 from workers.device.pipeline import Pipeline
 from workers.families.base import CameraReading
-from workers.ingest.feed import DriverFeed, DriverFrame
+from workers.ingest.feed import DriverCallbacks, DriverFrame
 from workers.ingest.rtmp import Publisher
 from workers.media.audio import SAMPLE_RATE
 from workers.rooms.drivers import LiveAudio
@@ -86,8 +86,9 @@ class CameraDriver:
 
     # -- the ingest's side
 
-    def feed(self, publisher: Publisher) -> DriverFeed:
-        """The sink of a driver the ingest took for this room: their frames and sound."""
+    def feed(self, publisher: Publisher) -> DriverCallbacks:
+        """Where the stream of a driver an ingest took for this room goes: their frames
+        and sound."""
         log.info("room %s: driver %s publishing", self.session_id, publisher)
         self.publisher = publisher
         self.audio.attach()
@@ -112,7 +113,7 @@ class CameraDriver:
             self.liveness.disconnected()
             self._new.set()
 
-        return DriverFeed(frame, sound, ended)
+        return DriverCallbacks(frame, sound, ended)
 
     @property
     def connected(self) -> bool:

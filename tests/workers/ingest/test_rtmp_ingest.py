@@ -11,39 +11,15 @@ import contextlib
 import itertools
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 
 from tests.driver_publisher import MOUTH, mouth_open
-from workers.ingest.feed import DriverFeed, DriverFrame
+from tests.workers.ingest.received import KEY, Received
+from workers.ingest.feed import DriverCallbacks
 from workers.ingest.registry import DriverRooms
 from workers.ingest.rtmp import Publisher, RtmpIngest
-
-KEY = "k3y-0f-th3-r00m-c4m3r4"
-
-
-@dataclass
-class Received:
-    frames: list[DriverFrame] = field(default_factory=list)
-    audio: list[np.ndarray] = field(default_factory=list)
-    ended: asyncio.Event = field(default_factory=asyncio.Event)
-    driving: asyncio.Event = field(default_factory=asyncio.Event)  # a first frame came
-    reasons: list[str] = field(default_factory=list)
-    publishers: list[Publisher] = field(default_factory=list)
-
-    def feed(self, publisher: Publisher) -> DriverFeed:
-        self.publishers.append(publisher)
-
-        def frame(f: DriverFrame) -> None:
-            self.frames.append(f)
-            self.driving.set()
-
-        def end(reason: str) -> None:
-            self.reasons.append(reason)
-            self.ended.set()
-        return DriverFeed(frame, lambda t, samples: self.audio.append(samples), end)
 
 
 async def publish(port: int, key: str, seconds: float = 2.0) -> tuple[int, str]:
@@ -107,7 +83,7 @@ def test_a_wrong_key_and_a_second_publisher_are_refused_before_any_media() -> No
         made: list[int] = []
         rooms = DriverRooms()
 
-        def sink(publisher: Publisher) -> DriverFeed:
+        def sink(publisher: Publisher) -> DriverCallbacks:
             made.append(1)
             return first.feed(publisher)
 
