@@ -204,3 +204,44 @@ def test_a_camera_room_driven_over_whip(tmp_path: Path, model_dir: Path) -> None
         assert best > 0.6
 
     run(body())
+
+
+def test_the_driver_watches_their_avatar_in_a_browser_with_little_delay(tmp_path: Path,
+                                                                        model_dir: Path) -> None:
+    """Headless chromium opens the room's preview page while a driver publishes: it plays
+    the room's frames over WebRTC and reports how late they reach it (the worker's clock
+    in each frame's top edge against the browser's)."""
+    from tests.browser import chromium_binary, start_chromium
+
+    binary = chromium_binary()
+
+    async def body() -> None:
+        async with farm(tmp_path, model_dir) as (stub, worker):
+            room = await stub.CreateSession(sessions_pb2.CreateSessionRequest(spec=client.spec(
+                "vendor", "cam", drive=types_pb2.DRIVE_MODE_CAMERA, width=256, height=256,
+                file_path="watched.mp4", seconds=12.0)))
+            placed = await client.wait_for(stub, room.session_id, lambda s: bool(s.driver_url), 30)
+            key = placed.driver_url.rsplit("/", 1)[1]
+            assert placed.driver_preview_url == \
+                f"http://127.0.0.1:{worker.whip.port}/preview/{key}"  # type: ignore[union-attr]
+            driving = asyncio.create_task(publish(placed.driver_url, 14.0))
+            browser = await start_chromium(
+                binary, placed.driver_preview_url + "?report=1", tmp_path,
+                "--autoplay-policy=no-user-gesture-required",
+                "--disable-features=WebRtcHideLocalIpsWithMdns")
+            try:
+                reports = worker.whip.reports  # type: ignore[union-attr]
+                async with asyncio.timeout(60):
+                    while key not in reports:  # the page reports once it has shown 50 frames
+                        await asyncio.sleep(0.2)
+            finally:
+                browser.kill()
+                await browser.wait()
+            report = reports[key]
+            assert (report["width"], report["height"], report["frames"]) == (256, 256, 50)
+            assert 0 <= report["latency_ms"] < 1000, report
+            await driving
+            done = await client.wait_for(stub, room.session_id, ended, 60)
+            assert done.state == types_pb2.SESSION_STATE_ENDED, done.reason
+
+    run(body())

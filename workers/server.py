@@ -25,7 +25,7 @@ from workers.device.pipeline import Pipeline
 from workers.device.profile import measure
 from workers.ingest.registry import DriverRooms
 from workers.ingest.rtmp import RtmpIngest
-from workers.ingest.whip import WhipIngest
+from workers.ingest.webrtc import WebRtcEndpoint
 from workers.metrics import WorkerMetrics
 from workers.models.folder import ModelFolder
 from workers.output.encode import EncoderSettings
@@ -44,7 +44,7 @@ class RunningWorker:
     pipeline: Pipeline
     metrics_endpoint: MetricsEndpoint
     ingest: RtmpIngest | None = None  # camera drivers' RTMP ingest
-    whip: WhipIngest | None = None  # and their WHIP (WebRTC) ingest
+    whip: WebRtcEndpoint | None = None  # and their WHIP (WebRTC) ingest
 
     @property
     def port(self) -> int:
@@ -133,13 +133,13 @@ async def start(config: WorkerConfig) -> RunningWorker:
     # Camera rooms' drivers publish to the worker's own RTMP ingest, by each room's key.
     drivers = DriverRooms()
     ingest: RtmpIngest | None = None
-    whip: WhipIngest | None = None
+    whip: WebRtcEndpoint | None = None
     try:
         if config.driver_port >= 0:
             ingest = RtmpIngest(drivers.authorize, config.listen.rsplit(":", 1)[0], config.driver_port)
             await ingest.start()
         if config.whip_port >= 0:  # and from browsers and OBS's WHIP output, over WebRTC
-            whip = WhipIngest(drivers, config.listen.rsplit(":", 1)[0], config.whip_port)
+            whip = WebRtcEndpoint(drivers, config.listen.rsplit(":", 1)[0], config.whip_port)
             await whip.start()
     except OSError:
         if ingest is not None:

@@ -168,7 +168,7 @@ class SessionProgress(_message.Message):
     def __init__(self, frames_rendered: _Optional[int] = ..., late_frames: _Optional[int] = ..., stream_seconds: _Optional[float] = ..., device_seconds: _Optional[float] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., av_offset_seconds: _Optional[float] = ..., av_correction_seconds: _Optional[float] = ..., sync_checks: _Optional[int] = ..., script_segments_done: _Optional[int] = ..., driver_state: _Optional[_Union[DriverState, str]] = ..., driven_seconds: _Optional[float] = ..., driver: _Optional[str] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "spec", "state", "reason", "worker_id", "input_endpoint", "created_at", "updated_at", "progress", "provider", "device_type", "rendering", "degradation_step", "compute_units", "queue_position", "input_token", "input_token_expires_at", "driver_url", "driver_whip_url")
+    __slots__ = ("session_id", "spec", "state", "reason", "worker_id", "input_endpoint", "created_at", "updated_at", "progress", "provider", "device_type", "rendering", "degradation_step", "compute_units", "queue_position", "input_token", "input_token_expires_at", "driver_url", "driver_whip_url", "driver_preview_url")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +188,7 @@ class Session(_message.Message):
     INPUT_TOKEN_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     DRIVER_URL_FIELD_NUMBER: _ClassVar[int]
     DRIVER_WHIP_URL_FIELD_NUMBER: _ClassVar[int]
+    DRIVER_PREVIEW_URL_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     spec: SessionSpec
     state: SessionState
@@ -207,4 +208,5 @@ class Session(_message.Message):
     input_token_expires_at: _timestamp_pb2.Timestamp
     driver_url: str
     driver_whip_url: str
-    def __init__(self, session_id: _Optional[str] = ..., spec: _Optional[_Union[SessionSpec, _Mapping]] = ..., state: _Optional[_Union[SessionState, str]] = ..., reason: _Optional[str] = ..., worker_id: _Optional[str] = ..., input_endpoint: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., progress: _Optional[_Union[SessionProgress, _Mapping]] = ..., provider: _Optional[str] = ..., device_type: _Optional[str] = ..., rendering: _Optional[_Union[Quality, _Mapping]] = ..., degradation_step: _Optional[int] = ..., compute_units: _Optional[float] = ..., queue_position: _Optional[int] = ..., input_token: _Optional[str] = ..., input_token_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., driver_url: _Optional[str] = ..., driver_whip_url: _Optional[str] = ...) -> None: ...
+    driver_preview_url: str
+    def __init__(self, session_id: _Optional[str] = ..., spec: _Optional[_Union[SessionSpec, _Mapping]] = ..., state: _Optional[_Union[SessionState, str]] = ..., reason: _Optional[str] = ..., worker_id: _Optional[str] = ..., input_endpoint: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., progress: _Optional[_Union[SessionProgress, _Mapping]] = ..., provider: _Optional[str] = ..., device_type: _Optional[str] = ..., rendering: _Optional[_Union[Quality, _Mapping]] = ..., degradation_step: _Optional[int] = ..., compute_units: _Optional[float] = ..., queue_position: _Optional[int] = ..., input_token: _Optional[str] = ..., input_token_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., driver_url: _Optional[str] = ..., driver_whip_url: _Optional[str] = ..., driver_preview_url: _Optional[str] = ...) -> None: ...

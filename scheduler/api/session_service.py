@@ -81,12 +81,12 @@ async def guard_async(context: grpc.aio.ServicerContext, aw: Awaitable[T],
 
 
 def session_to_pb(s: Session, queue_position: int = 0,
-                  token: InputToken | None = None, driver_urls: tuple[str, str] = ("", "")
+                  token: InputToken | None = None, driver_urls: tuple[str, str, str] = ("", "", "")
                   ) -> types_pb2.Session:
     """The session as the API shows it, with the live-input token given (None: none)
-    and, for a placed camera room, where its driver publishes (RTMP, WHIP)."""
+    and, for a placed camera room, where its driver publishes (RTMP, WHIP) and watches."""
     return types_pb2.Session(
-        driver_url=driver_urls[0], driver_whip_url=driver_urls[1],
+        driver_url=driver_urls[0], driver_whip_url=driver_urls[1], driver_preview_url=driver_urls[2],
         input_token=token.token if token else "",
         input_token_expires_at=convert.timestamp(token.expires_at) if token else None,
         session_id=s.session_id, spec=convert.spec_to_pb(s.spec), state=convert.state_to_pb(s.state),
@@ -110,17 +110,18 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
         token = None if s.state.terminal else self.inputs.token(s.session_id, s.spec.tenant)
         return session_to_pb(s, queue_position, token, self._driver_urls(s))
 
-    def _driver_urls(self, s: Session) -> tuple[str, str]:
-        """A placed camera room's ingests: its worker's RTMP and WHIP addresses with the
-        room's key ("" where there is none)."""
+    def _driver_urls(self, s: Session) -> tuple[str, str, str]:
+        """A placed camera room's ingests, its worker's RTMP and WHIP addresses with the
+        room's key, and its driver's preview ("" where there is none)."""
         if s.spec.drive_mode is not DriveMode.CAMERA or s.state.terminal or not s.worker_id:
-            return "", ""
+            return "", "", ""
         conn = self.core.workers.get(s.worker_id)
         if conn is None:
-            return "", ""
+            return "", "", ""
         key = input_tokens.driver_key(self.inputs.key(s.session_id))
         return (f"rtmp://{conn.driver_ingest}/live/{key}" if conn.driver_ingest else "",
-                f"http://{conn.driver_whip}/whip/{key}" if conn.driver_whip else "")
+                f"http://{conn.driver_whip}/whip/{key}" if conn.driver_whip else "",
+                f"http://{conn.driver_whip}/preview/{key}" if conn.driver_whip else "")
 
     def _visible(self, p: Principal, session_id: str) -> Session:
         convert.session_id_from_pb(session_id)

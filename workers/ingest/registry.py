@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from workers.ingest.feed import DriverCallbacks, DriverFeed
 from workers.ingest.rtmp import DriverSink, IngestRefused, Publisher
+from workers.output.preview import PreviewTap
 
 CallbacksFactory = Callable[[Publisher], DriverCallbacks]  # a room's, for the driver it takes
 
@@ -44,15 +45,27 @@ class DriverRooms:
     def __init__(self) -> None:
         self._rooms: dict[str, CallbacksFactory] = {}
         self._claims: dict[str, Claim] = {}  # each driven room's current publisher
+        self._previews: dict[str, PreviewTap] = {}
 
-    def open(self, credential: str, factory: CallbacksFactory) -> None:
+    def open(self, credential: str, factory: CallbacksFactory, preview: PreviewTap | None = None) -> None:
+        """The room's credential opens it to a driver (``factory`` makes where their stream
+        goes) and, with ``preview``, to their preview of the avatar."""
         if len(credential) < 16:
             raise ValueError("a driver credential must be a secret of 16 characters or more")
         self._rooms[credential] = factory
+        if preview is not None:
+            self._previews[credential] = preview
+
+    def preview(self, credential: str) -> PreviewTap | None:
+        """The room's preview, for its driver's credential (None: no such room)."""
+        return self._previews.get(credential)
 
     def close(self, credential: str) -> None:
         """The room has ended: its key opens nothing, and its driver is disconnected."""
         self._rooms.pop(credential, None)
+        preview = self._previews.pop(credential, None)
+        if preview is not None:
+            preview.close()
         claim = self._claims.pop(credential, None)
         if claim is not None:
             claim.unwanted()

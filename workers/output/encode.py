@@ -389,7 +389,8 @@ class EncoderThread:
     over the renderer's float output; converting it is CPU work that belongs
     here, off the event loop, and is counted as the encoder's). ``submit`` never blocks the caller's event loop for long: a full queue means
     the encoder is behind, which the caller sees as back-pressure. The first
-    error is kept and reported; later frames are discarded.
+    error is kept and reported; later frames are discarded. ``on_encoded`` sees each
+    RGB frame once it is encoded (on the encoder's thread: a camera room's preview).
     """
 
     _STOP = object()
@@ -397,9 +398,11 @@ class EncoderThread:
 
     def __init__(self, encoder: StreamEncoder, max_queue: int = ENCODER_QUEUE,
                  prepare: typing.Callable[[np.ndarray], np.ndarray] = lambda rgb: rgb,
-                 pool: EncoderPool | None = None, priority: int = 1) -> None:
+                 pool: EncoderPool | None = None, priority: int = 1,
+                 on_encoded: typing.Callable[[np.ndarray], None] | None = None) -> None:
         self.encoder = encoder
         self.prepare = prepare
+        self.on_encoded = on_encoded
         self._queue: queue.Queue[object] = queue.Queue(maxsize=max_queue)
         self.error: BaseException | None = None
         self.encode_seconds = 0.0  # CPU time of this thread per frame, preparing included
@@ -446,6 +449,8 @@ class EncoderThread:
             self.encoder.encode(self._last[1], audio, fps)
             self.encode_seconds += time.thread_time() - t0
             self.frames_encoded += 1
+            if self.on_encoded is not None:
+                self.on_encoded(self._last[1])
         except Exception as e:  # noqa: BLE001 - reported through self.error
             self.error = e
         return True

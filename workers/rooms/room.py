@@ -92,6 +92,7 @@ from workers.output.encode import (
     shared_encoder_pool,
 )
 from workers.output.fence import Superseded
+from workers.output.preview import PreviewTap
 from workers.output.targets import OutputTarget
 from workers.rooms.camera import CameraDriver, Motion
 from workers.rooms.drivers import LiveAudio, LiveMotion, ScriptPlayer
@@ -437,8 +438,10 @@ class Room:
     async def run(self) -> None:
         q = self.spec.quality
         key = driver_key(self.input_key) if self.camera is not None else ""
+        # A camera room's driver watches their avatar: its preview, as the room encodes it.
+        preview = PreviewTap() if key else None
         if key and self.drivers is not None and self.camera is not None:
-            self.drivers.open(key, self.camera.feed)
+            self.drivers.open(key, self.camera.feed, preview)
         try:
             if self.video_avatar:
                 self.face, self.family = await self.pipeline.hold_face(self.spec.avatar_id)
@@ -479,7 +482,7 @@ class Room:
                 # Outputs on local disk share the process's encoder threads; an RTMP push
                 # keeps its own, so a stalled ingest holds up no other room.
                 pool=None if self.target.kind is OutputKind.RTMP else shared_encoder_pool(),
-                priority=self.priority)
+                priority=self.priority, on_encoded=preview.offer if preview is not None else None)
             await self._frames(avatar)
         except asyncio.CancelledError:
             self._set(RoomState.FAILED, "worker shutting down")
@@ -495,6 +498,8 @@ class Room:
                 await self.pipeline.release_face(self.family)
             if key and self.drivers is not None:
                 self.drivers.close(key)
+            if preview is not None:
+                preview.close()
             if self.camera is not None:
                 self.camera.close()
         if self.state not in (RoomState.FAILED,):

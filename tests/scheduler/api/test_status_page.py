@@ -9,9 +9,6 @@ import asyncio
 import contextlib
 import http.client
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from html.parser import HTMLParser
@@ -43,6 +40,7 @@ from scheduler.core import Scheduler
 from scheduler.metrics import SchedulerMetrics
 from scheduler.server import RunningScheduler, start
 from tests import builders
+from tests.browser import chromium_binary, start_chromium
 from tests.builders import T0, Clock, connect, make_spec, png_image
 from tests.scheduler.api.test_service import ProtocolWorker, create_req
 
@@ -356,28 +354,9 @@ def test_a_running_scheduler_publishes_its_status_and_stops_publishing(tmp_path:
 
 # -- in a real browser --------------------------------------------------------------------
 
-def chromium_binary() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path is not None:
-            return path
-    if os.environ.get("AVATARFARM_REQUIRE_CHROMIUM") == "1":
-        pytest.fail("chromium is required here (AVATARFARM_REQUIRE_CHROMIUM=1) and not installed")
-    pytest.skip("chromium is not installed")
-
-
 async def browse(binary: str, url: str, workdir: Path, *args: str, timeout: float = 60.0) -> bytes:
     """Runs headless chromium on `url` in a profile of its own; its standard output."""
-    profile = Path(tempfile.mkdtemp(prefix="chromium-", dir=workdir))
-    # No sandbox: it needs privileges containers and root lack, and the browser only
-    # loads this test's own page from the local host.
-    proc = await asyncio.create_subprocess_exec(
-        binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-        "--no-first-run", "--hide-scrollbars", "--disable-extensions",
-        f"--user-data-dir={profile}", "--window-size=1280,900", *args, url,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "HOME": str(profile), "XDG_CONFIG_HOME": str(profile),
-             "XDG_CACHE_HOME": str(profile)})
+    proc = await start_chromium(binary, url, workdir, *args)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:

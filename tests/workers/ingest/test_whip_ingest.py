@@ -17,7 +17,7 @@ from tests.driver_publisher import MOUTH, mouth_open
 from tests.whip_publisher import publish
 from tests.workers.ingest.received import KEY, Received
 from workers.ingest.registry import DriverRooms
-from workers.ingest.whip import WhipIngest
+from workers.ingest.webrtc import WebRtcEndpoint
 
 
 @contextlib.asynccontextmanager
@@ -25,7 +25,7 @@ async def serving(got: Received) -> AsyncIterator[tuple[DriverRooms, str]]:
     """A WHIP ingest on a free loopback port whose one room (KEY) feeds ``got``; its base URL."""
     rooms = DriverRooms()
     rooms.open(KEY, got.feed)
-    ingest = WhipIngest(rooms, "127.0.0.1")
+    ingest = WebRtcEndpoint(rooms, "127.0.0.1")
     port = await ingest.start()
     try:
         yield rooms, f"http://127.0.0.1:{port}/whip"

@@ -1,5 +1,7 @@
-"""The worker's WHIP ingest (WebRTC-HTTP ingestion, RFC 9725): a camera driver publishes
-from a browser, or from OBS's WHIP output, straight to the worker over WebRTC.
+"""The worker's WebRTC endpoint for camera drivers: its WHIP ingest (WebRTC-HTTP
+ingestion, RFC 9725), where a driver publishes from a browser, or from OBS's WHIP output,
+straight to the worker; and the driver's preview of their avatar, a page a browser opens
+that plays the room's frames as they are encoded (WHEP-style: the page POSTs an offer).
 
     POST /whip/<room key>     (or POST /whip with ``Authorization: Bearer <room key>``)
         Content-Type: application/sdp, the body an SDP offer with a video (and audio) track
@@ -8,6 +10,11 @@ from a browser, or from OBS's WHIP output, straight to the worker over WebRTC.
         415 not application/sdp; 400 an offer that cannot be answered (no video)
     DELETE /whip/session/<id>  -> 204: the driver stops publishing
     OPTIONS                    CORS preflight (a page on another origin may publish)
+    GET /preview/<room key>   the preview page (``?report=1``: it measures how late the
+                              frames reach it, from a clock in their top edge, and POSTs
+                              that to /preview/<key>/report, which the worker logs)
+    POST /whep/<room key>     an SDP offer to receive the preview (``?clock=1``: stamped)
+        -> 201 Created, the answer; 403 a key that opens no camera room
 
 The key is the room's driver key, the same the RTMP ingest takes (one publisher per room,
 whichever ingest they use). aiortc receives and decodes the tracks; each video frame
@@ -23,6 +30,7 @@ the driver's stream; a room that ends closes its driver's connection.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
@@ -38,29 +46,36 @@ from workers.camera.liveness import Signer
 from workers.ingest.feed import SAMPLE_RATE, DriverFrame
 from workers.ingest.registry import Claim, DriverRooms
 from workers.ingest.rtmp import IngestRefused, Publisher
+from workers.output.preview import BLOCK, CLOCK_BITS, PreviewTrack
 
 log = logging.getLogger(__name__)
 
 MAX_OFFER = 64 * 1024  # bytes: an SDP offer is a few kilobytes
+MAX_REPORT = 4096
 CORS = {"Access-Control-Allow-Origin": "*",
         "Access-Control-Allow-Methods": "POST, DELETE, OPTIONS",
         "Access-Control-Allow-Headers": "Authorization, Content-Type",
         "Access-Control-Expose-Headers": "Location"}
 
 
-class WhipIngest:
-    """WHIP on ``host:port`` (0: any free port) for the rooms ``rooms`` opens."""
+class WebRtcEndpoint:
+    """WHIP and previews on ``host:port`` (0: any free port) for the rooms ``rooms`` opens."""
 
     def __init__(self, rooms: DriverRooms, host: str = "0.0.0.0", port: int = 0) -> None:
         self.rooms = rooms
         self.host, self.port = host, port
         self._sessions: dict[str, _Session] = {}
+        self._viewers: set[RTCPeerConnection] = set()
+        self.reports: dict[str, dict[str, float]] = {}  # room key -> its preview's last report
         app = web.Application(client_max_size=MAX_OFFER)
         app.router.add_post("/whip", self._publish)
         app.router.add_post("/whip/{key}", self._publish)
         app.router.add_delete("/whip/session/{id}", self._delete)
         app.router.add_route("OPTIONS", "/whip", self._options)
         app.router.add_route("OPTIONS", "/whip/{tail:.*}", self._options)
+        app.router.add_get("/preview/{key}", self._page)
+        app.router.add_post("/preview/{key}/report", self._report)
+        app.router.add_post("/whep/{key}", self._watch)
         self._runner = web.AppRunner(app, access_log=None)
 
     async def start(self) -> int:
@@ -75,6 +90,8 @@ class WhipIngest:
     async def close(self) -> None:
         for s in list(self._sessions.values()):
             await s.end("the worker is stopping")
+        for pc in list(self._viewers):
+            await pc.close()
         await self._runner.cleanup()
 
     # -- HTTP
@@ -124,6 +141,61 @@ class WhipIngest:
             return _error(404, "no such WHIP session")
         await session.end("the publisher stopped")
         return web.Response(status=204, headers=CORS)
+
+
+    # -- the driver's preview
+
+    async def _page(self, request: web.Request) -> web.Response:
+        if self.rooms.preview(request.match_info["key"]) is None:
+            return _error(403, "no camera room takes this key")
+        return web.Response(text=PREVIEW_PAGE, content_type="text/html",
+                            headers={"Cache-Control": "no-store"})
+
+    async def _watch(self, request: web.Request) -> web.Response:
+        tap = self.rooms.preview(request.match_info["key"])
+        if tap is None:
+            return _error(403, "no camera room takes this key")
+        if request.content_type != "application/sdp":
+            return _error(415, "the body must be an SDP offer (Content-Type: application/sdp)")
+        pc = RTCPeerConnection()
+        self._viewers.add(pc)
+        track = PreviewTrack(tap, clock=request.query.get("clock") == "1")
+
+        async def gone() -> None:
+            if pc.connectionState in ("failed", "closed"):
+                track.stop()
+                self._viewers.discard(pc)
+                await pc.close()
+
+        pc.on("connectionstatechange", gone)
+        try:
+            pc.addTrack(track)
+            await pc.setRemoteDescription(RTCSessionDescription(await request.text(), "offer"))
+            await pc.setLocalDescription(await pc.createAnswer())
+        except Exception as e:  # aiortc raises ValueError and its own errors for bad SDP  # noqa: BLE001
+            track.stop()
+            self._viewers.discard(pc)
+            await pc.close()
+            return _error(400, f"the offer could not be answered: {e}")
+        return web.Response(status=201, text=pc.localDescription.sdp, content_type="application/sdp",
+                            headers=CORS)
+
+    async def _report(self, request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        if self.rooms.preview(key) is None:
+            return _error(403, "no camera room takes this key")
+        try:
+            body = await request.content.read(MAX_REPORT + 1)
+            if len(body) > MAX_REPORT:
+                raise ValueError("too long")
+            got = json.loads(body)
+            report = {k: float(got[k]) for k in ("frames", "width", "height", "latency_ms")}
+        except (ValueError, TypeError, KeyError):
+            return _error(400, "a report is JSON: frames, width, height, latency_ms")
+        self.reports[key] = report
+        log.info("driver preview: %d frames of %dx%d, %.0f ms from encoded to shown", report["frames"],
+                 report["width"], report["height"], report["latency_ms"])
+        return web.Response(status=204)
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -240,3 +312,66 @@ class _Session:
             self.claim.release()
             log.info("WHIP ingest: driver session %s ended: %s", self.id, reason)
             self.claim.callbacks.ended(reason)
+
+
+PREVIEW_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>avatarfarm: your avatar, live</title>
+<style>body{margin:0;background:#111;color:#ccc;font:14px sans-serif;text-align:center}
+video{max-width:100vw;max-height:92vh;display:block;margin:auto;background:#000}</style></head>
+<body><video id="video" autoplay muted playsinline></video><p id="status">connecting</p>
+<script>
+const BITS = {bits}, BLOCK = {block};  // the clock's blocks along the top edge
+const key = location.pathname.split("/").pop();
+const report = new URLSearchParams(location.search).has("report");
+const status = document.getElementById("status");
+const video = document.getElementById("video");
+
+async function start() {
+  const pc = new RTCPeerConnection();
+  pc.addTransceiver("video", {direction: "recvonly"});
+  pc.ontrack = (e) => { video.srcObject = new MediaStream([e.track]); };
+  await pc.setLocalDescription(await pc.createOffer());
+  await new Promise((done) => {
+    if (pc.iceGatheringState === "complete") return done();
+    pc.onicegatheringstatechange = () => { if (pc.iceGatheringState === "complete") done(); };
+  });
+  const res = await fetch("/whep/" + key + (report ? "?clock=1" : ""), {
+    method: "POST", headers: {"Content-Type": "application/sdp"}, body: pc.localDescription.sdp});
+  if (res.status !== 201) { status.textContent = await res.text(); return; }
+  await pc.setRemoteDescription({type: "answer", sdp: await res.text()});
+  pc.onconnectionstatechange = () => { status.textContent = pc.connectionState; };
+  if (report) measure();
+}
+
+// How late each frame is shown: the worker's clock when it was encoded (ms, 32 blocks
+// along the top edge) against this one's. Both clocks must agree (one machine, or NTP).
+function measure() {
+  const canvas = document.createElement("canvas");
+  const late = [];
+  const step = () => {
+    canvas.width = video.videoWidth;
+    canvas.height = video.videoHeight;
+    const ctx = canvas.getContext("2d", {willReadFrequently: true});
+    ctx.drawImage(video, 0, 0);
+    const px = ctx.getImageData(0, 0, BITS * BLOCK, BLOCK).data;
+    let ms = 0;
+    for (let b = 0; b < BITS; b++) {
+      let sum = 0, n = 0;
+      for (let y = 2; y < BLOCK - 2; y++) for (let x = b * BLOCK + 2; x < (b + 1) * BLOCK - 2; x++) {
+        const i = (y * BITS * BLOCK + x) * 4; sum += px[i] + px[i + 1] + px[i + 2]; n += 3;
+      }
+      ms = ms * 2 + (sum / n > 127 ? 1 : 0);
+    }
+    late.push(((Date.now() % 2 ** 32) - ms + 2 ** 32) % 2 ** 32);
+    if (late.length < 50) { video.requestVideoFrameCallback(step); return; }
+    late.sort((a, b) => a - b);
+    fetch("/preview/" + key + "/report", {method: "POST", headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({frames: late.length, width: video.videoWidth, height: video.videoHeight,
+                            latency_ms: late[late.length >> 1]})});
+  };
+  video.requestVideoFrameCallback(step);
+}
+
+start().catch((e) => { status.textContent = "failed: " + e; });
+</script></body></html>
+""".replace("{bits}", str(CLOCK_BITS)).replace("{block}", str(BLOCK))
