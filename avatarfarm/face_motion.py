@@ -10,11 +10,13 @@ to their right, pitch positive as they nod down, roll positive as they tilt towa
 right shoulder.
 
 Inside the farm one frame of face motion is a vector of `FACE_MOTION_DIM` floats: the 52
-blendshapes in `ARKIT` order, then yaw, pitch and roll.
+blendshapes in `ARKIT` order, then yaw, pitch and roll. Over gRPC it is a MotionFrame;
+over a camera driver's WebRTC data channel, a JSON message (`from_message`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 
@@ -65,6 +67,34 @@ def face_motion(blendshapes: Mapping[str, float], yaw: float = 0.0, pitch: float
             raise FaceMotionError(f"head {axis} {deg} is not an angle within +-{MAX_DEGREES:g} degrees")
         v[HEAD + k] = deg
     return v
+
+
+MAX_MESSAGE = 8192  # bytes of one face motion message: 52 names and numbers fit many times
+
+
+def from_message(data: str | bytes) -> np.ndarray:
+    """One frame's face motion from a JSON message, as a face-tracking app sends it over a
+    WebRTC data channel: ``{"blendshapes": {"jawOpen": 0.4, ...}, "head": {"yaw": 5,
+    "pitch": 0, "roll": 0}}`` (head optional, degrees); FaceMotionError otherwise."""
+    if len(data) > MAX_MESSAGE:
+        raise FaceMotionError(f"a face motion message is at most {MAX_MESSAGE} bytes")
+    try:
+        msg = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FaceMotionError(f"a face motion message is JSON: {e}") from None
+    shapes = msg.get("blendshapes") if isinstance(msg, dict) else None
+    head = msg.get("head", {}) if isinstance(msg, dict) else None
+    if not isinstance(shapes, dict) or not isinstance(head, dict) or len(shapes) > 64:
+        raise FaceMotionError('a face motion message is {"blendshapes": {name: 0..1}, '
+                              '"head": {"yaw", "pitch", "roll": degrees}}')
+
+    def number(x: object, what: str) -> float:
+        if isinstance(x, bool) or not isinstance(x, int | float):
+            raise FaceMotionError(f"{what} is not a number")
+        return float(x)
+
+    return face_motion({str(k): number(v, f"blendshape {str(k)[:40]!r}") for k, v in shapes.items()},
+                       *(number(head.get(a, 0.0), f"head {a}") for a in ("yaw", "pitch", "roll")))
 
 
 def value(v: np.ndarray, name: str) -> float:

@@ -3,6 +3,8 @@ RTMP client, through PyAV): the real photograph (scikit-image's astronaut) whose
 opens and shuts, and a tone while it is open, H.264 and AAC in FLV, paced in real time.
 
     python -m tests.driver_publisher rtmp://127.0.0.1:PORT/live/KEY --seconds 3
+    python -m tests.driver_publisher driver.flv --record --seconds 10 --pattern live
+    python -m tests.driver_publisher rtmp://127.0.0.1:PORT/live/KEY --replay driver.flv
 
 Patterns (``--pattern``): ``talk`` opens the mouth every other 5 frames; ``live`` opens
 it at random, with a webcam's sensor noise on every frame (as a person on camera);
@@ -64,7 +66,8 @@ def driver_frame(i: int, pattern: str = "talk") -> np.ndarray:
     return img
 
 
-def _publish(url: str, seconds: float, fps: int, pattern: str = "talk") -> int:
+def _publish(url: str, seconds: float, fps: int, pattern: str = "talk", paced: bool = True) -> int:
+    """Encodes the driver to ``url`` (an RTMP address, or a file when not ``paced``)."""
     out = av.open(url, "w", format="flv")
     video = out.add_stream("libx264", rate=fps, options={"preset": "ultrafast", "tune": "zerolatency"})
     video.width = video.height = SIDE
@@ -74,7 +77,8 @@ def _publish(url: str, seconds: float, fps: int, pattern: str = "talk") -> int:
     per = RATE // fps
     t0 = time.monotonic()
     for i in range(n):
-        time.sleep(max(0.0, t0 + i / fps - time.monotonic()))
+        if paced:
+            time.sleep(max(0.0, t0 + i / fps - time.monotonic()))
         frame = av.VideoFrame.from_ndarray(driver_frame(i, pattern), format="rgb24")
         frame.pts, frame.time_base = i, Fraction(1, fps)
         for p in video.encode(frame):
@@ -92,15 +96,41 @@ def _publish(url: str, seconds: float, fps: int, pattern: str = "talk") -> int:
     return n
 
 
+def _replay(url: str, recording: str) -> int:
+    """Publishes a recording made with ``--record``, its packets as they are (no encoding:
+    a driver whose camera encodes in hardware costs the host next to nothing), paced by
+    their timestamps."""
+    n = 0
+    with av.open(recording) as src:
+        out = av.open(url, "w", format="flv")
+        streams = {s.index: out.add_stream_from_template(s) for s in src.streams}
+        t0 = time.monotonic()
+        for packet in src.demux():
+            if packet.dts is None:
+                continue
+            if packet.pts is not None and packet.time_base is not None:
+                time.sleep(max(0.0, t0 + float(packet.pts * packet.time_base) - time.monotonic()))
+            packet.stream = streams[packet.stream.index]
+            out.mux(packet)
+            n += packet.stream.type == "video"
+        out.close()
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("url")
+    ap.add_argument("url", help="rtmp://host:port/live/KEY, or a file to record to with --record")
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--fps", type=int, default=25)
     ap.add_argument("--pattern", choices=PATTERNS, default="talk")
+    ap.add_argument("--record", action="store_true", help="encode to the file URL, unpaced")
+    ap.add_argument("--replay", metavar="FILE", help="publish a recording (no encoding)")
     args = ap.parse_args(argv)
     try:
-        n = _publish(args.url, args.seconds, args.fps, args.pattern)
+        if args.replay:
+            n = _replay(args.url, args.replay)
+        else:
+            n = _publish(args.url, args.seconds, args.fps, args.pattern, paced=not args.record)
     except (av.FFmpegError, OSError) as e:  # FFmpeg's RTMP client connects at the first packet
         print(f"refused: {e}", flush=True)
         return 3

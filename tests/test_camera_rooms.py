@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 
 from avatarfarm import client
-from avatarfarm.v1 import avatars_pb2, avatars_pb2_grpc, sessions_pb2, types_pb2
+from avatarfarm.v1 import avatars_pb2, avatars_pb2_grpc, sessions_pb2, sessions_pb2_grpc, types_pb2
 from scheduler.policy.platforms import PlatformPolicy
 from tests.driver_publisher import mouth_open
 from tests.media import mouth_openness, probe
@@ -32,15 +32,22 @@ async def publish(url: str, seconds: float, pattern: str = "live") -> tuple[int,
     return proc.returncode, out.decode()
 
 
+async def camera_room(stub: sessions_pb2_grpc.SessionServiceStub, output: str, seconds: float,
+                      room: str = "cam", platform: str = "") -> types_pb2.Session:
+    """A 256x256 camera room writing ``output``, once placed (it has its driver's URLs)."""
+    spec = client.spec("vendor", room, drive=types_pb2.DRIVE_MODE_CAMERA, width=256, height=256,
+                       file_path=output, seconds=seconds)
+    spec.platform = platform or spec.platform
+    created = await stub.CreateSession(sessions_pb2.CreateSessionRequest(spec=spec))
+    return await client.wait_for(stub, created.session_id, lambda s: bool(s.driver_url), 30)
+
+
 def test_a_camera_room_moves_with_its_driver_and_speaks_with_their_voice(tmp_path: Path,
                                                                        model_dir: Path) -> None:
     async def body() -> None:
         async with farm(tmp_path, model_dir) as (stub, worker):
-            room = await stub.CreateSession(sessions_pb2.CreateSessionRequest(spec=client.spec(
-                "vendor", "cam", drive=types_pb2.DRIVE_MODE_CAMERA, width=256, height=256,
-                file_path="cam.mp4", seconds=3.0)))
-            placed = await client.wait_for(stub, room.session_id, lambda s: bool(s.driver_url), 30)
-            url = placed.driver_url
+            room = await camera_room(stub, "cam.mp4", 3.0)
+            url = room.driver_url
             assert url.startswith(f"rtmp://127.0.0.1:{worker.ingest.port}/live/")  # type: ignore[union-attr]
             key = url.rsplit("/", 1)[1]
             assert len(key) >= 32 and room.session_id not in key
@@ -97,10 +104,7 @@ def test_a_frozen_driver_is_told_audited_and_ends_the_room_where_a_live_one_is_r
 
     async def body() -> None:
         async with farm(tmp_path, model_dir, {"platforms": {"live-only": policy}}) as (stub, worker):
-            spec = client.spec("vendor", "cam", drive=types_pb2.DRIVE_MODE_CAMERA, width=256,
-                               height=256, file_path="frozen.mp4", seconds=30.0)
-            spec.platform = "live-only"
-            room = await stub.CreateSession(sessions_pb2.CreateSessionRequest(spec=spec))
+            room = await camera_room(stub, "frozen.mp4", 30.0, platform="live-only")
             events: list[sessions_pb2.SessionEvent] = []
 
             async def watch() -> None:
@@ -109,10 +113,9 @@ def test_a_frozen_driver_is_told_audited_and_ends_the_room_where_a_live_one_is_r
                     events.append(ev)
 
             watching = asyncio.create_task(watch())
-            placed = await client.wait_for(stub, room.session_id, lambda s: bool(s.driver_url), 30)
             # The driver sends one picture over and over: frozen within 2 s, then 1 s of
             # grace on the idle loop, and the room ends, long before its 30 s.
-            code, out = await publish(placed.driver_url, 20.0, "still")
+            code, out = await publish(room.driver_url, 20.0, "still")
             assert code == 3, out  # cut off when the room ended
             done = await client.wait_for(stub, room.session_id, ended, 60)
             watching.cancel()
@@ -125,7 +128,7 @@ def test_a_frozen_driver_is_told_audited_and_ends_the_room_where_a_live_one_is_r
             # Who drove the avatar, and when they stopped being live, in its audit log.
             async with grpc.aio.insecure_channel(worker.agent.scheduler_address) as channel:
                 log = await avatars_pb2_grpc.AvatarServiceStub(channel).ListAuditEntries(
-                    avatars_pb2.ListAuditEntriesRequest(avatar_id=spec.avatar_id))
+                    avatars_pb2.ListAuditEntriesRequest(avatar_id=room.spec.avatar_id))
             mine = [e for e in log.entries if e.session_id == room.session_id]
             actions = [e.action for e in mine]
             assert actions[0] == "room_started" and actions[-1] == "room_ended"
@@ -155,13 +158,9 @@ def test_a_driver_who_leaves_gets_a_grace_period_then_the_platform_decides(
         async with farm(tmp_path, model_dir, {"platforms": platforms}) as (stub, _):
             rooms = {}
             for name in platforms:
-                spec = client.spec("vendor", name, drive=types_pb2.DRIVE_MODE_CAMERA, width=256,
-                                   height=256, file_path=f"{name}.mp4", seconds=8.0)
-                spec.platform = name
-                rooms[name] = await stub.CreateSession(sessions_pb2.CreateSessionRequest(spec=spec))
+                rooms[name] = await camera_room(stub, f"{name}.mp4", 8.0, room=name, platform=name)
             for room in rooms.values():
-                placed = await client.wait_for(stub, room.session_id, lambda s: bool(s.driver_url), 30)
-                code, out = await publish(placed.driver_url, 2.0)  # then they leave
+                code, out = await publish(room.driver_url, 2.0)  # then they leave
                 assert code == 0, out
             strict = await client.wait_for(stub, rooms["strict"].session_id, ended, 60)
             lenient = await client.wait_for(stub, rooms["lenient"].session_id, ended, 60)
@@ -185,12 +184,9 @@ def test_a_camera_room_driven_over_whip(tmp_path: Path, model_dir: Path) -> None
 
     async def body() -> None:
         async with farm(tmp_path, model_dir) as (stub, worker):
-            room = await stub.CreateSession(sessions_pb2.CreateSessionRequest(spec=client.spec(
-                "vendor", "cam", drive=types_pb2.DRIVE_MODE_CAMERA, width=256, height=256,
-                file_path="whip.mp4", seconds=3.0)))
-            placed = await client.wait_for(stub, room.session_id, lambda s: bool(s.driver_url), 30)
-            url = placed.driver_whip_url
-            assert url == f"http://127.0.0.1:{worker.whip.port}/whip/{placed.driver_url.rsplit('/', 1)[1]}"  # type: ignore[union-attr]
+            room = await camera_room(stub, "whip.mp4", 3.0)
+            url = room.driver_whip_url
+            assert url == f"http://127.0.0.1:{worker.whip.port}/whip/{room.driver_url.rsplit('/', 1)[1]}"  # type: ignore[union-attr]
             code, why = await publish_whip(url, 5.0)
             assert code == 201, why
             done = await client.wait_for(stub, room.session_id, ended, 60)
@@ -217,23 +213,19 @@ def test_the_driver_watches_their_avatar_in_a_browser_with_little_delay(tmp_path
 
     async def body() -> None:
         async with farm(tmp_path, model_dir) as (stub, worker):
-            room = await stub.CreateSession(sessions_pb2.CreateSessionRequest(spec=client.spec(
-                "vendor", "cam", drive=types_pb2.DRIVE_MODE_CAMERA, width=256, height=256,
-                file_path="watched.mp4", seconds=12.0)))
-            placed = await client.wait_for(stub, room.session_id, lambda s: bool(s.driver_url), 30)
-            key = placed.driver_url.rsplit("/", 1)[1]
-            assert placed.driver_preview_url == \
+            room = await camera_room(stub, "watched.mp4", 12.0)
+            key = room.driver_url.rsplit("/", 1)[1]
+            assert room.driver_preview_url == \
                 f"http://127.0.0.1:{worker.whip.port}/preview/{key}"  # type: ignore[union-attr]
-            driving = asyncio.create_task(publish(placed.driver_url, 14.0))
+            driving = asyncio.create_task(publish(room.driver_url, 14.0))
             browser = await start_chromium(
-                binary, placed.driver_preview_url + "?report=1", tmp_path,
+                binary, room.driver_preview_url + "?report=1", tmp_path,
                 "--autoplay-policy=no-user-gesture-required",
                 "--disable-features=WebRtcHideLocalIpsWithMdns")
             try:
+                # The page reports once it has shown 50 frames.
+                await asyncio.wait_for(worker.whip.reported.wait(), 60)  # type: ignore[union-attr]
                 reports = worker.whip.reports  # type: ignore[union-attr]
-                async with asyncio.timeout(60):
-                    while key not in reports:  # the page reports once it has shown 50 frames
-                        await asyncio.sleep(0.2)
             finally:
                 browser.kill()
                 await browser.wait()
@@ -243,5 +235,40 @@ def test_the_driver_watches_their_avatar_in_a_browser_with_little_delay(tmp_path
             await driving
             done = await client.wait_for(stub, room.session_id, ended, 60)
             assert done.state == types_pb2.SESSION_STATE_ENDED, done.reason
+
+    run(body())
+
+
+def test_blendshapes_from_the_drivers_own_tracker_drive_the_room_over_whip(
+        tmp_path: Path, model_dir: Path) -> None:
+    """A driver whose face tracker sends ARKit blendshapes over a WebRTC data channel: the
+    avatar's mouth follows those (opening every other 5 frames), not what the face reader
+    would make of the camera (which opens at random), and no face is read on the device."""
+    from tests.whip_publisher import publish as publish_whip
+    from workers.device.pipeline import FACE_READER_KEY
+
+    def jaw(i: int) -> dict[str, float]:
+        return {"jawOpen": 1.0 if i % 10 >= 5 else 0.0}
+
+    async def body() -> None:
+        async with farm(tmp_path, model_dir) as (stub, worker):
+            before = worker.pipeline.engine.stats().get(FACE_READER_KEY)
+            room = await camera_room(stub, "tracked.mp4", 3.0)
+            code, why = await publish_whip(room.driver_whip_url, 5.0, blendshapes=jaw)
+            assert code == 201, why
+            done = await client.wait_for(stub, room.session_id, ended, 60)
+            assert done.state == types_pb2.SESSION_STATE_ENDED, done.reason
+            assert done.progress.driver_state == types_pb2.DRIVER_STATE_LIVE
+            after = worker.pipeline.engine.stats().get(FACE_READER_KEY)
+            # The first frames may come before the first message: a few reads at most.
+            assert (after.items if after else 0) - (before.items if before else 0) <= 10
+        openness = mouth_openness(tmp_path / "out" / "@vendor" / "tracked.mp4")
+        sent = np.array([jaw(i)["jawOpen"] for i in range(100)], np.float32)
+        camera = np.array([mouth_open(i, "live") for i in range(100)], np.float32)
+
+        def best(said: np.ndarray) -> float:
+            return max(np.corrcoef(openness[15:70], said[15 - lag:70 - lag])[0, 1] for lag in range(-3, 8))
+
+        assert best(sent) > 0.7 and best(camera) < 0.5
 
     run(body())

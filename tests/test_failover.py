@@ -193,3 +193,53 @@ def test_rooms_survive_a_killed_scheduler_and_nothing_is_counted_twice(
     for room in ("a", "b"):
         segs = playlist(farm.output_of(f"t-{room}", room))
         assert not any(d for _, _, d in segs)  # one run: never restarted
+
+
+def test_a_camera_rooms_driver_follows_it_to_another_worker_with_the_same_key(
+        tmp_path: Path, model_dir: Path) -> None:
+    """A camera room whose worker is killed resumes on another; its session tells the
+    driver where to publish now (the new worker's ingest, the room's same key), and the
+    driver who reconnects there drives it live again."""
+    import subprocess
+    import sys
+
+    farm = make_farm(tmp_path, model_dir)
+
+    def publisher(url: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "tests.driver_publisher", url, "--seconds", "30",
+                                 "--pattern", "live"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+
+    drivers: list[subprocess.Popen[bytes]] = []
+    with farm:
+        async def create_camera(stub: sessions_pb2_grpc.SessionServiceStub) -> Any:
+            s = await stub.CreateSession(sessions_pb2.CreateSessionRequest(spec=client.spec(
+                "vendor", "cam", drive=types_pb2.DRIVE_MODE_CAMERA, width=128, height=128, fps=25,
+                hls_dir="cam", seconds=20)))
+            return await client.wait_for(stub, s.session_id, lambda x: bool(x.driver_url), 60)
+
+        try:
+            s = call(farm, create_camera)
+            first, first_url = s.worker_id, s.driver_url
+            drivers.append(publisher(first_url))
+            s = wait(farm, s.session_id, lambda x: x.progress.driver_state == types_pb2.DRIVER_STATE_LIVE
+                     and x.progress.stream_seconds >= 3)
+            worker_of(farm, first).kill()
+            moved = wait(farm, s.session_id, lambda x: x.state == RUNNING and x.worker_id != first
+                         and bool(x.driver_url))
+            # The same key at the new worker's ingest: the driver reconnects there.
+            assert moved.driver_url != first_url
+            assert moved.driver_url.rsplit("/", 1)[1] == first_url.rsplit("/", 1)[1]
+            drivers.append(publisher(moved.driver_url))
+            live = wait(farm, s.session_id, lambda x: x.worker_id == moved.worker_id
+                        and x.progress.driver_state == types_pb2.DRIVER_STATE_LIVE
+                        and x.progress.driven_seconds > s.progress.driven_seconds + 2)
+            done = wait(farm, s.session_id, lambda x: x.state == ENDED, 60)
+        finally:
+            for d in drivers:
+                d.kill()
+                d.wait()
+    assert live.progress.driver.startswith("127.0.0.1:")
+    assert done.progress.stream_seconds == pytest.approx(20, abs=0.1)
+    # Driven live on both workers: all but the start, the failover gap and the reconnect.
+    assert done.progress.driven_seconds > 10

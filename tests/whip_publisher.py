@@ -7,7 +7,9 @@ the real photograph, its mouth opening, a webcam's noise) at 25 fps and their mi
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from collections.abc import Callable
 from fractions import Fraction
 
 import aiohttp
@@ -68,16 +70,28 @@ class Microphone(MediaStreamTrack):
 
 
 async def publish(url: str, seconds: float, pattern: str = "live", *, token: str = "",
-                  audio: bool = True, video: bool = True,
-                  content_type: str = "application/sdp") -> tuple[int, str]:
+                  audio: bool = True, video: bool = True, content_type: str = "application/sdp",
+                  blendshapes: Callable[[int], dict[str, float]] | None = None) -> tuple[int, str]:
     """Publishes for ``seconds`` (then DELETEs its session); returns the POST's status and,
-    when refused, its body."""
+    when refused, its body. With ``blendshapes`` (frame index -> ARKit names and values),
+    the publisher's own face tracker sends them over a data channel, frame by frame."""
     clock = _Clock()
     pc = RTCPeerConnection()
     if video:
         pc.addTrack(Camera(clock, pattern))
     if audio:
         pc.addTrack(Microphone(clock, pattern))
+    sending: list[asyncio.Task[None]] = []
+    if blendshapes is not None:
+        channel = pc.createDataChannel("face-motion")
+        shapes = blendshapes
+
+        async def track() -> None:
+            for i in range(10**6):
+                await clock.at(i / FPS)
+                channel.send(json.dumps({"blendshapes": shapes(i), "head": {"yaw": 0.0}}))
+
+        channel.on("open", lambda: sending.append(asyncio.ensure_future(track())))
     await pc.setLocalDescription(await pc.createOffer())
     headers = {"Content-Type": content_type, **({"Authorization": f"Bearer {token}"} if token else {})}
     try:
@@ -88,6 +102,8 @@ async def publish(url: str, seconds: float, pattern: str = "live", *, token: str
                 answer, location = await r.text(), r.headers["Location"]
             await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
             await asyncio.sleep(seconds)  # the driver's performance, this long
+            for task in sending:
+                task.cancel()
             base = url.split("/whip")[0]
             async with http.delete(base + location):
                 pass

@@ -99,12 +99,14 @@ class CameraReading:
     driver's motion in the frame as a pipeline `Timed` (one device item). ``relative``:
     (that motion, the driver's reference motion) -> what ``drive`` takes: the avatar
     moves as the driver moved from their reference (the first frame of theirs read).
+    ``from_face``: face motion (blendshapes their own tracker sent) -> what ``drive`` takes.
     """
 
     side: int
     read: typing.Callable[[np.ndarray, float, int], typing.Awaitable[typing.Any]]
     relative: typing.Callable[[np.ndarray, np.ndarray], np.ndarray]
     drive: Redraw
+    from_face: typing.Callable[[np.ndarray], np.ndarray]
 
 
 Points = tuple[tuple[int, float], ...]  # (batch size, seconds) of a latency curve

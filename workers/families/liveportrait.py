@@ -339,7 +339,7 @@ class Runtime:
             out, seconds, batch = await posed(mo, deadline, priority)
             return timed(out, seconds, batch)
 
-        camera = CameraReading(EXTRACTOR_SIDE, read, relative, drive_camera)
+        camera = CameraReading(EXTRACTOR_SIDE, read, relative, drive_camera, motion_of)
         return FaceFamily(self.name, warp_key, WAV2LIP_LAYOUT, AUDIO, speech, redraw, drive, camera)
 
     def renders(self) -> list[str]:

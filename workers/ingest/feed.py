@@ -52,11 +52,14 @@ class DriverFrame:
 class DriverCallbacks:
     """Where a driver's stream goes (a camera room), called on its event loop: each
     decoded ``frame``; ``sound(t, samples)`` (16 kHz mono float32, ``t`` the stream time
-    of the first sample); ``ended(reason)`` once, after everything was handed over."""
+    of the first sample); ``ended(reason)`` once, after everything was handed over; and
+    ``motion(t, face)``: face motion their own tracker sent with the stream (a face
+    motion vector, `avatarfarm.face_motion`), where it sends any."""
 
     frame: Callable[[DriverFrame], None]
     sound: Callable[[float, np.ndarray], None]
     ended: Callable[[str], None] = lambda reason: None
+    motion: Callable[[float, np.ndarray], None] = lambda t, face: None
 
 
 def flv_tag(kind: int, timestamp_ms: int, payload: bytes) -> bytes:

@@ -23,7 +23,13 @@ thread), the sound resampled to 16 kHz mono. WebRTC's audio and video run on RTP
 of their own, each starting anywhere: each track's media time is anchored on the
 worker's clock at its first frame's arrival (`_Anchor`), which puts both on one clock
 (within the difference of their first packets' delays) to pair a camera frame with its
-sound, while frames that arrive in a burst keep the times they were captured at. A connection that fails, is closed or is deleted ends
+sound, while frames that arrive in a burst keep the times they were captured at.
+
+A publisher whose own face tracker gives blendshapes (MediaPipe's face landmarker in the
+page, a face-tracking app) may open a data channel and send one JSON message per frame,
+``{"blendshapes": {"jawOpen": 0.4, ...}, "head": {"yaw": 5, "pitch": 0, "roll": 0}}``
+(`avatarfarm.face_motion.from_message`): the room is driven by those, its camera frames
+still judged for liveness. A message that is not one is dropped (and logged once). A connection that fails, is closed or is deleted ends
 the driver's stream; a room that ends closes its driver's connection.
 """
 
@@ -42,6 +48,7 @@ from aiohttp import web
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
+from avatarfarm.face_motion import FaceMotionError, from_message
 from workers.camera.liveness import Signer
 from workers.ingest.feed import SAMPLE_RATE, DriverFrame
 from workers.ingest.registry import Claim, DriverRooms
@@ -67,6 +74,7 @@ class WebRtcEndpoint:
         self._sessions: dict[str, _Session] = {}
         self._viewers: set[RTCPeerConnection] = set()
         self.reports: dict[str, dict[str, float]] = {}  # room key -> its preview's last report
+        self.reported = asyncio.Event()  # set at each report
         app = web.Application(client_max_size=MAX_OFFER)
         app.router.add_post("/whip", self._publish)
         app.router.add_post("/whip/{key}", self._publish)
@@ -193,6 +201,7 @@ class WebRtcEndpoint:
         except (ValueError, TypeError, KeyError):
             return _error(400, "a report is JSON: frames, width, height, latency_ms")
         self.reports[key] = report
+        self.reported.set()
         log.info("driver preview: %d frames of %dx%d, %.0f ms from encoded to shown", report["frames"],
                  report["width"], report["height"], report["latency_ms"])
         return web.Response(status=204)
@@ -238,6 +247,8 @@ class _Session:
         self._ended = False
         sessions[id_] = self
         self.pc.on("track", self._track)
+        self.pc.on("datachannel", lambda channel: channel.on("message", self._message))
+        self._bad_messages = 0
         self.pc.on("connectionstatechange", self._state)
 
     def claimed(self, claim: Claim) -> None:
@@ -257,6 +268,18 @@ class _Session:
             raise _BadOffer("the offer has no video track: a camera driver sends their camera")
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         return str(self.pc.localDescription.sdp)
+
+    def _message(self, data: str | bytes) -> None:
+        """A face motion message from the driver's own tracker."""
+        try:
+            face = from_message(data)
+        except FaceMotionError as e:
+            self._bad_messages += 1
+            if self._bad_messages == 1:
+                log.info("WHIP ingest: session %s: dropping face motion messages: %s", self.id, e)
+            return
+        if self.claim is not None and not self._ended:
+            self.claim.callbacks.motion(time.monotonic() - self._t0, face)
 
     def _track(self, track: MediaStreamTrack) -> None:
         self._spawn(self._video(track) if track.kind == "video" else self._audio(track))

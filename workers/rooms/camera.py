@@ -10,7 +10,9 @@ whether they are live, with what the platform's rules make of that.
   rooms, while the room goes on to its next frame: by the worker's face reader into
   blendshapes against the driver's resting face, or, for a family that reads faces with
   a model of its own (LivePortrait's motion extractor, `CameraReading`), into motion
-  relative to the first frame of the driver's read.
+  relative to the first frame of the driver's read. A driver whose own face tracker
+  sends blendshapes with the stream (a WebRTC data channel) drives with those instead:
+  no read on the device, their camera frames still judged for liveness.
 * Liveness: every frame's signature goes to the room's `LivenessMonitor`; once per
   output frame `step` applies the `DriverPolicy` (drive, hold on the idle loop in
   silence, end) and counts the stream seconds driven live.
@@ -29,9 +31,9 @@ from collections.abc import Callable
 import numpy as np
 
 from avatarfarm.live_driver import DriverAction, DriverPolicy, DriverState
-from avatarfarm.preparation.faces import default_detector, with_chin
+from avatarfarm.preparation.faces import with_chin
 from workers.camera.liveness import LivenessMonitor
-from workers.camera.motion import Calibration, FaceTracker, face_crop
+from workers.camera.motion import Calibration, FaceTracker, driver_detector, face_crop
 from workers.device.engine import DeadlineMissed
 from workers.device.pipeline import Pipeline
 from workers.families.base import CameraReading
@@ -43,6 +45,7 @@ from workers.rooms.drivers import LiveAudio
 log = logging.getLogger(__name__)
 
 DRIVER_GONE_SECONDS = 0.5  # past a departed driver's last frame, the avatar goes idle
+PUSHED_SECONDS = 0.5  # face motion their tracker sent this recently drives (else the camera)
 
 Motion = asyncio.Future[np.ndarray | None]  # one frame's face motion, being read
 
@@ -69,13 +72,15 @@ class CameraDriver:
         self._read: tuple[DriverFrame | None, np.ndarray | None] = (None, None)
         self._new = asyncio.Event()  # a driver frame came (or the driver left)
         self._tracking = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="face-tracking")
-        self._tracker = FaceTracker(default_detector())
+        self._tracker = FaceTracker(driver_detector())
         self._calibration = Calibration()
         self.liveness = LivenessMonitor()
         # The avatar's family's own face reading (set once the room has loaded its face);
         # None: the worker's face reader.
         self.reading: CameraReading | None = None
         self._reference: np.ndarray | None = None  # the driver's first motion read
+        # Face motion the driver's own tracker sent (stream time, face motion vector).
+        self._pushed: collections.deque[tuple[float, np.ndarray]] = collections.deque(maxlen=100)
         self.publisher: Publisher | None = None
         self.state = DriverState.WAITING
         self.action = DriverAction.HOLD
@@ -95,6 +100,7 @@ class CameraDriver:
         self._frames.clear()  # a new stream, with times of its own
         self._audio_t0 = None
         self._reference = None
+        self._pushed.clear()
         self.liveness.connected()
 
         def frame(f: DriverFrame) -> None:
@@ -113,7 +119,11 @@ class CameraDriver:
             self.liveness.disconnected()
             self._new.set()
 
-        return DriverCallbacks(frame, sound, ended)
+        def motion(t: float, face: np.ndarray) -> None:
+            self._pushed.append((t, face))
+            self.liveness.face(t, True)  # their tracker follows a face
+
+        return DriverCallbacks(frame, sound, ended, motion)
 
     @property
     def connected(self) -> bool:
@@ -173,8 +183,24 @@ class CameraDriver:
         # A held room still reads its driver's face (liveness must see it come back),
         # but the face does not drive the avatar.
         drive = self.action is DriverAction.DRIVE
+        pushed = self._pushed_at(at)
+        if pushed is not None:
+            done: Motion = asyncio.get_running_loop().create_future()
+            done.set_result(pushed if drive else None)
+            return done, frame.received if frame is not None and drive else math.nan
         read = asyncio.ensure_future(self._face(frame, deadline, drive))
         return read, frame.received if frame is not None and drive else math.nan
+
+    def _pushed_at(self, at: float) -> np.ndarray | None:
+        """The face motion the driver's tracker sent for stream time ``at``, in what the
+        room's drive takes (None: none recently: the camera is read)."""
+        face = None
+        for t, f in self._pushed:
+            if t <= at or face is None:
+                face, when = f, t
+        if face is None or (math.isfinite(at) and abs(at - when) > PUSHED_SECONDS):
+            return None
+        return self.reading.from_face(face) if self.reading is not None else face
 
     async def _face(self, frame: DriverFrame | None, deadline: float,
                     drive: bool = True) -> np.ndarray | None:

@@ -12,7 +12,7 @@ import pytest
 from avatarfarm.face_motion import HEAD, INDEX
 from avatarfarm.preparation.faces import default_detector
 from tests.driver_publisher import driver_frame, mouth_open
-from workers.camera.motion import HOLD_FRAMES, Calibration, FaceTracker, face_crop
+from workers.camera.motion import HOLD_FRAMES, Calibration, FaceTracker, driver_detector, face_crop
 from workers.models.camera import EYE_RIGHT, build_face_reader
 
 
@@ -23,7 +23,7 @@ def reader() -> ort.InferenceSession:
 
 def read(reader: ort.InferenceSession, frames: list[np.ndarray]) -> np.ndarray:
     """Face motion of each frame, as a camera room reads it."""
-    tracker, calibration = FaceTracker(default_detector()), Calibration()
+    tracker, calibration = FaceTracker(driver_detector()), Calibration()
     out = []
     for rgb in frames:
         box = tracker.track(rgb)
@@ -69,11 +69,13 @@ def test_the_head_turns_as_the_face_moves_in_the_frame(reader: ort.InferenceSess
     motion = read(reader, [still] * 40 + [moved] * 5)
     yaw, pitch = motion[:, HEAD], motion[:, HEAD + 1]
     assert np.abs(yaw[:40]).max() < 1.0
-    assert yaw[-1] > 12.0 and abs(pitch[-1]) < 5.0
+    # 14 px of a ~120 px face: ~14 degrees, less a few for the box the detector finds in a
+    # frame searched at DRIVER_SEARCH_SIDE.
+    assert yaw[-1] > 10.0 and abs(pitch[-1]) < 5.0
 
 
 def test_a_face_missed_for_a_moment_is_held_then_let_go() -> None:
-    tracker = FaceTracker(default_detector())
+    tracker = FaceTracker(driver_detector())
     face = tracker.track(driver_frame(0))
     blank = np.full_like(driver_frame(0), 128)
     held = [tracker.track(blank) for _ in range(HOLD_FRAMES)]
