@@ -166,6 +166,11 @@ def _build_models(args: argparse.Namespace) -> int:
 
         folder = add_liveportrait(args.out, args.liveportrait)
         print(f"LivePortrait-signature models ({args.liveportrait}) in {args.out / 'liveportrait'}")
+    if args.voice != "none":
+        from workers.models.piper import write_voice
+
+        path = write_voice(args.out / "voices", "stand-in", args.voice)
+        print(f"Piper-signature voice ({args.voice}) in {path}: run workers with --tts-voice stand-in")
     print(f"avatars: {', '.join(folder.avatar_ids())}")
     return 0
 
@@ -425,6 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "default; LivePortrait needs it too) or a wenet streaming encoder "
                         "(wenet: ~0.9 GMAC a 50 ms step; wenet-tiny for tests), for people's "
                         "models trained on wenet features")
+    b.add_argument("--voice", default="none", choices=["medium", "tiny", "none"],
+                   help="also write a Piper-signature neural voice (VITS export and its JSON "
+                        "config) as voices/stand-in.onnx: medium (~58 MB, a medium voice's "
+                        "cost), tiny (tests) or none (the default)")
     b.add_argument("--force", action="store_true", help="rebuild even if the folder is current")
     b.set_defaults(func=_build_models)
 

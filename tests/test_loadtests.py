@@ -132,3 +132,17 @@ def test_the_camera_benchmark_runs_a_live_driver_through_a_room() -> None:
     assert rooms == "1" and float(fps) == 25.0  # every frame of the 3 s room was delivered
     assert 0 < float(p50) <= float(p95) < 2000  # driver frame in -> avatar frame out, ms
     assert float(live.rstrip("%")) > 50  # the test driver is live for most of the room
+
+
+@pytest.mark.slow
+def test_the_tts_benchmark_runs_both_backends() -> None:
+    out = subprocess.run(
+        [sys.executable, "loadtests/tts_bench.py", "--rooms", "2", "--preset", "tiny"],
+        capture_output=True, text=True, timeout=240, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "espeak-ng: real-time factor" in out.stdout
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()
+            if line.startswith(("batched", "per-call"))}
+    assert set(rows) == {"batched", "per-call"}
+    for _, rooms, p50, p95, rate, batch in rows.values():
+        assert rooms == "2" and 0 < float(p50) <= float(p95) and float(rate) > 1 and float(batch) >= 1

@@ -77,7 +77,9 @@ class WorkerConfig:
     profile_iterations: int = field(5, "timed calls per measured size")
     metrics_port: int = field(-1, "Prometheus /metrics port (0: off, -1: any free port)")
     metrics_host: str = field("127.0.0.1", "address the metrics endpoint binds to")
-    tts_voice: str = field("en", "espeak-ng voice for text-driven rooms")
+    tts_voice: str = field("en", "voice of text-driven rooms: a neural voice in the model folder's "
+                                 "voices/ (a Piper export NAME.onnx with NAME.onnx.json, run on "
+                                 "the device and batched across rooms), else an espeak-ng voice")
     # Security: see the README's "Security" section.
     scheduler_tls: bool = field(False, "connect to the scheduler with TLS (implied by "
                                        "scheduler_ca_file and scheduler_cert_file)")

@@ -38,6 +38,17 @@ from workers.device.timing import Timed, measure_curve, run_batch_of
 from workers.families import liveportrait, musetalk, ultralight, wav2lip
 from workers.families.base import FaceFamily, FamilyRuntime, Points, Redraw, WorkerContext
 from workers.families.features import FEATURES_KEY, AudioFeatures, open_features
+from workers.media.audio import SAMPLE_RATE, resample
+from workers.media.piper import (
+    BUCKETS,
+    PiperModel,
+    audio_length,
+    bucket,
+    chunks,
+    find_voices,
+    sentences,
+    voice_key,
+)
 from workers.media.tts import EspeakTTS
 from workers.models.avatar import read_image, scale_image
 from workers.models.folder import AUDIO_TO_MOTION, LIPSYNC, RENDERER, ModelFolder
@@ -103,7 +114,14 @@ class Pipeline:
         if self.face_model is not None:
             log.info("face model %s: crop side %d, batch axis %s", self.face_model.name,
                      self.face_model.side, self.face_model.runner.binding.batch or "dynamic")
-        self.tts = EspeakTTS(tts_voice)
+        # Text-driven rooms speak with espeak-ng, or with a neural voice of the model
+        # folder's voices/ (Piper's VITS exports, on the device, batched across rooms)
+        # named by tts_voice.
+        self.voices = {name: PiperModel(OrtModel(f"voice-{name}", path, None, provider, intra_op_threads),
+                                        config)
+                       for name, (path, config) in find_voices(folder.root / "voices").items()}
+        self.voice = self.voices.get(tts_voice)
+        self.tts = EspeakTTS(self.voice.config.espeak_voice if self.voice is not None else tts_voice)
         self._tts = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tts")
         # Filled on the TTS thread, read by the agent on the event loop.
         self._avatars: dict[tuple[str, int], tuple[tuple[int, int, int], np.ndarray]] = {}
@@ -134,6 +152,13 @@ class Pipeline:
             for served in runtime.served():
                 self.engine.serve(served.key, served.model, measure_curve(
                     functools.partial(run_batch_of, served.model, served.model.example_item()), (1, 2), 1))
+        for name, voice in self.voices.items():
+            # One call's cost grows with its bucket: timed at the smallest, scaled.
+            curve = measure_curve(functools.partial(run_batch_of, voice, voice.example_item()), (1, 2), 1)
+            for b in BUCKETS:
+                k = b / BUCKETS[0]
+                self.engine.serve(voice_key(name, b), voice,
+                                  LatencyCurve(tuple((n, s * k) for n, s in curve.points)))
         if self.face_reader_model is not None:
             face = {"face": np.zeros((3, 128, 128), np.float32)}
             self.serve(FACE_READER_KEY, measure_curve(
@@ -409,8 +434,26 @@ class Pipeline:
         r = await self.engine.infer(FACE_READER_KEY, {"face": face}, deadline, priority)
         return _timed(r)
 
-    async def synthesize(self, text: str) -> Timed:
-        return await asyncio.get_running_loop().run_in_executor(self._tts, self.synthesize_sync, text)
+    async def synthesize(self, text: str, deadline: float = math.inf, priority: int = 1) -> Timed:
+        """Speech for ``text`` at SAMPLE_RATE: espeak-ng's, or the worker's neural voice's,
+        every sentence of it a device item (batched with each other and other rooms')."""
+        loop = asyncio.get_running_loop()
+        voice = self.voice
+        if voice is None:
+            return await loop.run_in_executor(self._tts, self.synthesize_sync, text)
+        config = voice.config
+        clauses = await loop.run_in_executor(
+            self._tts, lambda: [p for s in sentences(text) for p in self.tts.phonemes(s)])
+        items = [ids for clause in clauses for ids in chunks(config.ids(clause), config)]
+        results = await asyncio.gather(*(
+            self.engine.infer(voice_key(config.name, bucket(len(ids))),
+                              {PiperModel.INPUT: np.pad(np.asarray(ids, np.int64), (0, bucket(len(ids)) - len(ids))),
+                               PiperModel.LENGTH: np.array(len(ids), np.int64)}, deadline, priority)
+            for ids in items))
+        parts = [r.outputs[0][:audio_length(r.outputs[0], config.sample_rate)] for r in results]
+        audio = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        return Timed(resample(audio, config.sample_rate, SAMPLE_RATE), sum(r.seconds for r in results),
+                     max((r.batch_size for r in results), default=1))
 
     async def audio_to_motion(self, mel: np.ndarray, deadline: float = math.inf,
                               priority: int = 1) -> Timed:

@@ -2,7 +2,9 @@
 
 espeak-ng keeps global state, so one process has one engine: every call goes
 through a lock. Synthesis is far faster than real time (a sentence in a few
-milliseconds), so a worker runs it inline in its inference executor.
+milliseconds), so a worker runs it inline in its inference executor. espeak-ng also
+turns text into phonemes (IPA), which is what neural voices of the VITS family (Piper's)
+read: `EspeakTTS.phonemes`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _POS_CHARACTER = 1
 _CHARS_UTF8 = 1
 _RATE_PARAM = 1
+_PHONEMES_IPA = 0x02  # espeak_TextToPhonemes: IPA, as UTF-8
 
 _CALLBACK = ctypes.CFUNCTYPE(
     ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
@@ -59,6 +62,8 @@ class EspeakTTS:
             ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p,
         ]
         lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        lib.espeak_TextToPhonemes.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int]
+        lib.espeak_TextToPhonemes.restype = ctypes.c_char_p
         lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
         rate = lib.espeak_Initialize(
             _AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0
@@ -75,6 +80,26 @@ class EspeakTTS:
         lib.espeak_SetSynthCallback(cls._callback_ref)
         cls._lib = lib
         cls._native_rate = rate
+
+    def phonemes(self, text: str, voice: str | None = None) -> list[str]:
+        """``text``'s phonemes in IPA, one string per clause (espeak-ng's, as Piper voices
+        are trained on), in ``voice`` (an espeak-ng voice name; default this engine's)."""
+        data = ctypes.create_string_buffer(text.strip().encode("utf-8"))
+        if not data.value:
+            return []
+        out: list[str] = []
+        with self._lock:
+            lib = EspeakTTS._lib
+            assert lib is not None
+            name = voice or self.voice
+            if lib.espeak_SetVoiceByName(name.encode()) != 0:
+                raise TTSError(f"espeak-ng has no voice {name!r}")
+            ptr = ctypes.c_void_p(ctypes.addressof(data))
+            while ptr.value:  # espeak-ng moves the pointer past each clause it reads
+                clause = lib.espeak_TextToPhonemes(ctypes.byref(ptr), _CHARS_UTF8, _PHONEMES_IPA)
+                if clause:
+                    out.append(clause.decode("utf-8", errors="replace").strip())
+        return [c for c in out if c]
 
     def synthesize(self, text: str) -> np.ndarray:
         """Speech for ``text`` as float32 samples at SAMPLE_RATE (empty for empty text)."""

@@ -1,0 +1,109 @@
+"""Text-to-speech on one worker: each backend's real-time factor, and a neural voice's
+segments from many rooms at once, batched on the device vs one call per sentence.
+
+Backends: espeak-ng (on the worker's TTS thread) and a Piper-signature neural voice (the
+project's stand-in at a medium voice's cost, or your own ``--voice model.onnx`` with its
+``.onnx.json``) on the device. For ``--rooms`` rooms each asking for a two-sentence
+segment at the same moment it prints, per mode, the seconds until each room's segment
+was ready (median and 95th percentile: the first audio a room waits for), the audio
+produced per second of wall time, and the mean batch of the voice's calls.
+
+    python loadtests/tts_bench.py --rooms 1,4,8
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from workers.device.batching import BatchPolicy  # noqa: E402
+from workers.device.onnx import ProviderChoice, auto_intra_op_threads  # noqa: E402
+from workers.device.pipeline import Pipeline  # noqa: E402
+from workers.media.audio import SAMPLE_RATE  # noqa: E402
+from workers.media.tts import EspeakTTS  # noqa: E402
+from workers.models.folder import ModelFolder, build_reference  # noqa: E402
+from workers.models.piper import write_voice  # noqa: E402
+
+SEGMENT = "Welcome back to the live room, everyone. This serum is twenty percent off until midnight."
+
+
+def espeak_rtf(repeats: int = 5) -> float:
+    tts = EspeakTTS("en-us")
+    tts.synthesize(SEGMENT)
+    t0 = time.perf_counter()
+    audio = sum(tts.synthesize(SEGMENT).size for _ in range(repeats))
+    return (time.perf_counter() - t0) / (audio / SAMPLE_RATE)
+
+
+async def rooms_at_once(pipeline: Pipeline, rooms: int) -> dict[str, float]:
+    voice = pipeline.voices[pipeline.voice.config.name]  # type: ignore[union-attr]
+    keys = [k for k in pipeline.engine.stats() if k.model == voice.name]
+    before = {k: pipeline.engine.stats()[k] for k in keys}
+    t0 = time.perf_counter()
+    ready: list[float] = []
+
+    async def room() -> float:
+        r = await pipeline.synthesize(SEGMENT)
+        ready.append(time.perf_counter() - t0)
+        return float(r.value.size / SAMPLE_RATE)
+
+    audio = sum(await asyncio.gather(*(room() for _ in range(rooms))))
+    wall = time.perf_counter() - t0
+    stats = pipeline.engine.stats()
+    items = sum(stats[k].items - (before[k].items if k in before else 0) for k in stats if k.model == voice.name)
+    calls = sum(sum(stats[k].batch_sizes.values()) - (sum(before[k].batch_sizes.values()) if k in before else 0)
+                for k in stats if k.model == voice.name)
+    return {"p50": float(np.percentile(ready, 50)), "p95": float(np.percentile(ready, 95)),
+            "rate": audio / wall, "batch": items / max(calls, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rooms", default="1,4,8", help="rooms asking at once, comma-separated")
+    ap.add_argument("--voice", type=Path, help="a Piper voice (.onnx, its .onnx.json beside it)")
+    ap.add_argument("--preset", default="medium", choices=["medium", "tiny"], help="the stand-in's cost")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "models"
+        build_reference(root, "lite", wav2lip=None)
+        if args.voice is not None:
+            (root / "voices").mkdir()
+            shutil.copy(args.voice, root / "voices" / args.voice.name)
+            shutil.copy(args.voice.with_name(args.voice.name + ".json"), root / "voices")
+            name = args.voice.stem
+        else:
+            name = write_voice(root / "voices", "stand-in", args.preset).stem
+        folder = ModelFolder.open(root)
+        threads = auto_intra_op_threads()
+        print(f"{os.cpu_count()} cores; segment: {len(SEGMENT)} characters, two sentences")
+        print(f"espeak-ng: real-time factor {espeak_rtf():.4f} (seconds of CPU per second of speech)")
+        print(f"{'mode':<9} {'rooms':>5} {'ready p50 s':>11} {'p95 s':>7} {'speech s/s':>10} {'batch':>6}")
+        for mode, policy in (("batched", BatchPolicy(max_batch=8)),
+                             ("per-call", BatchPolicy(max_batch=1, max_wait=0.0))):
+            pipeline = Pipeline(folder, ProviderChoice.CPU, threads, tts_voice=name, policy=policy)
+            try:
+                asyncio.run(rooms_at_once(pipeline, 1))  # warm up
+                for n in (int(x) for x in args.rooms.split(",")):
+                    r = asyncio.run(rooms_at_once(pipeline, n))
+                    print(f"{mode:<9} {n:>5} {r['p50']:>11.3f} {r['p95']:>7.3f} {r['rate']:>10.1f} "
+                          f"{r['batch']:>6.2f}", flush=True)
+            finally:
+                pipeline.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Neural voices as Piper exports them: espeak-ng's phonemes, Piper's ids, the voice's
+signature, sentences batched on the device (across rooms too, padded per length bucket,
+each item's audio the same as alone), and a text-driven room speaking with the voice."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from tests.builders import SPEECH, make_spec
+from workers.device.onnx import ModelInterfaceError, OrtModel, ProviderChoice
+from workers.device.pipeline import Pipeline
+from workers.media.audio import SAMPLE_RATE
+from workers.media.piper import (
+    BUCKETS,
+    PiperConfig,
+    PiperModel,
+    VoiceError,
+    chunks,
+    sentences,
+    voice_key,
+)
+from workers.media.tts import EspeakTTS
+from workers.models.folder import ModelFolder
+from workers.models.piper import HOP, write_voice
+from workers.models.piper import SAMPLE_RATE as VOICE_RATE
+
+VOICE = "stand-in"
+TEXT = "Welcome to the show. This lipstick is on sale today! Only nine ninety nine."
+
+
+@pytest.fixture(scope="module")
+def voiced(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+    """The reference model folder with a neural voice in voices/, the worker's default."""
+    root = tmp_path_factory.mktemp("voiced")
+    shutil.copytree(model_dir, root, dirs_exist_ok=True)
+    write_voice(root / "voices", VOICE, "tiny")
+    p = Pipeline(ModelFolder.open(root), ProviderChoice.CPU, 1, tts_voice=VOICE)
+    yield p  # type: ignore[misc]
+    p.close()
+
+
+def config(tmp_path: Path) -> PiperConfig:
+    write_voice(tmp_path, VOICE, "tiny")
+    return PiperConfig.read(tmp_path / f"{VOICE}.onnx.json")
+
+
+def test_phonemes_become_ids_as_piper_makes_them(tmp_path: Path) -> None:
+    c = config(tmp_path)
+    clauses = EspeakTTS("en-us").phonemes("Hello world. Nine ninety nine!")
+    assert len(clauses) == 2 and "\u02c8" in clauses[0]  # IPA, with its primary stress mark
+    ids = c.ids(clauses[0])
+    bos, eos, pad = c.phoneme_ids["^"][0], c.phoneme_ids["$"][0], c.phoneme_ids["_"][0]
+    known = [ch for ch in clauses[0] if ch in c.phoneme_ids]
+    # ^, then each phoneme followed by the pad, then $.
+    assert ids[0] == bos and ids[-1] == eos and len(ids) == 2 + 2 * len(known)
+    assert ids[2:-1:2] == [pad] * len(known) and ids[1] == c.phoneme_ids[known[0]][0]
+    assert sentences(TEXT) == ["Welcome to the show.", "This lipstick is on sale today!",
+                               "Only nine ninety nine."]
+
+
+def test_a_sentence_longer_than_the_largest_bucket_is_cut_after_a_pad(tmp_path: Path) -> None:
+    c = config(tmp_path)
+    long = c.ids(" ".join(EspeakTTS("en-us").phonemes("word " * 200)))
+    parts = chunks(long, c)
+    assert len(parts) > 1 and all(len(p) <= BUCKETS[-1] + 1 for p in parts)
+    assert all(p[0] == c.phoneme_ids["^"][0] and p[-1] == c.phoneme_ids["$"][0] for p in parts)
+
+
+def test_a_config_or_model_that_is_not_a_piper_voice_is_refused_saying_why(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.onnx.json"
+    bad.write_text(json.dumps({"audio": {"sample_rate": 22050}}))
+    with pytest.raises(VoiceError, match="phoneme_id_map"):
+        PiperConfig.read(bad)
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["text"], ["audio"])], "g",
+        [helper.make_tensor_value_info("text", TensorProto.FLOAT, ["B", "T"])],
+        [helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["B", "T"])])
+    path = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    with pytest.raises(ModelInterfaceError, match=r"input int64 \[B, T\], input_lengths"):
+        PiperModel(OrtModel("bad", path, None, ProviderChoice.CPU, 1), config(tmp_path))
+
+
+def test_sentences_and_rooms_share_the_voices_calls_and_sound_as_alone(voiced: Pipeline) -> None:
+    async def speak() -> tuple[list[np.ndarray], float]:
+        alone = (await voiced.synthesize("Welcome to the show.")).value
+        before = sum(s.items for k, s in voiced.engine.stats().items() if k.model == f"voice-{VOICE}")
+        calls_before = sum(sum(s.batch_sizes.values()) for k, s in voiced.engine.stats().items()
+                           if k.model == f"voice-{VOICE}")
+        # Two rooms' segments at once: five sentences.
+        both = await asyncio.gather(voiced.synthesize(TEXT), voiced.synthesize("Welcome to the show. Hi!"))
+        stats = [s for k, s in voiced.engine.stats().items() if k.model == f"voice-{VOICE}"]
+        items = sum(s.items for s in stats) - before
+        calls = sum(sum(s.batch_sizes.values()) for s in stats) - calls_before
+        return [alone, both[0].value, both[1].value], items / calls if calls else 0.0
+    (alone, text, second), per_call = asyncio.run(speak())
+    assert per_call > 1.0  # sentences shared the device's calls
+    # The first sentence of the second room's segment is the sentence spoken alone: the
+    # padding of a shared call changes nothing of it.
+    assert np.allclose(second[:alone.size], alone, atol=1e-4)
+    # The voice speaks: loud, and as long as its ids last (2 frames of 256 samples an id).
+    assert np.sqrt(np.mean(text ** 2)) > 0.05
+    cfg = voiced.voice.config  # type: ignore[union-attr]
+    ids = sum(len(cfg.ids(c)) for s in sentences(TEXT) for c in voiced.tts.phonemes(s))
+    expected = ids * 2 * HOP / VOICE_RATE
+    assert 0.8 * expected < text.size / SAMPLE_RATE < 1.1 * expected
+    assert {k for k in voiced.engine.stats() if k.model == f"voice-{VOICE}"} <= \
+        {voice_key(VOICE, b) for b in BUCKETS}
+
+
+def test_a_text_room_speaks_with_the_neural_voice(voiced: Pipeline, tmp_path: Path) -> None:
+    from avatarfarm.domain import OutputKind, Quality
+    from tests.media import mouth_openness
+    from workers.output.targets import OutputTarget
+    from workers.rooms.room import Pacing, Room, RoomState
+
+    spec = make_spec("voice", quality=Quality(256, 256, 25), seconds=5.0, script=SPEECH)
+    room = Room("s-voice", spec, OutputTarget.resolve(OutputKind.FILE, "voice.mp4", tmp_path), voiced,
+                pacing=Pacing.FAST)
+    asyncio.run(room.run())
+    assert room.state is RoomState.ENDED, room.reason
+    assert room.stats.stage_seconds["tts"] > 0 and room.stats.speech_frames > 50
+    # The avatar speaks with it: the mouth moves while the voice speaks, rests after.
+    openness = mouth_openness(tmp_path / "voice.mp4")
+    speaking, rest = openness[5:room.stats.speech_frames - 5], openness[-15:]
+    assert speaking.std() > 3 * max(rest.std(), 0.5) and speaking.max() > rest.max() + 10

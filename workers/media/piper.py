@@ -1,0 +1,165 @@
+"""Neural voices of the VITS family as Piper exports them: ``<voice>.onnx`` and its
+``<voice>.onnx.json`` (sample rate, espeak-ng voice, inference scales, phoneme ids).
+
+Text becomes speech in three steps:
+1. espeak-ng turns it into IPA phonemes, clause by clause (`EspeakTTS.phonemes`, on the
+   worker's TTS thread);
+2. the voice's ``phoneme_id_map`` turns those into ids as Piper does (`PiperConfig.ids`:
+   ``^`` first, each phoneme followed by the pad ``_``, ``$`` last);
+3. the model runs on the device as a batcher item, batched across rooms: each item is
+   padded with zeros to its length bucket (`BUCKETS`, one batch key each, so sentences
+   of similar length share a call) and tells its own length (``input_lengths``); its
+   audio is what the model gives up to the item's end (VITS leaves the rest silent).
+
+A segment of text is spoken sentence by sentence (`sentences`): the first sentence's
+audio is ready after that sentence alone, not the whole segment.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from workers.device.engine import BatchKey
+from workers.device.onnx import ModelInterfaceError, OrtModel
+
+BUCKETS = (32, 64, 128, 256, 512)  # ids an item is padded to; a longer sentence is split
+PAD, BOS, EOS = "_", "^", "$"
+_SENTENCE = re.compile(r"(?<=[.!?;])\s+")
+
+
+class VoiceError(ValueError):
+    """A voice file or config that cannot be used, saying why."""
+
+
+@dataclass(frozen=True, slots=True)
+class PiperConfig:
+    """What a Piper voice's JSON config says that synthesis needs."""
+
+    name: str
+    sample_rate: int
+    espeak_voice: str
+    scales: tuple[float, float, float]  # noise scale, length scale, noise width
+    phoneme_ids: dict[str, tuple[int, ...]]
+
+    @staticmethod
+    def read(path: Path) -> PiperConfig:
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+            inference = d.get("inference", {})
+            ids = {str(k): tuple(int(i) for i in v) for k, v in d["phoneme_id_map"].items()}
+            config = PiperConfig(
+                path.name.removesuffix(".onnx.json"), int(d["audio"]["sample_rate"]),
+                str(d.get("espeak", {}).get("voice", "en-us")),
+                (float(inference.get("noise_scale", 0.667)), float(inference.get("length_scale", 1.0)),
+                 float(inference.get("noise_w", 0.8))), ids)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise VoiceError(f"voice config {path}: {type(e).__name__}: {e}; expected Piper's "
+                             "(audio.sample_rate, espeak.voice, inference, phoneme_id_map)") from None
+        for sym in (PAD, BOS, EOS):
+            if sym not in ids:
+                raise VoiceError(f"voice config {path}: phoneme_id_map has no {sym!r}")
+        if not 8000 <= config.sample_rate <= 48000:
+            raise VoiceError(f"voice config {path}: sample rate {config.sample_rate} is not a voice's")
+        return config
+
+    def ids(self, phonemes: str) -> list[int]:
+        """Piper's ids for one clause's phonemes (characters the map lacks are skipped)."""
+        out = list(self.phoneme_ids[BOS])
+        for ch in phonemes:
+            got = self.phoneme_ids.get(ch)
+            if got is not None:
+                out += got
+                out += self.phoneme_ids[PAD]
+        return out + list(self.phoneme_ids[EOS])
+
+
+def voice_key(voice: str, bucket: int) -> BatchKey:
+    """The batch key of a voice's items padded to ``bucket`` ids."""
+    return BatchKey(f"voice-{voice}", bucket)
+
+
+def bucket(n: int) -> int:
+    """The padded length of an item of ``n`` ids (n <= BUCKETS[-1])."""
+    return next(b for b in BUCKETS if b >= n)
+
+
+def sentences(text: str) -> list[str]:
+    """A segment's sentences, in order (each is synthesised, and plays, on its own)."""
+    return [s for s in (p.strip() for p in _SENTENCE.split(text.strip())) if s]
+
+
+def chunks(ids: list[int], config: PiperConfig) -> list[list[int]]:
+    """``ids`` in pieces that fit the largest bucket, cut after a pad where possible."""
+    limit = BUCKETS[-1]
+    if len(ids) <= limit:
+        return [ids]
+    pad = config.phoneme_ids[PAD][-1]
+    out, rest = [], ids
+    while len(rest) > limit:
+        cut = max((i + 1 for i in range(limit - 1) if rest[i] == pad), default=limit - 1)
+        out.append(rest[:cut] + list(config.phoneme_ids[EOS]))
+        rest = list(config.phoneme_ids[BOS]) + rest[cut:]
+    return [*out, rest]
+
+
+class PiperModel:
+    """A Piper voice as the inference engine runs it (`workers.device.engine.DeviceModel`):
+    per-item feeds ``input`` int64 [bucket] (zero-padded ids) and ``input_lengths`` int64
+    (its own count); output per item: the audio [N] at the voice's rate, the batch's
+    longest (the caller keeps its own item's length, `audio_length`)."""
+
+    INPUT, LENGTH = "input", "input_lengths"
+
+    def __init__(self, model: OrtModel, config: PiperConfig) -> None:
+        self.name, self.provider, self.session = model.name, model.provider, model.session
+        self.config = config
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = self.session.get_outputs()
+        if set(inputs) != {"input", "input_lengths", "scales"} or len(inputs["input"].shape) != 2 \
+                or len(outputs) != 1 or len(outputs[0].shape) not in (2, 3, 4):
+            from workers.device.binding import describe
+
+            raise ModelInterfaceError(
+                f"voice {model.name}: expected Piper's export, input int64 [B, T], input_lengths "
+                f"int64 [B], scales float32 [3] -> audio [B, 1, (1,) N]; it has inputs "
+                f"{describe(list(inputs.values()))} and outputs {describe(outputs)}")
+        self._output = outputs[0].name
+        self._scales = np.array(config.scales, np.float32)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> tuple[list[typing.Any], float]:
+        t0 = time.perf_counter()
+        (audio,) = self.session.run([self._output], {
+            "input": feeds[self.INPUT].astype(np.int64), "input_lengths": feeds[self.LENGTH].astype(np.int64),
+            "scales": self._scales})
+        audio = np.asarray(audio, np.float32)
+        return [audio.reshape(audio.shape[0], -1)], time.perf_counter() - t0
+
+    def example_item(self, n: int = 32) -> dict[str, np.ndarray]:
+        ids = np.zeros(bucket(n), np.int64)
+        ids[:n] = self.config.phoneme_ids[BOS][0]
+        return {self.INPUT: ids, self.LENGTH: np.array(n, np.int64)}
+
+
+def audio_length(audio: np.ndarray, rate: int, floor: float = 1e-3) -> int:
+    """Where an item's audio ends in a padded batch's output: past its last sample louder
+    than ``floor`` (VITS leaves an item silent past its own end), plus 10 ms."""
+    loud = np.flatnonzero(np.abs(audio) > floor)
+    return 0 if loud.size == 0 else min(audio.size, int(loud[-1]) + 1 + math.ceil(0.01 * rate))
+
+
+def find_voices(folder: Path) -> dict[str, tuple[Path, PiperConfig]]:
+    """The Piper voices in ``folder`` (``<name>.onnx`` with ``<name>.onnx.json``), by name."""
+    out = {}
+    for model in sorted(folder.glob("*.onnx")) if folder.is_dir() else []:
+        config = model.with_name(model.name + ".json")
+        if config.is_file():
+            out[model.stem] = (model, PiperConfig.read(config))
+    return out
