@@ -1,6 +1,6 @@
 """Drivers: where a room's audio and motion come from, frame by frame.
 
-* ScriptPlayer: text segments, spoken by TTS, then silence (idle).
+* ScriptPlayer: text segments, spoken by TTS sentence by sentence, then silence (idle).
 * LiveAudio: PCM pushed by a client to the worker, bounded so a client faster
   than real time is pushed back instead of buffered without end.
 * LiveMotion: motion-capture coefficients pushed by a client, bounded the same way
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import typing
 from collections.abc import Awaitable, Callable
 
 import numpy as np
@@ -23,6 +24,7 @@ import numpy as np
 from avatarfarm.domain import ScriptSegment
 from avatarfarm.face_motion import FACE_MOTION_DIM
 from workers.media.audio import SAMPLE_RATE
+from workers.media.piper import sentences
 
 # Live input a room buffers ahead of what it renders, at most: enough to ride out a
 # client's network jitter, small enough that a client pushing faster than real time
@@ -37,20 +39,33 @@ class InputClosed(Exception):
 
 
 class ScriptPlayer:
-    """Plays queued script segments as audio; silence once the queue is empty."""
+    """Plays queued script segments as audio; silence once the queue is empty.
+
+    A segment is spoken sentence by sentence: all its sentences are synthesised at once
+    (a neural voice batches them on the device) and each plays as soon as it is ready,
+    so a segment's first audio waits for its first sentence only, and the next sentence
+    is being made while one plays. The next segment's sentences start once the current
+    one's are all made, so a room does not fall silent between segments.
+    """
 
     def __init__(self, synthesize: Callable[[str], Awaitable[tuple[np.ndarray, float]]]) -> None:
         self._synthesize = synthesize
         self._segments: collections.deque[ScriptSegment] = collections.deque()
         self._audio = np.zeros(0, np.float32)
-        self._speech_left = 0  # samples of speech (not pause) at the head of _audio
+        # Runs of (samples, speech or pause) covering _audio, in order.
+        self._runs: collections.deque[list[typing.Any]] = collections.deque()
         self.tts_seconds = 0.0
         self.segments_spoken = 0
-        # Samples still to play of each segment started (speech and pause): a segment is
-        # done once all of it has played, which is where a resumed room picks up.
-        self._left: collections.deque[int] = collections.deque()
+        # Segments started, in order: [samples still to play, all of it made]. A segment
+        # is done once all of it (its pause included) has played: where a resumed room
+        # picks up.
+        self._left: collections.deque[list[typing.Any]] = collections.deque()
         self.segments_done = 0
         self._start_more = True
+        # The sentences of the segment being made, in order, and its pause (samples).
+        self._making: collections.deque[asyncio.Future[tuple[np.ndarray, float]]] = collections.deque()
+        self._pause = 0
+        self._started: collections.deque[ScriptSegment] = collections.deque(maxlen=2)
 
     def append(self, segments: list[ScriptSegment] | tuple[ScriptSegment, ...]) -> None:
         self._segments.extend(segments)
@@ -60,41 +75,84 @@ class ScriptPlayer:
         return len(self._segments)
 
     def finish_current(self) -> None:
-        """Starts no further segment: the one being spoken plays to its end, then silence."""
+        """Starts no further segment: the one being spoken plays to its end, then silence
+        (a next one being made, none of it played yet, is put back)."""
         self._start_more = False
+        if self._making and self._left and self._left[-1][0] == 0 and len(self._left) > 1:
+            self.close()
+            self._left.pop()
+            self.segments_spoken -= 1
+            self._segments.appendleft(self._started[-1])
 
     @property
     def at_boundary(self) -> bool:
         """Every segment started has been played to its end (its pause included)."""
         return not self._left
 
+    def _start(self) -> bool:
+        """Starts making the next segment's sentences (False: none to start)."""
+        if not self._segments or not self._start_more:
+            return False
+        seg = self._segments.popleft()
+        self._started.append(seg)
+        self.segments_spoken += 1
+        self._making.extend(asyncio.ensure_future(self._synthesize(p))
+                            for p in sentences(seg.text) or [seg.text])
+        self._pause = round(seg.pause_after_seconds * SAMPLE_RATE)
+        self._left.append([0, False])
+        return True
+
+    def _add(self, samples: np.ndarray, speech: bool) -> None:
+        if samples.size:
+            self._audio = np.concatenate([self._audio, samples.astype(np.float32)])
+            self._runs.append([samples.size, speech])
+            self._left[-1][0] += samples.size
+
     async def take(self, n: int) -> tuple[np.ndarray, bool]:
-        """Next ``n`` samples, and whether any of them is speech."""
-        while self._audio.size < n and self._segments and self._start_more:
-            seg = self._segments.popleft()
-            speech, dt = await self._synthesize(seg.text)
+        """Next ``n`` samples, and whether they start with speech."""
+        while self._audio.size < n:
+            if not self._making and not self._start():
+                break
+            speech, dt = await self._making.popleft()
             self.tts_seconds += dt
-            self.segments_spoken += 1
-            pause = np.zeros(round(seg.pause_after_seconds * SAMPLE_RATE), np.float32)
-            if self._audio.size == 0:
-                self._speech_left = speech.size
-            self._audio = np.concatenate([self._audio, speech, pause])
-            self._left.append(speech.size + pause.size)
+            self._add(speech, True)
+            if not self._making:  # the segment is all made: its pause, then the next one
+                self._add(np.zeros(self._pause, np.float32), False)
+                self._left[-1][1] = True
+                self._start()
+        speaking = bool(self._runs and self._runs[0][1])
         taken = min(n, self._audio.size)
-        while self._left and taken > 0:
-            used = min(taken, self._left[0])
-            self._left[0] -= used
-            taken -= used
-            if self._left[0] == 0:
-                self._left.popleft()
-                self.segments_done += 1
+        self._consume(taken)
         out = self._audio[:n]
-        speaking = self._speech_left > 0
-        self._speech_left = max(0, self._speech_left - n)
         self._audio = self._audio[n:]
         if out.size < n:
             out = np.concatenate([out, np.zeros(n - out.size, np.float32)])
         return out, speaking
+
+    def _consume(self, taken: int) -> None:
+        rest = taken
+        while rest and self._runs:
+            used = min(rest, self._runs[0][0])
+            self._runs[0][0] -= used
+            rest -= used
+            if self._runs[0][0] == 0:
+                self._runs.popleft()
+        rest = taken
+        while self._left and (rest or (self._left[0][1] and self._left[0][0] == 0)):
+            used = min(rest, self._left[0][0])
+            self._left[0][0] -= used
+            rest -= used
+            if self._left[0][0] == 0 and self._left[0][1]:
+                self._left.popleft()
+                self.segments_done += 1
+            elif used == 0:
+                break
+
+    def close(self) -> None:
+        """The room ended: sentences still being made are not wanted."""
+        for task in self._making:
+            task.cancel()
+        self._making.clear()
 
 
 class LiveBuffer:

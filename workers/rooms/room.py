@@ -502,6 +502,7 @@ class Room:
                 preview.close()
             if self.camera is not None:
                 self.camera.close()
+            self.script.close()
         if self.state not in (RoomState.FAILED,):
             self._set(RoomState.ENDED, self._stop_reason or "reached max duration")
 
