@@ -41,11 +41,13 @@ class InputClosed(Exception):
 class ScriptPlayer:
     """Plays queued script segments as audio; silence once the queue is empty.
 
-    A segment is spoken sentence by sentence: all its sentences are synthesised at once
-    (a neural voice batches them on the device) and each plays as soon as it is ready,
-    so a segment's first audio waits for its first sentence only, and the next sentence
-    is being made while one plays. The next segment's sentences start once the current
-    one's are all made, so a room does not fall silent between segments.
+    A segment is spoken sentence by sentence: its first sentence is made alone (so that,
+    when many rooms start segments at once, every room's first sentence goes to the device
+    before anyone's second), the rest all at once as soon as it is ready (a neural voice
+    batches them), and each plays as soon as it is made: a segment's first audio waits
+    for its first sentence only, and later sentences are made while earlier ones play.
+    The next segment is started once the current one is all made, so a room does not
+    fall silent between segments.
     """
 
     def __init__(self, synthesize: Callable[[str], Awaitable[tuple[np.ndarray, float]]]) -> None:
@@ -65,6 +67,7 @@ class ScriptPlayer:
         # The sentences of the segment being made, in order, and its pause (samples).
         self._making: collections.deque[asyncio.Future[tuple[np.ndarray, float]]] = collections.deque()
         self._pause = 0
+        self._later: collections.deque[str] = collections.deque()  # its sentences not started yet
         self._started: collections.deque[ScriptSegment] = collections.deque(maxlen=2)
 
     def append(self, segments: list[ScriptSegment] | tuple[ScriptSegment, ...]) -> None:
@@ -96,8 +99,9 @@ class ScriptPlayer:
         seg = self._segments.popleft()
         self._started.append(seg)
         self.segments_spoken += 1
-        self._making.extend(asyncio.ensure_future(self._synthesize(p))
-                            for p in sentences(seg.text) or [seg.text])
+        first, *rest = sentences(seg.text) or [seg.text]
+        self._making.append(asyncio.ensure_future(self._synthesize(first)))
+        self._later.extend(rest)
         self._pause = round(seg.pause_after_seconds * SAMPLE_RATE)
         self._left.append([0, False])
         return True
@@ -116,6 +120,8 @@ class ScriptPlayer:
             speech, dt = await self._making.popleft()
             self.tts_seconds += dt
             self._add(speech, True)
+            while self._later:  # the segment's first sentence is made: the rest, at once
+                self._making.append(asyncio.ensure_future(self._synthesize(self._later.popleft())))
             if not self._making:  # the segment is all made: its pause, then the next one
                 self._add(np.zeros(self._pause, np.float32), False)
                 self._left[-1][1] = True
@@ -153,6 +159,7 @@ class ScriptPlayer:
         for task in self._making:
             task.cancel()
         self._making.clear()
+        self._later.clear()
 
 
 class LiveBuffer:

@@ -58,31 +58,34 @@ def test_script_player_speaks_then_pauses_then_stays_silent() -> None:
 
 
 def test_a_segment_is_spoken_sentence_by_sentence_without_gaps() -> None:
-    """The first sentence plays while the second is still being made; the audio is every
-    sentence, in order, with the segment's pause after its last; the next segment is being
-    made before the first has finished playing."""
-    made: list[str] = []
+    """The first sentence is made alone, then the rest; it plays while the second is still
+    being made; the audio is every sentence, in order, with the segment's pause after its
+    last; the next segment is made before the first has finished playing."""
+    log: list[tuple[str, str]] = []
     released = {"Second one.": asyncio.Event()}
 
     async def synth(text: str) -> tuple[np.ndarray, float]:
-        made.append(text)
+        log.append(("start", text))
         if text in released:
             await released[text].wait()
-        return np.full(1000, 0.1 * len(made), np.float32), 0.001
+        log.append(("end", text))
+        return np.full(1000, 0.1 * (len(log) // 2), np.float32), 0.001
 
     async def body() -> None:
         p = ScriptPlayer(synth)
         p.append([ScriptSegment("First one. Second one.", pause_after_seconds=0.05),
                   ScriptSegment("Next segment!")])
         first, speaking = await asyncio.wait_for(p.take(800), 1)  # the second is not made yet
-        assert speaking and np.all(first == np.float32(0.1)) and made == ["First one.", "Second one."]
+        await asyncio.sleep(0)  # (let the second sentence's task start)
+        assert speaking and np.all(first == np.float32(0.1))
+        assert log == [("start", "First one."), ("end", "First one."), ("start", "Second one.")]
         released["Second one."].set()
         rest = [await p.take(800) for _ in range(4)]
         audio = np.concatenate([first, *(a for a, _ in rest)])
         # 1000 + 1000 of speech, the 800-sample pause, then the next segment's 1000.
         assert np.all(audio[:1000] == np.float32(0.1)) and np.all(audio[1000:2000] == np.float32(0.2))
         assert np.all(audio[2000:2800] == 0) and np.all(audio[2800:3800] == np.float32(0.3))
-        assert made == ["First one.", "Second one.", "Next segment!"]
+        assert [t for what, t in log if what == "start"] == ["First one.", "Second one.", "Next segment!"]
         assert p.segments_done == 2 and p.at_boundary
 
     asyncio.run(body())
