@@ -190,7 +190,7 @@ class UsageAck(_message.Message):
     def __init__(self, seq: _Optional[int] = ...) -> None: ...
 
 class Assign(_message.Message):
-    __slots__ = ("session_id", "spec", "epoch", "continuation", "resumed_at_seconds", "label", "input_key", "driver_policy")
+    __slots__ = ("session_id", "spec", "epoch", "continuation", "resumed_at_seconds", "label", "input_key", "driver_policy", "voice", "voice_rate")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -199,6 +199,8 @@ class Assign(_message.Message):
     LABEL_FIELD_NUMBER: _ClassVar[int]
     INPUT_KEY_FIELD_NUMBER: _ClassVar[int]
     DRIVER_POLICY_FIELD_NUMBER: _ClassVar[int]
+    VOICE_FIELD_NUMBER: _ClassVar[int]
+    VOICE_RATE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     spec: _types_pb2.SessionSpec
     epoch: int
@@ -207,7 +209,9 @@ class Assign(_message.Message):
     label: _types_pb2.Label
     input_key: bytes
     driver_policy: DriverPolicy
-    def __init__(self, session_id: _Optional[str] = ..., spec: _Optional[_Union[_types_pb2.SessionSpec, _Mapping]] = ..., epoch: _Optional[int] = ..., continuation: _Optional[int] = ..., resumed_at_seconds: _Optional[float] = ..., label: _Optional[_Union[_types_pb2.Label, _Mapping]] = ..., input_key: _Optional[bytes] = ..., driver_policy: _Optional[_Union[DriverPolicy, _Mapping]] = ...) -> None: ...
+    voice: str
+    voice_rate: float
+    def __init__(self, session_id: _Optional[str] = ..., spec: _Optional[_Union[_types_pb2.SessionSpec, _Mapping]] = ..., epoch: _Optional[int] = ..., continuation: _Optional[int] = ..., resumed_at_seconds: _Optional[float] = ..., label: _Optional[_Union[_types_pb2.Label, _Mapping]] = ..., input_key: _Optional[bytes] = ..., driver_policy: _Optional[_Union[DriverPolicy, _Mapping]] = ..., voice: _Optional[str] = ..., voice_rate: _Optional[float] = ...) -> None: ...
 
 class DriverPolicy(_message.Message):
     __slots__ = ("require_live", "end_when_lost", "grace_seconds")

@@ -55,14 +55,15 @@ def profile_from_pb(profiles: Any, latency_budget: float = 0.0) -> placement.Wor
 
 def command_to_pb(cmd: WorkerCommand, inputs: LiveInputKeys) -> workers_pb2.SchedulerMessage:
     match cmd:
-        case AssignCmd(sid, spec, epoch, continuation, resumed_at, label, driver):
+        case AssignCmd(sid, spec, epoch, continuation, resumed_at, label, driver, voice, voice_rate):
             return workers_pb2.SchedulerMessage(assign=workers_pb2.Assign(
                 session_id=sid, spec=convert.spec_to_pb(spec), epoch=epoch,
                 continuation=continuation, resumed_at_seconds=resumed_at,
                 input_key=inputs.key(sid),
                 label=types_pb2.Label(text=label.text, position=label.position.value,
                                       size=label.size) if label is not None else None,
-                driver_policy=convert.driver_policy_to_pb(driver) if driver is not None else None))
+                driver_policy=convert.driver_policy_to_pb(driver) if driver is not None else None,
+                voice=voice, voice_rate=voice_rate))
         case ReleaseCmd(sid, reason, at_boundary, handover):
             return workers_pb2.SchedulerMessage(release=workers_pb2.Release(
                 session_id=sid, reason=reason, at_script_boundary=at_boundary,

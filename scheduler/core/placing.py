@@ -15,7 +15,7 @@ from avatarfarm.domain import DriveMode, Quality, SessionState, Tier
 from scheduler.core.machine import SessionMachine, carried_out
 from scheduler.policy import overload, placement, tenants
 from scheduler.policy.placement import ActionKind, RoomReq, WorkerState
-from scheduler.state.avatars import AuditAction
+from scheduler.state.avatars import AuditAction, VoiceSettings
 from scheduler.state.sessions import EventKind, Session
 from scheduler.state.table import LIVE
 from scheduler.state.worker_conn import AssignCmd, ReconfigureCmd, ReleaseCmd, WorkerConn
@@ -152,9 +152,12 @@ class Placement(SessionMachine):
             s.spec, script=script,
             max_duration_seconds=max(1e-3, limit - base.stream_seconds) if limit > 0 else 0.0)
         platform = self.platform(s.spec.platform)
+        registered = self.avatars.get(s.spec.avatar_id)
+        voice = registered.voice if registered is not None else VoiceSettings()
         self._decided.send(conn.worker_id, AssignCmd(
             s.session_id, spec, s.epoch, continuation, base.stream_seconds, platform.label_for(),
-            platform.driver_policy() if s.spec.drive_mode is DriveMode.CAMERA else None))
+            platform.driver_policy() if s.spec.drive_mode is DriveMode.CAMERA else None,
+            voice.voice, voice.rate))
         if rendering is not None:
             self._decided.send(conn.worker_id, ReconfigureCmd(s.session_id, rendering, choice.step,
                                                   "placed degraded: capacity is short"))

@@ -23,6 +23,8 @@ class AssignCmd:
     resumed_at: float = 0.0  # stream seconds the output already holds
     label: Label | None = None  # burned into the frames, per the platform's policy
     driver: DriverPolicy | None = None  # camera rooms: the platform's rules for their driver
+    voice: str = ""  # the avatar's registered voice ("": the worker's default)
+    voice_rate: float = 0.0  # words per minute; 0: the voice's own
 
 
 @dataclass(frozen=True, slots=True)

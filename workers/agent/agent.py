@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import time
 import typing
 from dataclasses import dataclass
@@ -78,6 +79,8 @@ class Assignment:
     target: OutputTarget
     label: LabelSpec | None
     driver: DriverPolicy | None = None  # camera rooms: the platform's rules for their driver
+    voice: str = ""  # the avatar's voice ("": the worker's default)
+    voice_rate: float = 0.0
 
 
 def assignment_from_pb(msg: workers_pb2.Assign, output_dir: Path,
@@ -103,7 +106,9 @@ def assignment_from_pb(msg: workers_pb2.Assign, output_dir: Path,
             raise InvalidRequest(str(e)) from e
     target = OutputTarget.resolve(spec.output.kind, spec.output.target,
                                   tenant_root(output_dir, spec.tenant), egress)
-    return Assignment(spec, target, label, driver)
+    if not (math.isfinite(msg.voice_rate) and 0 <= msg.voice_rate <= 1000):
+        raise InvalidRequest(f"voice rate {msg.voice_rate} is not words a minute")
+    return Assignment(spec, target, label, driver, msg.voice, msg.voice_rate)
 
 
 class WorkerAgent:
@@ -287,7 +292,8 @@ class WorkerAgent:
                         continuation=msg.continuation, stall_seconds=self.worker_timeout,
                         label=assigned.label, on_stall=self._room_stalled, egress=self.egress,
                         input_key=msg.input_key, drivers=self.drivers,
-                        on_driver_latency=self._driver_latency, driver_policy=assigned.driver)
+                        on_driver_latency=self._driver_latency, driver_policy=assigned.driver,
+                        voice=assigned.voice, voice_rate=assigned.voice_rate)
         except (InvalidRequest, InvalidQuality, OutputError, RoomRefused) as e:
             self._report([self._update_pb(sid, types_pb2.SESSION_STATE_FAILED,
                                           f"bad assignment: {e}", None, msg.epoch)])

@@ -434,13 +434,31 @@ class Pipeline:
         r = await self.engine.infer(FACE_READER_KEY, {"face": face}, deadline, priority)
         return _timed(r)
 
-    async def synthesize(self, text: str, deadline: float = math.inf, priority: int = 1) -> Timed:
-        """Speech for ``text`` at SAMPLE_RATE: espeak-ng's, or the worker's neural voice's,
-        every sentence of it a device item (batched with each other and other rooms')."""
+    def voice_refusal(self, voice: str) -> str | None:
+        """Why this worker cannot speak with ``voice`` (None: it can; "" is its default)."""
+        if not voice or voice in self.voices or self.tts.has_voice(voice):
+            return None
+        return (f"this worker has no voice {voice!r}: neither a neural voice in its model folder's "
+                f"voices/ ({', '.join(sorted(self.voices)) or 'none'}) nor an espeak-ng voice")
+
+    async def synthesize(self, text: str, deadline: float = math.inf, priority: int = 1,
+                         voice_name: str = "", rate: float = 0.0) -> Timed:
+        """Speech for ``text`` at SAMPLE_RATE in ``voice_name`` (a neural voice this worker
+        serves, or an espeak-ng voice at ``rate`` words a minute; "": the worker's
+        default): a neural voice's sentences are device items (batched with each other
+        and other rooms'); espeak-ng runs on the TTS thread."""
         loop = asyncio.get_running_loop()
-        voice = self.voice
+        voice = self.voices.get(voice_name) if voice_name else self.voice
         if voice is None:
-            return await loop.run_in_executor(self._tts, self.synthesize_sync, text)
+            if not voice_name and not rate:
+                return await loop.run_in_executor(self._tts, self.synthesize_sync, text)
+            engine = EspeakTTS(voice_name or self.tts.voice, round(rate) if rate else 165)
+
+            def speak() -> Timed:
+                t0 = time.perf_counter()
+                return Timed(engine.synthesize(text), time.perf_counter() - t0)
+
+            return await loop.run_in_executor(self._tts, speak)
         config = voice.config
         clauses = await loop.run_in_executor(
             self._tts, lambda: [p for s in sentences(text) for p in self.tts.phonemes(s)])

@@ -81,6 +81,15 @@ class EspeakTTS:
         cls._lib = lib
         cls._native_rate = rate
 
+    def has_voice(self, voice: str) -> bool:
+        """Whether espeak-ng knows ``voice`` (a name such as en, en-us, de)."""
+        with self._lock:
+            lib = EspeakTTS._lib
+            assert lib is not None
+            known = lib.espeak_SetVoiceByName(voice.encode()) == 0
+            lib.espeak_SetVoiceByName(self.voice.encode())
+        return bool(known)
+
     def phonemes(self, text: str, voice: str | None = None) -> list[str]:
         """``text``'s phonemes in IPA, one string per clause (espeak-ng's, as Piper voices
         are trained on), in ``voice`` (an espeak-ng voice name; default this engine's)."""

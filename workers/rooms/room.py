@@ -236,7 +236,8 @@ class Room:
                  resolve: Resolver = system_resolver, input_key: bytes = b"",
                  drivers: DriverRooms | None = None,
                  on_driver_latency: Callable[[Room, float], None] = lambda room, seconds: None,
-                 driver_policy: DriverPolicy | None = None) -> None:
+                 driver_policy: DriverPolicy | None = None, voice: str = "",
+                 voice_rate: float = 0.0) -> None:
         self.session_id = session_id
         # Live inputs are taken only with a token signed by this key (the scheduler's,
         # for this room: avatarfarm.input_tokens); none: no live input is taken.
@@ -245,6 +246,8 @@ class Room:
         self.resolve = resolve  # an RTMP ingest's host name -> its addresses
         self.spec = spec
         self.target = target
+        # The avatar's voice ("": the worker's default) and pace (0: the voice's own).
+        self.voice, self.voice_rate = voice, voice_rate
         self.pipeline = pipeline
         self.pacing = pacing
         self.latency_budget = latency_budget_seconds
@@ -302,6 +305,10 @@ class Room:
         # going to the encoder, per frame (the driver watches their avatar live).
         self.on_driver_latency = on_driver_latency
         self.driver_latency: collections.deque[float] = collections.deque(maxlen=1000)
+        if spec.drive_mode is DriveMode.TEXT:
+            refusal = pipeline.voice_refusal(voice)
+            if refusal is not None:
+                raise RoomRefused(refusal)
         if spec.drive_mode is DriveMode.CAMERA:
             if drivers is None or pipeline.face_reader_model is None or not input_key:
                 raise RoomRefused("this worker takes no camera drivers (no driver ingest, or no "
@@ -426,7 +433,8 @@ class Room:
     # -- the frame loop
 
     async def _synthesize(self, text: str) -> tuple[np.ndarray, float]:
-        r = await self.pipeline.synthesize(text)
+        r = await self.pipeline.synthesize(text, priority=self.priority, voice_name=self.voice,
+                                           rate=self.voice_rate)
         self.stats.stage_seconds["tts"] += r.seconds
         return r.value, r.seconds
 

@@ -225,6 +225,22 @@ def test_an_upload_is_normalised_and_stored_atomically(tmp_path: Path, model_dir
     run(body)
 
 
+def test_a_room_is_assigned_with_its_avatars_voice(tmp_path: Path, model_dir: Path) -> None:
+    async def body() -> None:
+        async with farm(tmp_path, model_dir) as f:
+            await f.avatars.RegisterAvatar(registration())  # voice en-us at 160 words a minute
+            worker = ProtocolWorker(f.channel, "w1")
+            await f.sessions.CreateSession(room("live"))
+            a = (await worker.next("assign")).assign
+            assert (a.voice, a.voice_rate) == ("en-us", 160.0)
+            # A local avatar (not registered) speaks with the worker's default voice.
+            await f.sessions.CreateSession(room("local", avatar="presenter"))
+            b = (await worker.next("assign")).assign
+            assert (b.voice, b.voice_rate) == ("", 0.0)
+
+    run(body)
+
+
 def test_revocation_ends_a_running_room_at_its_script_boundary(tmp_path: Path, model_dir: Path) -> None:
     async def body() -> None:
         async with farm(tmp_path, model_dir) as f:

@@ -132,3 +132,30 @@ def test_a_text_room_speaks_with_the_neural_voice(voiced: Pipeline, tmp_path: Pa
     openness = mouth_openness(tmp_path / "voice.mp4")
     speaking, rest = openness[5:room.stats.speech_frames - 5], openness[-15:]
     assert speaking.std() > 3 * max(rest.std(), 0.5) and speaking.max() > rest.max() + 10
+
+
+def test_a_room_speaks_with_its_avatars_voice_and_one_the_worker_lacks_is_refused(
+        model_dir: Path, tmp_path: Path) -> None:
+    from avatarfarm.domain import OutputKind, Quality
+    from workers.output.targets import OutputTarget
+    from workers.rooms.room import Pacing, Room, RoomRefused, RoomState
+
+    root = tmp_path / "models"
+    shutil.copytree(model_dir, root)
+    write_voice(root / "voices", VOICE, "tiny")
+    pipeline = Pipeline(ModelFolder.open(root), ProviderChoice.CPU, 1)  # espeak-ng by default
+    try:
+        assert pipeline.voice is None and pipeline.voice_refusal("de") is None
+        assert "no voice 'nobody'" in (pipeline.voice_refusal("nobody") or "")
+        spec = make_spec("voice", quality=Quality(256, 256, 25), seconds=3.0, script=SPEECH)
+        target = OutputTarget.resolve(OutputKind.FILE, "v.mp4", tmp_path)
+        with pytest.raises(RoomRefused, match="no voice 'nobody'"):
+            Room("s-nobody", spec, target, pipeline, pacing=Pacing.FAST, voice="nobody")
+        room = Room("s-voice", spec, target, pipeline, pacing=Pacing.FAST, voice=VOICE)
+        asyncio.run(room.run())
+        assert room.state is RoomState.ENDED, room.reason
+        # The avatar's neural voice spoke, not the worker's espeak-ng default.
+        items = sum(s.items for k, s in pipeline.engine.stats().items() if k.model == f"voice-{VOICE}")
+        assert items >= 1 and room.stats.speech_frames > 25
+    finally:
+        pipeline.close()
