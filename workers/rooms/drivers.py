@@ -81,7 +81,7 @@ class ScriptPlayer:
         """Starts no further segment: the one being spoken plays to its end, then silence
         (a next one being made, none of it played yet, is put back)."""
         self._start_more = False
-        if self._making and self._left and self._left[-1][0] == 0 and len(self._left) > 1:
+        if self._making and self._left and self._left[-1][0] == 0 and not self._left[-1][1]:
             self.close()
             self._left.pop()
             self.segments_spoken -= 1

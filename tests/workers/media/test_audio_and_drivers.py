@@ -104,6 +104,12 @@ def test_a_segment_made_ahead_is_put_back_when_the_script_must_stop_at_a_boundar
         tail = [await p.take(800) for _ in range(3)]
         assert tail[0][0][:200].max() == 0.5 and all(a.max() == 0 for a, _ in tail[1:])
         assert p.at_boundary and p.segments_done == 1
+        # A segment being made with nothing of it played yet is not started either.
+        q = ScriptPlayer(synth)
+        q.append([ScriptSegment("Three.")])
+        q._start()  # as take() does when a room's audio runs low
+        q.finish_current()
+        assert q.queued == 1 and q.at_boundary and (await q.take(800))[0].max() == 0
 
     asyncio.run(body())
 
