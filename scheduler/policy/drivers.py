@@ -31,7 +31,5 @@ def driver_change(before: Progress, now: Progress) -> DriverChange | None:
         return DriverChange(True, f"{state.describe()}{who}")
     if was is None or was is DriverState.WAITING:
         return None  # never live: nothing stopped
-    if was.live or was is not state:
-        return DriverChange(False, f"{state.describe()}{who}; driven live for "
-                                   f"{now.driven_seconds:.1f} s of stream so far")
-    return None
+    return DriverChange(False, f"{state.describe()}{who}; driven live for "
+                               f"{now.driven_seconds:.1f} s of stream so far")

@@ -460,13 +460,11 @@ class Pipeline:
 
             return await loop.run_in_executor(self._tts, speak)
         config = voice.config
-        clauses = await loop.run_in_executor(
-            self._tts, lambda: [p for s in sentences(text) for p in self.tts.phonemes(s)])
+        clauses = await loop.run_in_executor(self._tts, lambda: [
+            p for s in sentences(text) for p in self.tts.phonemes(s, config.espeak_voice)])
         items = [ids for clause in clauses for ids in chunks(config.ids(clause), config)]
-        results = await asyncio.gather(*(
-            self.engine.infer(voice_key(config.name, bucket(len(ids))),
-                              {PiperModel.INPUT: np.pad(np.asarray(ids, np.int64), (0, bucket(len(ids)) - len(ids))),
-                               PiperModel.LENGTH: np.array(len(ids), np.int64)}, deadline, priority)
+        results = await asyncio.gather(*(self.engine.infer(
+            voice_key(config.name, bucket(len(ids))), voice.item(ids), deadline, priority)
             for ids in items))
         parts = [r.outputs[0][:audio_length(r.outputs[0], config.sample_rate)] for r in results]
         audio = np.concatenate(parts) if parts else np.zeros(0, np.float32)

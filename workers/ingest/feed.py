@@ -2,8 +2,8 @@
 the event loop) are muxed into an FLV byte stream that PyAV demuxes and decodes on a
 thread of its own, and come out as the driver's frames (RGB, with the stream time they
 were captured at, the moment their data arrived, for the room's latency, and their
-liveness signature) and their
-sound (16 kHz mono float32), both handed back to the event loop.
+liveness signature) and their sound (16 kHz mono float32), both handed back to the
+event loop.
 
 A decoder that falls behind by more than `MAX_QUEUED` tags closes the feed (a live
 driver is never replayed late); a stream PyAV cannot decode closes it with the reason.
@@ -26,10 +26,10 @@ import av
 import numpy as np
 
 from workers.camera.liveness import Signature, Signer
+from workers.media.audio import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16_000
 # How much of the stream the demuxer reads before it decodes: enough to find both the
 # audio and the video stream of an FLV whose tags interleave, little enough to start fast.
 # (What it reads is kept and decoded: the stream's first key frame is among it.)

@@ -50,9 +50,10 @@ from aiortc.mediastreams import MediaStreamError
 
 from avatarfarm.face_motion import FaceMotionError, from_message
 from workers.camera.liveness import Signer
-from workers.ingest.feed import SAMPLE_RATE, DriverFrame
+from workers.ingest.feed import DriverFrame
 from workers.ingest.registry import Claim, DriverRooms
 from workers.ingest.rtmp import IngestRefused, Publisher
+from workers.media.audio import SAMPLE_RATE
 from workers.output.preview import BLOCK, CLOCK_BITS, PreviewTrack
 
 log = logging.getLogger(__name__)

@@ -142,10 +142,14 @@ class PiperModel:
         audio = np.asarray(audio, np.float32)
         return [audio.reshape(audio.shape[0], -1)], time.perf_counter() - t0
 
+    def item(self, ids: list[int]) -> dict[str, np.ndarray]:
+        """One item's feeds: ``ids`` zero-padded to their bucket, and their count."""
+        padded = np.zeros(bucket(len(ids)), np.int64)
+        padded[:len(ids)] = ids
+        return {self.INPUT: padded, self.LENGTH: np.array(len(ids), np.int64)}
+
     def example_item(self, n: int = 32) -> dict[str, np.ndarray]:
-        ids = np.zeros(bucket(n), np.int64)
-        ids[:n] = self.config.phoneme_ids[BOS][0]
-        return {self.INPUT: ids, self.LENGTH: np.array(n, np.int64)}
+        return self.item([self.config.phoneme_ids[BOS][0]] * n)
 
 
 def audio_length(audio: np.ndarray, rate: int, floor: float = 1e-3) -> int:

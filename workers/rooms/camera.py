@@ -183,13 +183,13 @@ class CameraDriver:
         # A held room still reads its driver's face (liveness must see it come back),
         # but the face does not drive the avatar.
         drive = self.action is DriverAction.DRIVE
+        arrived = frame.received if frame is not None and drive else math.nan
         pushed = self._pushed_at(at)
         if pushed is not None:
             done: Motion = asyncio.get_running_loop().create_future()
             done.set_result(pushed if drive else None)
-            return done, frame.received if frame is not None and drive else math.nan
-        read = asyncio.ensure_future(self._face(frame, deadline, drive))
-        return read, frame.received if frame is not None and drive else math.nan
+            return done, arrived
+        return asyncio.ensure_future(self._face(frame, deadline, drive)), arrived
 
     def _pushed_at(self, at: float) -> np.ndarray | None:
         """The face motion the driver's tracker sent for stream time ``at``, in what the
@@ -215,7 +215,6 @@ class CameraDriver:
         return self._read[1] if drive else None
 
     async def _read_face(self, frame: DriverFrame, deadline: float) -> None:
-
         reading = self.reading
 
         def find() -> tuple[np.ndarray, typing.Any] | None:

@@ -388,12 +388,9 @@ class Room:
         self.held = True
         self.stop(reason)
 
-    def _feature_seconds(self, seconds: float) -> None:
-        """Device time of the room's audio feature items (a family fed by HuBERT rows)."""
-        self.stats.stage_seconds["audio_to_motion"] += seconds
-
     def _motion_seconds(self, seconds: float) -> None:
-        """Device time of reading a camera driver's face (the room's motion stage)."""
+        """Device time of the room's motion stage: its audio feature items (a family fed by
+        HuBERT rows), or reading a camera driver's face."""
         self.stats.stage_seconds["audio_to_motion"] += seconds
 
     def _stalled(self, behind: float) -> None:
@@ -448,7 +445,7 @@ class Room:
         key = driver_key(self.input_key) if self.camera is not None else ""
         # A camera room's driver watches their avatar: its preview, as the room encodes it.
         preview = PreviewTap() if key else None
-        if key and self.drivers is not None and self.camera is not None:
+        if self.camera is not None and self.drivers is not None:
             self.drivers.open(key, self.camera.feed, preview)
         try:
             if self.video_avatar:
@@ -595,7 +592,7 @@ class Room:
                 else:
                     assert self.family is not None
                     if mode.uses_audio_to_motion:  # a mocap room's face is drawn from motion
-                        speech = self.family.speech(q.fps, self.priority, self._feature_seconds)
+                        speech = self.family.speech(q.fps, self.priority, self._motion_seconds)
                     render_reserve = 0.0
                 self.idle.fps = q.fps
             if self.pacing is Pacing.REALTIME:
