@@ -131,6 +131,17 @@ class InvalidRequest(ValueError):
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 
 
+_VOICE_NAME = re.compile(r"[A-Za-z0-9_.+-]{1,64}")
+
+
+def validate_voice(name: str, value: str, *, required: bool = False) -> None:
+    """A voice's name (an espeak-ng voice such as ``en-us+f3``, or a neural voice's such as
+    ``en_US-joe-medium``): up to 64 letters, digits or - _ . +; "" for the default unless
+    ``required``."""
+    if (value or required) and not _VOICE_NAME.fullmatch(value):
+        raise InvalidRequest(f"{name} must be a voice name of up to 64 letters, digits or - _ . +")
+
+
 def validate_id(name: str, value: str, *, required: bool = True, limits: Limits = LIMITS) -> None:
     """Tenant, room, avatar and request ids: short ASCII names. ASCII only, because ids
     name files (avatars), metric labels and log lines, and look-alike letters from other
@@ -231,6 +242,11 @@ class Stage(enum.Enum):
     ENCODE = "encode"
     ALIGNMENT = "alignment"  # the lip-sync check
     FACE = "face"  # a lip-sync family redrawing the face of a prepared avatar (Wav2Lip)
+
+
+# The model name of espeak-ng's TTS profile (host seconds per second of speech); a
+# neural voice's TTS profile is named by the voice (device seconds).
+HOST_TTS = "espeak-ng"
 
 
 @dataclass(frozen=True, slots=True)

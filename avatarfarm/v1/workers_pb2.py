@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from avatarfarm.v1 import types_pb2 as avatarfarm_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61vatarfarm/v1/workers.proto\x12\ravatarfarm.v1\x1a\x19\x61vatarfarm/v1/types.proto\"3\n\x0c\x42\x61tchLatency\x12\x12\n\nbatch_size\x18\x01 \x01(\r\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"\x93\x01\n\x0eLatencyProfile\x12#\n\x05stage\x18\x01 \x01(\x0e\x32\x14.avatarfarm.v1.Stage\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12.\n\tlatencies\x18\x05 \x03(\x0b\x32\x1b.avatarfarm.v1.BatchLatency\"\x86\x01\n\x06\x44\x65vice\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\tcpu_cores\x18\x04 \x01(\r\x12\x1e\n\x16latency_budget_seconds\x18\x05 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x04\"c\n\rMemoryProfile\x12\x14\n\x0cmodels_bytes\x18\x01 \x01(\x04\x12\x1e\n\x16\x61vatar_bytes_per_pixel\x18\x02 \x01(\x01\x12\x1c\n\x14room_bytes_per_pixel\x18\x03 \x01(\x01\"@\n\rProfileUpdate\x12/\n\x08profiles\x18\x01 \x03(\x0b\x32\x1d.avatarfarm.v1.LatencyProfile\"\x81\x03\n\x08Register\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12%\n\x06\x64\x65vice\x18\x02 \x01(\x0b\x32\x15.avatarfarm.v1.Device\x12\x0e\n\x06models\x18\x03 \x03(\t\x12/\n\x08profiles\x18\x04 \x03(\x0b\x32\x1d.avatarfarm.v1.LatencyProfile\x12\x16\n\x0einput_endpoint\x18\x05 \x01(\t\x12\x0f\n\x07\x61vatars\x18\x07 \x03(\t\x12,\n\x06memory\x18\x08 \x01(\x0b\x32\x1c.avatarfarm.v1.MemoryProfile\x12\x14\n\x0cwarm_avatars\x18\t \x03(\t\x12\x13\n\x0busage_epoch\x18\n \x01(\x04\x12/\n\x0c\x61\x63tive_rooms\x18\x0b \x03(\x0b\x32\x19.avatarfarm.v1.ActiveRoom\x12\x15\n\rface_families\x18\x0c \x03(\t\x12\x15\n\rdriver_ingest\x18\r \x01(\t\x12\x13\n\x0b\x64river_whip\x18\x0e \x01(\tJ\x04\x08\x06\x10\x07\"/\n\nActiveRoom\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"2\n\tHeartbeat\x12\x17\n\x0f\x61\x63tive_sessions\x18\x01 \x01(\r\x12\x0c\n\x04load\x18\x02 \x01(\x01\"\xa0\x01\n\rSessionUpdate\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12*\n\x05state\x18\x02 \x01(\x0e\x32\x1b.avatarfarm.v1.SessionState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x30\n\x08progress\x18\x04 \x01(\x0b\x32\x1e.avatarfarm.v1.SessionProgress\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\"I\n\x0bUsageReport\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12-\n\x07updates\x18\x02 \x03(\x0b\x32\x1c.avatarfarm.v1.SessionUpdate\"1\n\x05\x44rain\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x01 \x01(\x01\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xbe\x02\n\rWorkerMessage\x12+\n\x08register\x18\x01 \x01(\x0b\x32\x17.avatarfarm.v1.RegisterH\x00\x12-\n\theartbeat\x18\x02 \x01(\x0b\x32\x18.avatarfarm.v1.HeartbeatH\x00\x12\x36\n\x0esession_update\x18\x03 \x01(\x0b\x32\x1c.avatarfarm.v1.SessionUpdateH\x00\x12\x36\n\x0eprofile_update\x18\x04 \x01(\x0b\x32\x1c.avatarfarm.v1.ProfileUpdateH\x00\x12\x32\n\x0cusage_report\x18\x05 \x01(\x0b\x32\x1a.avatarfarm.v1.UsageReportH\x00\x12%\n\x05\x64rain\x18\x06 \x01(\x0b\x32\x14.avatarfarm.v1.DrainH\x00\x42\x06\n\x04kind\"\x9c\x01\n\nRegistered\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\x01\x12\x16\n\x0elast_usage_seq\x18\x02 \x01(\x04\x12\x1e\n\x16worker_timeout_seconds\x18\x03 \x01(\x01\x12\x32\n\x0f\x63onfirmed_rooms\x18\x04 \x03(\x0b\x32\x19.avatarfarm.v1.ActiveRoom\"\x17\n\x08UsageAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"\x96\x02\n\x06\x41ssign\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12(\n\x04spec\x18\x02 \x01(\x0b\x32\x1a.avatarfarm.v1.SessionSpec\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x14\n\x0c\x63ontinuation\x18\x04 \x01(\r\x12\x1a\n\x12resumed_at_seconds\x18\x05 \x01(\x01\x12#\n\x05label\x18\x06 \x01(\x0b\x32\x14.avatarfarm.v1.Label\x12\x11\n\tinput_key\x18\x07 \x01(\x0c\x12\x32\n\rdriver_policy\x18\x08 \x01(\x0b\x32\x1b.avatarfarm.v1.DriverPolicy\x12\r\n\x05voice\x18\t \x01(\t\x12\x12\n\nvoice_rate\x18\n \x01(\x01\"R\n\x0c\x44riverPolicy\x12\x14\n\x0crequire_live\x18\x01 \x01(\x08\x12\x15\n\rend_when_lost\x18\x02 \x01(\x08\x12\x15\n\rgrace_seconds\x18\x03 \x01(\x01\"[\n\x07Release\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x1a\n\x12\x61t_script_boundary\x18\x03 \x01(\x08\x12\x10\n\x08handover\x18\x04 \x01(\x08\"L\n\x06Script\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12.\n\x08segments\x18\x02 \x03(\x0b\x32\x1c.avatarfarm.v1.ScriptSegment\"h\n\x0bReconfigure\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\'\n\x07quality\x18\x02 \x01(\x0b\x32\x16.avatarfarm.v1.Quality\x12\x0c\n\x04step\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xa9\x02\n\x10SchedulerMessage\x12/\n\nregistered\x18\x01 \x01(\x0b\x32\x19.avatarfarm.v1.RegisteredH\x00\x12\'\n\x06\x61ssign\x18\x02 \x01(\x0b\x32\x15.avatarfarm.v1.AssignH\x00\x12)\n\x07release\x18\x03 \x01(\x0b\x32\x16.avatarfarm.v1.ReleaseH\x00\x12\'\n\x06script\x18\x04 \x01(\x0b\x32\x15.avatarfarm.v1.ScriptH\x00\x12\x31\n\x0breconfigure\x18\x05 \x01(\x0b\x32\x1a.avatarfarm.v1.ReconfigureH\x00\x12,\n\tusage_ack\x18\x06 \x01(\x0b\x32\x17.avatarfarm.v1.UsageAckH\x00\x42\x06\n\x04kind*\x91\x01\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\r\n\tSTAGE_TTS\x10\x01\x12\x19\n\x15STAGE_AUDIO_TO_MOTION\x10\x02\x12\x10\n\x0cSTAGE_RENDER\x10\x03\x12\x10\n\x0cSTAGE_ENCODE\x10\x04\x12\x13\n\x0fSTAGE_ALIGNMENT\x10\x05\x12\x0e\n\nSTAGE_FACE\x10\x06\x32]\n\rWorkerService\x12L\n\x07\x43onnect\x12\x1c.avatarfarm.v1.WorkerMessage\x1a\x1f.avatarfarm.v1.SchedulerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61vatarfarm/v1/workers.proto\x12\ravatarfarm.v1\x1a\x19\x61vatarfarm/v1/types.proto\"3\n\x0c\x42\x61tchLatency\x12\x12\n\nbatch_size\x18\x01 \x01(\r\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"\x93\x01\n\x0eLatencyProfile\x12#\n\x05stage\x18\x01 \x01(\x0e\x32\x14.avatarfarm.v1.Stage\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12.\n\tlatencies\x18\x05 \x03(\x0b\x32\x1b.avatarfarm.v1.BatchLatency\"\x86\x01\n\x06\x44\x65vice\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\tcpu_cores\x18\x04 \x01(\r\x12\x1e\n\x16latency_budget_seconds\x18\x05 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x04\"c\n\rMemoryProfile\x12\x14\n\x0cmodels_bytes\x18\x01 \x01(\x04\x12\x1e\n\x16\x61vatar_bytes_per_pixel\x18\x02 \x01(\x01\x12\x1c\n\x14room_bytes_per_pixel\x18\x03 \x01(\x01\"@\n\rProfileUpdate\x12/\n\x08profiles\x18\x01 \x03(\x0b\x32\x1d.avatarfarm.v1.LatencyProfile\"\x91\x03\n\x08Register\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12%\n\x06\x64\x65vice\x18\x02 \x01(\x0b\x32\x15.avatarfarm.v1.Device\x12\x0e\n\x06models\x18\x03 \x03(\t\x12/\n\x08profiles\x18\x04 \x03(\x0b\x32\x1d.avatarfarm.v1.LatencyProfile\x12\x16\n\x0einput_endpoint\x18\x05 \x01(\t\x12\x0f\n\x07\x61vatars\x18\x07 \x03(\t\x12,\n\x06memory\x18\x08 \x01(\x0b\x32\x1c.avatarfarm.v1.MemoryProfile\x12\x14\n\x0cwarm_avatars\x18\t \x03(\t\x12\x13\n\x0busage_epoch\x18\n \x01(\x04\x12/\n\x0c\x61\x63tive_rooms\x18\x0b \x03(\x0b\x32\x19.avatarfarm.v1.ActiveRoom\x12\x15\n\rface_families\x18\x0c \x03(\t\x12\x15\n\rdriver_ingest\x18\r \x01(\t\x12\x13\n\x0b\x64river_whip\x18\x0e \x01(\t\x12\x0e\n\x06voices\x18\x0f \x03(\tJ\x04\x08\x06\x10\x07\"/\n\nActiveRoom\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"2\n\tHeartbeat\x12\x17\n\x0f\x61\x63tive_sessions\x18\x01 \x01(\r\x12\x0c\n\x04load\x18\x02 \x01(\x01\"\xa0\x01\n\rSessionUpdate\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12*\n\x05state\x18\x02 \x01(\x0e\x32\x1b.avatarfarm.v1.SessionState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x30\n\x08progress\x18\x04 \x01(\x0b\x32\x1e.avatarfarm.v1.SessionProgress\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\"I\n\x0bUsageReport\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12-\n\x07updates\x18\x02 \x03(\x0b\x32\x1c.avatarfarm.v1.SessionUpdate\"1\n\x05\x44rain\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x01 \x01(\x01\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xbe\x02\n\rWorkerMessage\x12+\n\x08register\x18\x01 \x01(\x0b\x32\x17.avatarfarm.v1.RegisterH\x00\x12-\n\theartbeat\x18\x02 \x01(\x0b\x32\x18.avatarfarm.v1.HeartbeatH\x00\x12\x36\n\x0esession_update\x18\x03 \x01(\x0b\x32\x1c.avatarfarm.v1.SessionUpdateH\x00\x12\x36\n\x0eprofile_update\x18\x04 \x01(\x0b\x32\x1c.avatarfarm.v1.ProfileUpdateH\x00\x12\x32\n\x0cusage_report\x18\x05 \x01(\x0b\x32\x1a.avatarfarm.v1.UsageReportH\x00\x12%\n\x05\x64rain\x18\x06 \x01(\x0b\x32\x14.avatarfarm.v1.DrainH\x00\x42\x06\n\x04kind\"\x9c\x01\n\nRegistered\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\x01\x12\x16\n\x0elast_usage_seq\x18\x02 \x01(\x04\x12\x1e\n\x16worker_timeout_seconds\x18\x03 \x01(\x01\x12\x32\n\x0f\x63onfirmed_rooms\x18\x04 \x03(\x0b\x32\x19.avatarfarm.v1.ActiveRoom\"\x17\n\x08UsageAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"\x96\x02\n\x06\x41ssign\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12(\n\x04spec\x18\x02 \x01(\x0b\x32\x1a.avatarfarm.v1.SessionSpec\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x14\n\x0c\x63ontinuation\x18\x04 \x01(\r\x12\x1a\n\x12resumed_at_seconds\x18\x05 \x01(\x01\x12#\n\x05label\x18\x06 \x01(\x0b\x32\x14.avatarfarm.v1.Label\x12\x11\n\tinput_key\x18\x07 \x01(\x0c\x12\x32\n\rdriver_policy\x18\x08 \x01(\x0b\x32\x1b.avatarfarm.v1.DriverPolicy\x12\r\n\x05voice\x18\t \x01(\t\x12\x12\n\nvoice_rate\x18\n \x01(\x01\"R\n\x0c\x44riverPolicy\x12\x14\n\x0crequire_live\x18\x01 \x01(\x08\x12\x15\n\rend_when_lost\x18\x02 \x01(\x08\x12\x15\n\rgrace_seconds\x18\x03 \x01(\x01\"[\n\x07Release\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x1a\n\x12\x61t_script_boundary\x18\x03 \x01(\x08\x12\x10\n\x08handover\x18\x04 \x01(\x08\"L\n\x06Script\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12.\n\x08segments\x18\x02 \x03(\x0b\x32\x1c.avatarfarm.v1.ScriptSegment\"h\n\x0bReconfigure\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\'\n\x07quality\x18\x02 \x01(\x0b\x32\x16.avatarfarm.v1.Quality\x12\x0c\n\x04step\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xa9\x02\n\x10SchedulerMessage\x12/\n\nregistered\x18\x01 \x01(\x0b\x32\x19.avatarfarm.v1.RegisteredH\x00\x12\'\n\x06\x61ssign\x18\x02 \x01(\x0b\x32\x15.avatarfarm.v1.AssignH\x00\x12)\n\x07release\x18\x03 \x01(\x0b\x32\x16.avatarfarm.v1.ReleaseH\x00\x12\'\n\x06script\x18\x04 \x01(\x0b\x32\x15.avatarfarm.v1.ScriptH\x00\x12\x31\n\x0breconfigure\x18\x05 \x01(\x0b\x32\x1a.avatarfarm.v1.ReconfigureH\x00\x12,\n\tusage_ack\x18\x06 \x01(\x0b\x32\x17.avatarfarm.v1.UsageAckH\x00\x42\x06\n\x04kind*\x91\x01\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\r\n\tSTAGE_TTS\x10\x01\x12\x19\n\x15STAGE_AUDIO_TO_MOTION\x10\x02\x12\x10\n\x0cSTAGE_RENDER\x10\x03\x12\x10\n\x0cSTAGE_ENCODE\x10\x04\x12\x13\n\x0fSTAGE_ALIGNMENT\x10\x05\x12\x0e\n\nSTAGE_FACE\x10\x06\x32]\n\rWorkerService\x12L\n\x07\x43onnect\x12\x1c.avatarfarm.v1.WorkerMessage\x1a\x1f.avatarfarm.v1.SchedulerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'avatarfarm.v1.workers_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STAGE']._serialized_start=2806
-  _globals['_STAGE']._serialized_end=2951
+  _globals['_STAGE']._serialized_start=2822
+  _globals['_STAGE']._serialized_end=2967
   _globals['_BATCHLATENCY']._serialized_start=73
   _globals['_BATCHLATENCY']._serialized_end=124
   _globals['_LATENCYPROFILE']._serialized_start=127
@@ -45,35 +45,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROFILEUPDATE']._serialized_start=514
   _globals['_PROFILEUPDATE']._serialized_end=578
   _globals['_REGISTER']._serialized_start=581
-  _globals['_REGISTER']._serialized_end=966
-  _globals['_ACTIVEROOM']._serialized_start=968
-  _globals['_ACTIVEROOM']._serialized_end=1015
-  _globals['_HEARTBEAT']._serialized_start=1017
-  _globals['_HEARTBEAT']._serialized_end=1067
-  _globals['_SESSIONUPDATE']._serialized_start=1070
-  _globals['_SESSIONUPDATE']._serialized_end=1230
-  _globals['_USAGEREPORT']._serialized_start=1232
-  _globals['_USAGEREPORT']._serialized_end=1305
-  _globals['_DRAIN']._serialized_start=1307
-  _globals['_DRAIN']._serialized_end=1356
-  _globals['_WORKERMESSAGE']._serialized_start=1359
-  _globals['_WORKERMESSAGE']._serialized_end=1677
-  _globals['_REGISTERED']._serialized_start=1680
-  _globals['_REGISTERED']._serialized_end=1836
-  _globals['_USAGEACK']._serialized_start=1838
-  _globals['_USAGEACK']._serialized_end=1861
-  _globals['_ASSIGN']._serialized_start=1864
-  _globals['_ASSIGN']._serialized_end=2142
-  _globals['_DRIVERPOLICY']._serialized_start=2144
-  _globals['_DRIVERPOLICY']._serialized_end=2226
-  _globals['_RELEASE']._serialized_start=2228
-  _globals['_RELEASE']._serialized_end=2319
-  _globals['_SCRIPT']._serialized_start=2321
-  _globals['_SCRIPT']._serialized_end=2397
-  _globals['_RECONFIGURE']._serialized_start=2399
-  _globals['_RECONFIGURE']._serialized_end=2503
-  _globals['_SCHEDULERMESSAGE']._serialized_start=2506
-  _globals['_SCHEDULERMESSAGE']._serialized_end=2803
-  _globals['_WORKERSERVICE']._serialized_start=2953
-  _globals['_WORKERSERVICE']._serialized_end=3046
+  _globals['_REGISTER']._serialized_end=982
+  _globals['_ACTIVEROOM']._serialized_start=984
+  _globals['_ACTIVEROOM']._serialized_end=1031
+  _globals['_HEARTBEAT']._serialized_start=1033
+  _globals['_HEARTBEAT']._serialized_end=1083
+  _globals['_SESSIONUPDATE']._serialized_start=1086
+  _globals['_SESSIONUPDATE']._serialized_end=1246
+  _globals['_USAGEREPORT']._serialized_start=1248
+  _globals['_USAGEREPORT']._serialized_end=1321
+  _globals['_DRAIN']._serialized_start=1323
+  _globals['_DRAIN']._serialized_end=1372
+  _globals['_WORKERMESSAGE']._serialized_start=1375
+  _globals['_WORKERMESSAGE']._serialized_end=1693
+  _globals['_REGISTERED']._serialized_start=1696
+  _globals['_REGISTERED']._serialized_end=1852
+  _globals['_USAGEACK']._serialized_start=1854
+  _globals['_USAGEACK']._serialized_end=1877
+  _globals['_ASSIGN']._serialized_start=1880
+  _globals['_ASSIGN']._serialized_end=2158
+  _globals['_DRIVERPOLICY']._serialized_start=2160
+  _globals['_DRIVERPOLICY']._serialized_end=2242
+  _globals['_RELEASE']._serialized_start=2244
+  _globals['_RELEASE']._serialized_end=2335
+  _globals['_SCRIPT']._serialized_start=2337
+  _globals['_SCRIPT']._serialized_end=2413
+  _globals['_RECONFIGURE']._serialized_start=2415
+  _globals['_RECONFIGURE']._serialized_end=2519
+  _globals['_SCHEDULERMESSAGE']._serialized_start=2522
+  _globals['_SCHEDULERMESSAGE']._serialized_end=2819
+  _globals['_WORKERSERVICE']._serialized_start=2969
+  _globals['_WORKERSERVICE']._serialized_end=3062
 # @@protoc_insertion_point(module_scope)

@@ -80,7 +80,7 @@ class ProfileUpdate(_message.Message):
     def __init__(self, profiles: _Optional[_Iterable[_Union[LatencyProfile, _Mapping]]] = ...) -> None: ...
 
 class Register(_message.Message):
-    __slots__ = ("worker_id", "device", "models", "profiles", "input_endpoint", "avatars", "memory", "warm_avatars", "usage_epoch", "active_rooms", "face_families", "driver_ingest", "driver_whip")
+    __slots__ = ("worker_id", "device", "models", "profiles", "input_endpoint", "avatars", "memory", "warm_avatars", "usage_epoch", "active_rooms", "face_families", "driver_ingest", "driver_whip", "voices")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,7 @@ class Register(_message.Message):
     FACE_FAMILIES_FIELD_NUMBER: _ClassVar[int]
     DRIVER_INGEST_FIELD_NUMBER: _ClassVar[int]
     DRIVER_WHIP_FIELD_NUMBER: _ClassVar[int]
+    VOICES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     device: Device
     models: _containers.RepeatedScalarFieldContainer[str]
@@ -107,7 +108,8 @@ class Register(_message.Message):
     face_families: _containers.RepeatedScalarFieldContainer[str]
     driver_ingest: str
     driver_whip: str
-    def __init__(self, worker_id: _Optional[str] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., models: _Optional[_Iterable[str]] = ..., profiles: _Optional[_Iterable[_Union[LatencyProfile, _Mapping]]] = ..., input_endpoint: _Optional[str] = ..., avatars: _Optional[_Iterable[str]] = ..., memory: _Optional[_Union[MemoryProfile, _Mapping]] = ..., warm_avatars: _Optional[_Iterable[str]] = ..., usage_epoch: _Optional[int] = ..., active_rooms: _Optional[_Iterable[_Union[ActiveRoom, _Mapping]]] = ..., face_families: _Optional[_Iterable[str]] = ..., driver_ingest: _Optional[str] = ..., driver_whip: _Optional[str] = ...) -> None: ...
+    voices: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., models: _Optional[_Iterable[str]] = ..., profiles: _Optional[_Iterable[_Union[LatencyProfile, _Mapping]]] = ..., input_endpoint: _Optional[str] = ..., avatars: _Optional[_Iterable[str]] = ..., memory: _Optional[_Union[MemoryProfile, _Mapping]] = ..., warm_avatars: _Optional[_Iterable[str]] = ..., usage_epoch: _Optional[int] = ..., active_rooms: _Optional[_Iterable[_Union[ActiveRoom, _Mapping]]] = ..., face_families: _Optional[_Iterable[str]] = ..., driver_ingest: _Optional[str] = ..., driver_whip: _Optional[str] = ..., voices: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ActiveRoom(_message.Message):
     __slots__ = ("session_id", "epoch")

@@ -28,7 +28,6 @@ import dataclasses
 import hashlib
 import logging
 import math
-import re
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
@@ -37,7 +36,7 @@ import grpc
 
 from avatarfarm import convert, images
 from avatarfarm.avatars import BUNDLES, bundle_of, install_bundle_pointer, stage_bundle_pointer
-from avatarfarm.domain import InvalidRequest, validate_id
+from avatarfarm.domain import InvalidRequest, validate_id, validate_voice
 from avatarfarm.preparation.bundle import Bundle, VideoLimits
 from avatarfarm.preparation.bundle import prepare as prepare_bundle
 from avatarfarm.preparation.faces import FaceDetector, PreparationError, load_detector
@@ -76,7 +75,6 @@ _STATUS: dict[type[Exception], grpc.StatusCode] = {**service.ERROR_STATUS,
            StorageUnavailable: grpc.StatusCode.UNAVAILABLE}
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
-_VOICE = re.compile(r"[A-Za-z0-9_.+-]{0,64}")
 USAGE_BY = (Dimension.AVATAR, Dimension.PLATFORM, Dimension.TENANT)
 
 
@@ -114,8 +112,7 @@ def licence_to_pb(lic: Licence) -> avatars_pb2.Licence:
 
 
 def voice_from_pb(pb: avatars_pb2.VoiceSettings) -> VoiceSettings:
-    if not _VOICE.fullmatch(pb.voice):
-        raise InvalidRequest("voice must be a voice name of up to 64 letters, digits or - _ . +")
+    validate_voice("voice", pb.voice)
     if not (math.isfinite(pb.rate) and 0 <= pb.rate <= 1000):
         raise InvalidRequest("voice rate must be within 0..1000 words per minute (0: default)")
     if not (math.isfinite(pb.pitch) and 0 <= pb.pitch <= 99):

@@ -16,7 +16,7 @@ import urllib.parse
 from collections.abc import Iterable
 from typing import Any
 
-from avatarfarm.domain import LIMITS, InvalidRequest, IPAddress, validate_id
+from avatarfarm.domain import LIMITS, InvalidRequest, IPAddress, validate_id, validate_voice
 from avatarfarm.egress import Resolver, system_resolver
 
 MAX_BATCH = 4096
@@ -28,6 +28,7 @@ _HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 _PROVIDER = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _FAMILY = re.compile(r"[a-z0-9_-]{1,32}(?:/[a-z0-9_-]{1,32})?")
 MAX_FAMILIES = 64
+MAX_VOICES = 1024
 
 
 def _finite(name: str, value: float, low: float, high: float) -> None:
@@ -78,6 +79,10 @@ def check_register(reg: Any) -> None:
         if not _FAMILY.fullmatch(family):
             raise InvalidRequest(f"face family {family[:100]!r} is not a family name (letters, "
                                  "digits, '_', '-', one '/' before its variant)")
+    if len(reg.voices) > MAX_VOICES:
+        raise InvalidRequest(f"voices lists more than {MAX_VOICES} voices")
+    for voice in reg.voices:
+        validate_voice("a worker's voice", voice, required=True)
     for room in reg.active_rooms:
         validate_id("active room", room.session_id)
     endpoint_parts(reg.input_endpoint)

@@ -49,7 +49,7 @@ def profile_from_pb(profiles: Any, latency_budget: float = 0.0) -> placement.Wor
             continue
         w, h = (p.width, p.height) if stage in (Stage.RENDER, Stage.ENCODE, Stage.FACE) else (0, 0)
         costs.append(placement.StageCost.measured(stage, w, h, points, latency_budget,
-                                                  p.model if stage is Stage.FACE else ""))
+                                                  p.model if stage in (Stage.FACE, Stage.TTS) else ""))
     return placement.WorkerProfile(tuple(costs))
 
 
@@ -119,7 +119,7 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
                                                mem.room_bytes_per_pixel),
                 warm_avatars=frozenset(reg.warm_avatars),
                 face_families=frozenset(reg.face_families), driver_ingest=reg.driver_ingest,
-                driver_whip=reg.driver_whip),
+                driver_whip=reg.driver_whip, voices=frozenset(reg.voices)),
             usage_epoch=reg.usage_epoch)
         await self.core.durable()
         reader = asyncio.create_task(self._read(conn, request_iterator))

@@ -132,6 +132,10 @@ class SessionMachine:
         # when the folder's video avatars change or one is registered.
         self._face_models: dict[str, VideoAvatarFace] = {}
         self._worker_avatars: collections.Counter[str] = collections.Counter()
+        # Voices workers have named since start (neural, or a TTS service's): a text room
+        # whose avatar speaks one is placed only where it is spoken, and waits while no
+        # such worker is connected; any other voice is espeak-ng's, which all speak.
+        self.fleet_voices: frozenset[str] = frozenset()
         self._sync_watch: dict[str, SyncWatch] = {}  # live rooms' lip-sync checks out of bounds
         self._scripts: dict[str, list[ScriptSegment]] = {}  # live text rooms' scripts
         self._exhausted: dict[str, float] = {}  # tenant -> when its spend budget ran out
@@ -300,7 +304,16 @@ class SessionMachine:
         return RoomReq(s.session_id, s.spec.tenant, s.spec.avatar_id, s.quality,
                        s.spec.drive_mode, s.spec.tier, s.seq,
                        (s.spec.quality.width, s.spec.quality.height), s.step,
-                       s.spec.avatar_id in self.video_avatars(), *self.face_model(s.spec.avatar_id))
+                       s.spec.avatar_id in self.video_avatars(), *self.face_model(s.spec.avatar_id),
+                       voice=self._fleet_voice(s))
+
+    def _fleet_voice(self, s: Session) -> str:
+        """The room's voice where only some workers speak it ("": any worker does)."""
+        if not s.spec.drive_mode.uses_tts:
+            return ""
+        registered = self.avatars.get(s.spec.avatar_id)
+        voice = registered.voice.voice if registered is not None else ""
+        return voice if voice in self.fleet_voices else ""
 
     def _enqueue(self, s: Session) -> None:
         self._pending_since.setdefault(s.session_id, self.clock())

@@ -58,9 +58,10 @@ class Placement(SessionMachine):
         rooms); otherwise record why it waits. `failed` memoises shapes that did not fit
         in this pass, so a long queue costs one look per shape."""
         # Rooms of one shape fit or not alike: a video avatar's face (its model and the
-        # family a worker must render) is part of it.
+        # family a worker must render) and a voice only some workers speak are part of it.
         shape = (s.spec.quality, s.step, s.spec.drive_mode, s.spec.tier, s.guaranteed,
-                 s.spec.avatar_id if s.guaranteed else "", self.face_model(s.spec.avatar_id))
+                 s.spec.avatar_id if s.guaranteed else "", self.face_model(s.spec.avatar_id),
+                 self._fleet_voice(s))
         if shape in failed:
             self._wait(s, failed[shape])
             return 0

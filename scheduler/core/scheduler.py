@@ -235,7 +235,9 @@ class Scheduler(Enforcement):
             cpu_capacity=float(resources.cpu_cores) if gpu else 0.0,
             memory_capacity=resources.memory_bytes, memory=resources.memory,
             device_type=device_type, warm=resources.warm_avatars, families=resources.face_families,
-            driver_ingest=bool(resources.driver_ingest or resources.driver_whip)))
+            driver_ingest=bool(resources.driver_ingest or resources.driver_whip),
+            voices=resources.voices))
+        self.fleet_voices |= resources.voices
         self._refresh_unit_profile()
         self._why_cache.clear()
         confirmed: list[tuple[str, int]] = []

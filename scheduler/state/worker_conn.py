@@ -104,3 +104,4 @@ class WorkerResources:
     face_families: frozenset[str] = frozenset()  # video avatars' families it renders; empty: any
     driver_ingest: str = ""  # host:port of its RTMP ingest for camera rooms ("": none)
     driver_whip: str = ""  # host:port of its WHIP ingest for camera rooms ("": none)
+    voices: frozenset[str] = frozenset()  # voices it speaks besides espeak-ng's

@@ -212,6 +212,7 @@ class WorkerAgent:
             warm_avatars=self.pipeline.warm_avatars(),
             face_families=self.pipeline.face_families(),
             driver_ingest=self.driver_ingest, driver_whip=self.driver_whip,
+            voices=self.pipeline.voice_names(),
             usage_epoch=self.usage.epoch))
 
     def registered(self, reg: workers_pb2.Registered) -> list[workers_pb2.WorkerMessage]:

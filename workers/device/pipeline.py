@@ -434,12 +434,23 @@ class Pipeline:
         r = await self.engine.infer(FACE_READER_KEY, {"face": face}, deadline, priority)
         return _timed(r)
 
+    def voice_names(self) -> list[str]:
+        """The voices this worker speaks besides espeak-ng's (its neural voices)."""
+        return sorted(self.voices)
+
     def voice_refusal(self, voice: str) -> str | None:
         """Why this worker cannot speak with ``voice`` (None: it can; "" is its default)."""
         if not voice or voice in self.voices or self.tts.has_voice(voice):
             return None
         return (f"this worker has no voice {voice!r}: neither a neural voice in its model folder's "
                 f"voices/ ({', '.join(sorted(self.voices)) or 'none'}) nor an espeak-ng voice")
+
+    def voice_ids(self, voice: PiperModel, text: str) -> list[list[int]]:
+        """``text`` as ``voice``'s items: phoneme ids (espeak-ng's IPA in the voice's
+        language) per clause, cut to fit the largest bucket."""
+        config = voice.config
+        clauses = [p for s in sentences(text) for p in self.tts.phonemes(s, config.espeak_voice)]
+        return [ids for clause in clauses for ids in chunks(config.ids(clause), config)]
 
     async def synthesize(self, text: str, deadline: float = math.inf, priority: int = 1,
                          voice_name: str = "", rate: float = 0.0) -> Timed:
@@ -460,9 +471,7 @@ class Pipeline:
 
             return await loop.run_in_executor(self._tts, speak)
         config = voice.config
-        clauses = await loop.run_in_executor(self._tts, lambda: [
-            p for s in sentences(text) for p in self.tts.phonemes(s, config.espeak_voice)])
-        items = [ids for clause in clauses for ids in chunks(config.ids(clause), config)]
+        items = await loop.run_in_executor(self._tts, self.voice_ids, voice, text)
         results = await asyncio.gather(*(self.engine.infer(
             voice_key(config.name, bucket(len(ids))), voice.item(ids), deadline, priority)
             for ids in items))

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from avatarfarm.domain import DriveMode, Quality, Stage
+from avatarfarm.domain import HOST_TTS, DriveMode, Quality, Stage
 from avatarfarm.latency import LatencyCurve
 
 MAX_BATCH = 64
@@ -83,7 +83,8 @@ class WorkerProfile:
     def cost(self, stage: Stage, width: int = 0, height: int = 0,
              model: str = "") -> tuple[StageCost, float] | None:
         """The measured cost nearest (width, height) and the pixel ratio to scale it by;
-        None if the stage was never measured. For FACE, ``model`` picks the costs of that
+        None if the stage was never measured. For TTS, ``model`` is a neural voice (""
+        espeak-ng, on the host). For FACE, ``model`` picks the costs of that
         face model (`StageCost.serves`); where the worker has not measured it (an avatar
         whose own model it has not loaded yet), its face costs stand in, the dearest: an
         estimate until it loads and reports the model."""
@@ -91,6 +92,10 @@ class WorkerProfile:
         if key in self._lookup:
             return self._lookup[key]
         measured = [c for c in self.costs if c.stage is stage]
+        if stage is Stage.TTS:
+            # A neural voice's (``model`` the voice, device seconds), else espeak-ng's
+            # (host seconds): never one for the other.
+            measured = [c for c in measured if c.model == model or (not model and c.model == HOST_TTS)]
         if stage is Stage.FACE and model:
             own = [c for c in measured if c.serves(model)]
             if not own and measured:

@@ -277,6 +277,9 @@ class Fleet:
                 w.families and room.face_family not in w.families for w in open_workers):
             return (f"no connected worker renders {room.face_family} avatars (their model folders "
                     f"lack that family's models{' or feature model' if '/' in room.face_family else ''})")
+        if room.voice and not any(room.voice in w.voices for w in open_workers):
+            return (f"no connected worker speaks voice {room.voice!r} (the avatar's registered "
+                    "voice: a neural voice in a worker's model folder, or a TTS service's)")
         # A sample is enough to say why, and keeps a refusal cheap on a large fleet.
         demands = [(w, w.demand(room)) for w in itertools.islice(open_workers, 64)]
         measured = [(w, d) for w, d in demands if d is not None]

@@ -35,6 +35,10 @@ class RoomReq:
     face_model: str = ""  # which (avatarfarm.avatars.face_model); "": any the worker has
     face_model_bytes: int = 0  # the avatar's own model (loaded with its first room), if any
     face_family: str = ""  # what the worker must render (avatarfarm.avatars.face_family); "": any
+    # A text room's voice (its avatar's registered one) where it is one of the voices
+    # workers name (neural, on their device or from a TTS service): only they speak it.
+    # "": espeak-ng's (any worker).
+    voice: str = ""
 
     @property
     def frame_size(self) -> tuple[int, int]:
@@ -52,10 +56,22 @@ class Demand:
 
 
 # A batch group on a worker: the render queue of one portrait side (the side, > 0),
-# the audio-to-motion queue (0) or the face model's queue (-1). Plain ints: these are
-# hot dictionary keys.
+# the audio-to-motion queue (0), the face model's queue (-1) or a neural voice's
+# (below -1, one per voice name). Plain ints: these are hot dictionary keys.
 GroupKey = int
 _A2M: GroupKey = 0
+_VOICE_GROUPS: dict[str, GroupKey] = {}
+
+
+def voice_group(voice: str) -> GroupKey:
+    """The batch group of a neural voice's sentences (the same key on every worker)."""
+    return _VOICE_GROUPS.setdefault(voice, -2 - len(_VOICE_GROUPS))
+
+
+# Seconds of speech a text room's voice is planned for, per second of stream: a script
+# without pauses (as the face model is planned for every frame); pauses are device
+# time saved, seen in the room's metered cost.
+SPEECH_SHARE = 1.0
 _FACE: GroupKey = -1
 
 
@@ -63,7 +79,8 @@ _FACE: GroupKey = -1
 class _RoomCosts:
     """What a room shape costs on one profile, looked up once per shape."""
 
-    groups: tuple[tuple[GroupKey, StageCost, float], ...]  # key, cost, pixel scale
+    # key, cost, pixel scale, items per second (frames; seconds of speech for a voice)
+    groups: tuple[tuple[GroupKey, StageCost, float, float], ...]
     host: float  # encode (+ TTS) seconds per second of stream
 
 
@@ -85,6 +102,9 @@ class WorkerState:
     # said (a worker from before workers said), taken as any.
     families: frozenset[str] = frozenset()
     driver_ingest: bool = False  # it takes camera drivers' streams: it can run camera rooms
+    # Voices it speaks besides espeak-ng's: neural voices (on its device where its profile
+    # has a TTS cost for the voice) and TTS services' voices.
+    voices: frozenset[str] = frozenset()
     rooms: dict[str, RoomReq] = field(default_factory=dict)
     groups: dict[GroupKey, tuple[int, float]] = field(default_factory=dict)  # n rooms, frames/s
     group_load: dict[GroupKey, float] = field(default_factory=dict)
@@ -95,7 +115,7 @@ class WorkerState:
     avatar_totals: Counter[str] = field(default_factory=Counter)  # rooms per avatar, any side
     premium: Counter[str] = field(default_factory=Counter)
     _compute: float = 0.0
-    _shapes: dict[tuple[int, int, int, int, int, str, bool, str], _RoomCosts | None] = field(
+    _shapes: dict[tuple[int, int, int, int, int, str, bool, str, str], _RoomCosts | None] = field(
         default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -135,7 +155,8 @@ class WorkerState:
     def _costs(self, room: RoomReq) -> _RoomCosts | None:
         q = room.quality
         w, h = room.frame_size
-        key = (q.width, q.height, q.fps, w, h, room.drive_mode.value, room.face, room.face_model)
+        key = (q.width, q.height, q.fps, w, h, room.drive_mode.value, room.face, room.face_model,
+               room.voice)
         if key in self._shapes:
             return self._shapes[key]
         p = self.profile
@@ -145,7 +166,17 @@ class WorkerState:
             self._shapes[key] = None  # no ingest for the room's driver
             return None
         enc = p.stage_seconds(Stage.ENCODE, w, h)
-        tts = p.stage_seconds(Stage.TTS) if room.drive_mode.uses_tts else 0.0
+        tts: float | None = 0.0
+        voice: list[tuple[GroupKey, StageCost, float, float]] = []
+        if room.drive_mode.uses_tts and room.voice:
+            if room.voice not in self.voices:
+                self._shapes[key] = None  # it does not speak the avatar's voice
+                return None
+            neural = p.cost(Stage.TTS, model=room.voice)
+            if neural is not None:  # on its device, batched with other rooms' sentences
+                voice.append((voice_group(room.voice), neural[0], 1.0, SPEECH_SHARE))
+        elif room.drive_mode.uses_tts:
+            tts = p.stage_seconds(Stage.TTS)
         if room.face:
             if room.face_family and self.families and room.face_family not in self.families:
                 self._shapes[key] = None  # this worker cannot render the avatar's family
@@ -155,17 +186,17 @@ class WorkerState:
             # it are device time saved, seen in the room's metered cost.
             face = p.cost(Stage.FACE, model=room.face_model)
             if face is not None and enc is not None and tts is not None:
-                found = _RoomCosts(((_FACE, face[0], 1.0),), q.fps * enc + tts)
+                found = _RoomCosts(((_FACE, face[0], 1.0, q.fps), *voice), q.fps * enc + tts)
             self._shapes[key] = found
             return found
         render = p.cost(Stage.RENDER, side, side)
         a2m = p.cost(Stage.AUDIO_TO_MOTION) if room.drive_mode.uses_audio_to_motion else None
         needs_a2m = room.drive_mode.uses_audio_to_motion
         if render is not None and enc is not None and tts is not None and (a2m or not needs_a2m):
-            groups = [(side, render[0], render[1])]
+            groups = [(side, render[0], render[1], float(q.fps))]
             if a2m is not None:
-                groups.append((_A2M, a2m[0], a2m[1]))
-            found = _RoomCosts(tuple(groups), q.fps * enc + tts)
+                groups.append((_A2M, a2m[0], a2m[1], float(q.fps)))
+            found = _RoomCosts((*groups, *voice), q.fps * enc + tts)
         self._shapes[key] = found
         return found
 
@@ -194,10 +225,9 @@ class WorkerState:
         if parts is None:
             return None
         costs, compute, cpu, memory = parts
-        fps = room.quality.fps
-        for key, cost, scale in costs.groups:
+        for key, cost, scale, items in costs.groups:
             n, rate = self.groups.get(key, (0, 0.0))
-            compute += self._group_load(cost, scale, n + 1, rate + fps) - \
+            compute += self._group_load(cost, scale, n + 1, rate + items) - \
                 self.group_load.get(key, 0.0)
         return Demand(compute, cpu, memory)
 
@@ -216,9 +246,9 @@ class WorkerState:
         d = self.demand(room)
         assert d is not None
         costs, compute, cpu, memory = parts
-        for key, cost, scale in costs.groups:
+        for key, cost, scale, items in costs.groups:
             n, rate = self.groups.get(key, (0, 0.0))
-            self._set_group(key, cost, scale, n + 1, rate + room.quality.fps)
+            self._set_group(key, cost, scale, n + 1, rate + items)
         self.other_compute += compute
         self.cpu_load += cpu
         self.memory_used += memory
@@ -244,9 +274,9 @@ class WorkerState:
         parts = self._parts(room)
         assert parts is not None
         costs, compute, cpu, memory = parts
-        for key, cost, scale in costs.groups:
+        for key, cost, scale, items in costs.groups:
             n, rate = self.groups[key]
-            self._set_group(key, cost, scale, n - 1, rate - room.quality.fps)
+            self._set_group(key, cost, scale, n - 1, rate - items)
         self.other_compute = max(0.0, self.other_compute - compute)
         self.cpu_load = max(0.0, self.cpu_load - cpu)
         self.memory_used = max(self.memory.models_bytes, self.memory_used - memory)
@@ -270,7 +300,7 @@ class WorkerState:
         c = WorkerState(self.worker_id, self.profile, self.compute_capacity, self.cpu_capacity,
                         self.memory_capacity, self.memory, self.device_type, self.warm,
                         self.accepting, self.price, families=self.families,
-                        driver_ingest=self.driver_ingest)
+                        driver_ingest=self.driver_ingest, voices=self.voices)
         for room in self.rooms.values():
             c.add(room)
         return c

@@ -20,7 +20,7 @@ from tests.scheduler.api.test_service import ProtocolWorker, run, scheduler
 def good() -> workers_pb2.Register:
     return workers_pb2.Register(
         worker_id="gpu-0", input_endpoint="10.0.0.7:50061", avatars=["presenter"],
-        face_families=["wav2lip", "ultralight/wenet"],
+        face_families=["wav2lip", "ultralight/wenet"], voices=["en_US-joe-medium", "shop.voice+1"],
         device=workers_pb2.Device(provider="CUDAExecutionProvider", device_type="h200",
                                   cpu_cores=16, memory_bytes=140 * 2**30, latency_budget_seconds=0.5),
         profiles=[workers_pb2.LatencyProfile(stage=workers_pb2.STAGE_RENDER, width=512, height=512,
@@ -53,6 +53,9 @@ IMPOSSIBLE: dict[str, Callable[[workers_pb2.Register], Any]] = {
     "face family with a label injection": lambda r: r.face_families.append('wav2lip"}'),
     "face family with two variants": lambda r: r.face_families.append("ultralight/wenet/x"),
     "a thousand face families": lambda r: r.face_families.extend(f"f{i}" for i in range(1000)),
+    "a voice with a label injection": lambda r: r.voices.append('joe"}'),
+    "an empty voice name": lambda r: r.voices.append(""),
+    "two thousand voices": lambda r: r.voices.extend(f"v{i}" for i in range(2000)),
     "endpoint without port": lambda r: setattr(r, "input_endpoint", "10.0.0.7"),
     "endpoint port 0": lambda r: setattr(r, "input_endpoint", "10.0.0.7:0"),
     "endpoint with a path": lambda r: setattr(r, "input_endpoint", "evil.example/x:1"),

@@ -63,3 +63,30 @@ def test_motion_capture_is_taken_for_avatars_whose_family_has_a_motion_input(tmp
     with pytest.raises(InvalidRequest, match="wav2lip family, a lip-sync model that takes speech and "
                                              "has no motion input"):
         core.create(dataclasses.replace(mocap, room_id="m2", avatar_id="w2l"))
+
+
+def test_a_text_room_whose_avatars_voice_some_workers_speak_is_placed_on_one_of_them(tmp_path: Path) -> None:
+    from scheduler.policy.licences import Licence
+    from scheduler.state.avatars import RegisteredAvatar, VoiceSettings
+
+    core, _ = make_core(tmp_path)
+    core.register_avatar(RegisteredAvatar("presenter", "vendor", Licence(), 0.0,
+                                          VoiceSettings("en_US-joe-medium")), operator=True)
+    joe = StageCost.measured(Stage.TTS, 0, 0, [(1, 0.02)], model="en_US-joe-medium")
+    espeak_only = connect(core, "espeak-0")
+    s = core.create(make_spec("r0"))
+    # No worker has named the voice yet: it is taken as espeak-ng's (the worker checks).
+    assert s.state is SessionState.PLACED and s.worker_id == "espeak-0"
+    neural = connect(core, "neural-0", profile=WorkerProfile((*make_profile().costs, joe)),
+                     resources=WorkerResources(voices=frozenset({"en_US-joe-medium"})))
+    for i in range(1, 3):
+        s = core.create(make_spec(f"r{i}"))
+        assert s.state is SessionState.PLACED and s.worker_id == "neural-0"
+    assert len(sent(neural)) == 2 and len(sent(espeak_only)) == 1
+    assert all(c.voice == "en_US-joe-medium" for c in sent(neural) if isinstance(c, AssignCmd))
+    # Once a worker has named it, a room waits for one that speaks it rather than go to
+    # a worker that would refuse it.
+    core.worker_disconnected(neural, "gone")
+    s = core.create(make_spec("r3"))
+    assert s.state is SessionState.PENDING
+    assert "no connected worker speaks voice 'en_US-joe-medium'" in s.reason

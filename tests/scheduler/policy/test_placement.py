@@ -177,6 +177,43 @@ def test_a_video_avatars_rooms_go_only_to_workers_that_render_its_family() -> No
     assert worker("old", frozenset()).demand(musetalk) is not None
 
 
+def test_a_neural_voice_is_spoken_only_where_a_worker_has_it_and_costs_device_time_batched() -> None:
+    # joe's sentences: 40 ms of device per second of speech alone, 12.5 ms each in a batch of 4.
+    joe = StageCost.measured(Stage.TTS, 0, 0, [(1, 0.040), (4, 0.050)], model="joe")
+    prof = WorkerProfile((*make_profile(tts=0.005).costs, joe))
+
+    def worker(wid: str, voices: frozenset[str]) -> WorkerState:
+        return dataclasses.replace(make_worker(wid, profile=prof, capacity=10.0), voices=voices)
+
+    plain, joes = worker("plain", frozenset()), worker("joes", frozenset({"joe"}))
+    f = fleet_of(plain, joes)
+    room = dataclasses.replace(make_room("r0"), voice="joe")
+    assert plain.demand(room) is None
+    espeak = joes.demand(make_room("e"))
+    first = joes.demand(room)
+    assert espeak is not None and first is not None
+    # The voice is device time (not espeak-ng's host seconds), one second of speech per
+    # second of stream.
+    assert first.compute - espeak.compute == pytest.approx(0.040 - 0.005)
+    for i in range(4):
+        r = dataclasses.replace(room, session_id=f"r{i}")
+        choice = f.choose(r)
+        assert choice is not None and choice.worker_id == "joes"
+        f.assign(r, choice.worker_id)
+    # Four rooms' sentences share batches: the voice costs 4 x 12.5 ms, not 4 x 40 ms.
+    voice_load = joes.compute_load - 4 * (espeak.compute - 0.005)
+    assert voice_load == pytest.approx(4 * 0.0125)
+    for i in range(4):
+        f.release(f"r{i}")
+    assert joes.compute_load == pytest.approx(0.0)
+    # A voice no connected worker speaks: the room waits, saying why.
+    ann = dataclasses.replace(room, voice="ann")
+    assert f.choose(ann) is None
+    assert "no connected worker speaks voice 'ann'" in f.why_not(ann)
+    # A voice-driven room has no TTS: any worker takes it.
+    assert plain.demand(dataclasses.replace(room, drive_mode=DriveMode.VOICE)) is not None
+
+
 def test_an_avatars_own_model_takes_device_memory_with_its_first_room_and_frees_it_with_its_last() -> None:
     face = StageCost.measured(Stage.FACE, 160, 160, [(1, 0.004)], model="ultralight-0123456789ab")
     w = make_worker(profile=WorkerProfile((*make_profile().costs, face)), capacity=10.0,

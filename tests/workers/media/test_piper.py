@@ -159,3 +159,36 @@ def test_a_room_speaks_with_its_avatars_voice_and_one_the_worker_lacks_is_refuse
         assert items >= 1 and room.stats.speech_frames > 25
     finally:
         pipeline.close()
+
+
+def test_the_worker_names_its_voices_and_times_each_per_second_of_speech(
+        voiced: Pipeline, tmp_path: Path) -> None:
+    from avatarfarm.domain import HOST_TTS, Stage
+    from scheduler.api.worker_service import profile_from_pb
+    from workers.agent.agent import WorkerAgent, profile_to_pb
+    from workers.device.profile import measure
+    from workers.rooms.room import Pacing
+
+    profiles = measure(voiced, [64], [], iterations=1, max_batch=4)
+    tts = {p.model: p for p in profiles if p.stage is Stage.TTS}
+    assert set(tts) == {HOST_TTS, VOICE}
+    assert [b for b, _ in tts[VOICE].latencies] == [1, 2, 4]
+    # Device seconds per second of speech: the tiny voice is far faster than real time,
+    # and a batch of 4 sentences costs more than one.
+    one, four = tts[VOICE].latencies[0][1], tts[VOICE].latencies[-1][1]
+    assert 0 < one < 0.5 and four >= one
+    # The scheduler reads the voice's cost apart from espeak-ng's host seconds.
+    placed = profile_from_pb([profile_to_pb(p) for p in profiles])
+    neural, espeak = placed.cost(Stage.TTS, model=VOICE), placed.cost(Stage.TTS)
+    assert neural is not None and espeak is not None
+    assert neural[0].model == VOICE and espeak[0].model == HOST_TTS
+
+    async def register() -> list[str]:
+        agent = WorkerAgent("w1", "127.0.0.1:1", voiced, [], "127.0.0.1:1", "cpu", tmp_path,
+                            pacing=Pacing.FAST)
+        try:
+            return list(agent.register().register.voices)
+        finally:
+            await agent.shutdown()
+
+    assert asyncio.run(register()) == [VOICE]
