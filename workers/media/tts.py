@@ -32,6 +32,11 @@ class TTSError(RuntimeError):
     pass
 
 
+class VoiceUnavailable(TTSError):
+    """A voice that cannot speak now (its TTS service failing): the room holds on its idle
+    loop, says why, and tries again later; nothing of the script is lost."""
+
+
 class EspeakTTS:
     """Synthesises text to float32 mono audio at the pipeline's SAMPLE_RATE."""
 

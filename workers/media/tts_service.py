@@ -1,0 +1,230 @@
+"""Voices of a TTS service: text goes out over HTTP, speech streams back as it is made.
+
+A service voice is a file ``voices/<name>.service.json`` in the worker's model folder::
+
+    {"url": "http://tts.internal:9880/tts", "sample_rate": 24000,
+     "params": {"voice": "anna"}, "text_field": "text"}
+
+Each sentence is one ``POST`` of a JSON body (``params`` plus the sentence under
+``text_field``), so servers that take their options as JSON fields (a voice or speaker
+id, a language, a streaming switch) are configured without code. The answer streams
+16-bit little-endian mono PCM at ``sample_rate`` (or a WAV stream, whose header says
+its own rate) as the service synthesises it; the worker resamples it to the pipeline's
+rate.
+
+What the worker does when the service is slow or down:
+- a connection that does not open in ``connect_timeout_seconds``, no first audio in
+  ``first_audio_timeout_seconds`` or a stall of ``read_timeout_seconds`` between chunks
+  fails the attempt, as does an answer of 5xx or 429 (an answer of another 4xx means the
+  request is wrong: no retry, it will not get better);
+- a failed attempt is retried ``retries`` times, ``retry_backoff_seconds`` doubled each
+  time, starting afresh (nothing of a sentence plays before all of it has arrived, so a
+  retry never repeats speech);
+- failures in a row open a circuit breaker (`workers.media.breaker`): while it is open,
+  sentences fail at once with `VoiceUnavailable`, the room holds on its idle loop and
+  says why, and one probe is let through after ``open_seconds``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import struct
+import time
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+
+from workers.media.audio import SAMPLE_RATE, resample
+from workers.media.breaker import BreakerState, CircuitBreaker
+from workers.media.tts import VoiceUnavailable
+
+SUFFIX = ".service.json"
+MAX_SENTENCE_SECONDS = 120.0  # more audio than this for one sentence is a broken service
+
+
+class ServiceConfigError(ValueError):
+    """A service voice's file that cannot be used, saying why."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceVoiceConfig:
+    url: str
+    sample_rate: int = 24000
+    text_field: str = "text"
+    params: dict[str, typing.Any] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+    connect_timeout_seconds: float = 1.0
+    first_audio_timeout_seconds: float = 3.0
+    read_timeout_seconds: float = 2.0
+    retries: int = 2
+    retry_backoff_seconds: float = 0.05
+    failures_to_open: int = 3
+    open_seconds: float = 5.0
+
+    @staticmethod
+    def read(path: Path) -> ServiceVoiceConfig:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ServiceConfigError(f"{path.name}: not a JSON file ({e})") from e
+        if not isinstance(data, dict):
+            raise ServiceConfigError(f"{path.name}: expected a JSON object")
+        known = set(ServiceVoiceConfig.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ServiceConfigError(f"{path.name}: unknown keys {unknown} (known: {sorted(known)})")
+        try:
+            config = ServiceVoiceConfig(**data)
+        except TypeError as e:
+            raise ServiceConfigError(f"{path.name}: {e}") from e
+        config.check(path.name)
+        return config
+
+    def check(self, where: str) -> None:
+        if not isinstance(self.url, str) or not self.url.startswith(("http://", "https://")):
+            raise ServiceConfigError(f"{where}: url must be an http:// or https:// address")
+        if not isinstance(self.sample_rate, int) or not 8000 <= self.sample_rate <= 192000:
+            raise ServiceConfigError(f"{where}: sample_rate must be 8000..192000 Hz")
+        if not isinstance(self.params, dict) or not isinstance(self.headers, dict):
+            raise ServiceConfigError(f"{where}: params and headers must be JSON objects")
+        for name in ("connect_timeout_seconds", "first_audio_timeout_seconds", "read_timeout_seconds",
+                     "retry_backoff_seconds", "open_seconds"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+                raise ServiceConfigError(f"{where}: {name} must be a number >= 0")
+        if not isinstance(self.retries, int) or not 0 <= self.retries <= 10:
+            raise ServiceConfigError(f"{where}: retries must be 0..10")
+        if not isinstance(self.failures_to_open, int) or self.failures_to_open < 1:
+            raise ServiceConfigError(f"{where}: failures_to_open must be >= 1")
+
+
+def find_service_voices(folder: Path) -> dict[str, ServiceVoiceConfig]:
+    """The service voices in ``folder`` (``<name>.service.json``), by name."""
+    out = {}
+    for path in sorted(folder.glob("*" + SUFFIX)) if folder.is_dir() else []:
+        out[path.name[:-len(SUFFIX)]] = ServiceVoiceConfig.read(path)
+    return out
+
+
+class _Retryable(Exception):
+    """An attempt that failed in a way a later one may not (a timeout, 5xx, a reset)."""
+
+
+def pcm_from_stream(data: bytes, rate: int) -> tuple[np.ndarray, int]:
+    """Samples (float32 -1..1) and their rate from what the service sent: raw 16-bit
+    little-endian PCM at ``rate``, or a WAV stream (its header's rate; a streamed WAV's
+    sizes are placeholders, so the data runs to the end)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+        pos = 12
+        while pos + 8 <= len(data):
+            chunk, size = data[pos:pos + 4], struct.unpack_from("<I", data, pos + 4)[0]
+            if chunk == b"fmt ":
+                fmt, channels, rate = struct.unpack_from("<HHI", data, pos + 8)
+                bits = struct.unpack_from("<H", data, pos + 22)[0]
+                if fmt != 1 or channels != 1 or bits != 16:
+                    raise VoiceUnavailable(f"the service sent WAV that is not 16-bit mono PCM "
+                                           f"(format {fmt}, {channels} channels, {bits} bits)")
+            elif chunk == b"data":
+                data = data[pos + 8:]
+                break
+            pos += 8 + size + (size & 1)
+        else:
+            raise VoiceUnavailable("the service sent a WAV header without audio data")
+    n = len(data) // 2
+    return np.frombuffer(data[:n * 2], "<i2").astype(np.float32) / 32768.0, rate
+
+
+class ServiceVoice:
+    """One voice of a TTS service, as rooms speak with it (`synthesize`)."""
+
+    def __init__(self, name: str, config: ServiceVoiceConfig,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.name, self.config, self.clock = name, config, clock
+        self.breaker = CircuitBreaker(config.failures_to_open, config.open_seconds)
+        self._http: aiohttp.ClientSession | None = None
+        self.requests = 0  # attempts sent to the service
+        self.failures = 0  # attempts that failed
+
+    @property
+    def state(self) -> BreakerState:
+        return self.breaker.state
+
+    async def synthesize(self, text: str) -> tuple[np.ndarray, float]:
+        """Speech for one sentence at SAMPLE_RATE, and the seconds it took; raises
+        VoiceUnavailable (at once while the breaker is open)."""
+        t0 = time.perf_counter()
+        last = ""
+        for attempt in range(self.config.retries + 1):
+            if not self.breaker.allow(self.clock()):
+                wait = self.breaker.retry_in(self.clock())
+                raise VoiceUnavailable(f"TTS service for voice {self.name!r} is failing "
+                                       f"({last or 'circuit open'}); next try in {wait:.1f} s")
+            if attempt:
+                await asyncio.sleep(self.config.retry_backoff_seconds * 2 ** (attempt - 1))
+            self.requests += 1
+            try:
+                audio, rate = await self._attempt(text)
+            except _Retryable as e:
+                self.failures += 1
+                self.breaker.failed(self.clock())
+                last = str(e)
+                continue
+            except VoiceUnavailable:
+                self.failures += 1
+                self.breaker.failed(self.clock())
+                raise
+            self.breaker.succeeded()
+            return resample(audio, rate, SAMPLE_RATE), time.perf_counter() - t0
+        raise VoiceUnavailable(f"TTS service for voice {self.name!r} failed "
+                               f"{self.config.retries + 1} times: {last}")
+
+    async def _attempt(self, text: str) -> tuple[np.ndarray, int]:
+        c = self.config
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession()
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=c.connect_timeout_seconds or None,
+                                        sock_read=None)
+        body = {**c.params, c.text_field: text}
+        limit = int(MAX_SENTENCE_SECONDS * c.sample_rate * 2) + 4096
+        try:
+            async with asyncio.timeout(c.connect_timeout_seconds + c.first_audio_timeout_seconds):
+                resp = await self._http.post(c.url, json=body, headers=c.headers, timeout=timeout)
+            async with resp:
+                if resp.status >= 500 or resp.status == 429:
+                    raise _Retryable(f"HTTP {resp.status}")
+                if resp.status >= 400:
+                    detail = (await resp.text())[:200]
+                    raise VoiceUnavailable(f"TTS service for voice {self.name!r} refused the "
+                                           f"request: HTTP {resp.status} {detail}")
+                parts: list[bytes] = []
+                size, wait = 0, c.first_audio_timeout_seconds
+                while True:
+                    async with asyncio.timeout(wait):
+                        chunk = await resp.content.readany()
+                    if not chunk:
+                        break
+                    parts.append(chunk)
+                    size += len(chunk)
+                    wait = c.read_timeout_seconds
+                    if size > limit:
+                        raise VoiceUnavailable(f"TTS service for voice {self.name!r} sent more "
+                                               f"than {MAX_SENTENCE_SECONDS:.0f} s for one sentence")
+        except TimeoutError as e:
+            raise _Retryable("no audio in time") from e
+        except aiohttp.ClientError as e:
+            raise _Retryable(f"{type(e).__name__}: {e}") from e
+        data = b"".join(parts)
+        if not data:
+            raise _Retryable("the service sent no audio")
+        return pcm_from_stream(data, c.sample_rate)
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
