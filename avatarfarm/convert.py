@@ -206,14 +206,16 @@ def progress_to_pb(p: Progress) -> types_pb2.SessionProgress:
                                      driver_state=DRIVER_STATES_PB[p.driver_state]
                                      if p.driver_state is not None
                                      else types_pb2.DRIVER_STATE_UNSPECIFIED,
-                                     driven_seconds=p.driven_seconds, driver=p.driver)
+                                     driven_seconds=p.driven_seconds, driver=p.driver,
+                                     voice_unavailable=p.voice_unavailable)
 
 
 def progress_from_pb(pb: types_pb2.SessionProgress) -> Progress:
     return Progress(pb.frames_rendered, pb.late_frames, pb.stream_seconds, pb.device_seconds,
                     tuple(sorted(pb.stage_seconds.items())), pb.script_segments_done,
                     pb.av_offset_seconds, pb.av_correction_seconds, pb.sync_checks,
-                    DRIVER_STATES.get(pb.driver_state), pb.driven_seconds, pb.driver)
+                    DRIVER_STATES.get(pb.driver_state), pb.driven_seconds, pb.driver,
+                    pb.voice_unavailable)
 
 
 def driver_policy_to_pb(p: DriverPolicy) -> workers_pb2.DriverPolicy:
@@ -252,6 +254,8 @@ def checked_progress_from_pb(pb: types_pb2.SessionProgress) -> Progress:
         raise InvalidRequest("progress names more than 16 stages")
     if len(pb.driver) > 200:
         raise InvalidRequest("progress driver is longer than 200 characters")
+    if len(pb.voice_unavailable) > 1000:
+        raise InvalidRequest("progress voice_unavailable is longer than 1000 characters")
     return progress_from_pb(pb)
 
 

@@ -269,6 +269,8 @@ class Progress:
     driver_state: DriverState | None = None
     driven_seconds: float = 0.0
     driver: str = ""
+    # Text rooms: why their voice cannot speak now (its TTS service failing); "": it can.
+    voice_unavailable: str = ""
 
 
 _PATH_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")

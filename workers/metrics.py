@@ -57,6 +57,14 @@ class WorkerMetrics:
         self.degraded = Gauge("avatarfarm_worker_degraded_rooms",
                               "Rooms rendering below their spec's quality (a degradation step)",
                               ["tier"], registry=r)
+        self.tts_service_requests = Counter(
+            "avatarfarm_worker_tts_service_requests",
+            "Requests to TTS services, by voice and outcome (ok, failed)", ["voice", "outcome"],
+            registry=r)
+        self.tts_service_open = Gauge(
+            "avatarfarm_worker_tts_service_circuit_open",
+            "1 while a TTS service's circuit breaker is open or probing (its rooms hold)",
+            ["voice"], registry=r)
         self.reconfigurations = Counter("avatarfarm_worker_reconfigurations",
                                         "Live quality changes applied to running rooms", ["tier"],
                                         registry=r)

@@ -23,6 +23,7 @@ class SessionEventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SESSION_EVENT_KIND_LICENCE: _ClassVar[SessionEventKind]
     SESSION_EVENT_KIND_SYNC: _ClassVar[SessionEventKind]
     SESSION_EVENT_KIND_DRIVER: _ClassVar[SessionEventKind]
+    SESSION_EVENT_KIND_VOICE: _ClassVar[SessionEventKind]
 
 class UsageDimension(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -42,6 +43,7 @@ SESSION_EVENT_KIND_QUEUED: SessionEventKind
 SESSION_EVENT_KIND_LICENCE: SessionEventKind
 SESSION_EVENT_KIND_SYNC: SessionEventKind
 SESSION_EVENT_KIND_DRIVER: SessionEventKind
+SESSION_EVENT_KIND_VOICE: SessionEventKind
 USAGE_DIMENSION_UNSPECIFIED: UsageDimension
 USAGE_DIMENSION_TENANT: UsageDimension
 USAGE_DIMENSION_TIER: UsageDimension

@@ -133,7 +133,7 @@ class Label(_message.Message):
     def __init__(self, text: _Optional[str] = ..., position: _Optional[str] = ..., size: _Optional[float] = ...) -> None: ...
 
 class SessionProgress(_message.Message):
-    __slots__ = ("frames_rendered", "late_frames", "stream_seconds", "device_seconds", "stage_seconds", "av_offset_seconds", "av_correction_seconds", "sync_checks", "script_segments_done", "driver_state", "driven_seconds", "driver")
+    __slots__ = ("frames_rendered", "late_frames", "stream_seconds", "device_seconds", "stage_seconds", "av_offset_seconds", "av_correction_seconds", "sync_checks", "script_segments_done", "driver_state", "driven_seconds", "driver", "voice_unavailable")
     class StageSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +153,7 @@ class SessionProgress(_message.Message):
     DRIVER_STATE_FIELD_NUMBER: _ClassVar[int]
     DRIVEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DRIVER_FIELD_NUMBER: _ClassVar[int]
+    VOICE_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
     frames_rendered: int
     late_frames: int
     stream_seconds: float
@@ -165,7 +166,8 @@ class SessionProgress(_message.Message):
     driver_state: DriverState
     driven_seconds: float
     driver: str
-    def __init__(self, frames_rendered: _Optional[int] = ..., late_frames: _Optional[int] = ..., stream_seconds: _Optional[float] = ..., device_seconds: _Optional[float] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., av_offset_seconds: _Optional[float] = ..., av_correction_seconds: _Optional[float] = ..., sync_checks: _Optional[int] = ..., script_segments_done: _Optional[int] = ..., driver_state: _Optional[_Union[DriverState, str]] = ..., driven_seconds: _Optional[float] = ..., driver: _Optional[str] = ...) -> None: ...
+    voice_unavailable: str
+    def __init__(self, frames_rendered: _Optional[int] = ..., late_frames: _Optional[int] = ..., stream_seconds: _Optional[float] = ..., device_seconds: _Optional[float] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., av_offset_seconds: _Optional[float] = ..., av_correction_seconds: _Optional[float] = ..., sync_checks: _Optional[int] = ..., script_segments_done: _Optional[int] = ..., driver_state: _Optional[_Union[DriverState, str]] = ..., driven_seconds: _Optional[float] = ..., driver: _Optional[str] = ..., voice_unavailable: _Optional[str] = ...) -> None: ...
 
 class Session(_message.Message):
     __slots__ = ("session_id", "spec", "state", "reason", "worker_id", "input_endpoint", "created_at", "updated_at", "progress", "provider", "device_type", "rendering", "degradation_step", "compute_units", "queue_position", "input_token", "input_token_expires_at", "driver_url", "driver_whip_url", "driver_preview_url")

@@ -50,6 +50,7 @@ _EVENT_KINDS = {
     EventKind.LICENCE: sessions_pb2.SESSION_EVENT_KIND_LICENCE,
     EventKind.SYNC: sessions_pb2.SESSION_EVENT_KIND_SYNC,
     EventKind.DRIVER: sessions_pb2.SESSION_EVENT_KIND_DRIVER,
+    EventKind.VOICE: sessions_pb2.SESSION_EVENT_KIND_VOICE,
 }
 _DIMENSIONS = {
     sessions_pb2.USAGE_DIMENSION_TENANT: Dimension.TENANT,

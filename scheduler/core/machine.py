@@ -40,6 +40,7 @@ from scheduler.policy.ladder import Ladder
 from scheduler.policy.overload import OverloadPolicy
 from scheduler.policy.placement import Fleet, RoomReq
 from scheduler.policy.sync import SyncWatch
+from scheduler.policy.voices import voice_change
 from scheduler.state.avatars import AuditAction, AvatarRegistry
 from scheduler.state.commit import GroupCommit
 from scheduler.state.metering import Metering
@@ -389,17 +390,21 @@ class SessionMachine:
             s.progress, total, s.quality.fps)
         self._sync_watch[s.session_id] = watch
         driver = driver_change(s.progress, total)
+        voice = voice_change(s.progress, total)
         s = s.with_progress(total, now)
         if driver is not None:  # who drove the avatar, from when to when
             log.info("session %s: %s", s.session_id, driver.message)
             self._audit_room(AuditAction.DRIVER_LIVE if driver.live else AuditAction.DRIVER_NOT_LIVE,
                              s, now, driver.message)
-        if told or driver is not None:
+        if told or driver is not None or voice is not None:
             if told:
                 log.info("session %s: %s", s.session_id, told)
                 self._commit(s, EventKind.SYNC, told)
             if driver is not None:
                 self._commit(s, EventKind.DRIVER, driver.message)
+            if voice is not None:
+                log.info("session %s: %s", s.session_id, voice)
+                self._commit(s, EventKind.VOICE, voice)
             return s
         self.sessions.progressed(s)
         self._progress_dirty[s.session_id] = s

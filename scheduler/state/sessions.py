@@ -78,7 +78,8 @@ def plus(a: Progress, b: Progress) -> Progress:
                     a.script_segments_done + b.script_segments_done,
                     latest.av_offset_seconds, latest.av_correction_seconds,
                     a.sync_checks + b.sync_checks, driver.driver_state,
-                    a.driven_seconds + b.driven_seconds, driver.driver)
+                    a.driven_seconds + b.driven_seconds, driver.driver,
+                    b.voice_unavailable)  # as the current assignment finds its voice
 
 
 class EventKind(enum.Enum):
@@ -91,6 +92,7 @@ class EventKind(enum.Enum):
     LICENCE = "licence"  # the avatar's licence expired or was revoked
     SYNC = "sync"  # lips and voice stayed out of sync, or came back together
     DRIVER = "driver"  # a camera room's driver went live, or stopped being live
+    VOICE = "voice"  # a text room's voice failed (the room holds), or speaks again
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,6 +39,7 @@ from workers.families.features import FEATURES_KEY
 from workers.families.musetalk import WHISPER_KEY
 from workers.ingest.registry import DriverRooms
 from workers.media.alignment import SyncEstimate
+from workers.media.breaker import BreakerState
 from workers.media.label import LabelSpec
 from workers.metrics import WorkerMetrics
 from workers.output.encode import EncoderSettings
@@ -163,6 +164,7 @@ class WorkerAgent:
         self.governor = RoomGovernor()
         self._reported: dict[str, tuple[int, int, dict[str, float]]] = {}
         self._engine_reported: dict[BatchKey, KeyStats] = {}
+        self._services_reported: dict[str, tuple[int, int]] = {}  # TTS service: ok, failed
         self._corrections: dict[str, int] = {}
         self.usage = UsageReports(usage_epoch if usage_epoch is not None else time.time_ns(),
                                   usage_history)
@@ -361,7 +363,7 @@ class WorkerAgent:
             device_seconds=st.device_seconds, stage_seconds=dict(st.stage_seconds),
             av_offset_seconds=st.av_offset_seconds, av_correction_seconds=st.av_correction_seconds,
             sync_checks=st.sync_checks, script_segments_done=room.script.segments_done,
-            **self._driver_pb(room))
+            voice_unavailable=room.script.unavailable, **self._driver_pb(room))
 
     @staticmethod
     def _driver_pb(room: Room) -> dict[str, typing.Any]:
@@ -414,6 +416,13 @@ class WorkerAgent:
             else:  # an avatar's own model, unloaded: no capacity while it is not served
                 self.metrics.capacity.labels(model).set(0)
             self._engine_reported[key] = st
+        for name, service in self.pipeline.services.items():
+            ok, failed = service.requests - service.failures, service.failures
+            was_ok, was_failed = self._services_reported.get(name, (0, 0))
+            self.metrics.tts_service_requests.labels(name, "ok").inc(ok - was_ok)
+            self.metrics.tts_service_requests.labels(name, "failed").inc(failed - was_failed)
+            self.metrics.tts_service_open.labels(name).set(service.state is not BreakerState.CLOSED)
+            self._services_reported[name] = (ok, failed)
 
     def corrected_profiles(self, keys: list[BatchKey]) -> list[LatencyProfile]:
         """The profiles of `keys` with the curves the batcher now plans with."""
@@ -502,3 +511,4 @@ class WorkerAgent:
         tasks = [r.task for r in self.rooms.values() if r.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
+        await self.pipeline.aclose()

@@ -50,6 +50,7 @@ from workers.media.piper import (
     voice_key,
 )
 from workers.media.tts import EspeakTTS
+from workers.media.tts_service import ServiceVoice, find_service_voices
 from workers.models.avatar import read_image, scale_image
 from workers.models.folder import AUDIO_TO_MOTION, LIPSYNC, RENDERER, ModelFolder
 from workers.rooms.wav2lip_frames import FaceAvatar
@@ -120,8 +121,13 @@ class Pipeline:
         self.voices = {name: PiperModel(OrtModel(f"voice-{name}", path, None, provider, intra_op_threads),
                                         config)
                        for name, (path, config) in find_voices(folder.root / "voices").items()}
+        # ...or with a TTS service's voice (voices/NAME.service.json), streamed in.
+        self.services = {name: ServiceVoice(name, config)
+                         for name, config in find_service_voices(folder.root / "voices").items()}
+        self.tts_voice = tts_voice
         self.voice = self.voices.get(tts_voice)
-        self.tts = EspeakTTS(self.voice.config.espeak_voice if self.voice is not None else tts_voice)
+        self.tts = EspeakTTS(self.voice.config.espeak_voice if self.voice is not None else
+                             "en" if tts_voice in self.services else tts_voice)
         self._tts = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tts")
         # Filled on the TTS thread, read by the agent on the event loop.
         self._avatars: dict[tuple[str, int], tuple[tuple[int, int, int], np.ndarray]] = {}
@@ -243,6 +249,11 @@ class Pipeline:
     def close(self) -> None:
         self.engine.close()
         self._tts.shutdown(wait=False, cancel_futures=True)
+
+    async def aclose(self) -> None:
+        """Closes the TTS services' connections (on the event loop that used them)."""
+        for service in self.services.values():
+            await service.aclose()
 
     # -- latency curves
 
@@ -435,15 +446,17 @@ class Pipeline:
         return _timed(r)
 
     def voice_names(self) -> list[str]:
-        """The voices this worker speaks besides espeak-ng's (its neural voices)."""
-        return sorted(self.voices)
+        """The voices this worker speaks besides espeak-ng's: its neural voices and its
+        TTS services' voices."""
+        return sorted({*self.voices, *self.services})
 
     def voice_refusal(self, voice: str) -> str | None:
         """Why this worker cannot speak with ``voice`` (None: it can; "" is its default)."""
-        if not voice or voice in self.voices or self.tts.has_voice(voice):
+        if not voice or voice in self.voices or voice in self.services or self.tts.has_voice(voice):
             return None
-        return (f"this worker has no voice {voice!r}: neither a neural voice in its model folder's "
-                f"voices/ ({', '.join(sorted(self.voices)) or 'none'}) nor an espeak-ng voice")
+        return (f"this worker has no voice {voice!r}: neither a neural voice or a TTS service's "
+                f"voice in its model folder's voices/ ({', '.join(self.voice_names()) or 'none'}) "
+                "nor an espeak-ng voice")
 
     def voice_ids(self, voice: PiperModel, text: str) -> list[list[int]]:
         """``text`` as ``voice``'s items: phoneme ids (espeak-ng's IPA in the voice's
@@ -457,8 +470,13 @@ class Pipeline:
         """Speech for ``text`` at SAMPLE_RATE in ``voice_name`` (a neural voice this worker
         serves, or an espeak-ng voice at ``rate`` words a minute; "": the worker's
         default): a neural voice's sentences are device items (batched with each other
-        and other rooms'); espeak-ng runs on the TTS thread."""
+        and other rooms'); a TTS service's voice streams in (`workers.media.tts_service`);
+        espeak-ng runs on the TTS thread."""
         loop = asyncio.get_running_loop()
+        service = self.services.get(voice_name or self.tts_voice)
+        if service is not None:  # raises VoiceUnavailable while the service fails
+            speech, _ = await service.synthesize(text)
+            return Timed(speech, 0.0)  # the service's time, none of this device's
         voice = self.voices.get(voice_name) if voice_name else self.voice
         if voice is None:
             if not voice_name and not rate:

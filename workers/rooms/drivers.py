@@ -1,6 +1,8 @@
 """Drivers: where a room's audio and motion come from, frame by frame.
 
-* ScriptPlayer: text segments, spoken by TTS sentence by sentence, then silence (idle).
+* ScriptPlayer: text segments, spoken by TTS sentence by sentence, then silence (idle);
+  a voice that fails (its TTS service down) holds the room in silence and is tried
+  again, the unspoken sentences kept in order.
 * LiveAudio: PCM pushed by a client to the worker, bounded so a client faster
   than real time is pushed back instead of buffered without end.
 * LiveMotion: motion-capture coefficients pushed by a client, bounded the same way
@@ -25,6 +27,7 @@ from avatarfarm.domain import ScriptSegment
 from avatarfarm.face_motion import FACE_MOTION_DIM
 from workers.media.audio import SAMPLE_RATE
 from workers.media.piper import sentences
+from workers.media.tts import VoiceUnavailable
 
 # Live input a room buffers ahead of what it renders, at most: enough to ride out a
 # client's network jitter, small enough that a client pushing faster than real time
@@ -32,6 +35,9 @@ from workers.media.piper import sentences
 # float32 audio is 640 KB).
 LIVE_AUDIO_BUFFER_SECONDS = 10.0
 LIVE_MOTION_BUFFER_FRAMES = 250
+# Stream time a room holds in silence after its voice failed before it tries again (a
+# service whose circuit is open answers at once, so trying costs nothing).
+VOICE_RETRY_SAMPLES = SAMPLE_RATE // 2
 
 
 class InputClosed(Exception):
@@ -48,6 +54,11 @@ class ScriptPlayer:
     for its first sentence only, and later sentences are made while earlier ones play.
     The next segment is started once the current one is all made, so a room does not
     fall silent between segments.
+
+    A sentence whose voice is unavailable (`VoiceUnavailable`) stops the making: it and
+    the segment's later sentences are kept, in order, and the room plays silence (its
+    idle loop) with ``unavailable`` saying why, trying again every VOICE_RETRY_SAMPLES of
+    stream time; once a sentence is made, the segment goes on where it stopped.
     """
 
     def __init__(self, synthesize: Callable[[str], Awaitable[tuple[np.ndarray, float]]]) -> None:
@@ -64,11 +75,16 @@ class ScriptPlayer:
         self._left: collections.deque[list[typing.Any]] = collections.deque()
         self.segments_done = 0
         self._start_more = True
-        # The sentences of the segment being made, in order, and its pause (samples).
-        self._making: collections.deque[asyncio.Future[tuple[np.ndarray, float]]] = collections.deque()
+        # The sentences of the segment being made, in order (text, its making), and its
+        # pause (samples).
+        self._making: collections.deque[tuple[str, asyncio.Future[tuple[np.ndarray, float]]]] = \
+            collections.deque()
         self._pause = 0
         self._later: collections.deque[str] = collections.deque()  # its sentences not started yet
         self._started: collections.deque[ScriptSegment] = collections.deque(maxlen=2)
+        self.unavailable = ""  # why the voice cannot speak now ("": it can)
+        self.voice_failures = 0
+        self._retry_in = 0  # samples of stream time until the voice is tried again
 
     def append(self, segments: list[ScriptSegment] | tuple[ScriptSegment, ...]) -> None:
         self._segments.extend(segments)
@@ -81,7 +97,8 @@ class ScriptPlayer:
         """Starts no further segment: the one being spoken plays to its end, then silence
         (a next one being made, none of it played yet, is put back)."""
         self._start_more = False
-        if self._making and self._left and self._left[-1][0] == 0 and not self._left[-1][1]:
+        if (self._making or self._later) and self._left and self._left[-1][0] == 0 \
+                and not self._left[-1][1]:
             self.close()
             self._left.pop()
             self.segments_spoken -= 1
@@ -100,11 +117,26 @@ class ScriptPlayer:
         self._started.append(seg)
         self.segments_spoken += 1
         first, *rest = sentences(seg.text) or [seg.text]
-        self._making.append(asyncio.ensure_future(self._synthesize(first)))
+        self._make(first)
         self._later.extend(rest)
         self._pause = round(seg.pause_after_seconds * SAMPLE_RATE)
         self._left.append([0, False])
         return True
+
+    def _make(self, text: str) -> None:
+        self._making.append((text, asyncio.ensure_future(self._synthesize(text))))
+
+    def _failed(self, text: str, why: VoiceUnavailable) -> None:
+        """The voice failed on ``text``: it and every sentence after it wait, in order."""
+        later = [text]
+        for t, task in self._making:
+            _drop(task)
+            later.append(t)
+        self._making.clear()
+        self._later.extendleft(reversed(later))
+        self.unavailable = str(why)
+        self.voice_failures += 1
+        self._retry_in = VOICE_RETRY_SAMPLES
 
     def _add(self, samples: np.ndarray, speech: bool) -> None:
         if samples.size:
@@ -114,14 +146,26 @@ class ScriptPlayer:
 
     async def take(self, n: int) -> tuple[np.ndarray, bool]:
         """Next ``n`` samples, and whether they start with speech."""
+        self._retry_in -= n
         while self._audio.size < n:
-            if not self._making and not self._start():
+            if not self._making:
+                if self._later:  # the voice failed: the next sentence alone, once it is time
+                    if self._retry_in > 0:
+                        break
+                    self._make(self._later.popleft())
+                elif not self._start():
+                    break
+            text, making = self._making.popleft()
+            try:
+                speech, dt = await making
+            except VoiceUnavailable as e:
+                self._failed(text, e)
                 break
-            speech, dt = await self._making.popleft()
+            self.unavailable = ""
             self.tts_seconds += dt
             self._add(speech, True)
             while self._later:  # the segment's first sentence is made: the rest, at once
-                self._making.append(asyncio.ensure_future(self._synthesize(self._later.popleft())))
+                self._make(self._later.popleft())
             if not self._making:  # the segment is all made: its pause, then the next one
                 self._add(np.zeros(self._pause, np.float32), False)
                 self._left[-1][1] = True
@@ -156,10 +200,20 @@ class ScriptPlayer:
 
     def close(self) -> None:
         """The room ended: sentences still being made are not wanted."""
-        for task in self._making:
-            task.cancel()
+        for _, task in self._making:
+            _drop(task)
         self._making.clear()
         self._later.clear()
+
+
+def _drop(task: asyncio.Future[typing.Any]) -> None:
+    """A sentence's making that is not wanted: cancelled, or its failure taken (so that
+    it is not reported as an error no one saw)."""
+    if task.done():
+        if not task.cancelled():
+            task.exception()
+    else:
+        task.cancel()
 
 
 class LiveBuffer:

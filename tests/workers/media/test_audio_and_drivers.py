@@ -114,6 +114,51 @@ def test_a_segment_made_ahead_is_put_back_when_the_script_must_stop_at_a_boundar
     asyncio.run(body())
 
 
+def test_a_voice_that_fails_holds_the_room_in_silence_and_the_script_goes_on_where_it_stopped() -> None:
+    """The second sentence's voice fails (its service is down): the first has played, the
+    room then plays silence saying why, tries again every VOICE_RETRY_SAMPLES of stream,
+    and once the voice is back speaks the second and third sentences, in order, each once."""
+    from workers.media.tts import VoiceUnavailable
+    from workers.rooms.drivers import VOICE_RETRY_SAMPLES
+
+    down = {"on": False}
+    calls: list[str] = []
+    level = {"One.": 0.1, "Two.": 0.2, "Three.": 0.3, "Four.": 0.4}
+
+    async def synth(text: str) -> tuple[np.ndarray, float]:
+        calls.append(text)
+        if down["on"] and text != "One.":
+            raise VoiceUnavailable("TTS service for voice 'anna' is failing (HTTP 503)")
+        return np.full(1000, level[text], np.float32), 0.001
+
+    async def body() -> None:
+        p = ScriptPlayer(synth)
+        p.append([ScriptSegment("One. Two. Three."), ScriptSegment("Four.")])
+        down["on"] = True
+        out = [await p.take(800), await p.take(800)]  # "One." plays; "Two." and "Three." fail
+        assert p.unavailable.endswith("(HTTP 503)") and p.voice_failures == 1
+        assert out[1][0][:200].max() == np.float32(0.1) and out[1][0][200:].max() == 0
+        tries = len(calls)
+        for _ in range(VOICE_RETRY_SAMPLES // 800 - 1):  # no try before its time
+            out.append(await p.take(800))
+        assert len(calls) == tries and all(not speaking for _, speaking in out[2:])
+        out.append(await p.take(800))  # time: one sentence is tried, alone
+        assert calls[tries:] == ["Two."] and p.voice_failures == 2
+        down["on"] = False
+        while p.unavailable or len(out) < 40:
+            out.append(await p.take(800))
+        assert not p.unavailable and p.segments_done == 2 and p.at_boundary
+        audio = np.concatenate([a for a, _ in out])
+        spoken = [v for v in np.unique(audio) if v > 0]
+        assert spoken == [np.float32(x) for x in (0.1, 0.2, 0.3, 0.4)]
+        for x in (0.1, 0.2, 0.3, 0.4):  # each sentence once, whole
+            assert np.count_nonzero(audio == np.float32(x)) == 1000
+        starts = [int(np.flatnonzero(audio == np.float32(x))[0]) for x in (0.1, 0.2, 0.3, 0.4)]
+        assert starts == sorted(starts) and starts[1] - starts[0] > VOICE_RETRY_SAMPLES
+
+    asyncio.run(body())
+
+
 def test_live_audio_pushes_back_when_full_and_pads_underruns() -> None:
     async def body() -> None:
         buf = LiveAudio(max_seconds=0.1)  # 1600 samples

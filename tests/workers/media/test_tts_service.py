@@ -163,3 +163,52 @@ def test_service_voices_are_read_from_the_voices_folder_and_bad_ones_refused(tmp
         (tmp_path / "bad.service.json").write_text(json.dumps(bad))
         with pytest.raises(ServiceConfigError, match=why):
             find_service_voices(tmp_path)
+
+
+def test_a_text_room_holds_while_its_service_voice_fails_then_speaks_all_of_its_script(
+        model_dir: Path, tmp_path: Path) -> None:
+    """The service answers 503 three times: the room keeps its frame rate on the idle loop
+    in silence, says why, tries again every half second of stream, then speaks the whole
+    script; the service's time is not billed as this device's."""
+    import shutil
+
+    import av
+
+    from avatarfarm.domain import OutputKind, Quality
+    from tests.builders import SPEECH, make_spec
+    from workers.device.onnx import ProviderChoice
+    from workers.device.pipeline import Pipeline
+    from workers.models.folder import ModelFolder
+    from workers.output.targets import OutputTarget
+    from workers.rooms.room import Pacing, Room, RoomState
+
+    root = tmp_path / "models"
+    shutil.copytree(model_dir, root)
+    (root / "voices").mkdir(exist_ok=True)
+
+    async def body(server: TtsServer) -> Room:
+        (root / "voices" / "anna.service.json").write_text(json.dumps(
+            {"url": server.url, "sample_rate": RATE, "params": {"voice": "anna"}, "retries": 0,
+             "failures_to_open": 1, "open_seconds": 0}))
+        pipeline = Pipeline(ModelFolder.open(root), ProviderChoice.CPU, 1)
+        try:
+            assert pipeline.voice_names() == ["anna"] and pipeline.voice_refusal("anna") is None
+            spec = make_spec("svc", quality=Quality(128, 128, 25), seconds=6.0, script=SPEECH)
+            room = Room("s-svc", spec, OutputTarget.resolve(OutputKind.FILE, "svc.mp4", tmp_path),
+                        pipeline, pacing=Pacing.FAST, voice="anna")
+            await room.run()
+            return room
+        finally:
+            await pipeline.aclose()
+            pipeline.close()
+
+    room = run_with_server(body, fail=3)
+    assert room.state is RoomState.ENDED, room.reason
+    assert room.script.voice_failures == 3 and room.script.unavailable == ""
+    assert room.stats.stage_seconds["tts"] == 0.0 and room.stats.speech_frames > 25
+    assert room.stats.frames_rendered == 150 and room.script.segments_done == 1
+    with av.open(str(tmp_path / "svc.mp4")) as c:
+        rate = c.streams.audio[0].codec_context.sample_rate
+        audio = np.concatenate([f.to_ndarray().mean(axis=0) for f in c.decode(audio=0)])
+    onset = np.flatnonzero(np.abs(audio) > 0.05)[0] / rate
+    assert 1.4 <= onset <= 1.8  # three failed tries, half a second of stream apart
