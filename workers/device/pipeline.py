@@ -30,6 +30,7 @@ import numpy as np
 
 from avatarfarm.latency import LatencyCurve
 from avatarfarm.preparation.bundle import Bundle
+from avatarfarm.voices import find_service_voices, find_voices
 from workers.device.batching import BatchPolicy
 from workers.device.binding import LipSyncDeviceModel
 from workers.device.engine import BatchKey, DeviceModel, InferenceEngine, ItemResult
@@ -45,12 +46,11 @@ from workers.media.piper import (
     audio_length,
     bucket,
     chunks,
-    find_voices,
     sentences,
     voice_key,
 )
 from workers.media.tts import EspeakTTS
-from workers.media.tts_service import ServiceVoice, find_service_voices
+from workers.media.tts_service import ServiceVoice
 from workers.models.avatar import read_image, scale_image
 from workers.models.folder import AUDIO_TO_MOTION, LIPSYNC, RENDERER, ModelFolder
 from workers.rooms.wav2lip_frames import FaceAvatar

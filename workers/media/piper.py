@@ -17,68 +17,19 @@ audio is ready after that sentence alone, not the whole segment.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
 import typing
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from avatarfarm.voices import BOS, EOS, PAD, PiperConfig
 from workers.device.engine import BatchKey
 from workers.device.onnx import ModelInterfaceError, OrtModel
 
 BUCKETS = (32, 64, 128, 256, 512)  # ids an item is padded to; a longer sentence is split
-PAD, BOS, EOS = "_", "^", "$"
 _SENTENCE = re.compile(r"(?<=[.!?;])\s+")
-
-
-class VoiceError(ValueError):
-    """A voice file or config that cannot be used, saying why."""
-
-
-@dataclass(frozen=True, slots=True)
-class PiperConfig:
-    """What a Piper voice's JSON config says that synthesis needs."""
-
-    name: str
-    sample_rate: int
-    espeak_voice: str
-    scales: tuple[float, float, float]  # noise scale, length scale, noise width
-    phoneme_ids: dict[str, tuple[int, ...]]
-
-    @staticmethod
-    def read(path: Path) -> PiperConfig:
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-            inference = d.get("inference", {})
-            ids = {str(k): tuple(int(i) for i in v) for k, v in d["phoneme_id_map"].items()}
-            config = PiperConfig(
-                path.name.removesuffix(".onnx.json"), int(d["audio"]["sample_rate"]),
-                str(d.get("espeak", {}).get("voice", "en-us")),
-                (float(inference.get("noise_scale", 0.667)), float(inference.get("length_scale", 1.0)),
-                 float(inference.get("noise_w", 0.8))), ids)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise VoiceError(f"voice config {path}: {type(e).__name__}: {e}; expected Piper's "
-                             "(audio.sample_rate, espeak.voice, inference, phoneme_id_map)") from None
-        for sym in (PAD, BOS, EOS):
-            if sym not in ids:
-                raise VoiceError(f"voice config {path}: phoneme_id_map has no {sym!r}")
-        if not 8000 <= config.sample_rate <= 48000:
-            raise VoiceError(f"voice config {path}: sample rate {config.sample_rate} is not a voice's")
-        return config
-
-    def ids(self, phonemes: str) -> list[int]:
-        """Piper's ids for one clause's phonemes (characters the map lacks are skipped)."""
-        out = list(self.phoneme_ids[BOS])
-        for ch in phonemes:
-            got = self.phoneme_ids.get(ch)
-            if got is not None:
-                out += got
-                out += self.phoneme_ids[PAD]
-        return out + list(self.phoneme_ids[EOS])
 
 
 def voice_key(voice: str, bucket: int) -> BatchKey:
@@ -157,13 +108,3 @@ def audio_length(audio: np.ndarray, rate: int, floor: float = 1e-3) -> int:
     than ``floor`` (VITS leaves an item silent past its own end), plus 10 ms."""
     loud = np.flatnonzero(np.abs(audio) > floor)
     return 0 if loud.size == 0 else min(audio.size, int(loud[-1]) + 1 + math.ceil(0.01 * rate))
-
-
-def find_voices(folder: Path) -> dict[str, tuple[Path, PiperConfig]]:
-    """The Piper voices in ``folder`` (``<name>.onnx`` with ``<name>.onnx.json``), by name."""
-    out = {}
-    for model in sorted(folder.glob("*.onnx")) if folder.is_dir() else []:
-        config = model.with_name(model.name + ".json")
-        if config.is_file():
-            out[model.stem] = (model, PiperConfig.read(config))
-    return out

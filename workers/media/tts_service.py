@@ -28,88 +28,19 @@ What the worker does when the service is slow or down:
 from __future__ import annotations
 
 import asyncio
-import json
-import math
 import struct
 import time
-import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import aiohttp
 import numpy as np
 
+from avatarfarm.voices import ServiceVoiceConfig
 from workers.media.audio import SAMPLE_RATE, resample
 from workers.media.breaker import BreakerState, CircuitBreaker
 from workers.media.tts import VoiceUnavailable
 
-SUFFIX = ".service.json"
 MAX_SENTENCE_SECONDS = 120.0  # more audio than this for one sentence is a broken service
-
-
-class ServiceConfigError(ValueError):
-    """A service voice's file that cannot be used, saying why."""
-
-
-@dataclass(frozen=True, slots=True)
-class ServiceVoiceConfig:
-    url: str
-    sample_rate: int = 24000
-    text_field: str = "text"
-    params: dict[str, typing.Any] = field(default_factory=dict)
-    headers: dict[str, str] = field(default_factory=dict)
-    connect_timeout_seconds: float = 1.0
-    first_audio_timeout_seconds: float = 3.0
-    read_timeout_seconds: float = 2.0
-    retries: int = 2
-    retry_backoff_seconds: float = 0.05
-    failures_to_open: int = 3
-    open_seconds: float = 5.0
-
-    @staticmethod
-    def read(path: Path) -> ServiceVoiceConfig:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise ServiceConfigError(f"{path.name}: not a JSON file ({e})") from e
-        if not isinstance(data, dict):
-            raise ServiceConfigError(f"{path.name}: expected a JSON object")
-        known = set(ServiceVoiceConfig.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ServiceConfigError(f"{path.name}: unknown keys {unknown} (known: {sorted(known)})")
-        try:
-            config = ServiceVoiceConfig(**data)
-        except TypeError as e:
-            raise ServiceConfigError(f"{path.name}: {e}") from e
-        config.check(path.name)
-        return config
-
-    def check(self, where: str) -> None:
-        if not isinstance(self.url, str) or not self.url.startswith(("http://", "https://")):
-            raise ServiceConfigError(f"{where}: url must be an http:// or https:// address")
-        if not isinstance(self.sample_rate, int) or not 8000 <= self.sample_rate <= 192000:
-            raise ServiceConfigError(f"{where}: sample_rate must be 8000..192000 Hz")
-        if not isinstance(self.params, dict) or not isinstance(self.headers, dict):
-            raise ServiceConfigError(f"{where}: params and headers must be JSON objects")
-        for name in ("connect_timeout_seconds", "first_audio_timeout_seconds", "read_timeout_seconds",
-                     "retry_backoff_seconds", "open_seconds"):
-            v = getattr(self, name)
-            if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
-                raise ServiceConfigError(f"{where}: {name} must be a number >= 0")
-        if not isinstance(self.retries, int) or not 0 <= self.retries <= 10:
-            raise ServiceConfigError(f"{where}: retries must be 0..10")
-        if not isinstance(self.failures_to_open, int) or self.failures_to_open < 1:
-            raise ServiceConfigError(f"{where}: failures_to_open must be >= 1")
-
-
-def find_service_voices(folder: Path) -> dict[str, ServiceVoiceConfig]:
-    """The service voices in ``folder`` (``<name>.service.json``), by name."""
-    out = {}
-    for path in sorted(folder.glob("*" + SUFFIX)) if folder.is_dir() else []:
-        out[path.name[:-len(SUFFIX)]] = ServiceVoiceConfig.read(path)
-    return out
 
 
 class _Retryable(Exception):

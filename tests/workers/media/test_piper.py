@@ -14,19 +14,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from avatarfarm.voices import PiperConfig, VoiceError
 from tests.builders import SPEECH, make_spec
 from workers.device.onnx import ModelInterfaceError, OrtModel, ProviderChoice
 from workers.device.pipeline import Pipeline
 from workers.media.audio import SAMPLE_RATE
-from workers.media.piper import (
-    BUCKETS,
-    PiperConfig,
-    PiperModel,
-    VoiceError,
-    chunks,
-    sentences,
-    voice_key,
-)
+from workers.media.piper import BUCKETS, PiperModel, chunks, sentences, voice_key
 from workers.media.tts import EspeakTTS
 from workers.models.folder import ModelFolder
 from workers.models.piper import HOP, write_voice

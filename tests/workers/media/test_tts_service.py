@@ -14,16 +14,12 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
+from avatarfarm.voices import ServiceConfigError, ServiceVoiceConfig, find_service_voices
 from tests.tts_server import RATE, TtsServer
 from workers.media.audio import SAMPLE_RATE, resample
 from workers.media.breaker import BreakerState, CircuitBreaker
 from workers.media.tts import VoiceUnavailable
-from workers.media.tts_service import (
-    ServiceConfigError,
-    ServiceVoice,
-    ServiceVoiceConfig,
-    find_service_voices,
-)
+from workers.media.tts_service import ServiceVoice
 
 T = TypeVar("T")
 TEXT = "Welcome to the show, this lipstick is on sale today."
