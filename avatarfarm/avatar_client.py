@@ -34,7 +34,7 @@ _LISTS = ("allowed_platforms", "allowed_categories", "forbidden_categories", "al
 _TEXTS = ("person_ref", "consent_record_id")
 _TIMES = ("valid_from", "valid_until")
 LICENCE_KEYS = frozenset((*_LISTS, *_TEXTS, *_TIMES, "live_voice_conversion"))
-USAGE_COLUMNS = ("avatar_id", "platform", "tenant", "sessions", "stream_hours", "cost")
+USAGE_COLUMNS = ("avatar_id", "voice", "platform", "tenant", "sessions", "stream_hours", "cost")
 CALL_TIMEOUT = 60.0
 
 
@@ -118,9 +118,10 @@ async def avatar_usage(address: str, *, avatar_id: str = "", start: Timestamp | 
 
 
 def write_usage_csv(rows: Iterable[avatars_pb2.AvatarUsageRow], out: TextIO) -> None:
-    """One line per avatar, platform and tenant: what a royalty statement is made from."""
+    """One line per avatar, registered voice, platform and tenant: what a royalty statement
+    is made from (for the person whose face it is, and the one whose voice it is)."""
     w = csv.writer(out, lineterminator="\n")
     w.writerow(USAGE_COLUMNS)
     for r in rows:
-        w.writerow((r.avatar_id, r.platform, r.tenant, r.sessions, f"{r.stream_hours:.6f}",
+        w.writerow((r.avatar_id, r.voice, r.platform, r.tenant, r.sessions, f"{r.stream_hours:.6f}",
                     f"{r.cost:.6f}"))

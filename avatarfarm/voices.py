@@ -70,13 +70,23 @@ class PiperConfig:
         return out + list(self.phoneme_ids[EOS])
 
 
-def find_voices(folder: Path) -> dict[str, tuple[Path, PiperConfig]]:
-    """The Piper voices in ``folder`` (``<name>.onnx`` with ``<name>.onnx.json``), by name."""
+OnError = typing.Callable[[Path, "VoiceError"], None]
+
+
+def find_voices(folder: Path, on_error: OnError | None = None) -> dict[str, tuple[Path, PiperConfig]]:
+    """The Piper voices in ``folder`` (``<name>.onnx`` with ``<name>.onnx.json``), by name.
+    A config that cannot be used raises VoiceError, or with ``on_error`` is told to it
+    and left out."""
     out = {}
     for model in sorted(folder.glob("*.onnx")) if folder.is_dir() else []:
         config = model.with_name(model.name + ".json")
         if config.is_file():
-            out[model.stem] = (model, PiperConfig.read(config))
+            try:
+                out[model.stem] = (model, PiperConfig.read(config))
+            except VoiceError as e:
+                if on_error is None:
+                    raise
+                on_error(config, e)
     return out
 
 
@@ -139,11 +149,17 @@ class ServiceVoiceConfig:
             raise ServiceConfigError(f"{where}: failures_to_open must be >= 1")
 
 
-def find_service_voices(folder: Path) -> dict[str, ServiceVoiceConfig]:
-    """The service voices in ``folder`` (``<name>.service.json``), by name."""
+def find_service_voices(folder: Path, on_error: OnError | None = None) -> dict[str, ServiceVoiceConfig]:
+    """The service voices in ``folder`` (``<name>.service.json``), by name (a config that
+    cannot be used: as `find_voices`)."""
     out = {}
     for path in sorted(folder.glob("*" + SERVICE_SUFFIX)) if folder.is_dir() else []:
-        out[path.name[:-len(SERVICE_SUFFIX)]] = ServiceVoiceConfig.read(path)
+        try:
+            out[path.name[:-len(SERVICE_SUFFIX)]] = ServiceVoiceConfig.read(path)
+        except VoiceError as e:
+            if on_error is None:
+                raise
+            on_error(path, e)
     return out
 
 
@@ -160,3 +176,62 @@ def check_piper_model(path: Path) -> None:
         raise VoiceError(f"voice model {path.name}: expected Piper's export (inputs input, "
                          f"input_lengths, scales; one audio output); it has inputs "
                          f"{sorted(inputs)} and {len(graph.output)} outputs")
+
+
+# -- registered voices: written by the scheduler into the avatar folder's voices/ --------
+
+STAGED = ".part"  # a file being written: no worker reads it until it is renamed into place
+
+
+def registered_voices(avatar_dir: Path) -> Path:
+    return avatar_dir / REGISTERED
+
+
+def stage_piper(avatar_dir: Path, voice_id: str, model: bytes, config: bytes) -> list[tuple[Path, Path]]:
+    """Writes a Piper voice's files under temporary names and checks them (VoiceError);
+    returns (staged, final) pairs in the order `install` must rename them: the model
+    first, its config last (a worker takes a voice whose config is in place)."""
+    folder = registered_voices(avatar_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = [(folder / f"{voice_id}.onnx{STAGED}", folder / f"{voice_id}.onnx"),
+             (folder / f"{voice_id}.onnx.json{STAGED}", folder / f"{voice_id}.onnx.json")]
+    try:
+        pairs[0][0].write_bytes(model)
+        pairs[1][0].write_bytes(config)
+        check_piper_model(pairs[0][0])
+        PiperConfig.read(pairs[1][0])
+    except BaseException:
+        discard(pairs)
+        raise
+    return pairs
+
+
+def stage_service(avatar_dir: Path, voice_id: str, config: bytes) -> list[tuple[Path, Path]]:
+    """Writes a TTS service voice's config under a temporary name and checks it."""
+    folder = registered_voices(avatar_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = [(folder / f"{voice_id}{SERVICE_SUFFIX}{STAGED}", folder / f"{voice_id}{SERVICE_SUFFIX}")]
+    try:
+        pairs[0][0].write_bytes(config)
+        ServiceVoiceConfig.read(pairs[0][0])
+    except BaseException:
+        discard(pairs)
+        raise
+    return pairs
+
+
+def install(pairs: list[tuple[Path, Path]], avatar_dir: Path, voice_id: str) -> None:
+    """Renames staged files into place; a voice of the other kind by the same id goes."""
+    folder = registered_voices(avatar_dir)
+    finals = {final for _, final in pairs}
+    for old in (folder / f"{voice_id}.onnx.json", folder / f"{voice_id}.onnx",
+                folder / f"{voice_id}{SERVICE_SUFFIX}"):
+        if old not in finals:
+            old.unlink(missing_ok=True)
+    for staged, final in pairs:
+        staged.replace(final)
+
+
+def discard(pairs: list[tuple[Path, Path]]) -> None:
+    for staged, _ in pairs:
+        staged.unlink(missing_ok=True)

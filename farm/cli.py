@@ -483,11 +483,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_register_avatar)
 
     u = sub.add_parser(
-        "avatar-usage", help="print stream-hours and cost per avatar, platform and tenant as CSV",
-        description="Prints CSV (avatar_id, platform, tenant, sessions, stream_hours, cost) of "
-                    "the avatars the caller may see: a tenant's own, every avatar for an operator.")
+        "avatar-usage",
+        help="print stream-hours and cost per avatar, registered voice, platform and tenant as CSV",
+        description="Prints CSV (avatar_id, voice, platform, tenant, sessions, stream_hours, cost) "
+                    "of the avatars the caller may see: a tenant's own, every avatar for an "
+                    "operator. voice is the registered voice the rooms spoke with (empty: none).")
     _add_client_arguments(u)
-    u.add_argument("--avatar", default="", metavar="ID", help="one avatar only")
+    u.add_argument("--avatar", default="", metavar="ID",
+                   help="one avatar only, or one registered voice (the rooms that spoke with it)")
     u.add_argument("--start", default=None, metavar="ISO", help="window start, e.g. 2025-06-01T00:00:00Z")
     u.add_argument("--end", default=None, metavar="ISO", help="window end (default: now)")
     u.set_defaults(func=_avatar_usage)

@@ -50,6 +50,10 @@ class SchedulerConfig:
         3 * 1024 * 1024, "largest reference video RegisterAvatar accepts (RESOURCE_EXHAUSTED "
                          "beyond): a clip is one message, so raise max_message_bytes with it "
                          "for longer or sharper clips")
+    voice_model_max_bytes: int = field(
+        128 * 1024 * 1024, "largest Piper voice model RegisterVoice accepts (RESOURCE_EXHAUSTED "
+                           "beyond): the request is one message, so a medium voice (about 60 MB) "
+                           "needs max_message_bytes raised too")
     avatar_crop_sides: list[int] = field(
         [96, 256], "face crop sides a video avatar is prepared at: the crop sides of the "
                    "workers' Wav2Lip-family models (96 for Wav2Lip, 256 or 384 for the larger "

@@ -166,7 +166,7 @@ class GetAvatarUsageRequest(_message.Message):
     def __init__(self, avatar_id: _Optional[str] = ..., start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class AvatarUsageRow(_message.Message):
-    __slots__ = ("avatar_id", "platform", "tenant", "sessions", "stream_seconds", "stream_hours", "cost")
+    __slots__ = ("avatar_id", "platform", "tenant", "sessions", "stream_seconds", "stream_hours", "cost", "voice")
     AVATAR_ID_FIELD_NUMBER: _ClassVar[int]
     PLATFORM_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +174,7 @@ class AvatarUsageRow(_message.Message):
     STREAM_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STREAM_HOURS_FIELD_NUMBER: _ClassVar[int]
     COST_FIELD_NUMBER: _ClassVar[int]
+    VOICE_FIELD_NUMBER: _ClassVar[int]
     avatar_id: str
     platform: str
     tenant: str
@@ -181,7 +182,8 @@ class AvatarUsageRow(_message.Message):
     stream_seconds: float
     stream_hours: float
     cost: float
-    def __init__(self, avatar_id: _Optional[str] = ..., platform: _Optional[str] = ..., tenant: _Optional[str] = ..., sessions: _Optional[int] = ..., stream_seconds: _Optional[float] = ..., stream_hours: _Optional[float] = ..., cost: _Optional[float] = ...) -> None: ...
+    voice: str
+    def __init__(self, avatar_id: _Optional[str] = ..., platform: _Optional[str] = ..., tenant: _Optional[str] = ..., sessions: _Optional[int] = ..., stream_seconds: _Optional[float] = ..., stream_hours: _Optional[float] = ..., cost: _Optional[float] = ..., voice: _Optional[str] = ...) -> None: ...
 
 class GetAvatarUsageResponse(_message.Message):
     __slots__ = ("rows", "as_of")
@@ -190,3 +192,73 @@ class GetAvatarUsageResponse(_message.Message):
     rows: _containers.RepeatedCompositeFieldContainer[AvatarUsageRow]
     as_of: _timestamp_pb2.Timestamp
     def __init__(self, rows: _Optional[_Iterable[_Union[AvatarUsageRow, _Mapping]]] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class PiperVoiceFiles(_message.Message):
+    __slots__ = ("model", "config")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    model: bytes
+    config: bytes
+    def __init__(self, model: _Optional[bytes] = ..., config: _Optional[bytes] = ...) -> None: ...
+
+class RegisterVoiceRequest(_message.Message):
+    __slots__ = ("voice_id", "tenant", "licence", "piper", "service_config")
+    VOICE_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    LICENCE_FIELD_NUMBER: _ClassVar[int]
+    PIPER_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    voice_id: str
+    tenant: str
+    licence: Licence
+    piper: PiperVoiceFiles
+    service_config: str
+    def __init__(self, voice_id: _Optional[str] = ..., tenant: _Optional[str] = ..., licence: _Optional[_Union[Licence, _Mapping]] = ..., piper: _Optional[_Union[PiperVoiceFiles, _Mapping]] = ..., service_config: _Optional[str] = ...) -> None: ...
+
+class Voice(_message.Message):
+    __slots__ = ("voice_id", "tenant", "licence", "kind", "sha256", "registered_at", "revoked", "revoked_reason", "revoked_at")
+    VOICE_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    LICENCE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_AT_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_REASON_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
+    voice_id: str
+    tenant: str
+    licence: Licence
+    kind: str
+    sha256: str
+    registered_at: _timestamp_pb2.Timestamp
+    revoked: bool
+    revoked_reason: str
+    revoked_at: _timestamp_pb2.Timestamp
+    def __init__(self, voice_id: _Optional[str] = ..., tenant: _Optional[str] = ..., licence: _Optional[_Union[Licence, _Mapping]] = ..., kind: _Optional[str] = ..., sha256: _Optional[str] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked: _Optional[bool] = ..., revoked_reason: _Optional[str] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class GetVoiceRequest(_message.Message):
+    __slots__ = ("voice_id",)
+    VOICE_ID_FIELD_NUMBER: _ClassVar[int]
+    voice_id: str
+    def __init__(self, voice_id: _Optional[str] = ...) -> None: ...
+
+class ListVoicesRequest(_message.Message):
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    def __init__(self, tenant: _Optional[str] = ...) -> None: ...
+
+class ListVoicesResponse(_message.Message):
+    __slots__ = ("voices",)
+    VOICES_FIELD_NUMBER: _ClassVar[int]
+    voices: _containers.RepeatedCompositeFieldContainer[Voice]
+    def __init__(self, voices: _Optional[_Iterable[_Union[Voice, _Mapping]]] = ...) -> None: ...
+
+class RevokeVoiceLicenceRequest(_message.Message):
+    __slots__ = ("voice_id", "reason")
+    VOICE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    voice_id: str
+    reason: str
+    def __init__(self, voice_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...

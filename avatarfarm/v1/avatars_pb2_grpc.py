@@ -64,6 +64,26 @@ class AvatarServiceStub:
                 request_serializer=avatarfarm_dot_v1_dot_avatars__pb2.GetAvatarUsageRequest.SerializeToString,
                 response_deserializer=avatarfarm_dot_v1_dot_avatars__pb2.GetAvatarUsageResponse.FromString,
                 _registered_method=True)
+        self.RegisterVoice = channel.unary_unary(
+                '/avatarfarm.v1.AvatarService/RegisterVoice',
+                request_serializer=avatarfarm_dot_v1_dot_avatars__pb2.RegisterVoiceRequest.SerializeToString,
+                response_deserializer=avatarfarm_dot_v1_dot_avatars__pb2.Voice.FromString,
+                _registered_method=True)
+        self.GetVoice = channel.unary_unary(
+                '/avatarfarm.v1.AvatarService/GetVoice',
+                request_serializer=avatarfarm_dot_v1_dot_avatars__pb2.GetVoiceRequest.SerializeToString,
+                response_deserializer=avatarfarm_dot_v1_dot_avatars__pb2.Voice.FromString,
+                _registered_method=True)
+        self.ListVoices = channel.unary_unary(
+                '/avatarfarm.v1.AvatarService/ListVoices',
+                request_serializer=avatarfarm_dot_v1_dot_avatars__pb2.ListVoicesRequest.SerializeToString,
+                response_deserializer=avatarfarm_dot_v1_dot_avatars__pb2.ListVoicesResponse.FromString,
+                _registered_method=True)
+        self.RevokeVoiceLicence = channel.unary_unary(
+                '/avatarfarm.v1.AvatarService/RevokeVoiceLicence',
+                request_serializer=avatarfarm_dot_v1_dot_avatars__pb2.RevokeVoiceLicenceRequest.SerializeToString,
+                response_deserializer=avatarfarm_dot_v1_dot_avatars__pb2.Voice.FromString,
+                _registered_method=True)
 
 
 class AvatarServiceServicer:
@@ -104,8 +124,38 @@ class AvatarServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetAvatarUsage(self, request, context):
-        """Stream-hours of one avatar (or all of the caller's), by platform and tenant.
+        """Stream-hours of one avatar or voice (or all of the caller's), by platform, tenant
+        and the registered voice the rooms spoke with (royalties apply to voices too).
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterVoice(self, request, context):
+        """Registers (or replaces, for the same tenant) a voice with its licence. A voice is a
+        person's likeness as a face is: avatars name it in VoiceSettings.voice, a room that
+        speaks with it is checked against its licence (and ended at a script boundary when
+        it is revoked or expires), its rooms are audited under its id (ListAuditEntries),
+        and usage is counted per voice. Voice and avatar ids share one namespace.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetVoice(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListVoices(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeVoiceLicence(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -142,6 +192,26 @@ def add_AvatarServiceServicer_to_server(servicer, server):
                     servicer.GetAvatarUsage,
                     request_deserializer=avatarfarm_dot_v1_dot_avatars__pb2.GetAvatarUsageRequest.FromString,
                     response_serializer=avatarfarm_dot_v1_dot_avatars__pb2.GetAvatarUsageResponse.SerializeToString,
+            ),
+            'RegisterVoice': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterVoice,
+                    request_deserializer=avatarfarm_dot_v1_dot_avatars__pb2.RegisterVoiceRequest.FromString,
+                    response_serializer=avatarfarm_dot_v1_dot_avatars__pb2.Voice.SerializeToString,
+            ),
+            'GetVoice': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetVoice,
+                    request_deserializer=avatarfarm_dot_v1_dot_avatars__pb2.GetVoiceRequest.FromString,
+                    response_serializer=avatarfarm_dot_v1_dot_avatars__pb2.Voice.SerializeToString,
+            ),
+            'ListVoices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVoices,
+                    request_deserializer=avatarfarm_dot_v1_dot_avatars__pb2.ListVoicesRequest.FromString,
+                    response_serializer=avatarfarm_dot_v1_dot_avatars__pb2.ListVoicesResponse.SerializeToString,
+            ),
+            'RevokeVoiceLicence': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeVoiceLicence,
+                    request_deserializer=avatarfarm_dot_v1_dot_avatars__pb2.RevokeVoiceLicenceRequest.FromString,
+                    response_serializer=avatarfarm_dot_v1_dot_avatars__pb2.Voice.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -306,6 +376,114 @@ class AvatarService:
             '/avatarfarm.v1.AvatarService/GetAvatarUsage',
             avatarfarm_dot_v1_dot_avatars__pb2.GetAvatarUsageRequest.SerializeToString,
             avatarfarm_dot_v1_dot_avatars__pb2.GetAvatarUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterVoice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/avatarfarm.v1.AvatarService/RegisterVoice',
+            avatarfarm_dot_v1_dot_avatars__pb2.RegisterVoiceRequest.SerializeToString,
+            avatarfarm_dot_v1_dot_avatars__pb2.Voice.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetVoice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/avatarfarm.v1.AvatarService/GetVoice',
+            avatarfarm_dot_v1_dot_avatars__pb2.GetVoiceRequest.SerializeToString,
+            avatarfarm_dot_v1_dot_avatars__pb2.Voice.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVoices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/avatarfarm.v1.AvatarService/ListVoices',
+            avatarfarm_dot_v1_dot_avatars__pb2.ListVoicesRequest.SerializeToString,
+            avatarfarm_dot_v1_dot_avatars__pb2.ListVoicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeVoiceLicence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/avatarfarm.v1.AvatarService/RevokeVoiceLicence',
+            avatarfarm_dot_v1_dot_avatars__pb2.RevokeVoiceLicenceRequest.SerializeToString,
+            avatarfarm_dot_v1_dot_avatars__pb2.Voice.FromString,
             options,
             channel_credentials,
             insecure,

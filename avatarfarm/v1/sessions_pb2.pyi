@@ -33,6 +33,7 @@ class UsageDimension(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     USAGE_DIMENSION_AVATAR: _ClassVar[UsageDimension]
     USAGE_DIMENSION_DEVICE_TYPE: _ClassVar[UsageDimension]
     USAGE_DIMENSION_PLATFORM: _ClassVar[UsageDimension]
+    USAGE_DIMENSION_VOICE: _ClassVar[UsageDimension]
 SESSION_EVENT_KIND_UNSPECIFIED: SessionEventKind
 SESSION_EVENT_KIND_STATE: SessionEventKind
 SESSION_EVENT_KIND_DEGRADED: SessionEventKind
@@ -50,6 +51,7 @@ USAGE_DIMENSION_TIER: UsageDimension
 USAGE_DIMENSION_AVATAR: UsageDimension
 USAGE_DIMENSION_DEVICE_TYPE: UsageDimension
 USAGE_DIMENSION_PLATFORM: UsageDimension
+USAGE_DIMENSION_VOICE: UsageDimension
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("spec", "request_id")
@@ -138,7 +140,7 @@ class GetUsageRequest(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., group_by: _Optional[_Iterable[_Union[UsageDimension, str]]] = ..., start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class UsageRow(_message.Message):
-    __slots__ = ("tenant", "tier", "avatar_id", "device_type", "sessions", "stream_seconds", "device_seconds", "compute_unit_seconds", "cost", "cost_per_stream_hour", "platform")
+    __slots__ = ("tenant", "tier", "avatar_id", "device_type", "sessions", "stream_seconds", "device_seconds", "compute_unit_seconds", "cost", "cost_per_stream_hour", "platform", "voice")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     AVATAR_ID_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +152,7 @@ class UsageRow(_message.Message):
     COST_FIELD_NUMBER: _ClassVar[int]
     COST_PER_STREAM_HOUR_FIELD_NUMBER: _ClassVar[int]
     PLATFORM_FIELD_NUMBER: _ClassVar[int]
+    VOICE_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     tier: _types_pb2.Tier
     avatar_id: str
@@ -161,7 +164,8 @@ class UsageRow(_message.Message):
     cost: float
     cost_per_stream_hour: float
     platform: str
-    def __init__(self, tenant: _Optional[str] = ..., tier: _Optional[_Union[_types_pb2.Tier, str]] = ..., avatar_id: _Optional[str] = ..., device_type: _Optional[str] = ..., sessions: _Optional[int] = ..., stream_seconds: _Optional[float] = ..., device_seconds: _Optional[float] = ..., compute_unit_seconds: _Optional[float] = ..., cost: _Optional[float] = ..., cost_per_stream_hour: _Optional[float] = ..., platform: _Optional[str] = ...) -> None: ...
+    voice: str
+    def __init__(self, tenant: _Optional[str] = ..., tier: _Optional[_Union[_types_pb2.Tier, str]] = ..., avatar_id: _Optional[str] = ..., device_type: _Optional[str] = ..., sessions: _Optional[int] = ..., stream_seconds: _Optional[float] = ..., device_seconds: _Optional[float] = ..., compute_unit_seconds: _Optional[float] = ..., cost: _Optional[float] = ..., cost_per_stream_hour: _Optional[float] = ..., platform: _Optional[str] = ..., voice: _Optional[str] = ...) -> None: ...
 
 class GetUsageResponse(_message.Message):
     __slots__ = ("rows", "as_of")

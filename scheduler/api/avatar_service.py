@@ -34,7 +34,7 @@ from typing import TypeVar
 
 import grpc
 
-from avatarfarm import convert, images
+from avatarfarm import convert, images, voices
 from avatarfarm.avatars import BUNDLES, bundle_of, install_bundle_pointer, stage_bundle_pointer
 from avatarfarm.domain import InvalidRequest, validate_id, validate_voice
 from avatarfarm.preparation.bundle import Bundle, VideoLimits
@@ -50,7 +50,7 @@ from scheduler.errors import NotFound, PermissionDenied
 from scheduler.policy import licences
 from scheduler.policy.ledger import Dimension, UsageRow
 from scheduler.policy.licences import Licence
-from scheduler.state.avatars import AuditEntry, RegisteredAvatar, VoiceSettings
+from scheduler.state.avatars import AuditEntry, RegisteredAvatar, RegisteredVoice, VoiceKind, VoiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ class StorageUnavailable(RuntimeError):
     """The avatar folder could not be written (maps to UNAVAILABLE: retry later)."""
 
 
-class VideoTooLarge(ValueError):
-    """A reference video over the configured size (RESOURCE_EXHAUSTED)."""
+class UploadTooLarge(ValueError):
+    """A reference video or a voice model over the configured size (RESOURCE_EXHAUSTED)."""
 
 
 # The session API's statuses, and the image refusals': a bad image is the caller's
@@ -71,11 +71,13 @@ _STATUS: dict[type[Exception], grpc.StatusCode] = {**service.ERROR_STATUS,
            images.ImageRefused: grpc.StatusCode.INVALID_ARGUMENT,
            images.ImageTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
            PreparationError: grpc.StatusCode.INVALID_ARGUMENT,
-           VideoTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
-           StorageUnavailable: grpc.StatusCode.UNAVAILABLE}
+           UploadTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+           StorageUnavailable: grpc.StatusCode.UNAVAILABLE,
+           voices.VoiceError: grpc.StatusCode.INVALID_ARGUMENT,
+           voices.ServiceConfigError: grpc.StatusCode.INVALID_ARGUMENT}
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
-USAGE_BY = (Dimension.AVATAR, Dimension.PLATFORM, Dimension.TENANT)
+USAGE_BY = (Dimension.AVATAR, Dimension.VOICE, Dimension.PLATFORM, Dimension.TENANT)
 
 
 async def _guard(context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
@@ -144,7 +146,16 @@ def entry_to_pb(e: AuditEntry, p: Principal) -> avatars_pb2.AuditEntry:
 def usage_to_pb(r: UsageRow) -> avatars_pb2.AvatarUsageRow:
     return avatars_pb2.AvatarUsageRow(
         avatar_id=r.avatar_id, platform=r.platform, tenant=r.tenant, sessions=len(r.sessions),
-        stream_seconds=r.stream_seconds, stream_hours=r.stream_seconds / 3600.0, cost=r.cost)
+        stream_seconds=r.stream_seconds, stream_hours=r.stream_seconds / 3600.0, cost=r.cost,
+        voice=r.voice)
+
+
+def voice_to_pb(v: RegisteredVoice) -> avatars_pb2.Voice:
+    return avatars_pb2.Voice(
+        voice_id=v.voice_id, tenant=v.tenant, licence=licence_to_pb(v.licence), kind=v.kind.value,
+        sha256=v.sha256, registered_at=convert.timestamp(v.registered_at), revoked=v.revoked,
+        revoked_reason=v.revoked_reason,
+        revoked_at=None if v.revoked_at is None else convert.timestamp(v.revoked_at))
 
 
 class AvatarService(avatars_pb2_grpc.AvatarServiceServicer):
@@ -169,11 +180,20 @@ class AvatarService(avatars_pb2_grpc.AvatarServiceServicer):
             raise NotFound(f"avatar {avatar_id!r} is not registered")
         return a
 
+    def _visible_voice(self, p: Principal, voice_id: str) -> RegisteredVoice:
+        validate_id("voice_id", voice_id)
+        v = self.core.avatars.voice(voice_id)
+        if v is None or not auth.may_see(p, v.tenant):
+            raise NotFound(f"voice {voice_id!r} is not registered")
+        return v
+
     def _auditable(self, p: Principal, avatar_id: str) -> None:
-        """A registered avatar the caller may see, or, for an operator, any avatar id
+        """A registered avatar or voice the caller may see, or, for an operator, any id
         (local avatars' rooms are audited too)."""
         if p.admin:
             validate_id("avatar_id", avatar_id)
+        elif self.core.avatars.voice(avatar_id) is not None:
+            self._visible_voice(p, avatar_id)
         else:
             self._visible(p, avatar_id)
 
@@ -191,12 +211,13 @@ class AvatarService(avatars_pb2_grpc.AvatarServiceServicer):
                 raise InvalidRequest("licence is required (an empty Licence allows any use)")
             lic = licence_from_pb(request.licence)
             voice = voice_from_pb(request.voice)
+            self.core.check_voice_settings(voice, tenant)
             if bool(request.reference_image) == bool(request.reference_video):
                 raise InvalidRequest("give exactly one of reference_image (a PNG or JPEG portrait) "
                                      "and reference_video (a 5-60 s MP4, MOV or WebM clip)")
             limit = self.core.config.avatar_video_max_bytes
             if len(request.reference_video) > limit:
-                raise VideoTooLarge(f"the reference video is {len(request.reference_video)} bytes; "
+                raise UploadTooLarge(f"the reference video is {len(request.reference_video)} bytes; "
                                     f"at most {limit} are accepted (trim the clip or lower its bitrate)")
             # Before the image is decoded: an id that cannot be had costs nothing more.
             self.core.claim_avatar(request.avatar_id, tenant, operator=p.admin)
@@ -331,9 +352,103 @@ class AvatarService(avatars_pb2_grpc.AvatarServiceServicer):
                 mine = {a.avatar_id for a in self.core.avatars.of(p.name)}
                 rows = [r for r in rows if r.avatar_id in mine]
             if request.avatar_id:
-                rows = [r for r in rows if r.avatar_id == request.avatar_id]
+                rows = [r for r in rows if request.avatar_id in (r.avatar_id, r.voice)]
             return rows
 
         rows = await _guard(context, usage)
         return avatars_pb2.GetAvatarUsageResponse(rows=[usage_to_pb(r) for r in rows],
                                                   as_of=convert.timestamp(self.core.clock()))
+
+    # -- voices -------------------------------------------------------------------------
+
+    async def RegisterVoice(self, request: avatars_pb2.RegisterVoiceRequest,
+                            context: grpc.aio.ServicerContext) -> avatars_pb2.Voice:
+        def prepare() -> tuple[Principal, str, Licence]:
+            p = caller()
+            validate_id("voice_id", request.voice_id)
+            validate_voice("voice_id", request.voice_id, required=True)  # a voice name too
+            if p.admin and not request.tenant:
+                raise InvalidRequest("tenant is required when an operator registers a voice")
+            tenant = convert.tenant_from_pb(request.tenant) or p.name
+            if not auth.may_see(p, tenant):
+                raise PermissionDenied(f"{p} cannot register voices for tenant {tenant!r}")
+            if not request.HasField("licence"):
+                raise InvalidRequest("licence is required (an empty Licence allows any use)")
+            lic = licence_from_pb(request.licence)
+            asset = request.WhichOneof("asset")
+            if asset is None:
+                raise InvalidRequest("give the voice: piper (its model and JSON config) or "
+                                     "service_config (a TTS service's voice)")
+            if asset == "piper" and not (request.piper.model and request.piper.config):
+                raise InvalidRequest("a piper voice needs both its model and its JSON config")
+            limit = self.core.config.voice_model_max_bytes
+            if len(request.piper.model) > limit:
+                raise UploadTooLarge(f"the voice model is {len(request.piper.model)} bytes; at most "
+                                    f"{limit} are accepted (voice_model_max_bytes)")
+            self.core.claim_voice(request.voice_id, tenant)
+            return p, tenant, lic
+
+        p, tenant, lic = await _guard(context, prepare)
+        voice_id, avatar_dir = request.voice_id, self.core.config.avatar_dir
+        if request.WhichOneof("asset") == "piper":
+            kind, digest = VoiceKind.PIPER, hashlib.sha256(request.piper.model).hexdigest()
+            model, config = request.piper.model, request.piper.config
+
+            def stage() -> list[tuple[Path, Path]]:
+                return voices.stage_piper(avatar_dir, voice_id, model, config)
+        else:
+            service = request.service_config.encode()
+            kind, digest = VoiceKind.SERVICE, hashlib.sha256(service).hexdigest()
+
+            def stage() -> list[tuple[Path, Path]]:
+                return voices.stage_service(avatar_dir, voice_id, service)
+
+        draft = RegisteredVoice(voice_id, tenant, lic, 0.0, kind, digest)
+        v = await _guard_async(context, asyncio.shield(asyncio.ensure_future(
+            self._register_voice(draft, stage))))
+        log.info("%s voice %s registered for tenant %s by %s (sha256 %s)", kind.value, voice_id,
+                 tenant, p, digest[:16])
+        return voice_to_pb(v)
+
+    async def _register_voice(self, draft: RegisteredVoice,
+                              stage: Callable[[], list[tuple[Path, Path]]]) -> RegisteredVoice:
+        """Stages and checks the voice's files, commits the row, then renames the files
+        into place: a voice on disk always has its licence on record."""
+        async with self._registering:
+            try:
+                staged = await asyncio.to_thread(stage)
+            except OSError as e:
+                log.error("cannot write voice %s: %s", draft.voice_id, e)
+                raise StorageUnavailable("the voice folder cannot be written; try again later") from e
+            try:
+                v = self.core.register_voice(dataclasses.replace(draft, registered_at=self.core.clock()))
+                await self.core.durable()
+                await asyncio.to_thread(voices.install, staged, self.core.config.avatar_dir,
+                                        draft.voice_id)
+            finally:
+                voices.discard(staged)
+        return v
+
+    async def GetVoice(self, request: avatars_pb2.GetVoiceRequest,
+                       context: grpc.aio.ServicerContext) -> avatars_pb2.Voice:
+        v = await _guard(context, lambda: self._visible_voice(caller(), request.voice_id))
+        return voice_to_pb(v)
+
+    async def ListVoices(self, request: avatars_pb2.ListVoicesRequest,
+                         context: grpc.aio.ServicerContext) -> avatars_pb2.ListVoicesResponse:
+        found = await _guard(context, lambda: self.core.avatars.voices_of(
+            auth.tenant_scope(caller(), convert.tenant_from_pb(request.tenant))))
+        return avatars_pb2.ListVoicesResponse(voices=[voice_to_pb(v) for v in found])
+
+    async def RevokeVoiceLicence(self, request: avatars_pb2.RevokeVoiceLicenceRequest,
+                                 context: grpc.aio.ServicerContext) -> avatars_pb2.Voice:
+        def revoke() -> RegisteredVoice:
+            p = caller()
+            self._visible_voice(p, request.voice_id)
+            reason = convert.reason_from_pb(request.reason) or \
+                f"revoked by {'an operator' if p.admin else 'its owner'}"
+            return self.core.revoke_voice_licence(request.voice_id, reason)
+
+        v = await _guard(context, revoke)
+        await self.core.durable()
+        return voice_to_pb(v)

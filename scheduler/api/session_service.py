@@ -58,6 +58,7 @@ _DIMENSIONS = {
     sessions_pb2.USAGE_DIMENSION_AVATAR: Dimension.AVATAR,
     sessions_pb2.USAGE_DIMENSION_DEVICE_TYPE: Dimension.DEVICE_TYPE,
     sessions_pb2.USAGE_DIMENSION_PLATFORM: Dimension.PLATFORM,
+    sessions_pb2.USAGE_DIMENSION_VOICE: Dimension.VOICE,
 }
 
 
@@ -225,7 +226,8 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
                 avatar_id=r.avatar_id, device_type=r.device_type, sessions=len(r.sessions),
                 stream_seconds=r.stream_seconds, device_seconds=r.device_seconds,
                 compute_unit_seconds=r.compute_unit_seconds, cost=r.cost,
-                cost_per_stream_hour=r.cost_per_stream_hour, platform=r.platform) for r in rows],
+                cost_per_stream_hour=r.cost_per_stream_hour, platform=r.platform, voice=r.voice)
+                for r in rows],
             as_of=convert.timestamp(self.core.clock()))
 
     async def GetTenant(self, request: sessions_pb2.GetTenantRequest,

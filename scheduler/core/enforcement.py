@@ -64,18 +64,19 @@ class Enforcement(Drains):
             for sid in [sid for sid in self.sessions.live_rooms.values()
                         if self.sessions[sid].spec.avatar_id in due and sid not in self._licence_ending]:
                 s = self.sessions[sid]
-                refusal, _ = self.avatars.admit(s.spec, now, require_licence=False)
-                if refusal is not None:
-                    self._end_for_licence(s, refusal, now)
+                refused = self.avatars.refusal(s.spec, now, require_licence=False)
+                if refused is not None:
+                    self._end_for_licence(s, *refused, now)
         for sid, (deadline, why) in list(self._licence_ending.items()):
             if now >= deadline:
                 self.end(sid, f"{why}; the worker did not end it within "
                               f"{self.config.licence_end_grace:g} s")
 
-    def _end_for_licence(self, s: Session, refusal: Refusal, now: float) -> None:
-        why = refusal.explain(s.spec.avatar_id)
+    def _end_for_licence(self, s: Session, kind: str, likeness_id: str, refusal: Refusal,
+                         now: float) -> None:
+        why = refusal.explain(likeness_id, kind)
         self.metrics.licence_endings.labels(refusal.clause).inc()
-        self.avatars.audit(AuditAction.LICENCE_ENDED, s.spec.avatar_id, s.spec.tenant, now,
+        self.avatars.audit(AuditAction.LICENCE_ENDED, likeness_id, s.spec.tenant, now,
                            session_id=s.session_id, room_id=s.spec.room_id,
                            platform=s.spec.platform, worker_id=s.worker_id,
                            clause=refusal.clause, detail=why)

@@ -247,11 +247,19 @@ class SessionMachine:
         return s
 
     def _audit_room(self, action: AuditAction, s: Session, now: float, detail: str = "") -> None:
+        """In the avatar's log, and in its registered voice's where the room speaks with it."""
         refusal, clause = self.avatars.admit(s.spec, now, require_licence=False)
         self.avatars.audit(action, s.spec.avatar_id, s.spec.tenant, now, session_id=s.session_id,
                            room_id=s.spec.room_id, platform=s.spec.platform,
                            worker_id=s.worker_id,
                            clause=refusal.clause if refusal is not None else clause, detail=detail)
+        voice, refusal, clause = self.avatars.admit_voice(s.spec, now)
+        if voice is not None:
+            self.avatars.audit(action, voice.voice_id, s.spec.tenant, now, session_id=s.session_id,
+                               room_id=s.spec.room_id, platform=s.spec.platform,
+                               worker_id=s.worker_id,
+                               clause=refusal.clause if refusal is not None else clause,
+                               detail=f"{detail}; avatar {s.spec.avatar_id}".lstrip("; "))
 
     def _refresh_unit_profile(self) -> None:
         # Units are measured on the most common device type (ties: by name), so they
@@ -366,8 +374,9 @@ class SessionMachine:
         self._enqueue(s)
 
     def _open_interval(self, s: Session, now: float) -> None:
+        voice = self.avatars.voice_of(s.spec.avatar_id) if s.spec.drive_mode.uses_tts else None
         self.ledger.open(s.session_id, tenant=s.spec.tenant, avatar_id=s.spec.avatar_id,
-                         platform=s.spec.platform,
+                         platform=s.spec.platform, voice=voice.voice_id if voice else "",
                          tier=s.spec.tier, quality=str(s.quality), worker_id=s.worker_id,
                          device_type=s.device_type or "unknown", units=s.units, now=now,
                          epoch=s.epoch)

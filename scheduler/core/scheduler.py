@@ -30,7 +30,13 @@ from scheduler.policy import placement, platforms, tenants
 from scheduler.policy.ledger import Dimension, UsageRow
 from scheduler.policy.licences import Refusal
 from scheduler.policy.placement import WorkerState
-from scheduler.state.avatars import AuditAction, RegisteredAvatar
+from scheduler.state.avatars import (
+    AuditAction,
+    RegisteredAvatar,
+    RegisteredVoice,
+    VoiceSettings,
+    taken_message,
+)
 from scheduler.state.sessions import InvalidTransition, Session, SessionEvent
 from scheduler.state.table import LIVE
 from scheduler.state.worker_conn import ReleaseCmd, ScriptCmd, WorkerConn, WorkerResources
@@ -88,9 +94,9 @@ class Scheduler(Enforcement):
         if over is not None:
             self.metrics.budget_refusals.labels(over.kind.value).inc()
             raise BudgetExceeded(over.message)
-        refusal, _ = self.avatars.admit(spec, now, require_licence=self.config.require_licence)
-        if refusal is not None:
-            self._refuse_likeness(spec, refusal, now)
+        refused = self.avatars.refusal(spec, now, require_licence=self.config.require_licence)
+        if refused is not None:
+            self._refuse_likeness(spec, *refused, now)
         guaranteed = tenants.guaranteed(t, spec.tier, units, self.sessions.reserved[spec.tenant])
         self._seq += 1
         s = Session(uuid.uuid4().hex, spec, SessionState.PENDING, self._seq, now, now, request_id,
@@ -173,6 +179,13 @@ class Scheduler(Enforcement):
         return TenantStatus(name, t, self.sessions.units[name], self.spent(name, self.clock()),
                             self.sessions.reserved[name], pending, running)
 
+    def check_voice_settings(self, voice: VoiceSettings, tenant: str) -> None:
+        """An avatar may speak with its own tenant's registered voices, not another's."""
+        v = self.avatars.voice(voice.voice)
+        if v is not None and v.tenant != tenant:
+            raise PermissionDenied(f"voice {voice.voice!r} is another tenant's registered voice; "
+                                   "an avatar may speak with its own tenant's voices")
+
     def claim_avatar(self, avatar_id: str, tenant: str, *, operator: bool) -> None:
         """Refuses an avatar id `tenant` may not register (asked again on registration:
         the image is processed in between)."""
@@ -182,10 +195,33 @@ class Scheduler(Enforcement):
     @carried_out
     def register_avatar(self, avatar: RegisteredAvatar, *, operator: bool) -> RegisteredAvatar:
         self.claim_avatar(avatar.avatar_id, avatar.tenant, operator=operator)
+        self.check_voice_settings(avatar.voice, avatar.tenant)
         a = self.avatars.register(avatar, self.clock())
         self.commits.schedule()
         self.enforce_licences()  # a new licence may no longer allow rooms running under the old
         return a
+
+    def claim_voice(self, voice_id: str, tenant: str) -> None:
+        """Refuses a voice id `tenant` may not register (asked again on registration)."""
+        self.tenant(tenant)
+        if voice_id in self.known_avatars():
+            raise AlreadyExists(taken_message(voice_id))
+        self.avatars.claim_voice(voice_id, tenant)
+
+    @carried_out
+    def register_voice(self, voice: RegisteredVoice) -> RegisteredVoice:
+        self.claim_voice(voice.voice_id, voice.tenant)
+        v = self.avatars.register_voice(voice, self.clock())
+        self.commits.schedule()
+        self.enforce_licences()  # rooms speaking with it run under its new licence
+        return v
+
+    @carried_out
+    def revoke_voice_licence(self, voice_id: str, reason: str) -> RegisteredVoice:
+        v = self.avatars.revoke_voice(voice_id, reason, self.clock())
+        self.commits.schedule()
+        self.enforce_licences()
+        return v
 
     @carried_out
     def revoke_licence(self, avatar_id: str, reason: str) -> RegisteredAvatar:
@@ -200,10 +236,11 @@ class Scheduler(Enforcement):
         self._avatars = (-1.0, frozenset(), frozenset())
         self._face_models.clear()
 
-    def _refuse_likeness(self, spec: SessionSpec, refusal: Refusal, now: float) -> NoReturn:
+    def _refuse_likeness(self, spec: SessionSpec, kind: str, likeness_id: str, refusal: Refusal,
+                         now: float) -> NoReturn:
         self.metrics.licence_refusals.labels(refusal.clause).inc()
-        message = refusal.explain(spec.avatar_id)
-        self.avatars.audit(AuditAction.REFUSED, spec.avatar_id, spec.tenant, now,
+        message = refusal.explain(likeness_id, kind)
+        self.avatars.audit(AuditAction.REFUSED, likeness_id, spec.tenant, now,
                            room_id=spec.room_id, platform=spec.platform, clause=refusal.clause,
                            detail=message)
         self.commits.schedule()

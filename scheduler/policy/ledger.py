@@ -18,7 +18,8 @@ that is no longer the room's current one adds nothing. The marks, intervals and
 report cursors are written in one transaction: the ledger is exactly-once on
 its own, whatever else the store holds.
 
-Reports group intervals by tenant, tier, avatar and device type; a window that
+Reports group intervals by tenant, tier, avatar, its registered voice, platform and
+device type; a window that
 cuts an interval takes the share of it that falls in the window.
 """
 
@@ -50,6 +51,7 @@ class Interval:
     mark_stream: float = 0.0  # the assignment's cumulative progress already counted
     mark_device: float = 0.0
     platform: str = ""  # where the stream was shown (the room's spec)
+    voice: str = ""  # the registered voice it spoke with ("": none registered)
 
     def share(self, start: float | None, end: float | None, now: float) -> float:
         """Fraction of this interval inside [start, end)."""
@@ -68,6 +70,7 @@ class Dimension(enum.Enum):
     AVATAR = "avatar"
     DEVICE_TYPE = "device_type"
     PLATFORM = "platform"
+    VOICE = "voice"
 
 
 @dataclass(slots=True)
@@ -77,6 +80,7 @@ class UsageRow:
     avatar_id: str = ""
     device_type: str = ""
     platform: str = ""
+    voice: str = ""
     sessions: set[str] = field(default_factory=set)
     stream_seconds: float = 0.0
     device_seconds: float = 0.0
@@ -113,7 +117,7 @@ class Ledger:
 
     def open(self, session_id: str, *, tenant: str, avatar_id: str, tier: Tier, quality: str,
              worker_id: str, device_type: str, units: float, now: float,
-             epoch: int = 0, platform: str = "") -> Interval:
+             epoch: int = 0, platform: str = "", voice: str = "") -> Interval:
         """Close the room's open interval (if any) and open one with these attributes.
         Within one assignment (a quality change) the mark carries over."""
         self.close(session_id, now)
@@ -124,7 +128,7 @@ class Ledger:
                       device_type, units, now, epoch=epoch,
                       mark_stream=last.mark_stream if same and last else 0.0,
                       mark_device=last.mark_device if same and last else 0.0,
-                      platform=platform)
+                      platform=platform, voice=voice)
         ivs.append(iv)
         self.dirty[(session_id, iv.idx)] = iv
         return iv
@@ -204,7 +208,8 @@ class Ledger:
                         tier=iv.tier if Dimension.TIER in group_by else None,
                         avatar_id=iv.avatar_id if Dimension.AVATAR in group_by else "",
                         device_type=iv.device_type if Dimension.DEVICE_TYPE in group_by else "",
-                        platform=iv.platform if Dimension.PLATFORM in group_by else "")
+                        platform=iv.platform if Dimension.PLATFORM in group_by else "",
+                        voice=iv.voice if Dimension.VOICE in group_by else "")
                 row.sessions.add(iv.session_id)
                 row.stream_seconds += iv.stream_seconds * share
                 row.device_seconds += iv.device_seconds * share
@@ -227,3 +232,5 @@ def _dim(iv: Interval, d: Dimension) -> object:
             return iv.device_type
         case Dimension.PLATFORM:
             return iv.platform
+        case Dimension.VOICE:
+            return iv.voice

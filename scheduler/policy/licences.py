@@ -58,8 +58,9 @@ class Refusal:
     clause: str
     message: str  # completes "avatar 'x' ..."
 
-    def explain(self, avatar_id: str) -> str:
-        return f"avatar {avatar_id!r} {self.message}"
+    def explain(self, likeness_id: str, kind: str = "avatar") -> str:
+        """The refusal in words: ``kind`` is what the licence is of (avatar, voice)."""
+        return f"{kind} {likeness_id!r} {self.message}"
 
 
 def language_allows(licensed: str, tag: str) -> bool:

@@ -1,11 +1,17 @@
-"""The avatar registry: likenesses tenants registered with their licences, and the
-append-only audit log of their use.
+"""The avatar registry: likenesses tenants registered with their licences (avatars, and
+the voices avatars speak with), and the append-only audit log of their use.
 
 Registered avatars are held in memory (loaded from the store at start) and every
 change is written through the store's queue, so it commits with the core's turn.
 Audit entries go only to the store; each gets the next sequence number, so the
 log's order is the order things happened in. Whether a room may use an avatar is
 the pure `scheduler.policy.licences` policy; this module adds who owns which avatar.
+
+A voice is a likeness too: registered with its licence (a Piper export or a TTS
+service's voice, written to the avatar folder's voices/), named by avatars'
+VoiceSettings, checked like the avatar whenever a room speaks with it, and audited
+under its own id. Avatar and voice ids share one namespace, so an id's audit log is
+one likeness's.
 
 Avatar ids are global (they name image files workers read); an id is owned by
 the tenant that registered it, and one that exists only as a file (the built-in
@@ -16,6 +22,7 @@ and claimable by an operator only.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import heapq
 from dataclasses import dataclass
@@ -66,6 +73,24 @@ class RegisteredAvatar:
     revoked_at: float | None = None
 
 
+class VoiceKind(enum.Enum):
+    PIPER = "piper"  # a Piper export, run on workers' devices
+    SERVICE = "service"  # a TTS service's voice, streamed in
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredVoice:
+    voice_id: str
+    tenant: str
+    licence: Licence
+    registered_at: float
+    kind: VoiceKind = VoiceKind.PIPER
+    sha256: str = ""  # of the model (piper) or the service config
+    revoked: bool = False
+    revoked_reason: str = ""
+    revoked_at: float | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class AuditEntry:
     seq: int
@@ -87,6 +112,8 @@ class AvatarStore(Protocol):
 
     def load_avatars(self) -> list[RegisteredAvatar]: ...
     def put_avatar(self, avatar: RegisteredAvatar) -> None: ...
+    def load_voices(self) -> list[RegisteredVoice]: ...
+    def put_voice(self, voice: RegisteredVoice) -> None: ...
     def append_audit(self, entry: AuditEntry) -> None: ...
     def last_audit_seq(self) -> int: ...
     def audit_entries(self, avatar_id: str, after_seq: int, limit: int) -> list[AuditEntry]:
@@ -102,6 +129,7 @@ class AvatarRegistry:
     def __init__(self, store: AvatarStore) -> None:
         self.store = store
         self._avatars = {a.avatar_id: a for a in store.load_avatars()}
+        self._voices = {v.voice_id: v for v in store.load_voices()}
         self._seq = store.last_audit_seq()
         # Avatars whose rooms must be checked again on the next pass: all at start (a
         # licence may have ended while the scheduler was down), then those changed.
@@ -111,9 +139,19 @@ class AvatarRegistry:
             self._watch_end(a)
 
     def _watch_end(self, a: RegisteredAvatar) -> None:
-        end = licences.ends_at(a.licence)
-        if end is not None and not a.revoked:
-            heapq.heappush(self._ends, (end, a.avatar_id))
+        """The avatar's rooms are checked again when its licence, or its voice's, ends."""
+        v = self._voices.get(a.voice.voice)
+        for lic, revoked in ((a.licence, a.revoked), *(((v.licence, v.revoked),) if v else ())):
+            end = licences.ends_at(lic)
+            if end is not None and not revoked:
+                heapq.heappush(self._ends, (end, a.avatar_id))
+
+    def _voice_changed(self, voice_id: str) -> None:
+        """Rooms of the avatars speaking with the voice must be checked again."""
+        for a in self._avatars.values():
+            if a.voice.voice == voice_id:
+                self._changed.add(a.avatar_id)
+                self._watch_end(a)
 
     # -- registry ---------------------------------------------------------------
 
@@ -133,7 +171,7 @@ class AvatarRegistry:
         as a local avatar file unless an operator claims it for `tenant`. A tenant may
         replace its own avatar. The answer is the same whoever holds the id."""
         a = self._avatars.get(avatar_id)
-        if a is not None and a.tenant != tenant:
+        if (a is not None and a.tenant != tenant) or avatar_id in self._voices:
             raise AlreadyExists(taken_message(avatar_id))
         if a is None and avatar_id in local and not operator:
             raise AlreadyExists(taken_message(avatar_id))
@@ -162,6 +200,65 @@ class AvatarRegistry:
                    detail=reason)
         return a
 
+    # -- voices -----------------------------------------------------------------
+
+    def voice(self, voice_id: str) -> RegisteredVoice | None:
+        return self._voices.get(voice_id)
+
+    def voices_of(self, tenant: str = "") -> list[RegisteredVoice]:
+        """The voices `tenant` registered (empty: all), by id."""
+        return sorted((v for v in self._voices.values() if not tenant or v.tenant == tenant),
+                      key=lambda v: v.voice_id)
+
+    def claim_voice(self, voice_id: str, tenant: str) -> None:
+        """Refuses (AlreadyExists) an id another tenant's voice or any avatar holds; a
+        tenant may replace its own voice."""
+        v = self._voices.get(voice_id)
+        if (v is not None and v.tenant != tenant) or voice_id in self._avatars:
+            raise AlreadyExists(taken_message(voice_id))
+
+    def register_voice(self, voice: RegisteredVoice, now: float) -> RegisteredVoice:
+        self._voices[voice.voice_id] = voice
+        self.store.put_voice(voice)
+        self._voice_changed(voice.voice_id)
+        self.audit(AuditAction.REGISTERED, voice.voice_id, voice.tenant, now,
+                   detail=f"{voice.kind.value} voice {voice.sha256[:16]}")
+        return voice
+
+    def revoke_voice(self, voice_id: str, reason: str, now: float) -> RegisteredVoice:
+        v = self._voices.get(voice_id)
+        if v is None:
+            raise NotFound(f"voice {voice_id!r} is not registered")
+        if v.revoked:
+            return v
+        v = dataclasses.replace(v, revoked=True, revoked_reason=reason, revoked_at=now)
+        self._voices[voice_id] = v
+        self.store.put_voice(v)
+        self._voice_changed(voice_id)
+        self.audit(AuditAction.REVOKED, voice_id, v.tenant, now, clause=licences.REVOKED,
+                   detail=reason)
+        return v
+
+    def voice_of(self, avatar_id: str) -> RegisteredVoice | None:
+        """The registered voice an avatar speaks with (None: a worker's own voice or
+        espeak-ng's, which carry no licence)."""
+        a = self._avatars.get(avatar_id)
+        return self._voices.get(a.voice.voice) if a is not None and a.voice.voice else None
+
+    def admit_voice(self, spec: SessionSpec, now: float) -> tuple[RegisteredVoice | None, Refusal | None, str]:
+        """Whether a room of `spec` may speak with its avatar's registered voice: the voice
+        (None: none registered), the refusal, or None and the clauses that allow it."""
+        v = self.voice_of(spec.avatar_id)
+        if v is None or not spec.drive_mode.uses_tts:
+            return None, None, ""
+        if v.tenant != spec.tenant:
+            return v, Refusal(OWNER, f"is licensed to another tenant; tenant {spec.tenant!r} may "
+                                     f"not use it"), ""
+        refusal = licences.check(v.licence, platform=spec.platform,
+                                 product_category=spec.product_category, language=spec.language,
+                                 now=now, revoked=v.revoked)
+        return v, refusal, "" if refusal is not None else ",".join(licences.allowing(v.licence))
+
     # -- licences ---------------------------------------------------------------
 
     def admit(self, spec: SessionSpec, now: float, *, require_licence: bool) -> tuple[Refusal | None, str]:
@@ -184,6 +281,18 @@ class AvatarRegistry:
         if refusal is not None:
             return refusal, ""
         return None, ",".join(licences.allowing(a.licence))
+
+    def refusal(self, spec: SessionSpec, now: float, *,
+                require_licence: bool) -> tuple[str, str, Refusal] | None:
+        """The first of a room's likenesses whose licence refuses it: what it is (avatar,
+        voice), its id and the refusal; None: the avatar and its voice allow the room."""
+        refusal, _ = self.admit(spec, now, require_licence=require_licence)
+        if refusal is not None:
+            return "avatar", spec.avatar_id, refusal
+        v, refusal, _ = self.admit_voice(spec, now)
+        if v is not None and refusal is not None:
+            return "voice", v.voice_id, refusal
+        return None
 
     def due(self, now: float) -> set[str]:
         """Avatars whose running rooms must be checked again: changed or revoked since the

@@ -20,7 +20,15 @@ from avatarfarm.domain import Progress, Quality, ScriptSegment, SessionState, Ti
 from avatarfarm.v1 import types_pb2
 from scheduler.policy.ledger import Interval
 from scheduler.policy.licences import Licence
-from scheduler.state.avatars import AuditAction, AuditEntry, AvatarStore, RegisteredAvatar, VoiceSettings
+from scheduler.state.avatars import (
+    AuditAction,
+    AuditEntry,
+    AvatarStore,
+    RegisteredAvatar,
+    RegisteredVoice,
+    VoiceKind,
+    VoiceSettings,
+)
 from scheduler.state.sessions import Session
 
 
@@ -89,6 +97,7 @@ CREATE TABLE IF NOT EXISTS usage_intervals (
     mark_stream REAL NOT NULL DEFAULT 0,
     mark_device REAL NOT NULL DEFAULT 0,
     platform TEXT NOT NULL DEFAULT '',
+    voice TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (session_id, idx)
 );
 CREATE TABLE IF NOT EXISTS usage_cursors (
@@ -104,6 +113,17 @@ CREATE TABLE IF NOT EXISTS avatars (
     image_sha256 TEXT NOT NULL,
     width INTEGER NOT NULL,
     height INTEGER NOT NULL,
+    registered_at REAL NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0,
+    revoked_reason TEXT NOT NULL DEFAULT '',
+    revoked_at REAL
+);
+CREATE TABLE IF NOT EXISTS voices (
+    voice_id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    licence TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
     registered_at REAL NOT NULL,
     revoked INTEGER NOT NULL DEFAULT 0,
     revoked_reason TEXT NOT NULL DEFAULT '',
@@ -146,7 +166,8 @@ _ADDED_COLUMNS = (("units", "REAL NOT NULL DEFAULT 0"), ("step", "INTEGER NOT NU
                   ("assignments", "INTEGER NOT NULL DEFAULT 0"))
 
 _ADDED_USAGE = (("epoch", "INTEGER NOT NULL DEFAULT 0"), ("mark_stream", "REAL NOT NULL DEFAULT 0"),
-                ("mark_device", "REAL NOT NULL DEFAULT 0"), ("platform", "TEXT NOT NULL DEFAULT ''"))
+                ("mark_device", "REAL NOT NULL DEFAULT 0"), ("platform", "TEXT NOT NULL DEFAULT ''"),
+                ("voice", "TEXT NOT NULL DEFAULT ''"))
 
 Op = Callable[[sqlite3.Connection], None]
 
@@ -265,23 +286,23 @@ class SqliteStore:
             rows = self._db.execute(
                 'SELECT session_id, idx, tenant, avatar_id, tier, quality, worker_id,'
                 ' device_type, units, start, "end", stream_seconds, device_seconds, epoch,'
-                ' mark_stream, mark_device, platform FROM usage_intervals').fetchall()
+                ' mark_stream, mark_device, platform, voice FROM usage_intervals').fetchall()
             cursors = {w: (e, q) for w, e, q in
                        self._db.execute("SELECT worker_id, epoch, seq FROM usage_cursors")}
         ivs = [Interval(sid, idx, tenant, avatar, Tier(tier), quality, worker, dev, units, start,
-                        end, stream, device, epoch, mark_s, mark_d, platform)
+                        end, stream, device, epoch, mark_s, mark_d, platform, voice)
                for (sid, idx, tenant, avatar, tier, quality, worker, dev, units, start, end, stream,
-                    device, epoch, mark_s, mark_d, platform) in rows]
+                    device, epoch, mark_s, mark_d, platform, voice) in rows]
         return ivs, cursors
 
     def put_usage(self, intervals: list[Interval], cursors: dict[str, tuple[int, int]]) -> None:
         rows = [(i.session_id, i.idx, i.tenant, i.avatar_id, i.tier.value, i.quality, i.worker_id,
                  i.device_type, i.units, i.start, i.end, i.stream_seconds, i.device_seconds,
-                 i.epoch, i.mark_stream, i.mark_device, i.platform)
+                 i.epoch, i.mark_stream, i.mark_device, i.platform, i.voice)
                 for i in intervals]  # a snapshot: the intervals change after this call
 
         def op(db: sqlite3.Connection) -> None:
-            db.executemany("INSERT OR REPLACE INTO usage_intervals VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            db.executemany("INSERT OR REPLACE INTO usage_intervals VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                            rows)
             db.executemany("INSERT OR REPLACE INTO usage_cursors VALUES (?,?,?)",
                            [(w, e, q) for w, (e, q) in cursors.items()])
@@ -327,6 +348,26 @@ class SqliteStore:
                                  sha, width, height, bool(revoked), why, revoked_at)
                 for (aid, tenant, lic, voice, sha, width, height, registered, revoked, why,
                      revoked_at) in rows]
+
+    def load_voices(self) -> list[RegisteredVoice]:
+        self.commit()
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT voice_id, tenant, licence, kind, sha256, registered_at, revoked,"
+                " revoked_reason, revoked_at FROM voices ORDER BY voice_id").fetchall()
+        return [RegisteredVoice(vid, tenant, _licence(lic), registered, VoiceKind(kind), sha,
+                                bool(revoked), why, revoked_at)
+                for (vid, tenant, lic, kind, sha, registered, revoked, why, revoked_at) in rows]
+
+    def put_voice(self, voice: RegisteredVoice) -> None:
+        v = voice
+        row = (v.voice_id, v.tenant, _licence_json(v.licence), v.kind.value, v.sha256,
+               v.registered_at, int(v.revoked), v.revoked_reason, v.revoked_at)
+
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR REPLACE INTO voices VALUES (?,?,?,?,?,?,?,?,?)", row)
+
+        self._queue(op)
 
     def put_avatar(self, avatar: RegisteredAvatar) -> None:
         a = avatar

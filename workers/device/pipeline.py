@@ -24,17 +24,19 @@ import threading
 import time
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
 
+from avatarfarm.avatars import is_file_name
 from avatarfarm.latency import LatencyCurve
 from avatarfarm.preparation.bundle import Bundle
-from avatarfarm.voices import find_service_voices, find_voices
+from avatarfarm.voices import PiperConfig, VoiceError, find_service_voices, find_voices, registered_voices
 from workers.device.batching import BatchPolicy
 from workers.device.binding import LipSyncDeviceModel
 from workers.device.engine import BatchKey, DeviceModel, InferenceEngine, ItemResult
-from workers.device.onnx import OrtModel, ProviderChoice
+from workers.device.onnx import ModelInterfaceError, OrtModel, ProviderChoice
 from workers.device.timing import Timed, measure_curve, run_batch_of
 from workers.families import liveportrait, musetalk, ultralight, wav2lip
 from workers.families.base import FaceFamily, FamilyRuntime, Points, Redraw, WorkerContext
@@ -118,12 +120,18 @@ class Pipeline:
         # Text-driven rooms speak with espeak-ng, or with a neural voice of the model
         # folder's voices/ (Piper's VITS exports, on the device, batched across rooms)
         # named by tts_voice.
-        self.voices = {name: PiperModel(OrtModel(f"voice-{name}", path, None, provider, intra_op_threads),
-                                        config)
-                       for name, (path, config) in find_voices(folder.root / "voices").items()}
-        # ...or with a TTS service's voice (voices/NAME.service.json), streamed in.
+        # ...or with a TTS service's voice (voices/NAME.service.json), streamed in. Voices
+        # tenants registered (with their licences) are in the avatar folder's voices/, and
+        # one registered after the worker started is loaded when a room first names it.
+        self._open_voice = lambda name, path: PiperModel(
+            OrtModel(f"voice-{name}", path, None, provider, intra_op_threads), PiperConfig.read(
+                path.with_name(path.name + ".json")))
+        self.voices: dict[str, PiperModel] = {
+            name: self._open_voice(name, path) for name, (path, _) in find_voices(folder.root / "voices").items()}
         self.services = {name: ServiceVoice(name, config)
                          for name, config in find_service_voices(folder.root / "voices").items()}
+        self._registered_voices = registered_voices(folder.avatar_dir)
+        self._load_registered_voices()
         self.tts_voice = tts_voice
         self.voice = self.voices.get(tts_voice)
         self.tts = EspeakTTS(self.voice.config.espeak_voice if self.voice is not None else
@@ -158,13 +166,8 @@ class Pipeline:
             for served in runtime.served():
                 self.engine.serve(served.key, served.model, measure_curve(
                     functools.partial(run_batch_of, served.model, served.model.example_item()), (1, 2), 1))
-        for name, voice in self.voices.items():
-            # One call's cost grows with its bucket: timed at the smallest, scaled.
-            curve = measure_curve(functools.partial(run_batch_of, voice, voice.example_item()), (1, 2), 1)
-            for b in BUCKETS:
-                k = b / BUCKETS[0]
-                self.engine.serve(voice_key(name, b), voice,
-                                  LatencyCurve(tuple((n, s * k) for n, s in curve.points)))
+        for name in self.voices:
+            self._serve_voice(name)
         if self.face_reader_model is not None:
             face = {"face": np.zeros((3, 128, 128), np.float32)}
             self.serve(FACE_READER_KEY, measure_curve(
@@ -173,6 +176,41 @@ class Pipeline:
             self.serve(FEATURES_KEY, measure_curve(
                 functools.partial(run_batch_of, self.features_model, self.features_model.example_item()),
                 (1, 4), 1))
+
+    def _serve_voice(self, name: str) -> None:
+        voice = self.voices[name]
+        # One call's cost grows with its bucket: timed at the smallest, scaled.
+        curve = measure_curve(functools.partial(run_batch_of, voice, voice.example_item()), (1, 2), 1)
+        for b in BUCKETS:
+            k = b / BUCKETS[0]
+            self.engine.serve(voice_key(name, b), voice,
+                              LatencyCurve(tuple((n, s * k) for n, s in curve.points)))
+
+    def _load_registered_voices(self, only: str = "") -> list[str]:
+        """Loads the registered voices (``only``: that one) this worker does not have yet;
+        a voice whose files cannot be used is left out, said in the log. Returns those
+        loaded."""
+        loaded: list[str] = []
+
+        def unusable(path: Path, e: VoiceError) -> None:
+            log.warning("registered voice %s cannot be used: %s", path.name, e)
+
+        piper = find_voices(self._registered_voices, unusable)
+        services = find_service_voices(self._registered_voices, unusable)
+        for name, (path, _) in piper.items():
+            if name in self.voices or name in self.services or (only and name != only):
+                continue
+            try:
+                self.voices[name] = self._open_voice(name, path)
+            except (VoiceError, ModelInterfaceError, OSError) as e:
+                log.warning("registered voice %s cannot be used: %s", name, e)
+                continue
+            loaded.append(name)
+        for name, config in services.items():
+            if name not in self.voices and name not in self.services and (not only or name == only):
+                self.services[name] = ServiceVoice(name, config)
+                loaded.append(name)
+        return loaded
 
     @property
     def provider(self) -> str:
@@ -453,6 +491,11 @@ class Pipeline:
     def voice_refusal(self, voice: str) -> str | None:
         """Why this worker cannot speak with ``voice`` (None: it can; "" is its default)."""
         if not voice or voice in self.voices or voice in self.services or self.tts.has_voice(voice):
+            return None
+        if is_file_name(voice) and voice in self._load_registered_voices(voice):  # registered since start
+            if voice in self.voices:
+                self._serve_voice(voice)
+            log.info("registered voice %s loaded", voice)
             return None
         return (f"this worker has no voice {voice!r}: neither a neural voice or a TTS service's "
                 f"voice in its model folder's voices/ ({', '.join(self.voice_names()) or 'none'}) "

@@ -395,8 +395,9 @@ def test_usage_per_avatar_matches_the_ledger_and_exports_as_csv(
                 "--start", "2020-01-01T00:00:00Z"])
             assert code == 0
             table = list(csv.reader(io.StringIO(capsys.readouterr().out)))
-            assert table[0] == ["avatar_id", "platform", "tenant", "sessions", "stream_hours", "cost"]
-            assert [(a, p, t, int(n), float(h), float(c)) for a, p, t, n, h, c in table[1:]] == [
+            assert table[0] == ["avatar_id", "voice", "platform", "tenant", "sessions", "stream_hours",
+                                "cost"]
+            assert [(a, p, t, int(n), float(h), float(c)) for a, v, p, t, n, h, c in table[1:]] == [
                 (r.avatar_id, r.platform, r.tenant, r.sessions,
                  pytest.approx(r.stream_hours, abs=1e-6), pytest.approx(r.cost, abs=1e-6))
                 for r in got.rows]

@@ -185,3 +185,29 @@ def test_the_worker_names_its_voices_and_times_each_per_second_of_speech(
             await agent.shutdown()
 
     assert asyncio.run(register()) == [VOICE]
+
+
+def test_voices_registered_after_the_worker_started_are_loaded_when_a_room_names_them(
+        model_dir: Path, tmp_path: Path) -> None:
+    from avatarfarm.voices import registered_voices
+
+    root = tmp_path / "models"
+    shutil.copytree(model_dir, root)
+    registered = registered_voices(root / "avatars")
+    write_voice(registered, "at-start", "tiny")
+    pipeline = Pipeline(ModelFolder.open(root), ProviderChoice.CPU, 1)
+    try:
+        assert pipeline.voice_names() == ["at-start"]
+        assert "no voice 'later'" in (pipeline.voice_refusal("later") or "")
+        write_voice(registered, "later", "tiny")  # registered while the worker runs
+        (registered / "broken.onnx").write_bytes(b"not a model")
+        (registered / "broken.onnx.json").write_text("{}")
+        assert pipeline.voice_refusal("later") is None and "later" in pipeline.voice_names()
+        assert "no voice 'broken'" in (pipeline.voice_refusal("broken") or "")
+
+        async def speak() -> np.ndarray:
+            return (await pipeline.synthesize("Hello there.", voice_name="later")).value
+
+        assert asyncio.run(speak()).size > SAMPLE_RATE // 4
+    finally:
+        pipeline.close()
