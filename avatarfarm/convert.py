@@ -86,7 +86,7 @@ def _spec(pb: types_pb2.SessionSpec) -> SessionSpec:
     return SessionSpec(pb.tenant, pb.room_id, pb.avatar_id, drive, quality_from_pb(pb.quality), tier,
                        Output(kind, getattr(pb.output, which)), pb.max_duration_seconds,
                        tuple(segments_from_pb(pb.script)), pb.platform, pb.product_category,
-                       pb.language)
+                       pb.language, pb.voice_conversion)
 
 
 def spec_from_pb(pb: types_pb2.SessionSpec) -> SessionSpec:
@@ -169,7 +169,8 @@ def spec_to_pb(spec: SessionSpec) -> types_pb2.SessionSpec:
         quality=quality_to_pb(spec.quality),
         tier=_TIER_PB[spec.tier], output=out, max_duration_seconds=spec.max_duration_seconds,
         script=segments_to_pb(spec.script), platform=spec.platform,
-        product_category=spec.product_category, language=spec.language)
+        product_category=spec.product_category, language=spec.language,
+        voice_conversion=spec.voice_conversion)
 
 
 def state_to_pb(state: SessionState) -> types_pb2.SessionState:

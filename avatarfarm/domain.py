@@ -208,6 +208,8 @@ class SessionSpec:
     platform: str = ""
     product_category: str = ""
     language: str = ""
+    # A live speaker's voice converted into the avatar's (voice- and camera-driven rooms).
+    voice_conversion: bool = False
 
 
 def _has_control(text: str) -> bool:
@@ -394,6 +396,9 @@ def validate_spec(spec: SessionSpec, limits: Limits = LIMITS) -> None:
     validate_quality(spec.quality, limits)
     validate_output(spec.output)
     validate_duration("max_duration_seconds", spec.max_duration_seconds, limits.max_duration_seconds)
+    if spec.voice_conversion and spec.drive_mode not in (DriveMode.VOICE, DriveMode.CAMERA):
+        raise InvalidRequest("voice_conversion converts a live speaker's voice: only voice- and "
+                             f"camera-driven rooms have one; this room is {spec.drive_mode.value}-driven")
     if spec.script and spec.drive_mode is not DriveMode.TEXT:
         raise InvalidRequest(f"script segments are only for text-driven rooms; this room is "
                              f"{spec.drive_mode.value}-driven (push its live input to the worker)")

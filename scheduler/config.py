@@ -91,7 +91,9 @@ class SchedulerConfig:
             "(refuse text-driven rooms; camera rooms drive only while their driver is live, "
             "not frozen, looped or faceless), end_when_driver_lost (end a camera room whose "
             "driver left or is not live for driver_grace_seconds, default 10; otherwise it "
-            "holds on its idle loop); unlisted platforms are labelled with the defaults")
+            "holds on its idle loop), ban_voice_conversion (default true: refuse rooms that "
+            "convert a live speaker's voice into another person's); unlisted platforms are "
+            "labelled with the defaults")
     allow_unknown_tenants: bool = field(
         True, "admit rooms of tenants not listed in tenants (with no budget and no reservation)")
     degradation_ladder: list[str] = field(

@@ -95,7 +95,7 @@ class ScriptSegment(_message.Message):
     def __init__(self, text: _Optional[str] = ..., pause_after_seconds: _Optional[float] = ...) -> None: ...
 
 class SessionSpec(_message.Message):
-    __slots__ = ("tenant", "room_id", "avatar_id", "drive_mode", "quality", "tier", "output", "max_duration_seconds", "script", "platform", "product_category", "language")
+    __slots__ = ("tenant", "room_id", "avatar_id", "drive_mode", "quality", "tier", "output", "max_duration_seconds", "script", "platform", "product_category", "language", "voice_conversion")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     ROOM_ID_FIELD_NUMBER: _ClassVar[int]
     AVATAR_ID_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +108,7 @@ class SessionSpec(_message.Message):
     PLATFORM_FIELD_NUMBER: _ClassVar[int]
     PRODUCT_CATEGORY_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    VOICE_CONVERSION_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     room_id: str
     avatar_id: str
@@ -120,7 +121,8 @@ class SessionSpec(_message.Message):
     platform: str
     product_category: str
     language: str
-    def __init__(self, tenant: _Optional[str] = ..., room_id: _Optional[str] = ..., avatar_id: _Optional[str] = ..., drive_mode: _Optional[_Union[DriveMode, str]] = ..., quality: _Optional[_Union[Quality, _Mapping]] = ..., tier: _Optional[_Union[Tier, str]] = ..., output: _Optional[_Union[Output, _Mapping]] = ..., max_duration_seconds: _Optional[float] = ..., script: _Optional[_Iterable[_Union[ScriptSegment, _Mapping]]] = ..., platform: _Optional[str] = ..., product_category: _Optional[str] = ..., language: _Optional[str] = ...) -> None: ...
+    voice_conversion: bool
+    def __init__(self, tenant: _Optional[str] = ..., room_id: _Optional[str] = ..., avatar_id: _Optional[str] = ..., drive_mode: _Optional[_Union[DriveMode, str]] = ..., quality: _Optional[_Union[Quality, _Mapping]] = ..., tier: _Optional[_Union[Tier, str]] = ..., output: _Optional[_Union[Output, _Mapping]] = ..., max_duration_seconds: _Optional[float] = ..., script: _Optional[_Iterable[_Union[ScriptSegment, _Mapping]]] = ..., platform: _Optional[str] = ..., product_category: _Optional[str] = ..., language: _Optional[str] = ..., voice_conversion: _Optional[bool] = ...) -> None: ...
 
 class Label(_message.Message):
     __slots__ = ("text", "position", "size")

@@ -62,7 +62,8 @@ class Scheduler(Enforcement):
     def create(self, spec: SessionSpec, request_id: str = "") -> Session:
         try:
             self.egress.check(spec.output)
-            platforms.check_room(spec.platform, self.platform(spec.platform), spec.drive_mode)
+            platforms.check_room(spec.platform, self.platform(spec.platform), spec.drive_mode,
+                                 spec.voice_conversion)
         except (ForbiddenTarget, platforms.PolicyRefused) as e:
             raise PermissionDenied(str(e)) from e
         if request_id:
@@ -97,6 +98,11 @@ class Scheduler(Enforcement):
         refused = self.avatars.refusal(spec, now, require_licence=self.config.require_licence)
         if refused is not None:
             self._refuse_likeness(spec, *refused, now)
+        if spec.voice_conversion:
+            raise FailedPrecondition(
+                "the platform and the licence allow converting the speaker's voice, but no "
+                "worker on this farm serves a voice-conversion model; stream the speaker's own "
+                "voice")
         guaranteed = tenants.guaranteed(t, spec.tier, units, self.sessions.reserved[spec.tenant])
         self._seq += 1
         s = Session(uuid.uuid4().hex, spec, SessionState.PENDING, self._seq, now, now, request_id,

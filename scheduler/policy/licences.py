@@ -26,8 +26,9 @@ ALLOWED_PLATFORMS = "allowed_platforms"
 FORBIDDEN_CATEGORIES = "forbidden_categories"
 ALLOWED_CATEGORIES = "allowed_categories"
 ALLOWED_LANGUAGES = "allowed_languages"
+LIVE_VOICE_CONVERSION = "live_voice_conversion"
 CLAUSES = (REVOKED, VALID_FROM, VALID_UNTIL, ALLOWED_PLATFORMS, FORBIDDEN_CATEGORIES,
-           ALLOWED_CATEGORIES, ALLOWED_LANGUAGES)
+           ALLOWED_CATEGORIES, ALLOWED_LANGUAGES, LIVE_VOICE_CONVERSION)
 # The audit's name for a licence that restricts nothing.
 UNRESTRICTED = "unrestricted"
 
@@ -48,8 +49,7 @@ class Licence:
     allowed_languages: tuple[str, ...] = ()
     valid_from: float | None = None
     valid_until: float | None = None
-    # Converting a live speaker's voice into this person's; recorded, not yet requested
-    # by any room (no drive mode converts voices).
+    # Converting a live speaker's voice into this person's (a room's voice_conversion).
     live_voice_conversion: bool = False
 
 
@@ -79,12 +79,16 @@ def _listed(values: Sequence[str]) -> str:
 
 
 def check(licence: Licence, *, platform: str, product_category: str, language: str, now: float,
-          revoked: bool) -> Refusal | None:
+          revoked: bool, voice_conversion: bool = False) -> Refusal | None:
     """None if the licence allows a room with these attributes at `now`; otherwise the
     first clause that refuses it, with what the tenant can do about it."""
     if revoked:
         return Refusal(REVOKED, "may not be used: its licence was revoked (licence clause revoked); "
                                 "the avatar's owner must register it again with a new licence")
+    if voice_conversion and not licence.live_voice_conversion:
+        return Refusal(LIVE_VOICE_CONVERSION,
+                       "may not have a live speaker's voice converted into it (licence clause "
+                       "live_voice_conversion is not granted)")
     if licence.valid_from is not None and now < licence.valid_from:
         return Refusal(VALID_FROM, f"may not be used before {_utc(licence.valid_from)} "
                                    f"(licence clause valid_from)")

@@ -43,6 +43,9 @@ class PlatformPolicy:
     # driver_grace_seconds ends; otherwise it holds on its idle loop until they are back.
     end_when_driver_lost: bool = False
     driver_grace_seconds: float = 10.0
+    # Converting a live speaker's voice into another person's: banned for livestreams on
+    # major platforms, so banned unless an operator allows it for a platform.
+    ban_voice_conversion: bool = True
 
     def __post_init__(self) -> None:
         if not 0.02 <= self.label_size <= 0.25:
@@ -70,7 +73,12 @@ class PolicyRefused(Exception):
     """A room the platform's policy does not allow (maps to PERMISSION_DENIED)."""
 
 
-def check_room(platform: str, policy: PlatformPolicy, drive: DriveMode) -> None:
+def check_room(platform: str, policy: PlatformPolicy, drive: DriveMode,
+               voice_conversion: bool = False) -> None:
+    if voice_conversion and policy.ban_voice_conversion:
+        raise PolicyRefused(
+            f"platform {platform!r} bans converting a live speaker's voice into another person's "
+            "(voice_conversion); stream the speaker's own voice")
     if policy.require_live_driver and drive is DriveMode.TEXT:
         raise PolicyRefused(
             f"platform {platform!r} requires a live human driver for virtual hosts: use a "

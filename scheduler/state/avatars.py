@@ -249,14 +249,14 @@ class AvatarRegistry:
         """Whether a room of `spec` may speak with its avatar's registered voice: the voice
         (None: none registered), the refusal, or None and the clauses that allow it."""
         v = self.voice_of(spec.avatar_id)
-        if v is None or not spec.drive_mode.uses_tts:
+        if v is None or not (spec.drive_mode.uses_tts or spec.voice_conversion):
             return None, None, ""
         if v.tenant != spec.tenant:
             return v, Refusal(OWNER, f"is licensed to another tenant; tenant {spec.tenant!r} may "
                                      f"not use it"), ""
         refusal = licences.check(v.licence, platform=spec.platform,
                                  product_category=spec.product_category, language=spec.language,
-                                 now=now, revoked=v.revoked)
+                                 now=now, revoked=v.revoked, voice_conversion=spec.voice_conversion)
         return v, refusal, "" if refusal is not None else ",".join(licences.allowing(v.licence))
 
     # -- licences ---------------------------------------------------------------
@@ -265,6 +265,10 @@ class AvatarRegistry:
         """Whether a room of `spec` may use its avatar at `now`: the refusal, or None and
         the clause(s) that allow it (for the audit)."""
         a = self._avatars.get(spec.avatar_id)
+        if a is None and spec.voice_conversion:
+            return Refusal(licences.LIVE_VOICE_CONVERSION,
+                           "has no licence registered, and only a licence can grant converting a "
+                           "live speaker's voice into a person's (live_voice_conversion)"), ""
         if a is None:
             if require_licence:
                 return Refusal(REQUIRE_LICENCE,
@@ -275,9 +279,12 @@ class AvatarRegistry:
         if a.tenant != spec.tenant:
             return Refusal(OWNER, f"is licensed to another tenant; tenant {spec.tenant!r} may not "
                                   f"use it"), ""
+        # Converting a voice into this person's is the voice's licence's to allow, or,
+        # where no voice is registered, the avatar's.
+        converting = spec.voice_conversion and self.voice_of(spec.avatar_id) is None
         refusal = licences.check(a.licence, platform=spec.platform,
                                  product_category=spec.product_category, language=spec.language,
-                                 now=now, revoked=a.revoked)
+                                 now=now, revoked=a.revoked, voice_conversion=converting)
         if refusal is not None:
             return refusal, ""
         return None, ",".join(licences.allowing(a.licence))
