@@ -41,7 +41,7 @@ from scheduler.policy.overload import OverloadPolicy
 from scheduler.policy.placement import Fleet, RoomReq
 from scheduler.policy.sync import SyncWatch
 from scheduler.policy.voices import voice_change
-from scheduler.state.avatars import AuditAction, AvatarRegistry
+from scheduler.state.avatars import AuditAction, AvatarRegistry, VoiceKind
 from scheduler.state.commit import GroupCommit
 from scheduler.state.metering import Metering
 from scheduler.state.sessions import EventKind, Session, SessionEvent, plus
@@ -314,15 +314,20 @@ class SessionMachine:
                        s.spec.drive_mode, s.spec.tier, s.seq,
                        (s.spec.quality.width, s.spec.quality.height), s.step,
                        s.spec.avatar_id in self.video_avatars(), *self.face_model(s.spec.avatar_id),
-                       voice=self._fleet_voice(s))
+                       *self._fleet_voice(s))
 
-    def _fleet_voice(self, s: Session) -> str:
-        """The room's voice where only some workers speak it ("": any worker does)."""
+    def _fleet_voice(self, s: Session) -> tuple[str, bool]:
+        """The room's neural voice as placement needs it, and whether every worker loads
+        it (a Piper voice registered in the avatar folder); ("", False): espeak-ng's or a
+        registered service voice's, which any worker speaks."""
         if not s.spec.drive_mode.uses_tts:
-            return ""
-        registered = self.avatars.get(s.spec.avatar_id)
-        voice = registered.voice.voice if registered is not None else ""
-        return voice if voice in self.fleet_voices else ""
+            return "", False
+        registered = self.avatars.voice_of(s.spec.avatar_id)
+        if registered is not None:
+            return (registered.voice_id, True) if registered.kind is VoiceKind.PIPER else ("", False)
+        a = self.avatars.get(s.spec.avatar_id)
+        voice = a.voice.voice if a is not None else ""
+        return (voice, False) if voice in self.fleet_voices else ("", False)
 
     def _enqueue(self, s: Session) -> None:
         self._pending_since.setdefault(s.session_id, self.clock())

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from avatarfarm.domain import DriveMode, Quality, Stage, Tier
+from avatarfarm.domain import HOST_TTS, DriveMode, Quality, Stage, Tier
 from scheduler.policy.placement.costs import (
     UNIT_MODE,
     UNIT_QUALITY,
@@ -35,10 +35,12 @@ class RoomReq:
     face_model: str = ""  # which (avatarfarm.avatars.face_model); "": any the worker has
     face_model_bytes: int = 0  # the avatar's own model (loaded with its first room), if any
     face_family: str = ""  # what the worker must render (avatarfarm.avatars.face_family); "": any
-    # A text room's voice (its avatar's registered one) where it is one of the voices
-    # workers name (neural, on their device or from a TTS service): only they speak it.
-    # "": espeak-ng's (any worker).
+    # A text room's neural voice: one that workers name (on their device, or a TTS
+    # service's), which only they speak, or a Piper voice registered in the avatar folder
+    # (``voice_shared``), which every worker loads when a room names it. "": espeak-ng's
+    # or a registered service voice's (any worker, no device time).
     voice: str = ""
+    voice_shared: bool = False
 
     @property
     def frame_size(self) -> tuple[int, int]:
@@ -115,7 +117,7 @@ class WorkerState:
     avatar_totals: Counter[str] = field(default_factory=Counter)  # rooms per avatar, any side
     premium: Counter[str] = field(default_factory=Counter)
     _compute: float = 0.0
-    _shapes: dict[tuple[int, int, int, int, int, str, bool, str, str], _RoomCosts | None] = field(
+    _shapes: dict[tuple[int, int, int, int, int, str, bool, str, str, bool], _RoomCosts | None] = field(
         default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -156,7 +158,7 @@ class WorkerState:
         q = room.quality
         w, h = room.frame_size
         key = (q.width, q.height, q.fps, w, h, room.drive_mode.value, room.face, room.face_model,
-               room.voice)
+               room.voice, room.voice_shared)
         if key in self._shapes:
             return self._shapes[key]
         p = self.profile
@@ -169,10 +171,15 @@ class WorkerState:
         tts: float | None = 0.0
         voice: list[tuple[GroupKey, StageCost, float, float]] = []
         if room.drive_mode.uses_tts and room.voice:
-            if room.voice not in self.voices:
+            if room.voice not in self.voices and not room.voice_shared:
                 self._shapes[key] = None  # it does not speak the avatar's voice
                 return None
             neural = p.cost(Stage.TTS, model=room.voice)
+            if neural is None and room.voice_shared:
+                # Not loaded here yet: its dearest measured neural voice stands in.
+                neural = max((c for c in ((x, 1.0) for x in p.costs if x.stage is Stage.TTS
+                                          and x.model not in ("", HOST_TTS))),
+                             key=lambda c: c[0].seconds, default=None)
             if neural is not None:  # on its device, batched with other rooms' sentences
                 voice.append((voice_group(room.voice), neural[0], 1.0, SPEECH_SHARE))
         elif room.drive_mode.uses_tts:

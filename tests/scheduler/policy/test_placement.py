@@ -212,6 +212,11 @@ def test_a_neural_voice_is_spoken_only_where_a_worker_has_it_and_costs_device_ti
     assert "no connected worker speaks voice 'ann'" in f.why_not(ann)
     # A voice-driven room has no TTS: any worker takes it.
     assert plain.demand(dataclasses.replace(room, drive_mode=DriveMode.VOICE)) is not None
+    # A Piper voice registered in the avatar folder: every worker loads it when a room
+    # names it; until a worker has measured it, its dearest neural voice stands in.
+    shared = dataclasses.replace(room, voice="anna-voice", voice_shared=True)
+    d = plain.demand(shared)
+    assert d is not None and d.compute - espeak.compute == pytest.approx(0.040 - 0.005)
 
 
 def test_an_avatars_own_model_takes_device_memory_with_its_first_room_and_frees_it_with_its_last() -> None:
