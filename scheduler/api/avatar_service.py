@@ -150,6 +150,11 @@ def usage_to_pb(r: UsageRow) -> avatars_pb2.AvatarUsageRow:
         voice=r.voice)
 
 
+def _revocation(p: Principal, reason: str) -> str:
+    """Why a licence was revoked: the caller's words, or who did it."""
+    return convert.reason_from_pb(reason) or f"revoked by {'an operator' if p.admin else 'its owner'}"
+
+
 def voice_to_pb(v: RegisteredVoice) -> avatars_pb2.Voice:
     return avatars_pb2.Voice(
         voice_id=v.voice_id, tenant=v.tenant, licence=licence_to_pb(v.licence), kind=v.kind.value,
@@ -312,9 +317,7 @@ class AvatarService(avatars_pb2_grpc.AvatarServiceServicer):
         def revoke() -> RegisteredAvatar:
             p = caller()
             self._visible(p, request.avatar_id)
-            reason = convert.reason_from_pb(request.reason) or \
-                f"revoked by {'an operator' if p.admin else 'its owner'}"
-            return self.core.revoke_licence(request.avatar_id, reason)
+            return self.core.revoke_licence(request.avatar_id, _revocation(p, request.reason))
 
         a = await _guard(context, revoke)
         await self.core.durable()
@@ -445,9 +448,7 @@ class AvatarService(avatars_pb2_grpc.AvatarServiceServicer):
         def revoke() -> RegisteredVoice:
             p = caller()
             self._visible_voice(p, request.voice_id)
-            reason = convert.reason_from_pb(request.reason) or \
-                f"revoked by {'an operator' if p.admin else 'its owner'}"
-            return self.core.revoke_voice_licence(request.voice_id, reason)
+            return self.core.revoke_voice_licence(request.voice_id, _revocation(p, request.reason))
 
         v = await _guard(context, revoke)
         await self.core.durable()

@@ -48,6 +48,7 @@ from workers.media.piper import (
     audio_length,
     bucket,
     chunks,
+    length_scale,
     sentences,
     voice_key,
 )
@@ -501,6 +502,14 @@ class Pipeline:
                 f"voice in its model folder's voices/ ({', '.join(self.voice_names()) or 'none'}) "
                 "nor an espeak-ng voice")
 
+    def _voice_key(self, voice: PiperModel, size: int, scale: float | None) -> BatchKey:
+        """The batch key of a voice's items at a pace, served on first use (with the
+        voice's own curve: the pace changes little of a call's cost)."""
+        key = voice_key(voice.config.name, size, scale)
+        if scale is not None and not self.engine.serves(key):
+            self.engine.serve(key, voice, self.engine.curve(voice_key(voice.config.name, size)))
+        return key
+
     def voice_ids(self, voice: PiperModel, text: str) -> list[list[int]]:
         """``text`` as ``voice``'s items: phoneme ids (espeak-ng's IPA in the voice's
         language) per clause, cut to fit the largest bucket."""
@@ -511,7 +520,7 @@ class Pipeline:
     async def synthesize(self, text: str, deadline: float = math.inf, priority: int = 1,
                          voice_name: str = "", rate: float = 0.0) -> Timed:
         """Speech for ``text`` at SAMPLE_RATE in ``voice_name`` (a neural voice this worker
-        serves, or an espeak-ng voice at ``rate`` words a minute; "": the worker's
+        serves, or an espeak-ng voice; either at about ``rate`` words a minute; "": the worker's
         default): a neural voice's sentences are device items (batched with each other
         and other rooms'); a TTS service's voice streams in (`workers.media.tts_service`);
         espeak-ng runs on the TTS thread."""
@@ -533,9 +542,11 @@ class Pipeline:
             return await loop.run_in_executor(self._tts, speak)
         config = voice.config
         items = await loop.run_in_executor(self._tts, self.voice_ids, voice, text)
+        pace = length_scale(config, rate)
+        scale = None if pace == config.scales[1] else pace
         results = await asyncio.gather(*(self.engine.infer(
-            voice_key(config.name, bucket(len(ids))), voice.item(ids), deadline, priority)
-            for ids in items))
+            self._voice_key(voice, bucket(len(ids)), scale), voice.item(ids, scale), deadline,
+            priority) for ids in items))
         parts = [r.outputs[0][:audio_length(r.outputs[0], config.sample_rate)] for r in results]
         audio = np.concatenate(parts) if parts else np.zeros(0, np.float32)
         return Timed(resample(audio, config.sample_rate, SAMPLE_RATE), sum(r.seconds for r in results),

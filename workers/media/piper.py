@@ -32,9 +32,27 @@ BUCKETS = (32, 64, 128, 256, 512)  # ids an item is padded to; a longer sentence
 _SENTENCE = re.compile(r"(?<=[.!?;])\s+")
 
 
-def voice_key(voice: str, bucket: int) -> BatchKey:
-    """The batch key of a voice's items padded to ``bucket`` ids."""
-    return BatchKey(f"voice-{voice}", bucket)
+# espeak-ng's default rate: an avatar's VoiceSettings.rate (words a minute) is a Piper
+# voice's own pace scaled by default/rate (its length scale), in steps of LENGTH_STEP so
+# that rooms at nearly the same rate share batches.
+DEFAULT_WPM = 165
+LENGTH_STEP = 0.05
+
+
+def length_scale(config: PiperConfig, words_per_minute: float) -> float:
+    """The length scale that speaks ``config``'s voice at about ``words_per_minute``
+    (0: the voice's own), within 0.5..2 times the voice's own."""
+    own = config.scales[1]
+    if not words_per_minute:
+        return own
+    factor = min(max(DEFAULT_WPM / words_per_minute, 0.5), 2.0)
+    return round(own * factor / LENGTH_STEP) * LENGTH_STEP
+
+
+def voice_key(voice: str, bucket: int, scale: float | None = None) -> BatchKey:
+    """The batch key of a voice's items padded to ``bucket`` ids, at a length scale other
+    than the voice's own (items of one call share its scales)."""
+    return BatchKey(f"voice-{voice}" if scale is None else f"voice-{voice}x{scale:.2f}", bucket)
 
 
 def bucket(n: int) -> int:
@@ -64,10 +82,12 @@ def chunks(ids: list[int], config: PiperConfig) -> list[list[int]]:
 class PiperModel:
     """A Piper voice as the inference engine runs it (`workers.device.engine.DeviceModel`):
     per-item feeds ``input`` int64 [bucket] (zero-padded ids) and ``input_lengths`` int64
-    (its own count); output per item: the audio [N] at the voice's rate, the batch's
-    longest (the caller keeps its own item's length, `audio_length`)."""
+    (its own count), and optionally ``length_scale`` (a pace other than the voice's own:
+    all items of a call share it, their batch key says which); output per item: the audio
+    [N] at the voice's rate, the batch's longest (the caller keeps its own item's length,
+    `audio_length`)."""
 
-    INPUT, LENGTH = "input", "input_lengths"
+    INPUT, LENGTH, PACE = "input", "input_lengths", "length_scale"
 
     def __init__(self, model: OrtModel, config: PiperConfig) -> None:
         self.name, self.provider, self.session = model.name, model.provider, model.session
@@ -87,17 +107,24 @@ class PiperModel:
 
     def run(self, feeds: dict[str, np.ndarray]) -> tuple[list[typing.Any], float]:
         t0 = time.perf_counter()
+        scales = self._scales
+        if self.PACE in feeds:  # every item of a call has the same (its batch key's)
+            scales = scales.copy()
+            scales[1] = feeds[self.PACE].flat[0]
         (audio,) = self.session.run([self._output], {
             "input": feeds[self.INPUT].astype(np.int64), "input_lengths": feeds[self.LENGTH].astype(np.int64),
-            "scales": self._scales})
+            "scales": scales})
         audio = np.asarray(audio, np.float32)
         return [audio.reshape(audio.shape[0], -1)], time.perf_counter() - t0
 
-    def item(self, ids: list[int]) -> dict[str, np.ndarray]:
+    def item(self, ids: list[int], pace: float | None = None) -> dict[str, np.ndarray]:
         """One item's feeds: ``ids`` zero-padded to their bucket, and their count."""
         padded = np.zeros(bucket(len(ids)), np.int64)
         padded[:len(ids)] = ids
-        return {self.INPUT: padded, self.LENGTH: np.array(len(ids), np.int64)}
+        feeds = {self.INPUT: padded, self.LENGTH: np.array(len(ids), np.int64)}
+        if pace is not None:
+            feeds[self.PACE] = np.array(pace, np.float32)
+        return feeds
 
     def example_item(self, n: int = 32) -> dict[str, np.ndarray]:
         return self.item([self.config.phoneme_ids[BOS][0]] * n)

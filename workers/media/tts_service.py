@@ -79,6 +79,7 @@ class ServiceVoice:
         self.name, self.config, self.clock = name, config, clock
         self.breaker = CircuitBreaker(config.failures_to_open, config.open_seconds)
         self._http: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.requests = 0  # attempts sent to the service
         self.failures = 0  # attempts that failed
 
@@ -117,8 +118,10 @@ class ServiceVoice:
 
     async def _attempt(self, text: str) -> tuple[np.ndarray, int]:
         c = self.config
-        if self._http is None or self._http.closed:
-            self._http = aiohttp.ClientSession()
+        loop = asyncio.get_running_loop()
+        if self._http is None or self._http.closed or self._loop is not loop:
+            # One connection pool per event loop (a pool cannot outlive its loop).
+            self._http, self._loop = aiohttp.ClientSession(), loop
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=c.connect_timeout_seconds or None,
                                         sock_read=None)
         body = {**c.params, c.text_field: text}

@@ -211,3 +211,22 @@ def test_voices_registered_after_the_worker_started_are_loaded_when_a_room_names
         assert asyncio.run(speak()).size > SAMPLE_RATE // 4
     finally:
         pipeline.close()
+
+
+def test_an_avatars_speaking_rate_sets_a_neural_voices_pace(voiced: Pipeline) -> None:
+    from workers.media.piper import length_scale
+
+    config = voiced.voice.config  # type: ignore[union-attr]
+    assert length_scale(config, 0) == config.scales[1]
+    assert length_scale(config, 110) == pytest.approx(config.scales[1] * 1.5)
+    assert length_scale(config, 10) == pytest.approx(config.scales[1] * 2.0)  # bounded
+
+    async def speak() -> list[int]:
+        return [(await voiced.synthesize(TEXT, voice_name=VOICE, rate=wpm)).value.size
+                for wpm in (0, 110, 330)]
+
+    own, slow, fast = asyncio.run(speak())
+    assert slow / own == pytest.approx(1.5, rel=0.05) and fast / own == pytest.approx(0.5, rel=0.05)
+    # Each pace is its own batch key: a call's items share its scales.
+    paces = {k.model for k in voiced.engine.keys() if k.model.startswith(f"voice-{VOICE}")}
+    assert paces == {f"voice-{VOICE}", f"voice-{VOICE}x1.50", f"voice-{VOICE}x0.50"}
