@@ -145,6 +145,7 @@ class WorkerAgent:
         self.profiles = profiles
         # Face models the scheduler has a profile of: those the start-up profile measured.
         registered = {p.model for p in profiles if p.stage is Stage.FACE}
+        self._voices_reported = {p.model for p in self.profiles if p.stage is Stage.TTS}
         self._faces_reported: set[BatchKey] = {
             k for k in pipeline.face_keys()
             if (face := pipeline.face_profile(k)) is not None and face[0] in registered}
@@ -245,8 +246,14 @@ class WorkerAgent:
         # avatar's rooms by its measured cost from now on.
         loaded = [k for k in self.pipeline.face_keys() if k not in self._faces_reported]
         self._faces_reported.update(loaded)
-        if drifted or loaded:
-            fresh = self.corrected_profiles(drifted + loaded)
+        # A registered voice loaded since: the scheduler counts its measured device time.
+        voices = [LatencyProfile(Stage.TTS, name, 0, 0, points)
+                  for name, points in self.pipeline.voice_costs.items()
+                  if name not in self._voices_reported]
+        self._voices_reported.update(p.model for p in voices)
+        self.profiles = self.profiles + voices  # and in a later Register's
+        if drifted or loaded or voices:
+            fresh = self.corrected_profiles(drifted + loaded) + voices
             log.info("latency drifted for %s, face models loaded: %s; re-reporting profiles",
                      ", ".join(map(str, drifted)) or "none", ", ".join(map(str, loaded)) or "none")
             out.append(workers_pb2.WorkerMessage(profile_update=workers_pb2.ProfileUpdate(

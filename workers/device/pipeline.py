@@ -64,6 +64,8 @@ log = logging.getLogger(__name__)
 FAMILIES = (wav2lip, ultralight, musetalk, liveportrait)
 
 AUDIO_TO_MOTION_KEY = BatchKey("audio_to_motion")
+# What a voice is timed speaking (its TTS profile's unit is a second of that speech).
+VOICE_SAMPLE = "Welcome to the live room, today we have three new offers for you."
 FACE_READER_KEY = BatchKey("face_reader", 128)
 LIPSYNC_KEY = BatchKey("lipsync")
 # What the pipeline caches per avatar and render side: the [3, S, S] float32 portrait.
@@ -132,6 +134,7 @@ class Pipeline:
         self.services = {name: ServiceVoice(name, config)
                          for name, config in find_service_voices(folder.root / "voices").items()}
         self._registered_voices = registered_voices(folder.avatar_dir)
+        self.voice_costs: dict[str, Points] = {}  # measured neural voices (`measure_voice`)
         self._load_registered_voices()
         self.tts_voice = tts_voice
         self.voice = self.voices.get(tts_voice)
@@ -186,6 +189,19 @@ class Pipeline:
             k = b / BUCKETS[0]
             self.engine.serve(voice_key(name, b), voice,
                               LatencyCurve(tuple((n, s * k) for n, s in curve.points)))
+        self.measure_voice(name, (1, 2), 1)
+
+    def measure_voice(self, name: str, sizes: tuple[int, ...], iterations: int) -> Points:
+        """A neural voice's device seconds per second of speech at each batch size (a
+        clause of a typical sentence per item), kept in ``voice_costs`` for the scheduler."""
+        voice = self.voices[name]
+        item = voice.item(self.voice_ids(voice, VOICE_SAMPLE)[0])
+        (audio,), _ = voice.run({k: v[None] for k, v in item.items()})
+        hz = voice.config.sample_rate
+        spoken = max(audio_length(audio[0], hz) / hz, 1e-3)
+        curve = measure_curve(functools.partial(run_batch_of, voice, item), sizes, iterations)
+        self.voice_costs[name] = tuple((b, s / spoken) for b, s in curve.points)
+        return self.voice_costs[name]
 
     def _load_registered_voices(self, only: str = "") -> list[str]:
         """Loads the registered voices (``only``: that one) this worker does not have yet;

@@ -22,11 +22,10 @@ import numpy as np
 
 from avatarfarm.domain import HOST_TTS, Stage
 from avatarfarm.latency import LatencyCurve
-from workers.device.pipeline import AUDIO_TO_MOTION_KEY, LIPSYNC_KEY, Pipeline, to_canvas
+from workers.device.pipeline import AUDIO_TO_MOTION_KEY, LIPSYNC_KEY, VOICE_SAMPLE, Pipeline, to_canvas
 from workers.device.timing import batch_sizes, measure_curve, median_seconds, run_batch_of
 from workers.media.audio import MEL_WINDOW, N_MELS, SAMPLE_RATE
 from workers.media.motion import MOTION_DIM
-from workers.media.piper import audio_length
 from workers.models.folder import DEFAULT_AVATAR
 from workers.output.encode import EncoderSettings, encoder_options
 
@@ -79,21 +78,15 @@ def measure(pipeline: Pipeline, render_sides: list[int], encode_sizes: list[tupl
         face_profile = pipeline.face_profile(key)
         if face_profile is not None:
             out.append(LatencyProfile(Stage.FACE, face_profile[0], key.side, key.side, face_profile[1]))
-    text = "Welcome to the live room, today we have three new offers for you."
-    speech = pipeline.synthesize_sync(text)
-    tts = median_seconds(lambda: pipeline.synthesize_sync(text), max(1, iterations // 2))
+    speech = pipeline.synthesize_sync(VOICE_SAMPLE)
+    tts = median_seconds(lambda: pipeline.synthesize_sync(VOICE_SAMPLE), max(1, iterations // 2))
     out.append(LatencyProfile(Stage.TTS, HOST_TTS, 0, 0,
                               ((1, tts / max(speech.value.size / SAMPLE_RATE, 1e-3)),)))
-    for name, voice in pipeline.voices.items():
-        # Device seconds per second of speech, a clause per item, at the batch sizes rooms'
-        # sentences share (a batch of long items is dear: up to 4 are timed).
-        item = voice.item(pipeline.voice_ids(voice, text)[0])
-        (audio,), _ = voice.run({k: v[None] for k, v in item.items()})
-        hz = voice.config.sample_rate
-        spoken = max(audio_length(audio[0], hz) / hz, 1e-3)
-        curve = measure_curve(functools.partial(run_batch_of, voice, item),
-                              batch_sizes(min(max_batch, 4)), max(1, iterations // 2))
-        out.append(LatencyProfile(Stage.TTS, name, 0, 0, tuple((b, s / spoken) for b, s in curve.points)))
+    for name in pipeline.voices:
+        # Device seconds per second of speech at the batch sizes rooms' sentences share (a
+        # batch of long items is dear: up to 4 are timed).
+        points = pipeline.measure_voice(name, batch_sizes(min(max_batch, 4)), max(1, iterations // 2))
+        out.append(LatencyProfile(Stage.TTS, name, 0, 0, points))
     sample_frame: np.ndarray | None = None
     for side in render_sides:
         avatar = pipeline.avatar_tensor_sync(avatar_id, side)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -230,3 +231,36 @@ def test_an_avatars_speaking_rate_sets_a_neural_voices_pace(voiced: Pipeline) ->
     # Each pace is its own batch key: a call's items share its scales.
     paces = {k.model for k in voiced.engine.keys() if k.model.startswith(f"voice-{VOICE}")}
     assert paces == {f"voice-{VOICE}", f"voice-{VOICE}x1.50", f"voice-{VOICE}x0.50"}
+
+
+def test_a_voice_loaded_after_start_is_reported_to_the_scheduler_once(model_dir: Path, tmp_path: Path) -> None:
+    from avatarfarm.v1 import workers_pb2
+    from avatarfarm.voices import registered_voices
+    from workers.agent.agent import WorkerAgent
+    from workers.rooms.room import Pacing
+
+    root = tmp_path / "models"
+    shutil.copytree(model_dir, root)
+    pipeline = Pipeline(ModelFolder.open(root), ProviderChoice.CPU, 1)
+
+    def voices(profiles: typing.Iterable[workers_pb2.LatencyProfile]) -> list[str]:
+        return [p.model for p in profiles if p.stage == workers_pb2.STAGE_TTS]
+
+    async def body() -> tuple[list[str], list[str], list[str]]:
+        agent = WorkerAgent("w1", "127.0.0.1:1", pipeline, [], "127.0.0.1:1", "cpu", tmp_path,
+                            pacing=Pacing.FAST)
+        try:
+            write_voice(registered_voices(root / "avatars"), "later", "tiny")
+            assert pipeline.voice_refusal("later") is None  # a room named it
+            sent = [p for m in agent.tick() if m.WhichOneof("kind") == "profile_update"
+                    for p in m.profile_update.profiles]
+            again = [p for m in agent.tick() if m.WhichOneof("kind") == "profile_update"
+                     for p in m.profile_update.profiles]
+            reg = agent.register().register
+            return voices(sent), voices(again), voices(reg.profiles)
+        finally:
+            await agent.shutdown()
+            pipeline.close()
+
+    sent, again, registered = asyncio.run(body())
+    assert sent == ["later"] and again == [] and registered == ["later"]
