@@ -14,10 +14,13 @@ it.
 
     from loadtests.packing_sim import compare
     print(compare(trace, workers))      # the load test calls this with its trace
+
+    python loadtests/packing_sim.py --day all   # every day shape of loadtests/trace.py
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import heapq
 import sys
@@ -32,13 +35,16 @@ if str(ROOT) not in sys.path:
 
 from avatarfarm.domain import DriveMode, Quality, Stage, Tier  # noqa: E402
 from scheduler.policy.placement import (  # noqa: E402
+    ConsolidationConfig,
     Fleet,
     MemoryProfile,
+    MoveBudget,
     RoomReq,
     StageCost,
     Strategy,
     WorkerProfile,
     WorkerState,
+    consolidation_moves,
 )
 
 _STAGES = {"render": Stage.RENDER, "encode": Stage.ENCODE,
@@ -55,6 +61,7 @@ class StrategyCost:
     unplaced: int
     peak_busy_workers: int
     mean_gpu_utilisation: float  # of busy workers, time-weighted
+    moves: int = 0  # rooms moved by consolidation
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +81,9 @@ class CostComparison:
                 f"({r.cost_per_stream_hour / self.lower_bound:.2f}x the bound), "
                 f"{r.busy_worker_hours:.0f} busy worker-h for {r.stream_hours:.0f} stream-h, "
                 f"peak {r.peak_busy_workers} busy workers, GPU utilisation of busy workers "
-                f"{r.mean_gpu_utilisation:.0%}, unplaced {r.unplaced}")
+                f"{r.mean_gpu_utilisation:.0%}, unplaced {r.unplaced}"
+                + (f", {r.moves} moves ({r.moves / r.stream_hours * 4:.2f} per room per 4 h)"
+                   if r.strategy.endswith("consolidate") else ""))
         return "\n".join(lines)
 
 
@@ -116,7 +125,10 @@ def _shares(req: RoomReq, w: WorkerState) -> float:
 
 
 def simulate(trace: Sequence[Any], workers: Sequence[Any], strategy: Strategy,
-             memory: MemoryProfile | None = None) -> StrategyCost:
+             memory: MemoryProfile | None = None, consolidate: ConsolidationConfig | None = None,
+             interval: float = 300.0) -> StrategyCost:
+    """One strategy over the trace; with ``consolidate``, under-filled workers are emptied
+    into fuller ones every ``interval`` simulated seconds (rooms moved at once)."""
     fleet = Fleet(TARGET, strategy=strategy)
     price = {w.worker_id: w.price_per_hour for w in workers}
     for spec in workers:
@@ -124,6 +136,11 @@ def simulate(trace: Sequence[Any], workers: Sequence[Any], strategy: Strategy,
     events: list[tuple[float, int, int]] = []  # (time, 0 = end before 1 = arrival, index)
     for i, r in enumerate(trace):
         heapq.heappush(events, (r.arrival_s, 1, i))
+    if consolidate is not None and trace:
+        heapq.heappush(events, (trace[0].arrival_s + interval, 2, -1))
+    budget = MoveBudget()
+    moves = 0
+    history: collections.deque[tuple[float, float]] = collections.deque()  # (time, fleet load)
     placed: dict[str, str] = {}
     busy_cost = busy_secs = stream_secs = util_secs = 0.0
     unplaced = peak = 0
@@ -139,6 +156,23 @@ def simulate(trace: Sequence[Any], workers: Sequence[Any], strategy: Strategy,
             stream_secs += len(placed) * dt
             util_secs += fleet.load_total * dt  # capacity is 1.0 per worker
             last = t
+        if kind == 2:
+            assert consolidate is not None
+            while history and history[0][0] < t - consolidate.window_seconds:
+                history.popleft()
+            peak_load = max((x for _, x in history), default=fleet.load_total)
+            for m in consolidation_moves(fleet, t, budget, consolidate, recent_peak=peak_load):
+                req = fleet.room(m.session_id)
+                assert req is not None
+                fleet.assign(req, m.target)
+                placed[m.session_id] = m.target
+                if not fleet.workers[m.source].rooms:
+                    busy_price -= price[m.source]
+                budget.spend((m,), t)
+                moves += 1
+            if any(e[1] != 2 for e in events):
+                heapq.heappush(events, (t + interval, 2, -1))
+            continue
         room = trace[i]
         if kind == 1:
             req = room_req(room, i)
@@ -153,14 +187,17 @@ def simulate(trace: Sequence[Any], workers: Sequence[Any], strategy: Strategy,
             placed[room.room_id] = wid
             heapq.heappush(events, (room.arrival_s + room.duration_s, 0, i))
             peak = max(peak, fleet.busy_workers)
+            history.append((t, fleet.load_total))
         else:
             wid = placed.pop(room.room_id)
             fleet.release(room.room_id)
+            budget.forget(room.room_id)
             if not fleet.workers[wid].rooms:
                 busy_price -= price[wid]
     hours = stream_secs / 3600.0
-    return StrategyCost(strategy.value, busy_cost / hours if hours else 0.0, busy_secs / 3600.0,
-                        hours, unplaced, peak, util_secs / busy_secs if busy_secs else 0.0)
+    name = strategy.value + ("+consolidate" if consolidate is not None else "")
+    return StrategyCost(name, busy_cost / hours if hours else 0.0, busy_secs / 3600.0,
+                        hours, unplaced, peak, util_secs / busy_secs if busy_secs else 0.0, moves)
 
 
 def lower_bound(trace: Sequence[Any], workers: Sequence[Any]) -> float:
@@ -208,7 +245,44 @@ def lower_bound(trace: Sequence[Any], workers: Sequence[Any]) -> float:
 
 def compare(trace: Sequence[Any], workers: Sequence[Any],
             memory: MemoryProfile | None = None) -> CostComparison:
-    """Each strategy on the same trace and fleet (rooms that fit nowhere are not placed)."""
-    results = tuple(simulate(trace, workers, s, memory)
-                    for s in (Strategy.PACK, Strategy.LEAST_LOADED, Strategy.ROUND_ROBIN))
+    """Each strategy on the same trace and fleet (rooms that fit nowhere are not placed),
+    packing also with consolidation."""
+    results = (simulate(trace, workers, Strategy.PACK, memory, ConsolidationConfig()),
+               *(simulate(trace, workers, s, memory)
+                 for s in (Strategy.PACK, Strategy.LEAST_LOADED, Strategy.ROUND_ROBIN)))
     return CostComparison(lower_bound(trace, workers), results)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import random
+    import time
+
+    from loadtests.trace import DAYS, make_day, make_tenants
+    from loadtests.worker_specs import make_workers
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--day", default="all", help=f"day shape: {', '.join(DAYS)} or all (default)")
+    ap.add_argument("--peak-rooms", type=int, default=2000, help="rooms live at the day's peak")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="workers in the fleet (default: enough for the peak, twice over)")
+    ap.add_argument("--l4-share", type=float, default=0.1, help="fraction of L4 workers")
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args(argv)
+    names = list(DAYS) if args.day == "all" else [args.day]
+    for name in names:
+        shape = DAYS[name]
+        tenants = make_tenants(shape=shape)
+        trace = make_day(args.peak_rooms, tenants, args.seed, shape)
+        avatars = sorted({a for t in tenants for a in t.avatars})
+        n = args.workers or max(10, args.peak_rooms // 5)
+        workers = make_workers(n, args.l4_share, avatars, random.Random(args.seed))
+        t0 = time.perf_counter()
+        result = compare(trace, workers)
+        print(f"== {name}: {shape.description} ({len(trace)} rooms, {n} workers, "
+              f"{time.perf_counter() - t0:.0f} s)")
+        print(result, flush=True)
+
+
+if __name__ == "__main__":
+    main()

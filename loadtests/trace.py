@@ -79,11 +79,59 @@ KINDS = {
 STAY_THROUGH_PEAK = {"ka": 0.85, "saas": 0.9, "best_effort": 0.5}
 
 
-def diurnal_rate(hour: float) -> float:
-    for (h0, r0), (h1, r1) in itertools.pairwise(DIURNAL):
+@dataclass(frozen=True, slots=True)
+class DayShape:
+    """What a day of traffic looks like: when rooms arrive, how long they stay, what they
+    are and who opens them. The packing and autoscaling simulators report every shape
+    (`DAYS`), so a policy is not tuned to one day."""
+
+    name: str
+    description: str
+    diurnal: tuple[tuple[float, float], ...] = DIURNAL
+    kinds: dict[str, tuple[float, dict[str, float], dict[tuple[int, int, int], float],
+                           dict[str, float], int]] = dataclasses.field(default_factory=lambda: KINDS)
+    stay_through_peak: dict[str, float] = dataclasses.field(default_factory=lambda: STAY_THROUGH_PEAK)
+    show_hours: tuple[float, float] = (1.0, 4.0)  # a show that does not stay through the peak
+    tenants: tuple[int, int, int] = (3, 20, 4)  # KA brands, SaaS vendors, best-effort tenants
+    vendor_skew: float = 0.8  # Zipf exponent of rooms over a kind's tenants
+    big_vendor_share: float = 0.0  # > 0: the first SaaS vendor opens this share of SaaS rooms
+
+
+def _with(kind: str, **changes: Any) -> tuple[Any, ...]:
+    share, tiers, qualities, drives, per = KINDS[kind]
+    values = {"share": share, "tiers": tiers, "qualities": qualities, "drives": drives, "per": per,
+              **changes}
+    return (values["share"], values["tiers"], values["qualities"], values["drives"], values["per"])
+
+
+DAYS = {d.name: d for d in (
+    DayShape("default", "the load test's day: most rooms stay on through the evening peak"),
+    DayShape("long-shows", "2-6 h shows through the afternoon and evening, few rooms all day",
+             stay_through_peak={"ka": 0.1, "saas": 0.15, "best_effort": 0.05}, show_hours=(2.0, 6.0),
+             diurnal=((0, 0.1), (6, 0.1), (10, 1.0), (13, 2.0), (16, 2.5), (19, 3.0), (21, 1.5),
+                      (23, 0.3), (24, 0.1))),
+    DayShape("premium-1080p", "brands' day: a third of the rooms premium, most at 1080p or 720p",
+             kinds={"ka": _with("ka", share=0.35, qualities={(1080, 1920, 25): 0.45, (1920, 1080, 30): 0.25,
+                                                            (720, 1280, 25): 0.30}),
+                    "saas": _with("saas", share=0.6, qualities={(1080, 1920, 25): 0.3, (720, 1280, 25): 0.5,
+                                                               (540, 960, 25): 0.2}),
+                    "best_effort": _with("best_effort", share=0.05)},
+             tenants=(8, 12, 2)),
+    DayShape("flash-sale", "a flash sale: arrivals ten times the evening rate for half an hour at "
+                           "20:00, short rooms that leave within two hours",
+             diurnal=((0, 0.2), (8, 0.4), (12, 0.8), (19.9, 1.0), (20.0, 25.0), (20.5, 25.0),
+                      (20.6, 1.0), (24, 0.3)),
+             stay_through_peak={"ka": 0.2, "saas": 0.2, "best_effort": 0.1}, show_hours=(0.5, 2.0)),
+    DayShape("one-vendor", "one SaaS vendor opens 70% of the SaaS rooms, the rest spread thin",
+             big_vendor_share=0.7, tenants=(2, 30, 3)),
+)}
+
+
+def diurnal_rate(hour: float, diurnal: Sequence[tuple[float, float]] = DIURNAL) -> float:
+    for (h0, r0), (h1, r1) in itertools.pairwise(diurnal):
         if h0 <= hour <= h1:
-            return r0 + (r1 - r0) * (hour - h0) / (h1 - h0)
-    return DIURNAL[-1][1]
+            return r0 + (r1 - r0) * (hour - h0) / (h1 - h0) if h1 > h0 else r1
+    return diurnal[-1][1]
 
 
 def _pick(rng: random.Random, weights: dict[Any, float]) -> Any:
@@ -91,10 +139,14 @@ def _pick(rng: random.Random, weights: dict[Any, float]) -> Any:
     return rng.choices(keys, weights=[weights[k] for k in keys])[0]
 
 
-def make_tenants(n_ka: int = 3, n_saas: int = 20, n_be: int = 4) -> list[Tenant]:
+def make_tenants(n_ka: int = 3, n_saas: int = 20, n_be: int = 4,
+                 shape: DayShape | None = None) -> list[Tenant]:
+    if shape is not None:
+        n_ka, n_saas, n_be = shape.tenants
+    kinds = shape.kinds if shape is not None else KINDS
     out = []
     for kind, n, prefix in (("ka", n_ka, "ka-brand"), ("saas", n_saas, "saas"), ("best_effort", n_be, "be")):
-        per = KINDS[kind][4]
+        per = kinds[kind][4]
         for i in range(1, n + 1):
             name = f"{prefix}-{i}"
             out.append(Tenant(name, kind, avatars=tuple(f"{name}-host-{j}" for j in range(1, per + 1)),
@@ -102,11 +154,14 @@ def make_tenants(n_ka: int = 3, n_saas: int = 20, n_be: int = 4) -> list[Tenant]
     return out
 
 
-def make_trace(n: int, tenants: Sequence[Tenant], rng: random.Random) -> list[Room]:
+def make_trace(n: int, tenants: Sequence[Tenant], rng: random.Random,
+               shape: DayShape = DAYS["default"]) -> list[Room]:
+    kinds = shape.kinds
     grid = [i * 0.01 for i in range(2401)]
     cdf = [0.0]
     for a, b in itertools.pairwise(grid):
-        cdf.append(cdf[-1] + (diurnal_rate(a) + diurnal_rate(b)) / 2 * (b - a))
+        cdf.append(cdf[-1] + (diurnal_rate(a, shape.diurnal) + diurnal_rate(b, shape.diurnal))
+                   / 2 * (b - a))
     by_kind: dict[str, list[Tenant]] = collections.defaultdict(list)
     for t in tenants:
         by_kind[t.kind].append(t)
@@ -115,29 +170,34 @@ def make_trace(n: int, tenants: Sequence[Tenant], rng: random.Random) -> list[Ro
         u = rng.random() * cdf[-1]
         j = min(bisect.bisect_left(cdf, u), len(grid) - 1)
         hour = max(0.0, grid[j] - 0.01 * rng.random())
-        kind = _pick(rng, {k: v[0] for k, v in KINDS.items() if by_kind[k]})
-        _, tiers, qualities, drives, _ = KINDS[kind]
+        kind = _pick(rng, {k: v[0] for k, v in kinds.items() if by_kind[k]})
+        _, tiers, qualities, drives, _ = kinds[kind]
         ts = by_kind[kind]
-        # Vendors are not equal: a few large ones carry most rooms (Zipf-like).
-        tenant = rng.choices(ts, weights=[1 / (k + 1) ** 0.8 for k in range(len(ts))])[0]
+        # Vendors are not equal: a few large ones carry most rooms (Zipf-like), or one
+        # vendor carries most of its kind's.
+        if kind == "saas" and shape.big_vendor_share and rng.random() < shape.big_vendor_share:
+            tenant = ts[0]
+        else:
+            tenant = rng.choices(ts, weights=[1 / (k + 1) ** shape.vendor_skew for k in range(len(ts))])[0]
         tier = _pick(rng, tiers)
-        # Most rooms go live during the day and stay on through the evening peak (unattended
-        # merchant rooms, brands' evening shows); the rest are 1-4 h shows.
-        if rng.random() < STAY_THROUGH_PEAK[kind]:
+        # Rooms that go live during the day and stay on through the evening peak (unattended
+        # merchant rooms, brands' evening shows); the rest are shows of show_hours.
+        if rng.random() < shape.stay_through_peak[kind]:
             dur_h = max(1.0, rng.uniform(22.0, 25.5) - hour)
         else:
-            dur_h = rng.uniform(1.0, 4.0)
+            dur_h = rng.uniform(*shape.show_hours)
         rooms.append(Room(f"r{i:05d}", hour * HOUR, dur_h * HOUR, tenant.name, tier,
                           _pick(rng, qualities), _pick(rng, drives), rng.choice(tenant.avatars)))
     rooms.sort(key=lambda r: r.arrival_s)
     return rooms
 
 
-def make_day(peak_rooms: int, tenants: Sequence[Tenant], seed: int) -> list[Room]:
-    """A trace whose evening peak has about `peak_rooms` rooms live (more arrive over the day)."""
+def make_day(peak_rooms: int, tenants: Sequence[Tenant], seed: int,
+             shape: DayShape = DAYS["default"]) -> list[Room]:
+    """A trace whose peak has about `peak_rooms` rooms live (more arrive over the day)."""
     n = peak_rooms
-    for _ in range(4):
-        trace = make_trace(n, tenants, random.Random(seed))
+    for _ in range(6):
+        trace = make_trace(n, tenants, random.Random(seed), shape)
         _, peak = peak_of(trace)
         if abs(peak - peak_rooms) <= max(1, peak_rooms // 500):
             break

@@ -1,6 +1,6 @@
 """The load tests themselves: the packing simulator behind the load test's cost
-figures (on a small day of the trace, the bound is below every strategy and packing
-beats the baselines), a tiny run of the scheduler load test (every phase against the
+figures (on a small day of the trace, the bound is below every strategy, packing
+beats the baselines and consolidation beats packing alone), a tiny run of the scheduler load test (every phase against the
 real scheduler), a short run of the chaos load test, the autoscaling simulator, and a
 short run of the camera rooms' benchmark."""
 
@@ -30,6 +30,10 @@ def test_packing_beats_the_baselines_and_stays_above_the_bound() -> None:
     assert 0 < result.lower_bound <= pack
     assert pack < least and pack < rr
     assert result.by("pack").unplaced <= result.by("least_loaded").unplaced
+    # Consolidation after the peak costs less than packing alone, within the move budget.
+    consolidated = result.by("pack+consolidate")
+    assert result.lower_bound <= consolidated.cost_per_stream_hour < pack
+    assert 0 < consolidated.moves / consolidated.stream_hours * 4 < 1  # moves per room per 4 h
     assert "lower bound" in str(result)
 
 

@@ -30,9 +30,16 @@ Reclaiming capacity for a room that must run is `Fleet.reclaim` (`reclaim.py`).
 
 Modules: `costs` (what a worker measured), `worker` (one worker's state and a
 room's demand on it), `fleet` (all workers, indexed, and the strategies),
-`reclaim` (making room for a guaranteed room). Everything is importable from here.
+`reclaim` (making room for a guaranteed room), `consolidate` (emptying under-filled
+workers after the peak). Everything is importable from here.
 """
 
+from scheduler.policy.placement.consolidate import (
+    ConsolidationConfig,
+    Move,
+    MoveBudget,
+    consolidation_moves,
+)
 from scheduler.policy.placement.costs import (
     MAX_BATCH,
     UNIT_MODE,
@@ -49,7 +56,8 @@ from scheduler.policy.placement.reclaim import Action, ActionKind, Reclaim
 from scheduler.policy.placement.worker import Demand, GroupKey, RoomReq, WorkerState
 
 __all__ = [
-    "MAX_BATCH", "UNIT_MODE", "UNIT_QUALITY", "Action", "ActionKind", "Choice", "Demand", "Fleet",
-    "GroupKey", "MemoryProfile", "Reclaim", "RoomReq", "Rungs", "StageCost", "Strategy",
-    "WorkerProfile", "WorkerState", "item_seconds", "nominal_units", "per_item_table",
+    "MAX_BATCH", "UNIT_MODE", "UNIT_QUALITY", "Action", "ActionKind", "Choice", "ConsolidationConfig",
+    "Demand", "Fleet", "GroupKey", "MemoryProfile", "Move", "MoveBudget", "Reclaim", "RoomReq", "Rungs",
+    "StageCost", "Strategy",
+    "WorkerProfile", "WorkerState", "consolidation_moves", "item_seconds", "nominal_units", "per_item_table",
 ]
