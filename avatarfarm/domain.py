@@ -330,7 +330,9 @@ class RtmpUrl:
     address: IPAddress | None
 
 
-def _ip_literal(host: str) -> IPAddress | None:
+def ip_literal(host: str) -> IPAddress | None:
+    """The address a host names when it is an IP address in any form the system resolver
+    reads as one (None: a host name)."""
     try:
         return ipaddress.ip_address(host.replace("%25", "%"))
     except ValueError:
@@ -362,7 +364,7 @@ def parse_rtmp_url(url: str, limits: Limits = LIMITS) -> RtmpUrl:
     path = m["path"]
     if not path.strip("/"):
         raise InvalidRequest(f"rtmp_url {url[:200]!r} names no application (rtmp://host/app/key)")
-    address = _ip_literal(host)
+    address = ip_literal(host)
     if m["host"].startswith("[") and not isinstance(address, ipaddress.IPv6Address):
         raise InvalidRequest(f"rtmp_url host {m['host']!r} is not an IPv6 address")
     return RtmpUrl(scheme, host, port, path, address)

@@ -24,10 +24,11 @@ import asyncio
 import ipaddress
 import re
 import socket
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from avatarfarm.domain import IPAddress, Output, OutputKind, RtmpUrl, parse_rtmp_url
+from avatarfarm.domain import IPAddress, Output, OutputKind, RtmpUrl, ip_literal, parse_rtmp_url
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -232,6 +233,24 @@ async def check_resolved(policy: EgressPolicy, url: str, *, timeout: float = 2.0
         raise UnresolvedTarget(f"rtmp_url host {target.host!r} does not resolve: {e}") from e
     policy.check_addresses(target, addresses)
     return tuple(addresses)
+
+
+def check_service_url(policy: EgressPolicy, url: str) -> None:
+    """A TTS service's address a tenant registered (workers will POST to it): refused
+    (ForbiddenTarget) where its host is one no output may reach, built in or configured
+    (the metadata services, link-local ranges; an operator's forbidden hosts). The allow
+    list, made for RTMP ingests, does not apply."""
+    parts = urllib.parse.urlsplit(url)
+    host = (parts.hostname or "").rstrip(".").lower()
+    if not host:
+        raise ForbiddenTarget(f"service url {url[:100]!r} names no host")
+    address = ip_literal(host)
+    if address is None and _name_matches(host, BUILTIN_FORBIDDEN_NAMES + policy.forbidden_names):
+        raise ForbiddenTarget(f"service url host {host!r} is forbidden")
+    for view in _views(address) if address is not None else ():
+        if any(view in net for net in BUILTIN_FORBIDDEN_NETWORKS + policy.forbidden_networks
+               if net.version == view.version):
+            raise ForbiddenTarget(f"service url host {host} is in a forbidden address range")
 
 
 def pinned_url(url: str, address: IPAddress) -> str:

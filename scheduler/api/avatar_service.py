@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable
@@ -37,6 +38,7 @@ import grpc
 from avatarfarm import convert, images, voices
 from avatarfarm.avatars import BUNDLES, bundle_of, install_bundle_pointer, stage_bundle_pointer
 from avatarfarm.domain import InvalidRequest, validate_id, validate_voice
+from avatarfarm.egress import ForbiddenTarget, check_service_url
 from avatarfarm.preparation.bundle import Bundle, VideoLimits
 from avatarfarm.preparation.bundle import prepare as prepare_bundle
 from avatarfarm.preparation.faces import FaceDetector, PreparationError, load_detector
@@ -74,7 +76,8 @@ _STATUS: dict[type[Exception], grpc.StatusCode] = {**service.ERROR_STATUS,
            UploadTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
            StorageUnavailable: grpc.StatusCode.UNAVAILABLE,
            voices.VoiceError: grpc.StatusCode.INVALID_ARGUMENT,
-           voices.ServiceConfigError: grpc.StatusCode.INVALID_ARGUMENT}
+           voices.ServiceConfigError: grpc.StatusCode.INVALID_ARGUMENT,
+           ForbiddenTarget: grpc.StatusCode.PERMISSION_DENIED}
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 USAGE_BY = (Dimension.AVATAR, Dimension.VOICE, Dimension.PLATFORM, Dimension.TENANT)
@@ -402,6 +405,7 @@ class AvatarService(avatars_pb2_grpc.AvatarServiceServicer):
         else:
             service = request.service_config.encode()
             kind, digest = VoiceKind.SERVICE, hashlib.sha256(service).hexdigest()
+            await _guard(context, lambda: self._check_service(request.service_config))
 
             def stage() -> list[tuple[Path, Path]]:
                 return voices.stage_service(avatar_dir, voice_id, service)
@@ -412,6 +416,15 @@ class AvatarService(avatars_pb2_grpc.AvatarServiceServicer):
         log.info("%s voice %s registered for tenant %s by %s (sha256 %s)", kind.value, voice_id,
                  tenant, p, digest[:16])
         return voice_to_pb(v)
+
+    def _check_service(self, config: str) -> None:
+        """Workers will POST to the service: never to a host no output may reach."""
+        try:
+            url = json.loads(config).get("url", "")
+        except (ValueError, AttributeError):
+            return  # not a config: the voice's own check says why
+        if isinstance(url, str) and url:
+            check_service_url(self.core.egress, url)
 
     async def _register_voice(self, draft: RegisteredVoice,
                               stage: Callable[[], list[tuple[Path, Path]]]) -> RegisteredVoice:

@@ -123,6 +123,11 @@ def test_voices_that_are_not_voices_are_refused_and_nothing_is_stored(
             for service, why in ((json.dumps({"url": "ftp://x"}), "http"), ("not json", "JSON")):
                 await refused(f.avatars.RegisterVoice(voice_registration(service=service)),
                                     grpc.StatusCode.INVALID_ARGUMENT, why)
+            # Workers will POST to a service voice's url: never to the metadata service.
+            for url in ("http://169.254.169.254/latest/meta-data", "http://metadata.google.internal/x",
+                        "http://[fe80::1]:80/tts", "http://2852039166/tts"):
+                await refused(f.avatars.RegisterVoice(voice_registration(service=json.dumps({"url": url}))),
+                              grpc.StatusCode.PERMISSION_DENIED, "forbidden")
             voices = f.avatar_dir / "voices"
             assert not voices.exists() or list(voices.iterdir()) == []
             assert (await f.avatars.ListVoices(avatars_pb2.ListVoicesRequest())).voices == []
