@@ -94,8 +94,10 @@ class WorkerProfile:
         measured = [c for c in self.costs if c.stage is stage]
         if stage is Stage.TTS:
             # A neural voice's (``model`` the voice, device seconds), else espeak-ng's
-            # (host seconds): never one for the other.
-            measured = [c for c in measured if c.model == model or (not model and c.model == HOST_TTS)]
+            # (host seconds): never one for the other. A worker that names its host TTS
+            # otherwise (one that predates neural voices) has it as its only TTS cost.
+            named = [c for c in measured if c.model == model or (not model and c.model == HOST_TTS)]
+            measured = named if named or model else measured
         if stage is Stage.FACE and model:
             own = [c for c in measured if c.serves(model)]
             if not own and measured:

@@ -436,3 +436,11 @@ def test_reclaim_never_touches_premium_and_takes_no_action_it_does_not_need(room
     assert fits(list(plan.actions))
     for a in plan.actions:  # minimal: no single action can be left out
         assert not fits([x for x in plan.actions if x is not a])
+
+
+def test_a_worker_that_names_its_host_tts_otherwise_still_runs_text_rooms() -> None:
+    own = StageCost(Stage.TTS, 0, 0, 0.004, model="sim-tts")  # no espeak-ng, no voices
+    p = WorkerProfile((*(c for c in make_profile().costs if c.stage is not Stage.TTS), own))
+    assert p.stage_seconds(Stage.TTS) == pytest.approx(0.004)
+    assert make_worker(profile=p).demand(make_room()) is not None
+    assert p.cost(Stage.TTS, model="joe") is None  # a neural voice it never measured
