@@ -40,7 +40,15 @@ if str(ROOT) not in sys.path:
 from avatarfarm.domain import DriveMode, Output, OutputKind, Quality, SessionSpec, SessionState, Tier  # noqa: E402
 from loadtests.measure import pct  # noqa: E402
 from loadtests.packing_sim import _shares, room_req, worker_state  # noqa: E402
-from loadtests.trace import PNG_1X1, Room, make_day, make_tenants, with_reservations  # noqa: E402
+from loadtests.trace import (  # noqa: E402
+    DAYS,
+    PNG_1X1,
+    DayShape,
+    Room,
+    make_day,
+    make_tenants,
+    with_reservations,
+)
 from loadtests.worker_specs import make_workers  # noqa: E402
 from scheduler.autoscale.controller import AutoscalingController  # noqa: E402
 from scheduler.autoscale.provisioners import Instance, PoolConfig, ProvisionerKind  # noqa: E402
@@ -133,10 +141,10 @@ def spec_of(room: Room, rtmp_share: float, rng: random.Random) -> SessionSpec:
 
 def run(peak_rooms: int, hours: float, boot_seconds: float, interval: float, dt: float,
         seed: int, rtmp_share: float, window: float, home: Path,
-        log_every: float = 3600.0) -> Result:
+        log_every: float = 3600.0, shape: DayShape = DAYS["default"]) -> Result:
     rng = random.Random(seed)
-    tenants = make_tenants()
-    trace = [r for r in make_day(peak_rooms, tenants, seed) if r.arrival_s < hours * 3600]
+    tenants = make_tenants(shape=shape)
+    trace = [r for r in make_day(peak_rooms, tenants, seed, shape) if r.arrival_s < hours * 3600]
     (ref,) = make_workers(1, 0.0, ["a"], rng)
     tenants = with_reservations(tenants, trace, ref, budgets=False)
     avatars = home / "avatars"
@@ -298,13 +306,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rtmp-share", type=float, default=0.3,
                     help="share of rooms pushed over RTMP (handed over by stop-then-start)")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--day", default="default",
+                    help=f"day shape: {', '.join(DAYS)}, or all (each in turn)")
+    ap.add_argument("--log-every", type=float, default=3600.0,
+                    help="simulated seconds between progress lines (0: none)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)  # the scheduler's per-worker logs: thousands a day
+    code = 0
+    for name in list(DAYS) if args.day == "all" else [args.day]:
+        code |= _run_day(args, DAYS[name])
+    return code
+
+
+def _run_day(args: argparse.Namespace, shape: DayShape) -> int:
+    print(f"== {shape.name}: {shape.description}")
     print(f"autoscaling: {args.peak_rooms} rooms at the peak, {args.hours:g} h, boot "
           f"{args.boot_seconds:g} s, decisions every {args.interval:g} s, window {args.window:g} s")
     with tempfile.TemporaryDirectory() as tmp:
         r = run(args.peak_rooms, args.hours, args.boot_seconds, args.interval, args.step,
-                args.seed, args.rtmp_share, args.window, Path(tmp))
+                args.seed, args.rtmp_share, args.window, Path(tmp),
+                log_every=args.log_every or math.inf, shape=shape)
     ratio = r.worker_seconds / r.minimum_seconds if r.minimum_seconds else float("nan")
     print(f"rooms                {r.rooms} (failed {r.failed})")
     print(f"pending time         p50 {pct(r.pending, 0.5):.1f} s   p99 {pct(r.pending, 0.99):.1f} s   "

@@ -10,7 +10,9 @@ calls itself, at simulated time.
 
 Which workers leave: booting ones first (nothing to hand over), then the ready
 workers with the fewest rooms, in the order the provisioner can remove them (a
-StatefulSet only its highest ordinals). A worker being drained counts as gone for
+StatefulSet only its highest ordinals), and only those whose rooms the other workers
+can take now (`placement.drainable`): a drain whose rooms found no worker by its
+deadline would take them off the air. A worker being drained counts as gone for
 the policy but stays in the engine's replica count until it is removed.
 """
 
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 
 from scheduler.autoscale.provisioners import Instance, Provisioner, ProvisionerKind
 from scheduler.core import Scheduler
+from scheduler.policy import placement
 from scheduler.policy.autoscaler import Autoscaler, AutoscalerConfig, PoolDecision, PoolSignals, Signals
 from scheduler.state.snapshot import ClusterSnapshot
 
@@ -142,7 +145,7 @@ class AutoscalingController:
             pools[name] = PoolSignals(ready=ready[name], booting=self._booting(name, cluster),
                                       load_units=load[name], units_per_worker=per,
                                       reserved_units=reserved if i == 0 else 0.0)
-        return Signals(cluster.waiting.units, pools)
+        return Signals(cluster.waiting.units, pools, cluster.waiting.stuck_units)
 
     def _unregistered(self, p: _Pool, now: float, cluster: ClusterSnapshot
                       ) -> tuple[list[str], list[str]]:
@@ -218,6 +221,9 @@ class AutoscalingController:
         preferred = [w.worker_id for w in sorted(candidates, key=lambda w: (len(w.rooms),
                                                                             w.worker_id))]
         order = self.provisioner.removable(pool, preferred) if self.provisioner else preferred
+        # Only workers whose rooms the others can take now: a drain whose rooms find no
+        # worker by its deadline would take them off the air.
+        order = placement.drainable(self.core.fleet, order, n)
         deadline = now + self.config.drain_deadline_seconds
         for wid in order[:n]:
             if self.core.drain_worker(wid, deadline, f"scale-down of pool {pool}"):

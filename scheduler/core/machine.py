@@ -45,7 +45,7 @@ from scheduler.state.avatars import AuditAction, AvatarRegistry, VoiceKind
 from scheduler.state.commit import GroupCommit
 from scheduler.state.metering import Metering
 from scheduler.state.sessions import EventKind, Session, SessionEvent, plus
-from scheduler.state.snapshot import ClusterSnapshot, Waiting, WorkerView
+from scheduler.state.snapshot import STUCK_SECONDS, ClusterSnapshot, Waiting, WorkerView
 from scheduler.state.store import Store
 from scheduler.state.table import SessionTable
 from scheduler.state.worker_conn import ReleaseCmd, WorkerConn
@@ -294,14 +294,17 @@ class SessionMachine:
     def waiting(self) -> Waiting:
         """The rooms waiting for a worker: how many, their compute units, and how many are
         guaranteed by a reservation (a breach of the guarantee while they wait)."""
-        units, guaranteed, n = 0.0, 0, 0
+        units, guaranteed, n, stuck = 0.0, 0, 0, 0.0
+        now = self.clock()
         for sid in self.queue.waiting():
             s = self.sessions.get(sid)
             if s is not None and s.state is SessionState.PENDING:
                 n += 1
                 units += s.units
                 guaranteed += s.guaranteed
-        return Waiting(n, units, guaranteed)
+                if now - self._pending_since.get(sid, now) >= STUCK_SECONDS:
+                    stuck += s.units
+        return Waiting(n, units, guaranteed, stuck)
 
     def kick(self) -> None:
         """Something may have freed capacity: the loop runs a pass over the queue."""

@@ -16,6 +16,11 @@ what premium reservations need nor outside the pool's [min, max].
   then takes demand above the window's peak by that tolerance, so a load that
   only wobbles never makes a pool go down and straight back up.
 
+Rooms that have waited longer than a moment (`Signals.stuck_units`) found no worker
+with room although the units may add up: spare capacity spread over workers in pieces
+too small for them. They get workers of their own: a pool grows to its ready workers
+plus what the stuck rooms need (booting workers count), whatever the units say.
+
 Waiting rooms are shared out over the pools in configuration order (the first
 pool that can still grow takes them), so an operator lists the pool to grow
 first, e.g. the cheapest per unit.
@@ -85,6 +90,9 @@ class PoolSignals:
 class Signals:
     pending_units: float  # rooms waiting for a worker, any pool
     pools: Mapping[str, PoolSignals]
+    # Of those, rooms that found no worker with room for long (spare capacity spread over
+    # workers in pieces too small for them): they get new workers of their own.
+    stuck_units: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +133,8 @@ class Autoscaler:
     def decide(self, signals: Signals, now: float) -> list[PoolDecision]:
         cfg = self.config
         share = _share_pending(cfg.pools, signals, self.units_per_worker)
+        stuck = _share_pending(cfg.pools, Signals(signals.stuck_units, signals.pools),
+                               self.units_per_worker)
         decisions = []
         for name, pool in cfg.pools.items():
             sig = signals.pools.get(name, PoolSignals(0, 0, 0.0, 0.0))
@@ -147,6 +157,13 @@ class Autoscaler:
                 if reserved > raw:
                     raw, why = reserved, f"premium reservations need {sig.reserved_units:.1f} units"
                 keep = max(keep, reserved)
+                fresh = math.ceil(stuck.get(name, 0.0) / per_worker - 1e-9)
+                if fresh and sig.ready + fresh > raw:
+                    # Units spare on paper, in pieces no waiting room fits: the rooms that
+                    # could not be placed need workers of their own (booting ones count).
+                    raw = sig.ready + fresh
+                    why = (f"{stuck.get(name, 0.0):.1f} units of rooms found no worker with "
+                           f"room; {fresh} more worker(s) for them")
             raw = min(max(raw, pool.min_workers), pool.max_workers)
             keep = min(max(keep, pool.min_workers), pool.max_workers)
             stable = self._history[name].add(now, keep, cfg.scale_down_window_seconds)

@@ -19,6 +19,12 @@ class Waiting:
     count: int
     units: float
     guaranteed: int  # rooms guaranteed by a reservation: a breach while they wait
+    # Of the units, those of rooms waiting longer than STUCK_SECONDS: the fleet had its
+    # chance and no worker had room for them (spare capacity spread thin fits no room).
+    stuck_units: float = 0.0
+
+
+STUCK_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)

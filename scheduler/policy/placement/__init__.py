@@ -39,6 +39,7 @@ from scheduler.policy.placement.consolidate import (
     Move,
     MoveBudget,
     consolidation_moves,
+    drainable,
 )
 from scheduler.policy.placement.costs import (
     MAX_BATCH,
@@ -59,5 +60,5 @@ __all__ = [
     "MAX_BATCH", "UNIT_MODE", "UNIT_QUALITY", "Action", "ActionKind", "Choice", "ConsolidationConfig",
     "Demand", "Fleet", "GroupKey", "MemoryProfile", "Move", "MoveBudget", "Reclaim", "RoomReq", "Rungs",
     "StageCost", "Strategy",
-    "WorkerProfile", "WorkerState", "consolidation_moves", "item_seconds", "nominal_units", "per_item_table",
+    "WorkerProfile", "WorkerState", "consolidation_moves", "drainable", "item_seconds", "nominal_units", "per_item_table",
 ]

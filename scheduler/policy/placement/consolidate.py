@@ -118,34 +118,69 @@ def consolidation_moves(fleet: Fleet, now: float, budget: MoveBudget,
             break
         if source.worker_id in targets:
             continue  # it takes rooms this pass
-        rooms = sorted(source.rooms.values(), key=lambda r: -r.quality.render_side)
-        if len(moves) + len(rooms) > left:
+        if len(moves) + len(source.rooms) > left:
             continue
         fuller = sorted((w for w in busy if w.worker_id not in emptied and w.worker_id != source.worker_id
                          and w.utilisation() > source.utilisation()),
                         key=lambda w: -w.utilisation())[:config.max_targets]
-        trial: dict[str, WorkerState] = {}
-        planned: list[Move] = []
-        added = 0.0  # device time the moved rooms take where they go
-        for room in rooms:
-            best: tuple[float, WorkerState] | None = None
-            for w in fuller:
-                t = trial.get(w.worker_id) or targets.get(w.worker_id) or w
-                d = t.demand(room)
-                if d is not None and t.fits(d, fleet.target) and (best is None or d.compute < best[0]):
-                    best = (d.compute, w)
-            if best is None:
-                break  # a room that fits nowhere: the worker is not emptied
-            w = best[1]
-            if w.worker_id not in trial:
-                trial[w.worker_id] = (targets.get(w.worker_id) or w).copy()
-            trial[w.worker_id].add(room)
-            added += best[0]
-            planned.append(Move(room.session_id, source.worker_id, w.worker_id))
-        # Worth it only where the rooms join batches: moved into other shapes' workers
-        # they would cost more device time than the worker frees.
-        if len(planned) == len(rooms) and added <= source.compute_load * (1 + config.max_cost_increase):
+        found = _empty(source, fuller, targets, fleet.target, config.max_cost_increase)
+        if found is not None:
             emptied.add(source.worker_id)
-            targets.update(trial)
-            moves.extend(planned)
+            targets.update(found[1])
+            moves.extend(found[0])
     return moves
+
+
+def _empty(source: WorkerState, others: list[WorkerState], targets: dict[str, WorkerState],
+           utilisation_target: float, max_cost_increase: float,
+           ) -> tuple[list[Move], dict[str, WorkerState]] | None:
+    """Where every room of ``source`` would go among ``others`` (each where it adds the
+    least device time; ``targets`` holds copies of workers already given rooms), and
+    those workers' copies with the rooms added; None if a room fits nowhere or the
+    rooms would take more device time than ``source`` frees (by ``max_cost_increase``)."""
+    trial: dict[str, WorkerState] = {}
+    planned: list[Move] = []
+    added = 0.0
+    for room in sorted(source.rooms.values(), key=lambda r: -r.quality.render_side):
+        best: tuple[float, WorkerState] | None = None
+        for w in others:
+            t = trial.get(w.worker_id) or targets.get(w.worker_id) or w
+            d = t.demand(room)
+            if d is not None and t.fits(d, utilisation_target) and (best is None or d.compute < best[0]):
+                best = (d.compute, w)
+        if best is None:
+            return None  # it fits nowhere: the worker is not emptied
+        w = best[1]
+        if w.worker_id not in trial:
+            trial[w.worker_id] = (targets.get(w.worker_id) or w).copy()
+        trial[w.worker_id].add(room)
+        added += best[0]
+        planned.append(Move(room.session_id, source.worker_id, w.worker_id))
+    # Worth it only where the rooms cost no more where they go than where they are.
+    if added > source.compute_load * (1 + max_cost_increase) + 1e-12:
+        return None
+    return planned, trial
+
+
+def drainable(fleet: Fleet, candidates: list[str], n: int, max_targets: int = 64) -> list[str]:
+    """Up to ``n`` of ``candidates`` (in order) whose rooms all fit on the fleet's other
+    accepting workers together, now: workers to drain without leaving rooms stranded at
+    the drain's deadline (a worker with no room always qualifies)."""
+    chosen: list[str] = []
+    targets: dict[str, WorkerState] = {}
+    for wid in candidates:
+        if len(chosen) >= n:
+            break
+        source = fleet.workers.get(wid)
+        if wid in targets:
+            continue  # rooms of a worker chosen before would go to it
+        if source is None or not source.rooms:
+            chosen.append(wid)
+            continue
+        others = sorted((w for w in fleet.workers.values() if w.accepting and w.worker_id != wid
+                         and w.worker_id not in chosen), key=lambda w: -w.utilisation())[:max_targets]
+        found = _empty(source, others, targets, fleet.target, float("inf"))
+        if found is not None:
+            chosen.append(wid)
+            targets.update(found[1])
+    return chosen

@@ -1,5 +1,6 @@
 """The autoscaler's policy with plain values: fast up, slow down, floors and ceilings,
-pending rooms shared over pools, and no thrash on a noisy load."""
+pending rooms shared over pools, rooms that fit nowhere given workers, and no thrash on a
+noisy load."""
 
 from __future__ import annotations
 
@@ -43,6 +44,18 @@ def test_booting_workers_count_so_a_ramp_is_not_answered_twice() -> None:
     a = make_scaler()
     (d,) = a.decide(Signals(100.0, {"l4": pool(2, 15.0, booting=12)}), 0.0)
     assert d.current == 14 and d.delta == 0
+
+
+def test_rooms_that_fit_nowhere_get_workers_of_their_own_once() -> None:
+    a = make_scaler()
+    # 10 workers carry 60 units: 72 with the headroom, 8 workers' worth: no growth on the
+    # units alone, yet 12 units of rooms found no worker with room (capacity in pieces).
+    assert one(a, pool(10, 60.0), 0.0, pending=12.0) == 10
+    (d,) = a.decide(Signals(12.0, {"l4": pool(10, 60.0)}, stuck_units=12.0), 5.0)
+    assert d.desired == 12 and "found no worker with room" in d.reason
+    # The two are booting: asked once, not again at every decision.
+    (d,) = a.decide(Signals(12.0, {"l4": pool(10, 60.0, booting=2)}, stuck_units=12.0), 10.0)
+    assert d.delta == 0
 
 
 def test_down_slowly_after_the_stabilisation_window_one_step_at_a_time() -> None:

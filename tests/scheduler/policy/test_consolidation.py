@@ -1,7 +1,8 @@
 """Consolidation with plain values: an under-filled worker is emptied whole into a fuller
 one where its rooms join batches, and only then; never while rooms wait or the fleet is
 still filling up; premium rooms stay unless their tenant consents; each room and the
-fleet move within their budgets; seamless rooms go before those that would reconnect."""
+fleet move within their budgets; seamless rooms go before those that would reconnect.
+And the autoscaler drains only workers whose rooms the others can take."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from scheduler.policy.placement import (
     RoomReq,
     WorkerState,
     consolidation_moves,
+    drainable,
 )
 from tests.builders import make_profile, make_room, make_worker
 
@@ -104,3 +106,14 @@ def test_seamless_rooms_are_moved_before_rooms_that_would_reconnect() -> None:
     assert moves(f, config=dataclasses.replace(config, max_reconnects=1),
                  reconnects=lambda r: True) == []  # each would have two viewers' reconnects
     assert isinstance(f.workers["full"], WorkerState)
+
+
+def test_only_workers_whose_rooms_the_others_can_take_are_drained() -> None:
+    f = fleet_with({"full": rooms("a", 8), "thin": rooms("b", 2), "thinner": rooms("c", 1),
+                    "idle": []})
+    # The idle worker and one of the thin ones: the full worker has room for two more
+    # rooms only, so the second thin worker's would be stranded at its drain's deadline.
+    assert drainable(f, ["idle", "thin", "thinner"], 3) == ["idle", "thin"]
+    assert drainable(f, ["thinner", "thin"], 1) == ["thinner"]
+    big = fleet_with({"full": rooms("a", 10), "other": rooms("b", 9)})
+    assert drainable(big, ["other"], 1) == []
