@@ -222,6 +222,12 @@ def run(peak_rooms: int, hours: float, boot_seconds: float, interval: float, dt:
                                            "", None)
                     elif isinstance(cmd, ReleaseCmd):
                         rooms[wid].discard(cmd.session_id)
+                        if cmd.handover:
+                            # As a worker does: it stops at a clean point and reports the
+                            # room ended, and the next worker continues it from there.
+                            s = core.get(cmd.session_id)
+                            core.worker_update(conn, cmd.session_id, s.epoch, SessionState.ENDED,
+                                               "handed over", None)
 
     while clock.t < horizon:
         clock.t += dt
