@@ -26,6 +26,7 @@ class TtsServer:
     down: bool = False  # answer 503 to every request
     hang: bool = False  # accept requests and never answer
     cut: bool = False  # send one chunk, then drop the connection
+    silent: bool = False  # answer 200 with no audio (a sentence with nothing to say)
     requests: list[dict[str, Any]] = field(default_factory=list)
     sent: list[np.ndarray] = field(default_factory=list)  # the speech of each answer, int16
     port: int = 0
@@ -52,7 +53,7 @@ class TtsServer:
             return web.Response(status=503, text="overloaded")
         if not isinstance(body.get("text"), str):
             return web.Response(status=400, text="text is required")
-        speech = self.speech(body["text"])
+        speech = self.speech(body["text"]) if not self.silent else np.zeros(0, "<i2")
         self.sent.append(speech)
         pcm = speech.tobytes()
         resp = web.StreamResponse(headers={"Content-Type": "audio/L16; rate=24000"})

@@ -153,10 +153,9 @@ class ServiceVoice:
             raise _Retryable("no audio in time") from e
         except aiohttp.ClientError as e:
             raise _Retryable(f"{type(e).__name__}: {e}") from e
-        data = b"".join(parts)
-        if not data:
-            raise _Retryable("the service sent no audio")
-        return pcm_from_stream(data, c.sample_rate)
+        # An answer with no audio is taken as silence (a sentence of punctuation only):
+        # trying it again would hold the room for a sentence nothing can speak.
+        return pcm_from_stream(b"".join(parts), c.sample_rate)
 
     async def aclose(self) -> None:
         if self._http is not None:

@@ -132,6 +132,18 @@ def test_a_service_that_stalls_or_cuts_the_stream_is_given_up_on_in_time(mode: s
     assert took < 3.5
 
 
+def test_an_answer_with_no_audio_is_silence_not_a_failure() -> None:
+    async def body(server: TtsServer) -> None:
+        v = voice(server, retries=2, failures_to_open=1)
+        try:
+            audio, _ = await v.synthesize("...")
+        finally:
+            await v.aclose()
+        assert audio.size == 0 and len(server.requests) == 1 and v.state is BreakerState.CLOSED
+
+    run_with_server(body, silent=True)
+
+
 def test_a_request_the_service_refuses_is_not_retried() -> None:
     async def body(server: TtsServer) -> None:
         config = ServiceVoiceConfig(server.url, RATE, text_field="input", retries=3,
