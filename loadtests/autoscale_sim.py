@@ -141,7 +141,9 @@ def spec_of(room: Room, rtmp_share: float, rng: random.Random) -> SessionSpec:
 
 def run(peak_rooms: int, hours: float, boot_seconds: float, interval: float, dt: float,
         seed: int, rtmp_share: float, window: float, home: Path,
-        log_every: float = 3600.0, shape: DayShape = DAYS["default"]) -> Result:
+        log_every: float = 3600.0, shape: DayShape = DAYS["default"],
+        headroom: float = AutoscalerConfig().headroom,
+        tolerance: float = AutoscalerConfig().scale_down_tolerance) -> Result:
     rng = random.Random(seed)
     tenants = make_tenants(shape=shape)
     trace = [r for r in make_day(peak_rooms, tenants, seed, shape) if r.arrival_s < hours * 3600]
@@ -159,7 +161,8 @@ def run(peak_rooms: int, hours: float, boot_seconds: float, interval: float, dt:
         tenants={t.name: TenantConfig(reserved_units=t.reserved_units, weight=t.weight)
                  for t in tenants},
         autoscaler=AutoscalerConfig(
-            provisioner=ProvisionerKind.LOCAL, interval_seconds=interval,
+            provisioner=ProvisionerKind.LOCAL, interval_seconds=interval, headroom=headroom,
+            scale_down_tolerance=tolerance,
             scale_down_window_seconds=window, drain_deadline_seconds=300.0,
             boot_timeout_seconds=max(600.0, boot_seconds * 3),
             pools={POOL: PoolConfig(device_type="h200", min_workers=1, max_workers=10_000)}))
@@ -314,6 +317,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--day", default="default",
                     help=f"day shape: {', '.join(DAYS)}, or all (each in turn)")
+    ap.add_argument("--headroom", type=float, default=AutoscalerConfig().headroom,
+                    help="the autoscaler's headroom (spare capacity above demand, a fraction)")
+    ap.add_argument("--tolerance", type=float, default=AutoscalerConfig().scale_down_tolerance,
+                    help="the autoscaler's scale-down tolerance")
     ap.add_argument("--log-every", type=float, default=3600.0,
                     help="simulated seconds between progress lines (0: none)")
     args = ap.parse_args(argv)
@@ -327,11 +334,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_day(args: argparse.Namespace, shape: DayShape) -> int:
     print(f"== {shape.name}: {shape.description}")
     print(f"autoscaling: {args.peak_rooms} rooms at the peak, {args.hours:g} h, boot "
-          f"{args.boot_seconds:g} s, decisions every {args.interval:g} s, window {args.window:g} s")
+          f"{args.boot_seconds:g} s, decisions every {args.interval:g} s, window {args.window:g} s, "
+          f"headroom {args.headroom:g}, tolerance {args.tolerance:g}")
     with tempfile.TemporaryDirectory() as tmp:
         r = run(args.peak_rooms, args.hours, args.boot_seconds, args.interval, args.step,
                 args.seed, args.rtmp_share, args.window, Path(tmp),
-                log_every=args.log_every or math.inf, shape=shape)
+                log_every=args.log_every or math.inf, shape=shape, headroom=args.headroom,
+                tolerance=args.tolerance)
     ratio = r.worker_seconds / r.minimum_seconds if r.minimum_seconds else float("nan")
     print(f"rooms                {r.rooms} (failed {r.failed})")
     print(f"pending time         p50 {pct(r.pending, 0.5):.1f} s   p99 {pct(r.pending, 0.99):.1f} s   "

@@ -57,8 +57,12 @@ def room_load(w: WorkerSpec, quality: Quality, drive: str) -> float:
 
 
 def compute_units(w: WorkerSpec, quality: Quality, drive: str) -> float:
-    """1 unit = one 512x512@25 text-driven room on the same device."""
-    return room_load(w, quality, drive) / room_load(w, (512, 512, 25), "text")
+    """1 unit = one 512x512@25 text-driven room on the same device, counted as the
+    scheduler counts units (device time only where the host encodes)."""
+    units = profile_of(w).units(DomainQuality(*quality), DriveMode(drive), encode=w.cpu_cores <= 0)
+    if units is None:
+        raise ValueError(f"{w.worker_id} has not measured what {quality} {drive} rooms need")
+    return units
 
 
 # -- worker fleet ------------------------------------------------------------------------------

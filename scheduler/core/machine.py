@@ -125,6 +125,9 @@ class SessionMachine:
         # Compute units are measured on the most common device type.
         self._unit_profile: placement.WorkerProfile | None = None
         self._unit_device = ""
+        # Whether the unit device encodes (a CPU worker) or its host does (a GPU without
+        # NVENC): units count device time the way workers' capacity in units does.
+        self._unit_encodes = True
         self._units_cache: dict[tuple[Quality, str], float] = {}
         # Avatars: the image folder (looked at once a second) and what workers hold.
         # (when read, avatars in avatar_dir, the video avatars among them)
@@ -219,7 +222,8 @@ class SessionMachine:
         key = (quality, mode.value)
         units = self._units_cache.get(key)
         if units is None:
-            measured = self._unit_profile.units(quality, mode) if self._unit_profile else None
+            measured = self._unit_profile.units(quality, mode, self._unit_encodes) \
+                if self._unit_profile else None
             units = measured if measured is not None else placement.nominal_units(quality, mode)
             self._units_cache[key] = units
         return units
@@ -274,6 +278,8 @@ class SessionMachine:
             if w.device_type == dev and w.profile.units(placement.UNIT_QUALITY,
                                                         placement.UNIT_MODE) is not None:
                 self._unit_profile, self._unit_device = w.profile, dev
+                ws = self.fleet.workers.get(w.worker_id)
+                self._unit_encodes = ws.encode_on_device if ws is not None else True
                 self._units_cache.clear()
                 return
 
@@ -339,7 +345,7 @@ class SessionMachine:
 
     def _unit_load(self) -> float:
         p = self._unit_profile
-        load = p.room_load(placement.UNIT_QUALITY, placement.UNIT_MODE) if p else None
+        load = p.room_load(placement.UNIT_QUALITY, placement.UNIT_MODE, self._unit_encodes) if p else None
         return load or 1.0
 
     def snapshot(self, *, queue_limit: int = SNAPSHOT_QUEUE,

@@ -19,12 +19,12 @@ class Waiting:
     count: int
     units: float
     guaranteed: int  # rooms guaranteed by a reservation: a breach while they wait
-    # Of the units, those of rooms waiting longer than STUCK_SECONDS: the fleet had its
-    # chance and no worker had room for them (spare capacity spread thin fits no room).
+    # Of the units, those of rooms waiting longer than STUCK_SECONDS: placement passes
+    # ran and no worker had room for them (spare capacity spread thin fits no room).
     stuck_units: float = 0.0
 
 
-STUCK_SECONDS = 10.0
+STUCK_SECONDS = 1.0  # a pass over the queue runs on every change and every second
 
 
 @dataclass(frozen=True, slots=True)

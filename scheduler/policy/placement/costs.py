@@ -148,9 +148,11 @@ class WorkerProfile:
             load += tts
         return load
 
-    def units(self, quality: Quality, mode: DriveMode) -> float | None:
-        """Compute units of a room: its load relative to the unit room on this device."""
-        load, unit = self.room_load(quality, mode), self.room_load(UNIT_QUALITY, UNIT_MODE)
+    def units(self, quality: Quality, mode: DriveMode, encode: bool = True) -> float | None:
+        """Compute units of a room: its load relative to the unit room on this device
+        (``encode=False``: device time only, for a device whose host CPU encodes, as a
+        worker's capacity in units is then counted)."""
+        load, unit = self.room_load(quality, mode, encode), self.room_load(UNIT_QUALITY, UNIT_MODE, encode)
         if load is None or not unit:
             return None
         return load / unit
