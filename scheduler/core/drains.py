@@ -68,11 +68,18 @@ class Drains(Placement):
         and publishes the segment it is writing), leaves the output open and reports its
         final progress; the next assignment continues the output from exactly there
         (`_continue_elsewhere`). A room not running yet is simply placed again."""
-        if self.fleet.choose(self._req(s), self._rungs) is None:
+        req = self._req(s)
+        choice = self.fleet.choose(req, self._rungs)
+        if choice is None:
             return  # waits for capacity (the autoscaler is adding it) or the deadline
         why = f"worker {old.worker_id} is draining ({old.drain_reason})"
         if s.state is SessionState.RUNNING:
             self._handovers[s.session_id] = (old.worker_id, s.epoch)
+            # The room's place on the worker that will take it is held until the old side
+            # has stopped: other rooms handed over meanwhile (a drain hands over all of a
+            # worker's rooms at once) must not count on the same capacity.
+            self.fleet.assign(dataclasses.replace(req, quality=choice.quality, step=choice.step),
+                              choice.worker_id)
             self._decided.send(old.worker_id, ReleaseCmd(s.session_id, f"{why}; handing over",
                                              handover=True))
             return

@@ -294,8 +294,12 @@ class SessionMachine:
         return worker_id not in self.workers or not self._rooms_on(worker_id)
 
     def _rooms_on(self, worker_id: str) -> list[str]:
+        """The rooms placed on the worker, and those it still renders while they are
+        handed over (their place is already held on the worker taking them)."""
         w = self.fleet.workers.get(worker_id)
-        return list(w.rooms) if w is not None else []
+        placed = list(w.rooms) if w is not None else []
+        return placed + [sid for sid, (old, _) in self._handovers.items()
+                         if old == worker_id and sid not in placed]
 
     def waiting(self) -> Waiting:
         """The rooms waiting for a worker: how many, their compute units, and how many are
@@ -361,7 +365,7 @@ class SessionMachine:
         workers: dict[str, WorkerView] = {}
         for wid in sorted(self.workers):
             conn, ws = self.workers[wid], self.fleet.workers.get(wid)
-            rooms = tuple(ws.rooms) if ws is not None else ()
+            rooms = tuple(self._rooms_on(wid)) if ws is not None else ()
             units = sum(self.sessions[sid].units for sid in rooms if sid in self.sessions)
             workers[wid] = WorkerView(
                 wid, conn.device_type, conn.provider, conn.last_seen,
