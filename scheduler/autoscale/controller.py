@@ -138,13 +138,17 @@ class AutoscalingController:
             if w.unit_capacity > 0:
                 capacity[pool].append(w.unit_capacity)
         # Reservations are not tied to a device type: the first (preferred) pool holds them.
-        reserved = sum(t.reserved_units for t in self.core.config.tenants.values())
+        tenants = self.core.config.tenants
+        reserved = sum(t.reserved_units for t in tenants.values())
+        free = sum(max(0.0, t.reserved_units - self.core.sessions.reserved[name])
+                   for name, t in tenants.items())
         pools = {}
         for i, name in enumerate(self._pools):
             per = sum(capacity[name]) / len(capacity[name]) if capacity[name] else 0.0
             pools[name] = PoolSignals(ready=ready[name], booting=self._booting(name, cluster),
                                       load_units=load[name], units_per_worker=per,
-                                      reserved_units=reserved if i == 0 else 0.0)
+                                      reserved_units=reserved if i == 0 else 0.0,
+                                      reserved_free=free if i == 0 else 0.0)
         return Signals(cluster.waiting.units, pools, cluster.waiting.stuck_units)
 
     def _unregistered(self, p: _Pool, now: float, cluster: ClusterSnapshot

@@ -16,6 +16,10 @@ what premium reservations need nor outside the pool's [min, max].
   then takes demand above the window's peak by that tolerance, so a load that
   only wobbles never makes a pool go down and straight back up.
 
+Premium reservations no reserved room uses now (`PoolSignals.reserved_free`) are kept
+free on top of the headroom: rooms that borrow that capacity would be preempted when a
+premium room within its reservation arrives, taking them off the air.
+
 Rooms that have waited longer than a moment (`Signals.stuck_units`) found no worker
 with room although the units may add up: spare capacity spread over workers in pieces
 too small for them. They get workers of their own: a pool grows to its ready workers
@@ -84,6 +88,10 @@ class PoolSignals:
     load_units: float  # placed on its workers
     units_per_worker: float  # measured (0: unknown)
     reserved_units: float = 0.0  # premium reservations this pool is to hold
+    # Of them, units no reserved room uses now: kept free on top of the demand, so that a
+    # premium room within its reservation finds room at once instead of preempting a
+    # room that borrowed the capacity.
+    reserved_free: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,12 +156,17 @@ class Autoscaler:
                 why = "no measured capacity yet"
             else:
                 demand = sig.load_units + pending
-                raw = math.ceil(demand * (1.0 + cfg.headroom) / per_worker - 1e-9)
-                keep = math.ceil(demand * (1.0 + cfg.headroom) * (1.0 + cfg.scale_down_tolerance)
-                                 / per_worker - 1e-9)
+                # Spare capacity: the headroom for a ramp, and on top what reservations hold
+                # unused (with only the larger of the two, the rest of a ramp used the
+                # reserved part and premium rooms preempted the rooms that borrowed it).
+                spare = demand * cfg.headroom + sig.reserved_free
+                raw = math.ceil((demand + spare) / per_worker - 1e-9)
+                keep = math.ceil((demand * (1.0 + cfg.headroom) * (1.0 + cfg.scale_down_tolerance)
+                                  + sig.reserved_free) / per_worker - 1e-9)
                 reserved = math.ceil(sig.reserved_units / per_worker - 1e-9)
-                why = (f"demand {demand:.1f} units (+{cfg.headroom:.0%} headroom) at "
-                       f"{per_worker:.1f} units per worker")
+                why = (f"demand {demand:.1f} units + {spare:.1f} spare ({cfg.headroom:.0%} headroom"
+                       f"{f', {sig.reserved_free:.1f} reserved and unused' if sig.reserved_free else ''}) "
+                       f"at {per_worker:.1f} units per worker")
                 if reserved > raw:
                     raw, why = reserved, f"premium reservations need {sig.reserved_units:.1f} units"
                 keep = max(keep, reserved)

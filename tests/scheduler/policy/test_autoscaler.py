@@ -58,6 +58,17 @@ def test_rooms_that_fit_nowhere_get_workers_of_their_own_once() -> None:
     assert d.delta == 0
 
 
+def test_reserved_capacity_no_reserved_room_uses_is_kept_free_on_top_of_the_headroom() -> None:
+    a = make_scaler()
+    # 60 units placed, 40 of a 50-unit reservation unused: 60 * 1.2 + 40 = 112 -> 12 workers,
+    # so a premium room arriving finds room without preempting a room that borrowed it.
+    sig = PoolSignals(ready=10, booting=0, load_units=60.0, units_per_worker=10.0,
+                      reserved_units=50.0, reserved_free=40.0)
+    (d,) = a.decide(Signals(0.0, {"l4": sig}), 0.0)
+    assert d.desired == 12 and "40.0 reserved and unused" in d.reason
+    assert one(make_scaler(), pool(8, 60.0, reserved=50.0), 0.0) == 8  # all of it in use: 72 -> 8
+
+
 def test_down_slowly_after_the_stabilisation_window_one_step_at_a_time() -> None:
     a = make_scaler(window=300.0, step=2)
     assert one(a, pool(10, 80.0), 0.0) == 10
