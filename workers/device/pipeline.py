@@ -32,7 +32,7 @@ import numpy as np
 from avatarfarm.avatars import is_file_name
 from avatarfarm.latency import LatencyCurve
 from avatarfarm.preparation.bundle import Bundle
-from avatarfarm.voices import PiperConfig, VoiceError, find_service_voices, find_voices, registered_voices
+from avatarfarm.voices import VoiceError, find_service_voices, find_voices, registered_voices
 from workers.device.batching import BatchPolicy
 from workers.device.binding import LipSyncDeviceModel
 from workers.device.engine import BatchKey, DeviceModel, InferenceEngine, ItemResult
@@ -126,11 +126,11 @@ class Pipeline:
         # ...or with a TTS service's voice (voices/NAME.service.json), streamed in. Voices
         # tenants registered (with their licences) are in the avatar folder's voices/, and
         # one registered after the worker started is loaded when a room first names it.
-        self._open_voice = lambda name, path: PiperModel(
-            OrtModel(f"voice-{name}", path, None, provider, intra_op_threads), PiperConfig.read(
-                path.with_name(path.name + ".json")))
+        self._open_voice = lambda name, path, config: PiperModel(
+            OrtModel(f"voice-{name}", path, None, provider, intra_op_threads), config)
         self.voices: dict[str, PiperModel] = {
-            name: self._open_voice(name, path) for name, (path, _) in find_voices(folder.root / "voices").items()}
+            name: self._open_voice(name, path, config)
+            for name, (path, config) in find_voices(folder.root / "voices").items()}
         self.services = {name: ServiceVoice(name, config)
                          for name, config in find_service_voices(folder.root / "voices").items()}
         self._registered_voices = registered_voices(folder.avatar_dir)
@@ -189,7 +189,6 @@ class Pipeline:
             k = b / BUCKETS[0]
             self.engine.serve(voice_key(name, b), voice,
                               LatencyCurve(tuple((n, s * k) for n, s in curve.points)))
-        self.measure_voice(name, (1, 2), 1)
 
     def measure_voice(self, name: str, sizes: tuple[int, ...], iterations: int) -> Points:
         """A neural voice's device seconds per second of speech at each batch size (a
@@ -214,18 +213,18 @@ class Pipeline:
 
         piper = find_voices(self._registered_voices, unusable)
         services = find_service_voices(self._registered_voices, unusable)
-        for name, (path, _) in piper.items():
+        for name, (path, config) in piper.items():
             if name in self.voices or name in self.services or (only and name != only):
                 continue
             try:
-                self.voices[name] = self._open_voice(name, path)
+                self.voices[name] = self._open_voice(name, path, config)
             except (VoiceError, ModelInterfaceError, OSError) as e:
                 log.warning("registered voice %s cannot be used: %s", name, e)
                 continue
             loaded.append(name)
-        for name, config in services.items():
+        for name, service in services.items():
             if name not in self.voices and name not in self.services and (not only or name == only):
-                self.services[name] = ServiceVoice(name, config)
+                self.services[name] = ServiceVoice(name, service)
                 loaded.append(name)
         return loaded
 
@@ -511,7 +510,10 @@ class Pipeline:
             return None
         if is_file_name(voice) and voice in self._load_registered_voices(voice):  # registered since start
             if voice in self.voices:
+                # Timed for the scheduler too: the start-up profile (`workers.device.profile`)
+                # measured the voices there were then.
                 self._serve_voice(voice)
+                self.measure_voice(voice, (1, 2), 1)
             log.info("registered voice %s loaded", voice)
             return None
         return (f"this worker has no voice {voice!r}: neither a neural voice or a TTS service's "
