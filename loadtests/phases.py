@@ -111,6 +111,11 @@ async def phase_rate(tc: Tenants, fleet: Fleet, rooms: list[Room], rate: float, 
           f"{placed} placed; errors: {codes(calls)}")
     print(f"  CreateSession latency: p50 {ms(pct(lat, 0.5))}  p99 {ms(pct(lat, 0.99))}  "
           f"max {ms(max(lat) if lat else math.nan)}")
+    by_second: dict[int, list[float]] = collections.defaultdict(list)
+    for c in ok:
+        by_second[int(c.started - t0)].append(c.latency)
+    print("  p99 by second sent: " + " ".join(
+        f"{ms(pct(v, 0.99))}" for _, v in sorted(by_second.items())))
     print(f"  CPU: scheduler {s_cpu:.0%} of a core, generator {g_cpu:.0%} (main + worker processes)",
           flush=True)
     rep.values.update(rate_target=rate, rate_achieved=achieved, rate_p50=pct(lat, 0.5),

@@ -25,6 +25,7 @@ class Call:
     state: int = 0  # SessionState of the answer; 0 on error
     code: str = "OK"
     session_id: str = ""
+    started: float = 0.0  # perf_counter at the call's start
 
 
 class Tenants:
@@ -71,8 +72,8 @@ async def _timed(call: Callable[[], Awaitable[types_pb2.Session]]) -> Call:
     try:
         s = await call()
     except grpc.aio.AioRpcError as e:
-        return Call(time.perf_counter() - t0, 0, e.code().name)
-    return Call(time.perf_counter() - t0, s.state, "OK", s.session_id)
+        return Call(time.perf_counter() - t0, 0, e.code().name, started=t0)
+    return Call(time.perf_counter() - t0, s.state, "OK", s.session_id, t0)
 
 
 async def bounded(items: Iterable[Any], concurrency: int, fn: Any,

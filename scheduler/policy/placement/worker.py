@@ -119,6 +119,10 @@ class WorkerState:
     _compute: float = 0.0
     _shapes: dict[tuple[int, int, int, int, int, str, bool, str, str, bool], _RoomCosts | None] = field(
         default_factory=dict)
+    # What a room of each shape would add now, by (shape, first of its avatar at its side,
+    # first of its avatar): placement asks every candidate for every room, and a worker's
+    # answer changes only when its rooms do, so it is kept until the next `add`/`remove`.
+    _demands: dict[tuple[object, ...], Demand | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.memory_used = self.memory.models_bytes
@@ -154,13 +158,19 @@ class WorkerState:
             parts.append(self.memory_used / self.memory_capacity)
         return max(parts)
 
-    def _costs(self, room: RoomReq) -> _RoomCosts | None:
+    @staticmethod
+    def _shape(room: RoomReq) -> tuple[int, int, int, int, int, str, bool, str, str, bool]:
         q = room.quality
         w, h = room.frame_size
-        key = (q.width, q.height, q.fps, w, h, room.drive_mode.value, room.face, room.face_model,
-               room.voice, room.voice_shared)
+        return (q.width, q.height, q.fps, w, h, room.drive_mode.value, room.face, room.face_model,
+                room.voice, room.voice_shared)
+
+    def _costs(self, room: RoomReq) -> _RoomCosts | None:
+        key = self._shape(room)
         if key in self._shapes:
             return self._shapes[key]
+        q = room.quality
+        w, h = room.frame_size
         p = self.profile
         side = q.render_side
         found: _RoomCosts | None = None
@@ -228,6 +238,16 @@ class WorkerState:
     def demand(self, room: RoomReq) -> Demand | None:
         """What adding `room` would add to this worker (its batch groups grow, so the
         compute is marginal); None if the worker never measured a stage it needs."""
+        side = room.quality.render_side
+        key = (self._shape(room), self.avatar_rooms[(room.avatar_id, side)] == 0,
+               room.face_model_bytes if self.avatar_totals[room.avatar_id] == 0 else 0)
+        try:
+            return self._demands[key]
+        except KeyError:
+            d = self._demands[key] = self._demand(room)
+            return d
+
+    def _demand(self, room: RoomReq) -> Demand | None:
         parts = self._parts(room)
         if parts is None:
             return None
@@ -265,12 +285,14 @@ class WorkerState:
         if room.tier is Tier.PREMIUM:
             self.premium[room.tenant] += 1
         self.rooms[room.session_id] = room
+        self._demands.clear()
         return d
 
     def remove(self, session_id: str) -> RoomReq | None:
         room = self.rooms.pop(session_id, None)
         if room is None:
             return None
+        self._demands.clear()
         side = room.quality.render_side
         self.avatar_rooms[(room.avatar_id, side)] -= 1
         if self.avatar_rooms[(room.avatar_id, side)] <= 0:

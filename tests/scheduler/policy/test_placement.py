@@ -399,6 +399,28 @@ def test_no_worker_is_ever_filled_past_any_capacity(rooms, workers, target) -> N
 
 
 @settings(max_examples=100, deadline=None)
+@given(rooms_st, workers_st, st.lists(st.integers(0, 39), max_size=20))
+def test_a_workers_kept_demands_are_what_it_would_work_out_afresh(rooms, workers, ends) -> None:  # type: ignore[no-untyped-def]
+    # Placement asks every candidate what each room would add and keeps the answers until
+    # the worker's rooms change: after any arrivals and departures, each kept answer is
+    # the one a copy of the worker (nothing kept) works out.
+    f = _fleet(workers, 0.9)
+    reqs = [make_room(f"s{i}", seq=i, quality=q, drive=d, tier=t, tenant=tenant, avatar=avatar)
+            for i, (q, d, t, tenant, avatar) in enumerate(rooms)]
+    for room in reqs:
+        c = f.choose(room)
+        if c is not None:
+            f.assign(room, c.worker_id)
+        for i in ends:  # departures interleaved with arrivals
+            if i < len(reqs) and reqs[i].session_id in f.where and i % 3 == room.seq % 3:
+                f.release(reqs[i].session_id)
+        for w in f.workers.values():
+            fresh = w.copy()
+            for probe in reqs[:8]:
+                assert w.demand(probe) == fresh.demand(probe)
+
+
+@settings(max_examples=100, deadline=None)
 @given(rooms_st, workers_st)
 def test_reclaim_never_touches_premium_and_takes_no_action_it_does_not_need(rooms, workers) -> None:  # type: ignore[no-untyped-def]
     f = _fleet(workers, 0.9)
