@@ -35,10 +35,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
-# Runs before a call reaches its servicer (method is "/package.Service/Method"); it
-# aborts the call to refuse it, and returns when the caller's credential expires (Unix
+# Runs before a call reaches its servicer (method is "/package.Service/Method"), with
+# the request where the call has one message (None for a request stream); it aborts
+# the call to refuse it, and returns when the caller's credential expires (Unix
 # seconds; None: it does not), which ends a response stream then.
-Gate = Callable[[str, grpc.aio.ServicerContext], Awaitable[float | None]]
+Gate = Callable[[str, grpc.aio.ServicerContext, Any], Awaitable[float | None]]
 # Runs on each message of a request stream before the servicer gets it; aborts to refuse.
 StreamCheck = Callable[[str, Any, grpc.aio.ServicerContext], Awaitable[None]]
 
@@ -144,8 +145,8 @@ def _handler(method: str, desc: MethodDescriptor, impl: Callable[..., Any], gate
     response_cls = message_factory.GetMessageClass(desc.output_type)
     decode, encode = _lenient(request_cls), response_cls.SerializeToString
 
-    async def enter(context: grpc.aio.ServicerContext) -> float | None:
-        return await gate(method, context) if gate is not None else None
+    async def enter(context: grpc.aio.ServicerContext, request: Any = None) -> float | None:
+        return await gate(method, context, request) if gate is not None else None
 
     def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async def gen() -> AsyncIterator[Any]:
@@ -158,7 +159,7 @@ def _handler(method: str, desc: MethodDescriptor, impl: Callable[..., Any], gate
 
     if not desc.client_streaming and not desc.server_streaming:
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await enter(context)
+            await enter(context, None if isinstance(request, Malformed) else request)
             await _refuse_malformed(request, context)
             return await impl(request, context)
         return grpc.unary_unary_rpc_method_handler(unary_unary, decode, encode)

@@ -26,45 +26,51 @@ from avatarfarm.v1 import types_pb2 as avatarfarm_dot_v1_dot_types__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61vatarfarm/v1/sessions.proto\x12\ravatarfarm.v1\x1a\x19\x61vatarfarm/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"T\n\x14\x43reateSessionRequest\x12(\n\x04spec\x18\x01 \x01(\x0b\x32\x1a.avatarfarm.v1.SessionSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"y\n\x13ListSessionsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12+\n\x06states\x18\x02 \x03(\x0e\x32\x1b.avatarfarm.v1.SessionState\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"Y\n\x14ListSessionsResponse\x12(\n\x08sessions\x18\x01 \x03(\x0b\x32\x16.avatarfarm.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"7\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\")\n\x13WatchSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x9f\x01\n\x0cSessionEvent\x12\'\n\x07session\x18\x01 \x01(\x0b\x32\x16.avatarfarm.v1.Session\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x04kind\x18\x03 \x01(\x0e\x32\x1f.avatarfarm.v1.SessionEventKind\x12\x0f\n\x07message\x18\x04 \x01(\t\"Y\n\x13\x41ppendScriptRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12.\n\x08segments\x18\x02 \x03(\x0b\x32\x1c.avatarfarm.v1.ScriptSegment\"/\n\x14\x41ppendScriptResponse\x12\x17\n\x0fqueued_segments\x18\x01 \x01(\r\"\xa6\x01\n\x0fGetUsageRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12/\n\x08group_by\x18\x02 \x03(\x0e\x32\x1d.avatarfarm.v1.UsageDimension\x12)\n\x05start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x92\x02\n\x08UsageRow\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12!\n\x04tier\x18\x02 \x01(\x0e\x32\x13.avatarfarm.v1.Tier\x12\x11\n\tavatar_id\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x04 \x01(\t\x12\x10\n\x08sessions\x18\x05 \x01(\r\x12\x16\n\x0estream_seconds\x18\x06 \x01(\x01\x12\x16\n\x0e\x64\x65vice_seconds\x18\x07 \x01(\x01\x12\x1c\n\x14\x63ompute_unit_seconds\x18\x08 \x01(\x01\x12\x0c\n\x04\x63ost\x18\t \x01(\x01\x12\x1c\n\x14\x63ost_per_stream_hour\x18\n \x01(\x01\x12\x10\n\x08platform\x18\x0b \x01(\t\x12\r\n\x05voice\x18\x0c \x01(\t\"d\n\x10GetUsageResponse\x12%\n\x04rows\x18\x01 \x03(\x0b\x32\x17.avatarfarm.v1.UsageRow\x12)\n\x05\x61s_of\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\"\n\x10GetTenantRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"\xa1\x02\n\x0cTenantStatus\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12 \n\x18\x63oncurrency_budget_units\x18\x02 \x01(\x01\x12\x14\n\x0cunits_in_use\x18\x03 \x01(\x01\x12\x14\n\x0cspend_budget\x18\x04 \x01(\x01\x12\x1c\n\x14spend_period_seconds\x18\x05 \x01(\x01\x12\x19\n\x11spent_this_period\x18\x06 \x01(\x01\x12\x16\n\x0ereserved_units\x18\x07 \x01(\x01\x12\x1d\n\x15reserved_units_in_use\x18\x08 \x01(\x01\x12\x15\n\rrooms_pending\x18\t \x01(\r\x12\x15\n\rrooms_running\x18\n \x01(\r\x12\x15\n\rbudget_policy\x18\x0b \x01(\t*\xf0\x02\n\x10SessionEventKind\x12\"\n\x1eSESSION_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18SESSION_EVENT_KIND_STATE\x10\x01\x12\x1f\n\x1bSESSION_EVENT_KIND_DEGRADED\x10\x02\x12\x1f\n\x1bSESSION_EVENT_KIND_RESTORED\x10\x03\x12 \n\x1cSESSION_EVENT_KIND_PREEMPTED\x10\x04\x12\x1d\n\x19SESSION_EVENT_KIND_BUDGET\x10\x05\x12\x1d\n\x19SESSION_EVENT_KIND_QUEUED\x10\x06\x12\x1e\n\x1aSESSION_EVENT_KIND_LICENCE\x10\x07\x12\x1b\n\x17SESSION_EVENT_KIND_SYNC\x10\x08\x12\x1d\n\x19SESSION_EVENT_KIND_DRIVER\x10\t\x12\x1c\n\x18SESSION_EVENT_KIND_VOICE\x10\n*\xdd\x01\n\x0eUsageDimension\x12\x1f\n\x1bUSAGE_DIMENSION_UNSPECIFIED\x10\x00\x12\x1a\n\x16USAGE_DIMENSION_TENANT\x10\x01\x12\x18\n\x14USAGE_DIMENSION_TIER\x10\x02\x12\x1a\n\x16USAGE_DIMENSION_AVATAR\x10\x03\x12\x1f\n\x1bUSAGE_DIMENSION_DEVICE_TYPE\x10\x04\x12\x1c\n\x18USAGE_DIMENSION_PLATFORM\x10\x05\x12\x19\n\x15USAGE_DIMENSION_VOICE\x10\x06\x32\x8b\x05\n\x0eSessionService\x12L\n\rCreateSession\x12#.avatarfarm.v1.CreateSessionRequest\x1a\x16.avatarfarm.v1.Session\x12\x46\n\nGetSession\x12 .avatarfarm.v1.GetSessionRequest\x1a\x16.avatarfarm.v1.Session\x12W\n\x0cListSessions\x12\".avatarfarm.v1.ListSessionsRequest\x1a#.avatarfarm.v1.ListSessionsResponse\x12\x46\n\nEndSession\x12 .avatarfarm.v1.EndSessionRequest\x1a\x16.avatarfarm.v1.Session\x12Q\n\x0cWatchSession\x12\".avatarfarm.v1.WatchSessionRequest\x1a\x1b.avatarfarm.v1.SessionEvent0\x01\x12W\n\x0c\x41ppendScript\x12\".avatarfarm.v1.AppendScriptRequest\x1a#.avatarfarm.v1.AppendScriptResponse\x12K\n\x08GetUsage\x12\x1e.avatarfarm.v1.GetUsageRequest\x1a\x1f.avatarfarm.v1.GetUsageResponse\x12I\n\tGetTenant\x12\x1f.avatarfarm.v1.GetTenantRequest\x1a\x1b.avatarfarm.v1.TenantStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61vatarfarm/v1/sessions.proto\x12\ravatarfarm.v1\x1a\x19\x61vatarfarm/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"T\n\x14\x43reateSessionRequest\x12(\n\x04spec\x18\x01 \x01(\x0b\x32\x1a.avatarfarm.v1.SessionSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"N\n\x15\x43reateSessionsRequest\x12\x35\n\x08requests\x18\x01 \x03(\x0b\x32#.avatarfarm.v1.CreateSessionRequest\"]\n\x13\x43reateSessionResult\x12\'\n\x07session\x18\x01 \x01(\x0b\x32\x16.avatarfarm.v1.Session\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"M\n\x16\x43reateSessionsResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".avatarfarm.v1.CreateSessionResult\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"y\n\x13ListSessionsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12+\n\x06states\x18\x02 \x03(\x0e\x32\x1b.avatarfarm.v1.SessionState\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"Y\n\x14ListSessionsResponse\x12(\n\x08sessions\x18\x01 \x03(\x0b\x32\x16.avatarfarm.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"7\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\")\n\x13WatchSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x9f\x01\n\x0cSessionEvent\x12\'\n\x07session\x18\x01 \x01(\x0b\x32\x16.avatarfarm.v1.Session\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x04kind\x18\x03 \x01(\x0e\x32\x1f.avatarfarm.v1.SessionEventKind\x12\x0f\n\x07message\x18\x04 \x01(\t\"Y\n\x13\x41ppendScriptRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12.\n\x08segments\x18\x02 \x03(\x0b\x32\x1c.avatarfarm.v1.ScriptSegment\"/\n\x14\x41ppendScriptResponse\x12\x17\n\x0fqueued_segments\x18\x01 \x01(\r\"\xa6\x01\n\x0fGetUsageRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12/\n\x08group_by\x18\x02 \x03(\x0e\x32\x1d.avatarfarm.v1.UsageDimension\x12)\n\x05start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x92\x02\n\x08UsageRow\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12!\n\x04tier\x18\x02 \x01(\x0e\x32\x13.avatarfarm.v1.Tier\x12\x11\n\tavatar_id\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x04 \x01(\t\x12\x10\n\x08sessions\x18\x05 \x01(\r\x12\x16\n\x0estream_seconds\x18\x06 \x01(\x01\x12\x16\n\x0e\x64\x65vice_seconds\x18\x07 \x01(\x01\x12\x1c\n\x14\x63ompute_unit_seconds\x18\x08 \x01(\x01\x12\x0c\n\x04\x63ost\x18\t \x01(\x01\x12\x1c\n\x14\x63ost_per_stream_hour\x18\n \x01(\x01\x12\x10\n\x08platform\x18\x0b \x01(\t\x12\r\n\x05voice\x18\x0c \x01(\t\"d\n\x10GetUsageResponse\x12%\n\x04rows\x18\x01 \x03(\x0b\x32\x17.avatarfarm.v1.UsageRow\x12)\n\x05\x61s_of\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\"\n\x10GetTenantRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"\xa1\x02\n\x0cTenantStatus\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12 \n\x18\x63oncurrency_budget_units\x18\x02 \x01(\x01\x12\x14\n\x0cunits_in_use\x18\x03 \x01(\x01\x12\x14\n\x0cspend_budget\x18\x04 \x01(\x01\x12\x1c\n\x14spend_period_seconds\x18\x05 \x01(\x01\x12\x19\n\x11spent_this_period\x18\x06 \x01(\x01\x12\x16\n\x0ereserved_units\x18\x07 \x01(\x01\x12\x1d\n\x15reserved_units_in_use\x18\x08 \x01(\x01\x12\x15\n\rrooms_pending\x18\t \x01(\r\x12\x15\n\rrooms_running\x18\n \x01(\r\x12\x15\n\rbudget_policy\x18\x0b \x01(\t*\xf0\x02\n\x10SessionEventKind\x12\"\n\x1eSESSION_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18SESSION_EVENT_KIND_STATE\x10\x01\x12\x1f\n\x1bSESSION_EVENT_KIND_DEGRADED\x10\x02\x12\x1f\n\x1bSESSION_EVENT_KIND_RESTORED\x10\x03\x12 \n\x1cSESSION_EVENT_KIND_PREEMPTED\x10\x04\x12\x1d\n\x19SESSION_EVENT_KIND_BUDGET\x10\x05\x12\x1d\n\x19SESSION_EVENT_KIND_QUEUED\x10\x06\x12\x1e\n\x1aSESSION_EVENT_KIND_LICENCE\x10\x07\x12\x1b\n\x17SESSION_EVENT_KIND_SYNC\x10\x08\x12\x1d\n\x19SESSION_EVENT_KIND_DRIVER\x10\t\x12\x1c\n\x18SESSION_EVENT_KIND_VOICE\x10\n*\xdd\x01\n\x0eUsageDimension\x12\x1f\n\x1bUSAGE_DIMENSION_UNSPECIFIED\x10\x00\x12\x1a\n\x16USAGE_DIMENSION_TENANT\x10\x01\x12\x18\n\x14USAGE_DIMENSION_TIER\x10\x02\x12\x1a\n\x16USAGE_DIMENSION_AVATAR\x10\x03\x12\x1f\n\x1bUSAGE_DIMENSION_DEVICE_TYPE\x10\x04\x12\x1c\n\x18USAGE_DIMENSION_PLATFORM\x10\x05\x12\x19\n\x15USAGE_DIMENSION_VOICE\x10\x06\x32\xea\x05\n\x0eSessionService\x12L\n\rCreateSession\x12#.avatarfarm.v1.CreateSessionRequest\x1a\x16.avatarfarm.v1.Session\x12]\n\x0e\x43reateSessions\x12$.avatarfarm.v1.CreateSessionsRequest\x1a%.avatarfarm.v1.CreateSessionsResponse\x12\x46\n\nGetSession\x12 .avatarfarm.v1.GetSessionRequest\x1a\x16.avatarfarm.v1.Session\x12W\n\x0cListSessions\x12\".avatarfarm.v1.ListSessionsRequest\x1a#.avatarfarm.v1.ListSessionsResponse\x12\x46\n\nEndSession\x12 .avatarfarm.v1.EndSessionRequest\x1a\x16.avatarfarm.v1.Session\x12Q\n\x0cWatchSession\x12\".avatarfarm.v1.WatchSessionRequest\x1a\x1b.avatarfarm.v1.SessionEvent0\x01\x12W\n\x0c\x41ppendScript\x12\".avatarfarm.v1.AppendScriptRequest\x1a#.avatarfarm.v1.AppendScriptResponse\x12K\n\x08GetUsage\x12\x1e.avatarfarm.v1.GetUsageRequest\x1a\x1f.avatarfarm.v1.GetUsageResponse\x12I\n\tGetTenant\x12\x1f.avatarfarm.v1.GetTenantRequest\x1a\x1b.avatarfarm.v1.TenantStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'avatarfarm.v1.sessions_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SESSIONEVENTKIND']._serialized_start=1727
-  _globals['_SESSIONEVENTKIND']._serialized_end=2095
-  _globals['_USAGEDIMENSION']._serialized_start=2098
-  _globals['_USAGEDIMENSION']._serialized_end=2319
+  _globals['_SESSIONEVENTKIND']._serialized_start=1981
+  _globals['_SESSIONEVENTKIND']._serialized_end=2349
+  _globals['_USAGEDIMENSION']._serialized_start=2352
+  _globals['_USAGEDIMENSION']._serialized_end=2573
   _globals['_CREATESESSIONREQUEST']._serialized_start=107
   _globals['_CREATESESSIONREQUEST']._serialized_end=191
-  _globals['_GETSESSIONREQUEST']._serialized_start=193
-  _globals['_GETSESSIONREQUEST']._serialized_end=232
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=234
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=355
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=357
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=446
-  _globals['_ENDSESSIONREQUEST']._serialized_start=448
-  _globals['_ENDSESSIONREQUEST']._serialized_end=503
-  _globals['_WATCHSESSIONREQUEST']._serialized_start=505
-  _globals['_WATCHSESSIONREQUEST']._serialized_end=546
-  _globals['_SESSIONEVENT']._serialized_start=549
-  _globals['_SESSIONEVENT']._serialized_end=708
-  _globals['_APPENDSCRIPTREQUEST']._serialized_start=710
-  _globals['_APPENDSCRIPTREQUEST']._serialized_end=799
-  _globals['_APPENDSCRIPTRESPONSE']._serialized_start=801
-  _globals['_APPENDSCRIPTRESPONSE']._serialized_end=848
-  _globals['_GETUSAGEREQUEST']._serialized_start=851
-  _globals['_GETUSAGEREQUEST']._serialized_end=1017
-  _globals['_USAGEROW']._serialized_start=1020
-  _globals['_USAGEROW']._serialized_end=1294
-  _globals['_GETUSAGERESPONSE']._serialized_start=1296
-  _globals['_GETUSAGERESPONSE']._serialized_end=1396
-  _globals['_GETTENANTREQUEST']._serialized_start=1398
-  _globals['_GETTENANTREQUEST']._serialized_end=1432
-  _globals['_TENANTSTATUS']._serialized_start=1435
-  _globals['_TENANTSTATUS']._serialized_end=1724
-  _globals['_SESSIONSERVICE']._serialized_start=2322
-  _globals['_SESSIONSERVICE']._serialized_end=2973
+  _globals['_CREATESESSIONSREQUEST']._serialized_start=193
+  _globals['_CREATESESSIONSREQUEST']._serialized_end=271
+  _globals['_CREATESESSIONRESULT']._serialized_start=273
+  _globals['_CREATESESSIONRESULT']._serialized_end=366
+  _globals['_CREATESESSIONSRESPONSE']._serialized_start=368
+  _globals['_CREATESESSIONSRESPONSE']._serialized_end=445
+  _globals['_GETSESSIONREQUEST']._serialized_start=447
+  _globals['_GETSESSIONREQUEST']._serialized_end=486
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=488
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=609
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=611
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=700
+  _globals['_ENDSESSIONREQUEST']._serialized_start=702
+  _globals['_ENDSESSIONREQUEST']._serialized_end=757
+  _globals['_WATCHSESSIONREQUEST']._serialized_start=759
+  _globals['_WATCHSESSIONREQUEST']._serialized_end=800
+  _globals['_SESSIONEVENT']._serialized_start=803
+  _globals['_SESSIONEVENT']._serialized_end=962
+  _globals['_APPENDSCRIPTREQUEST']._serialized_start=964
+  _globals['_APPENDSCRIPTREQUEST']._serialized_end=1053
+  _globals['_APPENDSCRIPTRESPONSE']._serialized_start=1055
+  _globals['_APPENDSCRIPTRESPONSE']._serialized_end=1102
+  _globals['_GETUSAGEREQUEST']._serialized_start=1105
+  _globals['_GETUSAGEREQUEST']._serialized_end=1271
+  _globals['_USAGEROW']._serialized_start=1274
+  _globals['_USAGEROW']._serialized_end=1548
+  _globals['_GETUSAGERESPONSE']._serialized_start=1550
+  _globals['_GETUSAGERESPONSE']._serialized_end=1650
+  _globals['_GETTENANTREQUEST']._serialized_start=1652
+  _globals['_GETTENANTREQUEST']._serialized_end=1686
+  _globals['_TENANTSTATUS']._serialized_start=1689
+  _globals['_TENANTSTATUS']._serialized_end=1978
+  _globals['_SESSIONSERVICE']._serialized_start=2576
+  _globals['_SESSIONSERVICE']._serialized_end=3322
 # @@protoc_insertion_point(module_scope)

@@ -61,6 +61,28 @@ class CreateSessionRequest(_message.Message):
     request_id: str
     def __init__(self, spec: _Optional[_Union[_types_pb2.SessionSpec, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
+class CreateSessionsRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[CreateSessionRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[CreateSessionRequest, _Mapping]]] = ...) -> None: ...
+
+class CreateSessionResult(_message.Message):
+    __slots__ = ("session", "code", "message")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    session: _types_pb2.Session
+    code: int
+    message: str
+    def __init__(self, session: _Optional[_Union[_types_pb2.Session, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class CreateSessionsResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[CreateSessionResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[CreateSessionResult, _Mapping]]] = ...) -> None: ...
+
 class GetSessionRequest(_message.Message):
     __slots__ = ("session_id",)
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]

@@ -40,6 +40,11 @@ class SessionServiceStub:
                 request_serializer=avatarfarm_dot_v1_dot_sessions__pb2.CreateSessionRequest.SerializeToString,
                 response_deserializer=avatarfarm_dot_v1_dot_types__pb2.Session.FromString,
                 _registered_method=True)
+        self.CreateSessions = channel.unary_unary(
+                '/avatarfarm.v1.SessionService/CreateSessions',
+                request_serializer=avatarfarm_dot_v1_dot_sessions__pb2.CreateSessionsRequest.SerializeToString,
+                response_deserializer=avatarfarm_dot_v1_dot_sessions__pb2.CreateSessionsResponse.FromString,
+                _registered_method=True)
         self.GetSession = channel.unary_unary(
                 '/avatarfarm.v1.SessionService/GetSession',
                 request_serializer=avatarfarm_dot_v1_dot_sessions__pb2.GetSessionRequest.SerializeToString,
@@ -82,6 +87,16 @@ class SessionServiceServicer:
 
     def CreateSession(self, request, context):
         """Admits a room. Retrying with the same request_id returns the same session.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateSessions(self, request, context):
+        """Admits many rooms in one call (a vendor opening hundreds at once): each as
+        CreateSession would, in the order given, and all answered once they are on disk.
+        One room's refusal does not refuse the others: each result has its own status.
+        At most 1000 rooms a call; each counts as one call against the tenant's rate limit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -141,6 +156,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.CreateSession,
                     request_deserializer=avatarfarm_dot_v1_dot_sessions__pb2.CreateSessionRequest.FromString,
                     response_serializer=avatarfarm_dot_v1_dot_types__pb2.Session.SerializeToString,
+            ),
+            'CreateSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSessions,
+                    request_deserializer=avatarfarm_dot_v1_dot_sessions__pb2.CreateSessionsRequest.FromString,
+                    response_serializer=avatarfarm_dot_v1_dot_sessions__pb2.CreateSessionsResponse.SerializeToString,
             ),
             'GetSession': grpc.unary_unary_rpc_method_handler(
                     servicer.GetSession,
@@ -205,6 +225,33 @@ class SessionService:
             '/avatarfarm.v1.SessionService/CreateSession',
             avatarfarm_dot_v1_dot_sessions__pb2.CreateSessionRequest.SerializeToString,
             avatarfarm_dot_v1_dot_types__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/avatarfarm.v1.SessionService/CreateSessions',
+            avatarfarm_dot_v1_dot_sessions__pb2.CreateSessionsRequest.SerializeToString,
+            avatarfarm_dot_v1_dot_sessions__pb2.CreateSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,14 @@ SERVICES = {"avatarfarm.v1.SessionService": Service.SESSIONS,
             "avatarfarm.v1.AvatarService": Service.AVATARS,
             "avatarfarm.v1.AdminService": Service.ADMIN}
 WORKER_CONNECT = "/avatarfarm.v1.WorkerService/Connect"
+CREATE_SESSIONS = "/avatarfarm.v1.SessionService/CreateSessions"
+
+
+def calls_in(method: str, request: Any) -> int:
+    """What a call counts for against its tenant's rate limit: a batch, each of its rooms."""
+    if method == CREATE_SESSIONS and request is not None:
+        return max(1, len(request.requests))
+    return 1
 
 # Set by the gate in the call's own task, read by the servicer in the same task.
 _caller: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("avatarfarm_caller",
@@ -87,7 +95,8 @@ class Gate:
         self.limiter = limiter
         self._clock = clock  # wall clock: token expiry is a date
 
-    async def __call__(self, method: str, context: grpc.aio.ServicerContext) -> float | None:
+    async def __call__(self, method: str, context: grpc.aio.ServicerContext,
+                       request: Any = None) -> float | None:
         """Admits the call (or aborts it); returns when its credential expires, if it
         does, so that a stream opened with a token ends with the token."""
         if not self.authenticator.enabled:
@@ -108,7 +117,7 @@ class Gate:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
             raise
         if service in (Service.SESSIONS, Service.AVATARS) and p.kind is auth.SubjectKind.TENANT:
-            throttled = self.limiter.admit(p.name)
+            throttled = self.limiter.admit(p.name, calls_in(method, request))
             if throttled is not None:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, throttled.message)
         _caller.set(p)

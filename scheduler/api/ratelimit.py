@@ -9,6 +9,7 @@ seconds no more than ``burst + per_second * t``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,14 +49,17 @@ class Bucket:
         return Bucket(rate.burst, now)
 
 
-def take(rate: Rate, bucket: Bucket, now: float) -> tuple[Bucket, float]:
-    """One call against `bucket` at `now`: the bucket after it, and 0 if the call is
-    admitted or else the seconds until it would be."""
+def take(rate: Rate, bucket: Bucket, now: float, calls: int = 1) -> tuple[Bucket, float]:
+    """`calls` calls (a batch counts each of its items) against `bucket` at `now`: the
+    bucket after them, and 0 if they are admitted or else the seconds until they would
+    be (infinite for more than the burst: they never are)."""
     tokens = min(rate.burst, bucket.tokens + max(0.0, now - bucket.at) * rate.per_second)
     at = max(now, bucket.at)
-    if tokens >= 1 - _EPSILON:
-        return Bucket(tokens - 1, at), 0.0
-    return Bucket(tokens, at), (1 - tokens) / rate.per_second
+    if tokens >= calls - _EPSILON:
+        return Bucket(tokens - calls, at), 0.0
+    if calls > rate.burst + _EPSILON:
+        return Bucket(tokens, at), math.inf
+    return Bucket(tokens, at), (calls - tokens) / rate.per_second
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +67,14 @@ class Throttled:
     tenant: str
     rate: Rate
     retry_after: float
+    calls: int = 1
 
     @property
     def message(self) -> str:
+        if math.isinf(self.retry_after):
+            return (f"a batch of {self.calls} is more than tenant {self.tenant!r}'s rate limit "
+                    f"of {self.rate} admits at once; send it in batches of at most "
+                    f"{int(self.rate.burst)}")
         return (f"tenant {self.tenant!r} is over its rate limit of {self.rate}; "
                 f"retry in {max(self.retry_after, 0.001):.3f} s")
 
@@ -79,11 +88,11 @@ class RateLimiter:
         self._clock = clock
         self._buckets: dict[str, Bucket] = {}
 
-    def admit(self, tenant: str) -> Throttled | None:
+    def admit(self, tenant: str, calls: int = 1) -> Throttled | None:
         rate = self._rate_of(tenant)
         if rate.unlimited:
             return None
         now = self._clock()
-        bucket, wait = take(rate, self._buckets.get(tenant) or Bucket.full(rate, now), now)
+        bucket, wait = take(rate, self._buckets.get(tenant) or Bucket.full(rate, now), now, calls)
         self._buckets[tenant] = bucket
-        return Throttled(tenant, rate, wait) if wait > 0 else None
+        return Throttled(tenant, rate, wait, calls) if wait > 0 else None

@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# Rooms one CreateSessions call may admit: a vendor's opening wave, in answers that
+# stay well inside the default message size.
+MAX_BATCH = 1000
+
 ERROR_STATUS: dict[type[Exception], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
@@ -60,6 +64,10 @@ _DIMENSIONS = {
     sessions_pb2.USAGE_DIMENSION_PLATFORM: Dimension.PLATFORM,
     sessions_pb2.USAGE_DIMENSION_VOICE: Dimension.VOICE,
 }
+
+
+def _status(e: Exception) -> grpc.StatusCode:
+    return next(ERROR_STATUS[c] for c in type(e).__mro__ if c in ERROR_STATUS)
 
 
 async def guard(context: grpc.aio.ServicerContext, fn: Callable[[], T],
@@ -147,6 +155,33 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
         s = await guard(context, create)
         await self.core.durable()
         return self._pb(s, self.core.queue_position(s.session_id))
+
+    async def CreateSessions(self, request: sessions_pb2.CreateSessionsRequest,
+                             context: grpc.aio.ServicerContext) -> sessions_pb2.CreateSessionsResponse:
+        """Each room as CreateSession would admit it, in order, in one turn of the loop:
+        they share the transaction that makes them durable and the answer."""
+        def create_all() -> list[Session | Exception]:
+            p = caller()
+            n = len(request.requests)
+            if not 0 < n <= MAX_BATCH:
+                raise InvalidRequest(f"give between 1 and {MAX_BATCH} rooms per call (got {n})")
+            out: list[Session | Exception] = []
+            for item in request.requests:
+                try:
+                    spec, request_id = convert.create_from_pb(item)
+                    auth.check_create(p, spec.tenant)
+                    out.append(self.core.create(spec, request_id))
+                except tuple(ERROR_STATUS) as e:
+                    out.append(e)
+            return out
+
+        done = await guard(context, create_all)
+        await self.core.durable()
+        return sessions_pb2.CreateSessionsResponse(results=[
+            sessions_pb2.CreateSessionResult(code=_status(r).value[0], message=str(r))
+            if isinstance(r, Exception) else
+            sessions_pb2.CreateSessionResult(session=self._pb(r, self.core.queue_position(r.session_id)))
+            for r in done])
 
     async def GetSession(self, request: sessions_pb2.GetSessionRequest,
                          context: grpc.aio.ServicerContext) -> types_pb2.Session:

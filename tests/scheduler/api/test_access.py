@@ -276,6 +276,35 @@ def test_a_tenant_over_its_rate_limit_is_told_when_to_retry(tmp_path: Path, mode
     run(body)
 
 
+def test_a_batch_of_rooms_counts_each_room_against_the_rate_limit(tmp_path: Path,
+                                                                   model_dir: Path) -> None:
+    async def body() -> None:
+        tenants = {"brand": TenantConfig(rate_limit_per_second=0.01, rate_limit_burst=3)}
+        async with secured(tmp_path, model_dir, tenants=tenants) as farm:
+            brand = farm.tenant("brand")
+
+            def batch(*names: str) -> sessions_pb2.CreateSessionsRequest:
+                return sessions_pb2.CreateSessionsRequest(requests=[req("brand", n) for n in names])
+
+            # More rooms than the burst can never pass: the answer says how to split them.
+            details = await expect_status(grpc.StatusCode.RESOURCE_EXHAUSTED, farm.stub.CreateSessions(
+                batch("a", "b", "c", "d"), metadata=brand))
+            assert "batches of at most 3" in details
+            # A room of another tenant's is refused alone, as CreateSession refuses it.
+            mixed = sessions_pb2.CreateSessionsRequest(requests=[req("brand", "a"), req("rival", "b")])
+            done = await farm.stub.CreateSessions(mixed, metadata=brand)
+            assert [r.code for r in done.results] == [0, grpc.StatusCode.PERMISSION_DENIED.value[0]]
+            assert done.results[0].session.spec.tenant == "brand" and done.results[1].message
+            assert not done.results[1].HasField("session")
+            # Two of the three calls the burst allows are spent: a batch of two waits.
+            details = await expect_status(grpc.StatusCode.RESOURCE_EXHAUSTED, farm.stub.CreateSessions(
+                batch("c", "d"), metadata=brand))
+            assert "retry in" in details
+            assert [t for _, t, _, _ in farm.snapshot()] == ["brand"]
+
+    run(body)
+
+
 def _raw(channel: grpc.aio.Channel, method: str) -> Any:
     return channel.unary_unary(f"/avatarfarm.v1.SessionService/{method}",
                                request_serializer=None, response_deserializer=None)

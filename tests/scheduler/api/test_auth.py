@@ -228,6 +228,21 @@ def test_the_limiter_keeps_a_bucket_per_tenant_and_honours_overrides() -> None:
     assert limiter.admit("a") is None and limiter.admit("small") is None
 
 
+def test_a_batch_takes_a_call_for_each_of_its_items() -> None:
+    rate = Rate(2.0, 4.0)
+    b, wait = take(rate, Bucket.full(rate, 0.0), 0.0, calls=3)
+    assert wait == 0 and b.tokens == pytest.approx(1.0)
+    b, wait = take(rate, b, 0.0, calls=2)
+    assert wait == pytest.approx(0.5)  # one more token in half a second
+    assert take(rate, b, 0.5, calls=2)[1] == 0
+    # More than the burst is never admitted, and the limiter says so, not when to retry.
+    assert take(rate, Bucket.full(rate, 0.0), 0.0, calls=5)[1] == float("inf")
+    limiter = RateLimiter(lambda t: rate, lambda: 0.0)
+    throttled = limiter.admit("a", 5)
+    assert throttled is not None and "batches of at most 4" in throttled.message
+    assert limiter.admit("a", 4) is None  # the refused batch took nothing
+
+
 def test_bad_rates_are_refused() -> None:
     with pytest.raises(ValueError):
         Rate(-1.0, 1.0)

@@ -235,6 +235,50 @@ def test_sessions_survive_a_scheduler_restart(tmp_path: Path, model_dir: Path) -
     run(body)
 
 
+def test_a_batch_admits_each_room_as_alone_and_refuses_only_the_bad_ones(tmp_path: Path,
+                                                                         model_dir: Path) -> None:
+    codes = grpc.StatusCode
+
+    def batch(*reqs: sessions_pb2.CreateSessionRequest) -> sessions_pb2.CreateSessionsRequest:
+        return sessions_pb2.CreateSessionsRequest(requests=list(reqs))
+
+    async def body() -> None:
+        async with scheduler(tmp_path, model_dir) as (_, stub, ch):
+            worker = ProtocolWorker(ch, "w1")
+            await worker.next("registered")
+            wave = batch(create_req("r1", request_id="q1"),
+                         create_req("r2", width=100000, height=512),  # invalid
+                         create_req("r1", request_id="q3"),  # r1 is streaming already
+                         create_req("r4", avatar="nobody"),
+                         create_req("r5", request_id="q5"))
+            done = await stub.CreateSessions(wave)
+            assert [r.code for r in done.results] == [
+                0, codes.INVALID_ARGUMENT.value[0], codes.ALREADY_EXISTS.value[0],
+                codes.NOT_FOUND.value[0], 0]
+            assert all(r.message for r in done.results if r.code)
+            ok = [r.session for r in done.results if r.code == 0]
+            assert [s.spec.room_id for s in ok] == ["r1", "r5"]
+            # Each room goes where CreateSession would have sent it, said in the answer.
+            assigned = {(await worker.next("assign")).assign.session_id for _ in ok}
+            assert assigned == {s.session_id for s in ok}
+            assert all(s.state == types_pb2.SESSION_STATE_PLACED and s.worker_id == "w1" for s in ok)
+            # Retried whole, the batch finds the same rooms and refuses the same ones.
+            again = await stub.CreateSessions(wave)
+            assert [r.code for r in again.results] == [r.code for r in done.results]
+            assert [r.session.session_id for r in again.results if r.code == 0] == \
+                [s.session_id for s in ok]
+            for empty_or_huge in (batch(), batch(*[create_req(f"x{i}") for i in range(1001)])):
+                assert "between 1 and 1000" in await expect_status(
+                    codes.INVALID_ARGUMENT, stub.CreateSessions(empty_or_huge))
+            await worker.close()
+        # Answered once on disk: a restarted scheduler has both rooms.
+        async with scheduler(tmp_path, model_dir) as (_, stub, _ch):
+            listed = await stub.ListSessions(sessions_pb2.ListSessionsRequest())
+            assert sorted(s.spec.room_id for s in listed.sessions) == ["r1", "r5"]
+
+    run(body)
+
+
 def test_health_is_served(tmp_path: Path, model_dir: Path) -> None:
     async def body() -> None:
         async with scheduler(tmp_path, model_dir) as (_, _stub, ch):
