@@ -2,6 +2,7 @@
 and putting them into the ``Report``:
 
   [1] burst   ``phase_burst``: CreateSession as fast as answers come back (placements/s)
+  [1b] batch  ``phase_batch``: the burst in CreateSessions calls of many rooms
   [2] rate    ``phase_rate``: CreateSession open loop at a fixed rate (p50/p99/max latency)
   [3] trace   ``phase_trace``: the day replayed, the clock held at the evening peak while
               ``hold_at_peak`` measures the scheduler's CPU, utilisation and sessions by tier
@@ -68,6 +69,38 @@ async def phase_burst(tc: Tenants, fleet: Fleet, rooms: list[Room], concurrency:
           f"({len(ids) / max(time.perf_counter() - t1, 1e-9):.0f}/s); errors: {codes(ends)}", flush=True)
     if len(ids) < len(rooms):
         print(f"  ended {await end_leftovers(tc, 'b')} more created by calls that timed out", flush=True)
+
+
+async def phase_batch(tc: Tenants, fleet: Fleet, rooms: list[Room], batch: int, in_flight: int,
+                      sched_pid: int, rep: Report, time_limit: float) -> None:
+    """[1b] The burst again as a vendor opening a wave of rooms sends it: CreateSessions
+    calls of `batch` rooms, `in_flight` calls at a time."""
+    print(f"\n[1b] batched burst: {len(rooms)} rooms in CreateSessions calls of {batch}, "
+          f"{in_flight} calls in flight", flush=True)
+    before = await fleet.stats()
+    sched = CpuMeter([sched_pid])
+    gen = CpuMeter([os.getpid(), *fleet.pids])
+    chunks = [rooms[i:i + batch] for i in range(0, len(rooms), batch)]
+    t0 = time.perf_counter()
+    results = await bounded(chunks, in_flight, lambda c: tc.create_many(
+        [(spec_pb(r), r.room_id) for r in c]), time_limit)
+    wall = time.perf_counter() - t0
+    calls: list[Call] = [c for done in results if done is not None for c in done]
+    s_cpu, g_cpu = sched.share(), gen.share()
+    placed = sum(c.state in (types_pb2.SESSION_STATE_PLACED, types_pb2.SESSION_STATE_RUNNING) for c in calls)
+    await asyncio.sleep(1.0)
+    after = await fleet.stats()
+    assigned = sum(after["assigns"].values()) - sum(before["assigns"].values())
+    rate = placed / wall
+    lat = [done[0].latency for done in results if done]
+    print(f"  {placed}/{len(calls)} placed in the answer in {wall:.2f}s = {rate:.0f} placements/s "
+          f"({assigned} Assign messages reached the workers); errors: {codes(calls)}")
+    print(f"  call latency p50 {ms(pct(lat, 0.5))} p99 {ms(pct(lat, 0.99))} (closed loop); CPU: "
+          f"scheduler {s_cpu:.0%} of a core, generator {g_cpu:.0%}", flush=True)
+    rep.values.update(batch_rate=rate, batch_size=batch, batch_sched_cpu=s_cpu)
+    ids = [c.session_id for c in calls if c.session_id]
+    ends = await bounded(ids, 128, tc.end)
+    print(f"  ended {len(ids)}; errors: {codes(ends)}", flush=True)
 
 
 async def phase_rate(tc: Tenants, fleet: Fleet, rooms: list[Room], rate: float, max_in_flight: int,

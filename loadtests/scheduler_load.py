@@ -9,7 +9,8 @@ livestream-commerce day (quiet night, sharp 20:00-22:00 peak; KA brands with
 premium reservations, SaaS vendors with standard rooms, best-effort tenants).
 
 One run prints, phase by phase, then as a PASS/MISS table against the goals:
-  1. burst      placements per second (rooms created as fast as they are answered)
+  1. burst      placements per second (rooms created as fast as they are answered),
+                 then again in CreateSessions calls of --batch rooms (a vendor's wave)
   2. rate       p50/p99/max CreateSession latency at a fixed open-loop rate
   3. trace      the day replayed; the clock holds at the evening peak while the
                 scheduler's CPU (of one core) is measured from /proc
@@ -58,6 +59,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `loadtests.*` and the pac
 from loadtests.phases import (  # noqa: E402
     compare_costs,
     final_metrics,
+    phase_batch,
     phase_burst,
     phase_rate,
     phase_trace,
@@ -94,7 +96,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="seconds the trace holds at its peak while scheduler CPU is measured (default 20)")
     ap.add_argument("--burst", type=int, default=None,
                     help="rooms created as fast as possible in phase 1 (default 40%% of --rooms)")
-    ap.add_argument("--rate", type=float, default=2000.0, help="CreateSession per second in phase 2 (default 2000)")
+    ap.add_argument("--batch", type=int, default=100,
+                    help="rooms per CreateSessions call in phase 1b, the batched burst (default 100)")
+    ap.add_argument("--batch-in-flight", type=int, default=4,
+                    help="CreateSessions calls in flight in phase 1b (default 4)")
+    ap.add_argument("--rate", type=float, default=500.0, help="CreateSession per second in phase 2 (default 500)")
     ap.add_argument("--rate-seconds", type=float, default=3.0, help="length of phase 2 (default 3)")
     ap.add_argument("--concurrency", type=int, default=128, help="calls in flight in bursts (default 128)")
     ap.add_argument("--max-in-flight", type=int, default=2000,
@@ -118,7 +124,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="no concurrency cap / spend budget on the two SaaS vendors that get one")
     ap.add_argument("--no-sync", action="store_true",
                     help="scheduler with sync_to_disk = false (no fsync per commit)")
-    ap.add_argument("--phases", default="burst,rate,trace", help="which phases to run (default all)")
+    ap.add_argument("--phases", default="burst,batch,rate,trace", help="which phases to run (default all)")
     ap.add_argument("--seed", type=int, default=7, help="trace and fleet seed (default 7)")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (config, db, scheduler log)")
     ap.add_argument("--scheduler-root", type=Path, default=ROOT,
@@ -235,6 +241,9 @@ async def run(args: argparse.Namespace, home: Path, rep: Report, cleanup: list[A
     if "burst" in phases and burst_n > 0:
         await phase_burst(tc, fleet, synthetic(trace, burst_n, "b", rng), args.concurrency, sched.pid, rep,
                           args.phase_timeout)
+    if "batch" in phases and burst_n > 0 and args.batch > 0:
+        await phase_batch(tc, fleet, synthetic(trace, burst_n, "m", rng), args.batch,
+                          args.batch_in_flight, sched.pid, rep, args.phase_timeout)
     if "rate" in phases and args.rate > 0:
         n = int(args.rate * args.rate_seconds)
         await phase_rate(tc, fleet, synthetic(trace, n, "q", rng), args.rate, args.max_in_flight,

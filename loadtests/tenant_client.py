@@ -28,6 +28,9 @@ class Call:
     started: float = 0.0  # perf_counter at the call's start
 
 
+_CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
+
+
 class Tenants:
     """CreateSession/EndSession over a few channels, round robin."""
 
@@ -45,6 +48,20 @@ class Tenants:
         req = sessions_pb2.CreateSessionRequest(spec=spec, request_id=request_id)
         stub = self.stub()
         return await _timed(lambda: stub.CreateSession(req, timeout=self.timeout))
+
+    async def create_many(self, reqs: list[tuple[types_pb2.SessionSpec, str]]) -> list[Call]:
+        """One CreateSessions call; a Call per room, each with the call's latency."""
+        req = sessions_pb2.CreateSessionsRequest(requests=[
+            sessions_pb2.CreateSessionRequest(spec=spec, request_id=rid) for spec, rid in reqs])
+        stub = self.stub()
+        t0 = time.perf_counter()
+        try:
+            done = await stub.CreateSessions(req, timeout=self.timeout)
+        except grpc.aio.AioRpcError as e:
+            return [Call(time.perf_counter() - t0, 0, e.code().name, started=t0) for _ in reqs]
+        lat = time.perf_counter() - t0
+        return [Call(lat, r.session.state, "OK", r.session.session_id, t0) if r.code == 0 else
+                Call(lat, 0, _CODE_NAMES.get(r.code, str(r.code)), started=t0) for r in done.results]
 
     async def end(self, session_id: str) -> Call:
         return await _timed(lambda: self.stub().EndSession(sessions_pb2.EndSessionRequest(

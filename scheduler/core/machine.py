@@ -20,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import itertools
 import logging
+import operator
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Concatenate, ParamSpec, TypeVar
 
 from avatarfarm.avatars import VideoAvatarFace, list_avatars, list_video_avatars, video_avatar_face
@@ -58,6 +60,9 @@ _M = TypeVar("_M", bound="SessionMachine")
 # What a snapshot holds besides every live session and worker (the status page shows no more).
 SNAPSHOT_QUEUE = 200
 SNAPSHOT_RECENT_SECONDS = 3600.0
+
+
+_admitted = operator.attrgetter("seq")
 
 
 def carried_out(operation: Callable[Concatenate[_M, _P], _R]) -> Callable[Concatenate[_M, _P], _R]:
@@ -358,10 +363,16 @@ class SessionMachine:
         last tick took)."""
         now = self.clock()
         since = now - recent_seconds
-        groups: dict[SessionState, list[Session]] = {}
-        for s in self.sessions.values():
-            if not s.state.terminal or s.updated_at >= since:
-                groups.setdefault(s.state, []).append(s)
+        groups: dict[SessionState, tuple[Session, ...]] = {}
+        for state, in_state in self.sessions.by_state.items():
+            if not state.terminal:
+                found: Iterable[Session] = in_state.values()
+            else:  # newest first, back to the first that ended before `since`
+                found = itertools.takewhile(lambda s: s.updated_at >= since,
+                                            reversed(in_state.values()))
+            group = sorted(found, key=_admitted)
+            if group:
+                groups[state] = tuple(group)
         workers: dict[str, WorkerView] = {}
         for wid in sorted(self.workers):
             conn, ws = self.workers[wid], self.fleet.workers.get(wid)
@@ -375,7 +386,7 @@ class SessionMachine:
                 ws.unit_capacity(self.fleet.target) if ws else 0.0)
         book = self.metering.costs
         costs = CostBook(book.price, dict(book.stream_seconds), dict(book.device_seconds))
-        return ClusterSnapshot(now, {k: tuple(v) for k, v in groups.items()}, recent_seconds,
+        return ClusterSnapshot(now, groups, recent_seconds,
                                workers, tuple(self.queue.ordered(queue_limit)),
                                len(self.queue), self.waiting(), self.fleet.totals(), costs)
 

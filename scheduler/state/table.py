@@ -25,6 +25,9 @@ class SessionTable(Mapping[str, Session]):
         self.counts: collections.Counter[tuple[SessionState, Tier]] = collections.Counter()
         self.degraded: set[str] = set()  # live sessions below the top of their ladder
         self.preemptible = 0.0  # compute held by placed non-premium rooms
+        # Sessions by state, each in the order they entered it: a snapshot copies these
+        # instead of walking every session the scheduler ever had.
+        self.by_state: dict[SessionState, dict[str, Session]] = {st: {} for st in SessionState}
 
     def __getitem__(self, session_id: str) -> Session:
         return self._by_id[session_id]
@@ -41,12 +44,16 @@ class SessionTable(Mapping[str, Session]):
         self._by_id[s.session_id] = s
         if prev is not None:
             self._unindex(prev)
+            if prev.state is not s.state:
+                del self.by_state[prev.state][s.session_id]
+        self.by_state[s.state][s.session_id] = s
         self._index(prev, s)
         return prev
 
     def progressed(self, s: Session) -> None:
         """A session whose progress alone changed: nothing indexed moves."""
         self._by_id[s.session_id] = s
+        self.by_state[s.state][s.session_id] = s
 
     def _unindex(self, prev: Session) -> None:
         if prev.state in LIVE and prev.spec.tier is not Tier.PREMIUM:

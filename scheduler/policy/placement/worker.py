@@ -123,6 +123,8 @@ class WorkerState:
     # first of its avatar): placement asks every candidate for every room, and a worker's
     # answer changes only when its rooms do, so it is kept until the next `add`/`remove`.
     _demands: dict[tuple[object, ...], Demand | None] = field(default_factory=dict)
+    # The last `unit_capacity` asked, by what it depends on (the profile never changes).
+    _unit_capacity: tuple[tuple[float, float, float], float] | None = None
 
     def __post_init__(self) -> None:
         self.memory_used = self.memory.models_bytes
@@ -139,6 +141,12 @@ class WorkerState:
         """Compute units (512x512@25 text rooms) this worker carries at the utilisation
         target at full batching: device time, and the host's cores where they encode
         (0: unmeasured)."""
+        key = (target, self.compute_capacity, self.cpu_capacity)
+        if self._unit_capacity is None or self._unit_capacity[0] != key:
+            self._unit_capacity = (key, self._units_at(target))
+        return self._unit_capacity[1]
+
+    def _units_at(self, target: float) -> float:
         q = UNIT_QUALITY
         device = self.profile.room_load(q, UNIT_MODE, encode=self.encode_on_device)
         if not device:

@@ -88,6 +88,14 @@ def test_reservations_hold_and_premium_is_never_taken_from(tmp_path_factory, roo
     assert placed == set(core.fleet.where)
     assert {s.session_id for s in live if s.state is SessionState.PENDING} == \
         set(core.queue.ordered())
+    for state, in_state in core.sessions.by_state.items():
+        assert in_state == {s.session_id: s for s in sessions if s.state is state}
+    # The snapshot (built from those) holds every live session and every recent one, in
+    # the order they were admitted.
+    snap = core.snapshot()
+    assert {s.session_id: s for group in snap.by_state.values() for s in group} == \
+        {s.session_id: s for s in sessions}
+    assert all(list(g) == sorted(g, key=lambda s: s.seq) for g in snap.by_state.values())
     core.store.close()
 
 
