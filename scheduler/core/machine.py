@@ -176,6 +176,7 @@ class SessionMachine:
                 self._orphans.add(s.session_id)
             if not s.state.terminal and s.spec.drive_mode is DriveMode.TEXT:
                 self._scripts[s.session_id] = store.script(s.session_id)
+        self.sessions.order_ended()
         self.metrics.session_counts(self.sessions.counts)
 
     async def durable(self) -> None:

@@ -50,6 +50,13 @@ class SessionTable(Mapping[str, Session]):
         self._index(prev, s)
         return prev
 
+    def order_ended(self) -> None:
+        """Ended sessions by when they ended (loaded from the store they come in
+        admission order): a snapshot reads the recent ones from the newest back."""
+        for state, in_state in self.by_state.items():
+            if state.terminal:
+                self.by_state[state] = dict(sorted(in_state.items(), key=lambda kv: kv[1].updated_at))
+
     def progressed(self, s: Session) -> None:
         """A session whose progress alone changed: nothing indexed moves."""
         self._by_id[s.session_id] = s

@@ -121,3 +121,21 @@ def test_the_generated_traffic_does_reach_reclaiming(tmp_path: Path) -> None:
     assert vip.guaranteed and vip.state is SessionState.PLACED
     assert kinds[EventKind.PREEMPTED] + kinds[EventKind.DEGRADED] > 0
     core.store.close()
+
+
+def test_a_restarted_core_shows_the_rooms_that_ended_recently_whatever_their_order(
+        tmp_path: Path) -> None:
+    # The snapshot reads ended rooms from the newest back: rooms loaded from the store
+    # come in admission order, and a room admitted later may have ended long before.
+    core, clock = builders.make_core(tmp_path)
+    connect(core)  # a worker holding the avatar
+    first = core.create(make_spec("first")).session_id
+    second = core.create(make_spec("second")).session_id
+    core.end(second)
+    clock.now += 2 * 3600
+    core.end(first)
+    core.store.close()
+    again, _ = builders.make_core(tmp_path, clock)
+    recent = [s.session_id for s in again.snapshot().sessions(SessionState.ENDED)]
+    assert recent == [first]
+    again.store.close()
