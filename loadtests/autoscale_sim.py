@@ -22,10 +22,12 @@ back on at once: must be 0).
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import logging
 import math
 import random
+import re
 import sys
 import tempfile
 import time
@@ -117,13 +119,15 @@ class Result:
     minimum_seconds: float
     floor_seconds: float  # the minimum with the premium reservations held all day
     peak_workers: int
-    ups: int
-    downs: int
+    ups: int  # workers added by scale decisions
+    downs: int  # workers taken away
     workers_started: int
     handovers: dict[str, int]
     drains: dict[str, int]
     dropped: int
     failed: int
+    # Why dropped rooms went back to the queue (the reason, its worker ids taken out).
+    dropped_why: dict[str, int]
     rooms: int
     wall: float
 
@@ -195,7 +199,7 @@ def run(peak_rooms: int, hours: float, boot_seconds: float, interval: float, dt:
     created: dict[str, float] = {}
     first_placed: dict[str, float] = {}
     live_share = 0.0
-    dropped: set[str] = set()
+    dropped: dict[str, str] = {}  # session -> why it went back to the queue
     live: dict[str, Room] = {}
     ends = sorted(trace, key=lambda r: r.end_s)
     i_arr = i_end = 0
@@ -272,8 +276,8 @@ def run(peak_rooms: int, hours: float, boot_seconds: float, interval: float, dt:
         # A placed room back in the queue is off the air: dropped unless it is on again
         # within this step (a stop-then-start handover).
         for sid in core.queue.waiting():
-            if sid in first_placed:
-                dropped.add(sid)
+            if sid in first_placed and sid not in dropped:
+                dropped[sid] = core.sessions[sid].reason
         n = len(prov.booting) + len(prov.running)
         worker_seconds += n * dt
         peak_workers = max(peak_workers, n)
@@ -295,12 +299,17 @@ def run(peak_rooms: int, hours: float, boot_seconds: float, interval: float, dt:
                  for k in ("seamless", "restart")}
     drains = {k: int(text.get_sample_value("avatarfarm_worker_drains_total", {"outcome": k}) or 0)
               for k in ("completed", "deadline")}
-    ups = sum(1 for e in ctl.events if e.direction == "up")
-    downs = sum(1 for e in ctl.events if e.direction == "down")
+    # Workers added and taken away by scale decisions (the controller's own event list
+    # keeps only the latest few hundred).
+    ups, downs = (int(text.get_sample_value("avatarfarm_autoscaler_scale_events_total",
+                                            {"pool": POOL, "direction": d}) or 0)
+                  for d in ("up", "down"))
     core.store.close()
     return Result(pending, worker_seconds, minimum_seconds, floor_seconds, peak_workers, ups, downs,
-                  prov._n, handovers, drains, len(dropped), failed, len(created),
-                  time.monotonic() - start)
+                  prov._n, handovers, drains, len(dropped), failed,
+                  dict(collections.Counter(re.sub(r"\b(worker|by) \S+", r"\1 W", why)
+                                           for why in dropped.values()).most_common(5)),
+                  len(created), time.monotonic() - start)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -349,11 +358,13 @@ def _run_day(args: argparse.Namespace, shape: DayShape) -> int:
           f"minimum needed ({ratio:.2f}x; peak {r.peak_workers} workers)")
     print(f"                     {r.floor_seconds / 3600:.0f} minimum with the premium reservations "
           f"held all day ({r.worker_seconds / r.floor_seconds:.2f}x)")
-    print(f"scale events         {r.ups} up, {r.downs} down ({r.workers_started} workers started)")
+    print(f"scaling              {r.ups} workers up, {r.downs} down ({r.workers_started} started)")
     print(f"handovers            {r.handovers['seamless']} seamless, {r.handovers['restart']} "
           f"stop-then-start; drains {r.drains['completed']} completed, "
           f"{r.drains['deadline']} past their deadline")
     print(f"rooms dropped        {r.dropped}   goal 0   {'PASS' if r.dropped == 0 else 'MISS'}")
+    for why, n in r.dropped_why.items():
+        print(f"                     {n} {why}")
     print(f"wall time            {r.wall:.0f} s")
     return 0 if r.dropped == 0 else 1
 
