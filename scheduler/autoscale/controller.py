@@ -198,8 +198,9 @@ class AutoscalingController:
                 leaving += quick
                 n -= len(quick)
                 if n > 0:
-                    self._start_drains(cluster, d.pool, n, now)
-                self._record(now, d.pool, "down", len(quick) + n, d.reason)
+                    n = self._start_drains(cluster, d.pool, n, now)
+                if quick or n:
+                    self._record(now, d.pool, "down", len(quick) + n, d.reason)
             # Removals before additions: raising a count removes nothing on some engines.
             if leaving and self.provisioner is not None:
                 total -= len(leaving)
@@ -216,7 +217,8 @@ class AutoscalingController:
         self.publish(self.core.snapshot())  # with the drains it just started
         return calls
 
-    def _start_drains(self, cluster: ClusterSnapshot, pool: str, n: int, now: float) -> None:
+    def _start_drains(self, cluster: ClusterSnapshot, pool: str, n: int, now: float) -> int:
+        """Drains up to `n` of the pool's workers; returns how many it started."""
         p = self._pools[pool]
         mine = {i.worker_id for i in p.instances}
         candidates = [w for w in cluster.workers.values()
@@ -229,9 +231,12 @@ class AutoscalingController:
         # worker by its deadline would take them off the air.
         order = placement.drainable(self.core.fleet, order, n)
         deadline = now + self.config.drain_deadline_seconds
+        started = 0
         for wid in order[:n]:
             if self.core.drain_worker(wid, deadline, f"scale-down of pool {pool}"):
                 p.draining[wid] = deadline
+                started += 1
+        return started
 
     def _record(self, now: float, pool: str, direction: str, n: int, reason: str) -> None:
         self.events.append(ScaleEvent(now, pool, direction, n, reason))

@@ -121,3 +121,25 @@ def test_a_worker_that_never_registers_is_replaced_removal_first(tmp_path: Path)
     clock.t += 56.0
     assert step(ctl, prov) == [(0, (stuck,), "replace"), (1, (), "up")]
     assert stuck not in prov.booting and len(prov.booting) == 1
+
+
+def test_a_scale_down_no_worker_can_take_is_neither_started_nor_counted(tmp_path: Path) -> None:
+    core, ctl, prov, clock = make(tmp_path)
+    rooms = [core.create(make_spec(f"r{i}", seconds=0.0)) for i in range(2)]
+    step(ctl, prov)
+    clock.t += 30.0
+    # Each worker is measured to hold one room (0.66 of it), while the pool is said to
+    # carry two units a worker: the policy wants one worker, and neither room fits beside
+    # the other.
+    conns = [core.register_worker(w, device_type="cpu", provider="CPUExecutionProvider",
+                                  profile=make_profile(render_512=0.026), input_endpoint=f"{w}:1",
+                                  avatars=frozenset(), active={}) for w in prov.due()]
+    core.place_pending()
+    assert all(core.sessions[r.session_id].state is SessionState.PLACED for r in rooms)
+    ctl.config.pools["cpu"] = PoolConfig(device_type="cpu", max_workers=4, units_per_worker=2.0)
+    assert step(ctl, prov) == []
+    assert [d.delta for d in ctl.decisions] == [-1]
+    assert all(c.draining_until is None for c in conns)  # it would take a room off the air
+    assert [e.direction for e in ctl.events] == ["up"]
+    assert not core.metrics.registry.get_sample_value(
+        "avatarfarm_autoscaler_scale_events_total", {"pool": "cpu", "direction": "down"})
