@@ -53,6 +53,16 @@ def test_the_scheduler_load_test_runs_every_phase_at_a_tiny_scale() -> None:
     assert "stream errors 0" in out.stdout, out.stdout
 
 
+def test_the_core_benchmark_places_every_room_and_times_the_tick() -> None:
+    out = subprocess.run(
+        [sys.executable, "loadtests/core_bench.py", "--workers", "20", "--rooms", "100",
+         "--ended", "50", "--ticks", "2"],
+        capture_output=True, text=True, timeout=240, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "100 rooms in" in out.stdout and "100 placed in the answer" in out.stdout, out.stdout
+    assert "tick:" in out.stdout and "(100 live rooms, 50 ended, 20 workers)" in out.stdout, out.stdout
+
+
 @pytest.mark.slow
 def test_the_chaos_load_test_loses_no_room_and_no_usage(model_dir: Path, tmp_path: Path) -> None:
     out = subprocess.run(
