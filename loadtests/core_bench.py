@@ -95,7 +95,7 @@ async def bench(workers: int, rooms: int, ended: int, ticks: int, seed: int, hom
         clock.t += 1.0
         core.tick()
     tick = (time.perf_counter() - t0) / ticks
-    live = sum(len(core.sessions.by_state[s]) for s in (SessionState.PLACED, SessionState.RUNNING))
+    live = sum(s.state in (SessionState.PLACED, SessionState.RUNNING) for s in core.sessions.values())
     print(f"tick: {tick * 1e3:.1f} ms ({live} live rooms, {ended} ended, {workers} workers): "
           "the loop answers no call meanwhile", flush=True)
     await core.durable()

@@ -378,7 +378,7 @@ class SessionMachine:
         for wid in sorted(self.workers):
             conn, ws = self.workers[wid], self.fleet.workers.get(wid)
             rooms = tuple(self._rooms_on(wid)) if ws is not None else ()
-            units = sum(self.sessions[sid].units for sid in rooms if sid in self.sessions)
+            units = sum(s.units for s in map(self.sessions.get, rooms) if s is not None)
             workers[wid] = WorkerView(
                 wid, conn.device_type, conn.provider, conn.last_seen,
                 ws is not None and ws.accepting, conn.draining_until, conn.drain_reason, rooms,

@@ -38,6 +38,14 @@ class SessionTable(Mapping[str, Session]):
     def __len__(self) -> int:
         return len(self._by_id)
 
+    # The dict's own lookups, not Mapping's generic ones (they go through __getitem__ and
+    # an exception): the core asks these for every room, every tick.
+    def __contains__(self, session_id: object) -> bool:
+        return session_id in self._by_id
+
+    def get(self, session_id: str, default: Session | None = None) -> Session | None:  # type: ignore[override]
+        return self._by_id.get(session_id, default)
+
     def put(self, s: Session) -> Session | None:
         """Stores `s` and re-indexes it; returns what it replaced."""
         prev = self._by_id.get(s.session_id)
