@@ -145,7 +145,8 @@ def run(peak_rooms: int, hours: float, boot_seconds: float, interval: float, dt:
         seed: int, rtmp_share: float, window: float, home: Path,
         log_every: float = 3600.0, shape: DayShape = DAYS["default"],
         headroom: float = AutoscalerConfig().headroom,
-        tolerance: float = AutoscalerConfig().scale_down_tolerance) -> Result:
+        tolerance: float = AutoscalerConfig().scale_down_tolerance,
+        ramp: float = AutoscalerConfig().ramp_seconds) -> Result:
     rng = random.Random(seed)
     tenants = make_tenants(shape=shape)
     trace = [r for r in make_day(peak_rooms, tenants, seed, shape) if r.arrival_s < hours * 3600]
@@ -164,7 +165,7 @@ def run(peak_rooms: int, hours: float, boot_seconds: float, interval: float, dt:
                  for t in tenants},
         autoscaler=AutoscalerConfig(
             provisioner=ProvisionerKind.LOCAL, interval_seconds=interval, headroom=headroom,
-            scale_down_tolerance=tolerance,
+            scale_down_tolerance=tolerance, ramp_seconds=ramp,
             scale_down_window_seconds=window, drain_deadline_seconds=300.0,
             boot_timeout_seconds=max(600.0, boot_seconds * 3),
             pools={POOL: PoolConfig(device_type="h200", min_workers=1, max_workers=10_000)}))
@@ -329,6 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="the autoscaler's headroom (spare capacity above demand, a fraction)")
     ap.add_argument("--tolerance", type=float, default=AutoscalerConfig().scale_down_tolerance,
                     help="the autoscaler's scale-down tolerance")
+    ap.add_argument("--ramp", type=float, default=AutoscalerConfig().ramp_seconds,
+                    help="seconds of the demand's growth the autoscaler starts ahead (0: none)")
     ap.add_argument("--log-every", type=float, default=3600.0,
                     help="simulated seconds between progress lines (0: none)")
     args = ap.parse_args(argv)
@@ -343,11 +346,11 @@ def _run_day(args: argparse.Namespace, shape: DayShape) -> int:
     print(f"== {shape.name}: {shape.description}")
     print(f"autoscaling: {args.peak_rooms} rooms at the peak, {args.hours:g} h, boot "
           f"{args.boot_seconds:g} s, decisions every {args.interval:g} s, window {args.window:g} s, "
-          f"headroom {args.headroom:g}, tolerance {args.tolerance:g}")
+          f"headroom {args.headroom:g}, tolerance {args.tolerance:g}, ramp {args.ramp:g} s")
     with tempfile.TemporaryDirectory() as tmp:
         r = run(args.peak_rooms, args.hours, args.boot_seconds, args.interval, args.step,
                 args.seed, args.rtmp_share, args.window, Path(tmp),
-                log_every=args.log_every or math.inf, shape=shape, headroom=args.headroom,
+                log_every=args.log_every or math.inf, shape=shape, headroom=args.headroom, ramp=args.ramp,
                 tolerance=args.tolerance)
     ratio = r.worker_seconds / r.minimum_seconds if r.minimum_seconds else float("nan")
     print(f"rooms                {r.rooms} (failed {r.failed})")

@@ -134,7 +134,8 @@ class SchedulerConfig:
         AutoscalerConfig(),
         "worker pools the autoscaler keeps sized to demand, as an [autoscaler] table: "
         "provisioner (none: recommend only | local | ray | kubernetes), interval_seconds, "
-        "headroom, scale_down_window_seconds, scale_down_step, drain_deadline_seconds, "
+        "headroom, ramp_seconds (the demand's growth started ahead: a worker's boot time), "
+        "ramp_window_seconds, scale_down_window_seconds, scale_down_step, drain_deadline_seconds, "
         "boot_timeout_seconds, scheduler_address (how started workers reach the scheduler), "
         "local_log_dir, "
         "ray_address, ray_namespace, and [autoscaler.pools.NAME] tables: "

@@ -7,6 +7,10 @@ text-driven room), with a headroom on top so a ramp finds capacity already
 booting. The target is that demand over what one worker carries, never below
 what premium reservations need nor outside the pool's [min, max].
 
+- A ramp is met ahead: the demand's rise per second over the last
+  ``ramp_window_seconds``, times ``ramp_seconds`` (a boot and a decision), is started
+  on top of the headroom, so a small headroom serves a flat load and a steep evening
+  ramp alike.
 - Up fast: a higher target is acted on at once (booting workers count as
   capacity, so a ramp is not answered twice).
 - Down slowly: the target used is the highest one recommended over the last
@@ -46,7 +50,12 @@ class AutoscalerConfig:
 
     provisioner: ProvisionerKind = ProvisionerKind.NONE
     interval_seconds: float = 5.0
-    headroom: float = 0.2  # spare capacity kept above demand, as a fraction of it
+    headroom: float = 0.05  # spare capacity kept above demand, as a fraction of it
+    # Capacity is started this far ahead of the demand's growth: a worker's boot time and
+    # a decision interval. The growth is the demand's rise per second over the last
+    # `ramp_window_seconds`; a flat or falling load keeps only the headroom.
+    ramp_seconds: float = 120.0
+    ramp_window_seconds: float = 300.0
     scale_down_window_seconds: float = 300.0
     scale_down_step: int = 1  # workers that may leave per decision
     scale_down_tolerance: float = 0.1  # extra headroom a smaller pool must still have
@@ -66,9 +75,11 @@ class AutoscalerConfig:
             raise ValueError("interval_seconds, drain_deadline_seconds and boot_timeout_seconds "
                              "must be positive")
         if self.headroom < 0 or self.scale_down_window_seconds < 0 or self.scale_down_step < 1 \
-                or self.scale_down_tolerance < 0:
+                or self.scale_down_tolerance < 0 or self.ramp_seconds < 0 \
+                or self.ramp_window_seconds <= 0:
             raise ValueError("need headroom >= 0, scale_down_window_seconds >= 0, "
-                             "scale_down_step >= 1 and scale_down_tolerance >= 0")
+                             "scale_down_step >= 1, scale_down_tolerance >= 0, "
+                             "ramp_seconds >= 0 and ramp_window_seconds > 0")
         devices = [p.device_type for p in self.pools.values()]
         if len(set(devices)) != len(devices):
             raise ValueError("each pool needs its own device_type (workers are matched to pools "
@@ -118,6 +129,7 @@ class PoolDecision:
 @dataclass(slots=True)
 class _History:
     recommendations: deque[tuple[float, int]] = field(default_factory=deque)
+    demand: deque[tuple[float, float]] = field(default_factory=deque)
 
     def add(self, now: float, n: int, window: float) -> int:
         """Records a recommendation; returns the highest one within the window."""
@@ -125,6 +137,27 @@ class _History:
         while self.recommendations and self.recommendations[0][0] < now - window:
             self.recommendations.popleft()
         return max(r for _, r in self.recommendations)
+
+    def growth(self, now: float, demand: float, window: float) -> float:
+        """Records the demand; returns how fast it rises, in units per second: the
+        least-squares slope over the window (a wobble averages out), 0 while flat or
+        falling. What a ramp adds is at most what the window has seen it rise."""
+        self.demand.append((now, demand))
+        while self.demand and self.demand[0][0] < now - window:
+            self.demand.popleft()
+        n = len(self.demand)
+        if n < 2:
+            return 0.0
+        mt = sum(t for t, _ in self.demand) / n
+        md = sum(d for _, d in self.demand) / n
+        var = sum((t - mt) ** 2 for t, _ in self.demand)
+        if var <= 0:
+            return 0.0
+        return max(0.0, sum((t - mt) * (d - md) for t, d in self.demand) / var)
+
+    def risen(self, demand: float) -> float:
+        """How far the demand is above its lowest within the window."""
+        return max(0.0, demand - min(d for _, d in self.demand)) if self.demand else 0.0
 
 
 class Autoscaler:
@@ -156,15 +189,20 @@ class Autoscaler:
                 why = "no measured capacity yet"
             else:
                 demand = sig.load_units + pending
-                # Spare capacity: the headroom for a ramp, and on top what reservations hold
-                # unused (with only the larger of the two, the rest of a ramp used the
-                # reserved part and premium rooms preempted the rooms that borrowed it).
-                spare = demand * cfg.headroom + sig.reserved_free
+                # Spare capacity: the headroom, what the demand's growth will add while new
+                # workers boot, and on top what reservations hold unused (with only the
+                # larger of these, the rest of a ramp used the reserved part and premium
+                # rooms preempted the rooms that borrowed it).
+                history = self._history[name]
+                ramp = min(history.growth(now, demand, cfg.ramp_window_seconds) * cfg.ramp_seconds,
+                           history.risen(demand))
+                spare = demand * cfg.headroom + ramp + sig.reserved_free
                 raw = math.ceil((demand + spare) / per_worker - 1e-9)
                 keep = math.ceil((demand * (1.0 + cfg.headroom) * (1.0 + cfg.scale_down_tolerance)
-                                  + sig.reserved_free) / per_worker - 1e-9)
+                                  + ramp + sig.reserved_free) / per_worker - 1e-9)
                 reserved = math.ceil(sig.reserved_units / per_worker - 1e-9)
                 why = (f"demand {demand:.1f} units + {spare:.1f} spare ({cfg.headroom:.0%} headroom"
+                       f"{f', {ramp:.1f} for the ramp' if ramp else ''}"
                        f"{f', {sig.reserved_free:.1f} reserved and unused' if sig.reserved_free else ''}) "
                        f"at {per_worker:.1f} units per worker")
                 if reserved > raw:

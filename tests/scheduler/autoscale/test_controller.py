@@ -27,7 +27,7 @@ def make(tmp: Path, **auto: object) -> tuple[Scheduler, AutoscalingController, S
     config = SchedulerConfig(
         database=tmp / "s.db", avatar_dir=tmp / "avatars", worker_timeout=1e9,
         autoscaler=AutoscalerConfig(provisioner=ProvisionerKind.LOCAL, headroom=0.0,
-                                    scale_down_tolerance=0.0,
+                                    scale_down_tolerance=0.0, ramp_seconds=0.0,
                                     scale_down_window_seconds=0.0, pools={"cpu": pool},
                                     **auto))  # type: ignore[arg-type]
     core = Scheduler(SqliteStore(config.database), config, clock=clock)

@@ -15,11 +15,12 @@ from scheduler.autoscale.provisioners import PoolConfig
 from scheduler.policy.autoscaler import Autoscaler, AutoscalerConfig, PoolSignals, Signals
 
 
-def make_scaler(window: float = 300.0, step: int = 1, headroom: float = 0.2,
+def make_scaler(window: float = 300.0, step: int = 1, headroom: float = 0.2, ramp: float = 0.0,
                 **pools: PoolConfig) -> Autoscaler:
+    """A policy with a flat headroom unless `ramp` (seconds of growth started ahead) is given."""
     pools = pools or {"l4": PoolConfig(device_type="l4", min_workers=1, max_workers=50)}
     return Autoscaler(AutoscalerConfig(headroom=headroom, scale_down_window_seconds=window,
-                                       scale_down_step=step, pools=dict(pools)))
+                                       scale_down_step=step, ramp_seconds=ramp, pools=dict(pools)))
 
 
 def pool(ready: int, load: float, per: float = 10.0, booting: int = 0,
@@ -124,8 +125,9 @@ def test_a_pool_with_no_measured_capacity_starts_one_worker_when_rooms_wait() ->
     assert b.decide(Signals(10.0, {"l4": pool(0, 0.0, per=0.0)}), 0.0)[0].desired == 3
 
 
-def _replay(loads: list[float], per: float, window: float, interval: float) -> list[int]:
-    a = make_scaler(window=window)
+def _replay(loads: list[float], per: float, window: float, interval: float,
+            ramp: float = 0.0) -> list[int]:
+    a = make_scaler(window=window, ramp=ramp)
     n, counts = 1, []
     for i, load in enumerate(loads):
         n = one(a, pool(n, load, per=per), i * interval)
@@ -141,12 +143,39 @@ def test_a_noisy_flat_load_does_not_thrash(seed: int, mean: float, noise: float)
     after the first ramp the pool never goes down and back up again."""
     rng = random.Random(seed)
     loads = [mean * (1 + rng.uniform(-noise, noise)) for _ in range(1440)]
-    counts = _replay(loads, per=10.0, window=300.0, interval=5.0)
-    changes = [b - a for a, b in itertools.pairwise(counts) if b != a]
-    ups_after_a_down = [i for i in range(1, len(changes)) if changes[i] > 0 and changes[i - 1] < 0]
-    assert not ups_after_a_down, changes
-    # And it stays within its headroom: never more than the peak recommendation.
-    assert max(counts) <= math.ceil(max(loads) * 1.2 / 10.0)
+    for ramp in (0.0, 120.0):  # a wobble is not a ramp: the slope of many points averages out
+        counts = _replay(loads, per=10.0, window=300.0, interval=5.0, ramp=ramp)
+        changes = [b - a for a, b in itertools.pairwise(counts) if b != a]
+        ups_after_a_down = [i for i in range(1, len(changes))
+                            if changes[i] > 0 and changes[i - 1] < 0]
+        assert not ups_after_a_down, (ramp, changes)
+        if not ramp:  # and it stays within its headroom: never over the peak recommendation
+            assert max(counts) <= math.ceil(max(loads) * 1.2 / 10.0)
+
+
+def test_a_ramp_is_started_ahead_by_its_rise_over_a_boot() -> None:
+    flat, ahead = make_scaler(headroom=0.05), make_scaler(headroom=0.05, ramp=120.0)
+    # The evening ramp: +0.5 units a second for five minutes, a decision every 5 s.
+    for i in range(61):
+        load = 100.0 + 0.5 * 5 * i
+        n_flat, n_ahead = one(flat, pool(1, load), i * 5.0), one(ahead, pool(1, load), i * 5.0)
+    assert n_flat == math.ceil(250 * 1.05 / 10)
+    # 0.5 units/s for the next 120 s: 60 units more, started now.
+    assert n_ahead == math.ceil((250 * 1.05 + 60) / 10)
+    (d,) = ahead.decide(Signals(0.0, {"l4": pool(1, 252.5)}), 305.0)
+    assert "for the ramp" in d.reason
+
+
+def test_a_single_burst_adds_no_more_than_it_rose() -> None:
+    a = make_scaler(headroom=0.0, ramp=120.0)
+    assert one(a, pool(2, 15.0), 0.0) == 2
+    # 200 units at once: the slope says 40 a second, but a burst is not a ramp's promise.
+    assert one(a, pool(2, 15.0), 5.0, pending=200.0) == math.ceil((215 + 200) / 10)
+    # Once flat, the ramp's part goes with the window and the pool comes down to the load.
+    n = 42
+    for i in range(2, 200):
+        n = one(a, pool(n, 215.0), i * 5.0)
+    assert n == math.ceil(215 * 1.1 / 10)  # with the scale-down tolerance
 
 
 @settings(max_examples=60, deadline=None)
