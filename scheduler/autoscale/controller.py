@@ -33,6 +33,10 @@ from scheduler.state.snapshot import ClusterSnapshot
 
 log = logging.getLogger(__name__)
 
+# Workers at least this full show what the pool's rooms, as they are mixed, fill a
+# worker with (an emptier one's ratio is mostly its first room's batch overhead).
+FILLED = 0.5
+
 
 @dataclass(frozen=True, slots=True)
 class ScaleCall:
@@ -129,6 +133,12 @@ class AutoscalingController:
         ready = dict.fromkeys(self._pools, 0)
         load = dict.fromkeys(self._pools, 0.0)
         capacity: dict[str, list[float]] = {name: [] for name in self._pools}
+        # What well-filled workers really carry: units per share of a worker used. A
+        # worker's unit capacity assumes full batches of one shape; a mix of shapes and
+        # sizes (1080p, vertical) fills it with fewer units, and a pool sized on the
+        # former runs full at the evening ramp, where reserved rooms then preempt others.
+        carried = dict.fromkeys(self._pools, 0.0)
+        used = dict.fromkeys(self._pools, 0.0)
         for w in cluster.workers.values():
             pool = self._pool_of_device.get(w.device_type)
             if pool is None or w.draining:
@@ -137,14 +147,20 @@ class AutoscalingController:
             load[pool] += w.room_units
             if w.unit_capacity > 0:
                 capacity[pool].append(w.unit_capacity)
+            if w.utilisation >= FILLED:
+                carried[pool] += w.room_units
+                used[pool] += w.utilisation
         # Reservations are not tied to a device type: the first (preferred) pool holds them.
         tenants = self.core.config.tenants
         reserved = sum(t.reserved_units for t in tenants.values())
         free = sum(max(0.0, t.reserved_units - self.core.sessions.reserved[name])
                    for name, t in tenants.items())
         pools = {}
+        target = self.core.fleet.target
         for i, name in enumerate(self._pools):
             per = sum(capacity[name]) / len(capacity[name]) if capacity[name] else 0.0
+            if per > 0 and used[name] > 0:
+                per = min(per, carried[name] / used[name] * target)
             pools[name] = PoolSignals(ready=ready[name], booting=self._booting(name, cluster),
                                       load_units=load[name], units_per_worker=per,
                                       reserved_units=reserved if i == 0 else 0.0,

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from avatarfarm.domain import SessionState
+import pytest
+
+from avatarfarm.domain import Quality, SessionState
 from loadtests.autoscale_sim import Clock, SimProvisioner
 from scheduler.autoscale.controller import AutoscalingController
 from scheduler.autoscale.provisioners import PoolConfig, ProvisionerKind
@@ -143,3 +145,24 @@ def test_a_scale_down_no_worker_can_take_is_neither_started_nor_counted(tmp_path
     assert [e.direction for e in ctl.events] == ["up"]
     assert not core.metrics.registry.get_sample_value(
         "avatarfarm_autoscaler_scale_events_total", {"pool": "cpu", "direction": "down"})
+
+
+def test_a_pool_is_sized_on_what_its_filled_workers_really_carry(tmp_path: Path) -> None:
+    core, ctl, _prov, _clock = make(tmp_path)
+    ctl.config.pools["cpu"] = PoolConfig(device_type="cpu", max_workers=8)  # measured units
+    core.register_worker("w1", device_type="cpu", provider="CPUExecutionProvider",
+                         profile=make_profile(render_512=0.010, batch_gain=0.8),
+                         input_endpoint="w1:1", avatars=frozenset(), active={})
+    # A 720p room alone on the worker: its batches hold one item, so it fills far more
+    # of the worker than its units say (units assume full batches of 512x512 rooms).
+    rooms = [core.create(make_spec(f"r{i}", seconds=0.0, quality=Quality(1280, 720, 25)))
+             for i in range(2)]
+    assert [r.state for r in rooms] == [SessionState.PLACED, SessionState.PENDING]
+    w = core.snapshot().workers["w1"]
+    assert w.utilisation >= 0.5 and w.room_units < 0.5 * w.unit_capacity
+    (sig,) = ctl.signals().pools.values()
+    assert sig.units_per_worker == pytest.approx(w.room_units / w.utilisation * core.fleet.target)
+    # Sized on the measured capacity, one worker would look like room for both rooms and
+    # a spare; sized on what it carries, the waiting room gets a worker.
+    (d,) = ctl.policy.decide(ctl.signals(), ctl.clock())
+    assert d.desired >= 2
