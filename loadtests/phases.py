@@ -22,7 +22,8 @@ import collections
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -38,32 +39,61 @@ from loadtests.wire import STATE_NAME, TIER_NAME, spec_pb
 from loadtests.worker_specs import WorkerSpec, compute_units
 
 
-async def phase_burst(tc: Tenants, fleet: Fleet, rooms: list[Room], concurrency: int,
-                      sched_pid: int, rep: Report, time_limit: float) -> None:
-    print(f"\n[1] burst: {len(rooms)} CreateSession calls, {concurrency} in flight", flush=True)
+@dataclass
+class _Burst:
+    """Rooms created as fast as answers come back, as seen from both sides."""
+
+    calls: list[Call]  # one per room
+    wall: float
+    placed: int  # placed in the answer
+    assigned: int  # Assign messages the simulated workers received meanwhile
+    sched_cpu: float
+    gen_cpu: float
+
+    @property
+    def rate(self) -> float:
+        return self.placed / self.wall
+
+
+async def _burst(fleet: Fleet, sched_pid: int, send: Callable[[], Awaitable[list[Call]]]) -> _Burst:
     before = await fleet.stats()
     sched = CpuMeter([sched_pid])
     gen = CpuMeter([os.getpid(), *fleet.pids])
     t0 = time.perf_counter()
-    results = await bounded(rooms, concurrency, lambda r: tc.create(spec_pb(r), r.room_id), time_limit)
+    calls = await send()
     wall = time.perf_counter() - t0
-    calls: list[Call] = [c for c in results if c is not None]
-    if len(calls) < len(rooms):
-        rep.note(f"burst stopped at its {time_limit:.0f}s limit after {len(calls)}/{len(rooms)} calls")
     s_cpu, g_cpu = sched.share(), gen.share()
     placed = sum(c.state in (types_pb2.SESSION_STATE_PLACED, types_pb2.SESSION_STATE_RUNNING) for c in calls)
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(1.0)  # the last Assign messages
     after = await fleet.stats()
     assigned = sum(after["assigns"].values()) - sum(before["assigns"].values())
-    rate = placed / wall
-    lat = [c.latency for c in calls if c.code == "OK"]
-    print(f"  {placed}/{len(calls)} placed in the answer in {wall:.2f}s = {rate:.0f} placements/s "
-          f"({assigned} Assign messages reached the workers); errors: {codes(calls)}")
-    print(f"  latency p50 {ms(pct(lat, 0.5))} p99 {ms(pct(lat, 0.99))} (closed loop); CPU: scheduler "
-          f"{s_cpu:.0%} of a core, generator {g_cpu:.0%}", flush=True)
-    rep.values.update(burst_rate=rate, burst_placed=placed, burst_sched_cpu=s_cpu, burst_gen_cpu=g_cpu)
+    return _Burst(calls, wall, placed, assigned, s_cpu, g_cpu)
+
+
+def _print_burst(b: _Burst, latencies: list[float], what: str) -> None:
+    print(f"  {b.placed}/{len(b.calls)} placed in the answer in {b.wall:.2f}s = {b.rate:.0f} placements/s "
+          f"({b.assigned} Assign messages reached the workers); errors: {codes(b.calls)}")
+    print(f"  {what} p50 {ms(pct(latencies, 0.5))} p99 {ms(pct(latencies, 0.99))} (closed loop); CPU: "
+          f"scheduler {b.sched_cpu:.0%} of a core, generator {b.gen_cpu:.0%}", flush=True)
+
+
+async def phase_burst(tc: Tenants, fleet: Fleet, rooms: list[Room], concurrency: int,
+                      sched_pid: int, rep: Report, time_limit: float) -> None:
+    print(f"\n[1] burst: {len(rooms)} CreateSession calls, {concurrency} in flight", flush=True)
+
+    async def send() -> list[Call]:
+        results = await bounded(rooms, concurrency, lambda r: tc.create(spec_pb(r), r.room_id),
+                                time_limit)
+        return [c for c in results if c is not None]
+
+    b = await _burst(fleet, sched_pid, send)
+    if len(b.calls) < len(rooms):
+        rep.note(f"burst stopped at its {time_limit:.0f}s limit after {len(b.calls)}/{len(rooms)} calls")
+    _print_burst(b, [c.latency for c in b.calls if c.code == "OK"], "latency")
+    rep.values.update(burst_rate=b.rate, burst_placed=b.placed, burst_sched_cpu=b.sched_cpu,
+                      burst_gen_cpu=b.gen_cpu)
     t1 = time.perf_counter()
-    ids = [c.session_id for c in calls if c.session_id]
+    ids = [c.session_id for c in b.calls if c.session_id]
     ends = await bounded(ids, concurrency, tc.end)
     print(f"  ended {len(ids)} in {time.perf_counter() - t1:.2f}s "
           f"({len(ids) / max(time.perf_counter() - t1, 1e-9):.0f}/s); errors: {codes(ends)}", flush=True)
@@ -77,28 +107,19 @@ async def phase_batch(tc: Tenants, fleet: Fleet, rooms: list[Room], batch: int, 
     calls of `batch` rooms, `in_flight` calls at a time."""
     print(f"\n[1b] batched burst: {len(rooms)} rooms in CreateSessions calls of {batch}, "
           f"{in_flight} calls in flight", flush=True)
-    before = await fleet.stats()
-    sched = CpuMeter([sched_pid])
-    gen = CpuMeter([os.getpid(), *fleet.pids])
     chunks = [rooms[i:i + batch] for i in range(0, len(rooms), batch)]
-    t0 = time.perf_counter()
-    results = await bounded(chunks, in_flight, lambda c: tc.create_many(
-        [(spec_pb(r), r.room_id) for r in c]), time_limit)
-    wall = time.perf_counter() - t0
-    calls: list[Call] = [c for done in results if done is not None for c in done]
-    s_cpu, g_cpu = sched.share(), gen.share()
-    placed = sum(c.state in (types_pb2.SESSION_STATE_PLACED, types_pb2.SESSION_STATE_RUNNING) for c in calls)
-    await asyncio.sleep(1.0)
-    after = await fleet.stats()
-    assigned = sum(after["assigns"].values()) - sum(before["assigns"].values())
-    rate = placed / wall
-    lat = [done[0].latency for done in results if done]
-    print(f"  {placed}/{len(calls)} placed in the answer in {wall:.2f}s = {rate:.0f} placements/s "
-          f"({assigned} Assign messages reached the workers); errors: {codes(calls)}")
-    print(f"  call latency p50 {ms(pct(lat, 0.5))} p99 {ms(pct(lat, 0.99))} (closed loop); CPU: "
-          f"scheduler {s_cpu:.0%} of a core, generator {g_cpu:.0%}", flush=True)
-    rep.values.update(batch_rate=rate, batch_size=batch, batch_sched_cpu=s_cpu)
-    ids = [c.session_id for c in calls if c.session_id]
+    latencies: list[float] = []
+
+    async def send() -> list[Call]:
+        results = await bounded(chunks, in_flight, lambda c: tc.create_many(
+            [(spec_pb(r), r.room_id) for r in c]), time_limit)
+        latencies.extend(done[0].latency for done in results if done)
+        return [c for done in results if done is not None for c in done]
+
+    b = await _burst(fleet, sched_pid, send)
+    _print_burst(b, latencies, "call latency")
+    rep.values.update(batch_rate=b.rate, batch_size=batch, batch_sched_cpu=b.sched_cpu)
+    ids = [c.session_id for c in b.calls if c.session_id]
     ends = await bounded(ids, 128, tc.end)
     print(f"  ended {len(ids)}; errors: {codes(ends)}", flush=True)
 
