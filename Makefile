@@ -31,8 +31,8 @@ $(STAMP): requirements/dev.txt pyproject.toml | $(UV)
 # onnxruntime for onnxruntime-gpu, which installs into the same package folder).
 lock: | $(UV)
 	$(COMPILE) --extra dev -o requirements/dev.txt
-	$(COMPILE) --extra ray --extra kubernetes -o requirements/image.txt
-	$(COMPILE) --extra gpu --extra ray --extra kubernetes --no-emit-package onnxruntime \
+	$(COMPILE) --extra ray --extra kubernetes --extra postgresql -o requirements/image.txt
+	$(COMPILE) --extra gpu --extra ray --extra kubernetes --extra postgresql --no-emit-package onnxruntime \
 	  -o requirements/image-gpu.txt
 
 demo: $(STAMP)

@@ -128,6 +128,11 @@ class InvalidRequest(ValueError):
     """A request that can never succeed as sent (maps to INVALID_ARGUMENT)."""
 
 
+class Unavailable(RuntimeError):
+    """This process cannot serve the call now, and another may (maps to UNAVAILABLE:
+    the caller retries, where a client library follows the leader)."""
+
+
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 
 

@@ -24,7 +24,25 @@ class SchedulerConfig:
     status_page_hosts: list[str] = field(
         [], "host names the status pages answer to, besides localhost, the loopback addresses "
             "and metrics_host (a request naming another host is refused: DNS rebinding)")
-    database: Path = field(Path("var/state/scheduler.db"), "SQLite file holding sessions")
+    database: Path = field(Path("var/state/scheduler.db"),
+                           "SQLite file holding the scheduler's state (when database_url is empty)")
+    database_url: str = field(
+        "", "PostgreSQL connection URI (postgresql://USER@HOST:5432/DB) of a shared store for "
+            "replicated schedulers; the password is best left out of it, in PGPASSWORD or a "
+            "password file (PGPASSFILE). Needs the postgresql extra. Empty: the SQLite file "
+            "`database`")
+    lease_seconds: float = field(
+        5.0, "seconds the lead of schedulers sharing a PostgreSQL store lasts unless renewed "
+             "(renewed every fifth of it): a follower takes over about this long after the "
+             "leader dies or is cut off")
+    advertise_address: str = field(
+        "", "host:port tenants and workers reach this scheduler at, which followers name as "
+            "the leader's (default: the listen address, this host's name if that is a "
+            "wildcard)")
+    leader_pod: str = field(
+        "", "NAMESPACE/NAME of this scheduler's Kubernetes pod (downward API): while it "
+            "leads, the pod carries the label avatarfarm.io/leader=true, which the Service of "
+            "tenants and workers selects (needs list and patch on pods); empty: no label")
     input_secret_file: Path | None = field(
         None, "file holding the secret (>= 32 bytes) each room's live-input key is derived "
               "from (default: DATABASE.input-secret beside the database, made on first start)")

@@ -14,7 +14,7 @@ from scheduler.config import SchedulerConfig
 from scheduler.core import Scheduler
 from scheduler.policy.licences import Licence
 from scheduler.policy.placement import MemoryProfile, RoomReq, StageCost, WorkerProfile, WorkerState
-from scheduler.state.store import SqliteStore
+from scheduler.state.store import open_store
 from scheduler.state.worker_conn import WorkerCommand, WorkerConn
 from workers.models.avatar import draw_default_avatar
 
@@ -108,14 +108,15 @@ class Clock:
 
 
 def make_core(tmp: Path, clock: Clock | None = None, **config: Any) -> tuple[Scheduler, Clock]:
-    """A core on a real SQLite store in `tmp`, on a settable clock; `config` overrides
-    SchedulerConfig (workers never time out unless asked)."""
+    """A core on a real store (the SQLite file in `tmp`, or the `database_url` given), on
+    a settable clock; `config` overrides SchedulerConfig (workers never time out unless
+    asked)."""
     clock = clock or Clock()
     avatars = tmp / "avatars"
     avatars.mkdir(parents=True, exist_ok=True)
     conf = SchedulerConfig(**{"database": tmp / "s.db", "avatar_dir": avatars,
                               "worker_timeout": 1e9, **config})
-    return Scheduler(SqliteStore(conf.database), conf, clock=clock), clock
+    return Scheduler(open_store(conf.database, conf.database_url), conf, clock=clock), clock
 
 
 def connect(core: Scheduler, worker_id: str = "w1", *, profile: WorkerProfile | None = None,

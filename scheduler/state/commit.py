@@ -22,6 +22,9 @@ class GroupCommit:
         self._turn: asyncio.Future[None] | None = None  # this turn's commit, once scheduled
         self._committing: asyncio.Future[None] | None = None
         self._riders: list[asyncio.Future[None]] = []  # turns waiting for the next commit
+        # Set once a commit fails: what the core holds in memory is then ahead of the store
+        # (and may have reached workers), so the process must not go on as if it were not.
+        self.failed = asyncio.Event()
 
     @property
     def pending(self) -> asyncio.Future[None] | None:
@@ -67,6 +70,7 @@ class GroupCommit:
             err = done.exception()
             if err is not None:
                 log.error("store commit failed: %s", err)
+                self.failed.set()
             for f in riders:
                 if not f.done():
                     if err is not None:

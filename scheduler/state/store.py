@@ -1,25 +1,29 @@
 """Durable scheduler state behind a small interface; SQLite by default.
 
 Every change is committed before the API call that made it returns, so a
-restarted scheduler sees every session it ever acknowledged. A server database
-can replace SQLite by implementing the same Protocol.
+restarted scheduler sees every session it ever acknowledged. SQLite is the embedded
+default; PostgreSQL (`scheduler.state.postgres`) is the store of a replicated scheduler.
+Both run the same statements, written once here, over the schema in `schema`.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from avatarfarm import convert
-from avatarfarm.domain import Progress, Quality, ScriptSegment, SessionState, Tier
+from avatarfarm.domain import Progress, Quality, ScriptSegment, SessionState, Tier, Unavailable
 from avatarfarm.v1 import types_pb2
 from scheduler.policy.ledger import Interval
 from scheduler.policy.licences import Licence
+from scheduler.state import schema
 from scheduler.state.avatars import (
     AuditAction,
     AuditEntry,
@@ -29,10 +33,21 @@ from scheduler.state.avatars import (
     VoiceKind,
     VoiceSettings,
 )
+from scheduler.state.schema import Dialect
 from scheduler.state.sessions import Session
 
 
-class Store(AvatarStore, Protocol):
+class LeaseStore(Protocol):
+    """Leadership among schedulers sharing the store (see scheduler.state.leadership)."""
+
+    def claim_lead(self, holder: str, address: str, ttl: float, *, force: bool = False) -> int | None: ...
+    def renew_lead(self, holder: str, epoch: int, ttl: float) -> bool: ...
+    def release_lead(self, holder: str, epoch: int) -> None: ...
+    def leader(self) -> Lease | None: ...
+    def fence(self, epoch: int) -> None: ...
+
+
+class Store(AvatarStore, LeaseStore, Protocol):
     """Writes are queued in order; ``commit`` makes them durable in one transaction, and
     ``commit_async`` does so on the store's writer thread (the core commits once per
     event-loop turn, so concurrent calls share one sync, and the loop never waits on the
@@ -51,195 +66,248 @@ class Store(AvatarStore, Protocol):
     def close(self) -> None: ...
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS sessions (
-    session_id TEXT PRIMARY KEY,
-    seq INTEGER NOT NULL,
-    tenant TEXT NOT NULL,
-    request_id TEXT NOT NULL,
-    spec BLOB NOT NULL,
-    state TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    worker_id TEXT NOT NULL,
-    input_endpoint TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    progress BLOB NOT NULL,
-    provider TEXT NOT NULL,
-    device_type TEXT NOT NULL,
-    load REAL NOT NULL,
-    units REAL NOT NULL DEFAULT 0,
-    step INTEGER NOT NULL DEFAULT 0,
-    rendering TEXT NOT NULL DEFAULT '',
-    guaranteed INTEGER NOT NULL DEFAULT 0,
-    step_changed_at REAL NOT NULL DEFAULT 0,
-    epoch INTEGER NOT NULL DEFAULT 0,
-    base BLOB NOT NULL DEFAULT x'',
-    assignments INTEGER NOT NULL DEFAULT 0
-);
-CREATE UNIQUE INDEX IF NOT EXISTS sessions_request
-    ON sessions (tenant, request_id) WHERE request_id != '';
-CREATE TABLE IF NOT EXISTS usage_intervals (
-    session_id TEXT NOT NULL,
-    idx INTEGER NOT NULL,
-    tenant TEXT NOT NULL,
-    avatar_id TEXT NOT NULL,
-    tier TEXT NOT NULL,
-    quality TEXT NOT NULL,
-    worker_id TEXT NOT NULL,
-    device_type TEXT NOT NULL,
-    units REAL NOT NULL,
-    start REAL NOT NULL,
-    "end" REAL NOT NULL,
-    stream_seconds REAL NOT NULL,
-    device_seconds REAL NOT NULL,
-    epoch INTEGER NOT NULL DEFAULT 0,
-    mark_stream REAL NOT NULL DEFAULT 0,
-    mark_device REAL NOT NULL DEFAULT 0,
-    platform TEXT NOT NULL DEFAULT '',
-    voice TEXT NOT NULL DEFAULT '',
-    PRIMARY KEY (session_id, idx)
-);
-CREATE TABLE IF NOT EXISTS usage_cursors (
-    worker_id TEXT PRIMARY KEY,
-    epoch INTEGER NOT NULL,
-    seq INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS avatars (
-    avatar_id TEXT PRIMARY KEY,
-    tenant TEXT NOT NULL,
-    licence TEXT NOT NULL,
-    voice TEXT NOT NULL,
-    image_sha256 TEXT NOT NULL,
-    width INTEGER NOT NULL,
-    height INTEGER NOT NULL,
-    registered_at REAL NOT NULL,
-    revoked INTEGER NOT NULL DEFAULT 0,
-    revoked_reason TEXT NOT NULL DEFAULT '',
-    revoked_at REAL
-);
-CREATE TABLE IF NOT EXISTS voices (
-    voice_id TEXT PRIMARY KEY,
-    tenant TEXT NOT NULL,
-    licence TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    sha256 TEXT NOT NULL,
-    registered_at REAL NOT NULL,
-    revoked INTEGER NOT NULL DEFAULT 0,
-    revoked_reason TEXT NOT NULL DEFAULT '',
-    revoked_at REAL
-);
-CREATE TABLE IF NOT EXISTS audit_log (
-    seq INTEGER PRIMARY KEY,
-    at REAL NOT NULL,
-    avatar_id TEXT NOT NULL,
-    tenant TEXT NOT NULL,
-    action TEXT NOT NULL,
-    session_id TEXT NOT NULL,
-    room_id TEXT NOT NULL,
-    platform TEXT NOT NULL,
-    worker_id TEXT NOT NULL,
-    clause TEXT NOT NULL,
-    detail TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS audit_log_avatar ON audit_log (avatar_id, seq);
--- The audit log only grows: what was written stays as written.
-CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log
-BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log
-BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-CREATE TABLE IF NOT EXISTS script_segments (
-    session_id TEXT NOT NULL,
-    idx INTEGER NOT NULL,
-    text TEXT NOT NULL,
-    pause_after REAL NOT NULL,
-    PRIMARY KEY (session_id, idx)
-);
-"""
+SESSION_COLUMNS = ("session_id", "seq", "tenant", "request_id", "spec", "state", "reason",
+                   "worker_id", "input_endpoint", "created_at", "updated_at", "progress",
+                   "provider", "device_type", "load", "units", "step", "rendering", "guaranteed",
+                   "step_changed_at", "epoch", "base", "assignments")
+# What changes after a session is created (its spec, tenant and request id never do).
+SESSION_CHANGES = SESSION_COLUMNS[5:9] + SESSION_COLUMNS[10:]
+USAGE_COLUMNS = ("session_id", "idx", "tenant", "avatar_id", "tier", "quality", "worker_id",
+                 "device_type", "units", "start", "end", "stream_seconds", "device_seconds",
+                 "epoch", "mark_stream", "mark_device", "platform", "voice")
+AVATAR_COLUMNS = ("avatar_id", "tenant", "licence", "voice", "image_sha256", "width", "height",
+                  "registered_at", "revoked", "revoked_reason", "revoked_at")
+VOICE_COLUMNS = ("voice_id", "tenant", "licence", "kind", "sha256", "registered_at", "revoked",
+                 "revoked_reason", "revoked_at")
+AUDIT_COLUMNS = ("seq", "at", "avatar_id", "tenant", "action", "session_id", "room_id",
+                 "platform", "worker_id", "clause", "detail")
 
 
-_ADDED_COLUMNS = (("units", "REAL NOT NULL DEFAULT 0"), ("step", "INTEGER NOT NULL DEFAULT 0"),
-                  ("rendering", "TEXT NOT NULL DEFAULT ''"),
-                  ("guaranteed", "INTEGER NOT NULL DEFAULT 0"),
-                  ("step_changed_at", "REAL NOT NULL DEFAULT 0"),
-                  ("epoch", "INTEGER NOT NULL DEFAULT 0"), ("base", "BLOB NOT NULL DEFAULT x''"),
-                  ("assignments", "INTEGER NOT NULL DEFAULT 0"))
-
-_ADDED_USAGE = (("epoch", "INTEGER NOT NULL DEFAULT 0"), ("mark_stream", "REAL NOT NULL DEFAULT 0"),
-                ("mark_device", "REAL NOT NULL DEFAULT 0"), ("platform", "TEXT NOT NULL DEFAULT ''"),
-                ("voice", "TEXT NOT NULL DEFAULT ''"))
-
-Op = Callable[[sqlite3.Connection], None]
+def _names(columns: tuple[str, ...]) -> str:
+    return ", ".join(f'"{c}"' for c in columns)
 
 
-class SqliteStore:
-    def __init__(self, path: Path, sync_to_disk: bool = True) -> None:
-        """sync_to_disk=False keeps WAL commits out of fsync: a scheduler crash loses
-        nothing, a host crash may lose the last commits (workers re-register their rooms)."""
-        if str(path) != ":memory:":
-            path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={'FULL' if sync_to_disk else 'NORMAL'}")
-        self._db.executescript(_SCHEMA)
-        for table, added in (("sessions", _ADDED_COLUMNS), ("usage_intervals", _ADDED_USAGE)):
-            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-            for column, decl in added:
-                if column not in have:  # a database from before the column existed
-                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+def _insert(table: str, columns: tuple[str, ...]) -> str:
+    return f"INSERT INTO {table} ({_names(columns)}) VALUES ({', '.join('?' * len(columns))})"
+
+
+def _upsert(table: str, columns: tuple[str, ...], keys: tuple[str, ...]) -> str:
+    """Insert or replace by primary key, in the syntax SQLite and PostgreSQL share."""
+    changes = ", ".join(f'"{c}" = excluded."{c}"' for c in columns if c not in keys)
+    return f"{_insert(table, columns)} ON CONFLICT ({_names(keys)}) DO UPDATE SET {changes}"
+
+
+_UPDATE_SESSION = (f"UPDATE sessions SET {', '.join(f'{c}=?' for c in SESSION_CHANGES)}"
+                   " WHERE session_id=?")
+_PUT_SESSION = _upsert("sessions", SESSION_COLUMNS, ("session_id",))
+_PUT_USAGE = _upsert("usage_intervals", USAGE_COLUMNS, ("session_id", "idx"))
+_PUT_CURSOR = _upsert("usage_cursors", ("worker_id", "epoch", "seq"), ("worker_id",))
+_PUT_AVATAR = _upsert("avatars", AVATAR_COLUMNS, ("avatar_id",))
+_PUT_VOICE = _upsert("voices", VOICE_COLUMNS, ("voice_id",))
+_ADD_AUDIT = _insert("audit_log", AUDIT_COLUMNS)
+_ADD_SEGMENT = _insert("script_segments", ("session_id", "idx", "text", "pause_after"))
+
+
+class Connection(Protocol):
+    """What the store uses of a DB-API connection (sqlite3's and psycopg's agree on it)."""
+
+    def execute(self, sql: str, params: Any = ...) -> Any: ...
+    def cursor(self) -> Any: ...
+    def close(self) -> None: ...
+
+
+Op = Callable[[Connection], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Done:
+    """What a lease statement did: rows it changed, rows it read."""
+
+    rowcount: int
+    rows: list[Any]
+
+
+class Fenced(Unavailable):
+    """A newer leader holds the store: this scheduler may change nothing more (a caller
+    of this scheduler gets UNAVAILABLE, and retries with the leader)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The leadership row as read: who leads, under which epoch, for how much longer (by
+    the database's clock), and where tenants and workers reach it."""
+
+    holder: str
+    epoch: int
+    address: str
+    remaining: float
+
+    @property
+    def held(self) -> bool:
+        return self.remaining > 0
+
+
+class SqlStore:
+    """The store over one SQL connection, for any dialect whose subclass supplies the
+    connection, its transactions and its placeholder. Statements are written with `?`."""
+
+    dialect: Dialect
+    # The database's clock in seconds since 1970: lease times are all read from one clock.
+    NOW: str
+    # Reads the lead's epoch in a transaction, and keeps a takeover waiting until it ends.
+    LEAD_EPOCH: str
+
+    def __init__(self, db: Connection) -> None:
+        self._db = db
+        self._fence: int | None = None
         self._ops: list[Op] = []
+        self._audit: list[tuple[Any, ...]] | None = None  # this turn's audit entries
         self._known: set[str] = set()
         # One lock for the connection: the writer thread's transactions and the few
         # reads (start-up, scripts) never interleave.
         self._lock = threading.Lock()
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store")
 
+    # -- what a dialect supplies
+    def _conn(self) -> Connection:
+        return self._db
+
+    def _sql(self, statement: str) -> str:
+        return statement
+
+    @contextlib.contextmanager
+    def _transaction(self, pipelined: bool = False) -> Iterator[Connection]:
+        """pipelined: the statements may go to a database server without waiting for each
+        answer (a group commit's); in-process SQLite has no use for it."""
+        # IMMEDIATE: the write lock from the start, so no other connection changes the
+        # lease between the fence check and the writes.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- plumbing
+    def _exec(self, db: Connection, statement: str, params: Any = ()) -> Any:
+        return db.execute(self._sql(statement), params)
+
+    def _many(self, db: Connection, statement: str, rows: list[Any]) -> None:
+        if rows:
+            db.cursor().executemany(self._sql(statement), rows)
+
+    def _read(self, statement: str, params: Any = ()) -> list[Any]:
+        with self._lock:
+            return list(self._exec(self._conn(), statement, params).fetchall())
+
     def _queue(self, op: Op) -> None:
         self._ops.append(op)
+
+    def _queue_one(self, statement: str, row: tuple[Any, ...]) -> None:
+        def op(db: Connection) -> None:
+            self._exec(db, statement, row)
+
+        self._queue(op)
 
     def _run(self, ops: list[Op]) -> None:
         if not ops:
             return
+        with self._lock, self._transaction(pipelined=True) as db:
+            if self._fence is not None:
+                row = self._exec(db, self.LEAD_EPOCH).fetchone()
+                if row is None or int(row[0]) != self._fence:
+                    raise Fenced(f"the store is led under epoch {row[0] if row else 'none'}, not "
+                                 f"this scheduler's {self._fence}: a newer leader took over")
+            for op in ops:
+                op(db)
+
+    # -- leadership: one lease row, its epoch raised by every new leader
+    def _lease_conn(self) -> tuple[threading.Lock, Connection]:
+        """The connection lease calls use (a renewal must not wait behind a commit)."""
+        return self._lock, self._conn()
+
+    def _lease_call(self, statement: str, params: tuple[Any, ...] = ()) -> _Done:
+        """The statement on the lease's connection: what it changed and read."""
+        lock, db = self._lease_conn()
+        with lock:
+            cur = self._exec(db, statement, params)
+            return _Done(cur.rowcount, cur.fetchall() if cur.description else [])
+
+    # No RETURNING in the statements both dialects run: SQLite has had it only since
+    # 3.35, and older ones are still the system's on some distributions.
+    def claim_lead(self, holder: str, address: str, ttl: float, *, force: bool = False) -> int | None:
+        """Takes the lead for `ttl` seconds where nobody holds it (or `force`, for a store
+        only one scheduler can open): the new epoch, or None while another leads."""
+        with self._lock, self._transaction() as db:
+            claimed = self._exec(db, self._claim_sql(), (holder, address, ttl, int(force)))
+            if claimed.rowcount != 1:
+                return None
+            (epoch,) = self._exec(db, "SELECT epoch FROM leadership WHERE id = 1").fetchone()
+        return int(epoch)
+
+    def _claim_sql(self) -> str:
+        return ("INSERT INTO leadership (id, holder, epoch, address, expires_at)"
+                f" VALUES (1, ?, 1, ?, {self.NOW} + ?)"
+                " ON CONFLICT (id) DO UPDATE SET holder = excluded.holder,"
+                " epoch = leadership.epoch + 1, address = excluded.address,"
+                f" expires_at = excluded.expires_at WHERE leadership.expires_at <= {self.NOW}"
+                " OR ? = 1")
+
+    def renew_lead(self, holder: str, epoch: int, ttl: float) -> bool:
+        """Extends the lease this scheduler holds; False if it no longer holds it."""
+        done = self._lease_call(
+            f"UPDATE leadership SET expires_at = {self.NOW} + ? WHERE id = 1 AND holder = ?"
+            " AND epoch = ?", (ttl, holder, epoch))
+        return done.rowcount == 1
+
+    def release_lead(self, holder: str, epoch: int) -> None:
+        """Ends the lease now (a clean shutdown): a follower need not wait it out."""
+        self._lease_call(f"UPDATE leadership SET expires_at = {self.NOW} WHERE id = 1"
+                         " AND holder = ? AND epoch = ?", (holder, epoch))
+
+    def leader(self) -> Lease | None:
+        rows = self._lease_call(f"SELECT holder, epoch, address, expires_at - {self.NOW}"
+                                " FROM leadership WHERE id = 1").rows
+        return Lease(rows[0][0], int(rows[0][1]), rows[0][2], float(rows[0][3])) if rows else None
+
+    def fence(self, epoch: int) -> None:
+        """From now on every commit checks, in its transaction, that the store is still
+        led under `epoch`, and fails with `Fenced` otherwise."""
+        self._fence = epoch
+
+    def migrate(self) -> None:
+        """Applies the schema's missing migrations (`schema.MIGRATIONS`), in order."""
         with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                for op in ops:
-                    op(self._db)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+            self._migrate()
+
+    def _migrate(self) -> None:
+        raise NotImplementedError
 
     def commit(self) -> None:
         """Everything queued so far, durable when this returns."""
-        ops, self._ops = self._ops, []
+        ops, self._ops, self._audit = self._ops, [], None
         self._writer.submit(self._run, ops).result()
 
     def commit_async(self) -> concurrent.futures.Future[None]:
         """Everything queued so far, in one transaction on the writer thread (in order)."""
-        ops, self._ops = self._ops, []
+        ops, self._ops, self._audit = self._ops, [], None
         return self._writer.submit(self._run, ops)
 
     def load_sessions(self) -> list[Session]:
         self.commit()
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT session_id, seq, request_id, spec, state, reason, worker_id,"
-                " input_endpoint, created_at, updated_at, progress, provider, device_type, load,"
-                " units, step, rendering, guaranteed, step_changed_at, epoch, base,"
-                " assignments FROM sessions"
-                " ORDER BY seq").fetchall()
+        rows = self._read(f"SELECT {', '.join(SESSION_COLUMNS)} FROM sessions ORDER BY seq")
         out = []
-        for (sid, seq, rid, spec, state, reason, worker, endpoint, created, updated, progress,
-             provider, device_type, load, units, step, rendering, guaranteed, changed, epoch,
-             base, assignments) in rows:
-            spec_pb = types_pb2.SessionSpec.FromString(spec)
-            prog = convert.progress_from_pb(types_pb2.SessionProgress.FromString(progress))
+        for (sid, seq, _tenant, rid, spec, state, reason, worker, endpoint, created, updated,
+             progress, provider, device_type, load, units, step, rendering, guaranteed, changed,
+             epoch, base, assignments) in rows:
+            spec_pb = types_pb2.SessionSpec.FromString(bytes(spec))
+            prog = convert.progress_from_pb(types_pb2.SessionProgress.FromString(bytes(progress)))
             self._known.add(sid)
             out.append(Session(sid, convert.spec_from_trusted(spec_pb), SessionState(state), seq, created,
                                updated, rid, reason, worker, endpoint, prog, provider, device_type,
                                load, units, step, _quality(rendering), bool(guaranteed), changed,
-                               epoch, _progress(base), assignments))
+                               epoch, _progress(bytes(base)), assignments))
         return out
 
     def put_session(self, s: Session) -> None:
@@ -250,45 +318,20 @@ class SqliteStore:
         updates = [s for s in sessions if s.session_id in self._known]
         inserts = [s for s in sessions if s.session_id not in self._known]
         self._known.update(s.session_id for s in inserts)
+        changed = [(*_changes(s), s.session_id) for s in updates]
+        added = [_row(s) for s in inserts]
 
-        def op(db: sqlite3.Connection) -> None:
-            if updates:
-                db.executemany(
-                    "UPDATE sessions SET state=?, reason=?, worker_id=?, input_endpoint=?,"
-                    " updated_at=?, progress=?, provider=?, device_type=?, load=?, units=?,"
-                    " step=?, rendering=?, guaranteed=?, step_changed_at=?, epoch=?, base=?,"
-                    " assignments=?"
-                    " WHERE session_id=?",
-                    [(s.state.value, s.reason, s.worker_id, s.input_endpoint, s.updated_at,
-                      convert.progress_to_pb(s.progress).SerializeToString(), s.provider,
-                      s.device_type, s.load, s.units, s.step,
-                      str(s.rendering) if s.rendering else "", int(s.guaranteed),
-                      s.step_changed_at, s.epoch, _progress_blob(s.base), s.assignments,
-                      s.session_id)
-                     for s in updates])
-            if inserts:
-                db.executemany(
-                    "INSERT OR REPLACE INTO sessions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    [(s.session_id, s.seq, s.spec.tenant, s.request_id,
-                      convert.spec_to_pb(s.spec).SerializeToString(), s.state.value, s.reason,
-                      s.worker_id, s.input_endpoint, s.created_at, s.updated_at,
-                      convert.progress_to_pb(s.progress).SerializeToString(), s.provider,
-                      s.device_type, s.load, s.units, s.step,
-                      str(s.rendering) if s.rendering else "", int(s.guaranteed),
-                      s.step_changed_at, s.epoch, _progress_blob(s.base), s.assignments)
-                     for s in inserts])
+        def op(db: Connection) -> None:
+            self._many(db, _UPDATE_SESSION, changed)
+            self._many(db, _PUT_SESSION, added)
 
         self._queue(op)
 
     def load_usage(self) -> tuple[list[Interval], dict[str, tuple[int, int]]]:
         self.commit()
-        with self._lock:
-            rows = self._db.execute(
-                'SELECT session_id, idx, tenant, avatar_id, tier, quality, worker_id,'
-                ' device_type, units, start, "end", stream_seconds, device_seconds, epoch,'
-                ' mark_stream, mark_device, platform, voice FROM usage_intervals').fetchall()
-            cursors = {w: (e, q) for w, e, q in
-                       self._db.execute("SELECT worker_id, epoch, seq FROM usage_cursors")}
+        rows = self._read(f"SELECT {_names(USAGE_COLUMNS)} FROM usage_intervals")
+        cursors = {w: (e, q) for w, e, q in
+                   self._read("SELECT worker_id, epoch, seq FROM usage_cursors")}
         ivs = [Interval(sid, idx, tenant, avatar, Tier(tier), quality, worker, dev, units, start,
                         end, stream, device, epoch, mark_s, mark_d, platform, voice)
                for (sid, idx, tenant, avatar, tier, quality, worker, dev, units, start, end, stream,
@@ -300,50 +343,41 @@ class SqliteStore:
                  i.device_type, i.units, i.start, i.end, i.stream_seconds, i.device_seconds,
                  i.epoch, i.mark_stream, i.mark_device, i.platform, i.voice)
                 for i in intervals]  # a snapshot: the intervals change after this call
+        marks = [(w, e, q) for w, (e, q) in cursors.items()]
 
-        def op(db: sqlite3.Connection) -> None:
-            db.executemany("INSERT OR REPLACE INTO usage_intervals VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                           rows)
-            db.executemany("INSERT OR REPLACE INTO usage_cursors VALUES (?,?,?)",
-                           [(w, e, q) for w, (e, q) in cursors.items()])
+        def op(db: Connection) -> None:
+            self._many(db, _PUT_USAGE, rows)
+            self._many(db, _PUT_CURSOR, marks)
 
         self._queue(op)
 
     def find_request(self, tenant: str, request_id: str) -> str | None:
         self.commit()
-        with self._lock:
-            row = self._db.execute("SELECT session_id FROM sessions WHERE tenant=?"
-                                   " AND request_id=? AND request_id != ''",
-                                   (tenant, request_id)).fetchone()
-        return row[0] if row else None
+        rows = self._read("SELECT session_id FROM sessions WHERE tenant=?"
+                          " AND request_id=? AND request_id != ''", (tenant, request_id))
+        return str(rows[0][0]) if rows else None
 
     def append_script(self, session_id: str, segments: list[ScriptSegment]) -> None:
         rows = [(s.text, s.pause_after_seconds) for s in segments]
 
-        def op(db: sqlite3.Connection) -> None:
-            (start,) = db.execute(
-                "SELECT COALESCE(MAX(idx) + 1, 0) FROM script_segments WHERE session_id=?",
+        def op(db: Connection) -> None:
+            (start,) = self._exec(
+                db, "SELECT COALESCE(MAX(idx) + 1, 0) FROM script_segments WHERE session_id=?",
                 (session_id,)).fetchone()
-            db.executemany("INSERT INTO script_segments VALUES (?,?,?,?)",
-                           [(session_id, start + i, t, p) for i, (t, p) in enumerate(rows)])
+            self._many(db, _ADD_SEGMENT,
+                       [(session_id, start + i, t, p) for i, (t, p) in enumerate(rows)])
 
         self._queue(op)
 
     def script(self, session_id: str) -> list[ScriptSegment]:
         self.commit()
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT text, pause_after FROM script_segments WHERE session_id=? ORDER BY idx",
-                (session_id,)).fetchall()
+        rows = self._read("SELECT text, pause_after FROM script_segments WHERE session_id=?"
+                          " ORDER BY idx", (session_id,))
         return [ScriptSegment(t, p) for t, p in rows]
 
     def load_avatars(self) -> list[RegisteredAvatar]:
         self.commit()
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT avatar_id, tenant, licence, voice, image_sha256, width, height,"
-                " registered_at, revoked, revoked_reason, revoked_at FROM avatars"
-                " ORDER BY avatar_id").fetchall()
+        rows = self._read(f"SELECT {_names(AVATAR_COLUMNS)} FROM avatars ORDER BY avatar_id")
         return [RegisteredAvatar(aid, tenant, _licence(lic), registered, VoiceSettings(**json.loads(voice)),
                                  sha, width, height, bool(revoked), why, revoked_at)
                 for (aid, tenant, lic, voice, sha, width, height, registered, revoked, why,
@@ -351,10 +385,7 @@ class SqliteStore:
 
     def load_voices(self) -> list[RegisteredVoice]:
         self.commit()
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT voice_id, tenant, licence, kind, sha256, registered_at, revoked,"
-                " revoked_reason, revoked_at FROM voices ORDER BY voice_id").fetchall()
+        rows = self._read(f"SELECT {_names(VOICE_COLUMNS)} FROM voices ORDER BY voice_id")
         return [RegisteredVoice(vid, tenant, _licence(lic), registered, VoiceKind(kind), sha,
                                 bool(revoked), why, revoked_at)
                 for (vid, tenant, lic, kind, sha, registered, revoked, why, revoked_at) in rows]
@@ -363,11 +394,7 @@ class SqliteStore:
         v = voice
         row = (v.voice_id, v.tenant, _licence_json(v.licence), v.kind.value, v.sha256,
                v.registered_at, int(v.revoked), v.revoked_reason, v.revoked_at)
-
-        def op(db: sqlite3.Connection) -> None:
-            db.execute("INSERT OR REPLACE INTO voices VALUES (?,?,?,?,?,?,?,?,?)", row)
-
-        self._queue(op)
+        self._queue_one(_PUT_VOICE, row)
 
     def put_avatar(self, avatar: RegisteredAvatar) -> None:
         a = avatar
@@ -375,34 +402,32 @@ class SqliteStore:
                json.dumps({"voice": a.voice.voice, "rate": a.voice.rate, "pitch": a.voice.pitch}),
                a.image_sha256, a.width, a.height, a.registered_at, int(a.revoked),
                a.revoked_reason, a.revoked_at)
-
-        def op(db: sqlite3.Connection) -> None:
-            db.execute("INSERT OR REPLACE INTO avatars VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
-
-        self._queue(op)
+        self._queue_one(_PUT_AVATAR, row)
 
     def append_audit(self, entry: AuditEntry) -> None:
         e = entry
         row = (e.seq, e.at, e.avatar_id, e.tenant, e.action.value, e.session_id, e.room_id,
                e.platform, e.worker_id, e.clause, e.detail)
+        # Every room is audited: a turn's entries go in one statement (one round trip to
+        # a database server, not one per room).
+        if self._audit is None:
+            batch: list[tuple[Any, ...]] = []
+            self._audit = batch
 
-        def op(db: sqlite3.Connection) -> None:
-            db.execute("INSERT INTO audit_log VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
+            def op(db: Connection) -> None:
+                self._many(db, _ADD_AUDIT, batch)
 
-        self._queue(op)
+            self._queue(op)
+        self._audit.append(row)
 
     def last_audit_seq(self) -> int:
         self.commit()
-        with self._lock:
-            (seq,) = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM audit_log").fetchone()
+        [(seq,)] = self._read("SELECT COALESCE(MAX(seq), 0) FROM audit_log")
         return int(seq)
 
     def audit_entries(self, avatar_id: str, after_seq: int, limit: int) -> list[AuditEntry]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT seq, at, avatar_id, tenant, action, session_id, room_id, platform,"
-                " worker_id, clause, detail FROM audit_log WHERE avatar_id=? AND seq>?"
-                " ORDER BY seq LIMIT ?", (avatar_id, after_seq, limit)).fetchall()
+        rows = self._read(f"SELECT {_names(AUDIT_COLUMNS)} FROM audit_log WHERE avatar_id=?"
+                          " AND seq>? ORDER BY seq LIMIT ?", (avatar_id, after_seq, limit))
         return [AuditEntry(seq, at, aid, tenant, AuditAction(action), sid, room, platform, worker,
                            clause, detail)
                 for (seq, at, aid, tenant, action, sid, room, platform, worker, clause, detail)
@@ -412,6 +437,76 @@ class SqliteStore:
         self.commit()
         self._writer.shutdown()
         self._db.close()
+
+
+class SqliteStore(SqlStore):
+    """The embedded default: one SQLite file in WAL mode."""
+
+    dialect = Dialect.SQLITE
+    NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+    LEAD_EPOCH = "SELECT epoch FROM leadership WHERE id = 1"
+
+    def __init__(self, path: Path, sync_to_disk: bool = True) -> None:
+        """sync_to_disk=False keeps WAL commits out of fsync: a scheduler crash loses
+        nothing, a host crash may lose the last commits (workers re-register their rooms)."""
+        if str(path) != ":memory:":
+            path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={'FULL' if sync_to_disk else 'NORMAL'}")
+        super().__init__(db)
+        self._sqlite = db
+        self._adopt_unversioned()
+        self.migrate()
+
+    def _adopt_unversioned(self) -> None:
+        """A database from before the schema had versions: its tables get the columns
+        added since, and it is recorded at version 1, which it then matches."""
+        db = self._sqlite
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "sessions" not in tables or "schema_migrations" in tables:
+            return
+        db.executescript(schema.MIGRATIONS[0].sqlite)  # the tables it may lack
+        for table, added in schema.UNVERSIONED_SQLITE_COLUMNS.items():
+            have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+            for column, decl in added:
+                if column not in have:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+        db.execute(schema.VERSIONS_TABLE.format(real="REAL"))
+        statement, row = schema.record(1, schema.MIGRATIONS[0].what)
+        db.execute(statement, row)
+
+    def _migrate(self) -> None:
+        # sqlite3's execute takes one statement, and a migration is a script.
+        db = self._sqlite
+        db.execute(schema.VERSIONS_TABLE.format(real="REAL"))
+        applied = {int(v) for (v,) in db.execute("SELECT version FROM schema_migrations")}
+        for m in schema.pending(applied):
+            statement, row = schema.record(m.version, m.what)
+            try:
+                db.executescript(f"BEGIN IMMEDIATE;\n{m.sqlite}\n")
+                db.execute(statement, row)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+
+def _row(s: Session) -> tuple[Any, ...]:
+    """A new session's columns, in SESSION_COLUMNS order."""
+    changes = _changes(s)
+    return (s.session_id, s.seq, s.spec.tenant, s.request_id,
+            convert.spec_to_pb(s.spec).SerializeToString(), *changes[:4], s.created_at,
+            *changes[4:])
+
+
+def _changes(s: Session) -> tuple[Any, ...]:
+    """A session's columns that change, in SESSION_CHANGES order."""
+    return (s.state.value, s.reason, s.worker_id, s.input_endpoint, s.updated_at,
+            convert.progress_to_pb(s.progress).SerializeToString(), s.provider, s.device_type,
+            s.load, s.units, s.step, str(s.rendering) if s.rendering else "", int(s.guaranteed),
+            s.step_changed_at, s.epoch, _progress_blob(s.base), s.assignments)
 
 
 def _quality(text: str) -> Quality | None:
@@ -449,3 +544,12 @@ def _progress_blob(p: Progress) -> bytes:
     if p == Progress():
         return b""
     return convert.progress_to_pb(p).SerializeToString()
+
+
+def open_store(database: Path, database_url: str = "", sync_to_disk: bool = True) -> Store:
+    """PostgreSQL where a database_url is configured, else the SQLite file."""
+    if database_url:
+        from scheduler.state.postgres import PostgresStore
+
+        return PostgresStore(database_url)
+    return SqliteStore(database, sync_to_disk)

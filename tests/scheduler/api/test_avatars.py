@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psycopg
 import pytest
 
 from avatarfarm import client, convert, images
@@ -72,8 +73,8 @@ async def farm(tmp_path: Path, model_dir: Path, *, secured: bool = False, **kw: 
         (tmp_path / "token.key").write_bytes(KEY)
         kw.update(token_secret_file=tmp_path / "token.key",
                   tenants={"brand": TenantConfig(), "rival": TenantConfig()})
-    conf = SchedulerConfig(listen="127.0.0.1:0", metrics_port=0, database=tmp_path / "state.db",
-                           avatar_dir=avatar_dir, **kw)
+    conf = SchedulerConfig(**{"listen": "127.0.0.1:0", "metrics_port": 0,
+                              "database": tmp_path / "state.db", "avatar_dir": avatar_dir, **kw})
     running = await start(conf)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
     try:
@@ -307,10 +308,10 @@ def test_an_expiring_licence_ends_the_room_and_it_is_not_placed_again(tmp_path: 
     run(body)
 
 
-def test_every_room_is_audited_and_the_registry_survives_a_restart(tmp_path: Path,
-                                                                  model_dir: Path) -> None:
+def test_every_room_is_audited_and_the_registry_survives_a_restart(
+        tmp_path: Path, model_dir: Path, store_config: dict[str, Any]) -> None:
     async def body() -> None:
-        async with farm(tmp_path, model_dir) as f:
+        async with farm(tmp_path, model_dir, **store_config) as f:
             await f.avatars.RegisterAvatar(registration(allowed_platforms=["douyin", "taobao-live"]))
             worker = ProtocolWorker(f.channel, "w1")
             ids = []
@@ -325,7 +326,7 @@ def test_every_room_is_audited_and_the_registry_survives_a_restart(tmp_path: Pat
             await f.sessions.EndSession(sessions_pb2.EndSessionRequest(session_id=ids[1]))
             before = await audit(f)
             await worker.close()
-        async with farm(tmp_path, model_dir) as f:
+        async with farm(tmp_path, model_dir, **store_config) as f:
             [a] = (await f.avatars.ListAvatars(avatars_pb2.ListAvatarsRequest())).avatars
             assert a.avatar_id == "anna" and list(a.licence.allowed_platforms) == ["douyin", "taobao-live"]
             pages: list[avatars_pb2.AuditEntry] = []
@@ -350,8 +351,9 @@ def test_every_room_is_audited_and_the_registry_survives_a_restart(tmp_path: Pat
             assert pages[4].detail == "script done"
             await f.avatars.RevokeLicence(avatars_pb2.RevokeLicenceRequest(avatar_id="anna"))
             assert (await audit(f))[-1].seq > pages[-1].seq  # numbering goes on
-        with sqlite3.connect(tmp_path / "state.db") as db, pytest.raises(sqlite3.DatabaseError,
-                                                                           match="append-only"):
+        url = store_config.get("database_url")
+        with (psycopg.connect(url) if url else sqlite3.connect(tmp_path / "state.db")) as db, \
+                pytest.raises((sqlite3.DatabaseError, psycopg.DatabaseError), match="append-only"):
             db.execute("DELETE FROM audit_log")
 
     run(body)
