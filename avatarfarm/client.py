@@ -22,6 +22,24 @@ from avatarfarm.v1 import live_input_pb2, live_input_pb2_grpc, sessions_pb2, ses
 
 log = logging.getLogger(__name__)
 
+# Trailing metadata of a follower's refusal: where the leading scheduler is.
+LEADER_METADATA = "avatarfarm-leader"
+
+
+def addresses(text: str) -> list[str]:
+    """The schedulers an address option names: one, or replicas as `host1:port,host2:port`."""
+    return [a.strip() for a in text.split(",") if a.strip()] or [text]
+
+
+def leader_hint(error: grpc.aio.AioRpcError) -> str:
+    """Where a following scheduler that refused the call says the leader is ("": it did
+    not say, or the call did not reach a follower). A follower refuses before doing
+    anything, so the call may be made again at the leader."""
+    for key, value in error.trailing_metadata() or ():
+        if key == LEADER_METADATA and isinstance(value, str):
+            return value
+    return ""
+
 TERMINAL = (types_pb2.SESSION_STATE_ENDED, types_pb2.SESSION_STATE_FAILED)
 
 MetadataSource = Callable[[], Sequence[tuple[str, str]]]

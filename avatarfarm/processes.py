@@ -30,6 +30,7 @@ class ManagedProcess:
     args: list[str]
     log_path: Path
     env: dict[str, str] | None = None
+    append: bool = False  # add to the log (a process started again) rather than replace it
     proc: subprocess.Popen[str] | None = None
     port: int = 0
     metrics_port: int = 0
@@ -37,7 +38,7 @@ class ManagedProcess:
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "w")
+        log = open(self.log_path, "a" if self.append else "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "farm.cli", *self.args], stdout=subprocess.PIPE,
             stderr=log, text=True, env=self.env, start_new_session=True)
@@ -67,11 +68,28 @@ class ManagedProcess:
                 self.metrics_port = int(m.group(2) or 0)
                 return
 
+    def poll_ready(self) -> bool:
+        """Whether it has said it is ready, looking only at what it printed so far (a
+        replicated scheduler says so once it leads)."""
+        while self.port == 0:
+            try:
+                line = self._lines.get_nowait()
+            except queue.Empty:
+                return False
+            m = _READY.search(line)
+            if m:
+                self.port = int(m.group(1))
+                self.metrics_port = int(m.group(2) or 0)
+        return True
+
     def tail(self, n: int = 20) -> str:
         try:
             return "\n".join(self.log_path.read_text().splitlines()[-n:])
         except OSError:
             return ""
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def stop(self, grace: float = 15.0) -> int | None:
         if self.proc is None or self.proc.poll() is not None:

@@ -31,6 +31,8 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
+from avatarfarm.domain import Unavailable
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -58,9 +60,20 @@ def bind(server: grpc.aio.Server, address: str,
 
 
 def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    """A larger message is refused with RESOURCE_EXHAUSTED and the server goes on."""
+    """A larger message is refused with RESOURCE_EXHAUSTED and the server goes on.
+    Clients may ping as often as `KEEPALIVE` does (by default a server takes a ping
+    more often than every 5 minutes on a quiet stream as abuse, and hangs up)."""
     return [("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes)]
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+            ("grpc.keepalive_permit_without_calls", 1)]
+
+
+# A long-lived stream's client pings its server every 2 s and gives up on it after 2 s
+# more without an answer: a server that froze (a paused process, a partitioned host)
+# holds its TCP connections open, and only a ping that goes unanswered shows it.
+KEEPALIVE = (("grpc.keepalive_time_ms", 2000), ("grpc.keepalive_timeout_ms", 2000),
+             ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,34 +174,47 @@ def _handler(method: str, desc: MethodDescriptor, impl: Callable[..., Any], gate
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             await enter(context, None if isinstance(request, Malformed) else request)
             await _refuse_malformed(request, context)
-            return await impl(request, context)
+            try:
+                return await impl(request, context)
+            except Unavailable as e:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         return grpc.unary_unary_rpc_method_handler(unary_unary, decode, encode)
 
     if not desc.client_streaming:
         async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             until = await enter(context)
             await _refuse_malformed(request, context)
-            if inspect.isasyncgenfunction(impl):
-                async for response in _until(impl(request, context), until, context):
-                    yield response
-            else:  # a servicer that writes with context.write()
-                await impl(request, context)
+            try:
+                if inspect.isasyncgenfunction(impl):
+                    async for response in _until(impl(request, context), until, context):
+                        yield response
+                else:  # a servicer that writes with context.write()
+                    await impl(request, context)
+            except Unavailable as e:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         return grpc.unary_stream_rpc_method_handler(unary_stream, decode, encode)
 
     if not desc.server_streaming:
         async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
             await enter(context)
-            return await impl(checked(requests, context), context)
+            try:
+                return await impl(checked(requests, context), context)
+            except Unavailable as e:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         return grpc.stream_unary_rpc_method_handler(stream_unary, decode, encode)
 
     async def stream_stream(requests: AsyncIterator[Any],
                             context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         until = await enter(context)
-        if inspect.isasyncgenfunction(impl):
-            async for response in _until(impl(checked(requests, context), context), until, context):
-                yield response
-        else:
-            await impl(checked(requests, context), context)
+        try:
+            if inspect.isasyncgenfunction(impl):
+                async for response in _until(impl(checked(requests, context), context), until,
+                                             context):
+                    yield response
+            else:
+                await impl(checked(requests, context), context)
+        except Unavailable as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
     return grpc.stream_stream_rpc_method_handler(stream_stream, decode, encode)
 
 

@@ -36,7 +36,9 @@ DIMENSIONS = ("tenant", "tier", "avatar", "device_type", "platform")
 def add_connection(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connection (flags, then the environment, then --config)")
     g.add_argument("--scheduler", metavar="HOST:PORT", default=None,
-                   help=f"the scheduler's gRPC address (default {DEFAULT_SCHEDULER})")
+                   help=f"the scheduler's gRPC address (default {DEFAULT_SCHEDULER}); "
+                        "replicated schedulers may be listed (host1:port,host2:port): the "
+                        "command goes to the one that leads")
     g.add_argument("--token-file", type=Path, default=None, help="file holding a bearer token")
     g.add_argument("--api-key-file", type=Path, default=None, help="file holding an API key")
     g.add_argument("--tls", action="store_true", default=None, help="TLS with the system's roots")
@@ -114,19 +116,39 @@ def call(args: argparse.Namespace, command: str,
     """Runs `body(channel)`; a refused call prints its status and exits with its number."""
     import grpc
 
-    address, auth = connection(args)
+    from avatarfarm.client import addresses, leader_hint
 
-    async def run() -> int:
-        async with auth.channel(address) as ch:
+    address, auth = connection(args)
+    listed = addresses(address)
+
+    async def run(target: str) -> int:
+        async with auth.channel(target) as ch:
             return await body(ch)
 
-    try:
-        return asyncio.run(run())
-    except grpc.aio.AioRpcError as e:
-        print(f"avatarfarm {command}: {e.code().name}: {e.details()}", file=sys.stderr)
-        return int(e.code().value[0])
-    except KeyboardInterrupt:
-        return 130
+    target, tried = listed[0], set()
+    while True:
+        tried.add(target)
+        try:
+            return asyncio.run(run(target))
+        except grpc.aio.AioRpcError as e:
+            # A follower refused before doing anything, naming the leader; a scheduler not
+            # reached did nothing either: the command goes to the next one.
+            hint = leader_hint(e)
+            untried = [a for a in listed if a not in tried]
+            if hint and hint not in tried:
+                target = hint
+                continue
+            if e.code() == grpc.StatusCode.UNAVAILABLE and not hint and untried and \
+                    "failed to connect" in (e.details() or "").lower():
+                target = untried[0]
+                continue
+            if hint and untried:
+                target = untried[0]
+                continue
+            print(f"avatarfarm {command}: {e.code().name}: {e.details()}", file=sys.stderr)
+            return int(e.code().value[0])
+        except KeyboardInterrupt:
+            return 130
 
 
 # -- printing -----------------------------------------------------------------------------

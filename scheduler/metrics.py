@@ -28,6 +28,10 @@ class SchedulerMetrics:
         self.placements = Counter("avatarfarm_placements", "Rooms placed on a worker",
                                   ["tier"], registry=r)
         self.workers = Gauge("avatarfarm_workers", "Connected workers", ["device_type"], registry=r)
+        self.leader_epoch = Gauge(
+            "avatarfarm_scheduler_leader_epoch",
+            "Epoch under which this scheduler leads (raised by every new leader and every start; "
+            "only a leading scheduler serves metrics)", registry=r)
         self.capacity = Gauge("avatarfarm_worker_capacity_device_seconds_per_second",
                               "Capacity of connected workers (device-seconds per second)",
                               ["device_type"], registry=r)

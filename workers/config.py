@@ -34,7 +34,9 @@ def _sizes(name: str, text: str, *, square: bool = False) -> list[tuple[int, int
 
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
-    scheduler: str = field("127.0.0.1:50051", "host:port of the scheduler")
+    scheduler: str = field(
+        "127.0.0.1:50051", "host:port of the scheduler; replicated schedulers may be listed "
+                           "(host1:port,host2:port): the worker finds the one that leads")
     listen: str = field("127.0.0.1:0", "host:port for live inputs and health (port 0: any free)")
     advertise_host: str = field("", "host clients use to reach this worker (default: listen host)")
     driver_port: int = field(0, "port of the RTMP ingest camera rooms' drivers publish to, on the "

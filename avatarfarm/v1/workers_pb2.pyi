@@ -258,17 +258,19 @@ class Reconfigure(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., quality: _Optional[_Union[_types_pb2.Quality, _Mapping]] = ..., step: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class SchedulerMessage(_message.Message):
-    __slots__ = ("registered", "assign", "release", "script", "reconfigure", "usage_ack")
+    __slots__ = ("registered", "assign", "release", "script", "reconfigure", "usage_ack", "leader_epoch")
     REGISTERED_FIELD_NUMBER: _ClassVar[int]
     ASSIGN_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     SCRIPT_FIELD_NUMBER: _ClassVar[int]
     RECONFIGURE_FIELD_NUMBER: _ClassVar[int]
     USAGE_ACK_FIELD_NUMBER: _ClassVar[int]
+    LEADER_EPOCH_FIELD_NUMBER: _ClassVar[int]
     registered: Registered
     assign: Assign
     release: Release
     script: Script
     reconfigure: Reconfigure
     usage_ack: UsageAck
-    def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., assign: _Optional[_Union[Assign, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., script: _Optional[_Union[Script, _Mapping]] = ..., reconfigure: _Optional[_Union[Reconfigure, _Mapping]] = ..., usage_ack: _Optional[_Union[UsageAck, _Mapping]] = ...) -> None: ...
+    leader_epoch: int
+    def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., assign: _Optional[_Union[Assign, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., script: _Optional[_Union[Script, _Mapping]] = ..., reconfigure: _Optional[_Union[Reconfigure, _Mapping]] = ..., usage_ack: _Optional[_Union[UsageAck, _Mapping]] = ..., leader_epoch: _Optional[int] = ...) -> None: ...

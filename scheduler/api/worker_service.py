@@ -10,7 +10,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -35,6 +35,18 @@ from scheduler.state.worker_conn import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class Leading(Protocol):
+    epoch: int
+
+    def valid(self) -> bool: ...
+
+
+class NotLeading(Exception):
+    pass
+
+
 EXPIRY_SLACK = 1.0  # seconds: a stream closing this close to its token's expiry ended with it
 
 
@@ -80,9 +92,21 @@ def command_to_pb(cmd: WorkerCommand, inputs: LiveInputKeys) -> workers_pb2.Sche
 
 
 class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
-    def __init__(self, core: Scheduler, inputs: LiveInputKeys | None = None) -> None:
+    def __init__(self, core: Scheduler, inputs: LiveInputKeys | None = None,
+                 leadership: Leading | None = None) -> None:
         self.core = core
         self.inputs = inputs or LiveInputKeys()
+        self.leadership = leadership  # None: a scheduler that does not lead replicas (tests)
+
+    def _led(self, msg: workers_pb2.SchedulerMessage) -> workers_pb2.SchedulerMessage:
+        """The message stamped with this scheduler's epoch; refused (UNAVAILABLE) once it
+        may no longer act as the leader, so that a scheduler that was paused past its
+        lease sends nothing on waking."""
+        if self.leadership is not None:
+            if not self.leadership.valid():
+                raise NotLeading
+            msg.leader_epoch = self.leadership.epoch
+        return msg
 
     async def Connect(self, request_iterator: AsyncIterator[workers_pb2.WorkerMessage],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[workers_pb2.SchedulerMessage]:
@@ -124,17 +148,20 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
         await self.core.durable()
         reader = asyncio.create_task(self._read(conn, request_iterator))
         try:
-            yield workers_pb2.SchedulerMessage(registered=workers_pb2.Registered(
+            yield self._led(workers_pb2.SchedulerMessage(registered=workers_pb2.Registered(
                 heartbeat_interval_seconds=self.core.config.heartbeat_interval,
                 last_usage_seq=self.core.ledger.last_seq(conn.worker_id, conn.usage_epoch),
                 worker_timeout_seconds=self.core.config.worker_timeout,
                 confirmed_rooms=[workers_pb2.ActiveRoom(session_id=sid, epoch=epoch)
-                                 for sid, epoch in conn.confirmed]))
+                                 for sid, epoch in conn.confirmed])))
             # The reader ends the outbox when the worker's side closes; the core ends it
             # when it drops the worker (heartbeats stopped) or a newer stream replaces it.
             reader.add_done_callback(lambda _: conn.outbox.put_nowait(None))
             while (cmd := await conn.outbox.get()) is not None:
-                yield command_to_pb(cmd, self.inputs)
+                yield self._led(command_to_pb(cmd, self.inputs))
+        except NotLeading:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "this scheduler no longer leads: reconnect to the leader")
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -205,8 +205,8 @@ class WorkerAgent:
             models=self.pipeline.model_names,
             profiles=[profile_to_pb(p) for p in self.profiles],
             input_endpoint=self.input_endpoint,
-            active_rooms=[workers_pb2.ActiveRoom(session_id=sid, epoch=epoch)
-                          for sid, epoch in self.rooms.active().items()],
+            active_rooms=[workers_pb2.ActiveRoom(session_id=sid, epoch=epoch) for sid, epoch
+                          in {**self.usage.ending(), **self.rooms.active()}.items()],
             avatars=self.pipeline.folder.avatar_ids(),
             memory=workers_pb2.MemoryProfile(
                 models_bytes=self.pipeline.models_bytes,
@@ -228,7 +228,7 @@ class WorkerAgent:
                  for report in self.usage.unapplied(reg.last_usage_seq)]
         if self._draining is not None:  # a new link: the scheduler must hear it again
             first.append(self._drain_message())
-        log.info("registered with scheduler %s as %s", self.scheduler_address, self.worker_id)
+        log.info("registered with scheduler %s as %s", self.link.address, self.worker_id)
         return first
 
     def tick(self) -> list[workers_pb2.WorkerMessage]:

@@ -11,6 +11,13 @@ registers again.
 A refused credential is retried like a broken link, so a renewed token or
 certificate takes effect without a restart. `restart` ends the stream on purpose,
 and the worker registers again at once (after a stall, see `WorkerAgent`).
+
+Replicated schedulers: the address may list several (`host1:port,host2:port`). A
+scheduler that follows refuses the stream naming the leader, and the link goes there
+next; otherwise it tries the next address. Every message carries the sending leader's
+epoch, and the link refuses anything from an epoch older than the newest it has
+registered with: a leader that was paused and wakes up commands nothing. Keepalive
+pings find a scheduler that froze with the connection open.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Protocol
@@ -25,6 +33,7 @@ from typing import Protocol
 import grpc
 
 from avatarfarm import client
+from avatarfarm.serving import KEEPALIVE
 from avatarfarm.v1 import workers_pb2, workers_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -52,11 +61,23 @@ class LinkPeer(Protocol):
         ...
 
 
+# Seconds of registrations under an older epoch after which it is taken as the epoch
+# itself having gone back: far beyond any lease.
+STALE_EPOCH_RESET = 60.0
+
+
+class StaleLeader(Exception):
+    """The scheduler registered this worker under an older epoch than one it has seen."""
+
+
 class SchedulerLink:
     def __init__(self, address: str, peer: LinkPeer, *, progress_interval: float = 1.0,
                  credentials: grpc.ChannelCredentials | None = None,
                  token_file: Path | None = None) -> None:
-        self.address = address
+        self.addresses = client.addresses(address)
+        self.address = self.addresses[0]  # the scheduler tried now
+        self.leader_epoch = 0  # the newest leader's epoch this worker registered with
+        self._stale_since: float | None = None  # registrations under older epochs, since
         self.peer = peer
         self.progress_interval = progress_interval
         # TLS to the scheduler (None: plain) and this worker's token, re-read when it changes.
@@ -106,7 +127,15 @@ class SchedulerLink:
         ticker: asyncio.Task[None] | None = None
         try:
             async for msg in call:
+                if msg.leader_epoch and msg.leader_epoch < self.leader_epoch:
+                    if msg.WhichOneof("kind") != "registered":
+                        log.warning("ignored a %s from an older leader (epoch %d < %d)",
+                                    msg.WhichOneof("kind"), msg.leader_epoch, self.leader_epoch)
+                        continue
+                    self._stale_registration(msg.leader_epoch)
                 if msg.WhichOneof("kind") == "registered":
+                    self._stale_since = None
+                    self.leader_epoch = max(self.leader_epoch, msg.leader_epoch)
                     self.heartbeat_interval = msg.registered.heartbeat_interval_seconds or 1.0
                     for first in self.peer.registered(msg.registered):
                         outbox.put_nowait(first)
@@ -123,13 +152,48 @@ class SchedulerLink:
                 ticker.cancel()
             call.cancel()
 
+    def _stale_registration(self, epoch: int) -> None:
+        """A scheduler registered this worker under an older epoch than one it has seen:
+        a leader that was paused and woke up, so the link moves on (`StaleLeader`). An
+        old leader leaves within its lease; one that goes on registering workers past
+        `STALE_EPOCH_RESET` is not one, but the schedulers' epoch went back (a database
+        restored or replaced), and the link follows it from then on."""
+        now = time.monotonic()
+        if self._stale_since is None:
+            self._stale_since = now
+        if now - self._stale_since < STALE_EPOCH_RESET:
+            raise StaleLeader(f"{self.address} leads under epoch {epoch}, older than "
+                              f"{self.leader_epoch}")
+        log.warning("the schedulers' epoch went back from %d to %d for %.0f s (a restored or "
+                    "new database): following it", self.leader_epoch, epoch, now - self._stale_since)
+        self.leader_epoch = 0
+
+    def _next_address(self, error: grpc.aio.AioRpcError | None) -> bool:
+        """Moves to the leader a follower named, else to the next listed scheduler;
+        True where the next try goes somewhere new."""
+        hint = client.leader_hint(error) if error is not None else ""
+        if hint and hint != self.address:
+            log.info("scheduler %s follows; going to the leader at %s", self.address, hint)
+            self.address = hint
+            return True
+        if len(self.addresses) > 1:
+            i = self.addresses.index(self.address) if self.address in self.addresses else -1
+            self.address = self.addresses[(i + 1) % len(self.addresses)]
+            return True
+        return False
+
     async def run(self) -> None:
         """Keeps the link up until cancelled."""
         backoff = 0.2
         token = client.TokenFile(self.token_file) if self.token_file else None
-        async with client.channel(self.address, credentials=self.credentials,
-                                  metadata=token) as channel:
+        channels: dict[str, grpc.aio.Channel] = {}
+        try:
             while True:
+                channel = channels.get(self.address)
+                if channel is None:
+                    channel = channels[self.address] = client.channel(
+                        self.address, credentials=self.credentials, metadata=token,
+                        options=KEEPALIVE)
                 try:
                     await self._session(channel)
                     backoff = 0.2
@@ -140,9 +204,14 @@ class SchedulerLink:
                     refused = e.code() in (grpc.StatusCode.UNAUTHENTICATED,
                                            grpc.StatusCode.PERMISSION_DENIED)
                     log.log(logging.ERROR if refused else logging.WARNING,
-                            "scheduler %s (%s: %s); retrying in %.1fs",
+                            "scheduler %s %s (%s: %s); retrying in %.1fs", self.address,
                             "refused this worker" if refused else "link down", e.code().name,
                             e.details(), backoff)
+                    if e.code() == grpc.StatusCode.UNAVAILABLE and self._next_address(e):
+                        backoff = 0.2
+                except StaleLeader as e:
+                    log.warning("left a scheduler that no longer leads: %s", e)
+                    self._next_address(None)
                 except asyncio.CancelledError:
                     task = asyncio.current_task()
                     if not self._resync or (task is not None and task.cancelling()):
@@ -151,4 +220,7 @@ class SchedulerLink:
                     backoff = 0.2
                     continue  # re-register at once
                 await asyncio.sleep(backoff * (1 + random.random() / 4))
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, 5.0 if len(self.addresses) == 1 else 1.0)
+        finally:
+            for ch in channels.values():
+                await ch.close()

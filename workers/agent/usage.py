@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import collections
 
-from avatarfarm.v1 import workers_pb2
+from avatarfarm.v1 import types_pb2, workers_pb2
+
+_FINAL = (types_pb2.SESSION_STATE_ENDED, types_pb2.SESSION_STATE_FAILED)
 
 
 class UsageReports:
@@ -38,6 +40,14 @@ class UsageReports:
         """The scheduler has every report up to ``seq`` durably: they are forgotten."""
         while self._held and self._held[0].seq <= seq:
             self._held.popleft()
+
+    def ending(self) -> dict[str, int]:
+        """Rooms whose final state is in a report not yet acknowledged, by session: their
+        assignment. A worker registers with them as its own, so that a scheduler that
+        did not hear the end (it restarted, or another one leads now) keeps them here
+        until the report, sent again, ends them; else it would take them for rooms this
+        worker lost and place them again."""
+        return {u.session_id: u.epoch for r in self._held for u in r.updates if u.state in _FINAL}
 
     def unapplied(self, last_applied: int) -> list[workers_pb2.UsageReport]:
         """Held reports the scheduler has not applied, oldest first."""

@@ -93,7 +93,7 @@ class KubernetesProvisioner:
             raise ValueError("request_timeout_seconds must be positive")
         self._pools: dict[str, PoolConfig] = dict(config.pools)
         self._timeout = request_timeout_seconds
-        self._api = api_client if api_client is not None else _default_client()
+        self._api = api_client if api_client is not None else default_client()
         self._apps = k8s.AppsV1Api(self._api)
         self._core = k8s.CoreV1Api(self._api)
 
@@ -240,7 +240,7 @@ def _status_message(body: object) -> str:
     return f": {message[:300]}" if isinstance(message, str) and message else ""
 
 
-def _default_client() -> k8s.ApiClient:
+def default_client() -> k8s.ApiClient:
     """The client for where the scheduler runs, read now rather than at import, so a
     changed environment (a test, a re-exec) is honoured."""
     try:

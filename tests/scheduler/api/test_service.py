@@ -17,8 +17,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from avatarfarm import client
 from avatarfarm.v1 import sessions_pb2, sessions_pb2_grpc, types_pb2, workers_pb2, workers_pb2_grpc
+from scheduler.api.follower import REPLICA_HEALTH
 from scheduler.config import SchedulerConfig
 from scheduler.server import RunningScheduler, start
+from scheduler.state.postgres import PostgresStore
+from scheduler.state.store import SqliteStore
 
 
 def run(coro_fn: Callable[[], Awaitable[None]]) -> None:
@@ -28,8 +31,9 @@ def run(coro_fn: Callable[[], Awaitable[None]]) -> None:
 @contextlib.asynccontextmanager
 async def scheduler(tmp_path: Path, model_dir: Path, **kw: Any) -> AsyncIterator[
         tuple[RunningScheduler, sessions_pb2_grpc.SessionServiceStub, grpc.aio.Channel]]:
-    conf = SchedulerConfig(listen="127.0.0.1:0", metrics_port=-1, database=tmp_path / "state.db",
-                           avatar_dir=model_dir / "avatars", **kw)
+    conf = SchedulerConfig(**{"listen": "127.0.0.1:0", "metrics_port": -1,
+                              "database": tmp_path / "state.db",
+                              "avatar_dir": model_dir / "avatars", **kw})
     running = await start(conf)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
     try:
@@ -221,11 +225,12 @@ def test_list_pages_and_filters(tmp_path: Path, model_dir: Path) -> None:
     run(body)
 
 
-def test_sessions_survive_a_scheduler_restart(tmp_path: Path, model_dir: Path) -> None:
+def test_sessions_survive_a_scheduler_restart(tmp_path: Path, model_dir: Path,
+                                             store_config: dict[str, Any]) -> None:
     async def body() -> None:
-        async with scheduler(tmp_path, model_dir) as (_, stub, _ch):
+        async with scheduler(tmp_path, model_dir, **store_config) as (_, stub, _ch):
             created = await stub.CreateSession(create_req("r1", request_id="req-1"))
-        async with scheduler(tmp_path, model_dir) as (_, stub, _ch):
+        async with scheduler(tmp_path, model_dir, **store_config) as (_, stub, _ch):
             got = await stub.GetSession(sessions_pb2.GetSessionRequest(session_id=created.session_id))
             assert got.spec == created.spec
             assert got.state == types_pb2.SESSION_STATE_PENDING
@@ -235,15 +240,61 @@ def test_sessions_survive_a_scheduler_restart(tmp_path: Path, model_dir: Path) -
     run(body)
 
 
-def test_a_batch_admits_each_room_as_alone_and_refuses_only_the_bad_ones(tmp_path: Path,
-                                                                         model_dir: Path) -> None:
+def test_every_message_to_a_worker_carries_the_leaders_epoch_which_each_start_raises(
+        tmp_path: Path, model_dir: Path, store_config: dict[str, Any]) -> None:
+    async def body() -> None:
+        epochs = []
+        for _ in range(2):
+            async with scheduler(tmp_path, model_dir, **store_config) as (running, stub, ch):
+                worker = ProtocolWorker(ch, "w1")
+                registered = await worker.next("registered")
+                await stub.CreateSession(create_req(f"r{len(epochs)}"))
+                assign = await worker.next("assign")
+                assert registered.leader_epoch == assign.leader_epoch == running.leadership.epoch
+                epochs.append(running.leadership.epoch)
+                await worker.close()
+        assert epochs[0] >= 1 and epochs[1] == epochs[0] + 1
+
+    run(body)
+
+
+def test_a_scheduler_a_newer_leader_fenced_out_answers_unavailable_and_changes_nothing(
+        tmp_path: Path, model_dir: Path, store_config: dict[str, Any]) -> None:
+    async def body() -> None:
+        async with scheduler(tmp_path, model_dir, **store_config) as (running, stub, _ch):
+            kept = await stub.CreateSession(create_req("r1"))
+            # Another scheduler takes the store (by force, as a second process on the
+            # same SQLite file would, or as a follower once the lease ran out).
+            url = store_config.get("database_url")
+            other = PostgresStore(url) if url else SqliteStore(store_config["database"])
+            assert other.claim_lead("intruder", "", 60.0, force=True) == running.leadership.epoch + 1
+            other.close()
+            # On PostgreSQL the intruder's claim also ended this scheduler's sessions: the
+            # first commit fails on the cut connection, the next on the fence. Either way
+            # the caller is told to retry (with the leader).
+            for room in ("r2", "r3"):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.CreateSession(create_req(room))
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "a newer leader took over" in (refused.value.details() or "")
+            # What `serve` waits on to exit and start again from the store.
+            assert running.core.commits.failed.is_set()
+        check = PostgresStore(url) if url else SqliteStore(store_config["database"])
+        assert [s.session_id for s in check.load_sessions()] == [kept.session_id]
+        check.close()
+
+    run(body)
+
+
+def test_a_batch_admits_each_room_as_alone_and_refuses_only_the_bad_ones(
+        tmp_path: Path, model_dir: Path, store_config: dict[str, Any]) -> None:
     codes = grpc.StatusCode
 
     def batch(*reqs: sessions_pb2.CreateSessionRequest) -> sessions_pb2.CreateSessionsRequest:
         return sessions_pb2.CreateSessionsRequest(requests=list(reqs))
 
     async def body() -> None:
-        async with scheduler(tmp_path, model_dir) as (_, stub, ch):
+        async with scheduler(tmp_path, model_dir, **store_config) as (_, stub, ch):
             worker = ProtocolWorker(ch, "w1")
             await worker.next("registered")
             wave = batch(create_req("r1", request_id="q1"),
@@ -272,7 +323,7 @@ def test_a_batch_admits_each_room_as_alone_and_refuses_only_the_bad_ones(tmp_pat
                     codes.INVALID_ARGUMENT, stub.CreateSessions(empty_or_huge))
             await worker.close()
         # Answered once on disk: a restarted scheduler has both rooms.
-        async with scheduler(tmp_path, model_dir) as (_, stub, _ch):
+        async with scheduler(tmp_path, model_dir, **store_config) as (_, stub, _ch):
             listed = await stub.ListSessions(sessions_pb2.ListSessionsRequest())
             assert sorted(s.spec.room_id for s in listed.sessions) == ["r1", "r5"]
 
@@ -283,16 +334,19 @@ def test_health_is_served(tmp_path: Path, model_dir: Path) -> None:
     async def body() -> None:
         async with scheduler(tmp_path, model_dir) as (_, _stub, ch):
             h = health_pb2_grpc.HealthStub(ch)
-            for service in ("", "avatarfarm.v1.SessionService", "avatarfarm.v1.WorkerService"):
+            for service in ("", "avatarfarm.v1.SessionService", "avatarfarm.v1.WorkerService",
+                            REPLICA_HEALTH):
                 r = await h.Check(health_pb2.HealthCheckRequest(service=service))
                 assert r.status == health_pb2.HealthCheckResponse.SERVING
 
     run(body)
 
 
-def test_rooms_flow_through_a_worker_and_are_billed(tmp_path: Path, model_dir: Path) -> None:
+def test_rooms_flow_through_a_worker_and_are_billed(tmp_path: Path, model_dir: Path,
+                                                   store_config: dict[str, Any]) -> None:
     async def body() -> None:
-        async with scheduler(tmp_path, model_dir, device_prices={"cpu": 3.6}) as (running, stub, ch):
+        async with scheduler(tmp_path, model_dir, device_prices={"cpu": 3.6},
+                             **store_config) as (running, stub, ch):
             s = await stub.CreateSession(create_req("r1", tier=types_pb2.TIER_PREMIUM))
             states: list[int] = []
             watching = asyncio.Event()
@@ -330,6 +384,7 @@ def test_rooms_flow_through_a_worker_and_are_billed(tmp_path: Path, model_dir: P
             assert 'avatarfarm_stream_seconds_total{device_type="cpu",tier="premium"} 2.0' in text
             assert 'avatarfarm_sessions{state="ended",tier="premium"} 1.0' in text
             assert "avatarfarm_workers{device_type=\"cpu\"} 1.0" in text
+            assert f"avatarfarm_scheduler_leader_epoch {float(running.leadership.epoch)}" in text
             await worker.close()
 
     run(body)
@@ -520,6 +575,38 @@ def test_a_worker_that_reconnects_keeps_the_rooms_it_still_renders(tmp_path: Pat
                                             lambda x: x.state == types_pb2.SESSION_STATE_PLACED, 10)
             assert adopted.worker_id == "w1" and "re-adopted" in adopted.reason
             assert back.inbox.empty()  # no second assignment: the room was not restarted
+            await back.close()
+
+    run(body)
+
+
+def test_a_room_that_ended_while_the_scheduler_was_away_ends_whole_where_it_ran(
+        tmp_path: Path, model_dir: Path) -> None:
+    async def body() -> None:
+        async with scheduler(tmp_path, model_dir, usage_flush_interval=0.1) as (_, stub, ch):
+            w1 = ProtocolWorker(ch, "w1")
+            s = await stub.CreateSession(create_req("r"))
+            await w1.next("assign")
+            w1.report(s.session_id, types_pb2.SESSION_STATE_RUNNING)
+            w1.usage(1, [(s.session_id, 25, 0.1)])
+            await w1.next("usage_ack")
+            await w1.close()
+        # The room ended while no scheduler was there to hear it: the worker holds the
+        # report of its end, and registers with the room until it is acknowledged.
+        async with scheduler(tmp_path, model_dir, usage_flush_interval=0.1) as (_, stub, ch):
+            back = ProtocolWorker(ch, "w1", active=((s.session_id, 1),))
+            registered = await back.next("registered")
+            assert [r.session_id for r in registered.registered.confirmed_rooms] == [s.session_id]
+            back.outbox.put_nowait(workers_pb2.WorkerMessage(usage_report=workers_pb2.UsageReport(
+                seq=2, updates=[workers_pb2.SessionUpdate(
+                    session_id=s.session_id, state=types_pb2.SESSION_STATE_ENDED, epoch=1,
+                    reason="reached max duration", progress=types_pb2.SessionProgress(
+                        frames_rendered=50, stream_seconds=2.0, device_seconds=0.2))])))
+            done = await client.wait_for(stub, s.session_id,
+                                         lambda x: x.state == types_pb2.SESSION_STATE_ENDED, 10)
+            assert done.worker_id == "w1" and done.reason == "reached max duration"
+            assert done.progress.stream_seconds == 2.0  # whole: the end's report counted
+            assert back.inbox.empty()  # nothing placed again, nothing released
             await back.close()
 
     run(body)
