@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "deploy" / "kubernetes"
 MONITORING = BASE / "monitoring"
 RAY = ROOT / "deploy" / "ray"
+REPLICATED = BASE / "replicated"
 NAMESPACE = "avatarfarm"
 # The oldest Kubernetes the manifests are for (gRPC probes are GA since 1.27) and the
 # newest the validator knows.
@@ -147,12 +148,19 @@ def kustomize(root: Path) -> Build:
 
 
 def _json_patch_add(obj: dict[str, Any], op: dict[str, Any]) -> None:
-    assert op["op"] == "add", f"only 'add' operations are built here, not {op['op']!r}"
-    *parents, last = op["path"].strip("/").split("/")
+    """One RFC 6902 operation: add, replace or remove (the forms the overlays use)."""
+    assert op["op"] in ("add", "replace", "remove"), f"{op['op']!r} is not built here"
+    *parents, last = [p.replace("~1", "/").replace("~0", "~")
+                      for p in op["path"].strip("/").split("/")]
     node: Any = obj
     for part in parents:
         node = node[int(part)] if isinstance(node, list) else node[part]
-    if isinstance(node, list):
+    if op["op"] == "remove":
+        del node[int(last) if isinstance(node, list) else last]
+    elif op["op"] == "replace":
+        assert (int(last) < len(node)) if isinstance(node, list) else last in node, op["path"]
+        node[int(last) if isinstance(node, list) else last] = op["value"]
+    elif isinstance(node, list):
         node.insert(len(node) if last == "-" else int(last), op["value"])
     else:
         node[last] = op["value"]
@@ -171,6 +179,11 @@ def monitoring() -> Build:
 @pytest.fixture(scope="module")
 def ray() -> Build:
     return kustomize(RAY)
+
+
+@pytest.fixture(scope="module")
+def replicated() -> Build:
+    return kustomize(REPLICATED)
 
 
 # -- pods, containers and what is mounted where ------------------------------------------
@@ -285,7 +298,8 @@ def _pods_of_custom_resources(build: Build) -> Iterator[tuple[str, dict[str, Any
 
 def _schema_cases() -> list[Any]:
     cases = []
-    for label, root in (("base", BASE), ("ray", RAY), ("monitoring", MONITORING)):
+    for label, root in (("base", BASE), ("ray", RAY), ("monitoring", MONITORING),
+                        ("replicated", REPLICATED)):
         build = kustomize(root)
         for o in build.objects:
             if o["apiVersion"].split("/")[0] in CUSTOM_GROUPS:
@@ -378,7 +392,9 @@ _CLIENT_CALLS = {
 
 
 def test_the_role_covers_every_api_call_in_the_provisioners_code(base: Build) -> None:
-    source = (ROOT / "scheduler" / "autoscale" / "provisioners" / "kubernetes_api.py").read_text()
+    # The autoscaler's provisioner, and the leader's pod label (replicated schedulers).
+    source = "".join((ROOT / "scheduler" / path).read_text() for path in (
+        "autoscale/provisioners/kubernetes_api.py", "api/leader_pod.py"))
     called = set(re.findall(r"self\._(?:apps|core)\.(\w+)", source))
     assert called, "the provisioner's API calls were not found"
     unknown = called - set(_CLIENT_CALLS)
@@ -822,3 +838,71 @@ def test_the_schema_cases_cover_every_built_object(base: Build) -> None:
     names = {p.id for p in _schema_cases()}
     for o in base.objects:
         assert f"base:{o['kind']}/{o['metadata']['name']}" in names
+
+
+# -- replicated schedulers on PostgreSQL (deploy/kubernetes/replicated) ----------------------
+
+
+def replicated_config(build: Build, tmp_path: Path) -> tuple[SchedulerConfig, dict[str, Any]]:
+    """The replicas' configuration as their container loads it (file, then environment;
+    downward-API references stay as written), and the container."""
+    spec = pod_template(build.get("Deployment", "avatarfarm-scheduler"))["spec"]
+    c = container(spec, "scheduler")
+    config_path = c["args"][c["args"].index("--config") + 1]
+    kind, name, key = projected_item(mounted(spec, c, config_path))
+    assert kind == "configMap"
+    f = tmp_path / "scheduler.toml"
+    f.write_text(build.generated[name][key])
+    args = build_parser().parse_args(c["args"])
+    args.config = f
+    return cfg.load(SchedulerConfig, args=args, env_prefix="AVATARFARM_SCHEDULER_",
+                    env=literal_env(c)), c
+
+
+def test_replicas_share_a_postgres_store_and_keep_nothing_on_the_pod(replicated: Build,
+                                                                    tmp_path: Path) -> None:
+    d = replicated.get("Deployment", "avatarfarm-scheduler")
+    assert d["spec"]["replicas"] >= 2
+    assert d["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert not replicated.has("PersistentVolumeClaim", "avatarfarm-scheduler-state")
+    spec = pod_template(d)["spec"]
+    conf, c = replicated_config(replicated, tmp_path)
+    assert conf.database_url.startswith("postgresql://") and "@avatarfarm-postgres:" in conf.database_url
+    assert ":" not in conf.database_url.split("//")[1].split("@")[0], "no password in the URL"
+    pg = next(e for e in c["env"] if e["name"] == "PGPASSWORD")["valueFrom"]["secretKeyRef"]
+    assert pg["name"] in replicated.documented_secrets
+    # Every replica derives the same live-input keys: one secret, mounted in each.
+    assert conf.input_secret_file is not None
+    assert projected_item(mounted(spec, c, conf.input_secret_file))[:2] == \
+        ("secret", "avatarfarm-input-key")
+    assert "avatarfarm-input-key" in replicated.documented_secrets
+    mounts = {m["name"] for m in c["volumeMounts"]}
+    assert mounts == {v["name"] for v in spec["volumes"]}
+    assert all("persistentVolumeClaim" not in v or v["persistentVolumeClaim"]["claimName"] !=
+               "avatarfarm-scheduler-state" for v in spec["volumes"])
+
+
+def test_the_service_routes_to_the_leaders_pod_and_every_replica_is_ready(replicated: Build,
+                                                                        tmp_path: Path) -> None:
+    from scheduler.api.follower import REPLICA_HEALTH
+    from scheduler.api.leader_pod import LABEL
+
+    d = replicated.get("Deployment", "avatarfarm-scheduler")
+    conf, c = replicated_config(replicated, tmp_path)
+    assert conf.leader_pod == "$(POD_NAMESPACE)/$(POD_NAME)"
+    assert env_field(c, "POD_NAMESPACE") == "metadata.namespace"
+    assert env_field(c, "POD_NAME") == "metadata.name"
+    assert conf.advertise_address == f"$(POD_IP):{listen_port(conf.listen)}"
+    assert env_field(c, "POD_IP") == "status.podIP"
+    svc = replicated.get("Service", "avatarfarm-scheduler")
+    pod_labels = pod_template(d)["metadata"]["labels"]
+    assert svc["spec"]["selector"] == {**d["spec"]["selector"]["matchLabels"], LABEL: "true"}
+    assert not _selects(svc["spec"]["selector"], pod_labels)  # only once a leader labels it
+    assert _selects(svc["spec"]["selector"], {**pod_labels, LABEL: "true"})
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert c[probe]["grpc"] == {"port": listen_port(conf.listen), "service": REPLICA_HEALTH}
+    # The leader patches pods with the Role the autoscaler's calls already need.
+    role = replicated.get("Role", "avatarfarm-autoscaler")
+    granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"]
+               for r in rule["resources"] for v in rule["verbs"]}
+    assert {("", "pods", "list"), ("", "pods", "patch")} <= granted
