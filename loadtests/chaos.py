@@ -9,6 +9,13 @@ Rooms are watched by polling the API; a room's resume time is from the kill of
 its worker to the moment it is running again on another worker (the worker
 reports running when it has written the first frame of its assignment).
 
+With `--replicas N` the farm runs N schedulers on a local PostgreSQL server (one
+leads, the others follow), and instead of the one scheduler restart, every
+`--leader-every` seconds the leading scheduler is killed (SIGKILL) or, every other
+time, frozen (SIGSTOP) until another has taken over, then woken (SIGCONT: it must
+exit, status 75, without acting); either way it is started again as a follower. The
+takeover time is from the kill or freeze to the new leader serving.
+
 At the end it prints: rooms resumed, resume time p50/p99/max (goal p99 < 5 s),
 frames lost per failover (stream time missing from the rooms' outputs, per
 failover), usage lost and doubled (the usage ledger against the stream time the
@@ -17,12 +24,15 @@ their full duration; goal 0).
 
     python loadtests/chaos.py                          # 3 workers, 6 rooms, 60 s
     python loadtests/chaos.py --workers 4 --rooms 12 --seconds 120 --kill-every 15
+    python loadtests/chaos.py --replicas 3 --seconds 120 --leader-every 10
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import signal
 import socket
 import statistics
 import subprocess
@@ -38,6 +48,8 @@ import grpc
 from avatarfarm import client
 from avatarfarm.v1 import sessions_pb2, sessions_pb2_grpc, types_pb2
 from farm.local import LocalFarm
+from farm.postgres import PostgresServer
+from scheduler.server import LOST_LEAD_EXIT
 from workers.output.encode import hls_segments
 from workers.output.targets import tenant_root
 
@@ -117,9 +129,47 @@ def prepare_models(model_dir: Path, home: Path) -> None:
                         str(home / "models")], check=True, stdout=subprocess.DEVNULL)
 
 
-async def main_async(args: argparse.Namespace, home: Path) -> int:
+@dataclass
+class LeaderChaos:
+    """The leader changes made, and what they cost."""
+
+    takeovers: list[float] = field(default_factory=list)  # seconds to a new leader serving
+    killed: int = 0
+    frozen: int = 0
+    woken_exits: list[int | None] = field(default_factory=list)  # exit status of woken leaders
+
+    async def change(self, farm: LocalFarm, start: float) -> None:
+        old = farm.scheduler
+        assert old is not None and old.proc is not None
+        index = farm.schedulers.index(old)
+        freeze = (self.killed + self.frozen) % 2 == 1
+        t = time.monotonic()
+        if freeze:
+            old.proc.send_signal(signal.SIGSTOP)
+        else:
+            old.kill()
+        new = await asyncio.to_thread(farm.wait_leader, 60.0)
+        took = time.monotonic() - t
+        self.takeovers.append(took)
+        if freeze:
+            self.frozen += 1
+            old.proc.send_signal(signal.SIGCONT)
+            try:
+                self.woken_exits.append(await asyncio.to_thread(old.proc.wait, 30))
+            except subprocess.TimeoutExpired:
+                self.woken_exits.append(None)
+                old.kill()
+        else:
+            self.killed += 1
+        print(f"{t - start:6.1f}s  {'froze' if freeze else 'killed'} the leader {old.name}; "
+              f"{new.name} leads after {took:.2f} s", flush=True)
+        await asyncio.to_thread(farm.start_scheduler, 60.0, index, False)  # back, following
+
+
+async def main_async(args: argparse.Namespace, home: Path, database_url: str = "") -> int:
     farm = LocalFarm(home, workers=args.workers, pacing="realtime", worker_threads=1,
-                     overcommit=4.0, scheduler_port=free_port(),
+                     overcommit=4.0, scheduler_port=free_port(), replicas=args.replicas,
+                     database_url=database_url, lease_seconds=args.lease_seconds,
                      scheduler_args=["--worker-timeout", "2", "--orphan-grace", "5",
                                      "--usage-flush-interval", "1"],
                      worker_args=["--profile-render-sides", str(args.side),
@@ -129,6 +179,7 @@ async def main_async(args: argparse.Namespace, home: Path) -> int:
     farm.start()
     rooms: dict[str, Room] = {}
     kills = scheduler_kills = 0
+    leaders = LeaderChaos()
     try:
         async with grpc.aio.insecure_channel(farm.address) as ch:
             stub = sessions_pb2_grpc.SessionServiceStub(ch)
@@ -141,10 +192,16 @@ async def main_async(args: argparse.Namespace, home: Path) -> int:
         watcher = asyncio.create_task(poll(farm, rooms))
         start = time.monotonic()
         next_kill = start + args.kill_every
-        scheduler_at = start + args.seconds / 2 if args.kill_scheduler else float("inf")
+        scheduler_at = start + args.seconds / 2 if args.kill_scheduler and args.replicas == 1 \
+            else float("inf")
+        next_leader = start + args.leader_every if args.replicas > 1 else float("inf")
         while time.monotonic() - start < args.seconds:
             now = time.monotonic()
-            if now >= scheduler_at:
+            if now >= next_leader:
+                await leaders.change(farm, start)
+                next_leader = time.monotonic() + args.leader_every
+                next_kill = max(next_kill, time.monotonic() + 4.0)  # workers find it first
+            elif now >= scheduler_at:
                 scheduler_at = float("inf")
                 assert farm.scheduler is not None
                 farm.scheduler.kill()
@@ -215,7 +272,22 @@ async def main_async(args: argparse.Namespace, home: Path) -> int:
           f"(ledger vs the workers' reports; goal 0 / 0)   "
           f"{'PASS' if lost < 1e-3 and doubled < 1e-3 else 'MISS'}")
     print(f"rooms dropped          {len(dropped)}   goal 0   {'PASS' if not dropped else 'MISS'}")
-    return 0 if not dropped and lost < 1e-3 and doubled < 1e-3 else 1
+    ok = not dropped and lost < 1e-3 and doubled < 1e-3
+    if args.replicas > 1:
+        t = leaders.takeovers
+        woken_ok = all(code == LOST_LEAD_EXIT for code in leaders.woken_exits)
+        print(f"leader changes         {len(t)} ({leaders.killed} killed, {leaders.frozen} frozen) "
+              f"among {args.replicas} replicas, lease {args.lease_seconds:g} s")
+        if t:
+            p99 = percentile(t, 0.99)
+            print(f"new leader serving     p50 {statistics.median(t):.2f} s   p99 {p99:.2f} s   "
+                  f"max {max(t):.2f} s   goal p99 < 10 s   {'PASS' if p99 < 10 else 'MISS'}")
+            ok = ok and p99 < 10
+        print(f"woken leaders exited   {sum(c == LOST_LEAD_EXIT for c in leaders.woken_exits)}"
+              f"/{len(leaders.woken_exits)} with status {LOST_LEAD_EXIT}, acting on nothing   "
+              f"{'PASS' if woken_ok else 'MISS'}")
+        ok = ok and woken_ok
+    return 0 if ok else 1
 
 
 def main() -> int:
@@ -228,18 +300,31 @@ def main() -> int:
                     help="seconds between worker kills (default 12)")
     ap.add_argument("--no-scheduler-kill", dest="kill_scheduler", action="store_false",
                     help="do not kill the scheduler half-way")
+    ap.add_argument("--replicas", type=int, default=1,
+                    help="schedulers on a local PostgreSQL server (default 1: one, on SQLite)")
+    ap.add_argument("--leader-every", type=float, default=20.0,
+                    help="with replicas: seconds between leader kills and freezes (default 20)")
+    ap.add_argument("--lease-seconds", type=float, default=5.0,
+                    help="with replicas: the leader's lease (default 5)")
     ap.add_argument("--side", type=int, default=128, help="frame side (default 128)")
     ap.add_argument("--fps", type=int, default=25)
     ap.add_argument("--model-dir", default="var/models", help="built models (make demo builds them)")
     ap.add_argument("--home", type=Path, default=None, help="work folder (default: a temp folder)")
     args = ap.parse_args()
-    if args.home is not None:
-        args.home.mkdir(parents=True, exist_ok=True)
-        prepare_models(Path(args.model_dir), args.home)
-        return asyncio.run(main_async(args, args.home))
-    with tempfile.TemporaryDirectory() as tmp:
+    with contextlib.ExitStack() as stack:
+        url = ""
+        if args.replicas > 1:
+            print("starting a local PostgreSQL server ...", flush=True)
+            pg = PostgresServer().start()
+            stack.callback(pg.stop)
+            url = pg.create_database()
+        if args.home is not None:
+            args.home.mkdir(parents=True, exist_ok=True)
+            prepare_models(Path(args.model_dir), args.home)
+            return asyncio.run(main_async(args, args.home, url))
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
         prepare_models(Path(args.model_dir), Path(tmp))
-        return asyncio.run(main_async(args, Path(tmp)))
+        return asyncio.run(main_async(args, Path(tmp), url))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """The scheduler's core alone, without gRPC: how fast it admits and places rooms, and
 how long its once-a-second tick holds the event loop, on the load test's fleet and
 day. Read next to ``scheduler_load.py``, which measures the same through the real
-server: the difference is what the RPC layer and the worker streams cost.
+server: the difference is what the RPC layer and the worker streams cost. Last, it
+opens the store again as a new core, as a restarted scheduler or a new leader among
+replicas does, and times the loading of every room (`--store postgresql`: on a local
+PostgreSQL server, as replicas share it).
 
 It builds the real core (SQLite store, group commit on an event loop), registers
 simulated H200 workers with the load test's profiles, creates rooms drawn from the
@@ -10,12 +13,14 @@ calls would share a commit), ends some, and times ticks with all rooms live.
 
     python loadtests/core_bench.py                      # 1,000 workers, 10,000 rooms
     python loadtests/core_bench.py --workers 200 --rooms 2000 --ended 4000
+    python loadtests/core_bench.py --ended 10000 --store postgresql
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import sys
 import tempfile
@@ -34,7 +39,7 @@ from loadtests.trace import PNG_1X1, make_day, make_tenants, synthetic  # noqa: 
 from loadtests.worker_specs import make_workers  # noqa: E402
 from scheduler.config import SchedulerConfig  # noqa: E402
 from scheduler.core import Scheduler  # noqa: E402
-from scheduler.state.store import SqliteStore  # noqa: E402
+from scheduler.state.store import open_store  # noqa: E402
 from scheduler.state.worker_conn import WorkerResources  # noqa: E402
 
 
@@ -46,7 +51,8 @@ class _Clock:
         return self.t
 
 
-async def bench(workers: int, rooms: int, ended: int, ticks: int, seed: int, home: Path) -> None:
+async def bench(workers: int, rooms: int, ended: int, ticks: int, seed: int, home: Path,
+                database_url: str = "") -> None:
     rng = random.Random(seed)
     tenants = make_tenants()
     trace = make_day(rooms, tenants, seed)
@@ -57,8 +63,14 @@ async def bench(workers: int, rooms: int, ended: int, ticks: int, seed: int, hom
         (avatars / f"{r.avatar}.png").write_bytes(PNG_1X1)
     clock = _Clock()
     config = SchedulerConfig(database=home / "state.db", sync_to_disk=False, avatar_dir=avatars,
-                             worker_timeout=1e9, rtmp_allowed_hosts=["203.0.113.10"])
-    core = Scheduler(SqliteStore(config.database, sync_to_disk=False), config, clock=clock)
+                             worker_timeout=1e9, rtmp_allowed_hosts=["203.0.113.10"],
+                             database_url=database_url)
+
+    def open_core() -> Scheduler:
+        return Scheduler(open_store(config.database, config.database_url, sync_to_disk=False),
+                         config, clock=clock)
+
+    core = open_core()
     profile = worker_state(ref).profile
     for i in range(workers):
         core.register_worker(f"h200-{i:04d}", device_type="h200", provider="CUDAExecutionProvider",
@@ -100,6 +112,12 @@ async def bench(workers: int, rooms: int, ended: int, ticks: int, seed: int, hom
           "the loop answers no call meanwhile", flush=True)
     await core.durable()
     core.store.close()
+    t0 = time.perf_counter()
+    again = open_core()
+    wall = time.perf_counter() - t0
+    print(f"reopened: {len(again.sessions)} rooms loaded in {wall:.2f} s (what a restarted "
+          f"scheduler, or a new leader, reads before it serves)", flush=True)
+    again.store.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,9 +127,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--ended", type=int, default=0, help="rooms created and ended first (default 0)")
     ap.add_argument("--ticks", type=int, default=10, help="ticks timed (default 10)")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--store", choices=["sqlite", "postgresql"], default="sqlite",
+                    help="the core's store: an SQLite file (default) or a local PostgreSQL server")
     args = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="avatarfarm-core-") as home:
-        asyncio.run(bench(args.workers, args.rooms, args.ended, args.ticks, args.seed, Path(home)))
+    with tempfile.TemporaryDirectory(prefix="avatarfarm-core-") as home, \
+            contextlib.ExitStack() as stack:
+        url = ""
+        if args.store == "postgresql":
+            from farm.postgres import PostgresServer
+
+            pg = PostgresServer().start()
+            stack.callback(pg.stop)
+            url = pg.create_database()
+        asyncio.run(bench(args.workers, args.rooms, args.ended, args.ticks, args.seed, Path(home),
+                          url))
     return 0
 
 

@@ -32,8 +32,13 @@ Data handed to the packing simulator (plain dataclasses, in loadtests/trace.py a
               CPU seconds per frame), "audio_to_motion" and "tts" (0x0; tts seconds
               per second of speech)
 
+With ``--store postgresql`` the scheduler keeps its state in a local PostgreSQL server
+instead of SQLite; ``--store both`` runs the test on each, one after the other, and
+prints their figures side by side.
+
     python loadtests/scheduler_load.py                                  # full goal scale
     python loadtests/scheduler_load.py --workers 50 --rooms 500 --day-seconds 30   # quick
+    python loadtests/scheduler_load.py --store both --phases burst,batch,rate,trace
 """
 
 from __future__ import annotations
@@ -123,8 +128,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-budgets", action="store_true",
                     help="no concurrency cap / spend budget on the two SaaS vendors that get one")
     ap.add_argument("--no-sync", action="store_true",
-                    help="scheduler with sync_to_disk = false (no fsync per commit)")
+                    help="scheduler with sync_to_disk = false (no fsync per commit; with "
+                         "PostgreSQL, a server without fsync)")
     ap.add_argument("--phases", default="burst,batch,rate,trace", help="which phases to run (default all)")
+    ap.add_argument("--store", choices=["sqlite", "postgresql", "both"], default="sqlite",
+                    help="the scheduler's store: its SQLite file (default), a local PostgreSQL "
+                         "server, or both in turn, compared")
     ap.add_argument("--seed", type=int, default=7, help="trace and fleet seed (default 7)")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (config, db, scheduler log)")
     ap.add_argument("--scheduler-root", type=Path, default=ROOT,
@@ -159,7 +168,7 @@ def describe(trace: list[Room], tenants: list[Tenant], avatars: list[str], worke
 
 
 def start_scheduler(args: argparse.Namespace, home: Path, tenants: list[Tenant], avatars: list[str],
-                    rep: Report, cleanup: list[Any]) -> SchedulerProcess:
+                    rep: Report, cleanup: list[Any], database_url: str = "") -> SchedulerProcess:
     """The scheduler on a fresh state folder; started again without [tenants] if it refuses them."""
     avatar_dir = home / "avatars"
     avatar_dir.mkdir()
@@ -169,8 +178,10 @@ def start_scheduler(args: argparse.Namespace, home: Path, tenants: list[Tenant],
     use_tenants = not args.no_tenants
     sched: SchedulerProcess | None = None
     for attempt in (1, 2):
-        write_config(config, home, avatar_dir, tenants if use_tenants else None,
-                     {"sync_to_disk": not args.no_sync})
+        store: dict[str, Any] = {"sync_to_disk": not args.no_sync}
+        if database_url:
+            store = {"database_url": database_url, "input_secret_file": str(home / "input-secret")}
+        write_config(config, home, avatar_dir, tenants if use_tenants else None, store)
         sched = SchedulerProcess(config, home / f"scheduler-{attempt}.log", args.scheduler_log_level,
                                  args.scheduler_root.resolve())
         cleanup.append(sched.stop)
@@ -223,7 +234,8 @@ async def start_fleet(args: argparse.Namespace, sched: SchedulerProcess, workers
     return fleet
 
 
-async def run(args: argparse.Namespace, home: Path, rep: Report, cleanup: list[Any]) -> None:
+async def run(args: argparse.Namespace, home: Path, rep: Report, cleanup: list[Any],
+              database_url: str = "") -> None:
     rng = random.Random(args.seed)
     tenants = make_tenants()
     avatars = sorted(a for t in tenants for a in t.avatars)
@@ -232,7 +244,7 @@ async def run(args: argparse.Namespace, home: Path, rep: Report, cleanup: list[A
     ref = next(w for w in workers if w.device_type == "h200")
     tenants = with_reservations(tenants, trace, ref, budgets=not args.no_budgets)
     describe(trace, tenants, avatars, workers, ref)
-    sched = start_scheduler(args, home, tenants, avatars, rep, cleanup)
+    sched = start_scheduler(args, home, tenants, avatars, rep, cleanup, database_url)
     fleet = await start_fleet(args, sched, workers, avatars, rep, cleanup)
     tc = Tenants(f"127.0.0.1:{sched.port}", args.client_channels, args.call_timeout)
 
@@ -261,21 +273,27 @@ async def run(args: argparse.Namespace, home: Path, rep: Report, cleanup: list[A
     await tc.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    # SIGTERM (e.g. from `timeout`) cleans up as Ctrl-C does: workers and scheduler stopped.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+def run_on(args: argparse.Namespace, store: str) -> tuple[Report, int]:
+    """One whole run on one store; its report and exit code."""
     home = Path(tempfile.mkdtemp(prefix="avatarfarm-load-"))
     rep = Report()
     cleanup: list[Any] = []
     code = 0
     try:
-        asyncio.run(run(args, home, rep, cleanup))
+        url = ""
+        if store == "postgresql":
+            from farm.postgres import PostgresServer
+
+            pg = PostgresServer().start(durable=not args.no_sync)
+            cleanup.append(pg.stop)  # last: after the scheduler
+            url = pg.create_database()
+            print(f"store: PostgreSQL on 127.0.0.1:{pg.port}", flush=True)
+        asyncio.run(run(args, home, rep, cleanup, url))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
     finally:
-        for fn in reversed(cleanup):  # workers first, then the scheduler
+        for fn in reversed(cleanup):  # workers first, then the scheduler (then PostgreSQL)
             with contextlib.suppress(Exception):
                 fn()
         if args.keep:
@@ -283,7 +301,41 @@ def main(argv: list[str] | None = None) -> int:
         else:
             import shutil
             shutil.rmtree(home, ignore_errors=True)
-    return summary(args, rep) or code
+    return rep, code
+
+
+# The figures set side by side when both stores run: (label, report key, format).
+_COMPARED = (("placements/s, burst", "burst_rate", "{:.0f}"),
+             ("placements/s, CreateSessions", "batch_rate", "{:.0f}"),
+             ("CreateSession p50 at the rate", "rate_p50", "{:.3f} s"),
+             ("CreateSession p99 at the rate", "rate_p99", "{:.3f} s"),
+             ("rate achieved", "rate_achieved", "{:.0f}/s"),
+             ("scheduler CPU at the peak", "peak_cpu", "{:.1%}"),
+             ("rooms pending at the peak", "peak_pending", "{}"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # SIGTERM (e.g. from `timeout`) cleans up as Ctrl-C does: workers and scheduler stopped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    stores = ["sqlite", "postgresql"] if args.store == "both" else [args.store]
+    reports: dict[str, Report] = {}
+    code = 0
+    for store in stores:
+        print(f"\n==== the scheduler on {store} ====", flush=True)
+        rep, code = run_on(args, store)
+        reports[store] = rep
+        code = summary(args, rep) or code
+        if code == 130:
+            return code
+    if len(reports) > 1:
+        print("\n== the stores side by side ==")
+        print(f"  {'':<32}" + "".join(f"{s:>14}" for s in reports))
+        for label, key, fmt in _COMPARED:
+            if all(key in r.values for r in reports.values()):
+                print(f"  {label:<32}" + "".join(f"{fmt.format(r.values[key]):>14}"
+                                                 for r in reports.values()))
+    return code
 
 
 if __name__ == "__main__":

@@ -53,6 +53,20 @@ def test_the_scheduler_load_test_runs_every_phase_at_a_tiny_scale() -> None:
     assert "stream errors 0" in out.stdout, out.stdout
 
 
+def test_the_scheduler_load_test_compares_the_stores(postgres_server: object) -> None:
+    out = subprocess.run(
+        [sys.executable, "loadtests/scheduler_load.py", "--workers", "4", "--rooms", "40",
+         "--day-seconds", "4", "--hold-seconds", "1", "--rate", "50", "--rate-seconds", "1",
+         "--seed", "3", "--store", "both", "--phases", "burst,rate"],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "==== the scheduler on postgresql ====" in out.stdout, out.stdout
+    side = out.stdout.split("== the stores side by side ==")[1].splitlines()
+    assert side[1].split() == ["sqlite", "postgresql"], out.stdout
+    rows = {line[:34].strip(): line[34:].split() for line in side[2:] if line.strip()}
+    assert len(rows["placements/s, burst"]) == 2 and len(rows["rate achieved"]) == 2, out.stdout
+
+
 def test_the_core_benchmark_places_every_room_and_times_the_tick() -> None:
     out = subprocess.run(
         [sys.executable, "loadtests/core_bench.py", "--workers", "20", "--rooms", "100",
@@ -61,6 +75,7 @@ def test_the_core_benchmark_places_every_room_and_times_the_tick() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert "100 rooms in" in out.stdout and "100 placed in the answer" in out.stdout, out.stdout
     assert "tick:" in out.stdout and "(100 live rooms, 50 ended, 20 workers)" in out.stdout, out.stdout
+    assert "reopened: 150 rooms loaded in" in out.stdout, out.stdout
 
 
 @pytest.mark.slow
@@ -73,6 +88,24 @@ def test_the_chaos_load_test_loses_no_room_and_no_usage(model_dir: Path, tmp_pat
     lines = {line.split("  ")[0]: line for line in out.stdout.splitlines() if "  " in line}
     assert "failovers not resumed: 0" in lines["rooms resumed"]
     assert int(lines["rooms resumed"].split()[2]) >= 3  # every kill moved rooms
+    assert lines["usage lost / doubled"].endswith("PASS")
+    assert lines["rooms dropped"].endswith("PASS")
+
+
+@pytest.mark.slow
+def test_the_chaos_load_test_changes_leaders_and_loses_nothing(model_dir: Path, tmp_path: Path,
+                                                               postgres_server: object) -> None:
+    out = subprocess.run(
+        [sys.executable, "loadtests/chaos.py", "--workers", "1", "--rooms", "2", "--seconds", "24",
+         "--kill-every", "1000", "--replicas", "2", "--leader-every", "7", "--lease-seconds", "2",
+         "--model-dir", str(model_dir), "--home", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = {line.split("  ")[0]: line for line in out.stdout.splitlines() if "  " in line}
+    assert "(1 killed, 1 frozen)" in lines["leader changes"] or \
+        "(2 killed, 1 frozen)" in lines["leader changes"], out.stdout
+    assert lines["new leader serving"].endswith("PASS")
+    assert lines["woken leaders exited"].endswith("PASS")
     assert lines["usage lost / doubled"].endswith("PASS")
     assert lines["rooms dropped"].endswith("PASS")
 
