@@ -214,7 +214,8 @@ async def start(config: SchedulerConfig, leadership: Leadership | None = None,
     metrics.leader_epoch.set(leadership.epoch)
     # The state is read off the event loop: the lease is renewed meanwhile (a new leader
     # over a long history reads for seconds).
-    core = await asyncio.to_thread(Scheduler, store, config, metrics)
+    core = await asyncio.to_thread(Scheduler, store, config, metrics,
+                                incarnation=leadership.epoch)
     gate = Gate(authn, limiter)
     inputs = LiveInputKeys.load(secret_path(config.database, config.input_secret_file),
                                 config.input_token_ttl)

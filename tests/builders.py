@@ -107,16 +107,18 @@ class Clock:
         return self.now
 
 
-def make_core(tmp: Path, clock: Clock | None = None, **config: Any) -> tuple[Scheduler, Clock]:
+def make_core(tmp: Path, clock: Clock | None = None, *, incarnation: int = 0,
+              **config: Any) -> tuple[Scheduler, Clock]:
     """A core on a real store (the SQLite file in `tmp`, or the `database_url` given), on
-    a settable clock; `config` overrides SchedulerConfig (workers never time out unless
-    asked)."""
+    a settable clock, as the scheduler's `incarnation`-th start; `config` overrides
+    SchedulerConfig (workers never time out unless asked)."""
     clock = clock or Clock()
     avatars = tmp / "avatars"
     avatars.mkdir(parents=True, exist_ok=True)
     conf = SchedulerConfig(**{"database": tmp / "s.db", "avatar_dir": avatars,
                               "worker_timeout": 1e9, **config})
-    return Scheduler(open_store(conf.database, conf.database_url), conf, clock=clock), clock
+    return Scheduler(open_store(conf.database, conf.database_url), conf, clock=clock,
+                     incarnation=incarnation), clock
 
 
 def connect(core: Scheduler, worker_id: str = "w1", *, profile: WorkerProfile | None = None,

@@ -60,6 +60,8 @@ _M = TypeVar("_M", bound="SessionMachine")
 # What a snapshot holds besides every live session and worker (the status page shows no more).
 SNAPSHOT_QUEUE = 200
 SNAPSHOT_RECENT_SECONDS = 3600.0
+# Assignment epochs per scheduler incarnation (an epoch is incarnation << this | count).
+ASSIGNMENT_BITS = 32
 
 
 _admitted = operator.attrgetter("seq")
@@ -90,7 +92,9 @@ class SessionMachine:
 
     def __init__(self, store: Store, config: SchedulerConfig,
                  metrics: SchedulerMetrics | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, *, incarnation: int = 0) -> None:
+        """`incarnation`: a number the store raises each time a scheduler takes it over
+        (the lead's epoch); assignment epochs are numbered within it."""
         self.store = store
         self.config = config
         self.metrics = metrics or SchedulerMetrics(
@@ -154,8 +158,12 @@ class SessionMachine:
         self._seq = 0
         # Assignment epochs come from one counter, so they increase per room and across
         # rooms: an output reused by a later session is claimed by a higher epoch than
-        # any earlier writer's fence.
-        self._last_assignment = 0
+        # any earlier writer's fence. Commands reach workers before their turn's commit,
+        # so a scheduler that dies between the two leaves assignments the store never saw:
+        # each incarnation numbers its own above every earlier one's, so none is issued
+        # twice (to two workers sharing an output's fence, or as a different run under
+        # the number a worker already runs).
+        self._last_assignment = incarnation << ASSIGNMENT_BITS
         ivs, cursors = store.load_usage()
         self.ledger.load(ivs, cursors)
         self.avatars = AvatarRegistry(store)

@@ -565,10 +565,10 @@ def test_a_worker_that_reconnects_keeps_the_rooms_it_still_renders(tmp_path: Pat
         async with scheduler(tmp_path, model_dir) as (_, stub, ch):
             w1 = ProtocolWorker(ch, "w1")
             s = await stub.CreateSession(create_req("r"))
-            await w1.next("assign")
+            epoch = (await w1.next("assign")).assign.epoch
             await w1.close()  # the stream drops; the worker keeps rendering
             await client.wait_for(stub, s.session_id, lambda x: x.state == types_pb2.SESSION_STATE_PENDING, 10)
-            back = ProtocolWorker(ch, "w1", active=((s.session_id, 1), ("stale-session", 1)))
+            back = ProtocolWorker(ch, "w1", active=((s.session_id, epoch), ("stale-session", 1)))
             released = await back.next("release")  # a room it should not hold is released
             assert released.release.session_id == "stale-session"
             adopted = await client.wait_for(stub, s.session_id,
@@ -586,7 +586,7 @@ def test_a_room_that_ended_while_the_scheduler_was_away_ends_whole_where_it_ran(
         async with scheduler(tmp_path, model_dir, usage_flush_interval=0.1) as (_, stub, ch):
             w1 = ProtocolWorker(ch, "w1")
             s = await stub.CreateSession(create_req("r"))
-            await w1.next("assign")
+            epoch = (await w1.next("assign")).assign.epoch
             w1.report(s.session_id, types_pb2.SESSION_STATE_RUNNING)
             w1.usage(1, [(s.session_id, 25, 0.1)])
             await w1.next("usage_ack")
@@ -594,12 +594,12 @@ def test_a_room_that_ended_while_the_scheduler_was_away_ends_whole_where_it_ran(
         # The room ended while no scheduler was there to hear it: the worker holds the
         # report of its end, and registers with the room until it is acknowledged.
         async with scheduler(tmp_path, model_dir, usage_flush_interval=0.1) as (_, stub, ch):
-            back = ProtocolWorker(ch, "w1", active=((s.session_id, 1),))
+            back = ProtocolWorker(ch, "w1", active=((s.session_id, epoch),))
             registered = await back.next("registered")
             assert [r.session_id for r in registered.registered.confirmed_rooms] == [s.session_id]
             back.outbox.put_nowait(workers_pb2.WorkerMessage(usage_report=workers_pb2.UsageReport(
                 seq=2, updates=[workers_pb2.SessionUpdate(
-                    session_id=s.session_id, state=types_pb2.SESSION_STATE_ENDED, epoch=1,
+                    session_id=s.session_id, state=types_pb2.SESSION_STATE_ENDED, epoch=epoch,
                     reason="reached max duration", progress=types_pb2.SessionProgress(
                         frames_rendered=50, stream_seconds=2.0, device_seconds=0.2))])))
             done = await client.wait_for(stub, s.session_id,
