@@ -121,6 +121,8 @@ class SimWorker:
                                                          msg.registered.last_usage_seq)
                     self.interval = msg.registered.heartbeat_interval_seconds or 1.0
                     self._ticker = asyncio.create_task(self._tick())
+                elif kind == "pace":
+                    self.interval = msg.pace.heartbeat_interval_seconds or self.interval
                 elif kind == "assign":
                     self._assign(msg.assign)
                 elif kind == "release":

@@ -86,7 +86,12 @@ class SchedulerConfig:
     default_price_per_hour: float = field(1.00, "price per device-hour for unlisted device types")
     utilisation_target: float = field(0.9, "fraction of a worker's measured capacity to fill")
     overcommit: float = field(1.0, "capacity multiplier; >1 only for offline (non real-time) rendering")
-    heartbeat_interval: float = field(1.0, "seconds between worker heartbeats")
+    heartbeat_interval: float = field(
+        1.0, "seconds between a worker's reports (heartbeat or usage) in a small fleet, and "
+             "between the scheduler's passes over its state")
+    worker_reports_per_second: float = field(
+        500.0, "the worker reports a second the scheduler aims to receive at most: a larger "
+               "fleet is told to report less often (up to a third of worker_timeout)")
     worker_endpoint_check: bool = field(
         True, "refuse a worker whose input_endpoint (handed to tenants for live inputs) is "
               "not an address of its own connection; turn off only where workers reach the "

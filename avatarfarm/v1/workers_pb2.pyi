@@ -191,6 +191,12 @@ class UsageAck(_message.Message):
     seq: int
     def __init__(self, seq: _Optional[int] = ...) -> None: ...
 
+class Pace(_message.Message):
+    __slots__ = ("heartbeat_interval_seconds",)
+    HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    heartbeat_interval_seconds: float
+    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ...) -> None: ...
+
 class Assign(_message.Message):
     __slots__ = ("session_id", "spec", "epoch", "continuation", "resumed_at_seconds", "label", "input_key", "driver_policy", "voice", "voice_rate")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -258,13 +264,14 @@ class Reconfigure(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., quality: _Optional[_Union[_types_pb2.Quality, _Mapping]] = ..., step: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class SchedulerMessage(_message.Message):
-    __slots__ = ("registered", "assign", "release", "script", "reconfigure", "usage_ack", "leader_epoch")
+    __slots__ = ("registered", "assign", "release", "script", "reconfigure", "usage_ack", "pace", "leader_epoch")
     REGISTERED_FIELD_NUMBER: _ClassVar[int]
     ASSIGN_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     SCRIPT_FIELD_NUMBER: _ClassVar[int]
     RECONFIGURE_FIELD_NUMBER: _ClassVar[int]
     USAGE_ACK_FIELD_NUMBER: _ClassVar[int]
+    PACE_FIELD_NUMBER: _ClassVar[int]
     LEADER_EPOCH_FIELD_NUMBER: _ClassVar[int]
     registered: Registered
     assign: Assign
@@ -272,5 +279,6 @@ class SchedulerMessage(_message.Message):
     script: Script
     reconfigure: Reconfigure
     usage_ack: UsageAck
+    pace: Pace
     leader_epoch: int
-    def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., assign: _Optional[_Union[Assign, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., script: _Optional[_Union[Script, _Mapping]] = ..., reconfigure: _Optional[_Union[Reconfigure, _Mapping]] = ..., usage_ack: _Optional[_Union[UsageAck, _Mapping]] = ..., leader_epoch: _Optional[int] = ...) -> None: ...
+    def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., assign: _Optional[_Union[Assign, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., script: _Optional[_Union[Script, _Mapping]] = ..., reconfigure: _Optional[_Union[Reconfigure, _Mapping]] = ..., usage_ack: _Optional[_Union[UsageAck, _Mapping]] = ..., pace: _Optional[_Union[Pace, _Mapping]] = ..., leader_epoch: _Optional[int] = ...) -> None: ...

@@ -25,6 +25,7 @@ from scheduler.core import Scheduler
 from scheduler.policy import placement
 from scheduler.state.worker_conn import (
     AssignCmd,
+    PaceCmd,
     ReconfigureCmd,
     ReleaseCmd,
     ScriptCmd,
@@ -88,6 +89,9 @@ def command_to_pb(cmd: WorkerCommand, inputs: LiveInputKeys) -> workers_pb2.Sche
                 session_id=sid, quality=convert.quality_to_pb(quality), step=step, reason=reason))
         case UsageAckCmd(seq):
             return workers_pb2.SchedulerMessage(usage_ack=workers_pb2.UsageAck(seq=seq))
+        case PaceCmd(interval):
+            return workers_pb2.SchedulerMessage(pace=workers_pb2.Pace(
+                heartbeat_interval_seconds=interval))
     raise TypeError(cmd)
 
 
@@ -149,7 +153,7 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
         reader = asyncio.create_task(self._read(conn, request_iterator))
         try:
             yield self._led(workers_pb2.SchedulerMessage(registered=workers_pb2.Registered(
-                heartbeat_interval_seconds=self.core.config.heartbeat_interval,
+                heartbeat_interval_seconds=self.core.report_interval,
                 last_usage_seq=self.core.ledger.last_seq(conn.worker_id, conn.usage_epoch),
                 worker_timeout_seconds=self.core.config.worker_timeout,
                 confirmed_rooms=[workers_pb2.ActiveRoom(session_id=sid, epoch=epoch)

@@ -40,6 +40,7 @@ from scheduler.policy.cost import CostBook
 from scheduler.policy.drivers import driver_change
 from scheduler.policy.ladder import Ladder
 from scheduler.policy.overload import OverloadPolicy
+from scheduler.policy.pacing import ReportPacing
 from scheduler.policy.placement import Fleet, RoomReq
 from scheduler.policy.sync import SyncWatch
 from scheduler.policy.voices import voice_change
@@ -106,6 +107,9 @@ class SessionMachine:
         self.ladder = Ladder.parse(config.degradation_ladder, config.step_up_margin,
                                    config.step_dwell)
         self.overload_policy = OverloadPolicy()
+        self.pacing = ReportPacing.of(config.heartbeat_interval, config.worker_reports_per_second,
+                                      config.worker_timeout)
+        self.report_interval = config.heartbeat_interval  # what workers were last told
         # What the core knows: sessions, workers and their placement state, the queue,
         # usage. Readers off the core use `latest` (taken by the last tick) instead.
         self.sessions = SessionTable()

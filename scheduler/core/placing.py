@@ -206,7 +206,8 @@ class Placement(SessionMachine):
         """Each worker's late share since the last tick (from its rooms' progress): one
         that stays over the policy's share has its capacity taken down to what it
         delivers and one room stepped down; one that has been quiet gets capacity back.
-        Returns the rooms stepped down."""
+        A worker whose report interval is longer than a tick is judged on the ticks its
+        reports arrived in. Returns the rooms stepped down."""
         policy, now, stepped = self.overload_policy, self.clock(), 0
         for conn in list(self.workers.values()):
             frames, late = conn.frames_since, conn.late_since

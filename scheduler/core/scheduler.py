@@ -39,7 +39,7 @@ from scheduler.state.avatars import (
 )
 from scheduler.state.sessions import InvalidTransition, Session, SessionEvent
 from scheduler.state.table import LIVE
-from scheduler.state.worker_conn import ReleaseCmd, ScriptCmd, WorkerConn, WorkerResources
+from scheduler.state.worker_conn import PaceCmd, ReleaseCmd, ScriptCmd, WorkerConn, WorkerResources
 
 log = logging.getLogger(__name__)
 
@@ -426,6 +426,7 @@ class Scheduler(Enforcement):
         self.advance_drains()
         self.relieve_overloads()
         self.step_up()
+        self.pace_workers()
         if self.clock() >= self._next_usage_flush:
             self._next_usage_flush = self.clock() + self.config.usage_flush_interval
             self.flush_progress()
@@ -434,6 +435,18 @@ class Scheduler(Enforcement):
         self.metrics.fleet(snap.fleet)
         self.metrics.pending_load.set(snap.waiting.units * self._unit_load())
         self.metrics.guaranteed_pending.set(snap.waiting.guaranteed)
+
+    def pace_workers(self) -> None:
+        """Tells every worker a new report interval where the fleet's size calls for one
+        (scheduler.policy.pacing)."""
+        interval = self.pacing.interval(len(self.workers), self.report_interval)
+        if interval == self.report_interval:
+            return
+        log.info("%d workers: each reports every %.2f s (was %.2f s)", len(self.workers),
+                 interval, self.report_interval)
+        self.report_interval = interval
+        for worker_id in self.workers:
+            self._decided.send(worker_id, PaceCmd(interval))
 
     async def run(self) -> None:
         """The placement loop: on every kick, and at least once per heartbeat interval."""

@@ -56,7 +56,12 @@ class UsageAckCmd:
     seq: int  # every usage report up to seq is durable in the ledger
 
 
-WorkerCommand = AssignCmd | ReleaseCmd | ScriptCmd | ReconfigureCmd | UsageAckCmd
+@dataclass(frozen=True, slots=True)
+class PaceCmd:
+    interval: float  # seconds between the worker's reports from now on
+
+
+WorkerCommand = AssignCmd | ReleaseCmd | ScriptCmd | ReconfigureCmd | UsageAckCmd | PaceCmd
 
 
 @dataclass(slots=True)

@@ -126,7 +126,7 @@ class WorkerAgent:
                  output_dir: Path, *, pacing: Pacing = Pacing.REALTIME,
                  latency_budget: float = 0.5, output_margin: float = 0.1,
                  sync_interval: float = 10.0, video_drift_ppm: float = 0.0, encoder: EncoderSettings = EncoderSettings(),
-                 metrics: WorkerMetrics | None = None, progress_interval: float = 1.0,
+                 metrics: WorkerMetrics | None = None, progress_interval: float = math.inf,
                  cpu_cores: int = 0, memory_bytes: int = 0, usage_epoch: int | None = None,
                  usage_history: int = 600,
                  scheduler_credentials: grpc.ChannelCredentials | None = None,

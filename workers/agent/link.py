@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator
@@ -71,7 +72,7 @@ class StaleLeader(Exception):
 
 
 class SchedulerLink:
-    def __init__(self, address: str, peer: LinkPeer, *, progress_interval: float = 1.0,
+    def __init__(self, address: str, peer: LinkPeer, *, progress_interval: float = math.inf,
                  credentials: grpc.ChannelCredentials | None = None,
                  token_file: Path | None = None) -> None:
         self.addresses = client.addresses(address)
@@ -79,7 +80,7 @@ class SchedulerLink:
         self.leader_epoch = 0  # the newest leader's epoch this worker registered with
         self._stale_since: float | None = None  # registrations under older epochs, since
         self.peer = peer
-        self.progress_interval = progress_interval
+        self.progress_interval = progress_interval  # report at least this often
         # TLS to the scheduler (None: plain) and this worker's token, re-read when it changes.
         self.credentials = credentials
         self.token_file = token_file
@@ -115,6 +116,8 @@ class SchedulerLink:
 
     async def _tick(self, outbox: asyncio.Queue[workers_pb2.WorkerMessage]) -> None:
         while True:
+            # The scheduler's interval (it lengthens it as its fleet grows), unless this
+            # worker was asked to report progress more often.
             await asyncio.sleep(min(self.heartbeat_interval, self.progress_interval))
             for msg in self.peer.tick():
                 outbox.put_nowait(msg)
@@ -133,7 +136,13 @@ class SchedulerLink:
                                     msg.WhichOneof("kind"), msg.leader_epoch, self.leader_epoch)
                         continue
                     self._stale_registration(msg.leader_epoch)
-                if msg.WhichOneof("kind") == "registered":
+                if msg.WhichOneof("kind") == "pace":
+                    if msg.pace.heartbeat_interval_seconds > 0 and ticker is not None:
+                        # From now, not from the end of the interval under way.
+                        self.heartbeat_interval = msg.pace.heartbeat_interval_seconds
+                        ticker.cancel()
+                        ticker = asyncio.create_task(self._tick(outbox))
+                elif msg.WhichOneof("kind") == "registered":
                     self._stale_since = None
                     self.leader_epoch = max(self.leader_epoch, msg.leader_epoch)
                     self.heartbeat_interval = msg.registered.heartbeat_interval_seconds or 1.0

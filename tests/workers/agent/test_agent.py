@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -49,6 +50,7 @@ class RecordingScheduler(workers_pb2_grpc.WorkerServiceServicer):
         self.last_usage_seq = 0
         self.confirm: dict[str, int] = {}  # rooms the next Registered keeps on the worker
         self.worker_timeout = 5.0
+        self.heartbeat_interval = 0.05
 
     async def Connect(self, request_iterator: AsyncIterator[workers_pb2.WorkerMessage],
                       context: grpc.aio.ServicerContext[object, object]
@@ -63,7 +65,8 @@ class RecordingScheduler(workers_pb2_grpc.WorkerServiceServicer):
         reader = asyncio.create_task(read())
         try:
             yield workers_pb2.SchedulerMessage(registered=workers_pb2.Registered(
-                heartbeat_interval_seconds=0.05, last_usage_seq=self.last_usage_seq,
+                heartbeat_interval_seconds=self.heartbeat_interval,
+                last_usage_seq=self.last_usage_seq,
                 worker_timeout_seconds=self.worker_timeout,
                 confirmed_rooms=[workers_pb2.ActiveRoom(session_id=sid, epoch=e)
                                  for sid, e in self.confirm.items()]))
@@ -87,7 +90,8 @@ async def until(cond: Callable[[], bool], timeout: float = 20.0) -> None:
 
 @contextlib.asynccontextmanager
 async def linked_agent(fake: RecordingScheduler, pipeline: Pipeline, tmp_path: Path,
-                       memory_bytes: int = 0) -> AsyncIterator[WorkerAgent]:
+                       memory_bytes: int = 0, progress_interval: float = 0.05
+                       ) -> AsyncIterator[WorkerAgent]:
     """A real-time WorkerAgent linked to ``fake`` over a real gRPC server; on the way out
     its rooms are shut down and the link and the server stopped."""
     server = grpc.aio.server()
@@ -95,7 +99,7 @@ async def linked_agent(fake: RecordingScheduler, pipeline: Pipeline, tmp_path: P
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     agent = WorkerAgent("w1", f"127.0.0.1:{port}", pipeline, [], "127.0.0.1:1", "cpu",
-                        tmp_path, pacing=Pacing.REALTIME, progress_interval=0.05,
+                        tmp_path, pacing=Pacing.REALTIME, progress_interval=progress_interval,
                         memory_bytes=memory_bytes)
     link = asyncio.create_task(agent.run())
     try:
@@ -106,6 +110,22 @@ async def linked_agent(fake: RecordingScheduler, pipeline: Pipeline, tmp_path: P
         await asyncio.gather(link, return_exceptions=True)
         fake.commands.put_nowait(None)
         await server.stop(0.1)
+
+
+def test_the_agent_reports_at_the_interval_the_scheduler_paces_it_to(pipeline: Pipeline,
+                                                                     tmp_path: Path) -> None:
+    async def body() -> None:
+        fake = RecordingScheduler()
+        fake.heartbeat_interval = 600.0  # nothing would be heard for ten minutes
+        async with linked_agent(fake, pipeline, tmp_path, progress_interval=math.inf) as agent:
+            await until(lambda: agent.link.connected.is_set())
+            assert fake.of(0, "heartbeat") == []
+            fake.commands.put_nowait(workers_pb2.SchedulerMessage(
+                pace=workers_pb2.Pace(heartbeat_interval_seconds=0.05)))
+            await until(lambda: len(fake.of(0, "heartbeat")) >= 3)  # from now, not in 600 s
+            assert agent.link.heartbeat_interval == 0.05
+
+    asyncio.run(asyncio.wait_for(body(), 60))
 
 
 def test_agent_registers_reports_usage_and_reconfigures_live(pipeline: Pipeline,
