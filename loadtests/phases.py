@@ -291,7 +291,7 @@ async def hold_at_peak(tc: Tenants, fleet: Fleet, sched: SchedulerProcess, t_pea
     await asyncio.sleep(1.0)
     st = await fleet.stats()
     print(f"  -- peak {t_peak / HOUR:05.2f}h: holding; {st['rooms']} rooms on {st['registered']} "
-          f"workers reporting every second; measuring CPU for {args.hold_seconds:.0f}s", flush=True)
+          f"workers; measuring CPU for {args.hold_seconds:.0f}s", flush=True)
     s_meter = CpuMeter([sched.pid])
     g_meter = CpuMeter([os.getpid(), *fleet.pids])
     r0 = st["reports"]
@@ -300,7 +300,9 @@ async def hold_at_peak(tc: Tenants, fleet: Fleet, sched: SchedulerProcess, t_pea
     st2 = await fleet.stats()
     msgs = (st2["reports"] - r0) / args.hold_seconds
     print(f"  scheduler CPU {s_cpu:.1%} of one core with {st2['rooms']} rooms, {st2['registered']} workers "
-          f"({msgs:.0f} reports/s + heartbeats); generator {g_cpu:.0%}", flush=True)
+          f"({msgs:.0f} reports/s + heartbeats: each worker every "
+          f"{st2['registered'] / msgs if msgs else math.inf:.1f} s, as the scheduler paces them); "
+          f"generator {g_cpu:.0%}", flush=True)
     m = scrape(sched.metrics_port)
     load = msum(m, "avatarfarm_worker_load_device_seconds_per_second")
     cap = msum(m, "avatarfarm_worker_capacity_device_seconds_per_second")

@@ -2,9 +2,9 @@
 
 Starts ``avatarfarm scheduler`` as a subprocess and drives it with simulated
 workers: real gRPC ``WorkerService.Connect`` streams that register GPU-like
-batched latency profiles, report RUNNING on assignment, then every second a
-heartbeat and one ``UsageReport`` with every room's cumulative progress,
-rendering nothing. A tenant client creates and ends rooms from a trace of one
+batched latency profiles, report RUNNING on assignment, then once per interval
+(a second, longer where the scheduler paces a large fleet) a heartbeat or one
+``UsageReport`` with every room's cumulative progress, rendering nothing. A tenant client creates and ends rooms from a trace of one
 livestream-commerce day (quiet night, sharp 20:00-22:00 peak; KA brands with
 premium reservations, SaaS vendors with standard rooms, best-effort tenants).
 
