@@ -126,6 +126,7 @@ class Result:
     failed: int
     preempted: int  # rooms taken off the air to reclaim reserved capacity
     lost: int  # workers removed with rooms on them (not drained)
+    stepped_down: int  # rooms stepped down the degradation ladder (to reclaim, or under load)
     rooms: int
     wall: float
 
@@ -146,7 +147,8 @@ def run(peak_rooms: int, hours: float, boot_seconds: float, interval: float, dt:
         log_every: float = 3600.0, shape: DayShape = DAYS["default"],
         headroom: float = AutoscalerConfig().headroom,
         tolerance: float = AutoscalerConfig().scale_down_tolerance,
-        ramp: float = AutoscalerConfig().ramp_seconds) -> Result:
+        ramp: float = AutoscalerConfig().ramp_seconds,
+        reserved_spare: float = AutoscalerConfig().reserved_spare) -> Result:
     rng = random.Random(seed)
     tenants = make_tenants(shape=shape)
     trace = [r for r in make_day(peak_rooms, tenants, seed, shape) if r.arrival_s < hours * 3600]
@@ -165,7 +167,7 @@ def run(peak_rooms: int, hours: float, boot_seconds: float, interval: float, dt:
                  for t in tenants},
         autoscaler=AutoscalerConfig(
             provisioner=ProvisionerKind.LOCAL, interval_seconds=interval, headroom=headroom,
-            scale_down_tolerance=tolerance, ramp_seconds=ramp,
+            scale_down_tolerance=tolerance, ramp_seconds=ramp, reserved_spare=reserved_spare,
             scale_down_window_seconds=window, drain_deadline_seconds=300.0,
             boot_timeout_seconds=max(600.0, boot_seconds * 3),
             pools={POOL: PoolConfig(device_type="h200", min_workers=1, max_workers=10_000)}))
@@ -309,6 +311,9 @@ def run(peak_rooms: int, hours: float, boot_seconds: float, interval: float, dt:
                   int(sum(text.get_sample_value("avatarfarm_preemptions_total", {"tier": t.value}) or 0
                           for t in Tier)),
                   int(text.get_sample_value("avatarfarm_workers_lost_total", {"device_type": "h200"}) or 0),
+                  int(sum(text.get_sample_value("avatarfarm_degradation_steps_total",
+                                                {"tier": t.value, "direction": "down"}) or 0
+                          for t in Tier)),
                   len(created), time.monotonic() - start)
 
 
@@ -332,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="the autoscaler's scale-down tolerance")
     ap.add_argument("--ramp", type=float, default=AutoscalerConfig().ramp_seconds,
                     help="seconds of the demand's growth the autoscaler starts ahead (0: none)")
+    ap.add_argument("--reserved-spare", type=float, default=AutoscalerConfig().reserved_spare,
+                    help="share of unused premium reservations kept free on top of demand")
     ap.add_argument("--log-every", type=float, default=3600.0,
                     help="simulated seconds between progress lines (0: none)")
     args = ap.parse_args(argv)
@@ -346,12 +353,13 @@ def _run_day(args: argparse.Namespace, shape: DayShape) -> int:
     print(f"== {shape.name}: {shape.description}")
     print(f"autoscaling: {args.peak_rooms} rooms at the peak, {args.hours:g} h, boot "
           f"{args.boot_seconds:g} s, decisions every {args.interval:g} s, window {args.window:g} s, "
-          f"headroom {args.headroom:g}, tolerance {args.tolerance:g}, ramp {args.ramp:g} s")
+          f"headroom {args.headroom:g}, tolerance {args.tolerance:g}, ramp {args.ramp:g} s, "
+          f"reserved spare {args.reserved_spare:g}")
     with tempfile.TemporaryDirectory() as tmp:
         r = run(args.peak_rooms, args.hours, args.boot_seconds, args.interval, args.step,
                 args.seed, args.rtmp_share, args.window, Path(tmp),
                 log_every=args.log_every or math.inf, shape=shape, headroom=args.headroom, ramp=args.ramp,
-                tolerance=args.tolerance)
+                tolerance=args.tolerance, reserved_spare=args.reserved_spare)
     ratio = r.worker_seconds / r.minimum_seconds if r.minimum_seconds else float("nan")
     print(f"rooms                {r.rooms} (failed {r.failed})")
     print(f"pending time         p50 {pct(r.pending, 0.5):.1f} s   p99 {pct(r.pending, 0.99):.1f} s   "
@@ -364,6 +372,8 @@ def _run_day(args: argparse.Namespace, shape: DayShape) -> int:
     print(f"handovers            {r.handovers['seamless']} seamless, {r.handovers['restart']} "
           f"stop-then-start; drains {r.drains['completed']} completed, "
           f"{r.drains['deadline']} past their deadline")
+    print(f"rooms stepped down   {r.stepped_down} (the degradation ladder, to take reserved "
+          f"capacity back or under load)")
     print(f"rooms dropped        {r.dropped}   goal 0   {'PASS' if r.dropped == 0 else 'MISS'}")
     if r.dropped:
         print(f"                     of them {r.preempted} preempted for reserved rooms; "

@@ -22,7 +22,9 @@ what premium reservations need nor outside the pool's [min, max].
 
 Premium reservations no reserved room uses now (`PoolSignals.reserved_free`) are kept
 free on top of the headroom: rooms that borrow that capacity would be preempted when a
-premium room within its reservation arrives, taking them off the air.
+premium room within its reservation arrives, taking them off the air. An operator who
+would rather pay for fewer workers than for that safety keeps only a share of it
+(`reserved_spare`).
 
 Rooms that have waited longer than a moment (`Signals.stuck_units`) found no worker
 with room although the units may add up: spare capacity spread over workers in pieces
@@ -59,6 +61,11 @@ class AutoscalerConfig:
     scale_down_window_seconds: float = 300.0
     scale_down_step: int = 1  # workers that may leave per decision
     scale_down_tolerance: float = 0.1  # extra headroom a smaller pool must still have
+    # Share of the premium reservations no room uses that is kept free on top of demand
+    # (1: all of it). Below 1, rooms borrow the rest, and a reserved room that arrives
+    # takes it back from them (stepping them down first, preempting only where that is
+    # not enough) while the autoscaler boots workers for them.
+    reserved_spare: float = 1.0
     drain_deadline_seconds: float = 120.0  # a draining worker is stopped by then, rooms or not
     boot_timeout_seconds: float = 600.0  # a started worker not registered by then is replaced
     # How the workers the provisioner starts reach the scheduler ("": the listen address,
@@ -76,10 +83,11 @@ class AutoscalerConfig:
                              "must be positive")
         if self.headroom < 0 or self.scale_down_window_seconds < 0 or self.scale_down_step < 1 \
                 or self.scale_down_tolerance < 0 or self.ramp_seconds < 0 \
-                or self.ramp_window_seconds <= 0:
+                or self.ramp_window_seconds <= 0 or not 0 <= self.reserved_spare <= 1:
             raise ValueError("need headroom >= 0, scale_down_window_seconds >= 0, "
                              "scale_down_step >= 1, scale_down_tolerance >= 0, "
-                             "ramp_seconds >= 0 and ramp_window_seconds > 0")
+                             "ramp_seconds >= 0, ramp_window_seconds > 0 and "
+                             "0 <= reserved_spare <= 1")
         devices = [p.device_type for p in self.pools.values()]
         if len(set(devices)) != len(devices):
             raise ValueError("each pool needs its own device_type (workers are matched to pools "
@@ -196,14 +204,15 @@ class Autoscaler:
                 history = self._history[name]
                 ramp = min(history.growth(now, demand, cfg.ramp_window_seconds) * cfg.ramp_seconds,
                            history.risen(demand))
-                spare = demand * cfg.headroom + ramp + sig.reserved_free
+                held = sig.reserved_free * cfg.reserved_spare
+                spare = demand * cfg.headroom + ramp + held
                 raw = math.ceil((demand + spare) / per_worker - 1e-9)
                 keep = math.ceil((demand * (1.0 + cfg.headroom) * (1.0 + cfg.scale_down_tolerance)
-                                  + ramp + sig.reserved_free) / per_worker - 1e-9)
+                                  + ramp + held) / per_worker - 1e-9)
                 reserved = math.ceil(sig.reserved_units / per_worker - 1e-9)
                 why = (f"demand {demand:.1f} units + {spare:.1f} spare ({cfg.headroom:.0%} headroom"
                        f"{f', {ramp:.1f} for the ramp' if ramp else ''}"
-                       f"{f', {sig.reserved_free:.1f} reserved and unused' if sig.reserved_free else ''}) "
+                       f"{f', {held:.1f} reserved and unused' if held else ''}) "
                        f"at {per_worker:.1f} units per worker")
                 if reserved > raw:
                     raw, why = reserved, f"premium reservations need {sig.reserved_units:.1f} units"

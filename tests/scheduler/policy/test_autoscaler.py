@@ -70,6 +70,19 @@ def test_reserved_capacity_no_reserved_room_uses_is_kept_free_on_top_of_the_head
     assert one(make_scaler(), pool(8, 60.0, reserved=50.0), 0.0) == 8  # all of it in use: 72 -> 8
 
 
+def test_an_operator_may_let_rooms_borrow_a_share_of_unused_reservations() -> None:
+    def held(spare: float) -> int:
+        a = Autoscaler(AutoscalerConfig(headroom=0.2, reserved_spare=spare,
+                                        pools={"l4": PoolConfig(device_type="l4", max_workers=50)}))
+        # 60 units placed, 40 of a 50-unit reservation unused.
+        return one(a, PoolSignals(ready=5, booting=0, load_units=60.0, units_per_worker=10.0,
+                                  reserved_units=50.0, reserved_free=40.0), 0.0)
+
+    assert held(1.0) == 12  # 72 + 40 held: the default
+    assert held(0.5) == 10  # 72 + 20
+    assert held(0.0) == 8  # 72: the rest borrowed, taken back when reserved rooms arrive
+
+
 def test_down_slowly_after_the_stabilisation_window_one_step_at_a_time() -> None:
     a = make_scaler(window=300.0, step=2)
     assert one(a, pool(10, 80.0), 0.0) == 10
