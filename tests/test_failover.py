@@ -148,6 +148,8 @@ def test_a_frozen_worker_neither_writes_nor_bills_for_rooms_that_moved(
         s = wait(farm, s.session_id, lambda x: x.progress.stream_seconds >= 4.5)
         first = worker_of(farm, s.worker_id)
         assert first.proc is not None
+        # The first run's segments: segment_e{its assignment epoch}_{n}.ts.
+        (stale,) = {p.name.split("_")[1] for p in farm.output_of("vendor", "show").glob("segment_e*")}
         os.killpg(first.proc.pid, signal.SIGSTOP)  # a silent hang: the stream stays open
         try:
             moved = wait(farm, s.session_id,
@@ -155,7 +157,7 @@ def test_a_frozen_worker_neither_writes_nor_bills_for_rooms_that_moved(
             moved = wait(farm, s.session_id,
                          lambda x: x.progress.stream_seconds > moved.progress.stream_seconds + 2)
             out = farm.output_of("vendor", "show")
-            before = {p.name: p.stat().st_mtime_ns for p in out.glob("segment_e1_*")}
+            before = {p.name: p.stat().st_mtime_ns for p in out.glob(f"segment_{stale}_*")}
         finally:
             os.killpg(first.proc.pid, signal.SIGCONT)
         # Back, it learns the room moved and stops it without writing another frame: from
@@ -165,12 +167,12 @@ def test_a_frozen_worker_neither_writes_nor_bills_for_rooms_that_moved(
                      r"moved while this worker was away|taken over by assignment \d+")
         later = wait(farm, s.session_id,
                      lambda x: x.progress.stream_seconds > moved.progress.stream_seconds + 3)
-        after = {p.name: p.stat().st_mtime_ns for p in out.glob("segment_e1_*")}
+        after = {p.name: p.stat().st_mtime_ns for p in out.glob(f"segment_{stale}_*")}
         billed = usage_seconds(farm, "vendor")
         assert later.worker_id == moved.worker_id
     assert before and after == before  # not one public file of the stale run touched
     segs = playlist(out)
-    assert not [n for n, _, _ in segs if n.startswith("segment_e1_") and n not in before]
+    assert not [n for n, _, _ in segs if n.startswith(f"segment_{stale}_") and n not in before]
     # Billed: what the session's own progress says, which only the current worker feeds.
     assert billed == pytest.approx(later.progress.stream_seconds, abs=1.5)
 
