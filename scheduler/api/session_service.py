@@ -166,13 +166,14 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
             if not 0 < n <= MAX_BATCH:
                 raise InvalidRequest(f"give between 1 and {MAX_BATCH} rooms per call (got {n})")
             out: list[Session | Exception] = []
-            for item in request.requests:
-                try:
-                    spec, request_id = convert.create_from_pb(item)
-                    auth.check_create(p, spec.tenant)
-                    out.append(self.core.create(spec, request_id))
-                except tuple(ERROR_STATUS) as e:
-                    out.append(e)
+            with self.core.batch():
+                for item in request.requests:
+                    try:
+                        spec, request_id = convert.create_from_pb(item)
+                        auth.check_create(p, spec.tenant)
+                        out.append(self.core.create(spec, request_id))
+                    except tuple(ERROR_STATUS) as e:
+                        out.append(e)
             return out
 
         done = await guard(context, create_all)

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import itertools
 import logging
 import operator
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Concatenate, ParamSpec, TypeVar
 
 from avatarfarm.avatars import VideoAvatarFace, list_avatars, list_video_avatars, video_avatar_face
@@ -70,15 +71,19 @@ _admitted = operator.attrgetter("seq")
 
 def carried_out(operation: Callable[Concatenate[_M, _P], _R]) -> Callable[Concatenate[_M, _P], _R]:
     """Marks an operation of the core: what it decided is carried out when it returns
-    (or raises), in one place (`Dispatcher.apply`). Operations may call each other;
-    each hands over what was decided so far."""
+    (or raises), in one place (`Dispatcher.apply`). Operations may call each other:
+    what the inner ones decide is carried out with the outermost's (`batch` makes one
+    of many calls)."""
 
     @functools.wraps(operation)
     def run(self: _M, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        self._depth += 1
         try:
             return operation(self, *args, **kwargs)
         finally:
-            self._carry_out()
+            self._depth -= 1
+            if not self._depth:
+                self._carry_out()
 
     return run
 
@@ -124,6 +129,7 @@ class SessionMachine:
         self._watchers: dict[str, set[asyncio.Queue[SessionEvent]]] = collections.defaultdict(set)
         self.commits = GroupCommit(store)
         self._decided = Decisions()
+        self._depth = 0  # operations under way (`carried_out`)
         self.dispatcher = Dispatcher(store, self.commits, self.workers, self._watchers)
         self._progress_dirty: dict[str, Session] = {}  # progress not written yet
         self._next_usage_flush = 0.0
@@ -497,6 +503,18 @@ class SessionMachine:
 
     def _notify(self, ev: SessionEvent) -> None:
         self._decided.notify(ev)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Operations in the block are carried out together when it ends (one row write,
+        one commit and one pass over the workers' streams for a batch of rooms)."""
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if not self._depth:
+                self._carry_out()
 
     def _carry_out(self) -> None:
         out = self._decided.take()
