@@ -77,13 +77,8 @@ def carried_out(operation: Callable[Concatenate[_M, _P], _R]) -> Callable[Concat
 
     @functools.wraps(operation)
     def run(self: _M, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        self._depth += 1
-        try:
+        with self.batch():
             return operation(self, *args, **kwargs)
-        finally:
-            self._depth -= 1
-            if not self._depth:
-                self._carry_out()
 
     return run
 
