@@ -51,6 +51,9 @@ def _window() -> np.ndarray:
     return w
 
 
+_OFFSETS = np.arange(WIN_LENGTH)[None, :]
+
+
 def log_mel(samples: np.ndarray) -> np.ndarray:
     """Log-mel frames of float32 audio, shape (N_MELS, n_frames), one frame per HOP."""
     x = np.asarray(samples, dtype=np.float32)
@@ -64,10 +67,8 @@ def log_mel_at(samples: np.ndarray, starts: np.ndarray) -> np.ndarray:
     if len(starts) == 0:
         return np.full((N_MELS, 0), LOG_FLOOR, dtype=np.float32)
     # Each frame reads WIN_LENGTH samples; the window is zero over the rest of N_FFT.
-    idx = np.arange(WIN_LENGTH)[None, :] + np.asarray(starts)[:, None]
-    frames = np.zeros((len(starts), N_FFT), np.float32)
-    frames[:, :WIN_LENGTH] = samples[idx] * _window()[:WIN_LENGTH]
-    power = np.abs(np.fft.rfft(frames, axis=1)) ** 2
+    frames = samples[np.asarray(starts)[:, None] + _OFFSETS]
+    power = np.abs(np.fft.rfft(frames * _window()[:WIN_LENGTH], n=N_FFT, axis=1)) ** 2
     mel = mel_filterbank() @ power.T.astype(np.float32)
     return np.maximum(np.log10(np.maximum(mel, 1e-12)), LOG_FLOOR).astype(np.float32)
 
@@ -94,29 +95,33 @@ class MelStream:
 
     The window ends at the current frame's end (causal), so live audio needs no
     look-ahead; the resulting ~80 ms lip lag is constant and small next to the
-    frame period. Mel frames are kept by their position in the stream: where a
-    frame's audio is a whole number of hops (640 samples at 25 fps) only the new
-    frames are computed, a quarter of the window; otherwise the grid moves and all
-    are.
+    frame period. Where a frame's audio is a whole number of hops (640 samples at
+    25 fps) the window slides: only the new mel frames are computed, a quarter of
+    it; otherwise the grid moves and all are. Each call returns a new array (the
+    device may still hold the last one).
     """
 
     KEEP = WIN_LENGTH + HOP * (MEL_WINDOW - 1)
 
     def __init__(self) -> None:
         self._history = np.zeros(self.KEEP, dtype=np.float32)
-        self._end = 0  # stream position of the history's end (it starts with silence)
-        self._columns: dict[int, np.ndarray] = {}  # mel frame by its stream position
+        self._window: np.ndarray | None = None  # the last window returned
 
     def push(self, chunk: np.ndarray) -> np.ndarray:
         """Adds a frame's audio; returns the (N_MELS, MEL_WINDOW) window ending now."""
-        self._history = np.concatenate([self._history, chunk.astype(np.float32)])[-self.KEEP:]
-        self._end += chunk.size
-        first = self._end - self.KEEP
-        positions = [first + HOP * j for j in range(MEL_WINDOW)]
-        missing = [p for p in positions if p not in self._columns]
-        if missing:
-            fresh = log_mel_at(self._history, np.array(missing) - first)
-            self._columns.update(zip(missing, fresh.T, strict=True))
-        columns = [self._columns[p] for p in positions]
-        self._columns = dict(zip(positions, columns, strict=True))
-        return np.stack(columns, axis=1)
+        n, h = chunk.size, self._history
+        if n >= self.KEEP:
+            h[:] = chunk[-self.KEEP:]
+        elif n:
+            h[:-n] = h[n:]
+            h[-n:] = chunk
+        old = self._window
+        slide = n // HOP if n % HOP == 0 else MEL_WINDOW
+        if old is None or slide >= MEL_WINDOW:
+            self._window = log_mel_at(h, HOP * np.arange(MEL_WINDOW))
+        elif slide:
+            fresh = log_mel_at(h, HOP * np.arange(MEL_WINDOW - slide, MEL_WINDOW))
+            self._window = np.concatenate([old[:, slide:], fresh], axis=1)
+        else:
+            self._window = old.copy()
+        return self._window
