@@ -19,7 +19,10 @@ items:
   across rooms), and serves what is left tier first;
 * a batch that is not full may wait for more items, but never past the slack:
   the forecast must still make every deadline after the wait, with room for the
-  batch to grow to its maximum, and never longer than `max_wait`.
+  batch to grow to its maximum, and never longer than `max_wait`; and never with
+  other items queued: another model's batch that ends within the wait runs
+  meanwhile, else the batch runs as it is (a device that idles with work queued
+  falls behind for good under load).
 """
 
 from __future__ import annotations
@@ -54,6 +57,10 @@ class BatchPolicy:
     # Under overload, give up the lowest tier's items at once (True), or serve tier first
     # and let what cannot make it miss (False).
     shed: bool = True
+    # The device decides on the earliest-due items of its queue, at most this many (the
+    # overload forecast too): a worker that fell behind queues hundreds of items, and
+    # planning over all of them at every batch would cost more than the batches.
+    window: int = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,17 +86,21 @@ def forecast(items: Sequence[Queued], now: float, curves: Mapping[Any, LatencyCu
     per_key: dict[Any, list[Queued]] = {}
     for q in sorted(items, key=lambda q: (q.deadline, q.item_id), reverse=True):
         per_key.setdefault(q.key, []).append(q)  # each list: latest first, pop() = earliest
-    caps = {k: curves[k].useful_batch(policy.max_batch) for k in per_key}
+    # Each key's planned seconds by batch size, up to its useful batch (index 0 unused):
+    # the queue can be hundreds of items long, and the curve is read for every batch.
+    planned = {k: [0.0] + [_planned(curves[k], b, policy)
+                           for b in range(1, curves[k].useful_batch(policy.max_batch) + 1)]
+               for k in per_key}
     heads = [(qs[-1].deadline, qs[-1].item_id, k) for k, qs in per_key.items()]
     heapq.heapify(heads)
     t, misses, slack = now, 0, math.inf
     while heads:
         earliest, _, key = heapq.heappop(heads)
-        qs, curve = per_key[key], curves[key]
-        k = 1
-        while k < min(caps[key], len(qs)) and t + _planned(curve, k + 1, policy) <= earliest:
+        qs, cost = per_key[key], planned[key]
+        k, most = 1, min(len(cost) - 1, len(qs))
+        while k < most and t + cost[k + 1] <= earliest:
             k += 1
-        t += _planned(curve, k, policy)
+        t += cost[k]
         slack = min(slack, earliest - t)
         for _ in range(k):
             if qs.pop().deadline < t:
@@ -133,7 +144,17 @@ def decide(queue: Sequence[Queued], now: float, curves: Mapping[Any, LatencyCurv
         oldest = min(q.enqueued for q in batch)
         until = min(oldest + policy.max_wait, now + plan.slack - growth)
         if until > now:
-            return Decision(drop=drop, wake_at=until, overloaded=overloaded, shed=shed)
+            other = [q for q in order if q.key != key]
+            if not other:
+                return Decision(drop=drop, wake_at=until, overloaded=overloaded, shed=shed)
+            # The device does not idle while other items wait: their batch runs meanwhile
+            # when it ends within the wait (a chained item's first stages, whose results
+            # are the company this batch waits for), else this batch runs as it is.
+            okey, ocurve = other[0].key, curves[other[0].key]
+            obatch = _grow([q for q in other if q.key == okey], now, ocurve, policy,
+                           ocurve.useful_batch(policy.max_batch))
+            if obatch and now + _planned(ocurve, len(obatch), policy) <= until:
+                batch = obatch
     return Decision(run=tuple(batch), drop=drop, overloaded=overloaded, shed=shed)
 
 

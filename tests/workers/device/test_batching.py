@@ -106,6 +106,24 @@ def test_a_lone_frame_waits_for_company_only_within_its_slack() -> None:
     assert [q.item_id for q in d.run] == [0]
 
 
+def test_the_device_never_idles_waiting_for_company_while_other_items_are_queued() -> None:
+    lone = item(0, 0.5, key="render@256")  # due first, alone of its shape
+    others = [item(1 + i, 1.0, key="render@512") for i in range(4)]  # 48 ms as a batch
+    patient = BatchPolicy(max_batch=8, max_wait=0.1, margin=0.0)
+    # Alone, it waits for company (up to max_wait)...
+    assert decide([lone], 0.0, CURVES, patient).wake_at == pytest.approx(0.1)
+    # ...but with other items queued, their batch runs meanwhile: it ends within the wait.
+    d = decide([lone, *others], 0.0, CURVES, patient)
+    assert [q.item_id for q in d.run] == [1, 2, 3, 4] and d.wake_at is None
+    # A wait shorter than their batch: the lone item runs as it is, the device never idles.
+    d = decide([lone, *others], 0.0, CURVES, EXACT)
+    assert [q.item_id for q in d.run] == [0]
+    # Both ways every deadline is made, in the simulated device too.
+    for policy in (patient, EXACT):
+        out = simulate([lone, *others], policy)
+        assert not out.dropped and all(out.finished[q.item_id] <= q.deadline for q in (lone, *others))
+
+
 def test_a_frame_that_cannot_make_its_deadline_is_dropped_not_run() -> None:
     d = decide([item(0, 0.005), item(1, 1.0)], 0.0, CURVES, EXACT)
     assert [q.item_id for q in d.drop] == [0]
