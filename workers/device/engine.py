@@ -18,6 +18,7 @@ far enough, for long enough, to re-report the profile.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import concurrent.futures
 import itertools
@@ -89,7 +90,9 @@ class DeviceModel(typing.Protocol):
 class _Request:
     queued: Queued
     feeds: dict[str, np.ndarray]
-    future: concurrent.futures.Future[ItemResult]
+    future: concurrent.futures.Future[typing.Any]
+    then: Callable[[ItemResult], Next] | None = None  # a chained item: what its result makes
+    first: ItemResult | None = None  # a chained item's second stage: the first one's result
 
 
 @dataclass(slots=True)
@@ -101,15 +104,25 @@ class _Served:
     drifting_since: float | None = None  # when the ratio last left the band around the report
     live: dict[int, float] = field(default_factory=dict)  # seconds per batch size run, smoothed
     stats: KeyStats = field(default_factory=KeyStats)
+    _curve: LatencyCurve | None = None  # `curve`, until the next live timing
 
     @property
     def curve(self) -> LatencyCurve:
         """The measured curve scaled by the overall drift, with every batch size actually
         run replaced by its own live timing: the shape of the curve (where batching stops
         paying) is learnt from live calls too, not only its level."""
-        points = {b: s * self.ratio for b, s in self.base.points}
-        points.update(self.live)
-        return LatencyCurve(tuple(sorted(points.items())))
+        if self._curve is None:
+            points = {b: s * self.ratio for b, s in self.base.points}
+            points.update(self.live)
+            self._curve = LatencyCurve(tuple(sorted(points.items())))
+        return self._curve
+
+    def timed(self, n: int, seconds: float, smoothing: float) -> None:
+        """A live call of `n` items took `seconds`."""
+        self.ratio += smoothing * (seconds / self.base.seconds(n) - self.ratio)
+        self.live[n] = seconds if n not in self.live else \
+            self.live[n] + smoothing * (seconds - self.live[n])
+        self._curve = None
 
 
 class InferenceEngine:
@@ -122,7 +135,8 @@ class InferenceEngine:
         self.smoothing = smoothing
         self._served: dict[BatchKey, _Served] = {}
         self._retired: dict[BatchKey, KeyStats] = {}  # counters of models no longer served
-        self._queue: list[_Request] = []
+        # Queued items in deadline order: decisions read only its head (`BatchPolicy.window`).
+        self._queue: list[_Entry] = []
         self._ids = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
@@ -150,8 +164,8 @@ class InferenceEngine:
             if served is None:
                 return
             self._retired[key] = served.stats
-            gone = [r for r in self._queue if r.queued.key == key]
-            self._queue = [r for r in self._queue if r.queued.key != key]
+            gone = [e.request for e in self._queue if e.request.queued.key == key]
+            self._queue = [e for e in self._queue if e.request.queued.key != key]
         for r in gone:
             _fail(r.future, KeyError(f"{key} is no longer served"))
 
@@ -198,24 +212,44 @@ class InferenceEngine:
     def submit(self, key: BatchKey, feeds: dict[str, np.ndarray], deadline: float,
                priority: int = 1) -> concurrent.futures.Future[ItemResult]:
         fut: concurrent.futures.Future[ItemResult] = concurrent.futures.Future()
-        with self._cond:
-            if self._closed:
-                raise RuntimeError("inference engine is closed")
-            if key not in self._served:
-                raise KeyError(f"no model is served for {key}")
-            q = Queued(next(self._ids), key, deadline, priority, self.clock())
-            self._queue.append(_Request(q, feeds, fut))
-            self._cond.notify()
+        self._enqueue(key, feeds, deadline, priority, fut)
         return fut
 
     async def infer(self, key: BatchKey, feeds: dict[str, np.ndarray], deadline: float,
                     priority: int = 1) -> ItemResult:
         return await asyncio.wrap_future(self.submit(key, feeds, deadline, priority))
 
+    def submit_then(self, key: BatchKey, feeds: dict[str, np.ndarray], deadline: float,
+                    then: Callable[[ItemResult], Next], priority: int = 1
+                    ) -> concurrent.futures.Future[tuple[ItemResult, ItemResult]]:
+        """An item whose result makes a second item (`then`, run on the device thread as
+        soon as the first is back: a frame's motion, then its render), as one future of
+        both results. The caller's thread is not woken between the two: one hand-off
+        each way per frame, not two. Either item's failure (a drop, a shed, an error in
+        `then`) fails the whole; cancelling it gives up whichever item is queued."""
+        fut: concurrent.futures.Future[tuple[ItemResult, ItemResult]] = concurrent.futures.Future()
+        self._enqueue(key, feeds, deadline, priority, fut, then)
+        return fut
+
+    def _enqueue(self, key: BatchKey, feeds: dict[str, np.ndarray], deadline: float, priority: int,
+                 fut: concurrent.futures.Future[typing.Any],
+                 then: Callable[[ItemResult], Next] | None = None) -> None:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("inference engine is closed")
+            if key not in self._served:
+                raise KeyError(f"no model is served for {key}")
+            q = Queued(next(self._ids), key, deadline, priority, self.clock())
+            self._put(_Request(q, feeds, fut, then))
+            self._cond.notify()
+
+    def _put(self, r: _Request) -> None:
+        bisect.insort(self._queue, _Entry(r.queued.deadline, r.queued.item_id, r))
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            pending, self._queue = self._queue, []
+            pending, self._queue = [e.request for e in self._queue], []
             self._cond.notify()
         for r in pending:
             r.future.cancel()
@@ -235,17 +269,18 @@ class InferenceEngine:
     def _next(self) -> tuple[list[_Request] | None, _Served | None]:
         with self._cond:
             while not self._closed:
-                self._queue = [r for r in self._queue if not r.future.cancelled()]
-                if not self._queue:
+                window = self._window()
+                if not window:
                     self._cond.wait()
                     continue
                 now = self.clock()
                 curves = {k: s.curve for k, s in self._served.items()}
-                d = decide([r.queued for r in self._queue], now, curves, self.policy)
+                d = decide([r.queued for r in window], now, curves, self.policy)
                 if d.drop or d.run or d.shed:
-                    by_id = {r.queued.item_id: r for r in self._queue}
+                    by_id = {r.queued.item_id: r for r in window}
                     taken = {q.item_id for q in (*d.drop, *d.run, *d.shed)}
-                    self._queue = [r for r in self._queue if r.queued.item_id not in taken]
+                    head = len(window)  # the window is the queue's head (cancelled items gone)
+                    self._queue[:head] = [e for e in self._queue[:head] if e.item_id not in taken]
                     for q in d.drop:
                         self._served[typing.cast(BatchKey, q.key)].stats.dropped += 1
                         _fail(by_id[q.item_id].future, DeadlineMissed(
@@ -262,8 +297,25 @@ class InferenceEngine:
                 self._cond.wait(timeout)
         return None, None
 
+    def _window(self) -> list[_Request]:
+        """The earliest-due items the policy decides on (`BatchPolicy.window`), the
+        cancelled ones among them removed (a caller that gave a frame up): a long queue
+        costs each decision no more than a short one."""
+        window: list[_Request] = []
+        q, i = self._queue, 0
+        while i < len(q) and len(window) < self.policy.window:
+            r = q[i].request
+            if r.future.cancelled():
+                del q[i]
+                continue
+            window.append(r)
+            i += 1
+        return window
+
     def _run(self, batch: list[_Request], served: _Served) -> None:
-        live = [r for r in batch if r.future.set_running_or_notify_cancel()]
+        # Futures stay pending (cancellable) while they run: a chained item's future is
+        # resolved only once its last stage is back.
+        live = [r for r in batch if not r.future.cancelled()]
         if not live:
             return
         try:
@@ -275,22 +327,59 @@ class InferenceEngine:
         except BaseException as e:  # a failed call fails its items, not the device thread
             log.exception("inference failed for a batch of %d", len(live))
             for r in live:
-                r.future.set_exception(e)
+                _fail(r.future, e)
             return
         n = len(live)
+        follow: list[tuple[_Request, Next, ItemResult]] = []
+        for i, r in enumerate(live):
+            result = ItemResult(tuple(o[i] for o in outputs), seconds / n, n)
+            if r.then is None:
+                _resolve(r.future, result if r.first is None else (r.first, result))
+                continue
+            try:
+                nxt = r.then(result)
+            except Exception as e:  # noqa: BLE001 - a failed `then` fails its item, as a failed call
+                _fail(r.future, e)
+                continue
+            follow.append((r, nxt, result))
         with self._cond:
-            a = self.smoothing
-            served.ratio += a * (seconds / served.base.seconds(n) - served.ratio)
-            served.live[n] = seconds if n not in served.live else \
-                served.live[n] + a * (seconds - served.live[n])
+            served.timed(n, seconds, self.smoothing)
             st = served.stats
             st.batch_sizes[n] += 1
             st.items += n
             st.device_seconds += seconds
-        for i, r in enumerate(live):
-            r.future.set_result(ItemResult(tuple(o[i] for o in outputs), seconds / n, n))
+            now = self.clock()
+            for r, nxt, result in follow:  # the second stages, queued as they come back
+                if nxt.key not in self._served:
+                    _fail(r.future, KeyError(f"no model is served for {nxt.key}"))
+                    continue
+                q = Queued(next(self._ids), nxt.key, nxt.deadline, r.queued.priority, now)
+                self._put(_Request(q, nxt.feeds, r.future, first=result))
 
 
-def _fail(fut: concurrent.futures.Future[ItemResult], exc: BaseException) -> None:
+@dataclass(frozen=True, slots=True, order=True)
+class _Entry:
+    """A queued item by its deadline (then arrival)."""
+
+    deadline: float
+    item_id: int
+    request: _Request = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Next:
+    """The item a chained item's result makes (`InferenceEngine.submit_then`)."""
+
+    key: BatchKey
+    feeds: dict[str, np.ndarray]
+    deadline: float
+
+
+def _resolve(fut: concurrent.futures.Future[typing.Any], value: typing.Any) -> None:
+    if fut.set_running_or_notify_cancel():  # False: cancelled by the caller meanwhile
+        fut.set_result(value)
+
+
+def _fail(fut: concurrent.futures.Future[typing.Any], exc: BaseException) -> None:
     if fut.set_running_or_notify_cancel():
         fut.set_exception(exc)

@@ -35,13 +35,14 @@ from avatarfarm.preparation.bundle import Bundle
 from avatarfarm.voices import VoiceError, find_service_voices, find_voices, registered_voices
 from workers.device.batching import BatchPolicy
 from workers.device.binding import LipSyncDeviceModel
-from workers.device.engine import BatchKey, DeviceModel, InferenceEngine, ItemResult
+from workers.device.engine import BatchKey, DeviceModel, InferenceEngine, ItemResult, Next
 from workers.device.onnx import ModelInterfaceError, OrtModel, ProviderChoice
 from workers.device.timing import Timed, measure_curve, run_batch_of
 from workers.families import liveportrait, musetalk, ultralight, wav2lip
 from workers.families.base import FaceFamily, FamilyRuntime, Points, Redraw, WorkerContext
 from workers.families.features import FEATURES_KEY, AudioFeatures, open_features
 from workers.media.audio import SAMPLE_RATE, resample
+from workers.media.motion import compose
 from workers.media.piper import (
     BUCKETS,
     PiperModel,
@@ -570,11 +571,22 @@ class Pipeline:
         return Timed(resample(audio, config.sample_rate, SAMPLE_RATE), sum(r.seconds for r in results),
                      max((r.batch_size for r in results), default=1))
 
-    async def audio_to_motion(self, mel: np.ndarray, deadline: float = math.inf,
-                              priority: int = 1) -> Timed:
-        r = await self.engine.infer(AUDIO_TO_MOTION_KEY, {"mel": mel.astype(np.float32)},
-                                    deadline, priority)
-        return _timed(r)
+    def speak(self, avatar: np.ndarray, idle: np.ndarray, mel: np.ndarray, motion_deadline: float,
+              deadline: float, priority: int = 1
+              ) -> concurrent.futures.Future[tuple[ItemResult, ItemResult]]:
+        """A spoken frame of the reference family as one device item to the room: its
+        audio-to-motion, the idle motion composed in (the speech owns the mouth), then its
+        render, chained on the device thread (`InferenceEngine.submit_then`); resolves with
+        (motion, render)."""
+        key = self.render_key(avatar.shape[-1])
+
+        def render(motion: ItemResult) -> Next:
+            composed = compose(idle, motion.outputs[0], mouth_only=True)
+            return Next(key, {"avatar": avatar, "motion": composed.astype(np.float32, copy=False)},
+                        deadline)
+
+        return self.engine.submit_then(AUDIO_TO_MOTION_KEY, {"mel": mel.astype(np.float32, copy=False)},
+                                       motion_deadline, render, priority)
 
     async def render(self, avatar: np.ndarray, motion: np.ndarray, deadline: float = math.inf,
                      priority: int = 1) -> Timed:

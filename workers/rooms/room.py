@@ -5,9 +5,11 @@ A room runs two asyncio tasks joined by a bounded queue of frames in flight:
 * the producer releases frame n at its capture time (t0 + n/fps in real-time
   pacing), takes its audio from the driver, and starts the frame on the device:
   audio-to-motion (unless mocap drives it), idle motion composed in, render.
-  Each of those is one item in the worker's cross-room batcher, with the
-  frame's deadline: its presentation time (capture time plus the latency
-  budget, the stream's buffer) minus the output margin left for encoding.
+  A spoken frame is one chained item of the worker's cross-room batcher (its
+  motion, then on the device thread its render: one hand-off each way per
+  frame), with the frame's deadline: its presentation time (capture time plus
+  the latency budget, the stream's buffer) minus the output margin left for
+  encoding.
   Several frames of a room are in flight at once, so one frame's motion is
   computed while another renders.
 * the emitter takes frames in order. A frame the batcher dropped, or one not
@@ -68,7 +70,7 @@ from avatarfarm.domain import DriveMode, OutputKind, Quality, ScriptSegment, Ses
 from avatarfarm.egress import EgressPolicy, Resolver, check_resolved, pinned_url, system_resolver
 from avatarfarm.input_tokens import driver_key
 from avatarfarm.live_driver import DriverAction, DriverPolicy
-from workers.device.engine import DeadlineMissed
+from workers.device.engine import DeadlineMissed, ItemResult
 from workers.device.pipeline import Pipeline, fit_canvas, to_canvas
 from workers.families.base import FaceFamily, FaceSpeech, FrameAudio
 from workers.ingest.registry import DriverRooms
@@ -197,8 +199,11 @@ class _InFlight:
     audio: np.ndarray
     speaking: bool
     deadline: float
-    task: asyncio.Task[typing.Any]  # a portrait [3, S, S], or a FaceFrame (video avatars)
+    # A portrait [3, S, S], a FaceFrame (video avatars), or a spoken frame's (motion,
+    # render) device results (`chained`).
+    task: asyncio.Future[typing.Any]
     driver: float = math.nan  # camera rooms: when the driver's frame it shows arrived (monotonic)
+    chained: bool = False
 
 
 T = typing.TypeVar("T")
@@ -646,9 +651,14 @@ class Room:
                 mel = lagged.push(self.mel.push(audio), float(t), q.fps)
             else:
                 driven, arrived = await self._face_motion(deadline, self._driver_time(k))
-            task = asyncio.create_task(self._render(avatar, idle, mel, driven, deadline,
-                                                    deadline - render_reserve))
-            await inflight.put(_InFlight(n, q.fps, audio, speaking, deadline, task, arrived))
+            if mel is not None:  # one device item: its motion, then its render
+                spoken = self.pipeline.speak(avatar, idle, mel, deadline - render_reserve, deadline,
+                                             self.priority)
+                await inflight.put(_InFlight(n, q.fps, audio, speaking, deadline,
+                                             asyncio.wrap_future(spoken), chained=True))
+            else:
+                task = asyncio.create_task(self._render(avatar, idle, driven, deadline))
+                await inflight.put(_InFlight(n, q.fps, audio, speaking, deadline, task, arrived))
             n, t = n + 1, end
         if face is not None and speech is not None and q is not None:
             end_by = self.clock() + self.latency_budget - self.output_margin \
@@ -715,24 +725,30 @@ class Room:
         self.stats.batch_size_sum += r.batch_size
         return FaceFrame(index, r.value)
 
-    async def _render(self, avatar: np.ndarray, idle: np.ndarray, mel: np.ndarray | None,
-                      face: Motion | None, deadline: float, motion_deadline: float
-                      ) -> np.ndarray:
-        st = self.stats.stage_seconds
+    async def _render(self, avatar: np.ndarray, idle: np.ndarray, face: Motion | None,
+                      deadline: float) -> np.ndarray:
+        """A frame whose motion is not spoken: a live driver's face motion (mocap or
+        camera) composed with idle, or idle alone."""
         driven: np.ndarray | None = None
         if face is not None:  # a live driver's face motion
             pending = await face
             driven = reference_motion(pending) if pending is not None else None
-        if mel is not None:
-            r = await self.pipeline.audio_to_motion(mel, motion_deadline, self.priority)
-            st["audio_to_motion"] += r.seconds
-            driven = r.value
-        motion = compose(idle, driven, mouth_only=mel is not None)
-        r = await self.pipeline.render(avatar, motion, deadline, self.priority)
-        st["render"] += r.seconds
+        r = await self.pipeline.render(avatar, compose(idle, driven, mouth_only=False), deadline,
+                                       self.priority)
+        self.stats.stage_seconds["render"] += r.seconds
         self.stats.batched_items += 1
         self.stats.batch_size_sum += r.batch_size
         return r.value
+
+    def _spoken(self, done: tuple[ItemResult, ItemResult]) -> np.ndarray:
+        """A spoken frame's portrait, its motion's and render's device time counted."""
+        motion, render = done
+        st = self.stats
+        st.stage_seconds["audio_to_motion"] += motion.seconds
+        st.stage_seconds["render"] += render.seconds
+        st.batched_items += 1
+        st.batch_size_sum += render.batch_size
+        return render.outputs[0]
 
     async def _emit(self, avatar: typing.Any, inflight: asyncio.Queue[_InFlight | None]) -> None:
         enc = self._encoder
@@ -801,9 +817,10 @@ class Room:
                 f.task.cancel()
                 return None
         try:
-            return await f.task
+            done = await f.task
         except (DeadlineMissed, asyncio.CancelledError):
             return None
+        return self._spoken(done) if f.chained else done
 
     def _rate_changed(self, fps: int) -> None:
         """The emitted frames' rate changed: a lip-sync window mixing rates would describe
