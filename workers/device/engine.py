@@ -7,6 +7,12 @@ items of one model and input shape into one onnxruntime call, splits the
 outputs back and resolves each item's future. Items the policy drops resolve
 with `DeadlineMissed`, and the room shows a replacement frame instead.
 
+A chained item (`submit_then`: a spoken frame's motion, then its render) is one
+future to the room: its second stage is made and queued on the device thread as
+the first comes back. The queue is kept in deadline order, and each decision reads
+only its earliest-due items (`BatchPolicy.window`), so a worker that fell behind
+spends no more per decision than one that keeps up.
+
 Each key's latency curve starts from the worker's start-up measurement (or an
 estimate scaled by pixels for a shape never measured) and is corrected from
 live timings: an exponentially weighted ratio of observed to measured call
@@ -350,6 +356,9 @@ class InferenceEngine:
             st.device_seconds += seconds
             now = self.clock()
             for r, nxt, result in follow:  # the second stages, queued as they come back
+                if self._closed:
+                    r.future.cancel()
+                    continue
                 if nxt.key not in self._served:
                     _fail(r.future, KeyError(f"no model is served for {nxt.key}"))
                     continue
