@@ -284,8 +284,14 @@ class InferenceEngine:
                 d = decide([r.queued for r in window], now, curves, self.policy)
                 if d.drop or d.run or d.shed:
                     by_id = {r.queued.item_id: r for r in window}
+                    head = len(window)  # the window is the queue's head
+                    # Items their callers gave up (a frame past its deadline) are taken out
+                    # when chosen to run, and the choice is made again without them.
+                    given_up = {q.item_id for q in d.run if by_id[q.item_id].future.cancelled()}
+                    if given_up:
+                        self._queue[:head] = [e for e in self._queue[:head] if e.item_id not in given_up]
+                        continue
                     taken = {q.item_id for q in (*d.drop, *d.run, *d.shed)}
-                    head = len(window)  # the window is the queue's head (cancelled items gone)
                     self._queue[:head] = [e for e in self._queue[:head] if e.item_id not in taken]
                     for q in d.drop:
                         self._served[typing.cast(BatchKey, q.key)].stats.dropped += 1
@@ -304,19 +310,9 @@ class InferenceEngine:
         return None, None
 
     def _window(self) -> list[_Request]:
-        """The earliest-due items the policy decides on (`BatchPolicy.window`), the
-        cancelled ones among them removed (a caller that gave a frame up): a long queue
-        costs each decision no more than a short one."""
-        window: list[_Request] = []
-        q, i = self._queue, 0
-        while i < len(q) and len(window) < self.policy.window:
-            r = q[i].request
-            if r.future.cancelled():
-                del q[i]
-                continue
-            window.append(r)
-            i += 1
-        return window
+        """The earliest-due items the policy decides on (`BatchPolicy.window`): a long
+        queue costs each decision no more than a short one."""
+        return [e.request for e in self._queue[:self.policy.window]]
 
     def _run(self, batch: list[_Request], served: _Served) -> None:
         # Futures stay pending (cancellable) while they run: a chained item's future is
