@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import heapq
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -200,14 +201,19 @@ def simulate(trace: Sequence[Any], workers: Sequence[Any], strategy: Strategy,
                         hours, unplaced, peak, util_secs / busy_secs if busy_secs else 0.0, moves)
 
 
-def lower_bound(trace: Sequence[Any], workers: Sequence[Any]) -> float:
-    """Cost per stream-hour at perfect packing: at every moment the rooms' demand, as
-    fractions of a worker, is served by the device types cheapest for it first, each up to
-    the number of workers the fleet has of it."""
+def _device_types(workers: Sequence[Any]) -> dict[str, tuple[float, WorkerState, int]]:
+    """Each device type in the fleet: its price per hour, one worker's state and how many."""
     types: dict[str, tuple[float, WorkerState, int]] = {}
     for spec in workers:
         price, state, n = types.get(spec.device_type, (spec.price_per_hour, worker_state(spec), 0))
         types[spec.device_type] = (price, state, n + 1)
+    return types
+
+
+def _demand_events(trace: Sequence[Any], types: dict[str, tuple[float, WorkerState, int]]
+                   ) -> list[tuple[float, int, dict[str, float]]]:
+    """(time, +1 arrival or -1 end, the room's share of one worker of each device type),
+    in time order, ends before arrivals at the same moment."""
     events: list[tuple[float, int, dict[str, float]]] = []
     memo: dict[tuple[object, ...], dict[str, float]] = {}
     for i, r in enumerate(trace):
@@ -218,6 +224,15 @@ def lower_bound(trace: Sequence[Any], workers: Sequence[Any]) -> float:
         events.append((r.arrival_s, 1, shares))
         events.append((r.arrival_s + r.duration_s, -1, shares))
     events.sort(key=lambda e: (e[0], e[1]))
+    return events
+
+
+def lower_bound(trace: Sequence[Any], workers: Sequence[Any]) -> float:
+    """Cost per stream-hour at perfect packing: at every moment the rooms' demand, as
+    fractions of a worker, is served by the device types cheapest for it first, each up to
+    the number of workers the fleet has of it."""
+    types = _device_types(workers)
+    events = _demand_events(trace, types)
     demand = dict.fromkeys(types, 0.0)
     money = stream = 0.0
     live = 0
@@ -243,6 +258,18 @@ def lower_bound(trace: Sequence[Any], workers: Sequence[Any]) -> float:
     return money / stream if stream else 0.0
 
 
+def peak_demand(trace: Sequence[Any], workers: Sequence[Any]) -> float:
+    """The most workers of the fleet's most common device type the live rooms fill at any
+    moment at perfect packing: what a fleet must have at least to place the whole day."""
+    types = _device_types(workers)
+    main = max(types, key=lambda n: types[n][2])
+    demand = peak = 0.0
+    for _, sign, shares in _demand_events(trace, types):
+        demand += sign * shares[main]
+        peak = max(peak, demand)
+    return peak
+
+
 def compare(trace: Sequence[Any], workers: Sequence[Any],
             memory: MemoryProfile | None = None) -> CostComparison:
     """Each strategy on the same trace and fleet (rooms that fit nowhere are not placed),
@@ -265,7 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--day", default="all", help=f"day shape: {', '.join(DAYS)} or all (default)")
     ap.add_argument("--peak-rooms", type=int, default=2000, help="rooms live at the day's peak")
     ap.add_argument("--workers", type=int, default=0,
-                    help="workers in the fleet (default: enough for the peak, twice over)")
+                    help="workers in the fleet (default: twice the day's peak demand at "
+                         "perfect packing, at least one per five rooms at the peak)")
     ap.add_argument("--l4-share", type=float, default=0.1, help="fraction of L4 workers")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args(argv)
@@ -275,7 +303,13 @@ def main(argv: list[str] | None = None) -> None:
         tenants = make_tenants(shape=shape)
         trace = make_day(args.peak_rooms, tenants, args.seed, shape)
         avatars = sorted({a for t in tenants for a in t.avatars})
-        n = args.workers or max(10, args.peak_rooms // 5)
+        n = args.workers
+        if not n:
+            # Sized by what the day's rooms need, not by their count: a 1080p-heavy day
+            # fills several times the workers of the default mix at the same peak.
+            sample = make_workers(max(10, round(2 / args.l4_share)) if args.l4_share else 10,
+                                  args.l4_share, avatars, random.Random(args.seed))
+            n = max(10, args.peak_rooms // 5, math.ceil(2 * peak_demand(trace, sample)))
         workers = make_workers(n, args.l4_share, avatars, random.Random(args.seed))
         t0 = time.perf_counter()
         result = compare(trace, workers)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.packing_sim import compare
-from loadtests.trace import make_day, make_tenants
+from loadtests.packing_sim import Strategy, compare, peak_demand, simulate
+from loadtests.trace import DAYS, make_day, make_tenants
 from loadtests.worker_specs import make_workers
 
 
@@ -35,6 +35,20 @@ def test_packing_beats_the_baselines_and_stays_above_the_bound() -> None:
     assert result.lower_bound <= consolidated.cost_per_stream_hour < pack
     assert 0 < consolidated.moves / consolidated.stream_hours * 4 < 1  # moves per room per 4 h
     assert "lower bound" in str(result)
+
+
+def test_the_simulators_fleet_is_sized_by_what_the_days_rooms_need_not_their_count() -> None:
+    # A 1080p-heavy day fills several times the workers of the default day at the same
+    # peak: a fleet sized by room count alone would refuse rooms and skew the figures.
+    demand = {}
+    for day in ("default", "premium-1080p"):
+        tenants = make_tenants(shape=DAYS[day])
+        avatars = sorted({a for t in tenants for a in t.avatars})
+        trace = make_day(300, tenants, 3, DAYS[day])
+        demand[day] = peak_demand(trace, make_workers(20, 0.1, avatars, random.Random(3)))
+        fleet = make_workers(max(10, int(2 * demand[day]) + 1), 0.1, avatars, random.Random(3))
+        assert simulate(trace, fleet, Strategy.PACK).unplaced == 0
+    assert demand["premium-1080p"] > 2 * demand["default"] > 0
 
 
 @pytest.mark.slow

@@ -215,10 +215,13 @@ class Fleet:
         # premium rooms while any other worker can take it.
         premium = room.tier is Tier.PREMIUM
         crowded_best: tuple[str, Demand] | None = None
+        indexes = (self._group.get(room.quality.render_side, {}),
+                   self._warm.get(room.avatar_id, {}), self._busy)
         for tier in self._tiers(room):
             best: tuple[tuple[float, ...], str, Demand] | None = None
             seen: set[str] = set()
             looked = fitting = 0
+            full: list[str] = []
             for wid in tier:
                 if wid in seen:
                     continue
@@ -231,6 +234,7 @@ class Fleet:
                     continue
                 d = cand.demand(room)
                 if d is None or not cand.fits(d, self.target):
+                    full.append(wid)
                     continue
                 fitting += 1
                 if premium and cand.premium[room.tenant] >= self.premium_spread:
@@ -247,9 +251,22 @@ class Fleet:
                          float(not warm), float(cand.premium[room.tenant]) if premium else 0.0)
                 if best is None or score < best[0]:
                     best = (score, wid, d)
+            self._to_back(full, indexes)
             if best is not None:
                 return best[1], best[2]
         return crowded_best
+
+    @staticmethod
+    def _to_back(full: list[str], indexes: Iterable[dict[str, None]]) -> None:
+        """Workers a room did not fit go to the back of the indexes the search reads in
+        order, so a search bounded to the first candidates keeps finding workers with room
+        on a large fleet instead of the same nearly full ones (which would open an idle
+        worker, or refuse the room, while hundreds further on had room)."""
+        for wid in full:
+            for index in indexes:
+                if wid in index:
+                    del index[wid]
+                    index[wid] = None
 
     # -- reclaiming -----------------------------------------------------------------
 

@@ -466,3 +466,30 @@ def test_a_worker_that_names_its_host_tts_otherwise_still_runs_text_rooms() -> N
     assert p.stage_seconds(Stage.TTS) == pytest.approx(0.004)
     assert make_worker(profile=p).demand(make_room()) is not None
     assert p.cost(Stage.TTS, model="joe") is None  # a neural voice it never measured
+
+
+def test_a_bounded_search_finds_workers_with_room_behind_nearly_full_ones() -> None:
+    # Twelve workers nearly full for this shape come first in the index (roomy below the
+    # target, but one more room does not fit), then three with room for one more, then
+    # idle ones. The search reads at most 8 candidates a tier (candidates=2): if it kept
+    # reading the same nearly full workers, every room would open an idle worker.
+    full = [make_worker(f"full{i:02d}") for i in range(12)]
+    roomy = [make_worker(f"roomy{i}") for i in range(3)]
+    idle = [make_worker(f"idle{i}") for i in range(5)]
+    f = fleet_of(*full, *roomy, *idle, candidates=2)
+    n = 0
+    for w, rooms in [*((w, 2) for w in full), *((w, 1) for w in roomy)]:
+        for _ in range(rooms):
+            f.assign(make_room(f"r{n}"), w.worker_id)
+            n += 1
+    assert all(not w.fits(w.demand(make_room("probe")), f.target) for w in full)  # type: ignore[arg-type]
+    assert all(w.fits(w.demand(make_room("probe")), f.target) for w in roomy)  # type: ignore[arg-type]
+    opened = 0
+    for i in range(3):
+        room = make_room(f"new{i}")
+        c = f.choose(room)
+        assert c is not None
+        opened += not f.workers[c.worker_id].rooms
+        f.assign(room, c.worker_id)
+    assert opened <= 1
+    assert sum(len(w.rooms) == 2 for w in roomy) == 3 - opened
