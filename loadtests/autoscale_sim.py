@@ -288,7 +288,8 @@ def run(peak_rooms: int, hours: float, boot_seconds: float, interval: float, dt:
         if clock.t >= next_log:
             next_log += log_every
             print(f"  {clock.t / 3600:5.1f} h  rooms {len(live):5d}  workers {len(prov.running):4d} "
-                  f"(+{len(prov.booting)} booting)  waiting {core.waiting().count:4d}  "
+                  f"(+{len(prov.booting)} booting, minimum {need})  "
+                  f"waiting {core.waiting().count:4d}  "
                   f"wall {time.monotonic() - start:5.1f} s", flush=True)
 
     pending = [first_placed[sid] - created[sid] for sid in first_placed]

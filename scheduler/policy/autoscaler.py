@@ -21,10 +21,10 @@ what premium reservations need nor outside the pool's [min, max].
   only wobbles never makes a pool go down and straight back up.
 
 Premium reservations no reserved room uses now (`PoolSignals.reserved_free`) are kept
-free on top of the headroom: rooms that borrow that capacity would be preempted when a
-premium room within its reservation arrives, taking them off the air. An operator who
-would rather pay for fewer workers than for that safety keeps only a share of it
-(`reserved_spare`).
+free on top of the headroom, in part (`reserved_spare`, a quarter by default): rooms
+that borrow the rest step down or are preempted when a premium room within its
+reservation arrives and finds no worker with room. An operator who would rather pay
+for all of it than risk that keeps all of it free (1).
 
 Rooms that have waited longer than a moment (`Signals.stuck_units`) found no worker
 with room although the units may add up: spare capacity spread over workers in pieces
@@ -64,8 +64,10 @@ class AutoscalerConfig:
     # Share of the premium reservations no room uses that is kept free on top of demand
     # (1: all of it). Below 1, rooms borrow the rest, and a reserved room that arrives
     # takes it back from them (stepping them down first, preempting only where that is
-    # not enough) while the autoscaler boots workers for them.
-    reserved_spare: float = 1.0
+    # not enough) while the autoscaler boots workers for them. A quarter kept free placed
+    # every room of five simulated days at once, none stepped down or dropped, for
+    # 11-20% fewer worker-hours than keeping all of it (README, Autoscaling).
+    reserved_spare: float = 0.25
     drain_deadline_seconds: float = 120.0  # a draining worker is stopped by then, rooms or not
     boot_timeout_seconds: float = 600.0  # a started worker not registered by then is replaced
     # How the workers the provisioner starts reach the scheduler ("": the listen address,

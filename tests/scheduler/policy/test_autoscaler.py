@@ -60,7 +60,8 @@ def test_rooms_that_fit_nowhere_get_workers_of_their_own_once() -> None:
 
 
 def test_reserved_capacity_no_reserved_room_uses_is_kept_free_on_top_of_the_headroom() -> None:
-    a = make_scaler()
+    a = Autoscaler(AutoscalerConfig(headroom=0.2, reserved_spare=1.0,
+                                    pools={"l4": PoolConfig(device_type="l4", max_workers=50)}))
     # 60 units placed, 40 of a 50-unit reservation unused: 60 * 1.2 + 40 = 112 -> 12 workers,
     # so a premium room arriving finds room without preempting a room that borrowed it.
     sig = PoolSignals(ready=10, booting=0, load_units=60.0, units_per_worker=10.0,
@@ -78,8 +79,9 @@ def test_an_operator_may_let_rooms_borrow_a_share_of_unused_reservations() -> No
         return one(a, PoolSignals(ready=5, booting=0, load_units=60.0, units_per_worker=10.0,
                                   reserved_units=50.0, reserved_free=40.0), 0.0)
 
-    assert held(1.0) == 12  # 72 + 40 held: the default
+    assert held(1.0) == 12  # 72 + 40 held
     assert held(0.5) == 10  # 72 + 20
+    assert held(AutoscalerConfig().reserved_spare) == 9  # the default, a quarter: 72 + 10
     assert held(0.0) == 8  # 72: the rest borrowed, taken back when reserved rooms arrive
 
 
