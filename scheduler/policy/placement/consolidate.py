@@ -19,13 +19,15 @@ room a handover:
 - workers whose rooms hand over seamlessly (HLS, a file) are emptied before those
   whose viewers would see a reconnect (RTMP), and one with more than
   `max_reconnects` such rooms is left alone;
-- only workers under `max_utilisation` are emptied (a worker half full or more is not
-  stranded), and no more than `max_workers_per_pass` per pass.
+- only workers under `max_utilisation` are emptied (one 70% full or more is not
+  stranded), and at most a share of the busy workers per pass (`pass_share`, at
+  least one), so a large fleet empties its stranded workers as fast as a small one.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
@@ -38,10 +40,10 @@ HOUR = 3600.0
 
 @dataclass(frozen=True, slots=True)
 class ConsolidationConfig:
-    max_utilisation: float = 0.5
+    max_utilisation: float = 0.7
     max_moves_per_room: int = 2
     max_moves_per_hour: int = 600
-    max_workers_per_pass: int = 8
+    pass_share: float = 0.1  # of the busy workers, emptied in one pass at most
     max_targets: int = 64  # fuller workers tried per pass (the fullest first)
     max_reconnects: int = 4
     # Device time the moved rooms may take where they go beyond what the emptied worker
@@ -110,11 +112,12 @@ def consolidation_moves(fleet: Fleet, now: float, budget: MoveBudget,
             # Seamless first; then the emptiest, the dearest of equals (it saves the most).
             candidates.append(((n_reconnect, round(w.utilisation(), 3), -w.price), w))
     candidates.sort(key=lambda c: c[0])
+    per_pass = max(1, math.ceil(config.pass_share * len(busy)))
     emptied: set[str] = set()
     targets: dict[str, WorkerState] = {}  # copies, with the moves planned so far added
     moves: list[Move] = []
     for _, source in candidates:
-        if len(emptied) >= config.max_workers_per_pass:
+        if len(emptied) >= per_pass:
             break
         if source.worker_id in targets:
             continue  # it takes rooms this pass

@@ -100,7 +100,7 @@ def test_budgets_bound_moves_per_room_and_per_hour() -> None:
 
 def test_seamless_rooms_are_moved_before_rooms_that_would_reconnect() -> None:
     f = fleet_with({"full": rooms("a", 6), "rtmp": rooms("r", 2), "hls": rooms("h", 2)})
-    config = ConsolidationConfig(max_workers_per_pass=1)
+    config = ConsolidationConfig(pass_share=0.1)  # one worker a pass, of three
     planned = moves(f, config=config, reconnects=lambda r: r.session_id.startswith("r"))
     assert {source for _, source, _ in planned} == {"hls"}
     assert moves(f, config=dataclasses.replace(config, max_reconnects=1),
@@ -117,3 +117,16 @@ def test_only_workers_whose_rooms_the_others_can_take_are_drained() -> None:
     assert drainable(f, ["thinner", "thin"], 1) == ["thinner"]
     big = fleet_with({"full": rooms("a", 10), "other": rooms("b", 9)})
     assert drainable(big, ["other"], 1) == []
+
+
+def test_a_pass_empties_a_share_of_the_busy_workers_so_a_large_fleet_keeps_pace() -> None:
+    # Forty thin workers and ten fuller ones with room for all their rooms: a pass takes
+    # a tenth of the fifty busy workers, whatever the fleet's size.
+    layout = {f"full{i}": rooms(f"a{i}-", 6) for i in range(10)}
+    layout |= {f"thin{i}": rooms(f"b{i}-", 1) for i in range(40)}
+    f = fleet_with(layout)
+    planned = moves(f, recent_peak=2 * f.load_total)
+    assert len({source for _, source, _ in planned}) == 5
+    assert {source for _, source, _ in planned} <= {f"thin{i}" for i in range(40)}
+    more = moves(f, recent_peak=2 * f.load_total, config=ConsolidationConfig(pass_share=0.5))
+    assert len({source for _, source, _ in more}) == 25
