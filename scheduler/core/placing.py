@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 
 from avatarfarm.domain import DriveMode, Quality, SessionState, Tier
 from scheduler.core.machine import SessionMachine, carried_out
@@ -26,11 +27,11 @@ log = logging.getLogger(__name__)
 class Placement(SessionMachine):
     """Where waiting rooms go, and which rooms make room for a guaranteed one."""
 
-    def _rungs(self, room: RoomReq) -> list[tuple[int, Quality]]:
+    def _rungs(self, room: RoomReq) -> Sequence[tuple[int, Quality]]:
         s = self.sessions[room.session_id]
         if s.spec.tier is Tier.STANDARD:
             return self.ladder.qualities(s.spec.quality)
-        return [(0, s.spec.quality)]
+        return ((0, s.spec.quality),)
 
     def _lowest(self, room: RoomReq) -> RoomReq | None:
         s = self.sessions[room.session_id]

@@ -16,6 +16,7 @@ load does not flap a stream between qualities.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,6 +45,23 @@ def _even(x: float) -> int:
     return max(2, round(x / 2) * 2)
 
 
+@functools.lru_cache(maxsize=1024)
+def _qualities(rungs: tuple[Rung, ...], spec: Quality) -> tuple[tuple[int, Quality], ...]:
+    # Asked at every placement of a standard room, for the few qualities tenants use.
+    out = [(0, spec)]
+    for i, rung in enumerate(rungs, start=1):
+        scale = rung.scale
+        w, h = _even(spec.width * scale), _even(spec.height * scale)
+        if min(w, h) < LIMITS.min_side:
+            continue
+        q = Quality(w, h, min(spec.fps, rung.fps))
+        prev = out[-1][1]
+        cheaper = q.render_side ** 2 * q.fps < prev.render_side ** 2 * prev.fps
+        if cheaper and q.render_side <= prev.render_side and q.fps <= prev.fps:
+            out.append((i, q))
+    return tuple(out)
+
+
 @dataclass(frozen=True, slots=True)
 class Ladder:
     rungs: tuple[Rung, ...] = ()
@@ -55,20 +73,9 @@ class Ladder:
               dwell_seconds: float = 30.0) -> Ladder:
         return cls(tuple(Rung.parse(r) for r in rungs), step_up_margin, dwell_seconds)
 
-    def qualities(self, spec: Quality) -> list[tuple[int, Quality]]:
+    def qualities(self, spec: Quality) -> tuple[tuple[int, Quality], ...]:
         """(step, quality) for every step that lowers cost, step 0 = the spec itself."""
-        out = [(0, spec)]
-        for i, rung in enumerate(self.rungs, start=1):
-            scale = rung.scale
-            w, h = _even(spec.width * scale), _even(spec.height * scale)
-            if min(w, h) < LIMITS.min_side:
-                continue
-            q = Quality(w, h, min(spec.fps, rung.fps))
-            prev = out[-1][1]
-            cheaper = q.render_side ** 2 * q.fps < prev.render_side ** 2 * prev.fps
-            if cheaper and q.render_side <= prev.render_side and q.fps <= prev.fps:
-                out.append((i, q))
-        return out
+        return _qualities(self.rungs, spec)
 
     def at(self, spec: Quality, step: int) -> Quality:
         """The quality of `step` (the nearest defined step at or below it)."""

@@ -18,8 +18,8 @@ from scheduler.policy.tenants import BudgetAction, BudgetKind, BudgetPolicy, Ten
 def test_the_ladder_steps_720p30_down_through_720p25_and_540p25() -> None:
     ladder = Ladder.parse(["1.0@25", "0.75@25", "0.5@25"])
     steps = ladder.qualities(Quality(1280, 720, 30))
-    assert steps == [(0, Quality(1280, 720, 30)), (1, Quality(1280, 720, 25)),
-                     (2, Quality(960, 540, 25)), (3, Quality(640, 360, 25))]
+    assert steps == ((0, Quality(1280, 720, 30)), (1, Quality(1280, 720, 25)),
+                     (2, Quality(960, 540, 25)), (3, Quality(640, 360, 25)))
     # A 25 fps room skips the rung that would change nothing for it.
     assert [s for s, _ in ladder.qualities(Quality(512, 512, 25))] == [0, 2, 3]
     assert ladder.next_down(Quality(512, 512, 25), 0) == (2, Quality(384, 384, 25))
