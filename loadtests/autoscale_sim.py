@@ -115,7 +115,7 @@ class Result:
     pending: list[float]
     worker_seconds: float
     minimum_seconds: float
-    floor_seconds: float  # the minimum with the premium reservations held all day
+    floor_seconds: float  # the minimum with the premium reservations held (in their hours)
     peak_workers: int
     ups: int  # workers added by scale decisions
     downs: int  # workers taken away
@@ -129,6 +129,7 @@ class Result:
     stepped_down: int  # rooms stepped down the degradation ladder (to reclaim, or under load)
     rooms: int
     wall: float
+    reservations: list[str] = field(default_factory=list)  # "tenant: units, hours"
 
 
 def spec_of(room: Room, rtmp_share: float, rng: random.Random) -> SessionSpec:
@@ -148,12 +149,13 @@ def run(peak_rooms: int, hours: float, boot_seconds: float, interval: float, dt:
         headroom: float = AutoscalerConfig().headroom,
         tolerance: float = AutoscalerConfig().scale_down_tolerance,
         ramp: float = AutoscalerConfig().ramp_seconds,
-        reserved_spare: float = AutoscalerConfig().reserved_spare) -> Result:
+        reserved_spare: float = AutoscalerConfig().reserved_spare,
+        show_hours: bool = True) -> Result:
     rng = random.Random(seed)
     tenants = make_tenants(shape=shape)
     trace = [r for r in make_day(peak_rooms, tenants, seed, shape) if r.arrival_s < hours * 3600]
     (ref,) = make_workers(1, 0.0, ["a"], rng)
-    tenants = with_reservations(tenants, trace, ref, budgets=False)
+    tenants = with_reservations(tenants, trace, ref, budgets=False, hours=show_hours)
     avatars = home / "avatars"
     avatars.mkdir(parents=True)
     for r in trace:
@@ -163,7 +165,8 @@ def run(peak_rooms: int, hours: float, boot_seconds: float, interval: float, dt:
         database=home / "state.db", sync_to_disk=False, avatar_dir=avatars,
         heartbeat_interval=dt, worker_timeout=1e9, usage_flush_interval=300.0,
         rtmp_allowed_hosts=["203.0.113.10"],
-        tenants={t.name: TenantConfig(reserved_units=t.reserved_units, weight=t.weight)
+        tenants={t.name: TenantConfig(reserved_units=t.reserved_units,
+                                      reserved_hours=list(t.reserved_hours), weight=t.weight)
                  for t in tenants},
         autoscaler=AutoscalerConfig(
             provisioner=ProvisionerKind.LOCAL, interval_seconds=interval, headroom=headroom,
@@ -208,7 +211,7 @@ def run(peak_rooms: int, hours: float, boot_seconds: float, interval: float, dt:
     # Reserved units in whole workers (a unit is a 512x512@25 text room: its share).
     unit_share = _shares(room_req(Room("u", 0, 0, "t", "standard", (512, 512, 25), "text", "a"), 0),
                          worker_state(ref))
-    reserved_workers = math.ceil(sum(t.reserved_units for t in tenants) * unit_share - 1e-9)
+    configs = config.tenants.values()
     peak_workers = 0
     next_decision = 0.0
     next_log = log_every
@@ -284,7 +287,8 @@ def run(peak_rooms: int, hours: float, boot_seconds: float, interval: float, dt:
         peak_workers = max(peak_workers, n)
         need = math.ceil(live_share - 1e-9)
         minimum_seconds += need * dt
-        floor_seconds += max(need, reserved_workers) * dt
+        reserved = sum(t.reserved_at(clock.t) for t in configs)
+        floor_seconds += max(need, math.ceil(reserved * unit_share - 1e-9)) * dt
         if clock.t >= next_log:
             next_log += log_every
             print(f"  {clock.t / 3600:5.1f} h  rooms {len(live):5d}  workers {len(prov.running):4d} "
@@ -315,7 +319,9 @@ def run(peak_rooms: int, hours: float, boot_seconds: float, interval: float, dt:
                   int(sum(text.get_sample_value("avatarfarm_degradation_steps_total",
                                                 {"tier": t.value, "direction": "down"}) or 0
                           for t in Tier)),
-                  len(created), time.monotonic() - start)
+                  len(created), time.monotonic() - start,
+                  [f"{t.name} {t.reserved_units:g} units, {', '.join(t.reserved_hours) or 'all day'}"
+                   for t in tenants if t.reserved_units])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -340,6 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="seconds of the demand's growth the autoscaler starts ahead (0: none)")
     ap.add_argument("--reserved-spare", type=float, default=AutoscalerConfig().reserved_spare,
                     help="share of unused premium reservations kept free on top of demand")
+    ap.add_argument("--all-day-reservations", dest="show_hours", action="store_false",
+                    help="brands reserve all day, not for their show hours only")
     ap.add_argument("--log-every", type=float, default=3600.0,
                     help="simulated seconds between progress lines (0: none)")
     args = ap.parse_args(argv)
@@ -360,7 +368,10 @@ def _run_day(args: argparse.Namespace, shape: DayShape) -> int:
         r = run(args.peak_rooms, args.hours, args.boot_seconds, args.interval, args.step,
                 args.seed, args.rtmp_share, args.window, Path(tmp),
                 log_every=args.log_every or math.inf, shape=shape, headroom=args.headroom, ramp=args.ramp,
-                tolerance=args.tolerance, reserved_spare=args.reserved_spare)
+                tolerance=args.tolerance, reserved_spare=args.reserved_spare,
+                show_hours=args.show_hours)
+    for t in r.reservations:
+        print(f"reservation          {t}")
     ratio = r.worker_seconds / r.minimum_seconds if r.minimum_seconds else float("nan")
     print(f"rooms                {r.rooms} (failed {r.failed})")
     print(f"pending time         p50 {pct(r.pending, 0.5):.1f} s   p99 {pct(r.pending, 0.99):.1f} s   "
@@ -368,7 +379,8 @@ def _run_day(args: argparse.Namespace, shape: DayShape) -> int:
     print(f"worker-hours         {r.worker_seconds / 3600:.0f} used vs {r.minimum_seconds / 3600:.0f} "
           f"minimum needed ({ratio:.2f}x; peak {r.peak_workers} workers)")
     print(f"                     {r.floor_seconds / 3600:.0f} minimum with the premium reservations "
-          f"held all day ({r.worker_seconds / r.floor_seconds:.2f}x)")
+          f"held {'in their hours' if args.show_hours else 'all day'} "
+          f"({r.worker_seconds / r.floor_seconds:.2f}x)")
     print(f"scaling              {r.ups} workers up, {r.downs} down ({r.workers_started} started)")
     print(f"handovers            {r.handovers['seamless']} seamless, {r.handovers['restart']} "
           f"stop-then-start; drains {r.drains['completed']} completed, "

@@ -55,6 +55,7 @@ class Tenant:
     on_budget_exhausted: str = "degrade"
     grace_seconds: float = 300.0
     reserved_units: float = 0.0
+    reserved_hours: tuple[str, ...] = ()  # "HH:MM-HH:MM" of the day, UTC; empty: all day
     weight: float = 1.0
     avatars: tuple[str, ...] = ()
 
@@ -226,9 +227,10 @@ def live_at(trace: Sequence[Room], t: float) -> list[Room]:
 
 
 def with_reservations(tenants: Sequence[Tenant], trace: Sequence[Room], ref: WorkerSpec,
-                      budgets: bool) -> list[Tenant]:
-    """KA brands reserve their peak premium units; two SaaS vendors get budgets to exercise
-    admission (a concurrency cap) and degradation (a small spend budget)."""
+                      budgets: bool, hours: bool = False) -> list[Tenant]:
+    """KA brands reserve their peak premium units (with `hours`, for their show hours
+    only: `show_hours`); two SaaS vendors get budgets to exercise admission (a
+    concurrency cap) and degradation (a small spend budget)."""
     t_peak, _ = peak_of(trace)
     live = live_at(trace, t_peak)
     premium_units: dict[str, float] = collections.Counter()
@@ -246,12 +248,30 @@ def with_reservations(tenants: Sequence[Tenant], trace: Sequence[Room], ref: Wor
         kw: dict[str, Any] = {}
         if t.kind == "ka":
             kw["reserved_units"] = float(math.ceil(premium_units[t.name] * 1.1 / 10) * 10)
+            if hours:
+                kw["reserved_hours"] = show_hours(
+                    [r for r in trace if r.tenant == t.name and r.tier == "premium"])
         if t.name == capped:
             kw["concurrency_units"] = float(max(1, round(units[t.name] * 0.6)))
         if t.name == spendy:
             kw.update(spend_budget=2.0, on_budget_exhausted="degrade", grace_seconds=5.0)
         out.append(dataclasses.replace(t, **kw))
     return out
+
+
+def show_hours(rooms: Sequence[Room], share: float = 0.25, step: float = 300.0) -> tuple[str, ...]:
+    """The whole hours a brand would book for its shows: from the first to the last moment
+    at least `share` of its peak number of rooms are live (ends rounded out to the hour)."""
+    if not rooms:
+        return ()
+    samples = [(t, sum(1 for r in rooms if r.arrival_s <= t < r.end_s))
+               for t in (i * step for i in range(int(DAY / step)))]
+    peak = max(n for _, n in samples)
+    busy = [t for t, n in samples if peak and n >= share * peak]
+    if not busy:
+        return ()
+    first, last = int(busy[0] // 3600), min(24, int(busy[-1] // 3600) + 1)
+    return (f"{first:02d}:00-{last:02d}:00",)
 
 
 def synthetic(trace: Sequence[Room], n: int, prefix: str, rng: random.Random) -> list[Room]:

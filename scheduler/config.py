@@ -105,7 +105,8 @@ class SchedulerConfig:
     tenants: dict[str, TenantConfig] = field(
         {}, "per-tenant budgets and reservations, as [tenants.NAME] tables: concurrency_units, "
             "spend_budget, spend_period_seconds, on_budget_exhausted (degrade|stop), "
-            "grace_seconds, reserved_units, weight, api_keys_sha256, rate_limit_per_second, "
+            "grace_seconds, reserved_units, reserved_hours (\"HH:MM-HH:MM\" in timezone), timezone, "
+            "weight, api_keys_sha256, rate_limit_per_second, "
             "rate_limit_burst")
     platforms: dict[str, PlatformPolicy] = field(
         {}, "output platforms' policies, as [platforms.NAME] tables: label (burn a visible "

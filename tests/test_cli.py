@@ -51,6 +51,13 @@ def test_bad_values_and_unknown_options_are_reported(tmp_path: Path) -> None:
     f.write_text("[tenants.x]\non_budget_exhausted = 'panic'\n")
     with pytest.raises(ValueError, match="panic"):
         parse(SchedulerConfig, ["--config", str(f)])
+    f.write_text("[tenants.x]\nreserved_units = 4.0\nreserved_hours = ['7pm-11pm']\n")
+    with pytest.raises(ValueError, match="'7pm-11pm' is not HH:MM-HH:MM"):
+        parse(SchedulerConfig, ["--config", str(f)])
+    f.write_text("[tenants.x]\nreserved_units = 4.0\nreserved_hours = ['19:00-23:30']\n"
+                 "timezone = 'Asia/Shanghai'\n")
+    t = parse(SchedulerConfig, ["--config", str(f)]).tenants["x"]
+    assert t.reserved_at(12 * 3600.0) == 4.0 and t.reserved_at(16 * 3600.0) == 0.0  # UTC+8
 
 
 def test_shipped_configs_load() -> None:

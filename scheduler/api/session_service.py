@@ -275,6 +275,6 @@ class SessionService(sessions_pb2_grpc.SessionServiceServicer):
             tenant=st.tenant, concurrency_budget_units=t.concurrency_units,
             units_in_use=st.units_in_use, spend_budget=t.spend_budget,
             spend_period_seconds=t.spend_period_seconds, spent_this_period=st.spent,
-            reserved_units=t.reserved_units, reserved_units_in_use=st.reserved_in_use,
+            reserved_units=st.reserved, reserved_units_in_use=st.reserved_in_use,
             rooms_pending=st.pending, rooms_running=st.running,
             budget_policy=t.on_budget_exhausted.value)

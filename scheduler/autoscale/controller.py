@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from scheduler.autoscale.provisioners import Instance, Provisioner, ProvisionerKind
 from scheduler.core import Scheduler
-from scheduler.policy import placement
+from scheduler.policy import placement, tenants
 from scheduler.policy.autoscaler import Autoscaler, AutoscalerConfig, PoolDecision, PoolSignals, Signals
 from scheduler.state.snapshot import ClusterSnapshot
 
@@ -151,10 +151,11 @@ class AutoscalingController:
                 carried[pool] += w.room_units
                 used[pool] += w.utilisation
         # Reservations are not tied to a device type: the first (preferred) pool holds them.
-        tenants = self.core.config.tenants
-        reserved = sum(t.reserved_units for t in tenants.values())
-        free = sum(max(0.0, t.reserved_units - self.core.sessions.reserved[name])
-                   for name, t in tenants.items())
+        # One whose hours start within a boot and a decision (ramp_seconds) counts now, so
+        # its workers are up when it opens.
+        configs, now, lead = self.core.config.tenants, self.clock(), self.config.ramp_seconds
+        reserved = sum(t.reserved_within(now, lead) for t in configs.values())
+        free = tenants.unused_reservations(configs, self.core.sessions.reserved, now, lead)
         pools = {}
         target = self.core.fleet.target
         for i, name in enumerate(self._pools):

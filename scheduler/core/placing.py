@@ -106,8 +106,8 @@ class Placement(SessionMachine):
         if s.spec.tier is not Tier.PREMIUM or s.guaranteed or not self.config.tenants:
             return True
         unit = self._unit_load()
-        unused = sum(max(0.0, t.reserved_units - self.sessions.reserved[name])
-                     for name, t in self.config.tenants.items()) * unit
+        unused = tenants.unused_reservations(self.config.tenants, self.sessions.reserved,
+                                             self.clock()) * unit
         if unused <= 0:
             return True
         return tenants.may_take_protected(units_needed=compute, free=self.fleet.free_total,

@@ -50,6 +50,7 @@ class TenantStatus:
     config: tenants.TenantConfig
     units_in_use: float
     spent: float
+    reserved: float  # the units of its reservation in force now (its hours)
     reserved_in_use: float
     pending: int
     running: int
@@ -103,7 +104,7 @@ class Scheduler(Enforcement):
                 "the platform and the licence allow converting the speaker's voice, but no "
                 "worker on this farm serves a voice-conversion model; stream the speaker's own "
                 "voice")
-        guaranteed = tenants.guaranteed(t, spec.tier, units, self.sessions.reserved[spec.tenant])
+        guaranteed = tenants.guaranteed(t, spec.tier, units, self.sessions.reserved[spec.tenant], now)
         self._seq += 1
         s = Session(uuid.uuid4().hex, spec, SessionState.PENDING, self._seq, now, now, request_id,
                     reason="waiting for placement", units=units, guaranteed=guaranteed)
@@ -182,8 +183,9 @@ class Scheduler(Enforcement):
             if s.spec.tenant == name:
                 pending += s.state is SessionState.PENDING
                 running += s.state in LIVE
-        return TenantStatus(name, t, self.sessions.units[name], self.spent(name, self.clock()),
-                            self.sessions.reserved[name], pending, running)
+        now = self.clock()
+        return TenantStatus(name, t, self.sessions.units[name], self.spent(name, now),
+                            t.reserved_at(now), self.sessions.reserved[name], pending, running)
 
     def check_voice_settings(self, voice: VoiceSettings, tenant: str) -> None:
         """An avatar may speak with its own tenant's registered voices, not another's."""

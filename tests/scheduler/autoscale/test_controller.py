@@ -16,22 +16,23 @@ from scheduler.autoscale.provisioners import PoolConfig, ProvisionerKind
 from scheduler.config import SchedulerConfig
 from scheduler.core import Scheduler
 from scheduler.policy.autoscaler import AutoscalerConfig
+from scheduler.policy.tenants import TenantConfig
 from scheduler.state.store import SqliteStore
 from scheduler.state.worker_conn import AssignCmd, ReleaseCmd, WorkerConn
 from tests.builders import make_profile, make_spec, png_image, sent
 
 
-def make(tmp: Path, **auto: object) -> tuple[Scheduler, AutoscalingController, SimProvisioner, Clock]:
+def make(tmp: Path, tenants: dict[str, TenantConfig] | None = None, **auto: object
+         ) -> tuple[Scheduler, AutoscalingController, SimProvisioner, Clock]:
     clock = Clock(1000.0)
     (tmp / "avatars").mkdir()
     (tmp / "avatars" / "presenter.png").write_bytes(png_image(64))
     pool = PoolConfig(device_type="cpu", min_workers=0, max_workers=4, units_per_worker=1.0)
     config = SchedulerConfig(
-        database=tmp / "s.db", avatar_dir=tmp / "avatars", worker_timeout=1e9,
-        autoscaler=AutoscalerConfig(provisioner=ProvisionerKind.LOCAL, headroom=0.0,
-                                    scale_down_tolerance=0.0, ramp_seconds=0.0,
-                                    scale_down_window_seconds=0.0, pools={"cpu": pool},
-                                    **auto))  # type: ignore[arg-type]
+        database=tmp / "s.db", avatar_dir=tmp / "avatars", worker_timeout=1e9, tenants=tenants or {},
+        autoscaler=AutoscalerConfig(**{  # type: ignore[arg-type]
+            "provisioner": ProvisionerKind.LOCAL, "headroom": 0.0, "scale_down_tolerance": 0.0,
+            "ramp_seconds": 0.0, "scale_down_window_seconds": 0.0, "pools": {"cpu": pool}, **auto}))
     core = Scheduler(SqliteStore(config.database), config, clock=clock)
     prov = SimProvisioner(clock, boot_seconds=30.0)
     return core, AutoscalingController(core, config.autoscaler, prov, clock=clock), prov, clock
@@ -166,3 +167,25 @@ def test_a_pool_is_sized_on_what_its_filled_workers_really_carry(tmp_path: Path)
     # a spare; sized on what it carries, the waiting room gets a worker.
     (d,) = ctl.policy.decide(ctl.signals(), ctl.clock())
     assert d.desired >= 2
+
+
+def test_workers_for_a_reservation_with_hours_start_a_boot_before_it_opens_and_go_after(
+        tmp_path: Path) -> None:
+    # 20:00-22:00 UTC; the clock starts at 00:16 UTC on day 0.
+    core, ctl, prov, clock = make(tmp_path, ramp_seconds=120.0, tenants={
+        "brand": TenantConfig(reserved_units=2.0, reserved_hours=["20:00-22:00"])})
+    assert step(ctl, prov) == []  # nothing held overnight
+    clock.t = 20 * 3600.0 - 130.0
+    assert step(ctl, prov) == []  # 125 s before: more than a boot and a decision ahead
+    clock.t = 20 * 3600.0 - 125.0  # the step moves it 5 s on: a boot and a decision ahead
+    assert step(ctl, prov) == [(2, (), "up")]
+    (sig,) = ctl.signals().pools.values()
+    assert sig.reserved_units == 2.0 and sig.reserved_free == 2.0
+    clock.t += 30.0
+    assert len(boot(core, prov)) == 2
+    assert step(ctl, prov) == []  # within the hours: held, though no room uses them
+    clock.t = 22 * 3600.0
+    # The hours are over and no room uses them: a worker is drained, and removed next step.
+    assert step(ctl, prov) == []
+    assert [d.desired for d in ctl.decisions] == [1]  # one worker a decision
+    assert step(ctl, prov)[0][2] == "down"

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from avatarfarm.domain import DriveMode, Output, OutputKind, Quality, SessionState, Tier
 from scheduler.core import Scheduler
 from scheduler.policy.tenants import TenantConfig
-from scheduler.state.sessions import EventKind
+from scheduler.state.sessions import EventKind, Session
 from scheduler.state.worker_conn import WorkerResources
 from tests import builders
 from tests.builders import Clock, connect, make_profile, make_spec
@@ -139,3 +139,42 @@ def test_a_restarted_core_shows_the_rooms_that_ended_recently_whatever_their_ord
     recent = [s.session_id for s in again.snapshot().sessions(SessionState.ENDED)]
     assert recent == [first]
     again.store.close()
+
+
+def test_a_reservation_with_hours_reclaims_capacity_only_within_them(tmp_path: Path) -> None:
+    core, clock = builders.make_core(
+        tmp_path, Clock(3600.0), step_dwell=0.0, overcommit=0.6,  # 01:00 UTC
+        tenants={"brand": TenantConfig(reserved_units=3.0, reserved_hours=["20:00-23:00"])})
+    prof = make_profile(render_512=0.004, encode_512=0.001, batch_gain=0.6)
+    for i in range(3):
+        connect(core, f"w{i}", device_type="h200", provider="CUDAExecutionProvider",
+                profile=prof, endpoint=f"w{i}:1", resources=WorkerResources(cpu_cores=2))
+    reclaimed: list[EventKind] = []
+    original_notify = core._notify
+
+    def record(ev):  # type: ignore[no-untyped-def]
+        if ev.kind in (EventKind.PREEMPTED, EventKind.DEGRADED):
+            reclaimed.append(ev.kind)
+        original_notify(ev)
+
+    core._notify = record  # type: ignore[method-assign]
+    q = Quality(1280, 720, 30)
+
+    def room(name: str, tenant: str, tier: Tier) -> Session:
+        return core.create(make_spec(name, tenant=tenant, tier=tier, quality=q, drive=DriveMode.VOICE,
+                                     output=Output(OutputKind.FILE, f"{name}.mp4")))
+
+    for i in range(12):
+        room(f"v{i}", "vendor", Tier.BEST_EFFORT if i % 3 == 0 else Tier.STANDARD)
+    assert core.tenant_status("brand").reserved == 0
+    reclaimed.clear()  # the fleet is full: standard rooms were placed a step down
+    early = room("early", "brand", Tier.PREMIUM)  # outside the hours: premium, not guaranteed
+    assert not early.guaranteed and early.state is SessionState.PENDING and not reclaimed
+    clock.now = 20 * 3600.0
+    assert core.tenant_status("brand").reserved == 3.0
+    show = room("show", "brand", Tier.PREMIUM)
+    assert show.guaranteed and show.state is SessionState.PLACED and reclaimed
+    clock.now = 23.5 * 3600.0  # past the hours: the show keeps its guarantee to the end
+    assert core.sessions[show.session_id].guaranteed
+    assert not room("late", "brand", Tier.PREMIUM).guaranteed
+    core.store.close()

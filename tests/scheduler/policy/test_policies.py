@@ -55,13 +55,50 @@ def test_budgets_refuse_with_the_budget_and_the_amount() -> None:
 
 def test_a_reservation_guarantees_premium_rooms_up_to_its_size() -> None:
     t = TenantConfig(reserved_units=4)
-    assert tenants.guaranteed(t, Tier.PREMIUM, 2, reserved_in_use=2)
-    assert not tenants.guaranteed(t, Tier.PREMIUM, 2, reserved_in_use=3)
-    assert not tenants.guaranteed(t, Tier.STANDARD, 1, reserved_in_use=0)
+    assert tenants.guaranteed(t, Tier.PREMIUM, 2, reserved_in_use=2, now=0.0)
+    assert not tenants.guaranteed(t, Tier.PREMIUM, 2, reserved_in_use=3, now=0.0)
+    assert not tenants.guaranteed(t, Tier.STANDARD, 1, reserved_in_use=0, now=0.0)
     # Non-preemptible rooms must leave the others' unused reservations reclaimable.
     assert tenants.may_take_protected(units_needed=1, free=2, preemptible=3, unused_reservations=4)
     assert not tenants.may_take_protected(units_needed=2, free=2, preemptible=3,
                                           unused_reservations=4)
+
+
+HOUR = 3600.0
+MIDNIGHT_UTC = 20_000 * 86400.0  # some day's midnight, UTC
+
+
+def test_a_reservation_with_hours_holds_only_within_them_in_its_timezone() -> None:
+    # A brand's evening show, 19:00-23:00 in Shanghai (UTC+8): 11:00-15:00 UTC.
+    t = TenantConfig(reserved_units=4, reserved_hours=["19:00-23:00"], timezone="Asia/Shanghai")
+    at = lambda h: MIDNIGHT_UTC + h * HOUR  # noqa: E731
+    assert [t.reserved_at(at(h)) for h in (10.99, 11.0, 14.99, 15.0, 19.0)] == [0, 4, 4, 0, 0]
+    assert tenants.guaranteed(t, Tier.PREMIUM, 2, reserved_in_use=0, now=at(12))
+    assert not tenants.guaranteed(t, Tier.PREMIUM, 2, reserved_in_use=0, now=at(16))
+    # What capacity started now must be ready for: the hours opening within the lead.
+    assert t.reserved_within(at(11) - 120, lead=120.0) == 4
+    assert t.reserved_within(at(11) - 121, lead=120.0) == 0
+    assert t.reserved_within(at(13), lead=0.0) == 4
+    # Unused reservations count only what is in force (or about to be).
+    configs = {"brand": t, "all-day": TenantConfig(reserved_units=3)}
+    used = {"brand": 1.0, "all-day": 0.0}
+    assert tenants.unused_reservations(configs, used, at(12)) == 3 + 3
+    assert tenants.unused_reservations(configs, used, at(16)) == 3
+    assert tenants.unused_reservations(configs, used, at(11) - 60, lead=120.0) == 3 + 3
+
+
+def test_reserved_hours_may_run_past_midnight_and_malformed_ones_are_refused() -> None:
+    t = TenantConfig(reserved_units=2, reserved_hours=["22:00-02:00", "12:00-13:30"])
+    at = lambda h: MIDNIGHT_UTC + h * HOUR  # noqa: E731
+    assert [t.reserved_at(at(h)) for h in (21.9, 22.0, 23.5, 25.9, 26.0, 12.5, 13.5)] == \
+        [0, 2, 2, 2, 0, 2, 0]
+    assert TenantConfig(reserved_units=2, reserved_hours=["00:00-24:00"]).reserved_at(at(23.99)) == 2
+    for hours, why in ((["7pm-11pm"], "HH:MM"), (["19:00"], "HH:MM"), (["25:00-26:00"], "HH:MM"),
+                       (["19:60-20:00"], "HH:MM"), (["19:00-19:00"], "starts where it ends")):
+        with pytest.raises(ValueError, match=why):
+            TenantConfig(reserved_units=2, reserved_hours=hours)
+    with pytest.raises(ValueError, match="unknown timezone"):
+        TenantConfig(reserved_units=2, reserved_hours=["19:00-23:00"], timezone="Mars/Olympus")
 
 
 def test_a_spent_budget_degrades_or_stops_after_the_grace_period() -> None:
