@@ -35,7 +35,7 @@ from scheduler.config import SchedulerConfig
 from scheduler.decisions import Decisions, Dispatcher
 from scheduler.errors import NotFound, PermissionDenied
 from scheduler.metrics import SchedulerMetrics
-from scheduler.policy import placement, platforms, tenants
+from scheduler.policy import pacing, placement, platforms, tenants
 from scheduler.policy.admission import FairQueue
 from scheduler.policy.cost import CostBook
 from scheduler.policy.drivers import driver_change
@@ -128,6 +128,7 @@ class SessionMachine:
         self.dispatcher = Dispatcher(store, self.commits, self.workers, self._watchers)
         self._progress_dirty: dict[str, Session] = {}  # progress not written yet
         self._next_usage_flush = 0.0
+        self._flush_part = 0  # the part of the workers the next flush writes
         # The placement loop: woken by `kick`; shapes that found no worker since capacity
         # last changed (`_epoch`) wait at no cost; why a shape waits, said once a second.
         self._wake = asyncio.Event()
@@ -465,14 +466,25 @@ class SessionMachine:
         return s
 
     @carried_out
-    def flush_progress(self) -> None:
-        """Progress and the usage ledger since the last tick, in one transaction; workers
-        are acknowledged their reports once it is on disk."""
-        for s in self._progress_dirty.values():
+    def flush_progress(self, part: int = 0, parts: int = 1) -> None:
+        """Progress and the usage ledger not written yet, in one transaction; workers are
+        acknowledged their reports once it is on disk. With `parts`, only the workers of
+        that part (`pacing.flush_part`) and their rooms."""
+        if parts <= 1:
+            rooms = list(self._progress_dirty.values())
+            self._progress_dirty.clear()
+            taken = self.ledger.take_dirty()
+        else:
+            def ours(worker_id: str) -> bool:
+                return pacing.flush_part(worker_id, parts) == part
+
+            rooms = [s for s in self._progress_dirty.values() if ours(s.worker_id)]
+            for s in rooms:
+                del self._progress_dirty[s.session_id]
+            taken = self.ledger.take_dirty(ours)
+        for s in rooms:
             self._decided.store(s)
-        self._progress_dirty.clear()
-        ivs, cursors = self.ledger.take_dirty()
-        self._decided.usage(ivs, cursors)
+        self._decided.usage(*taken)
         self._decided.commit = True
 
     def _commit(self, s: Session, kind: EventKind = EventKind.STATE, message: str = "") -> None:

@@ -26,7 +26,7 @@ from avatarfarm.egress import ForbiddenTarget
 from scheduler.core.enforcement import Enforcement
 from scheduler.core.machine import carried_out
 from scheduler.errors import AlreadyExists, BudgetExceeded, FailedPrecondition, NotFound, PermissionDenied
-from scheduler.policy import placement, platforms, tenants
+from scheduler.policy import pacing, placement, platforms, tenants
 from scheduler.policy.ledger import Dimension, UsageRow
 from scheduler.policy.licences import Refusal
 from scheduler.policy.placement import WorkerState
@@ -430,8 +430,13 @@ class Scheduler(Enforcement):
         self.step_up()
         self.pace_workers()
         if self.clock() >= self._next_usage_flush:
-            self._next_usage_flush = self.clock() + self.config.usage_flush_interval
-            self.flush_progress()
+            # A part of the workers each tick (scheduler.policy.pacing): each worker's
+            # progress and usage are written once per usage_flush_interval.
+            parts = pacing.flush_parts(self.config.usage_flush_interval,
+                                       self.config.heartbeat_interval)
+            self._next_usage_flush = self.clock() + self.config.usage_flush_interval / parts
+            self.flush_progress(self._flush_part % parts, parts)
+            self._flush_part += 1
         self.metering.publish()
         snap = self.latest = self.snapshot()
         self.metrics.fleet(snap.fleet)

@@ -173,12 +173,21 @@ class Ledger:
         e, s = self.cursors.get(worker_id, (epoch, 0))
         return s if e == epoch else 0
 
-    def take_dirty(self) -> tuple[list[Interval], dict[str, tuple[int, int]]]:
-        ivs = list(self.dirty.values())
-        cursors = {w: self.cursors[w] for w in self.dirty_cursors}
-        self.dirty.clear()
-        self.dirty_cursors.clear()
-        return ivs, cursors
+    def take_dirty(self, worker: Callable[[str], bool] | None = None
+                   ) -> tuple[list[Interval], dict[str, tuple[int, int]]]:
+        """The intervals and report cursors changed since last taken (only the workers
+        `worker` accepts, where given: a worker's cursor goes with its intervals)."""
+        if worker is None:
+            ivs = list(self.dirty.values())
+            cursors = {w: self.cursors[w] for w in self.dirty_cursors}
+            self.dirty.clear()
+            self.dirty_cursors.clear()
+            return ivs, cursors
+        keys = [k for k, iv in self.dirty.items() if worker(iv.worker_id)]
+        ivs = [self.dirty.pop(k) for k in keys]
+        taken = [w for w in self.dirty_cursors if worker(w)]
+        self.dirty_cursors.difference_update(taken)
+        return ivs, {w: self.cursors[w] for w in taken}
 
     def spent(self, tenant: str, since: float, now: float) -> float:
         """Money the tenant's rooms used since `since` (intervals cut at it pro rata)."""

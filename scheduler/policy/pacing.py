@@ -8,11 +8,18 @@ scheduler can take (progress is cumulative: fewer reports lose no usage, they on
 make it later), and never past a third of the worker timeout, so a live worker is
 always heard several times before it would be taken for lost. It changes in steps and
 shortens only once the fleet has clearly shrunk, so that a fleet at a boundary does not
-send every worker a new interval each tick."""
+send every worker a new interval each tick.
+
+The scheduler writes what the reports carried (progress, usage) in parts as well: each
+tick writes one part of the workers' (`flush_part`), so every worker's is on disk once
+per flush interval and acknowledged then, and no tick writes and acknowledges the whole
+fleet's at once (at 1,000 workers, a flush of everything held calls for 100-200 ms)."""
 
 from __future__ import annotations
 
+import functools
 import math
+import zlib
 from dataclasses import dataclass
 
 STEP = 0.5  # seconds: intervals are multiples of this above the base
@@ -43,3 +50,15 @@ class ReportPacing:
         if target < current and need > (current - STEP) * self.shrink_margin:
             return current  # not clearly smaller yet
         return target
+
+
+def flush_parts(flush_interval: float, tick_interval: float) -> int:
+    """Into how many parts the workers' progress and usage are written: one a tick."""
+    return max(1, round(flush_interval / tick_interval))
+
+
+@functools.lru_cache(maxsize=16384)
+def flush_part(worker_id: str, parts: int) -> int:
+    """Which of `parts` flushes writes the progress and usage a worker reported (the same
+    one every time; rooms on no worker go with worker id "")."""
+    return zlib.crc32(worker_id.encode()) % parts if parts > 1 else 0

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from avatarfarm.domain import Progress, SessionState
 from scheduler.decisions import Decisions, Dispatcher, SchedulerOutput
+from scheduler.policy.pacing import flush_part
 from scheduler.state.worker_conn import AssignCmd, ReleaseCmd, UsageAckCmd
 from tests.builders import connect, make_core, make_spec, sent
 
@@ -89,6 +90,43 @@ def test_usage_is_acknowledged_only_once_the_rows_holding_it_are_on_disk(tmp_pat
             await asyncio.sleep(0)  # the commit's callbacks run on the loop
             acks = [c for c in sent(conn) if isinstance(c, UsageAckCmd)]
         assert acks == [UsageAckCmd(1)]
+        core.store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_flush_in_parts_writes_and_acknowledges_only_its_workers(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        core, _ = make_core(tmp_path)
+        ids = [f"w{i}" for i in range(20)]
+        a = next(w for w in ids if flush_part(w, 2) == 0)
+        b = next(w for w in ids if flush_part(w, 2) == 1)
+        conns = {w: connect(core, w) for w in (a, b)}
+        rooms = [core.create(make_spec(f"r{i}")) for i in range(2)]
+        for w, conn in conns.items():
+            sent(conn)
+            conn.usage_epoch = 7
+            mine = [core.sessions[r.session_id] for r in rooms
+                    if core.sessions[r.session_id].worker_id == w]
+            assert core.worker_usage(conn, 1, [
+                (s.session_id, s.epoch, SessionState.RUNNING, "",
+                 Progress(frames_rendered=25, stream_seconds=1.0)) for s in mine])
+
+        async def acked() -> dict[str, list[object]]:
+            await core.durable()
+            for _ in range(100):
+                await asyncio.sleep(0)  # the commit's callbacks run on the loop
+            return {w: [c for c in sent(c) if isinstance(c, UsageAckCmd)] for w, c in conns.items()}
+
+        def stored() -> set[str]:  # the workers whose reports are on disk
+            return set(core.store.load_usage()[1])
+
+        core.flush_progress(0, 2)
+        assert await acked() == {a: [UsageAckCmd(1)], b: []}
+        assert stored() == {a}
+        core.flush_progress(1, 2)
+        assert await acked() == {a: [], b: [UsageAckCmd(1)]}
+        assert stored() == {a, b}
         core.store.close()
 
     asyncio.run(scenario())

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scheduler.policy.pacing import STEP, ReportPacing
+from scheduler.policy.pacing import STEP, ReportPacing, flush_part, flush_parts
 
 PACING = ReportPacing(base=1.0, reports_per_second=500.0, ceiling=10.0)
 
@@ -47,3 +49,12 @@ def test_reports_stay_within_the_rate_unless_at_the_ceiling(workers: int, curren
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="positive"):
         ReportPacing(reports_per_second=0.0)
+
+
+def test_workers_are_written_in_parts_each_always_in_the_same_one() -> None:
+    assert flush_parts(5.0, 1.0) == 5 and flush_parts(0.5, 1.0) == 1 and flush_parts(3.4, 1.0) == 3
+    workers = [f"gpu-{i:04d}" for i in range(1000)]
+    sizes = collections.Counter(flush_part(w, 5) for w in workers)
+    assert set(sizes) == set(range(5)) and max(sizes.values()) < 1.25 * 200  # even shares
+    assert [flush_part(w, 5) for w in workers] == [flush_part(w, 5) for w in workers]
+    assert {flush_part(w, 1) for w in workers} == {0}
