@@ -345,10 +345,13 @@ async def serve(config: SchedulerConfig) -> None:
     else:
         running = await start(config)
     # The state loaded at start-up lives as long as the process: keep the collector off
-    # it, and collect young objects less often (each call allocates many small ones).
+    # it. The middle generation is kept small: rooms' state is replaced at every report,
+    # and a collection of 200,000 such objects (thresholds 10,000 x 20) held the loop for
+    # 90-135 ms; with 2,000 x 5 the load test's CreateSession p99 at 250/s was 46-126 ms
+    # (median 63) against 106-168 ms (median 136), at the same burst throughput.
     gc.collect()
     gc.freeze()
-    gc.set_threshold(10_000, 20, 20)
+    gc.set_threshold(2_000, 5, 50)
     print(f"avatarfarm scheduler ready on port {running.port} (metrics port {running.metrics_port}); "
           f"leading under epoch {running.leadership.epoch}", flush=True)
     stopping = asyncio.create_task(stop.wait())
