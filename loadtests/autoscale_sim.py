@@ -13,7 +13,8 @@ Printed: rooms' pending time (p50/p99/max from admission to first placement),
 worker-hours used against the minimum the trace needed (each moment's rooms at
 perfect packing, whole workers, no boot time), scale events, handovers, and
 rooms dropped (a room that failed, or that was taken off the air and not put
-back on at once: must be 0).
+back on at once: must be 0). Brands reserve premium capacity for their show hours
+(`trace.show_hours`; `--all-day-reservations`: all day), and each reservation is printed.
 
     python loadtests/autoscale_sim.py                     # 2,000 rooms at the peak
     python loadtests/autoscale_sim.py --peak-rooms 300 --hours 24 --boot-seconds 60
