@@ -249,11 +249,11 @@ async def run(args: argparse.Namespace, home: Path, rep: Report, cleanup: list[A
     fleet = await start_fleet(args, sched, workers, avatars, rep, cleanup)
     tc = Tenants(f"127.0.0.1:{sched.port}", args.client_channels, args.call_timeout)
     # The generator's collector must not stall the calls it times (a full collection of
-    # the day's trace took 30-70 ms): what exists now is never garbage, and the young
-    # generation is collected less often, as the scheduler does.
+    # the day's trace took 30-70 ms): what exists now is never garbage, and the middle
+    # generation is kept small, as in the scheduler (scheduler/server.py).
     gc.collect()
     gc.freeze()
-    gc.set_threshold(10_000, 20, 20)
+    gc.set_threshold(2_000, 5, 50)
 
     phases = set(args.phases.split(","))
     burst_n = args.burst if args.burst is not None else int(args.rooms * 0.4)

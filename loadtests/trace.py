@@ -264,8 +264,7 @@ def show_hours(rooms: Sequence[Room], share: float = 0.25, step: float = 300.0) 
     at least `share` of its peak number of rooms are live (ends rounded out to the hour)."""
     if not rooms:
         return ()
-    samples = [(t, sum(1 for r in rooms if r.arrival_s <= t < r.end_s))
-               for t in (i * step for i in range(int(DAY / step)))]
+    samples = [(t, len(live_at(rooms, t))) for t in (i * step for i in range(int(DAY / step)))]
     peak = max(n for _, n in samples)
     busy = [t for t, n in samples if peak and n >= share * peak]
     if not busy:

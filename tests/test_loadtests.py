@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from loadtests.packing_sim import Strategy, compare, peak_demand, simulate
-from loadtests.trace import DAYS, make_day, make_tenants
+from loadtests.trace import DAYS, Room, make_day, make_tenants, show_hours
 from loadtests.worker_specs import make_workers
 
 
@@ -52,6 +52,17 @@ def test_the_simulators_fleet_is_sized_by_what_the_days_rooms_need_not_their_cou
 
 
 @pytest.mark.slow
+def test_a_brand_books_the_whole_hours_in_which_its_shows_run() -> None:
+    def room(start_h: float, end_h: float) -> Room:
+        return Room("r", start_h * 3600, (end_h - start_h) * 3600, "brand", "premium",
+                    (720, 1280, 25), "voice", "a")
+
+    shows = [room(19.2, 22.9)] * 5 + [room(3.0, 3.5)]  # one night room: under a quarter
+    assert show_hours(shows) == ("19:00-23:00",)
+    assert show_hours([room(21.5, 24.0)]) == ("21:00-24:00",)
+    assert show_hours([]) == ()
+
+
 def test_the_scheduler_load_test_runs_every_phase_at_a_tiny_scale() -> None:
     out = subprocess.run(
         [sys.executable, "loadtests/scheduler_load.py", "--workers", "4", "--rooms", "40",
