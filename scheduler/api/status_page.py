@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import heapq
 import html
 import json
 import logging
+import operator
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +39,7 @@ from scheduler.state.sessions import Session
 from scheduler.state.snapshot import ClusterSnapshot
 
 log = logging.getLogger(__name__)
+_admitted = operator.attrgetter("seq")
 
 ROOM_ROWS = 200
 WORKER_ROWS = 200
@@ -173,10 +176,11 @@ def snapshot(cluster: ClusterSnapshot, pools: Sequence[PoolRow] = (), *,
     placed = list(cluster.sessions(SessionState.PLACED))
     running = list(cluster.sessions(SessionState.RUNNING))
     ended = [s for s in cluster.sessions(SessionState.ENDED) if s.updated_at >= since]
-    # Rooms that need a look first, so a capped table still shows every problem.
+    # Rooms that need a look first, so a capped table still shows every problem; within
+    # a group the earliest admitted (the cluster snapshot keeps its own order).
     top: list[Session] = []
     for group in (failed, pending, placed, running, ended):
-        top += group[:room_limit - len(top)]
+        top += heapq.nsmallest(room_limit - len(top), group, key=_admitted)
 
     workers: list[WorkerRow] = []
     capacity = load = 0.0

@@ -23,9 +23,8 @@ import contextlib
 import functools
 import itertools
 import logging
-import operator
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Concatenate, ParamSpec, TypeVar
 
 from avatarfarm.avatars import VideoAvatarFace, list_avatars, list_video_avatars, video_avatar_face
@@ -64,9 +63,6 @@ SNAPSHOT_QUEUE = 200
 SNAPSHOT_RECENT_SECONDS = 3600.0
 # Assignment epochs per scheduler incarnation (an epoch is incarnation << this | count).
 ASSIGNMENT_BITS = 32
-
-
-_admitted = operator.attrgetter("seq")
 
 
 def carried_out(operation: Callable[Concatenate[_M, _P], _R]) -> Callable[Concatenate[_M, _P], _R]:
@@ -375,30 +371,40 @@ class SessionMachine:
     def snapshot(self, *, queue_limit: int = SNAPSHOT_QUEUE,
                  recent_seconds: float = SNAPSHOT_RECENT_SECONDS) -> ClusterSnapshot:
         """The cluster as of now, for readers off the core (`latest` holds the one the
-        last tick took)."""
+        last tick took). Every tick takes one while no call is answered, so it costs a
+        copy of what the indexes hold: nothing per room in Python but one lookup."""
         now = self.clock()
         since = now - recent_seconds
         groups: dict[SessionState, tuple[Session, ...]] = {}
         for state, in_state in self.sessions.by_state.items():
             if not state.terminal:
-                found: Iterable[Session] = in_state.values()
+                group = tuple(in_state.values())
             else:  # newest first, back to the first that ended before `since`
-                found = itertools.takewhile(lambda s: s.updated_at >= since,
-                                            reversed(in_state.values()))
-            group = sorted(found, key=_admitted)
+                group = tuple(itertools.takewhile(lambda s: s.updated_at >= since,
+                                                  reversed(in_state.values())))
             if group:
-                groups[state] = tuple(group)
+                groups[state] = group
+        # Rooms still rendered by the worker they are being handed over from.
+        handing: dict[str, list[str]] = collections.defaultdict(list)
+        for sid, (old, _) in self._handovers.items():
+            handing[old].append(sid)
+        unit_of = self.sessions.unit_of
+        zero = itertools.repeat(0.0)
         workers: dict[str, WorkerView] = {}
         for wid in sorted(self.workers):
             conn, ws = self.workers[wid], self.fleet.workers.get(wid)
-            rooms = tuple(self._rooms_on(wid)) if ws is not None else ()
-            units = sum(s.units for s in map(self.sessions.get, rooms) if s is not None)
+            if ws is not None:
+                rooms = tuple(ws.rooms)
+                if wid in handing:
+                    rooms += tuple(sid for sid in handing[wid] if sid not in ws.rooms)
+                views = (sum(map(unit_of.get, rooms, zero)), ws.compute_load,
+                         ws.compute_capacity, ws.utilisation(), ws.unit_capacity(self.fleet.target))
+            else:
+                rooms, views = (), (0.0, 0.0, 0.0, 0.0, 0.0)
             workers[wid] = WorkerView(
                 wid, conn.device_type, conn.provider, conn.last_seen,
                 ws is not None and ws.accepting, conn.draining_until, conn.drain_reason, rooms,
-                units, ws.compute_load if ws else 0.0, ws.compute_capacity if ws else 0.0,
-                ws.utilisation() if ws else 0.0,
-                ws.unit_capacity(self.fleet.target) if ws else 0.0)
+                *views)
         book = self.metering.costs
         costs = CostBook(book.price, dict(book.stream_seconds), dict(book.device_seconds))
         return ClusterSnapshot(now, groups, recent_seconds,

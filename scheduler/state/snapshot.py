@@ -51,8 +51,9 @@ class WorkerView:
 @dataclass(frozen=True, slots=True)
 class ClusterSnapshot:
     at: float
-    # Sessions by state, each in admission order: every live one, and the terminal ones
-    # that changed within `recent_seconds` of `at`.
+    # Sessions by state: every live one, in the order they entered their state, and the
+    # terminal ones that changed within `recent_seconds` of `at`, newest first. (A reader
+    # that lists them in admission order sorts them by `seq`: a tick does not.)
     by_state: Mapping[SessionState, tuple[Session, ...]]
     recent_seconds: float
     workers: Mapping[str, WorkerView]  # in order of id

@@ -21,6 +21,7 @@ class SessionTable(Mapping[str, Session]):
         self.requests: dict[tuple[str, str], str] = {}  # (tenant, request_id) -> session
         self.outputs: dict[tuple[str, Output], str] = {}  # output_scope of live sessions
         self.units: dict[str, float] = collections.defaultdict(float)  # tenant -> units in use
+        self.unit_of: dict[str, float] = {}  # session -> its units (a snapshot sums a worker's)
         self.reserved: dict[str, float] = collections.defaultdict(float)  # guaranteed units
         self.counts: collections.Counter[tuple[SessionState, Tier]] = collections.Counter()
         self.degraded: set[str] = set()  # live sessions below the top of their ladder
@@ -55,6 +56,7 @@ class SessionTable(Mapping[str, Session]):
             if prev.state is not s.state:
                 del self.by_state[prev.state][s.session_id]
         self.by_state[s.state][s.session_id] = s
+        self.unit_of[s.session_id] = s.units
         self._index(prev, s)
         return prev
 

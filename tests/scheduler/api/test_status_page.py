@@ -193,6 +193,26 @@ def test_a_snapshot_shows_rooms_workers_queue_and_cost(tmp_path: Path) -> None:
     core.store.close()
 
 
+def test_the_page_lists_rooms_in_admission_order_whatever_order_they_started_in(
+        tmp_path: Path) -> None:
+    # The cluster snapshot keeps each state's rooms in the order they entered it (a tick
+    # copies them and sorts nothing); the page orders what it shows.
+    core, _ = make_core(tmp_path)
+    conn = connect(core)
+    rooms = [core.create(make_spec(f"r{i}", drive=DriveMode.MOCAP, quality=Quality(256, 256, 25)))
+             for i in range(4)]
+    assert all(s.state is SessionState.PLACED for s in rooms)
+    for s in reversed(rooms):  # the last admitted starts first
+        s = core.sessions[s.session_id]
+        core.worker_update(conn, s.session_id, s.epoch, SessionState.RUNNING, "",
+                           Progress(frames_rendered=25, stream_seconds=1.0))
+    cluster = core.snapshot()
+    assert [s.spec.room_id for s in cluster.sessions(SessionState.RUNNING)] == ["r3", "r2", "r1", "r0"]
+    assert [r.room_id for r in snapshot(cluster).rooms] == ["r0", "r1", "r2", "r3"]
+    assert [r.room_id for r in snapshot(cluster, room_limit=2).rooms] == ["r0", "r1"]
+    core.store.close()
+
+
 def test_a_snapshot_of_many_rooms_is_cheap_and_capped(tmp_path: Path) -> None:
     core, _ = make_core(tmp_path, sync_to_disk=False)
     for i in range(20):

@@ -90,12 +90,17 @@ def test_reservations_hold_and_premium_is_never_taken_from(tmp_path_factory, roo
         set(core.queue.ordered())
     for state, in_state in core.sessions.by_state.items():
         assert in_state == {s.session_id: s for s in sessions if s.state is state}
-    # The snapshot (built from those) holds every live session and every recent one, in
-    # the order they were admitted.
+    # The snapshot (copied from those) holds every live session, in the order it entered
+    # its state, and every recent one, newest first; each worker's units are its rooms'.
     snap = core.snapshot()
     assert {s.session_id: s for group in snap.by_state.values() for s in group} == \
         {s.session_id: s for s in sessions}
-    assert all(list(g) == sorted(g, key=lambda s: s.seq) for g in snap.by_state.values())
+    for state, group in snap.by_state.items():
+        entered = list(core.sessions.by_state[state].values())
+        assert list(group) == (entered[::-1] if state.terminal else entered)
+    for w in snap.workers.values():
+        assert set(w.rooms) == {sid for sid, wid in core.fleet.where.items() if wid == w.worker_id}
+        assert abs(w.room_units - sum(core.sessions[sid].units for sid in w.rooms)) < 1e-9
     core.store.close()
 
 

@@ -23,6 +23,7 @@ def test_the_table_keeps_its_indexes_through_a_rooms_life(tmp_path: Path) -> Non
     assert table.live_rooms == {(spec.tenant, "r1"): s.session_id}
     assert table.outputs == {(spec.tenant, spec.output): s.session_id}
     assert table.units[spec.tenant] == pytest.approx(s.units)
+    assert table.unit_of == {s.session_id: s.units}
     assert table.preemptible == 0.0  # nothing placed yet
     assert table.put(s) == pending
     assert table.preemptible == pytest.approx(s.load) and s.load > 0
