@@ -63,6 +63,11 @@ SNAPSHOT_QUEUE = 200
 SNAPSHOT_RECENT_SECONDS = 3600.0
 # Assignment epochs per scheduler incarnation (an epoch is incarnation << this | count).
 ASSIGNMENT_BITS = 32
+# A worker's figures in a snapshot: its rooms' units, compute load and capacity,
+# utilisation and unit capacity; and what a snapshot keeps of them for the next one.
+_Figures = tuple[float, float, float, float, float]
+_NO_FIGURES: _Figures = (0.0, 0.0, 0.0, 0.0, 0.0)
+_KeptFigures = tuple[placement.WorkerState, tuple[object, ...], tuple[str, ...], _Figures]
 
 
 def carried_out(operation: Callable[Concatenate[_M, _P], _R]) -> Callable[Concatenate[_M, _P], _R]:
@@ -115,6 +120,7 @@ class SessionMachine:
         self.metering = Metering(config.price, self.metrics, config.tenants)
         self.ledger = self.metering.ledger
         self.latest: ClusterSnapshot | None = None
+        self._worker_figures: dict[str, _KeptFigures] = {}  # what the last snapshot derived
         # Carrying decisions out: what the operation under way decided, the one place
         # that carries it out when the operation returns, and the store's group commit.
         self._watchers: dict[str, set[asyncio.Queue[SessionEvent]]] = collections.defaultdict(set)
@@ -388,28 +394,42 @@ class SessionMachine:
         handing: dict[str, list[str]] = collections.defaultdict(list)
         for sid, (old, _) in self._handovers.items():
             handing[old].append(sid)
-        unit_of = self.sessions.unit_of
-        zero = itertools.repeat(0.0)
         workers: dict[str, WorkerView] = {}
+        kept, self._worker_figures = self._worker_figures, {}
         for wid in sorted(self.workers):
             conn, ws = self.workers[wid], self.fleet.workers.get(wid)
-            if ws is not None:
-                rooms = tuple(ws.rooms)
-                if wid in handing:
-                    rooms += tuple(sid for sid in handing[wid] if sid not in ws.rooms)
-                views = (sum(map(unit_of.get, rooms, zero)), ws.compute_load,
-                         ws.compute_capacity, ws.utilisation(), ws.unit_capacity(self.fleet.target))
-            else:
-                rooms, views = (), (0.0, 0.0, 0.0, 0.0, 0.0)
+            rooms, figures = self._figures(ws, tuple(handing.get(wid, ())), kept.get(wid)) \
+                if ws is not None else ((), _NO_FIGURES)
             workers[wid] = WorkerView(
                 wid, conn.device_type, conn.provider, conn.last_seen,
                 ws is not None and ws.accepting, conn.draining_until, conn.drain_reason, rooms,
-                *views)
+                *figures)
         book = self.metering.costs
         costs = CostBook(book.price, dict(book.stream_seconds), dict(book.device_seconds))
         return ClusterSnapshot(now, groups, recent_seconds,
                                workers, tuple(self.queue.ordered(queue_limit)),
                                len(self.queue), self.waiting(), self.fleet.totals(), costs)
+
+    def _figures(self, ws: placement.WorkerState, handed: tuple[str, ...],
+                 kept: _KeptFigures | None) -> tuple[tuple[str, ...], _Figures]:
+        """A worker's rooms (those handed over from it included) and its figures for a
+        snapshot: what the last snapshot derived, if nothing they depend on changed since
+        (most workers, most ticks), else derived again and kept for the next."""
+        # The rooms' units change only with an add or remove on their worker, except those
+        # of rooms handed over from it: theirs are part of the key.
+        key = (ws.changes, ws.compute_capacity, self.fleet.target, handed,
+               tuple(map(self.sessions.unit_of.get, handed)))
+        if kept is not None and kept[0] is ws and kept[1] == key:
+            self._worker_figures[ws.worker_id] = kept
+            return kept[2], kept[3]
+        rooms = tuple(ws.rooms)
+        if handed:
+            rooms += tuple(sid for sid in handed if sid not in ws.rooms)
+        figures = (sum(map(self.sessions.unit_of.get, rooms, itertools.repeat(0.0))),
+                   ws.compute_load, ws.compute_capacity, ws.utilisation(),
+                   ws.unit_capacity(self.fleet.target))
+        self._worker_figures[ws.worker_id] = (ws, key, rooms, figures)
+        return rooms, figures
 
     def _to_pending(self, s: Session, now: float, why: str,
                     kind: EventKind = EventKind.STATE) -> None:

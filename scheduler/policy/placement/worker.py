@@ -108,6 +108,9 @@ class WorkerState:
     # has a TTS cost for the voice) and TTS services' voices.
     voices: frozenset[str] = frozenset()
     rooms: dict[str, RoomReq] = field(default_factory=dict)
+    # Bumped by every add and remove: a reader that keeps what it derived from the rooms
+    # (the core's snapshot) knows when to derive it again.
+    changes: int = 0
     groups: dict[GroupKey, tuple[int, float]] = field(default_factory=dict)  # n rooms, frames/s
     group_load: dict[GroupKey, float] = field(default_factory=dict)
     other_compute: float = 0.0
@@ -293,6 +296,7 @@ class WorkerState:
         if room.tier is Tier.PREMIUM:
             self.premium[room.tenant] += 1
         self.rooms[room.session_id] = room
+        self.changes += 1
         self._demands.clear()
         return d
 
@@ -300,6 +304,7 @@ class WorkerState:
         room = self.rooms.pop(session_id, None)
         if room is None:
             return None
+        self.changes += 1
         self._demands.clear()
         side = room.quality.render_side
         self.avatar_rooms[(room.avatar_id, side)] -= 1

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from avatarfarm.domain import Progress, SessionState, Tier
+from scheduler.state.snapshot import ClusterSnapshot
 from scheduler.state.table import SessionTable
 from tests.builders import connect, make_core, make_spec, sent
 
@@ -72,3 +73,46 @@ def test_a_tick_takes_the_snapshot_readers_use(tmp_path: Path) -> None:
     core.tick()
     assert core.latest is not None and list(core.latest.workers) == ["w1"]
     assert core.latest.waiting.count == 0 and core.latest.queue_length == 0
+
+
+def test_each_snapshot_shows_the_workers_as_they_are_though_it_reuses_what_it_can(
+        tmp_path: Path) -> None:
+    # A snapshot keeps each worker's derived figures for the next one while its rooms do
+    # not change: every change below must show in the very next snapshot.
+    core, clock = make_core(tmp_path)
+    w1 = connect(core, "w1")
+
+    def check() -> ClusterSnapshot:
+        snap = core.snapshot()
+        for wid, w in snap.workers.items():
+            ws = core.fleet.workers[wid]
+            handed = {sid for sid, (old, _) in core._handovers.items() if old == wid}
+            assert set(w.rooms) == set(ws.rooms) | handed
+            assert w.room_units == pytest.approx(sum(core.sessions[sid].units for sid in w.rooms))
+            assert (w.compute_load, w.compute_capacity, w.utilisation) == (
+                ws.compute_load, ws.compute_capacity, ws.utilisation())
+            assert w.unit_capacity == ws.unit_capacity(core.fleet.target)
+        return snap
+
+    assert check().workers["w1"].rooms == ()
+    a = core.create(make_spec("a", tier=Tier.PREMIUM))
+    assert check().workers["w1"].rooms == (a.session_id,)
+    b = core.create(make_spec("b", tier=Tier.PREMIUM))
+    for s in (a, b):
+        s = core.sessions[s.session_id]
+        core.worker_update(w1, s.session_id, s.epoch, SessionState.RUNNING, "", None)
+    assert check().workers["w1"].room_units == pytest.approx(a.units + b.units)
+    core.fleet.set_capacity("w1", 0.5)  # an overloaded worker's capacity taken down
+    assert check().workers["w1"].compute_capacity == 0.5
+    core.fleet.set_capacity("w1", 1.0)
+    connect(core, "w2")
+    assert core.drain_worker("w1", clock() + 60, "maintenance")
+    snap = check()  # a room handed over shows on both until its old side has stopped
+    handed = [sid for sid in snap.workers["w2"].rooms if sid in snap.workers["w1"].rooms]
+    assert handed
+    core.worker_update(w1, handed[0], core.sessions[handed[0]].epoch, SessionState.ENDED,
+                       "handed over", None)
+    snap = check()
+    assert handed[0] not in snap.workers["w1"].rooms and handed[0] in snap.workers["w2"].rooms
+    core.end(handed[0])
+    assert handed[0] not in check().workers["w2"].rooms
