@@ -377,8 +377,9 @@ class SessionMachine:
     def snapshot(self, *, queue_limit: int = SNAPSHOT_QUEUE,
                  recent_seconds: float = SNAPSHOT_RECENT_SECONDS) -> ClusterSnapshot:
         """The cluster as of now, for readers off the core (`latest` holds the one the
-        last tick took). Every tick takes one while no call is answered, so it costs a
-        copy of what the indexes hold: nothing per room in Python but one lookup."""
+        last tick took). Every tick takes one while no call is answered, so it copies what
+        the indexes hold, sorts nothing, and derives a worker's figures again only where
+        its rooms changed."""
         now = self.clock()
         since = now - recent_seconds
         groups: dict[SessionState, tuple[Session, ...]] = {}
