@@ -39,6 +39,7 @@ import numpy as np
 
 from avatarfarm.latency import LatencyCurve
 from workers.device.batching import BatchPolicy, Queued, decide
+from workers.device.stacking import Stacker
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,7 @@ class InferenceEngine:
         # feeds, resolving futures (the engine's own per-item cost; waiting is free).
         self.host_seconds = 0.0
         self._run_cpu = 0.0
+        self._stacker = Stacker()  # read-only inputs (an avatar's portrait) stacked once
         self._thread = threading.Thread(target=self._loop, name="device", daemon=True)
         self._thread.start()
 
@@ -321,7 +323,7 @@ class InferenceEngine:
         if not live:
             return
         try:
-            feeds = {name: np.stack([r.feeds[name] for r in live])
+            feeds = {name: self._stacker.stack([r.feeds[name] for r in live])
                      for name in live[0].feeds}
             c0 = time.thread_time()
             outputs, seconds = served.model.run(feeds)

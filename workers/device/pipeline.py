@@ -379,6 +379,7 @@ class Pipeline:
         if cached is None or cached[0] != version:
             rgb = read_image(path, side)
             tensor = np.ascontiguousarray((rgb.astype(np.float32) / 255.0).transpose(2, 0, 1))
+            tensor.flags.writeable = False  # shared by the avatar's rooms; stacked once a batch
             cached = (version, tensor)
             with self._avatars_lock:
                 self._avatars[key] = cached

@@ -292,6 +292,7 @@ class Runtime:
         scale, t = float(source["scale"].reshape(-1)[0]), source["t"].reshape(-1)
         kp_source = transform(kp_c, pose, exp, scale, t)
         feature_3d = np.ascontiguousarray(source["feature_3d"], np.float32)
+        feature_3d.flags.writeable = False  # every room's warping input: stacked once a batch
         rows = features.grid(AUDIO_SHAPE)
 
         def speech(fps: int, priority: int, on_seconds: Callable[[float], None]) -> RowStream:
