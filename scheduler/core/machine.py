@@ -24,7 +24,7 @@ import functools
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Concatenate, ParamSpec, TypeVar
 
 from avatarfarm.avatars import VideoAvatarFace, list_avatars, list_video_avatars, video_avatar_face
@@ -315,13 +315,15 @@ class SessionMachine:
         assignment has stopped). An unknown (gone) worker is drained."""
         return worker_id not in self.workers or not self._rooms_on(worker_id)
 
-    def _rooms_on(self, worker_id: str) -> list[str]:
+    def _rooms_on(self, worker_id: str, handed: Sequence[str] | None = None) -> list[str]:
         """The rooms placed on the worker, and those it still renders while they are
-        handed over (their place is already held on the worker taking them)."""
+        handed over (their place is already held on the worker taking them; `handed`:
+        those rooms, where the caller has them already)."""
         w = self.fleet.workers.get(worker_id)
         placed = list(w.rooms) if w is not None else []
-        return placed + [sid for sid, (old, _) in self._handovers.items()
-                         if old == worker_id and sid not in placed]
+        if handed is None:
+            handed = [sid for sid, (old, _) in self._handovers.items() if old == worker_id]
+        return placed + [sid for sid in handed if sid not in placed]
 
     def waiting(self) -> Waiting:
         """The rooms waiting for a worker: how many, their compute units, and how many are
@@ -423,9 +425,7 @@ class SessionMachine:
         if kept is not None and kept[0] is ws and kept[1] == key:
             self._worker_figures[ws.worker_id] = kept
             return kept[2], kept[3]
-        rooms = tuple(ws.rooms)
-        if handed:
-            rooms += tuple(sid for sid in handed if sid not in ws.rooms)
+        rooms = tuple(self._rooms_on(ws.worker_id, handed))
         figures = (sum(map(self.sessions.unit_of.get, rooms, itertools.repeat(0.0))),
                    ws.compute_load, ws.compute_capacity, ws.utilisation(),
                    ws.unit_capacity(self.fleet.target))
