@@ -7,7 +7,14 @@ items of one model and input shape into one onnxruntime call, splits the
 outputs back and resolves each item's future. Items the policy drops resolve
 with `DeadlineMissed`, and the room shows a replacement frame instead.
 
-A chained item (`submit_then`: a spoken frame's motion, then its render) is one
+A room on the event loop gets an asyncio future (`infer`, `infer_then`), and every
+item of a batch that belongs to one loop is delivered in one wake-up of that loop,
+not one per item: each cross-thread wake-up is a write to the loop's self-pipe and a
+hand-over of the interpreter lock between the device thread and the loop, and those
+hand-overs, not either thread's own work, are what limits a worker's host path.
+Threads get `concurrent.futures` futures (`submit`, `submit_then`).
+
+A chained item (`infer_then`: a spoken frame's motion, then its render) is one
 future to the room: its second stage is made and queued on the device thread as
 the first comes back. The queue is kept in deadline order, and each decision reads
 only its earliest-due items (`BatchPolicy.window`), so a worker that fell behind
@@ -93,13 +100,78 @@ class DeviceModel(typing.Protocol):
     def run(self, feeds: dict[str, np.ndarray]) -> tuple[list[typing.Any], float]: ...
 
 
+_Future: typing.TypeAlias = "concurrent.futures.Future[typing.Any] | asyncio.Future[typing.Any]"
+
+
 @dataclass(slots=True)
 class _Request:
     queued: Queued
     feeds: dict[str, np.ndarray]
-    future: concurrent.futures.Future[typing.Any]
+    future: _Future
     then: Callable[[ItemResult], Next] | None = None  # a chained item: what its result makes
     first: ItemResult | None = None  # a chained item's second stage: the first one's result
+    loop: asyncio.AbstractEventLoop | None = None  # whose future it is (None: a thread's)
+
+
+class _Replies:
+    """The outcomes of one decision or one batch, delivered together: a thread's future
+    at once, a loop's futures in one call to that loop (`_settle`) however many items
+    it has in the batch."""
+
+    __slots__ = ("_by_loop",)
+
+    def __init__(self) -> None:
+        self._by_loop: dict[asyncio.AbstractEventLoop,
+                            list[tuple[asyncio.Future[typing.Any], typing.Any, BaseException | None]]] = {}
+
+    def resolve(self, r: _Request, value: typing.Any) -> None:
+        self._put(r, value, None)
+
+    def fail(self, r: _Request, exc: BaseException) -> None:
+        self._put(r, None, exc)
+
+    def cancel(self, r: _Request) -> None:
+        self._put(r, None, _CANCEL)
+
+    def _put(self, r: _Request, value: typing.Any, exc: BaseException | None) -> None:
+        if r.loop is None:
+            fut = typing.cast("concurrent.futures.Future[typing.Any]", r.future)
+            if exc is _CANCEL:
+                fut.cancel()
+            elif fut.set_running_or_notify_cancel():  # False: cancelled by the caller meanwhile
+                fut.set_result(value) if exc is None else fut.set_exception(exc)
+            return
+        self._by_loop.setdefault(r.loop, []).append(
+            (typing.cast("asyncio.Future[typing.Any]", r.future), value, exc))
+
+    def send(self) -> None:
+        by_loop, self._by_loop = self._by_loop, {}
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, items)
+            except RuntimeError:  # the loop is closed: nobody is waiting for these
+                pass
+
+
+class _Cancel(BaseException):
+    """Marks an outcome that cancels its future (the engine closed)."""
+
+
+_CANCEL = _Cancel()
+
+
+def _settle(items: list[tuple[asyncio.Future[typing.Any], typing.Any, BaseException | None]]) -> None:
+    """On the loop: one batch's outcomes for its futures (those the room gave up meanwhile
+    are left as they are)."""
+    for fut, value, exc in items:
+        if fut.done():
+            continue
+        if exc is None:
+            fut.set_result(value)
+        elif exc is _CANCEL:
+            fut.cancel()
+        else:
+            fut.set_exception(exc)
 
 
 @dataclass(slots=True)
@@ -174,8 +246,10 @@ class InferenceEngine:
             self._retired[key] = served.stats
             gone = [e.request for e in self._queue if e.request.queued.key == key]
             self._queue = [e for e in self._queue if e.request.queued.key != key]
+        replies = _Replies()
         for r in gone:
-            _fail(r.future, KeyError(f"{key} is no longer served"))
+            replies.fail(r, KeyError(f"{key} is no longer served"))
+        replies.send()
 
     def serves(self, key: BatchKey) -> bool:
         with self._cond:
@@ -219,36 +293,51 @@ class InferenceEngine:
 
     def submit(self, key: BatchKey, feeds: dict[str, np.ndarray], deadline: float,
                priority: int = 1) -> concurrent.futures.Future[ItemResult]:
+        """An item, from a thread: its future resolves on the device thread."""
         fut: concurrent.futures.Future[ItemResult] = concurrent.futures.Future()
         self._enqueue(key, feeds, deadline, priority, fut)
         return fut
 
-    async def infer(self, key: BatchKey, feeds: dict[str, np.ndarray], deadline: float,
-                    priority: int = 1) -> ItemResult:
-        return await asyncio.wrap_future(self.submit(key, feeds, deadline, priority))
+    def infer(self, key: BatchKey, feeds: dict[str, np.ndarray], deadline: float,
+              priority: int = 1) -> asyncio.Future[ItemResult]:
+        """An item, from the running event loop: its future resolves on that loop, with
+        the other items of its batch from that loop in one wake-up."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[ItemResult] = loop.create_future()
+        self._enqueue(key, feeds, deadline, priority, fut, loop=loop)
+        return fut
 
     def submit_then(self, key: BatchKey, feeds: dict[str, np.ndarray], deadline: float,
                     then: Callable[[ItemResult], Next], priority: int = 1
                     ) -> concurrent.futures.Future[tuple[ItemResult, ItemResult]]:
-        """An item whose result makes a second item (`then`, run on the device thread as
-        soon as the first is back: a frame's motion, then its render), as one future of
-        both results. The caller's thread is not woken between the two: one hand-off
-        each way per frame, not two. Either item's failure (a drop, a shed, an error in
-        `then`) fails the whole; cancelling it gives up whichever item is queued."""
+        """`infer_then`, from a thread."""
         fut: concurrent.futures.Future[tuple[ItemResult, ItemResult]] = concurrent.futures.Future()
         self._enqueue(key, feeds, deadline, priority, fut, then)
         return fut
 
+    def infer_then(self, key: BatchKey, feeds: dict[str, np.ndarray], deadline: float,
+                   then: Callable[[ItemResult], Next], priority: int = 1
+                   ) -> asyncio.Future[tuple[ItemResult, ItemResult]]:
+        """An item whose result makes a second item (`then`, run on the device thread as
+        soon as the first is back: a frame's motion, then its render), as one future of
+        both results. The caller's loop is not woken between the two: one hand-off
+        each way per frame, not two. Either item's failure (a drop, a shed, an error in
+        `then`) fails the whole; cancelling it gives up whichever item is queued."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[ItemResult, ItemResult]] = loop.create_future()
+        self._enqueue(key, feeds, deadline, priority, fut, then, loop)
+        return fut
+
     def _enqueue(self, key: BatchKey, feeds: dict[str, np.ndarray], deadline: float, priority: int,
-                 fut: concurrent.futures.Future[typing.Any],
-                 then: Callable[[ItemResult], Next] | None = None) -> None:
+                 fut: _Future, then: Callable[[ItemResult], Next] | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
         with self._cond:
             if self._closed:
                 raise RuntimeError("inference engine is closed")
             if key not in self._served:
                 raise KeyError(f"no model is served for {key}")
             q = Queued(next(self._ids), key, deadline, priority, self.clock())
-            self._put(_Request(q, feeds, fut, then))
+            self._put(_Request(q, feeds, fut, then, loop=loop))
             self._cond.notify()
 
     def _put(self, r: _Request) -> None:
@@ -259,8 +348,10 @@ class InferenceEngine:
             self._closed = True
             pending, self._queue = [e.request for e in self._queue], []
             self._cond.notify()
+        replies = _Replies()
         for r in pending:
-            r.future.cancel()
+            replies.cancel(r)
+        replies.send()
         self._thread.join(timeout=10)
 
     # -- the device thread
@@ -295,14 +386,16 @@ class InferenceEngine:
                         continue
                     taken = {q.item_id for q in (*d.drop, *d.run, *d.shed)}
                     self._queue[:head] = [e for e in self._queue[:head] if e.item_id not in taken]
+                    replies = _Replies()
                     for q in d.drop:
                         self._served[typing.cast(BatchKey, q.key)].stats.dropped += 1
-                        _fail(by_id[q.item_id].future, DeadlineMissed(
+                        replies.fail(by_id[q.item_id], DeadlineMissed(
                             f"{q.key} item due in {q.deadline - now:+.3f}s could not be run in time"))
                     for q in d.shed:
                         self._served[typing.cast(BatchKey, q.key)].stats.shed += 1
-                        _fail(by_id[q.item_id].future, Shed(
+                        replies.fail(by_id[q.item_id], Shed(
                             f"{q.key} item (priority {q.priority}) shed: the device is overloaded"))
+                    replies.send()
                     if d.run:
                         return ([by_id[q.item_id] for q in d.run],
                                 self._served[typing.cast(BatchKey, d.run[0].key)])
@@ -322,6 +415,7 @@ class InferenceEngine:
         live = [r for r in batch if not r.future.cancelled()]
         if not live:
             return
+        replies = _Replies()
         try:
             feeds = {name: self._stacker.stack([r.feeds[name] for r in live])
                      for name in live[0].feeds}
@@ -331,19 +425,20 @@ class InferenceEngine:
         except BaseException as e:  # a failed call fails its items, not the device thread
             log.exception("inference failed for a batch of %d", len(live))
             for r in live:
-                _fail(r.future, e)
+                replies.fail(r, e)
+            replies.send()
             return
         n = len(live)
         follow: list[tuple[_Request, Next, ItemResult]] = []
         for i, r in enumerate(live):
             result = ItemResult(tuple(o[i] for o in outputs), seconds / n, n)
             if r.then is None:
-                _resolve(r.future, result if r.first is None else (r.first, result))
+                replies.resolve(r, result if r.first is None else (r.first, result))
                 continue
             try:
                 nxt = r.then(result)
             except Exception as e:  # noqa: BLE001 - a failed `then` fails its item, as a failed call
-                _fail(r.future, e)
+                replies.fail(r, e)
                 continue
             follow.append((r, nxt, result))
         with self._cond:
@@ -355,13 +450,14 @@ class InferenceEngine:
             now = self.clock()
             for r, nxt, result in follow:  # the second stages, queued as they come back
                 if self._closed:
-                    r.future.cancel()
+                    replies.cancel(r)
                     continue
                 if nxt.key not in self._served:
-                    _fail(r.future, KeyError(f"no model is served for {nxt.key}"))
+                    replies.fail(r, KeyError(f"no model is served for {nxt.key}"))
                     continue
                 q = Queued(next(self._ids), nxt.key, nxt.deadline, r.queued.priority, now)
-                self._put(_Request(q, nxt.feeds, r.future, first=result))
+                self._put(_Request(q, nxt.feeds, r.future, first=result, loop=r.loop))
+        replies.send()
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -380,13 +476,3 @@ class Next:
     key: BatchKey
     feeds: dict[str, np.ndarray]
     deadline: float
-
-
-def _resolve(fut: concurrent.futures.Future[typing.Any], value: typing.Any) -> None:
-    if fut.set_running_or_notify_cancel():  # False: cancelled by the caller meanwhile
-        fut.set_result(value)
-
-
-def _fail(fut: concurrent.futures.Future[typing.Any], exc: BaseException) -> None:
-    if fut.set_running_or_notify_cancel():
-        fut.set_exception(exc)

@@ -574,10 +574,10 @@ class Pipeline:
 
     def speak(self, avatar: np.ndarray, idle: np.ndarray, mel: np.ndarray, motion_deadline: float,
               deadline: float, priority: int = 1
-              ) -> concurrent.futures.Future[tuple[ItemResult, ItemResult]]:
+              ) -> asyncio.Future[tuple[ItemResult, ItemResult]]:
         """A spoken frame of the reference family as one device item to the room: its
         audio-to-motion, the idle motion composed in (the speech owns the mouth), then its
-        render, chained on the device thread (`InferenceEngine.submit_then`); resolves with
+        render, chained on the device thread (`InferenceEngine.infer_then`); resolves with
         (motion, render)."""
         key = self.render_key(avatar.shape[-1])
 
@@ -586,7 +586,7 @@ class Pipeline:
             return Next(key, {"avatar": avatar, "motion": composed.astype(np.float32, copy=False)},
                         deadline)
 
-        return self.engine.submit_then(AUDIO_TO_MOTION_KEY, {"mel": mel.astype(np.float32, copy=False)},
+        return self.engine.infer_then(AUDIO_TO_MOTION_KEY, {"mel": mel.astype(np.float32, copy=False)},
                                        motion_deadline, render, priority)
 
     async def render(self, avatar: np.ndarray, motion: np.ndarray, deadline: float = math.inf,

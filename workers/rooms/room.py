@@ -655,7 +655,7 @@ class Room:
                 spoken = self.pipeline.speak(avatar, idle, mel, deadline - render_reserve, deadline,
                                              self.priority)
                 await inflight.put(_InFlight(n, q.fps, audio, speaking, deadline,
-                                             asyncio.wrap_future(spoken), chained=True))
+                                             spoken, chained=True))
             else:
                 task = asyncio.create_task(self._render(avatar, idle, driven, deadline))
                 await inflight.put(_InFlight(n, q.fps, audio, speaking, deadline, task, arrived))

@@ -1,18 +1,22 @@
 """The device thread with a real model: what the policy sheds under overload resolves
 at once as `Shed` (the lowest tier's items), and the rest runs in time; a chained item
-(a spoken frame's motion, then its render) is one future for both."""
+(a spoken frame's motion, then its render) is one future for both; an event loop's
+items of one batch come back in one wake-up of that loop."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import threading
 import time
+import typing
 
 import numpy as np
 import pytest
 
 from avatarfarm.latency import LatencyCurve
 from workers.device.batching import BatchPolicy
-from workers.device.engine import BatchKey, DeadlineMissed, InferenceEngine, Next, Shed
+from workers.device.engine import BatchKey, DeadlineMissed, InferenceEngine, ItemResult, Next, Shed
 from workers.device.pipeline import AUDIO_TO_MOTION_KEY, Pipeline
 from workers.media.audio import MEL_WINDOW, N_MELS
 from workers.media.motion import IdleAnimator, compose
@@ -101,9 +105,14 @@ def test_a_spoken_frame_chained_on_the_device_is_the_frame_of_its_two_items_run_
     pipeline.ensure_render_side(side)
     avatar = pipeline.avatar_tensor_sync("presenter", side)
     idle = IdleAnimator(25, np.random.default_rng(0)).step()
+    def spoken(mel: np.ndarray) -> tuple[ItemResult, ItemResult]:
+        async def speak() -> tuple[ItemResult, ItemResult]:
+            return await pipeline.speak(avatar, idle, mel, float("inf"), float("inf"))
+        return asyncio.run(speak())
+
     for seed in range(3):
         mel = _speech_mel(seed)
-        motion, frame = pipeline.speak(avatar, idle, mel, float("inf"), float("inf")).result(timeout=10)
+        motion, frame = spoken(mel)
         alone = pipeline.engine.submit(AUDIO_TO_MOTION_KEY, {"mel": mel}, float("inf")).result(timeout=10)
         np.testing.assert_allclose(motion.outputs[0], alone.outputs[0], rtol=1e-5, atol=1e-6)
         composed = compose(idle, alone.outputs[0], mouth_only=True).astype(np.float32)
@@ -112,9 +121,8 @@ def test_a_spoken_frame_chained_on_the_device_is_the_frame_of_its_two_items_run_
                                           float("inf")).result(timeout=10)
         np.testing.assert_allclose(frame.outputs[0], rendered.outputs[0], rtol=1e-4, atol=1e-5)
     # Different speech, different mouths: the render is fed by its own motion item.
-    a = pipeline.speak(avatar, idle, _speech_mel(0), float("inf"), float("inf")).result(timeout=10)
-    b = pipeline.speak(avatar, idle, np.full((N_MELS, MEL_WINDOW), -5.0, np.float32),
-                       float("inf"), float("inf")).result(timeout=10)
+    a = spoken(_speech_mel(0))
+    b = spoken(np.full((N_MELS, MEL_WINDOW), -5.0, np.float32))
     assert np.abs(a[1].outputs[0] - b[1].outputs[0]).max() > 0.01
 
 
@@ -162,5 +170,77 @@ def test_a_cancelled_item_takes_no_place_in_a_batch(pipeline: Pipeline) -> None:
         # Had the cancelled item kept its place, it would have filled the first batch of two.
         assert all(f.result(timeout=10).batch_size == 2 for f in pair)
         assert engine.stats()[key].batch_sizes == {2: 1}
+    finally:
+        engine.close()
+
+
+def _wake_ups_from_the_device(loop: asyncio.AbstractEventLoop) -> list[int]:
+    """Counts the calls the device thread makes into `loop` (each one a wake-up)."""
+    calls = [0]
+    call = loop.call_soon_threadsafe
+
+    def counted(*args: typing.Any, **kwargs: typing.Any) -> asyncio.Handle:
+        if threading.current_thread().name == "device":
+            calls[0] += 1
+        return call(*args, **kwargs)
+    loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+    return calls
+
+
+def test_a_loops_items_of_one_batch_come_back_in_one_wake_up_of_that_loop(pipeline: Pipeline) -> None:
+    # A frozen clock and a long wait for company: a batch runs once it is full (8 items).
+    engine = InferenceEngine(BatchPolicy(max_batch=8, max_wait=1000.0), clock=lambda: 0.0)
+    key, second = BatchKey("a2m-loop"), BatchKey("a2m-loop-second")
+    engine.serve(key, pipeline.audio_to_motion_model, LatencyCurve(((1, 0.001), (8, 0.002))))
+    engine.serve(second, pipeline.audio_to_motion_model, LatencyCurve(((1, 0.001), (8, 0.002))))
+    mels = [_speech_mel(seed) for seed in range(8)]
+
+    async def scenario() -> None:
+        wake_ups = _wake_ups_from_the_device(asyncio.get_running_loop())
+        results = await asyncio.gather(*(engine.infer(key, {"mel": m}, float("inf")) for m in mels))
+        assert [r.batch_size for r in results] == [8] * 8 and wake_ups[0] == 1
+        # Each item has its own result, not a neighbour's.
+        expected, _ = pipeline.audio_to_motion_model.run({"mel": np.stack(mels)})
+        for i, r in enumerate(results):
+            np.testing.assert_allclose(r.outputs[0], expected[0][i], rtol=1e-5, atol=1e-6)
+        # Chained items: one wake-up for the batch of second stages, none between the two.
+        wake_ups[0] = 0
+        pairs = await asyncio.gather(*(engine.infer_then(key, {"mel": m}, float("inf"),
+                                                         lambda r, m=m: Next(second, {"mel": m}, float("inf")))
+                                       for m in mels))
+        assert all(a.batch_size == 8 and b.batch_size == 8 for a, b in pairs) and wake_ups[0] == 1
+        # Dropped items (due already) fail in one wake-up too.
+        wake_ups[0] = 0
+        late = [engine.infer(key, {"mel": m}, -1.0) for m in mels[:5]]
+        outcomes = await asyncio.gather(*late, return_exceptions=True)
+        assert all(isinstance(o, DeadlineMissed) for o in outcomes) and wake_ups[0] == 1
+
+    try:
+        asyncio.run(scenario())
+        assert engine.stats()[key].dropped == 5
+    finally:
+        engine.close()
+
+
+def test_a_loops_item_given_up_takes_no_place_and_closing_cancels_what_is_queued(
+        pipeline: Pipeline) -> None:
+    engine = InferenceEngine(BatchPolicy(max_batch=2, max_wait=1000.0), clock=lambda: 0.0)
+    key = BatchKey("a2m-loop-cancelled")
+    engine.serve(key, pipeline.audio_to_motion_model, LatencyCurve(((1, 0.001), (2, 0.0015))))
+    mel = {"mel": _speech_mel(3)}
+
+    async def scenario() -> None:
+        given_up = engine.infer(key, mel, float("inf"))
+        assert given_up.cancel()  # the room gave the frame up
+        pair = await asyncio.gather(engine.infer(key, mel, float("inf")), engine.infer(key, mel, float("inf")))
+        # Had the cancelled item kept its place, it would have filled the first batch of two.
+        assert [r.batch_size for r in pair] == [2, 2] and engine.stats()[key].batch_sizes == {2: 1}
+        lone = engine.infer(key, mel, float("inf"))  # waits for company that never comes
+        engine.close()
+        with pytest.raises(asyncio.CancelledError):
+            await lone
+
+    try:
+        asyncio.run(scenario())
     finally:
         engine.close()
