@@ -119,6 +119,9 @@ class RoomState(enum.Enum):
 class RoomStats:
     frames_rendered: int = 0
     late_frames: int = 0
+    # Of late_frames: already past their deadline when their turn came (a producer behind
+    # real time), so given up before any work was spent on them.
+    skipped_frames: int = 0
     speech_frames: int = 0
     stage_seconds: dict[str, float] = field(
         default_factory=lambda: {"tts": 0.0, "audio_to_motion": 0.0, "render": 0.0, "encode": 0.0,
@@ -207,6 +210,13 @@ class _InFlight:
 
 
 T = typing.TypeVar("T")
+
+
+def _given_up() -> asyncio.Future[typing.Any]:
+    """A frame's work never started: the emitter replaces it (counted late)."""
+    fut: asyncio.Future[typing.Any] = asyncio.get_running_loop().create_future()
+    fut.cancel()
+    return fut
 
 
 class DelayLine:
@@ -651,7 +661,13 @@ class Room:
                 mel = lagged.push(self.mel.push(audio), float(t), q.fps)
             else:
                 driven, arrived = await self._face_motion(deadline, self._driver_time(k))
-            if mel is not None:  # one device item: its motion, then its render
+            if self.pacing is Pacing.REALTIME and self.clock() >= deadline:
+                # Past its deadline before any of its work: the device would drop it after
+                # the work of submitting it, and a room that has fallen behind would spend
+                # its way further behind. It is replaced at once; its audio plays.
+                self.stats.skipped_frames += 1
+                await inflight.put(_InFlight(n, q.fps, audio, speaking, deadline, _given_up()))
+            elif mel is not None:  # one device item: its motion, then its render
                 spoken = self.pipeline.speak(avatar, idle, mel, deadline - render_reserve, deadline,
                                              self.priority)
                 await inflight.put(_InFlight(n, q.fps, audio, speaking, deadline,

@@ -14,7 +14,7 @@ import pytest
 from avatarfarm.domain import OutputKind, Quality
 from tests.builders import make_spec
 from tests.media import probe
-from workers.device.pipeline import Pipeline
+from workers.device.pipeline import AUDIO_TO_MOTION_KEY, Pipeline
 from workers.output.targets import OutputTarget
 from workers.rooms.room import InvalidQuality, Pacing, Room, RoomState
 
@@ -106,6 +106,34 @@ def test_frames_that_cannot_make_their_deadline_are_replaced_and_counted(
     facts = probe(tmp_path / "r.mp4")
     assert facts.frames == 25
     assert facts.duration == pytest.approx(1.0)
+
+
+def test_a_room_behind_real_time_gives_up_frames_past_their_deadline_before_any_work(
+        pipeline: Pipeline, tmp_path: Path) -> None:
+    # Half a second in, the room's clock jumps a second ahead (a host that stalled): the
+    # producer finds itself a second behind real time, and the frames of the first half
+    # of that second are past their deadline before they are made. None of them costs
+    # the device anything; each is replaced, and the stream keeps every frame and its
+    # audio.
+    room = make_room(pipeline, tmp_path, seconds=2.0, pacing=Pacing.REALTIME)
+    start = time.monotonic()
+    room.clock = lambda: time.monotonic() + (1.0 if time.monotonic() - start > 0.5 else 0.0)
+
+    def motions() -> int:
+        return pipeline.engine.stats()[AUDIO_TO_MOTION_KEY].items + \
+            pipeline.engine.stats()[AUDIO_TO_MOTION_KEY].dropped
+
+    before = motions()
+    asyncio.run(room.run())
+    assert room.state is RoomState.ENDED and room.stats.frames_rendered == 50
+    skipped = room.stats.skipped_frames
+    # A second behind with half a second of latency budget: about half a second of
+    # frames is given up unmade, and only the frames made reach the device.
+    budget = room.latency_budget - room.output_margin
+    assert abs(skipped - round(25 * (1.0 - budget))) <= 3 and room.stats.late_frames >= skipped
+    assert motions() - before == 50 - skipped
+    facts = probe(tmp_path / "r.mp4")
+    assert facts.frames == 50 and facts.duration == pytest.approx(2.0)
 
 
 def test_an_injected_av_offset_is_measured_and_corrected(pipeline: Pipeline, tmp_path: Path) -> None:
