@@ -38,7 +38,10 @@ past capacity (e.g. to 1.5x) and see who loses; ``--renderer null`` swaps the re
 for one that costs nothing (the portrait passed through), so frames/s is the worker's
 own per-frame ceiling: producer, batcher, emitter, canvas and encoders; ``--encode off``
 leaves the encoders out (each frame is still converted to its canvas, then dropped),
-for the ceiling of the rest.
+for the ceiling of the rest. Each load also prints its steady figures, which leave out
+its first ``--warmup`` seconds: all its rooms start at once, so every room's first
+sentence is synthesised together at the start, and a worker that starts behind may or
+may not catch up. The whole-run figures keep that start.
 
     python loadtests/worker_bench.py --size 128x128 --rooms 10,15,20,30 --modes batched \\
         --tiers mixed
@@ -113,6 +116,11 @@ class Load:
     # thread outside model calls, canvas conversion and encoding (encoder threads).
     host: dict[str, float] = field(default_factory=dict)
     rate_steps: int = 0  # frame-rate steps the governor took
+    # Delivered frames/s and the late share in the steady window: from `warmup` seconds
+    # after the rooms started to just before the first can end (NaN: no such window).
+    steady_fps: float = float("nan")
+    steady_late: float = float("nan")
+    warmup: float = 0.0
 
     @property
     def offered_fps(self) -> float:
@@ -136,7 +144,7 @@ def tier_of(i: int, mixed: bool) -> Tier:
 
 async def run_load(pipeline: Pipeline, n: int, quality: Quality, seconds: float, out: Path,
                    encoder: EncoderSettings, label: str, avatar: str = "presenter",
-                   mixed: bool = False, governor: bool = True) -> Load:
+                   mixed: bool = False, governor: bool = True, warmup: float = 2.0) -> Load:
     if avatar == VIDEO_AVATAR:
         pipeline.face_avatar_sync(avatar)  # loaded (and its own model served) before timing
         key = pipeline.face_family(avatar).key
@@ -160,9 +168,14 @@ async def run_load(pipeline: Pipeline, n: int, quality: Quality, seconds: float,
     # while the host cannot keep up.
     gov = RoomGovernor()
     governing = asyncio.create_task(gov.run(lambda: rooms)) if governor else None
+    # The steady window: every room has started, synthesised its first sentence and
+    # caught up (or not), and none has ended (each streams `seconds` of real time).
+    steady = asyncio.create_task(_steady(rooms, warmup, seconds - 0.25))
     await asyncio.gather(*(start(i, r) for i, r in enumerate(rooms)))
     if governing is not None:
         governing.cancel()
+    steady_fps, steady_late = steady.result() if steady.done() else (float("nan"), float("nan"))
+    steady.cancel()
     wall = time.perf_counter() - t0 - (n - 1) / max(n, 1) / quality.fps
     loop_cpu, engine_cpu = time.thread_time() - loop_cpu, pipeline.engine.host_seconds - engine_cpu
     failed = [r for r in rooms if r.state is not RoomState.ENDED]
@@ -183,7 +196,25 @@ async def run_load(pipeline: Pipeline, n: int, quality: Quality, seconds: float,
     host = {"event loop": loop_cpu, "device thread": engine_cpu, "canvas": canvas,
             "encode": sum(r.stats.stage_seconds["encode"] for r in rooms) - canvas}
     return Load(n, wall, frames, late, batches, stage, model_frames, by_tier,
-                {k: v / max(frames, 1) for k, v in host.items()}, gov.steps_taken)
+                {k: v / max(frames, 1) for k, v in host.items()}, gov.steps_taken,
+                steady_fps, steady_late, warmup)
+
+
+async def _steady(rooms: list[Room], start: float, end: float) -> tuple[float, float]:
+    """Delivered frames/s and the late share of `rooms` between `start` and `end`
+    seconds from now (NaN where the window is under a second)."""
+    if end - start < 1.0:
+        return float("nan"), float("nan")
+
+    def counts() -> tuple[int, int]:
+        return (sum(r.stats.frames_rendered for r in rooms), sum(r.stats.late_frames for r in rooms))
+
+    await asyncio.sleep(start)
+    (f0, l0), t0 = counts(), time.perf_counter()
+    await asyncio.sleep(end - start)
+    (f1, l1), t1 = counts(), time.perf_counter()
+    frames, late = f1 - f0, l1 - l0
+    return (frames - late) / (t1 - t0), late / max(frames, 1)
 
 
 class DroppingEncoder(StreamEncoder):
@@ -227,6 +258,9 @@ def print_load(mode: str, load: Load) -> None:
           f"{st['render'] * 1000:8.2f} {st['audio_to_motion'] * 1000:6.2f} "
           f"{st['encode'] * 1000:7.2f} {100 * load.model_frames / max(load.frames, 1):6.0f}%  "
           f"{histogram(load.batches)}", flush=True)
+    if load.steady_fps == load.steady_fps:  # not NaN
+        print(" " * 15 + f"steady, after the first {load.warmup:g} s: {load.steady_fps:.1f} frames/s, "
+              f"{100 * load.steady_late:.2f}% late", flush=True)
     if load.rate_steps:
         print(" " * 15 + f"governor: {load.rate_steps} frame-rate steps; frames emitted "
               f"{load.offered_fps:.1f}/s", flush=True)
@@ -251,6 +285,9 @@ async def main() -> None:
     ap.add_argument("--json", type=Path, default=None,
                     help="also write the figures (capacity and every load) to this file")
     ap.add_argument("--seconds", type=float, default=6.0, help="stream seconds per room per load")
+    ap.add_argument("--warmup", type=float, default=2.0,
+                    help="seconds each load's steady figures leave out at its start (the rooms' "
+                         "first sentences, and the catch-up after them); whole-run figures keep them")
     ap.add_argument("--size", default="256x256", help="frame size WxH (portrait side = min)")
     ap.add_argument("--fps", type=int, default=25)
     ap.add_argument("--preset", default="lite", choices=sorted(RENDERER_PRESETS),
@@ -414,7 +451,8 @@ async def main() -> None:
             for mode in modes:
                 load = await run_load(pipelines[mode], n, quality, args.seconds, root / "out",
                                       encoder, mode, avatar, mixed=args.tiers == "mixed",
-                                      governor=not args.no_governor and mode != "ungoverned")
+                                      governor=not args.no_governor and mode != "ungoverned",
+                                      warmup=args.warmup)
                 results[mode].append(load)
                 print_load(mode, load)
         for pl in {id(pl): pl for pl in pipelines.values()}.values():
@@ -452,6 +490,7 @@ async def main() -> None:
         args.json.write_text(json.dumps({
             "size": args.size, "best_fps": best_fps, "capacity_rooms": capacity_rooms,
             "loads": {m: [{"rooms": ld.rooms, "fps": ld.rendered_fps, "late": ld.late_rate,
+                           "steady_fps": ld.steady_fps, "steady_late": ld.steady_late,
                            "by_tier": ld.by_tier, "host": ld.host} for ld in ls]
                       for m, ls in results.items()}}, indent=1))
 

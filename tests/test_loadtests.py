@@ -1,7 +1,8 @@
 """The load tests themselves: the packing simulator behind the load test's cost
 figures (on a small day of the trace, the bound is below every strategy, packing
 beats the baselines and consolidation beats packing alone), a tiny run of the scheduler load test (every phase against the
-real scheduler), a short run of the chaos load test, the autoscaling simulator, and a
+real scheduler), a short run of the chaos load test, the autoscaling simulator, the
+hand-off benchmark, the worker benchmark's steady window, and a
 short run of the camera rooms' benchmark."""
 
 from __future__ import annotations
@@ -220,3 +221,30 @@ def test_the_tts_benchmark_runs_every_backend() -> None:
     for mode, (_, rooms, p50, p95, rate, batch) in rows.items():
         assert rooms == "2" and 0 < float(p50) <= float(p95) and float(rate) > 1
         assert float(batch) >= 1 if mode != "http" else float(batch) == 0  # no device calls
+
+
+def test_the_handoff_benchmark_compares_the_two_ways_back_in_one_run() -> None:
+    out = subprocess.run(
+        [sys.executable, "loadtests/handoff_bench.py", "--batches", "4", "--loop-work-us", "0",
+         "--seconds", "0.3", "--repeats", "1"],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line.split()[2]: line.split() for line in out.stdout.splitlines()
+            if line.split()[:1] == ["4"]}
+    # batch, loop work, path, items/s, cpu us/item, mean batch: both paths ran items.
+    assert set(rows) == {"wrapped", "loop"}
+    assert all(float(r[3]) > 0 and 1.0 <= float(r[5]) <= 4.0 for r in rows.values())
+    assert "loop / wrapped:" in out.stdout
+
+
+@pytest.mark.slow
+def test_the_worker_benchmark_prints_a_steady_window_without_the_start() -> None:
+    out = subprocess.run(
+        [sys.executable, "loadtests/worker_bench.py", "--size", "64x64", "--rooms", "2",
+         "--modes", "batched", "--renderer", "null", "--encode", "off", "--seconds", "3",
+         "--warmup", "1"],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    steady = next(line for line in out.stdout.splitlines() if "steady, after the first 1 s:" in line)
+    # Two rooms at 25 fps, from 1 s to 2.75 s of the run.
+    assert 0 < float(steady.split(":")[1].split()[0]) <= 60
