@@ -7,12 +7,12 @@ items of one model and input shape into one onnxruntime call, splits the
 outputs back and resolves each item's future. Items the policy drops resolve
 with `DeadlineMissed`, and the room shows a replacement frame instead.
 
-A room on the event loop gets an asyncio future (`infer`, `infer_then`), and every
-item of a batch that belongs to one loop is delivered in one wake-up of that loop,
-not one per item: each cross-thread wake-up is a write to the loop's self-pipe and a
-hand-over of the interpreter lock between the device thread and the loop, and those
-hand-overs, not either thread's own work, are what limits a worker's host path.
-Threads get `concurrent.futures` futures (`submit`, `submit_then`).
+A room on the event loop gets an asyncio future (`infer`, `infer_then`), and the
+items of a batch that belong to one loop are delivered in one wake-up of that loop,
+not one per item: each cross-thread wake-up is a write to the loop's self-pipe, a
+hand-over of the interpreter lock and callbacks on both threads (about 30 us of CPU
+an item on a small CPU, `loadtests/handoff_bench.py`). Threads get
+`concurrent.futures` futures (`submit`, `submit_then`).
 
 A chained item (`infer_then`: a spoken frame's motion, then its render) is one
 future to the room: its second stage is made and queued on the device thread as
@@ -138,8 +138,12 @@ class _Replies:
             fut = typing.cast("concurrent.futures.Future[typing.Any]", r.future)
             if exc is _CANCEL:
                 fut.cancel()
-            elif fut.set_running_or_notify_cancel():  # False: cancelled by the caller meanwhile
-                fut.set_result(value) if exc is None else fut.set_exception(exc)
+            elif not fut.set_running_or_notify_cancel():  # cancelled by the caller meanwhile
+                pass
+            elif exc is None:
+                fut.set_result(value)
+            else:
+                fut.set_exception(exc)
             return
         self._by_loop.setdefault(r.loop, []).append(
             (typing.cast("asyncio.Future[typing.Any]", r.future), value, exc))
