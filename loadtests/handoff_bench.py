@@ -37,6 +37,7 @@ if str(ROOT) not in sys.path:  # run as a script: make the packages importable
     sys.path.insert(0, str(ROOT))
 
 from avatarfarm.latency import LatencyCurve  # noqa: E402
+from loadtests.worker_bench import write_identity_model  # noqa: E402
 from workers.device.batching import BatchPolicy  # noqa: E402
 from workers.device.engine import BatchKey, InferenceEngine  # noqa: E402
 from workers.device.onnx import OrtModel, ProviderChoice  # noqa: E402
@@ -54,21 +55,6 @@ class Run:
     items_per_second: float
     cpu_us_per_item: float
     mean_batch: float
-
-
-def write_null_model(path: Path) -> None:
-    """An identity of a mel window: a device call that costs (almost) nothing."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["mel"], ["out"])], "null_mel",
-        [helper.make_tensor_value_info("mel", TensorProto.FLOAT, ["B", N_MELS, MEL_WINDOW])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["B", N_MELS, MEL_WINDOW])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
 
 
 def busy(us: int) -> None:
@@ -123,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "null_mel.onnx"
-        write_null_model(path)
+        # An identity of a mel window: a device call that costs (almost) nothing.
+        write_identity_model(path, "null_mel", ("mel", ["B", N_MELS, MEL_WINDOW]), "out")
         model = OrtModel("null-mel", path, None, ProviderChoice(args.provider), intra_op_threads=1)
         print(f"device: {model.provider}; an identity of a [{N_MELS},{MEL_WINDOW}] mel window per item")
         print(f"{'batch':>5} {'loop work':>9}  {'path':8} {'items/s':>9} {'cpu us/item':>11} {'mean batch':>10}")

@@ -234,14 +234,22 @@ class DroppingEncoder(StreamEncoder):
 def write_null_renderer(path: Path) -> None:
     """A renderer of the reference interface that passes the portrait through: the
     device costs nothing, so what limits frames/s is the worker's own path."""
+    write_identity_model(path, "null_renderer", ("avatar", ["B", 3, "S", "S"]), "frame",
+                         extra_inputs=(("motion", ["B", 8]),))
+
+
+def write_identity_model(path: Path, name: str, passed: tuple[str, list[typing.Any]], output: str,
+                         extra_inputs: tuple[tuple[str, list[typing.Any]], ...] = ()) -> None:
+    """A float graph whose output is its input `passed` (a model call that costs
+    nothing), with `extra_inputs` fed and unused, as an interface may require."""
     import onnx
     from onnx import TensorProto, helper
 
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)
+              for n, shape in (passed, *extra_inputs)]
     graph = helper.make_graph(
-        [helper.make_node("Identity", ["avatar"], ["frame"])], "null_renderer",
-        [helper.make_tensor_value_info("avatar", TensorProto.FLOAT, ["B", 3, "S", "S"]),
-         helper.make_tensor_value_info("motion", TensorProto.FLOAT, ["B", 8])],
-        [helper.make_tensor_value_info("frame", TensorProto.FLOAT, ["B", 3, "S", "S"])])
+        [helper.make_node("Identity", [passed[0]], [output])], name, inputs,
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, passed[1])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
