@@ -237,6 +237,21 @@ def test_the_handoff_benchmark_compares_the_two_ways_back_in_one_run() -> None:
     assert "loop / wrapped:" in out.stdout
 
 
+def test_the_encoder_benchmark_prices_video_and_each_audio_coder_in_one_run() -> None:
+    out = subprocess.run(
+        [sys.executable, "loadtests/encode_bench.py", "--sizes", "64x64,96x48", "--frames", "10",
+         "--repeats", "1"],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()
+            if line.split()[:1] in (["64x64"], ["96x48"])}
+    assert set(rows) == {"64x64", "96x48"}
+    for r in rows.values():  # video, +twoloop, +fast, ratio, audio twoloop, audio fast
+        video, twoloop, fast = float(r[1]), float(r[2]), float(r[3])
+        assert 0 < video and 0 < fast and 0 < twoloop
+        assert float(r[4].rstrip("x")) == pytest.approx(twoloop / fast, rel=0.02)
+
+
 @pytest.mark.slow
 def test_the_worker_benchmark_prints_a_steady_window_without_the_start() -> None:
     out = subprocess.run(

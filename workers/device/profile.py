@@ -12,22 +12,21 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import tempfile
 import time
-import typing
 from dataclasses import dataclass
-from fractions import Fraction
+from pathlib import Path
 
-import av
 import numpy as np
 
-from avatarfarm.domain import HOST_TTS, Stage
+from avatarfarm.domain import HOST_TTS, OutputKind, Stage
 from avatarfarm.latency import LatencyCurve
 from workers.device.pipeline import AUDIO_TO_MOTION_KEY, LIPSYNC_KEY, VOICE_SAMPLE, Pipeline, to_canvas
 from workers.device.timing import batch_sizes, measure_curve, median_seconds, run_batch_of
 from workers.media.audio import MEL_WINDOW, N_MELS, SAMPLE_RATE
 from workers.media.motion import MOTION_DIM
 from workers.models.folder import DEFAULT_AVATAR
-from workers.output.encode import EncoderSettings, encoder_options
+from workers.output.encode import EncoderSettings, OutputTarget, StreamEncoder
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +101,7 @@ def measure(pipeline: Pipeline, render_sides: list[int], encode_sizes: list[tupl
         # As a room of this size draws it: the portrait at min(width, height), centred.
         frame = to_canvas(sample_frame, w, h, min(w, h)) if sample_frame is not None else \
             np.zeros((h, w, 3), np.uint8)
-        seconds = _encode_seconds(frame, codec, encoder.preset, iterations * 4)
+        seconds = encode_seconds(frame, speech.value, encoder, iterations * 4)
         out.append(LatencyProfile(Stage.ENCODE, codec, w, h, ((1, seconds),)))
     for p in out:
         b, rate = LatencyCurve(p.latencies).throughput()
@@ -111,22 +110,29 @@ def measure(pipeline: Pipeline, render_sides: list[int], encode_sizes: list[tupl
     return out
 
 
-def _encode_seconds(rgb: np.ndarray, codec: str, preset: str, frames: int) -> float:
-    """CPU seconds per frame (this thread's), colour conversion included: on a GPU
-    without NVENC this is the host's second capacity limit."""
+def encode_seconds(rgb: np.ndarray, speech: np.ndarray, settings: EncoderSettings, frames: int,
+                   fps: int = 25) -> float:
+    """CPU seconds per frame (this thread's) of a room's own encoder, writing a file: colour
+    conversion, video, the frame's share of ``speech`` (audio at SAMPLE_RATE, looped)
+    resampled and in AAC, and muxing. On a GPU without NVENC this is the host's second
+    capacity limit. The audio counts: AAC on speech costs as much as x264 on a small face."""
     h, w = rgb.shape[:2]
-    ctx = typing.cast(av.VideoCodecContext, av.CodecContext.create(codec, "w"))
-    ctx.width, ctx.height, ctx.pix_fmt = w, h, "yuv420p"
-    ctx.time_base = Fraction(1, 25)
-    ctx.options = encoder_options(codec, preset)
+    step = SAMPLE_RATE // fps
+    speech = np.resize(speech.astype(np.float32), max(speech.size, step))  # looped to >= a frame
     noise = np.random.default_rng(1)
-    t0 = time.thread_time()
-    for i in range(frames):
-        # Small changes per frame so the encoder does real work, as with a talking head.
-        img = rgb.copy()
-        img[h // 2: h // 2 + 16, :] = noise.integers(0, 255, (min(16, h - h // 2), w, 3), np.uint8)
-        frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format="yuv420p")
-        frame.pts = i
-        ctx.encode(frame)
-    ctx.encode(None)
-    return (time.thread_time() - t0) / frames
+    with tempfile.TemporaryDirectory() as tmp:
+        enc = StreamEncoder(OutputTarget(OutputKind.FILE, str(Path(tmp) / "profile.mp4")), w, h, fps,
+                            settings)
+        enc.open()
+        try:
+            t0 = time.thread_time()
+            for i in range(frames):
+                # Small changes per frame so the encoder does real work, as with a talking head.
+                img = rgb.copy()
+                img[h // 2: h // 2 + 16, :] = noise.integers(0, 255, (min(16, h - h // 2), w, 3),
+                                                             np.uint8)
+                at = i * step % (speech.size - step + 1)
+                enc.encode(img, speech[at: at + step])
+            return (time.thread_time() - t0) / frames
+        finally:
+            enc.close()
