@@ -57,6 +57,7 @@ import collections
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 import typing
@@ -65,8 +66,14 @@ from pathlib import Path
 
 import numpy as np
 
-from avatarfarm.avatars import BUNDLES, write_bundle_pointer
-from avatarfarm.domain import (
+# Run as a script from a checkout: that checkout's packages, not an installed copy's
+# (an A/B between two checkouts would otherwise measure one of them twice).
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from avatarfarm.avatars import BUNDLES, write_bundle_pointer  # noqa: E402
+from avatarfarm.domain import (  # noqa: E402
     DriveMode,
     Output,
     OutputKind,
@@ -75,25 +82,25 @@ from avatarfarm.domain import (
     SessionSpec,
     Tier,
 )
-from avatarfarm.preparation.bundle import prepare
-from avatarfarm.preparation.faces import TrackPolicy
-from avatarfarm.preparation.sample import astronaut_clip
-from workers.device.batching import BatchPolicy
-from workers.device.onnx import ProviderChoice, auto_intra_op_threads
-from workers.device.pipeline import Pipeline
-from workers.device.profile import measure
-from workers.device.timing import batch_sizes, measure_curve, run_batch_of
-from workers.families import liveportrait, musetalk
-from workers.families.features import WENET
-from workers.models.folder import add_liveportrait, add_musetalk, build_reference, use_wenet
-from workers.models.liveportrait import WARP_PRESETS
-from workers.models.musetalk import MUSETALK_PRESETS
-from workers.models.reference import RENDERER_PRESETS
-from workers.models.ultralight import AUDIO_SHAPE, HUBERT, UNET_PRESETS, WENET_AUDIO_SHAPE, build_ultralight
-from workers.models.wav2lip import WAV2LIP_PRESETS
-from workers.output.encode import EncoderSettings, OutputTarget, StreamEncoder
-from workers.rooms.governor import RoomGovernor
-from workers.rooms.room import Pacing, Room, RoomState
+from avatarfarm.preparation.bundle import prepare  # noqa: E402
+from avatarfarm.preparation.faces import TrackPolicy  # noqa: E402
+from avatarfarm.preparation.sample import astronaut_clip  # noqa: E402
+from workers.device.batching import BatchPolicy  # noqa: E402
+from workers.device.onnx import ProviderChoice, auto_intra_op_threads  # noqa: E402
+from workers.device.pipeline import Pipeline  # noqa: E402
+from workers.device.profile import measure  # noqa: E402
+from workers.device.timing import batch_sizes, measure_curve, run_batch_of  # noqa: E402
+from workers.families import liveportrait, musetalk  # noqa: E402
+from workers.families.features import WENET  # noqa: E402
+from workers.models.folder import add_liveportrait, add_musetalk, build_reference, use_wenet  # noqa: E402
+from workers.models.liveportrait import WARP_PRESETS  # noqa: E402
+from workers.models.musetalk import MUSETALK_PRESETS  # noqa: E402
+from workers.models.reference import RENDERER_PRESETS  # noqa: E402
+from workers.models.ultralight import AUDIO_SHAPE, HUBERT, UNET_PRESETS, WENET_AUDIO_SHAPE, build_ultralight  # noqa: E402
+from workers.models.wav2lip import WAV2LIP_PRESETS  # noqa: E402
+from workers.output.encode import EncoderSettings, OutputTarget, StreamEncoder  # noqa: E402
+from workers.rooms.governor import RoomGovernor  # noqa: E402
+from workers.rooms.room import Pacing, Room, RoomState  # noqa: E402
 
 SCRIPT = (ScriptSegment("Welcome back everyone, the flash sale starts in one minute, so get ready.", 0.5),
           ScriptSegment("These headphones have forty hours of battery and fold into your pocket.", 0.5))
