@@ -128,6 +128,8 @@ class Load:
     steady_fps: float = float("nan")
     steady_late: float = float("nan")
     warmup: float = 0.0
+    skipped: int = 0  # late frames given up before any work (a producer behind its clock)
+    merged: int = 0  # emitted frames held on one still waiting for its encoder
 
     @property
     def offered_fps(self) -> float:
@@ -204,7 +206,8 @@ async def run_load(pipeline: Pipeline, n: int, quality: Quality, seconds: float,
             "encode": sum(r.stats.stage_seconds["encode"] for r in rooms) - canvas}
     return Load(n, wall, frames, late, batches, stage, model_frames, by_tier,
                 {k: v / max(frames, 1) for k, v in host.items()}, gov.steps_taken,
-                steady_fps, steady_late, warmup)
+                steady_fps, steady_late, warmup, sum(r.stats.skipped_frames for r in rooms),
+                sum(r.stats.merged_frames for r in rooms))
 
 
 async def _steady(rooms: list[Room], start: float, end: float) -> tuple[float, float]:
@@ -279,6 +282,9 @@ def print_load(mode: str, load: Load) -> None:
     if load.rate_steps:
         print(" " * 15 + f"governor: {load.rate_steps} frame-rate steps; frames emitted "
               f"{load.offered_fps:.1f}/s", flush=True)
+    if load.skipped or load.merged:
+        print(" " * 15 + f"behind: {load.skipped} frames given up before any work, "
+              f"{load.merged} held on a frame waiting for its encoder", flush=True)
     print(" " * 15 + "host CPU ms/frame: " + ", ".join(
         f"{k} {v * 1000:.3f}" for k, v in load.host.items())
         + f" (sum {sum(load.host.values()) * 1000:.3f})", flush=True)

@@ -97,3 +97,12 @@ def speaking_and_quiet(path: Path | str, bundle: typing.Any, redrawn: int) -> tu
     20 frames (the pause)."""
     _, opened = video_avatar_mouths(path, bundle)
     return float(np.median(opened[:redrawn // 2])), float(np.median(opened[-20:]))
+
+
+def video_end(path: Path) -> float:
+    """Where the video ends: its last packet's time plus its duration (the stream may
+    hold frames of different lengths, so frames/fps would not say)."""
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        ends = [(p.pts + p.duration) * s.time_base for p in c.demux(s) if p.pts is not None]
+    return float(max(ends))

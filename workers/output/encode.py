@@ -59,6 +59,8 @@ VIDEO_TIME_BASE = Fraction(1, 90_000)
 # sound stays aligned to the sample. What is lost is the output's first 21 ms of audio.
 AAC_PRIMING = 1024  # samples at AUDIO_OUT_RATE
 ENCODER_QUEUE = 8  # frames an EncoderThread holds before the room sees back-pressure
+# The longest a still frame's repeats are merged into one (see EncoderThread.submit).
+MERGE_SECONDS = 1.0
 
 
 _NVENC_OPENS: bool | None = None
@@ -222,12 +224,14 @@ class StreamEncoder:
         self._audio = a
         self._resampler = av.AudioResampler(format="fltp", layout="mono", rate=AUDIO_OUT_RATE)
 
-    def encode(self, rgb: np.ndarray, audio: np.ndarray, fps: int | None = None) -> None:
-        """Appends one frame lasting 1/fps (default: the stream's rate) and its audio."""
+    def encode(self, rgb: np.ndarray, audio: np.ndarray, fps: int | None = None,
+               frames: int = 1) -> None:
+        """Appends one frame lasting frames/fps (fps default: the stream's rate) and its
+        audio (``frames`` periods of it: a still frame held that long)."""
         if self._withdrawn:
             return
         self._hold()
-        duration = Fraction(1, fps or self.fps)
+        duration = Fraction(frames, fps or self.fps)
         frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
         frame.pts = round(self._time / VIDEO_TIME_BASE)
         frame.time_base = VIDEO_TIME_BASE
@@ -387,6 +391,16 @@ def shared_encoder_pool() -> EncoderPool:
         return _SHARED_POOL
 
 
+@dataclass(slots=True)
+class _Queued:
+    """A frame waiting for its encoder: ``frames`` periods of 1/fps, their audio in order."""
+
+    rgb: np.ndarray
+    audio: list[np.ndarray]
+    fps: int | None
+    frames: int = 1
+
+
 class EncoderThread:
     """Runs a StreamEncoder behind a bounded queue, on its own thread or on an
     EncoderPool's (frames in order either way).
@@ -397,6 +411,13 @@ class EncoderThread:
     the encoder is behind, which the caller sees as back-pressure. The first
     error is kept and reported; later frames are discarded. ``on_encoded`` sees each
     RGB frame once it is encoded (on the encoder's thread: a camera room's preview).
+
+    A frame submitted again while it still waits in the queue (the room repeats its last
+    good frame for each late one) is not queued again: the waiting frame is held one
+    period longer and carries the new audio too, up to MERGE_SECONDS. The stream is the
+    same to a viewer (a still picture, the sound going on), but an encoder that fell
+    behind catches up at the cost of one frame, not one per period: under overload the
+    repeats were what kept it behind. An encoder that keeps up encodes every frame.
     """
 
     _STOP = object()
@@ -414,6 +435,7 @@ class EncoderThread:
         self.encode_seconds = 0.0  # CPU time of this thread per frame, preparing included
         self.prepare_seconds = 0.0  # of which turning the room's output into the RGB frame
         self.frames_encoded = 0
+        self.frames_merged = 0  # submitted frames held on a waiting one, not encoded apart
         self._opened = False  # open() was tried (by the thread or pool turn that owns it)
         self._open_ok = False
         self._done = threading.Event()
@@ -446,13 +468,15 @@ class EncoderThread:
             return False
         if self.error is not None:
             return True
-        rgb, audio, fps = typing.cast(tuple[np.ndarray, np.ndarray, int | None], item)
+        q = typing.cast(_Queued, item)
+        rgb = q.rgb
+        audio = q.audio[0] if len(q.audio) == 1 else np.concatenate(q.audio)
         try:
             t0 = time.thread_time()
             if self._last is None or self._last[0] is not rgb:
                 self._last = (rgb, self.prepare(rgb))
                 self.prepare_seconds += time.thread_time() - t0
-            self.encoder.encode(self._last[1], audio, fps)
+            self.encoder.encode(self._last[1], audio, q.fps, q.frames)
             self.encode_seconds += time.thread_time() - t0
             self.frames_encoded += 1
             if self.on_encoded is not None:
@@ -508,18 +532,36 @@ class EncoderThread:
                fps: int | None = None) -> None:
         """Queues a frame lasting 1/fps (default: the stream's rate); blocks while the
         encoder is behind (call from a thread)."""
-        self._queue.put((rgb, audio, fps), timeout=timeout)
+        if self._merge(rgb, audio, fps):
+            return
+        self._queue.put(_Queued(rgb, [audio], fps), timeout=timeout)
         if self._pool is not None:
             self._kick()
 
     def try_submit(self, rgb: np.ndarray, audio: np.ndarray, fps: int | None = None) -> bool:
+        """Queues a frame unless the queue is full (False: call `submit` from a thread)."""
+        if self._merge(rgb, audio, fps):
+            return True
         try:
-            self._queue.put_nowait((rgb, audio, fps))
+            self._queue.put_nowait(_Queued(rgb, [audio], fps))
         except queue.Full:
             return False
         if self._pool is not None:
             self._kick()
         return True
+
+    def _merge(self, rgb: np.ndarray, audio: np.ndarray, fps: int | None) -> bool:
+        """Holds the last waiting frame one period longer if it is this one (see the class)."""
+        with self._queue.mutex:  # the encoder takes items under it: what is queued is not taken
+            waiting = self._queue.queue
+            last = waiting[-1] if waiting else None
+            if not isinstance(last, _Queued) or last.rgb is not rgb or last.fps != fps or \
+                    last.frames >= MERGE_SECONDS * (fps or self.encoder.fps):
+                return False
+            last.audio.append(audio)
+            last.frames += 1
+            self.frames_merged += 1
+            return True
 
     def close(self, timeout: float = 30.0, *, end_output: bool = True,
               leave_open: bool = False) -> None:

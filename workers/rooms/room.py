@@ -122,6 +122,9 @@ class RoomStats:
     # Of late_frames: already past their deadline when their turn came (a producer behind
     # real time), so given up before any work was spent on them.
     skipped_frames: int = 0
+    # Emitted frames that repeated one still waiting for the encoder, and were held on it
+    # rather than encoded apart (see EncoderThread): a worker behind catching up cheaply.
+    merged_frames: int = 0
     speech_frames: int = 0
     stage_seconds: dict[str, float] = field(
         default_factory=lambda: {"tts": 0.0, "audio_to_motion": 0.0, "render": 0.0, "encode": 0.0,
@@ -821,6 +824,7 @@ class Room:
             self.stats.stream_time += Fraction(1, f.fps)
             self.stats.speech_frames += int(f.speaking)
             self.stats.stage_seconds["encode"] = enc.encode_seconds
+            self.stats.merged_frames = enc.frames_merged
             self.stats.canvas_seconds = enc.prepare_seconds
             if f.n == 0:
                 self._set(RoomState.RUNNING, "")

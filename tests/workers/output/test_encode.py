@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from avatarfarm.domain import OutputKind
-from tests.media import probe
+from tests.media import probe, video_end
 from workers.media.audio import SAMPLE_RATE
 from workers.output.encode import EncoderThread, StreamEncoder
 from workers.output.targets import OutputError, OutputTarget
@@ -74,7 +74,7 @@ def test_an_unreachable_rtmp_ingest_is_reported_not_raised(tmp_path: Path) -> No
     assert enc.error is not None
 
 
-def test_a_repeated_frame_is_prepared_once_and_encoded_each_time(tmp_path: Path) -> None:
+def test_a_repeated_frame_is_prepared_once(tmp_path: Path) -> None:
     target = OutputTarget.resolve(OutputKind.FILE, "r.mp4", tmp_path)
     prepared: list[int] = []
 
@@ -88,9 +88,59 @@ def test_a_repeated_frame_is_prepared_once_and_encoded_each_time(tmp_path: Path)
     for frame in (good, good, good, other, good):  # two late frames repeat the last good one
         enc.submit(frame, audio, timeout=10)
     enc.close()
-    assert enc.error is None and enc.frames_encoded == 5
+    # Encoded each time, or held on the waiting one where the encoder was behind.
+    assert enc.error is None and enc.frames_encoded + enc.frames_merged == 5
     assert prepared == [id(good), id(other), id(good)]
-    assert probe(tmp_path / "r.mp4").frames == 5
+    assert probe(tmp_path / "r.mp4").frames == enc.frames_encoded
+    assert video_end(tmp_path / "r.mp4") == pytest.approx(0.2)
+
+
+
+def test_an_encoder_behind_holds_a_repeated_frame_longer_instead_of_encoding_it_again(
+        tmp_path: Path) -> None:
+    """Repeats of a frame still waiting for the encoder (a room's late frames, while its
+    encoder is behind) become one longer frame: the stream keeps its time and all its
+    sound, and the encoder catches up at the cost of one frame."""
+    import threading
+
+    import av
+
+    target = OutputTarget.resolve(OutputKind.FILE, "r.mp4", tmp_path)
+    first_taken, go = threading.Event(), threading.Event()
+
+    def prepare(frame: np.ndarray) -> np.ndarray:
+        if not first_taken.is_set():  # the encoder is busy with the first frame ...
+            first_taken.set()
+            assert go.wait(10)  # ... until every other frame has been submitted
+        return frame
+
+    enc = EncoderThread(StreamEncoder(target, 64, 64, 25), prepare=prepare)
+    start, still, other = (np.full((64, 64, 3), v, np.uint8) for v in (30, 90, 200))
+    per = SAMPLE_RATE // 25
+    clicks = []
+    enc.submit(start, np.zeros(per, np.float32), timeout=10)
+    assert first_taken.wait(10)
+    for i, frame in enumerate((still, still, still, still, still, other, still), start=1):
+        audio = np.zeros(per, np.float32)
+        audio[:40] = 0.8  # a click at the start of every period: all the sound is kept
+        clicks.append(i * 0.04)
+        assert enc.try_submit(frame, audio)
+    go.set()
+    enc.close()
+    assert enc.error is None
+    # start; still for five periods (four held on it); other; still again, queued apart.
+    assert (enc.frames_encoded, enc.frames_merged) == (4, 4)
+    with av.open(target.location) as c:
+        times = [round(float(f.time), 3) for f in c.decode(c.streams.video[0])]
+    assert times == [0.0, 0.04, 0.24, 0.28]
+    assert video_end(Path(target.location)) == pytest.approx(0.32)
+    with av.open(target.location) as c:
+        frames = list(c.decode(audio=0))
+        t0 = float(frames[0].time)
+        samples = np.concatenate([f.to_ndarray()[0] for f in frames])
+    loud = np.flatnonzero(np.abs(samples) > 0.3) / 48_000 + t0
+    heard = sorted({round(float(t), 2) for t in loud})
+    assert all(any(abs(h - c) < 0.006 for h in heard) for c in clicks)
 
 
 @pytest.mark.parametrize("kind,name", [(OutputKind.FILE, "room.mp4"), (OutputKind.FILE, "room.flv"),
