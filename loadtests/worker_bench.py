@@ -234,7 +234,8 @@ class DroppingEncoder(StreamEncoder):
     def open(self) -> None:
         pass
 
-    def encode(self, rgb: np.ndarray, audio: np.ndarray, fps: int | None = None) -> None:
+    def encode(self, rgb: np.ndarray, audio: np.ndarray, fps: int | None = None,
+               frames: int = 1) -> None:
         pass
 
     def close(self) -> None:
