@@ -234,6 +234,9 @@ def test_the_worker_exports_its_metrics(tmp_path: Path, model_dir: Path) -> None
             assert 'avatarfarm_worker_frames_rendered_total{tier="premium"} 25.0' in text
             assert 'avatarfarm_worker_info{device_type="cpu",provider="CPUExecutionProvider"} 1.0' in text
             assert 'avatarfarm_worker_stage_seconds_total{stage="render"}' in text
+            # What a worker behind sheds, by tier (counted from the rooms' stats).
+            assert 'avatarfarm_worker_frames_given_up_total{tier="premium"}' in text
+            assert 'avatarfarm_worker_frames_held_total{tier="premium"}' in text
 
     run(body())
 

@@ -22,6 +22,15 @@ class WorkerMetrics:
         self.late = Counter("avatarfarm_worker_late_frames",
                             "Frames that missed their deadline and were replaced by the last good "
                             "frame", ["tier"], registry=r)
+        # Of those, two ways a worker past its capacity sheds work it cannot show: a frame
+        # whose deadline passed before its producer reached it, and a repeat held on a frame
+        # still waiting for its encoder. Rising, they say the host (not the device) is behind.
+        self.given_up = Counter("avatarfarm_worker_frames_given_up",
+                                "Late frames a room behind real time gave up before any work",
+                                ["tier"], registry=r)
+        self.held = Counter("avatarfarm_worker_frames_held",
+                            "Frames held on a repeat of them still waiting for the encoder, "
+                            "not encoded apart (the encoder was behind)", ["tier"], registry=r)
         self.batches = Counter("avatarfarm_worker_batches",
                                "Inference calls by model and batch size (the batch-size histogram)",
                                ["model", "batch_size"], registry=r)

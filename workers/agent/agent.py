@@ -20,7 +20,7 @@ import logging
 import math
 import time
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -52,6 +52,7 @@ from workers.rooms.room import (
     Room,
     RoomRefused,
     RoomState,
+    RoomStats,
     check_renderable,
     frame_buffer_bytes_per_pixel,
 )
@@ -163,7 +164,7 @@ class WorkerAgent:
         self.metrics = metrics or WorkerMetrics()
         self.rooms = RoomRegistry()
         self.governor = RoomGovernor()
-        self._reported: dict[str, tuple[int, int, dict[str, float]]] = {}
+        self._reported: dict[str, RoomStats] = {}  # each room's counters when last accounted
         self._engine_reported: dict[BatchKey, KeyStats] = {}
         self._services_reported: dict[str, tuple[int, int]] = {}  # TTS service: ok, failed
         self._corrections: dict[str, int] = {}
@@ -397,14 +398,16 @@ class WorkerAgent:
         return update
 
     def _account(self, room: Room) -> None:
-        frames, late, stages = self._reported.get(room.session_id, (0, 0, {}))
-        st = room.stats
+        st, before = room.stats, self._reported.get(room.session_id) or RoomStats()
         tier = room.spec.tier.value
-        self.metrics.frames.labels(tier).inc(st.frames_rendered - frames)
-        self.metrics.late.labels(tier).inc(st.late_frames - late)
+        self.metrics.frames.labels(tier).inc(st.frames_rendered - before.frames_rendered)
+        self.metrics.late.labels(tier).inc(st.late_frames - before.late_frames)
+        self.metrics.given_up.labels(tier).inc(st.skipped_frames - before.skipped_frames)
+        self.metrics.held.labels(tier).inc(st.merged_frames - before.merged_frames)
         for stage, secs in st.stage_seconds.items():
-            self.metrics.stage_seconds.labels(stage).inc(max(0.0, secs - stages.get(stage, 0.0)))
-        self._reported[room.session_id] = (st.frames_rendered, st.late_frames, dict(st.stage_seconds))
+            self.metrics.stage_seconds.labels(stage).inc(
+                max(0.0, secs - before.stage_seconds.get(stage, 0.0)))
+        self._reported[room.session_id] = replace(st, stage_seconds=dict(st.stage_seconds))
 
     def _account_engine(self) -> None:
         engine = self.pipeline.engine

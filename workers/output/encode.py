@@ -59,7 +59,7 @@ VIDEO_TIME_BASE = Fraction(1, 90_000)
 # sound stays aligned to the sample. What is lost is the output's first 21 ms of audio.
 AAC_PRIMING = 1024  # samples at AUDIO_OUT_RATE
 ENCODER_QUEUE = 8  # frames an EncoderThread holds before the room sees back-pressure
-# The longest a still frame's repeats are merged into one (see EncoderThread.submit).
+# The longest a still frame's repeats are merged into one (see EncoderThread).
 MERGE_SECONDS = 1.0
 
 

@@ -30,6 +30,7 @@ from avatarfarm.domain import (
     Quality,
     ScriptSegment,
     SessionSpec,
+    Tier,
 )
 from avatarfarm.egress import EgressPolicy
 from avatarfarm.v1 import types_pb2, workers_pb2, workers_pb2_grpc
@@ -334,3 +335,29 @@ def test_each_tenant_writes_in_a_folder_of_its_own(tmp_path: Path) -> None:
         with pytest.raises((OutputError, InvalidRequest)):
             assignment_from_pb(assign(make_spec("r", tenant="brand-a", output=Output(
                 OutputKind.FILE, path))), tmp_path, EgressPolicy())
+
+
+def test_the_worker_exports_what_a_room_behind_shed_by_tier(pipeline: Pipeline, tmp_path: Path) -> None:
+    """Frames given up unmade and repeats held on a waiting frame reach the worker's
+    metrics as counters per tier, each report adding what the room shed since the last."""
+    from workers.output.targets import OutputTarget
+    from workers.rooms.room import Room
+
+    agent = WorkerAgent("w1", "127.0.0.1:1", pipeline, [], "127.0.0.1:1", "cpu", tmp_path)
+    room = Room("s1", make_spec("r", tier=Tier.PREMIUM), OutputTarget.resolve(
+        OutputKind.FILE, "r.mp4", tmp_path), pipeline, pacing=Pacing.REALTIME)
+
+    def exported(name: str) -> float:
+        value = agent.metrics.registry.get_sample_value(name, {"tier": "premium"})
+        return value or 0.0
+
+    room.stats.frames_rendered, room.stats.late_frames = 50, 20
+    room.stats.skipped_frames, room.stats.merged_frames = 12, 7
+    agent._account(room)
+    room.stats.frames_rendered, room.stats.late_frames = 75, 22
+    room.stats.skipped_frames, room.stats.merged_frames = 13, 9
+    agent._account(room)
+    assert exported("avatarfarm_worker_frames_given_up_total") == 13
+    assert exported("avatarfarm_worker_frames_held_total") == 9
+    assert exported("avatarfarm_worker_late_frames_total") == 22
+    assert exported("avatarfarm_worker_frames_rendered_total") == 75
