@@ -15,6 +15,13 @@ prints, per size:
 On a worker without NVENC (CPUs, H100, H200) this is the host's second capacity limit
 after the model, and on a small face the audio is half of it.
 
+Then, at the first size, the encoders beside the interpreter lock (``--lock-seconds``;
+0 leaves it out): frames/s of 1 and 2 encoder threads alone, and beside a thread that
+runs Python all the time (as a loaded worker's event loop does), with that thread's
+own rate beside them as a share of its rate alone. PyAV gives the lock up inside
+FFmpeg, but an encode takes it back several times between FFmpeg's calls, and each
+time waits for the busy thread to let go of it.
+
     python loadtests/encode_bench.py
     python loadtests/encode_bench.py --sizes 128x128,1280x720 --frames 300 --preset superfast
 """
@@ -23,6 +30,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,11 +42,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make the packages importable
     sys.path.insert(0, str(ROOT))
 
+from avatarfarm.domain import OutputKind  # noqa: E402
 from workers.device.pipeline import VOICE_SAMPLE  # noqa: E402
 from workers.device.profile import encode_seconds  # noqa: E402
+from workers.media.audio import SAMPLE_RATE  # noqa: E402
 from workers.media.tts import EspeakTTS  # noqa: E402
 from workers.models.avatar import scale_image  # noqa: E402
-from workers.output.encode import EncoderSettings  # noqa: E402
+from workers.output.encode import EncoderSettings, OutputTarget, StreamEncoder  # noqa: E402
 
 CODERS = ("twoloop", "fast")
 
@@ -62,6 +74,48 @@ def measure(width: int, height: int, speech: np.ndarray, settings: EncoderSettin
     return {k: min(v) * 1e3 for k, v in runs.items()}
 
 
+def _python_rate(seconds: float) -> float:
+    """Iterations/s of a loop of pure Python: it holds the interpreter lock but for the
+    switch interval's hand-overs."""
+    n, end = 0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        n += 1
+    return n / seconds
+
+
+def beside_the_lock(rgb: np.ndarray, speech: np.ndarray, settings: EncoderSettings, threads: int,
+                    seconds: float, busy: bool) -> tuple[float, float]:
+    """Frames/s of `threads` rooms' encoders (one per thread, as the worker's pool runs
+    them), and the busy thread's Python rate (NaN when there is none)."""
+    h, w = rgb.shape[:2]
+    step = SAMPLE_RATE // 25
+    stop, counts = threading.Event(), [0] * threads
+
+    def encode(i: int, folder: str) -> None:
+        enc = StreamEncoder(OutputTarget(OutputKind.FILE, f"{folder}/{i}.mp4"), w, h, 25, settings)
+        enc.open()
+        k = 0
+        while not stop.is_set():
+            at = k * step % (speech.size - step)
+            enc.encode(rgb, speech[at: at + step])
+            k += 1
+        counts[i] = k
+        enc.close()
+
+    with tempfile.TemporaryDirectory() as folder:
+        workers = [threading.Thread(target=encode, args=(i, folder)) for i in range(threads)]
+        for t in workers:
+            t.start()
+        t0 = time.perf_counter()
+        rate = _python_rate(seconds) if busy else float("nan")
+        if not busy:
+            time.sleep(seconds)
+        stop.set()
+        for t in workers:
+            t.join()
+        return sum(counts) / (time.perf_counter() - t0), rate
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="128x128,256x256,512x512,1280x720",
@@ -69,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=200, help="frames per timed run")
     ap.add_argument("--repeats", type=int, default=3, help="runs per column; the best is printed")
     ap.add_argument("--preset", default=EncoderSettings().preset, help="x264 preset (default: the worker's)")
+    ap.add_argument("--lock-seconds", type=float, default=2.0,
+                    help="seconds per run of the interpreter-lock measurement (0: leave it out)")
     args = ap.parse_args(argv)
     sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",") if s]
     if not sizes or any(len(s) != 2 or min(s) < 16 for s in sizes):
@@ -86,6 +142,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{w}x{h:<6} {ms['video']:7.3f} {ms['twoloop']:9.3f} {ms['fast']:7.3f} "
               f"{ms['twoloop'] / ms['fast']:12.2f}x {ms['twoloop'] - ms['video']:14.3f} "
               f"{ms['fast'] - ms['video']:11.3f}", flush=True)
+    if args.lock_seconds > 0:
+        w, h = sizes[0]
+        rgb = photograph(w, h)
+        alone = _python_rate(args.lock_seconds)
+        print(f"\nencoders beside the interpreter lock at {w}x{h} (frames/s of all encoder threads; "
+              f"a Python thread's rate beside them, as a share of its {alone:,.0f}/s alone)")
+        for threads in (1, 2):
+            free, _ = beside_the_lock(rgb, speech, settings, threads, args.lock_seconds, busy=False)
+            held, rate = beside_the_lock(rgb, speech, settings, threads, args.lock_seconds, busy=True)
+            print(f"  encoder threads {threads}: alone {free:.0f} frames/s, beside busy Python "
+                  f"{held:.0f} ({held / free:.0%}); Python kept {rate / alone:.0%}", flush=True)
     return 0
 
 

@@ -240,7 +240,7 @@ def test_the_handoff_benchmark_compares_the_two_ways_back_in_one_run() -> None:
 def test_the_encoder_benchmark_prices_video_and_each_audio_coder_in_one_run() -> None:
     out = subprocess.run(
         [sys.executable, "loadtests/encode_bench.py", "--sizes", "64x64,96x48", "--frames", "10",
-         "--repeats", "1"],
+         "--repeats", "1", "--lock-seconds", "0.3"],
         capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()
@@ -250,6 +250,10 @@ def test_the_encoder_benchmark_prices_video_and_each_audio_coder_in_one_run() ->
         video, twoloop, fast = float(r[1]), float(r[2]), float(r[3])
         assert 0 < video and 0 < fast and 0 < twoloop
         assert float(r[4].rstrip("x")) == pytest.approx(twoloop / fast, rel=0.02)
+    # The interpreter-lock part, at the first size: 1 and 2 encoder threads, each encoding.
+    lock = [line.split() for line in out.stdout.splitlines() if "beside busy Python" in line]
+    assert [r[2] for r in lock] == ["1:", "2:"]
+    assert all(float(r[4]) > 0 and float(r[9]) > 0 for r in lock)
 
 
 @pytest.mark.slow
