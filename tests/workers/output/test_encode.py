@@ -95,7 +95,6 @@ def test_a_repeated_frame_is_prepared_once(tmp_path: Path) -> None:
     assert video_end(tmp_path / "r.mp4") == pytest.approx(0.2)
 
 
-
 def test_an_encoder_behind_holds_a_repeated_frame_longer_instead_of_encoding_it_again(
         tmp_path: Path) -> None:
     """Repeats of a frame still waiting for the encoder (a room's late frames, while its
