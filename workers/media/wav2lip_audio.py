@@ -287,7 +287,8 @@ class Wav2LipAudioStream:
     def finish(self, n_frames: int | None = None) -> np.ndarray:
         """Ends the audio; returns the remaining windows up to ``n_frames`` video frames in all.
 
-        ``n_frames`` defaults to :func:`n_video_frames` of the audio received.
+        ``n_frames`` defaults to :func:`n_video_frames` of the audio received. Windows
+        ``push`` already returned stay returned: below ``frames_emitted``, none more come.
         """
         if self._finished:
             raise Wav2LipAudioError("the stream is already finished")
