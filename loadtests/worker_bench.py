@@ -324,9 +324,10 @@ async def main() -> None:
                     help="null: a renderer that costs nothing, for the host path's own ceiling")
     ap.add_argument("--encode", default="on", choices=["on", "off"],
                     help="off: frames are converted to their canvas and dropped, not encoded")
-    ap.add_argument("--encoders", default="pooled", choices=["pooled", "per-room"],
-                    help="pooled: rooms' encoders share as many threads as cores (the worker's "
-                         "way); per-room: a thread per room, to compare")
+    ap.add_argument("--encoders", default="pooled", choices=["processes", "pooled", "per-room"],
+                    help="processes: encoder processes of their own, one per core, off the "
+                         "worker's interpreter lock; pooled: rooms' encoders share as many "
+                         "threads as cores in the worker process; per-room: a thread per room")
     ap.add_argument("--no-governor", action="store_true",
                     help="leave the worker's frame-rate governor out (every room at its rate)")
     ap.add_argument("--no-shed", action="store_true",
@@ -362,7 +363,9 @@ async def main() -> None:
         setattr(room_module, "shared_encoder_pool", lambda: None)  # noqa: B010 - a thread per room
     w, _, h = args.size.partition("x")
     quality = Quality(int(w), int(h or w), args.fps)
-    encoder = EncoderSettings(preset=args.encoder_preset)
+    # --encode off drops frames in the worker process (DroppingEncoder): no processes.
+    processes = -1 if args.encoders == "processes" and args.encode == "on" else 0
+    encoder = EncoderSettings(preset=args.encoder_preset, processes=processes)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         folder = build_reference(root / "models", args.preset, wav2lip=args.wav2lip)

@@ -64,9 +64,11 @@ def ended(s: types_pb2.Session) -> bool:
     return s.state in client.TERMINAL
 
 
-def test_a_text_room_renders_speech_and_idle_to_a_playable_file(tmp_path: Path, model_dir: Path) -> None:
+@pytest.mark.parametrize("encoder_processes", [0, 1], ids=["encoder-threads", "encoder-process"])
+def test_a_text_room_renders_speech_and_idle_to_a_playable_file(tmp_path: Path, model_dir: Path,
+                                                               encoder_processes: int) -> None:
     async def body() -> None:
-        async with farm(tmp_path, model_dir) as (stub, _worker):
+        async with farm(tmp_path, model_dir, encoder_processes=encoder_processes) as (stub, _worker):
             s = await stub.CreateSession(sessions_pb2.CreateSessionRequest(spec=client.spec(
                 "vendor", "room-1", width=320, height=256, fps=25, file_path="rooms/room-1.mp4",
                 seconds=6.0, script=[types_pb2.ScriptSegment(text=SPEECH)])))

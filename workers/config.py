@@ -74,6 +74,10 @@ class WorkerConfig:
     encoder_codec: str = field("auto", "video encoder: auto (h264_nvenc where the GPU has NVENC, "
                                        "else libx264), libx264, h264_nvenc")
     encoder_preset: str = field("veryfast", "libx264 preset")
+    encoder_processes: int = field(
+        0, "processes that encode file and HLS outputs, each holding many rooms' encoders, "
+           "off this process's interpreter lock (-1: one per core; 0: encoder threads in this "
+           "process); RTMP outputs always keep a thread of their own")
     profile_render_sides: str = field("256,512", "portrait sides the renderer is measured at")
     profile_encode_sizes: str = field("512x512,1280x720", "frame sizes the encoder is measured at")
     profile_iterations: int = field(5, "timed calls per measured size")
@@ -109,6 +113,9 @@ class WorkerConfig:
         # Refused at start-up with the option's name, not half-way through profiling.
         self.render_sides()
         self.encode_sizes()
+        if self.encoder_processes < -1:
+            raise ValueError(f"encoder_processes: {self.encoder_processes} is not -1, 0 or a "
+                             "number of processes")
 
     def render_sides(self) -> list[int]:
         return [w for w, _ in _sizes("profile_render_sides", self.profile_render_sides, square=True)]

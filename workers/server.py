@@ -108,7 +108,8 @@ async def start(config: WorkerConfig) -> RunningWorker:
                         BatchPolicy(max_batch=config.max_batch, max_wait=config.batch_wait))
     device_type = config.device_type or ("cpu" if pipeline.provider == "CPUExecutionProvider" else "gpu")
     log.info("models loaded from %s; provider in use: %s", folder.root, pipeline.provider)
-    encoder = EncoderSettings(codec=config.encoder_codec, preset=config.encoder_preset)
+    encoder = EncoderSettings(codec=config.encoder_codec, preset=config.encoder_preset,
+                              processes=config.encoder_processes)
     profiles = await asyncio.to_thread(measure, pipeline, config.render_sides(),
                                        config.encode_sizes(), config.profile_iterations, encoder,
                                        config.max_batch)

@@ -109,11 +109,34 @@ class EncoderSettings:
     # mono keeps the waveform closer too (tests/workers/output/test_encode.py).
     aac_coder: str = "fast"
     hls_segment_seconds: float = 2.0
+    # Where outputs on local disk are encoded: in this many processes of their own, off
+    # the worker's interpreter lock (-1: one per core, see pool_threads; 0: on threads of
+    # the worker process). RTMP outputs always keep a thread of their own (a stalled ingest
+    # would hold up every room of a shared process). See workers.output.encoder_process.
+    processes: int = 0
 
     def video_codec(self) -> str:
         if self.codec == "auto":
             return "h264_nvenc" if nvenc_available() else "libx264"
         return self.codec
+
+
+class Encoder(typing.Protocol):
+    """What an EncoderThread runs: a StreamEncoder here, or one in an encoder process
+    (``workers.output.encoder_process.RemoteEncoder``)."""
+
+    target: OutputTarget
+    location: str
+    fps: int
+    leave_open: bool
+    # CPU seconds spent on this output outside the thread that calls it (another process's).
+    offloaded_seconds: float
+
+    def open(self) -> None: ...
+    def encode(self, rgb: np.ndarray, audio: np.ndarray, fps: int | None = None,
+               frames: int = 1) -> None: ...
+    def withdraw(self) -> None: ...
+    def close(self) -> None: ...
 
 
 class StreamEncoder:
@@ -152,6 +175,7 @@ class StreamEncoder:
         self._superseded: Superseded | None = None
         self._withdrawn = False  # set from another thread: a plain flag, read per frame
         self.leave_open = False  # a clean close that leaves the output to a continuation
+        self.offloaded_seconds = 0.0  # all its work runs on the calling thread
         self._hls: HlsPublisher | None = None
         self._container: Any = None
         self._video: Any = None
@@ -423,7 +447,7 @@ class EncoderThread:
     _STOP = object()
     BURST = 4  # frames a pooled encoder takes per turn before other rooms get theirs
 
-    def __init__(self, encoder: StreamEncoder, max_queue: int = ENCODER_QUEUE,
+    def __init__(self, encoder: Encoder, max_queue: int = ENCODER_QUEUE,
                  prepare: typing.Callable[[np.ndarray], np.ndarray] = lambda rgb: rgb,
                  pool: EncoderPool | None = None, priority: int = 1,
                  on_encoded: typing.Callable[[np.ndarray], None] | None = None) -> None:
@@ -432,7 +456,7 @@ class EncoderThread:
         self.on_encoded = on_encoded
         self._queue: queue.Queue[object] = queue.Queue(maxsize=max_queue)
         self.error: BaseException | None = None
-        self.encode_seconds = 0.0  # CPU time of this thread per frame, preparing included
+        self._thread_seconds = 0.0  # CPU time of this thread on frames, preparing included
         self.prepare_seconds = 0.0  # of which turning the room's output into the RGB frame
         self.frames_encoded = 0
         self.frames_merged = 0  # submitted frames held on a waiting one, not encoded apart
@@ -452,6 +476,11 @@ class EncoderThread:
             self._thread.start()
         else:
             self._kick()
+
+    @property
+    def encode_seconds(self) -> float:
+        """CPU seconds spent on this output's frames, preparing included, wherever they ran."""
+        return self._thread_seconds + self.encoder.offloaded_seconds
 
     def _open(self) -> None:
         try:
@@ -477,7 +506,7 @@ class EncoderThread:
                 self._last = (rgb, self.prepare(rgb))
                 self.prepare_seconds += time.thread_time() - t0
             self.encoder.encode(self._last[1], audio, q.fps, q.frames)
-            self.encode_seconds += time.thread_time() - t0
+            self._thread_seconds += time.thread_time() - t0
             self.frames_encoded += 1
             if self.on_encoded is not None:
                 self.on_encoded(self._last[1])

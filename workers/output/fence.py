@@ -32,6 +32,10 @@ class Superseded(RuntimeError):
         super().__init__(f"output {location} (assignment {epoch}) taken over by assignment {holder}")
         self.location, self.epoch, self.holder = location, epoch, holder
 
+    def __reduce__(self) -> tuple[type[Superseded], tuple[str, int, int]]:
+        # Raised in an encoder process and raised again in the worker (encoder_process).
+        return Superseded, (self.location, self.epoch, self.holder)
+
 
 def fence_path(target: OutputTarget) -> Path | None:
     """The fence file of a logical output; None for RTMP (the ingest is not in our folder)."""

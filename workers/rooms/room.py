@@ -88,11 +88,13 @@ from workers.media.motion import IdleAnimator, compose, reference_motion
 from workers.models.wav2lip import WAV2LIP_FACE
 from workers.output.encode import (
     ENCODER_QUEUE,
+    Encoder,
     EncoderSettings,
     EncoderThread,
     StreamEncoder,
     shared_encoder_pool,
 )
+from workers.output.encoder_process import RemoteEncoder, shared_encoder_processes
 from workers.output.fence import Superseded
 from workers.output.preview import PreviewTap
 from workers.output.targets import OutputTarget
@@ -497,15 +499,22 @@ class Room:
 
             metadata = ({"comment": f"AI-generated content (label: {self.label.text})"}
                         if self.label else {})
+            settings = self.encoder_settings
+            output = (self.target, q.width, q.height, q.fps, settings)
+            options: dict[str, typing.Any] = dict(epoch=self.epoch, continuation=self.continuation,
+                                                  metadata=metadata, connect_to=connect_to)
+            encoder: Encoder
+            if self.target.kind is OutputKind.RTMP:
+                # An RTMP push keeps a thread of its own: a stalled ingest holds up no other room.
+                encoder, pool = StreamEncoder(*output, **options), None
+            elif settings.processes:  # outputs on local disk: in the encoder processes
+                processes = shared_encoder_processes(settings.processes)
+                encoder, pool = RemoteEncoder(processes, *output, **options), processes.pool
+            else:  # or on the worker's shared encoder threads
+                encoder, pool = StreamEncoder(*output, **options), shared_encoder_pool()
             self._encoder = EncoderThread(
-                StreamEncoder(self.target, q.width, q.height, q.fps, self.encoder_settings,
-                              epoch=self.epoch, continuation=self.continuation,
-                              metadata=metadata, connect_to=connect_to),
-                prepare=prepare,
-                # Outputs on local disk share the process's encoder threads; an RTMP push
-                # keeps its own, so a stalled ingest holds up no other room.
-                pool=None if self.target.kind is OutputKind.RTMP else shared_encoder_pool(),
-                priority=self.priority, on_encoded=preview.offer if preview is not None else None)
+                encoder, prepare=prepare, pool=pool, priority=self.priority,
+                on_encoded=preview.offer if preview is not None else None)
             await self._frames(avatar)
         except asyncio.CancelledError:
             self._set(RoomState.FAILED, "worker shutting down")

@@ -38,6 +38,7 @@ def load(argv: list[str]) -> WorkerConfig:
     ("--profile-render-sides", "8", "between 16 and 3840"),
     ("--profile-render-sides", "256x256", "is not a side"),
     ("--profile-render-sides", "", "at least one"),
+    ("--encoder-processes", "-2", "encoder_processes: -2 is not -1, 0 or a number of processes"),
 ])
 def test_unusable_profile_sizes_are_refused_with_what_to_change(flag: str, value: str, says: str) -> None:
     with pytest.raises(ValueError, match=says):
