@@ -20,7 +20,9 @@ Then, at the first size, the encoders beside the interpreter lock (``--lock-seco
 runs Python all the time (as a loaded worker's event loop does), with that thread's
 own rate beside them as a share of its rate alone. PyAV gives the lock up inside
 FFmpeg, but an encode takes it back several times between FFmpeg's calls, and each
-time waits for the busy thread to let go of it.
+time waits for the busy thread to let go of it. The same with each thread's encoder in
+an encoder process (``workers.output.encoder_process``): the thread only copies the
+frame and waits for the answer, which still takes the lock a few times per frame.
 
     python loadtests/encode_bench.py
     python loadtests/encode_bench.py --sizes 128x128,1280x720 --frames 300 --preset superfast
@@ -48,7 +50,8 @@ from workers.device.profile import encode_seconds  # noqa: E402
 from workers.media.audio import SAMPLE_RATE  # noqa: E402
 from workers.media.tts import EspeakTTS  # noqa: E402
 from workers.models.avatar import scale_image  # noqa: E402
-from workers.output.encode import EncoderSettings, OutputTarget, StreamEncoder  # noqa: E402
+from workers.output.encode import Encoder, EncoderSettings, OutputTarget, StreamEncoder  # noqa: E402
+from workers.output.encoder_process import EncoderProcesses, RemoteEncoder  # noqa: E402
 
 CODERS = ("twoloop", "fast")
 
@@ -84,15 +87,21 @@ def _python_rate(seconds: float) -> float:
 
 
 def beside_the_lock(rgb: np.ndarray, speech: np.ndarray, settings: EncoderSettings, threads: int,
-                    seconds: float, busy: bool) -> tuple[float, float]:
+                    seconds: float, busy: bool, processes: bool = False) -> tuple[float, float]:
     """Frames/s of `threads` rooms' encoders (one per thread, as the worker's pool runs
-    them), and the busy thread's Python rate (NaN when there is none)."""
+    them; with `processes`, each thread's encoder in an encoder process of its own), and
+    the busy thread's Python rate (NaN when there is none)."""
     h, w = rgb.shape[:2]
     step = SAMPLE_RATE // 25
     stop, counts = threading.Event(), [0] * threads
+    children = EncoderProcesses(threads) if processes else None
+    if children is not None:
+        children.start()  # started and ready before the clock starts
 
     def encode(i: int, folder: str) -> None:
-        enc = StreamEncoder(OutputTarget(OutputKind.FILE, f"{folder}/{i}.mp4"), w, h, 25, settings)
+        target = OutputTarget(OutputKind.FILE, f"{folder}/{i}.mp4")
+        enc: Encoder = (RemoteEncoder(children, target, w, h, 25, settings) if children is not None
+                        else StreamEncoder(target, w, h, 25, settings))
         enc.open()
         k = 0
         while not stop.is_set():
@@ -113,6 +122,8 @@ def beside_the_lock(rgb: np.ndarray, speech: np.ndarray, settings: EncoderSettin
         stop.set()
         for t in workers:
             t.join()
+        if children is not None:
+            children.stop()
         return sum(counts) / (time.perf_counter() - t0), rate
 
 
@@ -148,11 +159,16 @@ def main(argv: list[str] | None = None) -> int:
         alone = _python_rate(args.lock_seconds)
         print(f"\nencoders beside the interpreter lock at {w}x{h} (frames/s of all encoder threads; "
               f"a Python thread's rate beside them, as a share of its {alone:,.0f}/s alone)")
-        for threads in (1, 2):
-            free, _ = beside_the_lock(rgb, speech, settings, threads, args.lock_seconds, busy=False)
-            held, rate = beside_the_lock(rgb, speech, settings, threads, args.lock_seconds, busy=True)
-            print(f"  encoder threads {threads}: alone {free:.0f} frames/s, beside busy Python "
-                  f"{held:.0f} ({held / free:.0%}); Python kept {rate / alone:.0%}", flush=True)
+        for processes in (False, True):
+            for threads in (1, 2):
+                free, _ = beside_the_lock(rgb, speech, settings, threads, args.lock_seconds,
+                                          busy=False, processes=processes)
+                held, rate = beside_the_lock(rgb, speech, settings, threads, args.lock_seconds,
+                                             busy=True, processes=processes)
+                what = "encoder processes" if processes else "encoder threads"
+                print(f"  {what:>17} {threads}: alone {free:.0f} frames/s, beside busy Python "
+                      f"{held:.0f} ({held / max(free, 1e-9):.0%}); Python kept {rate / alone:.0%}",
+                      flush=True)
     return 0
 
 

@@ -224,9 +224,11 @@ def test_the_encoder_benchmark_prices_video_and_each_audio_coder_in_one_run() ->
         video, twoloop, fast = float(r[1]), float(r[2]), float(r[3])
         assert 0 < video and 0 < fast and 0 < twoloop
         assert float(r[4].rstrip("x")) == pytest.approx(twoloop / fast, rel=0.02)
-    # The interpreter-lock part, at the first size: 1 and 2 encoder threads, each encoding.
+    # The interpreter-lock part, at the first size: 1 and 2 encoder threads, then encoder
+    # processes, each encoding.
     lock = [line.split() for line in out.splitlines() if "beside busy Python" in line]
-    assert [r[2] for r in lock] == ["1:", "2:"]
+    assert [(r[1], r[2]) for r in lock] == [("threads", "1:"), ("threads", "2:"),
+                                            ("processes", "1:"), ("processes", "2:")]
     assert all(float(r[4]) > 0 and float(r[9]) > 0 for r in lock)
 
 

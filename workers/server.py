@@ -29,6 +29,7 @@ from workers.ingest.webrtc import WebRtcEndpoint
 from workers.metrics import WorkerMetrics
 from workers.models.folder import ModelFolder
 from workers.output.encode import EncoderSettings
+from workers.output.encoder_process import shared_encoder_processes
 from workers.rooms.live_input import SERVER_OPTIONS as LIVE_INPUT_OPTIONS
 from workers.rooms.live_input import LiveInputService
 
@@ -110,6 +111,8 @@ async def start(config: WorkerConfig) -> RunningWorker:
     log.info("models loaded from %s; provider in use: %s", folder.root, pipeline.provider)
     encoder = EncoderSettings(codec=config.encoder_codec, preset=config.encoder_preset,
                               processes=config.encoder_processes)
+    if encoder.processes:  # ready before the first room, which would otherwise wait for them
+        await asyncio.to_thread(shared_encoder_processes(encoder.processes).start)
     profiles = await asyncio.to_thread(measure, pipeline, config.render_sides(),
                                        config.encode_sizes(), config.profile_iterations, encoder,
                                        config.max_batch)

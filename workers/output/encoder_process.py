@@ -163,6 +163,17 @@ class EncoderProcesses:
         self.lock = threading.Lock()  # guards the process list and their room counts
         self._ids = itertools.count(1)
 
+    def start(self) -> None:
+        """Starts every process now and waits until each answers (a child takes a few
+        tenths of a second to import its encoder): the first rooms' frames need not wait."""
+        with self.lock:
+            self._processes = [p for p in self._processes if p.alive]
+            while len(self._processes) < self.size:
+                self._processes.append(EncoderProcess())
+            processes = list(self._processes)
+        for p in processes:
+            p.call(0, ("ping", 0))
+
     def place(self) -> tuple[EncoderProcess, int]:
         """A process for a new room's encoder and the room's number in it."""
         with self.lock:
@@ -294,7 +305,9 @@ def serve(conn: Connection) -> None:
         t0 = time.thread_time()
         error: BaseException | None = None
         try:
-            if op == "open":
+            if op == "ping":
+                pass
+            elif op == "open":
                 path, (target, width, height, fps, settings, options) = message[2], message[3]
                 with open(path, "r+b") as f:
                     buffer = mmap.mmap(f.fileno(), width * height * 3)
