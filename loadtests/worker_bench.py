@@ -56,6 +56,7 @@ import asyncio
 import collections
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -99,6 +100,7 @@ from workers.models.reference import RENDERER_PRESETS  # noqa: E402
 from workers.models.ultralight import AUDIO_SHAPE, HUBERT, UNET_PRESETS, WENET_AUDIO_SHAPE, build_ultralight  # noqa: E402
 from workers.models.wav2lip import WAV2LIP_PRESETS  # noqa: E402
 from workers.output.encode import EncoderSettings, OutputTarget, StreamEncoder  # noqa: E402
+from workers.output.encoder_process import shared_encoder_processes  # noqa: E402
 from workers.rooms.governor import RoomGovernor  # noqa: E402
 from workers.rooms.room import Pacing, Room, RoomState  # noqa: E402
 
@@ -130,6 +132,7 @@ class Load:
     warmup: float = 0.0
     skipped: int = 0  # late frames given up before any work (a producer behind its clock)
     merged: int = 0  # emitted frames held on one still waiting for its encoder
+    per_trip: float = float("nan")  # requests per message to the encoder processes (if used)
 
     @property
     def offered_fps(self) -> float:
@@ -167,6 +170,7 @@ async def run_load(pipeline: Pipeline, n: int, quality: Quality, seconds: float,
         target = OutputTarget.resolve(OutputKind.FILE, spec.output.target, out)
         rooms.append(Room(f"s{i}", spec, target, pipeline, pacing=Pacing.REALTIME,
                           encoder=encoder, seed=i, sync_interval_seconds=1e9))
+    trips = shared_encoder_processes().round_trips() if encoder.processes else (0, 0)
     t0 = time.perf_counter()
     loop_cpu, engine_cpu = time.thread_time(), pipeline.engine.host_seconds
     # Rooms start spread over one frame period, as independent rooms would.
@@ -204,10 +208,15 @@ async def run_load(pipeline: Pipeline, n: int, quality: Quality, seconds: float,
     canvas = sum(r.stats.canvas_seconds for r in rooms)
     host = {"event loop": loop_cpu, "device thread": engine_cpu, "canvas": canvas,
             "encode": sum(r.stats.stage_seconds["encode"] for r in rooms) - canvas}
+    per_trip = float("nan")
+    if encoder.processes:
+        messages, requests = (b - a for a, b in zip(trips, shared_encoder_processes().round_trips(),
+                                                    strict=True))
+        per_trip = requests / max(messages, 1)
     return Load(n, wall, frames, late, batches, stage, model_frames, by_tier,
                 {k: v / max(frames, 1) for k, v in host.items()}, gov.steps_taken,
                 steady_fps, steady_late, warmup, sum(r.stats.skipped_frames for r in rooms),
-                sum(r.stats.merged_frames for r in rooms))
+                sum(r.stats.merged_frames for r in rooms), per_trip)
 
 
 async def _steady(rooms: list[Room], start: float, end: float) -> tuple[float, float]:
@@ -286,6 +295,8 @@ def print_load(mode: str, load: Load) -> None:
     if load.skipped or load.merged:
         print(" " * 15 + f"behind: {load.skipped} frames given up before any work, "
               f"{load.merged} held on a frame waiting for its encoder", flush=True)
+    if not math.isnan(load.per_trip):
+        print(" " * 15 + f"encoder processes: {load.per_trip:.1f} requests a round trip", flush=True)
     print(" " * 15 + "host CPU ms/frame: " + ", ".join(
         f"{k} {v * 1000:.3f}" for k, v in load.host.items())
         + f" (sum {sum(load.host.values()) * 1000:.3f})", flush=True)

@@ -4,22 +4,22 @@ PyAV releases the interpreter lock inside FFmpeg, but one encode takes it back s
 times (wrapping the frame, stamping it, muxing, resampling the audio). On a loaded worker
 every one of those waits for the event loop and the device thread to let go of it: an
 encoder thread beside a thread running Python all the time encodes ~1% of what it does
-alone (``loadtests/encode_bench.py --lock-seconds``). So the outputs on local disk are
-encoded in a few processes (one per core by default), each holding many rooms'
-``StreamEncoder``s, and the worker process keeps only the cheap part: preparing the frame
-and copying it into the room's shared frame buffer.
+alone (``loadtests/encode_bench.py``). So the outputs on local disk can be encoded in a
+few processes, each holding many rooms' ``StreamEncoder``s, and the worker process keeps
+only the cheap part: preparing each frame and copying it into the room's shared buffer.
 
-One call per frame, answered before the room's next one (``RemoteEncoder``): the room's
-encoder turns still run on an ``EncoderPool`` thread, which now waits on a socket
-without the lock instead of encoding under it. Frames go through a memory-mapped file
-per room (one copy, no pickling); the messages carry only the frame's shape, its audio
-and its timing. A child's CPU time per call comes back with its answer, so a room's
-encoding cost is still measured whole.
+Each taking of the lock is a wait on a busy worker, so the worker's side takes it as few
+times per frame as it can. A room's frame goes into a free slot of the room's ring (a
+memory-mapped file both processes map: one copy, no pickling) and onto its process's
+list of requests, and the room goes on. One sender thread per process sends everything
+listed in one message and takes the answers in one: the busier the worker, the more
+frames each round trip carries. An encoder error comes back with its frame's answer and
+is raised at the room's next call (``Superseded`` included: a newer assignment holds
+the output); the child's CPU time comes back too, so a room's encoding is measured whole.
 
-Errors come back as the exception the encoder raised (``Superseded`` included: a newer
-assignment holds the output). A child that dies fails its rooms' outputs, not the
-worker; the next room starts a fresh one. A child whose worker died sees its socket
-close and exits, as the encoder threads would have died with it.
+A child that dies fails its rooms' outputs, not the worker; the next room starts a fresh
+one. A child whose worker died sees its socket close and exits, as the encoder threads
+would have died with it: what is written stays (fragmented MP4, published segments).
 """
 
 from __future__ import annotations
@@ -54,9 +54,12 @@ class EncoderProcessDied(RuntimeError):
     """The process encoding a room's output ended under it."""
 
 
+RING = 4  # frame slots per room: frames a room may have on their way to its process
+
+
 @dataclass(slots=True)
 class _Call:
-    """One request waiting for its answer (a room has at most one in flight)."""
+    """A request whose caller waits for its answer (open, close, ping)."""
 
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
@@ -66,8 +69,9 @@ class _Call:
 class EncoderProcess:
     """One child process and the worker's end of its socket.
 
-    Requests from many pool threads share the socket (sent under a lock); a reader
-    thread hands each answer to the call waiting for it.
+    Requests are listed by the rooms' threads and sent by one sender thread, all that
+    are listed in one message; the child answers each message with one list. Requests
+    are answered in the order they were listed, so a room's close follows its frames.
     """
 
     def __init__(self) -> None:
@@ -80,67 +84,78 @@ class EncoderProcess:
         self.process = subprocess.Popen([sys.executable, "-m", "workers.output.encoder_process", str(fd)],
                                         pass_fds=(fd,), env=env, stdin=subprocess.DEVNULL)
         theirs.close()
-        self._socket = mine  # shut down to end the child: closing alone leaves the reader's recv
+        self._socket = mine  # shut down to end the child: closing alone leaves a recv waiting
         self._conn = Connection(os.dup(mine.fileno()))
-        self._send_lock = threading.Lock()
-        self._calls: dict[int, _Call] = {}
-        self._calls_lock = threading.Lock()
-        self.rooms = 0  # encoders placed here and not yet closed
+        self._lock = threading.Condition()
+        # Listed, not yet sent: (the request, whom its answer goes to).
+        self._listed: list[tuple[tuple[typing.Any, ...], RemoteEncoder | _Call]] = []
+        self._open: set[RemoteEncoder] = set()  # rooms with an output here
+        self.rooms = 0  # encoders placed here and not yet closed (EncoderProcesses.lock)
         self.alive = True
         self._stopping = False
-        self._reader = threading.Thread(target=self._read, name=f"encoder-process-{self.process.pid}",
+        self.messages = 0  # round trips so far
+        self.requests = 0  # requests in them
+        self._sender = threading.Thread(target=self._send, name=f"encoder-process-{self.process.pid}",
                                         daemon=True)
-        self._reader.start()
+        self._sender.start()
 
-    def call(self, room: int, message: tuple[typing.Any, ...]) -> float:
-        """Sends a request and waits for its answer; the child's CPU seconds on it.
-        Raises what the child's encoder raised."""
-        c = _Call()
-        with self._calls_lock:
+    def post(self, request: tuple[typing.Any, ...], to: RemoteEncoder | _Call) -> None:
+        """Lists a request for the next message; its answer goes to `to`."""
+        with self._lock:
             if not self.alive:
                 raise EncoderProcessDied(f"encoder process {self.process.pid} has ended")
-            self._calls[room] = c
-        try:
-            with self._send_lock:
-                self._conn.send(message)
-        except OSError as e:
-            self._fail(e)
+            self._listed.append((request, to))
+            self._lock.notify()
+
+    def call(self, request: tuple[typing.Any, ...]) -> float:
+        """Lists a request and waits for its answer; the child's CPU seconds on it.
+        Raises what the child raised."""
+        c = _Call()
+        self.post(request, c)
         c.done.wait()
         if c.error is not None:
             raise c.error
         return c.seconds
 
-    def _read(self) -> None:
+    def _send(self) -> None:
+        batch: list[tuple[tuple[typing.Any, ...], RemoteEncoder | _Call]] = []
         try:
             while True:
-                room, error, seconds = self._conn.recv()
-                with self._calls_lock:
-                    c = self._calls.pop(room)
-                c.error, c.seconds = error, seconds
-                c.done.set()
+                with self._lock:
+                    while not self._listed:
+                        if self._stopping:
+                            raise EOFError("stopped")
+                        self._lock.wait()
+                    batch, self._listed = self._listed, []
+                self._conn.send([request for request, _ in batch])
+                answers = self._conn.recv()
+                self.messages += 1
+                self.requests += len(batch)
+                for (_, to), (error, seconds) in zip(batch, answers, strict=True):
+                    to_answer(to, error, seconds)
+                batch = []
         except (EOFError, OSError) as e:
-            self._fail(e)
+            self._fail(e, [to for _, to in batch])
 
-    def _fail(self, cause: BaseException) -> None:
-        with self._calls_lock:
-            if not self.alive:
-                return
+    def _fail(self, cause: BaseException, unanswered: list[RemoteEncoder | _Call]) -> None:
+        with self._lock:
             self.alive = False
-            calls, self._calls = list(self._calls.values()), {}
+            waiting = unanswered + [to for _, to in self._listed] + list(self._open)
+            self._listed = []
         code = self.process.poll()
-        if self._stopping:
-            return
-        log.error("encoder process %d ended (exit status %s): %s", self.process.pid, code, cause)
-        for c in calls:
-            c.error = EncoderProcessDied(f"encoder process {self.process.pid} ended "
-                                         f"(exit status {code})")
-            c.done.set()
+        if not self._stopping:
+            log.error("encoder process %d ended (exit status %s): %s", self.process.pid, code, cause)
+        for to in waiting:
+            to_answer(to, EncoderProcessDied(f"encoder process {self.process.pid} ended "
+                                             f"(exit status {code})"), 0.0)
 
     def stop(self) -> None:
-        """Closes the socket (the child exits at once) and waits for the child."""
-        self._stopping = True
+        """Shuts the socket down (the child exits at once) and waits for the child."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
         self._socket.shutdown(socket.SHUT_RDWR)
-        self._reader.join()
+        self._sender.join(5.0)
         self._conn.close()
         self._socket.close()
         try:
@@ -150,15 +165,22 @@ class EncoderProcess:
             self.process.wait()
 
 
+def to_answer(to: RemoteEncoder | _Call, error: BaseException | None, seconds: float) -> None:
+    if isinstance(to, _Call):
+        to.error, to.seconds = error, seconds
+        to.done.set()
+    else:
+        to.answered(error, seconds)
+
+
 class EncoderProcesses:
-    """The worker's encoder processes, started when the first room needs one; a room goes
-    to the live process with the fewest rooms, and a dead one is replaced. Turns run on
-    an EncoderPool of twice as many threads: a thread mostly waits for its process, and
-    the next room's frame should be ready when the process is."""
+    """The worker's encoder processes; a room goes to the live process with the fewest
+    rooms, and a dead one is replaced. Rooms' turns (preparing a frame, copying it into
+    a slot) run on an EncoderPool of as many threads as processes."""
 
     def __init__(self, processes: int) -> None:
         self.size = max(1, processes)
-        self.pool = EncoderPool(2 * self.size)
+        self.pool = EncoderPool(self.size)
         self._processes: list[EncoderProcess] = []
         self.lock = threading.Lock()  # guards the process list and their room counts
         self._ids = itertools.count(1)
@@ -172,7 +194,7 @@ class EncoderProcesses:
                 self._processes.append(EncoderProcess())
             processes = list(self._processes)
         for p in processes:
-            p.call(0, ("ping", 0))
+            p.call(("ping", 0))
 
     def place(self) -> tuple[EncoderProcess, int]:
         """A process for a new room's encoder and the room's number in it."""
@@ -183,6 +205,12 @@ class EncoderProcesses:
             p = min(self._processes, key=lambda p: p.rooms)
             p.rooms += 1
             return p, next(self._ids)
+
+    def round_trips(self) -> tuple[int, int]:
+        """Messages sent to the live processes so far, and the requests they carried."""
+        with self.lock:
+            return (sum(p.messages for p in self._processes),
+                    sum(p.requests for p in self._processes))
 
     def stop(self) -> None:
         with self.lock:
@@ -204,9 +232,32 @@ def shared_encoder_processes(processes: int = -1) -> EncoderProcesses:
         return _SHARED
 
 
+def _ring_file(size: int) -> tuple[int, str]:
+    """A new file of `size` bytes for a room's ring, its space reserved: in shared memory
+    where there is room, else in the temporary folder (a container's /dev/shm is often
+    64 MiB, four 1080p rings). Reserved, because touching a page of a memory file past
+    the space left kills the process (SIGBUS) instead of failing a call."""
+    for folder in ([_SHM] if _SHM.is_dir() else []) + [None]:
+        fd, path = tempfile.mkstemp(prefix="avatarfarm-frame-", dir=folder)
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return fd, path
+        except OSError:
+            os.close(fd)
+            os.unlink(path)
+            if folder is None:
+                raise
+            log.warning("no room for a %d-byte frame ring in %s; using the temporary folder", size, folder)
+    raise AssertionError("unreachable")
+
+
 class RemoteEncoder:
     """A StreamEncoder that runs in an encoder process; the same calls, made from one
     thread at a time (an EncoderThread's turns).
+
+    ``encode`` returns once the frame is in a slot and listed; it waits only while all
+    RING slots are on their way. An error of an earlier frame is raised by the next
+    call, and by ``close``, which waits for every frame before it.
 
     It keeps an unopened StreamEncoder of the same output for what the room reads
     (``target``, ``location``, ``fps``) and checks its arguments here, where a bad one
@@ -225,22 +276,24 @@ class RemoteEncoder:
         self._room = 0
         self._withdrawn = False
         self._buffer: mmap.mmap | None = None
-        self._frame: np.ndarray | None = None
-
-    def _call(self, *message: typing.Any) -> None:
-        assert self._process is not None
-        self.offloaded_seconds += self._process.call(self._room, message)
+        self._slots: list[np.ndarray] = []
+        self._free = threading.Condition()
+        self._next = 0  # the slot the next frame goes to (slots are answered in order)
+        self._on_way = 0  # frames listed or sent, not answered
+        self._error: BaseException | None = None
 
     def open(self) -> None:
         _, width, height, _, _, _ = self._args
-        size = width * height * 3
-        fd, path = tempfile.mkstemp(prefix="avatarfarm-frame-", dir=_SHM if _SHM.is_dir() else None)
+        frame = width * height * 3
+        fd, path = _ring_file(RING * frame)
         try:
+            self._buffer = mmap.mmap(fd, RING * frame)
+            self._slots = [np.ndarray((height, width, 3), np.uint8, buffer=self._buffer, offset=i * frame)
+                           for i in range(RING)]
             self._process, self._room = self._processes.place()
-            os.ftruncate(fd, size)
-            self._buffer = mmap.mmap(fd, size)
-            self._frame = np.ndarray((height, width, 3), np.uint8, buffer=self._buffer)
-            self._call("open", self._room, path, self._args)
+            self.offloaded_seconds += self._process.call(("open", self._room, path, self._args))
+            with self._process._lock:
+                self._process._open.add(self)
         except BaseException:
             self._release()  # the child let go of a room that failed to open
             raise
@@ -252,11 +305,29 @@ class RemoteEncoder:
                frames: int = 1) -> None:
         if self._withdrawn:
             return
-        if self._frame is not None and rgb.shape == self._frame.shape and rgb.dtype == np.uint8:
-            self._frame[...] = rgb
-            self._call("encode", self._room, None, audio, fps, frames)
+        assert self._process is not None
+        with self._free:
+            while self._on_way >= RING and self._error is None:
+                self._free.wait()
+            if self._error is not None:
+                raise self._error
+            self._on_way += 1
+            slot, self._next = self._next, (self._next + 1) % RING
+        inline = None
+        if rgb.shape == self._slots[slot].shape and rgb.dtype == np.uint8:
+            self._slots[slot][...] = rgb
         else:  # not the output's own size: sent whole, and the encoder says what is wrong
-            self._call("encode", self._room, rgb, audio, fps, frames)
+            inline = rgb
+        self._process.post(("encode", self._room, slot, inline, audio, fps, frames), self)
+
+    def answered(self, error: BaseException | None, seconds: float) -> None:
+        """A frame's answer (on the sender's thread): its slot is free again."""
+        with self._free:
+            self._on_way = max(0, self._on_way - 1)
+            self.offloaded_seconds += seconds
+            if error is not None and self._error is None:
+                self._error = error
+            self._free.notify_all()
 
     def withdraw(self) -> None:
         """As StreamEncoder.withdraw (safe from another thread): frames from now on are
@@ -264,19 +335,25 @@ class RemoteEncoder:
         self._withdrawn = True
 
     def close(self) -> None:
-        if self._process is None:
+        process = self._process
+        if process is None:
             return
         try:
-            self._call("close", self._room, self._withdrawn, self.leave_open)
+            seconds = process.call(("close", self._room, self._withdrawn, self.leave_open))
+            self.offloaded_seconds += seconds
         finally:
             self._release()
+        if self._error is not None and not self._withdrawn:
+            raise self._error
 
     def _release(self) -> None:
         if self._process is not None:
+            with self._process._lock:
+                self._process._open.discard(self)
             with self._processes.lock:
                 self._process.rooms -= 1
             self._process = None
-        self._frame = None
+        self._slots = []
         if self._buffer is not None:
             self._buffer.close()
             self._buffer = None
@@ -292,55 +369,61 @@ def _portable(e: BaseException) -> BaseException:
 
 
 def serve(conn: Connection) -> None:
-    """The child's loop: one request at a time, each answered with (room, error, CPU seconds)."""
+    """The child's loop: a message of requests at a time, answered with one list of
+    (error, CPU seconds), in order."""
     encoders: dict[int, tuple[StreamEncoder, mmap.mmap]] = {}
     while True:
         try:
-            message = conn.recv()
+            requests = conn.recv()
         except (EOFError, OSError):
             # The worker is gone: stop as its encoder threads would have, with what is
             # written kept (fragmented MP4, published HLS segments) and nothing ended.
             os._exit(0)
-        op, room = message[0], message[1]
-        t0 = time.thread_time()
-        error: BaseException | None = None
-        try:
-            if op == "ping":
-                pass
-            elif op == "open":
-                path, (target, width, height, fps, settings, options) = message[2], message[3]
-                with open(path, "r+b") as f:
-                    buffer = mmap.mmap(f.fileno(), width * height * 3)
-                # Both ends have it mapped: nothing is left behind, whichever of them dies.
-                Path(path).unlink(missing_ok=True)
-                try:
-                    enc = StreamEncoder(target, width, height, fps, settings, **options)
-                    enc.open()
-                except BaseException:
-                    buffer.close()  # the room's close never comes for an output that did not open
-                    raise
-                encoders[room] = (enc, buffer)
-            elif op == "encode":
-                enc, buffer = encoders[room]
-                rgb, audio, fps, frames = message[2:]
-                if rgb is None:  # the frame is in the room's buffer (the encoder copies it)
-                    rgb = np.ndarray((enc.height, enc.width, 3), np.uint8, buffer=buffer)
-                enc.encode(rgb, audio, fps, frames)
-                del rgb  # a view of the buffer keeps it from being closed
-            elif op == "close":
-                enc, buffer = encoders.pop(room)
-                withdrawn, enc.leave_open = message[2], message[3]
-                if withdrawn:
-                    enc.withdraw()
-                try:
-                    enc.close()
-                finally:
-                    buffer.close()
-            else:
-                raise ValueError(f"unknown request {op!r}")
-        except Exception as e:  # noqa: BLE001 - every error goes back to the room it belongs to
-            error = _portable(e)
-        conn.send((room, error, time.thread_time() - t0))
+        conn.send([_handle(encoders, request) for request in requests])
+
+
+def _handle(encoders: dict[int, tuple[StreamEncoder, mmap.mmap]],
+            request: tuple[typing.Any, ...]) -> tuple[BaseException | None, float]:
+    op, room = request[0], request[1]
+    t0 = time.thread_time()
+    try:
+        if op == "ping":
+            pass
+        elif op == "open":
+            path, (target, width, height, fps, settings, options) = request[2], request[3]
+            with open(path, "r+b") as f:
+                buffer = mmap.mmap(f.fileno(), RING * width * height * 3)
+            # Both ends have it mapped: nothing is left behind, whichever of them dies.
+            Path(path).unlink(missing_ok=True)
+            try:
+                enc = StreamEncoder(target, width, height, fps, settings, **options)
+                enc.open()
+            except BaseException:
+                buffer.close()  # the room's close never comes for an output that did not open
+                raise
+            encoders[room] = (enc, buffer)
+        elif op == "encode":
+            enc, buffer = encoders[room]
+            slot, rgb, audio, fps, frames = request[2:]
+            if rgb is None:  # the frame is in the room's slot (the encoder copies it)
+                size = enc.width * enc.height * 3
+                rgb = np.ndarray((enc.height, enc.width, 3), np.uint8, buffer=buffer, offset=slot * size)
+            enc.encode(rgb, audio, fps, frames)
+            del rgb  # a view of the buffer keeps it from being closed
+        elif op == "close":
+            enc, buffer = encoders.pop(room)
+            withdrawn, enc.leave_open = request[2], request[3]
+            if withdrawn:
+                enc.withdraw()
+            try:
+                enc.close()
+            finally:
+                buffer.close()
+        else:
+            raise ValueError(f"unknown request {op!r}")
+    except Exception as e:  # noqa: BLE001 - every error goes back to the room it belongs to
+        return _portable(e), time.thread_time() - t0
+    return None, time.thread_time() - t0
 
 
 def main(argv: list[str]) -> None:

@@ -18,7 +18,7 @@ from tests.media import probe, video_end
 from workers.device.pipeline import Pipeline
 from workers.media.audio import SAMPLE_RATE
 from workers.output.encode import EncoderSettings, EncoderThread
-from workers.output.encoder_process import EncoderProcessDied, EncoderProcesses, RemoteEncoder
+from workers.output.encoder_process import RING, EncoderProcessDied, EncoderProcesses, RemoteEncoder
 from workers.output.fence import Superseded
 from workers.output.targets import OutputTarget
 from workers.rooms.room import Pacing, Room, RoomState
@@ -97,10 +97,10 @@ def test_a_superseded_writer_in_a_process_is_told_so_and_publishes_nothing_more(
     segments = sorted(p.name for p in (tmp_path / "show").glob("*.ts"))
     newer = RemoteEncoder(processes, target, W, H, FPS, epoch=2, continuation=1)
     newer.open()
+    stale.encode(grey(70), tone(60))  # on its way: the answer says it was refused
     with pytest.raises(Superseded, match="taken over by assignment 2") as raised:
-        stale.encode(grey(70), tone(60))
+        stale.close()  # waits for every frame before it; closes its staging output quietly
     assert (raised.value.epoch, raised.value.holder) == (1, 2)
-    stale.close()  # already told: closes its own staging output quietly
     assert sorted(p.name for p in (tmp_path / "show").glob("*.ts")) == segments
     newer.encode(grey(60), tone(0))
     newer.close()
@@ -129,8 +129,10 @@ def test_a_dead_process_fails_its_rooms_and_the_next_room_gets_a_fresh_one(tmp_p
         first.encode(grey(80), tone(0))
         dead = single._processes[0]
         dead.process.kill()
+        # A frame on its way when the process died fails the room at its next call.
         with pytest.raises(EncoderProcessDied, match="exit status"):
-            first.encode(grey(80), tone(1))
+            for n in range(1, RING + 2):
+                first.encode(grey(80), tone(n))
         with pytest.raises(EncoderProcessDied):
             first.close()
         assert not dead.alive and dead.rooms == 0
@@ -171,3 +173,32 @@ def test_a_room_streams_through_the_encoder_processes(pipeline: Pipeline, tmp_pa
     f = probe(target.location)
     assert (f.video_codec, f.width, f.height, f.frames, f.audio_codec) == ("h264", 256, 256, 25, "aac")
     assert room.stats.stage_seconds["encode"] > 0
+
+
+def test_a_ring_that_does_not_fit_in_shared_memory_goes_to_the_temporary_folder(
+        processes: EncoderProcesses, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    import workers.output.encoder_process as ep
+
+    shm, reserve = tmp_path / "shm", os.posix_fallocate
+    shm.mkdir()
+    used: list[str] = []
+
+    def full(fd: int, offset: int, size: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        used.append(path)
+        if path.startswith(str(shm)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        reserve(fd, offset, size)
+
+    monkeypatch.setattr(ep, "_SHM", shm)
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    enc = remote(processes, OutputTarget.resolve(OutputKind.FILE, "a.mp4", tmp_path))
+    for n in range(5):
+        enc.submit(grey(90), tone(n), timeout=30)
+    enc.close()
+    assert enc.error is None and probe(enc.encoder.location).frames == 5
+    assert len(used) == 2 and used[0].startswith(str(shm)) and not used[1].startswith(str(shm))
+    assert list(shm.iterdir()) == []
