@@ -335,10 +335,11 @@ async def main() -> None:
                     help="null: a renderer that costs nothing, for the host path's own ceiling")
     ap.add_argument("--encode", default="on", choices=["on", "off"],
                     help="off: frames are converted to their canvas and dropped, not encoded")
-    ap.add_argument("--encoders", default="pooled", choices=["processes", "pooled", "per-room"],
+    ap.add_argument("--encoders", default="processes", choices=["processes", "pooled", "per-room"],
                     help="processes: encoder processes of their own, one per core, off the "
-                         "worker's interpreter lock; pooled: rooms' encoders share as many "
-                         "threads as cores in the worker process; per-room: a thread per room")
+                         "worker's interpreter lock (the worker's way); pooled: rooms' encoders "
+                         "share as many threads as cores in the worker process; per-room: a "
+                         "thread per room")
     ap.add_argument("--no-governor", action="store_true",
                     help="leave the worker's frame-rate governor out (every room at its rate)")
     ap.add_argument("--no-shed", action="store_true",

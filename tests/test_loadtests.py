@@ -163,6 +163,9 @@ def test_the_worker_benchmark_runs_rooms_on_a_video_avatar() -> None:
     load = next(line for line in out.splitlines() if line.startswith("batched ")).split()
     # The face model ran for the speaking frames of the room, and only for them.
     assert load[1] == "1" and 0 < float(load[7].rstrip("%")) < 100
+    # Encoded as the worker encodes: in encoder processes, the requests of a round trip counted.
+    trips = next(line for line in out.splitlines() if "requests a round trip" in line)
+    assert float(trips.split(":")[1].split()[0]) >= 1.0
 
 
 @pytest.mark.slow

@@ -75,9 +75,9 @@ class WorkerConfig:
                                        "else libx264), libx264, h264_nvenc")
     encoder_preset: str = field("veryfast", "libx264 preset")
     encoder_processes: int = field(
-        0, "processes that encode file and HLS outputs, each holding many rooms' encoders, "
-           "off this process's interpreter lock (-1: one per core; 0: encoder threads in this "
-           "process); RTMP outputs always keep a thread of their own")
+        -1, "processes that encode file and HLS outputs, each holding many rooms' encoders, "
+            "off this process's interpreter lock (-1: one per core, up to 16; 0: encoder "
+            "threads in this process); RTMP outputs always keep a thread of their own")
     profile_render_sides: str = field("256,512", "portrait sides the renderer is measured at")
     profile_encode_sizes: str = field("512x512,1280x720", "frame sizes the encoder is measured at")
     profile_iterations: int = field(5, "timed calls per measured size")

@@ -488,6 +488,20 @@ def test_a_worker_holds_one_gpu_and_cpu_for_encoding(base: Build) -> None:
     assert "replicas" not in d["spec"]
 
 
+def test_a_worker_s_encoder_processes_have_shared_memory_for_their_frame_rings(base: Build) -> None:
+    from workers.output.encoder_process import RING
+
+    spec = pod_template(base.get("Deployment", "avatarfarm-worker"))["spec"]
+    c = container(spec, "worker")
+    assert worker_config(c).encoder_processes != 0  # the manifest keeps the worker's default
+    shm = mounted(spec, c, "/dev/shm")
+    assert shm.inside == PurePosixPath(".") and not shm.read_only
+    assert shm.volume["emptyDir"]["medium"] == "Memory"
+    # Rooms of a 720p worker fit, well past what one worker streams at 720p.
+    limit = shm.volume["emptyDir"]["sizeLimit"]
+    assert limit.endswith("Gi") and int(limit[:-2]) * 2**30 >= 100 * RING * 1280 * 720 * 3
+
+
 def test_a_worker_is_named_after_its_pod_and_reachable_at_its_ip(base: Build) -> None:
     spec = pod_template(base.get("Deployment", "avatarfarm-worker"))["spec"]
     c = container(spec, "worker")

@@ -1,9 +1,10 @@
 """The encoder: H.264 + AAC with PyAV into one output (a file, an HLS folder, RTMP).
 
-An encoder runs in its own thread per room (PyAV releases the GIL while it
-encodes), behind a bounded queue, so a slow encoder or a stalled RTMP ingest
-never blocks inference for other rooms. It measures its own CPU cost per frame,
-because on GPUs without NVENC (H100, H200) encoding is a capacity limit of its own.
+A room's encoder runs behind a bounded queue (EncoderThread), so a slow encoder or a
+stalled RTMP ingest never blocks inference for other rooms: on a few threads the rooms
+share, on a thread of its own (RTMP), or in an encoder process off the worker's
+interpreter lock (``workers.output.encoder_process``). It measures its own CPU cost per
+frame, because on GPUs without NVENC (H100, H200) encoding is a capacity limit of its own.
 
 A room may change its frame rate mid-stream (a live degradation step): each
 frame carries its own rate, video timestamps count stream time on a fine clock

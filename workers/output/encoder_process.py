@@ -224,7 +224,8 @@ _SHARED_LOCK = threading.Lock()
 
 
 def shared_encoder_processes(processes: int = -1) -> EncoderProcesses:
-    """The worker's encoder processes (-1: one per core, see pool_threads)."""
+    """The worker's encoder processes (-1: one per core, see pool_threads); the first
+    call's count holds for the process's life."""
     global _SHARED
     with _SHARED_LOCK:
         if _SHARED is None:
