@@ -32,7 +32,7 @@ GOALS = {"model share": 0.90, "at 1.5x": 0.95, "host ceiling": 2000.0}
 def bench(args: argparse.Namespace, out: Path, *extra: str) -> dict:
     cmd = [sys.executable, str(BENCH), "--modes", "batched", "--seconds", str(args.seconds),
            "--provider", args.provider, "--preset", args.preset, "--max-batch", str(args.max_batch),
-           "--fps", str(args.fps), "--json", str(out), *extra]
+           "--fps", str(args.fps), "--encoders", args.encoders, "--json", str(out), *extra]
     print("$ " + " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True)
     return json.loads(out.read_text())
@@ -45,6 +45,8 @@ def main() -> int:
     ap.add_argument("--fps", type=int, default=25)
     ap.add_argument("--provider", default="auto")
     ap.add_argument("--preset", default="lite")
+    ap.add_argument("--encoders", default="processes", choices=["processes", "pooled", "per-room"],
+                    help="where rooms' encoders run (worker_bench.py --encoders; default: the worker's way)")
     ap.add_argument("--max-batch", type=int, default=8)
     # Past the goal (80 rooms at 25 fps offer 2,000 frames/s): a ramp that stops at the
     # goal cannot show that it is met, nor where the host gives way. From 20 rooms: with
