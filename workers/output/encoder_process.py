@@ -107,6 +107,15 @@ class EncoderProcess:
             self._listed.append((request, to))
             self._lock.notify()
 
+    def unlist(self, to: RemoteEncoder) -> None:
+        """Takes a room's frames that are listed and not yet sent off the list (answered
+        as done, nothing encoded): it was withdrawn."""
+        with self._lock:
+            mine = [item for item in self._listed if item[1] is to and item[0][0] == "encode"]
+            self._listed = [item for item in self._listed if not (item[1] is to and item[0][0] == "encode")]
+        for _ in mine:
+            to.answered(None, 0.0)
+
     def call(self, request: tuple[typing.Any, ...]) -> float:
         """Lists a request and waits for its answer; the child's CPU seconds on it.
         Raises what the child raised."""
@@ -332,8 +341,13 @@ class RemoteEncoder:
 
     def withdraw(self) -> None:
         """As StreamEncoder.withdraw (safe from another thread): frames from now on are
-        dropped here, and the child is told at close."""
+        dropped, and so are those listed and not yet sent (a message already with the
+        child is encoded, as a thread's frame in the middle of its encode would be); the
+        child is told at close."""
         self._withdrawn = True
+        process = self._process
+        if process is not None:
+            process.unlist(self)
 
     def close(self) -> None:
         process = self._process

@@ -4,6 +4,7 @@ process failing only its own rooms."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -202,3 +203,42 @@ def test_a_ring_that_does_not_fit_in_shared_memory_goes_to_the_temporary_folder(
     assert enc.error is None and probe(enc.encoder.location).frames == 5
     assert len(used) == 2 and used[0].startswith(str(shm)) and not used[1].startswith(str(shm))
     assert list(shm.iterdir()) == []
+
+
+class _Gate:
+    """A connection whose first send waits until the test opens the gate."""
+
+    def __init__(self, conn: object) -> None:
+        self.conn, self.entered, self.open = conn, threading.Event(), threading.Event()
+
+    def send(self, message: object) -> None:
+        self.entered.set()
+        self.open.wait(30)
+        self.conn.send(message)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.conn, name)
+
+
+def test_a_withdrawn_room_s_frames_not_yet_sent_are_never_encoded(tmp_path: Path) -> None:
+    single = EncoderProcesses(1)
+    try:
+        target = OutputTarget.resolve(OutputKind.FILE, "moved.mp4", tmp_path)
+        enc = RemoteEncoder(single, target, W, H, FPS)
+        enc.open()
+        process = single._processes[0]
+        gate = _Gate(process._conn)
+        process._conn = gate  # type: ignore[assignment]
+        enc.encode(grey(40), tone(0))  # taken by the sender, held at the gate
+        assert gate.entered.wait(30)
+        enc.encode(grey(80), tone(1))  # listed behind it
+        enc.encode(grey(120), tone(2))
+        enc.withdraw()  # the room moved to another worker
+        enc.encode(grey(160), tone(3))  # dropped at once
+        gate.open.set()
+        enc.close()
+        assert process.requests == 3  # open, the frame at the gate, close: nothing else travelled
+    finally:
+        single.stop()
+    # Only the frame already on its way was encoded.
+    assert levels(target.location) == [40]
