@@ -107,6 +107,15 @@ class EncoderProcess:
             self._listed.append((request, to))
             self._lock.notify()
 
+    def attach(self, enc: RemoteEncoder) -> None:
+        """An encoder whose output is open here: told if the process dies."""
+        with self._lock:
+            self._open.add(enc)
+
+    def detach(self, enc: RemoteEncoder) -> None:
+        with self._lock:
+            self._open.discard(enc)
+
     def unlist(self, to: RemoteEncoder) -> None:
         """Takes a room's frames that are listed and not yet sent off the list (answered
         as done, nothing encoded): it was withdrawn."""
@@ -194,26 +203,32 @@ class EncoderProcesses:
         self.lock = threading.Lock()  # guards the process list and their room counts
         self._ids = itertools.count(1)
 
+    def _replenish(self) -> list[EncoderProcess]:
+        """The live processes, dead ones replaced up to `size` (call under `lock`)."""
+        self._processes = [p for p in self._processes if p.alive]
+        while len(self._processes) < self.size:
+            self._processes.append(EncoderProcess())
+        return list(self._processes)
+
     def start(self) -> None:
         """Starts every process now and waits until each answers (a child takes a few
         tenths of a second to import its encoder): the first rooms' frames need not wait."""
         with self.lock:
-            self._processes = [p for p in self._processes if p.alive]
-            while len(self._processes) < self.size:
-                self._processes.append(EncoderProcess())
-            processes = list(self._processes)
+            processes = self._replenish()
         for p in processes:
             p.call(("ping", 0))
 
     def place(self) -> tuple[EncoderProcess, int]:
         """A process for a new room's encoder and the room's number in it."""
         with self.lock:
-            self._processes = [p for p in self._processes if p.alive]
-            if len(self._processes) < self.size:
-                self._processes.append(EncoderProcess())
-            p = min(self._processes, key=lambda p: p.rooms)
+            p = min(self._replenish(), key=lambda p: p.rooms)
             p.rooms += 1
             return p, next(self._ids)
+
+    def leave(self, process: EncoderProcess) -> None:
+        """A room's encoder is gone from `process` (closed, or never opened)."""
+        with self.lock:
+            process.rooms -= 1
 
     def round_trips(self) -> tuple[int, int]:
         """Messages sent to the live processes so far, and the requests they carried."""
@@ -302,8 +317,7 @@ class RemoteEncoder:
                            for i in range(RING)]
             self._process, self._room = self._processes.place()
             self.offloaded_seconds += self._process.call(("open", self._room, path, self._args))
-            with self._process._lock:
-                self._process._open.add(self)
+            self._process.attach(self)
         except BaseException:
             self._release()  # the child let go of a room that failed to open
             raise
@@ -363,10 +377,8 @@ class RemoteEncoder:
 
     def _release(self) -> None:
         if self._process is not None:
-            with self._process._lock:
-                self._process._open.discard(self)
-            with self._processes.lock:
-                self._process.rooms -= 1
+            self._process.detach(self)
+            self._processes.leave(self._process)
             self._process = None
         self._slots = []
         if self._buffer is not None:

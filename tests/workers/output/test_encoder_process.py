@@ -95,6 +95,8 @@ def test_a_superseded_writer_in_a_process_is_told_so_and_publishes_nothing_more(
     stale.open()
     for n in range(60):
         stale.encode(grey(50), tone(n))
+    assert stale._process is not None
+    stale._process.call(("ping", 0))  # answered after every frame listed before it
     segments = sorted(p.name for p in (tmp_path / "show").glob("*.ts"))
     newer = RemoteEncoder(processes, target, W, H, FPS, epoch=2, continuation=1)
     newer.open()
