@@ -144,6 +144,15 @@ class ScriptPlayer:
             self._runs.append([samples.size, speech])
             self._left[-1][0] += samples.size
 
+    async def ready(self) -> None:
+        """Returns once there is audio to play: the first sentence of the next segment is
+        made (or has failed, or there is no segment). A room starts its clock here, so
+        that a stream's first frames are not born late by the time its voice took."""
+        if self._audio.size or (not self._making and not self._start()):
+            return
+        # A failed voice is `take`'s to meet and say why: only wait for the outcome here.
+        await asyncio.wait([self._making[0][1]])
+
     async def take(self, n: int) -> tuple[np.ndarray, bool]:
         """Next ``n`` samples, and whether they start with speech."""
         self._retry_in -= n

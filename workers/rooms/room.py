@@ -594,6 +594,11 @@ class Room:
         mode = self.spec.drive_mode
         limit = self.spec.max_duration_seconds
         lagged = DelayLine(self.video_lag_frames, self.video_drift_ppm)
+        if mode is DriveMode.TEXT and self.pacing is Pacing.REALTIME:
+            # The first frame cannot go before its audio: the clock starts with it, or a
+            # room would start behind by its voice's time and catch up in a burst of late
+            # frames (all rooms at once, where a worker starts many).
+            await self.script.ready()
         t0 = self.clock()
         t = Fraction(0)  # stream time of frame n (exact, whatever rates it was made at)
         n = 0

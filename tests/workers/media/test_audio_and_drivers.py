@@ -57,6 +57,42 @@ def test_script_player_speaks_then_pauses_then_stays_silent() -> None:
     asyncio.run(body())
 
 
+def test_a_script_is_ready_once_its_first_sentence_is_made_or_has_failed() -> None:
+    from workers.media.tts import VoiceUnavailable
+
+    made, started = asyncio.Event(), asyncio.Event()
+    calls: list[str] = []
+
+    async def synth(text: str) -> tuple[np.ndarray, float]:
+        calls.append(text)
+        started.set()
+        await made.wait()
+        return np.full(1000, 0.5, np.float32), 0.001
+
+    async def down(text: str) -> tuple[np.ndarray, float]:
+        raise VoiceUnavailable("the voice service is down")
+
+    async def body() -> None:
+        await asyncio.wait_for(ScriptPlayer(synth).ready(), 1)  # nothing to say: at once
+        p = ScriptPlayer(synth)
+        p.append([ScriptSegment("First one. Second one.")])
+        ready = asyncio.ensure_future(p.ready())
+        await asyncio.wait_for(started.wait(), 1)
+        assert calls == ["First one."] and not ready.done()  # made alone, and waited for
+        made.set()
+        await asyncio.wait_for(ready, 1)
+        audio, speaking = await asyncio.wait_for(p.take(800), 1)
+        assert speaking and audio.max() == 0.5
+        assert calls == ["First one.", "Second one."]  # made once, taken where ready left it
+        q = ScriptPlayer(down)
+        q.append([ScriptSegment("Hello.")])
+        await asyncio.wait_for(q.ready(), 1)  # the failure is take's to report
+        silence, speaking = await q.take(800)
+        assert not speaking and silence.max() == 0.0 and "down" in q.unavailable
+
+    asyncio.run(body())
+
+
 def test_a_segment_is_spoken_sentence_by_sentence_without_gaps() -> None:
     """The first sentence is made alone, then the rest; it plays while the second is still
     being made; the audio is every sentence, in order, with the segment's pause after its

@@ -138,6 +138,34 @@ def test_a_room_behind_real_time_gives_up_frames_past_their_deadline_before_any_
     assert video_end(tmp_path / "r.mp4") == pytest.approx(2.0)
 
 
+def test_a_text_room_starts_its_clock_with_its_first_audio(pipeline: Pipeline, tmp_path: Path) -> None:
+    # Its voice takes a second of the room's clock to make the first sentence (one voice
+    # serving many rooms that start at once). The first frame waits for that audio
+    # whatever the clock says; a clock started before it would find the room a second
+    # behind at its first frame, and half a second of frames would be given up and the
+    # rest of the backlog caught up in a burst. Started with the audio, none is late.
+    from avatarfarm.domain import ScriptSegment
+    from workers.rooms.drivers import ScriptPlayer
+
+    room = make_room(pipeline, tmp_path, seconds=1.0, pacing=Pacing.REALTIME)
+    ahead = [0.0]
+    room.clock = lambda: time.monotonic() + ahead[0]
+    voice = room._synthesize
+
+    async def slow_first_sentence(text: str) -> tuple[np.ndarray, float]:
+        made = await voice(text)
+        if ahead[0] == 0.0:
+            ahead[0] = 1.0
+        return made
+
+    room.script = ScriptPlayer(slow_first_sentence)
+    room.script.append((ScriptSegment("Welcome to the live room. Three new offers today."),))
+    asyncio.run(room.run())
+    assert room.state is RoomState.ENDED and room.stats.frames_rendered == 25
+    assert room.stats.speech_frames > 0
+    assert room.stats.skipped_frames == 0 and room.stats.late_frames == 0
+
+
 def test_an_injected_av_offset_is_measured_and_corrected(pipeline: Pipeline, tmp_path: Path) -> None:
     from dataclasses import replace
 
