@@ -8,8 +8,11 @@ rooms' frames and late frames; when a tick's late share stays over `late_share` 
 rate of the rooms that give way until the frames saved cover the frames lost: best
 effort first, then standard, premium never; within a tier the fastest first (losses
 spread), then the newest. After `recover_after` quiet ticks one room steps back up
-(the highest tier first, then the oldest), so rates come back as the load allows. The
-scheduler sees the late share in the rooms' progress and moves or degrades rooms for
+(the highest tier first, then the oldest), so rates come back as the load allows. A
+room's first `settle` seconds are not counted: a room starting (its encoder opening, its
+first sentence being voiced, many rooms at once after a placement burst) makes a host
+late for a moment that is not overload, and a rate halved for it comes back only slowly.
+The scheduler sees the late share in the rooms' progress and moves or degrades rooms for
 good (``scheduler.policy.overload``); this acts within a second, before it can.
 
 Pure: `Governor.tick` takes the rooms as values and returns the steps to take.
@@ -41,6 +44,7 @@ class GovernorPolicy:
     cooldown: float = 2.5  # a step shows its effect after a second or two: no overshoot
     recover_after: int = 6  # quiet ticks before one room steps back up (3 s)
     min_fps: int = 5
+    settle: float = 1.0  # seconds from a room's start before its frames are counted
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +58,7 @@ class RoomTick:
     full_fps: int  # its spec's rate
     frames: int  # emitted in the tick
     late: int  # of which late
+    age: float = math.inf  # seconds since the governor first saw it
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +77,9 @@ class Governor:
     def tick(self, rooms: Sequence[RoomTick], now: float) -> list[Step]:
         """The frame-rate steps to take after a tick (empty: none)."""
         p = self.policy
-        frames = sum(r.frames for r in rooms)
-        late = sum(r.late for r in rooms)
+        settled = [r for r in rooms if r.age >= p.settle]
+        frames = sum(r.frames for r in settled)
+        late = sum(r.late for r in settled)
         if frames == 0:
             return []
         if late / frames <= p.late_share:
@@ -116,6 +122,7 @@ class RoomGovernor:
         self.governor = Governor(policy)
         self._seen: dict[str, tuple[int, int]] = {}
         self._seq: dict[str, int] = {}
+        self._since: dict[str, float] = {}  # when each room was first seen
         # Rooms this governor slowed: the rate it took each from (its ceiling when stepping
         # back up) and the rate it set last. A rate set by anyone else (the scheduler's
         # degradation ladder) is that room's own again: the governor lets go of it.
@@ -131,13 +138,14 @@ class RoomGovernor:
             f0, l0 = self._seen.get(sid, (frames, late))
             self._seen[sid] = (frames, late)
             self._seq.setdefault(sid, len(self._seq))
+            since = self._since.setdefault(sid, now)
             fps = room.rendering.fps
             if sid in self._set and self._set[sid] != fps:
                 del self._set[sid], self._from[sid]  # someone else set its rate since
             ticks.append(RoomTick(sid, room.spec.tier, self._seq[sid], fps,
-                                  self._from.get(sid, fps), frames - f0, late - l0))
+                                  self._from.get(sid, fps), frames - f0, late - l0, now - since))
         for gone in set(self._seen) - set(live):
-            del self._seen[gone]
+            del self._seen[gone], self._since[gone]
             self._from.pop(gone, None)
             self._set.pop(gone, None)
         steps = self.governor.tick(ticks, now)

@@ -41,6 +41,28 @@ def test_losses_go_to_the_lowest_tier_first_and_never_to_premium() -> None:
     assert {"s0", "s1", "s2"} & set(steps) and not {"p0", "p1"} & set(steps)
 
 
+def test_rooms_starting_are_not_taken_for_overload() -> None:
+    from dataclasses import replace
+
+    # Every room half a second old and late (a burst of starts): nothing; the same lateness
+    # once they have settled: the lowest tier slows.
+    g = Governor(GovernorPolicy(ticks=2, settle=1.0))
+    young = [replace(r, age=0.5) for r in rooms(0.5)]
+    assert g.tick(young, 0.0) == [] and g.tick(young, 0.5) == []
+    settled = [replace(r, age=2.0) for r in rooms(0.5)]
+    assert g.tick(settled, 1.0) == []  # the first tick over
+    steps = {s.session_id: s.fps for s in g.tick(settled, 1.5)}
+    assert steps["b0"] == steps["b1"] == steps["b2"] == 5
+    # A room starting beside settled ones that keep up: its own lateness is not counted,
+    # and it can still be slowed when the settled rooms are late.
+    g = Governor(GovernorPolicy(ticks=1, settle=1.0))
+    mixed = [replace(r, age=0.5 if r.session_id == "b2" else 5.0) for r in rooms(0.0)]
+    mixed[-1] = replace(mixed[-1], late=mixed[-1].frames)
+    assert g.tick(mixed, 0.0) == []
+    late = [replace(r, late=r.frames // 2) for r in mixed]
+    assert "b2" in {s.session_id for s in g.tick(late, 0.5)}
+
+
 def test_it_waits_for_a_step_to_show_before_the_next() -> None:
     g = Governor(GovernorPolicy(ticks=2, cooldown=2.5))
     g.tick(rooms(0.2), 0.0)
@@ -92,7 +114,7 @@ def test_the_governor_returns_rooms_to_where_it_found_them_not_to_their_spec() -
 
     # The scheduler's ladder had the standard room at 25 of its 30 fps.
     rooms = [FakeRoom("p", P, 25, 25), FakeRoom("s", S, 30, 25), FakeRoom("b", B, 25, 25)]
-    gov = RoomGovernor(GovernorPolicy(ticks=1, cooldown=0.0, recover_after=1))
+    gov = RoomGovernor(GovernorPolicy(ticks=1, cooldown=0.0, recover_after=1, settle=0.0))
     t = 0.0
     for _ in range(2):  # the first tick only reads the counters
         for r in rooms:
@@ -113,7 +135,7 @@ def test_a_rate_the_scheduler_sets_is_the_rooms_own_again() -> None:
     from workers.rooms.governor import RoomGovernor
 
     room = FakeRoom("b", B, 25, 25)
-    gov = RoomGovernor(GovernorPolicy(ticks=1, cooldown=0.0, recover_after=1))
+    gov = RoomGovernor(GovernorPolicy(ticks=1, cooldown=0.0, recover_after=1, settle=0.0))
     room.run(0.5)
     gov.tick([room], 0.0)
     room.run(0.5)
