@@ -126,10 +126,12 @@ class Load:
     host: dict[str, float] = field(default_factory=dict)
     rate_steps: int = 0  # frame-rate steps the governor took
     # Delivered frames/s and the late share in the steady window: from `warmup` seconds
-    # after the rooms started to just before the first can end (NaN: no such window).
+    # after the last room started to just before the first can end (NaN: no such window).
     steady_fps: float = float("nan")
     steady_late: float = float("nan")
     warmup: float = 0.0
+    steady_by_tier: dict[str, tuple[int, int]] = field(default_factory=dict)  # in that window
+    start_over: float = 0.0  # seconds over which the rooms started
     skipped: int = 0  # late frames given up before any work (a producer behind its clock)
     merged: int = 0  # emitted frames held on one still waiting for its encoder
     per_trip: float = float("nan")  # requests per message to the encoder processes (if used)
@@ -156,7 +158,8 @@ def tier_of(i: int, mixed: bool) -> Tier:
 
 async def run_load(pipeline: Pipeline, n: int, quality: Quality, seconds: float, out: Path,
                    encoder: EncoderSettings, label: str, avatar: str = "presenter",
-                   mixed: bool = False, governor: bool = True, warmup: float = 2.0) -> Load:
+                   mixed: bool = False, governor: bool = True, warmup: float = 2.0,
+                   start_over: float = 0.0) -> Load:
     if avatar == VIDEO_AVATAR:
         pipeline.face_avatar_sync(avatar)  # loaded (and its own model served) before timing
         key = pipeline.face_family(avatar).key
@@ -173,9 +176,12 @@ async def run_load(pipeline: Pipeline, n: int, quality: Quality, seconds: float,
     trips = shared_encoder_processes().round_trips() if encoder.processes else (0, 0)
     t0 = time.perf_counter()
     loop_cpu, engine_cpu = time.thread_time(), pipeline.engine.host_seconds
-    # Rooms start spread over one frame period, as independent rooms would.
+    # Rooms start spread over one frame period, as independent rooms would, or over
+    # `start_over` seconds, as rooms placed one after another arrive at a worker.
+    spread = max(start_over, 1 / quality.fps) * (n - 1) / max(n, 1)
+
     async def start(i: int, room: Room) -> None:
-        await asyncio.sleep(i / max(n, 1) / quality.fps)
+        await asyncio.sleep(spread * i / max(n - 1, 1))
         await room.start()
     # The worker's governor, as the worker runs it: frame rates of the lowest tiers down
     # while the host cannot keep up.
@@ -183,13 +189,14 @@ async def run_load(pipeline: Pipeline, n: int, quality: Quality, seconds: float,
     governing = asyncio.create_task(gov.run(lambda: rooms)) if governor else None
     # The steady window: every room has started, synthesised its first sentence and
     # caught up (or not), and none has ended (each streams `seconds` of real time).
-    steady = asyncio.create_task(_steady(rooms, warmup, seconds - 0.25))
+    steady = asyncio.create_task(_steady(rooms, spread + warmup, seconds - 0.25))
     await asyncio.gather(*(start(i, r) for i, r in enumerate(rooms)))
     if governing is not None:
         governing.cancel()
-    steady_fps, steady_late = steady.result() if steady.done() else (float("nan"), float("nan"))
+    steady_fps, steady_late, steady_by_tier = steady.result() if steady.done() else \
+        (float("nan"), float("nan"), {})
     steady.cancel()
-    wall = time.perf_counter() - t0 - (n - 1) / max(n, 1) / quality.fps
+    wall = time.perf_counter() - t0 - spread
     loop_cpu, engine_cpu = time.thread_time() - loop_cpu, pipeline.engine.host_seconds - engine_cpu
     failed = [r for r in rooms if r.state is not RoomState.ENDED]
     if failed:
@@ -215,25 +222,32 @@ async def run_load(pipeline: Pipeline, n: int, quality: Quality, seconds: float,
         per_trip = requests / max(messages, 1)
     return Load(n, wall, frames, late, batches, stage, model_frames, by_tier,
                 {k: v / max(frames, 1) for k, v in host.items()}, gov.steps_taken,
-                steady_fps, steady_late, warmup, sum(r.stats.skipped_frames for r in rooms),
-                sum(r.stats.merged_frames for r in rooms), per_trip)
+                steady_fps, steady_late, warmup, steady_by_tier, start_over,
+                sum(r.stats.skipped_frames for r in rooms), sum(r.stats.merged_frames for r in rooms),
+                per_trip)
 
 
-async def _steady(rooms: list[Room], start: float, end: float) -> tuple[float, float]:
-    """Delivered frames/s and the late share of `rooms` between `start` and `end`
-    seconds from now (NaN where the window is under a second)."""
+async def _steady(rooms: list[Room], start: float, end: float
+                  ) -> tuple[float, float, dict[str, tuple[int, int]]]:
+    """Delivered frames/s, the late share and (frames, late) by tier of `rooms` between
+    `start` and `end` seconds from now (NaN where the window is under a second)."""
     if end - start < 1.0:
-        return float("nan"), float("nan")
+        return float("nan"), float("nan"), {}
 
-    def counts() -> tuple[int, int]:
-        return (sum(r.stats.frames_rendered for r in rooms), sum(r.stats.late_frames for r in rooms))
+    def counts() -> dict[str, tuple[int, int]]:
+        by: dict[str, tuple[int, int]] = {}
+        for r in rooms:
+            f, lt = by.get(r.spec.tier.value, (0, 0))
+            by[r.spec.tier.value] = (f + r.stats.frames_rendered, lt + r.stats.late_frames)
+        return by
 
     await asyncio.sleep(start)
-    (f0, l0), t0 = counts(), time.perf_counter()
+    c0, t0 = counts(), time.perf_counter()
     await asyncio.sleep(end - start)
-    (f1, l1), t1 = counts(), time.perf_counter()
-    frames, late = f1 - f0, l1 - l0
-    return (frames - late) / (t1 - t0), late / max(frames, 1)
+    c1, t1 = counts(), time.perf_counter()
+    by_tier = {t: (f - c0[t][0], lt - c0[t][1]) for t, (f, lt) in c1.items()}
+    frames, late = sum(f for f, _ in by_tier.values()), sum(lt for _, lt in by_tier.values())
+    return (frames - late) / (t1 - t0), late / max(frames, 1), by_tier
 
 
 class DroppingEncoder(StreamEncoder):
@@ -287,8 +301,13 @@ def print_load(mode: str, load: Load) -> None:
           f"{st['encode'] * 1000:7.2f} {100 * load.model_frames / max(load.frames, 1):6.0f}%  "
           f"{histogram(load.batches)}", flush=True)
     if load.steady_fps == load.steady_fps:  # not NaN
-        print(" " * 15 + f"steady, after the first {load.warmup:g} s: {load.steady_fps:.1f} frames/s, "
-              f"{100 * load.steady_late:.2f}% late", flush=True)
+        started = f"the rooms started over {load.start_over:g} s; " if load.start_over else ""
+        print(" " * 15 + f"steady ({started}after the first {load.warmup:g} s): "
+              f"{load.steady_fps:.1f} frames/s, {100 * load.steady_late:.2f}% late", flush=True)
+        if len(load.steady_by_tier) > 1:
+            print(" " * 15 + "steady, late by tier: " + ", ".join(
+                f"{t} {100 * lt / max(f, 1):.2f}%" for t, (f, lt) in sorted(load.steady_by_tier.items())),
+                flush=True)
     if load.rate_steps:
         print(" " * 15 + f"governor: {load.rate_steps} frame-rate steps; frames emitted "
               f"{load.offered_fps:.1f}/s", flush=True)
@@ -318,6 +337,10 @@ async def main() -> None:
     ap.add_argument("--json", type=Path, default=None,
                     help="also write the figures (capacity and every load) to this file")
     ap.add_argument("--seconds", type=float, default=6.0, help="stream seconds per room per load")
+    ap.add_argument("--start-over", type=float, default=0.0,
+                    help="start each load's rooms one after another over this many seconds, as "
+                         "rooms placed in turn arrive at a worker (0: all within one frame period, "
+                         "a mass start); the steady window begins after the last")
     ap.add_argument("--warmup", type=float, default=2.0,
                     help="seconds each load's steady figures leave out at its start (the rooms' "
                          "first sentences, and the catch-up after them); whole-run figures keep them")
@@ -489,7 +512,7 @@ async def main() -> None:
                 load = await run_load(pipelines[mode], n, quality, args.seconds, root / "out",
                                       encoder, mode, avatar, mixed=args.tiers == "mixed",
                                       governor=not args.no_governor and mode != "ungoverned",
-                                      warmup=args.warmup)
+                                      warmup=args.warmup, start_over=args.start_over)
                 results[mode].append(load)
                 print_load(mode, load)
         for pl in {id(pl): pl for pl in pipelines.values()}.values():
@@ -528,7 +551,8 @@ async def main() -> None:
             "size": args.size, "best_fps": best_fps, "capacity_rooms": capacity_rooms,
             "loads": {m: [{"rooms": ld.rooms, "fps": ld.rendered_fps, "late": ld.late_rate,
                            "steady_fps": ld.steady_fps, "steady_late": ld.steady_late,
-                           "by_tier": ld.by_tier, "host": ld.host} for ld in ls]
+                           "by_tier": ld.by_tier, "steady_by_tier": ld.steady_by_tier,
+                           "host": ld.host} for ld in ls]
                       for m, ls in results.items()}}, indent=1))
 
 

@@ -240,6 +240,21 @@ def test_the_worker_benchmark_prints_a_steady_window_without_the_start() -> None
     out = run_script("loadtests/worker_bench.py", "--size", "64x64", "--rooms", "2",
                      "--modes", "batched", "--renderer", "null", "--encode", "off", "--seconds", "3",
                      "--warmup", "1", timeout=300)
-    steady = next(line for line in out.splitlines() if "steady, after the first 1 s:" in line)
+    steady = next(line for line in out.splitlines() if "steady (after the first 1 s):" in line)
     # Two rooms at 25 fps, from 1 s to 2.75 s of the run.
     assert 0 < float(steady.split(":")[1].split()[0]) <= 60
+
+
+@pytest.mark.slow
+def test_the_worker_benchmark_starts_rooms_one_after_another_and_prints_the_tiers_steady() -> None:
+    out = run_script("loadtests/worker_bench.py", "--size", "64x64", "--rooms", "4", "--tiers", "mixed",
+                     "--modes", "batched", "--renderer", "null", "--encode", "off", "--seconds", "4",
+                     "--warmup", "1", "--start-over", "1", timeout=300)
+    lines = out.splitlines()
+    steady = next(line for line in lines if "steady (the rooms started over 1 s; after the first 1 s):" in line)
+    # Four rooms at 25 fps, in the window from 1.75 s (the last start, then 1 s) to 3.75 s
+    # (a frame a room either side of the window's edges).
+    assert 0 < float(steady.split(":")[1].split()[0]) <= 105
+    tiers = next(line for line in lines if "steady, late by tier:" in line)
+    assert [w for w in tiers.split() if w in ("best_effort", "standard", "premium")] == \
+        ["best_effort", "premium", "standard"]
