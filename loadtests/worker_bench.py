@@ -41,7 +41,10 @@ leaves the encoders out (each frame is still converted to its canvas, then dropp
 for the ceiling of the rest. Each load also prints its steady figures, which leave out
 its first ``--warmup`` seconds: all its rooms start at once, so every room's first
 sentence is synthesised together at the start, and a worker that starts behind may or
-may not catch up. The whole-run figures keep that start.
+may not catch up. The whole-run figures keep that start. ``--start-over S`` starts the
+rooms one after another over S seconds instead, as rooms placed in turn arrive at a
+worker; the steady window then begins ``--warmup`` seconds after the last, and prints
+late frames by tier.
 
     python loadtests/worker_bench.py --size 128x128 --rooms 10,15,20,30 --modes batched \\
         --tiers mixed
@@ -301,9 +304,10 @@ def print_load(mode: str, load: Load) -> None:
           f"{st['encode'] * 1000:7.2f} {100 * load.model_frames / max(load.frames, 1):6.0f}%  "
           f"{histogram(load.batches)}", flush=True)
     if load.steady_fps == load.steady_fps:  # not NaN
-        started = f"the rooms started over {load.start_over:g} s; " if load.start_over else ""
-        print(" " * 15 + f"steady ({started}after the first {load.warmup:g} s): "
-              f"{load.steady_fps:.1f} frames/s, {100 * load.steady_late:.2f}% late", flush=True)
+        window = (f"rooms started over {load.start_over:g} s; from {load.warmup:g} s after the last"
+                  if load.start_over else f"after the first {load.warmup:g} s")
+        print(" " * 15 + f"steady ({window}): {load.steady_fps:.1f} frames/s, "
+              f"{100 * load.steady_late:.2f}% late", flush=True)
         if len(load.steady_by_tier) > 1:
             print(" " * 15 + "steady, late by tier: " + ", ".join(
                 f"{t} {100 * lt / max(f, 1):.2f}%" for t, (f, lt) in sorted(load.steady_by_tier.items())),
