@@ -211,10 +211,7 @@ async def run_load(pipeline: Pipeline, n: int, quality: Quality, seconds: float,
     stage = {s: sum(r.stats.stage_seconds[s] for r in rooms) / max(frames, 1)
              for s in ("audio_to_motion", "render", "encode", "tts")}
     model_frames = sum(r.stats.batched_items for r in rooms)
-    by_tier: dict[str, tuple[int, int]] = {}
-    for r in rooms:
-        f, lt = by_tier.get(r.spec.tier.value, (0, 0))
-        by_tier[r.spec.tier.value] = (f + r.stats.frames_rendered, lt + r.stats.late_frames)
+    by_tier = tier_counts(rooms)
     canvas = sum(r.stats.canvas_seconds for r in rooms)
     host = {"event loop": loop_cpu, "device thread": engine_cpu, "canvas": canvas,
             "encode": sum(r.stats.stage_seconds["encode"] for r in rooms) - canvas}
@@ -230,6 +227,19 @@ async def run_load(pipeline: Pipeline, n: int, quality: Quality, seconds: float,
                 per_trip)
 
 
+def tier_counts(rooms: list[Room]) -> dict[str, tuple[int, int]]:
+    """(frames emitted, of which late) so far, by the rooms' tier."""
+    by: dict[str, tuple[int, int]] = {}
+    for r in rooms:
+        f, lt = by.get(r.spec.tier.value, (0, 0))
+        by[r.spec.tier.value] = (f + r.stats.frames_rendered, lt + r.stats.late_frames)
+    return by
+
+
+def late_by_tier(by_tier: dict[str, tuple[int, int]]) -> str:
+    return ", ".join(f"{t} {100 * lt / max(f, 1):.2f}%" for t, (f, lt) in sorted(by_tier.items()))
+
+
 async def _steady(rooms: list[Room], start: float, end: float
                   ) -> tuple[float, float, dict[str, tuple[int, int]]]:
     """Delivered frames/s, the late share and (frames, late) by tier of `rooms` between
@@ -237,17 +247,10 @@ async def _steady(rooms: list[Room], start: float, end: float
     if end - start < 1.0:
         return float("nan"), float("nan"), {}
 
-    def counts() -> dict[str, tuple[int, int]]:
-        by: dict[str, tuple[int, int]] = {}
-        for r in rooms:
-            f, lt = by.get(r.spec.tier.value, (0, 0))
-            by[r.spec.tier.value] = (f + r.stats.frames_rendered, lt + r.stats.late_frames)
-        return by
-
     await asyncio.sleep(start)
-    c0, t0 = counts(), time.perf_counter()
+    c0, t0 = tier_counts(rooms), time.perf_counter()
     await asyncio.sleep(end - start)
-    c1, t1 = counts(), time.perf_counter()
+    c1, t1 = tier_counts(rooms), time.perf_counter()
     by_tier = {t: (f - c0[t][0], lt - c0[t][1]) for t, (f, lt) in c1.items()}
     frames, late = sum(f for f, _ in by_tier.values()), sum(lt for _, lt in by_tier.values())
     return (frames - late) / (t1 - t0), late / max(frames, 1), by_tier
@@ -309,9 +312,7 @@ def print_load(mode: str, load: Load) -> None:
         print(" " * 15 + f"steady ({window}): {load.steady_fps:.1f} frames/s, "
               f"{100 * load.steady_late:.2f}% late", flush=True)
         if len(load.steady_by_tier) > 1:
-            print(" " * 15 + "steady, late by tier: " + ", ".join(
-                f"{t} {100 * lt / max(f, 1):.2f}%" for t, (f, lt) in sorted(load.steady_by_tier.items())),
-                flush=True)
+            print(" " * 15 + "steady, late by tier: " + late_by_tier(load.steady_by_tier), flush=True)
     if load.rate_steps:
         print(" " * 15 + f"governor: {load.rate_steps} frame-rate steps; frames emitted "
               f"{load.offered_fps:.1f}/s", flush=True)
@@ -324,8 +325,7 @@ def print_load(mode: str, load: Load) -> None:
         f"{k} {v * 1000:.3f}" for k, v in load.host.items())
         + f" (sum {sum(load.host.values()) * 1000:.3f})", flush=True)
     if len(load.by_tier) > 1:
-        print(" " * 15 + "late by tier: " + ", ".join(
-            f"{t} {100 * lt / max(f, 1):.2f}%" for t, (f, lt) in sorted(load.by_tier.items())), flush=True)
+        print(" " * 15 + "late by tier: " + late_by_tier(load.by_tier), flush=True)
 
 
 def sustained(loads: list[Load]) -> Load | None:
@@ -548,8 +548,7 @@ async def main() -> None:
         if top.rooms > capacity_rooms:
             print(f"batched at {top.rooms / capacity_rooms:.2f}x capacity ({top.rooms} rooms): "
                   f"{top.rendered_fps:.1f} frames/s = {top.rendered_fps / peak.rendered_fps:.0%} of "
-                  f"the peak; late by tier: " + ", ".join(
-                      f"{t} {100 * lt / max(f, 1):.2f}%" for t, (f, lt) in sorted(top.by_tier.items())))
+                  f"the peak; late by tier: " + late_by_tier(top.by_tier))
     if args.json is not None:
         args.json.write_text(json.dumps({
             "size": args.size, "best_fps": best_fps, "capacity_rooms": capacity_rooms,
