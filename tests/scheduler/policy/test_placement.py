@@ -294,6 +294,28 @@ def test_cpu_encode_and_memory_are_resources_of_their_own() -> None:
     assert "memory" in g.why_not(make_room("x", drive=DriveMode.MOCAP))
 
 
+@pytest.mark.parametrize("cpu_cores, encode", [
+    (8.0, 0.002),  # a GPU worker: its host encodes and speaks, its device renders
+    (0.0, 0.002),  # everything on one device
+    (1.0, 0.006),  # one host core: encoding and speech are the limit
+])
+def test_a_workers_capacity_in_units_is_the_unit_rooms_placement_fits_on_it(cpu_cores, encode) -> None:  # type: ignore[no-untyped-def]
+    # The autoscaler sizes pools by it: a capacity below what placement fits keeps a
+    # pool larger than its rooms need (a text room's speech runs on the host where the
+    # host encodes, and counting it as device time read 28 rooms as 20).
+    prof = make_profile(render_512=0.004, encode_512=encode, a2m=0.0005, tts=0.010, batch_gain=0.6)
+    w = make_worker("w", profile=prof, cpu_cores=cpu_cores)
+    f = fleet_of(w)
+    placed = 0
+    while (c := f.choose(make_room(f"r{placed}"))) is not None:
+        f.assign(make_room(f"r{placed}"), c.worker_id)
+        placed += 1
+    assert placed >= 3
+    fresh = make_worker("fresh", profile=prof, cpu_cores=cpu_cores)
+    assert placed <= fresh.unit_capacity(0.9) < placed + 1
+    assert w.unit_capacity(0.9) == pytest.approx(fresh.unit_capacity(0.9))  # not what is on it
+
+
 def test_a_warm_avatar_draws_its_room() -> None:
     f = fleet_of(make_worker("a"), make_worker("b", warm=frozenset({"star"})))
     f.assign(make_room("x", avatar="other"), "a")
