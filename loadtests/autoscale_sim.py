@@ -331,8 +331,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--hours", type=float, default=24.0, help="hours of the day replayed from 00:00")
     ap.add_argument("--boot-seconds", type=float, default=120.0,
                     help="from a scale-up to the worker registering")
-    ap.add_argument("--interval", type=float, default=15.0, help="seconds between decisions")
-    ap.add_argument("--window", type=float, default=600.0, help="scale-down stabilisation window")
+    ap.add_argument("--interval", type=float, default=AutoscalerConfig().interval_seconds,
+                    help="seconds between decisions (the scheduler's default)")
+    ap.add_argument("--window", type=float, default=AutoscalerConfig().scale_down_window_seconds,
+                    help="scale-down stabilisation window (the scheduler's default)")
     ap.add_argument("--step", type=float, default=2.0, help="simulated seconds per step")
     ap.add_argument("--rtmp-share", type=float, default=0.3,
                     help="share of rooms pushed over RTMP (handed over by stop-then-start)")
