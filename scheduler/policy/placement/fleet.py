@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from avatarfarm.domain import Quality, Tier
 from scheduler.policy.placement.reclaim import Reclaim, plan
-from scheduler.policy.placement.worker import _A2M, Demand, RoomReq, WorkerState
+from scheduler.policy.placement.worker import _A2M, MEMORY_SHARE, Demand, RoomReq, WorkerState
 
 
 class Strategy(enum.Enum):
@@ -310,10 +310,10 @@ class Fleet:
         if w.cpu_capacity > 0 and w.cpu_load + d.cpu > w.cpu_capacity * self.target:
             what, free = "CPU encode time", max(w.cpu_capacity * self.target - w.cpu_load, 0.0)
             need = d.cpu
-        elif w.memory_capacity > 0 and w.memory_used + d.memory > w.memory_capacity * 0.95:
+        elif w.memory_capacity > 0 and w.memory_used + d.memory > w.memory_capacity * MEMORY_SHARE:
             return (f"needs {d.memory / 1e9:.2f} GB of device memory for {room.quality}; the least "
                     f"loaded of {len(open_workers)} worker(s) has "
-                    f"{max(w.memory_capacity * 0.95 - w.memory_used, 0) / 1e9:.2f} GB free")
+                    f"{max(w.memory_capacity * MEMORY_SHARE - w.memory_used, 0) / 1e9:.2f} GB free")
         else:
             need = d.compute
         return (f"needs {need:.2f} of a worker's {what} for {room.quality}; the least loaded of "
