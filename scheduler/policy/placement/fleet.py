@@ -14,6 +14,9 @@ from avatarfarm.domain import Quality, Tier
 from scheduler.policy.placement.reclaim import Reclaim, plan
 from scheduler.policy.placement.worker import _A2M, MEMORY_SHARE, Demand, RoomReq, WorkerState
 
+# The third tier of `Fleet._tiers`: busy workers rendering other shapes.
+_OTHER_SHAPES = 2
+
 
 class Strategy(enum.Enum):
     PACK = "pack"  # batch-aware, affinity, tightest fit, idle workers last
@@ -209,7 +212,8 @@ class Fleet:
         # PACK: the first tier with a worker that fits wins (a worker already rendering
         # the shape: its batches grow; else the idle worker cheapest to open; else a
         # worker of other shapes, where the room's batches start from one). Within a
-        # tier: the fullest (emptier workers can be released), then the cheapest
+        # tier: the fullest (emptier workers can be released; among workers of other
+        # shapes the emptiest, where the room's shape has room to grow), then the cheapest
         # marginal compute, warmth, the fewest of this tenant's premium rooms. A premium
         # room avoids workers that already carry `premium_spread` of its tenant's
         # premium rooms while any other worker can take it.
@@ -217,7 +221,7 @@ class Fleet:
         crowded_best: tuple[str, Demand] | None = None
         indexes = (self._group.get(room.quality.render_side, {}),
                    self._warm.get(room.avatar_id, {}), self._busy)
-        for tier in self._tiers(room):
+        for rank, tier in enumerate(self._tiers(room)):
             best: tuple[tuple[float, ...], str, Demand] | None = None
             seen: set[str] = set()
             looked = fitting = 0
@@ -247,7 +251,11 @@ class Fleet:
                 # share of it this room takes is lowest.
                 opening = cand.price * max(marginal, d.cpu / cand.cpu_capacity if cand.cpu_capacity
                                         else 0.0) if not cand.rooms else 0.0
-                score = (round(opening, 6), -round(after, 3), round(marginal, 4),
+                # A room starting its side on a worker of other sides goes to the emptiest:
+                # its side's next rooms join its batch there (on the fullest, each would
+                # start another batch of one elsewhere).
+                fill = round(after, 3) if rank == _OTHER_SHAPES else -round(after, 3)
+                score = (round(opening, 6), fill, round(marginal, 4),
                          float(not warm), float(cand.premium[room.tenant]) if premium else 0.0)
                 if best is None or score < best[0]:
                     best = (score, wid, d)

@@ -268,6 +268,24 @@ def test_packing_puts_a_room_with_its_batch_group_and_opens_idle_workers_last() 
         assert c.worker_id != "b" or strategy is Strategy.ROUND_ROBIN
 
 
+def test_a_shape_no_worker_renders_starts_on_the_emptiest_busy_worker_so_its_batch_can_grow() -> None:
+    # No idle worker, and no worker renders 720x720 yet: the first such room starts a
+    # batch of one on a worker of other shapes. On the emptiest, the next one joins it;
+    # on the fullest, the next would not fit and would start another batch of one.
+    full, roomy = make_worker("full", capacity=2.0), make_worker("roomy", capacity=2.0)
+    f = fleet_of(full, roomy)
+    for i in range(3):
+        f.assign(make_room(f"a{i}", drive=DriveMode.MOCAP), "full")
+    f.assign(make_room("b0", drive=DriveMode.MOCAP), "roomy")
+    q720 = Quality(720, 720, 25)
+    for sid in ("x", "y"):
+        c = f.choose(make_room(sid, quality=q720, drive=DriveMode.MOCAP))
+        assert c is not None
+        f.assign(make_room(sid, quality=q720, drive=DriveMode.MOCAP), c.worker_id)
+    assert "x" in roomy.rooms and "y" in roomy.rooms
+    assert roomy.groups[720][0] == 2  # one batch of two
+
+
 def test_cpu_encode_and_memory_are_resources_of_their_own() -> None:
     # A GPU worker with plenty of compute but two host cores for encoding.
     prof = make_profile(render_512=0.001, encode_512=0.030)
