@@ -11,6 +11,7 @@ exactly the processes it started."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import logging
 import os
@@ -40,10 +41,15 @@ pytestmark = [pytest.mark.slow,
 NAMESPACE = "avatarfarm-test"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports: all held open at once while they are chosen (ports
+    asked for one after another may come back the same, and Ray refuses to start
+    when two of its components are given one port)."""
+    with contextlib.ExitStack() as held:
+        socks = [held.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float, interval: float = 0.2) -> None:
@@ -89,7 +95,8 @@ def _head_node() -> Iterator[RayCluster]:
            # SIGTERM otherwise first waits for the node to drain (30 s by default).
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
            "OMP_NUM_THREADS": "1"}
-    port = free_port()
+    (port, dashboard, client_server, node_manager, object_manager, agent_http, agent_grpc,
+     runtime_env, metrics) = free_ports(9)
     log_path = temp / "head.log"
     # The state API (actors' required resources) is served by the dashboard's HTTP
     # server: on, on a free local port. Every other port is free too, so this cluster
@@ -99,14 +106,14 @@ def _head_node() -> Iterator[RayCluster]:
             "--temp-dir", str(temp), "--num-cpus", "2", "--num-gpus", "2",
             "--object-store-memory", str(100 * 1024 * 1024),
             "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-            "--dashboard-port", str(free_port()),
-            "--ray-client-server-port", str(free_port()),
-            "--node-manager-port", str(free_port()),
-            "--object-manager-port", str(free_port()),
-            "--dashboard-agent-listen-port", str(free_port()),
-            "--dashboard-agent-grpc-port", str(free_port()),
-            "--runtime-env-agent-port", str(free_port()),
-            "--metrics-export-port", str(free_port()),
+            "--dashboard-port", str(dashboard),
+            "--ray-client-server-port", str(client_server),
+            "--node-manager-port", str(node_manager),
+            "--object-manager-port", str(object_manager),
+            "--dashboard-agent-listen-port", str(agent_http),
+            "--dashboard-agent-grpc-port", str(agent_grpc),
+            "--runtime-env-agent-port", str(runtime_env),
+            "--metrics-export-port", str(metrics),
             "--disable-usage-stats"]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
